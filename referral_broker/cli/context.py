@@ -1,0 +1,45 @@
+"""State shared by commands through ``ctx.obj`` and the one way they print results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from referral_broker.config import Settings
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+@dataclass
+class CliContext:
+    settings: Settings
+    _bootstrap: str | None = field(default=None, repr=False)
+
+    def bootstrap(self) -> str:
+        """The cluster to use, starting the local broker only when none is configured."""
+        if self._bootstrap is None:
+            from referral_broker.cluster.runtime import ensure_broker
+
+            self._bootstrap = ensure_broker(self.settings)
+        return self._bootstrap
+
+
+pass_cli = click.make_pass_decorator(CliContext)
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    """Print ``data`` as JSON or through ``human``: both views come from the same data."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str, sort_keys=False))
+    else:
+        human(data)
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])

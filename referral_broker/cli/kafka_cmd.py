@@ -1,0 +1,58 @@
+"""``referral-broker kafka start|stop|status``: the local broker, or the configured cluster."""
+
+from __future__ import annotations
+
+import click
+
+from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
+from referral_broker.cluster.runtime import BrokerStatus, LocalBroker, remote_status
+
+
+def _show(status: BrokerStatus) -> None:
+    where = "local broker" if status.managed else "configured cluster"
+    if status.answering:
+        click.echo(f"Kafka ({where}) is answering at {status.bootstrap}; {status.topics} topics.")
+    elif status.running:
+        click.echo(f"Kafka ({where}) is running (pid {status.pid}) but not answering at {status.bootstrap}.")
+    else:
+        click.echo(f"Kafka ({where}) is not running at {status.bootstrap}.")
+
+
+@click.group()
+def kafka() -> None:
+    """Run a real single-node Apache Kafka locally (KRaft, no Docker), or inspect the cluster."""
+
+
+@kafka.command()
+@json_option
+@pass_cli
+def start(obj: CliContext, as_json: bool) -> None:
+    """Start the local broker (idempotent) and wait until it answers.
+
+    Fetches Kafka's jars into the cache folder on first use. Refuses when
+    KAFKA_BOOTSTRAP_SERVERS is set: that cluster is used and nothing is started.
+    """
+    status = LocalBroker(obj.settings).start()
+    emit(status.as_dict(), as_json, lambda _: click.echo(status.bootstrap))
+
+
+@kafka.command()
+@json_option
+@pass_cli
+def stop(obj: CliContext, as_json: bool) -> None:
+    """Stop the local broker if it runs (its data stays in the cache folder)."""
+    if not obj.settings.uses_local_broker:
+        raise click.UsageError("KAFKA_BOOTSTRAP_SERVERS is set; there is no local broker to stop")
+    status = LocalBroker(obj.settings).stop()
+    emit(status.as_dict(), as_json, lambda _: click.echo("Kafka (local broker) stopped."))
+
+
+@kafka.command()
+@json_option
+@pass_cli
+def status(obj: CliContext, as_json: bool) -> None:
+    """Is the broker running and answering metadata requests? Exit 1 when it is not."""
+    s = LocalBroker(obj.settings).status() if obj.settings.uses_local_broker else remote_status(obj.settings)
+    emit(s.as_dict(), as_json, _show)
+    if not s.answering:
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,74 @@
+"""Entry point. Commands load lazily (``COMMANDS``) so ``kafka status`` does not import Avro
+and crypto; every expected failure becomes one line on stderr and the error's exit code here,
+in one place."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from referral_broker import __version__
+from referral_broker.cli.context import CliContext
+from referral_broker.config import load_settings
+from referral_broker.errors import ReferralBrokerError
+from referral_broker.structured_log import configure
+
+# name -> "module:attribute"; adding a command group is one line here plus its module.
+COMMANDS: dict[str, str] = {
+    "kafka": "referral_broker.cli.kafka_cmd:kafka",
+    "topics": "referral_broker.cli.topics_cmd:topics",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="referral-broker")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="JSON logs on stderr at this level (payloads are never logged).")  # fmt: skip
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
+    """Multi-agency Early Help referral broker on Apache Kafka."""
+    from pathlib import Path
+
+    configure(log_level)
+    settings = load_settings(Path(config_file) if config_file else None)
+    ctx.obj = CliContext(settings=settings)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    try:
+        return cli.main(args=argv, prog_name="referral-broker", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ReferralBrokerError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The one place that builds Kafka producers and consumers, so every stage gets the same
+durability: ``acks=all`` with idempotence, retries bounded by a delivery timeout, delivery
+errors raised (never swallowed), consumers that commit only after processing and read only
+committed transactional data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError
+from referral_broker.structured_log import get_logger
+
+log = get_logger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def _translate(exc: KafkaError, what: str, bootstrap: str) -> BrokerError:
+    name = type(exc).__name__
+    if "bootstrap" in str(exc).lower():
+        return BrokerError(
+            f"cannot reach Kafka at {bootstrap} ({what}); start it with 'referral-broker kafka "
+            "start' or check KAFKA_BOOTSTRAP_SERVERS"
+        )
+    return BrokerError(f"{what} failed: {name}")
+
+
+def build_producer(
+    settings: Settings, bootstrap: str, *, transactional_id: str | None = None, **overrides: Any
+) -> Producer:
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": settings.kafka_client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "retries": 10,
+        "delivery_timeout_ms": 60_000,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "bootstrap_timeout_ms": settings.kafka_request_timeout_ms,
+        "max_block_ms": settings.kafka_request_timeout_ms,
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "allow_auto_create_topics": False,
+    }
+    if transactional_id:
+        config["transactional_id"] = transactional_id
+    config.update(overrides)
+    try:
+        return Producer(KafkaProducer(**config), bootstrap, transactional=bool(transactional_id))
+    except KafkaError as exc:
+        raise _translate(exc, "creating a producer", bootstrap) from exc
+
+
+class Producer:
+    """A thin wrapper whose sends either succeed durably or raise :class:`BrokerError`."""
+
+    def __init__(self, producer: KafkaProducer, bootstrap: str, *, transactional: bool) -> None:
+        self._producer = producer
+        self._bootstrap = bootstrap
+        self._pending: list[Any] = []
+        self.transactional = transactional
+        if transactional:
+            try:
+                producer.init_transactions()
+            except KafkaError as exc:
+                raise _translate(exc, "initialising transactions", bootstrap) from exc
+
+    @property
+    def raw(self) -> KafkaProducer:
+        return self._producer
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None:
+        """Queue one record; :meth:`flush` confirms it or raises."""
+        try:
+            self._pending.append(self._producer.send(topic, value=value, key=key, headers=headers or []))
+        except KafkaError as exc:
+            raise _translate(exc, f"sending to {topic}", self._bootstrap) from exc
+
+    def flush(self, timeout_s: float = 60.0) -> int:
+        """Wait for every queued record; raise on the first delivery failure."""
+        pending, self._pending = self._pending, []
+        try:
+            self._producer.flush(timeout=timeout_s)
+            for future in pending:
+                future.get(timeout=timeout_s)
+        except KafkaError as exc:
+            raise _translate(exc, "delivering records", self._bootstrap) from exc
+        return len(pending)
+
+    def begin(self) -> None:
+        self._producer.begin_transaction()
+
+    def commit(self, offsets: dict[TopicPartition, Any] | None = None, group_metadata: Any = None) -> None:
+        """Commit the open transaction, with the consumer offsets it covers when given."""
+        try:
+            if offsets:
+                self._producer.send_offsets_to_transaction(offsets, group_metadata)
+            self._producer.commit_transaction()
+            self._pending.clear()
+        except KafkaError as exc:
+            raise _translate(exc, "committing a transaction", self._bootstrap) from exc
+
+    def abort(self) -> None:
+        self._pending.clear()
+        try:
+            self._producer.abort_transaction()
+        except KafkaError as exc:
+            raise _translate(exc, "aborting a transaction", self._bootstrap) from exc
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LoggingRebalanceListener(ConsumerRebalanceListener):
+    """Offsets are committed after each processed batch, so a revocation loses no work; the
+    listener records what moved and lets the owner drop per-partition state."""
+
+    def __init__(self, group: str, on_revoked: Callable[[list[TopicPartition]], None] | None) -> None:
+        self.group = group
+        self.on_revoked_cb = on_revoked
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        log.info("partitions revoked", group=self.group, count=len(revoked))
+        if self.on_revoked_cb and revoked:
+            self.on_revoked_cb(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned", group=self.group, count=len(assigned))
+
+
+def build_consumer(
+    settings: Settings,
+    bootstrap: str,
+    topics: Iterable[str],
+    *,
+    group_id: str | None,
+    on_revoked: Callable[[list[TopicPartition]], None] | None = None,
+    **overrides: Any,
+) -> KafkaConsumer:
+    """A consumer that never auto-commits and reads only committed transactional data."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": settings.kafka_client_id,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_records": 500,
+        "request_timeout_ms": max(settings.kafka_request_timeout_ms, 30_000),
+        "bootstrap_timeout_ms": settings.kafka_request_timeout_ms,
+        "allow_auto_create_topics": False,
+    }
+    config.update(overrides)
+    try:
+        consumer = KafkaConsumer(**config)
+        topics = list(topics)
+        if group_id is None:
+            partitions = [
+                TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
+            ]
+            consumer.assign(partitions)
+        else:
+            consumer.subscribe(topics, listener=_LoggingRebalanceListener(group_id, on_revoked))
+    except KafkaError as exc:
+        raise _translate(exc, "creating a consumer", bootstrap) from exc
+    return consumer
+
+
+@dataclass(frozen=True)
+class Record:
+    """A consumed record, detached from kafka-python's types."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+
+def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[Record]:
+    try:
+        batch = consumer.poll(timeout_ms=timeout_ms)
+    except KafkaError as exc:
+        raise BrokerError(f"polling failed: {type(exc).__name__}") from exc
+    out: list[Record] = []
+    for records in batch.values():
+        for r in records:
+            headers = [(k, v if v is not None else b"") for k, v in (r.headers or [])]
+            out.append(Record(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp))
+    return out
+
+
+def drain(
+    consumer: KafkaConsumer, *, idle_s: float, poll_timeout_ms: int = 500
+) -> Iterator[list[Record]]:
+    """Yield batches until nothing has arrived for ``idle_s`` seconds."""
+    import time
+
+    last = time.monotonic()
+    while True:
+        batch = poll_records(consumer, poll_timeout_ms)
+        if batch:
+            last = time.monotonic()
+            yield batch
+        elif time.monotonic() - last >= idle_s:
+            return
+
+
+def commit_batch(consumer: KafkaConsumer, batch: list[Record]) -> None:
+    """Commit the offsets after ``batch`` (call only once it is fully processed)."""
+    if not batch:
+        return
+    try:
+        consumer.commit(next_offsets(batch))
+    except KafkaError as exc:
+        raise BrokerError(f"committing offsets failed: {type(exc).__name__}") from exc
+
+
+def next_offsets(batch: list[Record]) -> dict[TopicPartition, Any]:
+    from kafka.structs import OffsetAndMetadata
+
+    offsets: dict[TopicPartition, Any] = {}
+    for r in batch:
+        offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "", -1)
+    return offsets

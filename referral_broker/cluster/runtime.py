@@ -1,0 +1,362 @@
+"""A real single-node Apache Kafka (KRaft, combined broker + controller) without Docker.
+
+Kafka's own jars come from Maven Central through ``mvn dependency:copy-dependencies`` into the
+user's cache folder, keyed by version; the broker's data and logs live beside them, never in
+the repository. The process is started detached so that ``kafka start`` returns and
+``kafka stop`` finds it again through its pid file.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, ConfigError
+
+JVM_FLAGS = [
+    "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent", "-XX:MaxInlineLevel=15", "-Djava.awt.headless=true",
+]  # fmt: skip
+
+LOG4J2_YAML = """\
+Configuration:
+  Appenders:
+    Console:
+      name: STDOUT
+      target: SYSTEM_OUT
+      ThresholdFilter: {level: WARN}
+      PatternLayout: {pattern: "[%d] %p %m (%c)%n"}
+    RollingFile:
+      name: FILE
+      fileName: "${sys:kafka.logs.dir}/server.log"
+      filePattern: "${sys:kafka.logs.dir}/server.log.%i"
+      PatternLayout: {pattern: "[%d] %p %m (%c)%n"}
+      SizeBasedTriggeringPolicy: {size: 20MB}
+      DefaultRolloverStrategy: {max: 3}
+  Loggers:
+    Root:
+      level: INFO
+      AppenderRef: [{ref: STDOUT}, {ref: FILE}]
+"""
+
+POM_TEMPLATE = """\
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.referral-broker</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{version}</version>
+    </dependency>
+    <dependency>
+      <!-- Kafka logs through slf4j 1.7; without this bridge every broker log is lost. -->
+      <groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>2.25.4</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    bootstrap: str
+    managed: bool
+    running: bool
+    pid: int | None
+    answering: bool
+    topics: int | None
+    data_dir: str | None
+    version: str | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class LocalBroker:
+    """The project's own broker on loopback. Every method is safe to call repeatedly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.version = settings.local_kafka_version
+        self.home = settings.paths_cache_dir / f"kafka-{self.version}"
+        self.libs = self.home / "libs"
+        self.run_dir = settings.paths_cache_dir / "local-broker" / str(settings.local_port)
+        self.data_dir = self.run_dir / "data"
+        self.logs_dir = self.run_dir / "logs"
+        self.pid_file = self.run_dir / "broker.pid"
+        self.bootstrap = f"127.0.0.1:{settings.local_port}"
+
+    # -- jars ------------------------------------------------------------------------------
+    def ensure_jars(self) -> Path:
+        marker = self.libs / ".complete"
+        if marker.exists():
+            return self.libs
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise BrokerError(
+                "Maven ('mvn') is not installed; it fetches Kafka's jars. Install Maven "
+                "(e.g. 'apt-get install maven') or set KAFKA_BOOTSTRAP_SERVERS to an existing cluster"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "pom.xml").write_text(POM_TEMPLATE.format(version=self.version))
+        staging = self.home / "libs.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        cmd = [mvn, "-q", "-B", "dependency:copy-dependencies", f"-DoutputDirectory={staging}"]
+        proc = subprocess.run(cmd, cwd=self.home, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            raise BrokerError(
+                f"could not download Apache Kafka {self.version} jars with Maven "
+                f"(exit {proc.returncode}): {' | '.join(tail) or 'no output'}"
+            )
+        shutil.rmtree(self.libs, ignore_errors=True)
+        staging.rename(self.libs)
+        marker.write_text(self.version)
+        return self.libs
+
+    # -- process ---------------------------------------------------------------------------
+    def _pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        try:  # a recycled pid must belong to a Kafka JVM to count
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"kafka.Kafka" not in cmdline:
+                return None
+        except OSError:
+            pass
+        return pid
+
+    def answering(self, timeout_s: float = 3.0) -> int | None:
+        """Number of topics when a metadata request answers, else None."""
+        return metadata_topic_count(self.bootstrap, timeout_s)
+
+    def status(self) -> BrokerStatus:
+        pid = self._pid()
+        topics = self.answering() if pid else None
+        return BrokerStatus(
+            bootstrap=self.bootstrap, managed=True, running=pid is not None, pid=pid,
+            answering=topics is not None, topics=topics, data_dir=str(self.run_dir),
+            version=self.version,
+        )  # fmt: skip
+
+    def _check_java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerError(
+                "Java is not installed; the local Kafka broker needs Java 17 or newer "
+                "(e.g. 'apt-get install openjdk-17-jre-headless') or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+        try:
+            major = int(out.split('"')[1].split(".")[0])
+        except (IndexError, ValueError):
+            major = 0
+        if major and major < 17:
+            raise BrokerError(f"Java {major} found; Kafka {self.version} needs Java 17 or newer")
+        return java
+
+    @staticmethod
+    def _port_free(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    def _write_config(self) -> Path:
+        s = self.settings
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        ctrl = f"127.0.0.1:{s.local_controller_port}"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": ctrl,
+            "listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
+            "advertised.listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "3",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            "unclean.leader.election.enable": "false",
+        }
+        path = self.run_dir / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.run_dir / "log4j2.yaml").write_text(LOG4J2_YAML)
+        return path
+
+    def _log_tail(self, lines: int = 8) -> str:
+        for name in ("server.log", "stdout.log"):
+            path = self.logs_dir / name
+            if path.exists():
+                text = path.read_text(errors="replace").strip().splitlines()
+                errors = [ln for ln in text if " ERROR " in ln or "Exception" in ln]
+                return " | ".join((errors or text)[-lines:])[-1500:]
+        return "no broker log written"
+
+    def start(self) -> BrokerStatus:
+        if not self.settings.uses_local_broker:
+            raise ConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS is set, so the configured cluster is used and no local "
+                "broker is started; unset it to run the local broker"
+            )
+        if self._pid() is not None:
+            if self.answering(timeout_s=10) is not None:
+                return self.status()
+            self._wait_ready(self._pid())
+            return self.status()
+        java = self._check_java()
+        for port in (self.settings.local_port, self.settings.local_controller_port):
+            if not self._port_free(port):
+                raise BrokerError(
+                    f"port {port} on 127.0.0.1 is taken by another program; free it or choose "
+                    "other ports with REFERRAL_BROKER_LOCAL_PORT / REFERRAL_BROKER_LOCAL_CONTROLLER_PORT"
+                )
+        libs = self.ensure_jars()
+        config = self._write_config()
+        classpath = f"{libs}/*"
+        if not (self.data_dir / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+            fmt = subprocess.run(
+                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
+                 "-t", cluster_id, "-c", str(config), "--ignore-formatted"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                tail = (fmt.stdout + fmt.stderr).strip().splitlines()[-3:]
+                raise BrokerError(f"formatting the local Kafka storage failed: {' | '.join(tail)}")
+        cmd = [
+            java, f"-Xmx{self.settings.local_heap}", f"-Xms{self.settings.local_heap}", *JVM_FLAGS,
+            f"-Dkafka.logs.dir={self.logs_dir}",
+            f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.yaml'}",
+            "-cp", classpath, "kafka.Kafka", str(config),
+        ]  # fmt: skip
+        with open(self.logs_dir / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.run_dir,
+            )  # fmt: skip
+        self.pid_file.write_text(str(proc.pid))
+        self._wait_ready(proc.pid, proc)
+        return self.status()
+
+    def _wait_ready(self, pid: int | None, proc: subprocess.Popen[bytes] | None = None) -> None:
+        deadline = time.monotonic() + self.settings.local_start_timeout_s
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise BrokerError(
+                    f"the local Kafka broker exited with code {proc.returncode} while starting: "
+                    f"{self._log_tail()} (logs in {self.logs_dir})"
+                )
+            if self.answering(timeout_s=2) is not None:
+                return
+            time.sleep(0.3)
+        raise BrokerError(
+            f"the local Kafka broker (pid {pid}) did not answer on {self.bootstrap} within "
+            f"{self.settings.local_start_timeout_s:.0f}s: {self._log_tail()} (logs in {self.logs_dir})"
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> BrokerStatus:
+        pid = self._pid()
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.2)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return self.status()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        if state == "Z":
+            os.waitpid(pid, os.WNOHANG)
+            return False
+    except (OSError, ChildProcessError):
+        pass
+    return True
+
+
+def metadata_topic_count(bootstrap: str, timeout_s: float = 5.0) -> int | None:
+    """Ask the cluster for metadata; the number of topics if it answers, else None."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    admin = None
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+            request_timeout_ms=int(timeout_s * 1000),
+            client_id="referral-broker-probe",
+        )
+        return len(admin.list_topics())
+    except (KafkaError, OSError):
+        return None
+    finally:
+        if admin is not None:
+            admin.close()
+
+
+def remote_status(settings: Settings) -> BrokerStatus:
+    topics = metadata_topic_count(settings.bootstrap_servers)
+    return BrokerStatus(
+        bootstrap=settings.bootstrap_servers, managed=False, running=topics is not None,
+        pid=None, answering=topics is not None, topics=topics, data_dir=None, version=None,
+    )  # fmt: skip
+
+
+def ensure_broker(settings: Settings) -> str:
+    """The bootstrap address to use, starting the local broker when no cluster is configured."""
+    if settings.uses_local_broker:
+        return LocalBroker(settings).start().bootstrap
+    if metadata_topic_count(settings.bootstrap_servers) is None:
+        raise BrokerError(
+            f"cannot reach Kafka at {settings.bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS); "
+            "check the address or unset it to use the local broker"
+        )
+    return settings.bootstrap_servers

@@ -1,0 +1,186 @@
+"""The topic plan (``topic_plan.toml``) expanded for a profile, and reconciled with a cluster.
+
+``ensure`` creates what is missing and reports drift in what exists; it never deletes or
+silently alters a topic, because changing partitions or retention on a live cluster is a
+decision for an operator, not a side effect.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, TopicPlanError
+from referral_broker.parties import all_parties
+
+ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    role: str
+    party: str | None
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str] = field(hash=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "role": self.role, "party": self.party,
+            "partitions": self.partitions, "replication_factor": self.replication_factor,
+            "configs": dict(self.configs),
+        }  # fmt: skip
+
+
+def _load_plan_doc() -> dict[str, Any]:
+    text = resources.files("referral_broker.cluster").joinpath("topic_plan.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
+    """Every topic of the plan under ``profile``; ``prefix`` namespaces them (tests, tenants)."""
+    doc = _load_plan_doc()
+    durability = dict(doc["production"])
+    if profile != "production":
+        try:
+            durability.update(doc["profiles"][profile])
+        except KeyError:
+            raise TopicPlanError(f"topic plan has no profile '{profile}'") from None
+    parties = all_parties()
+    specs: list[TopicSpec] = []
+    for entry in doc["topic"]:
+        if entry["role"] not in ROLES:
+            raise TopicPlanError(f"topic plan: {entry['name']} has unknown role {entry['role']!r}")
+        configs = {
+            "retention.ms": str(entry["retention_ms"]),
+            "cleanup.policy": entry["cleanup_policy"],
+            "min.insync.replicas": str(durability["min_insync_replicas"]),
+            "unclean.leader.election.enable": str(durability["unclean_leader_election_enable"]).lower(),
+        }
+        names: list[tuple[str, str | None]]
+        if "{party}" in entry["name"]:
+            kinds = entry["parties"]
+            names = [(entry["name"].format(party=p.name), p.name) for p in parties.values() if p.kind in kinds]
+        else:
+            names = [(entry["name"], None)]
+        for name, party in names:
+            specs.append(
+                TopicSpec(
+                    name=prefix + name, role=entry["role"], party=party,
+                    partitions=entry["partitions"],
+                    replication_factor=durability["replication_factor"], configs=configs,
+                )  # fmt: skip
+            )
+    return specs
+
+
+def topic_name(settings: Settings, role: str, party: str | None = None) -> str:
+    """The one way code finds a topic's name: by role and party, under the configured prefix."""
+    for spec in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix):
+        if spec.role == role and spec.party == party:
+            return spec.name
+    what = f"role '{role}'" + (f" for party '{party}'" if party else "")
+    raise TopicPlanError(f"the topic plan has no topic with {what}")
+
+
+@dataclass
+class TopicState:
+    spec: TopicSpec
+    exists: bool
+    created: bool = False
+    drift: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.spec.as_dict(), "exists": self.exists, "created": self.created, "drift": self.drift}
+
+
+def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    existing = set(admin.list_topics())
+    states = {s.name: TopicState(s, s.name in existing) for s in specs}
+    present = [s for s in specs if s.name in existing]
+    if not present:
+        return states
+    for meta in admin.describe_topics([s.name for s in present]):
+        state = states[meta["name"]]
+        parts = meta.get("partitions") or []
+        if len(parts) != state.spec.partitions:
+            state.drift.append(f"partitions: plan {state.spec.partitions}, cluster {len(parts)}")
+        if parts and len(parts[0].get("replicas") or parts[0].get("replica_nodes") or []) != state.spec.replication_factor:
+            found = len(parts[0].get("replicas") or parts[0].get("replica_nodes") or [])
+            state.drift.append(f"replication factor: plan {state.spec.replication_factor}, cluster {found}")
+    resources_ = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
+    described = admin.describe_configs(resources_, config_filter="all")
+    for name, entries in described.get("topic", {}).items():
+        state = states[name]
+        for key, want in state.spec.configs.items():
+            have = entries.get(key, {})
+            value = have.get("value") if isinstance(have, dict) else have
+            if value is not None and str(value) != want:
+                state.drift.append(f"{key}: plan {want}, cluster {value}")
+    return states
+
+
+def admin_client(settings: Settings, bootstrap: str) -> Any:
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap, client_id=f"{settings.kafka_client_id}-admin",
+            bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
+            request_timeout_ms=settings.kafka_request_timeout_ms,
+        )  # fmt: skip
+    except KafkaError as exc:
+        raise BrokerError(
+            f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}; start it with "
+            "'referral-broker kafka start' or check KAFKA_BOOTSTRAP_SERVERS"
+        ) from exc
+
+
+def list_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
+    specs = plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)
+    admin = admin_client(settings, bootstrap)
+    try:
+        return list(_describe(admin, specs).values())
+    finally:
+        admin.close()
+
+
+def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
+    """Create every missing topic of the plan; report drift on the ones that exist."""
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    specs = plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)
+    admin = admin_client(settings, bootstrap)
+    try:
+        states = _describe(admin, specs)
+        missing = [st.spec for st in states.values() if not st.exists]
+        if missing:
+            request = {
+                s.name: {
+                    "num_partitions": s.partitions, "replication_factor": s.replication_factor,
+                    "configs": s.configs,
+                }  # fmt: skip
+                for s in missing
+            }
+            try:
+                admin.create_topics(request, timeout_ms=settings.kafka_request_timeout_ms, wait_for_metadata=True)
+            except TopicAlreadyExistsError:
+                pass  # a concurrent ensure created them: fine, they are re-described below
+            except KafkaError as exc:
+                raise TopicPlanError(
+                    f"creating topics failed: {exc}; if the cluster has fewer brokers than the "
+                    "plan's replication factor, use the local profile (REFERRAL_BROKER_TOPIC_PROFILE=local)"
+                ) from exc
+            for spec in missing:
+                states[spec.name].created = True
+                states[spec.name].exists = True
+        return list(states.values())
+    finally:
+        admin.close()
