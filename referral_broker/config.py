@@ -83,7 +83,7 @@ ENV_VARS: dict[str, str] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_PROFILES = ("local", "production")
+_PROFILES = ("local", "production", "test")
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:
@@ -125,7 +125,9 @@ def load_settings(
     """Defaults < TOML file < environment < explicit overrides."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    path = config_file or (Path(env["REFERRAL_BROKER_CONFIG"]) if env.get("REFERRAL_BROKER_CONFIG") else None)
+    path = config_file or (
+        Path(env["REFERRAL_BROKER_CONFIG"]) if env.get("REFERRAL_BROKER_CONFIG") else None
+    )
     if path is None and Path("referral-broker.toml").is_file():
         path = Path("referral-broker.toml")
     if path is not None:

@@ -88,4 +88,6 @@ def configure(level: str = "WARNING") -> None:
         root.addHandler(handler)
         _configured = True
     root.setLevel(level.upper())
-    logging.getLogger("kafka").setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL)
+    logging.getLogger("kafka").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
+    )

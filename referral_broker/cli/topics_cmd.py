@@ -12,7 +12,9 @@ def _rows(states: list[TopicState]) -> list[list[str]]:
     rows = []
     for st in states:
         state = "created" if st.created else ("exists" if st.exists else "missing")
-        rows.append([st.spec.name, st.spec.role, st.spec.party or "-", state, "; ".join(st.drift) or "-"])
+        rows.append(
+            [st.spec.name, st.spec.role, st.spec.party or "-", state, "; ".join(st.drift) or "-"]
+        )
     return rows
 
 

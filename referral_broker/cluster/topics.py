@@ -59,20 +59,29 @@ def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
             "retention.ms": str(entry["retention_ms"]),
             "cleanup.policy": entry["cleanup_policy"],
             "min.insync.replicas": str(durability["min_insync_replicas"]),
-            "unclean.leader.election.enable": str(durability["unclean_leader_election_enable"]).lower(),
+            "unclean.leader.election.enable": str(
+                durability["unclean_leader_election_enable"]
+            ).lower(),
         }
         names: list[tuple[str, str | None]]
         if "{party}" in entry["name"]:
             kinds = entry["parties"]
-            names = [(entry["name"].format(party=p.name), p.name) for p in parties.values() if p.kind in kinds]
+            names = [
+                (entry["name"].format(party=p.name), p.name)
+                for p in parties.values()
+                if p.kind in kinds
+            ]
         else:
             names = [(entry["name"], None)]
         for name, party in names:
             specs.append(
                 TopicSpec(
-                    name=prefix + name, role=entry["role"], party=party,
-                    partitions=entry["partitions"],
-                    replication_factor=durability["replication_factor"], configs=configs,
+                    name=prefix + name,
+                    role=entry["role"],
+                    party=party,
+                    partitions=min(entry["partitions"], durability.get("max_partitions", 1 << 16)),
+                    replication_factor=durability["replication_factor"],
+                    configs=configs,
                 )  # fmt: skip
             )
     return specs
@@ -95,7 +104,12 @@ class TopicState:
     drift: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.spec.as_dict(), "exists": self.exists, "created": self.created, "drift": self.drift}
+        return {
+            **self.spec.as_dict(),
+            "exists": self.exists,
+            "created": self.created,
+            "drift": self.drift,
+        }
 
 
 def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
@@ -111,9 +125,15 @@ def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
         parts = meta.get("partitions") or []
         if len(parts) != state.spec.partitions:
             state.drift.append(f"partitions: plan {state.spec.partitions}, cluster {len(parts)}")
-        if parts and len(parts[0].get("replicas") or parts[0].get("replica_nodes") or []) != state.spec.replication_factor:
+        if (
+            parts
+            and len(parts[0].get("replicas") or parts[0].get("replica_nodes") or [])
+            != state.spec.replication_factor
+        ):
             found = len(parts[0].get("replicas") or parts[0].get("replica_nodes") or [])
-            state.drift.append(f"replication factor: plan {state.spec.replication_factor}, cluster {found}")
+            state.drift.append(
+                f"replication factor: plan {state.spec.replication_factor}, cluster {found}"
+            )
     resources_ = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
     described = admin.describe_configs(resources_, config_filter="all")
     for name, entries in described.get("topic", {}).items():
@@ -164,13 +184,16 @@ def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
         if missing:
             request = {
                 s.name: {
-                    "num_partitions": s.partitions, "replication_factor": s.replication_factor,
+                    "num_partitions": s.partitions,
+                    "replication_factor": s.replication_factor,
                     "configs": s.configs,
                 }  # fmt: skip
                 for s in missing
             }
             try:
-                admin.create_topics(request, timeout_ms=settings.kafka_request_timeout_ms, wait_for_metadata=True)
+                admin.create_topics(
+                    request, timeout_ms=settings.kafka_request_timeout_ms, wait_for_metadata=True
+                )
             except TopicAlreadyExistsError:
                 pass  # a concurrent ensure created them: fine, they are re-described below
             except KafkaError as exc:

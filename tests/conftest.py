@@ -1,0 +1,80 @@
+"""Shared fixtures: one real Kafka broker per test session, fresh topics per test.
+
+``KAFKA_BOOTSTRAP_SERVERS`` points the suite at an existing cluster; otherwise the project's
+own local broker is started on test ports (19192/19193, apart from the demo's) and stopped at
+the end if this session started it. Tests isolate by a unique topic prefix, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from referral_broker.cluster.runtime import LocalBroker, metadata_topic_count
+from referral_broker.cluster.topics import admin_client, ensure_topics, plan
+from referral_broker.config import Settings, load_settings
+
+TEST_PORT = int(os.environ.get("REFERRAL_BROKER_TEST_PORT", "19192"))
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        if metadata_topic_count(configured, timeout_s=10) is None:
+            pytest.fail(f"KAFKA_BOOTSTRAP_SERVERS={configured} does not answer metadata requests")
+        yield configured
+        return
+    settings = load_settings(environ={}, local_port=TEST_PORT, local_controller_port=TEST_PORT + 1)
+    broker = LocalBroker(settings)
+    was_running = broker.status().answering
+    broker.start()
+    yield broker.bootstrap
+    if not was_running:
+        broker.stop()
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own topic namespace and data folder, the session's broker."""
+    return load_settings(
+        environ={},
+        kafka_bootstrap_servers=kafka_bootstrap,
+        kafka_topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        kafka_topic_profile="test",
+        paths_data_dir=tmp_path / "data",
+        keys_dek_cache_max_age_s=300.0,
+    )
+
+
+@pytest.fixture
+def topics(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
+    """Create the whole topic plan under the test's prefix; delete it afterwards."""
+    ensure_topics(settings, kafka_bootstrap)
+    yield settings
+    admin = admin_client(settings, kafka_bootstrap)
+    try:
+        admin.delete_topics(
+            [s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)]
+        )
+    except Exception:
+        pass
+    finally:
+        admin.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves non-daemon threads running (a consumer or server not closed)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    for t in leaked:
+        t.join(timeout=5)
+    leaked = [t.name for t in leaked if t.is_alive()]
+    assert not leaked, f"test leaked threads: {leaked}"

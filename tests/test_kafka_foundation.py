@@ -1,0 +1,105 @@
+"""The foundation against the real broker: topic plan, durable producer, committing consumer."""
+
+from __future__ import annotations
+
+import uuid
+
+from referral_broker.cluster.clients import build_consumer, build_producer, commit_batch, drain
+from referral_broker.cluster.topics import ensure_topics, list_topics, plan, topic_name
+from referral_broker.config import Settings
+
+
+def test_plan_carries_production_values_and_local_override() -> None:
+    prod = {s.name: s for s in plan("production")}
+    local = {s.name: s for s in plan("local")}
+    assert prod.keys() == local.keys()
+    intake = prod["referrals.intake.schools"]
+    assert intake.replication_factor == 3
+    assert intake.configs["min.insync.replicas"] == "2"
+    assert intake.configs["unclean.leader.election.enable"] == "false"
+    assert local["referrals.intake.schools"].replication_factor == 1
+    assert local["referrals.intake.schools"].configs["min.insync.replicas"] == "1"
+    assert prod["keys.directory"].configs["cleanup.policy"] == "compact"
+    roles = {s.role for s in prod.values()}
+    assert roles == {"intake", "out", "status", "archive", "audit", "dlq", "keys"}
+
+
+def test_names_put_the_party_last_for_prefix_acls() -> None:
+    for spec in plan("production"):
+        if spec.party:
+            assert spec.name.endswith("." + spec.party)
+
+
+def test_ensure_creates_then_is_idempotent(settings: Settings, kafka_bootstrap: str) -> None:
+    first = ensure_topics(settings, kafka_bootstrap)
+    assert all(s.created for s in first)
+    second = ensure_topics(settings, kafka_bootstrap)
+    assert not any(s.created for s in second)
+    assert all(s.exists and not s.drift for s in second)
+    listed = {s.spec.name: s for s in list_topics(settings, kafka_bootstrap)}
+    assert listed[topic_name(settings, "dlq")].exists
+
+
+def test_ensure_reports_drift(settings: Settings, kafka_bootstrap: str) -> None:
+    ensure_topics(settings, kafka_bootstrap)
+    drifted = settings.replace(kafka_topic_profile="local")  # local plans 6 partitions, test 2
+    states = ensure_topics(drifted, kafka_bootstrap)
+    intake = next(s for s in states if s.spec.name == topic_name(drifted, "intake", "schools"))
+    assert any(d.startswith("partitions: plan 6, cluster 2") for d in intake.drift)
+
+
+def test_round_trip_with_project_producer_and_consumer(
+    topics: Settings, kafka_bootstrap: str
+) -> None:
+    topic = topic_name(topics, "intake", "schools")
+    sent = {f"ref-{i}": uuid.uuid4().bytes for i in range(50)}
+    with build_producer(topics, kafka_bootstrap) as producer:
+        for key, value in sent.items():
+            producer.send(topic, value, key=key.encode(), headers=[("rb-test", b"1")])
+        assert producer.flush() == 50
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    consumer = build_consumer(topics, kafka_bootstrap, [topic], group_id=group)
+    got: dict[str, bytes] = {}
+    try:
+        for batch in drain(consumer, idle_s=3):
+            for r in batch:
+                got[r.key.decode()] = r.value
+                assert ("rb-test", b"1") in r.headers
+            commit_batch(consumer, batch)
+            if len(got) == len(sent):
+                break
+    finally:
+        consumer.close()
+    assert got == sent
+    # committed: a new consumer in the same group reads nothing more
+    again = build_consumer(topics, kafka_bootstrap, [topic], group_id=group)
+    try:
+        leftovers = [r for batch in drain(again, idle_s=2) for r in batch]
+    finally:
+        again.close()
+    assert leftovers == []
+
+
+def test_transactional_producer_hides_aborted_records(
+    topics: Settings, kafka_bootstrap: str
+) -> None:
+    topic = topic_name(topics, "dlq")
+    producer = build_producer(
+        topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}"
+    )
+    try:
+        producer.begin()
+        producer.send(topic, b"aborted", key=b"a")
+        producer.flush()
+        producer.abort()
+        producer.begin()
+        producer.send(topic, b"committed", key=b"c")
+        producer.commit()
+    finally:
+        producer.close()
+    consumer = build_consumer(topics, kafka_bootstrap, [topic], group_id=None)
+    try:
+        values = [r.value for batch in drain(consumer, idle_s=2) for r in batch]
+    finally:
+        consumer.close()
+    assert values == [b"committed"]
