@@ -125,9 +125,7 @@ def load_settings(
     """Defaults < TOML file < environment < explicit overrides."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    path = config_file or (
-        Path(env["REFERRAL_BROKER_CONFIG"]) if env.get("REFERRAL_BROKER_CONFIG") else None
-    )
+    path = config_file or (Path(env["REFERRAL_BROKER_CONFIG"]) if env.get("REFERRAL_BROKER_CONFIG") else None)
     if path is None and Path("referral-broker.toml").is_file():
         path = Path("referral-broker.toml")
     if path is not None:

@@ -36,9 +36,7 @@ def all_parties() -> dict[str, Party]:
     parties: dict[str, Party] = {}
     for name, entry in tomllib.loads(text).items():
         if not _NAME.match(name):
-            raise ConfigError(
-                f"parties.toml: party name '{name}' must be lower-case letters, digits, '-'"
-            )
+            raise ConfigError(f"parties.toml: party name '{name}' must be lower-case letters, digits, '-'")
         if entry.get("kind") not in KINDS:
             raise ConfigError(
                 f"parties.toml: party '{name}' has kind {entry.get('kind')!r}, not one of {KINDS}"

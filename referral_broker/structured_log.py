@@ -15,12 +15,35 @@ from typing import Any
 
 ALLOWED_CONTEXT = frozenset(
     {
-        "topic", "partition", "offset", "referral_id", "version", "recipient", "partner",
-        "party", "key_id", "case_id", "count", "reason", "error", "group", "bootstrap",
-        "elapsed_ms", "fields", "withheld", "port", "pid", "path", "role", "status", "team",
-        "member", "decision", "ground",
+        "topic",
+        "partition",
+        "offset",
+        "referral_id",
+        "version",
+        "recipient",
+        "partner",
+        "party",
+        "key_id",
+        "case_id",
+        "count",
+        "reason",
+        "error",
+        "group",
+        "bootstrap",
+        "elapsed_ms",
+        "fields",
+        "withheld",
+        "port",
+        "pid",
+        "path",
+        "role",
+        "status",
+        "team",
+        "member",
+        "decision",
+        "ground",
     }
-)  # fmt: skip
+)
 
 _configured = False
 
@@ -88,6 +111,4 @@ def configure(level: str = "WARNING") -> None:
         root.addHandler(handler)
         _configured = True
     root.setLevel(level.upper())
-    logging.getLogger("kafka").setLevel(
-        logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
-    )
+    logging.getLogger("kafka").setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL)

@@ -59,9 +59,7 @@ def topics(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
     yield settings
     admin = admin_client(settings, kafka_bootstrap)
     try:
-        admin.delete_topics(
-            [s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)]
-        )
+        admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)])
     except Exception:
         pass
     finally:

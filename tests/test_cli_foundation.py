@@ -15,8 +15,11 @@ from referral_broker.cli.main import COMMANDS, cli
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "referral_broker.cli.main", *args],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def _all_commands(group: click.Group, ctx: click.Context, prefix: tuple[str, ...] = ()):
@@ -69,9 +72,7 @@ def test_kafka_start_refuses_when_cluster_configured() -> None:
 def test_status_json_against_session_broker(kafka_bootstrap: str) -> None:
     import os
 
-    proc = run(
-        "kafka", "status", "--json", env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
-    )
+    proc = run("kafka", "status", "--json", env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap})
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["answering"] is True and data["bootstrap"] == kafka_bootstrap

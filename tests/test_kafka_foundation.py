@@ -48,9 +48,7 @@ def test_ensure_reports_drift(settings: Settings, kafka_bootstrap: str) -> None:
     assert any(d.startswith("partitions: plan 6, cluster 2") for d in intake.drift)
 
 
-def test_round_trip_with_project_producer_and_consumer(
-    topics: Settings, kafka_bootstrap: str
-) -> None:
+def test_round_trip_with_project_producer_and_consumer(topics: Settings, kafka_bootstrap: str) -> None:
     topic = topic_name(topics, "intake", "schools")
     sent = {f"ref-{i}": uuid.uuid4().bytes for i in range(50)}
     with build_producer(topics, kafka_bootstrap) as producer:
@@ -80,13 +78,9 @@ def test_round_trip_with_project_producer_and_consumer(
     assert leftovers == []
 
 
-def test_transactional_producer_hides_aborted_records(
-    topics: Settings, kafka_bootstrap: str
-) -> None:
+def test_transactional_producer_hides_aborted_records(topics: Settings, kafka_bootstrap: str) -> None:
     topic = topic_name(topics, "dlq")
-    producer = build_producer(
-        topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}"
-    )
+    producer = build_producer(topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}")
     try:
         producer.begin()
         producer.send(topic, b"aborted", key=b"a")

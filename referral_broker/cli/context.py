@@ -41,7 +41,5 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    line = lambda cells: "  ".join(
-        str(c).ljust(w) for c, w in zip(cells, widths, strict=False)
-    ).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])

@@ -13,9 +13,7 @@ def _show(status: BrokerStatus) -> None:
     if status.answering:
         click.echo(f"Kafka ({where}) is answering at {status.bootstrap}; {status.topics} topics.")
     elif status.running:
-        click.echo(
-            f"Kafka ({where}) is running (pid {status.pid}) but not answering at {status.bootstrap}."
-        )
+        click.echo(f"Kafka ({where}) is running (pid {status.pid}) but not answering at {status.bootstrap}.")
     else:
         click.echo(f"Kafka ({where}) is not running at {status.bootstrap}.")
 
@@ -54,11 +52,7 @@ def stop(obj: CliContext, as_json: bool) -> None:
 @pass_cli
 def status(obj: CliContext, as_json: bool) -> None:
     """Is the broker running and answering metadata requests? Exit 1 when it is not."""
-    s = (
-        LocalBroker(obj.settings).status()
-        if obj.settings.uses_local_broker
-        else remote_status(obj.settings)
-    )
+    s = LocalBroker(obj.settings).status() if obj.settings.uses_local_broker else remote_status(obj.settings)
     emit(s.as_dict(), as_json, _show)
     if not s.answering:
         raise click.exceptions.Exit(1)

@@ -38,9 +38,13 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="referral-broker")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--log-level", default="WARNING", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="JSON logs on stderr at this level (payloads are never logged).")  # fmt: skip
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="JSON logs on stderr at this level (payloads are never logged).",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     """Multi-agency Early Help referral broker on Apache Kafka."""

@@ -12,9 +12,7 @@ def _rows(states: list[TopicState]) -> list[list[str]]:
     rows = []
     for st in states:
         state = "created" if st.created else ("exists" if st.exists else "missing")
-        rows.append(
-            [st.spec.name, st.spec.role, st.spec.party or "-", state, "; ".join(st.drift) or "-"]
-        )
+        rows.append([st.spec.name, st.spec.role, st.spec.party or "-", state, "; ".join(st.drift) or "-"])
     return rows
 
 
@@ -53,8 +51,10 @@ def ensure(obj: CliContext, as_json: bool) -> None:
 
     def human(_: object) -> None:
         _print(states)
-        click.echo(f"\n{data['created']} created, {data['existing']} already present, {len(drift)} with drift "
-                   f"(profile: {data['profile']}).")  # fmt: skip
+        click.echo(
+            f"\n{data['created']} created, {data['existing']} already present, {len(drift)} with drift "
+            f"(profile: {data['profile']})."
+        )
 
     emit(data, as_json, human)
     if drift:

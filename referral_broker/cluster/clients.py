@@ -81,9 +81,7 @@ class Producer:
     ) -> None:
         """Queue one record; :meth:`flush` confirms it or raises."""
         try:
-            self._pending.append(
-                self._producer.send(topic, value=value, key=key, headers=headers or [])
-            )
+            self._pending.append(self._producer.send(topic, value=value, key=key, headers=headers or []))
         except KafkaError as exc:
             raise _translate(exc, f"sending to {topic}", self._bootstrap) from exc
 
@@ -101,9 +99,7 @@ class Producer:
     def begin(self) -> None:
         self._producer.begin_transaction()
 
-    def commit(
-        self, offsets: dict[TopicPartition, Any] | None = None, group_metadata: Any = None
-    ) -> None:
+    def commit(self, offsets: dict[TopicPartition, Any] | None = None, group_metadata: Any = None) -> None:
         """Commit the open transaction, with the consumer offsets it covers when given."""
         try:
             if offsets:
@@ -134,9 +130,7 @@ class _LoggingRebalanceListener(ConsumerRebalanceListener):
     """Offsets are committed after each processed batch, so a revocation loses no work; the
     listener records what moved and lets the owner drop per-partition state."""
 
-    def __init__(
-        self, group: str, on_revoked: Callable[[list[TopicPartition]], None] | None
-    ) -> None:
+    def __init__(self, group: str, on_revoked: Callable[[list[TopicPartition]], None] | None) -> None:
         self.group = group
         self.on_revoked_cb = on_revoked
 
@@ -177,9 +171,7 @@ def build_consumer(
         topics = list(topics)
         if group_id is None:
             partitions = [
-                TopicPartition(t, p)
-                for t in topics
-                for p in sorted(consumer.partitions_for_topic(t) or [])
+                TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
             ]
             consumer.assign(partitions)
         else:
@@ -215,9 +207,7 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[Record]
     return out
 
 
-def drain(
-    consumer: KafkaConsumer, *, idle_s: float, poll_timeout_ms: int = 500
-) -> Iterator[list[Record]]:
+def drain(consumer: KafkaConsumer, *, idle_s: float, poll_timeout_ms: int = 500) -> Iterator[list[Record]]:
     """Yield batches until nothing has arrived for ``idle_s`` seconds."""
     import time
 

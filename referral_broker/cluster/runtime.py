@@ -9,6 +9,7 @@ the repository. The process is started detached so that ``kafka start`` returns 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -23,9 +24,14 @@ from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ConfigError
 
 JVM_FLAGS = [
-    "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-    "-XX:+ExplicitGCInvokesConcurrent", "-XX:MaxInlineLevel=15", "-Djava.awt.headless=true",
-]  # fmt: skip
+    "-server",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-XX:MaxInlineLevel=15",
+    "-Djava.awt.headless=true",
+]
 
 LOG4J2_YAML = """\
 Configuration:
@@ -155,10 +161,15 @@ class LocalBroker:
         pid = self._pid()
         topics = self.answering() if pid else None
         return BrokerStatus(
-            bootstrap=self.bootstrap, managed=True, running=pid is not None, pid=pid,
-            answering=topics is not None, topics=topics, data_dir=str(self.run_dir),
+            bootstrap=self.bootstrap,
+            managed=True,
+            running=pid is not None,
+            pid=pid,
+            answering=topics is not None,
+            topics=topics,
+            data_dir=str(self.run_dir),
             version=self.version,
-        )  # fmt: skip
+        )
 
     def _check_java(self) -> str:
         java = shutil.which("java")
@@ -251,24 +262,47 @@ class LocalBroker:
         if not (self.data_dir / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
             fmt = subprocess.run(
-                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-                 "-t", cluster_id, "-c", str(config), "--ignore-formatted"],
-                capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+                [
+                    java,
+                    "-cp",
+                    classpath,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(config),
+                    "--ignore-formatted",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if fmt.returncode != 0:
                 tail = (fmt.stdout + fmt.stderr).strip().splitlines()[-3:]
                 raise BrokerError(f"formatting the local Kafka storage failed: {' | '.join(tail)}")
         cmd = [
-            java, f"-Xmx{self.settings.local_heap}", f"-Xms{self.settings.local_heap}", *JVM_FLAGS,
+            java,
+            f"-Xmx{self.settings.local_heap}",
+            f"-Xms{self.settings.local_heap}",
+            *JVM_FLAGS,
             f"-Dkafka.logs.dir={self.logs_dir}",
             f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.yaml'}",
-            "-cp", classpath, "kafka.Kafka", str(config),
-        ]  # fmt: skip
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(config),
+        ]
         with open(self.logs_dir / "stdout.log", "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.run_dir,
-            )  # fmt: skip
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.run_dir,
+            )
         self.pid_file.write_text(str(proc.pid))
         self._wait_ready(proc.pid, proc)
         return self.status()
@@ -293,10 +327,8 @@ class LocalBroker:
     def stop(self, timeout_s: float = 30.0) -> BrokerStatus:
         pid = self._pid()
         if pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.2)
@@ -345,9 +377,15 @@ def metadata_topic_count(bootstrap: str, timeout_s: float = 5.0) -> int | None:
 def remote_status(settings: Settings) -> BrokerStatus:
     topics = metadata_topic_count(settings.bootstrap_servers)
     return BrokerStatus(
-        bootstrap=settings.bootstrap_servers, managed=False, running=topics is not None,
-        pid=None, answering=topics is not None, topics=topics, data_dir=None, version=None,
-    )  # fmt: skip
+        bootstrap=settings.bootstrap_servers,
+        managed=False,
+        running=topics is not None,
+        pid=None,
+        answering=topics is not None,
+        topics=topics,
+        data_dir=None,
+        version=None,
+    )
 
 
 def ensure_broker(settings: Settings) -> str:

@@ -30,10 +30,13 @@ class TopicSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "role": self.role, "party": self.party,
-            "partitions": self.partitions, "replication_factor": self.replication_factor,
+            "name": self.name,
+            "role": self.role,
+            "party": self.party,
+            "partitions": self.partitions,
+            "replication_factor": self.replication_factor,
             "configs": dict(self.configs),
-        }  # fmt: skip
+        }
 
 
 def _load_plan_doc() -> dict[str, Any]:
@@ -59,17 +62,13 @@ def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
             "retention.ms": str(entry["retention_ms"]),
             "cleanup.policy": entry["cleanup_policy"],
             "min.insync.replicas": str(durability["min_insync_replicas"]),
-            "unclean.leader.election.enable": str(
-                durability["unclean_leader_election_enable"]
-            ).lower(),
+            "unclean.leader.election.enable": str(durability["unclean_leader_election_enable"]).lower(),
         }
         names: list[tuple[str, str | None]]
         if "{party}" in entry["name"]:
             kinds = entry["parties"]
             names = [
-                (entry["name"].format(party=p.name), p.name)
-                for p in parties.values()
-                if p.kind in kinds
+                (entry["name"].format(party=p.name), p.name) for p in parties.values() if p.kind in kinds
             ]
         else:
             names = [(entry["name"], None)]
@@ -82,7 +81,7 @@ def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
                     partitions=min(entry["partitions"], durability.get("max_partitions", 1 << 16)),
                     replication_factor=durability["replication_factor"],
                     configs=configs,
-                )  # fmt: skip
+                )
             )
     return specs
 
@@ -131,9 +130,7 @@ def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
             != state.spec.replication_factor
         ):
             found = len(parts[0].get("replicas") or parts[0].get("replica_nodes") or [])
-            state.drift.append(
-                f"replication factor: plan {state.spec.replication_factor}, cluster {found}"
-            )
+            state.drift.append(f"replication factor: plan {state.spec.replication_factor}, cluster {found}")
     resources_ = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
     described = admin.describe_configs(resources_, config_filter="all")
     for name, entries in described.get("topic", {}).items():
@@ -152,10 +149,11 @@ def admin_client(settings: Settings, bootstrap: str) -> Any:
 
     try:
         return KafkaAdminClient(
-            bootstrap_servers=bootstrap, client_id=f"{settings.kafka_client_id}-admin",
+            bootstrap_servers=bootstrap,
+            client_id=f"{settings.kafka_client_id}-admin",
             bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
             request_timeout_ms=settings.kafka_request_timeout_ms,
-        )  # fmt: skip
+        )
     except KafkaError as exc:
         raise BrokerError(
             f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}; start it with "
@@ -187,7 +185,7 @@ def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
                     "num_partitions": s.partitions,
                     "replication_factor": s.replication_factor,
                     "configs": s.configs,
-                }  # fmt: skip
+                }
                 for s in missing
             }
             try:
