@@ -146,10 +146,13 @@ class WriterSchemas:
             raise ContractError(f"unknown writer schema fingerprint {key.hex()}") from None
 
     def parsed(self, key: bytes) -> Any:
-        """The fastavro-parsed schema for a fingerprint, parsed once."""
+        """The fastavro-parsed schema for a fingerprint, parsed once.
+
+        Parsed with fastavro's default write hint: without it every write re-parses the schema.
+        """
         found = self._parsed.get(key)
         if found is None:
-            found = parse_schema(self.schema(key), _write_hint=False)
+            found = parse_schema(self.schema(key))
             with self._lock:
                 self._parsed[key] = found
         return found
@@ -176,7 +179,8 @@ def register_writer_schema(schema: Schema) -> bytes:
 # --- walking fields --------------------------------------------------------------------------
 
 
-def _full_name(name: str, namespace: str | None) -> str:
+def full_name(name: str, namespace: str | None) -> str:
+    """A named type's full name: dotted names are already full, others take the namespace."""
     if "." in name or not namespace:
         return name
     return f"{namespace}.{name}"
@@ -194,7 +198,7 @@ def named_types(schema: Schema) -> dict[str, Schema]:
             kind = node.get("type")
             if kind in _NAMED:
                 own_ns = node.get("namespace", namespace)
-                full = _full_name(node["name"], own_ns)
+                full = full_name(node["name"], own_ns)
                 found[full] = node
                 namespace = full.rpartition(".")[0] or None
                 for item in node.get("fields", []):
@@ -213,7 +217,7 @@ def named_types(schema: Schema) -> dict[str, Schema]:
 def resolve_type(node: Any, names: dict[str, Schema], namespace: str | None) -> Any:
     """Follow a by-name reference to its definition; other nodes come back unchanged."""
     if isinstance(node, str) and node not in _PRIMITIVES:
-        return names.get(_full_name(node, namespace)) or names[node]
+        return names.get(full_name(node, namespace)) or names[node]
     if isinstance(node, dict) and isinstance(node.get("type"), str) and node["type"] not in _NAMED:
         inner = node["type"]
         if inner not in _PRIMITIVES and inner not in ("array", "map"):
@@ -276,7 +280,7 @@ def walk_fields(schema: Schema) -> Iterator[FieldInfo]:
             else:
                 break
         if isinstance(node, dict) and node.get("type") == "record":
-            full = _full_name(node["name"], node.get("namespace", namespace))
+            full = full_name(node["name"], node.get("namespace", namespace))
             return node, full.rpartition(".")[0] or None, in_array
         return None, namespace, in_array
 
@@ -372,3 +376,93 @@ def ensure_schema(schema: Schema, label: str = "schema") -> None:
     if problems:
         shown = "; ".join(str(p) for p in problems[:10])
         raise ContractError(f"{label} breaks the schema rules: {shown}")
+
+
+def expand_references(schema: Schema) -> Schema:
+    """A deep copy of ``schema`` with every by-name reference replaced by its definition.
+
+    The result is not a valid Avro schema on its own (a name may now be defined twice); it is a
+    tree to cut and reassemble, as views do, before ``define_names_once`` makes it valid again.
+    """
+    names = named_types(schema)
+
+    def expand(node: Any, namespace: str | None) -> Any:
+        if isinstance(node, str):
+            if node in _PRIMITIVES:
+                return node
+            return expand(resolve_type(node, names, namespace), namespace)
+        if isinstance(node, list):
+            return [expand(branch, namespace) for branch in node]
+        node = dict(node)
+        kind = node.get("type")
+        if kind in _NAMED:
+            full = full_name(node["name"], node.get("namespace", namespace))
+            node.pop("namespace", None)
+            node["name"] = full
+            inner_ns = full.rpartition(".")[0] or None
+            if kind == "record":
+                node["fields"] = [{**item, "type": expand(item["type"], inner_ns)} for item in node["fields"]]
+        elif kind == "array":
+            node["items"] = expand(node["items"], namespace)
+        elif kind == "map":
+            node["values"] = expand(node["values"], namespace)
+        elif isinstance(kind, dict | list) or (isinstance(kind, str) and kind not in _PRIMITIVES):
+            return expand(kind, namespace)
+        return node
+
+    return expand(schema, None)
+
+
+def define_names_once(expanded: Schema) -> Schema:
+    """Turn an expanded tree back into a valid schema: the first use of a name defines it, later
+    uses refer to it by full name. Two different definitions under one name are an error."""
+    seen: dict[str, str] = {}
+
+    def collapse(node: Any) -> Any:
+        if isinstance(node, list):
+            return [collapse(branch) for branch in node]
+        if not isinstance(node, dict):
+            return node
+        kind = node.get("type")
+        if kind in _NAMED:
+            name = node["name"]
+            shape = json.dumps(node, sort_keys=True)
+            if name in seen:
+                if seen[name] != shape:
+                    raise ContractError(f"named type {name} would have two different shapes")
+                return name
+            seen[name] = shape
+            if kind == "record":
+                return {
+                    **node,
+                    "fields": [{**item, "type": collapse(item["type"])} for item in node["fields"]],
+                }
+            return node
+        if kind == "array":
+            return {**node, "items": collapse(node["items"])}
+        if kind == "map":
+            return {**node, "values": collapse(node["values"])}
+        return node
+
+    return collapse(expanded)
+
+
+def field_schema(schema: Schema, path: str) -> Any:
+    """The standalone Avro schema of one field's value (named references inlined).
+
+    This is what a sealed field's plaintext is encoded with: ``codec.encode_body(value,
+    field_schema(schema, "household"))``.
+    """
+    expanded = expand_references(schema)
+    node: Any = expanded
+    for part in path.split("."):
+        record = without_null(node)
+        while isinstance(record, dict) and record.get("type") in ("array", "map"):
+            record = without_null(record.get("items", record.get("values")))
+        if not (isinstance(record, dict) and record.get("type") == "record"):
+            raise ContractError(f"unknown field path '{path}'")
+        match = [item for item in record["fields"] if item["name"] == part]
+        if not match:
+            raise ContractError(f"unknown field path '{path}'")
+        node = match[0]["type"]
+    return define_names_once(node) if isinstance(node, dict | list) else node

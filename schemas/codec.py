@@ -1,0 +1,161 @@
+"""The wire format: Avro single-object encoding (``C3 01``, 8-byte fingerprint, Avro body).
+
+The fingerprint in every message names the exact writer schema, so a reader resolves the body
+against it and can read data written with any shipped version or a registered view. fastavro
+has no single-object encoding of its own; the header is built here.
+
+fastavro's error messages can quote the value that failed, so they are never passed on: a
+failure becomes a ContractError naming the schema and the kind of failure, or, on encode, a
+ValidationError listing the offending field paths.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastavro import schemaless_reader, schemaless_writer
+
+from referral_broker.errors import ContractError, ValidationError
+
+from .registry import FINGERPRINT_SIZE, Schema, referral_schema, writer_schemas
+
+MAGIC = b"\xc3\x01"
+HEADER_SIZE = len(MAGIC) + FINGERPRINT_SIZE
+
+
+@dataclass(frozen=True)
+class PreparedSchema:
+    """A schema with its fingerprint and fastavro parse done once, for hot encode/decode loops."""
+
+    schema: Schema = field(repr=False)
+    fingerprint: bytes
+    parsed: Any = field(repr=False)
+
+
+_cache_lock = threading.Lock()
+# id(schema) -> PreparedSchema; the entry keeps the dict alive, so its id cannot be reused.
+_prepared_by_id: dict[int, PreparedSchema] = {}
+_PREPARED_CACHE_LIMIT = 256
+
+
+def prepare(schema: Schema | PreparedSchema) -> PreparedSchema:
+    """Fingerprint, register and parse ``schema`` once; later calls with the same dict are free.
+
+    Schemas are treated as immutable: a dict changed after it was first used keeps its old
+    fingerprint here. Build a new dict instead.
+    """
+    if isinstance(schema, PreparedSchema):
+        return schema
+    found = _prepared_by_id.get(id(schema))
+    if found is not None and found.schema is schema:
+        return found
+    key = writer_schemas().register(schema)
+    prepared = PreparedSchema(schema, key, writer_schemas().parsed(key))
+    with _cache_lock:
+        if len(_prepared_by_id) >= _PREPARED_CACHE_LIMIT:
+            _prepared_by_id.clear()
+        _prepared_by_id[id(schema)] = prepared
+    return prepared
+
+
+_default_referral: PreparedSchema | None = None
+
+
+def _referral() -> PreparedSchema:
+    global _default_referral
+    if _default_referral is None:
+        _default_referral = prepare(referral_schema())
+    return _default_referral
+
+
+def encode(record: dict[str, Any], schema: Schema | PreparedSchema | None = None) -> bytes:
+    """Single-object encoding of ``record`` (a Referral under the latest schema by default).
+
+    This does not run the edge rules (check digits, dates): call ``validation.ensure_valid``
+    where data enters. A record the schema cannot encode raises ValidationError with paths.
+    """
+    prepared = _referral() if schema is None else prepare(schema)
+    out = io.BytesIO()
+    out.write(MAGIC)
+    out.write(prepared.fingerprint)
+    try:
+        schemaless_writer(out, prepared.parsed, record)
+    except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError/... by value
+        from .validation import check_against_schema
+
+        problems = check_against_schema(record, prepared.schema)
+        if problems:
+            raise ValidationError(problems, "record for encoding") from exc
+        raise ContractError(
+            f"cannot encode record with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"
+        ) from exc
+    return out.getvalue()
+
+
+def writer_fingerprint(data: bytes) -> bytes:
+    """The 8-byte writer fingerprint from a message header (checks the header only)."""
+    if len(data) < HEADER_SIZE or data[: len(MAGIC)] != MAGIC:
+        raise ContractError("not an Avro single-object message (missing C3 01 header)")
+    return bytes(data[len(MAGIC) : HEADER_SIZE])
+
+
+def decode(data: bytes, reader_schema: Schema | PreparedSchema | None = None) -> dict[str, Any]:
+    """Read a single-object message with the writer schema its fingerprint names.
+
+    With a ``reader_schema`` the body is resolved into it by Avro schema resolution (fields the
+    reader lacks are dropped, missing ones take defaults): pass the latest ``referral_schema()``
+    to read every historical version in today's shape, or a view schema to project. Without one
+    the record comes back as written.
+    """
+    key = writer_fingerprint(data)
+    schemas = writer_schemas()
+    if key not in schemas:
+        raise ContractError(f"unknown writer schema fingerprint {key.hex()}")
+    writer = schemas.parsed(key)
+    reader = None if reader_schema is None else prepare(reader_schema)
+    body = io.BytesIO(data)
+    body.seek(HEADER_SIZE)
+    try:
+        if reader is None or reader.fingerprint == key:
+            record = schemaless_reader(body, writer, None)
+        else:
+            record = schemaless_reader(body, writer, reader.parsed)
+    except Exception as exc:  # EOFError, SchemaResolutionError, IndexError, UnicodeDecodeError...
+        target = "" if reader is None else f" into reader {reader.fingerprint.hex()}"
+        raise ContractError(
+            f"cannot decode message written with schema {key.hex()}{target} ({type(exc).__name__})"
+        ) from exc
+    if body.tell() != len(data):
+        raise ContractError(f"message written with schema {key.hex()} has trailing bytes after the record")
+    return record
+
+
+def encode_body(value: Any, schema: Schema | PreparedSchema) -> bytes:
+    """Bare Avro binary of ``value`` (no header): what a sealed field's plaintext is."""
+    prepared = prepare(schema)
+    out = io.BytesIO()
+    try:
+        schemaless_writer(out, prepared.parsed, value)
+    except Exception as exc:
+        raise ContractError(
+            f"cannot encode value with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"
+        ) from exc
+    return out.getvalue()
+
+
+def decode_body(body: bytes, schema: Schema | PreparedSchema) -> Any:
+    """Read bare Avro binary written with ``schema``; the whole body must be consumed."""
+    prepared = prepare(schema)
+    buffer = io.BytesIO(body)
+    try:
+        value = schemaless_reader(buffer, prepared.parsed, None)
+    except Exception as exc:
+        raise ContractError(
+            f"cannot decode value with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"
+        ) from exc
+    if buffer.tell() != len(body):
+        raise ContractError(f"value for schema {prepared.fingerprint.hex()} has trailing bytes")
+    return value

@@ -1,0 +1,458 @@
+"""Edge validation: everything wrong with a record, by field path and reason, never by value.
+
+Two layers. The schema layer walks the Avro schema and the record together: required fields,
+types, enum symbols, logical types (UUID text, real dates, timezone-aware timestamps), unknown
+fields. The rule layer adds what a schema cannot say: identifier check digits, postcode shape,
+birth dates not in the future, counts that add up, flags consistent with the concerns, consent
+recorded when it was asked, an override only when there is no consent.
+
+Problem paths name array items by index (``household[1].ni_number``) so a person can find the
+item; ``schema_path`` drops the indexes to get the policy's field path (``household.ni_number``).
+The clock is passed in (``now``) so results do not depend on when a test runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from referral_broker.errors import Problem, ValidationError
+
+from . import identifiers
+from .registry import (
+    Schema,
+    full_name,
+    load_schema,
+    named_types,
+    referral_schema,
+    resolve_type,
+)
+
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
+MAX_TEXT_LENGTH = 10_000
+# Early Help works with children and young people; SEND support runs to 25.
+MAX_CHILD_AGE_YEARS = 25
+EARLY_SUPPORT_PATHWAY_MAX_AGE_YEARS = 5
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+_INDEX = re.compile(r"\[\d+\]")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_UK_PHONE = re.compile(r"^(?:0\d{9,10}|\+44\d{9,10})$")
+_FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+_URN = re.compile(r"^\d{6}$")
+_ACADEMIC_YEAR = re.compile(r"^(\d{4})/(\d{2})$")
+
+
+def schema_path(path: str) -> str:
+    """The field path without array indexes: ``household[1].ni_number`` -> ``household.ni_number``."""
+    return _INDEX.sub("", path)
+
+
+def _email_problem(value: str) -> str | None:
+    return None if _EMAIL.match(value) else "not a valid email address"
+
+
+def _phone_problem(value: str) -> str | None:
+    digits = value.replace(" ", "")
+    return None if _UK_PHONE.match(digits) else "not a valid UK phone number"
+
+
+def _urn_problem(value: str) -> str | None:
+    return None if _URN.match(value) else "not a valid school URN (6 digits)"
+
+
+def _academic_year_problem(value: str) -> str | None:
+    match = _ACADEMIC_YEAR.match(value)
+    if match is None or (int(match[1]) + 1) % 100 != int(match[2]):
+        return "not an academic year (YYYY/YY, consecutive years)"
+    return None
+
+
+# Checks on string fields, by schema path (any array index). Each returns a reason or None.
+STRING_RULES: dict[str, Callable[[str], str | None]] = {
+    "identifiers.nhs_number": identifiers.nhs_number_problem,
+    "identifiers.ni_number": identifiers.ni_number_problem,
+    "identifiers.upn": identifiers.upn_problem,
+    "household.ni_number": identifiers.ni_number_problem,
+    "child.address.postcode": identifiers.postcode_problem,
+    "referrer.practitioner.email": _email_problem,
+    "referrer.practitioner.phone": _phone_problem,
+    "child.contact.email": _email_problem,
+    "child.contact.phone": _phone_problem,
+    "household.contact.email": _email_problem,
+    "household.contact.phone": _phone_problem,
+    "school.urn": _urn_problem,
+    "school.curriculum_results.academic_year": _academic_year_problem,
+}
+
+
+class _SchemaWalk:
+    """Walks one record against one schema, collecting problems."""
+
+    def __init__(self, names: dict[str, Schema], record_number: int | None) -> None:
+        self.names = names
+        self.record_number = record_number
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, reason: str) -> None:
+        self.problems.append(Problem(path or "<record>", reason, self.record_number))
+
+    def value(self, value: Any, node: Any, path: str, namespace: str | None) -> None:
+        node = resolve_type(node, self.names, namespace)
+        if isinstance(node, list):
+            self.union(value, node, path, namespace)
+            return
+        if value is None:
+            self.add(path, "required field is null")
+            return
+        kind = node.get("type") if isinstance(node, dict) else node
+        if isinstance(node, dict) and node.get("logicalType"):
+            self.logical(value, node, path)
+        elif kind == "record":
+            self.record(value, node, path, namespace)
+        elif kind == "array":
+            if not isinstance(value, list):
+                self.add(path, "expected a list")
+                return
+            for index, item in enumerate(value):
+                self.value(item, node["items"], f"{path}[{index}]", namespace)
+        elif kind == "map":
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                self.add(path, "expected an object with string keys")
+                return
+            for key, item in value.items():
+                self.value(item, node["values"], f"{path}[{key}]", namespace)
+        elif kind == "enum":
+            if not isinstance(value, str) or value not in node["symbols"]:
+                self.add(path, "not one of the allowed values")
+        else:
+            self.primitive(value, kind, path)
+
+    def union(self, value: Any, branches: list[Any], path: str, namespace: str | None) -> None:
+        if value is None:
+            if "null" not in branches:
+                self.add(path, "required field is null")
+            return
+        others = [b for b in branches if b != "null"]
+        if len(others) == 1:
+            self.value(value, others[0], path, namespace)
+            return
+        for branch in others:
+            trial = _SchemaWalk(self.names, self.record_number)
+            trial.value(value, branch, path, namespace)
+            if not trial.problems:
+                return
+        self.add(path, "matches none of the allowed types")
+
+    def record(self, value: Any, node: Schema, path: str, namespace: str | None) -> None:
+        if not isinstance(value, Mapping):
+            self.add(path, "expected an object")
+            return
+        inner_ns = full_name(node["name"], node.get("namespace", namespace)).rpartition(".")[0] or None
+        declared = {item["name"] for item in node["fields"]}
+        for item in node["fields"]:
+            child_path = f"{path}.{item['name']}" if path else item["name"]
+            if item["name"] not in value:
+                if "default" not in item:
+                    self.add(child_path, "required field is missing")
+                continue
+            self.value(value[item["name"]], item["type"], child_path, inner_ns)
+        for key in value:
+            if key not in declared:
+                # A key is normally a field name, but a malformed file could put a value there.
+                shown = key if isinstance(key, str) and _FIELD_NAME.match(key) else "<unnamed>"
+                self.add(f"{path}.{shown}" if path else shown, "unknown field")
+
+    def logical(self, value: Any, node: Schema, path: str) -> None:
+        logical = node["logicalType"]
+        if logical == "uuid":
+            if isinstance(value, uuid.UUID):
+                return
+            if isinstance(value, str):
+                try:
+                    uuid.UUID(value)
+                    return
+                except ValueError:
+                    pass
+            self.add(path, "expected a UUID")
+        elif logical == "date":
+            if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
+                self.add(path, "expected a date (YYYY-MM-DD)")
+            elif value.year < 1900:
+                self.add(path, "date is before 1900")
+        elif logical in ("timestamp-millis", "timestamp-micros"):
+            if not isinstance(value, dt.datetime):
+                self.add(path, "expected a timestamp (ISO 8601 with time zone)")
+            elif value.tzinfo is None or value.utcoffset() is None:
+                self.add(path, "timestamp has no time zone")
+            elif value.year < 1970:
+                self.add(path, "timestamp is before 1970")
+        else:
+            self.primitive(value, node["type"], path)
+
+    def primitive(self, value: Any, kind: str, path: str) -> None:
+        if kind == "string":
+            if not isinstance(value, str):
+                self.add(path, "expected text")
+            elif not value.strip():
+                self.add(path, "must not be empty")
+            elif len(value) > MAX_TEXT_LENGTH:
+                self.add(path, f"longer than {MAX_TEXT_LENGTH} characters")
+            else:
+                rule = STRING_RULES.get(schema_path(path))
+                reason = rule(value) if rule else None
+                if reason:
+                    self.add(path, reason)
+        elif kind == "boolean":
+            if not isinstance(value, bool):
+                self.add(path, "expected true or false")
+        elif kind in ("int", "long"):
+            low, high = (INT_MIN, INT_MAX) if kind == "int" else (LONG_MIN, LONG_MAX)
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.add(path, "expected a whole number")
+            elif not low <= value <= high:
+                self.add(path, f"out of range for an Avro {kind}")
+        elif kind in ("float", "double"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                self.add(path, "expected a number")
+        elif kind in ("bytes", "fixed") and not isinstance(value, bytes | bytearray):
+            self.add(path, "expected bytes")
+
+
+def check_against_schema(record: Any, schema: Schema, record_number: int | None = None) -> list[Problem]:
+    """Structural problems only: required fields, types, enums, logical types, unknown fields."""
+    walk = _SchemaWalk(named_types(schema), record_number)
+    walk.value(record, schema, "", None)
+    return walk.problems
+
+
+# --- rules a schema cannot express --------------------------------------------------------------
+
+
+def _age_on(born: dt.date, on: dt.date) -> int:
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+def _get(record: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = record
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _is_date(value: Any) -> bool:
+    return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+
+
+def _is_aware(value: Any) -> bool:
+    return isinstance(value, dt.datetime) and value.utcoffset() is not None
+
+
+def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    today = now.date()
+    created = record.get("created_at")
+    created_ok = _is_aware(created)
+    if created_ok and created > now + CLOCK_SKEW:
+        add("created_at", "is in the future")
+    version = record.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < 1:
+        add("version", "must be 1 or more")
+
+    born = _get(record, "child.date_of_birth")
+    if _is_date(born):
+        if born > today:
+            add("child.date_of_birth", "is in the future")
+        elif created_ok and born > created.date():
+            add("child.date_of_birth", "is after the referral was created")
+        else:
+            reference = created.date() if created_ok else today
+            age = _age_on(born, reference)
+            if age > MAX_CHILD_AGE_YEARS:
+                add("child.date_of_birth", f"child is older than {MAX_CHILD_AGE_YEARS}")
+            flags = record.get("flags")
+            esp = flags.get("early_support_pathway") if isinstance(flags, Mapping) else None
+            if esp is True and age > EARLY_SUPPORT_PATHWAY_MAX_AGE_YEARS:
+                add("flags.early_support_pathway", "set for a child older than 5")
+
+    members = record.get("household")
+    if isinstance(members, list):
+        for index, member in enumerate(members):
+            member_born = member.get("date_of_birth") if isinstance(member, Mapping) else None
+            if _is_date(member_born) and member_born > today:
+                add(f"household[{index}].date_of_birth", "is in the future")
+
+    concerns = record.get("concerns")
+    concern_types = record.get("concern_types")
+    if isinstance(concerns, list):
+        if not concerns:
+            add("concerns", "at least one concern is required")
+        found = {c.get("type") for c in concerns if isinstance(c, Mapping)}
+        for index, concern in enumerate(concerns):
+            since = concern.get("since") if isinstance(concern, Mapping) else None
+            if _is_date(since) and since > today:
+                add(f"concerns[{index}].since", "is in the future")
+        if isinstance(concern_types, list) and all(isinstance(t, str) for t in concern_types):
+            if len(set(concern_types)) != len(concern_types):
+                add("concern_types", "lists a type more than once")
+            if set(concern_types) != found:
+                add("concern_types", "does not list exactly the types of the concerns")
+    if isinstance(concern_types, list):
+        flags = record.get("flags")
+        if isinstance(flags, Mapping):
+            if "safeguarding" in concern_types and flags.get("safeguarding_concern") is False:
+                add("flags.safeguarding_concern", "must be set when a safeguarding concern is raised")
+            if "crime_prevention" in concern_types and flags.get("crime_prevention") is False:
+                add("flags.crime_prevention", "must be set when a crime-prevention concern is raised")
+
+    services = record.get("services_requested")
+    if isinstance(services, list):
+        if not services:
+            add("services_requested", "at least one service is required")
+        elif len(set(map(str, services))) != len(services):
+            add("services_requested", "lists a service more than once")
+
+    attendance = _get(record, "school.attendance")
+    if isinstance(attendance, Mapping):
+        counts = {
+            name: attendance.get(name)
+            for name in (
+                "possible_sessions",
+                "present_sessions",
+                "authorised_absence_sessions",
+                "unauthorised_absence_sessions",
+            )
+        }
+        whole = {k: v for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)}
+        for name, count in whole.items():
+            if count < 0:
+                add(f"school.attendance.{name}", "must not be negative")
+        if len(whole) == 4 and all(v >= 0 for v in whole.values()):
+            recorded = sum(whole[k] for k in whole if k != "possible_sessions")
+            if recorded > whole["possible_sessions"]:
+                add("school.attendance.possible_sessions", "is less than the sessions recorded")
+        start, end = attendance.get("period_start"), attendance.get("period_end")
+        if _is_date(start) and _is_date(end) and end < start:
+            add("school.attendance.period_end", "is before period_start")
+        if _is_date(end) and end > today:
+            add("school.attendance.period_end", "is in the future")
+        by_code = attendance.get("by_code")
+        if isinstance(by_code, list):
+            for index, entry in enumerate(by_code):
+                sessions = entry.get("sessions") if isinstance(entry, Mapping) else None
+                if isinstance(sessions, int) and not isinstance(sessions, bool) and sessions < 0:
+                    add(f"school.attendance.by_code[{index}].sessions", "must not be negative")
+
+    year_group = _get(record, "school.year_group")
+    if isinstance(year_group, int) and not isinstance(year_group, bool) and not -2 <= year_group <= 14:
+        add("school.year_group", "not a national curriculum year group (-2 to 14)")
+    exclusions = _get(record, "school.exclusions")
+    if isinstance(exclusions, list):
+        for index, exclusion in enumerate(exclusions):
+            if not isinstance(exclusion, Mapping):
+                continue
+            sessions = exclusion.get("sessions")
+            if isinstance(sessions, int) and not isinstance(sessions, bool) and sessions < 1:
+                add(f"school.exclusions[{index}].sessions", "must be 1 or more")
+            start = exclusion.get("start_date")
+            if _is_date(start) and start > today + dt.timedelta(days=31):
+                add(f"school.exclusions[{index}].start_date", "is more than a month ahead")
+
+    consent = record.get("consent")
+    if isinstance(consent, Mapping) and consent.get("state") in ("given", "refused"):
+        if consent.get("recorded_at") is None:
+            add("consent.recorded_at", "required when consent was given or refused")
+        if consent.get("recorded_by") is None:
+            add("consent.recorded_by", "required when consent was given or refused")
+    recorded_at = consent.get("recorded_at") if isinstance(consent, Mapping) else None
+    if _is_aware(recorded_at) and recorded_at > now + CLOCK_SKEW:
+        add("consent.recorded_at", "is in the future")
+
+    override = record.get("sharing_override")
+    if isinstance(override, Mapping):
+        if isinstance(consent, Mapping) and consent.get("state") == "given":
+            add(
+                "sharing_override",
+                "present although consent was given; an override is for sharing without it",
+            )
+        approved_at = override.get("approved_at")
+        if _is_aware(approved_at) and approved_at > now + CLOCK_SKEW:
+            add("sharing_override.approved_at", "is in the future")
+
+
+def _status_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    from referral_broker.parties import all_parties
+
+    known = all_parties()
+    for name in ("from_party", "to_party"):
+        party = record.get(name)
+        if isinstance(party, str) and party.strip() and party not in known:
+            add(name, "not a party in parties.toml")
+    if record.get("status") in ("declined", "more_information_needed") and record.get("reason") is None:
+        add("reason", "required when declining or asking for more information")
+    at = record.get("at")
+    if _is_aware(at) and at > now + CLOCK_SKEW:
+        add("at", "is in the future")
+    version = record.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < 1:
+        add("version", "must be 1 or more")
+
+
+_RULES: dict[str, Callable[[Mapping[str, Any], dt.datetime, Callable[[str, str], None]], None]] = {
+    "earlyhelp.referral.Referral": _referral_rules,
+    "earlyhelp.status.ReferralStatus": _status_rules,
+}
+
+
+def validate(
+    record: Any,
+    schema: Schema | None = None,
+    *,
+    now: dt.datetime | None = None,
+    record_number: int | None = None,
+) -> list[Problem]:
+    """Every problem with ``record`` (a Referral unless another schema is given); [] when valid.
+
+    ``now`` is the clock for "not in the future" checks (timezone-aware; defaults to the
+    current time). ``record_number`` is copied into each Problem for file-wide reports.
+    """
+    schema = schema if schema is not None else referral_schema()
+    now = now if now is not None else dt.datetime.now(dt.UTC)
+    problems = check_against_schema(record, schema, record_number)
+    if isinstance(record, Mapping):
+        failed = {p.path for p in problems}
+
+        def add(path: str, reason: str) -> None:
+            # A field already failing its type check gets no second, derived complaint.
+            if path not in failed:
+                problems.append(Problem(path, reason, record_number))
+
+        rules = _RULES.get(full_name(schema["name"], schema.get("namespace")))
+        if rules is not None:
+            rules(record, now, add)
+    return problems
+
+
+def validate_referral(
+    record: Any, *, now: dt.datetime | None = None, record_number: int | None = None
+) -> list[Problem]:
+    """Every problem with a Referral against the latest schema."""
+    return validate(record, referral_schema(), now=now, record_number=record_number)
+
+
+def validate_status(record: Any, *, now: dt.datetime | None = None) -> list[Problem]:
+    return validate(record, load_schema("status"), now=now)
+
+
+def ensure_valid(
+    record: Any, schema: Schema | None = None, *, now: dt.datetime | None = None, context: str = "referral"
+) -> None:
+    """Raise ValidationError listing every problem; return quietly when the record is valid."""
+    problems = validate(record, schema, now=now)
+    if problems:
+        raise ValidationError(problems, context)
