@@ -9,7 +9,11 @@
     ├── SealingError                    keys, signatures, sealed fields (deliberately opaque)
     │   ├── KeyNotFoundError
     │   ├── RevokedKeyError
-    │   └── ShreddedError
+    │   ├── ShreddedError
+    │   ├── TamperedError               a sealed value or wrapped key fails to authenticate or parse
+    │   ├── SignatureError              unsigned, forged or wrongly signed message
+    │   ├── KeyStorePermissionError     a key store readable by group or others
+    │   └── LegalHoldError              a case under legal hold cannot be shredded
     ├── PolicyError                     the sharing policy file or a decision over it
     └── PartnerInputError               a partner's native file is malformed
 
@@ -87,6 +91,26 @@ class RevokedKeyError(SealingError):
 
 class ShreddedError(SealingError):
     pass
+
+
+class TamperedError(SealingError):
+    """A sealed value, wrapped data key or envelope is malformed or fails authentication.
+
+    One class for every cause (tampered, moved, wrong key, truncated, unknown version) so a
+    caller cannot branch on which check failed; the message still says which, for operators.
+    """
+
+
+class SignatureError(SealingError):
+    """A message is unsigned, its signature does not verify, or its signer is not acceptable."""
+
+
+class KeyStorePermissionError(SealingError):
+    """A key store file or folder is open to group or others, so its keys are not trusted."""
+
+
+class LegalHoldError(SealingError):
+    """A case under legal hold: its case key cannot be shredded until the hold is released."""
 
 
 class PolicyError(ReferralBrokerError):

@@ -1,0 +1,223 @@
+"""Per-case keys for crypto-shredding, held in the hub's key store (never in Kafka).
+
+The council's long-lived copies of a case (the case archive and the district-team topics) are
+sealed so that opening them needs the case's key (see ``MODE_RECIPIENT_AND_CASE`` in
+:mod:`referral_broker.sealing.wrapping`): each message's data key is derived from a random
+share wrapped to the recipient's X25519 key AND from the case key. The case key itself never
+leaves this store, so destroying it (:meth:`CaseKeyStore.shred`) makes every copy of the case
+unreadable, in Kafka's immutable log and in any backup of it, while other cases still open.
+
+Layout, beside the hub's own keys (folders 0700, files 0600, checked on every access)::
+
+    <keys_dir>/council/cases/<case id>.key    {"case_id", "case_key_id", "created_at", "key"}
+    <keys_dir>/council/cases/holds.json       legal holds: case id -> reason, placed at
+    <keys_dir>/council/cases/shredded.json    tombstones: case id -> case-key id, shredded at
+
+A case under legal hold cannot be shredded (:class:`LegalHoldError`). Every read of a case key
+goes to disk, so a shred in one process takes effect in every other process at once.
+
+This module must never write a case key anywhere but its own 0600 file (no Kafka, no log, no
+exception text), and must never keep one after it is shredded. Auditing of shreds and holds
+is done by :mod:`referral_broker.sealing.retention`, which calls this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from referral_broker.errors import KeyNotFoundError, LegalHoldError, SealingError, ShreddedError
+from referral_broker.parties import HUB
+from referral_broker.sealing.fields import KEY_SIZE
+from referral_broker.sealing.keystore import (
+    check_private,
+    destroy_file,
+    locked,
+    make_private_dir,
+    read_private,
+    write_private,
+)
+from referral_broker.sealing.timefmt import to_iso
+
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_case_id(case_id: str) -> str:
+    """Case ids name files: letters, digits, '.', '_' and '-' only, at most 64 characters."""
+    if not isinstance(case_id, str) or not CASE_ID.match(case_id):
+        raise SealingError("malformed case id (letters, digits, '.', '_', '-'; at most 64 characters)")
+    return case_id
+
+
+@dataclass(frozen=True)
+class Hold:
+    case_id: str
+    reason: str
+    placed_at: str
+
+
+@dataclass(frozen=True)
+class Shredded:
+    case_id: str
+    case_key_id: str
+    shredded_at: str
+
+
+class CaseKeyStore:
+    """The hub's case keys, legal holds and shred tombstones."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def open(cls, keys_dir: Path) -> CaseKeyStore:
+        """The hub's case-key store under ``keys_dir`` (created 0700 when missing)."""
+        make_private_dir(keys_dir)
+        make_private_dir(keys_dir / HUB)
+        make_private_dir(keys_dir / HUB / "cases")
+        return cls(keys_dir / HUB / "cases")
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _key_path(self, case_id: str) -> Path:
+        return self.root / f"{check_case_id(case_id)}.key"
+
+    def key_for(self, case_id: str, *, now: float | None = None) -> tuple[str, bytes]:
+        """The case's key id and key, created on first use. Refuses a shredded case."""
+        path = self._key_path(case_id)
+        with locked(self.root):
+            self._refuse_shredded(case_id)
+            if not path.exists():
+                doc = {
+                    "case_id": case_id,
+                    "case_key_id": secrets.token_hex(6),
+                    "created_at": to_iso(time.time() if now is None else now),
+                    "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
+                }
+                write_private(path, json.dumps(doc).encode("utf-8"))
+            doc = self._read_key(path)
+        return doc["case_key_id"], base64.b64decode(doc["key"])
+
+    def lookup(self, case_id: str, case_key_id: str) -> bytes:
+        """The key of ``case_id`` if it is ``case_key_id``; the :data:`CaseKeyLookup` the
+        openers call. Raises :class:`ShreddedError` naming the case once it is shredded."""
+        path = self._key_path(case_id)
+        self._refuse_shredded(case_id)
+        if not path.exists():
+            raise KeyNotFoundError(f"no key for case {case_id} in the hub's case-key store")
+        doc = self._read_key(path)
+        if doc["case_key_id"] != case_key_id:
+            raise KeyNotFoundError(f"case {case_id} has key {doc['case_key_id']}, not {case_key_id}")
+        return base64.b64decode(doc["key"])
+
+    def has_key(self, case_id: str) -> bool:
+        return self._key_path(case_id).exists()
+
+    def _read_key(self, path: Path) -> dict[str, Any]:
+        try:
+            doc = json.loads(read_private(path))
+            if len(base64.b64decode(doc["key"])) != KEY_SIZE:
+                raise ValueError
+            return doc
+        except (ValueError, KeyError, TypeError):
+            raise SealingError(f"case key file {path} is malformed") from None
+
+    # -- holds --------------------------------------------------------------------------------
+    def _read_json(self, name: str) -> dict[str, Any]:
+        path = self.root / name
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(read_private(path))
+        except json.JSONDecodeError:
+            raise SealingError(f"{path} is not valid JSON") from None
+
+    def _write_json(self, name: str, doc: dict[str, Any]) -> None:
+        write_private(self.root / name, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8"))
+
+    def holds(self) -> list[Hold]:
+        return [
+            Hold(c, h["reason"], h["placed_at"]) for c, h in sorted(self._read_json("holds.json").items())
+        ]
+
+    def hold_of(self, case_id: str) -> Hold | None:
+        h = self._read_json("holds.json").get(check_case_id(case_id))
+        return Hold(case_id, h["reason"], h["placed_at"]) if h else None
+
+    def hold(self, case_id: str, reason: str, *, now: float | None = None) -> Hold:
+        """Place a legal hold: the case's key cannot be shredded until it is released."""
+        check_case_id(case_id)
+        reason = " ".join(reason.split())
+        if not reason:
+            raise SealingError("a legal hold needs a reason")
+        with locked(self.root):
+            self._refuse_shredded(case_id)
+            holds = self._read_json("holds.json")
+            holds[case_id] = {"reason": reason, "placed_at": to_iso(time.time() if now is None else now)}
+            self._write_json("holds.json", holds)
+        return Hold(case_id, reason, holds[case_id]["placed_at"])
+
+    def release(self, case_id: str) -> Hold:
+        """Lift the legal hold on ``case_id``; returns the hold that was lifted."""
+        check_case_id(case_id)
+        with locked(self.root):
+            holds = self._read_json("holds.json")
+            if case_id not in holds:
+                raise SealingError(f"case {case_id} is not under legal hold")
+            lifted = holds.pop(case_id)
+            self._write_json("holds.json", holds)
+        return Hold(case_id, lifted["reason"], lifted["placed_at"])
+
+    # -- shredding ----------------------------------------------------------------------------
+    def shredded(self, case_id: str) -> Shredded | None:
+        t = self._read_json("shredded.json").get(check_case_id(case_id))
+        return Shredded(case_id, t["case_key_id"], t["shredded_at"]) if t else None
+
+    def _refuse_shredded(self, case_id: str) -> None:
+        t = self.shredded(case_id)
+        if t is not None:
+            raise ShreddedError(
+                f"case {case_id} was shredded at {t.shredded_at} (case key {t.case_key_id} destroyed); "
+                "its messages can no longer be opened"
+            )
+
+    def check_shreddable(self, case_id: str) -> str:
+        """The case-key id that :meth:`shred` would destroy, or raise why it cannot."""
+        path = self._key_path(case_id)
+        self._refuse_shredded(case_id)
+        hold = self.hold_of(case_id)
+        if hold is not None:
+            raise LegalHoldError(
+                f"case {case_id} is under legal hold since {hold.placed_at} (reason: {hold.reason}); "
+                "release the hold before shredding"
+            )
+        if not path.exists():
+            raise KeyNotFoundError(f"no key for case {case_id} in the hub's case-key store; nothing to shred")
+        return self._read_key(path)["case_key_id"]
+
+    def shred(self, case_id: str, *, now: float | None = None) -> Shredded:
+        """Destroy the case key and leave a tombstone. Irreversible by design."""
+        with locked(self.root):
+            done = self.shredded(case_id)
+            if done is not None and self._key_path(case_id).exists():
+                destroy_file(self._key_path(case_id))  # finish a shred that was interrupted
+                return done
+            case_key_id = self.check_shreddable(case_id)
+            tombstones = self._read_json("shredded.json")
+            record = {"case_key_id": case_key_id, "shredded_at": to_iso(time.time() if now is None else now)}
+            tombstones[case_id] = record
+            # Tombstone first: if the process dies between the two steps the case is already
+            # refused everywhere, and the key file left behind is never read again.
+            self._write_json("shredded.json", tombstones)
+            destroy_file(self._key_path(case_id))
+        return Shredded(case_id, case_key_id, record["shredded_at"])
+
+    def check(self) -> None:
+        """Re-check the store's permissions (the CLI calls this before any change)."""
+        check_private(self.root, is_dir=True)

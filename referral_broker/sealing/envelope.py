@@ -1,0 +1,422 @@
+"""Signed, sealed Kafka messages: what a sender produces and what a receiver accepts.
+
+A sealed message is::
+
+    key     = referral id (UTF-8)
+    value   = the wire record (Avro binary, wire schema of :mod:`~referral_broker.sealing.records`)
+    headers = rb-format, rb-kind, rb-sender, rb-sender-key, rb-recipient, rb-recipient-key,
+              rb-schema (fingerprint, hex), rb-referral-version, rb-sealed-at (epoch ms),
+              [rb-case], rb-dek (wrapped data key), [caller's extra headers], rb-signature
+
+Receiving is fail-closed and in this order: exactly one signature, a known message format, the
+signer's key known, of the claimed sender, not revoked and valid at the signing time, the
+signature verifying over topic, key, headers and value; then the message must be addressed to
+this party, its data key must unwrap with this party's key (and, for case-sealed messages, the
+case key), and every sealing unit must be a sealed value that opens. Any failure raises a
+:class:`~referral_broker.errors.SealingError` (or a ``ContractError`` for an unknown schema)
+with the reason, and nothing of the record is returned.
+
+This module must never return a partly opened record, never let a message through unsigned or
+with a sensitive field in the clear, and never put a value, a key or plaintext in an error.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from referral_broker.errors import ContractError, SealingError, SignatureError, TamperedError
+from referral_broker.parties import get_party
+from referral_broker.sealing.directory import KeyDirectory
+from referral_broker.sealing.fields import DataKey, FieldContext
+from referral_broker.sealing.keystore import KeyStore
+from referral_broker.sealing.records import Schema, sealing_plan
+from referral_broker.sealing.signing import SIGNATURE_HEADER, sign_message, signature_of, verify_message
+from referral_broker.sealing.wrapping import (
+    MODE_RECIPIENT,
+    MODE_RECIPIENT_AND_CASE,
+    CaseKeyLookup,
+    DekCache,
+    new_case_data_key,
+    read_wrapped_header,
+    unwrap_data_key,
+    wrap_data_key,
+    wrapped_slot,
+)
+
+MESSAGE_FORMAT = b"1"
+H_FORMAT = "rb-format"
+H_KIND = "rb-kind"
+H_SENDER = "rb-sender"
+H_SENDER_KEY = "rb-sender-key"
+H_RECIPIENT = "rb-recipient"
+H_RECIPIENT_KEY = "rb-recipient-key"
+H_SCHEMA = "rb-schema"
+H_VERSION = "rb-referral-version"
+H_SEALED_AT = "rb-sealed-at"
+H_CASE = "rb-case"
+H_DEK = "rb-dek"
+H_SIGNATURE = SIGNATURE_HEADER
+RESERVED = frozenset(
+    {H_FORMAT, H_KIND, H_SENDER, H_SENDER_KEY, H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION}
+    | {H_SEALED_AT, H_CASE, H_DEK, H_SIGNATURE}
+)
+_SIGNED_REQUIRED = (H_KIND, H_SENDER, H_SENDER_KEY, H_SEALED_AT)
+_SEALED_REQUIRED = (H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION, H_DEK)
+_KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,39}$")
+_DIGITS = re.compile(rb"^(0|[1-9][0-9]{0,18})$")
+
+Headers = list[tuple[str, bytes]]
+# fingerprint -> the schema the record was written with (the recipient's view schema).
+SchemaLookup = Mapping[bytes, Schema] | Callable[[bytes], Schema | None]
+
+
+class ConsumedRecord(Protocol):
+    """What a receiver needs of a Kafka record (``cluster.clients.Record`` has it)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A signed, sealed message ready to produce. ``repr`` leaves out the value bytes."""
+
+    topic: str
+    key: bytes
+    value: bytes = field(repr=False)
+    headers: Headers = field(repr=False)
+
+    def send(self, producer: Any) -> None:
+        """Queue on a ``cluster.clients.Producer``; its ``flush`` confirms or raises."""
+        producer.send(self.topic, value=self.value, key=self.key, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class OpenedMessage:
+    """A verified and opened message. ``record`` holds plaintext: keep it out of logs."""
+
+    record: dict[str, Any] = field(repr=False)
+    referral_id: str
+    referral_version: int
+    kind: str
+    sender: str
+    sender_key_id: str
+    recipient: str
+    recipient_key_id: str
+    schema_fingerprint: bytes
+    sealed_at_ms: int
+    case_id: str | None
+    extra_headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def schema_book(*schemas: Schema) -> dict[bytes, Schema]:
+    """A fingerprint -> schema mapping for :class:`MessageOpener` from the schemas a party reads."""
+    return {sealing_plan(s).fingerprint: s for s in schemas}
+
+
+class MessageSealer:
+    """Seals and signs messages as the party whose key store this is.
+
+    One per sending process; thread-safe. ``cache`` (a :class:`DekCache`) lets one wrapped data
+    key serve several messages to the same recipient key within its bounds; ``case_keys`` (the
+    hub's :class:`~referral_broker.sealing.case_keys.CaseKeyStore`) is needed to seal the
+    council's long-lived copies (district teams, archive) under per-case keys.
+    """
+
+    def __init__(
+        self,
+        keystore: KeyStore,
+        directory: KeyDirectory,
+        *,
+        cache: DekCache | None = None,
+        case_keys: Any | None = None,
+    ) -> None:
+        self.keystore = keystore
+        self.directory = directory
+        self.cache = cache
+        self.case_keys = case_keys
+
+    @property
+    def party(self) -> str:
+        return self.keystore.party
+
+    def seal(
+        self,
+        record: dict[str, Any],
+        schema: Schema,
+        *,
+        topic: str,
+        recipient: str,
+        referral_id: str,
+        referral_version: int,
+        kind: str = "referral",
+        case_id: str | None = None,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
+        now: float | None = None,
+    ) -> OutgoingMessage:
+        """Seal every sealing unit of ``record`` (written with ``schema``, the recipient's view)
+        for ``recipient`` alone, and sign the message for ``topic``.
+
+        Messages to a district team must pass ``case_id`` (and the sealer must hold the hub's
+        case keys): those copies are the council's and must die with the case key. The archive
+        writer passes ``case_id`` too, with the hub itself as recipient.
+        """
+        now = time.time() if now is None else now
+        if not _KIND.match(kind):
+            raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
+        if not referral_id:
+            raise SealingError("referral id must not be empty")
+        for name, _ in extra_headers:
+            if name in RESERVED or not name.startswith("rb-"):
+                raise SealingError(f"extra header {name!r} must start with 'rb-' and not be a reserved name")
+        if get_party(recipient).kind == "district_team" and case_id is None:
+            raise SealingError(
+                f"messages to district team {recipient} must be sealed under a case key (case_id)"
+            )
+        signer = self.keystore.active(now)
+        if signer.key_id in self.directory:
+            self.directory.require_sendable(signer.key_id, self.party, now)
+        target = self.directory.encryption_key_for(recipient, now)
+        plan = sealing_plan(schema)
+
+        if case_id is not None:
+            if self.case_keys is None:
+                raise SealingError(f"sealing under the key of case {case_id} needs the hub's case-key store")
+            case_key_id, case_key = self.case_keys.key_for(case_id, now=now)
+            key, wrapped = new_case_data_key(
+                recipient=recipient,
+                recipient_key_id=target.key_id,
+                recipient_public=target.encryption_key(),
+                case_id=case_id,
+                case_key_id=case_key_id,
+                case_key=case_key,
+            )
+        else:
+            key, wrapped = self._recipient_key(recipient, target.key_id, target)
+
+        context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint)
+        value = plan.encode_wire(plan.seal(record, key, context))
+        headers: Headers = [
+            (H_FORMAT, MESSAGE_FORMAT),
+            (H_KIND, kind.encode()),
+            (H_SENDER, self.party.encode()),
+            (H_SENDER_KEY, signer.key_id.encode()),
+            (H_RECIPIENT, recipient.encode()),
+            (H_RECIPIENT_KEY, target.key_id.encode()),
+            (H_SCHEMA, plan.fingerprint.hex().encode()),
+            (H_VERSION, str(referral_version).encode()),
+            (H_SEALED_AT, str(int(now * 1000)).encode()),
+        ]
+        if case_id is not None:
+            headers.append((H_CASE, case_id.encode()))
+        headers.append((H_DEK, wrapped))
+        headers.extend((n, bytes(v)) for n, v in extra_headers)
+        msg_key = referral_id.encode("utf-8")
+        headers.append((H_SIGNATURE, sign_message(signer.signing, topic, msg_key, headers, value)))
+        return OutgoingMessage(topic, msg_key, value, headers)
+
+    def _recipient_key(self, recipient: str, key_id: str, target: Any) -> tuple[DataKey, bytes]:
+        slot = (recipient, key_id)
+        if self.cache is not None:
+            # A recipient key that is no longer the one to seal to (rotated or revoked) loses
+            # its cached data keys now, not when they age out.
+            self.cache.forget(lambda s: isinstance(s, tuple) and s[0] == recipient and s[1] != key_id)
+            hit = self.cache.get(slot)
+            if hit is not None:
+                return hit
+        key = DataKey.generate()
+        wrapped = wrap_data_key(
+            key, recipient=recipient, recipient_key_id=key_id, recipient_public=target.encryption_key()
+        )
+        if self.cache is not None:
+            self.cache.put(slot, (key, wrapped))
+        return key, wrapped
+
+
+def sign_plain(
+    keystore: KeyStore,
+    *,
+    topic: str,
+    key: bytes,
+    value: bytes,
+    kind: str,
+    extra_headers: Sequence[tuple[str, bytes]] = (),
+    now: float | None = None,
+) -> OutgoingMessage:
+    """A signed message whose value is NOT sealed: only for values that hold no personal data
+    by construction (audit events of ids and reasons, key-directory notices)."""
+    now = time.time() if now is None else now
+    if not _KIND.match(kind):
+        raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
+    signer = keystore.active(now)
+    headers: Headers = [
+        (H_FORMAT, MESSAGE_FORMAT),
+        (H_KIND, kind.encode()),
+        (H_SENDER, keystore.party.encode()),
+        (H_SENDER_KEY, signer.key_id.encode()),
+        (H_SEALED_AT, str(int(now * 1000)).encode()),
+        *((n, bytes(v)) for n, v in extra_headers),
+    ]
+    headers.append((H_SIGNATURE, sign_message(signer.signing, topic, key, headers, value)))
+    return OutgoingMessage(topic, key, value, headers)
+
+
+def verify_signed(
+    directory: KeyDirectory, record: ConsumedRecord, *, now: float | None = None
+) -> dict[str, bytes]:
+    """Verify a message's signature and signer; return its headers by name.
+
+    Refuses, in order: no (or several) signature headers, a repeated ``rb-`` header, an
+    unknown message format, missing signing headers, no value, an unknown, revoked, foreign
+    or out-of-validity signer key, and a signature that does not cover exactly this topic,
+    key, header list and value. Never returns a bool: it returns headers or raises.
+    """
+    now = time.time() if now is None else now
+    headers = list(record.headers or [])
+    signature_of(headers)  # unsigned messages are refused before anything else is read
+    by_name: dict[str, bytes] = {}
+    for name, val in headers:
+        if name in by_name and name.startswith("rb-"):
+            raise SignatureError(f"message carries header {name} more than once; refused")
+        by_name[name] = val if val is not None else b""
+    fmt = by_name.get(H_FORMAT)
+    if fmt != MESSAGE_FORMAT:
+        shown = fmt.decode("ascii", "replace")[:10] if fmt is not None else "none"
+        raise TamperedError(f"unknown message format version {shown} (expected {MESSAGE_FORMAT.decode()})")
+    missing = [h for h in _SIGNED_REQUIRED if h not in by_name]
+    if missing:
+        raise SignatureError(f"message lacks header(s) {', '.join(missing)}; refused")
+    if record.value is None:
+        raise TamperedError("message has no value (a tombstone is never signed)")
+    sender = _text(by_name, H_SENDER)
+    signed_at = _number(by_name, H_SEALED_AT) / 1000
+    public = directory.signer(_text(by_name, H_SENDER_KEY), sender, signed_at, now)
+    verify_message(public, record.topic, record.key, headers, record.value, signer=sender)
+    return by_name
+
+
+def _text(headers: dict[str, bytes], name: str) -> str:
+    try:
+        return headers[name].decode("ascii")
+    except UnicodeDecodeError:
+        raise TamperedError(f"header {name} is not ASCII") from None
+
+
+def _number(headers: dict[str, bytes], name: str) -> int:
+    raw = headers[name]
+    if not _DIGITS.match(raw):
+        raise TamperedError(f"header {name} is not a decimal number")
+    return int(raw)
+
+
+class MessageOpener:
+    """Verifies and opens messages addressed to the party whose key store this is.
+
+    ``schemas`` maps a schema fingerprint to the schema the record was written with.
+    ``case_keys`` is the hub's case-key lookup (``CaseKeyStore.lookup``) for case-sealed
+    messages: the district-team inbox and the archive reader pass it. ``cache`` keeps
+    unwrapped data keys (by the exact wrapped bytes) within its bounds; case-sealed data keys
+    are never cached, so a shred takes effect on the very next message.
+    """
+
+    def __init__(
+        self,
+        keystore: KeyStore,
+        directory: KeyDirectory,
+        schemas: SchemaLookup,
+        *,
+        cache: DekCache | None = None,
+        case_keys: CaseKeyLookup | None = None,
+    ) -> None:
+        self.keystore = keystore
+        self.directory = directory
+        self.schemas = schemas
+        self.cache = cache
+        self.case_keys = case_keys
+
+    @property
+    def party(self) -> str:
+        return self.keystore.party
+
+    def verify(self, record: ConsumedRecord, *, now: float | None = None) -> dict[str, bytes]:
+        """Check the signature and the signer (see :func:`verify_signed`)."""
+        return verify_signed(self.directory, record, now=now)
+
+    def open(self, record: ConsumedRecord, *, now: float | None = None) -> OpenedMessage:
+        """Verify, then open every sealed field; the whole record or an exception."""
+        h = self.verify(record, now=now)
+        missing = [name for name in _SEALED_REQUIRED if name not in h]
+        if missing:
+            raise TamperedError(f"signed message lacks sealing header(s) {', '.join(missing)}; refused")
+        recipient = _text(h, H_RECIPIENT)
+        if recipient != self.party:
+            raise SealingError(f"message is addressed to {recipient}, not to {self.party}; refused")
+        if not record.key:
+            raise TamperedError("message has no key (the referral id)")
+        try:
+            referral_id = record.key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TamperedError("message key is not UTF-8") from None
+        recipient_key_id = _text(h, H_RECIPIENT_KEY)
+        case_id = _text(h, H_CASE) if H_CASE in h else None
+        wrapped = h[H_DEK]
+        header, _, _ = read_wrapped_header(wrapped)
+        if header.recipient_key_id != recipient_key_id or header.case_id != case_id:
+            raise TamperedError("wrapped data key names other keys than the message headers")
+        fingerprint_hex = _text(h, H_SCHEMA)
+        try:
+            fingerprint = bytes.fromhex(fingerprint_hex)
+        except ValueError:
+            raise TamperedError("header rb-schema is not a hex fingerprint") from None
+        schema = (
+            self.schemas.get(fingerprint) if isinstance(self.schemas, Mapping) else self.schemas(fingerprint)
+        )
+        if schema is None:
+            raise ContractError(f"unknown schema fingerprint {fingerprint_hex}; refusing to open")
+        plan = sealing_plan(schema)
+        if plan.fingerprint != fingerprint:
+            raise ContractError(f"schema lookup for {fingerprint_hex} returned another schema")
+
+        key = self._data_key(wrapped, header.mode, recipient_key_id)
+        version = _number(h, H_VERSION)
+        context = FieldContext(referral_id, version, recipient, fingerprint)
+        opened = plan.open(plan.decode_wire(record.value), key, context)
+        return OpenedMessage(
+            record=opened,
+            referral_id=referral_id,
+            referral_version=version,
+            kind=_text(h, H_KIND),
+            sender=_text(h, H_SENDER),
+            sender_key_id=_text(h, H_SENDER_KEY),
+            recipient=recipient,
+            recipient_key_id=recipient_key_id,
+            schema_fingerprint=fingerprint,
+            sealed_at_ms=_number(h, H_SEALED_AT),
+            case_id=case_id,
+            extra_headers=tuple((n, v) for n, v in record.headers if n not in RESERVED),
+        )
+
+    def _data_key(self, wrapped: bytes, mode: int, recipient_key_id: str) -> DataKey:
+        slot = (
+            wrapped_slot(self.party, wrapped) if mode == MODE_RECIPIENT and self.cache is not None else None
+        )
+        if slot is not None:
+            hit = self.cache.get(slot)  # type: ignore[union-attr]
+            if hit is not None:
+                return hit
+        pair = self.keystore.get(recipient_key_id)
+        key = unwrap_data_key(
+            wrapped,
+            recipient=self.party,
+            private_key=pair.encryption,
+            case_keys=self.case_keys if mode == MODE_RECIPIENT_AND_CASE else None,
+        )
+        if slot is not None:
+            self.cache.put(slot, key)  # type: ignore[union-attr]
+        return key

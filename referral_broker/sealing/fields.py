@@ -1,0 +1,215 @@
+"""The recipe: seal and open ONE field value. Everything else in this package builds on it.
+
+A sealed value is self-describing, so a reader needs nothing but the data key and the context::
+
+    version (1 byte) | cipher id (1) | data-key id length (1) | data-key id | nonce (12) | ciphertext+tag
+
+The plaintext is the value's Avro binary encoding under the field's own Avro type (so a date, an
+enum, an array of records or a null is sealed exactly like a string), zero-padded to a multiple
+of 16 bytes so that short values of nearby lengths look alike on the wire. The cipher is
+AES-256-GCM from ``cryptography`` with a fresh random 12-byte nonce per value.
+
+The associated data (built in :func:`associated_data`, the only place that builds it) binds the
+ciphertext to the referral id and version, the field path, the recipient, the schema
+fingerprint and the value's own header (version, cipher, key id). A ciphertext copied to another
+referral, field or recipient, or relabelled with another key id, fails to open.
+
+Every failure to open is one exception type, :class:`TamperedError`, whose message says what
+failed and where (field path, key id, format version) but never carries the value, the
+plaintext or key material. This module must never log, print or put a value or key into an
+exception message, and must never return partial plaintext.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
+from referral_broker.errors import ContractError, TamperedError
+from referral_broker.sealing.framing import Reader, frame, short
+
+FORMAT_VERSION = 1
+CIPHER_AES_256_GCM = 1
+NONCE_SIZE = 12
+TAG_SIZE = 16
+KEY_SIZE = 32
+DATA_KEY_ID_SIZE = 8
+PAD_BLOCK = 16
+_AAD_LABEL = b"referral-broker/field/v1"
+_U64 = struct.Struct(">Q")
+
+
+class DataKey:
+    """A 256-bit data key (DEK) with its id. Keeps one AESGCM object: building one costs as
+    much as sealing a short field. ``repr`` shows only the id, so a key cannot leak into a log
+    or a traceback by being printed."""
+
+    __slots__ = ("_aead", "_secret", "key_id")
+
+    def __init__(self, key_id: bytes, secret: bytes) -> None:
+        if len(secret) != KEY_SIZE:
+            raise ValueError("a data key is 32 bytes")
+        if not 0 < len(key_id) < 256:
+            raise ValueError("a data-key id is 1 to 255 bytes")
+        self.key_id = bytes(key_id)
+        self._secret = bytes(secret)
+        self._aead = AESGCM(self._secret)
+
+    @classmethod
+    def generate(cls) -> DataKey:
+        return cls(os.urandom(DATA_KEY_ID_SIZE), os.urandom(KEY_SIZE))
+
+    @property
+    def secret(self) -> bytes:
+        """The raw key, for wrapping to a recipient only."""
+        return self._secret
+
+    @property
+    def aead(self) -> AESGCM:
+        return self._aead
+
+    def __repr__(self) -> str:
+        return f"DataKey(id={self.key_id.hex()})"
+
+
+@dataclass(frozen=True)
+class FieldContext:
+    """Where a sealed value belongs: which referral (id and version), for whom, under which
+    schema. Together with the field path this is what a ciphertext is bound to."""
+
+    referral_id: str
+    referral_version: int
+    recipient: str
+    schema_fingerprint: bytes
+
+    def __post_init__(self) -> None:
+        if not self.referral_id:
+            raise ValueError("referral id must not be empty")
+        if not 0 <= self.referral_version < 2**63:
+            raise ValueError("referral version must be a non-negative 63-bit integer")
+        if not self.recipient:
+            raise ValueError("recipient must not be empty")
+        if len(self.schema_fingerprint) != 8:
+            raise ValueError("schema fingerprint must be 8 bytes")
+
+
+def associated_data(
+    context: FieldContext, path: str, *, version: int, cipher: int, data_key_id: bytes
+) -> bytes:
+    """THE associated data of a sealed value. Built here and nowhere else, length-prefixed,
+    so sealing and opening cannot drift apart and no two contexts share an encoding."""
+    return frame(
+        _AAD_LABEL,
+        bytes([version, cipher]),
+        data_key_id,
+        context.referral_id,
+        _U64.pack(context.referral_version),
+        path,
+        context.recipient,
+        context.schema_fingerprint,
+    )
+
+
+class FieldCodec:
+    """The canonical Avro binary encoding of one field's values under the field's own type.
+
+    ``field_type`` must be self-contained (named types expanded, as
+    :func:`fastavro.schema.expand_schema` gives), because a field is encoded on its own.
+    """
+
+    __slots__ = ("_parsed", "path")
+
+    def __init__(self, path: str, field_type: Any) -> None:
+        self.path = path
+        self._parsed = parse_schema(field_type, named_schemas={})
+
+    def encode(self, value: Any) -> bytes:
+        buf = io.BytesIO()
+        try:
+            schemaless_writer(buf, self._parsed, value)
+        except Exception:
+            # fastavro's messages can quote the value: drop them (from None), keep the path.
+            raise ContractError(f"field {self.path}: value does not match its Avro type") from None
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> tuple[Any, int]:
+        """The value and how many bytes its encoding took."""
+        buf = io.BytesIO(data)
+        value = schemaless_reader(buf, self._parsed, None)
+        return value, buf.tell()
+
+
+def seal_value(value: Any, codec: FieldCodec, key: DataKey, context: FieldContext) -> bytes:
+    """Seal one value for one recipient. The nonce is random, so sealing twice differs."""
+    encoded = codec.encode(value)
+    pad = PAD_BLOCK - (len(encoded) % PAD_BLOCK)
+    plaintext = encoded + bytes(pad)
+    nonce = os.urandom(NONCE_SIZE)
+    aad = associated_data(
+        context, codec.path, version=FORMAT_VERSION, cipher=CIPHER_AES_256_GCM, data_key_id=key.key_id
+    )
+    header = bytes([FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(key.key_id)
+    return header + nonce + key.aead.encrypt(nonce, plaintext, aad)
+
+
+@dataclass(frozen=True)
+class SealedHeader:
+    """The clear part of a sealed value: enough to pick the key, nothing about the value."""
+
+    version: int
+    cipher: int
+    data_key_id: bytes
+
+
+def read_header(sealed: bytes, path: str) -> tuple[SealedHeader, Reader]:
+    """Parse the clear header of a sealed value, refusing unknown versions and ciphers."""
+    if not isinstance(sealed, (bytes, bytearray)):
+        raise TamperedError(f"field {path}: arrived unsealed (not a sealed value)")
+    reader = Reader(bytes(sealed), f"sealed value in field {path}")
+    version = reader.byte()
+    if version != FORMAT_VERSION:
+        raise TamperedError(
+            f"field {path}: unknown sealed-value format version {version} (expected {FORMAT_VERSION}); "
+            "the field arrived unsealed or from a newer sender"
+        )
+    cipher = reader.byte()
+    if cipher != CIPHER_AES_256_GCM:
+        raise TamperedError(f"field {path}: unknown cipher id {cipher}")
+    return SealedHeader(version, cipher, reader.short()), reader
+
+
+def open_value(sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldContext) -> Any:
+    """Open one sealed value, or raise :class:`TamperedError`; never returns partial data."""
+    path = codec.path
+    header, reader = read_header(sealed, path)
+    if header.data_key_id != key.key_id:
+        raise TamperedError(
+            f"field {path}: sealed under data key {header.data_key_id.hex()}, "
+            f"but the message carries data key {key.key_id.hex()}"
+        )
+    nonce = reader.take(NONCE_SIZE)
+    body = reader.rest()
+    if len(body) < TAG_SIZE + PAD_BLOCK:
+        raise TamperedError(f"truncated sealed value in field {path}")
+    aad = associated_data(
+        context, path, version=header.version, cipher=header.cipher, data_key_id=header.data_key_id
+    )
+    try:
+        plaintext = key.aead.decrypt(nonce, body, aad)
+    except InvalidTag:
+        raise TamperedError(f"field {path}: authentication failed (tampered, moved, or wrong key)") from None
+    try:
+        value, used = codec.decode(plaintext)
+    except Exception:
+        raise TamperedError(f"field {path}: sealed payload does not decode as the field's type") from None
+    padding = plaintext[used:]
+    if not 0 < len(padding) <= PAD_BLOCK or padding.count(0) != len(padding):
+        raise TamperedError(f"field {path}: sealed payload has malformed padding")
+    return value

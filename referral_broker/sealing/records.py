@@ -1,0 +1,288 @@
+"""Record-level sealing: which fields of a schema are sealed, the wire schema, seal and open.
+
+Given any Avro record schema whose fields carry ``data_class`` (``operational``, ``personal``,
+``identifier``, ``special_category``), a :class:`SealingPlan` says, once per schema:
+
+* a **sealing unit** is a field whose class is not ``operational`` and whose type, after
+  removing ``null`` from a union, is not a record. Its whole value (an array or a map too) is
+  sealed as one :mod:`~referral_broker.sealing.fields` value;
+* record-typed fields (and ``["null", Record]``) are descended into, whatever their class;
+* ``operational`` fields stay clear, so routing and operations work without keys, but an
+  operational array, map or union that hides a non-operational field inside a record is a
+  contract error, never sent in the clear.
+
+The **wire schema** is the same schema with every sealing unit's type replaced by ``bytes``
+(``["null", "bytes"]`` with default null where the field was nullable with default null, so
+that the wire schemas evolve as the schemas do). The writer always writes sealed bytes there,
+a null included, so on the wire a reader cannot even tell whether an optional field was set;
+a null (or anything that is not a sealed value) in a sealing unit is refused as unsealed.
+
+This module must never put a field value in an exception or a log line, and must never return
+a partly opened record: :meth:`SealingPlan.open` returns every field opened or raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import expand_schema, fingerprint, to_parsing_canonical_form
+
+from referral_broker.errors import ContractError, TamperedError
+from referral_broker.sealing.fields import DataKey, FieldCodec, FieldContext, open_value, seal_value
+
+DATA_CLASSES = ("operational", "personal", "identifier", "special_category")
+_NAMED = ("record", "enum", "fixed")
+_MISSING = object()
+
+Schema = dict[str, Any]
+
+
+def schema_fingerprint(schema: Schema) -> bytes:
+    """CRC-64-AVRO over the Parsing Canonical Form (8 bytes), as Avro single-object encoding
+    and ``referral_broker.schemas`` compute it. Note that the canonical form drops custom
+    attributes, ``data_class`` included: the schema itself, not its fingerprint, decides what
+    is sealed, and the reader refuses anything it expects sealed that is not."""
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+
+
+def _branches(field_type: Any) -> list[Any]:
+    return list(field_type) if isinstance(field_type, list) else [field_type]
+
+
+def _is_record(t: Any) -> bool:
+    return isinstance(t, dict) and t.get("type") == "record"
+
+
+def _collapse(t: Any, seen: set[str]) -> Any:
+    """Re-share named types in an expanded schema: the first occurrence keeps its definition,
+    later ones become a reference by full name (fastavro refuses a type defined twice)."""
+    if isinstance(t, list):
+        return [_collapse(b, seen) for b in t]
+    if not isinstance(t, dict):
+        return t
+    kind = t.get("type")
+    if kind in _NAMED:
+        name = t["name"]
+        if name in seen:
+            return name
+        seen.add(name)
+        if kind == "record":
+            out = dict(t)
+            out["fields"] = [{**f, "type": _collapse(f["type"], seen)} for f in t["fields"]]
+            return out
+        return t
+    if kind == "array":
+        return {**t, "items": _collapse(t["items"], seen)}
+    if kind == "map":
+        return {**t, "values": _collapse(t["values"], seen)}
+    return t
+
+
+def _hidden_sensitive(t: Any, path: str) -> str | None:
+    """The path of a non-operational field hidden inside a clear (operational) type, if any."""
+    for branch in _branches(t):
+        if not isinstance(branch, dict):
+            continue
+        kind = branch.get("type")
+        if kind == "record":
+            for f in branch["fields"]:
+                sub = f"{path}.{f['name']}"
+                if f.get("data_class", "operational") != "operational":
+                    return sub
+                found = _hidden_sensitive(f["type"], sub)
+                if found:
+                    return found
+        elif kind == "array":
+            found = _hidden_sensitive(branch["items"], path)
+            if found:
+                return found
+        elif kind == "map":
+            found = _hidden_sensitive(branch["values"], path)
+            if found:
+                return found
+    return None
+
+
+@dataclass(frozen=True)
+class _FieldPlan:
+    name: str
+    path: str
+    action: str  # "clear" | "seal" | "record"
+    default: Any
+    nullable: bool
+    codec: FieldCodec | None = None
+    child: tuple[_FieldPlan, ...] = ()
+
+
+class SealingPlan:
+    """What to seal in records of one schema, and how to turn them into wire records and back.
+
+    Build with :func:`sealing_plan` (cached per schema). Thread-safe: it holds no mutable state.
+    """
+
+    def __init__(self, schema: Schema) -> None:
+        if not isinstance(schema, dict) or schema.get("type") != "record":
+            raise ContractError("a sealing plan needs an Avro record schema")
+        self.schema = schema
+        self.fingerprint = schema_fingerprint(schema)
+        try:
+            expanded = expand_schema(copy.deepcopy(schema))
+        except Exception as exc:
+            raise ContractError(f"schema {schema.get('name')}: not a valid Avro schema ({exc})") from exc
+        units: list[str] = []
+        self._fields, self.wire_schema = self._plan_record(expanded, "", units, set())
+        self.units = tuple(units)
+        try:
+            self._wire_parsed = parse_schema(copy.deepcopy(self.wire_schema), named_schemas={})
+        except Exception as exc:
+            raise ContractError(
+                f"schema {schema.get('name')}: cannot derive its wire schema ({exc})"
+            ) from exc
+
+    def _plan_record(
+        self, record: Schema, prefix: str, units: list[str], seen: set[str]
+    ) -> tuple[tuple[_FieldPlan, ...], Schema | str]:
+        """The field plans of one record occurrence (paths differ per occurrence) and its wire
+        type: the full definition the first time the named record appears, else its name."""
+        first = record["name"] not in seen
+        seen.add(record["name"])
+        plans: list[_FieldPlan] = []
+        wire_fields: list[dict[str, Any]] = []
+        for f in record["fields"]:
+            path = f"{prefix}{f['name']}"
+            data_class = f.get("data_class")
+            if data_class not in DATA_CLASSES:
+                raise ContractError(
+                    f"field {path}: data_class must be one of {', '.join(DATA_CLASSES)} (found {data_class!r})"
+                )
+            branches = _branches(f["type"])
+            non_null = [b for b in branches if b != "null"]
+            nullable = len(non_null) < len(branches)
+            default = f.get("default", _MISSING)
+            wire = {k: v for k, v in f.items() if k != "type"}
+            if len(non_null) == 1 and _is_record(non_null[0]):
+                child, child_wire = self._plan_record(non_null[0], f"{path}.", units, seen)
+                plans.append(_FieldPlan(f["name"], path, "record", default, nullable, child=child))
+                wire_branches = [child_wire if _is_record(b) else b for b in branches]
+                wire["type"] = wire_branches if isinstance(f["type"], list) else wire_branches[0]
+            elif data_class == "operational":
+                hidden = _hidden_sensitive(f["type"], path)
+                if hidden:
+                    raise ContractError(
+                        f"field {path} is operational (sent in the clear) but contains the "
+                        f"non-operational field {hidden}; tag it with the most sensitive class inside"
+                    )
+                plans.append(_FieldPlan(f["name"], path, "clear", default, nullable))
+                wire["type"] = _collapse(f["type"], seen)
+            else:
+                codec = FieldCodec(path, _collapse(f["type"], set()))
+                units.append(path)
+                plans.append(_FieldPlan(f["name"], path, "seal", default, nullable, codec=codec))
+                wire.pop("default", None)
+                if nullable and default is None:
+                    wire["type"], wire["default"] = ["null", "bytes"], None
+                else:
+                    wire["type"] = "bytes"
+                wire["sealed"] = True
+            wire_fields.append(wire)
+        wire_record: Schema | str = record["name"]
+        if first:
+            wire_record = {k: v for k, v in record.items() if k != "fields"} | {"fields": wire_fields}
+        return tuple(plans), wire_record
+
+    # -- records ------------------------------------------------------------------------------
+    def seal(self, record: dict[str, Any], key: DataKey, context: FieldContext) -> dict[str, Any]:
+        """The wire record: every sealing unit replaced by its sealed bytes for ``context``."""
+        return self._seal(self._fields, record, key, context)
+
+    def _seal(
+        self, plans: tuple[_FieldPlan, ...], record: Any, key: DataKey, context: FieldContext
+    ) -> dict[str, Any]:
+        if not isinstance(record, dict):
+            raise ContractError(f"record at {plans[0].path.rpartition('.')[0] or 'root'}: expected a record")
+        out: dict[str, Any] = {}
+        for p in plans:
+            value = record.get(p.name, p.default)
+            if value is _MISSING:
+                raise ContractError(f"field {p.path}: missing and has no default")
+            if p.action == "seal":
+                assert p.codec is not None
+                out[p.name] = seal_value(value, p.codec, key, context)
+            elif p.action == "record":
+                out[p.name] = (
+                    None if value is None and p.nullable else self._seal(p.child, value, key, context)
+                )
+            else:
+                out[p.name] = value
+        return out
+
+    def open(self, wire: dict[str, Any], key: DataKey, context: FieldContext) -> dict[str, Any]:
+        """The plaintext record, every sealing unit opened; raises on the first failure."""
+        return self._open(self._fields, wire, key, context)
+
+    def _open(
+        self, plans: tuple[_FieldPlan, ...], wire: Any, key: DataKey, context: FieldContext
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in plans:
+            value = wire.get(p.name)
+            if p.action == "seal":
+                assert p.codec is not None
+                if not isinstance(value, bytes):
+                    raise TamperedError(f"field {p.path}: arrived unsealed")
+                out[p.name] = open_value(value, p.codec, key, context)
+            elif p.action == "record":
+                out[p.name] = (
+                    None if value is None and p.nullable else self._open(p.child, value, key, context)
+                )
+            else:
+                out[p.name] = value
+        return out
+
+    # -- wire bytes ---------------------------------------------------------------------------
+    def encode_wire(self, wire: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        try:
+            schemaless_writer(buf, self._wire_parsed, wire)
+        except Exception:
+            raise ContractError(
+                f"record does not match schema {self.schema.get('name')} (an operational field has a wrong type)"
+            ) from None
+        return buf.getvalue()
+
+    def decode_wire(self, data: bytes) -> dict[str, Any]:
+        buf = io.BytesIO(data)
+        try:
+            wire = schemaless_reader(buf, self._wire_parsed, None)
+        except Exception:
+            raise TamperedError(
+                f"message value does not decode under the wire schema of {self.schema.get('name')}"
+            ) from None
+        if buf.tell() != len(data):
+            raise TamperedError("message value has trailing bytes after the record")
+        if not isinstance(wire, dict):
+            raise TamperedError("message value is not a record")
+        return wire
+
+
+_plans: dict[str, SealingPlan] = {}
+_plans_lock = threading.Lock()
+
+
+def sealing_plan(schema: Schema) -> SealingPlan:
+    """The plan for ``schema``, built once per distinct schema JSON (tags and docs included)."""
+    ident = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    plan = _plans.get(ident)
+    if plan is None:
+        plan = SealingPlan(schema)
+        with _plans_lock:
+            _plans.setdefault(ident, plan)
+            if len(_plans) > 256:
+                _plans.pop(next(iter(_plans)))
+    return plan
