@@ -20,6 +20,10 @@ from referral_broker.structured_log import configure
 COMMANDS: dict[str, str] = {
     "kafka": "referral_broker.cli.kafka_cmd:kafka",
     "topics": "referral_broker.cli.topics_cmd:topics",
+    "policy": "referral_broker.cli.policy_cmd:policy",
+    "schemas": "referral_broker.cli.schemas_cmd:schemas",
+    "validate": "referral_broker.cli.validate_cmd:validate_cmd",
+    "synth": "referral_broker.cli.synth_cmd:synth",
 }
 
 

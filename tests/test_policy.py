@@ -1,0 +1,234 @@
+"""The sharing policy: loading checks with file and line, the pure decision, explain and diff."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+from referral_broker.schemas.synth import synthetic_referrals
+
+from referral_broker.errors import PolicyError
+from referral_broker.policy import decide, default_policy_path, load_policy
+from referral_broker.policy.decide import DEFAULT_DENY
+from referral_broker.policy.review import diff, explain
+
+NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+SHIPPED = default_policy_path().read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy()
+
+
+def referral(**changes) -> dict:
+    base = next(synthetic_referrals(1, seed=7))
+    record = copy.deepcopy(base)
+    record.update(
+        flags={"safeguarding_concern": False, "crime_prevention": False, "early_support_pathway": False},
+        concern_types=["parenting"],
+        services_requested=["parenting_programme"],
+        consent={**record["consent"], "state": "given"},
+        sharing_override=None,
+        district="fenland",
+    )
+    record["referrer"] = {**record["referrer"], "partner": "schools"}
+    record.update(changes)
+    return record
+
+
+def decisions(policy, record, referrer="schools"):
+    return {d.recipient: d for d in decide(policy, record, referrer_party=referrer, at=NOW)}
+
+
+def override(**changes) -> dict:
+    value = {
+        "override_id": "8a1f7a52-0f0e-4f53-9c36-6b8f0e0b9d11",
+        "ground": "risk_of_significant_harm",
+        "reason": "Synthetic reason for a test",
+        "approved_by": {"role": "Early Help team manager", "name": "Test Approver"},
+        "approved_at": NOW,
+    }
+    value.update(changes)
+    return value
+
+
+def write_policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            '"identifiers.upn", "school"',
+            '"identifiers.upn", "school.nonexistent"',
+            "unknown field 'school.nonexistent'",
+        ),
+        ('recipient = "dwp"', 'recipient = "the-press"', "unknown recipient 'the-press'"),
+        (
+            'classes = ["operational"]\nfields = [\n  "child.given_name", "child.family_name", "child.date_of_birth",\n  "identifiers.upn"',
+            'classes = ["secret"]\nfields = [\n  "child.given_name", "child.family_name", "child.date_of_birth",\n  "identifiers.upn"',
+            "unknown data class 'secret'",
+        ),
+        (
+            'name = "household-financial-support"\ndescription = "Department for Work and Pensions: benefits and employment support for the household"\nwhen_any = ["concern:financial"]\nground = "uk_gdpr_6_1_e"',
+            'name = "household-financial-support"\ndescription = "Department for Work and Pensions: benefits and employment support for the household"\nwhen_any = ["concern:financial"]\nground = "because_we_can"',
+            "unknown ground 'because_we_can'",
+        ),
+        ('when_any = ["concern:financial"]', 'when_any = ["concern:gossip"]', "'gossip' is not one of"),
+        ('when_any = ["concern:financial"]', 'when_any = ["moon_phase"]', "unknown condition 'moon_phase'"),
+    ],
+)
+def test_load_rejects_with_file_and_line(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert old in SHIPPED, old
+    path = write_policy(tmp_path, SHIPPED.replace(old, new, 1))
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    text = str(err.value)
+    assert message in text
+    line = int(re.search(r", line (\d+):", text).group(1))
+    assert text.startswith(str(path))
+    # the line named is the one carrying the problem (or its purpose's header)
+    content = path.read_text().splitlines()[line - 1]
+    assert content.strip() == "[[purpose]]" or any(
+        tok in content for tok in re.findall(r"'([^']+)'", message)
+    )
+
+
+def test_special_category_without_art9_condition_fails(tmp_path: Path) -> None:
+    text = SHIPPED.replace('special_category_condition = "dpa_2018_sch1_para18"\n', "", 1)
+    with pytest.raises(
+        PolicyError,
+        match=r"special category field\(s\) .*concerns.detail.* without a special_category_condition",
+    ):
+        load_policy(write_policy(tmp_path, text))
+
+
+def test_shipped_policy_names_every_partner_kind(policy) -> None:
+    recipients = set(policy.recipients())
+    assert {"schools", "health", "dwp", "police", "charities"} <= recipients
+    assert {r for r in recipients if r.startswith("district-")} == {
+        "district-cambridge",
+        "district-east-cambs",
+        "district-fenland",
+        "district-huntingdonshire",
+        "district-south-cambs",
+    }
+
+
+# -- deciding -------------------------------------------------------------------------------
+
+
+def test_police_get_nothing_without_the_flag(policy) -> None:
+    got = decisions(policy, referral(sharing_override=override(ground="prevention_detection_of_crime")))
+    assert "police" not in got
+    flagged = decisions(
+        policy,
+        referral(
+            flags={"safeguarding_concern": True, "crime_prevention": False, "early_support_pathway": False}
+        ),
+    )
+    assert "police" in flagged
+
+
+def test_consent_alone_does_not_reach_police_an_override_does(policy) -> None:
+    flags = {"safeguarding_concern": True, "crime_prevention": False, "early_support_pathway": False}
+    without = decisions(policy, referral(flags=flags))["police"]
+    assert not without.delivered and without.shared == ()
+    assert "no sharing override record" in without.withheld["child.given_name"]
+    with_override = decisions(policy, referral(flags=flags, sharing_override=override()))["police"]
+    assert with_override.delivered and with_override.basis == "override"
+    assert with_override.override_id == "8a1f7a52-0f0e-4f53-9c36-6b8f0e0b9d11"
+    assert "child.given_name" in with_override.shared
+    assert "identifiers.nhs_number" in with_override.withheld
+    assert with_override.withheld["identifiers.nhs_number"] == DEFAULT_DENY
+
+
+def test_refused_consent_shares_only_with_council_team(policy) -> None:
+    record = referral(consent={"state": "refused", "recorded_at": NOW, "recorded_by": "Synthetic Worker"})
+    got = decisions(policy, record)
+    charities = got["charities"]
+    assert not charities.delivered and "consent is 'refused'" in charities.withheld["child.given_name"]
+    team = got["district-fenland"]
+    assert team.delivered and team.basis == "not_required"
+
+
+def test_incomplete_override_is_an_error(policy) -> None:
+    bad = override(approved_by={"role": "Team manager", "name": ""})
+    with pytest.raises(PolicyError, match=r"missing sharing_override.approved_by.name"):
+        decide(policy, referral(sharing_override=bad), referrer_party="schools", at=NOW)
+
+
+def test_early_support_pathway_only_for_children_up_to_five(policy) -> None:
+    base = referral(services_requested=["health_visitor"])
+    young = copy.deepcopy(base)
+    young["child"]["date_of_birth"] = date(2023, 1, 1)
+    old = copy.deepcopy(base)
+    old["child"]["date_of_birth"] = date(2019, 1, 1)
+    assert decisions(policy, young)["health"].delivered
+    assert "health" not in decisions(policy, old)
+
+
+def test_district_team_chosen_by_family_district(policy) -> None:
+    got = decisions(policy, referral(district="south_cambs"))
+    teams = [r for r in got if r.startswith("district-")]
+    assert teams == ["district-south-cambs"]
+
+
+def test_referrer_never_receives_its_own_referral(policy) -> None:
+    record = referral(services_requested=["parenting_programme"])
+    assert "charities" not in decisions(policy, record, referrer="charities")
+
+
+def test_every_unit_is_either_shared_or_withheld(policy) -> None:
+    for decision in decisions(policy, referral()).values():
+        assert set(decision.shared) | set(decision.withheld) == set(policy.units)
+        assert not set(decision.shared) & set(decision.withheld)
+
+
+# -- explain and diff ------------------------------------------------------------------------
+
+
+def test_explain_lists_given_and_withheld(policy) -> None:
+    data = explain(policy, "dwp")
+    given = {f["path"] for f in data["fields"]}
+    assert "identifiers.ni_number" in given and "household.ni_number" in given
+    assert "identifiers.nhs_number" in {f["path"] for f in data["not_shared"]}
+    assert given | {f["path"] for f in data["not_shared"]} == set(policy.units)
+
+
+def test_diff_shows_started_and_stopped(tmp_path: Path, policy) -> None:
+    changed = SHIPPED.replace(
+        '"identifiers.upn", "school", "referrer.practitioner",',
+        '"identifiers.upn", "identifiers.nhs_number", "referrer.practitioner",',
+        1,
+    )
+    new = load_policy(write_policy(tmp_path, changed))
+    result = diff(policy, new)["recipients"]
+    assert "identifiers.nhs_number" in result["schools"]["starts_sharing"]
+    assert "school.attendance.present_sessions" in result["schools"]["stops_sharing"]
+    assert set(result) == {"schools"}
+
+
+def test_cli_explain_json_and_unknown_recipient() -> None:
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "referral_broker.cli.main", *a], capture_output=True, text=True
+    )
+    ok = run("policy", "explain", "--recipient", "police", "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["purposes"][0]["name"] == "safeguarding-and-crime-prevention"
+    bad = run("policy", "explain", "--recipient", "the-press")
+    assert bad.returncode != 0 and "unknown party 'the-press'" in bad.stderr and "Traceback" not in bad.stderr
