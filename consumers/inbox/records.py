@@ -1,0 +1,128 @@
+"""What the inbox keeps of a routed referral, and the one seam where the sealed format plugs in.
+
+A record arrives on ``referrals.out.<team>`` sealed for that team. The inbox keeps it exactly as
+it arrived (:class:`SealedRecord`: key, headers and value bytes) so crypto-shredding the case key
+makes the inbox copy unreadable too. Three operations need to understand the format, and all
+sit behind :class:`RecordFormat` so the inbox never depends on how sealing works inside:
+
+- ``summarise``: verify the record and read its clear, operational part (ids, referrer, concern
+  types, priority, district, which fields were withheld and why). No keys, no personal values.
+- ``open``: open the fields sealed for the team, in memory, for one signed-in member's view.
+- ``seal_status``: seal and sign a status message (its reason in words is sealed) for the
+  router to carry back to the referrer.
+
+This module must never hold an opened value longer than one call, and never log one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Headers = list[tuple[str, bytes]]
+
+
+def headers_to_json(headers: Headers) -> str:
+    """Headers as stored: names in clear, values base64 (they are bytes and may be binary)."""
+    return json.dumps([[k, base64.b64encode(v).decode("ascii")] for k, v in headers])
+
+
+def headers_from_json(text: str) -> Headers:
+    return [(k, base64.b64decode(v)) for k, v in json.loads(text)]
+
+
+@dataclass(frozen=True)
+class SealedRecord:
+    """A Kafka record exactly as consumed: the inbox stores it sealed and opens it only in memory."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Headers
+    timestamp_ms: int
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True)
+class WithheldField:
+    """A field the policy did not grant this team: named, with the reason, never with a value."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReferralSummary:
+    """The operational part of a referral the list needs; it holds no personal value."""
+
+    referral_id: str
+    version: int
+    referrer: str  # the referring party (parties.toml name)
+    concern_types: tuple[str, ...]
+    priority: str
+    referrer_organisation: str | None = None  # operational in referral.v1 (a school, a practice)
+    district: str | None = None
+    withheld: tuple[WithheldField, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpenedReferral:
+    """The fields granted to the team, opened for one view: dotted field path -> value.
+
+    ``granted`` is ordered as the referral's schema orders it. It lives only as long as the
+    request that rendered it.
+    """
+
+    granted: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    """A Kafka record ready to send (already sealed and signed); the outbox keeps it as is."""
+
+    key: bytes
+    value: bytes
+    headers: Headers
+
+
+class RecordFormat(Protocol):
+    """How the inbox reads routed records and writes status messages: the seam where the
+    sealing package plugs in. The implementation owns verification: ``summarise`` must refuse
+    (raise a :class:`~referral_broker.errors.ReferralBrokerError`) a record that does not verify,
+    and ``open`` must refuse rather than return partial plaintext."""
+
+    def summarise(self, record: SealedRecord, team: str) -> ReferralSummary:
+        """Verify ``record`` and read its clear, operational part."""
+        ...
+
+    def open(self, record: SealedRecord, team: str) -> OpenedReferral:
+        """Open the fields sealed for ``team`` (needs the team's private key)."""
+        ...
+
+    def seal_status(self, status: Mapping[str, Any], team: str) -> OutboundRecord:
+        """A ``status.v1`` record from ``team``, sealed and signed, keyed by referral id, ready
+        for ``referrals.status.<team>`` (the router carries it back to the referrer)."""
+        ...
+
+
+def flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested records as dotted field paths (the project's path convention); arrays of records
+    stay whole so a household shows member by member."""
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        path = f"{prefix}{name}"
+        if isinstance(item, Mapping):
+            out.update(flatten(item, f"{path}."))
+        else:
+            out[path] = item
+    return out

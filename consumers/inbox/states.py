@@ -1,0 +1,183 @@
+"""A referral's life in a district team's inbox: one enum of states, one pure transition function.
+
+    new --open--> opened --accept--> accepted --close--> closed
+                         --decline--> declined --close--> closed
+                         --request_information--> more_information_needed --close--> closed
+    more_information_needed --receive_update--> new   (the referrer answered with a new version)
+
+``allocate`` names the worker who holds the case; it is an action on the referral that keeps
+its state (allocation is a separate field), allowed while the case is live. Opening and every
+member action are reported to the referrer (``Transition.status_code``, the ``StatusCode`` of
+``schemas/status.v1.avsc``). ``receive_update``
+records a new version arriving; only a referral waiting for information changes state (back to
+new, so the team sees the answer), every other state keeps its place.
+
+The function decides and never stores: the store writes a transition only after this function
+returned one, so an invalid transition cannot reach the database or Kafka. The clock is passed
+in (``at``) so the decision is reproducible and testable without patching time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from referral_broker.errors import ReferralBrokerError
+
+
+class ReferralState(StrEnum):
+    NEW = "new"
+    OPENED = "opened"
+    ACCEPTED = "accepted"
+    DECLINED = "declined"
+    MORE_INFORMATION_NEEDED = "more_information_needed"
+    CLOSED = "closed"
+
+    @property
+    def label(self) -> str:
+        return _STATE_LABELS[self]
+
+
+class Action(StrEnum):
+    OPEN = "open"
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    REQUEST_INFORMATION = "request_information"
+    ALLOCATE = "allocate"
+    CLOSE = "close"
+    RECEIVE_UPDATE = "receive_update"
+
+    @property
+    def label(self) -> str:
+        return _ACTION_LABELS[self]
+
+
+_STATE_LABELS = {
+    ReferralState.NEW: "New",
+    ReferralState.OPENED: "Opened",
+    ReferralState.ACCEPTED: "Accepted",
+    ReferralState.DECLINED: "Declined",
+    ReferralState.MORE_INFORMATION_NEEDED: "More information needed",
+    ReferralState.CLOSED: "Closed",
+}
+
+_ACTION_LABELS = {
+    Action.OPEN: "Opened",
+    Action.ACCEPT: "Accepted",
+    Action.DECLINE: "Declined",
+    Action.REQUEST_INFORMATION: "Asked for more information",
+    Action.ALLOCATE: "Allocated",
+    Action.CLOSE: "Closed",
+    Action.RECEIVE_UPDATE: "New version received",
+}
+
+S, A = ReferralState, Action
+
+# (state, action) -> next state. Anything absent is refused.
+_NEXT: dict[tuple[ReferralState, Action], ReferralState] = {
+    (S.NEW, A.OPEN): S.OPENED,
+    (S.OPENED, A.ACCEPT): S.ACCEPTED,
+    (S.OPENED, A.DECLINE): S.DECLINED,
+    (S.OPENED, A.REQUEST_INFORMATION): S.MORE_INFORMATION_NEEDED,
+    (S.ACCEPTED, A.CLOSE): S.CLOSED,
+    (S.DECLINED, A.CLOSE): S.CLOSED,
+    (S.MORE_INFORMATION_NEEDED, A.CLOSE): S.CLOSED,
+    # Allocation keeps the state: a worker holds the case while it is live.
+    (S.OPENED, A.ALLOCATE): S.OPENED,
+    (S.ACCEPTED, A.ALLOCATE): S.ACCEPTED,
+    (S.MORE_INFORMATION_NEEDED, A.ALLOCATE): S.MORE_INFORMATION_NEEDED,
+    # A new version of the referral is never refused (nothing is dropped); it only moves a
+    # referral that was waiting for it.
+    **{(s, A.RECEIVE_UPDATE): s for s in ReferralState if s is not S.MORE_INFORMATION_NEEDED},
+    (S.MORE_INFORMATION_NEEDED, A.RECEIVE_UPDATE): S.NEW,
+}
+
+# Actions a team member chooses on the referral page (opening happens by viewing it).
+MEMBER_ACTIONS: tuple[Action, ...] = (
+    A.ACCEPT,
+    A.DECLINE,
+    A.REQUEST_INFORMATION,
+    A.ALLOCATE,
+    A.CLOSE,
+)
+
+# The inbox's tabs, by state.
+TABS: dict[str, tuple[ReferralState, ...]] = {
+    "new": (S.NEW,),
+    "in-progress": (S.OPENED, S.ACCEPTED, S.MORE_INFORMATION_NEEDED),
+    "closed": (S.DECLINED, S.CLOSED),
+}
+
+
+_STATUS_CODES = {
+    A.OPEN: "opened",
+    A.ACCEPT: "accepted",
+    A.DECLINE: "declined",
+    A.REQUEST_INFORMATION: "more_information_needed",
+    A.ALLOCATE: "allocated",
+    A.CLOSE: "closed",
+}
+
+# Actions whose status message must say why, in words (status.v1: reason).
+NEEDS_REASON: frozenset[Action] = frozenset({A.DECLINE, A.REQUEST_INFORMATION})
+
+
+class InvalidTransitionError(ReferralBrokerError):
+    """An action that the referral's current state does not allow; nothing was changed."""
+
+    exit_code = 8
+
+    def __init__(self, state: ReferralState, action: Action) -> None:
+        allowed = ", ".join(a.value for a in allowed_actions(state)) or "none"
+        super().__init__(
+            f"cannot {action.value.replace('_', ' ')} a referral that is {state.label.lower()} "
+            f"(allowed: {allowed})"
+        )
+        self.state = state
+        self.action = action
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One decided change: what the referral was, what was done, what it is now, and when."""
+
+    before: ReferralState
+    action: Action
+    after: ReferralState
+    at: datetime
+
+    @property
+    def notifies_referrer(self) -> bool:
+        """Opening and every member action go back to the referrer as a status message; a new
+        version arriving from the referrer does not (the referrer sent it)."""
+        return self.action is not Action.RECEIVE_UPDATE
+
+    @property
+    def status_code(self) -> str | None:
+        """The ``StatusCode`` symbol of ``status.v1.avsc`` this transition reports, if any."""
+        return _STATUS_CODES.get(self.action)
+
+
+def transition(state: ReferralState, action: Action, *, at: datetime) -> Transition:
+    """Decide ``action`` on a referral in ``state`` at time ``at``; raise if it is not allowed."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("transition time must be timezone-aware")
+    state, action = ReferralState(state), Action(action)
+    try:
+        after = _NEXT[(state, action)]
+    except KeyError:
+        raise InvalidTransitionError(state, action) from None
+    return Transition(before=state, action=action, after=after, at=at)
+
+
+def allowed_actions(state: ReferralState) -> tuple[Action, ...]:
+    """The actions a member may take now, in the order the page offers them."""
+    return tuple(a for a in MEMBER_ACTIONS if (ReferralState(state), a) in _NEXT)
+
+
+def tab_of(state: ReferralState) -> str:
+    for tab, states in TABS.items():
+        if state in states:
+            return tab
+    raise AssertionError(f"state {state} has no tab")  # guarded by the exhaustive test
