@@ -8,7 +8,8 @@ Rules: granting a record path grants everything inside it; granting a path insid
 keeps the enclosing records with only the granted parts; arrays are transparent
 (``household.given_name`` keeps a ``household`` array of members holding only ``given_name``).
 Record and enum full names stay those of the canonical schema, which is what lets resolution
-match them; each field keeps its doc, data class and default (null for optional fields).
+match them; each field keeps its doc and default (null for optional fields), and a partly granted record
+is classed by the most sensitive field it still holds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from referral_broker.errors import ContractError
 
 from .codec import PreparedSchema, prepare
 from .registry import (
+    DATA_CLASSES,
     Schema,
     define_names_once,
     expand_references,
@@ -64,7 +66,10 @@ def _project(record: dict[str, Any], granted: set[str], prefix: str) -> dict[str
         inner = _record_under(item["type"])
         if inner is None:  # a leaf cannot have granted paths below it; field_paths rules this out
             continue
-        kept.append({**item, "type": _replace_record(item["type"], _project(inner, granted, f"{path}."))})
+        narrowed = _project(inner, granted, f"{path}.")
+        # A record carries the most sensitive class inside it: in the view, of what it still holds.
+        data_class = max((f["data_class"] for f in narrowed["fields"]), key=DATA_CLASSES.index)
+        kept.append({**item, "type": _replace_record(item["type"], narrowed), "data_class": data_class})
     return {**record, "fields": kept}
 
 
