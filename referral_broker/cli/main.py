@@ -20,6 +20,9 @@ from referral_broker.structured_log import configure
 COMMANDS: dict[str, str] = {
     "kafka": "referral_broker.cli.kafka_cmd:kafka",
     "topics": "referral_broker.cli.topics_cmd:topics",
+    "keys": "referral_broker.cli.keys_cmd:keys",
+    "retention": "referral_broker.cli.retention_cmd:retention",
+    "bench": "referral_broker.cli.bench_cmd:bench",
     "policy": "referral_broker.cli.policy_cmd:policy",
     "schemas": "referral_broker.cli.schemas_cmd:schemas",
     "validate": "referral_broker.cli.validate_cmd:validate_cmd",

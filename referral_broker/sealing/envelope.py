@@ -3,7 +3,8 @@
 A sealed message is::
 
     key     = referral id (UTF-8)
-    value   = the wire record (Avro binary, wire schema of :mod:`~referral_broker.sealing.records`)
+    value   = the wire record, Avro single-object encoded under the wire schema of
+              :mod:`~referral_broker.sealing.records` (magic, wire fingerprint, body)
     headers = rb-format, rb-kind, rb-sender, rb-sender-key, rb-recipient, rb-recipient-key,
               rb-schema (fingerprint, hex), rb-referral-version, rb-sealed-at (epoch ms),
               [rb-case], rb-dek (wrapped data key), [caller's extra headers], rb-signature
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -153,7 +155,7 @@ class MessageSealer:
         *,
         topic: str,
         recipient: str,
-        referral_id: str,
+        referral_id: str | uuid.UUID,
         referral_version: int,
         kind: str = "referral",
         case_id: str | None = None,
@@ -168,6 +170,7 @@ class MessageSealer:
         writer passes ``case_id`` too, with the hub itself as recipient.
         """
         now = time.time() if now is None else now
+        referral_id = str(referral_id)
         if not _KIND.match(kind):
             raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
         if not referral_id:
@@ -318,7 +321,8 @@ def _number(headers: dict[str, bytes], name: str) -> int:
 class MessageOpener:
     """Verifies and opens messages addressed to the party whose key store this is.
 
-    ``schemas`` maps a schema fingerprint to the schema the record was written with.
+    ``schemas`` maps a schema fingerprint to the schema the record was written with; by
+    default the schema registry's lookup (every shipped version and every registered view).
     ``case_keys`` is the hub's case-key lookup (``CaseKeyStore.lookup``) for case-sealed
     messages: the district-team inbox and the archive reader pass it. ``cache`` keeps
     unwrapped data keys (by the exact wrapped bytes) within its bounds; case-sealed data keys
@@ -329,11 +333,15 @@ class MessageOpener:
         self,
         keystore: KeyStore,
         directory: KeyDirectory,
-        schemas: SchemaLookup,
+        schemas: SchemaLookup | None = None,
         *,
         cache: DekCache | None = None,
         case_keys: CaseKeyLookup | None = None,
     ) -> None:
+        if schemas is None:
+            from referral_broker.schemas.registry import writer_schema
+
+            schemas = writer_schema
         self.keystore = keystore
         self.directory = directory
         self.schemas = schemas

@@ -22,6 +22,7 @@ exception message, and must never return partial plaintext.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from referral_broker.errors import ContractError, TamperedError
-from referral_broker.sealing.framing import Reader, frame, short
+from referral_broker.sealing.framing import frame, short
 
 FORMAT_VERSION = 1
 CIPHER_AES_256_GCM = 1
@@ -51,7 +52,7 @@ class DataKey:
     much as sealing a short field. ``repr`` shows only the id, so a key cannot leak into a log
     or a traceback by being printed."""
 
-    __slots__ = ("_aead", "_secret", "key_id")
+    __slots__ = ("_aead", "_secret", "key_id", "sealed_header")
 
     def __init__(self, key_id: bytes, secret: bytes) -> None:
         if len(secret) != KEY_SIZE:
@@ -61,6 +62,8 @@ class DataKey:
         self.key_id = bytes(key_id)
         self._secret = bytes(secret)
         self._aead = AESGCM(self._secret)
+        # The clear header every value sealed under this key starts with.
+        self.sealed_header = bytes([FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(self.key_id)
 
     @classmethod
     def generate(cls) -> DataKey:
@@ -90,6 +93,8 @@ class FieldContext:
     schema_fingerprint: bytes
 
     def __post_init__(self) -> None:
+        if not isinstance(self.referral_id, str) or not isinstance(self.recipient, str):
+            raise TypeError("referral id and recipient are text (str(uuid) for a UUID)")
         if not self.referral_id:
             raise ValueError("referral id must not be empty")
         if not 0 <= self.referral_version < 2**63:
@@ -104,14 +109,25 @@ def associated_data(
     context: FieldContext, path: str, *, version: int, cipher: int, data_key_id: bytes
 ) -> bytes:
     """THE associated data of a sealed value. Built here and nowhere else, length-prefixed,
-    so sealing and opening cannot drift apart and no two contexts share an encoding."""
+    so sealing and opening cannot drift apart and no two contexts share an encoding::
+
+        label | version+cipher | data-key id | referral id | referral version | recipient |
+        schema fingerprint | field path
+
+    Every part but the path is the same for all fields of one message, so that prefix is
+    framed once per message (``frame(a, b) == frame(a) + frame(b)``) and the path appended.
+    """
+    return _message_part(context, version, cipher, data_key_id) + frame(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _message_part(context: FieldContext, version: int, cipher: int, data_key_id: bytes) -> bytes:
     return frame(
         _AAD_LABEL,
         bytes([version, cipher]),
         data_key_id,
         context.referral_id,
         _U64.pack(context.referral_version),
-        path,
         context.recipient,
         context.schema_fingerprint,
     )
@@ -155,8 +171,7 @@ def seal_value(value: Any, codec: FieldCodec, key: DataKey, context: FieldContex
     aad = associated_data(
         context, codec.path, version=FORMAT_VERSION, cipher=CIPHER_AES_256_GCM, data_key_id=key.key_id
     )
-    header = bytes([FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(key.key_id)
-    return header + nonce + key.aead.encrypt(nonce, plaintext, aad)
+    return key.sealed_header + nonce + key.aead.encrypt(nonce, plaintext, aad)
 
 
 @dataclass(frozen=True)
@@ -168,36 +183,42 @@ class SealedHeader:
     data_key_id: bytes
 
 
-def read_header(sealed: bytes, path: str) -> tuple[SealedHeader, Reader]:
-    """Parse the clear header of a sealed value, refusing unknown versions and ciphers."""
+def read_header(sealed: bytes, path: str) -> tuple[SealedHeader, int]:
+    """Parse the clear header of a sealed value, refusing unknown versions and ciphers.
+    Returns the header and where the nonce starts."""
     if not isinstance(sealed, (bytes, bytearray)):
         raise TamperedError(f"field {path}: arrived unsealed (not a sealed value)")
-    reader = Reader(bytes(sealed), f"sealed value in field {path}")
-    version = reader.byte()
+    if len(sealed) < 3:
+        raise TamperedError(f"truncated sealed value in field {path}")
+    version, cipher, id_len = sealed[0], sealed[1], sealed[2]
     if version != FORMAT_VERSION:
         raise TamperedError(
             f"field {path}: unknown sealed-value format version {version} (expected {FORMAT_VERSION}); "
             "the field arrived unsealed or from a newer sender"
         )
-    cipher = reader.byte()
     if cipher != CIPHER_AES_256_GCM:
         raise TamperedError(f"field {path}: unknown cipher id {cipher}")
-    return SealedHeader(version, cipher, reader.short()), reader
+    if id_len == 0:
+        raise TamperedError(f"malformed sealed value in field {path}: empty data-key id")
+    start = 3 + id_len
+    if len(sealed) < start:
+        raise TamperedError(f"truncated sealed value in field {path}")
+    return SealedHeader(version, cipher, bytes(sealed[3:start])), start
 
 
 def open_value(sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldContext) -> Any:
     """Open one sealed value, or raise :class:`TamperedError`; never returns partial data."""
     path = codec.path
-    header, reader = read_header(sealed, path)
+    header, start = read_header(sealed, path)
     if header.data_key_id != key.key_id:
         raise TamperedError(
             f"field {path}: sealed under data key {header.data_key_id.hex()}, "
             f"but the message carries data key {key.key_id.hex()}"
         )
-    nonce = reader.take(NONCE_SIZE)
-    body = reader.rest()
-    if len(body) < TAG_SIZE + PAD_BLOCK:
+    if len(sealed) < start + NONCE_SIZE + TAG_SIZE + PAD_BLOCK:
         raise TamperedError(f"truncated sealed value in field {path}")
+    nonce = bytes(sealed[start : start + NONCE_SIZE])
+    body = bytes(sealed[start + NONCE_SIZE :])
     aad = associated_data(
         context, path, version=header.version, cipher=header.cipher, data_key_id=header.data_key_id
     )

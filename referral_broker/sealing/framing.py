@@ -19,12 +19,12 @@ _U32 = struct.Struct(">I")
 
 def frame(*parts: bytes | str) -> bytes:
     """Each part as a 4-byte big-endian length then its bytes (strings as UTF-8)."""
-    out = bytearray()
+    out: list[bytes] = []
     for part in parts:
         raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
-        out += _U32.pack(len(raw))
-        out += raw
-    return bytes(out)
+        out.append(_U32.pack(len(raw)))
+        out.append(raw)
+    return b"".join(out)
 
 
 def short(part: bytes | str) -> bytes:

@@ -248,7 +248,7 @@ class KeyStore:
         return ring
 
     # -- reading ------------------------------------------------------------------------------
-    def keys(self) -> list[KeyPair]:
+    def pairs(self) -> list[KeyPair]:
         return sorted(self._pairs.values(), key=lambda p: (p.not_before, p.key_id))
 
     def active(self, now: float | None = None) -> KeyPair:
@@ -278,7 +278,7 @@ class KeyStore:
         return pair
 
     def public_entries(self) -> list[KeyEntry]:
-        return [p.public_entry() for p in self.keys()]
+        return [p.public_entry() for p in self.pairs()]
 
     # -- changing -----------------------------------------------------------------------------
     def rotate(self, *, now: float | None = None) -> tuple[KeyPair, list[KeyPair]]:
@@ -342,7 +342,7 @@ class KeyStore:
         if (self.root / "keyring.json").exists():
             previous = [k for k in self._read_ring(self.root, self.party)["keys"] if k.get("destroyed")]
         items = previous + [{"key_id": k, "destroyed": True} for k in sorted(destroyed)]
-        for p in self.keys():
+        for p in self.pairs():
             item: dict[str, Any] = {
                 "key_id": p.key_id,
                 "status": p.status.value,

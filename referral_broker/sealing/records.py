@@ -36,6 +36,9 @@ from fastavro.schema import expand_schema, fingerprint, to_parsing_canonical_for
 from referral_broker.errors import ContractError, TamperedError
 from referral_broker.sealing.fields import DataKey, FieldCodec, FieldContext, open_value, seal_value
 
+# The message value is Avro single-object encoding (as ``referral_broker.schemas.codec``
+# writes): magic, the 8-byte fingerprint of the WIRE schema, then the body.
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 DATA_CLASSES = ("operational", "personal", "identifier", "special_category")
 _NAMED = ("record", "enum", "fixed")
 _MISSING = object()
@@ -138,6 +141,8 @@ class SealingPlan:
         units: list[str] = []
         self._fields, self.wire_schema = self._plan_record(expanded, "", units, set())
         self.units = tuple(units)
+        self.wire_fingerprint = schema_fingerprint(self.wire_schema)
+        self._wire_header = SINGLE_OBJECT_MAGIC + self.wire_fingerprint
         try:
             self._wire_parsed = parse_schema(copy.deepcopy(self.wire_schema), named_schemas={})
         except Exception as exc:
@@ -247,7 +252,9 @@ class SealingPlan:
 
     # -- wire bytes ---------------------------------------------------------------------------
     def encode_wire(self, wire: dict[str, Any]) -> bytes:
+        """Single-object encoding of a wire record under the wire schema."""
         buf = io.BytesIO()
+        buf.write(self._wire_header)
         try:
             schemaless_writer(buf, self._wire_parsed, wire)
         except Exception:
@@ -257,7 +264,17 @@ class SealingPlan:
         return buf.getvalue()
 
     def decode_wire(self, data: bytes) -> dict[str, Any]:
+        """The wire record of a message value; refuses another wire schema or trailing bytes."""
+        head = data[: len(self._wire_header)]
+        if head[:2] != SINGLE_OBJECT_MAGIC:
+            raise TamperedError("message value is not Avro single-object encoded")
+        if head != self._wire_header:
+            raise TamperedError(
+                f"message value is written with wire schema {head[2:].hex()}, expected "
+                f"{self.wire_fingerprint.hex()} (derived from the schema named in rb-schema)"
+            )
         buf = io.BytesIO(data)
+        buf.seek(len(self._wire_header))
         try:
             wire = schemaless_reader(buf, self._wire_parsed, None)
         except Exception:
@@ -272,17 +289,30 @@ class SealingPlan:
 
 
 _plans: dict[str, SealingPlan] = {}
+# id(schema) -> (schema, plan): the entry keeps the dict alive, so its id cannot be reused.
+_plans_by_id: dict[int, tuple[Schema, SealingPlan]] = {}
 _plans_lock = threading.Lock()
+_PLAN_CACHE_LIMIT = 256
 
 
 def sealing_plan(schema: Schema) -> SealingPlan:
-    """The plan for ``schema``, built once per distinct schema JSON (tags and docs included)."""
+    """The plan for ``schema``, built once per distinct schema (tags and docs included).
+
+    The same dict object is found by identity (hashing a 40 KB schema per message would cost
+    more than sealing it); a different but equal dict by its JSON. Schemas are treated as
+    immutable: build a new dict rather than changing one that was used.
+    """
+    found = _plans_by_id.get(id(schema))
+    if found is not None and found[0] is schema:
+        return found[1]
     ident = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     plan = _plans.get(ident)
     if plan is None:
         plan = SealingPlan(schema)
-        with _plans_lock:
-            _plans.setdefault(ident, plan)
-            if len(_plans) > 256:
-                _plans.pop(next(iter(_plans)))
+    with _plans_lock:
+        if len(_plans) >= _PLAN_CACHE_LIMIT:
+            _plans.clear()
+            _plans_by_id.clear()
+        plan = _plans.setdefault(ident, plan)
+        _plans_by_id[id(schema)] = (schema, plan)
     return plan
