@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from referral_broker.cli.context import emit, json_option, table
+from referral_broker.errors import ContractError
 from referral_broker.schemas import evolution, registry, views
 
 
@@ -123,7 +124,7 @@ def show(family: str, version: int | None, fields_csv: str | None, avsc: bool, a
 @json_option
 def check_evolution(old: Path | None, new: Path | None, family: str | None, as_json: bool) -> None:
     """Full compatibility (both directions) of NEW against OLD, or of every consecutive pair of
-    shipped versions when no files are given. Exit 1 if any pair is not fully compatible."""
+    shipped versions when no files are given. Exits non-zero if any pair is not fully compatible."""
     if (old is None) != (new is None):
         raise click.UsageError("give both OLD and NEW schema files, or neither to check the shipped versions")
     if old is not None and new is not None:
@@ -139,5 +140,7 @@ def check_evolution(old: Path | None, new: Path | None, family: str | None, as_j
                 click.echo(f"  {problem}")
 
     emit([r.as_dict() for r in results], as_json, human)
-    if not all(r.compatible for r in results):
-        raise click.exceptions.Exit(1)
+    failing = [r for r in results if not r.compatible]
+    if failing:
+        # One of our errors, so main() prints one line and exits with the contract exit code.
+        raise ContractError(f"{len(failing)} schema pair(s) not fully compatible")

@@ -12,7 +12,7 @@ from typing import IO, Any
 import click
 
 from referral_broker.cli.context import emit, json_option
-from referral_broker.errors import Problem, ValidationError
+from referral_broker.errors import ContractError, Problem
 from referral_broker.schemas import registry
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.validation import validate
@@ -72,4 +72,4 @@ def validate_cmd(source: IO[str], family: str, as_json: bool) -> None:
 
     emit(report, as_json, human)
     if report["invalid"]:
-        raise click.exceptions.Exit(ValidationError.exit_code)
+        raise ContractError(f"{report['invalid']} of {report['records']} record(s) invalid")
