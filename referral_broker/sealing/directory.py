@@ -270,6 +270,21 @@ class KeyDirectory:
         return cls.from_json(doc)
 
 
+def directory_file(settings: Settings) -> Path:
+    """Where ``keys`` commands keep a JSON copy of the entries they published (a fallback for
+    readers that start while Kafka is unreachable, and a file to hand to another system)."""
+    return settings.keys_dir / "directory.json"
+
+
+def record_in_file(path: Path, entries: Iterable[KeyEntry]) -> KeyDirectory:
+    """Merge ``entries`` into the JSON directory file at ``path`` (created when missing)."""
+    directory = KeyDirectory.load_file(path) if path.exists() else KeyDirectory()
+    for entry in entries:
+        directory.merge(entry)
+    directory.save_file(path)
+    return directory
+
+
 # -- the compacted keys topic ------------------------------------------------------------------
 def publish(settings: Settings, bootstrap: str, entries: Iterable[KeyEntry]) -> int:
     """Produce each entry to the ``keys`` topic (key = key id) and wait until all are durable."""

@@ -1,8 +1,8 @@
 """Key administration: what ``referral-broker keys init|list|rotate|revoke`` do, as functions a
 partner system or the demo can call from Python.
 
-Each change is made in the party's local key store first and then published on the ``keys``
-topic (public halves only), so a crash in between leaves a key that is usable here and simply
+Each change is made in the party's local key store first, then recorded in the JSON directory
+file (``<keys_dir>/directory.json``) and published on the ``keys`` topic (public halves only), so a crash in between leaves a key that is usable here and simply
 not yet known to others, never a published key without its private half.
 
 In production a partner does not write the ``keys`` topic itself: it runs ``keys init
@@ -30,6 +30,13 @@ from referral_broker.sealing.keystore import KeyStore
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
+
+
+def _publish(settings: Settings, bootstrap: str | None, entries: list[KeyEntry]) -> None:
+    """Record in the local directory file, then on the keys topic when a cluster is given."""
+    key_directory.record_in_file(key_directory.directory_file(settings), entries)
+    if bootstrap is not None and entries:
+        key_directory.publish(settings, bootstrap, entries)
 
 
 def entry_view(entry: KeyEntry, *, held_here: bool | None = None) -> dict[str, Any]:
@@ -61,8 +68,7 @@ def init_parties(
         store = KeyStore.create(settings.keys_dir, party, now=now)
         created.extend(store.public_entries())
         log.info("key store created", party=party, key_id=store.active(now).key_id)
-    if bootstrap is not None and created:
-        key_directory.publish(settings, bootstrap, created)
+    _publish(settings, bootstrap, created)
     return created
 
 
@@ -77,8 +83,7 @@ def rotate(
     store = KeyStore.open(settings.keys_dir, party)
     new, retired = store.rotate(now=now)
     entries = [new.public_entry(), *(p.public_entry() for p in retired)]
-    if bootstrap is not None:
-        key_directory.publish(settings, bootstrap, entries)
+    _publish(settings, bootstrap, entries)
     log.info("key rotated", party=party, key_id=new.key_id, count=len(retired))
     return entries
 
@@ -111,8 +116,7 @@ def revoke(
             directory = key_directory.load_topic(settings, bootstrap)
         found = directory.get(key_id)
         entry = replace(found, status=KeyStatus.REVOKED, revoked_at=found.revoked_at or float(int(now)))
-    if bootstrap is not None:
-        key_directory.publish(settings, bootstrap, [entry])
+    _publish(settings, bootstrap, [entry])
     log.warning("key revoked", party=party, key_id=key_id)
     return entry
 

@@ -1,0 +1,167 @@
+"""The recipe for one field: round trips for every Avro type, binding to the context, and
+every way a sealed value can be damaged refused with a precise reason and no plaintext."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from referral_broker.errors import ContractError, TamperedError
+from referral_broker.sealing.fields import (
+    FORMAT_VERSION,
+    DataKey,
+    FieldCodec,
+    FieldContext,
+    associated_data,
+    open_value,
+    seal_value,
+)
+
+CTX = FieldContext("ref-0001", 3, "health", bytes.fromhex("0102030405060708"))
+NAME = FieldCodec("child.given_name", "string")
+SECRET = "Zephyrine Quillfeather"
+
+PERSON = {
+    "type": "record",
+    "name": "test.P",
+    "fields": [
+        {"name": "given_name", "type": "string"},
+        {"name": "born", "type": {"type": "int", "logicalType": "date"}},
+    ],
+}
+TYPES = [
+    ("string", "Zephyrine"),
+    ("int", -42),
+    ("long", 2**40),
+    ("float", 1.5),
+    ("double", 87.25),
+    ("boolean", True),
+    ("bytes", b"\x00\xffsynthetic"),
+    ({"type": "int", "logicalType": "date"}, dt.date(2019, 5, 4)),
+    (["null", "string"], None),
+    (["null", "string"], "9990001112"),
+    ({"type": "enum", "name": "test.E", "symbols": ["white_british", "mixed"]}, "mixed"),
+    ({"type": "fixed", "name": "test.F", "size": 2}, b"QX"),
+    ({"type": "array", "items": PERSON}, [{"given_name": "Bartholomew", "born": dt.date(2015, 1, 2)}]),
+    ({"type": "map", "values": "float"}, {"phonics": 31.5}),
+]
+
+
+@pytest.mark.parametrize(("avro_type", "value"), TYPES, ids=[str(i) for i in range(len(TYPES))])
+def test_every_avro_type_round_trips(avro_type: object, value: object) -> None:
+    codec = FieldCodec("child.field", avro_type)
+    key = DataKey.generate()
+    sealed = seal_value(value, codec, key, CTX)
+    assert sealed[0] == FORMAT_VERSION
+    assert open_value(sealed, codec, key, CTX) == value
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=300))
+def test_any_string_round_trips_and_never_shows(text: str) -> None:
+    key = DataKey.generate()
+    sealed = seal_value(text, NAME, key, CTX)
+    assert open_value(sealed, NAME, key, CTX) == text
+    if len(text.encode()) >= 8:
+        assert text.encode() not in sealed
+
+
+def test_sealing_twice_differs_and_short_values_look_alike() -> None:
+    key = DataKey.generate()
+    assert seal_value(SECRET, NAME, key, CTX) != seal_value(SECRET, NAME, key, CTX)
+    # padding to 16 bytes: "Al" and "Alexandra" cannot be told apart by length
+    assert len(seal_value("Al", NAME, key, CTX)) == len(seal_value("Alexandra", NAME, key, CTX))
+
+
+@pytest.mark.parametrize(
+    ("what", "context", "path"),
+    [
+        ("another referral", FieldContext("ref-0002", 3, "health", CTX.schema_fingerprint), NAME.path),
+        ("another version", FieldContext("ref-0001", 4, "health", CTX.schema_fingerprint), NAME.path),
+        ("another recipient", FieldContext("ref-0001", 3, "schools", CTX.schema_fingerprint), NAME.path),
+        ("another schema", FieldContext("ref-0001", 3, "health", bytes(8)), NAME.path),
+        ("another field", CTX, "child.family_name"),
+    ],
+)
+def test_a_sealed_value_cannot_be_moved(what: str, context: FieldContext, path: str) -> None:
+    key = DataKey.generate()
+    sealed = seal_value(SECRET, NAME, key, CTX)
+    with pytest.raises(TamperedError, match="authentication failed") as info:
+        open_value(sealed, FieldCodec(path, "string"), key, context)
+    assert path in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_associated_data_is_unambiguous() -> None:
+    """Length prefixes: shifting characters between parts never gives the same bytes."""
+    fp = CTX.schema_fingerprint
+    a = associated_data(FieldContext("ref-1", 1, "health", fp), "a.b", version=1, cipher=1, data_key_id=b"k")
+    b = associated_data(FieldContext("ref-1", 1, "health", fp), "a.bx", version=1, cipher=1, data_key_id=b"k")
+    c = associated_data(FieldContext("ref-1", 1, "healtha", fp), ".b", version=1, cipher=1, data_key_id=b"k")
+    assert len({a, b, c}) == 3
+
+
+def test_every_single_byte_change_is_detected() -> None:
+    key = DataKey.generate()
+    sealed = seal_value(SECRET, NAME, key, CTX)
+    for i in range(len(sealed)):
+        for flip in (0x01, 0x80):
+            damaged = bytearray(sealed)
+            damaged[i] ^= flip
+            with pytest.raises(TamperedError) as info:
+                open_value(bytes(damaged), NAME, key, CTX)
+            assert SECRET not in str(info.value)
+
+
+def test_every_truncation_is_refused() -> None:
+    key = DataKey.generate()
+    sealed = seal_value(SECRET, NAME, key, CTX)
+    header = 3 + len(key.key_id) + 12
+    for n in range(len(sealed)):
+        with pytest.raises(TamperedError) as info:
+            open_value(sealed[:n], NAME, key, CTX)
+        if 0 < n < header + 16 + 16 and n >= 3:
+            assert "truncated sealed value in field child.given_name" in str(info.value)
+
+
+def test_unknown_version_and_cipher_are_named() -> None:
+    key = DataKey.generate()
+    sealed = seal_value(SECRET, NAME, key, CTX)
+    with pytest.raises(TamperedError, match="unknown sealed-value format version 7"):
+        open_value(b"\x07" + sealed[1:], NAME, key, CTX)
+    with pytest.raises(TamperedError, match="unknown cipher id 9"):
+        open_value(sealed[:1] + b"\x09" + sealed[2:], NAME, key, CTX)
+
+
+def test_unsealed_value_is_refused() -> None:
+    key = DataKey.generate()
+    with pytest.raises(TamperedError, match="arrived unsealed"):
+        open_value(SECRET, NAME, key, CTX)  # type: ignore[arg-type]
+    with pytest.raises(TamperedError, match="unknown sealed-value format version") as info:
+        open_value(SECRET.encode(), NAME, key, CTX)
+    assert SECRET not in str(info.value)
+
+
+def test_wrong_key_is_refused() -> None:
+    key = DataKey.generate()
+    sealed = seal_value(SECRET, NAME, key, CTX)
+    impostor = DataKey(key.key_id, DataKey.generate().secret)
+    with pytest.raises(TamperedError, match="authentication failed"):
+        open_value(sealed, NAME, impostor, CTX)
+    with pytest.raises(TamperedError, match="sealed under data key"):
+        open_value(sealed, NAME, DataKey.generate(), CTX)
+
+
+def test_value_of_the_wrong_type_is_a_contract_error_without_the_value() -> None:
+    with pytest.raises(ContractError, match=r"field child.age: value does not match its Avro type") as info:
+        seal_value({"name": SECRET}, FieldCodec("child.age", "int"), DataKey.generate(), CTX)
+    assert SECRET not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_keys_do_not_print() -> None:
+    key = DataKey.generate()
+    assert key.secret.hex() not in repr(key) and key.key_id.hex() in repr(key)

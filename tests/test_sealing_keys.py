@@ -1,0 +1,220 @@
+"""Key store (private keys, permissions, rotation), key directory (public keys, JSON file,
+compacted topic on the real broker) and the ``keys`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from referral_broker.cli.main import cli
+from referral_broker.config import Settings
+from referral_broker.errors import KeyNotFoundError, KeyStorePermissionError, RevokedKeyError, SealingError
+from referral_broker.sealing import KeyDirectory, KeyStatus, KeyStore
+from referral_broker.sealing.directory import KeyEntry, load_topic, publish
+from referral_broker.sealing.keystore import KEY_VALIDITY_S
+
+NOW = 1_790_000_000.0
+
+
+def test_new_store_is_private(tmp_path: Path) -> None:
+    store = KeyStore.create(tmp_path / "keys", "health", now=NOW)
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    assert store.root.stat().st_mode & 0o777 == 0o700
+    files = list(store.root.glob("*.json")) + list(store.root.glob("*.key"))
+    assert len(files) == 2
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o600
+    pair = store.active(NOW)
+    assert pair.key_id.startswith("health.") and pair.status is KeyStatus.ACTIVE
+    assert "signing" not in repr(pair) and "encryption" not in repr(pair)
+
+
+@pytest.mark.parametrize(
+    ("target", "mode"),
+    [("keys", 0o755), ("party", 0o750), ("ring", 0o640), ("key", 0o604)],
+)
+def test_loose_permissions_are_refused_at_load(tmp_path: Path, target: str, mode: int) -> None:
+    keys_dir = tmp_path / "keys"
+    store = KeyStore.create(keys_dir, "health", now=NOW)
+    path = {
+        "keys": keys_dir,
+        "party": store.root,
+        "ring": store.root / "keyring.json",
+        "key": store.root / f"{store.active(NOW).key_id}.key",
+    }[target]
+    path.chmod(mode)
+    with pytest.raises(KeyStorePermissionError, match="accessible by group or others") as info:
+        KeyStore.open(keys_dir, "health")
+    assert str(path) in str(info.value) and "chmod" in str(info.value)
+
+
+def test_symlinked_key_file_is_refused(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    store = KeyStore.create(keys_dir, "health", now=NOW)
+    key_file = store.root / f"{store.active(NOW).key_id}.key"
+    elsewhere = tmp_path / "elsewhere.key"
+    key_file.rename(elsewhere)
+    key_file.symlink_to(elsewhere)
+    with pytest.raises(KeyStorePermissionError, match="symbolic link"):
+        KeyStore.open(keys_dir, "health")
+
+
+def test_second_init_is_refused(tmp_path: Path) -> None:
+    KeyStore.create(tmp_path / "keys", "health", now=NOW)
+    with pytest.raises(Exception, match="already exists"):
+        KeyStore.create(tmp_path / "keys", "health", now=NOW)
+
+
+def test_rotate_retire_revoke_destroy(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    store = KeyStore.create(keys_dir, "schools", now=NOW)
+    first = store.active(NOW)
+    new, retired = store.rotate(now=NOW + 10)
+    assert [p.key_id for p in retired] == [first.key_id]
+    reopened = KeyStore.open(keys_dir, "schools")
+    assert reopened.active(NOW + 20).key_id == new.key_id
+    assert reopened.get(first.key_id).status is KeyStatus.RETIRED  # still opens old messages
+    with pytest.raises(SealingError, match="active key"):
+        reopened.destroy(new.key_id)
+    reopened.destroy(first.key_id)
+    with pytest.raises(KeyNotFoundError, match=f"does not hold key {first.key_id}"):
+        KeyStore.open(keys_dir, "schools").get(first.key_id)
+    assert not (reopened.root / f"{first.key_id}.key").exists()
+    reopened.revoke(new.key_id, now=NOW + 30)
+    with pytest.raises(RevokedKeyError, match=f"key {new.key_id} of schools is revoked"):
+        KeyStore.open(keys_dir, "schools").active(NOW + 40)
+    # a revoked key of one's own still opens what was already sealed to it
+    assert KeyStore.open(keys_dir, "schools").get(new.key_id).status is KeyStatus.REVOKED
+
+
+def _entry(store: KeyStore) -> KeyEntry:
+    return store.public_entries()[-1]
+
+
+def test_directory_file_round_trip_and_public_keys_only(tmp_path: Path) -> None:
+    stores = [KeyStore.create(tmp_path / "keys", p, now=NOW) for p in ("health", "police")]
+    directory = KeyDirectory(_entry(s) for s in stores)
+    path = tmp_path / "directory.json"
+    directory.save_file(path)
+    again = KeyDirectory.load_file(path)
+    assert [e.to_json() for e in again.entries()] == [e.to_json() for e in directory.entries()]
+    doc = json.loads(path.read_text())
+    doc["keys"][0]["signing_private"] = "AAAA"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SealingError, match="unknown entry fields signing_private"):
+        KeyDirectory.load_file(path)
+
+
+def test_key_id_must_belong_to_its_party(tmp_path: Path) -> None:
+    doc = _entry(KeyStore.create(tmp_path / "keys", "health", now=NOW)).to_json()
+    doc["party"] = "police"
+    with pytest.raises(SealingError, match="is not a key of party police"):
+        KeyEntry.from_json(doc)
+
+
+def test_revocation_is_final_and_named(tmp_path: Path) -> None:
+    store = KeyStore.create(tmp_path / "keys", "police", now=NOW)
+    active = _entry(store)
+    directory = KeyDirectory([active])
+    revoked = store.revoke(active.key_id, now=NOW + 5).public_entry()
+    directory.merge(revoked)
+    directory.merge(active)  # a stale "active" copy read later cannot un-revoke
+    assert directory.get(active.key_id).status is KeyStatus.REVOKED
+    with pytest.raises(RevokedKeyError, match=f"key {active.key_id} of police is revoked"):
+        directory.encryption_key_for("police", NOW + 10)
+    with pytest.raises(RevokedKeyError, match=f"revoked key {active.key_id}"):
+        directory.signer(active.key_id, "police", NOW + 1, NOW + 10)
+
+
+def test_validity_window(tmp_path: Path) -> None:
+    entry = _entry(KeyStore.create(tmp_path / "keys", "dwp", now=NOW))
+    directory = KeyDirectory([entry])
+    assert directory.encryption_key_for("dwp", NOW + 1).key_id == entry.key_id
+    with pytest.raises(KeyNotFoundError, match="no key valid at"):
+        directory.encryption_key_for("dwp", NOW + KEY_VALIDITY_S + 1)
+    with pytest.raises(KeyNotFoundError, match="no active key"):
+        directory.encryption_key_for("charities", NOW)
+
+
+def test_directory_on_the_compacted_topic(topics: Settings, kafka_bootstrap: str, tmp_path: Path) -> None:
+    stores = {p: KeyStore.create(topics.keys_dir, p, now=NOW) for p in ("council", "health")}
+    publish(topics, kafka_bootstrap, [e for s in stores.values() for e in s.public_entries()])
+    health_old = stores["health"].active(NOW).key_id
+    new, retired = stores["health"].rotate(now=NOW + 60)
+    publish(topics, kafka_bootstrap, [new.public_entry(), *(p.public_entry() for p in retired)])
+    directory = load_topic(topics, kafka_bootstrap)
+    assert len(directory) == 3
+    assert directory.get(health_old).status is KeyStatus.RETIRED
+    assert directory.encryption_key_for("health", NOW + 120).key_id == new.key_id
+    # nothing private went to Kafka
+    from test_sealing_support import read_all
+
+    from referral_broker.cluster.topics import topic_name
+
+    raw = b"".join(r.value or b"" for r in read_all(topics, kafka_bootstrap, [topic_name(topics, "keys")]))
+    for key_file in topics.keys_dir.rglob("*.key"):
+        material = json.loads(key_file.read_text())
+        assert material["signing_private"].encode() not in raw
+        assert material["encryption_private"].encode() not in raw
+
+
+def _env(settings: Settings, bootstrap: str) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
+    }
+
+
+def test_keys_commands(topics: Settings, kafka_bootstrap: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = _env(topics, kafka_bootstrap)
+
+    def run(*args: str) -> object:
+        result = runner.invoke(cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    created = run("keys", "init", "--party", "health", "--party", "council", "--json")
+    assert {e["party"] for e in created} == {"health", "council"}
+    health_key = next(e["key_id"] for e in created if e["party"] == "health")
+    rotated = run("keys", "rotate", "--party", "health", "--json")
+    assert [e["status"] for e in rotated] == ["active", "retired"]
+    revoked = run("keys", "revoke", "--key-id", health_key, "--json")
+    assert revoked["status"] == "revoked"
+    listed = run("keys", "list", "--party", "health", "--write-file", str(tmp_path / "dir.json"), "--json")
+    assert {(e["key_id"], e["status"], e["held_here"]) for e in listed} == {
+        (health_key, "revoked", True),
+        (rotated[0]["key_id"], "active", True),
+    }
+    from_file = run("keys", "list", "--from-file", str(tmp_path / "dir.json"), "--json")
+    assert len(from_file) == 3
+    again = run("keys", "init", "--all", "--json")  # idempotent for existing stores
+    assert {e["party"] for e in again} >= {"health", "council", "ons"}
+    human = runner.invoke(cli, ["keys", "list"], env=env, catch_exceptions=False)
+    assert "private key here" in human.output and health_key in human.output
+
+
+def test_keys_error_is_one_line(tmp_path: Path, kafka_bootstrap: str) -> None:
+    env = {
+        **os.environ,
+        "REFERRAL_BROKER_DATA_DIR": str(tmp_path),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "referral_broker.cli.main", "keys", "rotate", "--party", "health"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.strip().startswith("Error: no key store for health")
+    assert len(proc.stderr.strip().splitlines()) == 1
