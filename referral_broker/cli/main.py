@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "retention": "referral_broker.cli.retention_cmd:retention",
     "bench": "referral_broker.cli.bench_cmd:bench",
     "policy": "referral_broker.cli.policy_cmd:policy",
+    "route": "referral_broker.cli.route_cmd:route",
+    "dlq": "referral_broker.cli.dlq_cmd:dlq",
     "schemas": "referral_broker.cli.schemas_cmd:schemas",
     "validate": "referral_broker.cli.validate_cmd:validate_cmd",
     "synth": "referral_broker.cli.synth_cmd:synth",

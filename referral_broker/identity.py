@@ -1,0 +1,122 @@
+"""A party as the broker sees it at run time: its private key store, the public key directory,
+and the sealer and opener built from them. Every stage (adapters, router, inbox) gets these
+from :func:`load_identity`, so they all trust the same directory the same way."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from referral_broker.config import Settings
+from referral_broker.errors import ContractError
+from referral_broker.parties import HUB, get_party
+from referral_broker.sealing import (
+    CaseKeyStore,
+    DekCache,
+    KeyDirectory,
+    KeyStore,
+    MessageOpener,
+    MessageSealer,
+)
+from referral_broker.sealing.directory import load_topic
+from referral_broker.sealing.envelope import H_SCHEMA
+
+# Headers the router adds to every message it sends to a recipient (signed with the rest).
+H_VIEW = "rb-view"  # JSON list of the granted field paths: the recipient derives the view schema
+H_WITHHELD = "rb-withheld"  # JSON {reason: [paths]}: what was withheld and why (no values)
+H_NO_ONWARD = "rb-no-onward"  # JSON list of granted paths the recipient must not pass on
+H_REFERRER = "rb-referrer"  # the party that referred, to address status messages to
+H_DECISION = "rb-decision"  # the audit decision id this message was sent under
+
+
+class SchemaBook:
+    """fingerprint -> schema for an opener: every shipped schema, plus view schemas learned
+    from a message's own ``rb-view`` header (checked against its ``rb-schema`` fingerprint)."""
+
+    def __init__(self) -> None:
+        from referral_broker.schemas.registry import shipped_versions
+
+        self._by_fp: dict[bytes, dict[str, Any]] = {v.fingerprint: v.schema for v in shipped_versions()}
+        self._views: dict[tuple[str, ...], bytes] = {}
+
+    def __call__(self, fingerprint: bytes) -> dict[str, Any] | None:
+        return self._by_fp.get(fingerprint)
+
+    def learn(self, headers: Any) -> None:
+        """Register the view schema a message names, if it names one."""
+        from referral_broker.schemas.registry import fingerprint as schema_fingerprint
+        from referral_broker.schemas.views import view_schema
+
+        named = dict(headers)
+        raw = named.get(H_VIEW)
+        if raw is None:
+            return
+        try:
+            granted = tuple(json.loads(raw))
+        except (ValueError, TypeError):
+            raise ContractError("header rb-view is not a JSON list of field paths") from None
+        if granted in self._views:
+            return
+        view = view_schema(granted)
+        fp = schema_fingerprint(view)
+        claimed = named.get(H_SCHEMA, b"").decode("ascii", "replace")
+        if claimed != fp.hex():
+            raise ContractError(
+                f"header rb-view does not derive the schema {claimed or 'none'} named in rb-schema"
+            )
+        self._views[granted] = fp
+        self._by_fp[fp] = view
+
+
+@dataclass
+class Identity:
+    party: str
+    keystore: KeyStore
+    directory: KeyDirectory
+    sealer: MessageSealer
+    opener: MessageOpener
+    schemas: SchemaBook
+    case_keys: CaseKeyStore | None = None
+    loaded_at: float = field(default_factory=time.monotonic)
+
+    def open(self, record: Any) -> Any:
+        """Verify and open a consumed record addressed to this party."""
+        self.schemas.learn(record.headers)
+        return self.opener.open(record)
+
+
+def load_directory(settings: Settings, bootstrap: str) -> KeyDirectory:
+    """The key directory: the compacted keys topic, falling back to the published file."""
+    directory = load_topic(settings, bootstrap)
+    file = settings.keys_dir / "directory.json"
+    if file.exists():
+        for entry in KeyDirectory.load_file(file).entries():
+            if entry.key_id not in directory:
+                directory.merge(entry)
+    return directory
+
+
+def load_identity(
+    settings: Settings, bootstrap: str, party: str, *, directory: KeyDirectory | None = None
+) -> Identity:
+    get_party(party)
+    keystore = KeyStore.open(settings.keys_dir, party)
+    directory = directory if directory is not None else load_directory(settings, bootstrap)
+    cache = DekCache.from_settings(settings)
+    # The hub seals district-team and archive copies under case keys; the council's own inbox
+    # (a district team) opens them with the same store.
+    case_keys = None
+    if party == HUB or get_party(party).kind == "district_team":
+        case_keys = CaseKeyStore.open(settings.keys_dir)
+    schemas = SchemaBook()
+    sealer = MessageSealer(keystore, directory, cache=cache, case_keys=case_keys)
+    opener = MessageOpener(
+        keystore,
+        directory,
+        schemas,
+        cache=DekCache.from_settings(settings),
+        case_keys=case_keys.lookup if case_keys is not None else None,
+    )
+    return Identity(party, keystore, directory, sealer, opener, schemas, case_keys)

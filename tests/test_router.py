@@ -1,0 +1,235 @@
+"""The router on the real broker: minimum data per recipient, audited, nothing lost."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from referral_broker.consumers.dead_letters import read_dead_letters
+from referral_broker.consumers.receiving import Received, receive
+from referral_broker.consumers.router import Router
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas import codec
+from referral_broker.schemas.registry import audit_decision_schema
+from referral_broker.schemas.synth import synthetic_referrals
+
+from referral_broker.cluster.clients import build_consumer, build_producer, drain
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.parties import all_parties
+from referral_broker.policy import load_policy
+from referral_broker.policy.review import explain
+from referral_broker.sealing.key_admin import init_parties
+
+PARTNERS = ["schools", "health", "dwp", "police", "charities"]
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def broker(topics: Settings, kafka_bootstrap: str) -> Settings:
+    """The topic plan plus keys for every party, published on the keys topic."""
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    return topics
+
+
+def referrals_from(partner: str, count: int, seed: int, **changes: Any) -> list[dict[str, Any]]:
+    out = []
+    for record in synthetic_referrals(count, seed=seed):
+        record = copy.deepcopy(record)
+        record["referrer"]["partner"] = partner
+        record.update(changes)
+        out.append(record)
+    return out
+
+
+def leaf_paths(value: Any, prefix: str = "") -> set[str]:
+    """Field paths present in an opened record (arrays transparent, like policy paths)."""
+    if isinstance(value, dict):
+        found: set[str] = set()
+        for key, inner in value.items():
+            path = f"{prefix}{key}"
+            sub = leaf_paths(inner, f"{path}.")
+            found |= sub or {path}
+        return found
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return set().union(*(leaf_paths(v, prefix) for v in value))
+    return set()
+
+
+def read_all(settings: Settings, bootstrap: str, topic: str) -> list[Any]:
+    consumer = build_consumer(settings, bootstrap, [topic], group_id=None)
+    try:
+        return [r for batch in drain(consumer, idle_s=2) for r in batch]
+    finally:
+        consumer.close()
+
+
+def received_by(settings: Settings, bootstrap: str, party: str) -> list[Received]:
+    got = list(receive(settings, bootstrap, party, stop_when_idle=2, group_id=None))
+    refused = [g for g in got if not isinstance(g, Received)]
+    assert not refused, refused
+    return got  # type: ignore[return-value]
+
+
+def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka_bootstrap: str) -> None:
+    sent: dict[str, str] = {}
+    for i, partner in enumerate(PARTNERS):
+        with IntakeSender(broker, kafka_bootstrap, partner) as sender:
+            for s in sender.send_referrals(referrals_from(partner, 6, seed=100 + i)):
+                sent[s.referral_id] = partner
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.routed == len(sent) and stats.dead_lettered == 0
+
+    policy = load_policy()
+    audits = [
+        codec.decode(r.value, audit_decision_schema())
+        for r in read_all(broker, kafka_bootstrap, topic_name(broker, "audit"))
+    ]
+    delivered_audits = {(str(a["referral_id"]), a["recipient"]) for a in audits if a["fields_shared"]}
+    assert {str(a["referral_id"]) for a in audits} == set(sent)  # every referral has decisions
+
+    seen_recipients = set()
+    for party in policy.recipients():
+        allowed = {f["path"] for f in explain(policy, party)["fields"]}
+        for msg in received_by(broker, kafka_bootstrap, party):
+            seen_recipients.add(party)
+            present = leaf_paths(msg.record)
+            # an empty array or absent record shows as its own path: fine if it holds only granted fields
+            beyond = {p for p in present - allowed if not any(a.startswith(p + ".") for a in allowed)}
+            assert not beyond, f"{party} got {sorted(beyond)} beyond policy explain"
+            assert not present & set(msg.withheld), f"{party} got withheld fields"
+            assert (msg.referral_id, party) in delivered_audits  # every delivery has its audit record
+            assert sent[msg.referral_id] != party  # never back to the referrer
+    assert {"schools", "health", "charities"} & seen_recipients
+    assert any(r.startswith("district-") for r in seen_recipients)
+
+
+def test_police_only_with_flag_and_override_audited(broker: Settings, kafka_bootstrap: str) -> None:
+    flags_off = {"safeguarding_concern": False, "crime_prevention": False, "early_support_pathway": False}
+    flags_on = {**flags_off, "safeguarding_concern": True}
+    consent = {
+        "state": "refused",
+        "recorded_at": NOW.replace(microsecond=0),
+        "recorded_by": "Synthetic Worker",
+    }
+    override = {
+        "override_id": str(uuid.uuid4()),
+        "ground": "risk_of_significant_harm",
+        "reason": "Synthetic: risk of significant harm assessed by the team manager",
+        "approved_by": {"role": "Early Help team manager", "name": "Synthetic Approver"},
+        "approved_at": NOW.replace(microsecond=0),
+    }
+    base = referrals_from("schools", 3, seed=5, consent=consent)
+    no_flag = {**base[0], "flags": flags_off, "concern_types": ["parenting"], "sharing_override": None}
+    flag_no_override = {
+        **base[1],
+        "flags": flags_on,
+        "concern_types": ["safeguarding"],
+        "sharing_override": None,
+    }
+    flag_override = {
+        **base[2],
+        "flags": flags_on,
+        "concern_types": ["safeguarding"],
+        "sharing_override": override,
+    }
+    records = [no_flag, flag_no_override, flag_override]
+    for r in records:
+        r["concerns"] = [
+            {"type": t, "detail": "Synthetic concern detail", "since": None} for t in r["concern_types"]
+        ]
+    with IntakeSender(broker, kafka_bootstrap, "schools") as sender:
+        sender.send_referrals(records)
+    Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+
+    police = {m.referral_id for m in received_by(broker, kafka_bootstrap, "police")}
+    assert police == {str(flag_override["referral_id"])}
+    audits = [
+        codec.decode(r.value, audit_decision_schema())
+        for r in read_all(broker, kafka_bootstrap, topic_name(broker, "audit"))
+    ]
+    police_audits = {str(a["referral_id"]): a for a in audits if a["recipient"] == "police"}
+    assert str(no_flag["referral_id"]) not in police_audits  # never a candidate without the flag
+    blocked = police_audits[str(flag_no_override["referral_id"])]
+    assert blocked["fields_shared"] == [] and "basis:none" in blocked["conditions_met"]
+    assert any("no sharing override record" in w["reason"] for w in blocked["fields_withheld"])
+    shared = police_audits[str(flag_override["referral_id"])]
+    assert str(shared["override_reference"]) == override["override_id"]
+    assert "basis:override" in shared["conditions_met"]
+
+
+def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
+    broker: Settings, kafka_bootstrap: str
+) -> None:
+    rng = random.Random(1)
+    topic = topic_name(broker, "intake", "charities")
+    good = referrals_from("charities", 5, seed=9)
+    producer = build_producer(broker, kafka_bootstrap)
+    with IntakeSender(broker, kafka_bootstrap, "charities") as sender:
+        for i in range(1000):
+            producer.send(topic, rng.randbytes(rng.randrange(0, 300)), key=str(i).encode())
+            if i % 200 == 0:
+                producer.flush()
+                sender.send_referrals([good[i // 200]])
+        producer.flush()
+    producer.close()
+    # a valid envelope with invalid content: a referral signed by schools on the charities topic
+    with IntakeSender(broker, kafka_bootstrap, "schools") as impostor:
+        msg = impostor.identity.sealer.seal(
+            referrals_from("schools", 1, seed=11)[0],
+            impostor.canonical,
+            topic=topic,
+            recipient="council",
+            referral_id=str(uuid.uuid4()),
+            referral_version=1,
+        )
+        msg.send(impostor.producer)
+        impostor.producer.flush()
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.routed == 5
+    letters = [d for _, d in read_dead_letters(broker, kafka_bootstrap)]
+    assert len(letters) == 1001
+    assert all(d.source_topic == topic and d.reason for d in letters)
+    assert Counter(d.stage for d in letters)["verify-open"] == 1001
+    assert any("signed by schools" in d.reason for d in letters)
+
+
+def test_killed_router_loses_and_duplicates_nothing(broker: Settings, kafka_bootstrap: str) -> None:
+    count = 150
+    with IntakeSender(broker, kafka_bootstrap, "health") as sender:
+        sent = sender.send_referrals(referrals_from("health", count, seed=21, district="fenland"))
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": broker.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": broker.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(broker.paths_data_dir),
+    }
+    cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--stop-when-idle", "5"]
+    archive = topic_name(broker, "archive")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # kill it once some, not all, work is committed
+            if len(read_all(broker, kafka_bootstrap, archive)) >= 20:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    restarted = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr
+    ids = [r.key.decode() for r in read_all(broker, kafka_bootstrap, archive)]  # read_committed
+    assert sorted(ids) == sorted(s.referral_id for s in sent)
+    team = [(m.referral_id, m.version) for m in received_by(broker, kafka_bootstrap, "district-fenland")]
+    assert len(team) == len(set(team)) == count
