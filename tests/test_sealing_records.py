@@ -104,7 +104,9 @@ def test_unsealed_or_null_sealing_unit_is_refused() -> None:
     wire = PLAN.seal(sample_referral(1), key, ctx())
     plain = copy.deepcopy(wire)
     plain["child"]["family_name"] = b"Quillfeather1"
-    with pytest.raises(TamperedError, match=r"child.family_name: unknown sealed-value format version") as info:
+    with pytest.raises(
+        TamperedError, match=r"child.family_name: unknown sealed-value format version"
+    ) as info:
         PLAN.open(plain, key, ctx())
     assert "Quillfeather" not in str(info.value)
     nulled = copy.deepcopy(wire)

@@ -1,0 +1,181 @@
+"""Crypto-shredding on the real broker: the council's case copies (district team, archive)
+open until the case key is shredded, then never; other cases are unaffected; a legal hold
+refuses the shred; every action is on the audit topic, signed, with ids and reasons only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_sealing_support import SCHEMA, World, make_world, needles, read_all, sample_referral, send_all
+
+from referral_broker.cli.main import cli
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.errors import KeyNotFoundError, LegalHoldError, SealingError, ShreddedError
+from referral_broker.sealing import CaseKeyStore, retention, verify_signed
+from referral_broker.sealing.directory import publish
+
+
+@pytest.fixture
+def world(topics: Settings, kafka_bootstrap: str) -> World:
+    world = make_world(topics.keys_dir)
+    publish(topics, kafka_bootstrap, [e for s in world.stores.values() for e in s.public_entries()])
+    return world
+
+
+def _case_copies(world: World, settings: Settings, case_id: str, n: int) -> list:
+    """A district-team copy and an archive copy of one case, as the hub would write them."""
+    sealer = world.sealer("council")
+    common = {"referral_id": f"ref-{n:04d}", "referral_version": 1, "case_id": case_id}
+    return [
+        sealer.seal(
+            sample_referral(n),
+            SCHEMA,
+            topic=topic_name(settings, "out", "district-fenland"),
+            recipient="district-fenland",
+            **common,
+        ),
+        sealer.seal(
+            sample_referral(n),
+            SCHEMA,
+            topic=topic_name(settings, "archive"),
+            recipient="council",
+            kind="archive",
+            **common,
+        ),
+    ]
+
+
+def _audit_events(settings: Settings, bootstrap: str, world: World) -> list[dict]:
+    events = []
+    for record in read_all(settings, bootstrap, [topic_name(settings, "audit")]):
+        headers = verify_signed(world.directory, record)  # signed by the hub, or this raises
+        assert headers["rb-sender"] == b"council"
+        events.append(json.loads(record.value))
+    return events
+
+
+def test_shred_makes_one_case_unreadable_everywhere(
+    topics: Settings, kafka_bootstrap: str, world: World
+) -> None:
+    send_all(
+        topics,
+        kafka_bootstrap,
+        _case_copies(world, topics, "CASE-A", 1) + _case_copies(world, topics, "CASE-B", 2),
+    )
+    copies = read_all(
+        topics,
+        kafka_bootstrap,
+        [topic_name(topics, "out", "district-fenland"), topic_name(topics, "archive")],
+    )
+    assert len(copies) == 4
+    reader = {"district-fenland": world.opener("district-fenland"), "council": world.opener("council")}
+
+    def open_copy(record):
+        return reader[dict(record.headers)["rb-recipient"].decode()].open(record)
+
+    assert {open_copy(r).case_id for r in copies} == {"CASE-A", "CASE-B"}
+
+    done = retention.shred(topics, kafka_bootstrap, "CASE-A")
+    assert done["case_id"] == "CASE-A"
+    for record in copies:
+        if dict(record.headers)["rb-case"] == b"CASE-A":
+            with pytest.raises(ShreddedError, match="case CASE-A was shredded at"):
+                open_copy(record)
+        else:
+            assert open_copy(record).record == sample_referral(2)
+    # The recipient's own private key alone is not enough, and nothing reseals the case.
+    fresh = CaseKeyStore.open(topics.keys_dir)
+    with pytest.raises(ShreddedError):
+        fresh.key_for("CASE-A")
+    with pytest.raises(ShreddedError, match="case CASE-A was shredded"):
+        retention.shred(topics, kafka_bootstrap, "CASE-A")
+    assert not list(fresh.root.glob("CASE-A*"))
+    events = _audit_events(topics, kafka_bootstrap, world)
+    assert [e["type"] for e in events] == ["retention.case_shredded"]
+    assert events[0]["case_id"] == "CASE-A" and events[0]["case_key_id"] == done["case_key_id"]
+    raw_events = json.dumps(events).encode()
+    assert not [s for s in needles(sample_referral(1)) if s in raw_events]
+
+
+def test_a_held_case_cannot_be_shredded(topics: Settings, kafka_bootstrap: str, world: World) -> None:
+    send_all(topics, kafka_bootstrap, _case_copies(world, topics, "CASE-H", 3))
+    retention.hold(topics, kafka_bootstrap, "CASE-H", "Family court proceedings FC-2026-001 (synthetic)")
+    with pytest.raises(
+        LegalHoldError, match=r"case CASE-H is under legal hold since .* \(reason: Family court"
+    ):
+        retention.shred(topics, kafka_bootstrap, "CASE-H")
+    (district_copy,) = read_all(topics, kafka_bootstrap, [topic_name(topics, "out", "district-fenland")])
+    assert world.opener("district-fenland").open(district_copy).record == sample_referral(3)
+    retention.release(topics, kafka_bootstrap, "CASE-H")
+    retention.shred(topics, kafka_bootstrap, "CASE-H")
+    with pytest.raises(ShreddedError):
+        world.opener("district-fenland").open(district_copy)
+    assert [e["type"] for e in _audit_events(topics, kafka_bootstrap, world)] == [
+        "retention.hold_placed",
+        "retention.shred_refused",
+        "retention.hold_released",
+        "retention.case_shredded",
+    ]
+
+
+def test_retention_commands(topics: Settings, kafka_bootstrap: str, world: World) -> None:
+    CaseKeyStore.open(topics.keys_dir).key_for("CASE-C")
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": topics.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": topics.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(topics.paths_data_dir),
+    }
+    runner = CliRunner()
+    held = runner.invoke(
+        cli, ["retention", "hold", "--case", "CASE-C", "--reason", "audit query 7", "--json"], env=env
+    )
+    assert held.exit_code == 0, held.output
+    assert json.loads(held.output)["reason"] == "audit query 7"
+    refused = runner.invoke(cli, ["retention", "shred", "--case", "CASE-C"], env=env)
+    assert isinstance(refused.exception, LegalHoldError) and refused.exception.exit_code == 5
+    assert runner.invoke(cli, ["retention", "release", "--case", "CASE-C"], env=env).exit_code == 0
+    shred = runner.invoke(cli, ["retention", "shred", "--case", "CASE-C", "--json"], env=env)
+    assert shred.exit_code == 0, shred.output
+    assert json.loads(shred.output)["case_id"] == "CASE-C"
+    unknown = runner.invoke(cli, ["retention", "shred", "--case", "CASE-NONE"], env=env)
+    assert isinstance(unknown.exception, KeyNotFoundError)
+
+
+def test_district_team_copies_must_use_a_case_key(tmp_path: Path) -> None:
+    world = make_world(tmp_path / "keys")
+    with pytest.raises(SealingError, match="district team district-fenland must be sealed under a case key"):
+        world.sealer().seal(
+            sample_referral(),
+            SCHEMA,
+            topic="t",
+            recipient="district-fenland",
+            referral_id="ref-0001",
+            referral_version=1,
+        )
+
+
+def test_case_store_rules(tmp_path: Path) -> None:
+    store = CaseKeyStore.open(tmp_path / "keys")
+    case_key_id, key = store.key_for("CASE-1")
+    assert store.key_for("CASE-1") == (case_key_id, key)
+    assert store.lookup("CASE-1", case_key_id) == key
+    with pytest.raises(KeyNotFoundError, match="not 000000000000"):
+        store.lookup("CASE-1", "000000000000")
+    with pytest.raises(SealingError, match="malformed case id"):
+        store.key_for("../council/keyring")
+    with pytest.raises(SealingError, match="needs a reason"):
+        store.hold("CASE-1", "   ")
+    with pytest.raises(SealingError, match="not under legal hold"):
+        store.release("CASE-1")
+    assert (store.root / "CASE-1.key").stat().st_mode & 0o777 == 0o600
+    # an interrupted shred (tombstone written, key file left) is finished by the next shred
+    done = store.shred("CASE-1")
+    (store.root / "CASE-1.key").write_bytes(b"{}")
+    (store.root / "CASE-1.key").chmod(0o600)
+    assert store.shred("CASE-1") == done
+    assert not (store.root / "CASE-1.key").exists()
