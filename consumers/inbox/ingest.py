@@ -1,0 +1,210 @@
+"""Ingest: one consumer per district team, from ``referrals.out.<team>`` into the inbox store.
+
+Each record is verified and summarised through the injected :class:`RecordFormat` (its clear,
+operational part; nothing is opened), then stored raw and sealed. Offsets are committed only
+after the batch is stored, so a crash re-delivers and the store's (team, referral id, version)
+key recognises what it already has. A record that fails verification or does not parse goes to
+the dead-letter topic with the reason, its source topic, partition and offset and its original
+bytes; it is never shown and never silently dropped.
+
+The same worker also retries the team's status outbox, so an action taken while Kafka was away
+reaches the referrer once it is back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from referral_broker.consumers.inbox.outbound import Outbound
+from referral_broker.consumers.inbox.records import RecordFormat, SealedRecord
+from referral_broker.consumers.inbox.store import InboxStore
+
+from referral_broker.cluster.clients import (
+    Producer,
+    Record,
+    build_consumer,
+    build_producer,
+    commit_batch,
+    poll_records,
+)
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, ReferralBrokerError
+from referral_broker.structured_log import get_logger
+
+log = get_logger(__name__)
+
+DLQ_STAGE = b"inbox-ingest"
+
+
+@dataclass
+class IngestStats:
+    new: int = 0
+    updated: int = 0
+    older: int = 0
+    duplicate: int = 0
+    dead_lettered: int = 0
+    status_published: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "new": self.new,
+            "updated": self.updated,
+            "older": self.older,
+            "duplicate": self.duplicate,
+            "dead_lettered": self.dead_lettered,
+            "status_published": self.status_published,
+        }
+
+
+def group_id(settings: Settings, team: str) -> str:
+    """One consumer group per team, namespaced like the topics (tests run side by side)."""
+    return f"{settings.kafka_topic_prefix}inbox.{team}"
+
+
+def dead_letter_headers(record: Record, reason: str) -> list[tuple[str, bytes]]:
+    return [
+        *record.headers,
+        ("rb-dlq-reason", reason.encode("utf-8")),
+        ("rb-dlq-stage", DLQ_STAGE),
+        ("rb-dlq-source-topic", record.topic.encode("utf-8")),
+        ("rb-dlq-source-partition", str(record.partition).encode("ascii")),
+        ("rb-dlq-source-offset", str(record.offset).encode("ascii")),
+    ]
+
+
+class TeamIngest:
+    """Reads one team's out topic into the store. Use :meth:`run` (blocking) or, in a server,
+    :meth:`start` / :meth:`stop` (a thread that is always joined)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        team: str,
+        store: InboxStore,
+        record_format: RecordFormat,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        poll_timeout_ms: int = 500,
+    ) -> None:
+        self.settings = settings
+        self.team = team
+        self.store = store
+        self.record_format = record_format
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.poll_timeout_ms = poll_timeout_ms
+        self.topic = topic_name(settings, "out", team)
+        self.dlq_topic = topic_name(settings, "dlq")
+        self.stats = IngestStats()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _handle(self, record: Record, producer: Producer) -> None:
+        sealed = SealedRecord(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value or b"",
+            list(record.headers),
+            record.timestamp_ms,
+        )
+        try:
+            if record.value is None:
+                raise ReferralBrokerError("record has no value (tombstone)")
+            summary = self.record_format.summarise(sealed, self.team)
+            if record.key is not None and record.key != summary.referral_id.encode("utf-8"):
+                raise ReferralBrokerError("message key does not match the referral id")
+        except Exception as exc:
+            # Our errors name the path and reason, never a value; a foreign one may quote bytes,
+            # so only its class name goes further.
+            reason = (
+                str(exc)
+                if isinstance(exc, ReferralBrokerError)
+                else f"unreadable record ({type(exc).__name__})"
+            )
+            producer.send(
+                self.dlq_topic, record.value or b"", record.key, dead_letter_headers(record, reason)
+            )
+            self.stats.dead_lettered += 1
+            kind = type(exc).__name__
+            self.stats.reasons[kind] = self.stats.reasons.get(kind, 0) + 1
+            log.warning(
+                "record dead-lettered",
+                team=self.team,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                reason=kind,
+            )
+            return
+        result = self.store.ingest(self.team, summary, sealed)
+        setattr(self.stats, result.outcome, getattr(self.stats, result.outcome) + 1)
+        log.info(
+            "record stored",
+            team=self.team,
+            referral_id=result.referral_id,
+            version=result.version,
+            status=result.outcome,
+        )
+
+    def run(self, *, stop_when_idle: float | None = None) -> IngestStats:
+        """Consume until :meth:`stop` is called or nothing arrived for ``stop_when_idle`` seconds."""
+        producer = build_producer(self.settings, self.settings.bootstrap_servers)
+        outbound = Outbound(self.settings, producer)
+        consumer = build_consumer(
+            self.settings,
+            self.settings.bootstrap_servers,
+            [self.topic],
+            group_id=group_id(self.settings, self.team),
+        )
+        try:
+            last = time.monotonic()
+            while not self._stop.is_set():
+                batch = poll_records(consumer, self.poll_timeout_ms)
+                for record in batch:
+                    self._handle(record, producer)
+                if batch:
+                    producer.flush()  # dead letters durable before the offsets move past them
+                    commit_batch(consumer, batch)
+                    last = time.monotonic()
+                self._retry_outbox(outbound)
+                if not batch and stop_when_idle is not None and time.monotonic() - last >= stop_when_idle:
+                    break
+        finally:
+            consumer.close()
+            producer.close()
+        return self.stats
+
+    def _retry_outbox(self, outbound: Outbound) -> None:
+        try:
+            self.stats.status_published += outbound.publish_pending(
+                self.store, now=self.clock(), team=self.team
+            )
+        except BrokerError as exc:
+            log.warning("status outbox retry failed", team=self.team, error=str(exc))
+
+    def start(self) -> None:
+        self._stop.clear()
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # surfaced through .error and the log; the thread ends
+                self.error = exc
+                log.error("ingest stopped", team=self.team, error=type(exc).__name__)
+
+        self._thread = threading.Thread(target=target, name=f"inbox-ingest-{self.team}")
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None

@@ -1,0 +1,141 @@
+"""What the inbox writes to Kafka: status messages for the referrer and access audit events.
+
+Status messages (``referrals.status.<team>``) leave through the store's outbox: the action and
+its sealed, signed status message are committed together in SQLite, then
+:meth:`Outbound.publish_pending` sends whatever Kafka has not confirmed, so a broker hiccup
+delays a status but never loses it, and a retry resends the same bytes (same ``status_id``).
+
+Access events (``audit.decisions``) are written synchronously, before the page that caused
+them is shown: if the audit cannot be written, the referral is not shown. They name who, when,
+which team and which referral id, and the outcome; never a value from a referral, and never a
+typed username that is not an account (it might be a password typed into the wrong box).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from referral_broker.consumers.inbox.records import OutboundRecord
+from referral_broker.consumers.inbox.states import Transition
+from referral_broker.consumers.inbox.store import InboxStore, ReferralRow
+
+from referral_broker.cluster.clients import Producer, build_producer
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.parties import HUB, all_parties
+from referral_broker.structured_log import get_logger
+
+log = get_logger(__name__)
+
+ACCESS_EVENT_TYPE = "inbox-access.v1"
+
+
+class AccessKind(StrEnum):
+    VIEWED = "referral_viewed"
+    DENIED_OTHER_TEAM = "referral_access_denied"
+    NOT_FOUND = "referral_not_found"
+    SIGN_IN_REFUSED = "sign_in_refused"
+    SIGNED_IN = "signed_in"
+
+
+@dataclass(frozen=True)
+class AccessEvent:
+    """One access to (or attempt at) the inbox, as the audit topic records it."""
+
+    kind: AccessKind
+    at: datetime
+    member: str | None
+    team: str | None
+    referral_id: str | None = None
+    version: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": ACCESS_EVENT_TYPE,
+            "event_id": str(uuid.uuid4()),
+            "kind": self.kind.value,
+            "at": self.at.astimezone(UTC).isoformat(timespec="milliseconds"),
+            "member": self.member,
+            "team": self.team,
+            "referral_id": self.referral_id,
+            "version": self.version,
+        }
+
+
+def encode_access_event(event: AccessEvent) -> OutboundRecord:
+    """JSON with an ``rb-type`` header (the audit topic also carries Avro decision records;
+    readers dispatch on the header). Keyed by referral id so one referral's trail stays ordered."""
+    key = (event.referral_id or event.team or "inbox").encode("utf-8")
+    headers = [("rb-type", ACCESS_EVENT_TYPE.encode("ascii"))]
+    if event.team:
+        headers.append(("rb-sender", event.team.encode("ascii")))
+    return OutboundRecord(key, json.dumps(event.as_dict(), sort_keys=True).encode("utf-8"), headers)
+
+
+def status_record(
+    decided: Transition,
+    referral: ReferralRow,
+    *,
+    actor_role: str,
+    reason: str | None,
+    status_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """The ``status.v1`` record for a decided transition (pure: the caller seals it)."""
+    if decided.status_code is None:
+        raise ValueError(f"{decided.action.value} is not reported to the referrer")
+    return {
+        "status_id": str(status_id or uuid.uuid4()),
+        "referral_id": referral.referral_id,
+        "version": referral.version,
+        "from_party": referral.team,
+        # The referring party; a kind that is not itself a party (a district team referring
+        # onward) goes to the hub, whose router knows the sender.
+        "to_party": referral.referrer if referral.referrer in all_parties() else HUB,
+        "status": decided.status_code,
+        "reason": reason,
+        "at": decided.at,
+        "actor_role": actor_role,
+    }
+
+
+class Outbound:
+    """The inbox's one producer: audit events now, status messages from the outbox."""
+
+    def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
+        self.settings = settings
+        self._producer = producer or build_producer(settings, settings.bootstrap_servers)
+        self._audit_topic = topic_name(settings, "audit")
+        # Web requests run in a thread pool; the producer wrapper's flush is per caller.
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._producer.close()
+
+    def audit(self, event: AccessEvent) -> None:
+        """Write one access event durably, or raise :class:`BrokerError`."""
+        record = encode_access_event(event)
+        with self._lock:
+            self._producer.send(self._audit_topic, record.value, record.key, record.headers)
+            self._producer.flush()
+        log.info("access audited", team=event.team, member=event.member, decision=event.kind.value)
+
+    def publish_pending(self, store: InboxStore, *, now: datetime, team: str | None = None) -> int:
+        """Send every status message still in the outbox; mark those Kafka confirmed."""
+        with self._lock:
+            pending = store.pending_status(team)
+            for event in pending:
+                assert event.status_record is not None
+                record = event.status_record
+                topic = topic_name(self.settings, "status", event.team)
+                self._producer.send(topic, record.value, record.key, record.headers)
+            if pending:
+                self._producer.flush()
+                store.mark_published([e.id for e in pending], now)
+                log.info("status messages published", team=team, count=len(pending))
+        return len(pending)
