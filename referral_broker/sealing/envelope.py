@@ -69,6 +69,7 @@ RESERVED = frozenset(
 _SIGNED_REQUIRED = (H_KIND, H_SENDER, H_SENDER_KEY, H_SEALED_AT)
 _SEALED_REQUIRED = (H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION, H_DEK)
 _KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,39}$")
+_MAX_ID_HEADER = 128
 _DIGITS = re.compile(rb"^(0|[1-9][0-9]{0,18})$")
 
 Headers = list[tuple[str, bytes]]
@@ -305,10 +306,18 @@ def verify_signed(
 
 
 def _text(headers: dict[str, bytes], name: str) -> str:
+    """An id-like header as text. Bounded and ASCII-only, because these values end up in
+    error messages and a sender must not be able to smuggle arbitrary text into them."""
+    raw = headers[name]
+    if len(raw) > _MAX_ID_HEADER:
+        raise TamperedError(f"header {name} is longer than {_MAX_ID_HEADER} bytes")
     try:
-        return headers[name].decode("ascii")
+        text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise TamperedError(f"header {name} is not ASCII") from None
+    if not text.isprintable():
+        raise TamperedError(f"header {name} holds control characters")
+    return text
 
 
 def _number(headers: dict[str, bytes], name: str) -> int:

@@ -216,25 +216,31 @@ class KeyStore:
         ring = cls._read_ring(root, party)
         pairs: dict[str, KeyPair] = {}
         for item in ring["keys"]:
-            key_id = check_key_id(item["key_id"])
-            path = root / f"{key_id}.key"
+            key_id = check_key_id(item.get("key_id", ""))
             if item.get("destroyed"):
                 continue
-            material = json.loads(read_private(path))
-            if material.get("key_id") != key_id or material.get("party") != party:
-                raise SealingError(f"key file {path} does not hold key {key_id} of {party}")
-            pairs[key_id] = KeyPair(
-                key_id=key_id,
-                party=party,
-                status=KeyStatus(item["status"]),
-                not_before=from_iso(item["not_before"]),
-                not_after=from_iso(item["not_after"]),
-                revoked_at=from_iso(item["revoked_at"]) if item.get("revoked_at") else None,
-                signing=Ed25519PrivateKey.from_private_bytes(base64.b64decode(material["signing_private"])),
-                encryption=X25519PrivateKey.from_private_bytes(
-                    base64.b64decode(material["encryption_private"])
-                ),
-            )
+            path = root / f"{key_id}.key"
+            try:
+                material = json.loads(read_private(path))
+                if material.get("key_id") != key_id or material.get("party") != party:
+                    raise SealingError(f"key file {path} does not hold key {key_id} of {party}")
+                pairs[key_id] = KeyPair(
+                    key_id=key_id,
+                    party=party,
+                    status=KeyStatus(item["status"]),
+                    not_before=from_iso(item["not_before"]),
+                    not_after=from_iso(item["not_after"]),
+                    revoked_at=from_iso(item["revoked_at"]) if item.get("revoked_at") else None,
+                    signing=Ed25519PrivateKey.from_private_bytes(
+                        base64.b64decode(material["signing_private"])
+                    ),
+                    encryption=X25519PrivateKey.from_private_bytes(
+                        base64.b64decode(material["encryption_private"])
+                    ),
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # never chain: the underlying message could quote key material
+                raise SealingError(f"key file {path} or its key-ring entry is malformed") from None
         return cls(root, party, pairs)
 
     @staticmethod

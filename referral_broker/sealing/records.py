@@ -16,6 +16,8 @@ The **wire schema** is the same schema with every sealing unit's type replaced b
 that the wire schemas evolve as the schemas do). The writer always writes sealed bytes there,
 a null included, so on the wire a reader cannot even tell whether an optional field was set;
 a null (or anything that is not a sealed value) in a sealing unit is refused as unsealed.
+A message value is the wire record in Avro single-object encoding (``C3 01``, the wire
+schema's fingerprint, the body), so a value written under any other wire schema is refused.
 
 This module must never put a field value in an exception or a log line, and must never return
 a partly opened record: :meth:`SealingPlan.open` returns every field opened or raises.

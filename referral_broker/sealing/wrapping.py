@@ -49,6 +49,7 @@ MODE_RECIPIENT = 1
 MODE_RECIPIENT_AND_CASE = 2
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _HPKE_LENGTH = 32 + KEY_SIZE + 16
+MAX_USES_CEILING = 1_000_000
 _WRAP_LABEL = b"referral-broker/dek-wrap/v1"
 _CASE_LABEL = b"referral-broker/case-dek/v1"
 
@@ -196,7 +197,9 @@ class DekCache:
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = 4096,
     ) -> None:
-        self.max_uses = max_uses
+        # Hard ceiling whatever the config says: with random 96-bit nonces one AES-GCM key must
+        # stay far below 2**32 encryptions; a million messages of ~100 sealed fields does.
+        self.max_uses = min(max_uses, MAX_USES_CEILING)
         self.max_age_s = max_age_s
         self.max_entries = max_entries
         self._clock = clock
