@@ -55,12 +55,12 @@ class SchemaVersion:
         return self.fingerprint.hex()
 
 
-def canonical_form(schema: Schema) -> str:
+def canonical_form(schema: Any) -> str:
     """Avro Parsing Canonical Form: what the fingerprint is computed over (docs/tags excluded)."""
     return to_parsing_canonical_form(schema)
 
 
-def fingerprint(schema: Schema) -> bytes:
+def fingerprint(schema: Any) -> bytes:
     """The 8-byte CRC-64-AVRO fingerprint, byte order as in Avro single-object encoding."""
     return bytes.fromhex(_fastavro_fingerprint(canonical_form(schema), "CRC-64-AVRO"))
 

@@ -34,6 +34,7 @@ from .registry import (
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 MAX_TEXT_LENGTH = 10_000
+MAX_OPERATIONAL_LABEL = 120
 # Early Help works with children and young people; SEND support runs to 25.
 MAX_CHILD_AGE_YEARS = 25
 EARLY_SUPPORT_PATHWAY_MAX_AGE_YEARS = 5
@@ -42,6 +43,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 _INDEX = re.compile(r"\[\d+\]")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _UK_PHONE = re.compile(r"^(?:0\d{9,10}|\+44\d{9,10})$")
+_DIGIT_RUN = re.compile(r"\d{5}")
 _FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _URN = re.compile(r"^\d{6}$")
 _ACADEMIC_YEAR = re.compile(r"^(\d{4})/(\d{2})$")
@@ -72,6 +74,15 @@ def _academic_year_problem(value: str) -> str | None:
     return None
 
 
+def _operational_label_problem(value: str) -> str | None:
+    """Operational text travels in the clear: keep it a short label, not a contact detail."""
+    if len(value) > MAX_OPERATIONAL_LABEL:
+        return f"longer than {MAX_OPERATIONAL_LABEL} characters for a label sent in the clear"
+    if "@" in value or _DIGIT_RUN.search(value):
+        return "looks like contact details; this label is sent in the clear"
+    return None
+
+
 # Checks on string fields, by schema path (any array index). Each returns a reason or None.
 STRING_RULES: dict[str, Callable[[str], str | None]] = {
     "identifiers.nhs_number": identifiers.nhs_number_problem,
@@ -86,6 +97,9 @@ STRING_RULES: dict[str, Callable[[str], str | None]] = {
     "household.contact.email": _email_problem,
     "household.contact.phone": _phone_problem,
     "school.urn": _urn_problem,
+    "referrer.organisation": _operational_label_problem,
+    "referrer.practitioner.role": _operational_label_problem,
+    "sharing_override.approved_by.role": _operational_label_problem,
     "school.curriculum_results.academic_year": _academic_year_problem,
 }
 

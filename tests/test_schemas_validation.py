@@ -78,6 +78,9 @@ BAD_INPUT = [
     ("naive timestamp", lambda r: r.__setitem__("created_at", dt.datetime(2025, 1, 1, 9, 0)), "created_at", "2025"),
     ("not a uuid", lambda r: r.__setitem__("referral_id", "not-a-uuid-secret"), "referral_id", "not-a-uuid-secret"),
     ("unknown field", lambda r: r["child"].__setitem__("shoe_size", 3), "child.shoe_size", "3"),
+    ("contact details in a clear label",
+     lambda r: r["referrer"]["practitioner"].__setitem__("role", "Call 07700 900123"),
+     "referrer.practitioner.role", "07700 900123"),
     ("empty required text", lambda r: r["child"].__setitem__("given_name", "   "), "child.given_name", "   "),
 ]  # fmt: skip
 
