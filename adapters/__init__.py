@@ -1,0 +1,54 @@
+"""Partner adapters: each partner kind's native format <-> canonical referrals and statuses.
+
+The Python API partner systems embed (the CLI's ``send``/``receive`` are thin over it)::
+
+    from referral_broker import adapters
+    result = adapters.load_file("schools", "export.csv")            # validate the whole file
+    for parsed in adapters.iter_file("dwp", "batch.csv"):            # large files, flat memory
+        ...
+    adapters.render_file("health", views, "outbox/")                 # canonical/views -> native
+    adapters.load_statuses("schools", "statuses.csv"); adapters.render_statuses(...)
+
+One module per partner kind (``schools``, ``health``, ``dwp``, ``police``, ``charities``), each a
+table of fields over the shared shape in ``base``. Formats: ``FORMATS.md``.
+"""
+
+from __future__ import annotations
+
+from . import charities, dwp, health, police, schools
+from .base import (
+    FileStream,
+    LoadResult,
+    ParsedRecord,
+    PartnerAdapter,
+    Rendered,
+    adapter_kinds,
+    example_file,
+    get_adapter,
+    iter_file,
+    load_file,
+    load_statuses,
+    render_file,
+    render_statuses,
+)
+
+__all__ = [
+    "FileStream",
+    "LoadResult",
+    "ParsedRecord",
+    "PartnerAdapter",
+    "Rendered",
+    "adapter_kinds",
+    "charities",
+    "dwp",
+    "example_file",
+    "get_adapter",
+    "health",
+    "iter_file",
+    "load_file",
+    "load_statuses",
+    "police",
+    "render_file",
+    "render_statuses",
+    "schools",
+]

@@ -1,0 +1,614 @@
+"""The one shape of a partner adapter, the registry by partner kind, and the file-level verbs.
+
+    PartnerAdapter      kind, native_suffix, parse, render, status_to_native, status_from_native
+    ├── CsvAdapter      one record per CSV row                     (schools, dwp)
+    └── JsonAdapter     one record per JSON object or array item   (police, charities, health)
+
+A partner module declares its kind, its file suffix and two :class:`FieldMap` tables (referral
+and status); everything else (reading, converting, validating, rendering) is here, so adapters
+stay alike and adding a partner is one small module.
+
+Parsing never returns part of a bad record: a record is either a complete canonical dict that
+passed edge validation, or rejected with every problem, each naming the file, the record number
+and the field (native name and canonical path), never the value. ``load_file`` raises if any
+record is rejected unless ``skip_invalid``; ``iter_file`` checks the whole file in a first
+streaming pass before it yields anything, so a sender can stream a large file and still send
+nothing when one record is bad.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import functools
+import json
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, ClassVar
+
+from referral_broker.schemas.json_form import from_json_form
+from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
+from referral_broker.schemas.validation import validate_referral, validate_status
+
+from referral_broker.errors import ConfigError, PartnerInputError, Problem, ValidationError
+
+from .field_map import (
+    INT,
+    TIMESTAMP,
+    UUID,
+    Field,
+    FieldMap,
+    Items,
+    MappingProblem,
+    canonical_leaf_paths,
+    get_canonical,
+)
+from .native_files import Source, read_csv, read_json, source_name, write_text
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+_SAFE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+# For formats with no ethnicity, or where the question is optional: "not obtained" is what is known.
+NOT_OBTAINED_ETHNICITY: Mapping[str, Any] = MappingProxyType({"child.ethnicity": "not_obtained"})
+# Spreadsheet programs run a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    """One record of a partner file: its canonical dict, or why it was rejected."""
+
+    source: str
+    number: int
+    record: dict[str, Any] | None
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.record is not None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.source}: record {self.number}: ok"
+        return f"{self.source}: record {self.number}: " + "; ".join(
+            f"{p.path}: {p.reason}" for p in self.problems
+        )
+
+
+@dataclass
+class LoadResult:
+    """A whole file: the good records (canonical) and, with ``skip_invalid``, the rejected ones."""
+
+    records: list[ParsedRecord] = field(default_factory=list)
+    rejected: list[ParsedRecord] = field(default_factory=list)
+
+    @property
+    def referrals(self) -> list[dict[str, Any]]:
+        return [parsed.record for parsed in self.records if parsed.record is not None]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What ``render`` wrote: the file (None for a stream), how many records, and the canonical
+    paths present in the input that this format cannot carry (list items beyond its slots too)."""
+
+    path: Path | None
+    count: int
+    not_carried: frozenset[str]
+
+
+@dataclass(frozen=True)
+class NativeRecord:
+    """A native record as read from the file, or the reasons it could not be read."""
+
+    number: int
+    document: Any
+    problems: tuple[MappingProblem, ...] = ()
+
+
+# The status form shared by partners whose format has no status message of its own.
+STATUS_MAP = FieldMap(
+    (
+        Field("status_id", "status_id", UUID),
+        Field("referral_id", "referral_id", UUID),
+        Field("version", "version", INT),
+        Field("from_party", "from_party"),
+        Field("to_party", "to_party"),
+        Field("status", "status"),
+        Field("reason", "reason"),
+        Field("at", "at", TIMESTAMP),
+        Field("actor_role", "actor_role"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class _Contract:
+    """What differs between referrals and statuses when converting: schema, checks, own party."""
+
+    schema: Callable[[], dict[str, Any]]
+    validate: Callable[..., list[Problem]]
+    own_party_path: str
+    finish: Callable[[dict[str, Any]], None]
+
+    def expanded(self) -> dict[str, Any]:
+        return _expanded(self.schema)
+
+
+@functools.cache
+def _expanded(schema: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    return expand_references(schema())
+
+
+def _finish_referral(record: dict[str, Any]) -> None:
+    record.setdefault("referral_id", uuid.uuid4())
+    record.setdefault("version", 1)
+    concerns = record.get("concerns")
+    if isinstance(concerns, list):
+        # Operational and derived, so routing works without opening the sealed concerns.
+        types = {c.get("type") for c in concerns if isinstance(c, dict)}
+        record["concern_types"] = sorted(t for t in types if isinstance(t, str))
+
+
+def _finish_status(record: dict[str, Any]) -> None:
+    record.setdefault("status_id", uuid.uuid4())
+    record.setdefault("version", 1)
+
+
+_REFERRAL = _Contract(referral_schema, validate_referral, "referrer.partner", _finish_referral)
+_STATUS = _Contract(
+    status_schema,
+    lambda record, *, now, record_number: validate_status(record, now=now),
+    "from_party",
+    _finish_status,
+)
+
+
+def _complete(value: Any, node: Any) -> None:
+    """Fill schema defaults, and empty lists for required arrays, inside records that are present."""
+    node = without_null(node)
+    if not isinstance(node, dict) or not isinstance(value, dict | list):
+        return
+    if node.get("type") == "array" and isinstance(value, list):
+        for item in value:
+            _complete(item, node["items"])
+    elif node.get("type") == "record" and isinstance(value, dict):
+        for item in node["fields"]:
+            name = item["name"]
+            if name in value:
+                _complete(value[name], item["type"])
+            elif "default" in item:
+                value[name] = copy.deepcopy(item["default"])
+            elif isinstance(item["type"], dict) and item["type"].get("type") == "array":
+                value[name] = []
+            elif _all_optional(item["type"]):
+                value[name] = {}  # e.g. identifiers: a record of optional fields, all absent
+                _complete(value[name], item["type"])
+
+
+def _all_optional(node: Any) -> bool:
+    return (
+        isinstance(node, dict)
+        and node.get("type") == "record"
+        and all("default" in item for item in node["fields"])
+    )
+
+
+def _label(native: str | None, canonical: str) -> str:
+    if native and canonical:
+        return f'"{native}" ({canonical})'
+    return f'"{native}"' if native else canonical or "<record>"
+
+
+class PartnerAdapter(ABC):
+    """Native <-> canonical for one partner kind, both for referrals and for status messages."""
+
+    kind: ClassVar[str]
+    native_suffix: ClassVar[str]
+    referral_map: ClassVar[FieldMap]
+    status_map: ClassVar[FieldMap] = STATUS_MAP
+    # Values for required canonical fields a record of this format may lack, each one a value
+    # that says "not known from this source" (ethnicity 'not_obtained'), never a guess.
+    defaults_when_absent: ClassVar[Mapping[str, Any]] = {}
+
+    # --- the format family's mechanics -----------------------------------------------------
+
+    @abstractmethod
+    def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
+        """Native records in file order, numbered from 1; a broken file raises PartnerInputError."""
+
+    @abstractmethod
+    def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
+        """Write native documents as one file of this format."""
+
+    def extra_problems(self, native: Any, record: dict[str, Any]) -> list[MappingProblem]:
+        """Format rules beyond the table (a partner module overrides this when it has any)."""
+        return []
+
+    def finish_native(self, document: dict[str, Any], record: Mapping[str, Any]) -> None:
+        """Native values derived from the whole record (a partner module overrides this)."""
+        return None
+
+    # --- the verbs -------------------------------------------------------------------------
+
+    def parse(self, source: Source, *, now: dt.datetime | None = None) -> Iterator[ParsedRecord]:
+        """Canonical referrals from a native file, one per record, streaming, in file order."""
+        return self._parse(source, self.referral_map, _REFERRAL, now)
+
+    def parse_statuses(self, source: Source, *, now: dt.datetime | None = None) -> Iterator[ParsedRecord]:
+        """Canonical status messages from a native status file."""
+        return self._parse(source, self.status_map, _STATUS, now)
+
+    def render(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        out: str | os.PathLike[str] | IO[str],
+        *,
+        name: str | None = None,
+    ) -> Rendered:
+        """Canonical referrals or recipient views as one native file (in folder ``out``, or to a
+        stream). Fields missing from a view are left out, never filled in."""
+        return self._render(
+            records, out, name or f"referrals{self.native_suffix}", self.referral_map, referral_schema()
+        )
+
+    def render_statuses(
+        self,
+        statuses: Iterable[Mapping[str, Any]],
+        out: str | os.PathLike[str] | IO[str],
+        *,
+        name: str | None = None,
+    ) -> Rendered:
+        return self._render(
+            statuses, out, name or f"statuses{self.native_suffix}", self.status_map, status_schema()
+        )
+
+    def to_native(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """One canonical referral or view as this format's native record."""
+        typed = from_json_form(dict(record), referral_schema())
+        document = self.referral_map.to_native(typed)[0]
+        self.finish_native(document, typed)
+        return document
+
+    def status_to_native(self, status: Mapping[str, Any]) -> dict[str, Any]:
+        """One canonical status message as this format's native status record."""
+        return self.status_map.to_native(from_json_form(dict(status), status_schema()))[0]
+
+    def status_from_native(
+        self, native: Mapping[str, Any], *, now: dt.datetime | None = None
+    ) -> dict[str, Any]:
+        """One native status record as a valid canonical status; ValidationError lists what is wrong."""
+        parsed = self._convert(NativeRecord(1, native), "<status>", self.status_map, _STATUS, now)
+        if parsed.record is None:
+            raise ValidationError(list(parsed.problems), f"{self.kind} status")
+        return parsed.record
+
+    def carried_paths(self) -> frozenset[str]:
+        """Canonical field paths this format carries (derived ones included)."""
+        paths = set(self.referral_map.carried_paths())
+        if "concerns.type" in paths:
+            paths.add("concern_types")
+        return frozenset(paths)
+
+    # --- shared conversion -----------------------------------------------------------------
+
+    def _parse(
+        self, source: Source, field_map: FieldMap, contract: _Contract, now: dt.datetime | None
+    ) -> Iterator[ParsedRecord]:
+        name = source_name(source)
+        clock = now or dt.datetime.now(dt.UTC)
+        for native in self.read_native(source, field_map):
+            yield self._convert(native, name, field_map, contract, clock)
+
+    def _convert(
+        self,
+        native: NativeRecord,
+        name: str,
+        field_map: FieldMap,
+        contract: _Contract,
+        now: dt.datetime | None,
+    ) -> ParsedRecord:
+        def reject(found: Iterable[MappingProblem | Problem]) -> ParsedRecord:
+            problems = tuple(
+                Problem(_label(p.native, p.canonical), p.reason, native.number)
+                if isinstance(p, MappingProblem)
+                else Problem(_label(field_map.native_label(p.path), p.path), p.reason, native.number)
+                for p in found
+            )
+            return ParsedRecord(name, native.number, None, problems)
+
+        if native.problems:
+            return reject(native.problems)
+        record, mapping_problems = field_map.to_canonical(native.document)
+        own_path = contract.own_party_path
+        claimed = get_canonical(record, own_path)
+        if claimed is not None and claimed != self.kind:
+            # A file from one partner cannot speak for another (a re-imported file, say).
+            label = field_map.native_label(own_path) or own_path
+            mapping_problems.append(MappingProblem(label, own_path, f"must be empty or '{self.kind}'"))
+        _set(record, own_path, self.kind)
+        if contract is _REFERRAL:
+            for path, value in self.defaults_when_absent.items():
+                _set(record, path, copy.deepcopy(value), keep=True)
+            mapping_problems.extend(self.extra_problems(native.document, record))
+        contract.finish(record)
+        _complete(record, contract.expanded())
+        failed = {p.canonical for p in mapping_problems if p.canonical}
+        problems: list[MappingProblem | Problem] = list(mapping_problems)
+        problems.extend(
+            p
+            for p in contract.validate(record, now=now, record_number=native.number)
+            if not any(p.path == f or p.path.startswith((f"{f}.", f"{f}[")) for f in failed)
+        )
+        return reject(problems) if problems else ParsedRecord(name, native.number, record)
+
+    def _render(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        out: str | os.PathLike[str] | IO[str],
+        file_name: str,
+        field_map: FieldMap,
+        schema: dict[str, Any],
+    ) -> Rendered:
+        carried = self.carried_paths() if field_map is self.referral_map else field_map.carried_paths()
+        not_carried: set[str] = set()
+        count = 0
+
+        def documents() -> Iterator[dict[str, Any]]:
+            nonlocal count
+            for record in records:
+                typed = from_json_form(dict(record), schema)
+                document, overflow = field_map.to_native(typed)
+                if field_map is self.referral_map:
+                    self.finish_native(document, typed)
+                not_carried.update(
+                    path
+                    for path in canonical_leaf_paths(typed)
+                    if path not in carried and not any(path.startswith(f"{c}.") for c in carried)
+                )
+                not_carried.update(overflow)
+                count += 1
+                yield document
+
+        path = write_text(out, file_name, lambda handle: self.write_native(documents(), field_map, handle))
+        return Rendered(path, count, frozenset(not_carried))
+
+
+def _set(record: dict[str, Any], path: str, value: Any, *, keep: bool = False) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        record = record.setdefault(part, {})
+    if not (keep and record.get(last) is not None):
+        record[last] = value
+
+
+class CsvAdapter(PartnerAdapter):
+    """A partner whose files are UTF-8 CSV with one record per row and the table's columns."""
+
+    native_suffix = ".csv"
+
+    def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
+        for number, row in read_csv(source, field_map.columns()):
+            if isinstance(row, str):
+                yield NativeRecord(number, None, (MappingProblem("<row>", "", row),))
+            else:
+                yield NativeRecord(number, {k: _restore_cell(v) for k, v in row.items()})
+
+    def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
+        writer = csv.DictWriter(out, fieldnames=field_map.columns(), restval="")
+        writer.writeheader()
+        for document in documents:
+            writer.writerow({k: _neutralise_cell(v) for k, v in document.items()})
+
+
+def _neutralise_cell(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _restore_cell(value: str) -> str:
+    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_START) else value
+
+
+class JsonAdapter(PartnerAdapter):
+    """A partner whose files are one JSON object (one record) or an array of objects."""
+
+    native_suffix = ".json"
+    # Reject keys the table does not know: a misspelt key would otherwise lose its data silently.
+    strict_keys: ClassVar[bool] = True
+
+    def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
+        document = read_json(source)
+        items = document if isinstance(document, list) else [document]
+        for number, item in enumerate(items, 1):
+            if not isinstance(item, dict):
+                yield NativeRecord(number, None, (MappingProblem("<record>", "", "expected a JSON object"),))
+            elif self.strict_keys and (unknown := _unknown_keys(item, field_map)):
+                yield NativeRecord(
+                    number, None, tuple(MappingProblem(k, "", "unknown field") for k in unknown)
+                )
+            else:
+                yield NativeRecord(number, item)
+
+    def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
+        json.dump(list(documents), out, indent=2, ensure_ascii=False)
+        out.write("\n")
+
+
+def _known_paths(field_map: FieldMap) -> set[str]:
+    known = set()
+    for entry in field_map.entries:
+        if isinstance(entry, Items):
+            known.update(
+                f"{entry.native}[].{f.native}" if f.native else f"{entry.native}[]" for f in entry.fields
+            )
+            known.add(f"{entry.native}[]")
+        else:
+            known.add(entry.native)
+    return known
+
+
+def _unknown_keys(document: dict[str, Any], field_map: FieldMap) -> list[str]:
+    known = _known_paths(field_map)
+    prefixes = {path[:i] for path in known for i in range(len(path)) if path[i] in ".["}
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, f"{path}[]")
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                child = f"{path}.{key}" if path else str(key)
+                if child in known:
+                    continue
+                if child in prefixes:
+                    walk(value, child)
+                else:
+                    shown = key if _SAFE_KEY.match(str(key)) else "<unnamed>"
+                    found.append(f"{path}.{shown}" if path else shown)
+
+    walk(document, "")
+    return found
+
+
+# --- the registry and the file-level verbs ------------------------------------------------------
+
+_ADAPTERS: dict[str, type[PartnerAdapter]] = {}
+
+
+def register(cls: type[PartnerAdapter]) -> type[PartnerAdapter]:
+    """Class decorator: make an adapter reachable by its partner kind."""
+    if cls.kind in _ADAPTERS:
+        raise ConfigError(f"two adapters for partner kind '{cls.kind}'")
+    _ADAPTERS[cls.kind] = cls
+    return cls
+
+
+def adapter_kinds() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(kind: str) -> PartnerAdapter:
+    try:
+        return _ADAPTERS[kind]()
+    except KeyError:
+        raise ConfigError(
+            f"no adapter for partner kind '{kind}'; known: {', '.join(adapter_kinds())}"
+        ) from None
+
+
+def example_file(kind: str) -> Path:
+    """The synthetic example file of a partner kind's native format."""
+    return EXAMPLES / f"{kind}{get_adapter(kind).native_suffix}"
+
+
+def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
+    problems = [problem for parsed in rejected for problem in parsed.problems]
+    raise ValidationError(
+        problems, f"{what} in {name} ({len(rejected)} record(s) rejected, nothing accepted)"
+    )
+
+
+def _load(records: Iterator[ParsedRecord], skip_invalid: bool, what: str) -> LoadResult:
+    result = LoadResult()
+    name = "<stream>"
+    for parsed in records:
+        name = parsed.source
+        (result.records if parsed.ok else result.rejected).append(parsed)
+    if result.rejected and not skip_invalid:
+        _raise_rejected(result.rejected, what, name)
+    return result
+
+
+def load_file(
+    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
+) -> LoadResult:
+    """Every referral in a partner's native file, validated.
+
+    Raises ValidationError listing every rejected record (file, record number, field) and
+    returns nothing when any record is bad, unless ``skip_invalid``: then the good records come
+    back with ``rejected`` listing the others. A broken file (encoding, columns, malformed CSV
+    or JSON) raises PartnerInputError either way.
+    """
+    return _load(get_adapter(kind).parse(source, now=now), skip_invalid, "referrals")
+
+
+def load_statuses(
+    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
+) -> LoadResult:
+    """Every status message in a partner's native status file, validated (as ``load_file``)."""
+    return _load(get_adapter(kind).parse_statuses(source, now=now), skip_invalid, "status messages")
+
+
+class FileStream:
+    """The referrals of a (large) file, streamed with bounded memory in two passes.
+
+    Constructing it runs the first pass: every record is parsed and validated and only the
+    rejected ones are kept, so a bad file raises before anything is yielded (or, with
+    ``skip_invalid``, ``rejected`` is complete before the first record is sent). Iterating runs
+    the second pass and yields the good records; ``total`` is their count, for progress bars.
+    """
+
+    def __init__(
+        self, kind: str, path: str | os.PathLike[str], *, skip_invalid: bool, now: dt.datetime | None
+    ) -> None:
+        self.adapter = get_adapter(kind)
+        self.path = Path(path)
+        self.now = now or dt.datetime.now(dt.UTC)
+        self.rejected: list[ParsedRecord] = []
+        self.total = 0
+        for parsed in self.adapter.parse(self.path, now=self.now):
+            if parsed.ok:
+                self.total += 1
+            else:
+                self.rejected.append(parsed)
+        if self.rejected and not skip_invalid:
+            _raise_rejected(self.rejected, "referrals", source_name(self.path))
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[ParsedRecord]:
+        skipped = {parsed.number for parsed in self.rejected}
+        for parsed in self.adapter.parse(self.path, now=self.now):
+            if parsed.ok:
+                yield parsed
+            elif parsed.number not in skipped:
+                raise PartnerInputError(f"{source_name(self.path)}: the file changed while it was being read")
+
+
+def iter_file(
+    kind: str, path: str | os.PathLike[str], *, skip_invalid: bool = False, now: dt.datetime | None = None
+) -> FileStream:
+    """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows)."""
+    return FileStream(kind, path, skip_invalid=skip_invalid, now=now)
+
+
+def render_file(
+    kind: str,
+    records: Iterable[Mapping[str, Any]],
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    name: str | None = None,
+) -> Rendered:
+    """Canonical referrals or recipient views as a partner's native file."""
+    return get_adapter(kind).render(records, out, name=name)
+
+
+def render_statuses(
+    kind: str,
+    statuses: Iterable[Mapping[str, Any]],
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    name: str | None = None,
+) -> Rendered:
+    """Canonical status messages as a partner's native status file."""
+    return get_adapter(kind).render_statuses(statuses, out, name=name)

@@ -1,0 +1,460 @@
+"""Declarative maps between a partner's native record and a canonical record.
+
+An adapter is mostly a table: each :class:`Field` pairs a native location (a CSV column, or a
+path into a JSON document such as ``identifier[system=https://fhir.nhs.uk/Id/nhs-number].value``)
+with a canonical field path and a :class:`Codec` that converts the value both ways. The same
+table drives parsing, rendering, error labels ("column X (canonical.path)") and the list of
+canonical paths a format carries, so the two directions cannot drift apart.
+
+Native paths: dotted segments, each optionally followed by one selector, ``[n]`` (list index)
+or ``[key=value]`` (the first list item whose ``key``, itself a dotted path, equals ``value``).
+Setting a path creates what is missing. Codec failures raise ``ValueError`` with a reason
+that never contains the value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from referral_broker.schemas import identifiers
+
+LOCAL_TIME = ZoneInfo("Europe/London")
+_SEGMENT = re.compile(r"([^.\[\]]+)(?:\[([^\]]*)\])?")
+
+
+# --- codecs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Converts one value: ``parse`` native -> canonical, ``render`` canonical -> native."""
+
+    parse: Callable[[Any], Any]
+    render: Callable[[Any], Any] = lambda value: value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected text")
+    return value.strip()
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise ValueError("expected a whole number")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in ("y", "yes", "true", "1"):
+        return True
+    if word in ("n", "no", "false", "0"):
+        return False
+    raise ValueError("expected yes or no")
+
+
+def _date(value: Any, pattern: str, shown: str) -> dt.date:
+    try:
+        return dt.datetime.strptime(_text(value), pattern).date()
+    except ValueError:
+        raise ValueError(f"not a date in the form {shown}") from None
+
+
+def _timestamp(value: Any) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(_text(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("not an ISO 8601 date and time") from None
+    # A partner system exporting local wall-clock time without an offset means UK time.
+    return moment if moment.tzinfo else moment.replace(tzinfo=LOCAL_TIME)
+
+
+def _render_timestamp(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _uuid(value: Any, prefix: str = "") -> uuid.UUID:
+    text = _text(value)
+    if not text.startswith(prefix):
+        raise ValueError(f"expected '{prefix}' followed by a UUID")
+    try:
+        return uuid.UUID(text[len(prefix) :])
+    except ValueError:
+        raise ValueError("not a UUID") from None
+
+
+TEXT = Codec(_text)
+INT = Codec(_integer)
+BOOL = Codec(_boolean)
+YES_NO = Codec(_boolean, lambda value: "Y" if value else "N")
+ISO_DATE = Codec(lambda v: _date(v, "%Y-%m-%d", "YYYY-MM-DD"), lambda v: v.isoformat())
+UK_DATE = Codec(lambda v: _date(v, "%d/%m/%Y", "DD/MM/YYYY"), lambda v: v.strftime("%d/%m/%Y"))
+TIMESTAMP = Codec(_timestamp, _render_timestamp)
+UUID = Codec(_uuid, str)
+URN_UUID = Codec(lambda v: _uuid(v, "urn:uuid:"), lambda v: f"urn:uuid:{v}")
+NHS_NUMBER = Codec(lambda v: identifiers.compact_nhs_number(_text(v)))
+NI_NUMBER = Codec(lambda v: identifiers.compact_ni_number(_text(v)))
+UPN = Codec(lambda v: identifiers.compact_upn(_text(v)))
+POSTCODE = Codec(lambda v: identifiers.normalise_postcode(_text(v)))
+SYMBOLS = Codec(lambda v: [_text(item) for item in _list(v)], list)
+SYMBOLS_CELL = Codec(
+    lambda v: [part.strip() for part in _text(v).split(";") if part.strip()], lambda v: ";".join(v)
+)
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list")
+    return value
+
+
+def codes(table: Mapping[str, str]) -> Codec:
+    """A closed code list: native code -> canonical symbol; rendering uses the first code per symbol."""
+    lookup = {code.upper(): symbol for code, symbol in table.items()}
+    reverse: dict[str, str] = {}
+    for code, symbol in table.items():
+        reverse.setdefault(symbol, code)
+    allowed = ", ".join(table)
+
+    def parse(value: Any) -> str:
+        symbol = lookup.get(_text(value).upper())
+        if symbol is None:
+            raise ValueError(f"not one of the codes {allowed}")
+        return symbol
+
+    def render(symbol: str) -> str:
+        if symbol not in reverse:
+            raise ValueError("has no code in this format")
+        return reverse[symbol]
+
+    return Codec(parse, render)
+
+
+# --- native paths -----------------------------------------------------------------------------
+
+
+def _segments(path: str) -> list[tuple[str, str | None]]:
+    return [(m[1], m[2]) for m in _SEGMENT.finditer(path)] if path else []
+
+
+def _select(items: Any, selector: str) -> tuple[Any, int | None]:
+    """The list item the selector names and its index, or (None, None)."""
+    if not isinstance(items, list):
+        return None, None
+    if selector.isdigit():
+        index = int(selector)
+        return (items[index], index) if index < len(items) else (None, None)
+    key, _, wanted = selector.partition("=")
+    for index, item in enumerate(items):
+        if get_path(item, key) == wanted:
+            return item, index
+    return None, None
+
+
+def get_path(document: Any, path: str) -> Any:
+    """The value at ``path``, or None when any step is missing."""
+    node = document
+    for name, selector in _segments(path):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(name)
+        if selector is not None:
+            node, _ = _select(node, selector)
+    return node
+
+
+def set_path(document: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``path`` to ``value``, creating dicts, lists and selected list items on the way."""
+    node: Any = document
+    steps = _segments(path)
+    for position, (name, selector) in enumerate(steps):
+        last = position == len(steps) - 1
+        if selector is None:
+            if last:
+                node[name] = value
+                return
+            node = node.setdefault(name, {})
+            continue
+        items = node.setdefault(name, [])
+        found, index = _select(items, selector)
+        if selector.isdigit():
+            # Indexes fill in order: a missing earlier item is never padded with an invented one.
+            if last:
+                items.__setitem__(index, value) if index is not None else items.append(value)
+                return
+            if found is None:
+                found = {}
+                items.append(found)
+        elif found is None:
+            key, _, wanted = selector.partition("=")
+            found = {}
+            set_path(found, key, wanted)
+            items.append(found)
+        node = found
+
+
+def get_canonical(record: Any, path: str) -> Any:
+    """The value at a dotted canonical path (no indexes), or None."""
+    node = record
+    for part in path.split(".") if path else []:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set_canonical(record: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        record = record.setdefault(part, {})
+    record[last] = value
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One native value <-> one canonical field path (``""`` inside :class:`Items` = the item)."""
+
+    native: str
+    canonical: str
+    codec: Codec = TEXT
+
+
+@dataclass(frozen=True)
+class Const:
+    """A fixed native value the format needs (a FHIR status, a code system); carries no data.
+
+    Rendering writes ``value``; parsing accepts only ``allowed`` (when given), which is how a
+    code binding the FHIR library does not check gets checked.
+    """
+
+    native: str
+    value: Any
+    allowed: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Items:
+    """A repeated group: a JSON list of objects, or ``slots`` numbered CSV column groups.
+
+    For a JSON list, ``native`` is the list's path and item fields are paths inside each item.
+    For CSV, ``native`` is a column prefix with ``{n}`` (``"Contact {n} "``) and the format
+    carries at most ``slots`` items; further items are reported as not carried.
+    """
+
+    native: str
+    canonical: str
+    fields: tuple[Field | Const, ...]
+    slots: int | None = None
+
+    def item_path(self, index: int, native: str) -> str:
+        if self.slots is not None:
+            return self.native.format(n=index + 1) + native
+        return f"{self.native}[{index}].{native}" if native else f"{self.native}[{index}]"
+
+
+Entry = Field | Const | Items
+
+
+@dataclass(frozen=True)
+class MappingProblem:
+    """A value that could not be converted: where (native label, canonical path) and why."""
+
+    native: str
+    canonical: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """The table of one native format; converts whole records both ways."""
+
+    entries: tuple[Entry, ...]
+
+    def columns(self) -> list[str]:
+        """Every native name, repeated groups expanded: a CSV format's header."""
+        names: list[str] = []
+        for entry in self.entries:
+            if isinstance(entry, Items):
+                for index in range(entry.slots or 0):
+                    names.extend(entry.item_path(index, f.native) for f in entry.fields)
+            else:
+                names.append(entry.native)
+        return list(dict.fromkeys(names))
+
+    def carried_paths(self) -> frozenset[str]:
+        """Canonical field paths (no indexes) this format can carry."""
+        paths = set()
+        for entry in self.entries:
+            if isinstance(entry, Field):
+                paths.add(entry.canonical)
+            elif isinstance(entry, Items):
+                paths.update(
+                    f"{entry.canonical}.{f.canonical}" if f.canonical else entry.canonical
+                    for f in entry.fields
+                    if isinstance(f, Field)
+                )
+        return frozenset(paths)
+
+    def to_canonical(self, native: Mapping[str, Any]) -> tuple[dict[str, Any], list[MappingProblem]]:
+        record: dict[str, Any] = {}
+        problems: list[MappingProblem] = []
+        for entry in self.entries:
+            if isinstance(entry, Items):
+                items = self._items_to_canonical(native, entry, problems)
+                if items:
+                    _set_canonical(record, entry.canonical, items)
+            else:
+                self._read(
+                    native,
+                    entry,
+                    entry.native,
+                    record,
+                    entry.canonical if isinstance(entry, Field) else "",
+                    problems,
+                )
+        return record, problems
+
+    def _read(
+        self,
+        native: Any,
+        entry: Field | Const,
+        native_path: str,
+        target: dict[str, Any],
+        canonical: str,
+        problems: list[MappingProblem],
+    ) -> None:
+        value = get_path(native, native_path)
+        if isinstance(entry, Const):
+            if entry.allowed is not None and value not in entry.allowed:
+                problems.append(
+                    MappingProblem(native_path, "", f"must be one of {', '.join(sorted(entry.allowed))}")
+                )
+            return
+        if _is_empty(value):
+            return
+        try:
+            converted = entry.codec.parse(value)
+        except ValueError as exc:
+            problems.append(MappingProblem(native_path, canonical, str(exc)))
+            return
+        if not _is_empty(converted):
+            if entry.canonical:
+                _set_canonical(target, entry.canonical, converted)
+            else:
+                target[""] = converted
+
+    def _items_to_canonical(self, native: Any, items: Items, problems: list[MappingProblem]) -> list[Any]:
+        if items.slots is not None:
+            count = items.slots
+        else:
+            found = get_path(native, items.native)
+            if found is None:
+                return []
+            if not isinstance(found, list):
+                problems.append(MappingProblem(items.native, items.canonical, "expected a list"))
+                return []
+            count = len(found)
+        out: list[Any] = []
+        for index in range(count):
+            item: dict[str, Any] = {}
+            index_path = f"{items.canonical}[{len(out)}]"
+            for entry in items.fields:
+                canonical = (
+                    f"{index_path}.{entry.canonical}"
+                    if isinstance(entry, Field) and entry.canonical
+                    else index_path
+                )
+                self._read(native, entry, items.item_path(index, entry.native), item, canonical, problems)
+            if item:
+                out.append(item.pop("") if "" in item else item)
+        return out
+
+    def to_native(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """The native document for a canonical record or view, and the canonical paths of list
+        items beyond the format's slots. Missing and null fields are left out, never invented."""
+        native: dict[str, Any] = {}
+        overflow: set[str] = set()
+        for entry in self.entries:
+            if isinstance(entry, Const):
+                set_path(native, entry.native, entry.value)
+            elif isinstance(entry, Field):
+                self._write(record, entry, entry.native, native)
+            else:
+                values = get_canonical(record, entry.canonical) or []
+                if entry.slots is not None and len(values) > entry.slots:
+                    overflow.add(entry.canonical)
+                    values = values[: entry.slots]
+                rendered = []
+                for index, value in enumerate(values):
+                    item: dict[str, Any] = {}
+                    for inner in entry.fields:
+                        path = (
+                            entry.item_path(index, inner.native) if entry.slots is not None else inner.native
+                        )
+                        if isinstance(inner, Const):
+                            set_path(item, path, inner.value)
+                        else:
+                            self._write(value if inner.canonical else {"": value}, inner, path, item)
+                    rendered.append(item)
+                if entry.slots is not None:
+                    for item in rendered:
+                        native.update(item)
+                elif rendered:
+                    set_path(native, entry.native, rendered)
+        return native, overflow
+
+    @staticmethod
+    def _write(source: Any, entry: Field, native_path: str, native: dict[str, Any]) -> None:
+        value = source.get("") if entry.canonical == "" else get_canonical(source, entry.canonical)
+        if _is_empty(value):
+            return
+        set_path(native, native_path, entry.codec.render(value))
+
+    def native_label(self, canonical_path: str) -> str | None:
+        """The native name for a canonical path with indexes (``household[1].ni_number``)."""
+        for entry in self.entries:
+            if isinstance(entry, Field) and entry.canonical == canonical_path:
+                return entry.native
+            if isinstance(entry, Items) and canonical_path.startswith(f"{entry.canonical}["):
+                index_text, _, rest = canonical_path[len(entry.canonical) + 1 :].partition("]")
+                if not index_text.isdigit():
+                    continue
+                for inner in entry.fields:
+                    if isinstance(inner, Field) and inner.canonical == rest.lstrip("."):
+                        return entry.item_path(int(index_text), inner.native)
+        under = [
+            entry.native
+            for entry in self.entries
+            if isinstance(entry, Field) and entry.canonical.startswith(f"{canonical_path}.")
+        ]
+        return ", ".join(under[:3]) if under else None
+
+
+def canonical_leaf_paths(record: Any, prefix: str = "") -> Iterable[str]:
+    """Schema paths (no indexes) of the values present in a canonical record or view."""
+    if isinstance(record, Mapping):
+        for key, value in record.items():
+            yield from canonical_leaf_paths(value, f"{prefix}.{key}" if prefix else key)
+    elif isinstance(record, list) and record and all(isinstance(item, Mapping) for item in record):
+        for item in record:
+            yield from canonical_leaf_paths(item, prefix)
+    elif not _is_empty(record):
+        yield prefix

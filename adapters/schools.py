@@ -1,0 +1,252 @@
+"""Schools: the CSV a school management information system (MIS) exports, one pupil per row.
+
+Codes are the DfE's (Common Basic Data Set): gender, ethnicity, SEN provision and primary need,
+exclusion category and reason, and the 2024 attendance and absence codes; dates are UK style
+(DD/MM/YYYY) as MIS exports write them. On receipt the same layout is rendered, so a school can
+import it. Columns and their canonical paths: ``FORMATS.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import CsvAdapter, register
+from .field_map import (
+    INT,
+    POSTCODE,
+    SYMBOLS_CELL,
+    TEXT,
+    TIMESTAMP,
+    UK_DATE,
+    UPN,
+    UUID,
+    YES_NO,
+    Codec,
+    Field,
+    FieldMap,
+    Items,
+    codes,
+)
+
+GENDER = codes({"F": "female", "M": "male", "U": "not_known", "X": "not_specified"})
+ETHNICITY = codes(
+    {
+        "WBRI": "white_british",
+        "WIRI": "white_irish",
+        "WROM": "white_gypsy_roma",
+        "WIRT": "white_irish_traveller",
+        "WOTH": "white_other",
+        "MWBC": "mixed_white_black_caribbean",
+        "MWBA": "mixed_white_black_african",
+        "MWAS": "mixed_white_asian",
+        "MOTH": "mixed_other",
+        "AIND": "asian_indian",
+        "APKN": "asian_pakistani",
+        "ABAN": "asian_bangladeshi",
+        "CHNE": "asian_chinese",
+        "AOTH": "asian_other",
+        "BCRB": "black_caribbean",
+        "BAFR": "black_african",
+        "BOTH": "black_other",
+        "OARA": "arab",
+        "OOTH": "other_ethnic_group",
+        "REFU": "refused",
+        "NOBT": "not_obtained",
+    }
+)
+RELATIONSHIP = codes(
+    {
+        "Mother": "mother",
+        "Father": "father",
+        "Step-parent": "step_parent",
+        "Parent's partner": "parent_partner",
+        "Guardian": "guardian",
+        "Foster carer": "foster_carer",
+        "Kinship carer": "kinship_carer",
+        "Grandparent": "grandparent",
+        "Sibling": "sibling",
+        "Half-sibling": "half_sibling",
+        "Step-sibling": "step_sibling",
+        "Other relative": "other_relative",
+        "Other": "other",
+    }
+)
+# "A" (EHC needs assessment requested) is local: the DfE codes are N, K and E.
+SEN_PROVISION = codes({"N": "no_sen", "K": "sen_support", "A": "ehc_assessment_requested", "E": "ehc_plan"})
+SEN_NEED = codes(
+    {
+        "SPLD": "specific_learning_difficulty",
+        "MLD": "moderate_learning_difficulty",
+        "SLD": "severe_learning_difficulty",
+        "PMLD": "profound_multiple_learning_difficulty",
+        "SEMH": "social_emotional_mental_health",
+        "SLCN": "speech_language_communication",
+        "HI": "hearing_impairment",
+        "VI": "visual_impairment",
+        "MSI": "multi_sensory_impairment",
+        "PD": "physical_disability",
+        "ASD": "autistic_spectrum_disorder",
+        "OTH": "other_difficulty",
+        "NSA": "sen_no_specialist_assessment",
+    }
+)
+EXCLUSION_CATEGORY = codes({"FIXD": "suspension", "PERM": "permanent_exclusion"})
+EXCLUSION_REASON = codes(
+    {
+        "PP": "physical_assault_against_pupil",
+        "PA": "physical_assault_against_adult",
+        "VP": "verbal_abuse_against_pupil",
+        "VA": "verbal_abuse_against_adult",
+        "OW": "use_or_threat_of_offensive_weapon",
+        "BU": "bullying",
+        "RA": "racist_abuse",
+        "LG": "abuse_against_sexual_orientation_or_gender_identity",
+        "DS": "abuse_relating_to_disability",
+        "MT": "inappropriate_use_of_social_media_or_online_technology",
+        "WT": "wilful_transgression_of_protective_measures",
+        "DM": "damage",
+        "TH": "theft",
+        "DB": "persistent_disruptive_behaviour",
+        "DA": "drug_and_alcohol_related",
+        "SM": "sexual_misconduct",
+        "OT": "other",
+    }
+)
+_NAMED_YEARS = {"N1": -2, "N2": -1, "R": 0}
+
+
+def _parse_year_group(value: str) -> int:
+    # MIS exports nursery and reception years by name; canonical year groups count from reception = 0.
+    named = _NAMED_YEARS.get(value.strip().upper())
+    return named if named is not None else INT.parse(value)
+
+
+YEAR_GROUP = Codec(_parse_year_group, lambda year: {v: k for k, v in _NAMED_YEARS.items()}.get(year, year))
+_ATTENDANCE_SYMBOL = {"/": "present", "#": "closed"}
+
+
+def _cell_entries(value: str, parts: int, shape: str) -> list[list[str]]:
+    """A list cell: entries split by ';', each with ``parts`` fields split by ':'."""
+    entries = []
+    for number, entry in enumerate((e for e in value.split(";") if e.strip()), 1):
+        fields = [part.strip() for part in entry.split(":")]
+        if len(fields) != parts:
+            raise ValueError(f"entry {number} is not {shape}")
+        entries.append(fields)
+    return entries
+
+
+def _parse_attendance_codes(value: str) -> list[dict[str, Any]]:
+    return [
+        {"code": _ATTENDANCE_SYMBOL.get(code, code), "sessions": INT.parse(sessions)}
+        for code, sessions in _cell_entries(value, 2, "CODE:SESSIONS")
+    ]
+
+
+def _render_attendance_codes(counts: list[dict[str, Any]]) -> str:
+    symbols = {symbol: code for code, symbol in _ATTENDANCE_SYMBOL.items()}
+    return ";".join(f"{symbols.get(c.get('code'), c.get('code'))}:{c.get('sessions')}" for c in counts)
+
+
+def _parse_exclusions(value: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": EXCLUSION_CATEGORY.parse(category),
+            "start_date": UK_DATE.parse(start),
+            "sessions": INT.parse(sessions) if sessions else None,
+            "reason": EXCLUSION_REASON.parse(reason),
+        }
+        for category, start, sessions, reason in _cell_entries(
+            value, 4, "CATEGORY:DD/MM/YYYY:SESSIONS:REASON"
+        )
+    ]
+
+
+def _render_exclusions(exclusions: list[dict[str, Any]]) -> str:
+    return ";".join(
+        f"{EXCLUSION_CATEGORY.render(e['kind'])}:{UK_DATE.render(e['start_date'])}:"
+        f"{e.get('sessions') or ''}:{EXCLUSION_REASON.render(e['reason'])}"
+        for e in exclusions
+    )
+
+
+REFERRAL_MAP = FieldMap(
+    (
+        Field("Referral ID", "referral_id", UUID),
+        Field("Version", "version", INT),
+        Field("Date Of Referral", "created_at", TIMESTAMP),
+        Field("District", "district"),
+        Field("Priority", "priority"),
+        Field("Safeguarding Concern", "flags.safeguarding_concern", YES_NO),
+        Field("Crime Prevention", "flags.crime_prevention", YES_NO),
+        Field("Early Support Pathway", "flags.early_support_pathway", YES_NO),
+        Field("Referred By", "referrer.partner"),
+        Field("Referrer Organisation", "referrer.organisation"),
+        Field("Referrer Name", "referrer.practitioner.name"),
+        Field("Referrer Role", "referrer.practitioner.role"),
+        Field("Referrer Email", "referrer.practitioner.email"),
+        Field("Referrer Phone", "referrer.practitioner.phone"),
+        Field("UPN", "identifiers.upn", UPN),
+        Field("Legal Surname", "child.family_name"),
+        Field("Legal Forename", "child.given_name"),
+        Field("Preferred Forename", "child.preferred_name"),
+        Field("DOB", "child.date_of_birth", UK_DATE),
+        Field("Gender", "child.sex", GENDER),
+        Field("Ethnicity", "child.ethnicity", ETHNICITY),
+        Field("First Language", "child.first_language"),
+        Field("Interpreter Required", "child.interpreter_needed", YES_NO),
+        Field("Address Line 1", "child.address.line1"),
+        Field("Address Line 2", "child.address.line2"),
+        Field("Town", "child.address.town"),
+        Field("Postcode", "child.address.postcode", POSTCODE),
+        Field("Home Phone", "child.contact.phone"),
+        Field("Home Email", "child.contact.email"),
+        Items(
+            "Contact {n} ",
+            "household",
+            (
+                Field("Forename", "given_name"),
+                Field("Surname", "family_name"),
+                Field("Relationship", "relationship", RELATIONSHIP),
+                Field("Parental Responsibility", "parental_responsibility", YES_NO),
+                Field("Phone", "contact.phone"),
+                Field("Email", "contact.email"),
+            ),
+            slots=2,
+        ),
+        Field("School Name", "school.school_name"),
+        Field("School URN", "school.urn"),
+        Field("NC Year", "school.year_group", YEAR_GROUP),
+        Field("Attendance From", "school.attendance.period_start", UK_DATE),
+        Field("Attendance To", "school.attendance.period_end", UK_DATE),
+        Field("Possible Sessions", "school.attendance.possible_sessions", INT),
+        Field("Present Sessions", "school.attendance.present_sessions", INT),
+        Field("Authorised Absence Sessions", "school.attendance.authorised_absence_sessions", INT),
+        Field("Unauthorised Absence Sessions", "school.attendance.unauthorised_absence_sessions", INT),
+        Field(
+            "Attendance Codes",
+            "school.attendance.by_code",
+            Codec(_parse_attendance_codes, _render_attendance_codes),
+        ),
+        Field("Exclusions", "school.exclusions", Codec(_parse_exclusions, _render_exclusions)),
+        Field("SEN Provision", "send.status", SEN_PROVISION),
+        Field("SEN Primary Need", "send.primary_need", SEN_NEED),
+        Field("SEN Details", "send.details"),
+        Items(
+            "Concern {n} ",
+            "concerns",
+            (Field("Type", "type"), Field("Detail", "detail"), Field("Since", "since", UK_DATE)),
+            slots=3,
+        ),
+        Field("Services Requested", "services_requested", SYMBOLS_CELL),
+        Field("Consent", "consent.state", TEXT),
+        Field("Consent Recorded At", "consent.recorded_at", TIMESTAMP),
+        Field("Consent Recorded By", "consent.recorded_by"),
+    )
+)
+
+
+@register
+class SchoolsAdapter(CsvAdapter):
+    kind = "schools"
+    referral_map = REFERRAL_MAP
