@@ -1,0 +1,142 @@
+"""Running the inbox: wiring the store, the sealed format, Kafka and the app, then uvicorn.
+
+``build_inbox`` is what ``referral-broker inbox serve`` (and the demo) call; ``ServerThread``
+runs the same app on a loopback port inside a process (tests, the demo) and is always stopped
+and joined, never left behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import uvicorn
+from referral_broker.consumers.inbox.auth import check_team, district_teams
+from referral_broker.consumers.inbox.frontend import install_frontend
+from referral_broker.consumers.inbox.ingest import TeamIngest
+from referral_broker.consumers.inbox.outbound import Outbound
+from referral_broker.consumers.inbox.records import RecordFormat
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.web import create_app
+from starlette.applications import Starlette
+
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Inbox:
+    """A built inbox: its app and the parts to close when it stops."""
+
+    app: Starlette
+    store: InboxStore
+    outbound: Outbound
+    teams: tuple[str, ...]
+    workers: list[TeamIngest] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.outbound.close()
+        self.store.close()
+
+
+def build_inbox(
+    settings: Settings,
+    *,
+    teams: Sequence[str] | None = None,
+    record_format: RecordFormat | None = None,
+    ingest: bool = True,
+    secure_cookies: bool = True,
+    clock: Callable[[], datetime] | None = None,
+) -> Inbox:
+    """The inbox for ``teams`` (every district team by default): assets installed, key stores
+    opened, and (unless ``ingest`` is off) one ingest worker per team for the app's lifetime."""
+    teams = tuple(check_team(t) for t in (teams or district_teams()))
+    assets = install_frontend(settings)
+    if record_format is None:
+        from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
+
+        record_format = SealedReferralFormat.from_settings(settings, teams)
+    store = InboxStore(settings.inbox_db_path)
+    outbound = Outbound(settings)
+    workers = (
+        [TeamIngest(settings, team, store, record_format, clock=clock) for team in teams] if ingest else []
+    )
+    app = create_app(
+        settings,
+        store=store,
+        record_format=record_format,
+        outbound=outbound,
+        teams=teams,
+        assets_dir=assets,
+        secure_cookies=secure_cookies,
+        clock=clock,
+        background=workers,
+    )
+    return Inbox(app, store, outbound, teams, workers)
+
+
+def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,  # request lines would carry referral ids and query strings
+        server_header=False,
+        proxy_headers=False,
+    )
+
+
+class ServerThread:
+    """uvicorn in a (joined) thread on ``host``; ``port=0`` picks a free port."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = uvicorn.Server(uvicorn_config(app, host, port))
+        self.host = host
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        self._thread = threading.Thread(target=self.server.run, name="inbox-http")
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"the inbox server did not start on {self.host}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
