@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "schemas": "referral_broker.cli.schemas_cmd:schemas",
     "validate": "referral_broker.cli.validate_cmd:validate_cmd",
     "synth": "referral_broker.cli.synth_cmd:synth",
+    "inbox": "referral_broker.cli.inbox_cmd:inbox",
 }
 
 
@@ -66,7 +67,7 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     try:
-        return cli.main(args=argv, prog_name="referral-broker", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="referral-broker", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    # standalone_mode=False hands back a command's exit code instead of exiting with it
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
