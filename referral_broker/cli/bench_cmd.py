@@ -49,3 +49,41 @@ def seal(obj: CliContext, iterations: int, as_json: bool) -> None:
     from referral_broker.sealing import bench as bench_lib
 
     emit(bench_lib.run(obj.settings, iterations=iterations), as_json, _show_seal)
+
+
+@bench.command()
+@click.option(
+    "--count",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(50, 1_000_000),
+    help="Referrals per measured run.",
+)
+@json_option
+@pass_cli
+def router(obj: CliContext, count: int, as_json: bool) -> None:
+    """Router throughput on the real broker: primitive floor, raw kafka-python pass-through,
+    router at 1 and 3 recipients, and the same without sealing/signing; ratios and peak RSS."""
+    from referral_broker.consumers.router_bench import run
+
+    progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
+    data = run(obj.settings, obj.bootstrap(), count=count, progress=progress)
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"Router benchmark, {d['count']} referrals per run:\n")
+        click.echo(
+            table(
+                [[k.replace("_", " "), f"{v:,.1f}"] for k, v in d["referrals_per_second"].items()],
+                ["referrals/s", "rate"],
+            )
+        )
+        click.echo("")
+        click.echo(
+            table([[k.replace("_", " "), f"{v:.3f}"] for k, v in d["ratios"].items()], ["ratio", "value"])
+        )
+        click.echo(
+            f"\nFloor: {d['floor_us_per_referral_3_recipients']:.0f} µs per referral (3 recipients). "
+            f"Peak RSS {d['peak_rss_mb']} MB."
+        )
+
+    emit(data, as_json, human)

@@ -40,7 +40,9 @@ def build_producer(
         "client_id": settings.kafka_client_id,
         "acks": "all",
         "enable_idempotence": True,
-        "retries": 10,
+        # Retries are bounded by time, not count (Kafka's own default): a freshly created or
+        # moving partition answers NotLeader for a while, and a count runs out too soon.
+        "retries": 2**31 - 1,
         "delivery_timeout_ms": 60_000,
         "request_timeout_ms": settings.kafka_request_timeout_ms,
         "bootstrap_timeout_ms": settings.kafka_request_timeout_ms,

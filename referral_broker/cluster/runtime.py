@@ -49,9 +49,13 @@ Configuration:
       SizeBasedTriggeringPolicy: {size: 20MB}
       DefaultRolloverStrategy: {max: 3}
   Loggers:
+    # WARN by default: at INFO a busy test run writes tens of MB a minute of topic churn.
     Root:
-      level: INFO
+      level: WARN
       AppenderRef: [{ref: STDOUT}, {ref: FILE}]
+    Logger:
+      - {name: kafka.server.BrokerServer, level: INFO, additivity: false, AppenderRef: [{ref: FILE}]}
+      - {name: kafka.server.ControllerServer, level: INFO, additivity: false, AppenderRef: [{ref: FILE}]}
 """
 
 POM_TEMPLATE = """\

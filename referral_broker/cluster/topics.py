@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -39,6 +40,7 @@ class TopicSpec:
         }
 
 
+@cache
 def _load_plan_doc() -> dict[str, Any]:
     text = resources.files("referral_broker.cluster").joinpath("topic_plan.toml").read_text("utf-8")
     return tomllib.loads(text)
@@ -46,6 +48,11 @@ def _load_plan_doc() -> dict[str, Any]:
 
 def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
     """Every topic of the plan under ``profile``; ``prefix`` namespaces them (tests, tenants)."""
+    return list(_plan(profile, prefix))
+
+
+@cache
+def _plan(profile: str, prefix: str) -> tuple[TopicSpec, ...]:
     doc = _load_plan_doc()
     durability = dict(doc["production"])
     if profile != "production":
@@ -83,16 +90,21 @@ def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
                     configs=configs,
                 )
             )
-    return specs
+    return tuple(specs)
 
 
 def topic_name(settings: Settings, role: str, party: str | None = None) -> str:
     """The one way code finds a topic's name: by role and party, under the configured prefix."""
-    for spec in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix):
-        if spec.role == role and spec.party == party:
-            return spec.name
-    what = f"role '{role}'" + (f" for party '{party}'" if party else "")
-    raise TopicPlanError(f"the topic plan has no topic with {what}")
+    name = _names(settings.kafka_topic_profile, settings.kafka_topic_prefix).get((role, party))
+    if name is None:
+        what = f"role '{role}'" + (f" for party '{party}'" if party else "")
+        raise TopicPlanError(f"the topic plan has no topic with {what}")
+    return name
+
+
+@cache
+def _names(profile: str, prefix: str) -> dict[tuple[str, str | None], str]:
+    return {(s.role, s.party): s.name for s in _plan(profile, prefix)}
 
 
 @dataclass
@@ -141,6 +153,27 @@ def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
             if value is not None and str(value) != want:
                 state.drift.append(f"{key}: plan {want}, cluster {value}")
     return states
+
+
+def _wait_for_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
+    """New topics are usable once every partition has a leader; producing earlier fails."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(names)
+    while pending:
+        described = admin.describe_topics(pending)
+        pending = [
+            t["name"]
+            for t in described
+            if t.get("error_code")
+            or not t.get("partitions")
+            or any(p.get("leader_id", p.get("leader", -1)) in (-1, None) for p in t["partitions"])
+        ]
+        if pending and time.monotonic() > deadline:
+            raise TopicPlanError(f"{len(pending)} new topics have no partition leader after {timeout_s:.0f}s")
+        if pending:
+            time.sleep(0.1)
 
 
 def admin_client(settings: Settings, bootstrap: str) -> Any:
@@ -202,6 +235,7 @@ def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
             for spec in missing:
                 states[spec.name].created = True
                 states[spec.name].exists = True
+            _wait_for_leaders(admin, [s.name for s in missing], settings.kafka_request_timeout_ms / 1000)
         return list(states.values())
     finally:
         admin.close()
