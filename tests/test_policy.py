@@ -232,3 +232,15 @@ def test_cli_explain_json_and_unknown_recipient() -> None:
     assert data["purposes"][0]["name"] == "safeguarding-and-crime-prevention"
     bad = run("policy", "explain", "--recipient", "the-press")
     assert bad.returncode != 0 and "unknown party 'the-press'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_schemas_show_view_takes_fields_from_the_policy(policy) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "referral_broker.cli.main", "schemas", "show", "--view", "dwp", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(json.loads(proc.stdout)["granted"]) == sorted(
+        f["path"] for f in explain(policy, "dwp")["fields"]
+    )

@@ -1,7 +1,8 @@
 """``referral-broker schemas list|show|check-evolution``: the data contract, readable.
 
 A thin layer over ``referral_broker.schemas``: the JSON and the human output come from the
-same data. ``show --fields`` prints a view schema built from the given field paths.
+same data. ``show --fields`` prints a view schema built from the given field paths, ``show --view``
+the widest view the sharing policy grants a recipient.
 """
 
 from __future__ import annotations
@@ -87,15 +88,29 @@ def list_cmd(as_json: bool) -> None:
     default=None,
     help="Comma-separated field paths: show the view schema that grants only these.",
 )
-# Planned: --view <recipient>, taking the granted paths from the sharing policy once it exists
-# (router issue). It plugs in here and feeds views.view_schema exactly like --fields.
+@click.option(
+    "--view",
+    "recipient",
+    default=None,
+    metavar="RECIPIENT",
+    help="Show the widest view the sharing policy can grant RECIPIENT (e.g. police).",
+)
 @click.option(
     "--avsc", is_flag=True, help="Print the Avro schema itself (.avsc JSON) instead of the field table."
 )
 @json_option
-def show(family: str, version: int | None, fields_csv: str | None, avsc: bool, as_json: bool) -> None:
+def show(
+    family: str, version: int | None, fields_csv: str | None, recipient: str | None, avsc: bool, as_json: bool
+) -> None:
     """Fields of a schema (or of a view) with type, data class and whether each is sealed."""
     schema = registry.load_schema(family, version)
+    if fields_csv is not None and recipient is not None:
+        raise click.UsageError("give --fields or --view, not both")
+    if recipient is not None:
+        from referral_broker.policy import load_policy
+        from referral_broker.policy.review import granted_fields
+
+        fields_csv = ",".join(granted_fields(load_policy(schema=schema), recipient))
     if fields_csv is not None:
         schema = views.view_schema(fields_csv.split(","), schema)
     data = describe(schema)
