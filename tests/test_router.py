@@ -233,3 +233,43 @@ def test_killed_router_loses_and_duplicates_nothing(broker: Settings, kafka_boot
     assert sorted(ids) == sorted(s.referral_id for s in sent)
     team = [(m.referral_id, m.version) for m in received_by(broker, kafka_bootstrap, "district-fenland")]
     assert len(team) == len(set(team)) == count
+
+
+def test_status_travels_back_to_the_referrer_sealed(broker: Settings, kafka_bootstrap: str) -> None:
+    record = referrals_from("schools", 1, seed=31, district="cambridge")[0]
+    with IntakeSender(broker, kafka_bootstrap, "schools") as sender:
+        sender.send_referrals([record])
+    Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    arrived = received_by(broker, kafka_bootstrap, "district-cambridge")
+    assert [m.referrer for m in arrived] == ["schools"]
+    status = {
+        "status_id": uuid.uuid4(),
+        "referral_id": record["referral_id"],
+        "version": record["version"],
+        "from_party": "district-cambridge",
+        "to_party": arrived[0].referrer,
+        "status": "declined",
+        "reason": "Synthetic: already open to another service",
+        "at": NOW.replace(microsecond=0),
+        "actor_role": "Early Help practitioner",
+    }
+    with IntakeSender(broker, kafka_bootstrap, "district-cambridge") as team:
+        team.send_status(status)
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.statuses == 1 and stats.dead_lettered == 0
+    statuses = [m for m in received_by(broker, kafka_bootstrap, "schools") if m.kind == "status"]
+    assert len(statuses) == 1
+    got = statuses[0].record
+    assert (
+        got["status"] == "declined"
+        and got["reason"] == status["reason"]
+        and got["from_party"] == "district-cambridge"
+    )
+    raw = read_all(broker, kafka_bootstrap, topic_name(broker, "out", "schools"))
+    assert all(status["reason"].encode() not in r.value for r in raw)  # sealed on the wire
+    # a status claiming to come from another team than its sender is a dead letter
+    forged = {**status, "status_id": uuid.uuid4(), "from_party": "district-fenland"}
+    with IntakeSender(broker, kafka_bootstrap, "district-cambridge") as team:
+        team.send_status(forged)
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.dead_lettered == 1 and stats.statuses == 0
