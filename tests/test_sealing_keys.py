@@ -218,3 +218,19 @@ def test_keys_error_is_one_line(tmp_path: Path, kafka_bootstrap: str) -> None:
     assert proc.returncode == 5, proc.stderr
     assert proc.stderr.strip().startswith("Error: no key store for health")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_revoking_a_key_held_elsewhere_uses_its_published_entry(settings: Settings) -> None:
+    """A partner's lost laptop: the hub revokes the key from the directory entry alone."""
+    from referral_broker.sealing import key_admin
+    from referral_broker.sealing.directory import directory_file
+
+    elsewhere = KeyStore.create(settings.paths_data_dir / "partner-machine", "charities", now=NOW)
+    entry = _entry(elsewhere)
+    revoked = key_admin.revoke(
+        settings, entry.key_id, bootstrap=None, directory=KeyDirectory([entry]), now=NOW + 5
+    )
+    assert revoked.status is KeyStatus.REVOKED and revoked.revoked_at == NOW + 5
+    assert KeyDirectory.load_file(directory_file(settings)).get(entry.key_id).status is KeyStatus.REVOKED
+    KeyStore.create(settings.keys_dir, "council", now=NOW)  # the folder the file created is private
+    assert KeyStore.open(settings.keys_dir, "council").party == "council"

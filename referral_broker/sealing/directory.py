@@ -254,7 +254,9 @@ class KeyDirectory:
 
     def save_file(self, path: Path) -> None:
         """Write atomically (a reader never sees half a file). Public keys only: mode 0644."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The folder is made 0700: the file is public, but it usually sits in the key store's
+        # folder, which must not be created open to others before the first key store is.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
