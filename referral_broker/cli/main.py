@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "policy": "referral_broker.cli.policy_cmd:policy",
     "route": "referral_broker.cli.route_cmd:route",
     "dlq": "referral_broker.cli.dlq_cmd:dlq",
+    "send": "referral_broker.cli.send_cmd:send",
+    "receive": "referral_broker.cli.send_cmd:receive",
     "schemas": "referral_broker.cli.schemas_cmd:schemas",
     "validate": "referral_broker.cli.validate_cmd:validate_cmd",
     "synth": "referral_broker.cli.synth_cmd:synth",

@@ -1,0 +1,145 @@
+"""``referral-broker send`` and ``receive``: a partner's two verbs, thin over PartnerClient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
+
+
+@click.command()
+@click.option("--as", "party", required=True, help="The sending party, e.g. schools.")
+@click.option("--file", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["native", "canonical"]),
+    default="native",
+    show_default=True,
+    help="native: the partner's own format; canonical: JSON lines as 'synth' writes.",
+)
+@click.option("--skip-invalid", is_flag=True, help="Send the valid records and report each rejected one.")
+@json_option
+@pass_cli
+def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, as_json: bool) -> None:
+    """Validate every record of FILE, seal each for the council's hub, sign and send it.
+
+    Nothing is sent when any record is invalid, unless --skip-invalid. Prints the referral ids.
+    """
+    from tqdm import tqdm
+
+    from referral_broker.partner import PartnerClient
+
+    client = PartnerClient(obj.settings, obj.bootstrap(), party)
+    with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False) as bar:
+        report = client.send_file(
+            path,
+            fmt=fmt,
+            skip_invalid=skip_invalid,
+            progress=bar.update,
+            on_total=lambda n: setattr(bar, "total", n),
+        )
+    data = {"sent": [s.referral_id for s in report.sent], "rejected": report.rejected}
+
+    def human(d: dict) -> None:
+        for line in d["rejected"]:
+            click.echo(f"rejected: {line}", err=True)
+        for rid in d["sent"]:
+            click.echo(rid)
+        click.echo(f"Sent {len(d['sent'])} referral(s) as {party}; {len(d['rejected'])} rejected.", err=True)
+
+    emit(data, as_json, human)
+
+
+@click.command()
+@click.option("--as", "party", required=True, help="The receiving party, e.g. police or district-fenland.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write what arrived in the party's native format (JSON lines where it has none).",
+)
+@click.option(
+    "--stop-when-idle",
+    type=float,
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Stop after this many seconds with nothing new.",
+)
+@click.option("--all", "from_start", is_flag=True, help="Read everything on the topic, not only what is new.")
+@json_option
+@pass_cli
+def receive(
+    obj: CliContext, party: str, out_dir: Path | None, stop_when_idle: float, from_start: bool, as_json: bool
+) -> None:
+    """Receive what was routed to PARTY: verified, opened with its own key, with the fields
+    withheld from it named. Exit 1 if any message could not be verified or opened."""
+    from referral_broker.consumers.receiving import Received
+    from referral_broker.partner import PartnerClient, json_default
+
+    client = PartnerClient(obj.settings, obj.bootstrap(), party)
+    items = list(client.receive(stop_when_idle=stop_when_idle, group=None if from_start else "default"))
+    good = [i for i in items if isinstance(i, Received)]
+    refused = [i for i in items if not isinstance(i, Received)]
+    written = [str(p) for p in client.render(good, out_dir)] if out_dir else []
+    data = {
+        "received": [
+            {
+                "referral_id": i.referral_id,
+                "version": i.version,
+                "kind": i.kind,
+                "from": i.sender,
+                "referrer": i.referrer,
+                "record": i.record,
+                "withheld": sorted(i.withheld),
+                "no_onward_sharing": list(i.no_onward_sharing),
+            }
+            for i in good
+        ],
+        "refused": [r.__dict__ for r in refused],
+        "written": written,
+    }
+
+    def human(d: dict) -> None:
+        rows = [
+            [
+                r["referral_id"],
+                str(r["version"]),
+                r["kind"],
+                r["referrer"] or r["from"],
+                str(len(_paths(r["record"]))),
+                str(len(r["withheld"])),
+            ]
+            for r in d["received"]
+        ]
+        click.echo(
+            table(rows, ["referral", "v", "kind", "referrer", "fields", "withheld"])
+            if rows
+            else "Nothing new."
+        )
+        for r in d["refused"]:
+            click.echo(f"refused {r['topic']}/{r['partition']}@{r['offset']}: {r['reason']}", err=True)
+        for path in d["written"]:
+            click.echo(f"wrote {path}")
+
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=json_default))
+    else:
+        emit(data, False, human)
+    if refused:
+        raise click.exceptions.Exit(1)
+
+
+def _paths(record: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out += _paths(value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
