@@ -35,7 +35,14 @@ from referral_broker.schemas.views import view_schema
 from referral_broker.cluster.clients import Record, build_consumer, build_producer, next_offsets, poll_records
 from referral_broker.cluster.topics import plan, topic_name
 from referral_broker.config import Settings
-from referral_broker.errors import BrokerError, ContractError, PolicyError, ReferralBrokerError, SealingError
+from referral_broker.errors import (
+    BrokerError,
+    ContractError,
+    KeyNotFoundError,
+    PolicyError,
+    ReferralBrokerError,
+    SealingError,
+)
 from referral_broker.identity import (
     H_DECISION,
     H_NO_ONWARD,
@@ -338,8 +345,17 @@ class Router:
         self.stats.last_commit_at = time.monotonic()
 
     def _outputs(self, record: Record) -> list[OutgoingMessage]:
+        if time.monotonic() - self.hub.loaded_at > self.settings.keys_directory_refresh_s:
+            self.hub.refresh(self.settings, self.bootstrap)
         try:
-            return self.process(record)
+            try:
+                return self.process(record)
+            except KeyNotFoundError:
+                # a key published after the last reload: reload once (at most every 5 s) and retry
+                if time.monotonic() - self.hub.loaded_at < 5:
+                    raise
+                self.hub.refresh(self.settings, self.bootstrap)
+                return self.process(record)
         except BrokerError:
             raise
         except ReferralBrokerError as exc:

@@ -43,6 +43,7 @@ class Settings:
     # [keys]
     keys_dek_cache_max_uses: int = 1000
     keys_dek_cache_max_age_s: float = 300.0
+    keys_directory_refresh_s: float = 60.0
     # [inbox]
     inbox_database: Path | None = None
     inbox_session_max_age_s: int = 8 * 3600
@@ -79,6 +80,7 @@ ENV_VARS: dict[str, str] = {
     "REFERRAL_BROKER_DATA_DIR": "paths_data_dir",
     "REFERRAL_BROKER_DEK_CACHE_MAX_USES": "keys_dek_cache_max_uses",
     "REFERRAL_BROKER_DEK_CACHE_MAX_AGE_S": "keys_dek_cache_max_age_s",
+    "REFERRAL_BROKER_DIRECTORY_REFRESH_S": "keys_directory_refresh_s",
     "REFERRAL_BROKER_INBOX_DATABASE": "inbox_database",
 }
 

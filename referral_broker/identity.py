@@ -81,6 +81,13 @@ class Identity:
     case_keys: CaseKeyStore | None = None
     loaded_at: float = field(default_factory=time.monotonic)
 
+    def refresh(self, settings: Settings, bootstrap: str) -> None:
+        """Reload the key directory, so rotations and revocations published since take effect
+        (the sealer drops cached data keys of keys that are no longer current)."""
+        directory = load_directory(settings, bootstrap)
+        self.directory = self.sealer.directory = self.opener.directory = directory
+        self.loaded_at = time.monotonic()
+
     def open(self, record: Any) -> Any:
         """Verify and open a consumed record addressed to this party."""
         self.schemas.learn(record.headers)

@@ -273,3 +273,18 @@ def test_status_travels_back_to_the_referrer_sealed(broker: Settings, kafka_boot
         team.send_status(forged)
     stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.dead_lettered == 1 and stats.statuses == 0
+
+
+def test_message_from_a_revoked_sender_is_a_dead_letter(broker: Settings, kafka_bootstrap: str) -> None:
+    from referral_broker.sealing import KeyStore
+    from referral_broker.sealing.key_admin import revoke
+
+    with IntakeSender(broker, kafka_bootstrap, "charities") as sender:
+        sender.send_referrals(referrals_from("charities", 2, seed=41))
+    revoke(broker, KeyStore.open(broker.keys_dir, "charities").active().key_id, bootstrap=kafka_bootstrap)
+    with IntakeSender(broker, kafka_bootstrap, "schools") as sender:
+        sender.send_referrals(referrals_from("schools", 1, seed=42))
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.routed == 1 and stats.dead_lettered == 2
+    reasons = [d.reason for _, d in read_dead_letters(broker, kafka_bootstrap)]
+    assert len(reasons) == 2 and all("revoked" in r for r in reasons)
