@@ -35,7 +35,7 @@ from typing import IO, Any, ClassVar
 
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
-from referral_broker.schemas.validation import validate_referral, validate_status
+from referral_broker.schemas.validation import validate
 
 from referral_broker.errors import ConfigError, PartnerInputError, Problem, ValidationError
 
@@ -161,43 +161,72 @@ def _finish_status(record: dict[str, Any]) -> None:
     record.setdefault("version", 1)
 
 
-_REFERRAL = _Contract(referral_schema, validate_referral, "referrer.partner", _finish_referral)
-_STATUS = _Contract(
-    status_schema,
-    lambda record, *, now, record_number: validate_status(record, now=now),
-    "from_party",
-    _finish_status,
+@functools.cache
+def _schema(family: str) -> dict[str, Any]:
+    # Loaded once: the registry hands out a fresh deep copy per call, too slow per row.
+    return referral_schema() if family == "referral" else status_schema()
+
+
+def _validate(family: str) -> Callable[..., list[Problem]]:
+    def check(record: dict[str, Any], *, now: dt.datetime, record_number: int) -> list[Problem]:
+        return validate(record, _schema(family), now=now, record_number=record_number)
+
+    return check
+
+
+_REFERRAL = _Contract(
+    functools.partial(_schema, "referral"), _validate("referral"), "referrer.partner", _finish_referral
 )
+_STATUS = _Contract(functools.partial(_schema, "status"), _validate("status"), "from_party", _finish_status)
 
 
 def _complete(value: Any, node: Any) -> None:
     """Fill schema defaults, and empty lists for required arrays, inside records that are present."""
-    node = without_null(node)
-    if not isinstance(node, dict) or not isinstance(value, dict | list):
-        return
-    if node.get("type") == "array" and isinstance(value, list):
+    if isinstance(value, list):
         for item in value:
-            _complete(item, node["items"])
-    elif node.get("type") == "record" and isinstance(value, dict):
-        for item in node["fields"]:
-            name = item["name"]
-            if name in value:
-                _complete(value[name], item["type"])
-            elif "default" in item:
-                value[name] = copy.deepcopy(item["default"])
-            elif isinstance(item["type"], dict) and item["type"].get("type") == "array":
-                value[name] = []
-            elif _all_optional(item["type"]):
-                value[name] = {}  # e.g. identifiers: a record of optional fields, all absent
-                _complete(value[name], item["type"])
+            _complete(item, node)
+        return
+    if not isinstance(value, dict):
+        return
+    for name, default, inner in _fill_plan(node):
+        if name in value:
+            if inner is not None:
+                _complete(value[name], inner)
+        elif default is not _NO_DEFAULT:
+            value[name] = copy.deepcopy(default)
+            if inner is not None and isinstance(default, dict):
+                _complete(value[name], inner)
 
 
-def _all_optional(node: Any) -> bool:
-    return (
-        isinstance(node, dict)
-        and node.get("type") == "record"
-        and all("default" in item for item in node["fields"])
-    )
+_NO_DEFAULT = object()
+_plans: dict[int, list[tuple[str, Any, Any]]] = {}
+
+
+def _fill_plan(node: Any) -> list[tuple[str, Any, Any]]:
+    """Per record type, once: each field's value when absent, and the record type to descend into.
+
+    A required array becomes empty and a required record of optional fields (identifiers) an
+    empty record; both say "none given", which is what an absent native value means.
+    """
+    plan = _plans.get(id(node))
+    if plan is None:
+        plan = []
+        for item in without_null(node)["fields"]:
+            kind = without_null(item["type"])
+            inner = kind.get("items") if isinstance(kind, dict) and kind.get("type") == "array" else kind
+            inner = without_null(inner)
+            inner = inner if isinstance(inner, dict) and inner.get("type") == "record" else None
+            if "default" in item:
+                default = item["default"]
+            elif isinstance(kind, dict) and kind.get("type") == "array":
+                default = []
+            elif inner is not None and all("default" in f for f in inner["fields"]):
+                default = {}
+            else:
+                default = _NO_DEFAULT
+            plan.append((item["name"], default, inner))
+        _plans[id(node)] = plan  # schema dicts are cached for the process, so ids stay valid
+    return plan
 
 
 def _label(native: str | None, canonical: str) -> str:
@@ -255,7 +284,7 @@ class PartnerAdapter(ABC):
         """Canonical referrals or recipient views as one native file (in folder ``out``, or to a
         stream). Fields missing from a view are left out, never filled in."""
         return self._render(
-            records, out, name or f"referrals{self.native_suffix}", self.referral_map, referral_schema()
+            records, out, name or f"referrals{self.native_suffix}", self.referral_map, _schema("referral")
         )
 
     def render_statuses(
@@ -266,19 +295,19 @@ class PartnerAdapter(ABC):
         name: str | None = None,
     ) -> Rendered:
         return self._render(
-            statuses, out, name or f"statuses{self.native_suffix}", self.status_map, status_schema()
+            statuses, out, name or f"statuses{self.native_suffix}", self.status_map, _schema("status")
         )
 
     def to_native(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """One canonical referral or view as this format's native record."""
-        typed = from_json_form(dict(record), referral_schema())
+        typed = from_json_form(dict(record), _schema("referral"))
         document = self.referral_map.to_native(typed)[0]
         self.finish_native(document, typed)
         return document
 
     def status_to_native(self, status: Mapping[str, Any]) -> dict[str, Any]:
         """One canonical status message as this format's native status record."""
-        return self.status_map.to_native(from_json_form(dict(status), status_schema()))[0]
+        return self.status_map.to_native(from_json_form(dict(status), _schema("status")))[0]
 
     def status_from_native(
         self, native: Mapping[str, Any], *, now: dt.datetime | None = None
@@ -299,12 +328,18 @@ class PartnerAdapter(ABC):
     # --- shared conversion -----------------------------------------------------------------
 
     def _parse(
-        self, source: Source, field_map: FieldMap, contract: _Contract, now: dt.datetime | None
+        self,
+        source: Source,
+        field_map: FieldMap,
+        contract: _Contract,
+        now: dt.datetime | None,
+        *,
+        validate: bool = True,
     ) -> Iterator[ParsedRecord]:
         name = source_name(source)
         clock = now or dt.datetime.now(dt.UTC)
         for native in self.read_native(source, field_map):
-            yield self._convert(native, name, field_map, contract, clock)
+            yield self._convert(native, name, field_map, contract, clock, validate=validate)
 
     def _convert(
         self,
@@ -313,6 +348,8 @@ class PartnerAdapter(ABC):
         field_map: FieldMap,
         contract: _Contract,
         now: dt.datetime | None,
+        *,
+        validate: bool = True,
     ) -> ParsedRecord:
         def reject(found: Iterable[MappingProblem | Problem]) -> ParsedRecord:
             problems = tuple(
@@ -341,11 +378,12 @@ class PartnerAdapter(ABC):
         _complete(record, contract.expanded())
         failed = {p.canonical for p in mapping_problems if p.canonical}
         problems: list[MappingProblem | Problem] = list(mapping_problems)
-        problems.extend(
-            p
-            for p in contract.validate(record, now=now, record_number=native.number)
-            if not any(p.path == f or p.path.startswith((f"{f}.", f"{f}[")) for f in failed)
-        )
+        if validate:
+            problems.extend(
+                p
+                for p in contract.validate(record, now=now, record_number=native.number)
+                if not any(p.path == f or p.path.startswith((f"{f}.", f"{f}[")) for f in failed)
+            )
         return reject(problems) if problems else ParsedRecord(name, native.number, record)
 
     def _render(
@@ -551,45 +589,86 @@ def load_statuses(
 class FileStream:
     """The referrals of a (large) file, streamed with bounded memory in two passes.
 
-    Constructing it runs the first pass: every record is parsed and validated and only the
+    Constructing it runs the first pass: every record is converted and validated and only the
     rejected ones are kept, so a bad file raises before anything is yielded (or, with
     ``skip_invalid``, ``rejected`` is complete before the first record is sent). Iterating runs
     the second pass and yields the good records; ``total`` is their count, for progress bars.
+    The second pass converts again but does not repeat validation (the sender validates each
+    record it seals anyway); a file that changes between or during the passes (size, mtime or
+    inode) raises PartnerInputError.
     """
 
     def __init__(
-        self, kind: str, path: str | os.PathLike[str], *, skip_invalid: bool, now: dt.datetime | None
+        self,
+        kind: str,
+        path: str | os.PathLike[str],
+        *,
+        skip_invalid: bool,
+        now: dt.datetime | None,
+        on_checked: Callable[[int], None] | None = None,
     ) -> None:
         self.adapter = get_adapter(kind)
         self.path = Path(path)
         self.now = now or dt.datetime.now(dt.UTC)
         self.rejected: list[ParsedRecord] = []
         self.total = 0
-        for parsed in self.adapter.parse(self.path, now=self.now):
+        self._identity = self._stat()
+        for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
             if parsed.ok:
                 self.total += 1
             else:
                 self.rejected.append(parsed)
+            if on_checked is not None:
+                on_checked(checked)
+        self._check_unchanged()
         if self.rejected and not skip_invalid:
             _raise_rejected(self.rejected, "referrals", source_name(self.path))
+
+    def _stat(self) -> tuple[int, int, int]:
+        try:
+            found = self.path.stat()
+        except FileNotFoundError:
+            raise PartnerInputError(f"{source_name(self.path)}: file not found") from None
+        return (found.st_size, found.st_mtime_ns, found.st_ino)
+
+    def _check_unchanged(self) -> None:
+        if self._stat() != self._identity:
+            raise PartnerInputError(f"{source_name(self.path)}: the file changed while it was being read")
 
     def __len__(self) -> int:
         return self.total
 
     def __iter__(self) -> Iterator[ParsedRecord]:
+        self._check_unchanged()
         skipped = {parsed.number for parsed in self.rejected}
-        for parsed in self.adapter.parse(self.path, now=self.now):
-            if parsed.ok:
-                yield parsed
-            elif parsed.number not in skipped:
-                raise PartnerInputError(f"{source_name(self.path)}: the file changed while it was being read")
+        adapter = self.adapter
+        records = adapter._parse(self.path, adapter.referral_map, _REFERRAL, self.now, validate=False)
+        for parsed in records:
+            if parsed.number in skipped:
+                continue
+            if not parsed.ok:
+                self._check_unchanged()
+                raise PartnerInputError(
+                    f"{source_name(self.path)}: record {parsed.number} changed between passes"
+                )
+            yield parsed
+        self._check_unchanged()
 
 
 def iter_file(
-    kind: str, path: str | os.PathLike[str], *, skip_invalid: bool = False, now: dt.datetime | None = None
+    kind: str,
+    path: str | os.PathLike[str],
+    *,
+    skip_invalid: bool = False,
+    now: dt.datetime | None = None,
+    on_checked: Callable[[int], None] | None = None,
 ) -> FileStream:
-    """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows)."""
-    return FileStream(kind, path, skip_invalid=skip_invalid, now=now)
+    """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows).
+
+    Returns once the whole file is checked (``on_checked`` is called with the running count
+    during that pass, for a progress bar); iterate the result to get the good records.
+    """
+    return FileStream(kind, path, skip_invalid=skip_invalid, now=now, on_checked=on_checked)
 
 
 def render_file(

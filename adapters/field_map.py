@@ -15,6 +15,7 @@ that never contains the value.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -64,11 +65,25 @@ def _boolean(value: Any) -> bool:
     raise ValueError("expected yes or no")
 
 
-def _date(value: Any, pattern: str, shown: str) -> dt.date:
+def _iso_date(value: Any) -> dt.date:
+    text = _text(value)
     try:
-        return dt.datetime.strptime(_text(value), pattern).date()
+        if len(text) == 10:
+            return dt.date.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"not a date in the form {shown}") from None
+        pass
+    raise ValueError("not a date in the form YYYY-MM-DD")
+
+
+def _uk_date(value: Any) -> dt.date:
+    day, _, rest = _text(value).partition("/")
+    month, _, year = rest.partition("/")
+    try:
+        if len(year) == 4:
+            return dt.date(int(year), int(month), int(day))
+    except ValueError:
+        pass
+    raise ValueError("not a date in the form DD/MM/YYYY")
 
 
 def _timestamp(value: Any) -> dt.datetime:
@@ -98,8 +113,8 @@ TEXT = Codec(_text)
 INT = Codec(_integer)
 BOOL = Codec(_boolean)
 YES_NO = Codec(_boolean, lambda value: "Y" if value else "N")
-ISO_DATE = Codec(lambda v: _date(v, "%Y-%m-%d", "YYYY-MM-DD"), lambda v: v.isoformat())
-UK_DATE = Codec(lambda v: _date(v, "%d/%m/%Y", "DD/MM/YYYY"), lambda v: v.strftime("%d/%m/%Y"))
+ISO_DATE = Codec(_iso_date, lambda v: v.isoformat())
+UK_DATE = Codec(_uk_date, lambda v: v.strftime("%d/%m/%Y"))
 TIMESTAMP = Codec(_timestamp, _render_timestamp)
 UUID = Codec(_uuid, str)
 URN_UUID = Codec(lambda v: _uuid(v, "urn:uuid:"), lambda v: f"urn:uuid:{v}")
@@ -119,7 +134,14 @@ def _list(value: Any) -> list[Any]:
     return value
 
 
-def codes(table: Mapping[str, str]) -> Codec:
+@dataclass(frozen=True)
+class CodeTable(Codec):
+    """A codec over a closed code list; ``symbols`` are the canonical values it can render."""
+
+    symbols: frozenset[str] = frozenset()
+
+
+def codes(table: Mapping[str, str]) -> CodeTable:
     """A closed code list: native code -> canonical symbol; rendering uses the first code per symbol."""
     lookup = {code.upper(): symbol for code, symbol in table.items()}
     reverse: dict[str, str] = {}
@@ -138,14 +160,15 @@ def codes(table: Mapping[str, str]) -> Codec:
             raise ValueError("has no code in this format")
         return reverse[symbol]
 
-    return Codec(parse, render)
+    return CodeTable(parse, render, frozenset(reverse))
 
 
 # --- native paths -----------------------------------------------------------------------------
 
 
-def _segments(path: str) -> list[tuple[str, str | None]]:
-    return [(m[1], m[2]) for m in _SEGMENT.finditer(path)] if path else []
+@functools.lru_cache(maxsize=4096)
+def _segments(path: str) -> tuple[tuple[str, str | None], ...]:
+    return tuple((m[1], m[2]) for m in _SEGMENT.finditer(path)) if path else ()
 
 
 def _select(items: Any, selector: str) -> tuple[Any, int | None]:
@@ -166,7 +189,7 @@ def get_path(document: Any, path: str) -> Any:
     """The value at ``path``, or None when any step is missing."""
     node = document
     for name, selector in _segments(path):
-        if not isinstance(node, Mapping):
+        if not isinstance(node, dict):
             return None
         node = node.get(name)
         if selector is not None:
@@ -208,7 +231,7 @@ def get_canonical(record: Any, path: str) -> Any:
     """The value at a dotted canonical path (no indexes), or None."""
     node = record
     for part in path.split(".") if path else []:
-        if not isinstance(node, Mapping):
+        if not isinstance(node, dict):
             return None
         node = node.get(part)
     return node

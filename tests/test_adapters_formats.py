@@ -1,0 +1,177 @@
+"""Partner adapters: the registry, the example files, and round trips in both directions.
+
+The example files under ``adapters/examples`` are the data: each must parse to valid canonical
+referrals, render back to the same native records, and every format must carry synthetic
+referrals through native and back without changing a field it carries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from referral_broker.adapters.field_map import Codec, CodeTable, Const, Field, Items
+from referral_broker.schemas.registry import field_schema, referral_schema, without_null
+from referral_broker.schemas.synth import synthetic_referrals
+from referral_broker.schemas.validation import validate_referral
+
+from referral_broker import adapters
+from referral_broker.parties import all_parties
+
+KINDS = adapters.adapter_kinds()
+FORMATS_MD = Path(adapters.__file__).parent / "FORMATS.md"
+NOW = dt.datetime(2025, 10, 1, tzinfo=dt.UTC)
+
+
+def flat(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(indexed path, value) for every value present; lists of scalars are one value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from flat(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        for index, item in enumerate(value):
+            yield from flat(item, f"{path}[{index}]")
+    elif value not in (None, [], ""):
+        yield path, value
+
+
+def carried(adapter: adapters.PartnerAdapter, record: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``record`` the adapter's format carries (within its repeated-group slots)."""
+    paths = adapter.carried_paths()
+    slots = {e.canonical: e.slots for e in adapter.referral_map.entries if isinstance(e, Items) and e.slots}
+    out = {}
+    for path, value in flat(record):
+        bare = re.sub(r"\[\d+\]", "", path)
+        if not any(bare == p or bare.startswith(f"{p}.") for p in paths):
+            continue
+        group = re.match(r"^([a-z_.]+)\[(\d+)\]", path)
+        if group and group[1] in slots and int(group[2]) >= slots[group[1]]:
+            continue
+        out[path] = value
+    return out
+
+
+def native_documents(kind: str, source: Any) -> list[Any]:
+    """Native records as read, with FHIR's generated references (fullUrl, subject) left out."""
+    adapter = adapters.get_adapter(kind)
+    documents = [n.document for n in adapter.read_native(source, adapter.referral_map)]
+    for document in documents:
+        if kind == "health":
+            document["ServiceRequest"].pop("subject")
+    return documents
+
+
+def test_registry_matches_the_partner_parties() -> None:
+    partners = {name for name, party in all_parties().items() if party.kind == "partner"}
+    assert set(KINDS) == partners
+
+
+def test_unknown_kind_is_a_config_error() -> None:
+    with pytest.raises(adapters.base.ConfigError, match="no adapter for partner kind 'nobody'"):
+        adapters.get_adapter("nobody")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_example_parses_to_valid_canonical_referrals(kind: str) -> None:
+    result = adapters.load_file(kind, adapters.example_file(kind), now=NOW)
+    assert result.records and not result.rejected
+    for parsed in result.records:
+        assert parsed.record is not None
+        assert validate_referral(parsed.record, now=NOW) == []
+        assert parsed.record["referrer"]["partner"] == kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_round_trip_keeps_every_field_the_format_carries(kind: str, tmp_path: Path) -> None:
+    example = adapters.example_file(kind)
+    records = adapters.load_file(kind, example, now=NOW).referrals
+    rendered = adapters.render_file(kind, records, tmp_path)
+    assert rendered.path is not None and rendered.count == len(records)
+    assert native_documents(kind, rendered.path) == native_documents(kind, example)
+    again = adapters.load_file(kind, rendered.path, now=NOW).referrals
+    assert again == records
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_synthetic_referrals_survive_native_and_back(kind: str) -> None:
+    adapter = adapters.get_adapter(kind)
+    originals = [
+        {**r, "referrer": {**r["referrer"], "partner": kind}} for r in synthetic_referrals(150, seed=7)
+    ]
+    out = io.StringIO()
+    adapter.render(originals, out)
+    parsed = list(adapter.parse(io.StringIO(out.getvalue()), now=NOW))
+    assert [p.problems for p in parsed if not p.ok] == []
+    for original, back in zip(originals, parsed, strict=True):
+        assert back.record is not None
+        assert carried(adapter, back.record) == carried(adapter, original)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_code_table_covers_its_canonical_symbols(kind: str) -> None:
+    """A canonical value with no native code would make rendering fail for some recipient."""
+    schema = referral_schema()
+    adapter = adapters.get_adapter(kind)
+    fields = [
+        (f"{e.canonical}.{f.canonical}", f)
+        for e in adapter.referral_map.entries
+        if isinstance(e, Items)
+        for f in e.fields
+        if isinstance(f, Field) and f.canonical
+    ] + [(e.canonical, e) for e in adapter.referral_map.entries if isinstance(e, Field)]
+    for path, entry in fields:
+        if isinstance(entry.codec, CodeTable):
+            enum = without_null(field_schema(schema, path))
+            assert set(enum["symbols"]) <= entry.codec.symbols, path
+
+
+def test_schools_exclusion_codes_cover_the_canonical_symbols() -> None:
+    schema = referral_schema()
+    for path, table in (
+        ("school.exclusions.kind", adapters.schools.EXCLUSION_CATEGORY),
+        ("school.exclusions.reason", adapters.schools.EXCLUSION_REASON),
+    ):
+        assert set(without_null(field_schema(schema, path))["symbols"]) == table.symbols
+
+
+def _documented_names(kind: str) -> list[tuple[str, str]]:
+    adapter = adapters.get_adapter(kind)
+    names = []
+    for entry in adapter.referral_map.entries:
+        if isinstance(entry, Items):
+            names.extend((f.native, f.canonical) for f in entry.fields if isinstance(f, Field))
+            names.append((entry.native, entry.canonical))
+        elif isinstance(entry, Field):
+            names.append((entry.native, entry.canonical))
+        elif isinstance(entry, Const):
+            names.append((entry.native, ""))
+    return names
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_formats_md_documents_every_native_field(kind: str) -> None:
+    text = FORMATS_MD.read_text("utf-8")
+    section = text.split(f"<!-- {kind} -->")[1].split("<!-- end -->")[0]
+    missing = [
+        (native, canonical)
+        for native, canonical in _documented_names(kind)
+        if f"`{native.strip()}`" not in section or (canonical and f"`{canonical}`" not in section)
+    ]
+    assert missing == []
+
+
+def test_codes_render_the_first_code_of_a_symbol() -> None:
+    table = adapters.health.PRIORITY
+    assert isinstance(table, Codec)
+    assert [table.parse(c) for c in ("routine", "urgent", "asap", "stat")] == [
+        "routine",
+        "high",
+        "urgent",
+        "urgent",
+    ]
+    assert table.render("urgent") == "asap"
