@@ -1,16 +1,17 @@
-"""Shared set-up for the inbox tests (no tests here): real key stores for the hub and the
-district teams with their public keys on the test's ``keys`` topic, and routed referrals built
-the way the router builds them (synthetic referral -> sharing-policy decision -> view schema
-by Avro resolution -> sealed for the team under the case key and signed by the hub with the
-sealing package). Nothing here fakes the format or the crypto.
+"""Shared set-up for the inbox tests (no tests here): every party's real key store with the
+public keys on the test's ``keys`` topic, referrals sent the way a partner's adapter sends them
+(``IntakeSender`` / the partner's identity) and routed by the real router
+(``consumers.router.Router``), so the inbox sees exactly what production sends it. Nothing here
+fakes the message format or the crypto.
 
-Test modules wrap ``make_routing`` / ``make_store`` in their own small fixtures.
+Test modules wrap ``make_pipeline`` / ``make_store`` in their own small fixtures.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import random
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,96 +21,124 @@ from typing import Any
 
 from referral_broker.consumers.inbox.auth import add_user
 from referral_broker.consumers.inbox.frontend import install_frontend
-from referral_broker.consumers.inbox.sealed_format import H_GRANTED, H_WITHHELD, SealedReferralFormat
+from referral_broker.consumers.inbox.records import SealedRecord
+from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
-from referral_broker.schemas.registry import status_schema
+from referral_broker.consumers.receiving import Received, Refused, receive
+from referral_broker.consumers.router import Router, RouterStats
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas.registry import referral_schema
 from referral_broker.schemas.synth import synthetic_referral
-from referral_broker.schemas.views import project, view_schema
 
-from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
+from referral_broker.cluster.clients import Record, build_consumer, build_producer, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
-from referral_broker.parties import HUB
-from referral_broker.policy import decide, load_policy
-from referral_broker.sealing import (
-    CaseKeyStore,
-    KeyDirectory,
-    KeyStore,
-    MessageOpener,
-    MessageSealer,
-    OpenedMessage,
-    OutgoingMessage,
-    schema_book,
-)
-from referral_broker.sealing.directory import load_topic, publish
+from referral_broker.identity import Identity, load_identity
+from referral_broker.parties import HUB, all_parties
+from referral_broker.policy import SharingPolicy, load_policy
+from referral_broker.sealing import OutgoingMessage
+from referral_broker.sealing.key_admin import init_parties
 
 TEAM = "district-fenland"
 OTHER_TEAM = "district-cambridge"
+REFERRER = "schools"
 PASSWORD = "synthetic-password-1"
 CHROMIUM = "/usr/bin/chromium"
+
+# A narrower policy than the shipped one, so that some fields are withheld from the team with
+# the policy's own reasons (the shipped policy gives district teams every class).
+NARROW_POLICY = """\
+version = 1
+
+[[purpose]]
+recipient = "kind:district_team"
+name = "early-help-triage"
+description = "Test policy: the family's district team triages without identifiers or special category data"
+provides = ["family_support"]
+when_all = ["family_district"]
+ground = "uk_gdpr_6_1_e"
+consent = "not_required"
+classes = ["operational", "personal"]
+fields = []
+no_onward_sharing = ["child.address"]
+"""
 
 
 def district_of(team: str) -> str:
     return team.removeprefix("district-").replace("-", "_")
 
 
+def as_record(message: OutgoingMessage, offset: int = 0) -> Record:
+    """An outgoing message as a consumer would hand it over (for calling stages directly)."""
+    return Record(
+        message.topic, 0, offset, message.key, message.value, list(message.headers), int(time.time() * 1000)
+    )
+
+
+def as_sealed(message: OutgoingMessage, offset: int = 0) -> SealedRecord:
+    r = as_record(message, offset)
+    return SealedRecord(r.topic, r.partition, r.offset, r.key, r.value or b"", r.headers, r.timestamp_ms)
+
+
 @dataclass
-class Routing:
-    """The hub's side: seals referrals for district teams as the router does."""
+class Pipeline:
+    """Partners, the hub's router and the key material of one test's topic namespace."""
 
     settings: Settings
-    hub: KeyStore
-    teams: dict[str, KeyStore]
-    directory: KeyDirectory
-    case_keys: CaseKeyStore
-    sent: list[OutgoingMessage] = field(default_factory=list)
+    hub: Identity
+    policy: SharingPolicy
+    _partners: dict[str, Identity] = field(default_factory=dict)
 
-    def referral(self, team: str, seed: int, **changes: Any) -> dict[str, Any]:
-        """A synthetic referral whose family lives in ``team``'s district."""
-        record = synthetic_referral(random.Random(seed))
-        record["referral_id"] = str(uuid.UUID(int=random.Random(seed).getrandbits(128), version=4))
+    @property
+    def bootstrap(self) -> str:
+        return self.settings.bootstrap_servers
+
+    def referral(self, team: str, seed: int, *, partner: str = REFERRER, **changes: Any) -> dict[str, Any]:
+        """A synthetic referral from ``partner`` about a family in ``team``'s district."""
+        record = copy.deepcopy(synthetic_referral(random.Random(seed)))
+        record["referral_id"] = str(uuid.UUID(int=random.Random(f"id{seed}").getrandbits(128), version=4))
         record["district"] = district_of(team)
+        record["referrer"]["partner"] = partner
         record.update(changes)
         return record
 
-    def route(
-        self,
-        record: dict[str, Any],
-        team: str,
-        *,
-        granted: Iterable[str] | None = None,
-        withheld: dict[str, str] | None = None,
-    ) -> OutgoingMessage:
-        """Seal ``record`` for ``team`` the way the router does: the policy decides the fields
-        (unless ``granted``/``withheld`` stand for a narrower decision), the view schema
-        projects the record, the hub seals it under the case key and signs it."""
-        if granted is None:
-            decisions = decide(
-                load_policy(), record, referrer_party=record["referrer"]["partner"], at=datetime.now(UTC)
-            )
-            decision = next(d for d in decisions if d.recipient == team)
-            assert decision.delivered
-            granted, withheld = decision.shared, dict(decision.withheld)
-        granted = sorted(granted)
-        view = view_schema(granted)
-        message = MessageSealer(self.hub, self.directory, case_keys=self.case_keys).seal(
-            project(record, view),
-            view,
-            topic=topic_name(self.settings, "out", team),
-            recipient=team,
+    def partner(self, party: str) -> Identity:
+        if party not in self._partners:
+            self._partners[party] = load_identity(self.settings, self.bootstrap, party)
+        return self._partners[party]
+
+    def router(self) -> Router:
+        return Router(self.settings, self.bootstrap, policy=self.policy, identity=self.hub)
+
+    def routed(self, record: dict[str, Any], team: str, *, partner: str = REFERRER) -> OutgoingMessage:
+        """What the router sends ``team`` for ``record`` (its real ``process``, no Kafka hop)."""
+        intake = self.partner(partner).sealer.seal(
+            record,
+            referral_schema(),
+            topic=topic_name(self.settings, "intake", partner),
+            recipient=HUB,
             referral_id=record["referral_id"],
             referral_version=record["version"],
-            case_id=record["referral_id"],
-            extra_headers=[
-                (H_GRANTED, json.dumps(granted).encode()),
-                (H_WITHHELD, json.dumps(withheld or {}).encode()),
-            ],
+            kind="referral",
         )
-        self.sent.append(message)
-        return message
+        out = topic_name(self.settings, "out", team)
+        return next(m for m in self.router().process(as_record(intake)) if m.topic == out)
 
-    def send(self, *messages: OutgoingMessage) -> None:
-        producer = build_producer(self.settings, self.settings.bootstrap_servers)
+    def send_referrals(self, records: Iterable[dict[str, Any]], *, partner: str = REFERRER) -> None:
+        """As the partner's adapter does: validated, sealed for the hub, signed, on its intake topic."""
+        with IntakeSender(self.settings, self.bootstrap, partner, identity=self.partner(partner)) as sender:
+            sender.send_referrals(list(records))
+
+    def route(self, idle_s: float = 3.0) -> RouterStats:
+        """Run the router over everything waiting (intake and status topics)."""
+        return self.router().run(stop_when_idle=idle_s)
+
+    def received(self, party: str = REFERRER) -> list[Received | Refused]:
+        """What ``party``'s adapter receives from its out topic (everything, no commit)."""
+        return list(receive(self.settings, self.bootstrap, party, stop_when_idle=2, group_id=None))
+
+    def produce(self, *messages: OutgoingMessage) -> None:
+        producer = build_producer(self.settings, self.bootstrap)
         try:
             for message in messages:
                 message.send(producer)
@@ -117,25 +146,22 @@ class Routing:
         finally:
             producer.close()
 
-    def open_status(self, record: Any) -> OpenedMessage:
-        """What the router will do with a status message: verify and open it as the hub."""
-        return MessageOpener(self.hub, self.directory, schema_book(status_schema())).open(record)
-
     def format(self, teams: Iterable[str]) -> SealedReferralFormat:
-        """The inbox's own format, loading the key directory from the keys topic."""
+        """The inbox's own format, loading identities and the key directory as ``serve`` does."""
         return SealedReferralFormat.from_settings(self.settings, tuple(teams))
 
 
-def make_routing(topics: Settings) -> Routing:
-    """Key stores for the hub and two district teams; public keys published on ``keys``.
+def make_pipeline(topics: Settings, *, narrow_policy: bool = False) -> Pipeline:
+    """Key stores for every party, published on ``keys``; the shipped policy or the narrow one.
     ``topics`` is the conftest fixture's settings (the whole plan created)."""
-    keys_dir = topics.keys_dir
-    hub = KeyStore.create(keys_dir, HUB)
-    teams = {t: KeyStore.create(keys_dir, t) for t in (TEAM, OTHER_TEAM)}
-    entries = [e for store in (hub, *teams.values()) for e in store.public_entries()]
-    publish(topics, topics.bootstrap_servers, entries)
-    directory = load_topic(topics, topics.bootstrap_servers)
-    return Routing(topics, hub, teams, directory, CaseKeyStore.open(keys_dir))
+    init_parties(topics, sorted(all_parties()), bootstrap=topics.bootstrap_servers)
+    policy = load_policy()
+    if narrow_policy:
+        path = topics.paths_data_dir / "narrow_policy.toml"
+        path.write_text(NARROW_POLICY, encoding="utf-8")
+        policy = load_policy(path)
+    hub = load_identity(topics, topics.bootstrap_servers, HUB)
+    return Pipeline(topics, hub, policy)
 
 
 def make_store(settings: Settings) -> InboxStore:
@@ -157,8 +183,6 @@ def frontend_assets() -> Path:
 
 def read_topic(settings: Settings, topic: str, *, expect: int, timeout_s: float = 30.0) -> list[Any]:
     """Every record on ``topic`` once ``expect`` have arrived (polling with a deadline)."""
-    import time
-
     consumer = build_consumer(settings, settings.bootstrap_servers, [topic], group_id=None)
     found: list[Any] = []
     deadline = time.monotonic() + timeout_s

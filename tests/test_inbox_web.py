@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,13 +16,21 @@ from typing import Any
 import httpx
 import pytest
 from referral_broker.consumers.inbox.outbound import Outbound
-from referral_broker.consumers.inbox.records import SealedRecord
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.server import ServerThread
 from referral_broker.consumers.inbox.states import ReferralState
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.web import SESSION_COOKIE, create_app
-from test_inbox_fixtures import OTHER_TEAM, PASSWORD, TEAM, Routing, make_routing, make_store, read_topic
+from test_inbox_fixtures import (
+    OTHER_TEAM,
+    PASSWORD,
+    TEAM,
+    Pipeline,
+    as_sealed,
+    make_pipeline,
+    make_store,
+    read_topic,
+)
 
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -43,7 +50,7 @@ class Clock:
 @dataclass
 class Inbox:
     settings: Settings
-    routing: Routing
+    pipeline: Pipeline
     store: InboxStore
     fmt: SealedReferralFormat
     client: httpx.Client
@@ -51,23 +58,14 @@ class Inbox:
     offset: int = 0
 
     def deliver(self, message: OutgoingMessage, team: str = TEAM) -> None:
-        """Store a routed message as ingest does (the Kafka consumer path is test_inbox_ingest's)."""
-        record = SealedRecord(
-            message.topic,
-            0,
-            self.offset,
-            message.key,
-            message.value,
-            list(message.headers),
-            int(time.time() * 1000),
-        )
+        """Store what the router sent as ingest does (the consumer path is test_inbox_ingest's)."""
+        record = as_sealed(message, self.offset)
         self.offset += 1
         self.store.ingest(team, self.fmt.summarise(record, team), record)
 
-    def referral(self, seed: int, team: str = TEAM, **route: Any) -> dict[str, Any]:
-        record = self.routing.referral(team, seed)
-        record["referrer"]["partner"] = "schools"
-        self.deliver(self.routing.route(record, team, **route), team)
+    def referral(self, seed: int, team: str = TEAM) -> dict[str, Any]:
+        record = self.pipeline.referral(team, seed)
+        self.deliver(self.pipeline.routed(record, team), team)
         return record
 
     def sign_in(self, username: str = "fen.worker", password: str = PASSWORD, *, next_url: str = "/inbox"):
@@ -92,14 +90,15 @@ class Inbox:
 
     def statuses(self, expect: int) -> list[dict[str, Any]]:
         records = read_topic(self.settings, topic_name(self.settings, "status", TEAM), expect=expect)
-        return [self.routing.open_status(r).record for r in records]
+        return [self.pipeline.hub.open(r).record for r in records]  # as the router opens them
 
 
 @pytest.fixture
-def inbox(topics: Settings) -> Iterator[Inbox]:
-    routing = make_routing(topics)
+def inbox(request: pytest.FixtureRequest, topics: Settings) -> Iterator[Inbox]:
+    narrow = getattr(request, "param", "shipped policy") == "narrow policy"
+    pipeline = make_pipeline(topics, narrow_policy=narrow)
     store = make_store(topics)
-    fmt = routing.format([TEAM, OTHER_TEAM])
+    fmt = pipeline.format([TEAM, OTHER_TEAM])
     outbound = Outbound(topics)
     clock = Clock()
     app = create_app(
@@ -112,7 +111,7 @@ def inbox(topics: Settings) -> Iterator[Inbox]:
         clock=clock,
     )
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30.0) as client:
-        yield Inbox(topics, routing, store, fmt, client, clock)
+        yield Inbox(topics, pipeline, store, fmt, client, clock)
     outbound.close()
     store.close()
 
@@ -321,21 +320,31 @@ def test_viewing_opens_it_audits_it_and_tells_the_referrer(inbox: Inbox) -> None
     assert status["actor_role"] == "Family worker"
 
 
+# The inbox fixture routes with the narrow test policy, so that some fields are withheld.
+NARROW = pytest.mark.parametrize("inbox", ["narrow policy"], indirect=True)
+
+
+@NARROW
 def test_page_shows_exactly_the_granted_fields_and_names_the_withheld(inbox: Inbox) -> None:
-    granted = ["referral_id", "version", "priority", "concern_types", "referrer.partner", "child.given_name"]
-    withheld = {
-        "child.family_name": "not granted to this recipient by any purpose (default deny)",
-        "child.address": "withheld: consent is 'refused' and there is no sharing override record",
-    }
-    record = inbox.referral(7, granted=granted, withheld=withheld)
+    record = inbox.referral(7)
+    row = inbox.store.get_referral(TEAM, record["referral_id"])
+    assert row is not None and row.withheld
     inbox.sign_in()
     page = inbox.client.get(f"/referrals/{record['referral_id']}")
     assert page.status_code == 200
-    assert record["child"]["given_name"] in page.text
-    for value in (record["child"]["family_name"], record["child"]["address"]["postcode"]):
-        assert value not in page.text
-    assert "Child › Family name" in page.text and "Child › Address" in page.text
-    assert "default deny" in page.text and "consent is &#39;refused&#39;" in page.text
+    shared = page.text.split('id="shared"')[1].split('id="withheld"')[0]
+    withheld = page.text.split('id="withheld"')[1].split('id="actions"')[0]
+    assert record["child"]["given_name"] in shared and record["child"]["address"]["postcode"] in shared
+    assert (
+        "NHS number" in withheld and "not granted to this recipient by any purpose (default deny)" in withheld
+    )
+    for path in ("identifiers.nhs_number", "child.ethnicity"):
+        assert path in {w.path for w in row.withheld}
+    for value in (record["identifiers"]["nhs_number"], record["identifiers"]["upn"]):
+        if value:
+            assert value not in page.text
+    assert "Identifiers" not in shared
+    assert "must not pass on" in page.text and "Child › Address › Postcode" in page.text
 
 
 def test_accept_then_close_sends_status_messages(inbox: Inbox) -> None:

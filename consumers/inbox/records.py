@@ -73,6 +73,7 @@ class ReferralSummary:
     referrer_organisation: str | None = None  # operational in referral.v1 (a school, a practice)
     district: str | None = None
     withheld: tuple[WithheldField, ...] = ()
+    no_onward: tuple[str, ...] = ()  # granted paths the team must not pass on
 
 
 @dataclass(frozen=True)

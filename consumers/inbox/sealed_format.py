@@ -1,24 +1,22 @@
-"""The inbox's :class:`RecordFormat` over the sealing package: verify, summarise, open, seal.
+"""The inbox's :class:`RecordFormat` over the router's messages and the sealing package.
 
-Routed referrals arrive signed by the hub and sealed for one district team under the case's
-key (``referral_broker.sealing``: ``MessageSealer.seal(..., recipient=<team>, case_id=...)``).
-This module:
+Routed referrals arrive signed by the hub and sealed for one district team under the case key
+(``consumers.router``: ``sealer.seal(..., recipient=<team>, case_id=<referral id>)``), with the
+router's signed headers (``referral_broker.identity``): ``rb-view`` (the granted field paths,
+from which the view schema is derived and checked against ``rb-schema``), ``rb-withheld``
+(``{reason: [paths]}``), ``rb-no-onward`` (granted paths the team must not pass on) and
+``rb-referrer`` (the referring party, which status messages are addressed to). This module:
 
-- ``summarise``: verifies the signature and the signer (``verify_signed``) and that the hub sent
-  it to this team as a referral, then reads the operational fields, which the wire schema
-  carries in the clear. Nothing is decrypted, no key is touched.
-- ``open``: ``MessageOpener.open`` with the team's private key and the hub's case-key lookup,
-  so a shredded case no longer opens here either.
-- ``seal_status``: a ``status.v1`` record, validated, sealed for the hub and signed by the
-  team (``MessageSealer``), for ``referrals.status.<team>``.
+- ``summarise``: verifies the signature and the signer first, checks that the hub sent it to
+  this team as a referral, then reads the operational fields, which the wire schema carries in
+  the clear. Nothing is decrypted, no key is touched.
+- ``open``: the team's :class:`~referral_broker.identity.Identity` opener (the team's private
+  key and the hub's case-key lookup), so a shredded case no longer opens here either.
+- ``seal_status``: a ``status.v1`` record, validated, sealed for the hub and signed by the team,
+  for ``referrals.status.<team>``; the router carries it back to the referrer.
 
-The view schema a record was written with is found by its fingerprint (``rb-schema``) among the
-shipped and registered schemas, else rebuilt from the granted field paths the router lists in
-the signed ``rb-granted`` header (JSON array) and accepted only if its fingerprint matches.
-Withheld fields and reasons come from the signed ``rb-withheld`` header (JSON object path ->
-reason, as the policy decision gives them); without it the view's missing paths are listed
-with a generic reason. An ``rb-referrer`` header may name the exact referring party (status
-messages go back to it); otherwise the referral's ``referrer.partner`` kind stands for it.
+Every stage loads its keys the same way (``load_identity``); when a message names a key the
+directory does not know yet (a rotation since start-up), the identities are reloaded once.
 """
 
 from __future__ import annotations
@@ -37,40 +35,30 @@ from referral_broker.consumers.inbox.records import (
     SealedRecord,
     WithheldField,
 )
-from referral_broker.schemas.registry import Schema, status_schema, writer_schemas
+from referral_broker.schemas.registry import status_schema
 from referral_broker.schemas.validation import validate_status
-from referral_broker.schemas.views import view_schema, withheld_paths
 
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import ContractError, KeyNotFoundError, SealingError, ValidationError
-from referral_broker.parties import HUB, all_parties
-from referral_broker.sealing import (
-    CaseKeyStore,
-    DekCache,
-    KeyDirectory,
-    KeyStore,
-    MessageOpener,
-    MessageSealer,
-    sealing_plan,
-    verify_signed,
+from referral_broker.identity import (
+    H_NO_ONWARD,
+    H_REFERRER,
+    H_WITHHELD,
+    Identity,
+    load_directory,
+    load_identity,
 )
+from referral_broker.parties import HUB, all_parties
+from referral_broker.sealing import sealing_plan, verify_signed
 
-H_GRANTED = "rb-granted"
-H_WITHHELD = "rb-withheld"
-H_REFERRER = "rb-referrer"
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
-GENERIC_WITHHELD = "not granted to this team by the sharing policy"
-_DIRECTORY_REFRESH_S = 30.0
-
-
-def _header(record: SealedRecord, name: str) -> bytes | None:
-    return record.header(name)
+_RELOAD_AFTER_S = 30.0
 
 
 def _json_header(record: SealedRecord, name: str) -> Any:
-    raw = _header(record, name)
+    raw = record.header(name)
     if raw is None:
         return None
     try:
@@ -79,103 +67,102 @@ def _json_header(record: SealedRecord, name: str) -> Any:
         raise ContractError(f"header {name} is not valid JSON") from None
 
 
+def withheld_from(record: SealedRecord) -> tuple[WithheldField, ...]:
+    """``rb-withheld`` as (path, reason) pairs in the schema's path order."""
+    grouped = _json_header(record, H_WITHHELD)
+    if grouped is None:
+        return ()
+    if not isinstance(grouped, dict) or not all(
+        isinstance(reason, str) and isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+        for reason, paths in grouped.items()
+    ):
+        raise ContractError(f"header {H_WITHHELD} must be a JSON object of reason -> [field paths]")
+    return tuple(WithheldField(path, reason) for reason, paths in grouped.items() for path in paths)
+
+
+def no_onward_from(record: SealedRecord) -> tuple[str, ...]:
+    paths = _json_header(record, H_NO_ONWARD)
+    if paths is None:
+        return ()
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ContractError(f"header {H_NO_ONWARD} must be a JSON array of field paths")
+    return tuple(paths)
+
+
 class SealedReferralFormat:
-    """Reads routed referrals for the teams whose key stores it holds; thread-safe."""
+    """Reads routed referrals for the teams whose identities (key stores) it holds; thread-safe."""
 
     def __init__(
         self,
         settings: Settings,
-        keystores: Mapping[str, KeyStore],
-        directory_loader: Callable[[], KeyDirectory],
-        case_keys: CaseKeyStore,
+        identities: Mapping[str, Identity],
         *,
+        reload: Callable[[], Mapping[str, Identity]] | None = None,
         hub: str = HUB,
     ) -> None:
         self.settings = settings
-        self.keystores = dict(keystores)
-        self._load_directory = directory_loader
-        self._directory = directory_loader()
+        self._identities = dict(identities)
+        self._reload = reload
         self._loaded_at = time.monotonic()
         self._lock = threading.Lock()
-        self.case_keys = case_keys
         self.hub = hub
-        self._cache = DekCache.from_settings(settings)
 
     @classmethod
     def from_settings(
         cls, settings: Settings, teams: list[str] | tuple[str, ...], bootstrap: str | None = None
     ) -> SealedReferralFormat:
-        """Open each team's key store (permissions checked), the hub's case keys, and the key
-        directory from the ``keys`` topic."""
-        from referral_broker.sealing.directory import load_topic
-
-        keystores = {team: KeyStore.open(settings.keys_dir, team) for team in teams}
+        """Each team's identity (key store, permissions checked; the hub's case keys) over one
+        key directory read from the ``keys`` topic (and the published file)."""
         server = bootstrap or settings.bootstrap_servers
-        return cls(
-            settings,
-            keystores,
-            lambda: load_topic(settings, server),
-            CaseKeyStore.open(settings.keys_dir),
-        )
 
-    # -- key directory -------------------------------------------------------------------------
-    @property
-    def directory(self) -> KeyDirectory:
-        return self._directory
+        def load() -> dict[str, Identity]:
+            directory = load_directory(settings, server)
+            return {team: load_identity(settings, server, team, directory=directory) for team in teams}
 
-    def _with_directory(self, action: Callable[[KeyDirectory], Any]) -> Any:
-        """Run ``action``; when it meets a key the directory does not know, reload the
-        directory once (a rotation since start-up) and try again."""
+        return cls(settings, load(), reload=load)
+
+    def identity(self, team: str) -> Identity:
         try:
-            return action(self._directory)
+            return self._identities[team]
+        except KeyError:
+            raise KeyNotFoundError(f"this inbox holds no key store for {team}") from None
+
+    def _retrying(self, team: str, action: Callable[[Identity], Any]) -> Any:
+        """Run ``action`` with the team's identity; on a key the directory does not know, reload
+        the identities once (not more often than every 30 s) and try again."""
+        try:
+            return action(self.identity(team))
         except KeyNotFoundError:
+            if self._reload is None:
+                raise
             with self._lock:
-                if time.monotonic() - self._loaded_at < _DIRECTORY_REFRESH_S:
+                if time.monotonic() - self._loaded_at < _RELOAD_AFTER_S:
                     raise
-                self._directory = self._load_directory()
+                self._identities = dict(self._reload())
                 self._loaded_at = time.monotonic()
-            return action(self._directory)
-
-    # -- schemas -------------------------------------------------------------------------------
-    def _schema_lookup(self, record: SealedRecord) -> Callable[[bytes], Schema | None]:
-        def lookup(fingerprint: bytes) -> Schema | None:
-            known = writer_schemas()
-            if fingerprint in known:
-                return known.schema(fingerprint)
-            granted = _json_header(record, H_GRANTED)
-            if granted is None:
-                return None
-            if not isinstance(granted, list) or not all(isinstance(p, str) for p in granted):
-                raise ContractError(f"header {H_GRANTED} must be a JSON array of field paths")
-            view = view_schema(granted)
-            return view if sealing_plan(view).fingerprint == fingerprint else None
-
-        return lookup
-
-    def _schema_of(self, record: SealedRecord) -> Schema:
-        raw = _header(record, "rb-schema") or b""
-        try:
-            fingerprint = bytes.fromhex(raw.decode("ascii"))
-        except (ValueError, UnicodeDecodeError):
-            raise SealingError("header rb-schema is not a hex fingerprint") from None
-        schema = self._schema_lookup(record)(fingerprint)
-        if schema is None:
-            raise ContractError(f"unknown view schema {raw.decode('ascii', 'replace')[:16]}; refused")
-        return schema
+            return action(self.identity(team))
 
     # -- RecordFormat ------------------------------------------------------------------------
     def summarise(self, record: SealedRecord, team: str) -> ReferralSummary:
-        headers = self._with_directory(lambda d: verify_signed(d, record))
-        sender = headers.get("rb-sender", b"").decode("ascii", "replace")
-        recipient = headers.get("rb-recipient", b"").decode("ascii", "replace")
-        kind = headers.get("rb-kind", b"").decode("ascii", "replace")
-        if sender != self.hub:
-            raise SealingError(f"referral sent by {sender}, not by the hub; refused")
-        if recipient != team:
-            raise SealingError(f"message is addressed to {recipient}, not to {team}; refused")
-        if kind != REFERRAL_KIND:
-            raise ContractError(f"message kind {kind} is not a referral; refused")
-        schema = self._schema_of(record)
+        return self._retrying(team, lambda ident: self._summarise(ident, record, team))
+
+    def _summarise(self, ident: Identity, record: SealedRecord, team: str) -> ReferralSummary:
+        headers = verify_signed(ident.directory, record)  # before anything else is believed
+        text = lambda name: headers.get(name, b"").decode("ascii", "replace")
+        if text("rb-sender") != self.hub:
+            raise SealingError(f"referral sent by {text('rb-sender')}, not by the hub; refused")
+        if text("rb-recipient") != team:
+            raise SealingError(f"message is addressed to {text('rb-recipient')}, not to {team}; refused")
+        if text("rb-kind") != REFERRAL_KIND:
+            raise ContractError(f"message kind {text('rb-kind')} is not a referral; refused")
+        ident.schemas.learn(record.headers)  # derives the view from rb-view, checked against rb-schema
+        try:
+            fingerprint = bytes.fromhex(text("rb-schema"))
+        except ValueError:
+            raise SealingError("header rb-schema is not a hex fingerprint") from None
+        schema = ident.schemas(fingerprint)
+        if schema is None:
+            raise ContractError(f"unknown view schema {text('rb-schema')[:16]}; refused")
         wire = sealing_plan(schema).decode_wire(record.value)
         referral_id = str(wire.get("referral_id") or "")
         version = wire.get("version")
@@ -183,11 +170,10 @@ class SealedReferralFormat:
             raise ContractError("routed referral lacks referral_id or version; refused")
         if record.key != referral_id.encode("utf-8"):
             raise SealingError("message key is not the referral id; refused")
-        if headers.get("rb-referral-version") != str(version).encode("ascii"):
+        if text("rb-referral-version") != str(version):
             raise SealingError("header rb-referral-version does not match the record; refused")
         referrer = wire.get("referrer") if isinstance(wire.get("referrer"), dict) else {}
-        # The router may name the exact referring party (signed); else the partner kind.
-        named = headers.get(H_REFERRER, b"").decode("ascii", "replace")
+        named = text(H_REFERRER)  # the exact referring party, when the router names it
         return ReferralSummary(
             referral_id=referral_id,
             version=version,
@@ -196,57 +182,23 @@ class SealedReferralFormat:
             concern_types=tuple(str(c) for c in wire.get("concern_types") or ()),
             priority=str(wire.get("priority") or "not_given"),
             district=wire.get("district"),
-            withheld=self._withheld(record, schema),
+            withheld=withheld_from(record),
+            no_onward=no_onward_from(record),
         )
 
-    @staticmethod
-    def _withheld(record: SealedRecord, view: Schema) -> tuple[WithheldField, ...]:
-        listed = _json_header(record, H_WITHHELD)
-        if listed is None:
-            try:
-                return tuple(WithheldField(p, GENERIC_WITHHELD) for p in withheld_paths(view))
-            except ContractError:
-                return ()
-        if isinstance(listed, dict):
-            pairs = list(listed.items())
-        elif isinstance(listed, list):
-            pairs = [(i.get("path"), i.get("reason")) if isinstance(i, dict) else tuple(i) for i in listed]
-        else:
-            raise ContractError(f"header {H_WITHHELD} must be a JSON object of path -> reason")
-        if not all(isinstance(p, str) and isinstance(r, str) for p, r in pairs):
-            raise ContractError(f"header {H_WITHHELD} must map field paths to reasons")
-        return tuple(WithheldField(p, r) for p, r in pairs)
-
     def open(self, record: SealedRecord, team: str) -> OpenedReferral:
-        keystore = self.keystores.get(team)
-        if keystore is None:
-            raise KeyNotFoundError(f"this inbox holds no key store for {team}")
-
-        def do(directory: KeyDirectory) -> Any:
-            opener = MessageOpener(
-                keystore,
-                directory,
-                self._schema_lookup(record),
-                case_keys=self.case_keys.lookup,
-            )
-            return opener.open(record)
-
-        opened = self._with_directory(do)
+        opened = self._retrying(team, lambda ident: ident.open(record))
         if opened.sender != self.hub or opened.kind != REFERRAL_KIND:
             raise SealingError(f"message from {opened.sender} of kind {opened.kind} is not a routed referral")
         return OpenedReferral(granted=opened.record)
 
     def seal_status(self, status: Mapping[str, Any], team: str) -> OutboundRecord:
-        keystore = self.keystores.get(team)
-        if keystore is None:
-            raise KeyNotFoundError(f"this inbox holds no key store for {team}")
         problems = validate_status(dict(status), now=datetime.now(UTC))
         if problems:
             raise ValidationError(problems, "status message")
 
-        def do(directory: KeyDirectory) -> Any:
-            sealer = MessageSealer(keystore, directory, cache=self._cache)
-            return sealer.seal(
+        def seal(ident: Identity) -> Any:
+            return ident.sealer.seal(
                 dict(status),
                 status_schema(),
                 topic=topic_name(self.settings, "status", team),
@@ -256,5 +208,5 @@ class SealedReferralFormat:
                 kind=STATUS_KIND,
             )
 
-        message = self._with_directory(do)
+        message = self._retrying(team, seal)
         return OutboundRecord(message.key, message.value, list(message.headers))

@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS referrals (
     received_at TEXT NOT NULL, updated_at TEXT NOT NULL,
     referrer TEXT NOT NULL, referrer_organisation TEXT, concern_types TEXT NOT NULL,
     priority TEXT NOT NULL, district TEXT,
-    withheld TEXT NOT NULL, state TEXT NOT NULL, allocated_to TEXT,
+    withheld TEXT NOT NULL, no_onward TEXT NOT NULL, state TEXT NOT NULL, allocated_to TEXT,
     PRIMARY KEY (team, referral_id)
 );
 CREATE INDEX IF NOT EXISTS referrals_by_state ON referrals (team, state, received_at);
@@ -130,6 +130,7 @@ class ReferralRow:
     priority: str
     district: str | None
     withheld: tuple[WithheldField, ...]
+    no_onward: tuple[str, ...]
     state: ReferralState
     allocated_to: str | None
 
@@ -286,12 +287,13 @@ class InboxStore:
                 summary.priority,
                 summary.district,
                 json.dumps([[w.path, w.reason] for w in summary.withheld]),
+                json.dumps(list(summary.no_onward)),
             )
             if current is None:
                 db.execute(
                     "INSERT INTO referrals (team, referral_id, version, received_at, updated_at, referrer,"
-                    " referrer_organisation, concern_types, priority, district, withheld, state, allocated_to)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    " referrer_organisation, concern_types, priority, district, withheld, no_onward, state,"
+                    " allocated_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                     (team, summary.referral_id, summary.version, received, received, *fields, "new"),
                 )
                 return IngestResult("new", summary.referral_id, summary.version)
@@ -303,7 +305,8 @@ class InboxStore:
             db.execute(
                 "UPDATE referrals SET version = ?, updated_at = ?, referrer = ?, referrer_organisation = ?,"
                 " concern_types = ?,"
-                " priority = ?, district = ?, withheld = ?, state = ? WHERE team = ? AND referral_id = ?",
+                " priority = ?, district = ?, withheld = ?, no_onward = ?, state = ?"
+                " WHERE team = ? AND referral_id = ?",
                 (summary.version, received, *fields, decided.after.value, team, summary.referral_id),
             )
             self._insert_event(db, team, summary.referral_id, summary.version, "referrer", decided)
@@ -325,6 +328,7 @@ class InboxStore:
             priority=row["priority"],
             district=row["district"],
             withheld=tuple(WithheldField(p, r) for p, r in json.loads(row["withheld"])),
+            no_onward=tuple(json.loads(row["no_onward"])),
             state=ReferralState(row["state"]),
             allocated_to=row["allocated_to"],
         )
