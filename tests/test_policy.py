@@ -83,12 +83,20 @@ def write_policy(tmp_path: Path, text: str) -> Path:
             "unknown data class 'secret'",
         ),
         (
-            'name = "household-financial-support"\ndescription = "Department for Work and Pensions: benefits and employment support for the household"\nwhen_any = ["concern:financial"]\nground = "uk_gdpr_6_1_e"',
-            'name = "household-financial-support"\ndescription = "Department for Work and Pensions: benefits and employment support for the household"\nwhen_any = ["concern:financial"]\nground = "because_we_can"',
+            'name = "household-financial-support"\ndescription = "Department for Work and Pensions: benefits, and employment support for young people not in education or work"\nprovides = ["neet_support"]\nwhen_any = ["concern:financial", "service_requested"]\nground = "uk_gdpr_6_1_e"',
+            'name = "household-financial-support"\ndescription = "Department for Work and Pensions: benefits, and employment support for young people not in education or work"\nprovides = ["neet_support"]\nwhen_any = ["concern:financial", "service_requested"]\nground = "because_we_can"',
             "unknown ground 'because_we_can'",
         ),
-        ('when_any = ["concern:financial"]', 'when_any = ["concern:gossip"]', "'gossip' is not one of"),
-        ('when_any = ["concern:financial"]', 'when_any = ["moon_phase"]', "unknown condition 'moon_phase'"),
+        (
+            'when_any = ["concern:financial", "service_requested"]',
+            'when_any = ["concern:gossip", "service_requested"]',
+            "'gossip' is not one of",
+        ),
+        (
+            'when_any = ["concern:financial", "service_requested"]',
+            'when_any = ["moon_phase", "service_requested"]',
+            "unknown condition 'moon_phase'",
+        ),
     ],
 )
 def test_load_rejects_with_file_and_line(tmp_path: Path, old: str, new: str, message: str) -> None:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "route": "referral_broker.cli.route_cmd:route",
     "dlq": "referral_broker.cli.dlq_cmd:dlq",
     "send": "referral_broker.cli.send_cmd:send",
+    "demo": "referral_broker.cli.demo_cmd:demo",
     "receive": "referral_broker.cli.send_cmd:receive",
     "schemas": "referral_broker.cli.schemas_cmd:schemas",
     "validate": "referral_broker.cli.validate_cmd:validate_cmd",
