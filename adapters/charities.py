@@ -81,6 +81,12 @@ REFERRAL_MAP = FieldMap(
         Field("consent", "consent.state"),
         Field("consent_recorded_at", "consent.recorded_at", TIMESTAMP),
         Field("consent_recorded_by", "consent.recorded_by"),
+        Field("without_consent_reference", "sharing_override.override_id", UUID),
+        Field("without_consent_ground", "sharing_override.ground"),
+        Field("without_consent_reason", "sharing_override.reason"),
+        Field("without_consent_approver_role", "sharing_override.approved_by.role"),
+        Field("without_consent_approver_name", "sharing_override.approved_by.name"),
+        Field("without_consent_approved_at", "sharing_override.approved_at", TIMESTAMP),
     )
 )
 

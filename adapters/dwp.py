@@ -80,6 +80,12 @@ REFERRAL_MAP = FieldMap(
         Field("CONSENT", "consent.state"),
         Field("CONSENT_RECORDED_AT", "consent.recorded_at", TIMESTAMP),
         Field("CONSENT_RECORDED_BY", "consent.recorded_by"),
+        Field("OVERRIDE_ID", "sharing_override.override_id", UUID),
+        Field("OVERRIDE_GROUND", "sharing_override.ground"),
+        Field("OVERRIDE_REASON", "sharing_override.reason"),
+        Field("OVERRIDE_APPROVER_ROLE", "sharing_override.approved_by.role"),
+        Field("OVERRIDE_APPROVER_NAME", "sharing_override.approved_by.name"),
+        Field("OVERRIDE_APPROVED_AT", "sharing_override.approved_at", TIMESTAMP),
     )
 )
 

@@ -55,6 +55,7 @@ DISTRICT_SYSTEM = f"{LOCAL}/Id/district"
 PARTY_SYSTEM = f"{LOCAL}/Id/party"
 CONCERN_SYSTEM = f"{LOCAL}/CodeSystem/concern-type"
 SERVICE_SYSTEM = f"{LOCAL}/CodeSystem/service"
+RELATIONSHIP_SYSTEM = f"{LOCAL}/CodeSystem/relationship"
 REQUEST_INTENTS = frozenset(
     {
         "proposal",
@@ -130,6 +131,22 @@ REFERRAL_MAP = FieldMap(
         Field(f"{PT}address[0].postalCode", "child.address.postcode", POSTCODE),
         Field(f"{PT}telecom[system=phone].value", "child.contact.phone"),
         Field(f"{PT}telecom[system=email].value", "child.contact.email"),
+        Items(
+            f"{PT}contact",
+            "household",
+            (
+                Field("name.given[0]", "given_name"),
+                Field("name.family", "family_name"),
+                Field(f"relationship[0].coding[system={RELATIONSHIP_SYSTEM}].code", "relationship"),
+                Field(
+                    f"extension[url={EXT}/parental-responsibility].valueBoolean",
+                    "parental_responsibility",
+                    BOOL,
+                ),
+                Field("telecom[system=phone].value", "contact.phone"),
+                Field("telecom[system=email].value", "contact.email"),
+            ),
+        ),
         Field(f"{PT}generalPractitioner[0].display", "health_and_development.gp_practice"),
         Field(
             _ext("health", "mentalHealthConcern", "valueBoolean"),
@@ -156,6 +173,27 @@ REFERRAL_MAP = FieldMap(
         Items(
             f"{SR}orderDetail", "services_requested", (Field(f"coding[system={SERVICE_SYSTEM}].code", ""),)
         ),
+        Field(_ext("home-circumstances", "housing", "valueCode"), "home_circumstances.housing"),
+        Field(
+            _ext("home-circumstances", "overcrowded", "valueBoolean"), "home_circumstances.overcrowded", BOOL
+        ),
+        Field(
+            _ext("home-circumstances", "financialHardship", "valueBoolean"),
+            "home_circumstances.financial_hardship",
+            BOOL,
+        ),
+        Field(
+            _ext("home-circumstances", "receivesBenefits", "valueBoolean"),
+            "home_circumstances.receives_benefits",
+            BOOL,
+        ),
+        Field(
+            _ext("home-circumstances", "youngCarer", "valueBoolean"), "home_circumstances.young_carer", BOOL
+        ),
+        Field(_ext("home-circumstances", "summary", "valueString"), "home_circumstances.summary"),
+        Field(_ext("send", "status", "valueCode"), "send.status"),
+        Field(_ext("send", "primaryNeed", "valueCode"), "send.primary_need"),
+        Field(_ext("send", "details", "valueString"), "send.details"),
         Field(_ext("consent", "state", "valueCode"), "consent.state"),
         Field(_ext("consent", "recordedAt", "valueDateTime"), "consent.recorded_at", TIMESTAMP),
         Field(_ext("consent", "recordedBy", "valueString"), "consent.recorded_by"),

@@ -229,6 +229,17 @@ REFERRAL_MAP = FieldMap(
             Codec(_parse_attendance_codes, _render_attendance_codes),
         ),
         Field("Exclusions", "school.exclusions", Codec(_parse_exclusions, _render_exclusions)),
+        Items(
+            "Result {n} ",
+            "school.curriculum_results",
+            (
+                Field("Assessment", "assessment"),
+                Field("Subject", "subject"),
+                Field("Outcome", "outcome"),
+                Field("Year", "academic_year"),
+            ),
+            slots=6,
+        ),
         Field("SEN Provision", "send.status", SEN_PROVISION),
         Field("SEN Primary Need", "send.primary_need", SEN_NEED),
         Field("SEN Details", "send.details"),
@@ -242,6 +253,12 @@ REFERRAL_MAP = FieldMap(
         Field("Consent", "consent.state", TEXT),
         Field("Consent Recorded At", "consent.recorded_at", TIMESTAMP),
         Field("Consent Recorded By", "consent.recorded_by"),
+        Field("Without Consent Ref", "sharing_override.override_id", UUID),
+        Field("Without Consent Ground", "sharing_override.ground"),
+        Field("Without Consent Reason", "sharing_override.reason"),
+        Field("Without Consent Approver Role", "sharing_override.approved_by.role"),
+        Field("Without Consent Approver Name", "sharing_override.approved_by.name"),
+        Field("Without Consent Approved At", "sharing_override.approved_at", TIMESTAMP),
     )
 )
 

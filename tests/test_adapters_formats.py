@@ -22,6 +22,8 @@ from referral_broker.schemas.validation import validate_referral
 
 from referral_broker import adapters
 from referral_broker.parties import all_parties
+from referral_broker.policy.load import load_policy
+from referral_broker.policy.review import granted_fields
 
 KINDS = adapters.adapter_kinds()
 FORMATS_MD = Path(adapters.__file__).parent / "FORMATS.md"
@@ -175,3 +177,12 @@ def test_codes_render_the_first_code_of_a_symbol() -> None:
         "urgent",
     ]
     assert table.render("urgent") == "asap"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_format_can_carry_everything_the_policy_grants_its_partner(kind: str) -> None:
+    """A recipient's native file must have a place for each field the sharing policy grants it."""
+    carried_paths = adapters.get_adapter(kind).carried_paths()
+    granted = granted_fields(load_policy(), kind)
+    assert granted
+    assert [g for g in granted if not any(g == c or g.startswith(f"{c}.") for c in carried_paths)] == []
