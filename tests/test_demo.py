@@ -1,0 +1,35 @@
+"""The README's main job, end to end on the real broker, and the README's promises."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from referral_broker.config import Settings
+from referral_broker.demo import PARTNERS, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_twice_and_shows_each_rule(settings: Settings, kafka_bootstrap: str) -> None:
+    for _ in range(2):  # running it twice works (keys and topics are kept)
+        result = run_demo(settings, kafka_bootstrap, per_partner=2)
+        sent = sum(len(v) for v in result.sent.values())
+        assert set(result.sent) == set(PARTNERS) and sent == 2 * len(PARTNERS)
+        assert result.routed.routed == sent and result.routed.dead_lettered == 0
+        got = {p: s for p, s in result.recipients.items() if s.referrals}
+        assert {"police", "charities", "health", "schools"} <= set(got)
+        assert sum(s.referrals for p, s in got.items() if p.startswith("district-")) == sent
+        assert "identifiers.nhs_number" in got["police"].withheld_fields
+        assert not got["police"].received_fields & {"identifiers.nhs_number", "health_and_development.summary"}
+        assert all(not s.refused for s in result.recipients.values())
+        assert sum(result.statuses_back.values()) == sum(s.referrals for s in got.values())
+        assert any(result.outbox.rglob("*.csv")) and any(result.inbox.rglob("*"))
+
+
+def test_readme_opens_with_the_two_commands_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^bash (scripts/\S+\.sh)", readme, re.M)
+    assert commands[:2] == ["scripts/demo.sh", "scripts/test.sh"]
+    assert all((ROOT / c).is_file() for c in commands)
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
