@@ -333,7 +333,7 @@ def test_page_shows_exactly_the_granted_fields_and_names_the_withheld(inbox: Inb
     page = inbox.client.get(f"/referrals/{record['referral_id']}")
     assert page.status_code == 200
     shared = page.text.split('id="shared"')[1].split('id="withheld"')[0]
-    withheld = page.text.split('id="withheld"')[1].split('id="actions"')[0]
+    withheld = page.text.split('id="withheld"')[1].split('id="history"')[0]
     assert record["child"]["given_name"] in shared and record["child"]["address"]["postcode"] in shared
     assert (
         "NHS number" in withheld and "not granted to this recipient by any purpose (default deny)" in withheld

@@ -7,7 +7,9 @@ Opened values are formatted for the response being rendered and go nowhere else.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from referral_broker.consumers.inbox.states import ReferralState
@@ -82,8 +84,32 @@ def when(at: datetime | None) -> str:
     return f"{at.day} {at:%B %Y} at {hour}:{at:%M}{'am' if at.hour < 12 else 'pm'}"
 
 
-def display_value(value: Any) -> str | list[Any] | dict[str, Any]:
-    """An opened value as text, or as a list/dict of texts for nested values."""
+@cache
+def enum_paths() -> frozenset[str]:
+    """Field paths of the Referral whose values are enum symbols (shown as words, not codes)."""
+    from referral_broker.schemas.registry import (
+        named_types,
+        referral_schema,
+        resolve_type,
+        walk_fields,
+        without_null,
+    )
+
+    schema = referral_schema()
+    names = named_types(schema)
+    found = set()
+    for info in walk_fields(schema):
+        node = info.type
+        if isinstance(node, dict) and node.get("type") == "array":
+            node = resolve_type(without_null(node["items"]), names, info.namespace)
+        if isinstance(node, dict) and node.get("type") == "enum":
+            found.add(info.path)
+    return frozenset(found)
+
+
+def display_value(value: Any, path: str = "") -> str | list[Any] | dict[str, Any]:
+    """An opened value as text, or as a list/dict of texts for nested values; ``path`` (arrays
+    transparent) says whether a string is an enum symbol to show as words."""
     if value is None:
         return "Not given"
     if isinstance(value, bool):
@@ -93,9 +119,50 @@ def display_value(value: Any) -> str | list[Any] | dict[str, Any]:
     if isinstance(value, date):
         return f"{value.day} {value:%B %Y}"
     if isinstance(value, Mapping):
-        return {humanise(k): display_value(v) for k, v in value.items()}
+        return {humanise(k): display_value(v, f"{path}.{k}" if path else k) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [display_value(v) for v in value] if value else "None"
+        return [display_value(v, path) for v in value] if value else "None"
     if isinstance(value, bytes):
         return "(sealed)"
+    if isinstance(value, str) and path in enum_paths():
+        return humanise(value)
     return str(value)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One group of granted fields on the referral page: a heading and (label, value) rows."""
+
+    title: str
+    rows: tuple[tuple[str, Any], ...]
+
+
+def sections(granted: Mapping[str, Any]) -> list[Section]:
+    """Granted fields grouped as the referral is: the referral's own fields first, then one
+    section per record (child, school, ...) or array of records (household, concerns)."""
+    about: list[tuple[str, Any]] = []
+    grouped: dict[str, list[tuple[str, Any]]] = {}
+    for name, value in granted.items():
+        if isinstance(value, Mapping):
+            rows = grouped.setdefault(name, [])
+            for path, leaf in flatten_paths(value, f"{name}."):
+                rows.append((field_label(path.removeprefix(f"{name}.")), display_value(leaf, path)))
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            grouped.setdefault(name, []).append(
+                (f"{humanise(name)} ({len(value)})", display_value(value, name))
+            )
+        else:
+            about.append((field_label(name), display_value(value, name)))
+    out = [Section("About the referral", tuple(about))] if about else []
+    out += [Section(humanise(name), tuple(rows)) for name, rows in grouped.items() if rows]
+    return out
+
+
+def flatten_paths(value: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for name, item in value.items():
+        if isinstance(item, Mapping):
+            out += flatten_paths(item, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", item))
+    return out

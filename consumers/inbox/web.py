@@ -35,7 +35,7 @@ from referral_broker.consumers.inbox.auth import (
     resolve_session,
 )
 from referral_broker.consumers.inbox.outbound import AccessEvent, AccessKind, Outbound, status_record
-from referral_broker.consumers.inbox.records import OutboundRecord, RecordFormat, flatten
+from referral_broker.consumers.inbox.records import OutboundRecord, RecordFormat
 from referral_broker.consumers.inbox.states import (
     TABS,
     Action,
@@ -579,7 +579,7 @@ async def referral_page(request: Request) -> Response:
             "tell your inbox administrator, quoting the referral reference.",
             signed_in=member,
         )
-    granted = [(path, presentation.display_value(v)) for path, v in flatten(opened.granted).items()]
+    granted = presentation.sections(opened.granted)
     events = await run_in_threadpool(app.store.events, team, referral_id)
     members = await run_in_threadpool(app.store.list_users, team)
     done = request.query_params.get("done")
