@@ -163,6 +163,38 @@ def codes(table: Mapping[str, str]) -> CodeTable:
     return CodeTable(parse, render, frozenset(reverse))
 
 
+def list_cell(parts: tuple[tuple[str, Codec], ...], shape: str) -> Codec:
+    """A list of small records in one CSV cell: items split by ``;``, parts by ``:``.
+
+    An empty part is an absent field, so a recipient's view with some parts withheld renders
+    and reads back as exactly what it holds. Parts are codes, numbers and dates: never free text.
+    """
+
+    def parse(value: Any) -> list[dict[str, Any]]:
+        items = []
+        for number, entry in enumerate((e for e in _text(value).split(";") if e.strip()), 1):
+            texts = entry.split(":")
+            if len(texts) != len(parts):
+                raise ValueError(f"item {number} is not {shape}")
+            item = {}
+            for (key, codec), text in zip(parts, texts, strict=True):
+                if text.strip():
+                    try:
+                        item[key] = codec.parse(text.strip())
+                    except ValueError as exc:
+                        raise ValueError(f"item {number}: {exc}") from None
+            items.append(item)
+        return items
+
+    def render(items: list[dict[str, Any]]) -> str:
+        return ";".join(
+            ":".join("" if item.get(key) is None else str(codec.render(item[key])) for key, codec in parts)
+            for item in items
+        )
+
+    return Codec(parse, render)
+
+
 # --- native paths -----------------------------------------------------------------------------
 
 
@@ -212,13 +244,17 @@ def set_path(document: dict[str, Any], path: str, value: Any) -> None:
         items = node.setdefault(name, [])
         found, index = _select(items, selector)
         if selector.isdigit():
-            # Indexes fill in order: a missing earlier item is never padded with an invented one.
+            if index is None:
+                # A withheld earlier item stays null, so later items keep their positions
+                # (an address's line 2 must not become its line 1).
+                items.extend([None] * (int(selector) - len(items)))
+                items.append(value if last else {})
+                index = int(selector)
+            elif last:
+                items[index] = value
             if last:
-                items.__setitem__(index, value) if index is not None else items.append(value)
                 return
-            if found is None:
-                found = {}
-                items.append(found)
+            found = items[index]
         elif found is None:
             key, _, wanted = selector.partition("=")
             found = {}
@@ -406,8 +442,12 @@ class FieldMap:
                     else index_path
                 )
                 self._read(native, entry, items.item_path(index, entry.native), item, canonical, problems)
-            if item:
-                out.append(item.pop("") if "" in item else item)
+            if "" in item:
+                out.append(item.pop(""))
+            elif item or (
+                items.slots is None and any(isinstance(f, Field) and f.canonical for f in items.fields)
+            ):
+                out.append(item)  # an empty object in a JSON list is still an item, found by its index
         return out
 
     def to_native(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
@@ -421,28 +461,29 @@ class FieldMap:
             elif isinstance(entry, Field):
                 self._write(record, entry, entry.native, native)
             else:
-                values = get_canonical(record, entry.canonical) or []
-                if entry.slots is not None and len(values) > entry.slots:
+                rendered = [
+                    self._item_to_native(entry, v) for v in get_canonical(record, entry.canonical) or []
+                ]
+                if entry.slots is None:
+                    if rendered:
+                        set_path(native, entry.native, rendered)
+                    continue
+                # Numbered column groups: an item with nothing to show takes no group.
+                filled = [item for item in rendered if item]
+                if len(filled) > entry.slots:
                     overflow.add(entry.canonical)
-                    values = values[: entry.slots]
-                rendered = []
-                for index, value in enumerate(values):
-                    item: dict[str, Any] = {}
-                    for inner in entry.fields:
-                        path = (
-                            entry.item_path(index, inner.native) if entry.slots is not None else inner.native
-                        )
-                        if isinstance(inner, Const):
-                            set_path(item, path, inner.value)
-                        else:
-                            self._write(value if inner.canonical else {"": value}, inner, path, item)
-                    rendered.append(item)
-                if entry.slots is not None:
-                    for item in rendered:
-                        native.update(item)
-                elif rendered:
-                    set_path(native, entry.native, rendered)
+                for index, item in enumerate(filled[: entry.slots]):
+                    native.update({entry.item_path(index, key): value for key, value in item.items()})
         return native, overflow
+
+    def _item_to_native(self, entry: Items, value: Any) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        for inner in entry.fields:
+            if isinstance(inner, Const):
+                set_path(item, inner.native, inner.value)
+            else:
+                self._write(value if inner.canonical else {"": value}, inner, inner.native, item)
+        return item
 
     @staticmethod
     def _write(source: Any, entry: Field, native_path: str, native: dict[str, Any]) -> None:

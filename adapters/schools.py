@@ -8,8 +8,6 @@ import it. Columns and their canonical paths: ``FORMATS.md``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .base import CsvAdapter, register
 from .field_map import (
     INT,
@@ -26,6 +24,7 @@ from .field_map import (
     FieldMap,
     Items,
     codes,
+    list_cell,
 )
 
 GENDER = codes({"F": "female", "M": "male", "U": "not_known", "X": "not_specified"})
@@ -122,52 +121,18 @@ def _parse_year_group(value: str) -> int:
 
 
 YEAR_GROUP = Codec(_parse_year_group, lambda year: {v: k for k, v in _NAMED_YEARS.items()}.get(year, year))
-_ATTENDANCE_SYMBOL = {"/": "present", "#": "closed"}
-
-
-def _cell_entries(value: str, parts: int, shape: str) -> list[list[str]]:
-    """A list cell: entries split by ';', each with ``parts`` fields split by ':'."""
-    entries = []
-    for number, entry in enumerate((e for e in value.split(";") if e.strip()), 1):
-        fields = [part.strip() for part in entry.split(":")]
-        if len(fields) != parts:
-            raise ValueError(f"entry {number} is not {shape}")
-        entries.append(fields)
-    return entries
-
-
-def _parse_attendance_codes(value: str) -> list[dict[str, Any]]:
-    return [
-        {"code": _ATTENDANCE_SYMBOL.get(code, code), "sessions": INT.parse(sessions)}
-        for code, sessions in _cell_entries(value, 2, "CODE:SESSIONS")
-    ]
-
-
-def _render_attendance_codes(counts: list[dict[str, Any]]) -> str:
-    symbols = {symbol: code for code, symbol in _ATTENDANCE_SYMBOL.items()}
-    return ";".join(f"{symbols.get(c.get('code'), c.get('code'))}:{c.get('sessions')}" for c in counts)
-
-
-def _parse_exclusions(value: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "kind": EXCLUSION_CATEGORY.parse(category),
-            "start_date": UK_DATE.parse(start),
-            "sessions": INT.parse(sessions) if sessions else None,
-            "reason": EXCLUSION_REASON.parse(reason),
-        }
-        for category, start, sessions, reason in _cell_entries(
-            value, 4, "CATEGORY:DD/MM/YYYY:SESSIONS:REASON"
-        )
-    ]
-
-
-def _render_exclusions(exclusions: list[dict[str, Any]]) -> str:
-    return ";".join(
-        f"{EXCLUSION_CATEGORY.render(e['kind'])}:{UK_DATE.render(e['start_date'])}:"
-        f"{e.get('sessions') or ''}:{EXCLUSION_REASON.render(e['reason'])}"
-        for e in exclusions
-    )
+# DfE marks present sessions "/" (morning) or a backslash (afternoon), a planned closure "#";
+# the other codes are their letters, as the canonical symbols are.
+_ATTENDANCE_MARKS = {"/": "present", "\\": "present", "#": "closed"}
+ATTENDANCE_CODE = Codec(
+    lambda mark: _ATTENDANCE_MARKS.get(mark, mark),
+    lambda symbol: {"present": "/", "closed": "#"}.get(symbol, symbol),
+)
+ATTENDANCE_CODES = list_cell((("code", ATTENDANCE_CODE), ("sessions", INT)), "CODE:SESSIONS")
+EXCLUSIONS = list_cell(
+    (("kind", EXCLUSION_CATEGORY), ("start_date", UK_DATE), ("sessions", INT), ("reason", EXCLUSION_REASON)),
+    "CATEGORY:DD/MM/YYYY:SESSIONS:REASON",
+)
 
 
 REFERRAL_MAP = FieldMap(
@@ -223,12 +188,8 @@ REFERRAL_MAP = FieldMap(
         Field("Present Sessions", "school.attendance.present_sessions", INT),
         Field("Authorised Absence Sessions", "school.attendance.authorised_absence_sessions", INT),
         Field("Unauthorised Absence Sessions", "school.attendance.unauthorised_absence_sessions", INT),
-        Field(
-            "Attendance Codes",
-            "school.attendance.by_code",
-            Codec(_parse_attendance_codes, _render_attendance_codes),
-        ),
-        Field("Exclusions", "school.exclusions", Codec(_parse_exclusions, _render_exclusions)),
+        Field("Attendance Codes", "school.attendance.by_code", ATTENDANCE_CODES),
+        Field("Exclusions", "school.exclusions", EXCLUSIONS),
         Items(
             "Result {n} ",
             "school.curriculum_results",

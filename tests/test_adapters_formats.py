@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import re
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from referral_broker.adapters.field_map import Codec, CodeTable, Const, Field, Items
-from referral_broker.schemas.registry import field_schema, referral_schema, without_null
+from referral_broker.schemas.json_form import to_json_form
+from referral_broker.schemas.registry import field_paths, field_schema, referral_schema, without_null
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.schemas.validation import validate_referral
+from referral_broker.schemas.views import project, view_schema
 
 from referral_broker import adapters
 from referral_broker.parties import all_parties
@@ -43,19 +47,21 @@ def flat(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def carried(adapter: adapters.PartnerAdapter, record: dict[str, Any]) -> dict[str, Any]:
-    """The values of ``record`` the adapter's format carries (within its repeated-group slots)."""
+    """The values of ``record`` the adapter's format carries: list items with nothing carried are
+    dropped and the rest numbered again, then cut to the format's numbered column groups."""
     paths = adapter.carried_paths()
     slots = {e.canonical: e.slots for e in adapter.referral_map.entries if isinstance(e, Items) and e.slots}
-    out = {}
-    for path, value in flat(record):
-        bare = re.sub(r"\[\d+\]", "", path)
-        if not any(bare == p or bare.startswith(f"{p}.") for p in paths):
-            continue
-        group = re.match(r"^([a-z_.]+)\[(\d+)\]", path)
-        if group and group[1] in slots and int(group[2]) >= slots[group[1]]:
-            continue
-        out[path] = value
-    return out
+
+    def keep(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            kept = {key: keep(item, f"{path}.{key}" if path else key) for key, item in value.items()}
+            return {key: item for key, item in kept.items() if item not in (None, [], {}, "")}
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            items = [item for item in (keep(item, path) for item in value) if item]
+            return items[: slots[path]] if path in slots else items
+        return value if any(path == p or path.startswith(f"{p}.") for p in paths) else None
+
+    return dict(flat(keep(record, "")))
 
 
 def native_documents(kind: str, source: Any) -> list[Any]:
@@ -186,3 +192,69 @@ def test_format_can_carry_everything_the_policy_grants_its_partner(kind: str) ->
     granted = granted_fields(load_policy(), kind)
     assert granted
     assert [g for g in granted if not any(g == c or g.startswith(f"{c}.") for c in carried_paths)] == []
+
+
+# --- recipient views: rendering what a recipient may see, and nothing else ----------------------
+
+
+def _render_views(
+    kind: str, views: list[dict[str, Any]]
+) -> tuple[list[str], adapters.Rendered, list[dict[str, Any]]]:
+    """Render views as one native file and read it back: each record's native text and canonical form."""
+    adapter = adapters.get_adapter(kind)
+    out = io.StringIO()
+    rendered = adapter.render(views, out)
+    documents = [n.document for n in adapter.read_native(io.StringIO(out.getvalue()), adapter.referral_map)]
+    texts = [json.dumps(document) for document in documents]
+    return texts, rendered, [adapter.referral_map.to_canonical(d)[0] for d in documents]
+
+
+def _assert_faithful(kind: str, view: dict[str, Any], back: dict[str, Any]) -> None:
+    adapter = adapters.get_adapter(kind)
+    # concern_types is derived from the concerns when a file is read, not read from it.
+    expected = {path: value for path, value in carried(adapter, view).items() if path != "concern_types"}
+    assert carried(adapter, back) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_recipient_view_renders_with_only_its_granted_fields(kind: str) -> None:
+    view_schema_ = view_schema(granted_fields(load_policy(), kind))
+    originals = list(synthetic_referrals(80, seed=3))
+    views = [project(record, view_schema_) for record in originals]
+    texts, rendered, backs = _render_views(kind, views)
+    assert rendered.count == len(views)
+    assert rendered.not_carried <= {"household"}  # only members beyond a CSV's numbered groups
+    for original, view, back, text in zip(originals, views, backs, texts, strict=True):
+        _assert_faithful(kind, view, back)
+        visible = {str(value) for _, value in flat(view)}
+        withheld = {
+            value
+            for path, value in flat(original)
+            if isinstance(value, str)
+            and len(value) > 6
+            and value not in visible
+            and not any(value in seen for seen in visible)
+        }
+        assert [value for value in withheld if value in text] == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    granted=st.sets(st.sampled_from(field_paths(referral_schema())), max_size=30), kind=st.sampled_from(KINDS)
+)
+def test_any_view_renders_without_failing_and_without_inventing(granted: set[str], kind: str) -> None:
+    view_schema_ = view_schema(granted | {"referral_id"})  # every real view carries the id
+    views = [project(record, view_schema_) for record in synthetic_referrals(6, seed=len(granted))]
+    _, rendered, backs = _render_views(kind, views)
+    assert rendered.count == len(views)
+    for view, back in zip(views, backs, strict=True):
+        _assert_faithful(kind, view, back)
+
+
+def test_a_view_in_json_form_renders_like_the_typed_one() -> None:
+    record = next(synthetic_referrals(1, seed=5))
+    typed = io.StringIO()
+    adapters.get_adapter("police").render([record], typed)
+    as_json = io.StringIO()
+    adapters.get_adapter("police").render([to_json_form(record, referral_schema())], as_json)
+    assert as_json.getvalue() == typed.getvalue()
