@@ -78,6 +78,14 @@ def add_user(
     return store.add_user(username, team, role, _hasher.hash(password), at=at)
 
 
+def rehash_password(store: InboxStore, username: str, password: str) -> None:
+    """Set a new password for an existing account (the demo's fresh password each run)."""
+    check_new_credentials(username, password)
+    if store.get_user(username) is None:
+        raise ConfigError(f"no user '{username}'")
+    store.set_password_hash(username, _hasher.hash(password))
+
+
 def authenticate(store: InboxStore, username: str, password: str) -> UserRow:
     """The account, if the password matches and it is enabled; one opaque error otherwise."""
     user = store.get_user(username.strip().lower())

@@ -8,6 +8,7 @@ and joined, never left behind.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -100,6 +101,25 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
         server_header=False,
         proxy_headers=False,
     )
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_forever(app: Any, host: str, port: int) -> None:
+    """Serve in this (main) thread until Ctrl-C or SIGTERM; a requested stop returns normally.
+
+    uvicorn shuts down gracefully (the lifespan stops and joins the ingest workers), then
+    re-raises the signal it caught; here that ends the call instead of aborting the program.
+    """
+    previous = signal.signal(signal.SIGTERM, _stop_requested)
+    try:
+        uvicorn.Server(uvicorn_config(app, host, port)).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ServerThread:

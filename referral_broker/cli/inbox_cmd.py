@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 from datetime import UTC, datetime
@@ -19,10 +18,6 @@ team_option = click.option(
     metavar="DISTRICT",
     help="A district team (repeatable); every district team when left out.",
 )
-
-
-def _stop_requested(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @click.group()
@@ -68,24 +63,16 @@ def serve(
     secure_cookies: bool | None,
 ) -> None:
     """Serve the inbox, ingesting each team's routed referrals while it runs."""
-    import uvicorn
-
-    from referral_broker.consumers.inbox.server import build_inbox, is_loopback, uvicorn_config
+    from referral_broker.consumers.inbox.server import build_inbox, is_loopback, serve_forever
 
     obj.bootstrap()
     secure = (not is_loopback(host)) if secure_cookies is None else secure_cookies
     built = build_inbox(obj.settings, teams=teams or None, ingest=not no_ingest, secure_cookies=secure)
     shown = "localhost" if is_loopback(host) else host
     click.echo(f"Inbox for {', '.join(built.teams)} at http://{shown}:{port}/ (Ctrl-C to stop)", err=True)
-    previous = signal.signal(signal.SIGTERM, _stop_requested)
     try:
-        # uvicorn shuts down gracefully (ingest workers stopped and joined), then re-raises the
-        # signal it caught; a requested stop is a normal end, not an abort.
-        uvicorn.Server(uvicorn_config(built.app, host, port)).run()
-    except KeyboardInterrupt:
-        pass
+        serve_forever(built.app, host, port)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         built.close()
     failed = [w.team for w in built.workers if w.error is not None]
     if failed:

@@ -1,0 +1,83 @@
+"""The end of ``referral-broker demo``: the district-team inbox served on loopback with the
+demo's routed referrals already in it, and a demo sign-in printed.
+
+Each district team gets a demo account (``demo.<district>``) whose password is drawn fresh on
+every run and printed once; only its argon2 hash is stored. The inbox is served on 127.0.0.1
+only: the demo's data is synthetic, but its accounts are not meant for a network.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from referral_broker.consumers.inbox.auth import add_user, district_teams, rehash_password
+from referral_broker.consumers.inbox.ingest import IngestStats, TeamIngest
+from referral_broker.consumers.inbox.server import build_inbox, serve_forever
+from referral_broker.consumers.inbox.store import InboxStore
+
+from referral_broker.config import Settings
+
+DEMO_ROLE = "Early Help practitioner (demo)"
+
+
+def demo_username(team: str) -> str:
+    return "demo." + team.removeprefix("district-")
+
+
+def demo_accounts(store: InboxStore, teams: list[str] | tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """team -> (username, password): a demo member per team with a fresh random password."""
+    now = datetime.now(UTC)
+    accounts: dict[str, tuple[str, str]] = {}
+    for team in teams:
+        username, password = demo_username(team), f"demo-{secrets.token_urlsafe(9)}"
+        if store.get_user(username) is None:
+            add_user(store, username, team, password, at=now, role=DEMO_ROLE)
+        else:
+            rehash_password(store, username, password)
+            store.set_disabled(username, False)
+        accounts[team] = (username, password)
+    return accounts
+
+
+def ingest_now(workers: list[TeamIngest], idle_s: float = 2.0) -> dict[str, IngestStats]:
+    """Read what is waiting for every team, side by side, before the server starts."""
+    results: dict[str, IngestStats] = {}
+
+    def run(worker: TeamIngest) -> None:
+        results[worker.team] = worker.run(stop_when_idle=idle_s)
+
+    threads = [threading.Thread(target=run, args=(w,), name=f"demo-ingest-{w.team}") for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def serve_demo(
+    settings: Settings, bootstrap: str, *, port: int = 8000, say: Callable[[str], None] = print
+) -> None:
+    """Ingest the demo's referrals, print the address and a sign-in, serve until Ctrl-C."""
+    if settings.kafka_bootstrap_servers != bootstrap:
+        settings = settings.replace(kafka_bootstrap_servers=bootstrap)
+    teams = tuple(district_teams())
+    inbox = build_inbox(settings, teams=teams, secure_cookies=False)
+    try:
+        accounts = demo_accounts(inbox.store, teams)
+        say("Filling the district-team inbox")
+        ingest_now(inbox.workers)
+        counts = {team: len(inbox.store.list_referrals(team)) for team in teams}
+        busiest = max(teams, key=lambda t: counts[t])
+        username, password = accounts[busiest]
+        say(f"\nDistrict-team inbox: http://localhost:{port}/")
+        say(f"Sign in as {username} with password {password} ({counts[busiest]} referral(s) for {busiest}).")
+        others = [f"{accounts[t][0]} / {accounts[t][1]}" for t in teams if t != busiest and counts[t]]
+        if others:
+            say("Other teams: " + "; ".join(others))
+        say("Ctrl-C to stop.")
+        serve_forever(inbox.app, "127.0.0.1", port)
+    finally:
+        inbox.close()
