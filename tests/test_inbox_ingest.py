@@ -210,3 +210,30 @@ def test_a_status_reaches_the_referrers_adapter_through_the_router(
     assert all(r.referral_id == record["referral_id"] and r.sender == "council" for r in got)
     assert (got[1].record["reason"], got[1].record["from_party"]) == (reason, TEAM)
     assert not [r for r in pipeline.received(OTHER_TEAM) if isinstance(r, Received) and r.kind == "status"]
+
+
+def test_a_new_version_answers_a_request_for_information(pipeline: Pipeline, inbox_store: InboxStore) -> None:
+    first = pipeline.referral(TEAM, 13)
+    pipeline.produce(pipeline.routed(first, TEAM))
+    ingest(pipeline, inbox_store)
+    now = datetime.now(UTC)
+    fmt = pipeline.format([TEAM])
+
+    def encode(decided, referral):
+        words = "Synthetic: please add consent." if decided.action is Action.REQUEST_INFORMATION else None
+        return fmt.seal_status(
+            status_record(decided, referral, actor_role="Family worker", reason=words), TEAM
+        )
+
+    for action in (Action.OPEN, Action.REQUEST_INFORMATION):
+        inbox_store.apply(
+            TEAM, first["referral_id"], action, actor="fen.worker", at=now, encode_status=encode
+        )
+    second = {**first, "version": 2, "priority": "urgent"}
+    pipeline.produce(pipeline.routed(second, TEAM))
+    assert ingest(pipeline, inbox_store).updated == 1
+    row = inbox_store.get_referral(TEAM, first["referral_id"])
+    assert row is not None and (row.version, row.state, row.priority) == (2, ReferralState.NEW, "urgent")
+    opened = fmt.open(inbox_store.record_of(TEAM, first["referral_id"]), TEAM)
+    assert opened.granted["version"] == 2
+    assert fmt.open(inbox_store.record_of(TEAM, first["referral_id"], 1), TEAM).granted["version"] == 1

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -444,7 +444,10 @@ async def sign_in(request: Request) -> Response:
             errors=[{"text": message, "href": "#username"}],
             field_errors={"username": message, "password": message},
         )
-    session = await run_in_threadpool(app.store.create_session, user.username, at=app.clock())
+    now = app.clock()
+    session = await run_in_threadpool(app.store.create_session, user.username, at=now)
+    # Sessions past their age can never be used again; sign-ins are a good moment to drop them.
+    await run_in_threadpool(app.store.purge_sessions, now - timedelta(seconds=app.codec.max_age_s))
     await _audit(request, AccessEvent(AccessKind.SIGNED_IN, app.clock(), user.username, user.team))
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
