@@ -306,7 +306,8 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
     if isinstance(concerns, list):
         if not concerns:
             add("concerns", "at least one concern is required")
-        found = {c.get("type") for c in concerns if isinstance(c, Mapping)}
+        # a corrupted type (a dict, a list) is reported by the schema layer; never crash here
+        found = {c.get("type") for c in concerns if isinstance(c, Mapping) and isinstance(c.get("type"), str)}
         for index, concern in enumerate(concerns):
             since = concern.get("since") if isinstance(concern, Mapping) else None
             if _is_date(since) and since > today:
