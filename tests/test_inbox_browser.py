@@ -170,6 +170,7 @@ def test_a_routed_referral_is_triaged_in_the_browser(running: Running, browser: 
     assert page.locator("h1").inner_text().endswith(f"Referral from {record['referrer']['organisation']}")
     assert record["child"]["given_name"] in page.locator('[data-section="granted"]').inner_text()
     page.screenshot(path=str(SCREENSHOTS / "referral.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "referral-top.png"))  # what a laptop screen shows first
 
     # Accept it with the keyboard.
     page.get_by_role("button", name="Accept referral").focus()
