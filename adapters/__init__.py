@@ -10,21 +10,19 @@ The Python API partner systems embed (the CLI's ``send``/``receive`` are thin ov
     adapters.load_statuses("schools", "statuses.csv"); adapters.render_statuses(...)
 
 One module per partner kind (``schools``, ``health``, ``dwp``, ``police``, ``charities``), each a
-table of fields over the shared shape in ``base``. Formats: ``FORMATS.md``.
+table of fields over the shared shape in ``base``; ``field_map`` converts values by those tables,
+``native_files`` reads and writes files safely, ``file_verbs`` holds the verbs above. Formats
+and their mapping to canonical paths: ``FORMATS.md``.
 """
 
 from __future__ import annotations
 
 from . import charities, dwp, health, police, schools
-from .base import (
+from .base import ParsedRecord, PartnerAdapter, Rendered, adapter_kinds, get_adapter
+from .file_verbs import (
     FileStream,
     LoadResult,
-    ParsedRecord,
-    PartnerAdapter,
-    Rendered,
-    adapter_kinds,
     example_file,
-    get_adapter,
     iter_file,
     load_file,
     load_statuses,

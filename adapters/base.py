@@ -4,16 +4,15 @@
     ├── CsvAdapter      one record per CSV row                     (schools, dwp)
     └── JsonAdapter     one record per JSON object or array item   (police, charities, health)
 
-A partner module declares its kind, its file suffix and two :class:`FieldMap` tables (referral
-and status); everything else (reading, converting, validating, rendering) is here, so adapters
-stay alike and adding a partner is one small module.
+A partner module declares its kind, picks its family and gives its :class:`FieldMap` tables
+(referral, and status when it has its own); everything else (reading, converting, validating,
+rendering) is here, so adapters stay alike and adding a partner is one small module. The
+file-level verbs over this shape are in ``file_verbs``.
 
 Parsing never returns part of a bad record: a record is either a complete canonical dict that
 passed edge validation, or rejected with every problem, each naming the file, the record number
-and the field (native name and canonical path), never the value. ``load_file`` raises if any
-record is rejected unless ``skip_invalid``; ``iter_file`` checks the whole file in a first
-streaming pass before it yields anything, so a sender can stream a large file and still send
-nothing when one record is bad.
+and the field (native name and canonical path). No value from a partner file ever goes into a
+problem, an exception or a log line.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, ClassVar
@@ -37,7 +36,7 @@ from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
 from referral_broker.schemas.validation import validate
 
-from referral_broker.errors import ConfigError, PartnerInputError, Problem, ValidationError
+from referral_broker.errors import ConfigError, Problem, ValidationError
 
 from .field_map import (
     INT,
@@ -52,7 +51,6 @@ from .field_map import (
 )
 from .native_files import Source, read_csv, read_json, source_name, write_text
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
 _SAFE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 # For formats with no ethnicity, or where the question is optional: "not obtained" is what is known.
 NOT_OBTAINED_ETHNICITY: Mapping[str, Any] = MappingProxyType({"child.ethnicity": "not_obtained"})
@@ -79,18 +77,6 @@ class ParsedRecord:
         return f"{self.source}: record {self.number}: " + "; ".join(
             f"{p.path}: {p.reason}" for p in self.problems
         )
-
-
-@dataclass
-class LoadResult:
-    """A whole file: the good records (canonical) and, with ``skip_invalid``, the rejected ones."""
-
-    records: list[ParsedRecord] = field(default_factory=list)
-    rejected: list[ParsedRecord] = field(default_factory=list)
-
-    @property
-    def referrals(self) -> list[dict[str, Any]]:
-        return [parsed.record for parsed in self.records if parsed.record is not None]
 
 
 @dataclass(frozen=True)
@@ -327,6 +313,11 @@ class PartnerAdapter(ABC):
 
     # --- shared conversion -----------------------------------------------------------------
 
+    def _reconvert(self, source: Source, *, now: dt.datetime) -> Iterator[ParsedRecord]:
+        """Referrals converted again without edge validation: only for a second pass over a file
+        whose every record was validated by a first (``FileStream``)."""
+        return self._parse(source, self.referral_map, _REFERRAL, now, validate=False)
+
     def _parse(
         self,
         source: Source,
@@ -517,7 +508,7 @@ def _unknown_keys(document: dict[str, Any], field_map: FieldMap) -> list[str]:
     return found
 
 
-# --- the registry and the file-level verbs ------------------------------------------------------
+# --- the registry -------------------------------------------------------------------------------
 
 _ADAPTERS: dict[str, type[PartnerAdapter]] = {}
 
@@ -541,153 +532,3 @@ def get_adapter(kind: str) -> PartnerAdapter:
         raise ConfigError(
             f"no adapter for partner kind '{kind}'; known: {', '.join(adapter_kinds())}"
         ) from None
-
-
-def example_file(kind: str) -> Path:
-    """The synthetic example file of a partner kind's native format."""
-    return EXAMPLES / f"{kind}{get_adapter(kind).native_suffix}"
-
-
-def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
-    problems = [problem for parsed in rejected for problem in parsed.problems]
-    raise ValidationError(
-        problems, f"{what} in {name} ({len(rejected)} record(s) rejected, nothing accepted)"
-    )
-
-
-def _load(records: Iterator[ParsedRecord], skip_invalid: bool, what: str) -> LoadResult:
-    result = LoadResult()
-    name = "<stream>"
-    for parsed in records:
-        name = parsed.source
-        (result.records if parsed.ok else result.rejected).append(parsed)
-    if result.rejected and not skip_invalid:
-        _raise_rejected(result.rejected, what, name)
-    return result
-
-
-def load_file(
-    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
-) -> LoadResult:
-    """Every referral in a partner's native file, validated.
-
-    Raises ValidationError listing every rejected record (file, record number, field) and
-    returns nothing when any record is bad, unless ``skip_invalid``: then the good records come
-    back with ``rejected`` listing the others. A broken file (encoding, columns, malformed CSV
-    or JSON) raises PartnerInputError either way.
-    """
-    return _load(get_adapter(kind).parse(source, now=now), skip_invalid, "referrals")
-
-
-def load_statuses(
-    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
-) -> LoadResult:
-    """Every status message in a partner's native status file, validated (as ``load_file``)."""
-    return _load(get_adapter(kind).parse_statuses(source, now=now), skip_invalid, "status messages")
-
-
-class FileStream:
-    """The referrals of a (large) file, streamed with bounded memory in two passes.
-
-    Constructing it runs the first pass: every record is converted and validated and only the
-    rejected ones are kept, so a bad file raises before anything is yielded (or, with
-    ``skip_invalid``, ``rejected`` is complete before the first record is sent). Iterating runs
-    the second pass and yields the good records; ``total`` is their count, for progress bars.
-    The second pass converts again but does not repeat validation (the sender validates each
-    record it seals anyway); a file that changes between or during the passes (size, mtime or
-    inode) raises PartnerInputError.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        path: str | os.PathLike[str],
-        *,
-        skip_invalid: bool,
-        now: dt.datetime | None,
-        on_checked: Callable[[int], None] | None = None,
-    ) -> None:
-        self.adapter = get_adapter(kind)
-        self.path = Path(path)
-        self.now = now or dt.datetime.now(dt.UTC)
-        self.rejected: list[ParsedRecord] = []
-        self.total = 0
-        self._identity = self._stat()
-        for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
-            if parsed.ok:
-                self.total += 1
-            else:
-                self.rejected.append(parsed)
-            if on_checked is not None:
-                on_checked(checked)
-        self._check_unchanged()
-        if self.rejected and not skip_invalid:
-            _raise_rejected(self.rejected, "referrals", source_name(self.path))
-
-    def _stat(self) -> tuple[int, int, int]:
-        try:
-            found = self.path.stat()
-        except FileNotFoundError:
-            raise PartnerInputError(f"{source_name(self.path)}: file not found") from None
-        return (found.st_size, found.st_mtime_ns, found.st_ino)
-
-    def _check_unchanged(self) -> None:
-        if self._stat() != self._identity:
-            raise PartnerInputError(f"{source_name(self.path)}: the file changed while it was being read")
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __iter__(self) -> Iterator[ParsedRecord]:
-        self._check_unchanged()
-        skipped = {parsed.number for parsed in self.rejected}
-        adapter = self.adapter
-        records = adapter._parse(self.path, adapter.referral_map, _REFERRAL, self.now, validate=False)
-        for parsed in records:
-            if parsed.number in skipped:
-                continue
-            if not parsed.ok:
-                self._check_unchanged()
-                raise PartnerInputError(
-                    f"{source_name(self.path)}: record {parsed.number} changed between passes"
-                )
-            yield parsed
-        self._check_unchanged()
-
-
-def iter_file(
-    kind: str,
-    path: str | os.PathLike[str],
-    *,
-    skip_invalid: bool = False,
-    now: dt.datetime | None = None,
-    on_checked: Callable[[int], None] | None = None,
-) -> FileStream:
-    """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows).
-
-    Returns once the whole file is checked (``on_checked`` is called with the running count
-    during that pass, for a progress bar); iterate the result to get the good records.
-    """
-    return FileStream(kind, path, skip_invalid=skip_invalid, now=now, on_checked=on_checked)
-
-
-def render_file(
-    kind: str,
-    records: Iterable[Mapping[str, Any]],
-    out: str | os.PathLike[str] | IO[str],
-    *,
-    name: str | None = None,
-) -> Rendered:
-    """Canonical referrals or recipient views as a partner's native file."""
-    return get_adapter(kind).render(records, out, name=name)
-
-
-def render_statuses(
-    kind: str,
-    statuses: Iterable[Mapping[str, Any]],
-    out: str | os.PathLike[str] | IO[str],
-    *,
-    name: str | None = None,
-) -> Rendered:
-    """Canonical status messages as a partner's native status file."""
-    return get_adapter(kind).render_statuses(statuses, out, name=name)

@@ -25,6 +25,7 @@ from referral_broker.schemas.validation import validate_referral
 from referral_broker.schemas.views import project, view_schema
 
 from referral_broker import adapters
+from referral_broker.errors import ConfigError
 from referral_broker.parties import all_parties
 from referral_broker.policy.load import load_policy
 from referral_broker.policy.review import granted_fields
@@ -80,7 +81,7 @@ def test_registry_matches_the_partner_parties() -> None:
 
 
 def test_unknown_kind_is_a_config_error() -> None:
-    with pytest.raises(adapters.base.ConfigError, match="no adapter for partner kind 'nobody'"):
+    with pytest.raises(ConfigError, match="no adapter for partner kind 'nobody'"):
         adapters.get_adapter("nobody")
 
 

@@ -1,0 +1,182 @@
+"""The file-level verbs partner systems call: load, stream and render native files.
+
+``load_file`` returns every referral of a file or raises listing every rejected record, unless
+``skip_invalid``; ``iter_file`` streams a large file in two passes so that nothing is yielded
+(and so nothing sent) before the whole file is known to be good. Statuses have the same verbs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from referral_broker.errors import PartnerInputError, ValidationError
+
+from .base import ParsedRecord, Rendered, get_adapter
+from .native_files import Source, source_name
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+
+
+@dataclass
+class LoadResult:
+    """A whole file: the good records (canonical) and, with ``skip_invalid``, the rejected ones."""
+
+    records: list[ParsedRecord] = field(default_factory=list)
+    rejected: list[ParsedRecord] = field(default_factory=list)
+
+    @property
+    def referrals(self) -> list[dict[str, Any]]:
+        return [parsed.record for parsed in self.records if parsed.record is not None]
+
+
+def example_file(kind: str) -> Path:
+    """The synthetic example file of a partner kind's native format."""
+    return EXAMPLES / f"{kind}{get_adapter(kind).native_suffix}"
+
+
+def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
+    problems = [problem for parsed in rejected for problem in parsed.problems]
+    raise ValidationError(
+        problems, f"{what} in {name} ({len(rejected)} record(s) rejected, nothing accepted)"
+    )
+
+
+def _load(records: Iterator[ParsedRecord], skip_invalid: bool, what: str) -> LoadResult:
+    result = LoadResult()
+    name = "<stream>"
+    for parsed in records:
+        name = parsed.source
+        (result.records if parsed.ok else result.rejected).append(parsed)
+    if result.rejected and not skip_invalid:
+        _raise_rejected(result.rejected, what, name)
+    return result
+
+
+def load_file(
+    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
+) -> LoadResult:
+    """Every referral in a partner's native file, validated.
+
+    Raises ValidationError listing every rejected record (file, record number, field) and
+    returns nothing when any record is bad, unless ``skip_invalid``: then the good records come
+    back with ``rejected`` listing the others. A broken file (encoding, columns, malformed CSV
+    or JSON) raises PartnerInputError either way.
+    """
+    return _load(get_adapter(kind).parse(source, now=now), skip_invalid, "referrals")
+
+
+def load_statuses(
+    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
+) -> LoadResult:
+    """Every status message in a partner's native status file, validated (as ``load_file``)."""
+    return _load(get_adapter(kind).parse_statuses(source, now=now), skip_invalid, "status messages")
+
+
+class FileStream:
+    """The referrals of a (large) file, streamed with bounded memory in two passes.
+
+    Constructing it runs the first pass: every record is converted and validated and only the
+    rejected ones are kept, so a bad file raises before anything is yielded (or, with
+    ``skip_invalid``, ``rejected`` is complete before the first record is sent). Iterating runs
+    the second pass and yields the good records; ``total`` is their count, for progress bars.
+    The second pass converts again but does not repeat validation (the sender validates each
+    record it seals anyway); a file that changes between or during the passes (size, mtime or
+    inode) raises PartnerInputError.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        path: str | os.PathLike[str],
+        *,
+        skip_invalid: bool,
+        now: dt.datetime | None,
+        on_checked: Callable[[int], None] | None = None,
+    ) -> None:
+        self.adapter = get_adapter(kind)
+        self.path = Path(path)
+        self.now = now or dt.datetime.now(dt.UTC)
+        self.rejected: list[ParsedRecord] = []
+        self.total = 0
+        self._identity = self._stat()
+        for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
+            if parsed.ok:
+                self.total += 1
+            else:
+                self.rejected.append(parsed)
+            if on_checked is not None:
+                on_checked(checked)
+        self._check_unchanged()
+        if self.rejected and not skip_invalid:
+            _raise_rejected(self.rejected, "referrals", source_name(self.path))
+
+    def _stat(self) -> tuple[int, int, int]:
+        try:
+            found = self.path.stat()
+        except FileNotFoundError:
+            raise PartnerInputError(f"{source_name(self.path)}: file not found") from None
+        return (found.st_size, found.st_mtime_ns, found.st_ino)
+
+    def _check_unchanged(self) -> None:
+        if self._stat() != self._identity:
+            raise PartnerInputError(f"{source_name(self.path)}: the file changed while it was being read")
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[ParsedRecord]:
+        self._check_unchanged()
+        skipped = {parsed.number for parsed in self.rejected}
+        for parsed in self.adapter._reconvert(self.path, now=self.now):
+            if parsed.number in skipped:
+                continue
+            if not parsed.ok:
+                self._check_unchanged()
+                raise PartnerInputError(
+                    f"{source_name(self.path)}: record {parsed.number} changed between passes"
+                )
+            yield parsed
+        self._check_unchanged()
+
+
+def iter_file(
+    kind: str,
+    path: str | os.PathLike[str],
+    *,
+    skip_invalid: bool = False,
+    now: dt.datetime | None = None,
+    on_checked: Callable[[int], None] | None = None,
+) -> FileStream:
+    """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows).
+
+    Returns once the whole file is checked (``on_checked`` is called with the running count
+    during that pass, for a progress bar); iterate the result to get the good records.
+    """
+    return FileStream(kind, path, skip_invalid=skip_invalid, now=now, on_checked=on_checked)
+
+
+def render_file(
+    kind: str,
+    records: Iterable[Mapping[str, Any]],
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    name: str | None = None,
+) -> Rendered:
+    """Canonical referrals or recipient views as a partner's native file."""
+    return get_adapter(kind).render(records, out, name=name)
+
+
+def render_statuses(
+    kind: str,
+    statuses: Iterable[Mapping[str, Any]],
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    name: str | None = None,
+) -> Rendered:
+    """Canonical status messages as a partner's native status file."""
+    return get_adapter(kind).render_statuses(statuses, out, name=name)
