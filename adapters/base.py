@@ -32,11 +32,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, ClassVar
 
+from referral_broker.errors import ConfigError, Problem, ValidationError
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
 from referral_broker.schemas.validation import validate
-
-from referral_broker.errors import ConfigError, Problem, ValidationError
 
 from .field_map import (
     INT,

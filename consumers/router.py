@@ -27,10 +27,6 @@ from functools import lru_cache
 from typing import Any
 
 from kafka import TopicPartition
-from referral_broker.schemas import codec
-from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
-from referral_broker.schemas.validation import ensure_valid
-from referral_broker.schemas.views import view_schema
 
 from referral_broker.cluster.clients import Record, build_consumer, build_producer, next_offsets, poll_records
 from referral_broker.cluster.topics import plan, topic_name
@@ -54,6 +50,10 @@ from referral_broker.identity import (
 )
 from referral_broker.parties import HUB, get_party
 from referral_broker.policy import Decision, SharingPolicy, decide, load_policy
+from referral_broker.schemas import codec
+from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
+from referral_broker.schemas.validation import ensure_valid
+from referral_broker.schemas.views import view_schema
 from referral_broker.sealing import OutgoingMessage, sign_plain
 from referral_broker.structured_log import get_logger
 

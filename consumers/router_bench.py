@@ -25,18 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
+from referral_broker.cluster.topics import admin_client, ensure_topics, plan, topic_name
+from referral_broker.config import Settings
 from referral_broker.consumers.router import Router
+from referral_broker.errors import BrokerError
+from referral_broker.parties import HUB, all_parties
+from referral_broker.policy import decide, load_policy
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas import codec
 from referral_broker.schemas.registry import referral_schema
 from referral_broker.schemas.synth import synthetic_referrals
-
-from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
-from referral_broker.cluster.topics import admin_client, ensure_topics, plan, topic_name
-from referral_broker.config import Settings
-from referral_broker.errors import BrokerError
-from referral_broker.parties import HUB, all_parties
-from referral_broker.policy import decide, load_policy
 from referral_broker.sealing.key_admin import init_parties
 
 SENDER = "schools"
@@ -82,8 +81,8 @@ def _floor_us(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from fastavro import parse_schema, schemaless_reader, schemaless_writer
-    from referral_broker.schemas.registry import field_schema, sealing_units
 
+    from referral_broker.schemas.registry import field_schema, sealing_units
     from referral_broker.sealing import DataKey
     from referral_broker.sealing.wrapping import unwrap_data_key, wrap_data_key
 

@@ -11,14 +11,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from referral_broker.schemas.registry import referral_schema, status_schema
-from referral_broker.schemas.validation import ensure_valid
-
 from referral_broker.cluster.clients import build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.identity import Identity, load_identity
 from referral_broker.parties import HUB
+from referral_broker.schemas.registry import referral_schema, status_schema
+from referral_broker.schemas.validation import ensure_valid
 
 
 @dataclass(frozen=True)

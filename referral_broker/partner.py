@@ -78,6 +78,7 @@ class PartnerClient:
         skip_invalid: bool = False,
         progress: Callable[[int], None] = lambda n: None,
         on_total: Callable[[int], None] = lambda n: None,
+        on_checked: Callable[[int], None] | None = None,
     ) -> SendReport:
         """Validate every record of the file first; send nothing if any is invalid (unless
         ``skip_invalid``, which reports each rejected record and sends the rest)."""
@@ -86,7 +87,7 @@ class PartnerClient:
         if fmt == "canonical":
             records = self._canonical(path, skip_invalid, report)
         elif fmt == "native":
-            records = self._native(path, skip_invalid, report)
+            records = self._native(path, skip_invalid, report, on_checked)
         else:
             raise PartnerInputError(f"unknown format '{fmt}' (native or canonical)")
         on_total(len(records) if isinstance(records, list) else getattr(records, "total", 0))
@@ -116,13 +117,15 @@ class PartnerClient:
         report.rejected = problems
         return good
 
-    def _native(self, path: Path, skip_invalid: bool, report: SendReport) -> Any:
+    def _native(
+        self, path: Path, skip_invalid: bool, report: SendReport, on_checked: Callable[[int], None] | None
+    ) -> Any:
         from referral_broker import adapters
 
         if get_party(self.party).kind != "partner":
             raise PartnerInputError(f"{self.party} has no native format; use --format canonical")
         try:
-            stream = adapters.iter_file(self.party, path, skip_invalid=skip_invalid)
+            stream = adapters.iter_file(self.party, path, skip_invalid=skip_invalid, on_checked=on_checked)
         except ValidationError as exc:
             raise PartnerInputError(f"{exc}; nothing sent") from exc
         report.rejected = [str(r) for r in stream.rejected]

@@ -16,9 +16,8 @@ import tracemalloc
 import uuid
 from pathlib import Path
 
-from referral_broker.schemas.synth import synthetic_referrals
-
 from referral_broker import adapters
+from referral_broker.schemas.synth import synthetic_referrals
 
 ROWS = 100_000
 WINDOW = 2_000

@@ -17,18 +17,18 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from referral_broker import adapters
 from referral_broker.adapters.field_map import Codec, CodeTable, Const, Field, Items
+from referral_broker.errors import ConfigError
+from referral_broker.parties import all_parties
+from referral_broker.policy.load import load_policy
+from referral_broker.policy.review import granted_fields
 from referral_broker.schemas.json_form import to_json_form
 from referral_broker.schemas.registry import field_paths, field_schema, referral_schema, without_null
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.schemas.validation import validate_referral
 from referral_broker.schemas.views import project, view_schema
-
-from referral_broker import adapters
-from referral_broker.errors import ConfigError
-from referral_broker.parties import all_parties
-from referral_broker.policy.load import load_policy
-from referral_broker.policy.review import granted_fields
 
 KINDS = adapters.adapter_kinds()
 FORMATS_MD = Path(adapters.__file__).parent / "FORMATS.md"

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from referral_broker.schemas.validation import validate_status
 
 from referral_broker import adapters
 from referral_broker.errors import ValidationError
+from referral_broker.schemas.validation import validate_status
 
 KINDS = adapters.adapter_kinds()
 NOW = dt.datetime(2025, 10, 1, tzinfo=dt.UTC)

@@ -21,7 +21,10 @@ def test_demo_runs_twice_and_shows_each_rule(settings: Settings, kafka_bootstrap
         assert {"police", "charities", "health", "schools"} <= set(got)
         assert sum(s.referrals for p, s in got.items() if p.startswith("district-")) == sent
         assert "identifiers.nhs_number" in got["police"].withheld_fields
-        assert not got["police"].received_fields & {"identifiers.nhs_number", "health_and_development.summary"}
+        assert not got["police"].received_fields & {
+            "identifiers.nhs_number",
+            "health_and_development.summary",
+        }
         assert all(not s.refused for s in result.recipients.values())
         assert sum(result.statuses_back.values()) == sum(s.referrals for s in got.values())
         assert any(result.outbox.rglob("*.csv")) and any(result.inbox.rglob("*"))

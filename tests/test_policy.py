@@ -11,12 +11,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from referral_broker.schemas.synth import synthetic_referrals
 
 from referral_broker.errors import PolicyError
 from referral_broker.policy import decide, default_policy_path, load_policy
 from referral_broker.policy.decide import DEFAULT_DENY
 from referral_broker.policy.review import diff, explain
+from referral_broker.schemas.synth import synthetic_referrals
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 SHIPPED = default_policy_path().read_text(encoding="utf-8")

@@ -15,20 +15,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from referral_broker.consumers.dead_letters import read_dead_letters
-from referral_broker.consumers.receiving import Received, receive
-from referral_broker.consumers.router import Router
-from referral_broker.producers.intake import IntakeSender
-from referral_broker.schemas import codec
-from referral_broker.schemas.registry import audit_decision_schema
-from referral_broker.schemas.synth import synthetic_referrals
 
 from referral_broker.cluster.clients import build_consumer, build_producer, drain
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.dead_letters import read_dead_letters
+from referral_broker.consumers.receiving import Received, receive
+from referral_broker.consumers.router import Router
 from referral_broker.parties import all_parties
 from referral_broker.policy import load_policy
 from referral_broker.policy.review import explain
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas import codec
+from referral_broker.schemas.registry import audit_decision_schema
+from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing.key_admin import init_parties
 
 PARTNERS = ["schools", "health", "dwp", "police", "charities"]

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from referral_broker.schemas import codec, registry
-from referral_broker.schemas.json_form import from_json_form, to_json_form
-from referral_broker.schemas.synth import synthetic_referral
 from test_schemas_strategies import avro_records, valid_referrals
 
 from referral_broker.errors import ContractError, ValidationError
+from referral_broker.schemas import codec, registry
+from referral_broker.schemas.json_form import from_json_form, to_json_form
+from referral_broker.schemas.synth import synthetic_referral
 
 SCHEMA = registry.referral_schema()
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from referral_broker.schemas import evolution, registry
 
 from referral_broker.errors import ContractError
+from referral_broker.schemas import evolution, registry
 
 SCHEMA = registry.referral_schema()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from referral_broker.schemas import identifiers, synth
 
 VECTORS = json.loads(

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from referral_broker.schemas import registry
 
 from referral_broker.errors import ContractError
+from referral_broker.schemas import registry
 
 DATA = Path(__file__).parent / "data" / "schemas"
 FINGERPRINT_VECTORS = json.loads((DATA / "fingerprint_vectors.json").read_text("utf-8"))["vectors"]

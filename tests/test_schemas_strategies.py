@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 from hypothesis import strategies as st
+
 from referral_broker.schemas.registry import Schema, full_name, named_types, resolve_type
 from referral_broker.schemas.synth import DEFAULT_ANCHOR, synthetic_referral
 

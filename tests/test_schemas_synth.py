@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from referral_broker.errors import ContractError
 from referral_broker.schemas import codec, registry
 from referral_broker.schemas.registry import walk_fields
 from referral_broker.schemas.synth import DEFAULT_ANCHOR, synthetic_referrals
 from referral_broker.schemas.validation import validate
-
-from referral_broker.errors import ContractError
 
 SCHEMA = registry.referral_schema()
 NOW = DEFAULT_ANCHOR + dt.timedelta(days=1)

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_schemas_strategies import TEST_NOW, valid_referrals
+
+from referral_broker.errors import ValidationError
 from referral_broker.schemas import registry
 from referral_broker.schemas.registry import named_types, resolve_type, without_null
 from referral_broker.schemas.synth import synthetic_referral
 from referral_broker.schemas.validation import ensure_valid, schema_path, validate, validate_status
-from test_schemas_strategies import TEST_NOW, valid_referrals
-
-from referral_broker.errors import ValidationError
 
 SCHEMA = registry.referral_schema()
 NAMES = named_types(SCHEMA)

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from referral_broker.schemas import codec, registry, views
-from referral_broker.schemas.synth import synthetic_referral
 from test_schemas_strategies import avro_records
 
 from referral_broker.errors import ContractError
+from referral_broker.schemas import codec, registry, views
+from referral_broker.schemas.synth import synthetic_referral
 
 SCHEMA = registry.referral_schema()
 ALL_PATHS = registry.field_paths(SCHEMA)

@@ -324,7 +324,6 @@ def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world
     value of every sealed field (test schema and the real Referral schema)."""
     from referral_broker.schemas.registry import referral_schema
     from referral_broker.schemas.synth import synthetic_referral
-
     from referral_broker.sealing import retention
     from referral_broker.sealing.directory import publish
 

@@ -34,13 +34,16 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
     from referral_broker.partner import PartnerClient
 
     client = PartnerClient(obj.settings, obj.bootstrap(), party)
-    with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False) as bar:
+    checking = tqdm(desc="checking", unit="rec", disable=as_json, leave=False)
+    sending = tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False)
+    with checking, sending:
         report = client.send_file(
             path,
             fmt=fmt,
             skip_invalid=skip_invalid,
-            progress=bar.update,
-            on_total=lambda n: setattr(bar, "total", n),
+            progress=sending.update,
+            on_total=lambda n: setattr(sending, "total", n),
+            on_checked=lambda n: checking.update(n - checking.n),
         )
     data = {"sent": [s.referral_id for s in report.sent], "rejected": report.rejected}
 
