@@ -63,7 +63,9 @@ class _JsonFormatter(logging.Formatter):
 def _safe(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
-    if isinstance(value, (dict, list, tuple, set)) and not all(isinstance(v, str) for v in value):
+    if isinstance(value, dict):
+        return "<dict>"  # a mapping is a record's shape: never printed
+    if isinstance(value, (list, tuple, set, frozenset)) and not all(isinstance(v, str) for v in value):
         return f"<{type(value).__name__}>"
     return value
 
