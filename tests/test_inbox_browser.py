@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from referral_broker.consumers.inbox.outbound import ACCESS_EVENT_TYPE
-from referral_broker.consumers.inbox.server import ServerThread, build_inbox
-from referral_broker.consumers.receiving import Received
 from test_inbox_fixtures import (
     CHROMIUM,
     OTHER_TEAM,
@@ -37,6 +34,9 @@ from test_inbox_fixtures import (
 from referral_broker.cluster.clients import build_consumer, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.outbound import ACCESS_EVENT_KIND
+from referral_broker.consumers.inbox.server import ServerThread, build_inbox
+from referral_broker.consumers.receiving import Received
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
@@ -124,7 +124,7 @@ def wait_for_row(page: Any, referral_id: str, timeout_s: float = 60.0) -> Any:
 
 def access_events(settings: Settings, until: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
     """The inbox's access events on the audit topic (which also carries the router's Avro
-    decision records, told apart by the ``rb-type`` header), read until ``until`` holds."""
+    decision records, told apart by the signed ``rb-kind`` header), read until ``until`` holds."""
     consumer = build_consumer(
         settings, settings.bootstrap_servers, [topic_name(settings, "audit")], group_id=None
     )
@@ -133,7 +133,7 @@ def access_events(settings: Settings, until: Callable[[list[dict[str, Any]]], bo
     try:
         while not until(events) and time.monotonic() < deadline:
             for r in poll_records(consumer, 500):
-                if dict(r.headers).get("rb-type") == ACCESS_EVENT_TYPE.encode():
+                if dict(r.headers).get("rb-kind") == ACCESS_EVENT_KIND.encode():
                     events.append(json.loads(r.value))
     finally:
         consumer.close()

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from referral_broker.consumers.inbox.frontend import GOVUK_FRONTEND_VERSION
-from referral_broker.consumers.inbox.store import InboxStore
 from test_inbox_fixtures import TEAM, make_pipeline
 
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.frontend import GOVUK_FRONTEND_VERSION
+from referral_broker.consumers.inbox.store import InboxStore
 
 
 def env_for(settings: Settings) -> dict[str, str]:

@@ -19,6 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from referral_broker.cluster.clients import Record, build_consumer, build_producer, poll_records
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
 from referral_broker.consumers.inbox.auth import add_user
 from referral_broker.consumers.inbox.frontend import install_frontend
 from referral_broker.consumers.inbox.records import SealedRecord
@@ -26,16 +29,12 @@ from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.receiving import Received, Refused, receive
 from referral_broker.consumers.router import Router, RouterStats
-from referral_broker.producers.intake import IntakeSender
-from referral_broker.schemas.registry import referral_schema
-from referral_broker.schemas.synth import synthetic_referral
-
-from referral_broker.cluster.clients import Record, build_consumer, build_producer, poll_records
-from referral_broker.cluster.topics import topic_name
-from referral_broker.config import Settings
 from referral_broker.identity import Identity, load_identity
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import SharingPolicy, load_policy
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas.registry import referral_schema
+from referral_broker.schemas.synth import synthetic_referral
 from referral_broker.sealing import OutgoingMessage
 from referral_broker.sealing.key_admin import init_parties
 

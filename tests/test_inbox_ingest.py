@@ -8,13 +8,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from referral_broker.consumers.inbox.ingest import TeamIngest
-from referral_broker.consumers.inbox.outbound import Outbound, status_record
-from referral_broker.consumers.inbox.records import flatten
-from referral_broker.consumers.inbox.states import Action, ReferralState
-from referral_broker.consumers.inbox.store import InboxStore
-from referral_broker.consumers.receiving import Received
-from referral_broker.schemas.views import project, view_schema
 from test_inbox_fixtures import (
     OTHER_TEAM,
     REFERRER,
@@ -29,9 +22,16 @@ from test_inbox_fixtures import (
 from referral_broker.cluster.clients import build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.ingest import TeamIngest
+from referral_broker.consumers.inbox.outbound import Outbound, status_record
+from referral_broker.consumers.inbox.records import flatten
+from referral_broker.consumers.inbox.states import Action, ReferralState
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.receiving import Received
 from referral_broker.errors import SealingError, ShreddedError
 from referral_broker.policy import decide
 from referral_broker.policy.decide import DEFAULT_DENY
+from referral_broker.schemas.views import project, view_schema
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_a_status_reaches_the_referrers_adapter_through_the_router(
         )
     [_, declined] = inbox_store.pending_status(TEAM)
     assert declined.status_record is not None and reason.encode() not in declined.status_record.value
-    outbound = Outbound(pipeline.settings)
+    outbound = Outbound(pipeline.settings, fmt)
     try:
         assert outbound.publish_pending(inbox_store, now=now) == 2
     finally:

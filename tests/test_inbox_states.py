@@ -7,6 +7,7 @@ import itertools
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+
 from referral_broker.consumers.inbox.states import (
     MEMBER_ACTIONS,
     NEEDS_REASON,
@@ -18,7 +19,6 @@ from referral_broker.consumers.inbox.states import (
     tab_of,
     transition,
 )
-
 from referral_broker.errors import ReferralBrokerError
 
 S, A = ReferralState, Action

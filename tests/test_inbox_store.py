@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from referral_broker.consumers.inbox.auth import add_user
 from referral_broker.consumers.inbox.records import (
     OutboundRecord,

@@ -15,12 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from referral_broker.consumers.inbox.outbound import Outbound
-from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
-from referral_broker.consumers.inbox.server import ServerThread
-from referral_broker.consumers.inbox.states import ReferralState
-from referral_broker.consumers.inbox.store import InboxStore
-from referral_broker.consumers.inbox.web import SESSION_COOKIE, create_app
 from test_inbox_fixtures import (
     OTHER_TEAM,
     PASSWORD,
@@ -34,7 +28,13 @@ from test_inbox_fixtures import (
 
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
-from referral_broker.sealing import OutgoingMessage
+from referral_broker.consumers.inbox.outbound import Outbound
+from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
+from referral_broker.consumers.inbox.server import ServerThread
+from referral_broker.consumers.inbox.states import ReferralState
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.web import SESSION_COOKIE, create_app
+from referral_broker.sealing import OutgoingMessage, verify_signed
 
 
 class Clock:
@@ -85,7 +85,13 @@ class Inbox:
         return found.group(1)
 
     def audit(self, expect: int) -> list[dict[str, Any]]:
+        """Access events, after checking each is signed by a district team (as the router
+        checks what it reads)."""
         records = read_topic(self.settings, topic_name(self.settings, "audit"), expect=expect)
+        for r in records:
+            headers = verify_signed(self.pipeline.hub.directory, r)
+            assert headers["rb-kind"] == b"inbox.access"
+            assert headers["rb-sender"].decode() in (TEAM, OTHER_TEAM)
         return [json.loads(r.value) for r in records]
 
     def statuses(self, expect: int) -> list[dict[str, Any]]:
@@ -99,7 +105,7 @@ def inbox(request: pytest.FixtureRequest, topics: Settings) -> Iterator[Inbox]:
     pipeline = make_pipeline(topics, narrow_policy=narrow)
     store = make_store(topics)
     fmt = pipeline.format([TEAM, OTHER_TEAM])
-    outbound = Outbound(topics)
+    outbound = Outbound(topics, fmt)
     clock = Clock()
     app = create_app(
         topics,

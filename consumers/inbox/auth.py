@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from referral_broker.consumers.inbox.store import InboxStore, SessionRow, UserRow
 
+from referral_broker.consumers.inbox.store import InboxStore, SessionRow, UserRow
 from referral_broker.errors import ConfigError, ReferralBrokerError
 from referral_broker.parties import all_parties
 

@@ -13,12 +13,11 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from referral_broker.config import Settings
 from referral_broker.consumers.inbox.auth import add_user, district_teams, rehash_password
 from referral_broker.consumers.inbox.ingest import IngestStats, TeamIngest
 from referral_broker.consumers.inbox.server import build_inbox, serve_forever
 from referral_broker.consumers.inbox.store import InboxStore
-
-from referral_broker.config import Settings
 
 DEMO_ROLE = "Early Help practitioner (demo)"
 

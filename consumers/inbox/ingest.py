@@ -19,10 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from referral_broker.consumers.inbox.outbound import Outbound
-from referral_broker.consumers.inbox.records import RecordFormat, SealedRecord
-from referral_broker.consumers.inbox.store import InboxStore
-
 from referral_broker.cluster.clients import (
     Producer,
     Record,
@@ -33,6 +29,9 @@ from referral_broker.cluster.clients import (
 )
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.outbound import Outbound
+from referral_broker.consumers.inbox.records import RecordFormat, SealedRecord
+from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.errors import BrokerError, ReferralBrokerError
 from referral_broker.structured_log import get_logger
 
@@ -157,7 +156,7 @@ class TeamIngest:
     def run(self, *, stop_when_idle: float | None = None) -> IngestStats:
         """Consume until :meth:`stop` is called or nothing arrived for ``stop_when_idle`` seconds."""
         producer = build_producer(self.settings, self.settings.bootstrap_servers)
-        outbound = Outbound(self.settings, producer)
+        outbound = Outbound(self.settings, self.record_format, producer)
         consumer = build_consumer(
             self.settings,
             self.settings.bootstrap_servers,

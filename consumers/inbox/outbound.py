@@ -8,7 +8,9 @@ delays a status but never loses it, and a retry resends the same bytes (same ``s
 Access events (``audit.decisions``) are written synchronously, before the page that caused
 them is shown: if the audit cannot be written, the referral is not shown. They name who, when,
 which team and which referral id, and the outcome; never a value from a referral, and never a
-typed username that is not an account (it might be a password typed into the wrong box).
+typed username that is not an account (it might be a password typed into the wrong box). They
+are JSON signed by the team (``sign_plain``, ``rb-kind: inbox.access``) beside the router's
+signed Avro decisions (``rb-kind: audit.decision``); readers tell them apart by that header.
 """
 
 from __future__ import annotations
@@ -21,19 +23,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from referral_broker.consumers.inbox.records import OutboundRecord
-from referral_broker.consumers.inbox.states import Transition
-from referral_broker.consumers.inbox.store import InboxStore, ReferralRow
-
 from referral_broker.cluster.clients import Producer, build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.records import RecordFormat
+from referral_broker.consumers.inbox.states import Transition
+from referral_broker.consumers.inbox.store import InboxStore, ReferralRow
 from referral_broker.parties import HUB, all_parties
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
 
 ACCESS_EVENT_TYPE = "inbox-access.v1"
+ACCESS_EVENT_KIND = "inbox.access"
 
 
 class AccessKind(StrEnum):
@@ -68,14 +70,10 @@ class AccessEvent:
         }
 
 
-def encode_access_event(event: AccessEvent) -> OutboundRecord:
-    """JSON with an ``rb-type`` header (the audit topic also carries Avro decision records;
-    readers dispatch on the header). Keyed by referral id so one referral's trail stays ordered."""
+def access_event_value(event: AccessEvent) -> tuple[bytes, bytes]:
+    """(key, value): keyed by referral id so one referral's trail stays in order."""
     key = (event.referral_id or event.team or "inbox").encode("utf-8")
-    headers = [("rb-type", ACCESS_EVENT_TYPE.encode("ascii"))]
-    if event.team:
-        headers.append(("rb-sender", event.team.encode("ascii")))
-    return OutboundRecord(key, json.dumps(event.as_dict(), sort_keys=True).encode("utf-8"), headers)
+    return key, json.dumps(event.as_dict(), sort_keys=True).encode("utf-8")
 
 
 def status_record(
@@ -107,8 +105,11 @@ def status_record(
 class Outbound:
     """The inbox's one producer: audit events now, status messages from the outbox."""
 
-    def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
+    def __init__(
+        self, settings: Settings, record_format: RecordFormat, producer: Producer | None = None
+    ) -> None:
         self.settings = settings
+        self.record_format = record_format
         self._producer = producer or build_producer(settings, settings.bootstrap_servers)
         self._audit_topic = topic_name(settings, "audit")
         # Web requests run in a thread pool; the producer wrapper's flush is per caller.
@@ -119,7 +120,8 @@ class Outbound:
 
     def audit(self, event: AccessEvent) -> None:
         """Write one access event durably, or raise :class:`BrokerError`."""
-        record = encode_access_event(event)
+        key, value = access_event_value(event)
+        record = self.record_format.sign_event(event.team, self._audit_topic, key, value, ACCESS_EVENT_KIND)
         with self._lock:
             self._producer.send(self._audit_topic, record.value, record.key, record.headers)
             self._producer.flush()

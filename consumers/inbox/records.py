@@ -2,7 +2,7 @@
 
 A record arrives on ``referrals.out.<team>`` sealed for that team. The inbox keeps it exactly as
 it arrived (:class:`SealedRecord`: key, headers and value bytes) so crypto-shredding the case key
-makes the inbox copy unreadable too. Three operations need to understand the format, and all
+makes the inbox copy unreadable too. The operations that need to understand the format all
 sit behind :class:`RecordFormat` so the inbox never depends on how sealing works inside:
 
 - ``summarise``: verify the record and read its clear, operational part (ids, referrer, concern
@@ -10,6 +10,7 @@ sit behind :class:`RecordFormat` so the inbox never depends on how sealing works
 - ``open``: open the fields sealed for the team, in memory, for one signed-in member's view.
 - ``seal_status``: seal and sign a status message (its reason in words is sealed) for the
   router to carry back to the referrer.
+- ``sign_event``: sign an access audit event (ids and outcomes only) as the team.
 
 This module must never hold an opened value longer than one call, and never log one.
 """
@@ -113,6 +114,11 @@ class RecordFormat(Protocol):
     def seal_status(self, status: Mapping[str, Any], team: str) -> OutboundRecord:
         """A ``status.v1`` record from ``team``, sealed and signed, keyed by referral id, ready
         for ``referrals.status.<team>`` (the router carries it back to the referrer)."""
+        ...
+
+    def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutboundRecord:
+        """A plain (unsealed, value-free by construction) event signed as ``team``, or as this
+        inbox's first team when the event has none (a refused sign-in by no known member)."""
         ...
 
 

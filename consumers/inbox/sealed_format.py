@@ -14,6 +14,7 @@ from which the view schema is derived and checked against ``rb-schema``), ``rb-w
   key and the hub's case-key lookup), so a shredded case no longer opens here either.
 - ``seal_status``: a ``status.v1`` record, validated, sealed for the hub and signed by the team,
   for ``referrals.status.<team>``; the router carries it back to the referrer.
+- ``sign_event``: an access audit event (ids and outcomes, no values) signed by the team.
 
 Every stage loads its keys the same way (``load_identity``); when a message names a key the
 directory does not know yet (a rotation since start-up), the identities are reloaded once.
@@ -28,6 +29,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
 from referral_broker.consumers.inbox.records import (
     OpenedReferral,
     OutboundRecord,
@@ -35,11 +38,6 @@ from referral_broker.consumers.inbox.records import (
     SealedRecord,
     WithheldField,
 )
-from referral_broker.schemas.registry import status_schema
-from referral_broker.schemas.validation import validate_status
-
-from referral_broker.cluster.topics import topic_name
-from referral_broker.config import Settings
 from referral_broker.errors import ContractError, KeyNotFoundError, SealingError, ValidationError
 from referral_broker.identity import (
     H_NO_ONWARD,
@@ -50,7 +48,9 @@ from referral_broker.identity import (
     load_identity,
 )
 from referral_broker.parties import HUB, all_parties
-from referral_broker.sealing import sealing_plan, verify_signed
+from referral_broker.schemas.registry import status_schema
+from referral_broker.schemas.validation import validate_status
+from referral_broker.sealing import sealing_plan, sign_plain, verify_signed
 
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
@@ -209,4 +209,11 @@ class SealedReferralFormat:
             )
 
         message = self._retrying(team, seal)
+        return OutboundRecord(message.key, message.value, list(message.headers))
+
+    def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutboundRecord:
+        signer = team if team in self._identities else next(iter(self._identities))
+        message = self._retrying(
+            signer, lambda ident: sign_plain(ident.keystore, topic=topic, key=key, value=value, kind=kind)
+        )
         return OutboundRecord(message.key, message.value, list(message.headers))

@@ -17,6 +17,9 @@ from datetime import datetime
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+
+from referral_broker.config import Settings
 from referral_broker.consumers.inbox.auth import check_team, district_teams
 from referral_broker.consumers.inbox.frontend import install_frontend
 from referral_broker.consumers.inbox.ingest import TeamIngest
@@ -24,9 +27,6 @@ from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.web import create_app
-from starlette.applications import Starlette
-
-from referral_broker.config import Settings
 from referral_broker.errors import BrokerError
 
 
@@ -72,7 +72,7 @@ def build_inbox(
 
         record_format = SealedReferralFormat.from_settings(settings, teams)
     store = InboxStore(settings.inbox_db_path)
-    outbound = Outbound(settings)
+    outbound = Outbound(settings, record_format)
     workers = (
         [TeamIngest(settings, team, store, record_format, clock=clock) for team in teams] if ingest else []
     )

@@ -41,7 +41,6 @@ from referral_broker.consumers.inbox.records import (
     headers_to_json,
 )
 from referral_broker.consumers.inbox.states import Action, ReferralState, Transition, transition
-
 from referral_broker.errors import ReferralBrokerError
 
 SCHEMA_VERSION = 1

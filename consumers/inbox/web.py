@@ -25,6 +25,17 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from referral_broker.config import Settings
 from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import (
     AuthError,
@@ -45,17 +56,6 @@ from referral_broker.consumers.inbox.states import (
     allowed_actions,
 )
 from referral_broker.consumers.inbox.store import InboxStore, ReferralRow, StatusEncoder, UnknownUserError
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ReferralBrokerError, ShreddedError
 from referral_broker.parties import all_parties
 from referral_broker.structured_log import get_logger
