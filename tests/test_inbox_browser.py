@@ -36,7 +36,6 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.outbound import ACCESS_EVENT_KIND
 from referral_broker.consumers.inbox.server import ServerThread, build_inbox
-from referral_broker.consumers.receiving import Received
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
@@ -145,7 +144,7 @@ def test_a_routed_referral_is_triaged_in_the_browser(running: Running, browser: 
     record = pipeline.referral(TEAM, 101)
     rid = record["referral_id"]
     pipeline.send_referrals([record, pipeline.referral(TEAM, 102), pipeline.referral(TEAM, 103)])
-    assert pipeline.route().routed == 3
+    assert pipeline.route(routed=3) == (3, 0)
     problems: list[str] = []
 
     # A Fenland member sees it arrive in the New tab.
@@ -187,8 +186,8 @@ def test_a_routed_referral_is_triaged_in_the_browser(running: Running, browser: 
     assert all(str(s["referral_id"]) == rid and s["from_party"] == TEAM for s in statuses)
 
     # The router carries them back, and the referrer's adapter receives them.
-    assert pipeline.route().statuses == 2
-    received = [r for r in pipeline.received(REFERRER) if isinstance(r, Received) and r.kind == "status"]
+    assert pipeline.route(statuses=2) == (0, 2)
+    received = pipeline.statuses_received(REFERRER, expect=2)
     assert [(r.referral_id, r.record["status"]) for r in received] == [(rid, "opened"), (rid, "accepted")]
 
     # A Cambridge member asking for it by URL gets a plain 404; the attempt is audited.

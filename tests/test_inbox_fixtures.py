@@ -128,13 +128,29 @@ class Pipeline:
         with IntakeSender(self.settings, self.bootstrap, partner, identity=self.partner(partner)) as sender:
             sender.send_referrals(list(records))
 
-    def route(self, idle_s: float = 3.0) -> RouterStats:
-        """Run the router over everything waiting (intake and status topics)."""
-        return self.router().run(stop_when_idle=idle_s)
+    def route(self, *, routed: int = 0, statuses: int = 0, timeout_s: float = 60.0) -> tuple[int, int]:
+        """Run the router until it has routed ``routed`` referrals and ``statuses`` status
+        messages (a cold consumer group can take a moment to join); returns what it did."""
+        done = [0, 0]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats: RouterStats = self.router().run(stop_when_idle=2.0)
+            done[0] += stats.routed
+            done[1] += stats.statuses
+            if (done[0] >= routed and done[1] >= statuses) or time.monotonic() > deadline:
+                return done[0], done[1]
 
     def received(self, party: str = REFERRER) -> list[Received | Refused]:
         """What ``party``'s adapter receives from its out topic (everything, no commit)."""
         return list(receive(self.settings, self.bootstrap, party, stop_when_idle=2, group_id=None))
+
+    def statuses_received(self, party: str, *, expect: int, timeout_s: float = 30.0) -> list[Received]:
+        """Status messages ``party``'s adapter receives, read until ``expect`` are there."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = [r for r in self.received(party) if isinstance(r, Received) and r.kind == "status"]
+            if len(got) >= expect or time.monotonic() > deadline:
+                return got
 
     def produce(self, *messages: OutgoingMessage) -> None:
         producer = build_producer(self.settings, self.bootstrap)

@@ -57,7 +57,7 @@ def test_partner_to_router_to_inbox_once_and_sealed_at_rest(
     first, second = pipeline.referral(TEAM, 1), pipeline.referral(TEAM, 2)
     elsewhere = pipeline.referral(OTHER_TEAM, 3)
     pipeline.send_referrals([first, second, elsewhere])
-    assert pipeline.route().routed == 3
+    assert pipeline.route(routed=3) == (3, 0)
     stats = ingest(pipeline, inbox_store)
     assert (stats.new, stats.duplicate, stats.dead_lettered) == (2, 0, 0)
     rows = inbox_store.list_referrals(TEAM)
@@ -204,8 +204,8 @@ def test_a_status_reaches_the_referrers_adapter_through_the_router(
         assert outbound.publish_pending(inbox_store, now=now) == 2
     finally:
         outbound.close()
-    assert pipeline.route().statuses == 2
-    got = [r for r in pipeline.received(REFERRER) if isinstance(r, Received) and r.kind == "status"]
+    assert pipeline.route(statuses=2) == (0, 2)
+    got = pipeline.statuses_received(REFERRER, expect=2)
     assert [r.record["status"] for r in got] == ["opened", "declined"]
     assert all(r.referral_id == record["referral_id"] and r.sender == "council" for r in got)
     assert (got[1].record["reason"], got[1].record["from_party"]) == (reason, TEAM)

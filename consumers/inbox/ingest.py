@@ -38,6 +38,7 @@ from referral_broker.structured_log import get_logger
 log = get_logger(__name__)
 
 DLQ_STAGE = b"inbox-ingest"
+JOIN_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -164,7 +165,7 @@ class TeamIngest:
             group_id=group_id(self.settings, self.team),
         )
         try:
-            last = time.monotonic()
+            started = last = time.monotonic()
             while not self._stop.is_set():
                 batch = poll_records(consumer, self.poll_timeout_ms)
                 for record in batch:
@@ -174,7 +175,14 @@ class TeamIngest:
                     commit_batch(consumer, batch)
                     last = time.monotonic()
                 self._retry_outbox(outbound)
-                if not batch and stop_when_idle is not None and time.monotonic() - last >= stop_when_idle:
+                if not consumer.assignment():
+                    last = time.monotonic()  # idle time counts once the group has given us partitions
+                    if last - started > JOIN_TIMEOUT_S:
+                        raise BrokerError(
+                            f"no partition of {self.topic} was assigned within {JOIN_TIMEOUT_S:.0f}s; "
+                            "does the topic exist? ('referral-broker topics ensure')"
+                        )
+                elif not batch and stop_when_idle is not None and time.monotonic() - last >= stop_when_idle:
                     break
         finally:
             consumer.close()
