@@ -29,6 +29,7 @@ from referral_broker.cluster.clients import (
 )
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.dead_letters import dead_letter
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat, SealedRecord
 from referral_broker.consumers.inbox.store import InboxStore
@@ -37,7 +38,7 @@ from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
 
-DLQ_STAGE = b"inbox-ingest"
+DLQ_STAGE = "inbox-ingest"
 JOIN_TIMEOUT_S = 120.0
 
 
@@ -65,17 +66,6 @@ class IngestStats:
 def group_id(settings: Settings, team: str) -> str:
     """One consumer group per team, namespaced like the topics (tests run side by side)."""
     return f"{settings.kafka_topic_prefix}inbox.{team}"
-
-
-def dead_letter_headers(record: Record, reason: str) -> list[tuple[str, bytes]]:
-    return [
-        *record.headers,
-        ("rb-dlq-reason", reason.encode("utf-8")),
-        ("rb-dlq-stage", DLQ_STAGE),
-        ("rb-dlq-source-topic", record.topic.encode("utf-8")),
-        ("rb-dlq-source-partition", str(record.partition).encode("ascii")),
-        ("rb-dlq-source-offset", str(record.offset).encode("ascii")),
-    ]
 
 
 class TeamIngest:
@@ -122,16 +112,8 @@ class TeamIngest:
             if record.key is not None and record.key != summary.referral_id.encode("utf-8"):
                 raise ReferralBrokerError("message key does not match the referral id")
         except Exception as exc:
-            # Our errors name the path and reason, never a value; a foreign one may quote bytes,
-            # so only its class name goes further.
-            reason = (
-                str(exc)
-                if isinstance(exc, ReferralBrokerError)
-                else f"unreadable record ({type(exc).__name__})"
-            )
-            producer.send(
-                self.dlq_topic, record.value or b"", record.key, dead_letter_headers(record, reason)
-            )
+            # the shared dead-letter form: original bytes + reason (never a value), source, stage
+            dead_letter(self.settings, record, exc, DLQ_STAGE).send(producer)
             self.stats.dead_lettered += 1
             kind = type(exc).__name__
             self.stats.reasons[kind] = self.stats.reasons.get(kind, 0) + 1
