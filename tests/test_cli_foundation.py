@@ -85,3 +85,16 @@ def test_config_file_errors(tmp_path, bad: str) -> None:
     proc = run("--config", str(path), "kafka", "status")
     assert proc.returncode == 2
     assert str(path) in proc.stderr
+
+
+def test_status_human_output_running_and_not(kafka_bootstrap: str) -> None:
+    import os
+
+    up = run("kafka", "status", env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap})
+    assert up.returncode == 0 and f"answering at {kafka_bootstrap}" in up.stdout
+    down = run("kafka", "status", env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    assert (
+        down.returncode == 1
+        and "not running at 127.0.0.1:1" in down.stdout
+        and "Traceback" not in down.stderr
+    )

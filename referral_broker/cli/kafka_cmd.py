@@ -53,6 +53,6 @@ def stop(obj: CliContext, as_json: bool) -> None:
 def status(obj: CliContext, as_json: bool) -> None:
     """Is the broker running and answering metadata requests? Exit 1 when it is not."""
     s = LocalBroker(obj.settings).status() if obj.settings.uses_local_broker else remote_status(obj.settings)
-    emit(s.as_dict(), as_json, _show)
+    emit(s.as_dict(), as_json, lambda _: _show(s))
     if not s.answering:
         raise click.exceptions.Exit(1)
