@@ -326,7 +326,7 @@ class Router:
             for record in batch:
                 for message in self._outputs(record):
                     message.send(producer)
-            producer.commit(next_offsets(batch), consumer.group_metadata())
+            producer.commit(next_offsets(batch, consumer), consumer.group_metadata())
         except BrokerError as exc:
             # Nothing of this batch is visible to read_committed readers: rewind and retry it.
             self.stats.aborted += 1

@@ -97,3 +97,33 @@ def test_transactional_producer_hides_aborted_records(topics: Settings, kafka_bo
     finally:
         consumer.close()
     assert values == [b"committed"]
+
+
+def test_small_polls_commit_exactly_and_caught_up_groups_show_no_lag(
+    topics: Settings, kafka_bootstrap: str
+) -> None:
+    from referral_broker.cluster.topics import consumer_lag
+
+    topic = topic_name(topics, "audit")
+    producer = build_producer(topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}")
+    try:
+        for batch in range(4):  # each commit leaves a transaction marker after its records
+            producer.begin()
+            for i in range(5):
+                producer.send(topic, f"{batch}-{i}".encode(), key=b"k")
+            producer.commit()
+    finally:
+        producer.close()
+    group = f"{topics.kafka_topic_prefix}g-{uuid.uuid4().hex[:6]}"
+    consumer = build_consumer(topics, kafka_bootstrap, [topic], group_id=group, max_poll_records=3)
+    seen = []
+    try:
+        for batch in drain(consumer, idle_s=3):
+            seen += [r.value for r in batch]
+            commit_batch(consumer, batch)
+    finally:
+        consumer.close()
+    assert sorted(seen) == sorted(f"{b}-{i}".encode() for b in range(4) for i in range(5))
+    lag = consumer_lag(topics, kafka_bootstrap, [group])
+    assert [(r.topic, r.lag) for r in lag] == [(topic, 0)]
+    assert lag[0].end > 20  # the markers are there, and counted as read

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
-from referral_broker.cluster.topics import TopicState, ensure_topics, list_topics
+from referral_broker.cluster.topics import TopicState, consumer_lag, ensure_topics, list_topics
 
 
 def _rows(states: list[TopicState]) -> list[list[str]]:
@@ -59,3 +59,25 @@ def ensure(obj: CliContext, as_json: bool) -> None:
     emit(data, as_json, human)
     if drift:
         raise click.exceptions.Exit(1)
+
+
+@topics.command()
+@click.option("--group", "groups", multiple=True, help="Only this consumer group (repeatable).")
+@json_option
+@pass_cli
+def lag(obj: CliContext, groups: tuple[str, ...], as_json: bool) -> None:
+    """Consumer lag per group and topic: how far the router, receivers and inboxes are behind."""
+    rows = consumer_lag(obj.settings, obj.bootstrap(), list(groups) or None)
+
+    def human(_: object) -> None:
+        if not rows:
+            click.echo("No consumer group has committed offsets on the plan's topics.")
+            return
+        click.echo(
+            table(
+                [[r.group, r.topic, str(r.committed), str(r.end), str(r.lag)] for r in rows],
+                ["group", "topic", "committed", "end", "lag"],
+            )
+        )
+
+    emit([r.as_dict() for r in rows], as_json, human)

@@ -228,15 +228,22 @@ def commit_batch(consumer: KafkaConsumer, batch: list[Record]) -> None:
     if not batch:
         return
     try:
-        consumer.commit(next_offsets(batch))
+        consumer.commit(next_offsets(batch, consumer))
     except KafkaError as exc:
         raise BrokerError(f"committing offsets failed: {type(exc).__name__}") from exc
 
 
-def next_offsets(batch: list[Record]) -> dict[TopicPartition, Any]:
+def next_offsets(batch: list[Record], consumer: KafkaConsumer | None = None) -> dict[TopicPartition, Any]:
+    """The offsets to commit after ``batch``. With the consumer, its position when that is
+    further on: transaction markers after the last record are then counted as read, so a
+    caught-up group shows no lag."""
     from kafka.structs import OffsetAndMetadata
 
-    offsets: dict[TopicPartition, Any] = {}
+    after: dict[TopicPartition, int] = {}
     for r in batch:
-        offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "", -1)
-    return offsets
+        tp = TopicPartition(r.topic, r.partition)
+        after[tp] = max(after.get(tp, 0), r.offset + 1)
+    if consumer is not None:
+        for tp, offset in after.items():
+            after[tp] = max(offset, consumer.position(tp) or 0)
+    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in after.items()}

@@ -239,3 +239,65 @@ def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
         return list(states.values())
     finally:
         admin.close()
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    group: str
+    topic: str
+    committed: int
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - self.committed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "topic": self.topic,
+            "committed": self.committed,
+            "end": self.end,
+            "lag": self.lag,
+        }
+
+
+def consumer_lag(settings: Settings, bootstrap: str, groups: list[str] | None = None) -> list[GroupLag]:
+    """Committed offsets against end offsets (read_committed), summed per group and topic,
+    for the groups that read this plan's topics (or the ``groups`` given)."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    names = {s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)}
+    admin = admin_client(settings, bootstrap)
+    try:
+        if groups is None:
+            groups = sorted(g["group_id"] if isinstance(g, dict) else g[0] for g in admin.list_groups())
+        committed = {g: admin.list_group_offsets({g: None}).get(g, {}) for g in groups}
+    except KafkaError as exc:
+        raise BrokerError(f"reading consumer groups failed: {type(exc).__name__}") from exc
+    finally:
+        admin.close()
+    wanted = {tp for offsets in committed.values() for tp in offsets if tp.topic in names}
+    if not wanted:
+        return []
+    probe = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        client_id=f"{settings.kafka_client_id}-lag",
+        bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
+    )
+    try:
+        ends = probe.end_offsets(list(wanted))
+    except KafkaError as exc:
+        raise BrokerError(f"reading end offsets failed: {type(exc).__name__}") from exc
+    finally:
+        probe.close()
+    totals: dict[tuple[str, str], list[int]] = {}
+    for group, offsets in committed.items():
+        for tp, meta in offsets.items():
+            if tp in ends:
+                entry = totals.setdefault((group, tp.topic), [0, 0])
+                entry[0] += max(meta.offset, 0)
+                entry[1] += ends[tp]
+    return [GroupLag(g, t, c, e) for (g, t), (c, e) in sorted(totals.items())]
