@@ -272,6 +272,11 @@ class Router:
             "override_reference": decision.override_id,
             "view_fingerprint": view_fp,
             "decided_at": now,
+            "delivered": decision.delivered,
+            "basis": decision.basis,
+            "special_category_conditions": list(decision.special_category_conditions),
+            "no_onward_sharing": list(decision.no_onward_sharing),
+            "policy_version": self.policy.version,
         }
         value = codec.encode(audit, self.audit_schema)
         self.stats.audited += 1

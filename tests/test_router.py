@@ -166,6 +166,9 @@ def test_police_only_with_flag_and_override_audited(broker: Settings, kafka_boot
     shared = police_audits[str(flag_override["referral_id"])]
     assert str(shared["override_reference"]) == override["override_id"]
     assert "basis:override" in shared["conditions_met"]
+    assert shared["delivered"] is True and shared["basis"] == "override"
+    assert shared["special_category_conditions"] == ["dpa_2018_sch1_para18"]
+    assert blocked["delivered"] is False and blocked["basis"] == "none"
 
 
 def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
