@@ -48,16 +48,7 @@ class IntakeSender:
         sent: list[Sent] = []
         for record in records:
             ensure_valid(record, self.canonical)
-            message = self.identity.sealer.seal(
-                record,
-                self.canonical,
-                topic=topic,
-                recipient=HUB,
-                referral_id=str(record["referral_id"]),
-                referral_version=record["version"],
-                kind="referral",
-            )
-            message.send(self.producer)
+            self._seal_for_hub(record, self.canonical, topic, "referral").send(self.producer)
             sent.append(Sent(str(record["referral_id"]), record["version"], topic))
             if len(sent) % 500 == 0:
                 self.producer.flush()
@@ -71,18 +62,21 @@ class IntakeSender:
         carried back through the router."""
         ensure_valid(status, self.status, context="status")
         topic = topic_name(self.settings, "status", self.party)
-        message = self.identity.sealer.seal(
-            status,
-            self.status,
-            topic=topic,
-            recipient=HUB,
-            referral_id=str(status["referral_id"]),
-            referral_version=status["version"],
-            kind="status",
-        )
-        message.send(self.producer)
+        self._seal_for_hub(status, self.status, topic, "status").send(self.producer)
         self.producer.flush()
         return Sent(str(status["referral_id"]), status["version"], topic)
+
+    def _seal_for_hub(self, record: dict[str, Any], schema: dict[str, Any], topic: str, kind: str) -> Any:
+        """Only the council's hub can open what a partner sends; the router re-seals per recipient."""
+        return self.identity.sealer.seal(
+            record,
+            schema,
+            topic=topic,
+            recipient=HUB,
+            referral_id=str(record["referral_id"]),
+            referral_version=record["version"],
+            kind=kind,
+        )
 
     def close(self) -> None:
         self.producer.close()
