@@ -28,7 +28,14 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from referral_broker.cluster.clients import Record, build_consumer, build_producer, next_offsets, poll_records
+from referral_broker.cluster.clients import (
+    IdleTimer,
+    Record,
+    build_consumer,
+    build_producer,
+    next_offsets,
+    poll_records,
+)
 from referral_broker.cluster.topics import plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import (
@@ -305,17 +312,17 @@ class Router:
             self.bootstrap,
             transactional_id=f"{self.settings.kafka_topic_prefix}{GROUP}-{self.instance}",
         )
-        last_data = time.monotonic()
+        idle = IdleTimer(consumer, stop_when_idle or 0.0)
         try:
             while True:
                 batch = poll_records(consumer, timeout_ms=500)
                 if not batch:
-                    if stop_when_idle is not None and time.monotonic() - last_data >= stop_when_idle:
+                    if stop_when_idle is not None and idle.expired():
                         return self.stats
                     continue
-                last_data = time.monotonic()
+                idle.activity()
                 if self.stats.first_record_at is None:
-                    self.stats.first_record_at = last_data
+                    self.stats.first_record_at = time.monotonic()
                 self._route_batch(consumer, producer, batch)
                 if max_records is not None and self.stats.consumed >= max_records:
                     return self.stats

@@ -133,7 +133,7 @@ def run_demo(
         say(f"  {partner:<10} sent {len(report.sent)} referrals from {native}")
 
     say("Routing")
-    stats = Router(settings, bootstrap).run(stop_when_idle=2)
+    stats = Router(settings, bootstrap).run(stop_when_idle=3)
     ours = {rid for ids in sent.values() for rid in ids}
     policy = load_policy()
     summaries: dict[str, RecipientSummary] = {}
@@ -167,7 +167,7 @@ def run_demo(
                 "actor_role": "Demo practitioner",
             }
         )
-    Router(settings, bootstrap).run(stop_when_idle=2)
+    Router(settings, bootstrap).run(stop_when_idle=3)
     statuses_back: dict[str, int] = {}
     for partner in PARTNERS:
         items = list(PartnerClient(settings, bootstrap, partner).receive(stop_when_idle=1, group="demo"))

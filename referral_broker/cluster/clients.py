@@ -6,6 +6,7 @@ committed transactional data.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -209,17 +210,41 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[Record]
     return out
 
 
-def drain(consumer: KafkaConsumer, *, idle_s: float, poll_timeout_ms: int = 500) -> Iterator[list[Record]]:
-    """Yield batches until nothing has arrived for ``idle_s`` seconds."""
-    import time
+class IdleTimer:
+    """Idle time for ``--stop-when-idle``, counted from the moment the consumer holds
+    partitions: joining a group can take seconds on a busy machine, and that is not idleness.
+    No partitions within ``assign_timeout_s`` is an error, not an empty result."""
 
-    last = time.monotonic()
+    def __init__(self, consumer: KafkaConsumer, idle_s: float, assign_timeout_s: float = 60.0) -> None:
+        self.consumer = consumer
+        self.idle_s = idle_s
+        self.assign_timeout_s = assign_timeout_s
+        self.started = time.monotonic()
+        self.last: float | None = None
+
+    def activity(self) -> None:
+        self.last = time.monotonic()
+
+    def expired(self) -> bool:
+        now = time.monotonic()
+        if self.last is None:
+            if self.consumer.assignment():
+                self.last = now
+            elif now - self.started > self.assign_timeout_s:
+                raise BrokerError(f"no partitions were assigned within {self.assign_timeout_s:.0f}s")
+            return False
+        return now - self.last >= self.idle_s
+
+
+def drain(consumer: KafkaConsumer, *, idle_s: float, poll_timeout_ms: int = 500) -> Iterator[list[Record]]:
+    """Yield batches until nothing has arrived for ``idle_s`` seconds (see :class:`IdleTimer`)."""
+    timer = IdleTimer(consumer, idle_s)
     while True:
         batch = poll_records(consumer, poll_timeout_ms)
         if batch:
-            last = time.monotonic()
+            timer.activity()
             yield batch
-        elif time.monotonic() - last >= idle_s:
+        elif timer.expired():
             return
 
 
