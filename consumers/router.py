@@ -65,6 +65,7 @@ from referral_broker.sealing import OutgoingMessage, sign_plain
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
+from .router_metrics import RouterMetrics
 
 log = get_logger(__name__)
 GROUP = "referral-router"
@@ -125,6 +126,7 @@ class Router:
         self.clock = clock
         self.instance = instance or uuid.uuid4().hex[:8]
         self.stats = RouterStats()
+        self.metrics = RouterMetrics()
         self.canonical = referral_schema()
         self._canonical_fp = codec.prepare(self.canonical).fingerprint
         self.audit_schema = audit_decision_schema()
@@ -174,6 +176,7 @@ class Router:
                 )
                 view_fp = codec.prepare(view).fingerprint.hex()
                 self.stats.delivered += 1
+                self.metrics.deliveries.labels(recipient=decision.recipient).inc()
             outputs.append(self._audit(decision, decision_id, referral_id, version, view_fp, now))
         # The council's own long-lived copy, sealed under the case key (crypto-shredding).
         outputs.append(
@@ -189,6 +192,7 @@ class Router:
             )
         )
         self.stats.routed += 1
+        self.metrics.routed.inc()
         return outputs
 
     def _open_referral(self, record: Record, partner: str | None) -> tuple[dict[str, Any], str, int]:
@@ -216,6 +220,7 @@ class Router:
         to_party = status["to_party"]
         get_party(to_party)  # an unknown referrer is a dead letter, not a crash
         self.stats.statuses += 1
+        self.metrics.statuses.inc()
         return [
             self._seal(
                 status,
@@ -333,6 +338,7 @@ class Router:
             consumer.close()
 
     def _route_batch(self, consumer: Any, producer: Any, batch: list[Record]) -> None:
+        started = time.monotonic()
         producer.begin()
         try:
             for record in batch:
@@ -342,6 +348,7 @@ class Router:
         except BrokerError as exc:
             # Nothing of this batch is visible to read_committed readers: rewind and retry it.
             self.stats.aborted += 1
+            self.metrics.aborted.inc()
             log.warning("batch aborted; it will be read again", reason=str(exc), count=len(batch))
             with contextlib.suppress(BrokerError):
                 producer.abort()
@@ -355,6 +362,8 @@ class Router:
         self.stats.consumed += len(batch)
         self.stats.batches += 1
         self.stats.last_commit_at = time.monotonic()
+        self.metrics.consumed.inc(len(batch))
+        self.metrics.batch_seconds.observe(self.stats.last_commit_at - started)
 
     def _outputs(self, record: Record) -> list[OutgoingMessage]:
         if time.monotonic() - self.hub.loaded_at > self.settings.keys_directory_refresh_s:
@@ -386,6 +395,7 @@ class Router:
 
     def _dead(self, record: Record, exc: BaseException, stage: str) -> OutgoingMessage:
         self.stats.dead_lettered += 1
+        self.metrics.dead_letters.labels(stage=stage).inc()
         self.stats.by_reason[stage] = self.stats.by_reason.get(stage, 0) + 1
         log.info(
             "dead-lettered",

@@ -198,8 +198,16 @@ def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
         )
         msg.send(impostor.producer)
         impostor.producer.flush()
-    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    router = Router(broker, kafka_bootstrap)
+    stats = router.run(stop_when_idle=3)
     assert stats.routed == 5
+    metrics = router.metrics
+    assert metrics.dead_letters.labels(stage="verify-open")._value.get() == 1001
+    assert metrics.routed._value.get() == 5 and metrics.consumed._value.get() == 1006
+    from prometheus_client import generate_latest
+
+    exposed = generate_latest(metrics.registry).decode()
+    assert 'referral_router_dead_letters_total{stage="verify-open"} 1001.0' in exposed
     letters = [d for _, d in read_dead_letters(broker, kafka_bootstrap)]
     assert len(letters) == 1001
     assert all(d.source_topic == topic and d.reason for d in letters)

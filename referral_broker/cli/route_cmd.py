@@ -16,11 +16,24 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
     help="Exit 0 after this many seconds with nothing to read (scripts, tests).",
 )
 @click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while routing.",
+)
+@click.option(
     "--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), help="Sharing policy file."
 )
 @json_option
 @pass_cli
-def route(obj: CliContext, stop_when_idle: float | None, policy_path: str | None, as_json: bool) -> None:
+def route(
+    obj: CliContext,
+    stop_when_idle: float | None,
+    metrics_port: int | None,
+    policy_path: str | None,
+    as_json: bool,
+) -> None:
     """Route every intake and status message: verify, open, validate, decide, minimise, seal,
     sign, send; one audit decision per recipient; dead letters for anything that fails.
 
@@ -32,7 +45,10 @@ def route(obj: CliContext, stop_when_idle: float | None, policy_path: str | None
     from referral_broker.policy import load_policy
 
     policy = load_policy(Path(policy_path)) if policy_path else None
-    stats = Router(obj.settings, obj.bootstrap(), policy=policy).run(stop_when_idle=stop_when_idle)
+    router = Router(obj.settings, obj.bootstrap(), policy=policy)
+    if metrics_port is not None:
+        router.metrics.serve(metrics_port)
+    stats = router.run(stop_when_idle=stop_when_idle)
     emit(
         stats.as_dict(),
         as_json,
