@@ -20,7 +20,7 @@ from referral_broker.config import Settings
 from referral_broker.consumers.receiving import Received, Refused
 from referral_broker.consumers.router import Router, RouterStats
 from referral_broker.parties import HUB, all_parties
-from referral_broker.partner import PartnerClient, _plain
+from referral_broker.partner import PartnerClient, json_records
 from referral_broker.policy import load_policy
 from referral_broker.schemas.synth import synthetic_referral
 from referral_broker.sealing.key_admin import init_parties
@@ -127,7 +127,7 @@ def run_demo(
     sent: dict[str, list[str]] = {}
     for partner in PARTNERS:
         records = [_scenario(partner, n, rng, now) for n in range(per_partner)]
-        native = adapters.render_file(partner, _plain(records), outbox / partner).path
+        native = adapters.render_file(partner, json_records(records), outbox / partner).path
         report = PartnerClient(settings, bootstrap, partner).send_file(native)
         sent[partner] = [s.referral_id for s in report.sent]
         say(f"  {partner:<10} sent {len(report.sent)} referrals from {native}")

@@ -155,9 +155,9 @@ class PartnerClient:
             from referral_broker import adapters
 
             if referrals:
-                written.append(adapters.render_file(self.party, _plain(referrals), out).path)
+                written.append(adapters.render_file(self.party, json_records(referrals), out).path)
             if statuses:
-                written.append(adapters.render_statuses(self.party, _plain(statuses), out).path)
+                written.append(adapters.render_statuses(self.party, json_records(statuses), out).path)
             return [p for p in written if p is not None]
         for name, rows in (("referrals.jsonl", referrals), ("statuses.jsonl", statuses)):
             if rows:
@@ -169,6 +169,6 @@ class PartnerClient:
         return written
 
 
-def _plain(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def json_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records in the JSON form adapters render from (ISO dates, string ids)."""
     return [json.loads(json.dumps(r, default=json_default)) for r in records]
