@@ -14,12 +14,12 @@ reaches the referrer once it is back.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from referral_broker.cluster.clients import (
+    IdleTimer,
     Producer,
     Record,
     build_consumer,
@@ -147,7 +147,9 @@ class TeamIngest:
             group_id=group_id(self.settings, self.team),
         )
         try:
-            started = last = time.monotonic()
+            # idle time counts once the group has given us partitions; none within the join
+            # timeout is an error even when serving without an idle stop
+            idle = IdleTimer(consumer, stop_when_idle or 0.0, assign_timeout_s=JOIN_TIMEOUT_S)
             while not self._stop.is_set():
                 batch = poll_records(consumer, self.poll_timeout_ms)
                 for record in batch:
@@ -155,16 +157,9 @@ class TeamIngest:
                 if batch:
                     producer.flush()  # dead letters durable before the offsets move past them
                     commit_batch(consumer, batch)
-                    last = time.monotonic()
+                    idle.activity()
                 self._retry_outbox(outbound)
-                if not consumer.assignment():
-                    last = time.monotonic()  # idle time counts once the group has given us partitions
-                    if last - started > JOIN_TIMEOUT_S:
-                        raise BrokerError(
-                            f"no partition of {self.topic} was assigned within {JOIN_TIMEOUT_S:.0f}s; "
-                            "does the topic exist? ('referral-broker topics ensure')"
-                        )
-                elif not batch and stop_when_idle is not None and time.monotonic() - last >= stop_when_idle:
+                if not batch and idle.expired() and stop_when_idle is not None:
                     break
         finally:
             consumer.close()

@@ -75,10 +75,6 @@ class Producer:
             except KafkaError as exc:
                 raise _translate(exc, "initialising transactions", bootstrap) from exc
 
-    @property
-    def raw(self) -> KafkaProducer:
-        return self._producer
-
     def send(
         self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None
     ) -> None:
@@ -231,7 +227,11 @@ class IdleTimer:
             if self.consumer.assignment():
                 self.last = now
             elif now - self.started > self.assign_timeout_s:
-                raise BrokerError(f"no partitions were assigned within {self.assign_timeout_s:.0f}s")
+                topics = ", ".join(sorted(self.consumer.subscription() or [])) or "the topics"
+                raise BrokerError(
+                    f"no partition of {topics} was assigned within {self.assign_timeout_s:.0f}s; "
+                    "does the topic exist? ('referral-broker topics ensure')"
+                )
             return False
         return now - self.last >= self.idle_s
 
