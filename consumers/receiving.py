@@ -8,7 +8,6 @@ Offsets are committed for the recipient's consumer group only after the caller h
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,16 @@ from referral_broker.cluster.clients import Record, build_consumer, commit_batch
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ReferralBrokerError
-from referral_broker.identity import H_DECISION, H_NO_ONWARD, H_REFERRER, H_WITHHELD, Identity, load_identity
+from referral_broker.identity import (
+    H_DECISION,
+    H_NO_ONWARD,
+    H_REFERRER,
+    H_WITHHELD,
+    Identity,
+    load_identity,
+    no_onward_from,
+    withheld_from,
+)
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,13 @@ def open_record(identity: Identity, record: Record) -> Received | Refused:
     """Verify and open one record addressed to ``identity``'s party."""
     try:
         opened = identity.open(record)
+        extra = opened.extra_headers
+        withheld = withheld_from(_header(extra, H_WITHHELD))
+        no_onward = no_onward_from(_header(extra, H_NO_ONWARD))
     except BrokerError:
         raise
     except ReferralBrokerError as exc:
         return Refused(record.topic, record.partition, record.offset, f"{type(exc).__name__}: {exc}")
-    extra = opened.extra_headers
-    withheld: dict[str, str] = {}
-    raw = _header(extra, H_WITHHELD)
-    if raw:
-        for reason, paths in json.loads(raw).items():
-            withheld.update(dict.fromkeys(paths, reason))
     referrer = _header(extra, H_REFERRER)
     decision = _header(extra, H_DECISION)
     return Received(
@@ -71,7 +76,7 @@ def open_record(identity: Identity, record: Record) -> Received | Refused:
         referrer=referrer.decode() if referrer else None,
         record=opened.record,
         withheld=withheld,
-        no_onward_sharing=tuple(json.loads(_header(extra, H_NO_ONWARD) or b"[]")),
+        no_onward_sharing=no_onward,
         decision_id=decision.decode() if decision else None,
         partition=record.partition,
         offset=record.offset,

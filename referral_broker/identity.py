@@ -31,6 +31,38 @@ H_REFERRER = "rb-referrer"  # the party that referred, to address status message
 H_DECISION = "rb-decision"  # the audit decision id this message was sent under
 
 
+def _json_header(raw: bytes | None, name: str) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ContractError(f"header {name} is not valid JSON") from None
+
+
+def withheld_from(raw: bytes | None) -> dict[str, str]:
+    """``rb-withheld`` as {path: reason}, in the order the router wrote it."""
+    grouped = _json_header(raw, H_WITHHELD)
+    if grouped is None:
+        return {}
+    if not isinstance(grouped, dict) or not all(
+        isinstance(reason, str) and isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+        for reason, paths in grouped.items()
+    ):
+        raise ContractError(f"header {H_WITHHELD} must be a JSON object of reason -> [field paths]")
+    return {path: reason for reason, paths in grouped.items() for path in paths}
+
+
+def no_onward_from(raw: bytes | None) -> tuple[str, ...]:
+    """``rb-no-onward`` as field paths."""
+    paths = _json_header(raw, H_NO_ONWARD)
+    if paths is None:
+        return ()
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ContractError(f"header {H_NO_ONWARD} must be a JSON array of field paths")
+    return tuple(paths)
+
+
 class SchemaBook:
     """fingerprint -> schema for an opener: every shipped schema, plus view schemas learned
     from a message's own ``rb-view`` header (checked against its ``rb-schema`` fingerprint)."""

@@ -22,7 +22,6 @@ directory does not know yet (a rotation since start-up), the identities are relo
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +45,8 @@ from referral_broker.identity import (
     Identity,
     load_directory,
     load_identity,
+    no_onward_from,
+    withheld_from,
 )
 from referral_broker.parties import HUB, all_parties
 from referral_broker.schemas.registry import status_schema
@@ -55,38 +56,6 @@ from referral_broker.sealing import sealing_plan, sign_plain, verify_signed
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
 _RELOAD_AFTER_S = 30.0
-
-
-def _json_header(record: SealedRecord, name: str) -> Any:
-    raw = record.header(name)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ContractError(f"header {name} is not valid JSON") from None
-
-
-def withheld_from(record: SealedRecord) -> tuple[WithheldField, ...]:
-    """``rb-withheld`` as (path, reason) pairs in the schema's path order."""
-    grouped = _json_header(record, H_WITHHELD)
-    if grouped is None:
-        return ()
-    if not isinstance(grouped, dict) or not all(
-        isinstance(reason, str) and isinstance(paths, list) and all(isinstance(p, str) for p in paths)
-        for reason, paths in grouped.items()
-    ):
-        raise ContractError(f"header {H_WITHHELD} must be a JSON object of reason -> [field paths]")
-    return tuple(WithheldField(path, reason) for reason, paths in grouped.items() for path in paths)
-
-
-def no_onward_from(record: SealedRecord) -> tuple[str, ...]:
-    paths = _json_header(record, H_NO_ONWARD)
-    if paths is None:
-        return ()
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise ContractError(f"header {H_NO_ONWARD} must be a JSON array of field paths")
-    return tuple(paths)
 
 
 class SealedReferralFormat:
@@ -182,8 +151,11 @@ class SealedReferralFormat:
             concern_types=tuple(str(c) for c in wire.get("concern_types") or ()),
             priority=str(wire.get("priority") or "not_given"),
             district=wire.get("district"),
-            withheld=withheld_from(record),
-            no_onward=no_onward_from(record),
+            withheld=tuple(
+                WithheldField(path, reason)
+                for path, reason in withheld_from(record.header(H_WITHHELD)).items()
+            ),
+            no_onward=no_onward_from(record.header(H_NO_ONWARD)),
         )
 
     def open(self, record: SealedRecord, team: str) -> OpenedReferral:
