@@ -98,7 +98,7 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
         if kind.startswith("float"):
             return float(raw)
         return None if raw == "" and "None" in kind else str(raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError):
         raise ConfigError(f"{source}: '{name}' must be of type {kind}") from exc
 
 

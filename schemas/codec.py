@@ -88,10 +88,10 @@ def encode(record: dict[str, Any], schema: Schema | PreparedSchema | None = None
 
         problems = check_against_schema(record, prepared.schema)
         if problems:
-            raise ValidationError(problems, "record for encoding") from exc
+            raise ValidationError(problems, "record for encoding") from None
         raise ContractError(
             f"cannot encode record with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"
-        ) from exc
+        ) from None
     return out.getvalue()
 
 
@@ -127,7 +127,7 @@ def decode(data: bytes, reader_schema: Schema | PreparedSchema | None = None) ->
         target = "" if reader is None else f" into reader {reader.fingerprint.hex()}"
         raise ContractError(
             f"cannot decode message written with schema {key.hex()}{target} ({type(exc).__name__})"
-        ) from exc
+        ) from None
     if body.tell() != len(data):
         raise ContractError(f"message written with schema {key.hex()} has trailing bytes after the record")
     return record
@@ -142,7 +142,7 @@ def encode_body(value: Any, schema: Schema | PreparedSchema) -> bytes:
     except Exception as exc:
         raise ContractError(
             f"cannot encode value with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"
-        ) from exc
+        ) from None
     return out.getvalue()
 
 
@@ -155,7 +155,7 @@ def decode_body(body: bytes, schema: Schema | PreparedSchema) -> Any:
     except Exception as exc:
         raise ContractError(
             f"cannot decode value with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"
-        ) from exc
+        ) from None
     if buffer.tell() != len(body):
         raise ContractError(f"value for schema {prepared.fingerprint.hex()} has trailing bytes")
     return value

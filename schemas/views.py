@@ -110,7 +110,7 @@ def project(
         raise ContractError(
             f"cannot project a record of schema {writer.fingerprint.hex()} into view "
             f"{reader.fingerprint.hex()} ({type(exc).__name__})"
-        ) from exc
+        ) from None
 
 
 def withheld_paths(view: Schema, canonical: Schema | None = None) -> list[str]:
