@@ -99,7 +99,7 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
             return float(raw)
         return None if raw == "" and "None" in kind else str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{name}' must be of type {kind}") from exc
+        raise ConfigError(f"{source}: '{name}' must be of type {kind}") from None
 
 
 def _from_file(path: Path) -> dict[str, Any]:
