@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import IO, Any, ClassVar
 
 from referral_broker.errors import ConfigError, Problem, ValidationError
+from referral_broker.parties import all_parties
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
 from referral_broker.schemas.validation import validate
@@ -154,7 +155,9 @@ def _schema(family: str) -> dict[str, Any]:
 
 def _validate(family: str) -> Callable[..., list[Problem]]:
     def check(record: dict[str, Any], *, now: dt.datetime, record_number: int) -> list[Problem]:
-        return validate(record, _schema(family), now=now, record_number=record_number)
+        return validate(
+            record, _schema(family), now=now, record_number=record_number, known_parties=all_parties()
+        )
 
     return check
 

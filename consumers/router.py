@@ -55,7 +55,7 @@ from referral_broker.identity import (
     Identity,
     load_identity,
 )
-from referral_broker.parties import HUB, get_party
+from referral_broker.parties import HUB, all_parties, get_party
 from referral_broker.policy import Decision, SharingPolicy, decide, load_policy
 from referral_broker.schemas import codec
 from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
@@ -214,7 +214,9 @@ class Router:
         if opened.kind != "status":
             raise ContractError(f"status topics carry status messages, not '{opened.kind}' messages")
         status = opened.record
-        ensure_valid(status, self.status_schema, now=self.clock(), context="status")
+        ensure_valid(
+            status, self.status_schema, now=self.clock(), context="status", known_parties=all_parties()
+        )
         if status["from_party"] != party:
             raise ContractError(f"status from_party does not match its sender {party}")
         to_party = status["to_party"]

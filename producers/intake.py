@@ -15,7 +15,7 @@ from referral_broker.cluster.clients import build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.identity import Identity, load_identity
-from referral_broker.parties import HUB
+from referral_broker.parties import HUB, all_parties
 from referral_broker.schemas.registry import referral_schema, status_schema
 from referral_broker.schemas.validation import ensure_valid
 
@@ -60,7 +60,7 @@ class IntakeSender:
     def send_status(self, status: dict[str, Any]) -> Sent:
         """A status (accepted, declined with reason, more information needed...) for the referrer,
         carried back through the router."""
-        ensure_valid(status, self.status, context="status")
+        ensure_valid(status, self.status, context="status", known_parties=all_parties())
         topic = topic_name(self.settings, "status", self.party)
         self._seal_for_hub(status, self.status, topic, "status").send(self.producer)
         self.producer.flush()

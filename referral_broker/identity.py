@@ -12,6 +12,9 @@ from typing import Any
 from referral_broker.config import Settings
 from referral_broker.errors import ContractError
 from referral_broker.parties import HUB, get_party
+from referral_broker.schemas.registry import fingerprint as schema_fingerprint
+from referral_broker.schemas.registry import shipped_versions
+from referral_broker.schemas.views import view_schema
 from referral_broker.sealing import (
     CaseKeyStore,
     DekCache,
@@ -68,8 +71,6 @@ class SchemaBook:
     from a message's own ``rb-view`` header (checked against its ``rb-schema`` fingerprint)."""
 
     def __init__(self) -> None:
-        from referral_broker.schemas.registry import shipped_versions
-
         self._by_fp: dict[bytes, dict[str, Any]] = {v.fingerprint: v.schema for v in shipped_versions()}
         self._views: dict[tuple[str, ...], bytes] = {}
 
@@ -78,9 +79,6 @@ class SchemaBook:
 
     def learn(self, headers: Any) -> None:
         """Register the view schema a message names, if it names one."""
-        from referral_broker.schemas.registry import fingerprint as schema_fingerprint
-        from referral_broker.schemas.views import view_schema
-
         named = dict(headers)
         raw = named.get(H_VIEW)
         if raw is None:

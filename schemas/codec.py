@@ -20,10 +20,9 @@ from fastavro import schemaless_reader, schemaless_writer
 
 from referral_broker.errors import ContractError, ValidationError
 
-from .registry import FINGERPRINT_SIZE, Schema, referral_schema, writer_schemas
+from .registry import FINGERPRINT_SIZE, SINGLE_OBJECT_MAGIC, Schema, referral_schema, writer_schemas
 
-MAGIC = b"\xc3\x01"
-HEADER_SIZE = len(MAGIC) + FINGERPRINT_SIZE
+HEADER_SIZE = len(SINGLE_OBJECT_MAGIC) + FINGERPRINT_SIZE
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def encode(record: dict[str, Any], schema: Schema | PreparedSchema | None = None
     """
     prepared = _referral() if schema is None else prepare(schema)
     out = io.BytesIO()
-    out.write(MAGIC)
+    out.write(SINGLE_OBJECT_MAGIC)
     out.write(prepared.fingerprint)
     try:
         schemaless_writer(out, prepared.parsed, record)
@@ -97,9 +96,9 @@ def encode(record: dict[str, Any], schema: Schema | PreparedSchema | None = None
 
 def writer_fingerprint(data: bytes) -> bytes:
     """The 8-byte writer fingerprint from a message header (checks the header only)."""
-    if len(data) < HEADER_SIZE or data[: len(MAGIC)] != MAGIC:
+    if len(data) < HEADER_SIZE or data[: len(SINGLE_OBJECT_MAGIC)] != SINGLE_OBJECT_MAGIC:
         raise ContractError("not an Avro single-object message (missing C3 01 header)")
-    return bytes(data[len(MAGIC) : HEADER_SIZE])
+    return bytes(data[len(SINGLE_OBJECT_MAGIC) : HEADER_SIZE])
 
 
 def decode(data: bytes, reader_schema: Schema | PreparedSchema | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import copy
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -32,6 +32,8 @@ FAMILIES = ("referral", "status", "audit_decision")
 # Least to most sensitive: a record-typed field carries the most sensitive class inside it.
 DATA_CLASSES = ("operational", "personal", "identifier", "special_category")
 FINGERPRINT_SIZE = 8
+# Avro single-object encoding: these two bytes, the 8-byte fingerprint, the body.
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 
 _FILE_NAME = re.compile(r"^(?P<family>[a-z_]+)\.v(?P<version>[1-9][0-9]*)\.avsc$")
 _NAMED = ("record", "enum", "fixed")
@@ -307,22 +309,46 @@ def field_classes(schema: Schema) -> dict[str, str]:
     return {info.path: info.data_class or "" for info in walk_fields(schema)}
 
 
-def sealing_units(schema: Schema) -> list[str]:
-    """Paths sealed as one ciphertext each (ARCHITECTURE.md: non-operational, not a record).
+def field_action(data_class: str | None, declared_type: Any) -> str:
+    """The sealing-unit rule, the one place it is written (ARCHITECTURE.md).
 
-    Records are descended into, so their operational parts stay readable; an array or map is
-    sealed whole, so nothing under it is a unit of its own.
+    ``declared_type`` is the field's type with named references resolved. A field whose type,
+    after removing ``null`` from a union, is a record is descended into (``"record"``); else an
+    ``operational`` field stays clear (``"clear"``); anything else is one sealed unit
+    (``"seal"``): an array or map whole, so nothing under it is a unit of its own.
     """
+    branches = declared_type if isinstance(declared_type, list) else [declared_type]
+    non_null = [b for b in branches if b != "null"]
+    if len(non_null) == 1 and isinstance(non_null[0], dict) and non_null[0].get("type") == "record":
+        return "record"
+    return "clear" if data_class == "operational" else "seal"
+
+
+def sealing_units(schema: Schema) -> list[str]:
+    """Paths sealed as one ciphertext each, by :func:`field_action`, in schema order."""
     units: list[str] = []
     sealed_whole: list[str] = []
     for info in walk_fields(schema):
         if any(info.path.startswith(f"{outer}.") for outer in sealed_whole):
             continue
-        if info.data_class == "operational" or info.kind == "record":
+        if field_action(info.data_class, info.type) != "seal":
             continue
         units.append(info.path)
         sealed_whole.append(info.path)
     return units
+
+
+def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A record's values by dotted field path (the project's path convention); nested records
+    are looked into, arrays stay whole (a household shows member by member)."""
+    out: dict[str, Any] = {}
+    for name, item in record.items():
+        path = f"{prefix}{name}"
+        if isinstance(item, Mapping):
+            out.update(flatten(item, f"{path}."))
+        else:
+            out[path] = item
+    return out
 
 
 def check_schema(schema: Schema) -> list[Problem]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from referral_broker.errors import Problem, ValidationError
@@ -268,8 +268,12 @@ def _is_aware(value: Any) -> bool:
     return isinstance(value, dt.datetime) and value.utcoffset() is not None
 
 
-def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
-    today = now.date()
+# A rule set: (record, now, add(path, reason)); it reports through ``add``, never raises.
+_Rule = Callable[[Mapping[str, Any], dt.datetime, Callable[[str, str], None]], None]
+
+
+def _envelope_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    """created_at and version: the referral itself."""
     created = record.get("created_at")
     created_ok = _is_aware(created)
     if created_ok and created > now + CLOCK_SKEW:
@@ -278,6 +282,12 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
     if isinstance(version, int) and not isinstance(version, bool) and version < 1:
         add("version", "must be 1 or more")
 
+
+def _child_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    """The child's age (and the Early Support Pathway's 0-5 bound) and the household's dates."""
+    today = now.date()
+    created = record.get("created_at")
+    created_ok = _is_aware(created)
     born = _get(record, "child.date_of_birth")
     if _is_date(born):
         if born > today:
@@ -301,6 +311,10 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
             if _is_date(member_born) and member_born > today:
                 add(f"household[{index}].date_of_birth", "is in the future")
 
+
+def _concerns_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    """Concerns: at least one, concern_types listing exactly their types, flags consistent."""
+    today = now.date()
     concerns = record.get("concerns")
     concern_types = record.get("concern_types")
     if isinstance(concerns, list):
@@ -325,6 +339,9 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
             if "crime_prevention" in concern_types and flags.get("crime_prevention") is False:
                 add("flags.crime_prevention", "must be set when a crime-prevention concern is raised")
 
+
+def _services_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    """Services requested: at least one, none twice."""
     services = record.get("services_requested")
     if isinstance(services, list):
         if not services:
@@ -332,6 +349,10 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
         elif len(set(map(str, services))) != len(services):
             add("services_requested", "lists a service more than once")
 
+
+def _school_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    """Attendance counts and periods, year group, exclusions."""
+    today = now.date()
     attendance = _get(record, "school.attendance")
     if isinstance(attendance, Mapping):
         counts = {
@@ -378,6 +399,9 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
             if _is_date(start) and start > today + dt.timedelta(days=31):
                 add(f"school.exclusions[{index}].start_date", "is more than a month ahead")
 
+
+def _consent_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    """Consent recorded by whom and when; an override only without consent."""
     consent = record.get("consent")
     if isinstance(consent, Mapping) and consent.get("state") in ("given", "refused"):
         if consent.get("recorded_at") is None:
@@ -400,14 +424,22 @@ def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
             add("sharing_override.approved_at", "is in the future")
 
 
-def _status_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
-    from referral_broker.parties import all_parties
+_REFERRAL_SECTIONS: tuple[_Rule, ...] = (
+    _envelope_rules,
+    _child_rules,
+    _concerns_rules,
+    _services_rules,
+    _school_rules,
+    _consent_rules,
+)
 
-    known = all_parties()
-    for name in ("from_party", "to_party"):
-        party = record.get(name)
-        if isinstance(party, str) and party.strip() and party not in known:
-            add(name, "not a party in parties.toml")
+
+def _referral_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
+    for section in _REFERRAL_SECTIONS:
+        section(record, now, add)
+
+
+def _status_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
     if record.get("status") in ("declined", "more_information_needed") and record.get("reason") is None:
         add("reason", "required when declining or asking for more information")
     at = record.get("at")
@@ -418,7 +450,9 @@ def _status_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[st
         add("version", "must be 1 or more")
 
 
-_RULES: dict[str, Callable[[Mapping[str, Any], dt.datetime, Callable[[str, str], None]], None]] = {
+# Fields that name a party, checked against ``known_parties``.
+_PARTY_FIELDS = {"earlyhelp.status.ReferralStatus": ("from_party", "to_party")}
+_RULES: dict[str, _Rule] = {
     "earlyhelp.referral.Referral": _referral_rules,
     "earlyhelp.status.ReferralStatus": _status_rules,
 }
@@ -430,11 +464,15 @@ def validate(
     *,
     now: dt.datetime | None = None,
     record_number: int | None = None,
+    known_parties: Collection[str] | None = None,
 ) -> list[Problem]:
     """Every problem with ``record`` (a Referral unless another schema is given); [] when valid.
 
     ``now`` is the clock for "not in the future" checks (timezone-aware; defaults to the
     current time). ``record_number`` is copied into each Problem for file-wide reports.
+    ``known_parties`` are the names a party field may hold (statuses' ``from_party`` and
+    ``to_party``): the parties are the deployment's data, not the contract's, so the caller
+    passes them; every stage that accepts a status does.
     """
     schema = schema if schema is not None else referral_schema()
     now = now if now is not None else dt.datetime.now(dt.UTC)
@@ -447,9 +485,15 @@ def validate(
             if path not in failed:
                 problems.append(Problem(path, reason, record_number))
 
-        rules = _RULES.get(full_name(schema["name"], schema.get("namespace")))
+        name = full_name(schema["name"], schema.get("namespace"))
+        rules = _RULES.get(name)
         if rules is not None:
             rules(record, now, add)
+        if known_parties is not None:
+            for party_field in _PARTY_FIELDS.get(name, ()):
+                party = record.get(party_field)
+                if isinstance(party, str) and party.strip() and party not in known_parties:
+                    add(party_field, "not a known party")
     return problems
 
 
@@ -460,14 +504,21 @@ def validate_referral(
     return validate(record, referral_schema(), now=now, record_number=record_number)
 
 
-def validate_status(record: Any, *, now: dt.datetime | None = None) -> list[Problem]:
-    return validate(record, load_schema("status"), now=now)
+def validate_status(
+    record: Any, *, now: dt.datetime | None = None, known_parties: Collection[str] | None = None
+) -> list[Problem]:
+    return validate(record, load_schema("status"), now=now, known_parties=known_parties)
 
 
 def ensure_valid(
-    record: Any, schema: Schema | None = None, *, now: dt.datetime | None = None, context: str = "referral"
+    record: Any,
+    schema: Schema | None = None,
+    *,
+    now: dt.datetime | None = None,
+    context: str = "referral",
+    known_parties: Collection[str] | None = None,
 ) -> None:
     """Raise ValidationError listing every problem; return quietly when the record is valid."""
-    problems = validate(record, schema, now=now)
+    problems = validate(record, schema, now=now, known_parties=known_parties)
     if problems:
         raise ValidationError(problems, context)

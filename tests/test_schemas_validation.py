@@ -172,7 +172,9 @@ def test_status_messages_are_validated_too() -> None:
     }
     assert paths(validate_status(status, now=TEST_NOW)) == {"reason"}
     status["to_party"] = "nobody"
-    assert "to_party" in paths(validate_status(status, now=TEST_NOW))
+    assert "to_party" not in paths(validate_status(status, now=TEST_NOW))  # parties are the caller's
+    known = {"district-fenland", "schools"}
+    assert "to_party" in paths(validate_status(status, now=TEST_NOW, known_parties=known))
 
 
 # --- property: any single-field corruption is rejected with that field named -----------------

@@ -6,7 +6,8 @@ wrong things)."""
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ from referral_broker.policy.model import (
     SPECIAL_CATEGORY_CONDITIONS,
     Purpose,
     SharingPolicy,
+)
+from referral_broker.schemas.registry import (
+    DATA_CLASSES,
+    field_classes,
+    field_paths,
+    field_schema,
+    referral_schema,
+    walk_fields,
 )
 
 _KEYS = {
@@ -38,7 +47,6 @@ _KEYS = {
     "fields",
     "no_onward_sharing",
 }
-_DATA_CLASSES = ("operational", "personal", "identifier", "special_category")
 
 
 def default_policy_path() -> Path:
@@ -49,8 +57,6 @@ def policy_units(schema: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """The granularity the policy speaks in: every leaf field path (arrays of records are
     looked into, so ``household.ni_number`` can be withheld while ``household.given_name``
     is shared) with its data class."""
-    from referral_broker.schemas.registry import field_classes
-
     classes = field_classes(schema)
     paths = list(classes)
     leaves = [p for p in paths if not any(q.startswith(p + ".") for q in paths)]
@@ -102,8 +108,6 @@ def _check_condition(cond: str, loc: _Locator, index: int, schema_enums: dict[st
 
 
 def _schema_enums(schema: dict[str, Any]) -> dict[str, list[str]]:
-    from referral_broker.schemas.registry import field_schema, walk_fields
-
     flags = [info.path.split(".", 1)[1] for info in walk_fields(schema) if info.path.startswith("flags.")]
     return {
         "flag": flags,
@@ -122,115 +126,152 @@ def _expand(
     return frozenset(granted)
 
 
+@dataclass(frozen=True)
+class _Contract:
+    """What a purpose is checked against: the schema's units, paths and enums, the parties."""
+
+    loc: _Locator
+    units: list[str]
+    unit_classes: dict[str, str]
+    known_paths: set[str]
+    enums: dict[str, list[str]]
+    parties: Collection[str]
+
+
 def load_policy(path: Path | None = None, schema: dict[str, Any] | None = None) -> SharingPolicy:
     """Load, check and expand a policy against the canonical Referral schema."""
-    from referral_broker.schemas.registry import field_paths, referral_schema
-
     path = path or default_policy_path()
     schema = schema or referral_schema()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
+        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML: {exc}") from exc
-    loc = _Locator(str(path), text)
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from None
     unknown_top = set(doc) - {"version", "purpose"}
     if unknown_top:
         raise PolicyError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown_top))}")
     units, unit_classes = policy_units(schema)
-    known_paths = set(field_paths(schema))
-    enums = _schema_enums(schema)
-    parties = all_parties()
+    contract = _Contract(
+        _Locator(str(path), text),
+        units,
+        unit_classes,
+        set(field_paths(schema)),
+        _schema_enums(schema),
+        all_parties(),
+    )
     purposes: list[Purpose] = []
     seen: set[tuple[str, str]] = set()
     for index, entry in enumerate(doc.get("purpose", [])):
-        extra = set(entry) - _KEYS
-        if extra:
-            key = sorted(extra)[0]
-            raise loc.error(index, f"unknown key '{key}' in a purpose", key)
-        for required in ("recipient", "name", "ground", "consent"):
-            if not isinstance(entry.get(required), str):
-                raise loc.error(index, f"purpose is missing '{required}'")
-        recipient, name = entry["recipient"], entry["name"]
-        if recipient.startswith("kind:"):
-            if recipient[5:] not in KINDS:
-                raise loc.error(index, f"unknown party kind '{recipient[5:]}'", recipient)
-        elif recipient not in parties:
-            raise loc.error(index, f"unknown recipient '{recipient}' (not in parties.toml)", recipient)
-        if (recipient, name) in seen:
-            raise loc.error(index, f"purpose '{name}' for '{recipient}' is defined twice", name)
-        seen.add((recipient, name))
-        if entry["ground"] not in GROUNDS:
-            raise loc.error(
-                index, f"unknown ground '{entry['ground']}' (known: {', '.join(GROUNDS)})", "ground"
+        purpose = _load_purpose(contract, index, entry)
+        if (purpose.recipient, purpose.name) in seen:
+            raise contract.loc.error(
+                index, f"purpose '{purpose.name}' for '{purpose.recipient}' is defined twice", purpose.name
             )
-        if entry["consent"] not in CONSENT_MODES:
-            raise loc.error(index, f"consent must be one of {', '.join(CONSENT_MODES)}", "consent")
-        art9 = entry.get("special_category_condition")
-        if art9 is not None and art9 not in SPECIAL_CATEGORY_CONDITIONS:
-            raise loc.error(
-                index, f"unknown special category condition '{art9}'", "special_category_condition"
-            )
-        fields = _strings(entry, "fields", loc, index)
-        for f in fields:
-            if f not in known_paths:
-                raise loc.error(index, f"unknown field '{f}' (not in the Referral schema)", f'"{f}"')
-        classes = _strings(entry, "classes", loc, index)
-        for c in classes:
-            if c not in _DATA_CLASSES:
-                raise loc.error(index, f"unknown data class '{c}'", f'"{c}"')
-        conditions = _strings(entry, "when_all", loc, index) + _strings(entry, "when_any", loc, index)
-        for cond in conditions:
-            _check_condition(cond, loc, index, enums)
-        provides = _strings(entry, "provides", loc, index)
-        for service in provides:
-            if service not in enums["service"]:
-                raise loc.error(index, f"unknown service '{service}'", f'"{service}"')
-        if "service_requested" in conditions and not provides:
-            raise loc.error(index, "condition 'service_requested' needs 'provides'", "service_requested")
-        overrides = _strings(entry, "override_grounds", loc, index)
-        for g in overrides:
-            if g not in OVERRIDE_GROUNDS:
-                raise loc.error(index, f"unknown override ground '{g}'", f'"{g}"')
-        granted = _expand(fields, classes, units, unit_classes)
-        special = sorted(u for u in granted if unit_classes[u] == "special_category")
-        if special and art9 is None:
-            raise loc.error(
-                index,
-                f"purpose '{name}' grants special category field(s) ({', '.join(special[:3])}"
-                f"{', ...' if len(special) > 3 else ''}) without a special_category_condition (UK GDPR Art 9)",
-            )
-        onward = _strings(entry, "no_onward_sharing", loc, index)
-        onward_units = _expand(onward, (), units, unit_classes)
-        for mark in onward:
-            if mark not in known_paths:
-                raise loc.error(index, f"unknown field '{mark}' in no_onward_sharing", f'"{mark}"')
-        if not onward_units <= granted:
-            raise loc.error(
-                index, "no_onward_sharing names fields the purpose does not grant", "no_onward_sharing"
-            )
-        purposes.append(
-            Purpose(
-                recipient=recipient,
-                name=name,
-                description=entry.get("description", ""),
-                ground=entry["ground"],
-                consent=entry["consent"],
-                granted=granted,
-                declared_fields=fields,
-                declared_classes=classes,
-                when_all=_strings(entry, "when_all", loc, index),
-                when_any=_strings(entry, "when_any", loc, index),
-                provides=provides,
-                special_category_condition=art9,
-                override_grounds=overrides,
-                no_onward_sharing=onward_units,
-                line=loc.line(index),
-            )
-        )
+        seen.add((purpose.recipient, purpose.name))
+        purposes.append(purpose)
     if not isinstance(doc.get("version"), int):
         raise PolicyError(f"{path}: 'version' must be a whole number")
     return SharingPolicy(str(path), doc["version"], tuple(purposes), tuple(units), unit_classes)
+
+
+def _load_purpose(contract: _Contract, index: int, entry: dict[str, Any]) -> Purpose:
+    """One ``[[purpose]]``: its recipient and ground, then what it grants, then its guards."""
+    loc = contract.loc
+    extra = set(entry) - _KEYS
+    if extra:
+        key = sorted(extra)[0]
+        raise loc.error(index, f"unknown key '{key}' in a purpose", key)
+    for required in ("recipient", "name", "ground", "consent"):
+        if not isinstance(entry.get(required), str):
+            raise loc.error(index, f"purpose is missing '{required}'")
+    _check_recipient_and_ground(contract, index, entry)
+    fields, classes, granted = _grants(contract, index, entry)
+    provides = _strings(entry, "provides", loc, index)
+    conditions = _strings(entry, "when_all", loc, index) + _strings(entry, "when_any", loc, index)
+    for cond in conditions:
+        _check_condition(cond, loc, index, contract.enums)
+    for service in provides:
+        if service not in contract.enums["service"]:
+            raise loc.error(index, f"unknown service '{service}'", f'"{service}"')
+    if "service_requested" in conditions and not provides:
+        raise loc.error(index, "condition 'service_requested' needs 'provides'", "service_requested")
+    overrides = _strings(entry, "override_grounds", loc, index)
+    for g in overrides:
+        if g not in OVERRIDE_GROUNDS:
+            raise loc.error(index, f"unknown override ground '{g}'", f'"{g}"')
+    return Purpose(
+        recipient=entry["recipient"],
+        name=entry["name"],
+        description=entry.get("description", ""),
+        ground=entry["ground"],
+        consent=entry["consent"],
+        granted=granted,
+        declared_fields=fields,
+        declared_classes=classes,
+        when_all=_strings(entry, "when_all", loc, index),
+        when_any=_strings(entry, "when_any", loc, index),
+        provides=provides,
+        special_category_condition=entry.get("special_category_condition"),
+        override_grounds=overrides,
+        no_onward_sharing=_no_onward(contract, index, entry, granted),
+        line=loc.line(index),
+    )
+
+
+def _check_recipient_and_ground(contract: _Contract, index: int, entry: dict[str, Any]) -> None:
+    loc, recipient = contract.loc, entry["recipient"]
+    if recipient.startswith("kind:"):
+        if recipient[5:] not in KINDS:
+            raise loc.error(index, f"unknown party kind '{recipient[5:]}'", recipient)
+    elif recipient not in contract.parties:
+        raise loc.error(index, f"unknown recipient '{recipient}' (not in parties.toml)", recipient)
+    if entry["ground"] not in GROUNDS:
+        raise loc.error(index, f"unknown ground '{entry['ground']}' (known: {', '.join(GROUNDS)})", "ground")
+    if entry["consent"] not in CONSENT_MODES:
+        raise loc.error(index, f"consent must be one of {', '.join(CONSENT_MODES)}", "consent")
+    art9 = entry.get("special_category_condition")
+    if art9 is not None and art9 not in SPECIAL_CATEGORY_CONDITIONS:
+        raise loc.error(index, f"unknown special category condition '{art9}'", "special_category_condition")
+
+
+def _grants(
+    contract: _Contract, index: int, entry: dict[str, Any]
+) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]:
+    """The declared fields and classes, and the units they grant (Art 9 checked)."""
+    loc = contract.loc
+    fields = _strings(entry, "fields", loc, index)
+    for f in fields:
+        if f not in contract.known_paths:
+            raise loc.error(index, f"unknown field '{f}' (not in the Referral schema)", f'"{f}"')
+    classes = _strings(entry, "classes", loc, index)
+    for c in classes:
+        if c not in DATA_CLASSES:
+            raise loc.error(index, f"unknown data class '{c}'", f'"{c}"')
+    granted = _expand(fields, classes, contract.units, contract.unit_classes)
+    special = sorted(u for u in granted if contract.unit_classes[u] == "special_category")
+    if special and entry.get("special_category_condition") is None:
+        raise loc.error(
+            index,
+            f"purpose '{entry['name']}' grants special category field(s) ({', '.join(special[:3])}"
+            f"{', ...' if len(special) > 3 else ''}) without a special_category_condition (UK GDPR Art 9)",
+        )
+    return fields, classes, granted
+
+
+def _no_onward(
+    contract: _Contract, index: int, entry: dict[str, Any], granted: frozenset[str]
+) -> frozenset[str]:
+    loc = contract.loc
+    onward = _strings(entry, "no_onward_sharing", loc, index)
+    for mark in onward:
+        if mark not in contract.known_paths:
+            raise loc.error(index, f"unknown field '{mark}' in no_onward_sharing", f'"{mark}"')
+    onward_units = _expand(onward, (), contract.units, contract.unit_classes)
+    if not onward_units <= granted:
+        raise loc.error(
+            index, "no_onward_sharing names fields the purpose does not grant", "no_onward_sharing"
+        )
+    return onward_units

@@ -33,7 +33,7 @@ from referral_broker.sealing.envelope import (
 )
 from referral_broker.sealing.fields import DataKey, FieldContext
 from referral_broker.sealing.keystore import KeyStore
-from referral_broker.sealing.records import SealingPlan, schema_fingerprint, sealing_plan
+from referral_broker.sealing.records import SealingPlan, sealing_plan
 from referral_broker.sealing.wrapping import DekCache
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "OutgoingMessage",
     "SealingPlan",
     "schema_book",
-    "schema_fingerprint",
     "sealing_plan",
     "sign_plain",
     "verify_signed",

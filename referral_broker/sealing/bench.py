@@ -19,9 +19,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fastavro import parse_schema, schemaless_writer
 
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
+from referral_broker.schemas.registry import referral_schema
+from referral_broker.schemas.synth import synthetic_referral
 from referral_broker.sealing.directory import KeyDirectory
 from referral_broker.sealing.envelope import MessageOpener, MessageSealer, OutgoingMessage
 from referral_broker.sealing.fields import DataKey
@@ -54,11 +57,6 @@ def _as_record(msg: OutgoingMessage) -> Record:
 
 def run(settings: Settings, *, iterations: int = 200) -> dict[str, Any]:
     """Run the benchmark; returns the figures (microseconds) as plain data."""
-    from fastavro import parse_schema, schemaless_writer
-
-    from referral_broker.schemas.registry import referral_schema
-    from referral_broker.schemas.synth import synthetic_referral
-
     schema = referral_schema()
     plan = sealing_plan(schema)
     referral = synthetic_referral(random.Random(20261126))

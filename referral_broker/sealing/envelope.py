@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from referral_broker.errors import ContractError, SealingError, SignatureError, TamperedError
 from referral_broker.parties import get_party
+from referral_broker.schemas.registry import writer_schema
 from referral_broker.sealing.directory import KeyDirectory
 from referral_broker.sealing.fields import DataKey, FieldContext
 from referral_broker.sealing.keystore import KeyStore
@@ -348,8 +349,6 @@ class MessageOpener:
         case_keys: CaseKeyLookup | None = None,
     ) -> None:
         if schemas is None:
-            from referral_broker.schemas.registry import writer_schema
-
             schemas = writer_schema
         self.keystore = keystore
         self.directory = directory

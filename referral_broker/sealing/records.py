@@ -33,27 +33,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
-from fastavro.schema import expand_schema, fingerprint, to_parsing_canonical_form
+from fastavro.schema import expand_schema
 
 from referral_broker.errors import ContractError, TamperedError
+from referral_broker.schemas.registry import (
+    DATA_CLASSES,
+    SINGLE_OBJECT_MAGIC,
+    Schema,
+    field_action,
+    fingerprint,
+)
 from referral_broker.sealing.fields import DataKey, FieldCodec, FieldContext, open_value, seal_value
 
-# The message value is Avro single-object encoding (as ``referral_broker.schemas.codec``
-# writes): magic, the 8-byte fingerprint of the WIRE schema, then the body.
-SINGLE_OBJECT_MAGIC = b"\xc3\x01"
-DATA_CLASSES = ("operational", "personal", "identifier", "special_category")
 _NAMED = ("record", "enum", "fixed")
 _MISSING = object()
-
-Schema = dict[str, Any]
-
-
-def schema_fingerprint(schema: Schema) -> bytes:
-    """CRC-64-AVRO over the Parsing Canonical Form (8 bytes), as Avro single-object encoding
-    and ``referral_broker.schemas`` compute it. Note that the canonical form drops custom
-    attributes, ``data_class`` included: the schema itself, not its fingerprint, decides what
-    is sealed, and the reader refuses anything it expects sealed that is not."""
-    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
 def _branches(field_type: Any) -> list[Any]:
@@ -135,7 +128,7 @@ class SealingPlan:
         if not isinstance(schema, dict) or schema.get("type") != "record":
             raise ContractError("a sealing plan needs an Avro record schema")
         self.schema = schema
-        self.fingerprint = schema_fingerprint(schema)
+        self.fingerprint = fingerprint(schema)
         try:
             expanded = expand_schema(copy.deepcopy(schema))
         except Exception as exc:
@@ -143,7 +136,7 @@ class SealingPlan:
         units: list[str] = []
         self._fields, self.wire_schema = self._plan_record(expanded, "", units, set())
         self.units = tuple(units)
-        self.wire_fingerprint = schema_fingerprint(self.wire_schema)
+        self.wire_fingerprint = fingerprint(self.wire_schema)
         self._wire_header = SINGLE_OBJECT_MAGIC + self.wire_fingerprint
         try:
             self._wire_parsed = parse_schema(copy.deepcopy(self.wire_schema), named_schemas={})
@@ -173,12 +166,13 @@ class SealingPlan:
             nullable = len(non_null) < len(branches)
             default = f.get("default", _MISSING)
             wire = {k: v for k, v in f.items() if k != "type"}
-            if len(non_null) == 1 and _is_record(non_null[0]):
+            action = field_action(data_class, f["type"])
+            if action == "record":
                 child, child_wire = self._plan_record(non_null[0], f"{path}.", units, seen)
                 plans.append(_FieldPlan(f["name"], path, "record", default, nullable, child=child))
                 wire_branches = [child_wire if _is_record(b) else b for b in branches]
                 wire["type"] = wire_branches if isinstance(f["type"], list) else wire_branches[0]
-            elif data_class == "operational":
+            elif action == "clear":
                 hidden = _hidden_sensitive(f["type"], path)
                 if hidden:
                     raise ContractError(
