@@ -20,7 +20,9 @@ from referral_broker.consumers.inbox.records import (
     WithheldField,
 )
 from referral_broker.consumers.inbox.states import Action, InvalidTransitionError, ReferralState, Transition
-from referral_broker.consumers.inbox.store import InboxStore, ReferralRow, UnknownUserError
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_referrals import ReferralRow
+from referral_broker.errors import UnknownUserError
 
 TEAM = "district-fenland"
 OTHER = "district-cambridge"

@@ -28,12 +28,13 @@ from test_inbox_fixtures import (
 
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.app import create_app
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
+from referral_broker.consumers.inbox.security import SESSION_COOKIE
 from referral_broker.consumers.inbox.server import ServerThread
 from referral_broker.consumers.inbox.states import ReferralState
 from referral_broker.consumers.inbox.store import InboxStore
-from referral_broker.consumers.inbox.web import SESSION_COOKIE, create_app
 from referral_broker.sealing import OutgoingMessage, verify_signed
 
 

@@ -28,7 +28,8 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.states import Transition
-from referral_broker.consumers.inbox.store import InboxStore, ReferralRow
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_referrals import ReferralRow
 from referral_broker.parties import HUB, all_parties
 from referral_broker.structured_log import get_logger
 

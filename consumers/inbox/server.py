@@ -20,13 +20,13 @@ import uvicorn
 from starlette.applications import Starlette
 
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.app import create_app
 from referral_broker.consumers.inbox.auth import check_team, district_teams
 from referral_broker.consumers.inbox.frontend import install_frontend
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
-from referral_broker.consumers.inbox.web import create_app
 from referral_broker.errors import BrokerError
 
 

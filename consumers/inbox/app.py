@@ -1,0 +1,165 @@
+"""The inbox web app assembled: Starlette, server-rendered Jinja2 with the GOV.UK Frontend
+macros, the routes to the pages (:mod:`pages_signin`, :mod:`pages_referrals`), the error
+handlers (:mod:`pages_errors`), the security middleware (:mod:`security`) and the background
+workers that run for the app's lifetime.
+
+The one place that knows every page, so the route table reads as the site map; the pages
+themselves reach the state built here through :mod:`rendering`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from referral_broker.config import Settings
+from referral_broker.consumers.inbox import presentation
+from referral_broker.consumers.inbox.auth import SessionCodec
+from referral_broker.consumers.inbox.outbound import Outbound
+from referral_broker.consumers.inbox.pages_errors import http_error, server_error
+from referral_broker.consumers.inbox.pages_referrals import (
+    TAB_LABELS,
+    accept,
+    allocate,
+    close,
+    inbox,
+    reason_endpoints,
+    reason_label,
+    referral_page,
+)
+from referral_broker.consumers.inbox.pages_signin import sign_in, sign_in_form, sign_out
+from referral_broker.consumers.inbox.records import RecordFormat
+from referral_broker.consumers.inbox.rendering import InboxApp
+from referral_broker.consumers.inbox.security import SecurityHeaders
+from referral_broker.consumers.inbox.states import ReferralState
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.parties import all_parties
+
+SERVICE_NAME = "Early Help referrals"
+
+
+def _team_label(team: str) -> str:
+    party = all_parties().get(team)
+    return party.description.split(": ", 1)[-1] if party and ": " in party.description else team
+
+
+def _referrer_label(referrer: str) -> str:
+    return presentation.humanise(referrer)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.ChoiceLoader(
+            [
+                jinja2.PackageLoader("referral_broker.consumers.inbox", "templates"),
+                jinja2.PrefixLoader(
+                    {"govuk_frontend_jinja": jinja2.PackageLoader("govuk_frontend_jinja", "templates")}
+                ),
+            ]
+        ),
+        autoescape=True,
+        undefined=jinja2.ChainableUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["humanise"] = presentation.humanise
+    env.filters["field_label"] = presentation.field_label
+    env.globals.update(
+        service_name=SERVICE_NAME,
+        team_label=_team_label,
+        referrer_label=_referrer_label,
+        when=presentation.when,
+        state_tag=lambda s: presentation.STATE_TAG_CLASSES.get(ReferralState(s), ""),
+        priority_tag=lambda p: presentation.PRIORITY_TAG_CLASSES.get(p, "govuk-tag--grey"),
+        tab_labels=TAB_LABELS,
+        reason_label=reason_label,
+    )
+    return env
+
+
+async def home(request: Request) -> Response:
+    return RedirectResponse("/inbox", status_code=303)
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: InboxStore,
+    record_format: RecordFormat,
+    outbound: Outbound,
+    teams: Sequence[str],
+    assets_dir: Path | None = None,
+    secure_cookies: bool = True,
+    clock: Callable[[], datetime] | None = None,
+    background: Sequence[Any] = (),
+) -> Starlette:
+    """The inbox app for ``teams``. ``background`` objects with ``start()`` and ``stop()`` (the
+    ingest workers) run for the app's lifetime."""
+    inbox_state = InboxApp(
+        settings=settings,
+        store=store,
+        record_format=record_format,
+        outbound=outbound,
+        teams=tuple(teams),
+        codec=SessionCodec(store.secret_key(), settings.inbox_session_max_age_s),
+        secure_cookies=secure_cookies,
+        clock=clock or (lambda: datetime.now(UTC)),
+        templates=_environment(),
+        background=tuple(background),
+    )
+    decline_show, decline_submit = reason_endpoints("decline")
+    info_show, info_submit = reason_endpoints("request-information")
+    rid = "/referrals/{referral_id}"
+    routes: list[Route | Mount] = [
+        Route("/", home),
+        Route("/healthz", health),
+        Route("/sign-in", sign_in_form, methods=["GET"]),
+        Route("/sign-in", sign_in, methods=["POST"]),
+        Route("/sign-out", sign_out, methods=["POST"]),
+        Route("/inbox", inbox, methods=["GET"]),
+        Route(rid, referral_page, methods=["GET"]),
+        Route(rid + "/accept", accept, methods=["POST"]),
+        Route(rid + "/close", close, methods=["POST"]),
+        Route(rid + "/allocate", allocate, methods=["POST"]),
+        Route(rid + "/decline", decline_show, methods=["GET"]),
+        Route(rid + "/decline", decline_submit, methods=["POST"]),
+        Route(rid + "/request-information", info_show, methods=["GET"]),
+        Route(rid + "/request-information", info_submit, methods=["POST"]),
+    ]
+    if assets_dir is not None:
+        routes.append(Mount("/assets", StaticFiles(directory=assets_dir), name="assets"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        for worker in inbox_state.background:
+            worker.start()
+        try:
+            yield
+        finally:
+            for worker in inbox_state.background:
+                worker.stop()
+
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.inbox = inbox_state
+    return app

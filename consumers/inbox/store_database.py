@@ -1,0 +1,156 @@
+"""The inbox database itself: one SQLite file (stdlib, WAL) at ``settings.inbox_db_path``.
+
+It exists so the referral tables (:mod:`store_referrals`) and the account tables
+(:mod:`store_users`) share one connection, one lock, one write transaction and one versioned
+schema without either knowing about the other's rows.
+
+Tables:
+    records     every routed record exactly as consumed, one row per (team, referral id, version):
+                the raw sealed key, headers and value. Its primary key is what makes ingest
+                idempotent: a re-delivered version is recognised and changes nothing.
+    referrals   one row per (team, referral id): the clear operational summary the list shows,
+                the current version, the state and the allocated worker.
+    events      every decided transition (who, when, what, the state before and after, the
+                reason code from a closed list); the rows with ``notify`` are the outbox: they
+                hold the status message already sealed and signed (a decline's reason in words
+                exists only inside it), marked ``published_at`` once Kafka has it.
+    users       local accounts: argon2 hashes only, a team, a disabled flag.
+    sessions    signed-in sessions (the cookie holds a signed id), so signing out ends them.
+    meta        the app's cookie-signing secret, created on first use.
+
+The schema is declared once here, for all tables, because ``SCHEMA_VERSION`` versions the file
+as a whole.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self
+
+from referral_broker.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    team TEXT NOT NULL, referral_id TEXT NOT NULL, version INTEGER NOT NULL,
+    received_at TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
+    key BLOB, headers TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (team, referral_id, version)
+);
+CREATE TABLE IF NOT EXISTS referrals (
+    team TEXT NOT NULL, referral_id TEXT NOT NULL, version INTEGER NOT NULL,
+    received_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    referrer TEXT NOT NULL, referrer_organisation TEXT, concern_types TEXT NOT NULL,
+    priority TEXT NOT NULL, district TEXT,
+    withheld TEXT NOT NULL, no_onward TEXT NOT NULL, state TEXT NOT NULL, allocated_to TEXT,
+    PRIMARY KEY (team, referral_id)
+);
+CREATE INDEX IF NOT EXISTS referrals_by_state ON referrals (team, state, received_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    team TEXT NOT NULL, referral_id TEXT NOT NULL, version INTEGER NOT NULL, at TEXT NOT NULL,
+    actor TEXT NOT NULL, action TEXT NOT NULL, state_before TEXT NOT NULL, state_after TEXT NOT NULL,
+    reason_code TEXT, allocated_to TEXT, notify INTEGER NOT NULL,
+    status_key BLOB, status_headers TEXT, status_value BLOB, published_at TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_referral ON events (team, referral_id, id);
+CREATE INDEX IF NOT EXISTS events_outbox ON events (notify, published_at);
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY, team TEXT NOT NULL, role TEXT NOT NULL, password_hash TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users (username),
+    csrf_token TEXT NOT NULL, created_at TEXT NOT NULL
+);
+"""
+
+
+def utc(at: datetime) -> str:
+    """Stored times: UTC ISO 8601 with microseconds, so text order is time order."""
+    if at.tzinfo is None:
+        raise ValueError("store times must be timezone-aware")
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+class StoreDatabase:
+    """One SQLite connection, serialised by a lock; open one store per process or thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the inbox database {self.path}: {type(exc).__name__}") from exc
+        self._lock = threading.RLock()
+        self._check_schema_version()
+        with suppress(OSError):
+            self.path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before reading so decisions see the latest state."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _check_schema_version(self) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the inbox database {self.path} has schema version {row['value']}, newer than "
+                    f"this program's {SCHEMA_VERSION}; upgrade referral-broker"
+                )
+
+    # --- meta -------------------------------------------------------------------------------
+
+    def secret_key(self) -> str:
+        """The cookie-signing secret: random, made once, kept in the database (mode 0600)."""
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'session_secret'").fetchone()
+            if row is not None:
+                return str(row["value"])
+            secret = secrets.token_urlsafe(48)
+            db.execute("INSERT INTO meta VALUES ('session_secret', ?)", (secret,))
+            return secret

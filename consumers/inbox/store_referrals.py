@@ -1,0 +1,401 @@
+"""The referral side of the inbox store: routed records, the referral list, and the events
+(every decided transition, and the outbox of sealed status messages).
+
+Apart from the users and sessions (:mod:`store_users`) because this is the half that ingest,
+the referral pages and the outbound publisher work on. It never holds an opened (decrypted)
+value: the sealed record is opened in memory by the web view. Every state change goes through
+:func:`consumers.inbox.states.transition` inside one ``BEGIN IMMEDIATE`` transaction, so two
+members acting at once cannot both win.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from referral_broker.consumers.inbox.records import (
+    OutboundRecord,
+    ReferralSummary,
+    SealedRecord,
+    WithheldField,
+    headers_from_json,
+    headers_to_json,
+)
+from referral_broker.consumers.inbox.states import Action, ReferralState, Transition, transition
+from referral_broker.consumers.inbox.store_database import StoreDatabase, parse_time, utc
+from referral_broker.errors import UnknownReferralError, UnknownUserError
+
+# Priorities sort most urgent first; unknown values after the known ones, alphabetically.
+PRIORITY_ORDER = ("immediate", "urgent", "high", "medium", "normal", "routine", "low")
+
+# (the decided transition, the referral as it was) -> the sealed status message for it.
+StatusEncoder = Callable[["Transition", "ReferralRow"], OutboundRecord]
+
+
+@dataclass(frozen=True)
+class ReferralRow:
+    team: str
+    referral_id: str
+    version: int
+    received_at: datetime
+    updated_at: datetime
+    referrer: str
+    referrer_organisation: str | None
+    concern_types: tuple[str, ...]
+    priority: str
+    district: str | None
+    withheld: tuple[WithheldField, ...]
+    no_onward: tuple[str, ...]
+    state: ReferralState
+    allocated_to: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    team: str
+    referral_id: str
+    version: int
+    at: datetime
+    actor: str
+    action: Action
+    state_before: ReferralState
+    state_after: ReferralState
+    reason_code: str | None
+    allocated_to: str | None
+    notify: bool
+    status_record: OutboundRecord | None
+    published_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What storing one record did: ``new`` referral, ``updated`` (a newer version),
+    ``older`` (an older version arriving late: kept, not shown) or ``duplicate`` (re-delivery)."""
+
+    outcome: str
+    referral_id: str
+    version: int
+    transition: Transition | None = None
+
+
+class ReferralTables(StoreDatabase):
+    """The records, referrals and events tables (see :class:`consumers.inbox.store.InboxStore`)."""
+
+    def ingest(self, team: str, summary: ReferralSummary, record: SealedRecord) -> IngestResult:
+        """Store one routed record; a re-delivered (referral id, version) changes nothing."""
+        received = utc(datetime.fromtimestamp(record.timestamp_ms / 1000, UTC))
+        with self._write() as db:
+            cur = db.execute(
+                'INSERT INTO records (team, referral_id, version, received_at, topic, partition, "offset",'
+                " key, headers, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    team,
+                    summary.referral_id,
+                    summary.version,
+                    received,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    record.key,
+                    headers_to_json(record.headers),
+                    record.value,
+                ),
+            )
+            if cur.rowcount == 0:
+                return IngestResult("duplicate", summary.referral_id, summary.version)
+            current = db.execute(
+                "SELECT version, state FROM referrals WHERE team = ? AND referral_id = ?",
+                (team, summary.referral_id),
+            ).fetchone()
+            fields = (
+                summary.referrer,
+                summary.referrer_organisation,
+                json.dumps(list(summary.concern_types)),
+                summary.priority,
+                summary.district,
+                json.dumps([[w.path, w.reason] for w in summary.withheld]),
+                json.dumps(list(summary.no_onward)),
+            )
+            if current is None:
+                db.execute(
+                    "INSERT INTO referrals (team, referral_id, version, received_at, updated_at, referrer,"
+                    " referrer_organisation, concern_types, priority, district, withheld, no_onward, state,"
+                    " allocated_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (team, summary.referral_id, summary.version, received, received, *fields, "new"),
+                )
+                return IngestResult("new", summary.referral_id, summary.version)
+            if summary.version < current["version"]:
+                return IngestResult("older", summary.referral_id, summary.version)
+            decided = transition(
+                ReferralState(current["state"]), Action.RECEIVE_UPDATE, at=parse_time(received)
+            )
+            db.execute(
+                "UPDATE referrals SET version = ?, updated_at = ?, referrer = ?, referrer_organisation = ?,"
+                " concern_types = ?,"
+                " priority = ?, district = ?, withheld = ?, no_onward = ?, state = ?"
+                " WHERE team = ? AND referral_id = ?",
+                (summary.version, received, *fields, decided.after.value, team, summary.referral_id),
+            )
+            self._insert_event(db, team, summary.referral_id, summary.version, "referrer", decided)
+            return IngestResult("updated", summary.referral_id, summary.version, decided)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _referral(row: sqlite3.Row) -> ReferralRow:
+        return ReferralRow(
+            team=row["team"],
+            referral_id=row["referral_id"],
+            version=row["version"],
+            received_at=parse_time(row["received_at"]),
+            updated_at=parse_time(row["updated_at"]),
+            referrer=row["referrer"],
+            referrer_organisation=row["referrer_organisation"],
+            concern_types=tuple(json.loads(row["concern_types"])),
+            priority=row["priority"],
+            district=row["district"],
+            withheld=tuple(WithheldField(p, r) for p, r in json.loads(row["withheld"])),
+            no_onward=tuple(json.loads(row["no_onward"])),
+            state=ReferralState(row["state"]),
+            allocated_to=row["allocated_to"],
+        )
+
+    def list_referrals(
+        self,
+        team: str,
+        *,
+        states: Sequence[ReferralState] | None = None,
+        priority: str | None = None,
+        concern_type: str | None = None,
+        referrer: str | None = None,
+        allocated_to: str | None = None,
+        sort: str = "age",
+        newest_first: bool = False,
+    ) -> list[ReferralRow]:
+        """The team's referrals, filtered; ``sort`` is ``age``, ``priority`` or ``referrer``."""
+        where, params = ["team = ?"], [team]
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params += [ReferralState(s).value for s in states]
+        for column, value in (("priority", priority), ("referrer", referrer), ("allocated_to", allocated_to)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if concern_type:
+            where.append("EXISTS (SELECT 1 FROM json_each(concern_types) WHERE value = ?)")
+            params.append(concern_type)
+        rank = "CASE priority " + " ".join(f"WHEN '{p}' THEN {i}" for i, p in enumerate(PRIORITY_ORDER))
+        rank += f" ELSE {len(PRIORITY_ORDER)} END"
+        age = "received_at DESC" if newest_first else "received_at ASC"
+        order = {
+            "age": age,
+            "priority": f"{rank}, priority, received_at ASC",
+            "referrer": f"referrer, {age}",
+        }.get(sort)
+        if order is None:
+            raise ValueError(f"unknown sort '{sort}'")
+        sql = f"SELECT * FROM referrals WHERE {' AND '.join(where)} ORDER BY {order}, referral_id"
+        return [self._referral(r) for r in self._read(sql, params)]
+
+    def counts_by_state(self, team: str) -> dict[ReferralState, int]:
+        rows = self._read("SELECT state, count(*) AS n FROM referrals WHERE team = ? GROUP BY state", [team])
+        counts = dict.fromkeys(ReferralState, 0)
+        counts.update({ReferralState(r["state"]): r["n"] for r in rows})
+        return counts
+
+    def filter_choices(self, team: str) -> dict[str, list[str]]:
+        """The values present in a team's inbox, for the filter drop-downs."""
+        pick = lambda sql: [r[0] for r in self._read(sql, [team])]
+        return {
+            "priority": pick("SELECT DISTINCT priority FROM referrals WHERE team = ? ORDER BY 1"),
+            "referrer": pick("SELECT DISTINCT referrer FROM referrals WHERE team = ? ORDER BY 1"),
+            "concern_type": pick(
+                "SELECT DISTINCT j.value FROM referrals, json_each(referrals.concern_types) AS j"
+                " WHERE team = ? ORDER BY 1"
+            ),
+        }
+
+    def get_referral(self, team: str, referral_id: str) -> ReferralRow | None:
+        rows = self._read("SELECT * FROM referrals WHERE team = ? AND referral_id = ?", [team, referral_id])
+        return self._referral(rows[0]) if rows else None
+
+    def teams_holding(self, referral_id: str) -> list[str]:
+        """Which teams' inboxes hold this id (to audit a cross-team attempt, never to show it)."""
+        return [r[0] for r in self._read("SELECT team FROM referrals WHERE referral_id = ?", [referral_id])]
+
+    def record_of(self, team: str, referral_id: str, version: int | None = None) -> SealedRecord:
+        """The raw sealed record of the given (or current) version."""
+        if version is None:
+            row = self.get_referral(team, referral_id)
+            if row is None:
+                raise UnknownReferralError(f"no referral {referral_id} in the inbox of {team}")
+            version = row.version
+        rows = self._read(
+            'SELECT topic, partition, "offset", key, headers, value, received_at FROM records'
+            " WHERE team = ? AND referral_id = ? AND version = ?",
+            [team, referral_id, version],
+        )
+        if not rows:
+            raise UnknownReferralError(f"no version {version} of referral {referral_id} in {team}")
+        r = rows[0]
+        return SealedRecord(
+            topic=r["topic"],
+            partition=r["partition"],
+            offset=r["offset"],
+            key=r["key"],
+            value=r["value"],
+            headers=headers_from_json(r["headers"]),
+            timestamp_ms=int(parse_time(r["received_at"]).timestamp() * 1000),
+        )
+
+    def record_count(self, team: str | None = None) -> int:
+        if team is None:
+            return int(self._read("SELECT count(*) FROM records")[0][0])
+        return int(self._read("SELECT count(*) FROM records WHERE team = ?", [team])[0][0])
+
+    # --- transitions ------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_event(
+        db: sqlite3.Connection,
+        team: str,
+        referral_id: str,
+        version: int,
+        actor: str,
+        decided: Transition,
+        reason_code: str | None = None,
+        allocated_to: str | None = None,
+        status: OutboundRecord | None = None,
+    ) -> int:
+        cur = db.execute(
+            "INSERT INTO events (team, referral_id, version, at, actor, action, state_before, state_after,"
+            " reason_code, allocated_to, notify, status_key, status_headers, status_value, published_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (
+                team,
+                referral_id,
+                version,
+                utc(decided.at),
+                actor,
+                decided.action.value,
+                decided.before.value,
+                decided.after.value,
+                reason_code,
+                allocated_to,
+                int(status is not None),
+                status.key if status else None,
+                headers_to_json(status.headers) if status else None,
+                status.value if status else None,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def apply(
+        self,
+        team: str,
+        referral_id: str,
+        action: Action,
+        *,
+        actor: str,
+        at: datetime,
+        encode_status: StatusEncoder,
+        reason_code: str | None = None,
+        allocated_to: str | None = None,
+    ) -> Transition:
+        """Decide and record ``action`` atomically, with its sealed status message in the outbox;
+        raise (storing nothing) when it is refused.
+
+        ``reason_code`` is a code from a closed list (free text travels only sealed, inside the
+        status message ``encode_status`` builds); ``allocated_to`` names an active member of the
+        same team for ``allocate``.
+        """
+        with self._write() as db:
+            row = db.execute(
+                "SELECT * FROM referrals WHERE team = ? AND referral_id = ?", (team, referral_id)
+            ).fetchone()
+            if row is None:
+                raise UnknownReferralError(f"no referral {referral_id} in the inbox of {team}")
+            referral = self._referral(row)
+            decided = transition(referral.state, action, at=at)
+            if decided.action is Action.ALLOCATE:
+                if not allocated_to:
+                    raise ValueError("allocate needs a worker")
+                member = db.execute(
+                    "SELECT 1 FROM users WHERE username = ? AND team = ? AND disabled = 0",
+                    (allocated_to, team),
+                ).fetchone()
+                if member is None:
+                    raise UnknownUserError(f"no active member '{allocated_to}' in {team}")
+                db.execute(
+                    "UPDATE referrals SET allocated_to = ? WHERE team = ? AND referral_id = ?",
+                    (allocated_to, team, referral_id),
+                )
+            db.execute(
+                "UPDATE referrals SET state = ? WHERE team = ? AND referral_id = ?",
+                (decided.after.value, team, referral_id),
+            )
+            status = encode_status(decided, referral) if decided.notifies_referrer else None
+            self._insert_event(
+                db,
+                team,
+                referral_id,
+                referral.version,
+                actor,
+                decided,
+                reason_code,
+                allocated_to if decided.action is Action.ALLOCATE else None,
+                status,
+            )
+            return decided
+
+    @staticmethod
+    def _event(r: sqlite3.Row) -> EventRow:
+        status = None
+        if r["status_value"] is not None:
+            status = OutboundRecord(
+                r["status_key"], r["status_value"], headers_from_json(r["status_headers"])
+            )
+        return EventRow(
+            id=r["id"],
+            team=r["team"],
+            referral_id=r["referral_id"],
+            version=r["version"],
+            at=parse_time(r["at"]),
+            actor=r["actor"],
+            action=Action(r["action"]),
+            state_before=ReferralState(r["state_before"]),
+            state_after=ReferralState(r["state_after"]),
+            reason_code=r["reason_code"],
+            allocated_to=r["allocated_to"],
+            notify=bool(r["notify"]),
+            status_record=status,
+            published_at=parse_time(r["published_at"]) if r["published_at"] else None,
+        )
+
+    def events(self, team: str, referral_id: str) -> list[EventRow]:
+        rows = self._read(
+            "SELECT * FROM events WHERE team = ? AND referral_id = ? ORDER BY id", [team, referral_id]
+        )
+        return [self._event(r) for r in rows]
+
+    def pending_status(self, team: str | None = None, limit: int = 500) -> list[EventRow]:
+        """The outbox: status messages Kafka has not confirmed yet, oldest first."""
+        sql = "SELECT * FROM events WHERE notify = 1 AND published_at IS NULL"
+        params: list[Any] = []
+        if team is not None:
+            sql += " AND team = ?"
+            params.append(team)
+        rows = self._read(sql + " ORDER BY id LIMIT ?", [*params, limit])
+        return [self._event(r) for r in rows]
+
+    def mark_published(self, event_ids: Sequence[int], at: datetime) -> None:
+        with self._write() as db:
+            db.executemany(
+                "UPDATE events SET published_at = ? WHERE id = ? AND published_at IS NULL",
+                [(utc(at), i) for i in event_ids],
+            )
