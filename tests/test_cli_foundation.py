@@ -10,6 +10,7 @@ import click
 import pytest
 
 from referral_broker.cli.main import COMMANDS, cli
+from referral_broker.errors import BrokerError, ConfigError
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -55,7 +56,7 @@ def test_unreachable_broker_is_clear(tmp_path) -> None:
         "REFERRAL_BROKER_DATA_DIR": str(tmp_path),
     }
     proc = run("topics", "list", env=env)
-    assert proc.returncode == 3
+    assert proc.returncode == BrokerError.exit_code == 3
     assert "cannot reach Kafka at 127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -83,7 +84,7 @@ def test_config_file_errors(tmp_path, bad: str) -> None:
     path = tmp_path / "rb.toml"
     path.write_text(bad)
     proc = run("--config", str(path), "kafka", "status")
-    assert proc.returncode == 2
+    assert proc.returncode == ConfigError.exit_code == 11  # not 2: that is click's usage error
     assert str(path) in proc.stderr
 
 

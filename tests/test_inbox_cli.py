@@ -19,6 +19,7 @@ from test_inbox_fixtures import TEAM, make_pipeline
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.frontend import GOVUK_FRONTEND_VERSION
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.errors import ConfigError, UnknownUserError, UserExistsError
 
 
 def env_for(settings: Settings) -> dict[str, str]:
@@ -78,17 +79,17 @@ def test_users_add_list_disable(settings: Settings) -> None:
         (
             ["users", "add", "x.y", "--team", "district-nowhere", "--password-stdin"],
             "long enough pw\n",
-            2,
+            ConfigError.exit_code,
             "unknown district team",
         ),
-        (["users", "add", "x.y", "--team", TEAM, "--password-stdin"], "short\n", 2, "at least 12 characters"),
+        (["users", "add", "x.y", "--team", TEAM, "--password-stdin"], "short\n", ConfigError.exit_code, "at least 12 characters"),
         (
             ["users", "add", "Bad Name!", "--team", TEAM, "--password-stdin"],
             "long enough pw\n",
-            2,
+            ConfigError.exit_code,
             "username must be",
         ),
-        (["users", "disable", "nobody"], None, 1, "no user 'nobody'"),
+        (["users", "disable", "nobody"], None, UnknownUserError.exit_code, "no user 'nobody'"),
     ],
 )
 def test_bad_input_is_one_clean_line(
@@ -104,7 +105,7 @@ def test_adding_a_user_twice_is_refused(settings: Settings) -> None:
     args = ["users", "add", "dup.user", "--team", TEAM, "--password-stdin"]
     assert run(settings, *args, stdin="a long password\n").returncode == 0
     again = run(settings, *args, stdin="a long password\n")
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == UserExistsError.exit_code and "already exists" in again.stderr
 
 
 def test_setup_is_idempotent(settings: Settings) -> None:

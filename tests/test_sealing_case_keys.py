@@ -137,7 +137,7 @@ def test_retention_commands(topics: Settings, kafka_bootstrap: str, world: World
     assert held.exit_code == 0, held.output
     assert json.loads(held.output)["reason"] == "audit query 7"
     refused = runner.invoke(cli, ["retention", "shred", "--case", "CASE-C"], env=env)
-    assert isinstance(refused.exception, LegalHoldError) and refused.exception.exit_code == 5
+    assert isinstance(refused.exception, LegalHoldError) and refused.exception.exit_code == 57
     assert runner.invoke(cli, ["retention", "release", "--case", "CASE-C"], env=env).exit_code == 0
     shred = runner.invoke(cli, ["retention", "shred", "--case", "CASE-C", "--json"], env=env)
     assert shred.exit_code == 0, shred.output

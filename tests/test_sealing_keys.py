@@ -215,7 +215,7 @@ def test_keys_error_is_one_line(tmp_path: Path, kafka_bootstrap: str) -> None:
         env=env,
         timeout=60,
     )
-    assert proc.returncode == 5, proc.stderr
+    assert proc.returncode == KeyNotFoundError.exit_code == 51, proc.stderr
     assert proc.stderr.strip().startswith("Error: no key store for health")
     assert len(proc.stderr.strip().splitlines()) == 1
 

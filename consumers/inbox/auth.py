@@ -23,8 +23,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from referral_broker.consumers.inbox.store import InboxStore, SessionRow, UserRow
-from referral_broker.errors import ConfigError, ReferralBrokerError
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_users import SessionRow, UserRow
+from referral_broker.errors import AuthError, ConfigError
 from referral_broker.parties import all_parties
 
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
@@ -34,12 +35,6 @@ _hasher = PasswordHasher()
 # Verifying against this when the user is unknown keeps the timing of "no such user" and
 # "wrong password" alike, so sign-in does not reveal which usernames exist.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
-
-
-class AuthError(ReferralBrokerError):
-    """Sign-in refused. The message is the same whatever the cause, on purpose."""
-
-    exit_code = 9
 
 
 def district_teams() -> list[str]:

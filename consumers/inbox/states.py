@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from referral_broker.errors import ReferralBrokerError
+from referral_broker.errors import InvalidTransitionError
 
 
 class ReferralState(StrEnum):
@@ -123,21 +123,6 @@ _STATUS_CODES = {
 NEEDS_REASON: frozenset[Action] = frozenset({A.DECLINE, A.REQUEST_INFORMATION})
 
 
-class InvalidTransitionError(ReferralBrokerError):
-    """An action that the referral's current state does not allow; nothing was changed."""
-
-    exit_code = 8
-
-    def __init__(self, state: ReferralState, action: Action) -> None:
-        allowed = ", ".join(a.value for a in allowed_actions(state)) or "none"
-        super().__init__(
-            f"cannot {action.value.replace('_', ' ')} a referral that is {state.label.lower()} "
-            f"(allowed: {allowed})"
-        )
-        self.state = state
-        self.action = action
-
-
 @dataclass(frozen=True)
 class Transition:
     """One decided change: what the referral was, what was done, what it is now, and when."""
@@ -167,7 +152,8 @@ def transition(state: ReferralState, action: Action, *, at: datetime) -> Transit
     try:
         after = _NEXT[(state, action)]
     except KeyError:
-        raise InvalidTransitionError(state, action) from None
+        allowed = [a.value for a in allowed_actions(state)]
+        raise InvalidTransitionError(state, action, state_label=state.label, allowed=allowed) from None
     return Transition(before=state, action=action, after=after, at=at)
 
 
