@@ -1,6 +1,9 @@
 """Entry point. Commands load lazily (``COMMANDS``) so ``kafka status`` does not import Avro
 and crypto; every expected failure becomes one line on stderr and the error's exit code here,
-in one place."""
+in one place. Exit codes: the error's own (the tree in ``referral_broker/errors.py``, the README's
+"Exit codes" table); 2 is click's usage error, 130 an interrupt, 1 a check that said no or an
+unexpected crash (left to Python, with its traceback, so a bug is not mistaken for an expected
+failure)."""
 
 from __future__ import annotations
 
