@@ -24,13 +24,13 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.outbound import Outbound, status_record
-from referral_broker.consumers.inbox.records import flatten
 from referral_broker.consumers.inbox.states import Action, ReferralState
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.receiving import Received
 from referral_broker.errors import SealingError, ShreddedError
 from referral_broker.policy import decide
 from referral_broker.policy.decide import DEFAULT_DENY
+from referral_broker.schemas.registry import flatten
 from referral_broker.schemas.views import project, view_schema
 
 

@@ -13,6 +13,7 @@ from functools import cache
 from typing import Any
 
 from referral_broker.consumers.inbox.states import ReferralState
+from referral_broker.schemas.registry import flatten
 
 # Words that read better in capitals or a set form when a code becomes a label.
 _WORDS = {
@@ -145,7 +146,7 @@ def sections(granted: Mapping[str, Any]) -> list[Section]:
     for name, value in granted.items():
         if isinstance(value, Mapping):
             rows = grouped.setdefault(name, [])
-            for path, leaf in flatten_paths(value, f"{name}."):
+            for path, leaf in flatten(value, f"{name}.").items():
                 rows.append((field_label(path.removeprefix(f"{name}.")), display_value(leaf, path)))
         elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
             grouped.setdefault(name, []).append(
@@ -155,14 +156,4 @@ def sections(granted: Mapping[str, Any]) -> list[Section]:
             about.append((field_label(name), display_value(value, name)))
     out = [Section("About the referral", tuple(about))] if about else []
     out += [Section(humanise(name), tuple(rows)) for name, rows in grouped.items() if rows]
-    return out
-
-
-def flatten_paths(value: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for name, item in value.items():
-        if isinstance(item, Mapping):
-            out += flatten_paths(item, f"{prefix}{name}.")
-        else:
-            out.append((f"{prefix}{name}", item))
     return out

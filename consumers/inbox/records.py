@@ -120,16 +120,3 @@ class RecordFormat(Protocol):
         """A plain (unsealed, value-free by construction) event signed as ``team``, or as this
         inbox's first team when the event has none (a refused sign-in by no known member)."""
         ...
-
-
-def flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested records as dotted field paths (the project's path convention); arrays of records
-    stay whole so a household shows member by member."""
-    out: dict[str, Any] = {}
-    for name, item in value.items():
-        path = f"{prefix}{name}"
-        if isinstance(item, Mapping):
-            out.update(flatten(item, f"{path}."))
-        else:
-            out[path] = item
-    return out
