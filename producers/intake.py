@@ -1,23 +1,26 @@
-"""What leaves a partner: validated canonical referrals (and status messages), sealed for the
-council's hub alone, signed by the partner and produced to the partner's own topics.
+"""Direct sending, without the outbox: canonical referrals (and status messages), sealed for the
+council's hub alone, signed by the party and produced to its own topics, confirmed before return.
 
-Nothing is sent from a set that has an invalid record unless the caller asked to skip invalid
-ones (the adapters decide that); every send is confirmed durable before this returns.
+Partners send through :class:`~referral_broker.producers.sending.PartnerSender`, which keeps
+each sealed message in a durable outbox first; this sender is for in-process producers (the
+router benchmark, test fixtures) that hold their records in memory and can simply send again.
+
+Each referral is validated exactly once: a :class:`~referral_broker.producers.checked.CheckedReferral`
+was validated by the reader that made it, anything else is validated here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from referral_broker.cluster.clients import build_producer
-from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.identity import Identity, load_identity
-from referral_broker.parties import HUB, all_parties
-from referral_broker.schemas.registry import referral_schema, status_schema
-from referral_broker.schemas.validation import ensure_valid
+
+from .checked import CheckedReferral, check_referrals
+from .hub_seal import HubSealer
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,15 @@ class Sent:
     referral_id: str
     version: int
     topic: str
+
+
+def as_checked(records: Iterable[dict[str, Any] | CheckedReferral]) -> Iterator[CheckedReferral]:
+    """Checked referrals pass through; anything else is validated here (once)."""
+    for record in records:
+        if isinstance(record, CheckedReferral):
+            yield record
+        else:
+            yield from check_referrals([record])
 
 
 class IntakeSender:
@@ -36,20 +48,22 @@ class IntakeSender:
         self.settings = settings
         self.party = party
         self.identity = identity or load_identity(settings, bootstrap, party)
+        self.sealer = HubSealer(self.identity.sealer, settings, party)
+        self.canonical = self.sealer.referral_schema
         self.producer = build_producer(settings, bootstrap)
-        self.canonical = referral_schema()
-        self.status = status_schema()
 
     def send_referrals(
-        self, records: Iterable[dict[str, Any]], *, progress: Callable[[int], None] = lambda n: None
+        self,
+        records: Iterable[dict[str, Any] | CheckedReferral],
+        *,
+        progress: Callable[[int], None] = lambda n: None,
     ) -> list[Sent]:
-        """Validate, seal for the hub, sign and send each referral; confirm all before returning."""
-        topic = topic_name(self.settings, "intake", self.party)
+        """Seal for the hub, sign and send each referral; confirm all before returning."""
         sent: list[Sent] = []
-        for record in records:
-            ensure_valid(record, self.canonical)
-            self._seal_for_hub(record, self.canonical, topic, "referral").send(self.producer)
-            sent.append(Sent(str(record["referral_id"]), record["version"], topic))
+        for checked in as_checked(records):
+            message = self.sealer.referral(checked.record)
+            message.send(self.producer)
+            sent.append(Sent(checked.referral_id, checked.version, message.topic))
             if len(sent) % 500 == 0:
                 self.producer.flush()
                 progress(500)
@@ -59,24 +73,11 @@ class IntakeSender:
 
     def send_status(self, status: dict[str, Any]) -> Sent:
         """A status (accepted, declined with reason, more information needed...) for the referrer,
-        carried back through the router."""
-        ensure_valid(status, self.status, context="status", known_parties=all_parties())
-        topic = topic_name(self.settings, "status", self.party)
-        self._seal_for_hub(status, self.status, topic, "status").send(self.producer)
+        carried back through the router (validated and sealed by the one status sealer)."""
+        message = self.sealer.status(status)
+        message.send(self.producer)
         self.producer.flush()
-        return Sent(str(status["referral_id"]), status["version"], topic)
-
-    def _seal_for_hub(self, record: dict[str, Any], schema: dict[str, Any], topic: str, kind: str) -> Any:
-        """Only the council's hub can open what a partner sends; the router re-seals per recipient."""
-        return self.identity.sealer.seal(
-            record,
-            schema,
-            topic=topic,
-            recipient=HUB,
-            referral_id=str(record["referral_id"]),
-            referral_version=record["version"],
-            kind=kind,
-        )
+        return Sent(str(status["referral_id"]), int(status["version"]), message.topic)
 
     def close(self) -> None:
         self.producer.close()

@@ -16,6 +16,7 @@ from referral_broker.cluster.clients import build_consumer, drain
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.router import Router
+from referral_broker.errors import PartnerInputError
 from referral_broker.parties import all_parties
 from referral_broker.sealing.key_admin import init_parties
 
@@ -54,8 +55,8 @@ def count_on(settings: Settings, bootstrap: str, topic: str) -> int:
 def test_native_in_native_out(cli, topics: Settings, kafka_bootstrap: str, tmp_path: Path) -> None:
     sent = cli("send", "--as", "police", "--file", str(example_file("police")), "--json")
     assert sent.returncode == 0, sent.stderr
-    ids = json.loads(sent.stdout)["sent"]
-    assert ids
+    ids = json.loads(sent.stdout)["delivered"]
+    assert len(ids) == len(json.loads(example_file("police").read_text()))
     Router(topics, kafka_bootstrap).run(stop_when_idle=3)
     outputs = {}
     for party in (
@@ -71,13 +72,16 @@ def test_native_in_native_out(cli, topics: Settings, kafka_bootstrap: str, tmp_p
         outputs[party] = json.loads(got.stdout)
     teams = [r for p, o in outputs.items() if p.startswith("district-") for r in o["received"]]
     assert sorted(r["referral_id"] for r in teams) == sorted(ids)
-    for o in outputs.values():
+    for party, o in outputs.items():
+        # one file for a party that received anything (only referrals travel here), none otherwise
+        assert len(o["written"]) == (1 if o["received"] else 0), party
         for path in o["written"]:
             assert Path(path).stat().st_size > 0
-    # Operation Encompass: the school hears of the child, not of the household or the detail
+    # Operation Encompass: the school hears of every child, not of the household or the detail
+    assert len(outputs["schools"]["received"]) == len(ids)
+    assert outputs["schools"]["written"][0].endswith(".csv")
     for item in outputs["schools"]["received"]:
         assert "household.given_name" in item["withheld"] and "concerns.detail" in item["withheld"]
-        assert outputs["schools"]["written"][0].endswith(".csv")
 
 
 def test_bad_file_sends_nothing_unless_skip_invalid(
@@ -91,14 +95,14 @@ def test_bad_file_sends_nothing_unless_skip_invalid(
     bad = tmp_path / "schools.csv"
     bad.write_text("\n".join([lines[0], *lines[1:], ",".join(row)]) + "\n")
     refused = cli("send", "--as", "schools", "--file", str(bad))
-    assert refused.returncode != 0
+    assert refused.returncode == PartnerInputError.exit_code, refused.stderr
     assert str(bad.name) in refused.stderr and "UPN" in refused.stderr and "identifiers.upn" in refused.stderr
     assert "A801200005001" not in refused.stderr and "Traceback" not in refused.stderr
     assert count_on(topics, kafka_bootstrap, topic_name(topics, "intake", "schools")) == 0
     skipped = cli("send", "--as", "schools", "--file", str(bad), "--skip-invalid", "--json")
     assert skipped.returncode == 0, skipped.stderr
     data = json.loads(skipped.stdout)
-    assert len(data["sent"]) == len(lines) - 1 and len(data["rejected"]) == 1
+    assert len(data["delivered"]) == len(lines) - 1 and len(data["rejected"]) == 1
     assert count_on(topics, kafka_bootstrap, topic_name(topics, "intake", "schools")) == len(lines) - 1
 
 
@@ -107,8 +111,8 @@ def test_canonical_lines_from_synth(cli, topics: Settings, kafka_bootstrap: str,
     assert cli("synth", "--count", "5", "--seed", "3", "--out", str(out)).returncode == 0
     sent = cli("send", "--as", "charities", "--file", str(out), "--format", "canonical", "--json")
     assert sent.returncode == 0, sent.stderr
-    assert len(json.loads(sent.stdout)["sent"]) == 5
+    assert len(json.loads(sent.stdout)["delivered"]) == 5
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text(out.read_text() + "{not json\n")
     refused = cli("send", "--as", "charities", "--file", str(garbage), "--format", "canonical")
-    assert refused.returncode != 0 and "record 6: not valid JSON" in refused.stderr
+    assert refused.returncode == PartnerInputError.exit_code and "record 6: not valid JSON" in refused.stderr

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "route": "referral_broker.cli.route_cmd:route",
     "dlq": "referral_broker.cli.dlq_cmd:dlq",
     "send": "referral_broker.cli.send_cmd:send",
+    "outbox": "referral_broker.cli.outbox_cmd:outbox",
     "demo": "referral_broker.cli.demo_cmd:demo",
     "receive": "referral_broker.cli.send_cmd:receive",
     "schemas": "referral_broker.cli.schemas_cmd:schemas",

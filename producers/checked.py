@@ -1,0 +1,168 @@
+"""Reading what a partner sends and validating it, once, before anything touches Kafka.
+
+A :class:`CheckedReferral` can only be made here, by a reader that validated the record (or, for
+a native file, by the adapter's :class:`~referral_broker.adapters.FileStream`, whose first pass
+validated every record of the file before its second pass yields any). The senders seal a
+``CheckedReferral`` without validating it again and validate anything else: so each record is
+validated exactly once per process, and no path skips it.
+
+Nothing in this module opens a network connection: ``check_file`` reads and validates a whole
+file, and only its result is handed to a sender.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from referral_broker.errors import PartnerInputError, ValidationError
+from referral_broker.parties import all_parties, get_party
+
+# Only the readers in this module hold this; CheckedReferral refuses to be made without it.
+_READER = object()
+
+
+@dataclass(frozen=True)
+class CheckedReferral:
+    """A canonical referral that passed validation in this process. ``record`` is plaintext."""
+
+    record: dict[str, Any] = field(repr=False)
+    referral_id: str
+    version: int
+    issuer: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.issuer is not _READER:
+            raise TypeError("a CheckedReferral is made only by the validating readers in producers.checked")
+
+
+def _checked(record: dict[str, Any]) -> CheckedReferral:
+    return CheckedReferral(record, str(record["referral_id"]), int(record["version"]), _READER)
+
+
+def check_referrals(records: Iterable[dict[str, Any]]) -> Iterator[CheckedReferral]:
+    """Validate each canonical referral (ValidationError on the first invalid one)."""
+    from referral_broker.schemas.registry import referral_schema
+    from referral_broker.schemas.validation import ensure_valid
+
+    schema = referral_schema()
+    parties = all_parties()
+    for record in records:
+        ensure_valid(record, schema, known_parties=parties)
+        yield _checked(record)
+
+
+@dataclass
+class CheckedFile:
+    """A whole file, validated: iterate it for the good records (``total`` of them).
+
+    ``rejected`` lists each record left out with ``skip_invalid`` ("file: record N: path:
+    reason", never a value)."""
+
+    source: str
+    total: int
+    rejected: list[str]
+    _records: Callable[[], Iterator[CheckedReferral]] = field(repr=False)
+
+    def __iter__(self) -> Iterator[CheckedReferral]:
+        return self._records()
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def check_file(
+    party: str,
+    path: str | Path,
+    *,
+    fmt: str = "native",
+    skip_invalid: bool = False,
+    on_checked: Callable[[int], None] | None = None,
+) -> CheckedFile:
+    """Read and validate every record of a partner's file. Raises PartnerInputError (nothing to
+    send) when any record is invalid, unless ``skip_invalid``. Touches no network."""
+    path = Path(path)
+    party = get_party(party).name
+    if fmt == "canonical":
+        return _canonical(path, skip_invalid, on_checked)
+    if fmt == "native":
+        return _native(party, path, skip_invalid, on_checked)
+    raise PartnerInputError(f"unknown format '{fmt}' (native or canonical)")
+
+
+def read_canonical_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line number, record or None, problem) for each JSON line ``synth`` writes."""
+    from referral_broker.schemas.json_form import from_json_form
+    from referral_broker.schemas.registry import referral_schema
+
+    schema = referral_schema()
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise PartnerInputError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, from_json_form(json.loads(line), schema), None
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"not valid JSON (column {exc.colno})"
+                except (ValueError, TypeError, KeyError) as exc:
+                    yield number, None, f"not a canonical referral ({type(exc).__name__})"
+        except UnicodeDecodeError:
+            raise PartnerInputError(f"{path}: not UTF-8 text") from None
+
+
+def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], None] | None) -> CheckedFile:
+    from referral_broker.schemas.registry import referral_schema
+    from referral_broker.schemas.validation import validate
+
+    schema = referral_schema()
+    parties = all_parties()
+    good: list[CheckedReferral] = []
+    problems: list[str] = []
+    for number, record, problem in read_canonical_lines(path):
+        found = (
+            [problem]
+            if problem or record is None
+            else [
+                f"{p.path}: {p.reason}"
+                for p in validate(record, schema, record_number=number, known_parties=parties)
+            ]
+        )
+        if found:
+            problems.extend(f"{path}: record {number}: {p}" for p in found)
+        else:
+            assert record is not None
+            good.append(_checked(record))
+        if on_checked is not None:
+            on_checked(number)
+    if problems and not skip_invalid:
+        raise PartnerInputError(f"{len(problems)} problem(s), nothing sent: " + "; ".join(problems[:5]))
+    return CheckedFile(str(path), len(good), problems, lambda: iter(good))
+
+
+def _native(
+    party: str, path: Path, skip_invalid: bool, on_checked: Callable[[int], None] | None
+) -> CheckedFile:
+    from referral_broker import adapters
+
+    if get_party(party).kind != "partner":
+        raise PartnerInputError(f"{party} has no native format; use --format canonical")
+    try:
+        # The first pass validates every record; iterating converts again without validating.
+        stream = adapters.iter_file(party, path, skip_invalid=skip_invalid, on_checked=on_checked)
+    except ValidationError as exc:
+        raise PartnerInputError(f"{exc}; nothing sent") from None
+
+    def records() -> Iterator[CheckedReferral]:
+        for parsed in stream:
+            assert parsed.record is not None
+            yield _checked(parsed.record)
+
+    return CheckedFile(str(path), stream.total, [str(r) for r in stream.rejected], records)

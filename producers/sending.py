@@ -1,0 +1,246 @@
+"""What a partner system calls to send: a whole file of referrals, or one status message.
+
+    sender = PartnerSender(settings, bootstrap, "schools")
+    report = sender.send_file("export.csv")     # validate all, seal, keep in the outbox, deliver
+    report.delivered, report.queued, report.already_sent, report.rejected
+    flush_outbox(settings, bootstrap, "schools")  # deliver what an earlier send left queued
+
+The file is read and validated whole (:func:`~referral_broker.producers.checked.check_file`)
+before anything touches Kafka. Each good record is sealed for the hub, signed, and written to
+the party's outbox (:mod:`~referral_broker.producers.outbox`) before it is produced; the outbox
+marks it delivered when Kafka acknowledges it. A referral (id, version) already in the outbox
+is not sent again: sending the same file twice sends it once. When the cluster cannot be
+reached, or fails mid-file, the rest stays queued and ``report.queued`` says which; nothing is
+lost and ``referral-broker outbox flush`` (or the next ``send``) delivers it once.
+
+Sealing needs the key directory: it is read from the ``keys`` topic, or, when the cluster cannot
+be reached, from the local copy (``<data>/keys/directory.json``), so a file can still be sealed
+and queued during an outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, DeliveryPendingError
+from referral_broker.identity import Identity, load_directory, load_identity
+from referral_broker.parties import get_party
+from referral_broker.sealing import KeyDirectory
+from referral_broker.structured_log import get_logger
+
+from .checked import CheckedFile, CheckedReferral, check_file, read_canonical_lines
+from .delivery import BATCH, Delivery
+from .hub_seal import REFERRAL_KIND, STATUS_KIND, HubSealer
+from .intake import Sent, as_checked
+from .outbox import DELIVERED, Entry, Outbox, referral_message_id, status_message_id
+
+log = get_logger(__name__)
+
+__all__ = [
+    "FlushReport",
+    "PartnerSender",
+    "SendReport",
+    "flush_outbox",
+    "read_canonical_lines",
+]
+
+
+@dataclass
+class SendReport:
+    """What became of each good record of a file (ids only), and the rejected ones."""
+
+    delivered: list[Sent] = field(default_factory=list)  # acknowledged by Kafka in this run
+    queued: list[Sent] = field(default_factory=list)  # in the outbox, not yet acknowledged
+    already_sent: list[Sent] = field(default_factory=list)  # delivered by an earlier run
+    rejected: list[str] = field(default_factory=list)  # "file: record N: path: reason", no values
+    earlier: int = 0  # messages queued by earlier runs that this run delivered as well
+    error: str | None = None  # why delivery stopped, when it did (no values)
+
+    @property
+    def sent(self) -> list[Sent]:
+        """Delivered in this run (the name the API had before the outbox)."""
+        return self.delivered
+
+    def raise_if_pending(self, party: str) -> None:
+        if self.queued:
+            raise DeliveryPendingError(pending_message(len(self.delivered), len(self.queued), party, self.error))
+
+
+def pending_message(delivered: int, queued: int, party: str, error: str | None) -> str:
+    why = f" ({error})" if error else ""
+    return (
+        f"{delivered} delivered, {queued} queued in the outbox{why}; "
+        f"'referral-broker outbox flush --as {party}' delivers them"
+    )
+
+
+@dataclass
+class FlushReport:
+    delivered: list[tuple[str, str, int]]  # (kind, referral id, version)
+    found: int  # in doubt after a crash and found already on the topic
+    queued: list[tuple[str, str, int]]
+    error: str | None = None
+
+
+def _batches(items: Iterable[CheckedReferral], size: int) -> Iterator[list[CheckedReferral]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+class PartnerSender:
+    """Sends as one party through its outbox. Nothing connects until a send."""
+
+    def __init__(
+        self, settings: Settings, bootstrap: str, party: str, *, identity: Identity | None = None
+    ) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.party = get_party(party).name
+        self._identity = identity
+
+    def send_file(
+        self,
+        path: str | Path,
+        *,
+        fmt: str = "native",
+        skip_invalid: bool = False,
+        progress: Callable[[int], None] = lambda n: None,
+        on_total: Callable[[int], None] = lambda n: None,
+        on_checked: Callable[[int], None] | None = None,
+    ) -> SendReport:
+        """Validate every record of the file first (PartnerInputError, nothing sent, if any is
+        invalid, unless ``skip_invalid``), then seal, keep and deliver the good ones."""
+        checked = check_file(self.party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=on_checked)
+        on_total(checked.total)
+        return self.send_checked(checked, progress=progress)
+
+    def send_checked(
+        self,
+        records: CheckedFile | Iterable[CheckedReferral | dict[str, Any]],
+        *,
+        progress: Callable[[int], None] = lambda n: None,
+    ) -> SendReport:
+        """Seal each referral for the hub, keep it in the outbox, deliver; see :class:`SendReport`."""
+        report = SendReport(rejected=list(records.rejected) if isinstance(records, CheckedFile) else [])
+        with Outbox.open(self.settings, self.party) as outbox:
+            identity, reachable = self._load_identity()
+            sealer = HubSealer(identity.sealer, self.settings, self.party)
+            topic = sealer.intake_topic
+            with Delivery(outbox, self.settings, self.bootstrap, reachable=reachable) as delivery:
+                delivery.run(progress)  # settle what a killed run left in doubt; earlier queue
+                order: list[tuple[str, Sent]] = []
+                seen: set[str] = set()
+                before: dict[str, str] = {}
+                for batch in _batches(as_checked(records), BATCH):
+                    ids = [referral_message_id(c.referral_id, c.version) for c in batch]
+                    before.update(outbox.states(topic, ids))
+                    entries = []
+                    for checked, mid in zip(batch, ids, strict=True):
+                        sent = Sent(checked.referral_id, checked.version, topic)
+                        if mid in seen:  # the same referral version twice in one file: once
+                            report.already_sent.append(sent)
+                            continue
+                        seen.add(mid)
+                        order.append((mid, sent))
+                        if mid not in before:
+                            entries.append(
+                                Entry(
+                                    sealer.referral(checked.record),
+                                    mid,
+                                    REFERRAL_KIND,
+                                    checked.referral_id,
+                                    checked.version,
+                                )
+                            )
+                    outbox.add(entries)
+                    delivery.run(progress)
+                now_delivered = {r.message_id for r in delivery.delivered if r.topic == topic}
+                final = outbox.states(topic, [mid for mid, _ in order])
+                report.error = delivery.error
+                report.earlier = sum(1 for r in delivery.delivered if r.topic != topic or r.message_id not in seen)
+        for mid, sent in order:
+            if mid in now_delivered:
+                report.delivered.append(sent)
+            elif final.get(mid) == DELIVERED:
+                report.already_sent.append(sent)
+            else:
+                report.queued.append(sent)
+        log.info(
+            "send finished",
+            party=self.party,
+            count=len(report.delivered),
+            queued=len(report.queued),
+            already_sent=len(report.already_sent),
+        )
+        return report
+
+    def send_status(self, status: dict[str, Any]) -> Sent:
+        """A status (accepted, declined with reason, more information needed...) for the referrer,
+        carried back through the router: validated and sealed by the one status sealer, kept in
+        the outbox, delivered. Raises DeliveryPendingError when it stays queued."""
+        with Outbox.open(self.settings, self.party) as outbox:
+            identity, reachable = self._load_identity()
+            sealer = HubSealer(identity.sealer, self.settings, self.party)
+            message = sealer.status(status)
+            mid = status_message_id(str(status["status_id"]))
+            sent = Sent(str(status["referral_id"]), int(status["version"]), message.topic)
+            outbox.add([Entry(message, mid, STATUS_KIND, sent.referral_id, sent.version)])
+            with Delivery(outbox, self.settings, self.bootstrap, reachable=reachable) as delivery:
+                delivery.run()
+                state = outbox.states(message.topic, [mid]).get(mid)
+        if state != DELIVERED:
+            raise DeliveryPendingError(pending_message(0, 1, self.party, delivery.error))
+        return sent
+
+    def _load_identity(self) -> tuple[Identity, bool]:
+        """The party's identity, and whether the cluster answered while loading it."""
+        if self._identity is not None:
+            return self._identity, True
+        try:
+            directory = load_directory(self.settings, self.bootstrap)
+            reachable = True
+        except BrokerError as exc:
+            local = self.settings.keys_dir / "directory.json"
+            if not local.exists():
+                raise
+            log.warning("key directory topic unreachable; sealing with the local copy", error=str(exc))
+            directory = KeyDirectory.load_file(local)
+            reachable = False
+        identity = load_identity(self.settings, self.bootstrap, self.party, directory=directory)
+        if reachable:
+            self._identity = identity
+        return identity, reachable
+
+
+def flush_outbox(
+    settings: Settings, bootstrap: str, party: str, *, progress: Callable[[int], None] = lambda n: None
+) -> FlushReport:
+    """Deliver everything ``party``'s outbox holds queued, once."""
+    with Outbox.open(settings, party) as outbox:
+        with Delivery(outbox, settings, bootstrap) as delivery:
+            delivery.run(progress)
+        return FlushReport(
+            [(r.kind, r.referral_id, r.version) for r in delivery.delivered],
+            delivery.found,
+            outbox.queued_referrals(),
+            delivery.error,
+        )
+
+
+def outbox_status(settings: Settings, party: str) -> dict[str, Any]:
+    """Counts by state and the queued messages (ids only); touches no network."""
+    with Outbox.open(settings, party) as outbox:
+        counts = outbox.summary()
+        queued = outbox.queued_referrals()
+    return {
+        "party": get_party(party).name,
+        "path": str(outbox.path),
+        "queued": [{"kind": k, "referral_id": rid, "version": v} for k, rid, v in queued],
+        "counts": counts,
+    }

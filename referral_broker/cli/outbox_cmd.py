@@ -1,0 +1,65 @@
+"""``referral-broker outbox status|flush``: what a party's outbox still holds, and delivering it."""
+
+from __future__ import annotations
+
+import click
+
+from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
+
+party_option = click.option("--as", "party", required=True, help="The sending party, e.g. schools.")
+
+
+@click.group()
+def outbox() -> None:
+    """A party's durable outbox: sealed messages kept until Kafka acknowledges them."""
+
+
+@outbox.command()
+@party_option
+@json_option
+@pass_cli
+def status(obj: CliContext, party: str, as_json: bool) -> None:
+    """Count queued and delivered messages and list the queued ones (no connection made)."""
+    from referral_broker.producers.sending import outbox_status
+
+    data = outbox_status(obj.settings, party)
+
+    def human(d: dict) -> None:
+        counts = d["counts"]
+        click.echo(f"{d['party']}: {counts['queued']} queued, {counts['delivered']} delivered ({d['path']})")
+        if d["queued"]:
+            rows = [[q["referral_id"], str(q["version"]), q["kind"]] for q in d["queued"]]
+            click.echo(table(rows, ["referral", "v", "kind"]))
+
+    emit(data, as_json, human)
+
+
+@outbox.command()
+@party_option
+@json_option
+@pass_cli
+def flush(obj: CliContext, party: str, as_json: bool) -> None:
+    """Deliver every queued message once. Exits with DeliveryPendingError's code when some
+    are still queued (the cluster could not be reached)."""
+    from referral_broker.producers.sending import flush_outbox, pending_message
+
+    report = flush_outbox(obj.settings, obj.bootstrap(), party)
+    data = {
+        "delivered": [rid for _, rid, _ in report.delivered],
+        "found_already_delivered": report.found,
+        "queued": [rid for _, rid, _ in report.queued],
+    }
+
+    def human(d: dict) -> None:
+        click.echo(f"{len(d['delivered'])} delivered, {len(d['queued'])} queued.")
+        if d["found_already_delivered"]:
+            click.echo(
+                f"{d['found_already_delivered']} sent by an interrupted run were already on the cluster.",
+                err=True,
+            )
+
+    emit(data, as_json, human)
+    if report.queued:
+        from referral_broker.errors import DeliveryPendingError
+
+        raise DeliveryPendingError(pending_message(len(report.delivered), len(report.queued), party, report.error))
