@@ -1,4 +1,5 @@
-"""``referral-broker send`` and ``receive``: a partner's two verbs, thin over PartnerClient."""
+"""``referral-broker send`` and ``receive``: a partner's two verbs, thin over
+``producers.sending.PartnerSender`` and the receiver."""
 
 from __future__ import annotations
 
@@ -25,36 +26,49 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli,
 @json_option
 @pass_cli
 def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, as_json: bool) -> None:
-    """Validate every record of FILE, seal each for the council's hub, sign and send it.
+    """Validate every record of FILE, seal each for the council's hub, sign it, keep it in the
+    party's outbox and send it.
 
-    Nothing is sent when any record is invalid, unless --skip-invalid. Prints the referral ids.
+    The whole file is checked before anything connects to Kafka: nothing is sent when any record
+    is invalid, unless --skip-invalid. A referral (id, version) already sent from this outbox is
+    not sent again. When the cluster cannot be reached, or fails mid-file, the rest stays in the
+    outbox: the command prints "N delivered, M queued" and exits with DeliveryPendingError's
+    code; 'referral-broker outbox flush' delivers them. Prints the delivered referral ids.
     """
     from tqdm import tqdm
 
-    from referral_broker.partner import PartnerClient
+    from referral_broker.producers.checked import check_file
+    from referral_broker.producers.sending import PartnerSender
 
-    client = PartnerClient(obj.settings, obj.bootstrap(), party)
     checking = tqdm(desc="checking", unit="rec", disable=as_json, leave=False)
-    sending = tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False)
-    with checking, sending:
-        report = client.send_file(
-            path,
-            fmt=fmt,
-            skip_invalid=skip_invalid,
-            progress=sending.update,
-            on_total=lambda n: setattr(sending, "total", n),
-            on_checked=lambda n: checking.update(n - checking.n),
+    with checking:
+        checked = check_file(
+            party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=lambda n: checking.update(n - checking.n)
         )
-    data = {"sent": [s.referral_id for s in report.sent], "rejected": report.rejected}
+    # Only now, with the file known good, is a broker started or a connection made.
+    sender = PartnerSender(obj.settings, obj.bootstrap(), party)
+    with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False, total=checked.total) as bar:
+        report = sender.send_checked(checked, progress=bar.update)
+    data = {
+        "delivered": [s.referral_id for s in report.delivered],
+        "queued": [s.referral_id for s in report.queued],
+        "already_sent": [s.referral_id for s in report.already_sent],
+        "rejected": report.rejected,
+    }
 
     def human(d: dict) -> None:
         for line in d["rejected"]:
             click.echo(f"rejected: {line}", err=True)
-        for rid in d["sent"]:
+        for rid in d["delivered"]:
             click.echo(rid)
-        click.echo(f"Sent {len(d['sent'])} referral(s) as {party}; {len(d['rejected'])} rejected.", err=True)
+        click.echo(
+            f"{len(d['delivered'])} delivered, {len(d['queued'])} queued as {party}; "
+            f"{len(d['already_sent'])} already sent, {len(d['rejected'])} rejected.",
+            err=True,
+        )
 
     emit(data, as_json, human)
+    report.raise_if_pending(party)
 
 
 @click.command()
