@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from referral_broker.errors import PolicyError
+from referral_broker.errors import ConfigError, PolicyError
 from referral_broker.policy import decide, default_policy_path, load_policy
 from referral_broker.policy.decide import DEFAULT_DENY
 from referral_broker.policy.review import diff, explain
@@ -239,7 +239,7 @@ def test_cli_explain_json_and_unknown_recipient() -> None:
     data = json.loads(ok.stdout)
     assert data["purposes"][0]["name"] == "safeguarding-and-crime-prevention"
     bad = run("policy", "explain", "--recipient", "the-press")
-    assert bad.returncode != 0 and "unknown party 'the-press'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == ConfigError.exit_code and "unknown party 'the-press'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_schemas_show_view_takes_fields_from_the_policy(policy) -> None:
