@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from referral_broker import adapters
 from referral_broker.cluster.topics import ensure_topics
 from referral_broker.config import Settings
-from referral_broker.consumers.receiving import Received, Refused
+from referral_broker.consumers.receiving import PartnerReceiver, Received, Refused, json_records
 from referral_broker.consumers.router import Router, RouterStats
 from referral_broker.parties import HUB, all_parties
-from referral_broker.partner import PartnerClient, json_records
 from referral_broker.policy import load_policy
+from referral_broker.producers.sending import PartnerSender
 from referral_broker.schemas.synth import synthetic_referral
 from referral_broker.sealing.key_admin import init_parties
 
@@ -120,17 +121,16 @@ def run_demo(
     say("Creating demo keys for every party (kept if they exist)")
     init_parties(settings, sorted(all_parties()), bootstrap=bootstrap, skip_existing=True)
 
-    from referral_broker import adapters
-
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     rng = random.Random()
     sent: dict[str, list[str]] = {}
     for partner in PARTNERS:
         records = [_scenario(partner, n, rng, now) for n in range(per_partner)]
         native = adapters.render_file(partner, json_records(records), outbox / partner).path
-        report = PartnerClient(settings, bootstrap, partner).send_file(native)
-        sent[partner] = [s.referral_id for s in report.sent]
-        say(f"  {partner:<10} sent {len(report.sent)} referrals from {native}")
+        report = PartnerSender(settings, bootstrap, partner).send_file(native)
+        report.raise_if_pending(partner)
+        sent[partner] = [s.referral_id for s in report.delivered]
+        say(f"  {partner:<10} sent {len(report.delivered)} referrals from {native}")
 
     say("Routing")
     stats = Router(settings, bootstrap).run(stop_when_idle=3)
@@ -140,7 +140,7 @@ def run_demo(
     to_answer: list[tuple[str, Received]] = []
     for party in policy.recipients():
         summary = summaries.setdefault(party, RecipientSummary(party))
-        client = PartnerClient(settings, bootstrap, party)
+        client = PartnerReceiver(settings, bootstrap, party)
         items = list(client.receive(stop_when_idle=1, group="demo"))
         mine = [i for i in items if isinstance(i, Received) and i.referral_id in ours]
         summary.refused = sum(isinstance(i, Refused) for i in items)
@@ -154,7 +154,7 @@ def run_demo(
     say("Recipients answer: status messages back to the referrers")
     for n, (party, item) in enumerate(to_answer):
         code = ("accepted", "more_information_needed", "declined")[n % 3]
-        PartnerClient(settings, bootstrap, party).send_status(
+        PartnerSender(settings, bootstrap, party).send_status(
             {
                 "status_id": uuid.uuid4(),
                 "referral_id": uuid.UUID(item.referral_id),
@@ -170,12 +170,12 @@ def run_demo(
     Router(settings, bootstrap).run(stop_when_idle=3)
     statuses_back: dict[str, int] = {}
     for partner in PARTNERS:
-        items = list(PartnerClient(settings, bootstrap, partner).receive(stop_when_idle=1, group="demo"))
+        items = list(PartnerReceiver(settings, bootstrap, partner).receive(stop_when_idle=1, group="demo"))
         back = [i for i in items if isinstance(i, Received) and i.kind == "status" and i.referral_id in ours]
         statuses_back[partner] = len(back)
         summaries.setdefault(partner, RecipientSummary(partner)).statuses = len(back)
         if back:
-            PartnerClient(settings, bootstrap, partner).render(back, inbox / partner)
+            PartnerReceiver(settings, bootstrap, partner).render(back, inbox / partner)
     for summary in summaries.values():
         summary.withheld_fields -= summary.received_fields
     return DemoResult(sent, stats, summaries, statuses_back, outbox, inbox, policy.units)
