@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,16 +55,33 @@ def settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def topics(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
-    """Create the whole topic plan under the test's prefix; delete it afterwards."""
+    """Create the whole topic plan under the test's prefix; delete it afterwards.
+
+    A deletion the broker refuses fails the test's teardown (it would leave topics behind and
+    hide a broken cluster); only a topic that is already gone is fine.
+    """
     ensure_topics(settings, kafka_bootstrap)
     yield settings
     admin = admin_client(settings, kafka_bootstrap)
     try:
-        admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)])
-    except Exception:
-        pass
+        names = [s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)]
+        result = admin.delete_topics(names, raise_errors=False)
     finally:
         admin.close()
+    failed = deletion_failures(result)
+    if failed:
+        pytest.fail(f"deleting the test's topics failed: {failed}", pytrace=False)
+
+
+def deletion_failures(result: dict[str, Any]) -> dict[str, str]:
+    """Topic -> error name for each topic the broker did not delete, except those already gone."""
+    from kafka.errors import UnknownTopicOrPartitionError, for_code
+
+    return {
+        t["name"]: for_code(t["error_code"]).__name__
+        for t in result["topics"]
+        if t["error_code"] not in (0, UnknownTopicOrPartitionError.errno)
+    }
 
 
 @pytest.fixture(autouse=True)
