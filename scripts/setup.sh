@@ -22,7 +22,9 @@ if [[ ! -x .venv/bin/python ]]; then "$PY" -m venv .venv; fi
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [[ ! -f $stamp ]]; then
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # The editable build warns that folders named like the package may shadow it: that is the
+  # package-dir layout working as designed (tests/test_packaging.py), so the notice is hushed.
+  PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e '.[test]'
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 # Kafka's jars into the user's cache folder (once per version), then the inbox's front end.
