@@ -19,7 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from referral_broker.cluster.clients import Record, build_consumer, build_producer, poll_records
+from test_sealing_support import send_all
+
+from referral_broker.cluster.clients import Record, build_consumer, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.auth import add_user
@@ -153,13 +155,7 @@ class Pipeline:
                 return got
 
     def produce(self, *messages: OutgoingMessage) -> None:
-        producer = build_producer(self.settings, self.bootstrap)
-        try:
-            for message in messages:
-                message.send(producer)
-            producer.flush()
-        finally:
-            producer.close()
+        send_all(self.settings, self.bootstrap, messages)
 
     def format(self, teams: Iterable[str]) -> SealedReferralFormat:
         """The inbox's own format, loading identities and the key directory as ``serve`` does."""
