@@ -145,6 +145,7 @@ class Outbox:
             db = sqlite3.connect(path, isolation_level=None)
             db.execute("PRAGMA journal_mode=DELETE")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")  # dropped sealed bytes are overwritten, not left in free pages
             db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             lock.close()

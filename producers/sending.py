@@ -94,15 +94,26 @@ def _batches(items: Iterable[CheckedReferral], size: int) -> Iterator[list[Check
 
 
 class PartnerSender:
-    """Sends as one party through its outbox. Nothing connects until a send."""
+    """Sends as one party through its outbox. Nothing connects until a send.
+
+    ``offline`` (why the cluster is known to be unreachable, e.g. the CLI's reachability check
+    failed) skips every connection: messages are sealed with the local key directory and queued.
+    """
 
     def __init__(
-        self, settings: Settings, bootstrap: str, party: str, *, identity: Identity | None = None
+        self,
+        settings: Settings,
+        bootstrap: str,
+        party: str,
+        *,
+        identity: Identity | None = None,
+        offline: str | None = None,
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.party = get_party(party).name
         self._identity = identity
+        self.offline = offline
 
     def send_file(
         self,
@@ -132,7 +143,7 @@ class PartnerSender:
             identity, reachable = self._load_identity()
             sealer = HubSealer(identity.sealer, self.settings, self.party)
             topic = sealer.intake_topic
-            with Delivery(outbox, self.settings, self.bootstrap, reachable=reachable) as delivery:
+            with self._delivery(outbox, reachable) as delivery:
                 delivery.run(progress)  # settle what a killed run left in doubt; earlier queue
                 order: list[tuple[str, Sent]] = []
                 seen: set[str] = set()
@@ -191,18 +202,23 @@ class PartnerSender:
             mid = status_message_id(str(status["status_id"]))
             sent = Sent(str(status["referral_id"]), int(status["version"]), message.topic)
             outbox.add([Entry(message, mid, STATUS_KIND, sent.referral_id, sent.version)])
-            with Delivery(outbox, self.settings, self.bootstrap, reachable=reachable) as delivery:
+            with self._delivery(outbox, reachable) as delivery:
                 delivery.run()
                 state = outbox.states(message.topic, [mid]).get(mid)
         if state != DELIVERED:
             raise DeliveryPendingError(pending_message(0, 1, self.party, delivery.error))
         return sent
 
+    def _delivery(self, outbox: Outbox, reachable: bool) -> Delivery:
+        return Delivery(outbox, self.settings, self.bootstrap, reachable=reachable, error=self.offline)
+
     def _load_identity(self) -> tuple[Identity, bool]:
         """The party's identity, and whether the cluster answered while loading it."""
         if self._identity is not None:
-            return self._identity, True
+            return self._identity, self.offline is None
         try:
+            if self.offline is not None:
+                raise BrokerError(self.offline)
             directory = load_directory(self.settings, self.bootstrap)
             reachable = True
         except BrokerError as exc:
@@ -219,11 +235,16 @@ class PartnerSender:
 
 
 def flush_outbox(
-    settings: Settings, bootstrap: str, party: str, *, progress: Callable[[int], None] = lambda n: None
+    settings: Settings,
+    bootstrap: str,
+    party: str,
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+    offline: str | None = None,
 ) -> FlushReport:
-    """Deliver everything ``party``'s outbox holds queued, once."""
+    """Deliver everything ``party``'s outbox holds queued, once (nothing when ``offline``)."""
     with Outbox.open(settings, party) as outbox:
-        with Delivery(outbox, settings, bootstrap) as delivery:
+        with Delivery(outbox, settings, bootstrap, reachable=offline is None, error=offline) as delivery:
             delivery.run(progress)
         return FlushReport(
             [(r.kind, r.referral_id, r.version) for r in delivery.delivered],

@@ -9,6 +9,17 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli,
 party_option = click.option("--as", "party", required=True, help="The sending party, e.g. schools.")
 
 
+def reach(obj: CliContext) -> tuple[str, str | None]:
+    """(bootstrap, None), or (the configured address, why not) when the cluster cannot be
+    reached or the local broker not started: the outbox then keeps everything queued."""
+    from referral_broker.errors import BrokerError
+
+    try:
+        return obj.bootstrap(), None
+    except BrokerError as exc:
+        return obj.settings.bootstrap_servers, str(exc)
+
+
 @click.group()
 def outbox() -> None:
     """A party's durable outbox: sealed messages kept until Kafka acknowledges them."""
@@ -43,7 +54,8 @@ def flush(obj: CliContext, party: str, as_json: bool) -> None:
     are still queued (the cluster could not be reached)."""
     from referral_broker.producers.sending import flush_outbox, pending_message
 
-    report = flush_outbox(obj.settings, obj.bootstrap(), party)
+    bootstrap, offline = reach(obj)
+    report = flush_outbox(obj.settings, bootstrap, party, offline=offline)
     data = {
         "delivered": [rid for _, rid, _ in report.delivered],
         "found_already_delivered": report.found,
