@@ -37,6 +37,7 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
     """
     from tqdm import tqdm
 
+    from referral_broker.cli.outbox_cmd import reach
     from referral_broker.producers.checked import check_file
     from referral_broker.producers.sending import PartnerSender
 
@@ -46,7 +47,8 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
             party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=lambda n: checking.update(n - checking.n)
         )
     # Only now, with the file known good, is a broker started or a connection made.
-    sender = PartnerSender(obj.settings, obj.bootstrap(), party)
+    bootstrap, offline = reach(obj)
+    sender = PartnerSender(obj.settings, bootstrap, party, offline=offline)
     with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False, total=checked.total) as bar:
         report = sender.send_checked(checked, progress=bar.update)
     data = {
