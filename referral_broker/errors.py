@@ -22,10 +22,11 @@ Each class has its own exit code (``exit_code``); the CLI prints one line and ex
     7     ├── PartnerInputError             a partner's native file is malformed
     8     ├── InvalidTransitionError        the inbox: an action the referral's state does not allow
     9     ├── AuthError                     the inbox: sign-in refused
-    12    └── StoreError                    the inbox database cannot be used
-    121       ├── UnknownReferralError      no such referral in that team's inbox
-    122       ├── UserExistsError           the inbox user already exists
-    123       └── UnknownUserError          no such (active) inbox user
+    12    ├── StoreError                    the inbox database cannot be used
+    121   │   ├── UnknownReferralError      no such referral in that team's inbox
+    122   │   ├── UserExistsError           the inbox user already exists
+    123   │   └── UnknownUserError          no such (active) inbox user
+    14    └── RegistryError                 the organisation registry: unknown, malformed or duplicate organisation
 
 A subclass's code is its family's code times ten plus one, two, ... (``code // 10`` is the
 family), except ``DeliveryPendingError`` (10), which kept the code it was given first. Codes
@@ -203,3 +204,11 @@ class UserExistsError(StoreError):
 
 class UnknownUserError(StoreError):
     exit_code = 123
+
+
+class RegistryError(ReferralBrokerError):
+    """The organisation registry refuses: unknown kind, district or service, a malformed
+    identifier (URN, ODS code, force code, charity number), an unknown organisation, or a
+    duplicate identifier with other details. Nothing was written."""
+
+    exit_code = 14
