@@ -37,7 +37,10 @@ from referral_broker.config import Settings
 from referral_broker.consumers.inbox.outbound import ACCESS_EVENT_KIND
 from referral_broker.consumers.inbox.server import ServerThread, build_inbox
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+try:  # a missing playwright or browser fails the run: these tests are the inbox's only browser check
+    import playwright.sync_api as playwright_api
+except ImportError:
+    pytest.fail("playwright is missing: install the test extras (bash scripts/setup.sh)", pytrace=False)
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
 
 if not Path(CHROMIUM).exists():
