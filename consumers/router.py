@@ -12,34 +12,49 @@ Each poll batch is one Kafka transaction with its consumer offsets
 offsets commit, or none do and the batch is read again. Anything that fails lands in dead
 letters inside the same transaction; the router itself never stops on bad input.
 Scale out by running more router processes (the group shares the partitions), not threads.
+
+A router never commits for partitions it no longer owns: before each commit it checks that its
+group membership is the one the batch was read under and that every partition in the batch is
+still assigned; any failure rebuilds the producer under the same transactional id (which
+fences the failed one) and reads the batch again. See "Fencing, takeover and outages" in
+docs/ARCHITECTURE.md for the sequence this closes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import re
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import MemberState
 
 from referral_broker.cluster.clients import (
     IdleTimer,
+    Producer,
     Record,
     build_consumer,
     build_producer,
     next_offsets,
     poll_records,
 )
+from referral_broker.cluster.runtime import metadata_topic_count
 from referral_broker.cluster.topics import plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import (
     BrokerError,
+    ConfigError,
     ContractError,
     KeyNotFoundError,
     PolicyError,
@@ -61,7 +76,7 @@ from referral_broker.schemas import codec
 from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
 from referral_broker.schemas.validation import ensure_valid
 from referral_broker.schemas.views import view_schema
-from referral_broker.sealing import OutgoingMessage, sign_plain
+from referral_broker.sealing import OpenedMessage, OutgoingMessage, sign_plain
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
@@ -69,6 +84,146 @@ from .router_metrics import RouterMetrics
 
 log = get_logger(__name__)
 GROUP = "referral-router"
+# A router that stops heartbeating (killed, paused, cut off) loses its partitions after
+# SESSION_TIMEOUT_MS; heartbeats every HEARTBEAT_MS keep a live one in. 10 s is above the
+# broker's minimum (group.min.session.timeout.ms, 6 s) and rides out a long GC pause.
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_MS = 3_000
+# An open transaction the coordinator aborts when its router vanishes for good. A restarted
+# router (same instance name) fences its predecessor's transaction at once, so this only
+# bounds how long read_committed readers wait for a router that never comes back.
+TRANSACTION_TIMEOUT_MS = 60_000
+MAX_POLL_RECORDS = 200
+BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
+
+
+class RouterSealer(Protocol):
+    """The router's cryptography: verify and open what partners send, seal what it sends,
+    sign audit records. :class:`HubSealer` is the only one a deployment uses; the router
+    benchmark passes its own to measure the router without crypto."""
+
+    def open(self, record: Record) -> OpenedMessage: ...
+
+    def seal(
+        self,
+        record: dict[str, Any],
+        schema: dict[str, Any],
+        *,
+        topic: str,
+        recipient: str,
+        referral_id: str,
+        referral_version: int,
+        kind: str,
+        case_id: str | None,
+        extra_headers: list[tuple[str, bytes]],
+    ) -> OutgoingMessage: ...
+
+    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage: ...
+
+
+class HubSealer:
+    """The council hub's keys: opens intake sealed for the hub, seals per recipient, signs."""
+
+    def __init__(self, hub: Identity) -> None:
+        self.hub = hub
+
+    def open(self, record: Record) -> OpenedMessage:
+        opened: OpenedMessage = self.hub.open(record)
+        return opened
+
+    def seal(
+        self,
+        record: dict[str, Any],
+        schema: dict[str, Any],
+        *,
+        topic: str,
+        recipient: str,
+        referral_id: str,
+        referral_version: int,
+        kind: str,
+        case_id: str | None,
+        extra_headers: list[tuple[str, bytes]],
+    ) -> OutgoingMessage:
+        return self.hub.sealer.seal(
+            record,
+            schema,
+            topic=topic,
+            recipient=recipient,
+            referral_id=referral_id,
+            referral_version=referral_version,
+            kind=kind,
+            case_id=case_id,
+            extra_headers=extra_headers,
+        )
+
+    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
+        return sign_plain(self.hub.keystore, topic=topic, key=key, value=value, kind=kind)
+
+
+@contextlib.contextmanager
+def claim_instance(settings: Settings, instance: str | None) -> Iterator[str]:
+    """This router's instance name, held with a lock file in the data folder while it runs.
+
+    The name makes the transactional id (``<prefix>referral-router-<name>``), so a router
+    restarted under the same name fences its predecessor's open transaction at once. Without
+    ``instance`` the first free ``<host>-<n>`` slot on this machine is taken: a restart gets
+    the slot its dead predecessor held, a second router beside a live one gets the next. Two
+    live routers may never share a name (they would fence each other in turn), so a taken
+    explicit name is refused."""
+    folder = settings.paths_data_dir / "router"
+    folder.mkdir(parents=True, exist_ok=True)
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "host"
+    names = [instance] if instance else [f"{host}-{n}" for n in range(64)]
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "-", settings.kafka_topic_prefix)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", name):
+            raise ConfigError("a router instance name is 1-80 letters, digits, '.', '_' or '-'")
+        handle = open(folder / f"{prefix}{name}.lock", "a+")  # noqa: SIM115 - held until the router stops
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            yield name
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    raise ConfigError(
+        f"router instance '{instance}' is already running on this machine; give each router its own --instance"
+        if instance
+        else f"64 routers already run on this machine under {folder}"
+    )
+
+
+class _CommitFailed(Exception):
+    """A batch's transaction could not be committed; the producer must be rebuilt."""
+
+    def __init__(self, batch: list[Record], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.batch = batch
+        self.error = error
+
+
+class _GiveUp(Exception):
+    """An error that no rebuild can cure (raised as ``error`` by :meth:`Router.run`)."""
+
+    def __init__(self, error: ReferralBrokerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _within(seconds: float, action: Callable[[], Any]) -> None:
+    """Run a cleanup step that could wait on an unreachable cluster for at most ``seconds``."""
+    worker = threading.Thread(target=lambda: _quietly(action), daemon=True, name="router-cleanup")
+    worker.start()
+    worker.join(seconds)
+
+
+def _quietly(action: Callable[[], Any]) -> None:
+    with contextlib.suppress(Exception):
+        action()
 
 
 @dataclass
@@ -81,6 +236,7 @@ class RouterStats:
     dead_lettered: int = 0
     batches: int = 0
     aborted: int = 0
+    rebuilds: int = 0
     first_record_at: float | None = None  # monotonic; the busy window excludes group joining
     last_commit_at: float | None = None
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -106,7 +262,9 @@ def _view(granted: tuple[str, ...]) -> dict[str, Any]:
 
 
 class Router:
-    """One router process. ``clock`` gives the decision time (tests pass a fixed one)."""
+    """One router process. ``clock`` gives the decision time (tests pass a fixed one);
+    ``sealer`` does the cryptography (the hub's keys unless given); ``instance`` names this
+    router for its transactional id (see :func:`claim_instance`)."""
 
     def __init__(
         self,
@@ -115,26 +273,31 @@ class Router:
         *,
         policy: SharingPolicy | None = None,
         identity: Identity | None = None,
+        sealer: RouterSealer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         instance: str | None = None,
-        _unsealed_for_benchmark: bool = False,
+        transaction_timeout_ms: int = TRANSACTION_TIMEOUT_MS,
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.policy = policy or load_policy()
         self.hub = identity or load_identity(settings, bootstrap, HUB)
+        self.sealer: RouterSealer = sealer or HubSealer(self.hub)
         self.clock = clock
-        self.instance = instance or uuid.uuid4().hex[:8]
+        self.instance = instance
+        self.transaction_timeout_ms = transaction_timeout_ms
         self.stats = RouterStats()
         self.metrics = RouterMetrics()
         self.canonical = referral_schema()
         self._canonical_fp = codec.prepare(self.canonical).fingerprint
         self.audit_schema = audit_decision_schema()
         self.status_schema = status_schema()
-        self._unsealed = _unsealed_for_benchmark
         specs = plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)
         self.intake_party = {s.name: s.party for s in specs if s.role == "intake"}
         self.status_party = {s.name: s.party for s in specs if s.role == "status"}
+        # partitions the group took from this router since the current batch was read
+        self._revoked: set[TopicPartition] = set()
+        self._in_transaction = False
 
     # -- one input record -> its outputs ------------------------------------------------------
     def process(self, record: Record) -> list[OutgoingMessage]:
@@ -143,8 +306,8 @@ class Router:
             return self._process_status(record, self.status_party[record.topic])
         return self._process_referral(record, self.intake_party[record.topic])
 
-    def _open_from(self, record: Record, party: str | None) -> Any:
-        opened = self.hub.open(record)
+    def _open_from(self, record: Record, party: str | None) -> OpenedMessage:
+        opened = self.sealer.open(record)
         if opened.sender != party:
             raise SealingError(f"message on {party}'s topic is signed by {opened.sender}; refused")
         return opened
@@ -196,9 +359,6 @@ class Router:
         return outputs
 
     def _open_referral(self, record: Record, partner: str | None) -> tuple[dict[str, Any], str, int]:
-        if self._unsealed:  # benchmark only: the input is a plain single-object referral
-            referral = codec.decode(record.value or b"", self.canonical)
-            return referral, str(referral["referral_id"]), referral["version"]
         opened = self._open_from(record, partner)
         if opened.kind != "referral":
             raise ContractError(f"intake topics carry referrals, not '{opened.kind}' messages")
@@ -249,9 +409,7 @@ class Router:
     ) -> OutgoingMessage:
         topic = topic or topic_name(self.settings, "out", recipient)
         long_lived = recipient == HUB or get_party(recipient).kind == "district_team"
-        if self._unsealed:  # benchmark only: same projection and encoding, no crypto
-            return OutgoingMessage(topic, referral_id.encode(), codec.encode(record, schema), headers)
-        return self.hub.sealer.seal(
+        return self.sealer.seal(
             record,
             schema,
             topic=topic,
@@ -295,77 +453,213 @@ class Router:
         value = codec.encode(audit, self.audit_schema)
         self.stats.audited += 1
         topic = topic_name(self.settings, "audit")
-        if self._unsealed:
-            return OutgoingMessage(topic, referral_id.encode(), value, [])
-        return sign_plain(
-            self.hub.keystore, topic=topic, key=referral_id.encode(), value=value, kind="audit.decision"
-        )
+        return self.sealer.sign(topic=topic, key=referral_id.encode(), value=value, kind="audit.decision")
 
     # -- the loop -----------------------------------------------------------------------------
     def topics(self) -> list[str]:
         return sorted(self.intake_party) + sorted(self.status_party)
 
     def run(self, *, stop_when_idle: float | None = None, max_records: int | None = None) -> RouterStats:
-        """Route until stopped (Ctrl-C), idle for ``stop_when_idle`` seconds, or ``max_records``."""
-        consumer = build_consumer(
+        """Route until stopped (Ctrl-C, SIGTERM from the CLI), idle for ``stop_when_idle``
+        seconds, or ``max_records``. Cluster failures of any length are waited out: the
+        clients are rebuilt with backoff and routing resumes from the committed offsets."""
+        with claim_instance(self.settings, self.instance) as instance:
+            self.instance = instance
+            try:
+                return self._run(stop_when_idle, max_records)
+            except _GiveUp as exc:
+                raise exc.error from None
+
+    def _consumer(self) -> Any:
+        return build_consumer(
             self.settings,
             self.bootstrap,
             self.topics(),
             group_id=f"{self.settings.kafka_topic_prefix}{GROUP}",
-            max_poll_records=200,
+            on_revoked=self._on_revoked,
+            max_poll_records=MAX_POLL_RECORDS,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_MS,
         )
-        producer = build_producer(
+
+    def _producer(self) -> Producer:
+        return build_producer(
             self.settings,
             self.bootstrap,
             transactional_id=f"{self.settings.kafka_topic_prefix}{GROUP}-{self.instance}",
+            transaction_timeout_ms=self.transaction_timeout_ms,
         )
-        idle = IdleTimer(consumer, stop_when_idle or 0.0)
+
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
+        # Runs inside consumer.poll() (kafka-python joins the group only there), so never in
+        # the middle of a batch; the batch check below still reads it before every commit.
+        self._revoked.update(partitions)
+
+    def _run(self, stop_when_idle: float | None, max_records: int | None) -> RouterStats:
+        consumer: Any = None
+        producer: Producer | None = None
+        idle: IdleTimer | None = None
+        failures = 0
         try:
             while True:
-                batch = poll_records(consumer, timeout_ms=500)
-                if not batch:
-                    if stop_when_idle is not None and idle.expired():
+                try:
+                    if consumer is None:
+                        consumer = self._consumer()
+                        idle = IdleTimer(consumer, stop_when_idle or 0.0)
+                    if producer is None:
+                        producer = self._producer()
+                    assert idle is not None
+                    self._revoked.clear()
+                    batch = poll_records(consumer, timeout_ms=500)
+                    if not batch:
+                        if stop_when_idle is not None and self._idle(consumer, idle):
+                            return self.stats
+                        continue
+                    idle.activity()
+                    if self.stats.first_record_at is None:
+                        self.stats.first_record_at = time.monotonic()
+                    self._route_batch(consumer, producer, batch)
+                    failures = 0
+                    if max_records is not None and self.stats.consumed >= max_records:
                         return self.stats
-                    continue
-                idle.activity()
-                if self.stats.first_record_at is None:
-                    self.stats.first_record_at = time.monotonic()
-                self._route_batch(consumer, producer, batch)
-                if max_records is not None and self.stats.consumed >= max_records:
-                    return self.stats
+                except _CommitFailed as exc:
+                    # The producer may hold state of the failed transaction (kafka-python keeps
+                    # the offsets of a rejected offset commit and would send them with the next
+                    # one): a new producer under the same transactional id starts clean and
+                    # fences the old one, which aborts whatever it left open.
+                    failures += 1
+                    self._lost_clients("transaction failed; batch will be read again", exc.error, failures)
+                    _within(5.0, producer.close if producer else (lambda: None))
+                    producer = None
+                    try:
+                        self._rewind(consumer, exc.batch)
+                    except (KafkaError, BrokerError):
+                        _within(5.0, consumer.close)
+                        consumer = None
+                    self._backoff(failures)
+                except (BrokerError, KafkaError, OSError) as exc:
+                    failures += 1
+                    self._lost_clients("Kafka clients failed; rebuilding them", exc, failures)
+                    for client in (producer, consumer):
+                        if client is not None:
+                            _within(5.0, client.close)
+                    producer = consumer = None
+                    self._backoff(failures)
         except KeyboardInterrupt:
             return self.stats
         finally:
-            producer.close()
-            consumer.close()
+            if producer is not None:
+                if self._in_transaction:
+                    _within(5.0, producer.abort)
+                _within(10.0, producer.close)
+            if consumer is not None:
+                _within(10.0, consumer.close)  # leaves the group: the others take over at once
 
-    def _route_batch(self, consumer: Any, producer: Any, batch: list[Record]) -> None:
-        started = time.monotonic()
-        producer.begin()
+    def _lost_clients(self, event: str, exc: BaseException, failures: int) -> None:
+        self.stats.rebuilds += 1
+        self.metrics.rebuilds.inc()
+        log.warning(event, error=type(exc).__name__, reason=str(exc)[:300], count=failures)
+
+    @staticmethod
+    def _backoff(failures: int) -> None:
+        first, longest = BACKOFF_S
+        time.sleep(min(longest, first * 2 ** (failures - 1)))
+
+    def _idle(self, consumer: Any, idle: IdleTimer) -> bool:
+        """Idle means: nothing read for the idle time, and every assigned partition read to
+        its end, as the cluster says now. A cluster that does not answer is not idleness:
+        the router keeps waiting for it."""
         try:
+            if not idle.expired():
+                return False
+        except BrokerError as exc:  # no partitions assigned in time
+            if metadata_topic_count(self.bootstrap, timeout_s=5) is not None:
+                raise _GiveUp(exc) from None  # the cluster answers: the topics are missing
+            raise
+        owned = list(consumer.assignment())
+        if not owned and consumer.group_metadata().state != MemberState.STABLE:
+            idle.activity()  # a rebalance is under way: partitions (and work) may come back
+            return False
+        try:
+            ends = consumer.end_offsets(owned, timeout_ms=5_000)
+            behind = [tp for tp in owned if (consumer.position(tp, timeout_ms=5_000) or 0) < ends[tp]]
+        except KafkaError:
+            behind = owned
+        if behind:
+            idle.activity()  # records are waiting (or the cluster is away): not idle yet
+            return False
+        return True
+
+    def _route_batch(self, consumer: Any, producer: Producer, batch: list[Record]) -> None:
+        started = time.monotonic()
+        member = consumer.group_metadata()  # the membership this batch was read under
+        owned = consumer.assignment()
+        batch = [r for r in batch if TopicPartition(r.topic, r.partition) in owned]
+        if not batch:
+            return
+        try:
+            producer.begin()
+            self._in_transaction = True
             for record in batch:
                 for message in self._outputs(record):
                     message.send(producer)
-            producer.commit(next_offsets(batch, consumer), consumer.group_metadata())
-        except BrokerError as exc:
-            # Nothing of this batch is visible to read_committed readers: rewind and retry it.
+            moved, checked = self._moved(consumer, batch, member)
+            if moved:
+                producer.abort()
+                self._in_transaction = False
+                self.stats.aborted += 1
+                self.metrics.aborted.inc()
+                log.warning("batch abandoned before commit; it will be read again", reason=moved, count=len(batch))
+                self._rewind(consumer, batch)
+                return
+            # the membership just checked is the one the commit names: the broker rejects it
+            # if the group has moved on since
+            producer.commit(next_offsets(batch, consumer), checked)
+            self._in_transaction = False
+        except (BrokerError, KafkaError) as exc:
+            self._in_transaction = False
             self.stats.aborted += 1
             self.metrics.aborted.inc()
-            log.warning("batch aborted; it will be read again", reason=str(exc), count=len(batch))
-            with contextlib.suppress(BrokerError):
-                producer.abort()
-            first: dict[TopicPartition, int] = {}
-            for r in batch:
-                tp = TopicPartition(r.topic, r.partition)
-                first[tp] = min(first.get(tp, r.offset), r.offset)
-            for tp, offset in first.items():
-                consumer.seek(tp, offset)
-            return
+            raise _CommitFailed(batch, exc) from exc
         self.stats.consumed += len(batch)
         self.stats.batches += 1
         self.stats.last_commit_at = time.monotonic()
         self.metrics.consumed.inc(len(batch))
         self.metrics.batch_seconds.observe(self.stats.last_commit_at - started)
+
+    def _moved(self, consumer: Any, batch: list[Record], read_under: Any) -> tuple[str | None, Any]:
+        """Why this batch may not be committed by this router now (or None), and the group
+        membership that was checked.
+
+        The broker checks a transactional offset commit only against the group generation it
+        names, and accepts one that names no generation at all (-1 with an empty member id:
+        what kafka-python reports once a heartbeat learns the member was evicted). So the
+        router checks itself: same generation and member as when the batch was read, a real
+        one, and every partition of the batch still assigned."""
+        now = consumer.group_metadata()
+        if now.generation_id < 0 or not now.member_id:
+            return "this router is no longer a member of the group", now
+        if (now.generation_id, now.member_id) != (read_under.generation_id, read_under.member_id):
+            return "the group rebalanced while the batch was routed", now
+        owned = consumer.assignment()
+        partitions = {TopicPartition(r.topic, r.partition) for r in batch}
+        if not partitions <= owned or partitions & self._revoked:
+            return "partitions of the batch moved to another router", now
+        return None, now
+
+    @staticmethod
+    def _rewind(consumer: Any, batch: list[Record]) -> None:
+        """Seek back to the start of ``batch`` on the partitions this router still owns (the
+        committed offsets: each batch starts where the last commit ended); the rest belong
+        to another router now, which reads them from the committed offsets."""
+        owned = consumer.assignment()
+        first: dict[TopicPartition, int] = {}
+        for r in batch:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        for tp, offset in first.items():
+            if tp in owned:
+                consumer.seek(tp, offset)
 
     def _outputs(self, record: Record) -> list[OutgoingMessage]:
         if time.monotonic() - self.hub.loaded_at > self.settings.keys_directory_refresh_s:

@@ -7,8 +7,9 @@ In one run, on fresh topics under a private prefix:
     seal, sign), timed in-process with no Kafka;
 (b) a raw kafka-python pass-through (consume -> produce the same bytes, no processing);
 (c) the router at 1 and 3 recipients per referral;
-(d) the same router with sealing and signing off (a constructor flag only this module
-    passes: no configuration can switch it on), to show what the crypto costs.
+(d) the same router given :class:`PlainSealer` instead of the hub's keys (defined here and
+    passed only by this module: no configuration can switch it on), to show what the crypto
+    costs.
 
 Figures are printed, never asserted: they depend on the machine and what else runs on it.
 """
@@ -36,9 +37,55 @@ from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas import codec
 from referral_broker.schemas.registry import referral_schema
 from referral_broker.schemas.synth import synthetic_referrals
+from referral_broker.sealing import OpenedMessage, OutgoingMessage
 from referral_broker.sealing.key_admin import init_parties
 
 SENDER = "schools"
+
+
+class PlainSealer:
+    """Benchmark only: the router's projection and encoding with no cryptography. Its input
+    is a plain single-object referral (as this module produces it, claimed to come from
+    ``sender``); what it "seals" and "signs" goes out as plain Avro without signatures."""
+
+    def __init__(self, sender: str) -> None:
+        self.sender = sender
+        self.canonical = referral_schema()
+        self.fingerprint = codec.prepare(self.canonical).fingerprint
+
+    def open(self, record: Any) -> OpenedMessage:
+        referral = codec.decode(record.value or b"", self.canonical)
+        return OpenedMessage(
+            record=referral,
+            referral_id=str(referral["referral_id"]),
+            referral_version=referral["version"],
+            kind="referral",
+            sender=self.sender,
+            sender_key_id="",
+            recipient=HUB,
+            recipient_key_id="",
+            schema_fingerprint=self.fingerprint,
+            sealed_at_ms=0,
+            case_id=None,
+        )
+
+    def seal(
+        self,
+        record: dict[str, Any],
+        schema: dict[str, Any],
+        *,
+        topic: str,
+        recipient: str,
+        referral_id: str,
+        referral_version: int,
+        kind: str,
+        case_id: str | None,
+        extra_headers: list[tuple[str, bytes]],
+    ) -> OutgoingMessage:
+        return OutgoingMessage(topic, referral_id.encode(), codec.encode(record, schema), list(extra_headers))
+
+    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
+        return OutgoingMessage(topic, key, value, [])
 
 
 def _shaped(count: int, recipients: int, seed: int) -> list[dict[str, Any]]:
@@ -219,9 +266,7 @@ def run(
                             producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
                         producer.flush()
                         producer.close()
-                        figures[label] = _timed_router(
-                            settings, bootstrap, count, _unsealed_for_benchmark=True
-                        )
+                        figures[label] = _timed_router(settings, bootstrap, count, sealer=PlainSealer(SENDER))
                 finally:
                     admin = admin_client(settings, bootstrap)
                     try:

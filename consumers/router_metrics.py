@@ -33,6 +33,11 @@ class RouterMetrics:
         self.aborted = Counter(
             "referral_router_batches_aborted", "Transactions aborted and re-read.", registry=self.registry
         )
+        self.rebuilds = Counter(
+            "referral_router_client_rebuilds",
+            "Kafka clients rebuilt after a failed transaction or an unreachable cluster.",
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "referral_router_batch_seconds", "Time to route and commit one batch.", registry=self.registry
         )

@@ -25,6 +25,23 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
 @click.option(
     "--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), help="Sharing policy file."
 )
+@click.option(
+    "--instance",
+    envvar="REFERRAL_BROKER_ROUTER_INSTANCE",
+    default=None,
+    metavar="NAME",
+    help="This router's stable name (its transactional id): a router restarted under the same "
+    "name fences its predecessor's open transaction at once. Default: the first free "
+    "<host>-<n> slot on this machine.",
+)
+@click.option(
+    "--transaction-timeout",
+    type=click.FloatRange(min=1.0, max=900.0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="The coordinator aborts a transaction left open this long by a router that vanished.",
+)
 @json_option
 @pass_cli
 def route(
@@ -32,20 +49,32 @@ def route(
     stop_when_idle: float | None,
     metrics_port: int | None,
     policy_path: str | None,
+    instance: str | None,
+    transaction_timeout: float,
     as_json: bool,
 ) -> None:
     """Route every intake and status message: verify, open, validate, decide, minimise, seal,
     sign, send; one audit decision per recipient; dead letters for anything that fails.
 
-    Runs until Ctrl-C (or --stop-when-idle). Start more processes to scale out.
+    Runs until Ctrl-C or SIGTERM (or --stop-when-idle); either leaves the group at once so
+    the other routers take over. Start more processes to scale out. When Kafka is away, the
+    router logs one line per attempt and waits for it with backoff.
     """
+    import signal
     from pathlib import Path
 
     from referral_broker.consumers.router import Router
     from referral_broker.policy import load_policy
 
     policy = load_policy(Path(policy_path)) if policy_path else None
-    router = Router(obj.settings, obj.bootstrap(), policy=policy)
+    router = Router(
+        obj.settings,
+        obj.bootstrap(),
+        policy=policy,
+        instance=instance,
+        transaction_timeout_ms=int(transaction_timeout * 1000),
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a clean stop, like Ctrl-C
     if metrics_port is not None:
         router.metrics.serve(metrics_port)
     stats = router.run(stop_when_idle=stop_when_idle)

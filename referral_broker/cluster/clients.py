@@ -73,6 +73,7 @@ class Producer:
             try:
                 producer.init_transactions()
             except KafkaError as exc:
+                producer.close(timeout=0)  # its sender thread would otherwise outlive the error
                 raise _translate(exc, "initialising transactions", bootstrap) from exc
 
     def send(
@@ -96,7 +97,10 @@ class Producer:
         return len(pending)
 
     def begin(self) -> None:
-        self._producer.begin_transaction()
+        try:
+            self._producer.begin_transaction()
+        except KafkaError as exc:  # e.g. ProducerFencedError once the coordinator timed it out
+            raise _translate(exc, "beginning a transaction", self._bootstrap) from exc
 
     def commit(self, offsets: dict[TopicPartition, Any] | None = None, group_metadata: Any = None) -> None:
         """Commit the open transaction, with the consumer offsets it covers when given."""
@@ -127,7 +131,10 @@ class Producer:
 
 class _LoggingRebalanceListener(ConsumerRebalanceListener):
     """Offsets are committed after each processed batch, so a revocation loses no work; the
-    listener records what moved and lets the owner drop per-partition state."""
+    listener records what moved and lets the owner drop per-partition state. kafka-python
+    calls it from inside ``poll()`` (and ``close()``), never while the owner is between polls.
+    Partitions *lost* (the member was evicted: session timeout, unknown member) reach the
+    same callback as partitions revoked."""
 
     def __init__(self, group: str, on_revoked: Callable[[list[TopicPartition]], None] | None) -> None:
         self.group = group
@@ -137,6 +144,11 @@ class _LoggingRebalanceListener(ConsumerRebalanceListener):
         log.info("partitions revoked", group=self.group, count=len(revoked))
         if self.on_revoked_cb and revoked:
             self.on_revoked_cb(list(revoked))
+
+    def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        log.warning("partitions lost: this member was evicted from the group", group=self.group, count=len(lost))
+        if self.on_revoked_cb and lost:
+            self.on_revoked_cb(list(lost))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned", group=self.group, count=len(assigned))
