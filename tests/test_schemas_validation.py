@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_schemas_strategies import TEST_NOW, valid_referrals
 
@@ -256,7 +256,6 @@ IDENTIFIER_CORRUPTIONS = {
 @given(valid_referrals(), st.sampled_from(sorted(IDENTIFIER_CORRUPTIONS)))
 def test_any_broken_identifier_is_rejected_by_path(record: dict[str, Any], path: str) -> None:
     parent, key = _parent_and_key(record, path)
-    if parent[key] is None:
-        return
+    assume(parent[key] is not None)  # not a pass: hypothesis fails the test if too few examples qualify
     parent[key] = IDENTIFIER_CORRUPTIONS[path](parent[key])
     assert path in paths(validate(record, now=TEST_NOW))
