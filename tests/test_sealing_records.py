@@ -172,6 +172,7 @@ def test_real_referral_schema_seals_and_opens() -> None:
     plan = sealing_plan(schema)
     assert list(plan.units) == sealing_units(schema)
     rng = random.Random(5)
+    checked: list[str] = []
     for _ in range(5):
         record = synthetic_referral(rng)
         context = FieldContext(str(record["referral_id"]), record["version"], "health", plan.fingerprint)
@@ -179,6 +180,10 @@ def test_real_referral_schema_seals_and_opens() -> None:
         value = plan.encode_wire(plan.seal(record, key, context))
         assert plan.open(plan.decode_wire(value), key, context) == record
         child = record["child"]
-        for text in (child["given_name"], child["family_name"], child.get("nhs_number")):
-            if isinstance(text, str) and len(text) >= 4:
-                assert text.encode() not in value
+        # the NHS number lives under identifiers (child.get("nhs_number") was always None, so it
+        # was never checked); names shorter than 4 bytes could match ciphertext by chance
+        texts = [child["given_name"], child["family_name"], record["identifiers"]["nhs_number"]]
+        for text in (t for t in texts if isinstance(t, str) and len(t) >= 4):
+            assert text.encode() not in value
+            checked.append(text)
+    assert len(checked) >= 10 and any(t.isdigit() and len(t) == 10 for t in checked)  # NHS numbers too
