@@ -5,12 +5,14 @@ from :func:`load_identity`, so they all trust the same directory the same way.""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from referral_broker.config import Settings
-from referral_broker.errors import ContractError
+from referral_broker.errors import ContractError, KeyNotFoundError
 from referral_broker.parties import HUB, get_party
 from referral_broker.schemas.registry import fingerprint as schema_fingerprint
 from referral_broker.schemas.registry import shipped_versions
@@ -24,7 +26,12 @@ from referral_broker.sealing import (
     MessageSealer,
 )
 from referral_broker.sealing.directory import load_topic
-from referral_broker.sealing.envelope import H_SCHEMA
+from referral_broker.sealing.envelope import H_SCHEMA, ConsumedRecord, OpenedMessage
+from referral_broker.sealing.fields import DataKey
+
+T = TypeVar("T")
+# A key miss reloads the directory at most this often (seconds).
+RELOAD_AFTER_S = 5.0
 
 # Headers the router adds to every message it sends to a recipient (signed with the rest).
 H_VIEW = "rb-view"  # JSON list of the granted field paths: the recipient derives the view schema
@@ -77,7 +84,7 @@ class SchemaBook:
     def __call__(self, fingerprint: bytes) -> dict[str, Any] | None:
         return self._by_fp.get(fingerprint)
 
-    def learn(self, headers: Any) -> None:
+    def learn(self, headers: Iterable[tuple[str, bytes]]) -> None:
         """Register the view schema a message names, if it names one."""
         named = dict(headers)
         raw = named.get(H_VIEW)
@@ -110,15 +117,36 @@ class Identity:
     schemas: SchemaBook
     case_keys: CaseKeyStore | None = None
     loaded_at: float = field(default_factory=time.monotonic)
+    # Where the directory is reloaded from; None for an identity built without a cluster.
+    settings: Settings | None = field(default=None, repr=False)
+    bootstrap: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def refresh(self, settings: Settings, bootstrap: str) -> None:
+    def refresh(self, settings: Settings | None = None, bootstrap: str | None = None) -> None:
         """Reload the key directory, so rotations and revocations published since take effect
         (the sealer drops cached data keys of keys that are no longer current)."""
+        settings, bootstrap = settings or self.settings, bootstrap or self.bootstrap
+        if settings is None or bootstrap is None:
+            raise KeyNotFoundError(f"{self.party}'s identity has no cluster to reload its key directory from")
         directory = load_directory(settings, bootstrap)
         self.directory = self.sealer.directory = self.opener.directory = directory
         self.loaded_at = time.monotonic()
 
-    def open(self, record: Any) -> Any:
+    def retrying(self, action: Callable[[Identity], T]) -> T:
+        """Run ``action``; when it names a key the directory does not know (published since the
+        last load), reload the directory once and run it again. Reloads happen at most every
+        ``RELOAD_AFTER_S`` seconds, so a message naming a key that never existed cannot make
+        every record a directory read. The one place any stage reloads keys on a miss."""
+        try:
+            return action(self)
+        except KeyNotFoundError:
+            with self._lock:
+                if self.settings is None or time.monotonic() - self.loaded_at < RELOAD_AFTER_S:
+                    raise
+                self.refresh()
+            return action(self)
+
+    def open(self, record: ConsumedRecord) -> OpenedMessage:
         """Verify and open a consumed record addressed to this party."""
         self.schemas.learn(record.headers)
         return self.opener.open(record)
@@ -141,7 +169,7 @@ def load_identity(
     get_party(party)
     keystore = KeyStore.open(settings.keys_dir, party)
     directory = directory if directory is not None else load_directory(settings, bootstrap)
-    cache = DekCache.from_settings(settings)
+    cache: DekCache[tuple[DataKey, bytes]] = DekCache.from_settings(settings)
     # The hub seals district-team and archive copies under case keys; the council's own inbox
     # (a district team) opens them with the same store.
     case_keys = None
@@ -156,4 +184,6 @@ def load_identity(
         cache=DekCache.from_settings(settings),
         case_keys=case_keys.lookup if case_keys is not None else None,
     )
-    return Identity(party, keystore, directory, sealer, opener, schemas, case_keys)
+    return Identity(
+        party, keystore, directory, sealer, opener, schemas, case_keys, settings=settings, bootstrap=bootstrap
+    )

@@ -121,7 +121,7 @@ class CaseKeyStore:
 
     def _read_key(self, path: Path) -> dict[str, Any]:
         try:
-            doc = json.loads(read_private(path))
+            doc: dict[str, Any] = json.loads(read_private(path))
             if len(base64.b64decode(doc["key"])) != KEY_SIZE:
                 raise ValueError
             return doc
@@ -134,9 +134,10 @@ class CaseKeyStore:
         if not path.exists():
             return {}
         try:
-            return json.loads(read_private(path))
+            doc: dict[str, Any] = json.loads(read_private(path))
         except json.JSONDecodeError:
             raise SealingError(f"{path} is not valid JSON") from None
+        return doc
 
     def _write_json(self, name: str, doc: dict[str, Any]) -> None:
         write_private(self.root / name, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8"))
@@ -199,7 +200,8 @@ class CaseKeyStore:
             )
         if not path.exists():
             raise KeyNotFoundError(f"no key for case {case_id} in the hub's case-key store; nothing to shred")
-        return self._read_key(path)["case_key_id"]
+        key_id: str = self._read_key(path)["case_key_id"]
+        return key_id
 
     def shred(self, case_id: str, *, now: float | None = None) -> Shredded:
         """Destroy the case key and leave a tombstone. Irreversible by design."""

@@ -65,7 +65,9 @@ def check_key_id(key_id: str) -> str:
 
 
 def party_of(key_id: str) -> str:
-    return KEY_ID.match(check_key_id(key_id))["party"]  # type: ignore[index]
+    match = KEY_ID.match(check_key_id(key_id))
+    assert match is not None  # check_key_id refused anything else
+    return match["party"]
 
 
 def _b64(raw: bytes) -> str:

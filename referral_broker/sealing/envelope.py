@@ -28,15 +28,15 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from referral_broker.errors import ContractError, SealingError, SignatureError, TamperedError
 from referral_broker.parties import get_party
-from referral_broker.schemas.registry import writer_schema
-from referral_broker.sealing.directory import KeyDirectory
+from referral_broker.schemas.registry import Schema, writer_schema
+from referral_broker.sealing.directory import KeyDirectory, KeyEntry
 from referral_broker.sealing.fields import DataKey, FieldContext
 from referral_broker.sealing.keystore import KeyStore
-from referral_broker.sealing.records import Schema, sealing_plan
+from referral_broker.sealing.records import sealing_plan
 from referral_broker.sealing.signing import SIGNATURE_HEADER, sign_message, signature_of, verify_message
 from referral_broker.sealing.wrapping import (
     MODE_RECIPIENT,
@@ -49,6 +49,9 @@ from referral_broker.sealing.wrapping import (
     wrap_data_key,
     wrapped_slot,
 )
+
+if TYPE_CHECKING:
+    from referral_broker.sealing.case_keys import CaseKeyStore
 
 MESSAGE_FORMAT = b"1"
 H_FORMAT = "rb-format"
@@ -79,12 +82,17 @@ SchemaLookup = Mapping[bytes, Schema] | Callable[[bytes], Schema | None]
 
 
 class ConsumedRecord(Protocol):
-    """What a receiver needs of a Kafka record (``cluster.clients.Record`` has it)."""
+    """What a receiver needs of a Kafka record (``cluster.clients.Record`` has it). Read-only,
+    so a frozen record matches."""
 
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    @property
+    def topic(self) -> str: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 @dataclass(frozen=True)
@@ -138,8 +146,8 @@ class MessageSealer:
         keystore: KeyStore,
         directory: KeyDirectory,
         *,
-        cache: DekCache | None = None,
-        case_keys: Any | None = None,
+        cache: DekCache[tuple[DataKey, bytes]] | None = None,
+        case_keys: CaseKeyStore | None = None,
     ) -> None:
         self.keystore = keystore
         self.directory = directory
@@ -226,7 +234,7 @@ class MessageSealer:
         headers.append((H_SIGNATURE, sign_message(signer.signing, topic, msg_key, headers, value)))
         return OutgoingMessage(topic, msg_key, value, headers)
 
-    def _recipient_key(self, recipient: str, key_id: str, target: Any) -> tuple[DataKey, bytes]:
+    def _recipient_key(self, recipient: str, key_id: str, target: KeyEntry) -> tuple[DataKey, bytes]:
         slot = (recipient, key_id)
         if self.cache is not None:
             # A recipient key that is no longer the one to seal to (rotated or revoked) loses
@@ -345,7 +353,7 @@ class MessageOpener:
         directory: KeyDirectory,
         schemas: SchemaLookup | None = None,
         *,
-        cache: DekCache | None = None,
+        cache: DekCache[DataKey] | None = None,
         case_keys: CaseKeyLookup | None = None,
     ) -> None:
         if schemas is None:
@@ -402,6 +410,7 @@ class MessageOpener:
         key = self._data_key(wrapped, header.mode, recipient_key_id)
         version = _number(h, H_VERSION)
         context = FieldContext(referral_id, version, recipient, fingerprint)
+        assert record.value is not None  # verify_signed refuses a message without a value
         opened = plan.open(plan.decode_wire(record.value), key, context)
         return OpenedMessage(
             record=opened,
@@ -419,11 +428,10 @@ class MessageOpener:
         )
 
     def _data_key(self, wrapped: bytes, mode: int, recipient_key_id: str) -> DataKey:
-        slot = (
-            wrapped_slot(self.party, wrapped) if mode == MODE_RECIPIENT and self.cache is not None else None
-        )
-        if slot is not None:
-            hit = self.cache.get(slot)  # type: ignore[union-attr]
+        cache = self.cache if mode == MODE_RECIPIENT else None
+        slot = wrapped_slot(self.party, wrapped) if cache is not None else b""
+        if cache is not None:
+            hit = cache.get(slot)
             if hit is not None:
                 return hit
         pair = self.keystore.get(recipient_key_id)
@@ -433,6 +441,6 @@ class MessageOpener:
             private_key=pair.encryption,
             case_keys=self.case_keys if mode == MODE_RECIPIENT_AND_CASE else None,
         )
-        if slot is not None:
-            self.cache.put(slot, key)  # type: ignore[union-attr]
+        if cache is not None:
+            cache.put(slot, key)
         return key

@@ -29,6 +29,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,7 @@ class KeyStore:
     @staticmethod
     def _read_ring(root: Path, party: str) -> dict[str, Any]:
         try:
-            ring = json.loads(read_private(root / "keyring.json"))
+            ring: dict[str, Any] = json.loads(read_private(root / "keyring.json"))
         except json.JSONDecodeError:
             raise SealingError(f"key ring {root / 'keyring.json'} is not valid JSON") from None
         if ring.get("format") != 1 or ring.get("party") != party or not isinstance(ring.get("keys"), list):
@@ -343,7 +344,7 @@ class KeyStore:
         self._pairs[key_id] = pair
         return pair
 
-    def _save_ring(self, destroyed: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def _save_ring(self, destroyed: AbstractSet[str] = frozenset()) -> None:
         previous: list[dict[str, Any]] = []
         if (self.root / "keyring.json").exists():
             previous = [k for k in self._read_ring(self.root, self.party)["keys"] if k.get("destroyed")]

@@ -30,7 +30,7 @@ import io
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import expand_schema
@@ -130,7 +130,8 @@ class SealingPlan:
         self.schema = schema
         self.fingerprint = fingerprint(schema)
         try:
-            expanded = expand_schema(copy.deepcopy(schema))
+            # a record schema expands to a record schema (fastavro types any schema form)
+            expanded = cast(Schema, expand_schema(copy.deepcopy(schema)))
         except Exception as exc:
             raise ContractError(f"schema {schema.get('name')}: not a valid Avro schema ({exc})") from exc
         units: list[str] = []

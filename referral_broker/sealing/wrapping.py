@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
@@ -179,7 +179,10 @@ def unwrap_data_key(
     return _case_data_key(secret, case_key, recipient, prefix, header.data_key_id)
 
 
-class DekCache:
+V = TypeVar("V")
+
+
+class DekCache(Generic[V]):
     """A data-key cache bounded by uses AND age, so one public-key operation can serve several
     messages without a key living (or being reused) without limit.
 
@@ -207,14 +210,14 @@ class DekCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> DekCache:
+    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> DekCache[V]:
         return cls(settings.keys_dek_cache_max_uses, settings.keys_dek_cache_max_age_s, clock=clock)
 
     @property
     def enabled(self) -> bool:
         return self.max_uses > 1 and self.max_age_s > 0
 
-    def get(self, slot: Hashable) -> Any | None:
+    def get(self, slot: Hashable) -> V | None:
         """The cached value for ``slot`` (counting one use), or None when absent or spent."""
         if not self.enabled:
             return None
@@ -227,9 +230,10 @@ class DekCache:
                 return None
             entry[2] += 1
             self._entries.move_to_end(slot)
-            return entry[0]
+            value: V = entry[0]
+            return value
 
-    def put(self, slot: Hashable, value: Any) -> None:
+    def put(self, slot: Hashable, value: V) -> None:
         """Remember ``value``; this counts as its first use."""
         if not self.enabled:
             return
