@@ -21,7 +21,7 @@ def test_plan_carries_production_values_and_local_override() -> None:
     assert local["referrals.intake.schools"].configs["min.insync.replicas"] == "1"
     assert prod["keys.directory"].configs["cleanup.policy"] == "compact"
     roles = {s.role for s in prod.values()}
-    assert roles == {"intake", "out", "status", "archive", "audit", "dlq", "keys"}
+    assert roles == {"intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs"}
 
 
 def test_names_put_the_party_last_for_prefix_acls() -> None:

@@ -17,7 +17,7 @@ from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, TopicPlanError
 from referral_broker.parties import all_parties
 
-ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys")
+ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs")
 
 
 @dataclass(frozen=True)
