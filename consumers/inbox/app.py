@@ -9,7 +9,7 @@ themselves reach the state built here through :mod:`rendering`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,7 +146,7 @@ def create_app(
         routes.append(Mount("/assets", StaticFiles(directory=assets_dir), name="assets"))
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for worker in inbox_state.background:
             worker.start()
         try:

@@ -196,7 +196,9 @@ async def inbox(request: Request) -> Response:
         "concern": q.get("concern") if q.get("concern") in choices["concern_type"] else "",
         "referrer": q.get("referrer") if q.get("referrer") in choices["referrer"] else "",
     }
-    sort_key = q.get("sort") if q.get("sort") in SORTS else "age"
+    sort_key = q.get("sort") or "age"
+    if sort_key not in SORTS:
+        sort_key = "age"
     label, sort, newest_first = SORTS[sort_key]
     rows = await run_in_threadpool(
         lambda: app.store.list_referrals(
@@ -256,7 +258,8 @@ async def referral_page(request: Request) -> Response:
         with suppress(InvalidTransitionError):
             await run_in_threadpool(_decide, app, member, referral_id, Action.OPEN, at=now)
         await run_in_threadpool(_publish, app, team)
-        referral = await run_in_threadpool(app.store.get_referral, team, referral_id) or referral
+        reloaded = await run_in_threadpool(app.store.get_referral, team, referral_id)
+        referral = reloaded or referral
     try:
         record = await run_in_threadpool(app.store.record_of, team, referral_id)
         opened = await run_in_threadpool(app.record_format.open, record, team)

@@ -42,7 +42,8 @@ class InboxApp:
 
 def inbox_app(request: Request) -> InboxApp:
     """The state :func:`app.create_app` put on the Starlette app."""
-    return request.app.state.inbox  # type: ignore[no-any-return]
+    inbox: InboxApp = request.app.state.inbox
+    return inbox
 
 
 def render(
