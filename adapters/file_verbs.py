@@ -96,7 +96,7 @@ class FileStream:
         *,
         skip_invalid: bool,
         now: dt.datetime | None,
-        on_checked: Callable[[int], None] | None = None,
+        on_checked: Callable[[int], object] | None = None,
     ) -> None:
         self.adapter = get_adapter(kind)
         self.path = Path(path)
@@ -150,7 +150,7 @@ def iter_file(
     *,
     skip_invalid: bool = False,
     now: dt.datetime | None = None,
-    on_checked: Callable[[int], None] | None = None,
+    on_checked: Callable[[int], object] | None = None,
 ) -> FileStream:
     """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows).
 

@@ -102,7 +102,7 @@ def replay(
     bootstrap: str,
     *,
     select: Callable[[DeadLetter], bool] = lambda d: True,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Callable[[int], object] = lambda n: None,
 ) -> int:
     """Send selected dead letters back to their source topic exactly as they first arrived.
 

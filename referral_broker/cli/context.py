@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import click
 
 from referral_broker.config import Settings
+
+T = TypeVar("T")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
@@ -31,7 +33,7 @@ class CliContext:
 pass_cli = click.make_pass_decorator(CliContext)
 
 
-def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+def emit(data: T, as_json: bool, human: Callable[[T], None]) -> None:
     """Print ``data`` as JSON or through ``human``: both views come from the same data."""
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str, sort_keys=False))
@@ -39,7 +41,10 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         human(data)
 
 
-def table(rows: list[list[str]], headers: list[str]) -> str:
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
+    def line(cells: Sequence[object]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])

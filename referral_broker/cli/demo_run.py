@@ -127,6 +127,7 @@ def run_demo(
     for partner in PARTNERS:
         records = [_scenario(partner, n, rng, now) for n in range(per_partner)]
         native = adapters.render_file(partner, json_records(records), outbox / partner).path
+        assert native is not None  # rendered into a folder, so it names the file
         report = PartnerSender(settings, bootstrap, partner).send_file(native)
         report.raise_if_pending(partner)
         sent[partner] = [s.referral_id for s in report.delivered]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
@@ -24,7 +26,7 @@ def list_cmd(obj: CliContext, limit: int | None, as_json: bool) -> None:
     if limit is not None:
         letters = letters[-limit:]
 
-    def human(rows: list[dict]) -> None:
+    def human(rows: list[dict[str, Any]]) -> None:
         if not rows:
             click.echo("No dead letters.")
             return

@@ -19,7 +19,7 @@ def _rows(entries: list[dict[str, Any]]) -> None:
             e["status"],
             e["not_before"],
             e["not_after"],
-            {True: "yes", False: "no"}.get(e.get("held_here"), "-"),
+            {True: "yes", False: "no"}.get(e["held_here"], "-") if "held_here" in e else "-",
         ]
         for e in entries
     ]

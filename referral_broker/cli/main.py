@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
 
 import click
 
@@ -50,7 +49,8 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +73,7 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     ctx.obj = CliContext(settings=settings)
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> object:
     try:
         rc = cli.main(args=argv, prog_name="referral-broker", standalone_mode=False)
     except click.exceptions.Abort:

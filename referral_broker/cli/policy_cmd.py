@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,7 +30,7 @@ def policy() -> None:
 def check(policy_path: Path | None, as_json: bool) -> None:
     """Load and check the policy (file, line and problem on failure)."""
     pol = load_policy(policy_path)
-    data = {
+    data: dict[str, Any] = {
         "policy": pol.source,
         "version": pol.version,
         "purposes": len(pol.purposes),
@@ -52,7 +53,7 @@ def explain_cmd(recipient: str, policy_path: Path | None, as_json: bool) -> None
     """Every field RECIPIENT gets, under which conditions and ground, and every field it does not."""
     data = explain(load_policy(policy_path), recipient)
 
-    def human(d: dict) -> None:
+    def human(d: dict[str, Any]) -> None:
         click.echo(f"Recipient: {d['recipient']}  (policy {d['policy']}, version {d['policy_version']})\n")
         if not d["purposes"]:
             click.echo("No purpose names this recipient: it receives nothing (default deny).")
@@ -97,7 +98,7 @@ def diff_cmd(old: Path, new: Path, as_json: bool) -> None:
     """What changing the policy from OLD to NEW would start or stop sharing, per recipient."""
     data = diff(load_policy(old), load_policy(new))
 
-    def human(d: dict) -> None:
+    def human(d: dict[str, Any]) -> None:
         if not d["recipients"]:
             click.echo("No change to what any recipient receives.")
         for recipient, entry in d["recipients"].items():

@@ -67,7 +67,7 @@ def _condition_holds(cond: str, purpose: Purpose, party: str, referral: dict[str
 
 def _complete_override(referral: dict[str, Any]) -> dict[str, Any] | None:
     """The override record if there is one; an incomplete one is an error, never ignored."""
-    override = referral.get("sharing_override")
+    override: dict[str, Any] | None = referral.get("sharing_override")
     if not override:
         return None
     approver = override.get("approved_by") or {}
