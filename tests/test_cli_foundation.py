@@ -66,7 +66,7 @@ def test_kafka_start_refuses_when_cluster_configured() -> None:
     import os
 
     proc = run("kafka", "start", env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
-    assert proc.returncode == 2
+    assert proc.returncode == ConfigError.exit_code
     assert "KAFKA_BOOTSTRAP_SERVERS is set" in proc.stderr
 
 
