@@ -486,6 +486,13 @@ class Registry:
             raise RegistryError(f"organisation {ref_party(ref)} is not registered ('referral-broker orgs list')")
         return org
 
+    def require_active(self, ref: str) -> Organisation:
+        """A registered, active organisation (a sender: ``send --as school:110123``)."""
+        org = self.require(ref)
+        if not org.active:
+            raise RegistryError(f"organisation {org.party} is disabled ('referral-broker orgs enable {org.party}')")
+        return org
+
     def organisations(self, kind: OrgKind | str | None = None, *, active_only: bool = False) -> list[Organisation]:
         """For listings and administration; routing uses the resolution methods below."""
         want = parse_kind(kind) if isinstance(kind, str) else kind

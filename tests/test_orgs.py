@@ -213,6 +213,12 @@ def test_duplicate_identifier_checks() -> None:
     off = Registry([replace(same, status=OrgStatus.DISABLED)])
     with pytest.raises(RegistryError, match="disabled"):
         off.check_add(same)
+    # a sender must be registered and active
+    assert r.require_active("school:110123").party == "school-110123"
+    with pytest.raises(RegistryError, match="school-110123 is disabled"):
+        off.require_active("school:110123")
+    with pytest.raises(RegistryError, match="school-999999 is not registered"):
+        r.require_active("school:999999")
 
 
 def test_county_file_errors(tmp_path: Path) -> None:
