@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
@@ -118,10 +118,12 @@ def decode(data: bytes, reader_schema: Schema | PreparedSchema | None = None) ->
     body = io.BytesIO(data)
     body.seek(HEADER_SIZE)
     try:
+        # every writer schema is a record schema, so the value read is a record (fastavro
+        # types it as any Avro value)
         if reader is None or reader.fingerprint == key:
-            record = schemaless_reader(body, writer, None)
+            record = cast(dict[str, Any], schemaless_reader(body, writer, None))
         else:
-            record = schemaless_reader(body, writer, reader.parsed)
+            record = cast(dict[str, Any], schemaless_reader(body, writer, reader.parsed))
     except Exception as exc:  # EOFError, SchemaResolutionError, IndexError, UnicodeDecodeError...
         target = "" if reader is None else f" into reader {reader.fingerprint.hex()}"
         raise ContractError(

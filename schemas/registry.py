@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from fastavro import parse_schema
 from fastavro.schema import fingerprint as _fastavro_fingerprint
@@ -439,7 +439,11 @@ def expand_references(schema: Schema) -> Schema:
     return expand(schema, None)
 
 
-def define_names_once(expanded: Schema) -> Schema:
+@overload
+def define_names_once(expanded: Schema) -> Schema: ...
+@overload
+def define_names_once(expanded: list[Any]) -> list[Any]: ...
+def define_names_once(expanded: Schema | list[Any]) -> Schema | list[Any]:
     """Turn an expanded tree back into a valid schema: the first use of a name defines it, later
     uses refer to it by full name. Two different definitions under one name are an error."""
     seen: dict[str, str] = {}
@@ -470,7 +474,8 @@ def define_names_once(expanded: Schema) -> Schema:
             return {**node, "values": collapse(node["values"])}
         return node
 
-    return collapse(expanded)
+    collapsed: Schema | list[Any] = collapse(expanded)
+    return collapsed
 
 
 def field_schema(schema: Schema, path: str) -> Any:

@@ -17,7 +17,7 @@ import datetime as dt
 import re
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from referral_broker.errors import Problem, ValidationError
 
@@ -208,7 +208,7 @@ class _SchemaWalk:
         else:
             self.primitive(value, node["type"], path)
 
-    def primitive(self, value: Any, kind: str, path: str) -> None:
+    def primitive(self, value: Any, kind: str | None, path: str) -> None:
         if kind == "string":
             if not isinstance(value, str):
                 self.add(path, "expected text")
@@ -260,11 +260,11 @@ def _get(record: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _is_date(value: Any) -> bool:
+def _is_date(value: object) -> TypeGuard[dt.date]:
     return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
 
 
-def _is_aware(value: Any) -> bool:
+def _is_aware(value: object) -> TypeGuard[dt.datetime]:
     return isinstance(value, dt.datetime) and value.utcoffset() is not None
 
 
@@ -275,8 +275,7 @@ _Rule = Callable[[Mapping[str, Any], dt.datetime, Callable[[str, str], None]], N
 def _envelope_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
     """created_at and version: the referral itself."""
     created = record.get("created_at")
-    created_ok = _is_aware(created)
-    if created_ok and created > now + CLOCK_SKEW:
+    if _is_aware(created) and created > now + CLOCK_SKEW:
         add("created_at", "is in the future")
     version = record.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version < 1:
@@ -287,15 +286,15 @@ def _child_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str
     """The child's age (and the Early Support Pathway's 0-5 bound) and the household's dates."""
     today = now.date()
     created = record.get("created_at")
-    created_ok = _is_aware(created)
+    created_on = created.date() if _is_aware(created) else None
     born = _get(record, "child.date_of_birth")
     if _is_date(born):
         if born > today:
             add("child.date_of_birth", "is in the future")
-        elif created_ok and born > created.date():
+        elif created_on is not None and born > created_on:
             add("child.date_of_birth", "is after the referral was created")
         else:
-            reference = created.date() if created_ok else today
+            reference = created_on if created_on is not None else today
             age = _age_on(born, reference)
             if age > MAX_CHILD_AGE_YEARS:
                 add("child.date_of_birth", f"child is older than {MAX_CHILD_AGE_YEARS}")

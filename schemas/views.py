@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
@@ -105,7 +105,7 @@ def project(
     try:
         schemaless_writer(buffer, writer.parsed, record)
         buffer.seek(0)
-        return schemaless_reader(buffer, writer.parsed, reader.parsed)
+        return cast(dict[str, Any], schemaless_reader(buffer, writer.parsed, reader.parsed))  # a record
     except Exception as exc:  # fastavro messages can quote values: only the kind is passed on
         raise ContractError(
             f"cannot project a record of schema {writer.fingerprint.hex()} into view "
