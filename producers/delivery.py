@@ -61,12 +61,15 @@ class Delivery:
             while rows := self.outbox.queued(limit=BATCH, after=self._after):
                 self._watermarks({r.topic for r in rows})
                 if self._producer is None:
-                    self._producer = build_producer(self.settings, self.bootstrap)
+                    # Give up on a batch after four request timeouts (60 s by default): the
+                    # outbox keeps it, so waiting longer only keeps the user waiting.
+                    timeout_ms = 4 * self.settings.kafka_request_timeout_ms
+                    self._producer = build_producer(self.settings, self.bootstrap, delivery_timeout_ms=timeout_ms)
                 ids = [r.id for r in rows]
                 self.outbox.mark_attempted(ids)
                 for r in rows:
                     self._producer.send(r.topic, r.value, r.key, r.headers)
-                self._producer.flush()
+                self._producer.flush(timeout_s=4 * self.settings.kafka_request_timeout_ms / 1000 + 10)
                 self.outbox.mark_delivered(ids)
                 self.delivered.extend(rows)
                 self._after = rows[-1].id

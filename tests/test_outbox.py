@@ -17,14 +17,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from referral_broker.adapters import example_file
 from referral_broker.cluster.clients import build_consumer, build_producer, drain
-from referral_broker.cluster.topics import topic_name
-from referral_broker.config import Settings
+from referral_broker.cluster.runtime import LocalBroker
+from referral_broker.cluster.topics import ensure_topics, topic_name
+from referral_broker.config import Settings, load_settings
 from referral_broker.errors import DeliveryPendingError, PartnerInputError
 from referral_broker.identity import load_identity
 from referral_broker.parties import all_parties
@@ -343,3 +345,82 @@ def test_sender_killed_mid_file_then_resumed_loses_and_duplicates_nothing(
     assert len(on_topic) == COUNT and set(on_topic) == set(file_ids(synth_file))
     duplicated = {rid: n for rid, n in on_topic.items() if n > 1}
     assert duplicated == {}
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker this test may kill: its own ports and run folder, the shared Kafka jars."""
+    shared = load_settings(environ={})
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    jars = shared.paths_cache_dir / f"kafka-{shared.local_kafka_version}"
+    (cache / jars.name).symlink_to(jars)
+    port = closed_port()
+    controller = closed_port()
+    settings = load_settings(
+        environ={}, local_port=port, local_controller_port=controller, paths_cache_dir=cache
+    )
+    broker = LocalBroker(settings)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop(timeout_s=10)
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(170)
+def test_broker_killed_mid_file_then_flush_delivers_the_rest_once(
+    own_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """The cluster dies while a file is being sent: the sender reports 'N delivered, M queued'
+    with its own exit code instead of a traceback; after the cluster is back, a flush delivers
+    the queued ones once."""
+    bootstrap = own_broker.bootstrap
+    settings = load_settings(
+        environ={},
+        kafka_bootstrap_servers=bootstrap,
+        kafka_topic_prefix="outage.",
+        kafka_topic_profile="test",
+        paths_data_dir=tmp_path / "data",
+        kafka_request_timeout_ms=3000,
+    )
+    ensure_topics(settings, bootstrap)
+    init_parties(settings, sorted(all_parties()), bootstrap=bootstrap)
+    config = tmp_path / "fast-fail.toml"
+    config.write_text("[kafka]\nrequest_timeout_ms = 3000\n")
+    env = cli_env(settings, bootstrap, REFERRAL_BROKER_CONFIG=str(config))
+    out = tmp_path / "referrals.jsonl"
+    assert run(env, "synth", "--count", str(COUNT), "--seed", "12", "--out", str(out)).returncode == 0
+    path = outbox_path(settings, "charities")
+    args = ["send", "--as", "charities", "--file", str(out), "--format", "canonical", "--json"]
+    proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and outbox_counts(path)[0] >= 500:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the sender finished before the broker could be killed"
+        pid = own_broker.status().pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == DeliveryPendingError.exit_code, stderr
+    assert "Traceback" not in stderr
+    report = json.loads(stdout)
+    delivered, queued = report["delivered"], report["queued"]
+    assert len(delivered) >= 500 and queued and len(delivered) + len(queued) == COUNT
+    assert f"{len(delivered)} delivered, {len(queued)} queued" in stderr
+
+    own_broker.start()
+    flushed = run(env, "outbox", "flush", "--as", "charities", "--json")
+    assert flushed.returncode == 0, flushed.stderr
+    result = json.loads(flushed.stdout)
+    assert set(result["delivered"]) <= set(queued) and result["queued"] == []
+    assert len(result["delivered"]) + result["found_already_delivered"] == len(queued)
+    on_topic = intake_keys(settings, bootstrap, "charities")
+    assert len(on_topic) == COUNT and set(on_topic) == set(file_ids(out))
+    assert max(on_topic.values()) == 1
