@@ -80,7 +80,7 @@ def check_file(
     *,
     fmt: str = "native",
     skip_invalid: bool = False,
-    on_checked: Callable[[int], None] | None = None,
+    on_checked: Callable[[int], object] | None = None,
 ) -> CheckedFile:
     """Read and validate every record of a partner's file. Raises PartnerInputError (nothing to
     send) when any record is invalid, unless ``skip_invalid``. Touches no network."""
@@ -118,7 +118,7 @@ def read_canonical_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | Non
             raise PartnerInputError(f"{path}: not UTF-8 text") from None
 
 
-def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], None] | None) -> CheckedFile:
+def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], object] | None) -> CheckedFile:
     from referral_broker.schemas.registry import referral_schema
     from referral_broker.schemas.validation import validate
 
@@ -148,7 +148,7 @@ def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], None]
 
 
 def _native(
-    party: str, path: Path, skip_invalid: bool, on_checked: Callable[[int], None] | None
+    party: str, path: Path, skip_invalid: bool, on_checked: Callable[[int], object] | None
 ) -> CheckedFile:
     from referral_broker import adapters
 

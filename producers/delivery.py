@@ -50,7 +50,7 @@ class Delivery:
     _marked: set[str] = field(default_factory=set)
     _after: int = 0
 
-    def run(self, progress: Callable[[int], None] = lambda n: None) -> bool:
+    def run(self, progress: Callable[[int], object] = lambda n: None) -> bool:
         """Deliver every queued message; False when the cluster stopped it (see ``error``)."""
         if not self.reachable:
             return False

@@ -238,7 +238,20 @@ class Outbox:
             " WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
             (QUEUED, after, limit),
         ).fetchall()
-        return [Queued(*row[:8], _headers_from(row[8])) for row in rows]
+        return [
+            Queued(
+                id=row[0],
+                topic=row[1],
+                message_id=row[2],
+                kind=row[3],
+                referral_id=row[4],
+                version=row[5],
+                key=row[6],
+                value=row[7],
+                headers=_headers_from(row[8]),
+            )
+            for row in rows
+        ]
 
     def in_doubt(self) -> dict[str, dict[bytes, int]]:
         """Messages handed to a producer whose acknowledgement was never recorded:

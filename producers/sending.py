@@ -121,9 +121,9 @@ class PartnerSender:
         *,
         fmt: str = "native",
         skip_invalid: bool = False,
-        progress: Callable[[int], None] = lambda n: None,
-        on_total: Callable[[int], None] = lambda n: None,
-        on_checked: Callable[[int], None] | None = None,
+        progress: Callable[[int], object] = lambda n: None,
+        on_total: Callable[[int], object] = lambda n: None,
+        on_checked: Callable[[int], object] | None = None,
     ) -> SendReport:
         """Validate every record of the file first (PartnerInputError, nothing sent, if any is
         invalid, unless ``skip_invalid``), then seal, keep and deliver the good ones."""
@@ -135,7 +135,7 @@ class PartnerSender:
         self,
         records: CheckedFile | Iterable[CheckedReferral | dict[str, Any]],
         *,
-        progress: Callable[[int], None] = lambda n: None,
+        progress: Callable[[int], object] = lambda n: None,
     ) -> SendReport:
         """Seal each referral for the hub, keep it in the outbox, deliver; see :class:`SendReport`."""
         report = SendReport(rejected=list(records.rejected) if isinstance(records, CheckedFile) else [])
@@ -239,7 +239,7 @@ def flush_outbox(
     bootstrap: str,
     party: str,
     *,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Callable[[int], object] = lambda n: None,
     offline: str | None = None,
 ) -> FlushReport:
     """Deliver everything ``party``'s outbox holds queued, once (nothing when ``offline``)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
@@ -35,7 +37,7 @@ def status(obj: CliContext, party: str, as_json: bool) -> None:
 
     data = outbox_status(obj.settings, party)
 
-    def human(d: dict) -> None:
+    def human(d: dict[str, Any]) -> None:
         counts = d["counts"]
         click.echo(f"{d['party']}: {counts['queued']} queued, {counts['delivered']} delivered ({d['path']})")
         if d["queued"]:
@@ -62,7 +64,7 @@ def flush(obj: CliContext, party: str, as_json: bool) -> None:
         "queued": [rid for _, rid, _ in report.queued],
     }
 
-    def human(d: dict) -> None:
+    def human(d: dict[str, Any]) -> None:
         click.echo(f"{len(d['delivered'])} delivered, {len(d['queued'])} queued.")
         if d["found_already_delivered"]:
             click.echo(
