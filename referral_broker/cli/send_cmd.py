@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,7 +59,7 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
         "rejected": report.rejected,
     }
 
-    def human(d: dict) -> None:
+    def human(d: dict[str, Any]) -> None:
         for line in d["rejected"]:
             click.echo(f"rejected: {line}", err=True)
         for rid in d["delivered"]:
