@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from referral_broker.cli.demo_run import PARTNERS, run_demo
 from referral_broker.config import Settings
-from referral_broker.demo import PARTNERS, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,6 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.auth import add_user
 from referral_broker.consumers.inbox.frontend import install_frontend
-from referral_broker.consumers.inbox.records import SealedRecord
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.receiving import Received, Refused, receive
@@ -76,9 +75,8 @@ def as_record(message: OutgoingMessage, offset: int = 0) -> Record:
     )
 
 
-def as_sealed(message: OutgoingMessage, offset: int = 0) -> SealedRecord:
-    r = as_record(message, offset)
-    return SealedRecord(r.topic, r.partition, r.offset, r.key, r.value or b"", r.headers, r.timestamp_ms)
+def as_sealed(message: OutgoingMessage, offset: int = 0) -> Record:
+    return as_record(message, offset)
 
 
 @dataclass

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from referral_broker.cluster.clients import Record
 from referral_broker.consumers.inbox.auth import add_user
 from referral_broker.consumers.inbox.records import (
-    OutboundRecord,
     ReferralSummary,
-    SealedRecord,
     WithheldField,
 )
 from referral_broker.consumers.inbox.states import Action, InvalidTransitionError, ReferralState, Transition
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.store_referrals import ReferralRow
 from referral_broker.errors import UnknownUserError
+from referral_broker.sealing import OutgoingMessage
 
 TEAM = "district-fenland"
 OTHER = "district-cambridge"
@@ -43,8 +43,8 @@ def summary(rid: str, version: int = 1, **kw: object) -> ReferralSummary:
     return ReferralSummary(**base)  # type: ignore[arg-type]
 
 
-def record(rid: str, at: datetime, offset: int = 0, value: bytes = b"\x00sealed\xff") -> SealedRecord:
-    return SealedRecord(
+def record(rid: str, at: datetime, offset: int = 0, value: bytes = b"\x00sealed\xff") -> Record:
+    return Record(
         topic="t.referrals.out.district-fenland",
         partition=0,
         offset=offset,
@@ -55,10 +55,13 @@ def record(rid: str, at: datetime, offset: int = 0, value: bytes = b"\x00sealed\
     )
 
 
-def opaque_status(decided: Transition, referral: ReferralRow) -> OutboundRecord:
+def opaque_status(decided: Transition, referral: ReferralRow) -> OutgoingMessage:
     """The store keeps whatever the encoder returns; it never looks inside."""
-    return OutboundRecord(
-        referral.referral_id.encode(), f"{decided.action}".encode(), [("rb-kind", b"status")]
+    return OutgoingMessage(
+        "referrals.status.district-fenland",
+        referral.referral_id.encode(),
+        f"{decided.action}".encode(),
+        [("rb-kind", b"status")],
     )
 
 
@@ -184,7 +187,9 @@ def test_status_outbox_holds_the_encoded_message_until_published(store: InboxSto
     store.apply(TEAM, rid, Action.ACCEPT, actor="amy", at=T0, encode_status=opaque_status)
     pending = store.pending_status(TEAM)
     assert [e.action for e in pending] == [Action.OPEN, Action.ACCEPT]
-    assert pending[1].status_record == OutboundRecord(rid.encode(), b"accept", [("rb-kind", b"status")])
+    assert pending[1].status_record == OutgoingMessage(
+        "referrals.status.district-fenland", rid.encode(), b"accept", [("rb-kind", b"status")]
+    )
     store.mark_published([pending[0].id], T0)
     assert [e.action for e in store.pending_status()] == [Action.ACCEPT]
     assert store.pending_status(OTHER) == []

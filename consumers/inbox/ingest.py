@@ -31,7 +31,7 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import dead_letter
 from referral_broker.consumers.inbox.outbound import Outbound
-from referral_broker.consumers.inbox.records import RecordFormat, SealedRecord
+from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.errors import BrokerError, ReferralBrokerError
 from referral_broker.structured_log import get_logger
@@ -96,15 +96,7 @@ class TeamIngest:
         self.error: BaseException | None = None
 
     def _handle(self, record: Record, producer: Producer) -> None:
-        sealed = SealedRecord(
-            record.topic,
-            record.partition,
-            record.offset,
-            record.key,
-            record.value or b"",
-            list(record.headers),
-            record.timestamp_ms,
-        )
+        sealed = record
         try:
             if record.value is None:
                 raise ReferralBrokerError("record has no value (tombstone)")

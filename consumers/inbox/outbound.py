@@ -135,7 +135,7 @@ class Outbound:
             for event in pending:
                 assert event.status_record is not None
                 record = event.status_record
-                topic = topic_name(self.settings, "status", event.team)
+                topic = record.topic or topic_name(self.settings, "status", event.team)
                 self._producer.send(topic, record.value, record.key, record.headers)
             if pending:
                 self._producer.flush()

@@ -26,7 +26,6 @@ from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import SignedIn, csrf_ok
 from referral_broker.consumers.inbox.outbound import AccessEvent, AccessKind, status_record
 from referral_broker.consumers.inbox.pages_errors import forbidden, not_found, plain_page
-from referral_broker.consumers.inbox.records import OutboundRecord
 from referral_broker.consumers.inbox.rendering import InboxApp, inbox_app, render
 from referral_broker.consumers.inbox.security import audit, signed_in_member
 from referral_broker.consumers.inbox.states import TABS, Action, ReferralState, Transition, allowed_actions
@@ -38,6 +37,7 @@ from referral_broker.errors import (
     ShreddedError,
     UnknownUserError,
 )
+from referral_broker.sealing import OutgoingMessage
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
@@ -157,7 +157,7 @@ def _decide(
     """Record ``member``'s ``action`` with its sealed status message in the outbox (``reason_text``
     travels only inside it); raises as :meth:`InboxStore.apply` does, storing nothing."""
 
-    def encode(decided: Transition, referral: ReferralRow) -> OutboundRecord:
+    def encode(decided: Transition, referral: ReferralRow) -> OutgoingMessage:
         record = status_record(decided, referral, actor_role=member.user.role, reason=reason_text)
         return app.record_format.seal_status(record, referral.team)
 

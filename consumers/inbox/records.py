@@ -1,7 +1,7 @@
 """What the inbox keeps of a routed referral, and the one seam where the sealed format plugs in.
 
 A record arrives on ``referrals.out.<team>`` sealed for that team. The inbox keeps it exactly as
-it arrived (:class:`SealedRecord`: key, headers and value bytes) so crypto-shredding the case key
+it arrived (the shared :class:`~referral_broker.cluster.clients.Record`: key, headers and value bytes) so crypto-shredding the case key
 makes the inbox copy unreadable too. The operations that need to understand the format all
 sit behind :class:`RecordFormat` so the inbox never depends on how sealing works inside:
 
@@ -23,6 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from referral_broker.cluster.clients import Record
+from referral_broker.sealing import OutgoingMessage
+
 Headers = list[tuple[str, bytes]]
 
 
@@ -33,25 +36,6 @@ def headers_to_json(headers: Headers) -> str:
 
 def headers_from_json(text: str) -> Headers:
     return [(k, base64.b64decode(v)) for k, v in json.loads(text)]
-
-
-@dataclass(frozen=True)
-class SealedRecord:
-    """A Kafka record exactly as consumed: the inbox stores it sealed and opens it only in memory."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: Headers
-    timestamp_ms: int
-
-    def header(self, name: str) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
 
 
 @dataclass(frozen=True)
@@ -88,35 +72,26 @@ class OpenedReferral:
     granted: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class OutboundRecord:
-    """A Kafka record ready to send (already sealed and signed); the outbox keeps it as is."""
-
-    key: bytes
-    value: bytes
-    headers: Headers
-
-
 class RecordFormat(Protocol):
     """How the inbox reads routed records and writes status messages: the seam where the
     sealing package plugs in. The implementation owns verification: ``summarise`` must refuse
     (raise a :class:`~referral_broker.errors.ReferralBrokerError`) a record that does not verify,
     and ``open`` must refuse rather than return partial plaintext."""
 
-    def summarise(self, record: SealedRecord, team: str) -> ReferralSummary:
+    def summarise(self, record: Record, team: str) -> ReferralSummary:
         """Verify ``record`` and read its clear, operational part."""
         ...
 
-    def open(self, record: SealedRecord, team: str) -> OpenedReferral:
+    def open(self, record: Record, team: str) -> OpenedReferral:
         """Open the fields sealed for ``team`` (needs the team's private key)."""
         ...
 
-    def seal_status(self, status: Mapping[str, Any], team: str) -> OutboundRecord:
+    def seal_status(self, status: Mapping[str, Any], team: str) -> OutgoingMessage:
         """A ``status.v1`` record from ``team``, sealed and signed, keyed by referral id, ready
         for ``referrals.status.<team>`` (the router carries it back to the referrer)."""
         ...
 
-    def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutboundRecord:
+    def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
         """A plain (unsealed, value-free by construction) event signed as ``team``, or as this
         inbox's first team when the event has none (a refused sign-in by no known member)."""
         ...

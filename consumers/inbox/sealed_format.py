@@ -17,27 +17,25 @@ from which the view schema is derived and checked against ``rb-schema``), ``rb-w
 - ``sign_event``: an access audit event (ids and outcomes, no values) signed by the team.
 
 Every stage loads its keys the same way (``load_identity``); when a message names a key the
-directory does not know yet (a rotation since start-up), the identities are reloaded once.
+directory does not know yet (a rotation since start-up), that identity reloads its directory
+once (``Identity.retrying``), as every stage does.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.records import (
     OpenedReferral,
-    OutboundRecord,
+    OutgoingMessage,
+    Record,
     ReferralSummary,
-    SealedRecord,
     WithheldField,
 )
-from referral_broker.errors import ContractError, KeyNotFoundError, SealingError, ValidationError
+from referral_broker.consumers.receiving import open_verified, verify_arrival
+from referral_broker.errors import ContractError, KeyNotFoundError, SealingError
 from referral_broker.identity import (
     H_NO_ONWARD,
     H_REFERRER,
@@ -49,13 +47,11 @@ from referral_broker.identity import (
     withheld_from,
 )
 from referral_broker.parties import HUB, all_parties
-from referral_broker.schemas.registry import status_schema
-from referral_broker.schemas.validation import validate_status
-from referral_broker.sealing import sealing_plan, sign_plain, verify_signed
+from referral_broker.producers.hub_seal import seal_status
+from referral_broker.sealing import sealing_plan, sign_plain
 
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
-_RELOAD_AFTER_S = 30.0
 
 
 class SealedReferralFormat:
@@ -66,14 +62,10 @@ class SealedReferralFormat:
         settings: Settings,
         identities: Mapping[str, Identity],
         *,
-        reload: Callable[[], Mapping[str, Identity]] | None = None,
         hub: str = HUB,
     ) -> None:
         self.settings = settings
         self._identities = dict(identities)
-        self._reload = reload
-        self._loaded_at = time.monotonic()
-        self._lock = threading.Lock()
         self.hub = hub
 
     @classmethod
@@ -83,12 +75,10 @@ class SealedReferralFormat:
         """Each team's identity (key store, permissions checked; the hub's case keys) over one
         key directory read from the ``keys`` topic (and the published file)."""
         server = bootstrap or settings.bootstrap_servers
-
-        def load() -> dict[str, Identity]:
-            directory = load_directory(settings, server)
-            return {team: load_identity(settings, server, team, directory=directory) for team in teams}
-
-        return cls(settings, load(), reload=load)
+        directory = load_directory(settings, server)
+        return cls(
+            settings, {team: load_identity(settings, server, team, directory=directory) for team in teams}
+        )
 
     def identity(self, team: str) -> Identity:
         try:
@@ -97,33 +87,17 @@ class SealedReferralFormat:
             raise KeyNotFoundError(f"this inbox holds no key store for {team}") from None
 
     def _retrying(self, team: str, action: Callable[[Identity], Any]) -> Any:
-        """Run ``action`` with the team's identity; on a key the directory does not know, reload
-        the identities once (not more often than every 30 s) and try again."""
-        try:
-            return action(self.identity(team))
-        except KeyNotFoundError:
-            if self._reload is None:
-                raise
-            with self._lock:
-                if time.monotonic() - self._loaded_at < _RELOAD_AFTER_S:
-                    raise
-                self._identities = dict(self._reload())
-                self._loaded_at = time.monotonic()
-            return action(self.identity(team))
+        """Run ``action`` with the team's identity (which reloads its keys once on a miss)."""
+        return self.identity(team).retrying(action)
 
     # -- RecordFormat ------------------------------------------------------------------------
-    def summarise(self, record: SealedRecord, team: str) -> ReferralSummary:
+    def summarise(self, record: Record, team: str) -> ReferralSummary:
         return self._retrying(team, lambda ident: self._summarise(ident, record, team))
 
-    def _summarise(self, ident: Identity, record: SealedRecord, team: str) -> ReferralSummary:
-        headers = verify_signed(ident.directory, record)  # before anything else is believed
+    def _summarise(self, ident: Identity, record: Record, team: str) -> ReferralSummary:
+        # before anything else is believed: signature, signer, sender, recipient, kind
+        headers = verify_arrival(ident, record, sender=self.hub, kinds=(REFERRAL_KIND,))
         text = lambda name: headers.get(name, b"").decode("ascii", "replace")
-        if text("rb-sender") != self.hub:
-            raise SealingError(f"referral sent by {text('rb-sender')}, not by the hub; refused")
-        if text("rb-recipient") != team:
-            raise SealingError(f"message is addressed to {text('rb-recipient')}, not to {team}; refused")
-        if text("rb-kind") != REFERRAL_KIND:
-            raise ContractError(f"message kind {text('rb-kind')} is not a referral; refused")
         ident.schemas.learn(record.headers)  # derives the view from rb-view, checked against rb-schema
         try:
             fingerprint = bytes.fromhex(text("rb-schema"))
@@ -152,40 +126,26 @@ class SealedReferralFormat:
             priority=str(wire.get("priority") or "not_given"),
             district=wire.get("district"),
             withheld=tuple(
-                WithheldField(path, reason)
-                for path, reason in withheld_from(record.header(H_WITHHELD)).items()
+                WithheldField(path, reason) for path, reason in withheld_from(headers.get(H_WITHHELD)).items()
             ),
-            no_onward=no_onward_from(record.header(H_NO_ONWARD)),
+            no_onward=no_onward_from(headers.get(H_NO_ONWARD)),
         )
 
-    def open(self, record: SealedRecord, team: str) -> OpenedReferral:
-        opened = self._retrying(team, lambda ident: ident.open(record))
-        if opened.sender != self.hub or opened.kind != REFERRAL_KIND:
-            raise SealingError(f"message from {opened.sender} of kind {opened.kind} is not a routed referral")
+    def open(self, record: Record, team: str) -> OpenedReferral:
+        opened = open_verified(self.identity(team), record, sender=self.hub, kinds=(REFERRAL_KIND,))
         return OpenedReferral(granted=opened.record)
 
-    def seal_status(self, status: Mapping[str, Any], team: str) -> OutboundRecord:
-        problems = validate_status(dict(status), now=datetime.now(UTC))
-        if problems:
-            raise ValidationError(problems, "status message")
+    def seal_status(self, status: Mapping[str, Any], team: str) -> OutgoingMessage:
+        """Through the one status sealer (``producers.hub_seal``), as a partner's statuses are."""
+        return self._retrying(
+            team, lambda ident: seal_status(ident.sealer, self.settings, status, party=team, hub=self.hub)
+        )
 
-        def seal(ident: Identity) -> Any:
-            return ident.sealer.seal(
-                dict(status),
-                status_schema(),
-                topic=topic_name(self.settings, "status", team),
-                recipient=self.hub,
-                referral_id=status["referral_id"],
-                referral_version=status["version"],
-                kind=STATUS_KIND,
-            )
-
-        message = self._retrying(team, seal)
-        return OutboundRecord(message.key, message.value, list(message.headers))
-
-    def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutboundRecord:
+    def sign_event(
+        self, team: str | None, topic: str, key: bytes, value: bytes, kind: str
+    ) -> OutgoingMessage:
         signer = team if team in self._identities else next(iter(self._identities))
         message = self._retrying(
             signer, lambda ident: sign_plain(ident.keystore, topic=topic, key=key, value=value, kind=kind)
         )
-        return OutboundRecord(message.key, message.value, list(message.headers))
+        return message

@@ -35,7 +35,7 @@ from typing import Any, Self
 
 from referral_broker.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events.status_topic (the topic a status was signed for)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS events (
     team TEXT NOT NULL, referral_id TEXT NOT NULL, version INTEGER NOT NULL, at TEXT NOT NULL,
     actor TEXT NOT NULL, action TEXT NOT NULL, state_before TEXT NOT NULL, state_after TEXT NOT NULL,
     reason_code TEXT, allocated_to TEXT, notify INTEGER NOT NULL,
-    status_key BLOB, status_headers TEXT, status_value BLOB, published_at TEXT
+    status_key BLOB, status_headers TEXT, status_value BLOB, published_at TEXT, status_topic TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_referral ON events (team, referral_id, id);
 CREATE INDEX IF NOT EXISTS events_outbox ON events (notify, published_at);
@@ -137,6 +137,11 @@ class StoreDatabase:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) == 1:
+                # v1 kept no topic with a status; such rows are published to the team's status
+                # topic, the only one a v1 inbox ever signed for
+                db.execute("ALTER TABLE events ADD COLUMN status_topic TEXT")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif int(row["value"]) > SCHEMA_VERSION:
                 raise StoreError(
                     f"the inbox database {self.path} has schema version {row['value']}, newer than "

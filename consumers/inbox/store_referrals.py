@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from referral_broker.consumers.inbox.records import (
-    OutboundRecord,
+    OutgoingMessage,
+    Record,
     ReferralSummary,
-    SealedRecord,
     WithheldField,
     headers_from_json,
     headers_to_json,
@@ -33,7 +33,7 @@ from referral_broker.errors import UnknownReferralError, UnknownUserError
 PRIORITY_ORDER = ("immediate", "urgent", "high", "medium", "normal", "routine", "low")
 
 # (the decided transition, the referral as it was) -> the sealed status message for it.
-StatusEncoder = Callable[["Transition", "ReferralRow"], OutboundRecord]
+StatusEncoder = Callable[["Transition", "ReferralRow"], OutgoingMessage]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class EventRow:
     reason_code: str | None
     allocated_to: str | None
     notify: bool
-    status_record: OutboundRecord | None
+    status_record: OutgoingMessage | None
     published_at: datetime | None
 
 
@@ -86,7 +86,7 @@ class IngestResult:
 class ReferralTables(StoreDatabase):
     """The records, referrals and events tables (see :class:`consumers.inbox.store.InboxStore`)."""
 
-    def ingest(self, team: str, summary: ReferralSummary, record: SealedRecord) -> IngestResult:
+    def ingest(self, team: str, summary: ReferralSummary, record: Record) -> IngestResult:
         """Store one routed record; a re-delivered (referral id, version) changes nothing."""
         received = utc(datetime.fromtimestamp(record.timestamp_ms / 1000, UTC))
         with self._write() as db:
@@ -228,7 +228,7 @@ class ReferralTables(StoreDatabase):
         """Which teams' inboxes hold this id (to audit a cross-team attempt, never to show it)."""
         return [r[0] for r in self._read("SELECT team FROM referrals WHERE referral_id = ?", [referral_id])]
 
-    def record_of(self, team: str, referral_id: str, version: int | None = None) -> SealedRecord:
+    def record_of(self, team: str, referral_id: str, version: int | None = None) -> Record:
         """The raw sealed record of the given (or current) version."""
         if version is None:
             row = self.get_referral(team, referral_id)
@@ -243,7 +243,7 @@ class ReferralTables(StoreDatabase):
         if not rows:
             raise UnknownReferralError(f"no version {version} of referral {referral_id} in {team}")
         r = rows[0]
-        return SealedRecord(
+        return Record(
             topic=r["topic"],
             partition=r["partition"],
             offset=r["offset"],
@@ -270,12 +270,12 @@ class ReferralTables(StoreDatabase):
         decided: Transition,
         reason_code: str | None = None,
         allocated_to: str | None = None,
-        status: OutboundRecord | None = None,
+        status: OutgoingMessage | None = None,
     ) -> int:
         cur = db.execute(
             "INSERT INTO events (team, referral_id, version, at, actor, action, state_before, state_after,"
-            " reason_code, allocated_to, notify, status_key, status_headers, status_value, published_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            " reason_code, allocated_to, notify, status_key, status_headers, status_value, published_at,"
+            " status_topic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
             (
                 team,
                 referral_id,
@@ -291,6 +291,7 @@ class ReferralTables(StoreDatabase):
                 status.key if status else None,
                 headers_to_json(status.headers) if status else None,
                 status.value if status else None,
+                status.topic if status else None,
             ),
         )
         return int(cur.lastrowid or 0)
@@ -357,8 +358,11 @@ class ReferralTables(StoreDatabase):
     def _event(r: sqlite3.Row) -> EventRow:
         status = None
         if r["status_value"] is not None:
-            status = OutboundRecord(
-                r["status_key"], r["status_value"], headers_from_json(r["status_headers"])
+            status = OutgoingMessage(
+                r["status_topic"] or "",
+                r["status_key"],
+                r["status_value"],
+                headers_from_json(r["status_headers"]),
             )
         return EventRow(
             id=r["id"],
