@@ -238,3 +238,23 @@ def test_secret_is_made_once_and_kept(tmp_path: Path) -> None:
         assert secret == first.secret_key() and len(secret) >= 48
     with InboxStore(tmp_path / "a.sqlite3") as again:
         assert again.secret_key() == secret
+
+
+def test_a_version_1_database_gains_the_status_topic(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    InboxStore(path).close()
+    db = sqlite3.connect(path)
+    # what a version 1 inbox left: no status_topic column, schema_version 1
+    db.executescript(
+        "ALTER TABLE events DROP COLUMN status_topic; UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    db.commit()
+    db.close()
+    with InboxStore(path):
+        pass
+    db = sqlite3.connect(path)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+    version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    db.close()
+    assert "status_topic" in columns
+    assert version == "2"
