@@ -474,7 +474,7 @@ class JsonAdapter(PartnerAdapter):
 
 
 def _known_paths(field_map: FieldMap) -> set[str]:
-    known = set()
+    known: set[str] = set()
     for entry in field_map.entries:
         if isinstance(entry, Items):
             known.update(

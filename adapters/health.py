@@ -22,6 +22,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
+from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from referral_broker.errors import ContractError, PartnerInputError
@@ -226,7 +227,7 @@ STATUS_MAP = FieldMap(
     )
 )
 
-_MODELS = {"ServiceRequest": ServiceRequest, "Patient": Patient, "Task": Task}
+_MODELS: dict[str, type[BaseModel]] = {"ServiceRequest": ServiceRequest, "Patient": Patient, "Task": Task}
 
 
 def _fhir_problems(resource: Any, type_name: str) -> list[MappingProblem]:
@@ -293,7 +294,10 @@ class HealthAdapter(JsonAdapter):
             else None
         )
         contained = {f"#{r.get('id')}": r for r in resource.get("contained") or [] if isinstance(r, dict)}
-        patient = contained.get(reference) or bundle.get(str(reference))
+        # a reference that is not text (a list, say) names no contained resource
+        patient = (contained.get(reference) if isinstance(reference, str) else None) or bundle.get(
+            str(reference)
+        )
         if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
             problems.append(
                 MappingProblem(f"{SR}subject", "child", "does not refer to a Patient in the file")

@@ -13,7 +13,7 @@ import csv
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,7 +54,8 @@ def _check_start(head: bytes, name: str) -> None:
 
 def _decoded_lines(handle: IO[bytes] | IO[str], name: str) -> Iterator[str]:
     """Lines as text, decoded one at a time so a bad byte is reported with its line number."""
-    for number, raw in enumerate(handle, 1):
+    lines: Iterable[bytes | str] = handle
+    for number, raw in enumerate(lines, 1):
         if isinstance(raw, str):
             yield raw.removeprefix("\ufeff") if number == 1 else raw
             continue
