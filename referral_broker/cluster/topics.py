@@ -11,11 +11,14 @@ import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, TopicPlanError
 from referral_broker.parties import all_parties
+
+if TYPE_CHECKING:
+    from kafka import KafkaAdminClient  # kafka-python has no type information: this is Any to mypy
 
 ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs")
 
@@ -123,7 +126,7 @@ class TopicState:
         }
 
 
-def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
+def _describe(admin: KafkaAdminClient, specs: list[TopicSpec]) -> dict[str, TopicState]:
     from kafka.admin import ConfigResource, ConfigResourceType
 
     existing = set(admin.list_topics())
@@ -155,7 +158,7 @@ def _describe(admin: Any, specs: list[TopicSpec]) -> dict[str, TopicState]:
     return states
 
 
-def _wait_for_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
+def _wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout_s: float) -> None:
     """New topics are usable once every partition has a leader; producing earlier fails."""
     import time
 
@@ -176,7 +179,7 @@ def _wait_for_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
             time.sleep(0.1)
 
 
-def admin_client(settings: Settings, bootstrap: str) -> Any:
+def admin_client(settings: Settings, bootstrap: str) -> KafkaAdminClient:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 

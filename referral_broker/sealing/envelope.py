@@ -51,6 +51,7 @@ from referral_broker.sealing.wrapping import (
 )
 
 if TYPE_CHECKING:
+    from referral_broker.cluster.clients import Producer
     from referral_broker.sealing.case_keys import CaseKeyStore
 
 MESSAGE_FORMAT = b"1"
@@ -104,7 +105,7 @@ class OutgoingMessage:
     value: bytes = field(repr=False)
     headers: Headers = field(repr=False)
 
-    def send(self, producer: Any) -> None:
+    def send(self, producer: Producer) -> None:
         """Queue on a ``cluster.clients.Producer``; its ``flush`` confirms or raises."""
         producer.send(self.topic, value=self.value, key=self.key, headers=self.headers)
 
