@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from urllib.parse import quote, urlencode
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
@@ -358,7 +358,7 @@ async def _act(
     return RedirectResponse(f"/referrals/{quote(referral.referral_id)}?{query}", status_code=303)
 
 
-async def _action_preamble(request: Request) -> tuple[SignedIn, ReferralRow, Any] | Response:
+async def _action_preamble(request: Request) -> tuple[SignedIn, ReferralRow, FormData] | Response:
     """Signed in, CSRF token right, referral in the member's team: in that order."""
     member = await signed_in_member(request)
     if isinstance(member, Response):

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.app import create_app
@@ -90,7 +90,7 @@ def build_inbox(
     return Inbox(app, store, outbound, teams, workers)
 
 
-def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
@@ -107,7 +107,7 @@ def _stop_requested(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_forever(app: Any, host: str, port: int) -> None:
+def serve_forever(app: ASGIApp, host: str, port: int) -> None:
     """Serve in this (main) thread until Ctrl-C or SIGTERM; a requested stop returns normally.
 
     uvicorn shuts down gracefully (the lifespan stops and joins the ingest workers), then
@@ -125,7 +125,7 @@ def serve_forever(app: Any, host: str, port: int) -> None:
 class ServerThread:
     """uvicorn in a (joined) thread on ``host``; ``port=0`` picks a free port."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = uvicorn.Server(uvicorn_config(app, host, port))
         self.host = host
         self._thread: threading.Thread | None = None
