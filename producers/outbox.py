@@ -290,7 +290,16 @@ class _Transaction:
         self.db = db
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise BrokerError(f"the outbox could not be written ({type(exc).__name__})") from None
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        except sqlite3.Error as exc:
+            raise BrokerError(f"the outbox could not be written ({type(exc).__name__})") from None
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            # A full disk or a damaged file: nothing of this transaction was kept.
+            raise BrokerError(f"the outbox could not be written ({exc_type.__name__})") from None
