@@ -225,7 +225,7 @@ class PartnerSender:
             local = self.settings.keys_dir / "directory.json"
             if not local.exists():
                 raise
-            log.warning("key directory topic unreachable; sealing with the local copy", error=str(exc))
+            log.info("key directory topic unreachable; sealing with the local copy", error=str(exc))
             directory = KeyDirectory.load_file(local)
             reachable = False
         identity = load_identity(self.settings, self.bootstrap, self.party, directory=directory)
