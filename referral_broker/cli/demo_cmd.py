@@ -27,7 +27,7 @@ def demo(obj: CliContext, no_serve: bool, per_partner: int, port: int) -> None:
     keys, have every partner send synthetic referrals in its own format, route them, receive
     them at every recipient, print who got which fields and what was withheld (names, never
     values), and return status messages to the referrers. Safe to run again."""
-    from referral_broker.demo import compact_paths, run_demo
+    from referral_broker.cli.demo_run import compact_paths, run_demo
 
     started = time.monotonic()
     say = lambda s: click.echo(s, err=True)

@@ -99,10 +99,10 @@ def receive(
 ) -> None:
     """Receive what was routed to PARTY: verified, opened with its own key, with the fields
     withheld from it named. Exit 1 if any message could not be verified or opened."""
-    from referral_broker.consumers.receiving import Received
-    from referral_broker.partner import PartnerClient, json_default
+    from referral_broker.consumers.receiving import PartnerReceiver, Received, json_default
+    from referral_broker.schemas.registry import flatten
 
-    client = PartnerClient(obj.settings, obj.bootstrap(), party)
+    client = PartnerReceiver(obj.settings, obj.bootstrap(), party)
     items = list(client.receive(stop_when_idle=stop_when_idle, group=None if from_start else "default"))
     good = [i for i in items if isinstance(i, Received)]
     refused = [i for i in items if not isinstance(i, Received)]
@@ -132,7 +132,7 @@ def receive(
                 str(r["version"]),
                 r["kind"],
                 r["referrer"] or r["from"],
-                str(len(_paths(r["record"]))),
+                str(len(flatten(r["record"]))),
                 str(len(r["withheld"])),
             ]
             for r in d["received"]
@@ -154,12 +154,3 @@ def receive(
     if refused:
         raise click.exceptions.Exit(1)
 
-
-def _paths(record: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out += _paths(value, f"{prefix}{key}.")
-        else:
-            out.append(prefix + key)
-    return out
