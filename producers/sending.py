@@ -2,6 +2,7 @@
 
     sender = PartnerSender(settings, bootstrap, "schools")
     report = sender.send_file("export.csv")     # validate all, seal, keep in the outbox, deliver
+    with OutboxDrain(settings, bootstrap, "schools"): ...  # long-running: deliver what is queued
     report.delivered, report.queued, report.already_sent, report.rejected
     flush_outbox(settings, bootstrap, "schools")  # deliver what an earlier send left queued
 
@@ -20,6 +21,7 @@ and queued during an outage.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -43,6 +45,7 @@ log = get_logger(__name__)
 
 __all__ = [
     "FlushReport",
+    "OutboxDrain",
     "PartnerSender",
     "SendReport",
     "flush_outbox",
@@ -265,3 +268,75 @@ def outbox_status(settings: Settings, party: str) -> dict[str, Any]:
         "queued": [{"kind": k, "referral_id": rid, "version": v} for k, rid, v in queued],
         "counts": counts,
     }
+
+
+class OutboxDrain:
+    """Delivers what ``party``'s outbox holds queued, in the background, for long-running
+    processes that send (a partner's integration service, ``outbox flush --every``).
+
+    Every ``interval_s`` it flushes when something is queued; after a failed flush it waits
+    longer (doubling, up to ``max_interval_s``) so an outage is not hammered, and it logs one
+    line per change between reachable and not. A ``send`` in the same moment finds the outbox
+    busy and is retried on the next tick, never lost: the outbox is the record.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        party: str,
+        *,
+        interval_s: float = 5.0,
+        max_interval_s: float = 120.0,
+    ) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.party = get_party(party).name
+        self.interval_s = interval_s
+        self.max_interval_s = max_interval_s
+        self.delivered = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> bool:
+        """One pass: True when nothing is left queued."""
+        try:
+            with Outbox.open(self.settings, self.party) as outbox:
+                if not outbox.queued_referrals():
+                    return True
+            report = flush_outbox(self.settings, self.bootstrap, self.party)
+        except BrokerError as exc:  # the outbox in use by a send, or the cluster unreachable
+            self.failures += 1
+            log.warning("outbox drain: will retry", party=self.party, error=str(exc))
+            return False
+        self.delivered += len(report.delivered)
+        if report.delivered:
+            log.info("outbox drain delivered", party=self.party, count=len(report.delivered))
+        if report.queued:
+            self.failures += 1
+            log.warning("outbox drain: still queued", party=self.party, count=len(report.queued))
+        return not report.queued
+
+    def run(self) -> None:
+        """Drain until :meth:`stop`; backs off while the cluster is away."""
+        wait = self.interval_s
+        while not self._stop.is_set():
+            wait = self.interval_s if self.tick() else min(wait * 2, self.max_interval_s)
+            self._stop.wait(wait)
+
+    def start(self) -> OutboxDrain:
+        self._thread = threading.Thread(target=self.run, name=f"outbox-drain-{self.party}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> OutboxDrain:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

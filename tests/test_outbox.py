@@ -33,7 +33,7 @@ from referral_broker.parties import all_parties
 from referral_broker.producers.checked import check_file
 from referral_broker.producers.hub_seal import REFERRAL_KIND, HubSealer
 from referral_broker.producers.outbox import Entry, Outbox, outbox_path, referral_message_id
-from referral_broker.producers.sending import PartnerSender, flush_outbox
+from referral_broker.producers.sending import OutboxDrain, PartnerSender, flush_outbox
 from referral_broker.sealing.key_admin import init_parties
 
 CLI = [sys.executable, "-m", "referral_broker.cli.main"]
@@ -424,3 +424,52 @@ def test_broker_killed_mid_file_then_flush_delivers_the_rest_once(
     on_topic = intake_keys(settings, bootstrap, "charities")
     assert len(on_topic) == COUNT and set(on_topic) == set(file_ids(out))
     assert max(on_topic.values()) == 1
+
+
+def test_a_background_drain_delivers_what_an_outage_left_queued(
+    keyed: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "fast-fail.toml"
+    config.write_text("[kafka]\nrequest_timeout_ms = 3000\n")
+    down = cli_env(keyed, f"127.0.0.1:{closed_port()}", REFERRAL_BROKER_CONFIG=str(config))
+    native = example_file("schools")
+    queued = run(down, "send", "--as", "schools", "--file", str(native), "--json")
+    assert queued.returncode == DeliveryPendingError.exit_code, queued.stderr
+    ids = json.loads(queued.stdout)["queued"]
+    assert ids and intake_keys(keyed, kafka_bootstrap, "schools") == Counter()
+
+    # a drain pointed at a cluster that is away backs off and keeps everything
+    away = OutboxDrain(
+        load_settings(config, environ={}, **_same_namespace(keyed)),
+        f"127.0.0.1:{closed_port()}",
+        "schools",
+    )
+    assert away.tick() is False and away.failures == 1 and away.delivered == 0
+
+    # the long-running form: `outbox flush --every`, against the cluster, stopped with SIGTERM
+    proc = subprocess.Popen(
+        [*CLI, "outbox", "flush", "--as", "schools", "--every", "0.5"],
+        env=cli_env(keyed, kafka_bootstrap),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(intake_keys(keyed, kafka_bootstrap, "schools")) < len(ids):
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"{len(ids)} delivered while draining." in err
+    on_topic = intake_keys(keyed, kafka_bootstrap, "schools")
+    assert set(on_topic) == set(ids) and max(on_topic.values()) == 1
+
+
+def _same_namespace(settings: Settings) -> dict[str, object]:
+    return {
+        "kafka_topic_prefix": settings.kafka_topic_prefix,
+        "kafka_topic_profile": settings.kafka_topic_profile,
+        "paths_data_dir": settings.paths_data_dir,
+    }

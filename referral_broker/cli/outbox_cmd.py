@@ -49,13 +49,24 @@ def status(obj: CliContext, party: str, as_json: bool) -> None:
 
 @outbox.command()
 @party_option
+@click.option(
+    "--every",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Keep running: deliver whatever is queued every SECONDS (backing off while the cluster is away) "
+    "until interrupted.",
+)
 @json_option
 @pass_cli
-def flush(obj: CliContext, party: str, as_json: bool) -> None:
+def flush(obj: CliContext, party: str, every: float | None, as_json: bool) -> None:
     """Deliver every queued message once. Exits with DeliveryPendingError's code when some
     are still queued (the cluster could not be reached)."""
-    from referral_broker.producers.sending import flush_outbox, pending_message
+    from referral_broker.producers.sending import OutboxDrain, flush_outbox, pending_message
 
+    if every is not None:
+        _drain_until_stopped(OutboxDrain(obj.settings, obj.settings.bootstrap_servers, party, interval_s=every))
+        return
     bootstrap, offline = reach(obj)
     report = flush_outbox(obj.settings, bootstrap, party, offline=offline)
     data = {
@@ -77,3 +88,17 @@ def flush(obj: CliContext, party: str, as_json: bool) -> None:
         from referral_broker.errors import DeliveryPendingError
 
         raise DeliveryPendingError(pending_message(len(report.delivered), len(report.queued), party, report.error))
+
+
+def _drain_until_stopped(drain: Any) -> None:
+    """Run a drain in the foreground; SIGTERM or Ctrl-C stops it after the current pass."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: drain.stop(timeout_s=0))
+    try:
+        drain.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(f"{drain.delivered} delivered while draining.", err=True)
