@@ -47,6 +47,12 @@ class Settings:
     # [inbox]
     inbox_database: Path | None = None
     inbox_session_max_age_s: int = 8 * 3600
+    # working days from receipt to the team's decision, by priority (0: the same working day)
+    inbox_due_urgent_working_days: int = 0
+    inbox_due_high_working_days: int = 3
+    inbox_due_routine_working_days: int = 10
+    inbox_page_size: int = 25
+    inbox_search_max_records: int = 2000  # referrals opened in memory to answer one search
 
     @property
     def uses_local_broker(self) -> bool:

@@ -9,14 +9,15 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from referral_broker.consumers.inbox.states import (
+    FINISHED,
+    LIVE,
     MEMBER_ACTIONS,
     NEEDS_REASON,
-    TABS,
+    UNDECIDED,
     Action,
     InvalidTransitionError,
     ReferralState,
     allowed_actions,
-    tab_of,
     transition,
 )
 from referral_broker.errors import ReferralBrokerError
@@ -27,14 +28,18 @@ AT = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 # The whole table, written out independently of the module's own: anything absent is refused.
 EXPECTED: dict[tuple[ReferralState, Action], ReferralState] = {
     (S.NEW, A.OPEN): S.OPENED,
+    (S.NEW, A.ACCEPT): S.ACCEPTED,
+    (S.NEW, A.DECLINE): S.DECLINED,
+    (S.NEW, A.REQUEST_INFORMATION): S.MORE_INFORMATION_NEEDED,
+    (S.NEW, A.ALLOCATE): S.NEW,
     (S.OPENED, A.ACCEPT): S.ACCEPTED,
     (S.OPENED, A.DECLINE): S.DECLINED,
     (S.OPENED, A.REQUEST_INFORMATION): S.MORE_INFORMATION_NEEDED,
     (S.OPENED, A.ALLOCATE): S.OPENED,
     (S.ACCEPTED, A.ALLOCATE): S.ACCEPTED,
     (S.MORE_INFORMATION_NEEDED, A.ALLOCATE): S.MORE_INFORMATION_NEEDED,
+    (S.MORE_INFORMATION_NEEDED, A.RECORD_INFORMATION): S.OPENED,
     (S.ACCEPTED, A.CLOSE): S.CLOSED,
-    (S.DECLINED, A.CLOSE): S.CLOSED,
     (S.MORE_INFORMATION_NEEDED, A.CLOSE): S.CLOSED,
     (S.NEW, A.RECEIVE_UPDATE): S.NEW,
     (S.OPENED, A.RECEIVE_UPDATE): S.OPENED,
@@ -42,6 +47,7 @@ EXPECTED: dict[tuple[ReferralState, Action], ReferralState] = {
     (S.DECLINED, A.RECEIVE_UPDATE): S.DECLINED,
     (S.MORE_INFORMATION_NEEDED, A.RECEIVE_UPDATE): S.NEW,
     (S.CLOSED, A.RECEIVE_UPDATE): S.CLOSED,
+    **{(s, A.NOTE): s for s in ReferralState},
 }
 ALL_PAIRS = list(itertools.product(ReferralState, Action))
 
@@ -61,12 +67,14 @@ def test_every_pair_is_decided_as_the_table_says(state: ReferralState, action: A
 
 
 def test_the_table_covers_the_issue_path() -> None:
-    """new -> opened -> accepted / declined / more information needed -> closed."""
-    for outcome in (A.ACCEPT, A.DECLINE, A.REQUEST_INFORMATION):
-        state = S.NEW
-        for action in (A.OPEN, outcome, A.CLOSE):
-            state = transition(state, action, at=AT).after
-        assert state is S.CLOSED
+    """new -> acknowledged -> more information needed -> information recorded (re-opened) ->
+    accepted -> closed; a decision needs no acknowledgement first; declined is final."""
+    state = S.NEW
+    for action in (A.OPEN, A.REQUEST_INFORMATION, A.RECORD_INFORMATION, A.ACCEPT, A.CLOSE):
+        state = transition(state, action, at=AT).after
+    assert state is S.CLOSED
+    assert transition(S.NEW, A.ACCEPT, at=AT).after is S.ACCEPTED
+    assert allowed_actions(S.DECLINED) == ()
 
 
 @pytest.mark.parametrize("state", list(ReferralState), ids=lambda s: s.value)
@@ -83,7 +91,8 @@ def test_allowed_actions_are_exactly_the_member_actions_that_succeed(state: Refe
 
 def test_closed_is_final_for_members() -> None:
     assert allowed_actions(S.CLOSED) == ()
-    assert allowed_actions(S.NEW) == ()  # a new referral must be opened (viewed) first
+    # a new referral is acknowledged or decided by a member, never by being read
+    assert allowed_actions(S.NEW) == (A.OPEN, A.ACCEPT, A.REQUEST_INFORMATION, A.DECLINE, A.ALLOCATE)
 
 
 @pytest.mark.parametrize(("state", "action"), list(EXPECTED), ids=lambda x: x.value)
@@ -92,8 +101,8 @@ def test_status_codes_follow_the_status_schema(state: ReferralState, action: Act
 
     symbols = next(f for f in status_schema()["fields"] if f["name"] == "status")["type"]["symbols"]
     decided = transition(state, action, at=AT)
-    if action is A.RECEIVE_UPDATE:
-        assert not decided.notifies_referrer and decided.status_code is None
+    if action in (A.RECEIVE_UPDATE, A.NOTE, A.RECORD_INFORMATION):
+        assert not decided.notifies_referrer
     else:
         assert decided.notifies_referrer and decided.status_code in symbols
 
@@ -118,6 +127,6 @@ def test_string_values_are_accepted_as_the_enum() -> None:
 
 
 @pytest.mark.parametrize("state", list(ReferralState), ids=lambda s: s.value)
-def test_every_state_is_on_exactly_one_tab(state: ReferralState) -> None:
-    assert sum(state in states for states in TABS.values()) == 1
-    assert state in TABS[tab_of(state)]
+def test_every_state_is_live_or_finished_and_undecided_is_live(state: ReferralState) -> None:
+    assert (state in LIVE) != (state in FINISHED)
+    assert set(UNDECIDED) <= set(LIVE)

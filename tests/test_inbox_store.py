@@ -174,7 +174,7 @@ def test_refused_transition_stores_nothing(store: InboxStore) -> None:
     rid = str(uuid.uuid4())
     store.ingest(TEAM, summary(rid), record(rid, T0))
     with pytest.raises(InvalidTransitionError):
-        store.apply(TEAM, rid, Action.ACCEPT, actor="amy", at=T0, encode_status=opaque_status)
+        store.apply(TEAM, rid, Action.CLOSE, actor="amy", at=T0, encode_status=opaque_status)
     row = store.get_referral(TEAM, rid)
     assert row is not None and row.state is ReferralState.NEW
     assert store.events(TEAM, rid) == [] and store.pending_status() == []
@@ -257,4 +257,28 @@ def test_a_version_1_database_gains_the_status_topic(tmp_path: Path) -> None:
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     db.close()
     assert "status_topic" in columns
-    assert version == "2"
+    assert version == "3"
+
+
+def test_a_version_2_database_gains_creation_time_due_date_and_sealed_text(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite3"
+    InboxStore(path).close()
+    db = sqlite3.connect(path)
+    db.executescript(
+        "DROP INDEX referrals_by_due; DROP INDEX referrals_by_allocation;"
+        " ALTER TABLE referrals DROP COLUMN created_at; ALTER TABLE referrals DROP COLUMN due_date;"
+        " ALTER TABLE referrals DROP COLUMN flags; ALTER TABLE referrals DROP COLUMN decision_id;"
+        " ALTER TABLE events DROP COLUMN sealed_text; UPDATE meta SET value = '2' WHERE key = 'schema_version';"
+    )
+    db.commit()
+    db.close()
+    with InboxStore(path) as store:
+        rid = str(uuid.uuid4())
+        store.ingest(TEAM, summary(rid), record(rid, T0))
+        row = store.get_referral(TEAM, rid)
+        assert row is not None and row.due_date is not None
+    db = sqlite3.connect(path)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(referrals)")}
+    version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    db.close()
+    assert {"created_at", "due_date", "flags", "decision_id"} <= columns and version == "3"

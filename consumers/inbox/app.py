@@ -29,15 +29,16 @@ from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import SessionCodec
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.pages_errors import http_error, server_error
+from referral_broker.consumers.inbox.pages_list import export_csv, inbox
 from referral_broker.consumers.inbox.pages_referrals import (
-    TAB_LABELS,
     accept,
+    acknowledge,
     allocate,
     close,
-    inbox,
     reason_endpoints,
     reason_label,
     referral_page,
+    text_endpoints,
 )
 from referral_broker.consumers.inbox.pages_signin import sign_in, sign_in_form, sign_out
 from referral_broker.consumers.inbox.records import RecordFormat
@@ -81,9 +82,9 @@ def _environment() -> jinja2.Environment:
         team_label=_team_label,
         referrer_label=_referrer_label,
         when=presentation.when,
+        short_date=presentation.short_date,
         state_tag=lambda s: presentation.STATE_TAG_CLASSES.get(ReferralState(s), ""),
         priority_tag=lambda p: presentation.PRIORITY_TAG_CLASSES.get(p, "govuk-tag--grey"),
-        tab_labels=TAB_LABELS,
         reason_label=reason_label,
     )
     return env
@@ -125,6 +126,8 @@ def create_app(
     )
     decline_show, decline_submit = reason_endpoints("decline")
     info_show, info_submit = reason_endpoints("request-information")
+    received_show, received_submit = text_endpoints("record-information")
+    note_show, note_submit = text_endpoints("notes")
     rid = "/referrals/{referral_id}"
     routes: list[Route | Mount] = [
         Route("/", home),
@@ -133,7 +136,9 @@ def create_app(
         Route("/sign-in", sign_in, methods=["POST"]),
         Route("/sign-out", sign_out, methods=["POST"]),
         Route("/inbox", inbox, methods=["GET"]),
+        Route("/inbox/export.csv", export_csv, methods=["GET"]),
         Route(rid, referral_page, methods=["GET"]),
+        Route(rid + "/acknowledge", acknowledge, methods=["POST"]),
         Route(rid + "/accept", accept, methods=["POST"]),
         Route(rid + "/close", close, methods=["POST"]),
         Route(rid + "/allocate", allocate, methods=["POST"]),
@@ -141,6 +146,10 @@ def create_app(
         Route(rid + "/decline", decline_submit, methods=["POST"]),
         Route(rid + "/request-information", info_show, methods=["GET"]),
         Route(rid + "/request-information", info_submit, methods=["POST"]),
+        Route(rid + "/record-information", received_show, methods=["GET"]),
+        Route(rid + "/record-information", received_submit, methods=["POST"]),
+        Route(rid + "/notes", note_show, methods=["GET"]),
+        Route(rid + "/notes", note_submit, methods=["POST"]),
     ]
     if assets_dir is not None:
         routes.append(Mount("/assets", StaticFiles(directory=assets_dir), name="assets"))

@@ -45,6 +45,9 @@ class AccessKind(StrEnum):
     NOT_FOUND = "referral_not_found"
     SIGN_IN_REFUSED = "sign_in_refused"
     SIGNED_IN = "signed_in"
+    EXPORTED = "view_exported"  # a view of the list downloaded as CSV (count: its rows)
+    NOTE_ADDED = "case_note_added"
+    INFORMATION_RECORDED = "information_recorded"
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ class AccessEvent:
     team: str | None
     referral_id: str | None = None
     version: int | None = None
+    count: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.count is None else {"count": self.count}
+        return extra | {
             "type": ACCESS_EVENT_TYPE,
             "event_id": str(uuid.uuid4()),
             "kind": self.kind.value,

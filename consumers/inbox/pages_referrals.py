@@ -1,21 +1,28 @@
-"""The referral pages: the team's inbox (tabs new / in progress / closed; filter and sort), one
-referral (the granted fields opened for this view only, the withheld fields named with the
-reason, the actions its state allows, its history), the actions, and the decline /
-more-information forms.
+"""One referral's page and its actions: the granted fields opened for this view only, in the
+order a worker reads them (the concerns, risk flags, priority, consent and override, why the
+team has it, then the child, household, circumstances, health, school; "do not pass on" beside
+each such field; the withheld fields named with the reason; technical ids last), the actions its
+state allows, case notes and the history (with the exact words sent to the referrer), and the
+decline / more-information / information-received forms. The list is :mod:`pages_list`.
 
-Every request is answered as the signed-in member of one team: another team's referral is a
-plain 404, exactly like an unknown id, and the attempt is audited. Every view of a referral is
+Reading changes nothing and tells no one: a member acknowledges a referral explicitly, or
+decides it. The banner after an action comes from the referral's recorded history, not from the
+URL. Every request is answered as the signed-in member of one team: another team's referral is
+a plain 404, exactly like an unknown id, and the attempt is audited. Every view of a referral is
 audited before the page is built; if the audit cannot be written the referral is not shown.
+Case notes, information recorded and the words sent to the referrer are sealed for the team
+before they are stored (:meth:`RecordFormat.seal_text`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
-from urllib.parse import quote, urlencode
+from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
+from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -24,11 +31,12 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import SignedIn, csrf_ok
+from referral_broker.consumers.inbox.deadlines import local_date
 from referral_broker.consumers.inbox.outbound import AccessEvent, AccessKind, status_record
 from referral_broker.consumers.inbox.pages_errors import forbidden, not_found, plain_page
 from referral_broker.consumers.inbox.rendering import InboxApp, inbox_app, render
 from referral_broker.consumers.inbox.security import audit, signed_in_member
-from referral_broker.consumers.inbox.states import TABS, Action, ReferralState, Transition, allowed_actions
+from referral_broker.consumers.inbox.states import Action, Transition, allowed_actions
 from referral_broker.consumers.inbox.store_referrals import ReferralRow
 from referral_broker.errors import (
     BrokerError,
@@ -46,14 +54,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 _REFERRAL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MAX_DETAILS = 1200
-
-TAB_LABELS = {"new": "New", "in-progress": "In progress", "closed": "Closed"}
-SORTS = {
-    "age": ("Oldest first", "age", False),
-    "newest": ("Newest first", "age", True),
-    "priority": ("Priority, most urgent first", "priority", False),
-    "referrer": ("Referrer", "referrer", False),
-}
+MAX_NOTE = 2000
+BANNER_FOR = timedelta(minutes=15)  # how long a member's own action is confirmed on the page
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,7 @@ REASON_FORMS = {
             "other": "Another reason",
         },
         "Explain your decision to the referrer",
-        "This is sent to the referrer, sealed so only the council and the referrer can read it. "
-        f"Up to {MAX_DETAILS} characters.",
+        "This is sent to the referrer, sealed so only the council and the referrer can read it.",
         "Decline referral",
         "govuk-button--warning",
     ),
@@ -102,12 +103,21 @@ REASON_FORMS = {
             "other": "Something else",
         },
         "Tell the referrer what you need",
-        "This is sent to the referrer, sealed so only the council and the referrer can read it. "
-        f"Up to {MAX_DETAILS} characters.",
+        "This is sent to the referrer, sealed so only the council and the referrer can read it.",
         "Send request",
     ),
 }
-_REASONS_BY_ACTION = {f.action: f.reasons for f in REASON_FORMS.values()}
+# How information asked for reached the team (recorded with it; the words are sealed).
+INFORMATION_SOURCES = {
+    "phone": "By phone",
+    "email": "By e-mail",
+    "meeting": "In a meeting",
+    "new_version": "In the referrer’s new version of the referral",
+    "other": "Another way",
+}
+_REASONS_BY_ACTION = {f.action: f.reasons for f in REASON_FORMS.values()} | {
+    Action.RECORD_INFORMATION: INFORMATION_SOURCES
+}
 
 
 def reason_label(action: str, code: str) -> str:
@@ -116,6 +126,9 @@ def reason_label(action: str, code: str) -> str:
 
 
 DONE_MESSAGES = {
+    Action.OPEN: "Referral acknowledged.",
+    Action.RECORD_INFORMATION: "Information recorded. The referral is open for a decision again.",
+    Action.NOTE: "Case note added.",
     Action.ACCEPT: "Referral accepted.",
     Action.DECLINE: "Referral declined.",
     Action.REQUEST_INFORMATION: "Request for more information sent.",
@@ -153,14 +166,19 @@ def _decide(
     reason_code: str | None = None,
     reason_text: str | None = None,
     allocated_to: str | None = None,
+    team_text: str | None = None,
 ) -> Transition:
     """Record ``member``'s ``action`` with its sealed status message in the outbox (``reason_text``
-    travels only inside it); raises as :meth:`InboxStore.apply` does, storing nothing."""
+    travels only inside it, and is kept sealed for the team so the history can show it word for
+    word; ``team_text``, a note or information recorded, is kept sealed for the team only);
+    raises as :meth:`InboxStore.apply` does, storing nothing."""
 
     def encode(decided: Transition, referral: ReferralRow) -> OutgoingMessage:
         record = status_record(decided, referral, actor_role=member.user.role, reason=reason_text)
         return app.record_format.seal_status(record, referral.team)
 
+    kept = reason_text if reason_text is not None else team_text
+    sealed = app.record_format.seal_text(member.user.team, referral_id, kept) if kept else None
     return app.store.apply(
         member.user.team,
         referral_id,
@@ -170,6 +188,7 @@ def _decide(
         encode_status=encode,
         reason_code=reason_code,
         allocated_to=allocated_to,
+        sealed_text=sealed,
     )
 
 
@@ -183,53 +202,105 @@ def _publish(app: InboxApp, team: str) -> bool:
     return True
 
 
-async def inbox(request: Request) -> Response:
-    member = await signed_in_member(request)
-    if isinstance(member, Response):
-        return member
-    app = inbox_app(request)
-    team = member.user.team
-    q = request.query_params
-    choices = await run_in_threadpool(app.store.filter_choices, team)
-    filters = {
-        "priority": q.get("priority") if q.get("priority") in choices["priority"] else "",
-        "concern": q.get("concern") if q.get("concern") in choices["concern_type"] else "",
-        "referrer": q.get("referrer") if q.get("referrer") in choices["referrer"] else "",
-    }
-    sort_key = q.get("sort") or "age"
-    if sort_key not in SORTS:
-        sort_key = "age"
-    label, sort, newest_first = SORTS[sort_key]
-    rows = await run_in_threadpool(
-        lambda: app.store.list_referrals(
-            team,
-            priority=filters["priority"] or None,
-            concern_type=filters["concern"] or None,
-            referrer=filters["referrer"] or None,
-            sort=sort,
-            newest_first=newest_first,
-        )
-    )
-    tabs = {tab: [r for r in rows if r.state in states] for tab, states in TABS.items()}
+@cache
+def _policy() -> Any:
+    """The council's sharing policy as shipped with this inbox (for the purpose and ground)."""
+    from referral_broker.policy import load_policy
 
-    def choice_items(values: list[str], selected: str, label: Callable[[str], str] = presentation.humanise):
-        return [{"value": v, "text": label(v), "selected": v == selected} for v in values]
+    return load_policy()
 
-    return render(
-        request,
-        "inbox.html",
-        signed_in=member,
-        title="Referrals",
-        nav="inbox",
-        tabs=tabs,
-        tab_order=list(TABS),
-        choices=choices,
-        filters=filters,
-        filtering=any(filters.values()),
-        choice_items=choice_items,
-        sort_items=[{"value": k, "text": v[0], "selected": k == sort_key} for k, v in SORTS.items()],
-        sort_label=label.lower(),
-    )
+
+def purposes_for(team: str) -> list[dict[str, str]]:
+    """Why the team has the referral: each purpose of the sharing policy that applies to it,
+    with its legal ground (and special category condition) in words."""
+    from referral_broker.policy.model import GROUNDS, SPECIAL_CATEGORY_CONDITIONS
+
+    try:
+        policy = _policy()
+        found = policy.purposes_for(team)
+    except ReferralBrokerError as exc:
+        log.error("sharing policy not readable", team=team, error=type(exc).__name__)
+        return []
+    return [
+        {
+            "name": presentation.humanise(p.name),
+            "description": p.description,
+            "ground": GROUNDS.get(p.ground, p.ground),
+            "condition": SPECIAL_CATEGORY_CONDITIONS.get(p.special_category_condition or "", ""),
+            "consent": "Consent needed" if p.consent == "required" else "Consent not needed for this purpose",
+            "policy_version": str(policy.version),
+        }
+        for p in found
+    ]
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    when: datetime
+    what: str
+    who: str
+    text: str | None  # the sealed words, opened for this view: sent to the referrer, or a note
+    text_label: str
+    status: str  # the status message: "", "Waiting to send", "Sent for delivery"
+
+
+def _history(app: InboxApp, referral: ReferralRow, events: list[Any]) -> list[HistoryItem]:
+    team = referral.team
+    items = [HistoryItem(referral.received_at, "Received", referrer_name(referral), None, "", "")]
+    for e in events:
+        text = None
+        if e.sealed_text:
+            try:
+                text = app.record_format.open_text(team, referral.referral_id, e.sealed_text)
+            except ReferralBrokerError as exc:
+                log.warning(
+                    "history text not opened",
+                    team=team,
+                    referral_id=referral.referral_id,
+                    error=type(exc).__name__,
+                )
+                text = "(This text can no longer be opened.)"
+        what = e.action.label
+        if e.allocated_to:
+            what += f" to {e.allocated_to}"
+        if e.reason_code:
+            what += f": {reason_label(e.action, e.reason_code)}"
+        label = {
+            Action.DECLINE: "Sent to the referrer, word for word",
+            Action.REQUEST_INFORMATION: "Sent to the referrer, word for word",
+            Action.RECORD_INFORMATION: "Information received",
+            Action.NOTE: "Note",
+        }.get(e.action, "")
+        status = ""
+        if e.notify:
+            status = (
+                "Status message sent for delivery" if e.published_at else "Status message waiting to send"
+            )
+        who = e.actor if e.actor != "referrer" else referrer_name(referral)
+        items.append(HistoryItem(e.at, what, who, text, label, status))
+    return items
+
+
+def referrer_name(referral: ReferralRow) -> str:
+    return referral.referrer_organisation or presentation.humanise(referral.referrer)
+
+
+def _banner(member: SignedIn, events: list[Any], now: datetime) -> dict[str, str] | None:
+    """A success banner for the member's own latest action, from the recorded history: shown
+    while it is recent, whatever the URL says."""
+    mine = [e for e in events if e.actor != "referrer"]
+    if not mine:
+        return None
+    last = mine[-1]
+    if last.actor != member.user.username or now - last.at > BANNER_FOR or last.action not in DONE_MESSAGES:
+        return None
+    if not last.notify:
+        told = "Nothing was sent to the referrer."
+    elif last.published_at:
+        told = "The status message has been sent for delivery to the referrer."
+    else:
+        told = "The status message will be sent to the referrer as soon as Kafka is reachable."
+    return {"heading": DONE_MESSAGES[last.action], "text": told}
 
 
 async def referral_page(request: Request) -> Response:
@@ -253,13 +324,7 @@ async def referral_page(request: Request) -> Response:
             "few minutes.",
             signed_in=member,
         )
-    if referral.state is ReferralState.NEW:
-        # Another member may have opened it a moment ago: then there is nothing to record.
-        with suppress(InvalidTransitionError):
-            await run_in_threadpool(_decide, app, member, referral_id, Action.OPEN, at=now)
-        await run_in_threadpool(_publish, app, team)
-        reloaded = await run_in_threadpool(app.store.get_referral, team, referral_id)
-        referral = reloaded or referral
+    # Reading changes nothing: no state, no status message (triage is separate from working).
     try:
         record = await run_in_threadpool(app.store.record_of, team, referral_id)
         opened = await run_in_threadpool(app.record_format.open, record, team)
@@ -283,27 +348,26 @@ async def referral_page(request: Request) -> Response:
             "tell your inbox administrator, quoting the referral reference.",
             signed_in=member,
         )
-    granted = presentation.sections(opened.granted)
+    withheld = [(w.path, w.reason) for w in referral.withheld]
+    sections = presentation.reading_sections(opened.granted, referral.no_onward, withheld)
+    summary = presentation.list_summary(opened.granted, referral.concern_types)
     events = await run_in_threadpool(app.store.events, team, referral_id)
+    history = await run_in_threadpool(_history, app, referral, events)
     members = await run_in_threadpool(app.store.list_users, team)
-    done = request.query_params.get("done")
-    done_action = Action(done) if done in {a.value for a in DONE_MESSAGES} else None
-    done_html = ""
-    if done_action is not None:
-        told = (
-            "The referrer will be told."
-            if request.query_params.get("sent") == "1"
-            else "The status message will be sent to the referrer as soon as Kafka is reachable."
-        )
-        done_html = f'<h3 class="govuk-notification-banner__heading">{DONE_MESSAGES[done_action]}</h3><p class="govuk-body">{told}</p>'
-    response = render(
+    banner = _banner(member, events, now)
+    # the sections before "why your team has this" are the ones a worker reads first
+    split = next((i for i, s in enumerate(sections) if s.slug == "the-child"), len(sections))
+    return render(
         request,
         "referral.html",
         signed_in=member,
-        title=f"Referral {referral_id[:8]}",
+        title=summary.name or f"Referral {referral_id[:8]}",
         referral=referral,
-        granted=granted,
-        events=events,
+        summary=summary,
+        first_sections=sections[:split],
+        later_sections=sections[split:],
+        purposes=purposes_for(team),
+        history=history,
         actions=[a.value for a in allowed_actions(referral.state)],
         worker_items=[
             {
@@ -314,10 +378,14 @@ async def referral_page(request: Request) -> Response:
             for u in members
             if not u.disabled
         ],
-        done=done_action is not None,
-        done_html=done_html,
+        banner=banner,
+        overdue=referral.overdue(now),
+        due_today=referral.undecided and referral.due_date == local_date(now),
+        short_date=presentation.short_date,
+        referrer_name=referrer_name(referral),
+        no_onward_reason=presentation.NO_ONWARD_REASON,
+        max_note=MAX_NOTE,
     )
-    return response
 
 
 async def _act(
@@ -329,6 +397,7 @@ async def _act(
     reason_code: str | None = None,
     reason_text: str | None = None,
     allocated_to: str | None = None,
+    team_text: str | None = None,
 ) -> Response:
     app = inbox_app(request)
     team = member.user.team
@@ -343,6 +412,7 @@ async def _act(
             reason_code=reason_code,
             reason_text=reason_text,
             allocated_to=allocated_to,
+            team_text=team_text,
         )
     except InvalidTransitionError:
         return plain_page(
@@ -353,9 +423,9 @@ async def _act(
             signed_in=member,
             link={"href": f"/referrals/{referral.referral_id}", "text": "Go back to the referral"},
         )
-    sent = await run_in_threadpool(_publish, app, team)
-    query = urlencode({"done": action.value, "sent": "1" if sent else "0"})
-    return RedirectResponse(f"/referrals/{quote(referral.referral_id)}?{query}", status_code=303)
+    await run_in_threadpool(_publish, app, team)
+    # no "done" in the URL: the page confirms the action from the referral's recorded history
+    return RedirectResponse(f"/referrals/{quote(referral.referral_id)}", status_code=303)
 
 
 async def _action_preamble(request: Request) -> tuple[SignedIn, ReferralRow, FormData] | Response:
@@ -386,6 +456,7 @@ def _plain_action(action: Action) -> Endpoint:
     return endpoint
 
 
+acknowledge = _plain_action(Action.OPEN)
 accept = _plain_action(Action.ACCEPT)
 close = _plain_action(Action.CLOSE)
 
@@ -435,6 +506,7 @@ def _reason_page(
         form=form_spec,
         reason_items=[{"value": k, "text": v, "checked": k == chosen} for k, v in form_spec.reasons.items()],
         details=details,
+        max_details=MAX_DETAILS,
         errors=errors,
         field_errors=field_errors,
     )
@@ -461,7 +533,7 @@ def reason_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
         chosen = str(form.get("reason", ""))
         details = str(form.get("details", "")).strip()
         field_errors: dict[str, str] = {}
-        if chosen not in spec.reasons:
+        if chosen not in spec.reasons and spec.reasons:
             field_errors["reason"] = (
                 "Select a reason" if spec.action is Action.DECLINE else "Select what you need"
             )
@@ -488,5 +560,141 @@ def reason_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
             reason_code=chosen,
             reason_text=f"{spec.reasons[chosen]}. {details}",
         )
+
+    return show, submit
+
+
+# --- the team's own text: information received, case notes -----------------------------------
+
+
+@dataclass(frozen=True)
+class TextForm:
+    """A form whose words stay in the team, sealed: information received, a case note."""
+
+    action: Action
+    slug: str
+    question: str
+    sources: Mapping[str, str]  # how it came (a closed list), or none
+    text_label: str
+    text_hint: str
+    empty_error: str
+    button: str
+    audit_kind: AccessKind
+
+
+TEXT_FORMS = {
+    "record-information": TextForm(
+        Action.RECORD_INFORMATION,
+        "record-information",
+        "Record the information you received",
+        INFORMATION_SOURCES,
+        "What did you find out?",
+        "Write what you were told. It stays with your team, sealed, and shows in the referral’s "
+        "history. Nothing is sent to the referrer. The referral is then open for a decision again.",
+        "Enter the information you received",
+        "Record information and re-open",
+        AccessKind.INFORMATION_RECORDED,
+    ),
+    "notes": TextForm(
+        Action.NOTE,
+        "notes",
+        "Add a case note",
+        {},
+        "Case note",
+        "Only your team can read case notes. They are sealed when they are saved.",
+        "Enter a case note",
+        "Add case note",
+        AccessKind.NOTE_ADDED,
+    ),
+}
+
+
+def _text_page(
+    request: Request,
+    member: SignedIn,
+    referral: ReferralRow,
+    spec: TextForm,
+    *,
+    status_code: int = 200,
+    chosen: str = "",
+    text: str = "",
+    field_errors: dict[str, str] | None = None,
+) -> HTMLResponse:
+    field_errors = field_errors or {}
+    errors = [
+        {"text": t, "href": "#source" if name == "source" else "#text"} for name, t in field_errors.items()
+    ]
+    return render(
+        request,
+        "text_form.html",
+        status_code=status_code,
+        signed_in=member,
+        title=spec.question,
+        referral=referral,
+        form=spec,
+        source_items=[{"value": k, "text": v, "checked": k == chosen} for k, v in spec.sources.items()],
+        text=text,
+        max_text=MAX_NOTE,
+        errors=errors,
+        field_errors=field_errors,
+    )
+
+
+def text_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
+    """The page (GET) and the submit (POST) of the text form ``slug`` in :data:`TEXT_FORMS`."""
+    spec = TEXT_FORMS[slug]
+
+    async def show(request: Request) -> Response:
+        member = await signed_in_member(request)
+        if isinstance(member, Response):
+            return member
+        found = await _find_referral(request, member, request.path_params["referral_id"])
+        if isinstance(found, Response):
+            return found
+        return _text_page(request, member, found, spec)
+
+    async def submit(request: Request) -> Response:
+        pre = await _action_preamble(request)
+        if isinstance(pre, Response):
+            return pre
+        member, referral, form = pre
+        chosen = str(form.get("source", ""))
+        text = str(form.get("text", "")).strip()
+        field_errors: dict[str, str] = {}
+        if spec.sources and chosen not in spec.sources:
+            field_errors["source"] = "Select how the information reached you"
+        if not text:
+            field_errors["text"] = spec.empty_error
+        elif len(text) > MAX_NOTE:
+            field_errors["text"] = f"The text must be {MAX_NOTE} characters or fewer"
+        if field_errors:
+            return _text_page(
+                request,
+                member,
+                referral,
+                spec,
+                status_code=400,
+                chosen=chosen,
+                text=text,
+                field_errors=field_errors,
+            )
+        app = inbox_app(request)
+        event = AccessEvent(
+            spec.audit_kind,
+            app.clock(),
+            member.user.username,
+            member.user.team,
+            referral.referral_id,
+            referral.version,
+        )
+        if not await audit(request, event):
+            return plain_page(
+                request,
+                503,
+                "Sorry, this cannot be saved right now",
+                "Every note is recorded in the audit, and the record could not be written. Nothing was saved.",
+                signed_in=member,
+            )
+        return await _act(request, member, referral, spec.action, reason_code=chosen or None, team_text=text)
 
     return show, submit

@@ -157,3 +157,234 @@ def sections(granted: Mapping[str, Any]) -> list[Section]:
     out = [Section("About the referral", tuple(about))] if about else []
     out += [Section(humanise(name), tuple(rows)) for name, rows in grouped.items() if rows]
     return out
+
+
+# --- the referral page, in the order a worker reads it ------------------------------------------
+
+# (section title, top-level fields) in reading order; fields not named here come after, before
+# the technical details.
+READING_ORDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("The concerns", ("concern_types", "concerns", "services_requested")),
+    ("Risk flags", ("flags",)),
+    ("Consent and override", ("consent", "sharing_override")),
+    ("The child", ("child", "identifiers")),
+    ("The household", ("household",)),
+    ("Home circumstances", ("home_circumstances",)),
+    ("Health and development", ("health_and_development", "send")),
+    ("School", ("school",)),
+    ("Who referred", ("referrer",)),
+)
+# Shown elsewhere on the page (the summary at the top, the technical details at the end).
+_ELSEWHERE = frozenset({"referral_id", "version", "created_at", "district", "priority"})
+
+NO_ONWARD_REASON = "The council’s sharing policy lets your team use this, not pass it on"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One shown field: its label, its value as text (or nested texts), its path, and whether
+    the team must not pass it on."""
+
+    label: str
+    value: Any
+    path: str
+    no_onward: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """One record in an array (a household member, a concern): a title and its rows."""
+
+    title: str
+    rows: tuple[Row, ...]
+
+
+@dataclass(frozen=True)
+class ReadingSection:
+    title: str
+    slug: str
+    rows: tuple[Row, ...] = ()
+    groups: tuple[Group, ...] = ()
+    withheld: tuple[tuple[str, str], ...] = ()  # (label, reason) of fields withheld here
+
+
+def _restricted(path: str, no_onward: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in no_onward)
+
+
+def _rows_of(name: str, value: Any, no_onward: Sequence[str]) -> tuple[list[Row], list[Group]]:
+    rows: list[Row] = []
+    groups: list[Group] = []
+    if isinstance(value, Mapping):
+        for path, leaf in flatten(value, f"{name}.").items():
+            label = field_label(path.removeprefix(f"{name}."))
+            rows.append(Row(label, display_value(leaf, path), path, _restricted(path, no_onward)))
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for i, item in enumerate(value, 1):
+            item_rows = []
+            for path, leaf in flatten(item, f"{name}.").items():
+                label = field_label(path.removeprefix(f"{name}."))
+                item_rows.append(Row(label, display_value(leaf, path), path, _restricted(path, no_onward)))
+            title = _group_title(name, item, i)
+            groups.append(Group(title, tuple(item_rows)))
+    else:
+        rows.append(Row(field_label(name), display_value(value, name), name, _restricted(name, no_onward)))
+    return rows, groups
+
+
+def _group_title(name: str, item: Mapping[str, Any], index: int) -> str:
+    if name == "household":
+        who = " ".join(str(item.get(k) or "") for k in ("given_name", "family_name")).strip()
+        relation = humanise(str(item.get("relationship") or ""))
+        return ", ".join(p for p in (who, relation.lower() if relation else "") if p) or f"Member {index}"
+    if name == "concerns":
+        return humanise(str(item.get("type") or "")) or f"Concern {index}"
+    return f"{humanise(name)} {index}"
+
+
+def reading_sections(
+    granted: Mapping[str, Any], no_onward: Sequence[str], withheld: Sequence[tuple[str, str]] = ()
+) -> list[ReadingSection]:
+    """The granted fields in :data:`READING_ORDER`, each field marked when it must not be passed
+    on; each withheld field listed (name and reason, never a value) in the section it belongs to."""
+    placed: set[str] = set(_ELSEWHERE)
+    out: list[ReadingSection] = []
+    order = list(READING_ORDER)
+    extra = tuple(n for n in granted if n not in _ELSEWHERE and all(n not in f for _, f in READING_ORDER))
+    if extra:
+        order.append(("Other information", extra))
+    for title, names in order:
+        rows: list[Row] = []
+        groups: list[Group] = []
+        for name in names:
+            placed.add(name)
+            if name not in granted:
+                continue
+            r, g = _rows_of(name, granted[name], no_onward)
+            rows += r
+            groups += g
+        held = tuple(
+            (field_label(path), reason) for path, reason in withheld if path.split(".", 1)[0] in names
+        )
+        if rows or groups or held:
+            slug = title.lower().replace(" ", "-")
+            out.append(ReadingSection(title, slug, tuple(rows), tuple(groups), held))
+    return out
+
+
+# --- the list: what a worker recognises a family by -------------------------------------------
+
+CONCERN_SUMMARY_CHARS = 90
+
+
+@dataclass(frozen=True)
+class ListSummary:
+    """The few opened values the list shows for one referral, for one response only. ``None``
+    where the field was not shared with the team."""
+
+    name: str | None = None
+    date_of_birth: date | None = None
+    postcode: str | None = None
+    concern: str | None = None
+    nhs_number: str | None = None
+    other_names: tuple[str, ...] = ()  # the household's, for search only
+    unreadable: bool = False
+
+
+def _text(value: Any) -> str:
+    return str(value).strip() if value else ""
+
+
+def list_summary(granted: Mapping[str, Any], concern_types: Sequence[str] = ()) -> ListSummary:
+    child = granted.get("child") if isinstance(granted.get("child"), Mapping) else {}
+    name = " ".join(p for p in (_text(child.get("given_name")), _text(child.get("family_name"))) if p)
+    preferred = _text(child.get("preferred_name"))
+    if preferred and name:
+        name = f"{name} ({preferred})"
+    address = child.get("address") if isinstance(child.get("address"), Mapping) else {}
+    dob = child.get("date_of_birth")
+    concerns = granted.get("concerns")
+    concern = ""
+    if isinstance(concerns, list):
+        concern = "; ".join(
+            _text(c.get("detail")) for c in concerns if isinstance(c, Mapping) and c.get("detail")
+        )
+    if not concern:
+        concern = ", ".join(humanise(c) for c in concern_types)
+    if len(concern) > CONCERN_SUMMARY_CHARS:
+        concern = concern[: CONCERN_SUMMARY_CHARS - 1].rstrip() + "…"
+    identifiers = granted.get("identifiers") if isinstance(granted.get("identifiers"), Mapping) else {}
+    household = granted.get("household") if isinstance(granted.get("household"), list) else []
+    others = tuple(
+        " ".join(p for p in (_text(m.get("given_name")), _text(m.get("family_name"))) if p)
+        for m in household
+        if isinstance(m, Mapping)
+    )
+    return ListSummary(
+        name=name or None,
+        date_of_birth=dob if isinstance(dob, date) else None,
+        postcode=_text(address.get("postcode")) or None,
+        concern=concern or None,
+        nhs_number=_text(identifiers.get("nhs_number")) or None,
+        other_names=others,
+    )
+
+
+def short_date(day: date | None) -> str:
+    return f"{day.day} {day:%b %Y}" if day else ""
+
+
+# --- search -------------------------------------------------------------------------------------
+
+_DATE_FORMATS = ("%Y-%m-%d", "%d/%m/%Y", "%d-%m-%Y", "%d.%m.%Y", "%d %B %Y", "%d %b %Y")
+
+
+def _compact(text: str) -> str:
+    return "".join(text.split()).upper()
+
+
+@dataclass(frozen=True)
+class Search:
+    """A worker's search words, read once: a date, an NHS number, or words matched against
+    names, the postcode and the referral reference."""
+
+    text: str
+    day: date | None = None
+    digits: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Search:
+        text = " ".join(text.split())[:100]
+        day = None
+        for fmt in _DATE_FORMATS:
+            try:
+                day = datetime.strptime(text, fmt).date()
+                break
+            except ValueError:
+                continue
+        compact = "".join(text.split())
+        digits = compact if compact.isdigit() and len(compact) >= 6 else None
+        return cls(text, day, digits)
+
+    def matches(self, referral_id: str, found: ListSummary) -> bool:
+        if not self.text:
+            return True
+        if self.day is not None:
+            return found.date_of_birth == self.day
+        if self.digits is not None:
+            return bool(found.nhs_number) and _compact(found.nhs_number or "").startswith(self.digits)
+        lowered = self.text.lower()
+        if referral_id.startswith(lowered.replace(" ", "")):
+            return True
+        if (
+            found.postcode
+            and len(_compact(self.text)) >= 3
+            and _compact(found.postcode).startswith(_compact(self.text))
+        ):
+            return True
+        words = lowered.split()
+        for name in (found.name or "", *found.other_names):
+            parts = name.lower().replace("(", " ").replace(")", " ").split()
+            if words and all(any(p.startswith(w) for p in parts) for w in words):
+                return True
+        return False

@@ -11,6 +11,9 @@ sit behind :class:`RecordFormat` so the inbox never depends on how sealing works
 - ``seal_status``: seal and sign a status message (its reason in words is sealed) for the
   router to carry back to the referrer.
 - ``sign_event``: sign an access audit event (ids and outcomes only) as the team.
+- ``seal_text`` / ``open_text``: a case note, information recorded, or the words sent to the
+  referrer, sealed for the team itself under the case key, so the inbox database keeps them
+  sealed at rest and they die with the case like the referral.
 
 This module must never hold an opened value longer than one call, and never log one.
 """
@@ -21,6 +24,7 @@ import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from referral_broker.cluster.clients import Record
@@ -59,6 +63,9 @@ class ReferralSummary:
     district: str | None = None
     withheld: tuple[WithheldField, ...] = ()
     no_onward: tuple[str, ...] = ()  # granted paths the team must not pass on
+    created_at: datetime | None = None  # when the referrer made it (operational, clear)
+    flags: tuple[str, ...] = ()  # the risk flags set (operational, clear)
+    decision_id: str | None = None  # the router's audited sharing decision (rb-decision)
 
 
 @dataclass(frozen=True)
@@ -94,4 +101,12 @@ class RecordFormat(Protocol):
     def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
         """A plain (unsealed, value-free by construction) event signed as ``team``, or as this
         inbox's first team when the event has none (a refused sign-in by no known member)."""
+        ...
+
+    def seal_text(self, team: str, referral_id: str, text: str) -> bytes:
+        """``text`` sealed for ``team`` under the referral's case key, signed by the team."""
+        ...
+
+    def open_text(self, team: str, referral_id: str, sealed: bytes) -> str:
+        """What :meth:`seal_text` sealed, verified and opened (or an exception)."""
         ...

@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import SessionCodec, SignedIn
+from referral_broker.consumers.inbox.deadlines import local_date
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
@@ -51,11 +52,16 @@ def render(
 ) -> HTMLResponse:
     app = inbox_app(request)
     now = app.clock()
+    header_counts = None
+    if signed_in is not None and "header_counts" not in ctx:
+        # the header's count of new urgent referrals (a cheap count over clear columns)
+        header_counts = app.store.view_counts(signed_in.user.team, signed_in.user.username, local_date(now))
     html = app.templates.get_template(template).render(
         cspNonce=request.state.csp_nonce,
         signed_in=signed_in,
         csrf_token=signed_in.session.csrf_token if signed_in else "",
         age=lambda since: presentation.age(since, now),
+        header_counts=ctx.pop("header_counts", header_counts),
         **ctx,
     )
     return HTMLResponse(html, status_code=status_code)

@@ -15,6 +15,9 @@ from which the view schema is derived and checked against ``rb-schema``), ``rb-w
 - ``seal_status``: a ``status.v1`` record, validated, sealed for the hub and signed by the team,
   for ``referrals.status.<team>``; the router carries it back to the referrer.
 - ``sign_event``: an access audit event (ids and outcomes, no values) signed by the team.
+- ``seal_text`` / ``open_text``: a team's own text (case notes, information recorded, the words
+  sent to the referrer) as a signed message sealed for the team under the case key (the
+  ``CaseText`` schema here; its text is special category), kept as bytes in the database.
 
 Every stage loads its keys the same way (``load_identity``); when a message names a key the
 directory does not know yet (a rotation since start-up), that identity reloads its directory
@@ -23,7 +26,11 @@ once (``Identity.retrying``), as every stage does.
 
 from __future__ import annotations
 
+import base64
+import json
+import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from referral_broker.config import Settings
@@ -37,6 +44,7 @@ from referral_broker.consumers.inbox.records import (
 from referral_broker.consumers.receiving import open_verified, verify_arrival
 from referral_broker.errors import ContractError, KeyNotFoundError, SealingError
 from referral_broker.identity import (
+    H_DECISION,
     H_NO_ONWARD,
     H_REFERRER,
     H_WITHHELD,
@@ -48,10 +56,24 @@ from referral_broker.identity import (
 )
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.hub_seal import seal_status
-from referral_broker.sealing import sealing_plan, sign_plain
+from referral_broker.sealing import MessageOpener, schema_book, sealing_plan, sign_plain
 
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
+TEXT_KIND = "inbox.text"
+
+# A team's own words about a case, sealed at rest: never sent anywhere, only stored.
+CASE_TEXT_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "CaseText",
+    "namespace": "earlyhelp.inbox",
+    "doc": "A district team's own text about one referral (a case note, information recorded, "
+    "the words sent to the referrer), sealed for the team itself.",
+    "fields": [
+        {"name": "referral_id", "type": "string", "data_class": "operational"},
+        {"name": "text", "type": "string", "data_class": "special_category"},
+    ],
+}
 
 
 class SealedReferralFormat:
@@ -117,6 +139,8 @@ class SealedReferralFormat:
             raise SealingError("header rb-referral-version does not match the record; refused")
         referrer = wire.get("referrer") if isinstance(wire.get("referrer"), dict) else {}
         named = text(H_REFERRER)  # the exact referring party, when the router names it
+        created = wire.get("created_at")
+        flags = wire.get("flags") if isinstance(wire.get("flags"), dict) else {}
         return ReferralSummary(
             referral_id=referral_id,
             version=version,
@@ -129,6 +153,9 @@ class SealedReferralFormat:
                 WithheldField(path, reason) for path, reason in withheld_from(headers.get(H_WITHHELD)).items()
             ),
             no_onward=no_onward_from(headers.get(H_NO_ONWARD)),
+            created_at=created if isinstance(created, datetime) else None,
+            flags=tuple(sorted(name for name, on in flags.items() if on is True)),
+            decision_id=text(H_DECISION) or None,
         )
 
     def open(self, record: Record, team: str) -> OpenedReferral:
@@ -149,3 +176,47 @@ class SealedReferralFormat:
             signer, lambda ident: sign_plain(ident.keystore, topic=topic, key=key, value=value, kind=kind)
         )
         return message
+
+    def seal_text(self, team: str, referral_id: str, text: str) -> bytes:
+        message = self._retrying(
+            team,
+            lambda ident: ident.sealer.seal(
+                {"referral_id": referral_id, "text": text},
+                CASE_TEXT_SCHEMA,
+                topic=f"inbox.text.{team}",  # never produced: names what the signature covers
+                recipient=team,
+                referral_id=referral_id,
+                referral_version=1,
+                kind=TEXT_KIND,
+                case_id=referral_id,
+            ),
+        )
+        stored = {
+            "topic": message.topic,
+            "headers": [[k, base64.b64encode(v).decode("ascii")] for k, v in message.headers],
+            "value": base64.b64encode(message.value or b"").decode("ascii"),
+        }
+        return json.dumps(stored).encode("utf-8")
+
+    def open_text(self, team: str, referral_id: str, sealed: bytes) -> str:
+        stored = json.loads(sealed)
+        record = Record(
+            stored["topic"],
+            0,
+            0,
+            referral_id.encode("utf-8"),
+            base64.b64decode(stored["value"]),
+            [(k, base64.b64decode(v)) for k, v in stored["headers"]],
+            int(time.time() * 1000),
+        )
+        ident = self.identity(team)
+        opener = MessageOpener(
+            ident.keystore,
+            ident.directory,
+            schema_book(CASE_TEXT_SCHEMA),
+            case_keys=ident.case_keys.lookup if ident.case_keys is not None else None,
+        )
+        opened = opener.open(record)
+        if opened.sender != team or opened.kind != TEXT_KIND or opened.record["referral_id"] != referral_id:
+            raise SealingError("sealed text is not this team's text about this referral; refused")
+        return str(opened.record["text"])

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.app import create_app
 from referral_broker.consumers.inbox.auth import check_team, district_teams
+from referral_broker.consumers.inbox.deadlines import DuePolicy
 from referral_broker.consumers.inbox.frontend import install_frontend
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.outbound import Outbound
@@ -72,6 +73,7 @@ def build_inbox(
 
         record_format = SealedReferralFormat.from_settings(settings, teams)
     store = InboxStore(settings.inbox_db_path)
+    store.due_policy = DuePolicy.from_settings(settings)
     outbound = Outbound(settings, record_format)
     workers = (
         [TeamIngest(settings, team, store, record_format, clock=clock) for team in teams] if ingest else []

@@ -1,16 +1,20 @@
 """A referral's life in a district team's inbox: one enum of states, one pure transition function.
 
-    new --open--> opened --accept--> accepted --close--> closed
-                         --decline--> declined --close--> closed
-                         --request_information--> more_information_needed --close--> closed
-    more_information_needed --receive_update--> new   (the referrer answered with a new version)
+    new --open (Acknowledge)--> opened ("Acknowledged")
+    new | opened --accept--> accepted --close--> closed
+                 --decline--> declined                      (final: a decision, nothing to close)
+                 --request_information--> more_information_needed --close--> closed
+    more_information_needed --record_information--> opened  (the answer came by phone, e-mail...)
+    more_information_needed --receive_update--> new         (the referrer answered with a new version)
 
-``allocate`` names the worker who holds the case; it is an action on the referral that keeps
-its state (allocation is a separate field), allowed while the case is live. Opening and every
-member action are reported to the referrer (``Transition.status_code``, the ``StatusCode`` of
-``schemas/status.v1.avsc``). ``receive_update``
-records a new version arriving; only a referral waiting for information changes state (back to
-new, so the team sees the answer), every other state keeps its place.
+Reading a referral changes nothing: triage is separate from working. A member acknowledges it
+explicitly (``open``, shown as "Acknowledge"), or decides it straight away. ``allocate`` names
+the worker who holds the case; it keeps the state (allocation is a separate field) and is
+allowed while the case is live. ``note`` (a case note) is allowed in every state and keeps it.
+Acknowledging and every decision are reported to the referrer (``Transition.status_code``, the
+``StatusCode`` of ``schemas/status.v1.avsc``); notes, recorded information and new versions are
+not. ``receive_update`` records a new version arriving; only a referral waiting for information
+changes state (back to new, so the team sees the answer), every other state keeps its place.
 
 The function decides and never stores: the store writes a transition only after this function
 returned one, so an invalid transition cannot reach the database or Kafka. The clock is passed
@@ -47,6 +51,8 @@ class Action(StrEnum):
     ALLOCATE = "allocate"
     CLOSE = "close"
     RECEIVE_UPDATE = "receive_update"
+    RECORD_INFORMATION = "record_information"
+    NOTE = "note"
 
     @property
     def label(self) -> str:
@@ -55,7 +61,7 @@ class Action(StrEnum):
 
 _STATE_LABELS = {
     ReferralState.NEW: "New",
-    ReferralState.OPENED: "Opened",
+    ReferralState.OPENED: "Acknowledged",
     ReferralState.ACCEPTED: "Accepted",
     ReferralState.DECLINED: "Declined",
     ReferralState.MORE_INFORMATION_NEEDED: "More information needed",
@@ -63,13 +69,15 @@ _STATE_LABELS = {
 }
 
 _ACTION_LABELS = {
-    Action.OPEN: "Opened",
+    Action.OPEN: "Acknowledged",
     Action.ACCEPT: "Accepted",
     Action.DECLINE: "Declined",
     Action.REQUEST_INFORMATION: "Asked for more information",
     Action.ALLOCATE: "Allocated",
     Action.CLOSE: "Closed",
     Action.RECEIVE_UPDATE: "New version received",
+    Action.RECORD_INFORMATION: "Information received, re-opened",
+    Action.NOTE: "Case note",
 }
 
 S, A = ReferralState, Action
@@ -77,37 +85,39 @@ S, A = ReferralState, Action
 # (state, action) -> next state. Anything absent is refused.
 _NEXT: dict[tuple[ReferralState, Action], ReferralState] = {
     (S.NEW, A.OPEN): S.OPENED,
-    (S.OPENED, A.ACCEPT): S.ACCEPTED,
-    (S.OPENED, A.DECLINE): S.DECLINED,
-    (S.OPENED, A.REQUEST_INFORMATION): S.MORE_INFORMATION_NEEDED,
+    # The decision itself acknowledges: from new or acknowledged.
+    **{(s, A.ACCEPT): S.ACCEPTED for s in (S.NEW, S.OPENED)},
+    **{(s, A.DECLINE): S.DECLINED for s in (S.NEW, S.OPENED)},
+    **{(s, A.REQUEST_INFORMATION): S.MORE_INFORMATION_NEEDED for s in (S.NEW, S.OPENED)},
+    (S.MORE_INFORMATION_NEEDED, A.RECORD_INFORMATION): S.OPENED,
     (S.ACCEPTED, A.CLOSE): S.CLOSED,
-    (S.DECLINED, A.CLOSE): S.CLOSED,
     (S.MORE_INFORMATION_NEEDED, A.CLOSE): S.CLOSED,
     # Allocation keeps the state: a worker holds the case while it is live.
-    (S.OPENED, A.ALLOCATE): S.OPENED,
-    (S.ACCEPTED, A.ALLOCATE): S.ACCEPTED,
-    (S.MORE_INFORMATION_NEEDED, A.ALLOCATE): S.MORE_INFORMATION_NEEDED,
+    **{(s, A.ALLOCATE): s for s in (S.NEW, S.OPENED, S.ACCEPTED, S.MORE_INFORMATION_NEEDED)},
+    # A case note never changes the state, whatever it is.
+    **{(s, A.NOTE): s for s in ReferralState},
     # A new version of the referral is never refused (nothing is dropped); it only moves a
     # referral that was waiting for it.
     **{(s, A.RECEIVE_UPDATE): s for s in ReferralState if s is not S.MORE_INFORMATION_NEEDED},
     (S.MORE_INFORMATION_NEEDED, A.RECEIVE_UPDATE): S.NEW,
 }
 
-# Actions a team member chooses on the referral page (opening happens by viewing it).
+# Actions a team member chooses on the referral page, in the order it offers them (a case
+# note has its own form and is always allowed).
 MEMBER_ACTIONS: tuple[Action, ...] = (
+    A.OPEN,
     A.ACCEPT,
-    A.DECLINE,
     A.REQUEST_INFORMATION,
+    A.RECORD_INFORMATION,
+    A.DECLINE,
     A.ALLOCATE,
     A.CLOSE,
 )
 
-# The inbox's tabs, by state.
-TABS: dict[str, tuple[ReferralState, ...]] = {
-    "new": (S.NEW,),
-    "in-progress": (S.OPENED, S.ACCEPTED, S.MORE_INFORMATION_NEEDED),
-    "closed": (S.DECLINED, S.CLOSED),
-}
+# Where a referral stands, for the inbox's views.
+UNDECIDED: tuple[ReferralState, ...] = (S.NEW, S.OPENED)
+LIVE: tuple[ReferralState, ...] = (S.NEW, S.OPENED, S.ACCEPTED, S.MORE_INFORMATION_NEEDED)
+FINISHED: tuple[ReferralState, ...] = (S.DECLINED, S.CLOSED)
 
 
 _STATUS_CODES = {
@@ -122,6 +132,9 @@ _STATUS_CODES = {
 # Actions whose status message must say why, in words (status.v1: reason).
 NEEDS_REASON: frozenset[Action] = frozenset({A.DECLINE, A.REQUEST_INFORMATION})
 
+# Actions that stay inside the team: nothing is sent to the referrer.
+_INTERNAL: frozenset[Action] = frozenset({A.RECEIVE_UPDATE, A.RECORD_INFORMATION, A.NOTE})
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -134,9 +147,10 @@ class Transition:
 
     @property
     def notifies_referrer(self) -> bool:
-        """Opening and every member action go back to the referrer as a status message; a new
-        version arriving from the referrer does not (the referrer sent it)."""
-        return self.action is not Action.RECEIVE_UPDATE
+        """Acknowledging and every decision go back to the referrer as a status message; a new
+        version arriving from the referrer (the referrer sent it), a case note and information
+        recorded by the team do not."""
+        return self.action not in _INTERNAL
 
     @property
     def status_code(self) -> str | None:
@@ -160,10 +174,3 @@ def transition(state: ReferralState, action: Action, *, at: datetime) -> Transit
 def allowed_actions(state: ReferralState) -> tuple[Action, ...]:
     """The actions a member may take now, in the order the page offers them."""
     return tuple(a for a in MEMBER_ACTIONS if (ReferralState(state), a) in _NEXT)
-
-
-def tab_of(state: ReferralState) -> str:
-    for tab, states in TABS.items():
-        if state in states:
-            return tab
-    raise AssertionError(f"state {state} has no tab")  # guarded by the exhaustive test

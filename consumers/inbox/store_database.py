@@ -8,12 +8,17 @@ Tables:
     records     every routed record exactly as consumed, one row per (team, referral id, version):
                 the raw sealed key, headers and value. Its primary key is what makes ingest
                 idempotent: a re-delivered version is recognised and changes nothing.
-    referrals   one row per (team, referral id): the clear operational summary the list shows,
-                the current version, the state and the allocated worker.
+    referrals   one row per (team, referral id): the clear operational summary the list sorts
+                and filters on (when the referral was made, its priority and risk flags, the
+                date a decision is due), the current version, the state and the allocated
+                worker. Names, dates of birth and postcodes are never here: the list opens them
+                from ``records`` for the page it shows.
     events      every decided transition (who, when, what, the state before and after, the
                 reason code from a closed list); the rows with ``notify`` are the outbox: they
                 hold the status message already sealed and signed (a decline's reason in words
-                exists only inside it), marked ``published_at`` once Kafka has it.
+                exists only inside it), marked ``published_at`` once Kafka has it. Case notes,
+                information recorded and the exact words sent to the referrer are in
+                ``sealed_text``: sealed for the team under the case key, like the records.
     users       local accounts: argon2 hashes only, a team, a disabled flag.
     sessions    signed-in sessions (the cookie holds a signed id), so signing out ends them.
     meta        the app's cookie-signing secret, created on first use.
@@ -35,7 +40,20 @@ from typing import Any, Self
 
 from referral_broker.errors import StoreError
 
-SCHEMA_VERSION = 2  # 2: events.status_topic (the topic a status was signed for)
+SCHEMA_VERSION = 3  # 2: events.status_topic (the topic a status was signed for)
+# 3: referrals.created_at, due_date, flags, decision_id; events.sealed_text
+
+_V3_COLUMNS = (
+    "ALTER TABLE referrals ADD COLUMN created_at TEXT",
+    "ALTER TABLE referrals ADD COLUMN due_date TEXT",
+    "ALTER TABLE referrals ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE referrals ADD COLUMN decision_id TEXT",
+    "ALTER TABLE events ADD COLUMN sealed_text BLOB",
+)
+_V3_INDEXES = """
+CREATE INDEX IF NOT EXISTS referrals_by_due ON referrals (team, due_date);
+CREATE INDEX IF NOT EXISTS referrals_by_allocation ON referrals (team, allocated_to, state);
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +69,7 @@ CREATE TABLE IF NOT EXISTS referrals (
     referrer TEXT NOT NULL, referrer_organisation TEXT, concern_types TEXT NOT NULL,
     priority TEXT NOT NULL, district TEXT,
     withheld TEXT NOT NULL, no_onward TEXT NOT NULL, state TEXT NOT NULL, allocated_to TEXT,
+    created_at TEXT, due_date TEXT, flags TEXT NOT NULL DEFAULT '[]', decision_id TEXT,
     PRIMARY KEY (team, referral_id)
 );
 CREATE INDEX IF NOT EXISTS referrals_by_state ON referrals (team, state, received_at);
@@ -59,7 +78,8 @@ CREATE TABLE IF NOT EXISTS events (
     team TEXT NOT NULL, referral_id TEXT NOT NULL, version INTEGER NOT NULL, at TEXT NOT NULL,
     actor TEXT NOT NULL, action TEXT NOT NULL, state_before TEXT NOT NULL, state_after TEXT NOT NULL,
     reason_code TEXT, allocated_to TEXT, notify INTEGER NOT NULL,
-    status_key BLOB, status_headers TEXT, status_value BLOB, published_at TEXT, status_topic TEXT
+    status_key BLOB, status_headers TEXT, status_value BLOB, published_at TEXT, status_topic TEXT,
+    sealed_text BLOB
 );
 CREATE INDEX IF NOT EXISTS events_by_referral ON events (team, referral_id, id);
 CREATE INDEX IF NOT EXISTS events_outbox ON events (notify, published_at);
@@ -137,16 +157,28 @@ class StoreDatabase:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) == 1:
-                # v1 kept no topic with a status; such rows are published to the team's status
-                # topic, the only one a v1 inbox ever signed for
-                db.execute("ALTER TABLE events ADD COLUMN status_topic TEXT")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif int(row["value"]) > SCHEMA_VERSION:
                 raise StoreError(
                     f"the inbox database {self.path} has schema version {row['value']}, newer than "
                     f"this program's {SCHEMA_VERSION}; upgrade referral-broker"
                 )
+            elif int(row["value"]) < SCHEMA_VERSION:
+                found = int(row["value"])
+                if found == 1:
+                    # v1 kept no topic with a status; such rows are published to the team's status
+                    # topic, the only one a v1 inbox ever signed for
+                    db.execute("ALTER TABLE events ADD COLUMN status_topic TEXT")
+                if found <= 2:
+                    # v2 rows have no creation time (the list falls back to receipt) and no due
+                    # date (sorted after the dated ones until a new version arrives)
+                    for statement in _V3_COLUMNS:
+                        table, column = statement.split()[2], statement.split()[5]
+                        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                        if column not in have:
+                            db.execute(statement)
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        with self._lock:
+            self._db.executescript(_V3_INDEXES)
 
     # --- meta -------------------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
+from referral_broker.consumers.inbox.deadlines import DuePolicy, local_date
 from referral_broker.consumers.inbox.records import (
     OutgoingMessage,
     Record,
@@ -25,7 +26,15 @@ from referral_broker.consumers.inbox.records import (
     headers_from_json,
     headers_to_json,
 )
-from referral_broker.consumers.inbox.states import Action, ReferralState, Transition, transition
+from referral_broker.consumers.inbox.states import (
+    FINISHED,
+    LIVE,
+    UNDECIDED,
+    Action,
+    ReferralState,
+    Transition,
+    transition,
+)
 from referral_broker.consumers.inbox.store_database import StoreDatabase, parse_time, utc
 from referral_broker.errors import UnknownReferralError, UnknownUserError
 
@@ -52,6 +61,62 @@ class ReferralRow:
     no_onward: tuple[str, ...]
     state: ReferralState
     allocated_to: str | None
+    created_at: datetime | None = None
+    due_date: date | None = None
+    flags: tuple[str, ...] = ()
+    decision_id: str | None = None
+
+    @property
+    def made_at(self) -> datetime:
+        """When the referrer made the referral (its ``created_at``; receipt for old rows)."""
+        return self.created_at or self.received_at
+
+    @property
+    def undecided(self) -> bool:
+        return self.state in UNDECIDED
+
+    def overdue(self, now: datetime) -> bool:
+        return self.undecided and self.due_date is not None and self.due_date < local_date(now)
+
+
+# The inbox's views: which referrals each holds ("mine" also needs the member).
+VIEWS = ("decision", "mine", "unallocated", "waiting", "closed", "all")
+
+# Sortable columns -> the SQL that orders by them (ascending); every order ends with the id.
+_RANK = "CASE priority WHEN 'immediate' THEN 0 WHEN 'urgent' THEN 1 WHEN 'high' THEN 2 WHEN 'medium' THEN 3 WHEN 'normal' THEN 4 WHEN 'routine' THEN 5 WHEN 'low' THEN 6 ELSE 7 END"
+_MADE = "COALESCE(created_at, received_at)"
+_UNDECIDED_SQL = "state IN ('new', 'opened')"
+_OVERDUE_SQL = f"({_UNDECIDED_SQL} AND due_date IS NOT NULL AND due_date < :today)"
+SORT_COLUMNS = {
+    # overdue first, then the undecided by due date, then the rest
+    "due": [
+        f"CASE WHEN {_OVERDUE_SQL} THEN 0 WHEN {_UNDECIDED_SQL} THEN 1 ELSE 2 END",
+        "due_date IS NULL",
+        "due_date",
+        _RANK,
+        _MADE,
+    ],
+    "made": [_MADE],
+    "priority": [_RANK, _MADE],
+    "referrer": ["COALESCE(referrer_organisation, referrer)", _MADE],
+    "status": ["state", _MADE],
+    "allocated": ["allocated_to IS NULL", "allocated_to", _MADE],
+}
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """One page of one view of a team's referrals, as the URL asks for it."""
+
+    team: str
+    view: str = "decision"
+    member: str | None = None
+    priority: str | None = None
+    concern_type: str | None = None
+    referrer: str | None = None
+    id_prefix: str | None = None
+    sort: str = "due"
+    descending: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +135,7 @@ class EventRow:
     notify: bool
     status_record: OutgoingMessage | None
     published_at: datetime | None
+    sealed_text: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +150,12 @@ class IngestResult:
 
 
 class ReferralTables(StoreDatabase):
-    """The records, referrals and events tables (see :class:`consumers.inbox.store.InboxStore`)."""
+    """The records, referrals and events tables (see :class:`consumers.inbox.store.InboxStore`).
+
+    ``due_policy`` sets each referral's due date at receipt; the inbox sets it from settings.
+    """
+
+    due_policy: DuePolicy = DuePolicy()
 
     def ingest(self, team: str, summary: ReferralSummary, record: Record) -> IngestResult:
         """Store one routed record; a re-delivered (referral id, version) changes nothing."""
@@ -109,9 +180,11 @@ class ReferralTables(StoreDatabase):
             if cur.rowcount == 0:
                 return IngestResult("duplicate", summary.referral_id, summary.version)
             current = db.execute(
-                "SELECT version, state FROM referrals WHERE team = ? AND referral_id = ?",
+                "SELECT version, state, received_at FROM referrals WHERE team = ? AND referral_id = ?",
                 (team, summary.referral_id),
             ).fetchone()
+            first_received = parse_time(current["received_at"]) if current else parse_time(received)
+            due = self.due_policy.due_date(first_received, summary.priority).isoformat()
             fields = (
                 summary.referrer,
                 summary.referrer_organisation,
@@ -120,12 +193,17 @@ class ReferralTables(StoreDatabase):
                 summary.district,
                 json.dumps([[w.path, w.reason] for w in summary.withheld]),
                 json.dumps(list(summary.no_onward)),
+                utc(summary.created_at) if summary.created_at else None,
+                due,
+                json.dumps(list(summary.flags)),
+                summary.decision_id,
             )
             if current is None:
                 db.execute(
                     "INSERT INTO referrals (team, referral_id, version, received_at, updated_at, referrer,"
-                    " referrer_organisation, concern_types, priority, district, withheld, no_onward, state,"
-                    " allocated_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    " referrer_organisation, concern_types, priority, district, withheld, no_onward,"
+                    " created_at, due_date, flags, decision_id, state, allocated_to)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                     (team, summary.referral_id, summary.version, received, received, *fields, "new"),
                 )
                 return IngestResult("new", summary.referral_id, summary.version)
@@ -136,8 +214,8 @@ class ReferralTables(StoreDatabase):
             )
             db.execute(
                 "UPDATE referrals SET version = ?, updated_at = ?, referrer = ?, referrer_organisation = ?,"
-                " concern_types = ?,"
-                " priority = ?, district = ?, withheld = ?, no_onward = ?, state = ?"
+                " concern_types = ?, priority = ?, district = ?, withheld = ?, no_onward = ?,"
+                " created_at = ?, due_date = ?, flags = ?, decision_id = ?, state = ?"
                 " WHERE team = ? AND referral_id = ?",
                 (summary.version, received, *fields, decided.after.value, team, summary.referral_id),
             )
@@ -163,7 +241,90 @@ class ReferralTables(StoreDatabase):
             no_onward=tuple(json.loads(row["no_onward"])),
             state=ReferralState(row["state"]),
             allocated_to=row["allocated_to"],
+            created_at=parse_time(row["created_at"]) if row["created_at"] else None,
+            due_date=date.fromisoformat(row["due_date"]) if row["due_date"] else None,
+            flags=tuple(json.loads(row["flags"] or "[]")),
+            decision_id=row["decision_id"],
         )
+
+    @staticmethod
+    def _where(q: ListQuery) -> tuple[list[str], dict[str, Any]]:
+        where, params = ["team = :team"], {"team": q.team}
+        states = {
+            "decision": UNDECIDED,
+            "mine": LIVE,
+            "unallocated": LIVE,
+            "waiting": (ReferralState.MORE_INFORMATION_NEEDED,),
+            "closed": FINISHED,
+            "all": (),
+        }.get(q.view)
+        if states is None:
+            raise ValueError(f"unknown view '{q.view}'")
+        if states:
+            where.append(f"state IN ({', '.join(repr(s.value) for s in states)})")
+        if q.view == "mine":
+            where.append("allocated_to = :member")
+            params["member"] = q.member or ""
+        if q.view == "unallocated":
+            where.append("allocated_to IS NULL")
+        for column in ("priority", "referrer"):
+            if getattr(q, column):
+                where.append(f"{column} = :{column}")
+                params[column] = getattr(q, column)
+        if q.concern_type:
+            where.append("EXISTS (SELECT 1 FROM json_each(concern_types) WHERE value = :concern)")
+            params["concern"] = q.concern_type
+        if q.id_prefix:
+            where.append("referral_id LIKE :id_prefix")
+            params["id_prefix"] = "".join(c for c in q.id_prefix.lower() if c in "0123456789abcdef-") + "%"
+        return where, params
+
+    def query_referrals(
+        self, q: ListQuery, *, today: date, limit: int | None = None, offset: int = 0
+    ) -> list[ReferralRow]:
+        """The referrals of ``q``'s view and filters in its order: one page (``limit``,
+        ``offset``), or all of them; ``today`` (the council's date) decides what is overdue."""
+        if q.sort not in SORT_COLUMNS:
+            raise ValueError(f"unknown sort '{q.sort}'")
+        where, params = self._where(q)
+        params["today"] = today.isoformat()
+        direction = " DESC" if q.descending else ""
+        order = ", ".join(f"{c}{direction}" for c in SORT_COLUMNS[q.sort])
+        sql = f"SELECT * FROM referrals WHERE {' AND '.join(where)} ORDER BY {order}, referral_id"
+        if limit is not None:
+            sql += " LIMIT :limit OFFSET :offset"
+            params.update(limit=limit, offset=offset)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [self._referral(r) for r in rows]
+
+    def count_referrals(self, q: ListQuery) -> int:
+        where, params = self._where(q)
+        with self._lock:
+            return int(
+                self._db.execute(
+                    f"SELECT count(*) FROM referrals WHERE {' AND '.join(where)}", params
+                ).fetchone()[0]
+            )
+
+    def view_counts(self, team: str, member: str, today: date) -> dict[str, int]:
+        """How many referrals each view holds, and how many undecided ones are overdue."""
+        live = "state IN ('new', 'opened', 'accepted', 'more_information_needed')"
+        sql = (
+            f"SELECT sum({_UNDECIDED_SQL}) AS decision,"
+            f" sum({live} AND allocated_to = :member) AS mine,"
+            f" sum({live} AND allocated_to IS NULL) AS unallocated,"
+            " sum(state = 'more_information_needed') AS waiting,"
+            " sum(state IN ('declined', 'closed')) AS closed, count(*) AS \"all\","
+            f" sum({_OVERDUE_SQL}) AS overdue,"
+            f" sum({_UNDECIDED_SQL} AND priority = 'urgent' AND state = 'new') AS new_urgent"
+            " FROM referrals WHERE team = :team"
+        )
+        with self._lock:
+            row = self._db.execute(
+                sql, {"team": team, "member": member, "today": today.isoformat()}
+            ).fetchone()
+        return {k: int(row[k] or 0) for k in row.keys()}  # noqa: SIM118 (a Row iterates values)
 
     def list_referrals(
         self,
@@ -271,11 +432,12 @@ class ReferralTables(StoreDatabase):
         reason_code: str | None = None,
         allocated_to: str | None = None,
         status: OutgoingMessage | None = None,
+        sealed_text: bytes | None = None,
     ) -> int:
         cur = db.execute(
             "INSERT INTO events (team, referral_id, version, at, actor, action, state_before, state_after,"
             " reason_code, allocated_to, notify, status_key, status_headers, status_value, published_at,"
-            " status_topic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            " status_topic, sealed_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
             (
                 team,
                 referral_id,
@@ -292,6 +454,7 @@ class ReferralTables(StoreDatabase):
                 headers_to_json(status.headers) if status else None,
                 status.value if status else None,
                 status.topic if status else None,
+                sealed_text,
             ),
         )
         return int(cur.lastrowid or 0)
@@ -307,9 +470,11 @@ class ReferralTables(StoreDatabase):
         encode_status: StatusEncoder,
         reason_code: str | None = None,
         allocated_to: str | None = None,
+        sealed_text: bytes | None = None,
     ) -> Transition:
         """Decide and record ``action`` atomically, with its sealed status message in the outbox;
-        raise (storing nothing) when it is refused.
+        raise (storing nothing) when it is refused. ``sealed_text`` (a case note, the information
+        recorded, or the words sent to the referrer) is already sealed for the team.
 
         ``reason_code`` is a code from a closed list (free text travels only sealed, inside the
         status message ``encode_status`` builds); ``allocated_to`` names an active member of the
@@ -351,6 +516,7 @@ class ReferralTables(StoreDatabase):
                 reason_code,
                 allocated_to if decided.action is Action.ALLOCATE else None,
                 status,
+                sealed_text,
             )
             return decided
 
@@ -379,6 +545,7 @@ class ReferralTables(StoreDatabase):
             notify=bool(r["notify"]),
             status_record=status,
             published_at=parse_time(r["published_at"]) if r["published_at"] else None,
+            sealed_text=r["sealed_text"],
         )
 
     def events(self, team: str, referral_id: str) -> list[EventRow]:

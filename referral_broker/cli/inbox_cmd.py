@@ -93,6 +93,7 @@ def serve(
 def ingest(obj: CliContext, teams: tuple[str, ...], stop_when_idle: float | None, as_json: bool) -> None:
     """Read each team's out topic into the inbox store (idempotent), without serving."""
     from referral_broker.consumers.inbox.auth import check_team, district_teams
+    from referral_broker.consumers.inbox.deadlines import DuePolicy
     from referral_broker.consumers.inbox.ingest import IngestStats, TeamIngest
     from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
     from referral_broker.consumers.inbox.store import InboxStore
@@ -103,6 +104,7 @@ def ingest(obj: CliContext, teams: tuple[str, ...], stop_when_idle: float | None
     results: dict[str, IngestStats] = {}
     errors: dict[str, BaseException] = {}
     with InboxStore(obj.settings.inbox_db_path) as store:
+        store.due_policy = DuePolicy.from_settings(obj.settings)
         workers = [TeamIngest(obj.settings, team, store, fmt) for team in chosen]
 
         def run(worker: TeamIngest) -> None:
