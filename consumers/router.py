@@ -499,6 +499,7 @@ class Router:
         consumer: Any = None
         producer: Producer | None = None
         idle: IdleTimer | None = None
+        unsettled: set[TopicPartition] = set()
         failures = 0
         try:
             while True:
@@ -507,7 +508,10 @@ class Router:
                         consumer = self._consumer()
                         idle = IdleTimer(consumer, stop_when_idle or 0.0)
                     if producer is None:
-                        producer = self._producer()
+                        producer = self._producer()  # fences (and settles) the one it replaces
+                    if unsettled:
+                        self._rewind_to_committed(consumer, unsettled)
+                        unsettled = set()
                     assert idle is not None
                     self._revoked.clear()
                     batch = poll_records(consumer, timeout_ms=500)
@@ -531,11 +535,9 @@ class Router:
                     self._lost_clients("transaction failed; batch will be read again", exc.error, failures)
                     _within(5.0, producer.close if producer else (lambda: None))
                     producer = None
-                    try:
-                        self._rewind(consumer, exc.batch)
-                    except (KafkaError, BrokerError):
-                        _within(5.0, consumer.close)
-                        consumer = None
+                    # Its outcome may be open (a commit that timed out can still land): read
+                    # again from the committed offsets once the new producer has settled it.
+                    unsettled |= {TopicPartition(r.topic, r.partition) for r in exc.batch}
                     self._backoff(failures)
                 except (BrokerError, KafkaError, OSError) as exc:
                     failures += 1
@@ -544,6 +546,7 @@ class Router:
                         if client is not None:
                             _within(5.0, client.close)
                     producer = consumer = None
+                    unsettled = set()  # a new consumer starts from the committed offsets
                     self._backoff(failures)
         except KeyboardInterrupt:
             return self.stats
@@ -597,6 +600,12 @@ class Router:
         batch = [r for r in batch if TopicPartition(r.topic, r.partition) in owned]
         if not batch:
             return
+        if member.generation_id < 0 or not member.member_id:
+            # evicted while it was polling (a heartbeat said so): not worth routing; the next
+            # poll rejoins the group and reads whatever is still this router's
+            log.warning("batch dropped: this router is no longer a member of the group", count=len(batch))
+            self._rewind(consumer, batch)
+            return
         try:
             producer.begin()
             self._in_transaction = True
@@ -646,6 +655,17 @@ class Router:
         if not partitions <= owned or partitions & self._revoked:
             return "partitions of the batch moved to another router", now
         return None, now
+
+    @staticmethod
+    def _rewind_to_committed(consumer: Any, partitions: set[TopicPartition]) -> None:
+        """Seek the partitions this router still owns back to their committed offsets (read
+        with require_stable, so a transaction still settling is waited for)."""
+        for tp in partitions & consumer.assignment():
+            committed = consumer.committed(tp, timeout_ms=30_000)
+            if committed is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
 
     @staticmethod
     def _rewind(consumer: Any, batch: list[Record]) -> None:

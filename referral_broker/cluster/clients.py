@@ -55,8 +55,13 @@ def build_producer(
     if transactional_id:
         config["transactional_id"] = transactional_id
     config.update(overrides)
+    # kafka-python waits for a transaction's offsets, commit or abort without a bound; after
+    # the transaction timeout the coordinator has aborted it anyway, so wait no longer than that.
+    wait_s = max(config["request_timeout_ms"], config.get("transaction_timeout_ms", 60_000)) / 1000
     try:
-        return Producer(KafkaProducer(**config), bootstrap, transactional=bool(transactional_id))
+        return Producer(
+            KafkaProducer(**config), bootstrap, transactional=bool(transactional_id), transaction_wait_s=wait_s
+        )
     except KafkaError as exc:
         raise _translate(exc, "creating a producer", bootstrap) from exc
 
@@ -64,11 +69,14 @@ def build_producer(
 class Producer:
     """A thin wrapper whose sends either succeed durably or raise :class:`BrokerError`."""
 
-    def __init__(self, producer: KafkaProducer, bootstrap: str, *, transactional: bool) -> None:
+    def __init__(
+        self, producer: KafkaProducer, bootstrap: str, *, transactional: bool, transaction_wait_s: float = 60.0
+    ) -> None:
         self._producer = producer
         self._bootstrap = bootstrap
         self._pending: list[Any] = []
         self.transactional = transactional
+        self.transaction_wait_s = transaction_wait_s
         if transactional:
             try:
                 producer.init_transactions()
@@ -102,12 +110,33 @@ class Producer:
         except KafkaError as exc:  # e.g. ProducerFencedError once the coordinator timed it out
             raise _translate(exc, "beginning a transaction", self._bootstrap) from exc
 
+    def _finish(self, step: Callable[[Any], Any], what: str) -> None:
+        """One transactional round trip, waited for at most ``transaction_wait_s``.
+
+        kafka-python's own ``send_offsets_to_transaction``/``commit_transaction``/
+        ``abort_transaction`` wait on the result with no timeout, and a request lost with a
+        broker that died under it is never answered: the caller would hang after the broker
+        is back. This drives the same transaction manager calls with a bounded wait. A
+        timeout leaves the outcome open (the commit may still land), so the caller must
+        rebuild the producer under the same transactional id, which settles it, and resume
+        from the committed offsets."""
+        manager = self._producer._transaction_manager
+        if manager is None:
+            raise BrokerError(f"{what}: this producer has no transactional id")
+        result = step(manager)
+        self._producer._sender.wakeup()
+        if not result.wait(timeout_ms=int(self.transaction_wait_s * 1000)):
+            raise BrokerError(f"{what} got no answer within {self.transaction_wait_s:.0f}s")
+
     def commit(self, offsets: dict[TopicPartition, Any] | None = None, group_metadata: Any = None) -> None:
         """Commit the open transaction, with the consumer offsets it covers when given."""
         try:
             if offsets:
-                self._producer.send_offsets_to_transaction(offsets, group_metadata)
-            self._producer.commit_transaction()
+                self._finish(
+                    lambda m: m.send_offsets_to_transaction(offsets, group_metadata),
+                    "adding consumer offsets to a transaction",
+                )
+            self._finish(lambda m: m.begin_commit(), "committing a transaction")
             self._pending.clear()
         except KafkaError as exc:
             raise _translate(exc, "committing a transaction", self._bootstrap) from exc
@@ -115,12 +144,22 @@ class Producer:
     def abort(self) -> None:
         self._pending.clear()
         try:
-            self._producer.abort_transaction()
+            self._finish(lambda m: m.begin_abort(), "aborting a transaction")
         except KafkaError as exc:
             raise _translate(exc, "aborting a transaction", self._bootstrap) from exc
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        """Close, waiting up to ``timeout_s`` for queued records. kafka-python's close raises
+        when they cannot be delivered (the cluster is away, or the transaction they belong to
+        is being given up) and leaves its sender running: stop it without them."""
+        try:
+            self._producer.close(timeout=timeout_s)
+        except KafkaError:
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+                sender.join(timeout_s)
+            self._producer._closed = True  # nothing left for __del__ to flush
 
     def __enter__(self) -> Producer:
         return self

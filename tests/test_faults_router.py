@@ -1,0 +1,403 @@
+"""Router fault tests (marker ``faults``): routers as real subprocesses (so SIGKILL, SIGSTOP and
+SIGCONT are real signals), a watcher that reads the router group's committed offsets and the
+archive's open transactions from the broker, and counts of what was delivered, read with
+``read_committed`` the way every reader of the outputs reads them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaAdminClient, TopicPartition
+from kafka.errors import KafkaError
+from kafka.protocol.consumer import IsolationLevel, OffsetSpec
+
+from referral_broker.cluster.clients import build_consumer, drain
+from referral_broker.cluster.runtime import LocalBroker
+from referral_broker.cluster.topics import ensure_topics, plan, topic_name
+from referral_broker.config import Settings, load_settings
+from referral_broker.parties import all_parties
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas.synth import synthetic_referrals
+from referral_broker.sealing.key_admin import init_parties
+
+PARTNER = "health"
+TEAM = "district-fenland"
+ROUTE = str(Path(sys.executable).with_name("referral-broker"))
+
+
+def one_recipient_referrals(count: int, seed: int) -> list[dict[str, Any]]:
+    """Synthetic referrals from PARTNER that the shipped policy sends to the Fenland district
+    team alone: one share, one archive copy and a fixed set of audit decisions each."""
+    out = []
+    for record in synthetic_referrals(count, seed=seed):
+        r = copy.deepcopy(record)
+        r["referrer"]["partner"] = PARTNER
+        r["district"] = "fenland"
+        r["services_requested"] = ["family_support"]
+        r["consent"] = {"state": "given", "recorded_at": r["created_at"], "recorded_by": "Synthetic Worker"}
+        r["sharing_override"] = None
+        r["flags"] = {"safeguarding_concern": False, "crime_prevention": False, "early_support_pathway": False}
+        r["concern_types"] = ["parenting"]
+        r["concerns"] = [{"type": "parenting", "detail": "Synthetic detail", "since": None}]
+        out.append(r)
+    return out
+
+
+def router_env(settings: Settings, bootstrap: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
+    }
+
+
+class RouterProc:
+    """``referral-broker route`` in its own process; its JSON log goes to a file."""
+
+    def __init__(self, settings: Settings, bootstrap: str, log_dir: Path, name: str, *args: str) -> None:
+        self.name = name
+        self.log_path = log_dir / f"router-{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        cmd = [ROUTE, "--log-level", "INFO", "route", "--json", *args]
+        self.proc = subprocess.Popen(
+            cmd, env=router_env(settings, bootstrap), stdout=subprocess.PIPE, stderr=self._log
+        )
+        self.started = time.monotonic()
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise AssertionError(f"router {self.name} did not finish within {timeout:.0f}s: {self.tail()}") from None
+        finally:
+            self._log.close()
+        return self.proc.returncode, out.decode(errors="replace")
+
+    def stop(self) -> None:
+        """Test cleanup: never leave a router behind (a paused one is resumed to die)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if not self._log.closed:
+            self._log.close()
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(self.log_lines()[-n:])
+
+
+class Watch:
+    """What the broker says: committed input offsets of the router group, open transactions
+    on the archive topic, and group members."""
+
+    def __init__(self, settings: Settings, bootstrap: str) -> None:
+        self.admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="rb-faults-watch",
+            request_timeout_ms=10_000,
+            bootstrap_timeout_ms=10_000,
+        )
+        self.group = f"{settings.kafka_topic_prefix}referral-router"
+        self.intake = topic_name(settings, "intake", PARTNER)
+        archive = topic_name(settings, "archive")
+        parts = next(s.partitions for s in plan(settings.kafka_topic_profile) if s.role == "archive")
+        self.archive = [TopicPartition(archive, p) for p in range(parts)]
+
+    def close(self) -> None:
+        self.admin.close()
+
+    def committed_inputs(self) -> int:
+        offsets = self.admin.list_group_offsets({self.group: None}).get(self.group, {})
+        return sum(max(o.offset, 0) for tp, o in offsets.items() if tp.topic == self.intake)
+
+    def _ends(self, level: IsolationLevel) -> dict[TopicPartition, int]:
+        found = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in self.archive}, level)
+        return {tp: found[tp].offset for tp in self.archive}
+
+    def archive_open(self) -> bool:
+        """True while a transaction holds uncommitted records on the archive (its last stable
+        offset is behind its high watermark)."""
+        high = self._ends(IsolationLevel.READ_UNCOMMITTED)
+        stable = self._ends(IsolationLevel.READ_COMMITTED)
+        return any(high[tp] > stable[tp] for tp in self.archive)
+
+    def members(self) -> dict[str, int]:
+        """Partitions held by each member of the router group, by member id."""
+        doc = self.admin.describe_groups([self.group])[self.group]
+        held = {}
+        for m in doc.get("members") or []:
+            assignment = m.get("member_assignment") or {}
+            parts = assignment.get("assigned_partitions") or assignment.get("partitions") or []
+            held[m["member_id"]] = sum(len(p.get("partitions", [])) if isinstance(p, dict) else 1 for p in parts)
+        return held
+
+    def taken_over(self, before: dict[str, int], everything: int) -> bool:
+        """One member holds every partition, and the membership changed since ``before``
+        (the paused member was evicted)."""
+        now = self.members()
+        return list(now.values()) == [everything] and set(now) != set(before)
+
+    def wait_for(self, what: str, condition: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> float:
+        """Seconds until ``condition`` held; fails the test after ``timeout``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                if condition():
+                    return time.monotonic() - started
+            except KafkaError:  # retriable: a fresh cluster's coordinator still loading
+                pass
+            time.sleep(poll_s)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def delivered(settings: Settings, bootstrap: str, role: str, party: str | None = None) -> Counter[str]:
+    """Referral ids (record keys) on a topic, read_committed, with their copy counts."""
+    consumer = build_consumer(settings, bootstrap, [topic_name(settings, role, party)], group_id=None)
+    try:
+        return Counter((r.key or b"").decode() for batch in drain(consumer, idle_s=2) for r in batch)
+    finally:
+        consumer.close()
+
+
+def loss_and_duplicates(expected: set[str], got: Counter[str]) -> tuple[int, int]:
+    lost = len(expected - set(got))
+    duplicated = sum(n - 1 for n in got.values() if n > 1) + sum(n for k, n in got.items() if k not in expected)
+    return lost, duplicated
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+COUNT = 2000
+IDLE = "8"  # --stop-when-idle: longer than a takeover's quiet spell, short enough for CI
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture
+def broker(topics: Settings, kafka_bootstrap: str) -> Settings:
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    return topics
+
+
+def send(settings: Settings, bootstrap: str, count: int = COUNT, seed: int = 1) -> set[str]:
+    with IntakeSender(settings, bootstrap, PARTNER) as sender:
+        return {s.referral_id for s in sender.send_referrals(one_recipient_referrals(count, seed))}
+
+
+def assert_exactly_once(settings: Settings, bootstrap: str, sent: set[str]) -> dict[str, int]:
+    """Every referral's archive copy and district-team share exactly once (read_committed)."""
+    figures: dict[str, int] = {"sent": len(sent)}
+    for role, party in (("archive", None), ("out", TEAM)):
+        got = delivered(settings, bootstrap, role, party)
+        lost, duplicated = loss_and_duplicates(sent, got)
+        figures |= {f"{role}_delivered": sum(got.values()), f"{role}_lost": lost, f"{role}_dup": duplicated}
+    print("exactly-once figures", figures)
+    assert figures["archive_lost"] == figures["archive_dup"] == 0, figures
+    assert figures["out_lost"] == figures["out_dup"] == 0, figures
+    assert figures["archive_delivered"] == figures["out_delivered"] == len(sent)
+    return figures
+
+
+def assert_clean_exit(router: RouterProc, timeout: float = 180) -> dict[str, Any]:
+    code, out = router.wait(timeout)
+    log = "\n".join(router.log_lines())
+    assert code == 0, f"router {router.name} exited {code}: {router.tail()}"
+    assert "Traceback" not in log, log[-3000:]
+    stats: dict[str, Any] = json.loads(out)
+    return stats
+
+
+def subscribed_partitions(settings: Settings) -> int:
+    return sum(s.partitions for s in plan(settings.kafka_topic_profile) if s.role in ("intake", "status"))
+
+
+@pytest.mark.timeout(300)
+def test_router_killed_mid_transaction_three_times(
+    broker: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """SIGKILL at about 30%, 50% and 70% of 2,000 referrals, each time while a transaction is
+    open on the archive; the restarted router (same instance slot, so the same transactional
+    id) fences the dead one's transaction at once and takes over; nothing lost or doubled."""
+    sent = send(broker, kafka_bootstrap)
+    watch = Watch(broker, kafka_bootstrap)
+    routers: list[RouterProc] = []
+    try:
+        router = RouterProc(broker, kafka_bootstrap, tmp_path, "0", "--stop-when-idle", IDLE)
+        routers.append(router)
+        for i, target in enumerate((0.25, 0.45, 0.65)):
+            watch.wait_for(
+                f"{target:.0%} committed with a transaction open",
+                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.archive_open(),
+                timeout=120,
+                poll_s=0.05,
+            )
+            router.signal(signal.SIGKILL)
+            router.proc.wait(timeout=30)
+            # proven mid-work: the dead router's transaction is still open, and the committed
+            # archive (read_committed) holds between 20% and 80% of the stream
+            assert watch.archive_open(), "the kill did not land inside a transaction"
+            at_kill = sum(delivered(broker, kafka_bootstrap, "archive").values())
+            assert 0.2 * COUNT <= at_kill <= 0.8 * COUNT, at_kill
+            committed = watch.committed_inputs()
+            print(f"kill {i + 1}: archive {at_kill} of {COUNT} committed at the kill")
+            router = RouterProc(broker, kafka_bootstrap, tmp_path, str(i + 1), "--stop-when-idle", IDLE)
+            routers.append(router)
+            fenced = watch.wait_for("the dead transaction fenced", lambda: not watch.archive_open(), 30, 0.05)
+            took = watch.wait_for("the restarted router committing", lambda c=committed: watch.committed_inputs() > c, 60)
+            print(f"kill {i + 1}: open transaction ended after {fenced:.1f}s, takeover after {took:.1f}s")
+            assert fenced < 8, "a restarted router must fence its predecessor's transaction at once"
+            assert took < 25, "the restarted router must get the partitions within seconds"
+        assert_clean_exit(router)
+        assert_exactly_once(broker, kafka_bootstrap, sent)
+    finally:
+        for r in routers:
+            r.stop()
+        watch.close()
+
+
+@pytest.mark.timeout(300)
+def test_paused_router_resumed_after_takeover_three_times(
+    broker: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """SIGSTOP a router mid-transaction, let the other router take all partitions, then
+    SIGCONT the paused one (a zombie that still believes it owns its batch) — three times in
+    one stream of 2,000. The zombie must abandon its batch instead of committing it."""
+    sent = send(broker, kafka_bootstrap)
+    watch = Watch(broker, kafka_bootstrap)
+    everything = subscribed_partitions(broker)
+    a = RouterProc(broker, kafka_bootstrap, tmp_path, "A", "--stop-when-idle", IDLE)
+    b: RouterProc | None = None
+    try:
+        for cycle, target in enumerate((0.15, 0.40, 0.65)):
+            watch.wait_for(
+                f"{target:.0%} committed with a transaction open",
+                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.archive_open(),
+                timeout=120,
+                poll_s=0.05,
+            )
+            paused, other = (a, b) if cycle != 1 else (b, a)
+            assert paused is not None
+            before = watch.members()
+            paused.signal(signal.SIGSTOP)
+            committed = watch.committed_inputs()
+            if b is None:
+                b = other = RouterProc(broker, kafka_bootstrap, tmp_path, "B", "--stop-when-idle", IDLE)
+            assert other is not None
+            took = watch.wait_for(
+                "the other router holding every partition",
+                lambda m=before: watch.taken_over(m, everything),  # type: ignore[misc]
+                60,
+            )
+            watch.wait_for("the other router committing", lambda c=committed: watch.committed_inputs() > c, 60)
+            print(f"pause {cycle + 1}: {paused.name} paused at {committed}; {other.name} took over in {took:.1f}s")
+            paused.signal(signal.SIGCONT)
+            watch.wait_for("both routers in the group again", lambda: len(watch.members()) == 2, 60)
+        assert b is not None
+        stats = [assert_clean_exit(r) for r in (a, b)]
+        assert_exactly_once(broker, kafka_bootstrap, sent)
+        dropped = ("batch abandoned", "batch dropped", "transaction failed")
+        zombie_lines = [ln for r in (a, b) for ln in r.log_lines() if any(d in ln for d in dropped)]
+        assert len(zombie_lines) >= 3, "each resumed zombie must have given up its batch"
+        assert sum(s["routed"] for s in stats) >= COUNT
+    finally:
+        for r in (a, b):
+            if r is not None:
+                r.stop()
+        watch.close()
+
+
+OUTAGE_PORT = int(os.environ.get("REFERRAL_BROKER_FAULTS_PORT", "19292"))
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[tuple[Settings, LocalBroker]]:
+    """A broker of the test's own (other ports, its own data folder) that the test may kill."""
+    local = LocalBroker(load_settings(environ={}, local_port=OUTAGE_PORT, local_controller_port=OUTAGE_PORT + 1))
+    local.stop()
+    shutil.rmtree(local.run_dir, ignore_errors=True)
+    local.start()
+    try:
+        settings = load_settings(
+            environ={},
+            kafka_bootstrap_servers=local.bootstrap,
+            kafka_topic_prefix="outage.",
+            kafka_topic_profile="test",
+            paths_data_dir=tmp_path / "data",
+        )
+        ensure_topics(settings, local.bootstrap)
+        init_parties(settings, sorted(all_parties()), bootstrap=local.bootstrap)
+        yield settings, local
+    finally:
+        local.stop()
+        shutil.rmtree(local.run_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(360)
+def test_router_outlives_a_broker_outage_longer_than_its_transaction_timeout(
+    own_broker: tuple[Settings, LocalBroker], tmp_path: Path
+) -> None:
+    """The only broker is killed (SIGKILL) mid-transaction and stays down for longer than the
+    router's transaction timeout; the router waits it out, rebuilds what failed and finishes
+    the stream exactly once, then still stops when idle."""
+    settings, local = own_broker
+    bootstrap = local.bootstrap
+    sent = send(settings, bootstrap)
+    timeout_s, outage_s = 5, 12
+    router = RouterProc(
+        settings, bootstrap, tmp_path, "outage", "--stop-when-idle", IDLE, "--transaction-timeout", str(timeout_s)
+    )
+    watch = Watch(settings, bootstrap)
+    try:
+        watch.wait_for(
+            "30% committed with a transaction open",
+            lambda: watch.committed_inputs() >= 0.3 * COUNT and watch.archive_open(),
+            timeout=120,
+            poll_s=0.05,
+        )
+        watch.close()
+        pid = local.status().pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        down = time.monotonic()
+        while time.monotonic() - down < outage_s:
+            assert router.alive(), f"the router died during the outage: {router.tail()}"
+            time.sleep(0.5)
+        local.start()
+        outage = time.monotonic() - down
+        watch = Watch(settings, bootstrap)
+        at_restart = watch.committed_inputs()
+        recovered = watch.wait_for(
+            "the router committing again", lambda: watch.committed_inputs() > at_restart, 120, 0.2
+        )
+        print(f"outage {outage:.0f}s (transaction timeout {timeout_s}s); routing resumed {recovered:.1f}s after restart")
+        print("router warnings:", [ln[:200] for ln in router.log_lines() if '"warning"' in ln][:6])
+        stats = assert_clean_exit(router, timeout=240)
+        assert stats["routed"] >= COUNT - at_restart
+        assert_exactly_once(settings, bootstrap, sent)
+    finally:
+        router.stop()
+        watch.close()
