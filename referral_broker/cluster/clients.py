@@ -168,7 +168,7 @@ class Producer:
         self.close()
 
 
-class _LoggingRebalanceListener(ConsumerRebalanceListener):
+class _LoggingRebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python is untyped
     """Offsets are committed after each processed batch, so a revocation loses no work; the
     listener records what moved and lets the owner drop per-partition state. kafka-python
     calls it from inside ``poll()`` (and ``close()``), never while the owner is between polls.
