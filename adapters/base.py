@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, ClassVar
 
-from referral_broker.errors import ConfigError, Problem, ValidationError
+from referral_broker.errors import ConfigError, PartnerInputError, Problem, ValidationError
 from referral_broker.parties import all_parties
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
@@ -49,9 +49,9 @@ from .field_map import (
     canonical_leaf_paths,
     get_canonical,
 )
-from .native_files import Source, read_csv, read_json, source_name, write_text
+from .native_files import Source, iter_json, read_csv, sniff, source_name, write_text
 
-_SAFE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+_SAFE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_ -]{0,40}$")
 # For formats with no ethnicity, or where the question is optional: "not obtained" is what is known.
 NOT_OBTAINED_ETHNICITY: Mapping[str, Any] = MappingProxyType({"child.ethnicity": "not_obtained"})
 # Spreadsheet programs run a cell that starts with one of these as a formula (CSV injection).
@@ -234,6 +234,27 @@ class PartnerAdapter(ABC):
     # that says "not known from this source" (ethnicity 'not_obtained'), never a guess.
     defaults_when_absent: ClassVar[Mapping[str, Any]] = {}
 
+    # Further native formats the kind reads (chosen by the file's content) and can render:
+    # format name -> file suffix (health: FHIR "xml"; schools: the DfE "ctf").
+    formats: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self) -> None:
+        # What reading a file found worth saying without refusing anything (columns ignored,
+        # values read as "not known"); one adapter instance reads one file.
+        self.warnings: list[str] = []
+        self.syntax: str | None = None  # the format being rendered; None: the kind's first
+
+    def _choose(self, fmt: str | None) -> str:
+        """The file suffix for rendering in ``fmt`` (None: the kind's own format)."""
+        if fmt is None or (fmt not in self.formats and fmt == self.native_suffix.lstrip(".")):
+            self.syntax = None
+            return self.native_suffix
+        if fmt not in self.formats:
+            known = ", ".join([self.native_suffix.lstrip("."), *self.formats])
+            raise ConfigError(f"{self.kind} has no format '{fmt}'; known: {known}")
+        self.syntax = fmt
+        return self.formats[fmt]
+
     # --- the format family's mechanics -----------------------------------------------------
 
     @abstractmethod
@@ -268,12 +289,13 @@ class PartnerAdapter(ABC):
         out: str | os.PathLike[str] | IO[str],
         *,
         name: str | None = None,
+        fmt: str | None = None,
     ) -> Rendered:
         """Canonical referrals or recipient views as one native file (in folder ``out``, or to a
-        stream). Fields missing from a view are left out, never filled in."""
-        return self._render(
-            records, out, name or f"referrals{self.native_suffix}", self.referral_map, _schema("referral")
-        )
+        stream), in ``fmt`` (one of ``formats``; None: the kind's own). Fields missing from a
+        view are left out, never filled in."""
+        suffix = self._choose(fmt)
+        return self._render(records, out, name or f"referrals{suffix}", self.referral_map, _schema("referral"))
 
     def render_statuses(
         self,
@@ -281,10 +303,10 @@ class PartnerAdapter(ABC):
         out: str | os.PathLike[str] | IO[str],
         *,
         name: str | None = None,
+        fmt: str | None = None,
     ) -> Rendered:
-        return self._render(
-            statuses, out, name or f"statuses{self.native_suffix}", self.status_map, _schema("status")
-        )
+        suffix = self._choose(fmt)
+        return self._render(statuses, out, name or f"statuses{suffix}", self.status_map, _schema("status"))
 
     def to_native(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """One canonical referral or view as this format's native record."""
@@ -373,7 +395,7 @@ class PartnerAdapter(ABC):
         problems: list[MappingProblem | Problem] = list(mapping_problems)
         if validate:
             problems.extend(
-                p
+                _with_allowed_values(p, contract)
                 for p in contract.validate(record, now=now, record_number=native.number)
                 if not any(p.path == f or p.path.startswith((f"{f}.", f"{f}[")) for f in failed)
             )
@@ -411,6 +433,38 @@ class PartnerAdapter(ABC):
         return Rendered(path, count, frozenset(not_carried))
 
 
+_INDEX = re.compile(r"\[[^\]]*\]")
+
+
+def _with_allowed_values(problem: Problem, contract: _Contract) -> Problem:
+    """An enum problem with the symbols the field allows, so the message says what would do."""
+    if problem.reason != "not one of the allowed values":
+        return problem
+    symbols = enum_symbols(contract.schema).get(_INDEX.sub("", problem.path))
+    if not symbols:
+        return problem
+    return Problem(problem.path, f"not one of the allowed values: {', '.join(symbols)}", problem.record)
+
+
+@functools.cache
+def enum_symbols(schema: Callable[[], dict[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """Canonical path (no indexes) -> the symbols of the enum there, for every enum field."""
+    found: dict[str, tuple[str, ...]] = {}
+
+    def walk(node: Any, path: str) -> None:
+        node = without_null(node)
+        if isinstance(node, dict) and node.get("type") == "enum":
+            found[path] = tuple(node["symbols"])
+        elif isinstance(node, dict) and node.get("type") == "array":
+            walk(node["items"], path)
+        elif isinstance(node, dict) and node.get("type") == "record":
+            for item in node["fields"]:
+                walk(item["type"], f"{path}.{item['name']}" if path else item["name"])
+
+    walk(_expanded(schema), "")
+    return found
+
+
 def _set(record: dict[str, Any], path: str, value: Any, *, keep: bool = False) -> None:
     *parents, last = path.split(".")
     for part in parents:
@@ -423,9 +477,12 @@ class CsvAdapter(PartnerAdapter):
     """A partner whose files are UTF-8 CSV with one record per row and the table's columns."""
 
     native_suffix = ".csv"
+    # Accept columns beyond the table, ignored and named in a warning (a school MIS export).
+    allow_extra_columns: ClassVar[bool] = False
 
     def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
-        for number, row in read_csv(source, field_map.columns()):
+        warnings = self.warnings if self.allow_extra_columns else None
+        for number, row in read_csv(source, field_map.columns(), warnings=warnings):
             if isinstance(row, str):
                 yield NativeRecord(number, None, (MappingProblem("<row>", "", row),))
             else:
@@ -456,21 +513,63 @@ class JsonAdapter(PartnerAdapter):
     strict_keys: ClassVar[bool] = True
 
     def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
-        document = read_json(source)
-        items = document if isinstance(document, list) else [document]
-        for number, item in enumerate(items, 1):
-            if not isinstance(item, dict):
-                yield NativeRecord(number, None, (MappingProblem("<record>", "", "expected a JSON object"),))
-            elif self.strict_keys and (unknown := _unknown_keys(item, field_map)):
-                yield NativeRecord(
-                    number, None, tuple(MappingProblem(k, "", "unknown field") for k in unknown)
+        name = source_name(source)
+        found = sniff(source)
+        if found == "xml":
+            raise PartnerInputError(
+                f"{name}: the file is XML, but {self.kind} files are JSON (see adapters/FORMATS.md)"
+            )
+        if found == "text":
+            raise PartnerInputError(
+                f"{name}: the file is not JSON (it starts with neither {{ nor [), but {self.kind} files "
+                "are JSON (see adapters/FORMATS.md)"
+            )
+        for item in iter_json(source):
+            if item.number == 0:
+                continue
+            problems = [
+                MappingProblem(
+                    shown_path(path), "", "the key appears more than once in its object; keep one"
                 )
-            else:
-                yield NativeRecord(number, item)
+                for path in item.duplicates
+            ]
+            if not isinstance(item.value, dict):
+                found = json_kind(item.value)
+                problems.append(MappingProblem("<record>", "", f"expected a JSON object ({{...}}), found {found}"))
+            elif self.strict_keys:
+                problems.extend(key_problems(item.value, field_map))
+            yield NativeRecord(item.number, item.value if isinstance(item.value, dict) else None, tuple(problems))
 
     def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
         json.dump(list(documents), out, indent=2, ensure_ascii=False)
         out.write("\n")
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for messages (never the value itself)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def shown_key(key: Any) -> str:
+    """A key as it may appear in a message: a short name, else ``<unnamed>`` (a key can hold data)."""
+    return str(key) if _SAFE_KEY.match(str(key)) else "<unnamed>"
+
+
+def shown_path(path: str) -> str:
+    return ".".join(
+        shown_key(part.partition("[")[0]) + (f"[{part.partition('[')[2]}" if "[" in part else "")
+        for part in path.split(".")
+    )
 
 
 def _known_paths(field_map: FieldMap) -> set[str]:
@@ -486,25 +585,44 @@ def _known_paths(field_map: FieldMap) -> set[str]:
     return known
 
 
-def _unknown_keys(document: dict[str, Any], field_map: FieldMap) -> list[str]:
+def key_problems(document: dict[str, Any], field_map: FieldMap) -> list[MappingProblem]:
+    """Keys the table does not know (with a hint for a hyphenated one), and a list where the
+    table has an object or the other way round."""
     known = _known_paths(field_map)
-    prefixes = {path[:i] for path in known for i in range(len(path)) if path[i] in ".["}
-    found: list[str] = []
+    objects = {path[:i] for path in known for i in range(len(path)) if path[i] == "."}
+    lists = {path[:i] for path in known for i in range(len(path)) if path[i] == "["}
+    found: list[MappingProblem] = []
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, list):
             for item in node:
                 walk(item, f"{path}[]")
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                child = f"{path}.{key}" if path else str(key)
-                if child in known:
-                    continue
-                if child in prefixes:
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            shown = f"{path}.{shown_key(key)}" if path else shown_key(key)
+            if child in known:
+                continue
+            if child in lists:
+                if isinstance(value, list):
                     walk(value, child)
                 else:
-                    shown = key if _SAFE_KEY.match(str(key)) else "<unnamed>"
-                    found.append(f"{path}.{shown}" if path else shown)
+                    found.append(MappingProblem(shown, "", f"expected a list ([...]), found {json_kind(value)}"))
+            elif child in objects:
+                if isinstance(value, dict):
+                    walk(value, child)
+                else:
+                    found.append(MappingProblem(shown, "", f"expected an object ({{...}}), found {json_kind(value)}"))
+            else:
+                fixed = child.replace("-", "_").replace(" ", "_")
+                hint = (
+                    f' (did you mean "{fixed.rpartition(".")[2]}"?)'
+                    if fixed != child and (fixed in known or fixed in lists or fixed in objects)
+                    else ""
+                )
+                found.append(MappingProblem(shown, "", f"unknown field{hint}"))
 
     walk(document, "")
     return found

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from referral_broker.errors import PartnerInputError, ValidationError
+from referral_broker.errors import PartnerInputError, Problem, ValidationError
 
-from .base import ParsedRecord, Rendered, get_adapter
+from .base import ParsedRecord, PartnerAdapter, Rendered, get_adapter
 from .native_files import Source, source_name
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -24,10 +25,12 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 @dataclass
 class LoadResult:
-    """A whole file: the good records (canonical) and, with ``skip_invalid``, the rejected ones."""
+    """A whole file: the good records (canonical) and, with ``skip_invalid``, the rejected ones;
+    ``warnings`` says what was read without refusing anything (columns ignored, say)."""
 
     records: list[ParsedRecord] = field(default_factory=list)
     rejected: list[ParsedRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def referrals(self) -> list[dict[str, Any]]:
@@ -46,12 +49,72 @@ def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
     )
 
 
-def _load(records: Iterator[ParsedRecord], skip_invalid: bool, what: str) -> LoadResult:
+class _Repeats:
+    """Each (id, version) a file holds, by record number: a file holds each once.
+
+    Kept as 24 bytes a record (UUID, version, record number) in one buffer, the one thing a
+    streamed file keeps per record, sorted once at the end to find the repeats."""
+
+    def __init__(self, adapter: PartnerAdapter, family: str) -> None:
+        self.entries = bytearray()
+        key = "referral_id" if family == "referral" else "status_id"
+        self.key = key
+        self.label = (adapter.referral_map if family == "referral" else adapter.status_map).native_label(key)
+
+    def note(self, parsed: ParsedRecord) -> None:
+        if parsed.record is not None:
+            identity = uuid.UUID(str(parsed.record[self.key])).bytes
+            version = int(parsed.record["version"]) & 0xFFFFFFFF
+            self.entries += identity + version.to_bytes(4, "big") + parsed.number.to_bytes(4, "big")
+
+    def repeated(self) -> dict[int, list[int]]:
+        """Record number -> the other records with the same id and version."""
+        size = len(self.entries) // 24
+        order = sorted(range(size), key=lambda i: self.entries[i * 24 : i * 24 + 20])
+        out: dict[int, list[int]] = {}
+        start = 0
+        for position in range(1, size + 1):
+            same = position < size and (
+                self.entries[order[position] * 24 : order[position] * 24 + 20]
+                == self.entries[order[start] * 24 : order[start] * 24 + 20]
+            )
+            if same:
+                continue
+            if position - start > 1:
+                numbers = sorted(
+                    int.from_bytes(self.entries[order[i] * 24 + 20 : order[i] * 24 + 24], "big")
+                    for i in range(start, position)
+                )
+                for number in numbers:
+                    out[number] = [n for n in numbers if n != number]
+            start = position
+        return out
+
+    def reject(self, parsed: ParsedRecord, others: list[int]) -> ParsedRecord:
+        where = f'"{self.label}" ({self.key})' if self.label else self.key
+        what = "referral id and version" if self.key == "referral_id" else "status id and version"
+        shown = ", ".join(map(str, others))
+        problem = Problem(where, f"the same {what} as record {shown}: a file holds each once", parsed.number)
+        return ParsedRecord(parsed.source, parsed.number, None, (problem,))
+
+
+def _load(
+    adapter: PartnerAdapter, records: Iterator[ParsedRecord], skip_invalid: bool, what: str, family: str
+) -> LoadResult:
     result = LoadResult()
     name = "<stream>"
+    repeats = _Repeats(adapter, family)
+    parsed_all: list[ParsedRecord] = []
     for parsed in records:
         name = parsed.source
+        repeats.note(parsed)
+        parsed_all.append(parsed)
+    repeated = repeats.repeated()
+    for parsed in parsed_all:
+        if parsed.number in repeated:
+            parsed = repeats.reject(parsed, repeated[parsed.number])
         (result.records if parsed.ok else result.rejected).append(parsed)
+    result.warnings = list(adapter.warnings)
     if result.rejected and not skip_invalid:
         _raise_rejected(result.rejected, what, name)
     return result
@@ -67,14 +130,16 @@ def load_file(
     back with ``rejected`` listing the others. A broken file (encoding, columns, malformed CSV
     or JSON) raises PartnerInputError either way.
     """
-    return _load(get_adapter(kind).parse(source, now=now), skip_invalid, "referrals")
+    adapter = get_adapter(kind)
+    return _load(adapter, adapter.parse(source, now=now), skip_invalid, "referrals", "referral")
 
 
 def load_statuses(
     kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
 ) -> LoadResult:
     """Every status message in a partner's native status file, validated (as ``load_file``)."""
-    return _load(get_adapter(kind).parse_statuses(source, now=now), skip_invalid, "status messages")
+    adapter = get_adapter(kind)
+    return _load(adapter, adapter.parse_statuses(source, now=now), skip_invalid, "status messages", "status")
 
 
 class FileStream:
@@ -104,14 +169,26 @@ class FileStream:
         self.rejected: list[ParsedRecord] = []
         self.total = 0
         self._identity = self._stat()
+        repeats = _Repeats(self.adapter, "referral")
         for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
             if parsed.ok:
                 self.total += 1
+                repeats.note(parsed)
             else:
                 self.rejected.append(parsed)
             if on_checked is not None:
                 on_checked(checked)
         self._check_unchanged()
+        repeated = repeats.repeated()
+        if repeated:
+            # Only numbers and ids were kept, so the repeated records are named, not re-read.
+            self.rejected.extend(
+                repeats.reject(ParsedRecord(source_name(self.path), n, None), others)
+                for n, others in repeated.items()
+            )
+            self.rejected.sort(key=lambda parsed: parsed.number)
+            self.total -= len(repeated)
+        self.warnings = list(self.adapter.warnings)
         if self.rejected and not skip_invalid:
             _raise_rejected(self.rejected, "referrals", source_name(self.path))
 
@@ -166,9 +243,11 @@ def render_file(
     out: str | os.PathLike[str] | IO[str],
     *,
     name: str | None = None,
+    fmt: str | None = None,
 ) -> Rendered:
-    """Canonical referrals or recipient views as a partner's native file."""
-    return get_adapter(kind).render(records, out, name=name)
+    """Canonical referrals or recipient views as a partner's native file (``fmt``: one of the
+    kind's further formats, e.g. health "xml", schools "ctf"; None: its own)."""
+    return get_adapter(kind).render(records, out, name=name, fmt=fmt)
 
 
 def render_statuses(
@@ -177,6 +256,7 @@ def render_statuses(
     out: str | os.PathLike[str] | IO[str],
     *,
     name: str | None = None,
+    fmt: str | None = None,
 ) -> Rendered:
     """Canonical status messages as a partner's native status file."""
-    return get_adapter(kind).render_statuses(statuses, out, name=name)
+    return get_adapter(kind).render_statuses(statuses, out, name=name, fmt=fmt)

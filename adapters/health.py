@@ -13,21 +13,27 @@ messages are FHIR Tasks. Elements and their canonical paths: ``FORMATS.md``.
 
 from __future__ import annotations
 
+import collections
 import json
 import uuid
 from collections.abc import Iterable, Iterator
+from types import MappingProxyType
 from typing import IO, Any
 
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.organization import Organization
 from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.practitioner import Practitioner
+from fhir.resources.R4B.practitionerrole import PractitionerRole
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
-from referral_broker.errors import ContractError, PartnerInputError
+from referral_broker.errors import EmptyInputError, PartnerInputError
 
-from .base import NOT_OBTAINED_ETHNICITY, JsonAdapter, NativeRecord, register
+from .base import NOT_OBTAINED_ETHNICITY, JsonAdapter, NativeRecord, register, shown_path
+from .fhir_files import Entry, model_problems, read_fhir, write_fhir
 from .field_map import (
     BOOL,
     INT,
@@ -43,8 +49,17 @@ from .field_map import (
     Items,
     MappingProblem,
     codes,
+    get_path,
 )
-from .native_files import Source, read_json, source_name
+from .native_files import Source, source_name
+from .uk_core import (
+    ETHNIC_CATEGORY_EXTENSION,
+    ETHNICITY,
+    LANGUAGE,
+    NHS_COMMUNICATION_EXTENSION,
+    PROFILES,
+    RELATIONSHIP,
+)
 
 NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 UUID_SYSTEM = "urn:ietf:rfc:3986"
@@ -87,7 +102,9 @@ FHIR_ID = Codec(INT.parse, str)  # meta.versionId is a FHIR id: text
 
 SR = "ServiceRequest."
 PT = "Patient."
-ROLE = f"{SR}contained[resourceType=PractitionerRole]."
+ROLE = "PractitionerRole."
+PRAC = "Practitioner."
+ORG = "Organization."
 
 
 def _ext(name: str, inner: str, value: str) -> str:
@@ -96,6 +113,7 @@ def _ext(name: str, inner: str, value: str) -> str:
 
 REFERRAL_MAP = FieldMap(
     (
+        Const(f"{SR}meta.profile[0]", PROFILES["ServiceRequest"]),
         Const(f"{SR}status", "active", frozenset({"active"})),
         Const(f"{SR}intent", "order", REQUEST_INTENTS),
         Const(f"{SR}code.coding[0].system", SNOMED),
@@ -111,20 +129,23 @@ REFERRAL_MAP = FieldMap(
         Field(_ext("flags", "crimePrevention", "valueBoolean"), "flags.crime_prevention", BOOL),
         Field(_ext("flags", "earlySupportPathway", "valueBoolean"), "flags.early_support_pathway", BOOL),
         Field(f"{SR}extension[url={EXT}/referred-by].valueCode", "referrer.partner"),
-        Const(f"{SR}requester.reference", "#requester"),
-        Const(f"{ROLE}id", "requester"),
-        Field(f"{ROLE}organization.display", "referrer.organisation"),
-        Field(f"{ROLE}practitioner.display", "referrer.practitioner.name"),
+        Const(f"{ORG}meta.profile[0]", PROFILES["Organization"]),
+        Field(f"{ORG}name", "referrer.organisation"),
+        Const(f"{PRAC}meta.profile[0]", PROFILES["Practitioner"]),
+        Field(f"{PRAC}name[0].text", "referrer.practitioner.name"),
+        Const(f"{ROLE}meta.profile[0]", PROFILES["PractitionerRole"]),
         Field(f"{ROLE}code[0].text", "referrer.practitioner.role"),
         Field(f"{ROLE}telecom[system=email].value", "referrer.practitioner.email"),
         Field(f"{ROLE}telecom[system=phone].value", "referrer.practitioner.phone"),
+        Const(f"{PT}meta.profile[0]", PROFILES["Patient"]),
         Field(f"{PT}identifier[system={NHS_NUMBER_SYSTEM}].value", "identifiers.nhs_number", NHS_NUMBER),
         Field(f"{PT}name[use=official].family", "child.family_name"),
         Field(f"{PT}name[use=official].given[0]", "child.given_name"),
         Field(f"{PT}name[use=usual].given[0]", "child.preferred_name"),
         Field(f"{PT}birthDate", "child.date_of_birth", ISO_DATE),
         Field(f"{PT}gender", "child.sex", GENDER),
-        Field(f"{PT}communication[0].language.text", "child.first_language"),
+        Field(f"{PT}extension[url={ETHNIC_CATEGORY_EXTENSION}].valueCodeableConcept", "child.ethnicity", ETHNICITY),
+        Field(f"{PT}communication[0].language", "child.first_language", LANGUAGE),
         Field(f"{PT}extension[url={INTERPRETER_REQUIRED}].valueBoolean", "child.interpreter_needed", BOOL),
         Field(f"{PT}address[0].line[0]", "child.address.line1"),
         Field(f"{PT}address[0].line[1]", "child.address.line2"),
@@ -138,7 +159,7 @@ REFERRAL_MAP = FieldMap(
             (
                 Field("name.given[0]", "given_name"),
                 Field("name.family", "family_name"),
-                Field(f"relationship[0].coding[system={RELATIONSHIP_SYSTEM}].code", "relationship"),
+                Field("relationship", "relationship", RELATIONSHIP),
                 Field(
                     f"extension[url={EXT}/parental-responsibility].valueBoolean",
                     "parental_responsibility",
@@ -211,6 +232,7 @@ REFERRAL_MAP = FieldMap(
 
 STATUS_MAP = FieldMap(
     (
+        Const("meta.profile[0]", PROFILES["Task"]),
         Const("intent", "order", REQUEST_INTENTS),
         Field(f"identifier[system={UUID_SYSTEM}].value", "status_id", URN_UUID),
         Const("focus.identifier.system", UUID_SYSTEM),
@@ -227,7 +249,22 @@ STATUS_MAP = FieldMap(
     )
 )
 
-_MODELS: dict[str, type[BaseModel]] = {"ServiceRequest": ServiceRequest, "Patient": Patient, "Task": Task}
+_MODELS: dict[str, type[BaseModel]] = {
+    "ServiceRequest": ServiceRequest,
+    "Patient": Patient,
+    "Task": Task,
+    "PractitionerRole": PractitionerRole,
+    "Practitioner": Practitioner,
+    "Organization": Organization,
+}
+# The resources a referral is made of, besides the ServiceRequest, in the order they are rendered.
+PARTS = ("Patient", "Organization", "Practitioner", "PractitionerRole")
+BUNDLE_TYPES = frozenset({"collection", "transaction", "message", "batch", "searchset"})
+# Said (once per file, with a count) when UK Core leaves out what the referral contract requires.
+_READ_AS_NO = {
+    "child.interpreter_needed": "interpreterRequired",
+    "household.parental_responsibility": "parental responsibility",
+}
 
 
 def _fhir_problems(resource: Any, type_name: str) -> list[MappingProblem]:
@@ -237,14 +274,51 @@ def _fhir_problems(resource: Any, type_name: str) -> list[MappingProblem]:
     try:
         _MODELS[type_name].model_validate(resource)
     except PydanticValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = type_name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-            shown = str(error.get("input", ""))
-            reason = error["msg"] if not shown or shown not in error["msg"] else error["type"]
-            problems.append(MappingProblem(where, "", f"fails FHIR R4 validation: {reason}"))
-        return problems
+        return [MappingProblem(where, "", reason) for where, reason in model_problems(exc, type_name)]
     return []
+
+
+def _reference(node: Any) -> str | None:
+    reference = node.get("reference") if isinstance(node, dict) else None
+    return reference if isinstance(reference, str) else None  # a list, say, names nothing
+
+
+def _display(node: Any) -> str | None:
+    display = node.get("display") if isinstance(node, dict) else None
+    return display if isinstance(display, str) and display.strip() else None
+
+
+class _Store:
+    """The Bundle's other resources, kept compact (JSON bytes) by fullUrl and Type/id, so a large
+    Bundle is not held as objects while its referrals are read."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, tuple[bytes, tuple[tuple[str, str], ...], str]] = {}
+
+    def add(self, entry: Entry) -> None:
+        resource = entry.resource
+        kind = resource.get("resourceType") if isinstance(resource, dict) else None
+        packed = json.dumps(resource, separators=(",", ":")).encode() if resource is not None else b"null"
+        value = (packed, entry.problems, str(kind))
+        if entry.full_url:
+            self.kept[entry.full_url] = value
+        if isinstance(resource, dict) and resource.get("id"):
+            self.kept[f"{kind}/{resource['id']}"] = value
+
+    def has(self, reference: str | None) -> bool:
+        return reference is not None and (reference in self.kept or self._tail(reference) in self.kept)
+
+    def get(self, reference: str | None) -> tuple[Any, tuple[tuple[str, str], ...]]:
+        if reference is None:
+            return None, ()
+        found = self.kept.get(reference) or self.kept.get(self._tail(reference))
+        if found is None:
+            return None, ()
+        return json.loads(found[0]), found[1]
+
+    @staticmethod
+    def _tail(reference: str) -> str:
+        return "/".join(reference.rstrip("/").split("/")[-2:])  # an absolute URL ending Type/id
 
 
 @register
@@ -253,58 +327,125 @@ class HealthAdapter(JsonAdapter):
     referral_map = REFERRAL_MAP
     status_map = STATUS_MAP
     strict_keys = False  # the FHIR library rejects unknown elements itself
-    defaults_when_absent = NOT_OBTAINED_ETHNICITY
+    defaults_when_absent = MappingProxyType({**NOT_OBTAINED_ETHNICITY, "child.interpreter_needed": False})
+    formats = MappingProxyType({"xml": ".xml"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read_as_no: dict[str, int] = {}
 
     def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
         name = source_name(source)
-        document = read_json(source)
         wanted = "Task" if field_map is STATUS_MAP else "ServiceRequest"
-        kind = document.get("resourceType") if isinstance(document, dict) else None
-        if kind == wanted:
-            yield self._record(1, document, wanted, {})
+        syntax, head, repeated, entries = read_fhir(source)
+        kind = head.get("resourceType") if isinstance(head, dict) else None
+        if kind == wanted or (syntax == "xml" and kind == wanted):
+            resource = head.get("__resource__", head) if syntax == "xml" else head
+            problems = [MappingProblem(w, "", r) for w, r in head.get("__problems__", ())]
+            problems += [MappingProblem(shown_path(p), "", _REPEATED) for p in repeated]
+            yield self._record(1, resource, wanted, _Store(), problems)
             return
+        if not isinstance(head, dict):
+            raise PartnerInputError(f"{name}: expected a FHIR Bundle or {wanted}, found a JSON list")
         if kind != "Bundle":
             raise PartnerInputError(f"{name}: expected a FHIR Bundle or {wanted} (resourceType)")
+        if repeated:
+            raise PartnerInputError(f"{name}: the Bundle repeats the key(s) {', '.join(map(shown_path, repeated))}")
         try:
-            Bundle.model_validate({**document, "entry": []})
+            Bundle.model_validate({k: v for k, v in head.items() if k != "entry"} | {"entry": []})
         except PydanticValidationError as exc:
             where = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
             raise PartnerInputError(f"{name}: the Bundle fails FHIR R4 validation at {where}") from None
-        entries = [e for e in document.get("entry") or [] if isinstance(e, dict)]
-        by_reference: dict[str, Any] = {}
+        if head.get("type") not in BUNDLE_TYPES:
+            raise PartnerInputError(
+                f"{name}: a Bundle of type {head.get('type')!r} holds no referrals; "
+                f"use one of {', '.join(sorted(BUNDLE_TYPES))}"
+            )
+        store = _Store()
+        waiting: collections.deque[Entry] = collections.deque()
+        count = 0
         for entry in entries:
-            resource = entry.get("resource")
-            if isinstance(resource, dict):
-                by_reference[str(entry.get("fullUrl"))] = resource
-                by_reference[f"{resource.get('resourceType')}/{resource.get('id')}"] = resource
-        for number, entry in enumerate(document.get("entry") or [], 1):
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict) and resource.get("resourceType") == wanted:
-                yield self._record(number, resource, wanted, by_reference)
+            resource = entry.resource
+            if (isinstance(resource, dict) and resource.get("resourceType") == wanted) or (
+                resource is None and entry.problems and entry.problems[0][0].startswith(wanted)
+            ):
+                waiting.append(entry)
+                count += 1
+            else:
+                store.add(entry)
+            # In file order, each referral once what it refers to has been read.
+            while waiting and self._ready(waiting[0], store):
+                yield self._entry_record(waiting.popleft(), wanted, store)
+        while waiting:
+            yield self._entry_record(waiting.popleft(), wanted, store)
+        if count == 0:
+            raise EmptyInputError(f"{name}: the Bundle holds no {wanted}: no records")
+
+    def _ready(self, entry: Entry, store: _Store) -> bool:
+        resource = entry.resource
+        if resource is None or resource.get("resourceType") == "Task":
+            return True
+        needed = [_reference(resource.get("subject")), _reference(resource.get("requester"))]
+        role, _ = store.get(needed[1])
+        if isinstance(role, dict):
+            needed += [_reference(role.get("practitioner")), _reference(role.get("organization"))]
+        return all(ref is None or ref.startswith("#") or store.has(ref) for ref in needed)
+
+    def _entry_record(self, entry: Entry, wanted: str, store: _Store) -> NativeRecord:
+        problems = [MappingProblem(where, "", reason) for where, reason in entry.problems]
+        if entry.resource is None:
+            return NativeRecord(entry.number, None, tuple(problems))
+        return self._record(entry.number, entry.resource, wanted, store, problems)
 
     def _record(
-        self, number: int, resource: dict[str, Any], wanted: str, bundle: dict[str, Any]
+        self, number: int, resource: Any, wanted: str, store: _Store, problems: list[MappingProblem]
     ) -> NativeRecord:
-        problems = _fhir_problems(resource, wanted)
+        if not isinstance(resource, dict):
+            return NativeRecord(number, None, tuple(problems) or ((MappingProblem(wanted, "", "not readable")),))
+        problems += _fhir_problems(resource, wanted)
         if wanted == "Task":
             return NativeRecord(number, resource, tuple(problems))
-        reference = (
-            (resource.get("subject") or {}).get("reference")
-            if isinstance(resource.get("subject"), dict)
-            else None
-        )
         contained = {f"#{r.get('id')}": r for r in resource.get("contained") or [] if isinstance(r, dict)}
-        # a reference that is not text (a list, say) names no contained resource
-        patient = (contained.get(reference) if isinstance(reference, str) else None) or bundle.get(
-            str(reference)
-        )
-        if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
-            problems.append(
-                MappingProblem(f"{SR}subject", "child", "does not refer to a Patient in the file")
-            )
-        else:
-            problems.extend(_fhir_problems(patient, "Patient"))
-        return NativeRecord(number, {"ServiceRequest": resource, "Patient": patient}, tuple(problems))
+
+        def resolve(reference: str | None, expected: tuple[str, ...]) -> dict[str, Any] | None:
+            if reference is None:
+                return None
+            found, found_problems = (contained.get(reference), ()) if reference.startswith("#") else store.get(reference)
+            problems.extend(MappingProblem(w, "", r) for w, r in found_problems)
+            if isinstance(found, dict) and found.get("resourceType") in expected:
+                return found
+            return None
+
+        patient = resolve(_reference(resource.get("subject")), ("Patient",))
+        if patient is None:
+            problems.append(MappingProblem(f"{SR}subject", "child", "does not refer to a Patient in the file"))
+        parts = _requester(resource.get("requester"), resolve)
+        document: dict[str, Any] = {"ServiceRequest": resource, "Patient": patient or {}, **parts}
+        for part in ("Patient", *PARTS[1:]):
+            if document[part] and "resourceType" in document[part]:
+                problems.extend(_fhir_problems(document[part], part))
+        if patient is not None:
+            _read_nhs_communication(patient)
+        return NativeRecord(number, document, tuple(problems))
+
+    def extra_problems(self, native: Any, record: dict[str, Any]) -> list[MappingProblem]:
+        patient = native.get("Patient") or {}
+        interpreter = get_path(patient, f"extension[url={INTERPRETER_REQUIRED}].valueBoolean")
+        if interpreter is None:
+            self._note("child.interpreter_needed")
+        for member in record.get("household") or []:
+            if isinstance(member, dict) and "parental_responsibility" not in member:
+                member["parental_responsibility"] = False
+                self._note("household.parental_responsibility")
+        return []
+
+    def _note(self, path: str) -> None:
+        self._read_as_no[path] = self._read_as_no.get(path, 0) + 1
+        self.warnings[:] = [
+            f"{count} time(s) no {_READ_AS_NO[p]} given ({p}): read as no, because the referral "
+            "contract has no 'not known' for it"
+            for p, count in self._read_as_no.items()
+        ]
 
     def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
         entries: list[dict[str, Any]] = []
@@ -313,18 +454,67 @@ class HealthAdapter(JsonAdapter):
                 task = {"resourceType": "Task", **document}
                 entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": task})
                 continue
+            urls: dict[str, str] = {}
+            for part in PARTS:
+                body = document.get(part) or {}
+                if part != "Patient" and not any(k != "meta" for k in body):
+                    continue  # nothing of this resource in the view
+                urls[part] = f"urn:uuid:{uuid.uuid4()}"
+                entries.append({"fullUrl": urls[part], "resource": {"resourceType": part, **body}})
+            role = entries[-1]["resource"] if "PractitionerRole" in urls else None
+            if role is not None:
+                for part, element in (("Practitioner", "practitioner"), ("Organization", "organization")):
+                    if part in urls:
+                        role[element] = {"reference": urls[part]}
             request = {"resourceType": "ServiceRequest", **document.get("ServiceRequest", {})}
-            patient = {"resourceType": "Patient", **document.get("Patient", {})}
-            patient_url = f"urn:uuid:{uuid.uuid4()}"
-            request["subject"] = {"reference": patient_url}
-            entries.append({"fullUrl": patient_url, "resource": patient})
+            request["subject"] = {"reference": urls["Patient"]}
+            requester = urls.get("PractitionerRole") or urls.get("Practitioner") or urls.get("Organization")
+            if requester:
+                request["requester"] = {"reference": requester}
             entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": request})
-        bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
-        try:
-            Bundle.model_validate(bundle)
-        except PydanticValidationError as exc:  # our own output: a bug here, never partner data
-            raise ContractError(
-                f"rendered FHIR Bundle fails validation ({exc.error_count()} problem(s))"
-            ) from None
-        json.dump(bundle, out, indent=2, ensure_ascii=False)
-        out.write("\n")
+        write_fhir({"resourceType": "Bundle", "type": "collection", "entry": entries}, out, self.syntax or "json")
+
+
+_REPEATED = "the key appears more than once in its object; keep one"
+
+
+def _requester(requester: Any, resolve: Any) -> dict[str, Any]:
+    """The referrer's PractitionerRole, Practitioner and Organization, whether Bundle entries or
+    contained, and whether referenced or only named (``display``)."""
+    parts: dict[str, Any] = {part: {} for part in PARTS[1:]}
+    target = resolve(_reference(requester), ("PractitionerRole", "Practitioner", "Organization"))
+    if target is not None:
+        parts[target["resourceType"]] = target
+    role = parts["PractitionerRole"]
+    for part, element in (("Practitioner", "practitioner"), ("Organization", "organization")):
+        if not parts[part] and isinstance(role.get(element), dict):
+            found = resolve(_reference(role[element]), (part,))
+            named = _display(role[element])
+            if found is not None:
+                parts[part] = found
+            elif named is not None:
+                parts[part] = {"name": [{"text": named}]} if part == "Practitioner" else {"name": named}
+    if not parts["Practitioner"] and _display(requester):
+        parts["Practitioner"] = {"name": [{"text": _display(requester)}]}
+    practitioner = parts["Practitioner"]
+    names = practitioner.get("name") if isinstance(practitioner.get("name"), list) else []
+    if names and isinstance(names[0], dict) and not names[0].get("text"):
+        first = names[0]
+        words = [*(first.get("prefix") or []), *(first.get("given") or []), first.get("family") or ""]
+        text = " ".join(w for w in words if isinstance(w, str) and w.strip())
+        if text:
+            practitioner = {**practitioner, "name": [{**first, "text": text}, *names[1:]]}
+            parts["Practitioner"] = practitioner
+    return parts
+
+
+def _read_nhs_communication(patient: dict[str, Any]) -> None:
+    """UK Core's NHS Communication extension also says whether an interpreter is required."""
+    if get_path(patient, f"extension[url={INTERPRETER_REQUIRED}].valueBoolean") is not None:
+        return
+    for extension in patient.get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == NHS_COMMUNICATION_EXTENSION:
+            value = get_path(extension, "extension[url=interpreterRequired].valueBoolean")
+            if isinstance(value, bool):
+                patient.setdefault("extension", []).append({"url": INTERPRETER_REQUIRED, "valueBoolean": value})
+                return

@@ -228,3 +228,4 @@ REFERRAL_MAP = FieldMap(
 class SchoolsAdapter(CsvAdapter):
     kind = "schools"
     referral_map = REFERRAL_MAP
+    allow_extra_columns = True  # an MIS export adds its own (admission number, tutor group)

@@ -20,6 +20,7 @@ Each class has its own exit code (``exit_code``); the CLI prints one line and ex
     57    │   └── LegalHoldError            a case under legal hold cannot be shredded
     6     ├── PolicyError                   the sharing policy file or a decision over it
     7     ├── PartnerInputError             a partner's native file is malformed
+    71    │   └── EmptyInputError           a partner's file holds no records (empty file, empty array)
     8     ├── InvalidTransitionError        the inbox: an action the referral's state does not allow
     9     ├── AuthError                     the inbox: sign-in refused
     12    ├── StoreError                    the inbox database cannot be used
@@ -159,6 +160,13 @@ class PolicyError(ReferralBrokerError):
 
 class PartnerInputError(ReferralBrokerError):
     exit_code = 7
+
+
+class EmptyInputError(PartnerInputError):
+    """A partner's file holds no records: an empty file, a header row only, an empty JSON array
+    or a Bundle with no referral. Nothing is wrong with a record; there is none to send."""
+
+    exit_code = 71
 
 
 class InvalidTransitionError(ReferralBrokerError):

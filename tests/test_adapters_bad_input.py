@@ -132,7 +132,7 @@ def _cases() -> dict[str, Case]:
     )
 
     def bad_nhs(document: object) -> None:
-        patient = bundle_entry(document, 3)
+        patient = bundle_entry(document, 6)
         patient["identifier"][0]["value"] = "9449305553"
 
     cases["bad NHS number"] = Case(
@@ -141,7 +141,7 @@ def _cases() -> dict[str, Case]:
         ValidationError,
         (
             "health.json",
-            "record 4",
+            "record 10",
             "Patient.identifier[system=https://fhir.nhs.uk/Id/nhs-number].value",
             "identifiers.nhs_number",
             "check digit",
@@ -150,13 +150,13 @@ def _cases() -> dict[str, Case]:
     )
 
     def no_intent(document: object) -> None:
-        del bundle_entry(document, 2)["intent"]
+        del bundle_entry(document, 5)["intent"]
 
     cases["FHIR ServiceRequest without intent"] = Case(
         "health",
         edit_json("health", no_intent).encode(),
         ValidationError,
-        ("health.json", "record 2", "ServiceRequest.intent", "FHIR"),
+        ("health.json", "record 5", "ServiceRequest.intent", "FHIR"),
     )
 
     def bad_birth_date(document: object) -> None:
@@ -166,18 +166,18 @@ def _cases() -> dict[str, Case]:
         "health",
         edit_json("health", bad_birth_date).encode(),
         ValidationError,
-        ("health.json", "record 2", "Patient.birthDate"),
+        ("health.json", "record 5", "Patient.birthDate"),
         "2014-02-30",
     )
 
     def bogus_status(document: object) -> None:
-        bundle_entry(document, 2)["status"] = "bogus"
+        bundle_entry(document, 5)["status"] = "bogus"
 
     cases["FHIR status outside its value set"] = Case(
         "health",
         edit_json("health", bogus_status).encode(),
         ValidationError,
-        ("record 2", '"ServiceRequest.status"', "must be one of active"),
+        ("record 5", '"ServiceRequest.status"', "must be one of active"),
         "bogus",
     )
 

@@ -66,12 +66,16 @@ def carried(adapter: adapters.PartnerAdapter, record: dict[str, Any]) -> dict[st
 
 
 def native_documents(kind: str, source: Any) -> list[Any]:
-    """Native records as read, with FHIR's generated references (fullUrl, subject) left out."""
+    """Native records as read, with FHIR's generated references (subject, requester, a role's
+    practitioner and organization: new urn:uuids each time) left out."""
     adapter = adapters.get_adapter(kind)
     documents = [n.document for n in adapter.read_native(source, adapter.referral_map)]
     for document in documents:
         if kind == "health":
             document["ServiceRequest"].pop("subject")
+            document["ServiceRequest"].pop("requester", None)
+            document["PractitionerRole"].pop("practitioner", None)
+            document["PractitionerRole"].pop("organization", None)
     return documents
 
 

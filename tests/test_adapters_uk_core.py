@@ -1,0 +1,462 @@
+"""Health reads FHIR as NHS systems send it, following the UK Core profiles, in JSON and XML,
+and writes UK Core back.
+
+The Bundles here are synthetic (no real patient): a child with a valid (test-range) NHS number
+referred for Early Help, shaped as UK Core's published profiles and code systems say
+(https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient and the rest): coded language with
+no text, the UK Core ethnic category, HL7 v3 and UK Core relationship codes, no
+interpreter-required extension and no parental responsibility, the requester as
+PractitionerRole/Practitioner/Organization entries or contained, in message (with a
+MessageHeader), collection and transaction Bundles. Each is also sent as FHIR XML, converted
+with fhir.resources, and must read the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from referral_broker import adapters
+from referral_broker.adapters import uk_core
+from referral_broker.errors import EmptyInputError, PartnerInputError, ValidationError
+
+NOW = dt.datetime(2025, 10, 1, tzinfo=dt.UTC)
+LOCAL = "https://fhir.early-help.example"
+EXT = f"{LOCAL}/StructureDefinition"
+NHS_NUMBER = "9449305552"  # a test-range NHS number with a valid check digit
+REFERRAL_ID = "0f3d7a52-6d7e-4b8e-9a34-1c2b9d0e5f61"
+
+
+def patient() -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": "child-1",
+        "meta": {"profile": [uk_core.PROFILES["Patient"]]},
+        "extension": [
+            {
+                "url": uk_core.ETHNIC_CATEGORY_EXTENSION,
+                "valueCodeableConcept": {
+                    "coding": [
+                        {"system": uk_core.ETHNIC_CATEGORY_ENGLAND, "code": "N", "display": "Black or Black British - African"}
+                    ]
+                },
+            }
+        ],
+        "identifier": [
+            {
+                "system": "https://fhir.nhs.uk/Id/nhs-number",
+                "value": NHS_NUMBER,
+                "extension": [
+                    {
+                        "url": f"{uk_core.PROFILE}/Extension-UKCore-NHSNumberVerificationStatus",
+                        "valueCodeableConcept": {
+                            "coding": [
+                                {
+                                    "system": f"{uk_core.UK_CORE}/CodeSystem/UKCore-NHSNumberVerificationStatusEngland",
+                                    "code": "01",
+                                    "display": "Number present and verified",
+                                }
+                            ]
+                        },
+                    }
+                ],
+            }
+        ],
+        "name": [{"use": "official", "family": "Testchild", "given": ["Ada"]}],
+        "gender": "female",
+        "birthDate": "2016-03-14",
+        "address": [{"use": "home", "line": ["1 Example Road"], "city": "March", "postalCode": "PE15 8AA"}],
+        # Coded as UK Core's HumanLanguage, with neither text nor display.
+        "communication": [{"language": {"coding": [{"system": uk_core.HUMAN_LANGUAGE, "code": "so"}]}}],
+        "contact": [
+            {
+                # next of kin (a role) first, then the relationship (HL7 v3 RoleCode)
+                "relationship": [
+                    {"coding": [{"system": uk_core.V2_CONTACT_ROLE, "code": "N", "display": "Next-of-Kin"}]},
+                    {"coding": [{"system": uk_core.V3_ROLE_CODE, "code": "MTH", "display": "mother"}]},
+                ],
+                "name": {"family": "Testchild", "given": ["Beth"]},
+                "telecom": [{"system": "phone", "value": "07700 900456"}],
+            },
+            {
+                "relationship": [{"coding": [{"system": uk_core.V3_ROLE_CODE, "code": "GRMTH"}]}],
+                "name": {"family": "Example", "given": ["Cora"]},
+            },
+            {
+                "relationship": [{"coding": [{"system": uk_core.ADDITIONAL_RELATIONSHIP, "code": "Guardian"}]}],
+                "name": {"family": "Sample", "given": ["Dev"]},
+            },
+        ],
+        "generalPractitioner": [{"display": "March Medical Practice"}],
+    }
+
+
+def organization() -> dict[str, Any]:
+    return {
+        "resourceType": "Organization",
+        "id": "org-1",
+        "meta": {"profile": [uk_core.PROFILES["Organization"]]},
+        "identifier": [{"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "RGT"}],
+        "name": "Example Community Health Trust",
+    }
+
+
+def practitioner() -> dict[str, Any]:
+    return {
+        "resourceType": "Practitioner",
+        "id": "prac-1",
+        "meta": {"profile": [uk_core.PROFILES["Practitioner"]]},
+        "name": [{"family": "Nurse", "given": ["Erin"], "prefix": ["Ms"]}],
+    }
+
+
+def practitioner_role(practitioner_ref: str, organization_ref: str) -> dict[str, Any]:
+    return {
+        "resourceType": "PractitionerRole",
+        "id": "role-1",
+        "meta": {"profile": [uk_core.PROFILES["PractitionerRole"]]},
+        "practitioner": {"reference": practitioner_ref},
+        "organization": {"reference": organization_ref},
+        "code": [{"text": "School nurse"}],
+        "telecom": [
+            {"system": "email", "value": "erin.nurse@nhs.example"},
+            {"system": "phone", "value": "01223 555001"},
+        ],
+    }
+
+
+def service_request(subject: str, requester: str) -> dict[str, Any]:
+    return {
+        "resourceType": "ServiceRequest",
+        "id": "referral-1",
+        "meta": {"profile": [uk_core.PROFILES["ServiceRequest"]], "versionId": "1"},
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{REFERRAL_ID}"}],
+        "status": "active",
+        "intent": "order",
+        "priority": "urgent",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "3457005", "display": "Patient referral"}]},
+        "subject": {"reference": subject},
+        "requester": {"reference": requester},
+        "authoredOn": "2025-09-20T10:15:00+01:00",
+        "performer": [{"identifier": {"system": f"{LOCAL}/Id/district", "value": "fenland"}}],
+        "extension": [
+            {
+                "url": f"{EXT}/flags",
+                "extension": [
+                    {"url": "safeguardingConcern", "valueBoolean": False},
+                    {"url": "crimePrevention", "valueBoolean": False},
+                    {"url": "earlySupportPathway", "valueBoolean": False},
+                ],
+            },
+            {
+                "url": f"{EXT}/health",
+                "extension": [
+                    {"url": "mentalHealthConcern", "valueBoolean": True},
+                    {"url": "developmentConcern", "valueBoolean": False},
+                    {"url": "disability", "valueBoolean": False},
+                ],
+            },
+            {
+                "url": f"{EXT}/consent",
+                "extension": [
+                    {"url": "state", "valueCode": "given"},
+                    {"url": "recordedAt", "valueDateTime": "2025-09-19T14:00:00+01:00"},
+                    {"url": "recordedBy", "valueString": "School nurse"},
+                ],
+            },
+        ],
+        "orderDetail": [{"coding": [{"system": f"{LOCAL}/CodeSystem/service", "code": "school_nurse"}]}],
+        "reasonCode": [
+            {
+                "coding": [{"system": f"{LOCAL}/CodeSystem/concern-type", "code": "mental_health"}],
+                "text": "Low mood and missed appointments.",
+            }
+        ],
+    }
+
+
+def message_bundle() -> dict[str, Any]:
+    """An NHS referral message: MessageHeader first, every resource its own entry."""
+    urls = {name: f"urn:uuid:00000000-0000-4000-8000-00000000000{n}" for n, name in enumerate(
+        ("MessageHeader", "ServiceRequest", "Patient", "PractitionerRole", "Practitioner", "Organization"), 1
+    )}
+    header = {
+        "resourceType": "MessageHeader",
+        "meta": {"profile": [uk_core.PROFILES["MessageHeader"]]},
+        "eventCoding": {
+            "system": "https://fhir.nhs.uk/CodeSystem/message-events-bars",
+            "code": "servicerequest-request",
+        },
+        "source": {"endpoint": "https://nhs.example/fhir"},
+        "sender": {"reference": urls["Organization"]},
+        "focus": [{"reference": urls["ServiceRequest"]}],
+    }
+    resources = {
+        "MessageHeader": header,
+        "ServiceRequest": service_request(urls["Patient"], urls["PractitionerRole"]),
+        "Patient": patient(),
+        "PractitionerRole": practitioner_role(urls["Practitioner"], urls["Organization"]),
+        "Practitioner": practitioner(),
+        "Organization": organization(),
+    }
+    return {
+        "resourceType": "Bundle",
+        "type": "message",
+        "timestamp": "2025-09-20T10:15:00+01:00",
+        "entry": [{"fullUrl": urls[name], "resource": resource} for name, resource in resources.items()],
+    }
+
+
+def collection_bundle() -> dict[str, Any]:
+    """The referral before what it refers to (read once they arrive); the requester a
+    Practitioner entry, referenced as Type/id."""
+    request = service_request("Patient/child-1", "PractitionerRole/role-1")
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "https://nhs.example/fhir/ServiceRequest/referral-1", "resource": request},
+            {"fullUrl": "https://nhs.example/fhir/Patient/child-1", "resource": patient()},
+            {
+                "fullUrl": "https://nhs.example/fhir/PractitionerRole/role-1",
+                "resource": practitioner_role("Practitioner/prac-1", "Organization/org-1"),
+            },
+            {"fullUrl": "https://nhs.example/fhir/Practitioner/prac-1", "resource": practitioner()},
+            {"fullUrl": "https://nhs.example/fhir/Organization/org-1", "resource": organization()},
+        ],
+    }
+
+
+def transaction_bundle() -> dict[str, Any]:
+    """A transaction: the requester contained in the ServiceRequest, named by display only."""
+    request = service_request("urn:uuid:11111111-1111-4111-8111-111111111111", "#role")
+    request["contained"] = [
+        {
+            "resourceType": "PractitionerRole",
+            "id": "role",
+            "practitioner": {"display": "Ms Erin Nurse"},
+            "organization": {"display": "Example Community Health Trust"},
+            "code": [{"text": "School nurse"}],
+            "telecom": [{"system": "email", "value": "erin.nurse@nhs.example"}],
+        }
+    ]
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111",
+                "resource": patient(),
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "fullUrl": "urn:uuid:22222222-2222-4222-8222-222222222222",
+                "resource": request,
+                "request": {"method": "POST", "url": "ServiceRequest"},
+            },
+        ],
+    }
+
+
+BUNDLES = {"message": message_bundle, "collection": collection_bundle, "transaction": transaction_bundle}
+
+
+def as_xml(bundle: dict[str, Any]) -> bytes:
+    return Bundle.model_validate(bundle).model_dump_xml(pretty_print=True)
+
+
+def write(tmp_path: Path, bundle: dict[str, Any], syntax: str) -> Path:
+    path = tmp_path / f"health.{syntax}"
+    path.write_bytes(as_xml(bundle) if syntax == "xml" else json.dumps(bundle, indent=2).encode())
+    return path
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
+@pytest.mark.parametrize("shape", list(BUNDLES))
+def test_a_uk_core_bundle_arrives_in_the_canonical_referral(shape: str, syntax: str, tmp_path: Path) -> None:
+    path = write(tmp_path, BUNDLES[shape](), syntax)
+    result = adapters.load_file("health", path, now=NOW)
+    [referral] = result.referrals
+    assert str(referral["referral_id"]) == REFERRAL_ID
+    assert referral["identifiers"]["nhs_number"] == NHS_NUMBER
+    child = referral["child"]
+    assert child["ethnicity"] == "black_african"  # UK Core ethnic category N, not "not_obtained"
+    assert child["first_language"] == "Somali"  # UK Core HumanLanguage "so", no text, no display
+    assert child["interpreter_needed"] is False  # absent: read as no, with a warning (below)
+    assert [(m["given_name"], m["relationship"]) for m in referral["household"]] == [
+        ("Beth", "mother"),
+        ("Cora", "grandparent"),
+        ("Dev", "guardian"),
+    ]
+    assert [m["parental_responsibility"] for m in referral["household"]] == [False, False, False]
+    referrer = referral["referrer"]
+    assert referrer["organisation"] == "Example Community Health Trust"
+    assert referrer["practitioner"]["name"] == "Ms Erin Nurse"
+    assert referrer["practitioner"]["role"] == "School nurse"
+    assert referrer["practitioner"]["email"] == "erin.nurse@nhs.example"
+    assert result.warnings == [
+        "1 time(s) no interpreterRequired given (child.interpreter_needed): read as no, because the "
+        "referral contract has no 'not known' for it",
+        "3 time(s) no parental responsibility given (household.parental_responsibility): read as no, "
+        "because the referral contract has no 'not known' for it",
+    ]
+
+
+def test_json_and_xml_of_the_same_bundle_read_the_same(tmp_path: Path) -> None:
+    bundle = message_bundle()
+    from_json = adapters.load_file("health", write(tmp_path, bundle, "json"), now=NOW).referrals
+    from_xml = adapters.load_file("health", write(tmp_path, bundle, "xml"), now=NOW).referrals
+    assert from_json == from_xml
+
+
+def test_uk_core_interpreter_and_ethnicity_variants(tmp_path: Path) -> None:
+    bundle = message_bundle()
+    child = bundle["entry"][2]["resource"]
+    child["extension"] = [
+        {
+            "url": uk_core.NHS_COMMUNICATION_EXTENSION,
+            "extension": [
+                {"url": "language", "valueCodeableConcept": {"coding": [{"system": uk_core.HUMAN_LANGUAGE, "code": "so"}]}},
+                {"url": "interpreterRequired", "valueBoolean": True},
+            ],
+        },
+        {
+            "url": uk_core.ETHNIC_CATEGORY_EXTENSION,
+            "valueCodeableConcept": {"coding": [{"system": uk_core.ETHNIC_CATEGORY_ENGLAND, "code": "Z"}]},
+        },
+    ]
+    child["communication"][0]["language"]["text"] = "Somali (Maay)"
+    result = adapters.load_file("health", write(tmp_path, bundle, "json"), now=NOW)
+    [referral] = result.referrals
+    assert referral["child"]["interpreter_needed"] is True
+    assert referral["child"]["ethnicity"] == "refused"  # Z: not stated
+    assert referral["child"]["first_language"] == "Somali (Maay)"  # text wins when present
+    assert not any("interpreterRequired" in w for w in result.warnings)
+    del child["extension"]
+    [referral] = adapters.load_file("health", write(tmp_path, bundle, "json"), now=NOW).referrals
+    assert referral["child"]["ethnicity"] == "not_obtained"  # no extension: not obtained
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
+def test_an_unknown_ethnic_code_and_relationship_are_refused_with_the_codes_allowed(
+    syntax: str, tmp_path: Path
+) -> None:
+    bundle = message_bundle()
+    child = bundle["entry"][2]["resource"]
+    child["extension"][0]["valueCodeableConcept"]["coding"][0]["code"] = "Q"
+    child["contact"][1]["relationship"] = [{"coding": [{"system": uk_core.V3_ROLE_CODE, "code": "ZZZ"}]}]
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("health", write(tmp_path, bundle, syntax), now=NOW)
+    assert [str(p) for p in raised.value.problems] == [
+        'record 2: "Patient.extension[url=https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-'
+        'EthnicCategory].valueCodeableConcept" (child.ethnicity): not one of the UK Core ethnic category '
+        "codes A, B, C, D, E, F, G, H, J, K, L, M, N, P, R, S, Z, 99",
+        'record 2: "Patient.contact[1].relationship" (household[1].relationship): no code this adapter '
+        "knows: use http://terminology.hl7.org/CodeSystem/v3-RoleCode (MTH, FTH, STPPRN, GUARD, PRNFOST, "
+        "GRPRN, SIB, HSIB, STPSIB, FAMMEMB ...) or https://fhir.hl7.org.uk/CodeSystem/UKCore-"
+        "AdditionalPersonRelationshipRole",
+    ]
+
+
+def test_a_referral_whose_patient_is_missing_is_refused_by_record(tmp_path: Path) -> None:
+    bundle = message_bundle()
+    del bundle["entry"][2]
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("health", write(tmp_path, bundle, "json"), now=NOW)
+    assert 'record 2: "ServiceRequest.subject" (child): does not refer to a Patient in the file' in [
+        str(p) for p in raised.value.problems
+    ]
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
+def test_a_bundle_without_referrals_is_empty(syntax: str, tmp_path: Path) -> None:
+    bundle = message_bundle()
+    bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "ServiceRequest"]
+    bundle["entry"][0]["resource"]["focus"] = []
+    with pytest.raises(EmptyInputError) as raised:
+        adapters.load_file("health", write(tmp_path, bundle, syntax), now=NOW)
+    assert str(raised.value) == f"health.{syntax}: the Bundle holds no ServiceRequest: no records"
+
+
+def test_malformed_xml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "health.xml"
+    text = as_xml(message_bundle()).decode()
+    path.write_text(text.replace("</Patient>", "</Patent>", 1), "utf-8")
+    with pytest.raises(PartnerInputError) as raised:
+        adapters.load_file("health", path, now=NOW)
+    line = text[: text.index("</Patient>")].count("\n") + 1
+    assert str(raised.value).startswith(f"health.xml: line {line} column ")
+    assert str(raised.value).endswith(": malformed XML")
+
+
+def test_xml_entities_are_not_expanded(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("PE15 8AA", "utf-8")
+    text = as_xml(message_bundle()).decode()
+    doctype = f'<!DOCTYPE Bundle [<!ENTITY leak SYSTEM "file://{secret}">]>\n'
+    text = text.replace("<Bundle", doctype + "<Bundle", 1).replace('value="March"', 'value="&leak;"', 1)
+    path = tmp_path / "health.xml"
+    path.write_text(text, "utf-8")
+    try:
+        referrals = adapters.load_file("health", path, now=NOW).referrals
+    except (PartnerInputError, ValidationError):
+        return  # refused outright is fine too
+    assert referrals[0]["child"]["address"]["town"] != "PE15 8AA"
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
+def test_rendered_health_is_uk_core_and_parses_with_fhir_resources(syntax: str, tmp_path: Path) -> None:
+    referrals = adapters.load_file("health", write(tmp_path, message_bundle(), "json"), now=NOW).referrals
+    out = io.StringIO()
+    adapters.render_file("health", referrals, out, fmt=syntax if syntax == "xml" else None)
+    text = out.getvalue()
+    parsed = Bundle.model_validate_xml(text.encode()) if syntax == "xml" else Bundle.model_validate_json(text)
+    resources = {e.resource.get_resource_type(): e.resource for e in parsed.entry}
+    assert set(resources) == {"Patient", "Organization", "Practitioner", "PractitionerRole", "ServiceRequest"}
+    for name, resource in resources.items():
+        assert resource.meta.profile == [f"https://fhir.hl7.org.uk/StructureDefinition/UKCore-{name}"]
+    child = resources["Patient"]
+    assert [(i.system, i.value) for i in child.identifier] == [("https://fhir.nhs.uk/Id/nhs-number", NHS_NUMBER)]
+    [ethnic] = [e for e in child.extension if e.url == uk_core.ETHNIC_CATEGORY_EXTENSION]
+    assert [(c.system, c.code) for c in ethnic.valueCodeableConcept.coding] == [
+        ("https://fhir.hl7.org.uk/CodeSystem/UKCore-EthnicCategoryEngland", "N")
+    ]
+    language = child.communication[0].language
+    assert [(c.system, c.code) for c in language.coding] == [
+        ("https://fhir.hl7.org.uk/CodeSystem/UKCore-HumanLanguage", "so")
+    ]
+    assert [[(c.system, c.code) for c in r.coding] for contact in child.contact for r in contact.relationship] == [
+        [("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "MTH")],
+        [("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "GRPRN")],
+        [("https://fhir.hl7.org.uk/CodeSystem/UKCore-AdditionalPersonRelationshipRole", "Guardian")],
+    ]
+    request = resources["ServiceRequest"]
+    role_url = request.requester.reference
+    assert [e.fullUrl for e in parsed.entry if e.resource.get_resource_type() == "PractitionerRole"] == [role_url]
+    # and it reads back to the same referral
+    again = adapters.load_file("health", io.BytesIO(text.encode()), now=NOW).referrals
+    assert again == referrals
+
+
+def test_a_coarser_uk_core_code_round_trips_through_the_local_coding() -> None:
+    for symbol in ("white_gypsy_roma", "white_irish_traveller", "arab", "white_british"):
+        concept = uk_core.ETHNICITY.render(symbol)
+        assert concept["coding"][0]["system"] == uk_core.ETHNIC_CATEGORY_ENGLAND
+        assert uk_core.ETHNICITY.parse(concept) == symbol
+    for word in ("kinship_carer", "parent_partner", "mother", "other_relative"):
+        assert uk_core.RELATIONSHIP.parse(uk_core.RELATIONSHIP.render(word)) == word
+
+
+def test_the_example_reads_the_same_from_its_xml_rendering(tmp_path: Path) -> None:
+    referrals = adapters.load_file("health", adapters.example_file("health"), now=NOW).referrals
+    rendered = adapters.render_file("health", copy.deepcopy(referrals), tmp_path, fmt="xml")
+    assert rendered.path is not None and rendered.path.name == "referrals.xml"
+    assert rendered.path.read_bytes().startswith(b"<?xml")
+    assert adapters.load_file("health", rendered.path, now=NOW).referrals == referrals
