@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +201,164 @@ def read_topic(settings: Settings, topic: str, *, expect: int, timeout_s: float 
     finally:
         consumer.close()
     return found
+
+
+# --- axe-core, the accessibility engine the browser tests run ---------------------------------
+
+AXE_VERSION = "4.11.0"
+AXE_INTEGRITY = (
+    "sha512-ilYanEU8vxxBexpJd8cWM4ElSQq4QctCLKih0TSfjIfCQTeyH/6zVrmIJfLPrKTKJRbiG+cfnZbQIjAlJmF1jQ=="
+)
+# WCAG 2.2 A/AA and the best-practice rules (region: every element inside a landmark).
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
+
+
+def axe_source() -> str:
+    """axe-core's axe.min.js from npm (``npm pack``, npm's own client), checked against the
+    pinned integrity, unpacked once into the user's cache folder."""
+    import base64
+    import hashlib
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from referral_broker.config import load_settings
+
+    target = load_settings(environ={}).paths_cache_dir / "axe-core" / AXE_VERSION / "axe.min.js"
+    if target.is_file():
+        return target.read_text(encoding="utf-8")
+    npm = shutil.which("npm")
+    assert npm is not None, "npm is needed to fetch axe-core for the accessibility checks"
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run(
+            [npm, "pack", f"axe-core@{AXE_VERSION}", "--silent"],
+            cwd=work,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        tarball = next(Path(work).glob("axe-core-*.tgz"))
+        digest = "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+        assert digest == AXE_INTEGRITY, "axe-core tarball does not match the pinned integrity"
+        with tarfile.open(tarball) as tar:
+            member = tar.extractfile("package/axe.min.js")
+            assert member is not None
+            source = member.read().decode("utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_text(source, encoding="utf-8")
+    partial.replace(target)
+    return source
+
+
+def axe_violations(page: Any, source: str) -> list[dict[str, Any]]:
+    """axe-core run on the page as it is now: the violations, each with its rule id, impact and
+    the selectors of the offending nodes (for a readable assertion message)."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.evaluate(source)
+    result = page.evaluate(
+        "tags => axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']})",
+        AXE_TAGS,
+    )
+    return [
+        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:5]}
+        for v in result["violations"]
+    ]
+
+
+# --- a district team's busy inbox, built fast ------------------------------------------------
+
+
+@dataclass
+class Day:
+    """What :func:`fill_inbox` made: every referral, and the ones a test looks for."""
+
+    records: list[dict[str, Any]]
+    plan: dict[str, str]  # referral id -> what was done to it ("new", "open", "accept", ...)
+    overdue_urgent: str
+    overdue_routine: str
+
+    def ids_with(self, *plans: str) -> set[str]:
+        return {rid for rid, p in self.plan.items() if p in plans}
+
+
+# i % 10 -> what the team already did to the i-th referral of the day
+_PLANS = ("new", "new", "new", "new", "open", "accept", "decline", "request_information", "close", "new")
+
+
+def fill_inbox(
+    pipeline: Pipeline, store: InboxStore, fmt: SealedReferralFormat, n: int, *, team: str = TEAM
+) -> Day:
+    """``n`` referrals routed by the real router (one instance, no Kafka hop) and stored as
+    ingest stores them, with a mix of states decided through the store's own transitions (their
+    sealed status messages left in the outbox for the app to publish). Two are overdue: an
+    urgent one received a week ago and a routine one received five weeks ago; every other one
+    arrived now. About 8 ms a referral."""
+    from referral_broker.consumers.inbox.states import Action
+
+    router = pipeline.router()
+    sealer = pipeline.partner(REFERRER).sealer
+    out_topic = topic_name(pipeline.settings, "out", team)
+    now = datetime.now(UTC)
+    records, plan = [], {}
+    overdue = {0: ("urgent", now - timedelta(days=7)), 1: ("routine", now - timedelta(days=35))}
+    for i in range(n):
+        changes: dict[str, Any] = {}
+        received = now
+        if i in overdue:
+            changes["priority"], received = overdue[i]
+        record = pipeline.referral(team, 5000 + i, **changes)
+        intake = sealer.seal(
+            record,
+            referral_schema(),
+            topic=topic_name(pipeline.settings, "intake", REFERRER),
+            recipient=HUB,
+            referral_id=record["referral_id"],
+            referral_version=record["version"],
+            kind="referral",
+        )
+        routed = next(m for m in router.process(as_record(intake)) if m.topic == out_topic)
+        stored = Record(
+            routed.topic,
+            0,
+            i,
+            routed.key,
+            routed.value,
+            list(routed.headers),
+            int(received.timestamp() * 1000),
+        )
+        store.ingest(team, fmt.summarise(stored, team), stored)
+        records.append(record)
+        plan[record["referral_id"]] = "new" if i in overdue else _PLANS[i % len(_PLANS)]
+
+    def encode(decided: Any, referral: Any) -> OutgoingMessage:
+        from referral_broker.consumers.inbox.outbound import status_record
+
+        reason = "Synthetic reason." if decided.action.value in ("decline", "request_information") else None
+        return fmt.seal_status(
+            status_record(decided, referral, actor_role="Team manager", reason=reason), team
+        )
+
+    steps = {
+        "open": [Action.OPEN],
+        "accept": [Action.ACCEPT],
+        "decline": [Action.DECLINE],
+        "request_information": [Action.REQUEST_INFORMATION],
+        "close": [Action.ACCEPT, Action.CLOSE],
+    }
+    for i, (rid, what) in enumerate(plan.items()):
+        for action in steps.get(what, []):
+            store.apply(team, rid, action, actor="fen.lead", at=now, encode_status=encode)
+        if i % 7 == 3 and what in ("new", "open", "accept", "request_information"):
+            store.apply(
+                team,
+                rid,
+                Action.ALLOCATE,
+                actor="fen.lead",
+                at=now,
+                encode_status=encode,
+                allocated_to="fen.worker",
+            )
+    ids = list(plan)
+    return Day(records, plan, overdue_urgent=ids[0], overdue_routine=ids[1])

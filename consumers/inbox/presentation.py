@@ -306,7 +306,7 @@ def list_summary(granted: Mapping[str, Any], concern_types: Sequence[str] = ()) 
     concerns = granted.get("concerns")
     concern = ""
     if isinstance(concerns, list):
-        concern = "; ".join(
+        concern = " ".join(
             _text(c.get("detail")) for c in concerns if isinstance(c, Mapping) and c.get("detail")
         )
     if not concern:

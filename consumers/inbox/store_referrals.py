@@ -88,9 +88,10 @@ _MADE = "COALESCE(created_at, received_at)"
 _UNDECIDED_SQL = "state IN ('new', 'opened')"
 _OVERDUE_SQL = f"({_UNDECIDED_SQL} AND due_date IS NOT NULL AND due_date < :today)"
 SORT_COLUMNS = {
-    # overdue first, then the undecided by due date, then the rest
+    # overdue first (the most urgent of them first), then the undecided by due date, then the rest
     "due": [
         f"CASE WHEN {_OVERDUE_SQL} THEN 0 WHEN {_UNDECIDED_SQL} THEN 1 ELSE 2 END",
+        f"CASE WHEN {_OVERDUE_SQL} THEN {_RANK} ELSE 0 END",
         "due_date IS NULL",
         "due_date",
         _RANK,
