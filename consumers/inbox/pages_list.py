@@ -134,7 +134,13 @@ def summary_of(app: InboxApp, team: str, row: ReferralRow) -> ListSummary:
 
 
 def _query(team: str, member: str, params: ListParams) -> ListQuery:
-    reference = params.q.lower() if _REFERENCE.match(params.q.lower()) else None
+    typed = Search.parse(params.q)
+    # a reference has a hex letter or a dash; digits alone are an NHS number, a date is a date
+    # (an all-digit reference prefix is still found by the in-memory search)
+    looks_like_reference = (
+        _REFERENCE.match(params.q.lower()) and typed.day is None and not params.q.replace(" ", "").isdigit()
+    )
+    reference = params.q.lower() if looks_like_reference else None
     return ListQuery(
         team=team,
         view=params.view,

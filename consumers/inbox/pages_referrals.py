@@ -36,7 +36,7 @@ from referral_broker.consumers.inbox.outbound import AccessEvent, AccessKind, st
 from referral_broker.consumers.inbox.pages_errors import forbidden, not_found, plain_page
 from referral_broker.consumers.inbox.rendering import InboxApp, inbox_app, render
 from referral_broker.consumers.inbox.security import audit, signed_in_member
-from referral_broker.consumers.inbox.states import Action, Transition, allowed_actions
+from referral_broker.consumers.inbox.states import Action, Transition, allowed_actions, transition
 from referral_broker.consumers.inbox.store_referrals import ReferralRow
 from referral_broker.errors import (
     BrokerError,
@@ -388,6 +388,17 @@ async def referral_page(request: Request) -> Response:
     )
 
 
+def _refused(request: Request, member: SignedIn, referral: ReferralRow) -> HTMLResponse:
+    return plain_page(
+        request,
+        409,
+        f"You cannot do that: this referral is {referral.state.label.lower()}",
+        "Someone may have acted on it since you opened the page. Nothing was changed.",
+        signed_in=member,
+        link={"href": f"/referrals/{referral.referral_id}", "text": "Go back to the referral"},
+    )
+
+
 async def _act(
     request: Request,
     member: SignedIn,
@@ -415,14 +426,7 @@ async def _act(
             team_text=team_text,
         )
     except InvalidTransitionError:
-        return plain_page(
-            request,
-            409,
-            f"You cannot do that: this referral is {referral.state.label.lower()}",
-            "Someone may have acted on it since you opened the page. Nothing was changed.",
-            signed_in=member,
-            link={"href": f"/referrals/{referral.referral_id}", "text": "Go back to the referral"},
-        )
+        return _refused(request, member, referral)
     await run_in_threadpool(_publish, app, team)
     # no "done" in the URL: the page confirms the action from the referral's recorded history
     return RedirectResponse(f"/referrals/{quote(referral.referral_id)}", status_code=303)
@@ -679,6 +683,10 @@ def text_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
                 field_errors=field_errors,
             )
         app = inbox_app(request)
+        try:  # refused before anything is audited or sealed (the store decides again, atomically)
+            transition(referral.state, spec.action, at=app.clock())
+        except InvalidTransitionError:
+            return _refused(request, member, referral)
         event = AccessEvent(
             spec.audit_kind,
             app.clock(),

@@ -31,7 +31,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.records import (
@@ -57,6 +57,8 @@ from referral_broker.identity import (
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.hub_seal import seal_status
 from referral_broker.sealing import MessageOpener, schema_book, sealing_plan, sign_plain
+
+T = TypeVar("T")
 
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
@@ -108,7 +110,7 @@ class SealedReferralFormat:
         except KeyError:
             raise KeyNotFoundError(f"this inbox holds no key store for {team}") from None
 
-    def _retrying(self, team: str, action: Callable[[Identity], Any]) -> Any:
+    def _retrying(self, team: str, action: Callable[[Identity], T]) -> T:
         """Run ``action`` with the team's identity (which reloads its keys once on a miss)."""
         return self.identity(team).retrying(action)
 
@@ -128,6 +130,7 @@ class SealedReferralFormat:
         schema = ident.schemas(fingerprint)
         if schema is None:
             raise ContractError(f"unknown view schema {text('rb-schema')[:16]}; refused")
+        assert record.value is not None  # the signature check refuses a message without a value
         wire = sealing_plan(schema).decode_wire(record.value)
         referral_id = str(wire.get("referral_id") or "")
         version = wire.get("version")
@@ -137,10 +140,14 @@ class SealedReferralFormat:
             raise SealingError("message key is not the referral id; refused")
         if text("rb-referral-version") != str(version):
             raise SealingError("header rb-referral-version does not match the record; refused")
-        referrer = wire.get("referrer") if isinstance(wire.get("referrer"), dict) else {}
+        referrer = wire.get("referrer")
+        if not isinstance(referrer, dict):
+            referrer = {}
         named = text(H_REFERRER)  # the exact referring party, when the router names it
         created = wire.get("created_at")
-        flags = wire.get("flags") if isinstance(wire.get("flags"), dict) else {}
+        flags = wire.get("flags")
+        if not isinstance(flags, dict):
+            flags = {}
         return ReferralSummary(
             referral_id=referral_id,
             version=version,
