@@ -8,7 +8,14 @@ import it. Columns and their canonical paths: ``FORMATS.md``.
 
 from __future__ import annotations
 
-from .base import CsvAdapter, register
+import datetime as dt
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import IO, Any
+
+from . import ctf
+from .base import _REFERRAL, CsvAdapter, NativeRecord, ParsedRecord, Rendered, _schema, register
 from .field_map import (
     INT,
     POSTCODE,
@@ -26,6 +33,7 @@ from .field_map import (
     codes,
     list_cell,
 )
+from .native_files import Source, sniff
 
 GENDER = codes({"F": "female", "M": "male", "U": "not_known", "X": "not_specified"})
 ETHNICITY = codes(
@@ -226,6 +234,47 @@ REFERRAL_MAP = FieldMap(
 
 @register
 class SchoolsAdapter(CsvAdapter):
+    """The MIS CSV, or the DfE Common Transfer File (``ctf``), chosen by the file's content."""
+
     kind = "schools"
     referral_map = REFERRAL_MAP
     allow_extra_columns = True  # an MIS export adds its own (admission number, tutor group)
+    formats = MappingProxyType({"ctf": ".xml"})
+
+    def _map_for(self, source: Source) -> FieldMap:
+        return ctf.ctf_map() if sniff(source) == "xml" else REFERRAL_MAP
+
+    def parse(self, source: Source, *, now: dt.datetime | None = None) -> Iterator[ParsedRecord]:
+        return self._parse(source, self._map_for(source), _REFERRAL, now)
+
+    def _reconvert(self, source: Source, *, now: dt.datetime) -> Iterator[ParsedRecord]:
+        return self._parse(source, self._map_for(source), _REFERRAL, now, validate=False)
+
+    def render(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        out: str | os.PathLike[str] | IO[str],
+        *,
+        name: str | None = None,
+        fmt: str | None = None,
+    ) -> Rendered:
+        suffix = self._choose(fmt)
+        field_map = ctf.ctf_map() if self.syntax == "ctf" else REFERRAL_MAP
+        return self._render(records, out, name or f"referrals{suffix}", field_map, _schema("referral"))
+
+    def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
+        if field_map is not ctf.ctf_map():
+            yield from super().read_native(source, field_map)
+            return
+        for number, pupil, problems in ctf.read_pupils(source):
+            yield NativeRecord(number, pupil, tuple(problems))
+
+    def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
+        if field_map is ctf.ctf_map():
+            ctf.write_ctf(documents, out)
+        else:
+            super().write_native(documents, field_map, out)
+
+    def finish_native(self, document: dict[str, Any], record: Mapping[str, Any]) -> None:
+        if self.syntax == "ctf":
+            ctf.finish_pupil(document)

@@ -1,0 +1,201 @@
+"""Schools' second format, the DfE Common Transfer File: chosen by content, round trips what
+the schema holds, reads a CTF straight from an MIS (older ``Gender``, language by DfE code, the
+school from the header) and names what the referral then lacks. All pupils are synthetic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from referral_broker import adapters
+from referral_broker.adapters import ctf
+from referral_broker.adapters.field_map import Items
+from referral_broker.errors import EmptyInputError, PartnerInputError, ValidationError
+from referral_broker.schemas.synth import synthetic_referrals
+
+NOW = dt.datetime(2025, 10, 1, tzinfo=dt.UTC)
+FORMATS_MD = Path(adapters.__file__).parent / "FORMATS.md"
+
+
+def flat(value: Any, path: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out.update(flat(item, f"{path}.{key}" if path else key))
+    elif isinstance(value, list) and value and all(isinstance(i, dict) for i in value):
+        for index, item in enumerate(value):
+            out.update(flat(item, f"{path}[{index}]"))
+    elif value not in (None, [], ""):
+        out[path] = value
+    return out
+
+
+def carried(record: dict[str, Any]) -> dict[str, Any]:
+    paths = ctf.ctf_map().carried_paths() | {"concern_types"}
+    return {
+        path: value
+        for path, value in flat(record).items()
+        if any(re.sub(r"\[\d+\]", "", path) == p or re.sub(r"\[\d+\]", "", path).startswith(f"{p}.") for p in paths)
+    }
+
+
+def test_the_example_round_trips_through_a_ctf(tmp_path: Path) -> None:
+    referrals = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals
+    rendered = adapters.render_file("schools", referrals, tmp_path, fmt="ctf")
+    assert rendered.path is not None and rendered.path.name == "referrals.xml"
+    root = etree.parse(str(rendered.path)).getroot()
+    assert root.tag == "CTfile"
+    assert [e.tag for e in root] == ["Header", "CTFpupilData"]
+    assert root.findtext("Header/DocumentName") == "Common Transfer File"
+    assert len(root.findall("CTFpupilData/Pupil")) == len(referrals)
+    assert adapters.load_file("schools", rendered.path, now=NOW).referrals == referrals
+
+
+def test_synthetic_referrals_survive_a_ctf_and_back() -> None:
+    originals = [{**r, "referrer": {**r["referrer"], "partner": "schools"}} for r in synthetic_referrals(150, seed=11)]
+    out = io.StringIO()
+    adapters.render_file("schools", originals, out, fmt="ctf")
+    parsed = list(adapters.get_adapter("schools").parse(io.BytesIO(out.getvalue().encode()), now=NOW))
+    assert [p.problems for p in parsed if not p.ok] == []
+    for original, back in zip(originals, parsed, strict=True):
+        assert back.record is not None
+        assert carried(back.record) == carried(original)
+
+
+def mis_ctf() -> bytes:
+    """A CTF as an MIS exports it (CTF element names; older ``Gender``), no referral block."""
+    return b"""<?xml version="1.0" encoding="UTF-8"?>
+<CTfile>
+  <Header>
+    <DocumentName>Common Transfer File</DocumentName>
+    <CTFversion>21.0</CTFversion>
+    <DateTime>2025-09-20T10:15:00</DateTime>
+    <DocumentQualifier>full</DocumentQualifier>
+    <SupplierID>Example MIS</SupplierID>
+    <SourceSchool><LEA>873</LEA><Estab>2001</Estab><URN>110001</URN><SchoolName>Example Primary School</SchoolName><AcademicYear>2025</AcademicYear></SourceSchool>
+    <DestSchool><LEA>873</LEA><Estab>LLLL</Estab></DestSchool>
+  </Header>
+  <CTFpupilData>
+    <Pupil>
+      <UPN>U873449213302</UPN>
+      <UniqueLearnerNumber/>
+      <Surname>Pupil</Surname>
+      <Forename>Sam</Forename>
+      <DOB>2016-05-01</DOB>
+      <Gender>F</Gender>
+      <BasicDetails>
+        <NCyearActual>4</NCyearActual>
+        <Ethnicity>BAFR</Ethnicity>
+        <EthnicitySource>P</EthnicitySource>
+        <Languages><Type><LanguageType>F</LanguageType><Language>SOM</Language></Type></Languages>
+        <MedicalFlag>false</MedicalFlag>
+        <EnrolStatus>C</EnrolStatus>
+      </BasicDetails>
+      <Address>
+        <AddressLines><AddressLine1>2 Sample Street</AddressLine1><AddressLine3>Wisbech</AddressLine3></AddressLines>
+        <PostCode>pe13 1aa</PostCode>
+      </Address>
+      <Contacts>
+        <Contact><Order>1</Order><Surname>Pupil</Surname><Forename>Jo</Forename><Relationship>PAM</Relationship><Responsibility>true</Responsibility></Contact>
+      </Contacts>
+      <Attendance>
+        <YearData><Year>2025</Year><SessionsPossible>120</SessionsPossible><SessionsAuthorised>6</SessionsAuthorised><SessionsAttended>100</SessionsAttended><SessionsUnauthorised>14</SessionsUnauthorised><AttendanceStartDate>2025-09-03</AttendanceStartDate></YearData>
+      </Attendance>
+    </Pupil>
+  </CTFpupilData>
+</CTfile>
+"""
+
+
+def test_a_ctf_from_an_mis_reads_the_pupil_and_names_what_the_referral_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "schools.xml"
+    path.write_bytes(mis_ctf())
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("schools", path, now=NOW)
+    problems = {p.path: p.reason for p in raised.value.problems}
+    # the referral's own fields are missing, named by the element that would carry them ...
+    assert problems['"EarlyHelpReferral.District" (district)'] == "required field is missing"
+    assert problems['"EarlyHelpReferral.AttendanceEndDate" (school.attendance.period_end)'] == (
+        "required field is missing"
+    )
+    # ... and nothing about the pupil's DfE data, which was read
+    assert not any(p.startswith(('"UPN"', '"Gender"', '"Sex"', '"BasicDetails', '"Contacts', '"Address')) for p in problems)
+    assert "U873449213302" not in str(raised.value)
+
+
+def test_the_pupils_dfe_data_arrives(tmp_path: Path) -> None:
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    out = io.StringIO()
+    adapters.render_file("schools", [referral], out, fmt="ctf")
+    block = etree.fromstring(out.getvalue().encode()).find("CTFpupilData/Pupil/EarlyHelpReferral")
+    assert block is not None
+    pupil = etree.fromstring(mis_ctf()).find("CTFpupilData/Pupil")
+    assert pupil is not None
+    added = etree.SubElement(pupil, "EarlyHelpReferral")  # the block a tool adds to the MIS's CTF
+    for element in list(block):
+        if element.tag not in ("FirstLanguage", "School", "AttendanceEndDate", "AttendanceCodes"):
+            added.append(element)
+    etree.SubElement(added, "AttendanceEndDate").text = "2025-09-26"
+    root = etree.fromstring(mis_ctf())
+    pupils = root.find("CTFpupilData")
+    assert pupils is not None
+    pupils.remove(pupils[0])
+    pupils.append(pupil)
+    path = tmp_path / "schools.xml"
+    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+    [got] = adapters.load_file("schools", path, now=NOW).referrals
+    assert got["identifiers"]["upn"] == "U873449213302"
+    assert got["child"]["sex"] == "female"  # <Gender> as older CTFs write it
+    assert got["child"]["ethnicity"] == "black_african"
+    assert got["child"]["first_language"] == "Somali"  # DfE code SOM
+    assert got["child"]["address"]["postcode"] == "PE13 1AA"
+    assert got["school"]["school_name"] == "Example Primary School"  # from the header
+    assert got["school"]["urn"] == "110001"
+    assert got["school"]["year_group"] == 4
+    assert [(m["given_name"], m["relationship"], m["parental_responsibility"]) for m in got["household"]] == [
+        ("Jo", "mother", True)
+    ]
+    attendance = got["school"]["attendance"]
+    assert (attendance["possible_sessions"], attendance["present_sessions"]) == (120, 100)
+    assert attendance["period_start"] == dt.date(2025, 9, 3)
+
+
+def test_a_ctf_without_pupils_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "schools.xml"
+    path.write_bytes(b"<CTfile><Header><DocumentName>Common Transfer File</DocumentName></Header><CTFpupilData/></CTfile>")
+    with pytest.raises(EmptyInputError) as raised:
+        adapters.load_file("schools", path, now=NOW)
+    assert str(raised.value) == "schools.xml: the CTF holds no Pupil: no records"
+
+
+def test_other_xml_is_not_taken_for_a_ctf(tmp_path: Path) -> None:
+    path = tmp_path / "schools.xml"
+    path.write_bytes(b'<?xml version="1.0"?><Bundle xmlns="http://hl7.org/fhir"><type value="collection"/></Bundle>')
+    with pytest.raises(PartnerInputError) as raised:
+        adapters.load_file("schools", path, now=NOW)
+    assert str(raised.value) == "schools.xml: the XML is not a Common Transfer File (its root is not CTfile)"
+
+
+def test_an_element_twice_is_refused_by_record(tmp_path: Path) -> None:
+    path = tmp_path / "schools.xml"
+    path.write_bytes(mis_ctf().replace(b"<Surname>Pupil</Surname>", b"<Surname>Pupil</Surname><Surname>X</Surname>", 1))
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("schools", path, now=NOW)
+    assert 'record 1: "Surname": the element appears more than once; keep one' in [str(p) for p in raised.value.problems]
+
+
+def test_formats_md_documents_every_ctf_element() -> None:
+    section = FORMATS_MD.read_text("utf-8").split("<!-- schools-ctf -->")[1].split("<!-- end -->")[0]
+    names = []
+    for entry in ctf.ctf_map().entries:
+        if isinstance(entry, Items):
+            names += [(f.native, f.canonical) for f in entry.fields]
+        names.append((entry.native, getattr(entry, "canonical", "")))
+    missing = [(n, c) for n, c in names if f"`{n}`" not in section or (c and f"`{c}`" not in section)]
+    assert missing == []
