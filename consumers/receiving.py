@@ -195,11 +195,12 @@ class PartnerReceiver:
         statuses = [i.record for i in received if i.kind == "status"]
         written: list[Path] = []
         if get_party(self.party).kind == "partner":
+            rendered: list[Path | None] = []
             if referrals:
-                written.append(adapters.render_file(self.party, json_records(referrals), out).path)
+                rendered.append(adapters.render_file(self.party, json_records(referrals), out).path)
             if statuses:
-                written.append(adapters.render_statuses(self.party, json_records(statuses), out).path)
-            return [p for p in written if p is not None]
+                rendered.append(adapters.render_statuses(self.party, json_records(statuses), out).path)
+            return [p for p in rendered if p is not None]
         for name, rows in (("referrals.jsonl", referrals), ("statuses.jsonl", statuses)):
             if rows:
                 path = out / name

@@ -30,7 +30,10 @@ def demo(obj: CliContext, no_serve: bool, per_partner: int, port: int) -> None:
     from referral_broker.cli.demo_run import compact_paths, run_demo
 
     started = time.monotonic()
-    say = lambda s: click.echo(s, err=True)
+
+    def say(s: str) -> None:
+        click.echo(s, err=True)
+
     say(f"Kafka at {obj.bootstrap()}")
     result = run_demo(obj.settings, obj.bootstrap(), per_partner=per_partner, say=say)
     s = result.routed
