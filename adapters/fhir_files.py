@@ -170,7 +170,9 @@ def write_fhir(bundle: dict[str, Any], out: IO[str], syntax: str) -> None:
     except PydanticValidationError as exc:
         raise ContractError(f"rendered FHIR Bundle fails validation ({exc.error_count()} problem(s))") from None
     if syntax == "xml":
-        out.write(model.model_dump_xml(pretty_print=True).decode("utf-8"))
+        # fhir.resources annotates model_dump_xml as str; it returns bytes
+        xml: bytes | str = model.model_dump_xml(pretty_print=True)
+        out.write(xml.decode("utf-8") if isinstance(xml, bytes) else xml)
     else:
         json.dump(bundle, out, indent=2, ensure_ascii=False)
         out.write("\n")

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import ijson
 
@@ -247,9 +247,10 @@ def _repeated_paths(value: Any, path: str = "") -> list[str]:
 def _binary(source: Source) -> Iterator[IO[bytes]]:
     with _opened(source) as handle:
         if isinstance(handle.read(0), str):
-            yield io.BytesIO(handle.read().encode("utf-8"))  # a text stream is in memory already
+            text = cast(IO[str], handle)
+            yield io.BytesIO(text.read().encode("utf-8"))  # a text stream is in memory already
         else:
-            yield handle  # type: ignore[misc]
+            yield cast(IO[bytes], handle)
 
 
 def iter_json(source: Source, *, list_key: str | None = None) -> Iterator[JsonItem]:

@@ -255,6 +255,8 @@ def _parse_relationship(concepts: Any) -> str:
         return local
     for coding in codings:
         code, system = coding.get("code"), coding.get("system")
+        if not isinstance(code, str):
+            continue  # a code that is not text is no relationship code
         if system == V3_ROLE_CODE and code in V3_RELATIONSHIP:
             return V3_RELATIONSHIP[code]
         if system == ADDITIONAL_RELATIONSHIP and code in UK_CORE_RELATIONSHIP:

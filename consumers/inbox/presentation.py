@@ -296,12 +296,16 @@ def _text(value: Any) -> str:
 
 
 def list_summary(granted: Mapping[str, Any], concern_types: Sequence[str] = ()) -> ListSummary:
-    child = granted.get("child") if isinstance(granted.get("child"), Mapping) else {}
+    child = granted.get("child")
+    if not isinstance(child, Mapping):
+        child = {}
     name = " ".join(p for p in (_text(child.get("given_name")), _text(child.get("family_name"))) if p)
     preferred = _text(child.get("preferred_name"))
     if preferred and name:
         name = f"{name} ({preferred})"
-    address = child.get("address") if isinstance(child.get("address"), Mapping) else {}
+    address = child.get("address")
+    if not isinstance(address, Mapping):
+        address = {}
     dob = child.get("date_of_birth")
     concerns = granted.get("concerns")
     concern = ""
@@ -313,8 +317,12 @@ def list_summary(granted: Mapping[str, Any], concern_types: Sequence[str] = ()) 
         concern = ", ".join(humanise(c) for c in concern_types)
     if len(concern) > CONCERN_SUMMARY_CHARS:
         concern = concern[: CONCERN_SUMMARY_CHARS - 1].rstrip() + "…"
-    identifiers = granted.get("identifiers") if isinstance(granted.get("identifiers"), Mapping) else {}
-    household = granted.get("household") if isinstance(granted.get("household"), list) else []
+    identifiers = granted.get("identifiers")
+    if not isinstance(identifiers, Mapping):
+        identifiers = {}
+    household = granted.get("household")
+    if not isinstance(household, list):
+        household = []
     others = tuple(
         " ".join(p for p in (_text(m.get("given_name")), _text(m.get("family_name"))) if p)
         for m in household
