@@ -12,7 +12,6 @@ Usage: .venv/bin/python scripts/typecheck.py [mypy arguments]
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -26,16 +25,26 @@ def build_tree() -> dict[str, str]:
     """Link every package-dir entry that is not already at its import path; return link -> source."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     package_dir: dict[str, str] = config["tool"]["setuptools"]["package-dir"]
-    shutil.rmtree(TREE, ignore_errors=True)
-    shown: dict[str, str] = {}
+    wanted: dict[Path, Path] = {}
     for package, source in package_dir.items():
-        import_path = package.replace(".", "/")
-        if Path(source).as_posix() == import_path:
-            continue  # found in the working directory as it is
-        link = TREE / import_path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(ROOT / source, target_is_directory=True)
-        shown[f"{link.relative_to(ROOT).as_posix()}/"] = f"{Path(source).as_posix()}/"
+        if Path(source).as_posix() != package.replace(".", "/"):  # else found in the working directory
+            wanted[TREE / package.replace(".", "/")] = ROOT / source
+    # Links are kept when right (another run may be reading them) and anything else is removed.
+    # os.walk never follows the links, so nothing outside the tree is touched.
+    for folder, dirs, files in os.walk(TREE, topdown=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                if wanted.get(path) != Path(os.readlink(path)):
+                    path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    shown: dict[str, str] = {}
+    for link, source in wanted.items():
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source, target_is_directory=True)
+        shown[f"{link.relative_to(ROOT).as_posix()}/"] = f"{source.relative_to(ROOT).as_posix()}/"
     return shown
 
 
