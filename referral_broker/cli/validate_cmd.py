@@ -1,18 +1,34 @@
-"""``referral-broker validate --file F``: check canonical JSON lines before anything is sent.
+"""``referral-broker validate``: the dry run, before anything is sent.
 
-Lists every problem by record number (the line number) and field path, never the value; exits
-0 only when every record is valid.
+``validate --as KIND --file F`` runs a partner's own file through the whole check ``send``
+runs (the adapter's reading, conversion, edge validation, the file-level rules: repeated
+records, empty files), with no broker and no keys, and exits with the code ``send`` would:
+0 when every record is good (or with ``--skip-invalid``), ``PartnerInputError`` (7) when
+records are invalid or the file is malformed, ``EmptyInputError`` (71) when it holds none.
+Without ``--as`` it checks canonical JSON lines (what ``synth`` writes), one record a line,
+and exits with ``ContractError`` (4) when any is invalid.
+
+Both list every problem by record number and field path, never the value; ``--json`` prints
+the report (the same fields whatever happened, ``error`` set on failure).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import IO, Any
 
 import click
 
 from referral_broker.cli.context import emit, json_option
-from referral_broker.errors import ContractError, Problem
+from referral_broker.errors import (
+    ContractError,
+    PartnerInputError,
+    Problem,
+    ReferralBrokerError,
+    ValidationError,
+)
 from referral_broker.schemas import registry
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.validation import validate
@@ -45,25 +61,127 @@ def validate_lines(lines: IO[str], family: str = "referral") -> dict[str, Any]:
     }
 
 
+def error_object(exc: ReferralBrokerError) -> dict[str, Any]:
+    """An error as the JSON reports print it: class, exit code, message (never a value)."""
+    return {"class": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc)}
+
+
+def _format_of(kind: str, path: Path) -> str:
+    from referral_broker.adapters.native_files import sniff
+
+    found = sniff(path)
+    if kind == "health":
+        return "FHIR XML" if found == "xml" else "FHIR JSON"
+    if kind == "schools":
+        return "DfE CTF XML" if found == "xml" else "CSV"
+    return {"dwp": "CSV"}.get(kind, "JSON")
+
+
+def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple[dict[str, Any], ReferralBrokerError | None]:
+    """The dry run of ``send --as KIND --file PATH``: (report, the error send would raise)."""
+    from referral_broker import adapters
+    from referral_broker.parties import get_party
+
+    report: dict[str, Any] = {
+        "file": path.name,
+        "as": kind,
+        "format": None,
+        "records": 0,
+        "valid": 0,
+        "invalid": 0,
+        "problems": [],
+        "warnings": [],
+        "error": None,
+    }
+    try:
+        party = get_party(kind)
+        if party.kind != "partner":
+            raise PartnerInputError(f"{party.name} has no native format; use --format canonical")
+        if not path.is_file():
+            raise PartnerInputError(f"{path.name}: file not found")
+        report["format"] = _format_of(party.name, path)
+        # Every record is checked, so every problem is listed; send refuses the same file.
+        stream = adapters.iter_file(party.name, path, skip_invalid=True)
+    except ReferralBrokerError as exc:
+        report["error"] = error_object(exc)
+        return report, exc
+    problems = [p for parsed in stream.rejected for p in parsed.problems]
+    report.update(
+        records=stream.total + len(stream.rejected),
+        valid=stream.total,
+        invalid=len(stream.rejected),
+        problems=[{"record": p.record, "path": p.path, "reason": p.reason} for p in problems],
+        warnings=list(stream.warnings),
+    )
+    if stream.rejected and not skip_invalid:
+        # The message send gives (``producers.checked``), but nothing was going to be sent.
+        invalid = ValidationError(
+            problems, f"referrals in {path.name} ({len(stream.rejected)} record(s) rejected, nothing accepted)"
+        )
+        error = PartnerInputError(f"{invalid}; nothing would be sent")
+        report["error"] = error_object(error)
+        return report, error
+    return report, None
+
+
 @click.command("validate")
 @click.option(
     "--file",
     "source",
     required=True,
-    type=click.File("r", encoding="utf-8"),
-    help="JSON lines file, one canonical record per line ('-' for stdin).",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+    help="The file to check: a partner's native file with --as, else JSON lines ('-' for stdin).",
+)
+@click.option(
+    "--as",
+    "kind",
+    default=None,
+    metavar="KIND",
+    help="Check FILE as this partner's native file (schools, health, dwp, police, charities): "
+    "the whole check send runs, with no broker and no keys.",
 )
 @click.option(
     "--family",
     type=click.Choice(registry.FAMILIES),
     default="referral",
     show_default=True,
-    help="Record type.",
+    help="Record type of canonical JSON lines (without --as).",
 )
+@click.option("--skip-invalid", is_flag=True, help="With --as: exit 0 when some records are good, as send would send them.")
 @json_option
-def validate_cmd(source: IO[str], family: str, as_json: bool) -> None:
-    """Check every record; list each problem as record number and field path (never the value)."""
-    report = validate_lines(source, family)
+def validate_cmd(source: str, kind: str | None, family: str, skip_invalid: bool, as_json: bool) -> None:
+    """Check every record; list each problem as record number and field path (never the value).
+
+    With --as KIND, FILE is that partner's own file (CSV, JSON, FHIR JSON or XML, DfE CTF) and
+    the exit code is the one send would give."""
+    if kind is not None:
+        report, error = native_report(kind, Path(source), skip_invalid=skip_invalid)
+
+        def human_native(r: dict[str, Any]) -> None:
+            for warning in r["warnings"]:
+                click.echo(f"warning: {warning}", err=True)
+            for p in r["problems"]:
+                click.echo(f"record {p['record']}: {p['path']}: {p['reason']}")
+            if r["error"] is None or r["records"]:
+                click.echo(
+                    f"{r['file']} ({r['format']}) as {r['as']}: {r['records']} record(s): "
+                    f"{r['valid']} valid, {r['invalid']} invalid."
+                )
+
+        emit(report, as_json, human_native)
+        if error is not None:
+            raise error
+        return
+    if source == "-":
+        report = validate_lines(sys.stdin, family)
+    else:
+        try:
+            with open(source, encoding="utf-8") as handle:
+                report = validate_lines(handle, family)
+        except OSError as exc:
+            raise PartnerInputError(f"{Path(source).name}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise PartnerInputError(f"{Path(source).name}: not UTF-8 text") from None
 
     def human(_: object) -> None:
         for p in report["problems"]:
