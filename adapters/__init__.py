@@ -11,8 +11,12 @@ The Python API partner systems embed (the CLI's ``send``/``receive`` are thin ov
 
 One module per partner kind (``schools``, ``health``, ``dwp``, ``police``, ``charities``), each a
 table of fields over the shared shape in ``base``; ``field_map`` converts values by those tables,
-``native_files`` reads and writes files safely, ``file_verbs`` holds the verbs above. Formats
-and their mapping to canonical paths: ``FORMATS.md``.
+``native_files`` reads and writes files safely (CSV by row, JSON by record with ijson),
+``file_verbs`` holds the verbs above (and refuses a file that repeats a referral). A kind may
+read a second format, chosen by the file's content, and render it with ``fmt=``: health FHIR
+XML (``fhir_files``; UK Core codes in ``uk_core``), schools the DfE Common Transfer File
+(``ctf``). ``referral-broker validate --as KIND --file F`` is the dry run over these verbs.
+Formats and their mapping to canonical paths: ``FORMATS.md``.
 """
 
 from __future__ import annotations

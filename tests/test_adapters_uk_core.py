@@ -460,3 +460,33 @@ def test_the_example_reads_the_same_from_its_xml_rendering(tmp_path: Path) -> No
     assert rendered.path is not None and rendered.path.name == "referrals.xml"
     assert rendered.path.read_bytes().startswith(b"<?xml")
     assert adapters.load_file("health", rendered.path, now=NOW).referrals == referrals
+
+
+def test_health_statuses_travel_as_uk_core_tasks_in_xml_too(tmp_path: Path) -> None:
+    status = {
+        "status_id": "5b6f7d2e-1c3a-4e8b-9f0d-2a4c6e8b0d1f",
+        "referral_id": REFERRAL_ID,
+        "version": 1,
+        "from_party": "district-fenland",
+        "to_party": "health",
+        "status": "accepted",
+        "reason": None,
+        "at": "2025-09-22T09:00:00Z",
+        "actor_role": "Early Help coordinator",
+    }
+    rendered = adapters.render_statuses("health", [status], tmp_path, fmt="xml")
+    assert rendered.path is not None and rendered.path.name == "statuses.xml"
+    parsed = Bundle.model_validate_xml(rendered.path.read_bytes())
+    [task] = [e.resource for e in parsed.entry]
+    assert task.get_resource_type() == "Task" and task.meta.profile == [uk_core.PROFILES["Task"]]
+    assert task.status == "accepted"
+    # a Task file sent by health reads back as a canonical status (from health, as health sends it)
+    reply = {**status, "from_party": "health", "to_party": "district-fenland"}
+    adapters.render_statuses("health", [reply], tmp_path, fmt="xml", name="reply.xml")
+    [back] = adapters.load_statuses("health", tmp_path / "reply.xml", now=NOW).records
+    assert back.record is not None
+    assert (back.record["status"], back.record["from_party"], str(back.record["referral_id"])) == (
+        "accepted",
+        "health",
+        REFERRAL_ID,
+    )
