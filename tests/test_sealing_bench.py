@@ -16,7 +16,7 @@ def test_bench_seal_prints_figures(tmp_path: Path) -> None:
         cli, ["bench", "seal", "--iterations", "3", "--json"], env=env, catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert set(data["per_referral_us"]) == {
         "seal_1_recipient",
         "seal_3_recipients",

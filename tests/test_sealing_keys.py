@@ -180,7 +180,7 @@ def test_keys_commands(topics: Settings, kafka_bootstrap: str, tmp_path: Path) -
     def run(*args: str) -> object:
         result = runner.invoke(cli, list(args), env=env, catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        return json.loads(result.output)
+        return json.loads(result.stdout)
 
     created = run("keys", "init", "--party", "health", "--party", "council", "--json")
     assert {e["party"] for e in created} == {"health", "council"}
