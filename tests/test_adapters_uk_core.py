@@ -490,3 +490,21 @@ def test_health_statuses_travel_as_uk_core_tasks_in_xml_too(tmp_path: Path) -> N
         "health",
         REFERRAL_ID,
     )
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
+def test_a_single_service_request_with_its_patient_contained(syntax: str, tmp_path: Path) -> None:
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    request = transaction_bundle()["entry"][1]["resource"]
+    child = patient()
+    child["id"] = "child"
+    del child["meta"]
+    request["contained"].append(child)
+    request["subject"] = {"reference": "#child"}
+    path = tmp_path / f"referral.{syntax}"
+    model = ServiceRequest.model_validate(request)
+    path.write_bytes(model.model_dump_xml() if syntax == "xml" else model.model_dump_json().encode())
+    [referral] = adapters.load_file("health", path, now=NOW).referrals
+    assert (referral["child"]["ethnicity"], referral["child"]["first_language"]) == ("black_african", "Somali")
+    assert referral["referrer"]["practitioner"]["name"] == "Ms Erin Nurse"
