@@ -62,7 +62,12 @@ def running(topics: Settings) -> Iterator[Running]:
     make_store(topics).close()
     fmt = pipeline.format([TEAM, OTHER_TEAM])
     inbox = build_inbox(
-        topics, teams=[TEAM, OTHER_TEAM], record_format=fmt, ingest=False, secure_cookies=False
+        topics,
+        teams=[TEAM, OTHER_TEAM],
+        record_format=fmt,
+        ingest=False,
+        watch_delivery=True,
+        secure_cookies=False,
     )
     started = time.monotonic()
     day = fill_inbox(pipeline, inbox.store, fmt, REFERRALS)
@@ -73,6 +78,7 @@ def running(topics: Settings) -> Iterator[Running]:
             yield Running(topics, pipeline, server.url, day, inbox)
     finally:
         inbox.close()
+    assert inbox.watcher is not None and inbox.watcher.error is None
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +127,7 @@ def test_a_workers_day_with_320_referrals(running: Running, browser: Any, axe: s
     assert f"All referrals ({REFERRALS})" in views
     first = listed_ids(page)
     assert first[:2] == [day.overdue_urgent, day.overdue_routine]
-    assert (
-        "Overdue" in page.locator(f'tr[data-referral-id="{day.overdue_urgent}"]').inner_text()
-    )
+    assert "Overdue" in page.locator(f'tr[data-referral-id="{day.overdue_urgent}"]').inner_text()
     assert page.locator("tr[data-overdue]").count() == 2
     assert len(first) == 25 and page.locator(".govuk-pagination").count() == 1
     html_size = len(page.content())
@@ -223,6 +227,11 @@ def test_a_workers_day_with_320_referrals(running: Running, browser: Any, axe: s
                 assert words.encode() not in event.sealed_text
     accessible(page, axe, "referral after the day's work")
 
+    # Nothing has reached the referrer yet (no router has run): the page does not pretend.
+    page.reload()
+    history = page.locator('[data-section="history"]').inner_text()
+    assert "Referrer told" not in history and history.count("Sending: waiting for the router") == 3
+
     # The referrer receives each status (the bulk decisions' statuses travel too).
     status_topic = topic_name(running.settings, "status", TEAM)
     assert store.pending_status() == []  # the app published the whole outbox
@@ -236,6 +245,13 @@ def test_a_workers_day_with_320_referrals(running: Running, browser: Any, axe: s
     ]
     assert [r.record["status"] for r in received] == ["opened", "more_information_needed", "accepted"]
     assert received[1].record["reason"] == f"Consent to the service. {asked}"
+    # ... and only now does the inbox say the referrer was told, for each of the three
+    deadline = time.monotonic() + 30
+    while page.locator('[data-section="history"] [data-status]', has_text="Referrer told").count() < 3:
+        assert time.monotonic() < deadline, "the inbox never learnt that the statuses were delivered"
+        time.sleep(0.5)
+        page.reload()
+    assert "Sending" not in page.locator('[data-section="history"]').inner_text()
 
     # The view exported as CSV: every referral of the view, not just the page.
     page.goto("/inbox?view=waiting")

@@ -379,7 +379,7 @@ def test_accept_then_close_sends_status_messages(inbox: Inbox) -> None:
     )
     assert response.status_code == 303 and response.headers["location"] == f"/referrals/{rid}"
     page = inbox.client.get(response.headers["location"])
-    assert "Referral accepted." in page.text and "sent for delivery to the referrer" in page.text
+    assert "Referral accepted." in page.text and "on its way to the referrer" in page.text
     # the banner comes from the recorded history: a bookmarked "?done=" URL proves nothing
     assert "Referral declined." not in inbox.client.get(f"/referrals/{rid}?done=decline").text
     response = inbox.client.post(

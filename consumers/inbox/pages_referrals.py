@@ -17,6 +17,7 @@ before they are stored (:meth:`RecordFormat.seal_text`).
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -173,8 +174,12 @@ def _decide(
     word; ``team_text``, a note or information recorded, is kept sealed for the team only);
     raises as :meth:`InboxStore.apply` does, storing nothing."""
 
+    status_id = uuid.uuid4()
+
     def encode(decided: Transition, referral: ReferralRow) -> OutgoingMessage:
-        record = status_record(decided, referral, actor_role=member.user.role, reason=reason_text)
+        record = status_record(
+            decided, referral, actor_role=member.user.role, reason=reason_text, status_id=status_id
+        )
         return app.record_format.seal_status(record, referral.team)
 
     kept = reason_text if reason_text is not None else team_text
@@ -189,6 +194,7 @@ def _decide(
         reason_code=reason_code,
         allocated_to=allocated_to,
         sealed_text=sealed,
+        status_id=str(status_id),
     )
 
 
@@ -273,12 +279,20 @@ def _history(app: InboxApp, referral: ReferralRow, events: list[Any]) -> list[Hi
         }.get(e.action, "")
         status = ""
         if e.notify:
-            status = (
-                "Status message sent for delivery" if e.published_at else "Status message waiting to send"
-            )
+            status = _told(e)
         who = e.actor if e.actor != "referrer" else referrer_name(referral)
         items.append(HistoryItem(e.at, what, who, text, label, status))
     return items
+
+
+def _told(event: Any) -> str:
+    """Where the status message stands, honestly: the referrer is told only once the inbox has
+    seen the router deliver it."""
+    if event.delivered_at:
+        return "Referrer told"
+    if event.published_at:
+        return "Sending: waiting for the router to deliver it"
+    return "Sending: waiting for Kafka"
 
 
 def referrer_name(referral: ReferralRow) -> str:
@@ -296,8 +310,10 @@ def _banner(member: SignedIn, events: list[Any], now: datetime) -> dict[str, str
         return None
     if not last.notify:
         told = "Nothing was sent to the referrer."
+    elif last.delivered_at:
+        told = "The referrer has been told."
     elif last.published_at:
-        told = "The status message has been sent for delivery to the referrer."
+        told = "The status message is on its way to the referrer (the page says when it arrived)."
     else:
         told = "The status message will be sent to the referrer as soon as Kafka is reachable."
     return {"heading": DONE_MESSAGES[last.action], "text": told}

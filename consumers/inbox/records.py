@@ -103,6 +103,11 @@ class RecordFormat(Protocol):
         inbox's first team when the event has none (a refused sign-in by no known member)."""
         ...
 
+    def delivered_status(self, record: Record) -> tuple[str, str] | None:
+        """For a message on a referrer's out topic: (from party, status id) when it is a status
+        message the hub signed, else None; raise when its signature does not verify."""
+        ...
+
     def seal_text(self, team: str, referral_id: str, text: str) -> bytes:
         """``text`` sealed for ``team`` under the referral's case key, signed by the team."""
         ...

@@ -56,7 +56,7 @@ from referral_broker.identity import (
 )
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.hub_seal import seal_status
-from referral_broker.sealing import MessageOpener, schema_book, sealing_plan, sign_plain
+from referral_broker.sealing import MessageOpener, schema_book, sealing_plan, sign_plain, verify_signed
 
 T = TypeVar("T")
 
@@ -183,6 +183,24 @@ class SealedReferralFormat:
             signer, lambda ident: sign_plain(ident.keystore, topic=topic, key=key, value=value, kind=kind)
         )
         return message
+
+    def delivered_status(self, record: Record) -> tuple[str, str] | None:
+        """Reads only the clear, operational part (``from_party``, ``status_id``) of a status the
+        hub sealed for a referrer, after checking the hub's signature; opens nothing."""
+        ident = next(iter(self._identities.values()))
+        headers = ident.retrying(lambda i: verify_signed(i.directory, record))
+        if headers.get("rb-kind") != STATUS_KIND.encode() or headers.get("rb-sender") != self.hub.encode():
+            return None
+        try:
+            schema = ident.schemas(bytes.fromhex(headers.get("rb-schema", b"").decode("ascii")))
+        except ValueError:
+            raise SealingError("header rb-schema is not a hex fingerprint") from None
+        if schema is None or record.value is None:
+            return None
+        wire = sealing_plan(schema).decode_wire(record.value)
+        if not wire.get("status_id") or not wire.get("from_party"):
+            return None
+        return str(wire["from_party"]), str(wire["status_id"])
 
     def seal_text(self, team: str, referral_id: str, text: str) -> bytes:
         message = self._retrying(

@@ -23,6 +23,7 @@ from referral_broker.config import Settings
 from referral_broker.consumers.inbox.app import create_app
 from referral_broker.consumers.inbox.auth import check_team, district_teams
 from referral_broker.consumers.inbox.deadlines import DuePolicy
+from referral_broker.consumers.inbox.delivery import DeliveryWatcher
 from referral_broker.consumers.inbox.frontend import install_frontend
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.outbound import Outbound
@@ -49,6 +50,7 @@ class Inbox:
     outbound: Outbound
     teams: tuple[str, ...]
     workers: list[TeamIngest] = field(default_factory=list)
+    watcher: DeliveryWatcher | None = None
 
     def close(self) -> None:
         self.outbound.close()
@@ -61,11 +63,14 @@ def build_inbox(
     teams: Sequence[str] | None = None,
     record_format: RecordFormat | None = None,
     ingest: bool = True,
+    watch_delivery: bool | None = None,
     secure_cookies: bool = True,
     clock: Callable[[], datetime] | None = None,
 ) -> Inbox:
     """The inbox for ``teams`` (every district team by default): assets installed, key stores
-    opened, and (unless ``ingest`` is off) one ingest worker per team for the app's lifetime."""
+    opened, and (unless ``ingest`` is off) one ingest worker per team for the app's lifetime,
+    and (unless ``watch_delivery`` is off; by default as ``ingest``) the watcher that learns
+    which statuses reached the referrer."""
     teams = tuple(check_team(t) for t in (teams or district_teams()))
     assets = install_frontend(settings)
     if record_format is None:
@@ -78,6 +83,8 @@ def build_inbox(
     workers = (
         [TeamIngest(settings, team, store, record_format, clock=clock) for team in teams] if ingest else []
     )
+    watch = ingest if watch_delivery is None else watch_delivery
+    watcher = DeliveryWatcher(settings, store, record_format, teams, clock=clock) if watch else None
     app = create_app(
         settings,
         store=store,
@@ -87,9 +94,9 @@ def build_inbox(
         assets_dir=assets,
         secure_cookies=secure_cookies,
         clock=clock,
-        background=workers,
+        background=[*workers, *([watcher] if watcher else [])],
     )
-    return Inbox(app, store, outbound, teams, workers)
+    return Inbox(app, store, outbound, teams, workers, watcher)
 
 
 def uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:

@@ -19,6 +19,8 @@ Tables:
                 exists only inside it), marked ``published_at`` once Kafka has it. Case notes,
                 information recorded and the exact words sent to the referrer are in
                 ``sealed_text``: sealed for the team under the case key, like the records.
+                ``status_id`` names the status message; ``delivered_at`` is set when the
+                inbox saw the router deliver it to the referrer (``delivery``).
     users       local accounts: argon2 hashes only, a team, a disabled flag.
     sessions    signed-in sessions (the cookie holds a signed id), so signing out ends them.
     meta        the app's cookie-signing secret, created on first use.
@@ -41,7 +43,7 @@ from typing import Any, Self
 from referral_broker.errors import StoreError
 
 SCHEMA_VERSION = 3  # 2: events.status_topic (the topic a status was signed for)
-# 3: referrals.created_at, due_date, flags, decision_id; events.sealed_text
+# 3: referrals.created_at, due_date, flags, decision_id; events.sealed_text, status_id, delivered_at
 
 _V3_COLUMNS = (
     "ALTER TABLE referrals ADD COLUMN created_at TEXT",
@@ -49,10 +51,13 @@ _V3_COLUMNS = (
     "ALTER TABLE referrals ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'",
     "ALTER TABLE referrals ADD COLUMN decision_id TEXT",
     "ALTER TABLE events ADD COLUMN sealed_text BLOB",
+    "ALTER TABLE events ADD COLUMN status_id TEXT",
+    "ALTER TABLE events ADD COLUMN delivered_at TEXT",
 )
 _V3_INDEXES = """
 CREATE INDEX IF NOT EXISTS referrals_by_due ON referrals (team, due_date);
 CREATE INDEX IF NOT EXISTS referrals_by_allocation ON referrals (team, allocated_to, state);
+CREATE INDEX IF NOT EXISTS events_by_status_id ON events (status_id);
 """
 
 _SCHEMA = """
@@ -79,7 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
     actor TEXT NOT NULL, action TEXT NOT NULL, state_before TEXT NOT NULL, state_after TEXT NOT NULL,
     reason_code TEXT, allocated_to TEXT, notify INTEGER NOT NULL,
     status_key BLOB, status_headers TEXT, status_value BLOB, published_at TEXT, status_topic TEXT,
-    sealed_text BLOB
+    sealed_text BLOB, status_id TEXT, delivered_at TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_referral ON events (team, referral_id, id);
 CREATE INDEX IF NOT EXISTS events_outbox ON events (notify, published_at);

@@ -137,6 +137,8 @@ class EventRow:
     status_record: OutgoingMessage | None
     published_at: datetime | None
     sealed_text: bytes | None = None
+    status_id: str | None = None
+    delivered_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -434,11 +436,13 @@ class ReferralTables(StoreDatabase):
         allocated_to: str | None = None,
         status: OutgoingMessage | None = None,
         sealed_text: bytes | None = None,
+        status_id: str | None = None,
     ) -> int:
         cur = db.execute(
             "INSERT INTO events (team, referral_id, version, at, actor, action, state_before, state_after,"
             " reason_code, allocated_to, notify, status_key, status_headers, status_value, published_at,"
-            " status_topic, sealed_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+            " status_topic, sealed_text, status_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
             (
                 team,
                 referral_id,
@@ -456,6 +460,7 @@ class ReferralTables(StoreDatabase):
                 status.value if status else None,
                 status.topic if status else None,
                 sealed_text,
+                status_id if status else None,
             ),
         )
         return int(cur.lastrowid or 0)
@@ -472,6 +477,7 @@ class ReferralTables(StoreDatabase):
         reason_code: str | None = None,
         allocated_to: str | None = None,
         sealed_text: bytes | None = None,
+        status_id: str | None = None,
     ) -> Transition:
         """Decide and record ``action`` atomically, with its sealed status message in the outbox;
         raise (storing nothing) when it is refused. ``sealed_text`` (a case note, the information
@@ -518,6 +524,7 @@ class ReferralTables(StoreDatabase):
                 allocated_to if decided.action is Action.ALLOCATE else None,
                 status,
                 sealed_text,
+                status_id,
             )
             return decided
 
@@ -547,6 +554,8 @@ class ReferralTables(StoreDatabase):
             status_record=status,
             published_at=parse_time(r["published_at"]) if r["published_at"] else None,
             sealed_text=r["sealed_text"],
+            status_id=r["status_id"],
+            delivered_at=parse_time(r["delivered_at"]) if r["delivered_at"] else None,
         )
 
     def events(self, team: str, referral_id: str) -> list[EventRow]:
@@ -571,3 +580,14 @@ class ReferralTables(StoreDatabase):
                 "UPDATE events SET published_at = ? WHERE id = ? AND published_at IS NULL",
                 [(utc(at), i) for i in event_ids],
             )
+
+    def mark_delivered(self, teams: Sequence[str], status_id: str, at: datetime) -> bool:
+        """The router delivered the status message ``status_id`` (sent by one of ``teams``) to
+        the referrer; False when no such undelivered message is known."""
+        with self._write() as db:
+            cur = db.execute(
+                f"UPDATE events SET delivered_at = ? WHERE status_id = ? AND delivered_at IS NULL"
+                f" AND team IN ({', '.join('?' for _ in teams)})",
+                (utc(at), status_id, *teams),
+            )
+            return cur.rowcount > 0
