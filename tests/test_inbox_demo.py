@@ -69,6 +69,18 @@ def test_demo_serves_the_inbox_with_its_referrals(topics: Settings, tmp_path: Pa
             inbox = client.get("/inbox")
             assert inbox.status_code == 200
             assert len(re.findall(r'data-referral-id="', inbox.text)) == count
+            # the router runs beside the inbox: an acknowledgement reaches the referrer, and the
+            # inbox says so only once it has
+            rid = re.findall(r'data-referral-id="([^"]+)"', inbox.text)[0]
+            page = client.get(f"/referrals/{rid}")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+            assert token is not None
+            done = client.post(f"/referrals/{rid}/acknowledge", data={"csrf_token": token.group(1)})
+            assert done.status_code == 303
+            told_by = time.monotonic() + 90
+            while "Referrer told" not in client.get(f"/referrals/{rid}").text:
+                assert time.monotonic() < told_by, "the demo's router never delivered the status"
+                time.sleep(1)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

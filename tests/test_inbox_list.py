@@ -134,6 +134,14 @@ def test_each_view_holds_exactly_its_referrals(team: Team) -> None:
     assert (
         f"Mine ({len(allocated & live)})" in page.text and 'aria-current="page" data-view="mine"' in page.text
     )
+    # the header counts new urgent referrals, on every page
+    urgent = [
+        r for r in team.store.list_referrals(TEAM) if r.priority == "urgent" and r.state is ReferralState.NEW
+    ]
+    assert urgent  # the fixture's overdue one at least
+    rid = next(iter(plan))
+    for path in ("/inbox", f"/referrals/{rid}"):
+        assert f"<strong>{len(urgent)} new urgent</strong>" in team.client.get(path).text
 
 
 def test_a_page_opens_only_its_own_rows(team: Team) -> None:

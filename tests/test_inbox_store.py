@@ -282,3 +282,37 @@ def test_a_version_2_database_gains_creation_time_due_date_and_sealed_text(tmp_p
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     db.close()
     assert {"created_at", "due_date", "flags", "decision_id"} <= columns and version == "3"
+
+
+def test_due_dates_count_working_days_by_priority_from_config(tmp_path: Path) -> None:
+    from datetime import date
+
+    from referral_broker.config import load_settings
+    from referral_broker.consumers.inbox.deadlines import DuePolicy, is_overdue
+
+    policy = DuePolicy()  # urgent 0, high 3, routine 10 working days
+    friday = datetime(2026, 11, 27, 15, 0, tzinfo=UTC)
+    saturday = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+    assert policy.due_date(friday, "urgent") == date(2026, 11, 27)  # the same working day
+    assert policy.due_date(saturday, "urgent") == date(2026, 11, 30)  # the next working day
+    assert policy.due_date(friday, "high") == date(2026, 12, 2)  # Mon, Tue, Wed
+    assert policy.due_date(friday, "routine") == date(2026, 12, 11)
+    assert policy.due_date(friday, "not_given") == policy.due_date(friday, "routine")
+    # late evening UTC in summer is the next day in the council's calendar
+    assert policy.due_date(datetime(2026, 6, 30, 23, 30, tzinfo=UTC), "urgent") == date(2026, 7, 1)
+    assert is_overdue(date(2026, 11, 27), saturday) and not is_overdue(date(2026, 11, 28), saturday)
+    config = tmp_path / "rb.toml"
+    config.write_text("[inbox]\ndue_urgent_working_days = 1\ndue_high_working_days = 5\n", encoding="utf-8")
+    settings = load_settings(config, environ={})
+    custom = DuePolicy.from_settings(settings)
+    assert custom.due_date(friday, "urgent") == date(2026, 11, 30)
+    assert custom.due_date(friday, "high") == date(2026, 12, 4)
+    assert custom.due_date(friday, "routine") == date(2026, 12, 11)  # the default kept
+    # the store dates a referral at receipt with the policy it is given
+    with InboxStore(tmp_path / "due.sqlite3") as store:
+        store.due_policy = custom
+        rid = str(uuid.uuid4())
+        store.ingest(TEAM, summary(rid, priority="urgent"), record(rid, friday))
+        row = store.get_referral(TEAM, rid)
+        assert row is not None and row.due_date == date(2026, 11, 30)
+        assert row.overdue(datetime(2026, 12, 1, 9, 0, tzinfo=UTC)) and not row.overdue(friday)

@@ -1,5 +1,7 @@
 """The end of ``referral-broker demo``: the district-team inbox served on loopback with the
-demo's routed referrals already in it, and a demo sign-in printed.
+demo's routed referrals already in it, and a demo sign-in printed. The hub's router keeps
+running beside it, so the statuses the inbox makes reach the referrers (and the inbox's history
+says "Referrer told" only once they did).
 
 Each district team gets a demo account (``demo.<district>``) whose password is drawn fresh on
 every run and printed once; only its argon2 hash is stored. The inbox is served on 127.0.0.1
@@ -18,6 +20,10 @@ from referral_broker.consumers.inbox.auth import add_user, district_teams, rehas
 from referral_broker.consumers.inbox.ingest import IngestStats, TeamIngest
 from referral_broker.consumers.inbox.server import build_inbox, serve_forever
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.errors import ReferralBrokerError
+from referral_broker.structured_log import get_logger
+
+log = get_logger(__name__)
 
 DEMO_ROLE = "Early Help practitioner (demo)"
 
@@ -56,6 +62,36 @@ def ingest_now(workers: list[TeamIngest], idle_s: float = 2.0) -> dict[str, Inge
     return results
 
 
+class RouterLoop:
+    """The hub's router in a (joined) thread, run in short idle-bounded rounds so it can stop."""
+
+    def __init__(self, settings: Settings, bootstrap: str, *, idle_s: float = 2.0) -> None:
+        self.settings, self.bootstrap, self.idle_s = settings, bootstrap, idle_s
+        self.statuses = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        from referral_broker.consumers.router import Router
+
+        while not self._stop.is_set():
+            try:
+                self.statuses += Router(self.settings, self.bootstrap).run(stop_when_idle=self.idle_s).statuses
+            except ReferralBrokerError as exc:  # the broker away for a moment: try again
+                log.warning("demo router round failed", error=type(exc).__name__)
+                self._stop.wait(2.0)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="demo-router")
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+
 def serve_demo(
     settings: Settings, bootstrap: str, *, port: int = 8000, say: Callable[[str], None] = print
 ) -> None:
@@ -76,7 +112,12 @@ def serve_demo(
         others = [f"{accounts[t][0]} / {accounts[t][1]}" for t in teams if t != busiest and counts[t]]
         if others:
             say("Other teams: " + "; ".join(others))
-        say("Ctrl-C to stop.")
-        serve_forever(inbox.app, "127.0.0.1", port)
+        say("The router runs beside the inbox: your statuses reach the referrers. Ctrl-C to stop.")
+        router = RouterLoop(settings, bootstrap)
+        router.start()
+        try:
+            serve_forever(inbox.app, "127.0.0.1", port)
+        finally:
+            router.stop()
     finally:
         inbox.close()
