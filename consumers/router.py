@@ -470,23 +470,49 @@ class Router:
             except _GiveUp as exc:
                 raise exc.error from None
 
+    @property
+    def group(self) -> str:
+        return f"{self.settings.kafka_topic_prefix}{GROUP}"
+
+    @property
+    def member_name(self) -> str:
+        """Transactional id and static group member id (``group.instance.id``) alike."""
+        return f"{self.settings.kafka_topic_prefix}{GROUP}-{self.instance}"
+
     def _consumer(self) -> Any:
         return build_consumer(
             self.settings,
             self.bootstrap,
             self.topics(),
-            group_id=f"{self.settings.kafka_topic_prefix}{GROUP}",
+            group_id=self.group,
             on_revoked=self._on_revoked,
             max_poll_records=MAX_POLL_RECORDS,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_MS,
+            # A static member: a router restarted under the same name takes its predecessor's
+            # place (and partitions) in the group at once, without waiting for its session to
+            # expire. Static members do not leave on close, so a clean stop removes it (below).
+            group_instance_id=self.member_name,
         )
+
+    def _leave_group(self) -> None:
+        """Remove this router from the group now, so the others take over at once (a static
+        member's close does not; kafka-python sends no LeaveGroup for one)."""
+        from kafka.admin import MemberToRemove
+
+        from referral_broker.cluster.topics import admin_client
+
+        admin = admin_client(self.settings, self.bootstrap)
+        try:
+            admin.remove_group_members(self.group, [MemberToRemove(group_instance_id=self.member_name)])
+        finally:
+            admin.close()
 
     def _producer(self) -> Producer:
         return build_producer(
             self.settings,
             self.bootstrap,
-            transactional_id=f"{self.settings.kafka_topic_prefix}{GROUP}-{self.instance}",
+            transactional_id=self.member_name,
             transaction_timeout_ms=self.transaction_timeout_ms,
         )
 
@@ -499,7 +525,6 @@ class Router:
         consumer: Any = None
         producer: Producer | None = None
         idle: IdleTimer | None = None
-        unsettled: set[TopicPartition] = set()
         failures = 0
         try:
             while True:
@@ -509,12 +534,9 @@ class Router:
                         idle = IdleTimer(consumer, stop_when_idle or 0.0)
                     if producer is None:
                         producer = self._producer()  # fences (and settles) the one it replaces
-                    if unsettled:
-                        self._rewind_to_committed(consumer, unsettled)
-                        unsettled = set()
                     assert idle is not None
-                    self._revoked.clear()
                     batch = poll_records(consumer, timeout_ms=500)
+                    self._revoked.clear()  # what moved inside that poll is settled in its result
                     if not batch:
                         if stop_when_idle is not None and self._idle(consumer, idle):
                             return self.stats
@@ -530,14 +552,16 @@ class Router:
                     # The producer may hold state of the failed transaction (kafka-python keeps
                     # the offsets of a rejected offset commit and would send them with the next
                     # one): a new producer under the same transactional id starts clean and
-                    # fences the old one, which aborts whatever it left open.
+                    # fences the old one, which settles whatever it left open (a commit already
+                    # on its way lands, the rest is aborted). The consumer is replaced too (as
+                    # a static member it takes its own place back at once) and so reads again
+                    # from the committed offsets, waiting for that transaction to settle.
                     failures += 1
                     self._lost_clients("transaction failed; batch will be read again", exc.error, failures)
-                    _within(5.0, producer.close if producer else (lambda: None))
-                    producer = None
-                    # Its outcome may be open (a commit that timed out can still land): read
-                    # again from the committed offsets once the new producer has settled it.
-                    unsettled |= {TopicPartition(r.topic, r.partition) for r in exc.batch}
+                    for client in (producer, consumer):
+                        if client is not None:
+                            _within(5.0, client.close)
+                    producer = consumer = None
                     self._backoff(failures)
                 except (BrokerError, KafkaError, OSError) as exc:
                     failures += 1
@@ -546,7 +570,6 @@ class Router:
                         if client is not None:
                             _within(5.0, client.close)
                     producer = consumer = None
-                    unsettled = set()  # a new consumer starts from the committed offsets
                     self._backoff(failures)
         except KeyboardInterrupt:
             return self.stats
@@ -556,7 +579,8 @@ class Router:
                     _within(5.0, producer.abort)
                 _within(10.0, producer.close)
             if consumer is not None:
-                _within(10.0, consumer.close)  # leaves the group: the others take over at once
+                _within(10.0, consumer.close)
+                _within(5.0, self._leave_group)  # the others take over at once
 
     def _lost_clients(self, event: str, exc: BaseException, failures: int) -> None:
         self.stats.rebuilds += 1
@@ -655,17 +679,6 @@ class Router:
         if not partitions <= owned or partitions & self._revoked:
             return "partitions of the batch moved to another router", now
         return None, now
-
-    @staticmethod
-    def _rewind_to_committed(consumer: Any, partitions: set[TopicPartition]) -> None:
-        """Seek the partitions this router still owns back to their committed offsets (read
-        with require_stable, so a transaction still settling is waited for)."""
-        for tp in partitions & consumer.assignment():
-            committed = consumer.committed(tp, timeout_ms=30_000)
-            if committed is None:
-                consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
 
     @staticmethod
     def _rewind(consumer: Any, batch: list[Record]) -> None:

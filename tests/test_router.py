@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -27,7 +22,7 @@ from referral_broker.policy import load_policy
 from referral_broker.policy.review import explain
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas import codec
-from referral_broker.schemas.registry import audit_decision_schema
+from referral_broker.schemas.registry import audit_decision_schema, referral_schema
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing.key_admin import init_parties
 
@@ -215,35 +210,46 @@ def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
     assert any("signed by schools" in d.reason for d in letters)
 
 
-def test_killed_router_loses_and_duplicates_nothing(broker: Settings, kafka_bootstrap: str) -> None:
-    count = 150
-    with IntakeSender(broker, kafka_bootstrap, "health") as sender:
-        sent = sender.send_referrals(referrals_from("health", count, seed=21, district="fenland"))
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "REFERRAL_BROKER_TOPIC_PREFIX": broker.kafka_topic_prefix,
-        "REFERRAL_BROKER_TOPIC_PROFILE": broker.kafka_topic_profile,
-        "REFERRAL_BROKER_DATA_DIR": str(broker.paths_data_dir),
-    }
-    cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--stop-when-idle", "5"]
-    archive = topic_name(broker, "archive")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:  # kill it once some, not all, work is committed
-            if len(read_all(broker, kafka_bootstrap, archive)) >= 20:
-                break
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    restarted = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert restarted.returncode == 0, restarted.stderr
-    ids = [r.key.decode() for r in read_all(broker, kafka_bootstrap, archive)]  # read_committed
-    assert sorted(ids) == sorted(s.referral_id for s in sent)
-    team = [(m.referral_id, m.version) for m in received_by(broker, kafka_bootstrap, "district-fenland")]
-    assert len(team) == len(set(team)) == count
+def test_router_instances_are_stable_slots_never_shared(settings: Settings) -> None:
+    """A restarted router gets its dead predecessor's name (so its transactional id fences the
+    old transaction); two live routers never share one. (The kills themselves are in
+    tests/test_faults_router.py.)"""
+    from referral_broker.consumers.router import claim_instance
+    from referral_broker.errors import ConfigError
+
+    with claim_instance(settings, None) as first, claim_instance(settings, None) as second:
+        assert first != second and first.endswith("-0") and second.endswith("-1")
+    with claim_instance(settings, None) as again:
+        assert again == first
+    with (
+        claim_instance(settings, "blue"),
+        pytest.raises(ConfigError, match="already running"),
+        claim_instance(settings, "blue"),
+    ):
+        pass
+    with pytest.raises(ConfigError, match="instance name"), claim_instance(settings, "no/slashes"):
+        pass
+
+
+def test_router_takes_its_sealer(broker: Settings, kafka_bootstrap: str) -> None:
+    """The benchmark's PlainSealer goes in through the constructor: the same decisions and
+    projections, no crypto."""
+    from referral_broker.consumers.router_bench import PlainSealer
+
+    topic = topic_name(broker, "intake", "schools")
+    records = referrals_from("schools", 5, seed=51, district="fenland")
+    producer = build_producer(broker, kafka_bootstrap)
+    for r in records:
+        producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
+    producer.flush()
+    producer.close()
+    stats = Router(broker, kafka_bootstrap, sealer=PlainSealer("schools")).run(stop_when_idle=3)
+    assert stats.routed == 5 and stats.dead_lettered == 0
+    archive = read_all(broker, kafka_bootstrap, topic_name(broker, "archive"))
+    canonical = referral_schema()
+    assert sorted(str(codec.decode(r.value, canonical)["referral_id"]) for r in archive) == sorted(
+        str(r["referral_id"]) for r in records
+    )
 
 
 def test_status_travels_back_to_the_referrer_sealed(broker: Settings, kafka_bootstrap: str) -> None:
