@@ -99,7 +99,7 @@ BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 
 class RouterSealer(Protocol):
     """The router's cryptography: verify and open what partners send, seal what it sends,
-    sign audit records. :class:`HubSealer` is the only one a deployment uses; the router
+    sign audit records. :class:`HubKeySealer` is the only one a deployment uses; the router
     benchmark passes its own to measure the router without crypto."""
 
     def open(self, record: Record) -> OpenedMessage: ...
@@ -121,7 +121,7 @@ class RouterSealer(Protocol):
     def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage: ...
 
 
-class HubSealer:
+class HubKeySealer:
     """The council hub's keys: opens intake sealed for the hub, seals per recipient, signs."""
 
     def __init__(self, hub: Identity) -> None:
@@ -282,7 +282,7 @@ class Router:
         self.bootstrap = bootstrap
         self.policy = policy or load_policy()
         self.hub = identity or load_identity(settings, bootstrap, HUB)
-        self.sealer: RouterSealer = sealer or HubSealer(self.hub)
+        self.sealer: RouterSealer = sealer or HubKeySealer(self.hub)
         self.clock = clock
         self.instance = instance
         self.transaction_timeout_ms = transaction_timeout_ms

@@ -131,9 +131,18 @@ class Watch:
     def close(self) -> None:
         self.admin.close()
 
-    def committed_inputs(self) -> int:
-        offsets = self.admin.list_group_offsets({self.group: None}).get(self.group, {})
-        return sum(max(o.offset, 0) for tp, o in offsets.items() if tp.topic == self.intake)
+    def committed_inputs(self, retry_s: float = 60.0) -> int:
+        """Input records the router group has committed (a restarted cluster's coordinator
+        answers NotCoordinator for a while: asked again until ``retry_s``)."""
+        started = time.monotonic()
+        while True:
+            try:
+                offsets = self.admin.list_group_offsets({self.group: None}).get(self.group, {})
+                return sum(max(o.offset, 0) for tp, o in offsets.items() if tp.topic == self.intake)
+            except KafkaError:
+                if time.monotonic() - started > retry_s:
+                    raise
+                time.sleep(0.5)
 
     def _ends(self, level: IsolationLevel) -> dict[TopicPartition, int]:
         found = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in self.archive}, level)
@@ -273,6 +282,10 @@ def test_router_killed_mid_transaction_three_times(
             assert took < 25, "the restarted router must get the partitions within seconds"
         assert_clean_exit(router)
         assert_exactly_once(broker, kafka_bootstrap, sent)
+    except BaseException:
+        for r in routers:
+            print(f"--- router {r.name}\n{r.tail(40)}")
+        raise
     finally:
         for r in routers:
             r.stop()
@@ -285,11 +298,13 @@ def test_paused_router_resumed_after_takeover_three_times(
 ) -> None:
     """SIGSTOP a router mid-transaction, let the other router take all partitions, then
     SIGCONT the paused one (a zombie that still believes it owns its batch) — three times in
-    one stream of 2,000. The zombie must abandon its batch instead of committing it."""
+    one stream of 2,000. The zombie must give up its batch instead of committing it. The
+    routers run until SIGTERM (a router whose partitions ran dry would otherwise stop when
+    idle while the other still works), which must stop them cleanly."""
     sent = send(broker, kafka_bootstrap)
     watch = Watch(broker, kafka_bootstrap)
     everything = subscribed_partitions(broker)
-    a = RouterProc(broker, kafka_bootstrap, tmp_path, "A", "--stop-when-idle", IDLE)
+    a = RouterProc(broker, kafka_bootstrap, tmp_path, "A")
     b: RouterProc | None = None
     try:
         for cycle, target in enumerate((0.15, 0.40, 0.65)):
@@ -305,7 +320,7 @@ def test_paused_router_resumed_after_takeover_three_times(
             paused.signal(signal.SIGSTOP)
             committed = watch.committed_inputs()
             if b is None:
-                b = other = RouterProc(broker, kafka_bootstrap, tmp_path, "B", "--stop-when-idle", IDLE)
+                b = other = RouterProc(broker, kafka_bootstrap, tmp_path, "B")
             assert other is not None
             took = watch.wait_for(
                 "the other router holding every partition",
@@ -317,12 +332,20 @@ def test_paused_router_resumed_after_takeover_three_times(
             paused.signal(signal.SIGCONT)
             watch.wait_for("both routers in the group again", lambda: len(watch.members()) == 2, 60)
         assert b is not None
-        stats = [assert_clean_exit(r) for r in (a, b)]
+        watch.wait_for("every input committed", lambda: watch.committed_inputs() >= COUNT, 180, 0.5)
+        for r in (a, b):
+            r.signal(signal.SIGTERM)
+        stats = [assert_clean_exit(r, timeout=60) for r in (a, b)]
         assert_exactly_once(broker, kafka_bootstrap, sent)
         dropped = ("batch abandoned", "batch dropped", "transaction failed")
         zombie_lines = [ln for r in (a, b) for ln in r.log_lines() if any(d in ln for d in dropped)]
         assert len(zombie_lines) >= 3, "each resumed zombie must have given up its batch"
         assert sum(s["routed"] for s in stats) >= COUNT
+    except BaseException:
+        for r in (a, b):
+            if r is not None:
+                print(f"--- router {r.name}\n{r.tail(40)}")
+        raise
     finally:
         for r in (a, b):
             if r is not None:
@@ -398,6 +421,9 @@ def test_router_outlives_a_broker_outage_longer_than_its_transaction_timeout(
         stats = assert_clean_exit(router, timeout=240)
         assert stats["routed"] >= COUNT - at_restart
         assert_exactly_once(settings, bootstrap, sent)
+    except BaseException:
+        print(f"--- router {router.name}\n{router.tail(40)}")
+        raise
     finally:
         router.stop()
         watch.close()
