@@ -284,7 +284,8 @@ class Router:
         self.hub = identity or load_identity(settings, bootstrap, HUB)
         self.sealer: RouterSealer = sealer or HubKeySealer(self.hub)
         self.clock = clock
-        self.instance = instance
+        self._instance_option = instance
+        self.instance = instance  # the name in use while run() runs (a free slot when not given)
         self.transaction_timeout_ms = transaction_timeout_ms
         self.stats = RouterStats()
         self.metrics = RouterMetrics()
@@ -463,7 +464,7 @@ class Router:
         """Route until stopped (Ctrl-C, SIGTERM from the CLI), idle for ``stop_when_idle``
         seconds, or ``max_records``. Cluster failures of any length are waited out: the
         clients are rebuilt with backoff and routing resumes from the committed offsets."""
-        with claim_instance(self.settings, self.instance) as instance:
+        with claim_instance(self.settings, self._instance_option) as instance:
             self.instance = instance
             try:
                 return self._run(stop_when_idle, max_records)
