@@ -175,6 +175,15 @@ def test_a_workers_day_with_320_referrals(running: Running, browser: Any, axe: s
     assert [h for h in headings if h in order] == order
     row = store.get_referral(TEAM, rid)
     assert row is not None and row.state is ReferralState.NEW and store.events(TEAM, rid) == []
+    # why the team has it, as the router decided it (read from the audit topic)
+    deadline = time.monotonic() + 30
+    while page.locator(f'[data-decision="{row.decision_id}"]').count() == 0:
+        assert time.monotonic() < deadline, "the router's decision never reached the inbox"
+        time.sleep(0.5)
+        page.reload()
+    why = page.locator('[data-section="why"]').inner_text()
+    assert "UK GDPR Art 6(1)(e): public task" in why and "Early help casework" in why
+    assert "UK GDPR Art 9(2)(h)" in why and "The router decided this on" in why
     accessible(page, axe, "referral")
     page.screenshot(path=str(DOCS_SCREENSHOTS / "inbox-referral.png"), full_page=True)
 

@@ -292,7 +292,8 @@ def fill_inbox(
 ) -> Day:
     """``n`` referrals routed by the real router (one instance, no Kafka hop) and stored as
     ingest stores them, with a mix of states decided through the store's own transitions (their
-    sealed status messages left in the outbox for the app to publish). Two are overdue: an
+    sealed status messages left in the outbox for the app to publish), and the router's audit
+    decisions produced on the audit topic. Two are overdue: an
     urgent one received a week ago and a routine one received five weeks ago; every other one
     arrived now. About 8 ms a referral."""
     from referral_broker.consumers.inbox.states import Action
@@ -302,6 +303,8 @@ def fill_inbox(
     out_topic = topic_name(pipeline.settings, "out", team)
     now = datetime.now(UTC)
     records, plan = [], {}
+    audit_topic = topic_name(pipeline.settings, "audit")
+    decisions: list[OutgoingMessage] = []
     overdue = {0: ("urgent", now - timedelta(days=7)), 1: ("routine", now - timedelta(days=35))}
     for i in range(n):
         changes: dict[str, Any] = {}
@@ -318,7 +321,9 @@ def fill_inbox(
             referral_version=record["version"],
             kind="referral",
         )
-        routed = next(m for m in router.process(as_record(intake)) if m.topic == out_topic)
+        outputs = router.process(as_record(intake))
+        routed = next(m for m in outputs if m.topic == out_topic)
+        decisions += [m for m in outputs if m.topic == audit_topic]
         stored = Record(
             routed.topic,
             0,
@@ -360,5 +365,6 @@ def fill_inbox(
                 encode_status=encode,
                 allocated_to="fen.worker",
             )
+    pipeline.produce(*decisions)  # the router's audit decisions, as it would have written them
     ids = list(plan)
     return Day(records, plan, overdue_urgent=ids[0], overdue_routine=ids[1])

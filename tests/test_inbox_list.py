@@ -94,6 +94,13 @@ class Team:
         return found.group(1)
 
 
+def access_events(team: Team, *, expect: int) -> list[dict[str, Any]]:
+    """The inbox's access events on the audit topic (beside the router's decisions, one per
+    referral of the day, told apart by their signed ``rb-kind``)."""
+    records = read_topic(team.settings, topic_name(team.settings, "audit"), expect=len(team.day.plan) + expect)
+    return [json.loads(r.value) for r in records if dict(r.headers).get("rb-kind") == b"inbox.access"]
+
+
 @pytest.fixture
 def team(topics: Settings) -> Iterator[Team]:
     settings = topics.replace(inbox_page_size=PAGE, inbox_search_max_records=BOUND)
@@ -228,9 +235,7 @@ def test_export_is_the_whole_view_audited_and_formula_safe(team: Team) -> None:
     [evil] = [r for r in rows if r["Reference"] == record["referral_id"]]
     assert evil["Concern"].startswith("'=HYPERLINK")
     assert evil["Child"] == f"{record['child']['given_name']} {record['child']['family_name']}"
-    audit = [
-        json.loads(r.value) for r in read_topic(team.settings, topic_name(team.settings, "audit"), expect=2)
-    ]
+    audit = access_events(team, expect=2)
     exported = [e for e in audit if e.get("kind") == "view_exported"]
     assert [(e["member"], e["team"], e["count"]) for e in exported] == [("fen.worker", TEAM, len(rows))]
     assert record["child"]["family_name"] not in json.dumps(audit)
@@ -256,9 +261,7 @@ def test_case_notes_are_sealed_audited_and_shown(team: Team) -> None:
     assert "Case note added." in page.text
     # a declined referral is decided: nothing to close, but notes can still be added
     assert "Close referral" not in page.text and "This referral is declined" in page.text
-    audit = [
-        json.loads(r.value) for r in read_topic(team.settings, topic_name(team.settings, "audit"), expect=4)
-    ]
+    audit = access_events(team, expect=4)
     assert [(e["kind"], e["referral_id"]) for e in audit if e["kind"] == "case_note_added"] == [
         ("case_note_added", rid)
     ]

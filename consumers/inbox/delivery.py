@@ -1,5 +1,8 @@
 """Learning that the referrer was told: the inbox watches the referrers' out topics for the
 status messages the router delivered, and marks each of its own (by ``status_id``) delivered.
+The same reader keeps the router's audited sharing decisions for the inbox's teams (from the
+audit topic: purpose, legal ground, basis; signed by the hub, no values), so a referral's page
+says why the team has it as the router decided it.
 
 The inbox cannot open what the router sealed for a referrer, and does not need to: a status
 message's ``status_id`` and ``from_party`` are operational, clear on the wire, and the message
@@ -13,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from referral_broker.cluster.clients import build_consumer, commit_batch, poll_records
+from referral_broker.cluster.clients import Record, build_consumer, commit_batch, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.records import RecordFormat
@@ -67,13 +70,16 @@ class DeliveryWatcher:
         consumer = build_consumer(
             self.settings,
             self.settings.bootstrap_servers,
-            referrer_topics(self.settings),
+            [*referrer_topics(self.settings), topic_name(self.settings, "audit")],
             group_id=f"{self.settings.kafka_topic_prefix}inbox.delivery",
         )
         try:
             while not self._stop.is_set():
                 batch = poll_records(consumer, self.poll_timeout_ms)
                 for record in batch:
+                    if dict(record.headers).get("rb-kind") == b"audit.decision":
+                        self._decision(record)
+                        continue
                     try:
                         found = self.record_format.delivered_status(record)
                     except ReferralBrokerError as exc:  # not ours to dead-letter: the receiver does
@@ -87,6 +93,15 @@ class DeliveryWatcher:
                     commit_batch(consumer, batch)
         finally:
             consumer.close()
+
+    def _decision(self, record: Record) -> None:
+        try:
+            decision = self.record_format.sharing_decision(record)
+        except ReferralBrokerError as exc:
+            log.warning("audit decision not verified", error=type(exc).__name__)
+            return
+        if decision and decision.get("recipient") in self.teams and decision.get("delivered"):
+            self.store.record_decision(str(decision["recipient"]), decision)
 
     def start(self) -> None:
         self._stop.clear()

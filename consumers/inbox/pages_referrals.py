@@ -229,6 +229,7 @@ def purposes_for(team: str) -> list[dict[str, str]]:
         return []
     return [
         {
+            "code": p.name,
             "name": presentation.humanise(p.name),
             "description": p.description,
             "ground": GROUNDS.get(p.ground, p.ground),
@@ -238,6 +239,41 @@ def purposes_for(team: str) -> list[dict[str, str]]:
         }
         for p in found
     ]
+
+
+BASIS_WORDS = {
+    "consent": "The family’s consent to a service this purpose provides",
+    "override": "Shared without consent under a recorded override",
+    "not_required": "Consent is not needed for this purpose (the council’s own service)",
+    "none": "Not shared",
+}
+
+
+def decision_for(app: InboxApp, team: str, referral: ReferralRow) -> dict[str, Any] | None:
+    """The router's audited decision to share this referral with the team, in words, once the
+    inbox has read it from the audit topic."""
+    from referral_broker.policy.model import GROUNDS, SPECIAL_CATEGORY_CONDITIONS
+
+    if not referral.decision_id:
+        return None
+    found = app.store.decision(team, referral.decision_id)
+    if found is None:
+        return None
+    words = GROUNDS | SPECIAL_CATEGORY_CONDITIONS
+    described = {p["code"]: p for p in purposes_for(team)}
+    return {
+        "purposes": [
+            described[name]["name"] + ": " + described[name]["description"] if name in described else name
+            for name in (found["purpose"] or "").split(",")
+            if name
+        ],
+        "grounds": [words.get(g.strip(), g.strip()) for g in found["ground"].split(";") if g.strip()],
+        "basis": BASIS_WORDS.get(found["basis"] or "", found["basis"] or "Not recorded"),
+        "override_reference": found["override_reference"],
+        "policy_version": found["policy_version"],
+        "decided_at": found["decided_at"],
+        "decision_id": found["decision_id"],
+    }
 
 
 @dataclass(frozen=True)
@@ -383,6 +419,7 @@ async def referral_page(request: Request) -> Response:
         first_sections=sections[:split],
         later_sections=sections[split:],
         purposes=purposes_for(team),
+        decision=await run_in_threadpool(decision_for, app, team, referral),
         history=history,
         actions=[a.value for a in allowed_actions(referral.state)],
         worker_items=[

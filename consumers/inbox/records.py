@@ -108,6 +108,11 @@ class RecordFormat(Protocol):
         message the hub signed, else None; raise when its signature does not verify."""
         ...
 
+    def sharing_decision(self, record: Record) -> dict[str, Any] | None:
+        """For a record on the audit topic: the router's decision (``audit_decision`` fields)
+        when it is one the hub signed, else None; raise when its signature does not verify."""
+        ...
+
     def seal_text(self, team: str, referral_id: str, text: str) -> bytes:
         """``text`` sealed for ``team`` under the referral's case key, signed by the team."""
         ...

@@ -56,6 +56,7 @@ from referral_broker.identity import (
 )
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.hub_seal import seal_status
+from referral_broker.schemas import codec
 from referral_broker.sealing import MessageOpener, schema_book, sealing_plan, sign_plain, verify_signed
 
 T = TypeVar("T")
@@ -63,6 +64,7 @@ T = TypeVar("T")
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
 TEXT_KIND = "inbox.text"
+DECISION_KIND = "audit.decision"
 
 # A team's own words about a case, sealed at rest: never sent anywhere, only stored.
 CASE_TEXT_SCHEMA: dict[str, Any] = {
@@ -201,6 +203,17 @@ class SealedReferralFormat:
         if not wire.get("status_id") or not wire.get("from_party"):
             return None
         return str(wire["from_party"]), str(wire["status_id"])
+
+    def sharing_decision(self, record: Record) -> dict[str, Any] | None:
+        """The router's audit decisions are signed, not sealed (names and codes only): check the
+        hub's signature, then decode."""
+        ident = next(iter(self._identities.values()))
+        headers = ident.retrying(lambda i: verify_signed(i.directory, record))
+        if headers.get("rb-kind") != DECISION_KIND.encode() or headers.get("rb-sender") != self.hub.encode():
+            return None
+        if record.value is None:
+            return None
+        return codec.decode(record.value)
 
     def seal_text(self, team: str, referral_id: str, text: str) -> bytes:
         message = self._retrying(

@@ -23,6 +23,10 @@ Tables:
                 inbox saw the router deliver it to the referrer (``delivery``).
     users       local accounts: argon2 hashes only, a team, a disabled flag.
     sessions    signed-in sessions (the cookie holds a signed id), so signing out ends them.
+    decisions   the router's audited sharing decision for each referral a team received (its
+                purpose, legal ground, basis, override reference, policy version: names and
+                codes, never values), read from the audit topic, so the referral page shows why
+                this team has this referral.
     meta        the app's cookie-signing secret, created on first use.
 
 The schema is declared once here, for all tables, because ``SCHEMA_VERSION`` versions the file
@@ -58,6 +62,11 @@ _V3_INDEXES = """
 CREATE INDEX IF NOT EXISTS referrals_by_due ON referrals (team, due_date);
 CREATE INDEX IF NOT EXISTS referrals_by_allocation ON referrals (team, allocated_to, state);
 CREATE INDEX IF NOT EXISTS events_by_status_id ON events (status_id);
+CREATE TABLE IF NOT EXISTS decisions (
+    decision_id TEXT PRIMARY KEY, team TEXT NOT NULL, referral_id TEXT NOT NULL, version INTEGER NOT NULL,
+    purpose TEXT, ground TEXT NOT NULL, basis TEXT, override_reference TEXT, policy_version INTEGER,
+    decided_at TEXT NOT NULL
+);
 """
 
 _SCHEMA = """

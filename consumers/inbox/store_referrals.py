@@ -591,3 +591,33 @@ class ReferralTables(StoreDatabase):
                 (utc(at), status_id, *teams),
             )
             return cur.rowcount > 0
+
+    def record_decision(self, team: str, decision: dict[str, Any]) -> bool:
+        """Keep the router's audited decision to share a referral with ``team`` (idempotent)."""
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO decisions (decision_id, team, referral_id, version, purpose, ground, basis,"
+                " override_reference, policy_version, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (
+                    str(decision["decision_id"]),
+                    team,
+                    str(decision["referral_id"]),
+                    int(decision["version"]),
+                    decision.get("purpose"),
+                    str(decision.get("ground") or ""),
+                    decision.get("basis"),
+                    decision.get("override_reference"),
+                    decision.get("policy_version"),
+                    utc(decision["decided_at"]),
+                ),
+            )
+            return cur.rowcount > 0
+
+    def decision(self, team: str, decision_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM decisions WHERE team = ? AND decision_id = ?", [team, decision_id])
+        if not rows:
+            return None
+        found = dict(rows[0])
+        found["decided_at"] = parse_time(found["decided_at"])
+        return found
