@@ -1,7 +1,7 @@
 """A district-team worker's day in real headless Chromium, with 320 referrals in the inbox.
 
-The referrals are routed by the real router and stored as ingest stores them (``fill_inbox``;
-about 8 ms each), a mix already acknowledged, decided, allocated and closed; two are overdue.
+The referrals are routed by the real router and stored as ingest stores them (``fill_inbox``,
+a few seconds for all of them), a mix already acknowledged, decided, allocated and closed; two are overdue.
 The worker finds a family by name and by postcode, checks that "Needs a decision" holds exactly
 the undecided referrals, reads one (nothing is sent), acknowledges it, asks for information,
 records the answer given by phone, adds a case note, accepts it, and reads the history (each
