@@ -89,10 +89,13 @@ GROUP = "referral-router"
 # broker's minimum (group.min.session.timeout.ms, 6 s) and rides out a long GC pause.
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_MS = 3_000
-# An open transaction the coordinator aborts when its router vanishes for good. A restarted
-# router (same instance name) fences its predecessor's transaction at once, so this only
-# bounds how long read_committed readers wait for a router that never comes back.
-TRANSACTION_TIMEOUT_MS = 60_000
+# How long the coordinator keeps a transaction open before aborting it. A restarted router
+# (same instance name) fences its predecessor's transaction at once; this bounds the rest: how
+# long read_committed readers wait for a router that never comes back, and how long a router
+# taking over waits for offsets a paused one had added to its transaction but not committed
+# (they stay "unstable" until it ends, KIP-447). A batch (200 records, a few seconds) must
+# finish well within it, or its commit fails and it is read again.
+TRANSACTION_TIMEOUT_MS = 20_000
 MAX_POLL_RECORDS = 200
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 

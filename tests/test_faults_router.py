@@ -327,8 +327,15 @@ def test_paused_router_resumed_after_takeover_three_times(
                 lambda m=before: watch.taken_over(m, everything),  # type: ignore[misc]
                 60,
             )
-            watch.wait_for("the other router committing", lambda c=committed: watch.committed_inputs() > c, 60)
-            print(f"pause {cycle + 1}: {paused.name} paused at {committed}; {other.name} took over in {took:.1f}s")
+            # a router paused after adding its offsets to its transaction holds them "unstable"
+            # until that transaction times out (20 s, then the coordinator's next sweep, <= 10 s)
+            moved_on = watch.wait_for(
+                "the other router committing", lambda c=committed: watch.committed_inputs() > c, 90
+            )
+            print(
+                f"pause {cycle + 1}: {paused.name} paused at {committed}; {other.name} held every "
+                f"partition after {took:.1f}s and committed {moved_on:.1f}s later"
+            )
             paused.signal(signal.SIGCONT)
             watch.wait_for("both routers in the group again", lambda: len(watch.members()) == 2, 60)
         assert b is not None

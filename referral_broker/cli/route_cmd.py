@@ -37,7 +37,7 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
 @click.option(
     "--transaction-timeout",
     type=click.FloatRange(min=1.0, max=900.0),
-    default=60.0,
+    default=20.0,
     show_default=True,
     metavar="SECONDS",
     help="The coordinator aborts a transaction left open this long by a router that vanished.",
