@@ -53,6 +53,13 @@ class Settings:
     inbox_due_routine_working_days: int = 10
     inbox_page_size: int = 25
     inbox_search_max_records: int = 2000  # referrals opened in memory to answer one search
+    # an e-mail (a link only, no personal data) to a team when an urgent referral arrives;
+    # off while smtp_host is empty. urgent_mail_to: "team=address,team=address"
+    inbox_smtp_host: str = ""
+    inbox_smtp_port: int = 25
+    inbox_mail_from: str = "early-help-inbox@localhost"
+    inbox_urgent_mail_to: str = ""
+    inbox_public_url: str = "http://localhost:8000"
 
     @property
     def uses_local_broker(self) -> bool:

@@ -7,6 +7,7 @@ key recognises what it already has. A record that fails verification or does not
 the dead-letter topic with the reason, its source topic, partition and offset and its original
 bytes; it is never shown and never silently dropped.
 
+A new urgent referral is mailed to the team as a link (``notices``), when mail is configured.
 The same worker also retries the team's status outbox, so an action taken while Kafka was away
 reaches the referrer once it is back.
 """
@@ -30,6 +31,7 @@ from referral_broker.cluster.clients import (
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import dead_letter
+from referral_broker.consumers.inbox.notices import UrgentNotifier
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
@@ -81,7 +83,9 @@ class TeamIngest:
         *,
         clock: Callable[[], datetime] | None = None,
         poll_timeout_ms: int = 500,
+        notifier: UrgentNotifier | None = None,
     ) -> None:
+        self.notifier = notifier
         self.settings = settings
         self.team = team
         self.store = store
@@ -120,6 +124,8 @@ class TeamIngest:
             return
         result = self.store.ingest(self.team, summary, sealed)
         setattr(self.stats, result.outcome, getattr(self.stats, result.outcome) + 1)
+        if self.notifier is not None and result.outcome == "new" and summary.priority == "urgent":
+            self.notifier.urgent_arrived(self.team, result.referral_id)
         log.info(
             "record stored",
             team=self.team,

@@ -26,6 +26,7 @@ from referral_broker.consumers.inbox.deadlines import DuePolicy
 from referral_broker.consumers.inbox.delivery import DeliveryWatcher
 from referral_broker.consumers.inbox.frontend import install_frontend
 from referral_broker.consumers.inbox.ingest import TeamIngest
+from referral_broker.consumers.inbox.notices import UrgentNotifier
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
@@ -80,8 +81,11 @@ def build_inbox(
     store = InboxStore(settings.inbox_db_path)
     store.due_policy = DuePolicy.from_settings(settings)
     outbound = Outbound(settings, record_format)
+    notifier = UrgentNotifier.from_settings(settings)
     workers = (
-        [TeamIngest(settings, team, store, record_format, clock=clock) for team in teams] if ingest else []
+        [TeamIngest(settings, team, store, record_format, clock=clock, notifier=notifier) for team in teams]
+        if ingest
+        else []
     )
     watch = ingest if watch_delivery is None else watch_delivery
     watcher = DeliveryWatcher(settings, store, record_format, teams, clock=clock) if watch else None
