@@ -445,13 +445,25 @@ def test_rendered_health_is_uk_core_and_parses_with_fhir_resources(syntax: str, 
     assert again == referrals
 
 
-def test_a_coarser_uk_core_code_round_trips_through_the_local_coding() -> None:
-    for symbol in ("white_gypsy_roma", "white_irish_traveller", "arab", "white_british"):
+def test_every_schema_word_renders_as_uk_core_and_reads_back() -> None:
+    from referral_broker.adapters.base import _REFERRAL, enum_symbols
+
+    symbols = enum_symbols(_REFERRAL.schema)
+    for symbol in symbols["child.ethnicity"]:
         concept = uk_core.ETHNICITY.render(symbol)
         assert concept["coding"][0]["system"] == uk_core.ETHNIC_CATEGORY_ENGLAND
+        assert concept["coding"][0]["code"] in uk_core.ETHNIC_CATEGORY
         assert uk_core.ETHNICITY.parse(concept) == symbol
-    for word in ("kinship_carer", "parent_partner", "mother", "other_relative"):
+    # only where the England code is broader is the project's own coding added
+    assert len(uk_core.ETHNICITY.render("white_british")["coding"]) == 1
+    assert len(uk_core.ETHNICITY.render("white_gypsy_roma")["coding"]) == 2
+    for word in symbols["household.relationship"]:
         assert uk_core.RELATIONSHIP.parse(uk_core.RELATIONSHIP.render(word)) == word
+    for name in uk_core.LANGUAGES.values():
+        concept = uk_core.LANGUAGE.render(name)
+        [coding] = concept["coding"]
+        assert uk_core.LANGUAGE.parse({"coding": [{"system": coding["system"], "code": coding["code"]}]}) == name
+    assert uk_core.LANGUAGE.render("Kurmanji") == {"text": "Kurmanji"}
 
 
 def test_the_example_reads_the_same_from_its_xml_rendering(tmp_path: Path) -> None:
