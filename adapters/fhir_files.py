@@ -38,6 +38,8 @@ class Entry:
     full_url: str | None
     resource: dict[str, Any] | None
     problems: tuple[tuple[str, str], ...] = ()  # (element path, reason)
+    # What a resource the library refused was (its type and id), so references to it resolve.
+    refused: tuple[str, str | None] | None = None
 
 
 def model_problems(error: PydanticValidationError, type_name: str) -> list[tuple[str, str]]:
@@ -157,7 +159,13 @@ def _xml_entries(events: Iterator[tuple[str, Any]], root: Any) -> Iterator[Entry
             yield Entry(number, url, None, ())
         else:
             resource, problems = _resource_from_xml(inner[0])
-            yield Entry(number, url, resource, problems)
+            id_element = inner[0].find(f"{_NS}id")
+            refused = (
+                (_local(inner[0].tag) or "", id_element.get("value") if id_element is not None else None)
+                if resource is None
+                else None
+            )
+            yield Entry(number, url, resource, problems, refused)
         element.clear()
         while element.getprevious() is not None:
             del root[0]  # entries already read: keep memory flat

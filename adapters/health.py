@@ -297,13 +297,15 @@ class _Store:
 
     def add(self, entry: Entry) -> None:
         resource = entry.resource
-        kind = resource.get("resourceType") if isinstance(resource, dict) else None
+        kind, rid = (resource.get("resourceType"), resource.get("id")) if isinstance(resource, dict) else (None, None)
+        if entry.refused is not None:
+            kind, rid = entry.refused  # refused by the library: referring to it names its problems
         packed = json.dumps(resource, separators=(",", ":")).encode() if resource is not None else b"null"
         value = (packed, entry.problems, str(kind))
         if entry.full_url:
             self.kept[entry.full_url] = value
-        if isinstance(resource, dict) and resource.get("id"):
-            self.kept[f"{kind}/{resource['id']}"] = value
+        if rid:
+            self.kept[f"{kind}/{rid}"] = value
 
     def has(self, reference: str | None) -> bool:
         return reference is not None and (reference in self.kept or self._tail(reference) in self.kept)
@@ -407,17 +409,22 @@ class HealthAdapter(JsonAdapter):
             return NativeRecord(number, resource, tuple(problems))
         contained = {f"#{r.get('id')}": r for r in resource.get("contained") or [] if isinstance(r, dict)}
 
+        refused: set[str] = set()
+
         def resolve(reference: str | None, expected: tuple[str, ...]) -> dict[str, Any] | None:
             if reference is None:
                 return None
             found, found_problems = (contained.get(reference), ()) if reference.startswith("#") else store.get(reference)
             problems.extend(MappingProblem(w, "", r) for w, r in found_problems)
+            if found_problems:
+                refused.add(reference)
             if isinstance(found, dict) and found.get("resourceType") in expected:
                 return found
             return None
 
-        patient = resolve(_reference(resource.get("subject")), ("Patient",))
-        if patient is None:
+        subject = _reference(resource.get("subject"))
+        patient = resolve(subject, ("Patient",))
+        if patient is None and subject not in refused:
             problems.append(MappingProblem(f"{SR}subject", "child", "does not refer to a Patient in the file"))
         parts = _requester(resource.get("requester"), resolve)
         document: dict[str, Any] = {"ServiceRequest": resource, "Patient": patient or {}, **parts}

@@ -520,3 +520,19 @@ def test_a_single_service_request_with_its_patient_contained(syntax: str, tmp_pa
     [referral] = adapters.load_file("health", path, now=NOW).referrals
     assert (referral["child"]["ethnicity"], referral["child"]["first_language"]) == ("black_african", "Somali")
     assert referral["referrer"]["practitioner"]["name"] == "Ms Erin Nurse"
+
+
+def test_json_and_xml_give_the_same_problems(tmp_path: Path) -> None:
+    bundle = message_bundle()
+    xml = tmp_path / "health.xml"  # written valid, then broken: the library writes only valid XML
+    xml.write_bytes(as_xml(bundle).replace(b'<birthDate value="2016-03-14"/>', b'<birthDate value="2016-02-30"/>'))
+    bundle["entry"][2]["resource"]["birthDate"] = "2016-02-30"
+    said = []
+    for path in (write(tmp_path, bundle, "json"), xml):
+        with pytest.raises(ValidationError) as raised:
+            adapters.load_file("health", path, now=NOW)
+        said.append([str(p) for p in raised.value.problems])
+    assert said[0] == said[1] == [
+        'record 2: "Patient.birthDate": fails FHIR R4 validation: Input should be a valid date or '
+        "datetime, day value is outside expected range"
+    ]
