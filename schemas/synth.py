@@ -208,8 +208,9 @@ def _birth_date(rng: random.Random, today: dt.date, age: int) -> dt.date:
 class _Referral:
     """Builds one referral; split into parts so each stays readable."""
 
-    def __init__(self, rng: random.Random, anchor: dt.datetime) -> None:
+    def __init__(self, rng: random.Random, anchor: dt.datetime, partner: str | None = None) -> None:
         self.rng = rng
+        self.partner = partner
         self.created = _ms(anchor - dt.timedelta(minutes=rng.randrange(60 * 24 * 90)))
         self.today = self.created.date()
         self.age = rng.choices(range(18), weights=[6, 6, 5, 5, 5, 4, 4, 4, 4, 4, 4, 5, 5, 6, 6, 6, 5, 4])[0]
@@ -264,7 +265,7 @@ class _Referral:
 
     def referrer(self) -> dict[str, Any]:
         rng = self.rng
-        partner = rng.choice(sorted(REFERRER_ROLES))
+        partner = self.partner or rng.choice(sorted(REFERRER_ROLES))
         organisation = {
             "schools": f"{self.town} {rng.choice(['Primary School', 'Academy', 'Community College', 'Nursery'])}",
             "health": rng.choice(
@@ -621,9 +622,12 @@ class _Referral:
         }
 
 
-def synthetic_referral(rng: random.Random, anchor: dt.datetime = DEFAULT_ANCHOR) -> dict[str, Any]:
-    """One fake referral drawn from ``rng``, created within the 90 days before ``anchor``."""
-    return _Referral(rng, anchor).build()
+def synthetic_referral(
+    rng: random.Random, anchor: dt.datetime = DEFAULT_ANCHOR, *, partner: str | None = None
+) -> dict[str, Any]:
+    """One fake referral drawn from ``rng``, created within the 90 days before ``anchor``;
+    ``partner`` fixes the referring kind (its organisation and practitioner then match it)."""
+    return _Referral(rng, anchor, partner).build()
 
 
 def synthetic_referrals(

@@ -26,7 +26,10 @@ def test_demo_runs_twice_and_shows_each_rule(settings: Settings, kafka_bootstrap
             "health_and_development.summary",
         }
         assert all(not s.refused for s in result.recipients.values())
-        assert sum(result.statuses_back.values()) == sum(s.referrals for s in got.values())
+        # partners answer here; district teams answer from the inbox, so the demo sends none for them
+        assert sum(result.statuses_back.values()) == sum(
+            s.referrals for p, s in got.items() if not p.startswith("district-")
+        )
         assert any(result.outbox.rglob("*.csv")) and any(result.inbox.rglob("*"))
 
 

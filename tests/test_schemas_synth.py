@@ -202,3 +202,17 @@ def test_schemas_show_prints_fields_and_views() -> None:
     assert unknown.returncode == ContractError.exit_code and "child.shoe_size" in unknown.stderr
     listed = json.loads(run_cli("schemas", "list", "--json").stdout)
     assert {row["family"] for row in listed} == set(registry.FAMILIES)
+
+
+def test_a_fixed_referring_kind_gets_an_organisation_and_practitioner_of_that_kind() -> None:
+    import random
+
+    from referral_broker.schemas.synth import synthetic_referral
+
+    for seed in range(20):
+        police = synthetic_referral(random.Random(seed), partner="police")["referrer"]
+        assert police["partner"] == "police"
+        assert police["organisation"] == "County Constabulary Public Protection Unit"
+        assert police["practitioner"]["email"].endswith("@police.example")
+        school = synthetic_referral(random.Random(seed), partner="schools")["referrer"]
+        assert school["organisation"].endswith(("Primary School", "Academy", "Community College", "Nursery"))

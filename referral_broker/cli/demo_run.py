@@ -20,7 +20,7 @@ from referral_broker.cluster.topics import ensure_topics
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import PartnerReceiver, Received, Refused, json_records
 from referral_broker.consumers.router import Router, RouterStats
-from referral_broker.parties import HUB, all_parties
+from referral_broker.parties import HUB, all_parties, get_party
 from referral_broker.policy import load_policy
 from referral_broker.producers.sending import PartnerSender
 from referral_broker.schemas.synth import synthetic_referral
@@ -39,8 +39,7 @@ def _concerns(types: list[str]) -> list[dict[str, Any]]:
 
 def _scenario(partner: str, n: int, rng: random.Random, now: dt.datetime) -> dict[str, Any]:
     """One synthetic referral from ``partner``; ``n`` picks which policy rule it shows."""
-    r = copy.deepcopy(synthetic_referral(rng, now))
-    r["referrer"]["partner"] = partner
+    r = copy.deepcopy(synthetic_referral(rng, now, partner=partner))
     r["version"] = 1
     r["sharing_override"] = None
     r["flags"] = dict(NO_FLAGS)
@@ -149,10 +148,11 @@ def run_demo(
             summary.referrals += 1
             summary.received_fields |= set(policy.units) - set(item.withheld)
             summary.withheld_fields |= set(item.withheld)
-            to_answer.append((party, item))
+            if get_party(party).kind != "district_team":  # a team answers from its inbox, not here
+                to_answer.append((party, item))
         if mine:
             client.render(mine, inbox / party)
-    say("Recipients answer: status messages back to the referrers")
+    say("Partners answer: status messages back to the referrers (district teams answer in the inbox)")
     for n, (party, item) in enumerate(to_answer):
         code = ("accepted", "more_information_needed", "declined")[n % 3]
         PartnerSender(settings, bootstrap, party).send_status(
