@@ -306,3 +306,15 @@ def test_information_received_reopens_and_is_refused_when_not_waiting(team: Team
     assert team.store.events(TEAM, fresh) == [] or all(
         e.action is not Action.RECORD_INFORMATION for e in team.store.events(TEAM, fresh)
     )
+
+
+def test_export_is_never_cut_short(team: Team) -> None:
+    everything = team.client.get("/inbox/export.csv", params={"view": "all"})
+    assert everything.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(everything.text)))
+    assert len(rows) == len(team.day.plan) > BOUND  # longer than the search bound, and whole
+    # a search that could look at only part of the view is refused, not downloaded in part
+    refused = team.client.get("/inbox/export.csv", params={"view": "all", "q": "no such family anywhere"})
+    assert refused.status_code == 400
+    assert f"The search looked at only the first {BOUND} referrals of this view" in refused.text
+    assert "text/csv" not in refused.headers["content-type"]
