@@ -179,3 +179,28 @@ def test_case_store_rules(tmp_path: Path) -> None:
     (store.root / "CASE-1.key").chmod(0o600)
     assert store.shred("CASE-1") == done
     assert not (store.root / "CASE-1.key").exists()
+
+
+def test_an_existing_case_key_is_read_while_another_process_holds_the_lock(tmp_path: Path) -> None:
+    import threading
+
+    from referral_broker.sealing.keystore import locked
+
+    store = CaseKeyStore.open(tmp_path / "keys")
+    known = store.key_for("CASE-OLD")
+    got: dict[str, tuple[str, bytes]] = {}
+
+    def seal_for(case: str) -> threading.Thread:
+        worker = threading.Thread(target=lambda: got.__setitem__(case, store.key_for(case)), daemon=True)
+        worker.start()
+        return worker
+
+    with locked(store.root):  # a router paused while it creates a case key
+        old = seal_for("CASE-OLD")
+        old.join(timeout=10)
+        assert not old.is_alive() and got["CASE-OLD"] == known  # not stalled behind the lock
+        new = seal_for("CASE-NEW")
+        new.join(timeout=0.5)
+        assert new.is_alive()  # creating a key waits for the lock
+    new.join(timeout=10)
+    assert not new.is_alive() and got["CASE-NEW"][1] != known[1]

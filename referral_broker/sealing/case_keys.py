@@ -89,8 +89,20 @@ class CaseKeyStore:
         return self.root / f"{check_case_id(case_id)}.key"
 
     def key_for(self, case_id: str, *, now: float | None = None) -> tuple[str, bytes]:
-        """The case's key id and key, created on first use. Refuses a shredded case."""
+        """The case's key id and key, created on first use. Refuses a shredded case.
+
+        An existing key is read without the store's lock (key files are replaced atomically),
+        so a router paused while it holds the lock cannot stall every other router's seals; only
+        creating a key, and anything that meets a key being shredded, waits for the lock.
+        """
         path = self._key_path(case_id)
+        self._refuse_shredded(case_id)
+        if path.exists():
+            try:
+                doc = self._read_key(path)
+                return doc["case_key_id"], base64.b64decode(doc["key"])
+            except (OSError, SealingError):
+                pass  # being shredded or replaced this moment: decide under the lock
         with locked(self.root):
             self._refuse_shredded(case_id)
             if not path.exists():
