@@ -56,7 +56,6 @@ from referral_broker.errors import (
     BrokerError,
     ConfigError,
     ContractError,
-    KeyNotFoundError,
     PolicyError,
     ReferralBrokerError,
     SealingError,
@@ -76,10 +75,11 @@ from referral_broker.schemas import codec
 from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
 from referral_broker.schemas.validation import ensure_valid
 from referral_broker.schemas.views import view_schema
-from referral_broker.sealing import OpenedMessage, OutgoingMessage, sign_plain
+from referral_broker.sealing import OutgoingMessage, sign_plain
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
+from .receiving import Received, open_verified
 from .router_metrics import RouterMetrics
 
 log = get_logger(__name__)
@@ -105,7 +105,9 @@ class RouterSealer(Protocol):
     sign audit records. :class:`HubKeySealer` is the only one a deployment uses; the router
     benchmark passes its own to measure the router without crypto."""
 
-    def open(self, record: Record) -> OpenedMessage: ...
+    def open(self, record: Record, *, sender: str | None, kind: str) -> Received:
+        """Verified and opened, from ``sender`` and of ``kind``, or a ReferralBrokerError."""
+        ...
 
     def seal(
         self,
@@ -130,9 +132,9 @@ class HubKeySealer:
     def __init__(self, hub: Identity) -> None:
         self.hub = hub
 
-    def open(self, record: Record) -> OpenedMessage:
-        opened: OpenedMessage = self.hub.open(record)
-        return opened
+    def open(self, record: Record, *, sender: str | None, kind: str) -> Received:
+        """The one verified receive path (``consumers.receiving``), as every recipient's."""
+        return open_verified(self.hub, record, sender=sender, kinds=(kind,))
 
     def seal(
         self,
@@ -310,11 +312,11 @@ class Router:
             return self._process_status(record, self.status_party[record.topic])
         return self._process_referral(record, self.intake_party[record.topic])
 
-    def _open_from(self, record: Record, party: str | None) -> OpenedMessage:
-        opened = self.sealer.open(record)
-        if opened.sender != party:
-            raise SealingError(f"message on {party}'s topic is signed by {opened.sender}; refused")
-        return opened
+    def _open_from(self, record: Record, party: str | None, kind: str) -> Received:
+        """What ``party``'s topic carries: signed by ``party``, for the hub, of ``kind``."""
+        if party is None:
+            raise SealingError(f"topic {record.topic} belongs to no party; refused")
+        return self.sealer.open(record, sender=party, kind=kind)
 
     def _process_referral(self, record: Record, partner: str | None) -> list[OutgoingMessage]:
         referral, referral_id, version = self._open_referral(record, partner)
@@ -363,20 +365,16 @@ class Router:
         return outputs
 
     def _open_referral(self, record: Record, partner: str | None) -> tuple[dict[str, Any], str, int]:
-        opened = self._open_from(record, partner)
-        if opened.kind != "referral":
-            raise ContractError(f"intake topics carry referrals, not '{opened.kind}' messages")
+        opened = self._open_from(record, partner, "referral")
         referral = opened.record
         if opened.schema_fingerprint != self._canonical_fp:
             # an older writer version: resolve into today's shape before deciding
             writer = self.hub.schemas(opened.schema_fingerprint)
             referral = codec.decode(codec.encode(referral, writer), self.canonical)
-        return referral, opened.referral_id, opened.referral_version
+        return referral, opened.referral_id, opened.version
 
     def _process_status(self, record: Record, party: str | None) -> list[OutgoingMessage]:
-        opened = self._open_from(record, party)
-        if opened.kind != "status":
-            raise ContractError(f"status topics carry status messages, not '{opened.kind}' messages")
+        opened = self._open_from(record, party, "status")
         status = opened.record
         ensure_valid(
             status, self.status_schema, now=self.clock(), context="status", known_parties=all_parties()
@@ -393,7 +391,7 @@ class Router:
                 self.status_schema,
                 to_party,
                 opened.referral_id,
-                opened.referral_version,
+                opened.version,
                 "status",
                 [(H_REFERRER, to_party.encode())],
             )
@@ -702,14 +700,8 @@ class Router:
         if time.monotonic() - self.hub.loaded_at > self.settings.keys_directory_refresh_s:
             self.hub.refresh(self.settings, self.bootstrap)
         try:
-            try:
-                return self.process(record)
-            except KeyNotFoundError:
-                # a key published after the last reload: reload once (at most every 5 s) and retry
-                if time.monotonic() - self.hub.loaded_at < 5:
-                    raise
-                self.hub.refresh(self.settings, self.bootstrap)
-                return self.process(record)
+            # a key published after the last load (a recipient's rotation): one reload, then again
+            return self.hub.retrying(lambda _hub: self.process(record))
         except BrokerError:
             raise
         except ReferralBrokerError as exc:

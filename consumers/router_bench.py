@@ -29,6 +29,7 @@ from typing import Any
 from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
 from referral_broker.cluster.topics import admin_client, ensure_topics, plan, topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.receiving import Received
 from referral_broker.consumers.router import Router
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
@@ -37,7 +38,7 @@ from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas import codec
 from referral_broker.schemas.registry import referral_schema
 from referral_broker.schemas.synth import synthetic_referrals
-from referral_broker.sealing import OpenedMessage, OutgoingMessage
+from referral_broker.sealing import OutgoingMessage
 from referral_broker.sealing.key_admin import init_parties
 
 SENDER = "schools"
@@ -53,20 +54,16 @@ class PlainSealer:
         self.canonical = referral_schema()
         self.fingerprint = codec.prepare(self.canonical).fingerprint
 
-    def open(self, record: Any) -> OpenedMessage:
+    def open(self, record: Any, *, sender: str | None, kind: str) -> Received:
         referral = codec.decode(record.value or b"", self.canonical)
-        return OpenedMessage(
-            record=referral,
+        return Received(
             referral_id=str(referral["referral_id"]),
-            referral_version=referral["version"],
-            kind="referral",
+            version=referral["version"],
+            kind=kind,
             sender=self.sender,
-            sender_key_id="",
-            recipient=HUB,
-            recipient_key_id="",
+            referrer=None,
+            record=referral,
             schema_fingerprint=self.fingerprint,
-            sealed_at_ms=0,
-            case_id=None,
         )
 
     def seal(
