@@ -125,7 +125,7 @@ def receive(
         "written": written,
     }
 
-    def human(d: dict) -> None:
+    def human(d: dict[str, Any]) -> None:
         rows = [
             [
                 r["referral_id"],
