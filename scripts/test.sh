@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+# mypy on the installed package: strict on referral_broker/ (settings in pyproject's [tool.mypy])
+.venv/bin/python scripts/typecheck.py
 exec .venv/bin/python -m pytest "$@"
