@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from math import ceil
+from typing import Any
 from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
@@ -71,8 +72,8 @@ class ListParams:
     descending: bool = False
     page: int = 1
 
-    def url(self, path: str = "/inbox", **changes: object) -> str:
-        p = replace(self, **changes)  # type: ignore[arg-type]
+    def url(self, path: str = "/inbox", **changes: Any) -> str:
+        p = replace(self, **changes)
         query = {
             "view": p.view,
             "q": p.q,
@@ -96,17 +97,18 @@ def list_params(query: Mapping[str, str], choices: Mapping[str, list[str]]) -> L
         value = query.get(name, "")
         return value if value in allowed else ""
 
+    view, sort = query.get("view", ""), query.get("sort", "")
     try:
         page = max(1, min(int(query.get("page", "1")), 100_000))
     except ValueError:
         page = 1
     return ListParams(
-        view=query.get("view") if query.get("view") in VIEWS else "decision",  # type: ignore[arg-type]
+        view=view if view in VIEWS else "decision",
         q=" ".join(query.get("q", "").split())[:100],
         priority=pick("priority", choices["priority"]),
         concern=pick("concern", choices["concern_type"]),
         referrer=pick("referrer", choices["referrer"]),
-        sort=query.get("sort") if query.get("sort") in SORT_COLUMNS else "due",  # type: ignore[arg-type]
+        sort=sort if sort in SORT_COLUMNS else "due",
         descending=query.get("dir") == "desc",
         page=page,
     )
