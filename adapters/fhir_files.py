@@ -19,7 +19,6 @@ from typing import IO, Any
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from lxml import etree
-from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from referral_broker.errors import ContractError, PartnerInputError
@@ -92,11 +91,11 @@ def _local(tag: Any) -> str | None:
 def _resource_from_xml(element: Any) -> tuple[dict[str, Any] | None, tuple[tuple[str, str], ...]]:
     name = _local(element.tag) or "<resource>"
     try:
-        model: type[BaseModel] = get_fhir_model_class(name)
+        model = get_fhir_model_class(name)
     except (KeyError, ValueError):
         return None, ((name, "not a FHIR R4 resource type"),)
     try:
-        parsed = model.model_validate_xml(etree.tostring(element))  # type: ignore[attr-defined]
+        parsed = model.model_validate_xml(etree.tostring(element))
     except PydanticValidationError as exc:
         return None, tuple(model_problems(exc, name))
     except (ValueError, TypeError, etree.LxmlError):
