@@ -172,6 +172,13 @@ def test_the_dry_run_and_send_agree_on_every_fixture(send_env: dict[str, str], t
             assert len(data["delivered"]) + len(data["already_sent"]) == report["valid"] > 0, name
         else:
             assert report["error"]["exit_code"] == sent.returncode, name
+            # send --json prints an error object with the dry run's fields, problems and class
+            failed = json.loads(sent.stdout)
+            assert set(failed) == set(report) | {"delivered", "queued", "already_sent", "rejected"}, name
+            assert failed["problems"] == report["problems"], name
+            assert failed["error"]["class"] == report["error"]["class"], name
+            assert failed["error"]["exit_code"] == sent.returncode, name
+            assert failed["delivered"] == [], name
             said = sent.stderr.strip().removeprefix("Error: ").removesuffix("; nothing sent")
             assert report["error"]["message"].removesuffix("; nothing would be sent") == said, name
             if name in CASES:

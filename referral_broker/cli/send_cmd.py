@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
+from referral_broker.errors import ReferralBrokerError
 
 
 @click.command()
@@ -42,16 +43,23 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
     from referral_broker.producers.checked import check_file
     from referral_broker.producers.sending import PartnerSender
 
-    checking = tqdm(desc="checking", unit="rec", disable=as_json, leave=False)
-    with checking:
-        checked = check_file(
-            party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=lambda n: checking.update(n - checking.n)
-        )
-    # Only now, with the file known good, is a broker started or a connection made.
-    bootstrap, offline = reach(obj)
-    sender = PartnerSender(obj.settings, bootstrap, party, offline=offline)
-    with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False, total=checked.total) as bar:
-        report = sender.send_checked(checked, progress=bar.update)
+    try:
+        checking = tqdm(desc="checking", unit="rec", disable=as_json, leave=False)
+        with checking:
+            checked = check_file(
+                party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=lambda n: checking.update(n - checking.n)
+            )
+        # Only now, with the file known good, is a broker started or a connection made.
+        bootstrap, offline = reach(obj)
+        sender = PartnerSender(obj.settings, bootstrap, party, offline=offline)
+        with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False, total=checked.total) as bar:
+            report = sender.send_checked(checked, progress=bar.update)
+    except ReferralBrokerError as exc:
+        if as_json:  # a JSON error object on stdout, with the dry run's fields (validate --as)
+            from referral_broker.cli.validate_cmd import send_failure_report
+
+            emit(send_failure_report(party, path, fmt, exc), True, print)
+        raise
     data = {
         "delivered": [s.referral_id for s in report.delivered],
         "queued": [s.referral_id for s in report.queued],

@@ -124,6 +124,25 @@ def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple
     return report, None
 
 
+def send_failure_report(party: str, path: Path, fmt: str, exc: ReferralBrokerError) -> dict[str, Any]:
+    """What ``send --json`` prints when it fails: the dry run's fields (for a file it refused,
+    the dry run's problems and counts) with send's own error, and nothing delivered."""
+    if fmt == "native" and isinstance(exc, PartnerInputError):
+        report, _ = native_report(party, path)
+    else:
+        report = {
+            "file": path.name,
+            "as": party,
+            "format": "canonical JSON lines" if fmt == "canonical" else None,
+            "records": None,
+            "valid": None,
+            "invalid": None,
+            "problems": [],
+            "warnings": [],
+        }
+    return {**report, "error": error_object(exc), "delivered": [], "queued": [], "already_sent": [], "rejected": []}
+
+
 @click.command("validate")
 @click.option(
     "--file",
