@@ -569,9 +569,9 @@ def _reason_page(
     )
 
 
-def reason_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
-    """The page (GET) and the submit (POST) of the reason form ``slug`` in :data:`REASON_FORMS`."""
-    spec = REASON_FORMS[slug]
+def _form_page(page: Callable[[Request, SignedIn, ReferralRow], Response]) -> Endpoint:
+    """The GET of a form about one referral: shown to a signed-in member of its team, else the
+    sign-in redirect or the not-found page (an attempt on another team's referral is audited)."""
 
     async def show(request: Request) -> Response:
         member = await signed_in_member(request)
@@ -580,7 +580,16 @@ def reason_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
         found = await _find_referral(request, member, request.path_params["referral_id"])
         if isinstance(found, Response):
             return found
-        return _reason_page(request, member, found, spec)
+        return page(request, member, found)
+
+    return show
+
+
+def reason_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
+    """The page (GET) and the submit (POST) of the reason form ``slug`` in :data:`REASON_FORMS`."""
+    spec = REASON_FORMS[slug]
+
+    show = _form_page(lambda request, member, found: _reason_page(request, member, found, spec))
 
     async def submit(request: Request) -> Response:
         pre = await _action_preamble(request)
@@ -701,14 +710,7 @@ def text_endpoints(slug: str) -> tuple[Endpoint, Endpoint]:
     """The page (GET) and the submit (POST) of the text form ``slug`` in :data:`TEXT_FORMS`."""
     spec = TEXT_FORMS[slug]
 
-    async def show(request: Request) -> Response:
-        member = await signed_in_member(request)
-        if isinstance(member, Response):
-            return member
-        found = await _find_referral(request, member, request.path_params["referral_id"])
-        if isinstance(found, Response):
-            return found
-        return _text_page(request, member, found, spec)
+    show = _form_page(lambda request, member, found: _text_page(request, member, found, spec))
 
     async def submit(request: Request) -> Response:
         pre = await _action_preamble(request)
