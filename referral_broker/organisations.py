@@ -658,20 +658,10 @@ def _topic(settings: Settings) -> str:
 
 def publish(settings: Settings, bootstrap: str, orgs: Iterable[Organisation]) -> int:
     """Append each organisation's new version (key = party name) and wait until all are durable."""
-    from referral_broker.cluster.clients import build_producer
+    from referral_broker.cluster.clients import publish_records
 
-    topic = _topic(settings)
-    producer = build_producer(settings, bootstrap)
-    try:
-        count = 0
-        for org in orgs:
-            value = json.dumps(org.to_json(), sort_keys=True).encode("utf-8")
-            producer.send(topic, value=value, key=org.party.encode("ascii"), headers=[("rb-kind", b"organisation")])
-            count += 1
-        producer.flush()
-        return count
-    finally:
-        producer.close()
+    records = ((org.party.encode("ascii"), json.dumps(org.to_json(), sort_keys=True).encode("utf-8")) for org in orgs)
+    return publish_records(settings, bootstrap, _topic(settings), records, kind=b"organisation")
 
 
 @dataclass

@@ -66,6 +66,24 @@ def build_producer(
         raise _translate(exc, "creating a producer", bootstrap) from exc
 
 
+def publish_records(
+    settings: Settings, bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]], *, kind: bytes
+) -> int:
+    """Produce (key, value) records to a compacted directory-style topic, each with header
+    ``rb-kind``, and wait until all are durable; returns how many. The key directory and the
+    organisation registry publish this way."""
+    producer = build_producer(settings, bootstrap)
+    try:
+        count = 0
+        for key, value in records:
+            producer.send(topic, value=value, key=key, headers=[("rb-kind", kind)])
+            count += 1
+        producer.flush()
+        return count
+    finally:
+        producer.close()
+
+
 class Producer:
     """A thin wrapper whose sends either succeed durably or raise :class:`BrokerError`."""
 

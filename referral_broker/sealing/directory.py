@@ -292,21 +292,14 @@ def record_in_file(path: Path, entries: Iterable[KeyEntry]) -> KeyDirectory:
 # -- the compacted keys topic ------------------------------------------------------------------
 def publish(settings: Settings, bootstrap: str, entries: Iterable[KeyEntry]) -> int:
     """Produce each entry to the ``keys`` topic (key = key id) and wait until all are durable."""
-    from referral_broker.cluster.clients import build_producer
+    from referral_broker.cluster.clients import publish_records
     from referral_broker.cluster.topics import topic_name
 
-    topic = topic_name(settings, "keys")
-    producer = build_producer(settings, bootstrap)
-    try:
-        count = 0
-        for entry in entries:
-            value = json.dumps(entry.to_json(), sort_keys=True).encode("utf-8")
-            producer.send(topic, value=value, key=entry.key_id.encode("ascii"), headers=[("rb-kind", b"key")])
-            count += 1
-        producer.flush()
-        return count
-    finally:
-        producer.close()
+    records = (
+        (entry.key_id.encode("ascii"), json.dumps(entry.to_json(), sort_keys=True).encode("utf-8"))
+        for entry in entries
+    )
+    return publish_records(settings, bootstrap, topic_name(settings, "keys"), records, kind=b"key")
 
 
 def load_topic(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0) -> KeyDirectory:
