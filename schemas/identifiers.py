@@ -1,10 +1,12 @@
-"""Checks for the national identifiers and postcodes a referral carries.
+"""Checks for the national identifiers, organisation codes and postcodes a referral carries.
 
 Each ``*_problem`` function returns ``None`` for a good value or a short reason that never
-contains the value, so a caller can put it in an error next to the field path. The stored form
-is compact and upper-case (no spaces); ``compact_*`` turns what a person typed into that form,
-which adapters do before validation. NHS number and UPN use python-stdnum; python-stdnum has no
-National Insurance number module, so that rule is written here from HMRC's allocation rules.
+contains the value, so a caller can put it in an error next to the field path. The organisation
+codes (a GP practice's ODS code, a registered charity number) decide who receives a copy, so
+they are checked as strictly. The stored form is compact and upper-case (no spaces);
+``compact_*`` turns what a person typed into that form, which adapters do before validation.
+NHS number and UPN use python-stdnum; python-stdnum has no National Insurance number module,
+so that rule is written here from HMRC's allocation rules.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ _NI_SECOND = "ABCEGHJKLMNPRSTWXYZ"
 NI_NUMBER_SHAPE = re.compile(rf"^[{_NI_FIRST}][{_NI_SECOND}][0-9]{{6}}[A-D]$")
 # Prefixes that pass the letter rules but are never allocated.
 NI_UNALLOCATED_PREFIXES = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
+# NHS ODS code of a GP practice: one letter (the commissioning region) and five digits.
+ODS_GP_PRACTICE_SHAPE = re.compile(r"^[A-Z][0-9]{5}$")
+# Charity Commission (England and Wales) registered number: 6 to 8 digits; a linked charity
+# adds "-" and its subsidiary number (1 to 3 digits).
+CHARITY_NUMBER_SHAPE = re.compile(r"^[0-9]{6,8}(?:-[0-9]{1,3})?$")
 
 _STDNUM_REASONS: dict[type[StdnumValidationError], str] = {
     InvalidLength: "wrong length",
@@ -97,6 +104,34 @@ def ni_number_problem(value: str) -> str | None:
     return None
 
 
+def compact_ods_code(value: str) -> str:
+    """Upper-case with no spaces, as stored: 'z 90001' -> 'Z90001'."""
+    return _compact_upper(value)
+
+
+def compact_charity_number(value: str) -> str:
+    """No spaces, as stored: '1 190 001' -> '1190001'."""
+    return "".join(value.split())
+
+
+def ods_gp_practice_problem(value: str) -> str | None:
+    """GP practice ODS code: a letter and five digits (A81001), upper-case."""
+    if value != compact_ods_code(value):
+        return "must be upper-case with no spaces"
+    if not ODS_GP_PRACTICE_SHAPE.match(value):
+        return "not a GP practice ODS code (a letter and 5 digits, e.g. A81001)"
+    return None
+
+
+def charity_number_problem(value: str) -> str | None:
+    """Registered charity number: 6 to 8 digits, '-N' for a linked charity (1190001, 1190001-1)."""
+    if value != compact_charity_number(value):
+        return "must have no spaces"
+    if not CHARITY_NUMBER_SHAPE.match(value):
+        return "not a registered charity number (6 to 8 digits, '-N' for a linked charity, e.g. 1190001)"
+    return None
+
+
 def postcode_problem(value: str) -> str | None:
     """UK postcode shape (outward code, space, inward code), upper-case as stored."""
     parsed = postcode.parse(value)
@@ -121,6 +156,14 @@ def is_valid_upn(value: str) -> bool:
 
 def is_valid_postcode(value: str) -> bool:
     return postcode_problem(value) is None
+
+
+def is_valid_ods_gp_practice(value: str) -> bool:
+    return ods_gp_practice_problem(value) is None
+
+
+def is_valid_charity_number(value: str) -> bool:
+    return charity_number_problem(value) is None
 
 
 def nhs_check_digit(first_nine: str) -> int | None:

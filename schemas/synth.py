@@ -8,6 +8,12 @@ the identifiers pass validation. The same seed and anchor date give the same ref
 
 Every optional field is present in some referrals and absent in others, and every list is
 empty in some, so consumers meet every shape early.
+
+The organisations a referral names (the child's GP practice by ODS code, the charity named as
+provider of a requested service) are the deployment's data, not the contract's: the caller
+passes them as :class:`NamedOrganisation` lists (the demo passes its county's registry). With
+none passed, no referral names a GP practice code or a provider, and the random draws, hence
+the seeded referrals, are what they were before these fields existed.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import datetime as dt
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .identifiers import NI_UNALLOCATED_PREFIXES, nhs_check_digit, upn_check_letter
@@ -153,6 +160,30 @@ REFERRER_ROLES = {
 }
 
 
+@dataclass(frozen=True)
+class NamedOrganisation:
+    """An organisation a synthetic referral may name: a GP practice (``identifier`` = its ODS
+    code, ``name`` shown as the practice's name) or a charity (``identifier`` = its registered
+    number, ``services`` = the services it may be named for, empty = any). ``districts`` are
+    the District symbols it serves; empty = every district."""
+
+    identifier: str
+    name: str = ""
+    services: frozenset[str] = frozenset()
+    districts: frozenset[str] = frozenset()
+
+    def serves(self, district: str) -> bool:
+        return not self.districts or district in self.districts
+
+    def provides(self, service: str) -> bool:
+        return not self.services or service in self.services
+
+
+def _named(items: Iterable[NamedOrganisation | str]) -> tuple[NamedOrganisation, ...]:
+    """Plain strings are identifiers of organisations serving everywhere, providing anything."""
+    return tuple(i if isinstance(i, NamedOrganisation) else NamedOrganisation(str(i)) for i in items)
+
+
 def _pick_weighted(rng: random.Random, options: list[tuple[str, float]]) -> str:
     return rng.choices([o for o, _ in options], weights=[w for _, w in options])[0]
 
@@ -208,9 +239,18 @@ def _birth_date(rng: random.Random, today: dt.date, age: int) -> dt.date:
 class _Referral:
     """Builds one referral; split into parts so each stays readable."""
 
-    def __init__(self, rng: random.Random, anchor: dt.datetime, partner: str | None = None) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        anchor: dt.datetime,
+        partner: str | None = None,
+        gp_practices: Sequence[NamedOrganisation] = (),
+        charities: Sequence[NamedOrganisation] = (),
+    ) -> None:
         self.rng = rng
         self.partner = partner
+        self.gp_practices = gp_practices
+        self.charities = charities
         self.created = _ms(anchor - dt.timedelta(minutes=rng.randrange(60 * 24 * 90)))
         self.today = self.created.date()
         self.age = rng.choices(range(18), weights=[6, 6, 5, 5, 5, 4, 4, 4, 4, 4, 4, 5, 5, 6, 6, 6, 5, 4])[0]
@@ -239,7 +279,7 @@ class _Referral:
         elif consent["state"] != "given" and self.maybe(0.1):
             override = self.sharing_override(flags)
         urgent = flags["safeguarding_concern"] or flags["crime_prevention"]
-        return {
+        record = {
             "referral_id": uuid.UUID(int=rng.getrandbits(128), version=4),
             "version": rng.choices([1, 2, 3], weights=[85, 12, 3])[0],
             "created_at": self.created,
@@ -259,9 +299,35 @@ class _Referral:
             "school": self.school() if self.age >= 4 and self.maybe(0.85) else None,
             "concerns": concerns,
             "services_requested": self.services(types),
+            "service_providers": [],
             "consent": consent,
             "sharing_override": override,
         }
+        # Drawn last, and only when the caller passed organisations, so the rest of a seeded
+        # referral does not depend on them.
+        if self.gp_practices and record["health_and_development"] is not None:
+            self.name_gp_practice(record["health_and_development"])
+        if self.charities:
+            record["service_providers"] = self.providers(record["services_requested"])
+        return record
+
+    def name_gp_practice(self, health: dict[str, Any]) -> None:
+        """Most children's health records name their practice: one serving the family's district."""
+        if not self.maybe(0.9):
+            return
+        local = [p for p in self.gp_practices if p.serves(self.district)] or list(self.gp_practices)
+        practice = self.rng.choice(local)
+        health["gp_practice_ods"] = practice.identifier
+        health["gp_practice"] = practice.name or health["gp_practice"] or f"{self.town} Surgery"
+
+    def providers(self, services: list[str]) -> list[dict[str, Any]]:
+        """For a requested service some charity here provides, the referrer usually names one."""
+        named = []
+        for service in services:
+            able = [c for c in self.charities if c.provides(service) and c.serves(self.district)]
+            if able and self.maybe(0.8):
+                named.append({"service": service, "provider": self.rng.choice(able).identifier})
+        return named
 
     def referrer(self) -> dict[str, Any]:
         rng = self.rng
@@ -428,6 +494,7 @@ class _Referral:
         rng = self.rng
         return {
             "gp_practice": f"{self.town} Surgery" if self.maybe(0.8) else None,
+            "gp_practice_ods": None,
             "conditions": rng.sample(HEALTH_CONDITIONS, rng.choices([0, 1, 2], [50, 35, 15])[0]),
             "mental_health_concern": self.age >= 8 and self.maybe(0.3),
             "development_concern": self.age <= 5 and self.maybe(0.4),
@@ -623,17 +690,35 @@ class _Referral:
 
 
 def synthetic_referral(
-    rng: random.Random, anchor: dt.datetime = DEFAULT_ANCHOR, *, partner: str | None = None
+    rng: random.Random,
+    anchor: dt.datetime = DEFAULT_ANCHOR,
+    *,
+    partner: str | None = None,
+    gp_practices: Iterable[NamedOrganisation | str] = (),
+    charities: Iterable[NamedOrganisation | str] = (),
 ) -> dict[str, Any]:
     """One fake referral drawn from ``rng``, created within the 90 days before ``anchor``;
-    ``partner`` fixes the referring kind (its organisation and practitioner then match it)."""
-    return _Referral(rng, anchor, partner).build()
+    ``partner`` fixes the referring kind (its organisation and practitioner then match it).
+
+    ``gp_practices`` (ODS codes) and ``charities`` (registered numbers), as
+    :class:`NamedOrganisation` or plain identifiers, are what the referral may name: most
+    health records then carry a practice serving the family's district
+    (``health_and_development.gp_practice_ods``), and most requested services that a charity
+    there provides name one in ``service_providers``. None given: neither is filled.
+    """
+    return _Referral(rng, anchor, partner, _named(gp_practices), _named(charities)).build()
 
 
 def synthetic_referrals(
-    count: int, seed: int | None = None, anchor: dt.datetime = DEFAULT_ANCHOR
+    count: int,
+    seed: int | None = None,
+    anchor: dt.datetime = DEFAULT_ANCHOR,
+    *,
+    gp_practices: Iterable[NamedOrganisation | str] = (),
+    charities: Iterable[NamedOrganisation | str] = (),
 ) -> Iterator[dict[str, Any]]:
-    """``count`` fake referrals; the same seed and anchor give the same referrals."""
+    """``count`` fake referrals; the same seed, anchor and organisations give the same referrals."""
     rng = random.Random(seed)
+    practices, named_charities = _named(gp_practices), _named(charities)
     for _ in range(count):
-        yield synthetic_referral(rng, anchor)
+        yield _Referral(rng, anchor, None, practices, named_charities).build()

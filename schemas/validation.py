@@ -97,6 +97,8 @@ STRING_RULES: dict[str, Callable[[str], str | None]] = {
     "household.contact.email": _email_problem,
     "household.contact.phone": _phone_problem,
     "school.urn": _urn_problem,
+    "health_and_development.gp_practice_ods": identifiers.ods_gp_practice_problem,
+    "service_providers.provider": identifiers.charity_number_problem,
     "referrer.organisation": _operational_label_problem,
     "referrer.practitioner.role": _operational_label_problem,
     "sharing_override.approved_by.role": _operational_label_problem,
@@ -340,13 +342,28 @@ def _concerns_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[
 
 
 def _services_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:
-    """Services requested: at least one, none twice."""
+    """Services requested: at least one, none twice; a named provider only for a requested
+    service, and at most one per service (the router sends that service's share to it alone)."""
     services = record.get("services_requested")
     if isinstance(services, list):
         if not services:
             add("services_requested", "at least one service is required")
         elif len(set(map(str, services))) != len(services):
             add("services_requested", "lists a service more than once")
+    providers = record.get("service_providers")
+    if not isinstance(providers, list):
+        return
+    requested = {s for s in services if isinstance(s, str)} if isinstance(services, list) else set()
+    named: set[str] = set()
+    for index, entry in enumerate(providers):
+        service = entry.get("service") if isinstance(entry, Mapping) else None
+        if not isinstance(service, str):
+            continue  # a missing or mistyped service is the schema layer's to report
+        if service not in requested:
+            add(f"service_providers[{index}].service", "is not one of services_requested")
+        elif service in named:
+            add(f"service_providers[{index}].service", "names a second provider for the same service")
+        named.add(service)
 
 
 def _school_rules(record: Mapping[str, Any], now: dt.datetime, add: Callable[[str, str], None]) -> None:

@@ -16,12 +16,28 @@ import pytest
 from referral_broker.errors import ContractError
 from referral_broker.schemas import codec, registry
 from referral_broker.schemas.registry import walk_fields
-from referral_broker.schemas.synth import DEFAULT_ANCHOR, synthetic_referrals
+from referral_broker.schemas.synth import DEFAULT_ANCHOR, NamedOrganisation, synthetic_referrals
 from referral_broker.schemas.validation import validate
 
 SCHEMA = registry.referral_schema()
 NOW = DEFAULT_ANCHOR + dt.timedelta(days=1)
-SAMPLE = list(synthetic_referrals(600, seed=2026))
+# The demo county's GP practices and charities (referral_broker/organisations.toml), as a caller
+# passes them: the contract does not read the registry.
+GP_PRACTICES = (
+    NamedOrganisation("Z90001", "Fenland Bridge Surgery", districts=frozenset({"fenland", "east_cambs"})),
+    NamedOrganisation("Z90002", "Cam Valley Medical Practice", districts=frozenset({"cambridge", "south_cambs"})),
+)
+CHARITIES = (
+    NamedOrganisation(
+        "1190001", services=frozenset({"citizens_advice"}), districts=frozenset({"fenland", "east_cambs", "huntingdonshire"})
+    ),
+    NamedOrganisation("1190004", services=frozenset({"citizens_advice"}), districts=frozenset({"cambridge", "south_cambs"})),
+    NamedOrganisation("1190002", services=frozenset({"caring_together"})),
+    NamedOrganisation(
+        "1190003", services=frozenset({"parenting_programme"}), districts=frozenset({"cambridge", "south_cambs", "huntingdonshire"})
+    ),
+)
+SAMPLE = list(synthetic_referrals(600, seed=2026, gp_practices=GP_PRACTICES, charities=CHARITIES))
 
 
 def values_at(record: Any, path: str) -> list[Any]:
