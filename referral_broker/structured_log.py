@@ -42,6 +42,11 @@ ALLOWED_CONTEXT = frozenset(
         "member",
         "decision",
         "ground",
+        # the inbox's sign-in throttle: a subject is named only by a short keyed hash
+        "scope",
+        "subject_ref",
+        "until",
+        "mode",
     }
 )
 
