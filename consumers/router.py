@@ -50,7 +50,7 @@ from referral_broker.cluster.clients import (
     poll_records,
 )
 from referral_broker.cluster.runtime import metadata_topic_count
-from referral_broker.cluster.topics import plan, topic_name
+from referral_broker.cluster.topics import party_of_topic, topic_name, topic_pattern
 from referral_broker.config import Settings
 from referral_broker.errors import (
     BrokerError,
@@ -64,12 +64,14 @@ from referral_broker.identity import (
     H_DECISION,
     H_NO_ONWARD,
     H_REFERRER,
+    H_UNRESOLVED,
     H_VIEW,
     H_WITHHELD,
     Identity,
     load_identity,
 )
-from referral_broker.parties import HUB, all_parties, get_party
+from referral_broker.organisations import RegistryReader
+from referral_broker.parties import HUB, Party, all_parties, get_party, use_registry
 from referral_broker.policy import Decision, SharingPolicy, decide, load_policy
 from referral_broker.schemas import codec
 from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
@@ -97,6 +99,7 @@ HEARTBEAT_MS = 3_000
 # finish well within it, or its commit fails and it is read again.
 TRANSACTION_TIMEOUT_MS = 20_000
 MAX_POLL_RECORDS = 200
+METADATA_MAX_AGE_MS = 10_000
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 
 
@@ -298,9 +301,9 @@ class Router:
         self._canonical_fp = codec.prepare(self.canonical).fingerprint
         self.audit_schema = audit_decision_schema()
         self.status_schema = status_schema()
-        specs = plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)
-        self.intake_party = {s.name: s.party for s in specs if s.role == "intake"}
-        self.status_party = {s.name: s.party for s in specs if s.role == "status"}
+        # The organisation registry, followed: caught up before every batch, so an ``orgs add``
+        # or ``orgs disable`` holds from the next batch on, without a restart.
+        self._registry_reader: RegistryReader | None = None
         # partitions the group took from this router since the current batch was read
         self._revoked: set[TopicPartition] = set()
         self._in_transaction = False
@@ -308,23 +311,39 @@ class Router:
     # -- one input record -> its outputs ------------------------------------------------------
     def process(self, record: Record) -> list[OutgoingMessage]:
         """Every output for one input, or an exception (which dead-letters the input)."""
-        if record.topic in self.status_party:
-            return self._process_status(record, self.status_party[record.topic])
-        return self._process_referral(record, self.intake_party[record.topic])
+        party = party_of_topic(self.settings, "status", record.topic)
+        if party is not None:
+            return self._process_status(record, self._sender(record, party))
+        party = party_of_topic(self.settings, "intake", record.topic)
+        return self._process_referral(record, self._sender(record, party))
 
-    def _open_from(self, record: Record, party: str | None, kind: str) -> Received:
+    def _sender(self, record: Record, party: str | None) -> str:
+        """The registered, active organisation whose topic this is."""
+        found = all_parties().get(party) if party is not None else None
+        if found is None or not found.sends:
+            raise SealingError(f"topic {record.topic} belongs to no registered organisation; refused")
+        if not found.active:
+            raise PolicyError(f"sender {found.name} is disabled in the organisation registry; not routed")
+        return found.name
+
+    def _open_from(self, record: Record, party: str, kind: str) -> Received:
         """What ``party``'s topic carries: signed by ``party``, for the hub, of ``kind``."""
-        if party is None:
-            raise SealingError(f"topic {record.topic} belongs to no party; refused")
         return self.sealer.open(record, sender=party, kind=kind)
 
-    def _process_referral(self, record: Record, partner: str | None) -> list[OutgoingMessage]:
+    def catch_up_registry(self) -> None:
+        """Apply organisation registry changes written since the last batch."""
+        if self._registry_reader is None:
+            self._registry_reader = RegistryReader(self.settings, self.bootstrap)
+        use_registry(self._registry_reader.catch_up())
+
+    def _process_referral(self, record: Record, partner: str) -> list[OutgoingMessage]:
         referral, referral_id, version = self._open_referral(record, partner)
         now = self.clock()
         ensure_valid(referral, self.canonical, now=now)
         if str(referral["referral_id"]) != referral_id or referral["version"] != version:
             raise ContractError("message key and headers do not match the referral's id and version")
-        decisions = decide(self.policy, referral, referrer_party=partner or "", at=now)
+        decisions = decide(self.policy, referral, referrer_party=partner, at=now)
+        unresolved = {d.recipient: d.unresolved for d in decisions if d.unresolved}
         outputs: list[OutgoingMessage] = []
         encoded = codec.encode(referral, self.canonical)  # once; each view is resolved from it
         for decision in decisions:
@@ -337,15 +356,18 @@ class Router:
                     (H_VIEW, _json(list(decision.shared))),
                     (H_WITHHELD, _json(_group_withheld(decision))),
                     (H_NO_ONWARD, _json(list(decision.no_onward_sharing))),
-                    (H_REFERRER, (partner or "").encode()),
+                    (H_REFERRER, partner.encode()),
                     (H_DECISION, decision_id.encode()),
                 ]
+                if unresolved and get_party(decision.recipient).kind == "district_team":
+                    # the team works the case: it must know who else was not told, and why
+                    headers.append((H_UNRESOLVED, _json(unresolved)))
                 outputs.append(
                     self._seal(share, view, decision.recipient, referral_id, version, "referral", headers)
                 )
                 view_fp = codec.prepare(view).fingerprint.hex()
                 self.stats.delivered += 1
-                self.metrics.deliveries.labels(recipient=decision.recipient).inc()
+                self.metrics.deliveries.labels(recipient=_metric_kind(get_party(decision.recipient))).inc()
             outputs.append(self._audit(decision, decision_id, referral_id, version, view_fp, now))
         # The council's own long-lived copy, sealed under the case key (crypto-shredding).
         outputs.append(
@@ -356,7 +378,7 @@ class Router:
                 referral_id,
                 version,
                 "archive",
-                [(H_REFERRER, (partner or "").encode())],
+                [(H_REFERRER, partner.encode())],
                 topic=topic_name(self.settings, "archive"),
             )
         )
@@ -364,7 +386,7 @@ class Router:
         self.metrics.routed.inc()
         return outputs
 
-    def _open_referral(self, record: Record, partner: str | None) -> tuple[dict[str, Any], str, int]:
+    def _open_referral(self, record: Record, partner: str) -> tuple[dict[str, Any], str, int]:
         opened = self._open_from(record, partner, "referral")
         referral = opened.record
         if opened.schema_fingerprint != self._canonical_fp:
@@ -373,7 +395,7 @@ class Router:
             referral = codec.decode(codec.encode(referral, writer), self.canonical)
         return referral, opened.referral_id, opened.version
 
-    def _process_status(self, record: Record, party: str | None) -> list[OutgoingMessage]:
+    def _process_status(self, record: Record, party: str) -> list[OutgoingMessage]:
         opened = self._open_from(record, party, "status")
         status = opened.record
         ensure_valid(
@@ -438,6 +460,9 @@ class Router:
             "referral_id": referral_id,
             "version": version,
             "recipient": decision.recipient,
+            "recipient_name": decision.recipient_name or None,
+            "recipient_rules": list(decision.rules),
+            "unresolved_reason": decision.unresolved,
             "purpose": ",".join(decision.purposes) or None,
             "fields_shared": list(decision.shared),
             "fields_withheld": [{"path": p, "reason": r} for p, r in decision.withheld.items()],
@@ -458,8 +483,9 @@ class Router:
         return self.sealer.sign(topic=topic, key=referral_id.encode(), value=value, kind="audit.decision")
 
     # -- the loop -----------------------------------------------------------------------------
-    def topics(self) -> list[str]:
-        return sorted(self.intake_party) + sorted(self.status_party)
+    def topic_pattern(self) -> str:
+        """Every organisation's intake and status topic, present and future."""
+        return topic_pattern(self.settings, ("intake", "status"))
 
     def run(self, *, stop_when_idle: float | None = None, max_records: int | None = None) -> RouterStats:
         """Route until stopped (Ctrl-C, SIGTERM from the CLI), idle for ``stop_when_idle``
@@ -485,7 +511,10 @@ class Router:
         return build_consumer(
             self.settings,
             self.bootstrap,
-            self.topics(),
+            [],
+            pattern=self.topic_pattern(),
+            # a newly registered organisation's topics are found within this long
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
             group_id=self.group,
             on_revoked=self._on_revoked,
             max_poll_records=MAX_POLL_RECORDS,
@@ -583,6 +612,9 @@ class Router:
             if consumer is not None:
                 _within(10.0, consumer.close)
                 _within(5.0, self._leave_group)  # the others take over at once
+            if self._registry_reader is not None:
+                _quietly(self._registry_reader.close)
+                self._registry_reader = None
 
     def _lost_clients(self, event: str, exc: BaseException, failures: int) -> None:
         self.stats.rebuilds += 1
@@ -632,6 +664,7 @@ class Router:
             log.warning("batch dropped: this router is no longer a member of the group", count=len(batch))
             self._rewind(consumer, batch)
             return
+        self.catch_up_registry()  # a cluster failure here is handled like any other
         try:
             producer.begin()
             self._in_transaction = True
@@ -729,4 +762,9 @@ class Router:
             offset=record.offset,
             reason=stage,
         )
-        return dead_letter(self.settings, record, exc, stage)
+        return dead_letter(self.settings, record, exc, stage, signer=self.hub.keystore)
+
+
+def _metric_kind(party: Party) -> str:
+    """A bounded metric label: the organisation's kind, never one label per organisation."""
+    return party.org.kind.value if party.org is not None else party.kind

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from referral_broker.errors import PartnerInputError, ValidationError
-from referral_broker.parties import all_parties, get_party
+from referral_broker.parties import all_parties, format_of, party_name
 
 # Only the readers in this module hold this; CheckedReferral refuses to be made without it.
 _READER = object()
@@ -85,7 +85,7 @@ def check_file(
     """Read and validate every record of a partner's file. Raises PartnerInputError (nothing to
     send) when any record is invalid, unless ``skip_invalid``. Touches no network."""
     path = Path(path)
-    party = get_party(party).name
+    party = party_name(party)
     if fmt == "canonical":
         return _canonical(path, skip_invalid, on_checked)
     if fmt == "native":
@@ -152,11 +152,12 @@ def _native(
 ) -> CheckedFile:
     from referral_broker import adapters
 
-    if get_party(party).kind != "partner":
+    native = format_of(party)
+    if native is None:
         raise PartnerInputError(f"{party} has no native format; use --format canonical")
     try:
         # The first pass validates every record; iterating converts again without validating.
-        stream = adapters.iter_file(party, path, skip_invalid=skip_invalid, on_checked=on_checked)
+        stream = adapters.iter_file(native, path, skip_invalid=skip_invalid, on_checked=on_checked)
     except ValidationError as exc:
         raise PartnerInputError(f"{exc}; nothing sent") from None
 

@@ -456,7 +456,9 @@ class Registry:
         for org in orgs:
             self._orgs[org.party] = org  # later versions win
         self._by_service: dict[tuple[str, str], list[Organisation]] = {}
+        self._by_kind: dict[OrgKind, list[Organisation]] = {}
         for org in self._orgs.values():
+            self._by_kind.setdefault(org.kind, []).append(org)
             for service in org.services:
                 for district in org.districts:
                     self._by_service.setdefault((service, district), []).append(org)
@@ -555,6 +557,21 @@ class Registry:
         if found:
             return Unresolved(f"{label} service for {district} disabled")
         return Unresolved(f"no {label} service for {district}")
+
+    def serving(self, kind: OrgKind | str, district: str) -> Resolution:
+        """The one active organisation of ``kind`` serving ``district`` (the police force, DWP)."""
+        want = parse_kind(kind) if isinstance(kind, str) else kind
+        district = normalise_district(district)
+        noun = want.value.replace("_", " ")
+        found = [o for o in self._by_kind.get(want, ()) if o.serves(district)]
+        active = [o for o in found if o.active]
+        if len(active) == 1:
+            return active[0]
+        if len(active) > 1:
+            return Unresolved(f"more than one {noun} serves {district}")
+        if found:
+            return Unresolved(f"{noun} for {district} disabled")
+        return Unresolved(f"no {noun} registered for {district}")
 
     def charity_for(self, service: str, district: str, named_provider: str | None) -> Resolution:
         """The charity the referral names as provider (charity number, ``charity:N`` or

@@ -1,24 +1,52 @@
-"""The parties on the broker, read from ``parties.toml`` (data, reviewed like the policy)."""
+"""The parties on the broker: the council's hub plus every organisation in the registry.
+
+A party is one organisation (``school-110123``, ``nhs-z90001``, ``police-35``, ``dwp``,
+``charity-1190001``, ``district-fenland``, ``ons``) or the hub (``council``). Partner kinds
+(``schools``, ``health``, ...) are the adapters' formats and the policy's vocabulary, never a
+party: nothing is ever sent to a kind.
+
+The organisations come from a :class:`~referral_broker.organisations.Registry` snapshot. Until
+a process installs one (:func:`use_registry`, or :func:`use_cluster_registry` which reads the
+registry topic), the snapshot is the shipped demo county (``organisations.toml``), so code with
+no cluster (``policy explain``, ``validate``) still knows its parties.
+"""
 
 from __future__ import annotations
 
-import re
-import tomllib
+import threading
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
+from typing import TYPE_CHECKING
 
-from referral_broker.errors import ConfigError
+from referral_broker.errors import ConfigError, RegistryError
+from referral_broker.organisations import (
+    PARTNER_FORMATS,
+    Organisation,
+    OrgKind,
+    Registry,
+    load_file,
+    load_registry,
+    ref_party,
+)
+
+if TYPE_CHECKING:
+    from referral_broker.config import Settings
 
 KINDS = ("hub", "partner", "district_team", "research")
-_NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
+HUB = "council"
+HUB_DESCRIPTION = "The council's Early Help hub: runs the router, holds the case keys"
 
 
 @dataclass(frozen=True)
 class Party:
     name: str
-    kind: str
-    description: str
+    kind: str  # hub | partner | district_team | research
+    description: str  # the organisation's name
+    format: str | None = None  # the partner format it sends and receives natively
+    org: Organisation | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.org is None or self.org.active
 
     @property
     def sends(self) -> bool:
@@ -29,28 +57,132 @@ class Party:
     def receives(self) -> bool:
         return self.kind in ("partner", "district_team", "research")
 
+    @property
+    def label(self) -> str:
+        """What people read: ``Fenland Fields Primary School (school-110123)``."""
+        return f"{self.description} ({self.name})"
 
-@cache
+
+def _party_kind(org: Organisation) -> str:
+    if org.kind is OrgKind.DISTRICT_TEAM:
+        return "district_team"
+    if org.kind is OrgKind.RESEARCH:
+        return "research"
+    return "partner"
+
+
+class _Snapshot:
+    """The installed registry and the parties built from it; replaced whole, never edited."""
+
+    def __init__(self, registry: Registry, generation: int) -> None:
+        self.registry = registry
+        self.generation = generation
+        self.parties: dict[str, Party] = {HUB: Party(HUB, "hub", HUB_DESCRIPTION)}
+        for org in registry.organisations():
+            self.parties[org.party] = Party(org.party, _party_kind(org), org.name, org.partner_format, org)
+
+
+_lock = threading.Lock()
+_current: _Snapshot | None = None
+
+
+def _snapshot() -> _Snapshot:
+    global _current
+    snap = _current
+    if snap is None:
+        with _lock:
+            if _current is None:
+                _current = _Snapshot(Registry(load_file()), 0)
+            snap = _current
+    return snap
+
+
+def use_registry(registry: Registry) -> Registry:
+    """Install ``registry`` as this process's parties (a router after each catch-up)."""
+    global _current
+    with _lock:
+        previous = _current.generation if _current is not None else 0
+        if _current is None or _current.registry != registry:
+            _current = _Snapshot(registry, previous + 1)
+    return registry
+
+
+def use_shipped_registry() -> Registry:
+    """Back to the shipped demo county (tests start from it)."""
+    return use_registry(Registry(load_file()))
+
+
+def use_cluster_registry(settings: Settings, bootstrap: str) -> Registry:
+    """Read the registry topic and install it. A registry topic that is missing or empty is
+    an error for the commands that need parties, not a silent fall back to the demo county."""
+    return use_registry(load_registry(settings, bootstrap))
+
+
+def current_registry() -> Registry:
+    return _snapshot().registry
+
+
+def generation() -> int:
+    """Changes whenever a different registry is installed (caches keyed on parties use it)."""
+    return _snapshot().generation
+
+
 def all_parties() -> dict[str, Party]:
-    text = resources.files("referral_broker").joinpath("parties.toml").read_text("utf-8")
-    parties: dict[str, Party] = {}
-    for name, entry in tomllib.loads(text).items():
-        if not _NAME.match(name):
-            raise ConfigError(f"parties.toml: party name '{name}' must be lower-case letters, digits, '-'")
-        if entry.get("kind") not in KINDS:
-            raise ConfigError(
-                f"parties.toml: party '{name}' has kind {entry.get('kind')!r}, not one of {KINDS}"
-            )
-        parties[name] = Party(name, entry["kind"], entry.get("description", ""))
-    return parties
+    return _snapshot().parties
+
+
+def party_name(text: str) -> str:
+    """The party a reference names: ``council``, a party name, or ``kind:identifier``
+    (``school:110123``). A partner kind is refused with what to write instead."""
+    raw = str(text).strip()
+    if raw in (HUB, "hub"):
+        return HUB
+    if raw in PARTNER_FORMATS or raw in ("district_team", "district"):
+        raise ConfigError(
+            f"'{raw}' is a partner kind, not a party: name the organisation, e.g. school:110123 "
+            "('referral-broker orgs list')"
+        )
+    try:
+        return ref_party(raw)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def get_party(name: str) -> Party:
-    try:
-        return all_parties()[name]
-    except KeyError:
-        known = ", ".join(sorted(all_parties()))
-        raise ConfigError(f"unknown party '{name}'; known parties: {known}") from None
+    """The party a name or reference stands for; :class:`ConfigError` when not registered."""
+    parties = all_parties()
+    found = parties.get(name)
+    if found is not None:
+        return found
+    resolved = party_name(name)
+    found = parties.get(resolved)
+    if found is None:
+        raise ConfigError(f"unknown party '{resolved}': not in the organisation registry ('referral-broker orgs list')")
+    return found
 
 
-HUB = "council"
+def format_of(name: str) -> str | None:
+    """The native partner format of a party, known before any connection: the installed
+    registry's entry, else the default format of the reference's organisation kind."""
+    found = all_parties().get(name)
+    if found is None:
+        try:
+            found = get_party(name)
+        except ConfigError:
+            from referral_broker.organisations import KINDS, parse_ref
+
+            try:
+                return KINDS[parse_ref(party_name(name))[0]].partner_format
+            except RegistryError as exc:
+                raise ConfigError(str(exc)) from None
+    return found.format
+
+
+def require_sender(name: str) -> Party:
+    """A party that may send now: registered, active, with an intake topic."""
+    party = get_party(name)
+    if not party.active:
+        raise ConfigError(f"organisation {party.name} is disabled ('referral-broker orgs enable {party.name}')")
+    if not party.sends:
+        raise ConfigError(f"party {party.name} ({party.kind}) does not send referrals")
+    return party

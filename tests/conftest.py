@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from referral_broker.cluster.runtime import LocalBroker, metadata_topic_count
-from referral_broker.cluster.topics import admin_client, ensure_topics, plan
+from referral_broker.cluster.topics import admin_client, ensure_topics
 from referral_broker.config import Settings, load_settings
+from referral_broker.organisations import load_file
+from referral_broker.organisations import publish as publish_orgs
+from referral_broker.parties import use_shipped_registry
 
 TEST_PORT = int(os.environ.get("REFERRAL_BROKER_TEST_PORT", "19192"))
 
@@ -60,11 +63,14 @@ def topics(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
     A deletion the broker refuses fails the test's teardown (it would leave topics behind and
     hide a broken cluster); only a topic that is already gone is fine.
     """
-    ensure_topics(settings, kafka_bootstrap)
+    # The shipped demo county, registered under the test's prefix: its organisations are the
+    # parties, each with its own topics (a test that adds one creates its topics too).
+    ensure_topics(settings, kafka_bootstrap, read_registry=False)
+    publish_orgs(settings, kafka_bootstrap, load_file())
     yield settings
     admin = admin_client(settings, kafka_bootstrap)
     try:
-        names = [s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)]
+        names = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
         result = admin.delete_topics(names, raise_errors=False)
     finally:
         admin.close()
@@ -82,6 +88,13 @@ def deletion_failures(result: dict[str, Any]) -> dict[str, str]:
         for t in result["topics"]
         if t["error_code"] not in (0, UnknownTopicOrPartitionError.errno)
     }
+
+
+@pytest.fixture(autouse=True)
+def _shipped_parties() -> None:
+    """Every test starts with the shipped county as its parties (a test that installs another
+    registry, or adds an organisation, must not change the next test's)."""
+    use_shipped_registry()
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,18 @@ class CliContext:
             from referral_broker.cluster.runtime import ensure_broker
 
             self._bootstrap = ensure_broker(self.settings)
+            self._read_registry(self._bootstrap)
         return self._bootstrap
+
+    def _read_registry(self, bootstrap: str) -> None:
+        """Know the parties the cluster knows (the organisation registry topic). A cluster
+        that cannot be read now leaves the shipped county in place: only the router decides
+        who receives what, and it always reads the registry itself."""
+        from referral_broker.errors import BrokerError
+        from referral_broker.parties import use_cluster_registry
+
+        with contextlib.suppress(BrokerError):
+            use_cluster_registry(self.settings, bootstrap)
 
 
 pass_cli = click.make_pass_decorator(CliContext)

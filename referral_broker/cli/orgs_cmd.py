@@ -1,4 +1,4 @@
-"""``referral-broker orgs add|disable|enable|list|show|import``: the organisation registry
+"""``referral-broker orgs add|disable|enable|list|show|import|unresolved``: the organisation registry
 (``referral_broker/organisations.py``), kept on its compacted topic."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import click
 
 from referral_broker import organisations as orgs_mod
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
+from referral_broker.cluster.topics import provision_parties
 
 
 def _row(o: dict[str, Any]) -> list[str]:
@@ -75,7 +76,9 @@ def add(
         services=services,
         partner_format=partner_format,
     )
-    change = orgs_mod.add(obj.settings, obj.bootstrap(), org)
+    bootstrap = obj.bootstrap()
+    change = orgs_mod.add(obj.settings, bootstrap, org)
+    provision_parties(obj.settings, bootstrap, [org.party])  # its topics, even when re-added
     emit(change.as_dict(), as_json, _print_change)
 
 
@@ -143,7 +146,9 @@ def show(obj: CliContext, org: str, as_json: bool) -> None:
 def import_cmd(obj: CliContext, file: Path | None, as_json: bool) -> None:
     """Seed the registry from a county file (default: the shipped demo county). Idempotent:
     only organisations not yet registered are written; disabled ones stay disabled."""
-    report = orgs_mod.import_file(obj.settings, obj.bootstrap(), file)
+    bootstrap = obj.bootstrap()
+    report = orgs_mod.import_file(obj.settings, bootstrap, file)
+    provision_parties(obj.settings, bootstrap, report.added + report.unchanged + report.kept_disabled)
     data = report.as_dict()
     emit(
         data,
@@ -152,3 +157,27 @@ def import_cmd(obj: CliContext, file: Path | None, as_json: bool) -> None:
             f"{len(d['added'])} added, {len(d['unchanged'])} unchanged, {len(d['kept_disabled'])} kept disabled"
         ),
     )
+
+
+@orgs.command()
+@json_option
+@pass_cli
+def unresolved(obj: CliContext, as_json: bool) -> None:
+    """Referrals a recipient rule could not resolve (a school not registered, a disabled GP
+    practice, no provider named): nobody of that kind was sent anything; follow them up."""
+    from referral_broker.audit_log import unresolved as find
+
+    rows = find(obj.settings, obj.bootstrap())
+
+    def human(found: list[dict[str, Any]]) -> None:
+        if not found:
+            click.echo("Every recipient rule was resolved: nothing to follow up.")
+            return
+        click.echo(
+            table(
+                [(r["referral_id"], r["version"], r["rule"], r["reason"], r["decided_at"]) for r in found],
+                ["referral", "version", "rule", "reason", "decided at"],
+            )
+        )
+
+    emit(rows, as_json, human)

@@ -46,7 +46,12 @@ def check(policy_path: Path | None, as_json: bool) -> None:
 
 
 @policy.command("explain")
-@click.option("--recipient", required=True, help="A party name, e.g. police or district-fenland.")
+@click.option(
+    "--recipient",
+    required=True,
+    help="A recipient rule (child_school, gp_practice, service_provider, named_charity, police_force, dwp, "
+    "district_team) or an organisation (school:110123, district-fenland).",
+)
 @policy_file
 @json_option
 def explain_cmd(recipient: str, policy_path: Path | None, as_json: bool) -> None:
@@ -54,7 +59,10 @@ def explain_cmd(recipient: str, policy_path: Path | None, as_json: bool) -> None
     data = explain(load_policy(policy_path), recipient)
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(f"Recipient: {d['recipient']}  (policy {d['policy']}, version {d['policy_version']})\n")
+        who = d.get("rule") or d.get("name")
+        click.echo(
+            f"Recipient: {d['recipient']}: {who}  (policy {d['policy']}, version {d['policy_version']})\n"
+        )
         if not d["purposes"]:
             click.echo("No purpose names this recipient: it receives nothing (default deny).")
         for p in d["purposes"]:

@@ -14,7 +14,7 @@ from referral_broker.errors import ReferralBrokerError
 
 
 @click.command()
-@click.option("--as", "party", required=True, help="The sending party, e.g. schools.")
+@click.option("--as", "party", required=True, help="The sending organisation: kind:identifier (school:110123) or its party name (school-110123).")
 @click.option("--file", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--format",
@@ -83,7 +83,7 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
 
 
 @click.command()
-@click.option("--as", "party", required=True, help="The receiving party, e.g. police or district-fenland.")
+@click.option("--as", "party", required=True, help="The receiving organisation, e.g. police:35, school:110123 or district-fenland.")
 @click.option(
     "--out",
     "out_dir",
@@ -106,14 +106,24 @@ def receive(
     obj: CliContext, party: str, out_dir: Path | None, stop_when_idle: float, from_start: bool, as_json: bool
 ) -> None:
     """Receive what was routed to PARTY: verified, opened with its own key, with the fields
-    withheld from it named. Exit 1 if any message could not be verified or opened."""
-    from referral_broker.consumers.receiving import PartnerReceiver, Received, json_default
+    withheld from it named. Only messages the council's hub signed, addressed to PARTY, on
+    PARTY's out topic are accepted; anything else is refused with the reason (exit 1). A message
+    PARTY already received (a replayed or re-delivered copy, also under --all) is reported as a
+    duplicate and not delivered again."""
+    from referral_broker.consumers.receiving import (
+        Duplicate,
+        PartnerReceiver,
+        Received,
+        Refused,
+        json_default,
+    )
     from referral_broker.schemas.registry import flatten
 
     client = PartnerReceiver(obj.settings, obj.bootstrap(), party)
     items = list(client.receive(stop_when_idle=stop_when_idle, group=None if from_start else "default"))
     good = [i for i in items if isinstance(i, Received)]
-    refused = [i for i in items if not isinstance(i, Received)]
+    refused = [i for i in items if isinstance(i, Refused)]
+    duplicates = [i for i in items if isinstance(i, Duplicate)]
     written = [str(p) for p in client.render(good, out_dir)] if out_dir else []
     data = {
         "received": [
@@ -130,6 +140,7 @@ def receive(
             for i in good
         ],
         "refused": [r.__dict__ for r in refused],
+        "duplicates": [d.__dict__ for d in duplicates],
         "written": written,
     }
 
@@ -152,6 +163,12 @@ def receive(
         )
         for r in d["refused"]:
             click.echo(f"refused {r['topic']}/{r['partition']}@{r['offset']}: {r['reason']}", err=True)
+        for r in d["duplicates"]:
+            click.echo(
+                f"duplicate {r['topic']}/{r['partition']}@{r['offset']}: {r['kind']} {r['referral_id']} "
+                f"v{r['version']} was already received; not delivered again",
+                err=True,
+            )
         for path in d["written"]:
             click.echo(f"wrote {path}")
 

@@ -80,6 +80,7 @@ def _format_of(kind: str, path: Path) -> str:
 def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple[dict[str, Any], ReferralBrokerError | None]:
     """The dry run of ``send --as KIND --file PATH``: (report, the error send would raise)."""
     from referral_broker import adapters
+    from referral_broker.organisations import PARTNER_FORMATS
     from referral_broker.parties import get_party
 
     report: dict[str, Any] = {
@@ -94,14 +95,15 @@ def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple
         "error": None,
     }
     try:
-        party = get_party(kind)
-        if party.kind != "partner":
-            raise PartnerInputError(f"{party.name} has no native format; use --format canonical")
+        # a partner format (schools) or an organisation (school:110123), whose format it is
+        native = kind if kind in PARTNER_FORMATS else get_party(kind).format
+        if native is None:
+            raise PartnerInputError(f"{kind} has no native format; use --format canonical")
         if not path.is_file():
             raise PartnerInputError(f"{path.name}: file not found")
-        report["format"] = _format_of(party.name, path)
+        report["format"] = _format_of(native, path)
         # Every record is checked, so every problem is listed; send refuses the same file.
-        stream = adapters.iter_file(party.name, path, skip_invalid=True)
+        stream = adapters.iter_file(native, path, skip_invalid=True)
     except ReferralBrokerError as exc:
         report["error"] = error_object(exc)
         return report, exc

@@ -13,9 +13,9 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from referral_broker import parties as party_registry
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, TopicPlanError
-from referral_broker.parties import all_parties
 
 if TYPE_CHECKING:
     from kafka import KafkaAdminClient  # kafka-python has no type information: this is Any to mypy
@@ -49,13 +49,23 @@ def _load_plan_doc() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
-    """Every topic of the plan under ``profile``; ``prefix`` namespaces them (tests, tenants)."""
-    return list(_plan(profile, prefix))
+def plan(profile: str = "local", prefix: str = "", parties: list[str] | None = None) -> list[TopicSpec]:
+    """Every topic of the plan under ``profile``; ``prefix`` namespaces them (tests, tenants).
+
+    Per-party topics are expanded for ``parties`` (names), by default every party of the
+    installed organisation registry (``referral_broker.parties``)."""
+    if parties is None:
+        return list(_plan(profile, prefix, party_registry.generation()))
+    return [s for s in _specs(profile, prefix, tuple(parties))]
 
 
 @cache
-def _plan(profile: str, prefix: str) -> tuple[TopicSpec, ...]:
+def _plan(profile: str, prefix: str, generation: int) -> tuple[TopicSpec, ...]:
+    del generation  # part of the cache key only: a new registry, a new plan
+    return _specs(profile, prefix, tuple(party_registry.all_parties()))
+
+
+def _durability(profile: str) -> dict[str, Any]:
     doc = _load_plan_doc()
     durability = dict(doc["production"])
     if profile != "production":
@@ -63,7 +73,13 @@ def _plan(profile: str, prefix: str) -> tuple[TopicSpec, ...]:
             durability.update(doc["profiles"][profile])
         except KeyError:
             raise TopicPlanError(f"topic plan has no profile '{profile}'") from None
-    parties = all_parties()
+    return durability
+
+
+def _specs(profile: str, prefix: str, names_: tuple[str, ...]) -> tuple[TopicSpec, ...]:
+    doc = _load_plan_doc()
+    durability = _durability(profile)
+    known = party_registry.all_parties()
     specs: list[TopicSpec] = []
     for entry in doc["topic"]:
         if entry["role"] not in ROLES:
@@ -78,7 +94,9 @@ def _plan(profile: str, prefix: str) -> tuple[TopicSpec, ...]:
         if "{party}" in entry["name"]:
             kinds = entry["parties"]
             names = [
-                (entry["name"].format(party=p.name), p.name) for p in parties.values() if p.kind in kinds
+                (entry["name"].format(party=p), p)
+                for p in names_
+                if p in known and known[p].kind in kinds
             ]
         else:
             names = [(entry["name"], None)]
@@ -96,18 +114,56 @@ def _plan(profile: str, prefix: str) -> tuple[TopicSpec, ...]:
     return tuple(specs)
 
 
-def topic_name(settings: Settings, role: str, party: str | None = None) -> str:
-    """The one way code finds a topic's name: by role and party, under the configured prefix."""
-    name = _names(settings.kafka_topic_profile, settings.kafka_topic_prefix).get((role, party))
-    if name is None:
-        what = f"role '{role}'" + (f" for party '{party}'" if party else "")
-        raise TopicPlanError(f"the topic plan has no topic with {what}")
-    return name
+def fixed_plan(profile: str = "local", prefix: str = "") -> list[TopicSpec]:
+    """The topics that are not per party (archive, audit, dead letters, keys, organisations)."""
+    return list(_specs(profile, prefix, ()))
 
 
 @cache
-def _names(profile: str, prefix: str) -> dict[tuple[str, str | None], str]:
-    return {(s.role, s.party): s.name for s in _plan(profile, prefix)}
+def _templates() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """role -> (name template, party kinds it exists for; empty when not per party)."""
+    return {e["role"]: (e["name"], tuple(e.get("parties", ()))) for e in _load_plan_doc()["topic"]}
+
+
+def topic_name(settings: Settings, role: str, party: str | None = None) -> str:
+    """The one way code finds a topic's name: by role and party, under the configured prefix."""
+    found = _templates().get(role)
+    if found is None:
+        raise TopicPlanError(f"the topic plan has no topic with role '{role}'")
+    template, kinds = found
+    if bool(kinds) != (party is not None):
+        what = f"role '{role}'" + (f" for party '{party}'" if party else "")
+        raise TopicPlanError(f"the topic plan has no topic with {what}")
+    if party is None:
+        return settings.kafka_topic_prefix + template
+    known = party_registry.all_parties().get(party)
+    if known is None or known.kind not in kinds:
+        raise TopicPlanError(f"the topic plan has no topic with role '{role}' for party '{party}'")
+    return settings.kafka_topic_prefix + template.format(party=party)
+
+
+def party_of_topic(settings: Settings, role: str, topic: str) -> str | None:
+    """The party a per-party topic belongs to (``referrals.intake.school-110123`` ->
+    ``school-110123``), or None when ``topic`` is not a topic of that role."""
+    template, kinds = _templates().get(role, ("", ()))
+    head, _, tail = (settings.kafka_topic_prefix + template).partition("{party}")
+    if not kinds or not topic.startswith(head) or not topic.endswith(tail):
+        return None
+    party = topic[len(head) : len(topic) - len(tail) if tail else None]
+    return party or None
+
+
+def topic_pattern(settings: Settings, roles: tuple[str, ...]) -> str:
+    """A regular expression matching every per-party topic of ``roles`` (the router subscribes
+    with it, so a newly registered organisation's topics are read without a restart)."""
+    import re
+
+    alternatives = []
+    for role in roles:
+        template, _ = _templates()[role]
+        head, _, tail = (settings.kafka_topic_prefix + template).partition("{party}")
+        alternatives.append(re.escape(head) + "[a-z0-9-]+" + re.escape(tail))
+    return "^(?:" + "|".join(alternatives) + ")$"
 
 
 @dataclass
@@ -183,13 +239,18 @@ def admin_client(settings: Settings, bootstrap: str) -> KafkaAdminClient:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    from referral_broker.cluster.security import client_security, connecting
+
+    security = client_security(settings, bootstrap)
     try:
-        return KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id=f"{settings.kafka_client_id}-admin",
-            bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
-            request_timeout_ms=settings.kafka_request_timeout_ms,
-        )
+        with connecting(security, bootstrap, "connecting an admin client"):
+            return KafkaAdminClient(
+                bootstrap_servers=bootstrap,
+                client_id=f"{settings.kafka_client_id}-admin",
+                bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
+                request_timeout_ms=settings.kafka_request_timeout_ms,
+                **security.kafka_kwargs(),
+            )
     except KafkaError as exc:
         raise BrokerError(
             f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}; start it with "
@@ -206,11 +267,39 @@ def list_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
         admin.close()
 
 
-def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicState]:
-    """Create every missing topic of the plan; report drift on the ones that exist."""
+def ensure_topics(settings: Settings, bootstrap: str, *, read_registry: bool = True) -> list[TopicState]:
+    """Create every missing topic of the plan; report drift on the ones that exist.
+
+    The fixed topics come first (the organisation registry is one of them); then, unless
+    ``read_registry`` is false, the registry topic is read and installed
+    (``parties.use_cluster_registry``), and every registered organisation's topics are ensured."""
+    profile, prefix = settings.kafka_topic_profile, settings.kafka_topic_prefix
+    states = _ensure(settings, bootstrap, fixed_plan(profile, prefix))
+    if read_registry:
+        party_registry.use_cluster_registry(settings, bootstrap)
+    fixed = {s.spec.name for s in states}
+    rest = [s for s in plan(profile, prefix) if s.name not in fixed]
+    return states + _ensure(settings, bootstrap, rest)
+
+
+def ensure_party_topics(settings: Settings, bootstrap: str, parties: list[str]) -> list[TopicState]:
+    """Create the per-party topics of ``parties`` (``orgs add`` of a new organisation)."""
+    specs = [s for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix, parties) if s.party]
+    return _ensure(settings, bootstrap, specs)
+
+
+def provision_parties(settings: Settings, bootstrap: str, parties: list[str]) -> list[TopicState]:
+    """After organisations were registered: install the registry as it is now and create
+    their topics (``orgs add``, ``orgs import``)."""
+    party_registry.use_cluster_registry(settings, bootstrap)
+    return ensure_party_topics(settings, bootstrap, parties)
+
+
+def _ensure(settings: Settings, bootstrap: str, specs: list[TopicSpec]) -> list[TopicState]:
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-    specs = plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)
+    if not specs:
+        return []
     admin = admin_client(settings, bootstrap)
     try:
         states = _describe(admin, specs)
@@ -284,11 +373,14 @@ def consumer_lag(settings: Settings, bootstrap: str, groups: list[str] | None = 
     wanted = {tp for offsets in committed.values() for tp in offsets if tp.topic in names}
     if not wanted:
         return []
+    from referral_broker.cluster.security import client_security
+
     probe = KafkaConsumer(
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
         client_id=f"{settings.kafka_client_id}-lag",
         bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
+        **client_security(settings, bootstrap).kafka_kwargs(),
     )
     try:
         ends = probe.end_offsets(list(wanted))

@@ -1,5 +1,12 @@
 """Who receives which fields of one referral, and why: a pure function of the policy, the
-referral and the clock. No I/O, so every rule can be tested exhaustively and explained.
+organisation registry, the referral and the clock. No I/O, so every rule can be tested
+exhaustively and explained.
+
+Recipients are organisations resolved per referral: each purpose's recipient rule
+(``child_school``, ``gp_practice``, ...) finds exactly one registered, active organisation or
+an :class:`~referral_broker.organisations.Unresolved` reason. An unresolved rule sends nothing
+to anyone of that kind: it becomes a decision of its own (not delivered, with the reason), so the
+audit, the district team's copy and ``orgs unresolved`` show it.
 
 Consent to the service and the legal ground are kept apart: the ground always comes from the
 purpose; consent (or, without it, a complete override record) decides whether a purpose that
@@ -13,7 +20,8 @@ from datetime import date, datetime
 from typing import Any
 
 from referral_broker.errors import PolicyError
-from referral_broker.parties import all_parties
+from referral_broker.organisations import Organisation, OrgKind, Registry, Resolution, Unresolved
+from referral_broker.parties import current_registry
 from referral_broker.policy.model import Purpose, SharingPolicy
 
 DEFAULT_DENY = "not granted to this recipient by any purpose (default deny)"
@@ -23,7 +31,7 @@ DEFAULT_DENY = "not granted to this recipient by any purpose (default deny)"
 class Decision:
     """One recipient's share of one referral (field paths and reasons; never values)."""
 
-    recipient: str
+    recipient: str  # the organisation's party name; the rule's name when unresolved
     delivered: bool
     shared: tuple[str, ...]
     withheld: dict[str, str] = field(hash=False)
@@ -34,6 +42,9 @@ class Decision:
     basis: str  # consent | override | not_required | none
     override_id: str | None
     no_onward_sharing: tuple[str, ...]
+    recipient_name: str = ""  # the organisation's name, for people reading the audit
+    rules: tuple[str, ...] = ()  # the recipient rules that selected it
+    unresolved: str | None = None  # why the rule found no organisation (nothing was sent)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +58,7 @@ def district_party(district: str) -> str:
     return "district-" + district.replace("_", "-")
 
 
-def _condition_holds(cond: str, purpose: Purpose, party: str, referral: dict[str, Any], today: date) -> bool:
+def _condition_holds(cond: str, purpose: Purpose, referral: dict[str, Any], today: date) -> bool:
     kind, _, arg = cond.partition(":")
     if kind == "flag":
         return bool((referral.get("flags") or {}).get(arg))
@@ -61,7 +72,7 @@ def _condition_holds(cond: str, purpose: Purpose, party: str, referral: dict[str
     if kind == "service_requested":
         return bool(set(purpose.provides) & set(referral.get("services_requested") or []))
     if kind == "family_district":
-        return district_party(str(referral.get("district"))) == party
+        return bool(referral.get("district"))
     raise PolicyError(f"unknown condition '{cond}'")  # the loader rules this out
 
 
@@ -111,61 +122,137 @@ def _basis(
     return "none", f"withheld: {why} (purpose {purpose.name})"
 
 
-def decide(
-    policy: SharingPolicy, referral: dict[str, Any], *, referrer_party: str, at: datetime
-) -> list[Decision]:
-    """One decision per recipient that a purpose selects for this referral (delivered or not).
+def _requested(purpose: Purpose, referral: dict[str, Any]) -> list[str]:
+    wanted = set(referral.get("services_requested") or [])
+    return [service for service in purpose.provides if service in wanted]
 
-    The referrer never receives its own referral back; recipients no purpose selects get no
-    decision at all (they were never candidates).
+
+def _named_provider(referral: dict[str, Any], service: str) -> str | None:
+    for entry in referral.get("service_providers") or []:
+        if isinstance(entry, dict) and entry.get("service") == service:
+            return str(entry.get("provider") or "") or None
+    return None
+
+
+def resolve(purpose: Purpose, referral: dict[str, Any], registry: Registry) -> list[Resolution]:
+    """The organisations (or reasons) the purpose's recipient rule finds for this referral."""
+    rule = purpose.recipient
+    district = str(referral.get("district") or "")
+    if not district and rule != "child_school" and rule != "gp_practice":
+        return [Unresolved("the referral names no family district")]
+    if rule == "child_school":
+        return [registry.school_by_urn((referral.get("school") or {}).get("urn"))]
+    if rule == "gp_practice":
+        health = referral.get("health_and_development") or {}
+        return [registry.nhs_by_ods(health.get("gp_practice_ods"), noun="GP practice")]
+    if rule == "service_provider":
+        return [registry.service_for_district(s, district) for s in _requested(purpose, referral)]
+    if rule == "named_charity":
+        return [registry.charity_for(s, district, _named_provider(referral, s)) for s in _requested(purpose, referral)]
+    if rule == "police_force":
+        return [registry.serving(OrgKind.POLICE_FORCE, district)]
+    if rule == "dwp":
+        return [registry.serving(OrgKind.DWP, district)]
+    if rule == "district_team":
+        return [registry.district_team(district)]
+    raise PolicyError(f"unknown recipient rule '{rule}'")  # the loader rules this out
+
+
+def _selected(purpose: Purpose, referral: dict[str, Any], today: date) -> list[str] | None:
+    """The conditions met, or None when the purpose does not apply to this referral."""
+    met_all = [c for c in purpose.when_all if _condition_holds(c, purpose, referral, today)]
+    met_any = [c for c in purpose.when_any if _condition_holds(c, purpose, referral, today)]
+    if len(met_all) == len(purpose.when_all) and (not purpose.when_any or met_any):
+        return met_all + met_any
+    return None
+
+
+def decide(
+    policy: SharingPolicy,
+    referral: dict[str, Any],
+    *,
+    referrer_party: str,
+    at: datetime,
+    registry: Registry | None = None,
+) -> list[Decision]:
+    """One decision per organisation that a purpose selects for this referral (delivered or
+    not), plus one per recipient rule that could not be resolved (never delivered).
+
+    The referrer never receives its own referral back; organisations no purpose selects get
+    no decision at all (they were never candidates).
     """
+    registry = registry if registry is not None else current_registry()
     override = _complete_override(referral)
     today = at.date()
-    decisions: list[Decision] = []
-    for party_name, party in all_parties().items():
-        if party_name == referrer_party or not party.receives or party.kind == "research":
+    chosen: dict[str, tuple[Organisation, list[tuple[Purpose, list[str]]]]] = {}
+    unresolved: dict[tuple[str, str], list[Purpose]] = {}
+    for purpose in policy.purposes:
+        met = _selected(purpose, referral, today)
+        if met is None:
             continue
-        candidates: list[tuple[Purpose, list[str]]] = []
-        for purpose in policy.purposes_for(party_name):
-            met_all = [
-                c for c in purpose.when_all if _condition_holds(c, purpose, party_name, referral, today)
-            ]
-            met_any = [
-                c for c in purpose.when_any if _condition_holds(c, purpose, party_name, referral, today)
-            ]
-            if len(met_all) == len(purpose.when_all) and (not purpose.when_any or met_any):
-                candidates.append((purpose, met_all + met_any))
-        if not candidates:
-            continue
-        granted: set[str] = set()
-        blocked: dict[str, str] = {}
-        used: list[tuple[Purpose, str, list[str]]] = []
-        for purpose, met in candidates:
-            basis, why = _basis(purpose, referral, override)
-            if why is None:
-                used.append((purpose, basis, met))
-                granted |= purpose.granted
-            else:
-                for unit in purpose.granted:
-                    blocked.setdefault(unit, why)
-        withheld = {u: blocked.get(u, DEFAULT_DENY) for u in policy.units if u not in granted}
-        bases = {b for _, b, _ in used}
-        basis = "override" if "override" in bases else (sorted(bases)[0] if bases else "none")
+        for found in resolve(purpose, referral, registry):
+            if isinstance(found, Unresolved):
+                unresolved.setdefault((purpose.recipient, found.reason), []).append(purpose)
+            elif found.party != referrer_party:
+                chosen.setdefault(found.party, (found, []))[1].append((purpose, met))
+    decisions = [_decision(policy, org, candidates, referral, override) for org, candidates in chosen.values()]
+    for (rule, reason), purposes in unresolved.items():
         decisions.append(
             Decision(
-                recipient=party_name,
-                delivered=bool(used),
-                shared=tuple(u for u in policy.units if u in granted),
-                withheld=withheld,
-                purposes=tuple(p.name for p, _, _ in used) or tuple(p.name for p, _ in candidates),
-                grounds=tuple(sorted({p.ground for p, _, _ in used})),
-                special_category_conditions=tuple(
-                    sorted({p.special_category_condition for p, _, _ in used if p.special_category_condition})
-                ),
-                conditions_met=tuple(sorted({c for _, _, met in used for c in met})),
-                basis=basis,
-                override_id=str(override.get("override_id")) if override and basis == "override" else None,
-                no_onward_sharing=tuple(sorted(set().union(*(p.no_onward_sharing for p, _, _ in used)))),
+                recipient=rule,
+                delivered=False,
+                shared=(),
+                withheld={},  # nothing was sent to anyone: the reason says why
+                purposes=tuple(dict.fromkeys(p.name for p in purposes)),
+                grounds=(),
+                special_category_conditions=(),
+                conditions_met=(),
+                basis="none",
+                override_id=None,
+                no_onward_sharing=(),
+                rules=(rule,),
+                unresolved=reason,
             )
         )
     return decisions
+
+
+def _decision(
+    policy: SharingPolicy,
+    org: Organisation,
+    candidates: list[tuple[Purpose, list[str]]],
+    referral: dict[str, Any],
+    override: dict[str, Any] | None,
+) -> Decision:
+    granted: set[str] = set()
+    blocked: dict[str, str] = {}
+    used: list[tuple[Purpose, str, list[str]]] = []
+    for purpose, met in candidates:
+        basis, why = _basis(purpose, referral, override)
+        if why is None:
+            used.append((purpose, basis, met))
+            granted |= purpose.granted
+        else:
+            for unit in purpose.granted:
+                blocked.setdefault(unit, why)
+    withheld = {u: blocked.get(u, DEFAULT_DENY) for u in policy.units if u not in granted}
+    bases = {b for _, b, _ in used}
+    basis = "override" if "override" in bases else (sorted(bases)[0] if bases else "none")
+    return Decision(
+        recipient=org.party,
+        delivered=bool(used),
+        shared=tuple(u for u in policy.units if u in granted),
+        withheld=withheld,
+        purposes=tuple(dict.fromkeys(p.name for p, _, _ in used))
+        or tuple(dict.fromkeys(p.name for p, _ in candidates)),
+        grounds=tuple(sorted({p.ground for p, _, _ in used})),
+        special_category_conditions=tuple(
+            sorted({p.special_category_condition for p, _, _ in used if p.special_category_condition})
+        ),
+        conditions_met=tuple(sorted({c for _, _, met in used for c in met})),
+        basis=basis,
+        override_id=str(override.get("override_id")) if override and basis == "override" else None,
+        no_onward_sharing=tuple(sorted(set().union(*(p.no_onward_sharing for p, _, _ in used)))),
+        recipient_name=org.name,
+        rules=tuple(dict.fromkeys(p.recipient for p, _ in candidates)),
+    )

@@ -6,19 +6,19 @@ wrong things)."""
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from referral_broker.errors import PolicyError
-from referral_broker.parties import KINDS, all_parties
 from referral_broker.policy.model import (
     CONDITION_KINDS,
     CONSENT_MODES,
     GROUNDS,
     OVERRIDE_GROUNDS,
+    RECIPIENT_RULES,
     SPECIAL_CATEGORY_CONDITIONS,
     Purpose,
     SharingPolicy,
@@ -128,14 +128,13 @@ def _expand(
 
 @dataclass(frozen=True)
 class _Contract:
-    """What a purpose is checked against: the schema's units, paths and enums, the parties."""
+    """What a purpose is checked against: the schema's units, paths and enums."""
 
     loc: _Locator
     units: list[str]
     unit_classes: dict[str, str]
     known_paths: set[str]
     enums: dict[str, list[str]]
-    parties: Collection[str]
 
 
 def load_policy(path: Path | None = None, schema: dict[str, Any] | None = None) -> SharingPolicy:
@@ -160,7 +159,6 @@ def load_policy(path: Path | None = None, schema: dict[str, Any] | None = None) 
         unit_classes,
         set(field_paths(schema)),
         _schema_enums(schema),
-        all_parties(),
     )
     purposes: list[Purpose] = []
     seen: set[tuple[str, str]] = set()
@@ -198,6 +196,8 @@ def _load_purpose(contract: _Contract, index: int, entry: dict[str, Any]) -> Pur
             raise loc.error(index, f"unknown service '{service}'", f'"{service}"')
     if "service_requested" in conditions and not provides:
         raise loc.error(index, "condition 'service_requested' needs 'provides'", "service_requested")
+    if entry["recipient"] in ("service_provider", "named_charity") and not provides:
+        raise loc.error(index, f"recipient rule '{entry['recipient']}' needs 'provides'", "recipient")
     overrides = _strings(entry, "override_grounds", loc, index)
     for g in overrides:
         if g not in OVERRIDE_GROUNDS:
@@ -223,11 +223,13 @@ def _load_purpose(contract: _Contract, index: int, entry: dict[str, Any]) -> Pur
 
 def _check_recipient_and_ground(contract: _Contract, index: int, entry: dict[str, Any]) -> None:
     loc, recipient = contract.loc, entry["recipient"]
-    if recipient.startswith("kind:"):
-        if recipient[5:] not in KINDS:
-            raise loc.error(index, f"unknown party kind '{recipient[5:]}'", recipient)
-    elif recipient not in contract.parties:
-        raise loc.error(index, f"unknown recipient '{recipient}' (not in parties.toml)", recipient)
+    if recipient not in RECIPIENT_RULES:
+        raise loc.error(
+            index,
+            f"unknown recipient rule '{recipient}': a recipient is resolved per referral by one of "
+            f"{', '.join(RECIPIENT_RULES)} (never a partner kind or a fixed party)",
+            recipient,
+        )
     if entry["ground"] not in GROUNDS:
         raise loc.error(index, f"unknown ground '{entry['ground']}' (known: {', '.join(GROUNDS)})", "ground")
     if entry["consent"] not in CONSENT_MODES:

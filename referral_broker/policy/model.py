@@ -20,6 +20,29 @@ OVERRIDE_GROUNDS: dict[str, str] = {
     "prevention_detection_of_crime": "prevention or detection of crime",
 }
 CONSENT_MODES = ("required", "not_required")
+# Who a purpose is for. A recipient is never a kind: each rule resolves, per referral and from
+# the organisation registry, to exactly one organisation or to a recorded reason why not.
+RECIPIENT_RULES: dict[str, str] = {
+    "child_school": "the child's school, by its DfE URN (school.urn)",
+    "gp_practice": "the child's GP practice, by its ODS code (health_and_development.gp_practice_ods)",
+    "service_provider": "the organisation registered to provide each requested service (of those the "
+    "purpose provides) in the family's district",
+    "named_charity": "the charity the referral names as provider of a requested service (service_providers), "
+    "when it provides that service in the family's district",
+    "police_force": "the police force serving the family's district",
+    "dwp": "the Department for Work and Pensions",
+    "district_team": "the Early Help district team for the family's district",
+}
+# The organisation kind each rule can resolve to (None: any kind that provides the service).
+RULE_KINDS: dict[str, str | None] = {
+    "child_school": "school",
+    "gp_practice": "nhs_organisation",
+    "service_provider": None,
+    "named_charity": "charity",
+    "police_force": "police_force",
+    "dwp": "dwp",
+    "district_team": "district_team",
+}
 CONDITION_KINDS = ("flag", "concern", "referrer", "child_age_at_most", "service_requested", "family_district")
 
 
@@ -27,7 +50,7 @@ CONDITION_KINDS = ("flag", "concern", "referrer", "child_age_at_most", "service_
 class Purpose:
     """One reason a recipient gets data: what it grants, on what ground, when."""
 
-    recipient: str  # a party name, or "kind:<party kind>"
+    recipient: str  # a rule of RECIPIENT_RULES
     name: str
     description: str
     ground: str
@@ -43,8 +66,13 @@ class Purpose:
     no_onward_sharing: frozenset[str] = frozenset()
     line: int = 0
 
-    def applies_to(self, party: str, kind: str) -> bool:
-        return self.recipient == party or self.recipient == f"kind:{kind}"
+    def could_reach(self, org_kind: str, services: tuple[str, ...]) -> bool:
+        """Whether this purpose's rule can resolve to an organisation of ``org_kind`` that
+        provides ``services`` (for explaining the policy per organisation)."""
+        want = RULE_KINDS[self.recipient]
+        if want is None:
+            return bool(set(self.provides) & set(services))
+        return want == org_kind
 
 
 @dataclass(frozen=True)
@@ -55,18 +83,19 @@ class SharingPolicy:
     units: tuple[str, ...]  # every policy unit of the canonical schema, in schema order
     unit_classes: dict[str, str] = field(hash=False, default_factory=dict)
 
-    def purposes_for(self, party: str) -> list[Purpose]:
+    def purposes_for(self, recipient: str) -> list[Purpose]:
+        """The purposes of a rule (``child_school``), or those that can reach an organisation
+        (a party name or ``kind:identifier``)."""
+        if recipient in RECIPIENT_RULES:
+            return [p for p in self.purposes if p.recipient == recipient]
         from referral_broker.parties import get_party
 
-        kind = get_party(party).kind
-        return [p for p in self.purposes if p.applies_to(party, kind)]
+        org = get_party(recipient).org
+        if org is None:
+            return []
+        return [p for p in self.purposes if p.could_reach(org.kind.value, org.services)]
 
     def recipients(self) -> list[str]:
-        """Every party some purpose names, in parties.toml order."""
-        from referral_broker.parties import all_parties
-
-        return [
-            name
-            for name, party in all_parties().items()
-            if any(p.applies_to(name, party.kind) for p in self.purposes)
-        ]
+        """Every rule some purpose uses, in RECIPIENT_RULES order."""
+        used = {p.recipient for p in self.purposes}
+        return [r for r in RECIPIENT_RULES if r in used]

@@ -7,13 +7,25 @@ from typing import Any
 
 from referral_broker.errors import PolicyError
 from referral_broker.parties import get_party
-from referral_broker.policy.model import GROUNDS, OVERRIDE_GROUNDS, SPECIAL_CATEGORY_CONDITIONS, SharingPolicy
+from referral_broker.policy.model import (
+    GROUNDS,
+    OVERRIDE_GROUNDS,
+    RECIPIENT_RULES,
+    SPECIAL_CATEGORY_CONDITIONS,
+    SharingPolicy,
+)
 
 
 def explain(policy: SharingPolicy, recipient: str) -> dict[str, Any]:
     """Every field the recipient may get (by which purposes, on which ground, under which
-    conditions) and every field it never gets."""
-    get_party(recipient)  # unknown recipients are an error, not an empty answer
+    conditions) and every field it never gets. ``recipient`` is a recipient rule
+    (``child_school``) or an organisation (``school:110123``): for an organisation, the
+    purposes whose rule can resolve to it, when a referral names it."""
+    if recipient in RECIPIENT_RULES:
+        who = {"recipient": recipient, "rule": RECIPIENT_RULES[recipient]}
+    else:
+        party = get_party(recipient)  # unknown recipients are an error, not an empty answer
+        who = {"recipient": party.name, "name": party.description}
     purposes = policy.purposes_for(recipient)
     fields = []
     for unit in policy.units:
@@ -28,12 +40,13 @@ def explain(policy: SharingPolicy, recipient: str) -> dict[str, Any]:
                 }
             )
     return {
-        "recipient": recipient,
+        **who,
         "policy": policy.source,
         "policy_version": policy.version,
         "purposes": [
             {
                 "name": p.name,
+                "recipient_rule": p.recipient,
                 "description": p.description,
                 "ground": GROUNDS[p.ground],
                 "special_category_condition": SPECIAL_CATEGORY_CONDITIONS.get(
