@@ -31,7 +31,7 @@ from typing import Any
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, DeliveryPendingError
 from referral_broker.identity import Identity, load_directory, load_identity
-from referral_broker.parties import get_party
+from referral_broker.parties import get_party, require_sender
 from referral_broker.sealing import KeyDirectory
 from referral_broker.structured_log import get_logger
 
@@ -114,7 +114,7 @@ class PartnerSender:
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
-        self.party = get_party(party).name
+        self.party = require_sender(party).name
         self._identity = identity
         self.offline = offline
 
@@ -229,7 +229,7 @@ class PartnerSender:
             if not local.exists():
                 raise
             log.info("key directory topic unreachable; sealing with the local copy", error=str(exc))
-            directory = KeyDirectory.load_file(local)
+            directory = KeyDirectory.load_local(self.settings)
             reachable = False
         identity = load_identity(self.settings, self.bootstrap, self.party, directory=directory)
         if reachable:
