@@ -132,6 +132,7 @@ def test_ingest_command_reads_routed_referrals(topics: Settings) -> None:
         "updated": 0,
         "older": 0,
         "duplicate": 0,
+        "copies": {},
         "dead_lettered": 0,
         "status_published": 0,
     }

@@ -20,6 +20,7 @@ from referral_broker.consumers.inbox.records import (
 )
 from referral_broker.consumers.inbox.states import Action, InvalidTransitionError, ReferralState, Transition
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_database import SCHEMA_VERSION
 from referral_broker.consumers.inbox.store_referrals import ReferralRow
 from referral_broker.errors import UnknownUserError
 from referral_broker.sealing import OutgoingMessage
@@ -257,7 +258,7 @@ def test_a_version_1_database_gains_the_status_topic(tmp_path: Path) -> None:
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     db.close()
     assert "status_topic" in columns
-    assert version == "3"
+    assert version == str(SCHEMA_VERSION)
 
 
 def test_a_version_2_database_gains_creation_time_due_date_and_sealed_text(tmp_path: Path) -> None:
@@ -281,7 +282,7 @@ def test_a_version_2_database_gains_creation_time_due_date_and_sealed_text(tmp_p
     columns = {row[1] for row in db.execute("PRAGMA table_info(referrals)")}
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     db.close()
-    assert {"created_at", "due_date", "flags", "decision_id"} <= columns and version == "3"
+    assert {"created_at", "due_date", "flags", "decision_id"} <= columns and version == str(SCHEMA_VERSION)
 
 
 def test_due_dates_count_working_days_by_priority_from_config(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from referral_broker.consumers.inbox.rendering import InboxApp
 from referral_broker.consumers.inbox.security import SecurityHeaders
 from referral_broker.consumers.inbox.states import ReferralState
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.throttle import SignInPolicy
 from referral_broker.parties import all_parties
 
 SERVICE_NAME = "Early Help referrals"
@@ -109,9 +110,11 @@ def create_app(
     secure_cookies: bool = True,
     clock: Callable[[], datetime] | None = None,
     background: Sequence[Any] = (),
+    sign_in_policy: SignInPolicy | None = None,
 ) -> Starlette:
     """The inbox app for ``teams``. ``background`` objects with ``start()`` and ``stop()`` (the
-    ingest workers) run for the app's lifetime."""
+    ingest workers) run for the app's lifetime; ``sign_in_policy`` is the sign-in throttle's
+    rules (:class:`throttle.SignInPolicy`'s defaults when left out)."""
     inbox_state = InboxApp(
         settings=settings,
         store=store,
@@ -123,6 +126,7 @@ def create_app(
         clock=clock or (lambda: datetime.now(UTC)),
         templates=_environment(),
         background=tuple(background),
+        sign_in_policy=sign_in_policy or SignInPolicy(),
     )
     decline_show, decline_submit = reason_endpoints("decline")
     info_show, info_submit = reason_endpoints("request-information")

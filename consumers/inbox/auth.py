@@ -107,6 +107,7 @@ class SessionCodec:
     """Signs session ids into cookie values and checks their age."""
 
     def __init__(self, secret: str, max_age_s: int) -> None:
+        self.secret = secret  # also keys the sign-in throttle's subject hashes (throttle.subject_key)
         self._sessions = URLSafeTimedSerializer(secret, salt="inbox-session")
         self._signin = URLSafeTimedSerializer(secret, salt="inbox-sign-in-csrf")
         self.max_age_s = max_age_s

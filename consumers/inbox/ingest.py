@@ -3,7 +3,10 @@
 Each record is verified and summarised through the injected :class:`RecordFormat` (its clear,
 operational part; nothing is opened), then stored raw and sealed. Offsets are committed only
 after the batch is stored, so a crash re-delivers and the store's (team, referral id, version)
-key recognises what it already has. A record that fails verification or does not parse goes to
+key recognises what it already has: a re-delivery, a replayed copy (the same referral id,
+version and decision id at another offset) or a conflicting one (another decision id) is
+counted by kind (``IngestStats.copies``, the store's ``duplicates``, ``inbox status``), logged,
+and neither stored nor shown again. A record that fails verification or does not parse goes to
 the dead-letter topic with the reason, its source topic, partition and offset and its original
 bytes; it is never shown and never silently dropped.
 
@@ -35,6 +38,7 @@ from referral_broker.consumers.inbox.notices import UrgentNotifier
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_referrals import REDELIVERED
 from referral_broker.errors import BrokerError, ReferralBrokerError
 from referral_broker.structured_log import get_logger
 
@@ -49,10 +53,11 @@ class IngestStats:
     new: int = 0
     updated: int = 0
     older: int = 0
-    duplicate: int = 0
+    duplicate: int = 0  # copies of records the store already had, of every kind in ``copies``
     dead_lettered: int = 0
     status_published: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    copies: dict[str, int] = field(default_factory=dict)  # redelivered / replayed / conflicting
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -60,6 +65,7 @@ class IngestStats:
             "updated": self.updated,
             "older": self.older,
             "duplicate": self.duplicate,
+            "copies": dict(sorted(self.copies.items())),
             "dead_lettered": self.dead_lettered,
             "status_published": self.status_published,
         }
@@ -124,6 +130,21 @@ class TeamIngest:
             return
         result = self.store.ingest(self.team, summary, sealed)
         setattr(self.stats, result.outcome, getattr(self.stats, result.outcome) + 1)
+        if result.copy is not None:
+            self.stats.copies[result.copy] = self.stats.copies.get(result.copy, 0) + 1
+            # a consumer restart re-delivers; a replay or a conflicting copy is someone's doing
+            report = log.info if result.copy == REDELIVERED else log.warning
+            report(
+                "copy of a stored record recognised, not stored again",
+                team=self.team,
+                referral_id=result.referral_id,
+                version=result.version,
+                reason=result.copy,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            return
         if self.notifier is not None and result.outcome == "new" and summary.priority == "urgent":
             self.notifier.urgent_arrived(self.team, result.referral_id)
         log.info(

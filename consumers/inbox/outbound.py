@@ -45,6 +45,8 @@ class AccessKind(StrEnum):
     NOT_FOUND = "referral_not_found"
     SIGN_IN_REFUSED = "sign_in_refused"
     SIGNED_IN = "signed_in"
+    SIGN_IN_THROTTLED = "sign_in_throttled"  # refused unchecked: the subject must wait or is locked
+    SIGN_IN_LOCKED = "sign_in_locked"  # an account or address locked (count: its failures)
     EXPORTED = "view_exported"  # a view of the list downloaded as CSV (count: its rows)
     NOTE_ADDED = "case_note_added"
     INFORMATION_RECORDED = "information_recorded"
@@ -61,9 +63,15 @@ class AccessEvent:
     referral_id: str | None = None
     version: int | None = None
     count: int | None = None
+    # sign-in throttling: "account" or "address", and the subject's short keyed hash (never the
+    # typed name or the address itself)
+    scope: str | None = None
+    subject_ref: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        extra = {} if self.count is None else {"count": self.count}
+        extra: dict[str, Any] = {} if self.count is None else {"count": self.count}
+        if self.scope is not None:
+            extra |= {"scope": self.scope, "subject_ref": self.subject_ref}
         return extra | {
             "type": ACCESS_EVENT_TYPE,
             "event_id": str(uuid.uuid4()),

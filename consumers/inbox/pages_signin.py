@@ -2,12 +2,14 @@
 
 Sign-in is the one form posted before there is a session, so its CSRF token rides on its own
 short-lived cookie (scoped to ``/sign-in``); a refused sign-in says the same whatever the cause
-and is audited; ``next`` only ever leads to a local path.
+and is audited; ``next`` only ever leads to a local path. Attempts are throttled per account and
+per client address (:mod:`throttle`): one made while either must wait, or is locked, is refused
+with 429 before the password is looked at; a lockout is audited and logged without a name.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -16,9 +18,15 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from referral_broker.consumers.inbox.auth import authenticate, csrf_ok
 from referral_broker.consumers.inbox.outbound import AccessEvent, AccessKind
 from referral_broker.consumers.inbox.pages_errors import forbidden
+from referral_broker.consumers.inbox.presentation import when
 from referral_broker.consumers.inbox.rendering import inbox_app, render
 from referral_broker.consumers.inbox.security import SESSION_COOKIE, audit, signed_in_member
+from referral_broker.consumers.inbox.store_signin import Subject, Verdict
+from referral_broker.consumers.inbox.throttle import account_subject, address_subject, wait_seconds
 from referral_broker.errors import AuthError
+from referral_broker.structured_log import get_logger
+
+log = get_logger(__name__)
 
 SIGN_IN_COOKIE = "rb_sign_in"
 
@@ -103,6 +111,15 @@ async def sign_in(request: Request) -> Response:
             errors=errors,
             field_errors=field_errors,
         )
+    now = app.clock()
+    secret = app.codec.secret
+    account = await run_in_threadpool(account_subject, app.store, secret, username)
+    address = address_subject(secret, request.client.host if request.client else None)
+    policy = app.sign_in_policy
+    subjects = [(account, policy.account), (address, policy.address)]
+    verdict = await run_in_threadpool(app.store.begin_sign_in, subjects, now)
+    if not verdict.allowed:
+        return await _throttled(request, verdict, account, address, next_url, username)
     try:
         user = await run_in_threadpool(authenticate, app.store, username, password)
         if user.team not in app.teams:
@@ -118,6 +135,8 @@ async def sign_in(request: Request) -> Response:
                 known.team if known else None,
             ),
         )
+        for lock in await run_in_threadpool(app.store.sign_in_failed, subjects, app.clock()):
+            await _audit_lock(request, lock.subject, lock.failures, lock.until, known.team if known else None)
         message = "Enter a correct username and password"
         return _sign_in_page(
             request,
@@ -127,6 +146,7 @@ async def sign_in(request: Request) -> Response:
             errors=[{"text": message, "href": "#username"}],
             field_errors={"username": message, "password": message},
         )
+    await run_in_threadpool(app.store.sign_in_succeeded, account, address, policy.address)
     now = app.clock()
     session = await run_in_threadpool(app.store.create_session, user.username, at=now)
     # Sessions past their age can never be used again; sign-ins are a good moment to drop them.
@@ -143,6 +163,72 @@ async def sign_in(request: Request) -> Response:
         samesite="lax",
     )
     response.delete_cookie(SIGN_IN_COOKIE, path="/sign-in")
+    return response
+
+
+async def _audit_lock(
+    request: Request, subject: Subject, failures: int, until: datetime, team: str | None
+) -> None:
+    """A lockout: into the access audit (the account's name only when it is an account) and the
+    log (scope, short keyed hash, counts: no username, no address)."""
+    app = inbox_app(request)
+    log.warning(
+        "sign-in locked",
+        scope=subject.scope,
+        subject_ref=subject.ref,
+        count=failures,
+        until=until.isoformat(timespec="seconds"),
+    )
+    await audit(
+        request,
+        AccessEvent(
+            AccessKind.SIGN_IN_LOCKED,
+            app.clock(),
+            subject.username,
+            team if subject.username else None,
+            count=failures,
+            scope=subject.scope,
+            subject_ref=subject.ref,
+        ),
+    )
+
+
+async def _throttled(
+    request: Request, verdict: Verdict, account: Subject, address: Subject, next_url: str, username: str
+) -> Response:
+    """The answer to an attempt the throttle refused: 429, how long to wait, nothing checked."""
+    app = inbox_app(request)
+    now = app.clock()
+    assert verdict.until is not None
+    subject = account if verdict.scope == account.scope else address
+    known = await run_in_threadpool(app.store.get_user, account.username) if account.username else None
+    await audit(
+        request,
+        AccessEvent(
+            AccessKind.SIGN_IN_THROTTLED,
+            now,
+            account.username,
+            known.team if known else None,
+            scope=subject.scope,
+            subject_ref=subject.ref,
+        ),
+    )
+    seconds = wait_seconds(verdict.until, now)
+    if verdict.locked:
+        message = (
+            "Sign-in is locked after too many attempts that were not right. Try again after "
+            f"{when(verdict.until)} (UTC), or ask your team’s inbox administrator to unlock it"
+        )
+    else:
+        message = f"Too many attempts that were not right. Wait {seconds} seconds, then try again"
+    response = _sign_in_page(
+        request,
+        status_code=429,
+        next_url=next_url,
+        username=username,
+        errors=[{"text": message, "href": "#username"}],
+    )
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 

@@ -23,6 +23,7 @@ from referral_broker.consumers.inbox.deadlines import local_date
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.throttle import SignInPolicy
 
 
 @dataclass
@@ -39,6 +40,7 @@ class InboxApp:
     clock: Callable[[], datetime]
     templates: jinja2.Environment
     background: Sequence[Any] = field(default_factory=tuple)
+    sign_in_policy: SignInPolicy = field(default_factory=SignInPolicy)
 
 
 def inbox_app(request: Request) -> InboxApp:

@@ -28,6 +28,19 @@ Tables:
                 codes, never values), read from the audit topic, so the referral page shows why
                 this team has this referral.
     meta        the app's cookie-signing secret, created on first use.
+    sign_in_throttle  failed sign-ins counted per account and per client address (each named by
+                a keyed hash of the typed name or the address, so a password typed into the
+                username box is never stored; the account's name only when it is an account),
+                the time the next attempt is allowed and, once locked, until when (``throttle``).
+    sign_in_locks     every lockout: what was locked, when, until when, after how many failures,
+                and when and how it was released (by time or by an administrator).
+    duplicates  per team, how many copies of records the inbox already had were recognised and
+                not stored again (re-delivered, replayed, or conflicting: same referral id and
+                version under another decision id), with the last one seen (ids only).
+
+The file, its ``-wal`` and ``-shm`` files are created 0600 (and its folder 0700 when this
+creates it) before the first connection: SQLite gives the ``-wal`` and ``-shm`` files the
+database file's mode, and they hold the cookie secret and session ids too.
 
 The schema is declared once here, for all tables, because ``SCHEMA_VERSION`` versions the file
 as a whole.
@@ -35,19 +48,29 @@ as a whole.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
 from referral_broker.errors import StoreError
+from referral_broker.structured_log import get_logger
 
-SCHEMA_VERSION = 3  # 2: events.status_topic (the topic a status was signed for)
+log = get_logger(__name__)
+
+SCHEMA_VERSION = 4  # 2: events.status_topic (the topic a status was signed for)
 # 3: referrals.created_at, due_date, flags, decision_id; events.sealed_text, status_id, delivered_at
+# 4: sign_in_throttle, sign_in_locks, duplicates (new tables only: created by _SCHEMA on open)
+
+FILE_MODE = 0o600
+FOLDER_MODE = 0o700
+SIDE_FILES = ("-wal", "-shm")
 
 _V3_COLUMNS = (
     "ALTER TABLE referrals ADD COLUMN created_at TEXT",
@@ -105,6 +128,21 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users (username),
     csrf_token TEXT NOT NULL, created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sign_in_throttle (
+    subject TEXT PRIMARY KEY, scope TEXT NOT NULL, username TEXT,
+    failures INTEGER NOT NULL, last_attempt_at TEXT NOT NULL, next_allowed_at TEXT,
+    locked_at TEXT, locked_until TEXT, lock_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS sign_in_locks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, subject TEXT NOT NULL, username TEXT,
+    failures INTEGER NOT NULL, locked_at TEXT NOT NULL, locked_until TEXT NOT NULL,
+    released_at TEXT, released_by TEXT
+);
+CREATE TABLE IF NOT EXISTS duplicates (
+    team TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL, last_seen_at TEXT NOT NULL,
+    last_referral_id TEXT NOT NULL, last_version INTEGER NOT NULL,
+    PRIMARY KEY (team, kind)
+);
 """
 
 
@@ -119,13 +157,34 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+def private_files(path: Path) -> None:
+    """Before SQLite opens ``path``: its folder 0700 if this creates it, and the database and its
+    ``-wal``/``-shm`` files 0600, created empty if missing (an empty file is a new database, an
+    empty ``-wal`` or ``-shm`` a clean one), so no moment exists when any of them is readable by
+    others. An existing folder others can enter is logged, not changed (it may hold more)."""
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=FOLDER_MODE, exist_ok=True)
+        folder.chmod(FOLDER_MODE)  # mkdir's mode is masked by the umask
+    elif folder.stat().st_mode & 0o077:
+        log.warning("inbox database folder is open to others", mode=oct(stat.S_IMODE(folder.stat().st_mode)))
+    for name in (path.name, *(path.name + side for side in SIDE_FILES)):
+        target = folder / name
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)  # a file made by an older inbox, or under another umask
+        finally:
+            os.close(fd)
+
+
 class StoreDatabase:
     """One SQLite connection, serialised by a lock; open one store per process or thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_files(self.path)
             self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -136,8 +195,6 @@ class StoreDatabase:
             raise StoreError(f"cannot open the inbox database {self.path}: {type(exc).__name__}") from exc
         self._lock = threading.RLock()
         self._check_schema_version()
-        with suppress(OSError):
-            self.path.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:

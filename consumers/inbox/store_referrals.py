@@ -141,15 +141,25 @@ class EventRow:
     delivered_at: datetime | None = None
 
 
+# What a copy of a record the inbox already has is (the ``duplicates`` table counts each kind):
+REDELIVERED = "redelivered"  # the same topic, partition and offset again (a consumer restart)
+REPLAYED = "replayed"  # the same referral id, version and decision id at another offset
+CONFLICTING = "conflicting"  # the same referral id and version under another decision id
+COPY_KINDS = (REDELIVERED, REPLAYED, CONFLICTING)
+DECISION_HEADER = "rb-decision"  # identity.H_DECISION: the router's audit decision id
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What storing one record did: ``new`` referral, ``updated`` (a newer version),
-    ``older`` (an older version arriving late: kept, not shown) or ``duplicate`` (re-delivery)."""
+    ``older`` (an older version arriving late: kept, not shown) or ``duplicate`` (a copy of
+    one the inbox has: ``copy`` says which kind, nothing is stored or shown again)."""
 
     outcome: str
     referral_id: str
     version: int
     transition: Transition | None = None
+    copy: str | None = None
 
 
 class ReferralTables(StoreDatabase):
@@ -161,7 +171,10 @@ class ReferralTables(StoreDatabase):
     due_policy: DuePolicy = DuePolicy()
 
     def ingest(self, team: str, summary: ReferralSummary, record: Record) -> IngestResult:
-        """Store one routed record; a re-delivered (referral id, version) changes nothing."""
+        """Store one routed record. A copy of one already stored (the same referral id and
+        version) changes nothing but the ``duplicates`` count of its kind: re-delivered (same
+        offset), replayed (same decision id, another offset) or conflicting (another decision
+        id: not the router's message for this version, whatever its signature)."""
         received = utc(datetime.fromtimestamp(record.timestamp_ms / 1000, UTC))
         with self._write() as db:
             cur = db.execute(
@@ -181,7 +194,8 @@ class ReferralTables(StoreDatabase):
                 ),
             )
             if cur.rowcount == 0:
-                return IngestResult("duplicate", summary.referral_id, summary.version)
+                kind = self._count_copy(db, team, summary, record)
+                return IngestResult("duplicate", summary.referral_id, summary.version, copy=kind)
             current = db.execute(
                 "SELECT version, state, received_at FROM referrals WHERE team = ? AND referral_id = ?",
                 (team, summary.referral_id),
@@ -224,6 +238,48 @@ class ReferralTables(StoreDatabase):
             )
             self._insert_event(db, team, summary.referral_id, summary.version, "referrer", decided)
             return IngestResult("updated", summary.referral_id, summary.version, decided)
+
+    @staticmethod
+    def _count_copy(db: sqlite3.Connection, team: str, summary: ReferralSummary, record: Record) -> str:
+        kept = db.execute(
+            'SELECT topic, partition, "offset", headers FROM records'
+            " WHERE team = ? AND referral_id = ? AND version = ?",
+            (team, summary.referral_id, summary.version),
+        ).fetchone()
+        decisions = [
+            v.decode("utf-8", "replace")
+            for k, v in headers_from_json(kept["headers"])
+            if k == DECISION_HEADER
+        ]
+        if (decisions[0] if decisions else None) != summary.decision_id:
+            kind = CONFLICTING
+        elif (kept["topic"], kept["partition"], kept["offset"]) == (
+            record.topic,
+            record.partition,
+            record.offset,
+        ):
+            kind = REDELIVERED
+        else:
+            kind = REPLAYED
+        db.execute(
+            "INSERT INTO duplicates (team, kind, count, last_seen_at, last_referral_id, last_version)"
+            " VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (team, kind) DO UPDATE SET count = count + 1,"
+            " last_seen_at = excluded.last_seen_at, last_referral_id = excluded.last_referral_id,"
+            " last_version = excluded.last_version",
+            (team, kind, utc(datetime.now(UTC)), summary.referral_id, summary.version),
+        )
+        return kind
+
+    def duplicate_counts(self, team: str | None = None) -> dict[str, dict[str, int]]:
+        """Team -> copy kind -> how many copies were recognised and not stored (every kind named)."""
+        if team is None:
+            rows = self._read("SELECT team, kind, count FROM duplicates")
+        else:
+            rows = self._read("SELECT team, kind, count FROM duplicates WHERE team = ?", [team])
+        counts: dict[str, dict[str, int]] = {}
+        for r in rows:
+            counts.setdefault(r["team"], dict.fromkeys(COPY_KINDS, 0))[r["kind"]] = int(r["count"])
+        return counts
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -370,6 +426,16 @@ class ReferralTables(StoreDatabase):
         rows = self._read("SELECT state, count(*) AS n FROM referrals WHERE team = ? GROUP BY state", [team])
         counts = dict.fromkeys(ReferralState, 0)
         counts.update({ReferralState(r["state"]): r["n"] for r in rows})
+        return counts
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """Team -> state -> referrals, for every team the database holds (``inbox status``)."""
+        rows = self._read(
+            "SELECT team, state, count(*) AS n FROM referrals GROUP BY team, state ORDER BY team"
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for r in rows:
+            counts.setdefault(r["team"], {})[r["state"]] = int(r["n"])
         return counts
 
     def filter_choices(self, team: str) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""``referral-broker inbox serve|ingest|setup|users``: the district-team inbox, thin over
+"""``referral-broker inbox serve|ingest|setup|users|status|unlock``: the district-team inbox, thin over
 ``referral_broker.consumers.inbox``."""
 
 from __future__ import annotations
@@ -218,3 +218,122 @@ def users_disable(obj: CliContext, username: str, enable: bool, as_json: bool) -
         as_json,
         lambda d: click.echo(f"{d['username']} is {'disabled' if d['disabled'] else 'enabled'}."),
     )
+
+
+@inbox.command()
+@click.argument("username", required=False)
+@click.option("--address", default=None, metavar="ADDRESS", help="Unlock a client address instead.")
+@json_option
+@pass_cli
+def unlock(obj: CliContext, username: str | None, address: str | None, as_json: bool) -> None:
+    """Release a sign-in lockout of a member (USERNAME) or of a client address (--address), and
+    forget its failed attempts. Recorded in the inbox's record of lockouts and logged."""
+    import getpass
+
+    from referral_broker.consumers.inbox.store import InboxStore
+    from referral_broker.consumers.inbox.throttle import ADDRESS, account_subject, address_subject
+    from referral_broker.errors import ConfigError
+    from referral_broker.structured_log import get_logger
+
+    if (username is None) == (address is None):
+        raise ConfigError("name either a USERNAME or --address ADDRESS to unlock")
+    now = datetime.now(UTC)
+    with InboxStore(obj.settings.inbox_db_path) as store:
+        secret = store.secret_key()
+        if address is not None:
+            subject = address_subject(secret, address)
+        else:
+            subject = account_subject(store, secret, username or "")
+            if subject.username is None:
+                raise ConfigError(f"no user '{username}'")
+        released = store.unlock(subject.key, at=now, by=f"administrator {getpass.getuser()}")
+    get_logger(__name__).warning(
+        "sign-in unlocked" if released else "sign-in unlock: nothing was locked",
+        scope=subject.scope,
+        subject_ref=subject.ref,
+        count=released.failures if released else 0,
+    )
+    data = {
+        "scope": subject.scope,
+        "username": subject.username,
+        "subject_ref": subject.ref,
+        "was_locked": released is not None,
+        "locked_at": released.locked_at if released else None,
+        "failures": released.failures if released else None,
+    }
+    shown = "that address" if subject.scope == ADDRESS else subject.username
+
+    def human(d: dict[str, object]) -> None:
+        if d["was_locked"]:
+            click.echo(
+                f"Unlocked {shown} (locked at {d['locked_at']} after {d['failures']} failed sign-ins)."
+            )
+        else:
+            click.echo(f"{shown} was not locked; its failed sign-ins are forgotten.")
+
+    emit(data, as_json, human)
+
+
+@inbox.command()
+@json_option
+@pass_cli
+def status(obj: CliContext, as_json: bool) -> None:
+    """What the inbox database holds: referrals per team and state, copies of records
+    recognised and not stored again (re-delivered, replayed, conflicting), and the sign-in
+    lockouts in force. Reads the database only (no Kafka)."""
+    from referral_broker.consumers.inbox.store import InboxStore
+
+    now = datetime.now(UTC)
+    with InboxStore(obj.settings.inbox_db_path) as store:
+        states = store.state_counts()
+        copies = store.duplicate_counts()
+        locks = store.sign_in_locks(active_at=now)
+    teams = sorted(set(states) | set(copies))
+    data: dict[str, object] = {
+        "database": str(obj.settings.inbox_db_path),
+        "teams": {
+            team: {"referrals": states.get(team, {}), "copies_not_stored": copies.get(team, {})}
+            for team in teams
+        },
+        "locked": [
+            {
+                "scope": lock.scope,
+                "username": lock.username,
+                "subject_ref": lock.subject[:12],
+                "failures": lock.failures,
+                "locked_at": lock.locked_at,
+                "locked_until": lock.locked_until,
+            }
+            for lock in locks
+        ],
+    }
+
+    def human(d: dict[str, object]) -> None:
+        rows = []
+        for team in teams:
+            by_state = states.get(team, {})
+            kinds = copies.get(team, {})
+            rows.append(
+                [
+                    team,
+                    str(sum(by_state.values())),
+                    ", ".join(f"{k} {n}" for k, n in sorted(by_state.items())) or "-",
+                    ", ".join(f"{k} {n}" for k, n in kinds.items() if n) or "none",
+                ]
+            )
+        click.echo(table(rows, ["team", "referrals", "by state", "copies not stored"]))
+        if locks:
+            cells = [
+                [
+                    lock.scope,
+                    lock.username or f"({lock.subject[:12]})",
+                    str(lock.failures),
+                    str(lock.locked_until),
+                ]
+                for lock in locks
+            ]
+            click.echo(table(cells, ["locked", "who", "failures", "until"]))
+        else:
+            click.echo("No sign-in lockouts in force.")
+
+    emit(data, as_json, human)
