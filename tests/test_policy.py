@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from county import CHARITY, DWP, GP, HEALTH_VISITING, OTHER_SCHOOL, POLICE, SCHOOL, SCHOOL_NURSING
+
 from referral_broker.errors import ConfigError, PolicyError
+from referral_broker.organisations import OrgStatus, Registry, load_file
 from referral_broker.policy import decide, default_policy_path, load_policy
 from referral_broker.policy.decide import DEFAULT_DENY
 from referral_broker.policy.review import diff, explain
@@ -37,14 +40,23 @@ def referral(**changes) -> dict:
         consent={**record["consent"], "state": "given"},
         sharing_override=None,
         district="fenland",
+        service_providers=[{"service": "parenting_programme", "provider": "1190003"}],
     )
     record["referrer"] = {**record["referrer"], "partner": "schools"}
+    record["school"] = {**(record.get("school") or {}), "urn": "110123"}  # Fenland Fields, fenland
     record.update(changes)
     return record
 
 
-def decisions(policy, record, referrer="schools"):
-    return {d.recipient: d for d in decide(policy, record, referrer_party=referrer, at=NOW)}
+def decisions(policy, record, referrer=SCHOOL, registry=None):
+    return {d.recipient: d for d in decide(policy, record, referrer_party=referrer, at=NOW, registry=registry)}
+
+
+def county(**status: OrgStatus) -> Registry:
+    """The shipped county, with some organisations' status changed (party name -> status)."""
+    from dataclasses import replace
+
+    return Registry(replace(o, status=status.get(o.party, o.status)) for o in load_file())
 
 
 def override(**changes) -> dict:
@@ -76,7 +88,8 @@ def write_policy(tmp_path: Path, text: str) -> Path:
             '"identifiers.upn", "school.nonexistent"',
             "unknown field 'school.nonexistent'",
         ),
-        ('recipient = "dwp"', 'recipient = "the-press"', "unknown recipient 'the-press'"),
+        ('recipient = "dwp"', 'recipient = "the-press"', "unknown recipient rule 'the-press'"),
+        ('recipient = "dwp"', 'recipient = "schools"', "unknown recipient rule 'schools'"),
         (
             'classes = ["operational"]\nfields = [\n  "child.given_name", "child.family_name", "child.date_of_birth",\n  "identifiers.upn"',
             'classes = ["secret"]\nfields = [\n  "child.given_name", "child.family_name", "child.date_of_birth",\n  "identifiers.upn"',
@@ -124,16 +137,27 @@ def test_special_category_without_art9_condition_fails(tmp_path: Path) -> None:
         load_policy(write_policy(tmp_path, text))
 
 
-def test_shipped_policy_names_every_partner_kind(policy) -> None:
-    recipients = set(policy.recipients())
-    assert {"schools", "health", "dwp", "police", "charities"} <= recipients
-    assert {r for r in recipients if r.startswith("district-")} == {
-        "district-cambridge",
-        "district-east-cambs",
-        "district-fenland",
-        "district-huntingdonshire",
-        "district-south-cambs",
-    }
+def test_shipped_policy_uses_every_recipient_rule(policy) -> None:
+    assert policy.recipients() == [
+        "child_school",
+        "gp_practice",
+        "service_provider",
+        "named_charity",
+        "police_force",
+        "dwp",
+        "district_team",
+    ]
+
+
+def test_a_rule_needing_provides_says_so(tmp_path: Path) -> None:
+    text = SHIPPED.replace(
+        'provides = ["citizens_advice", "caring_together", "parenting_programme", "drug_alcohol_support"]\n'
+        'when_all = ["service_requested"]\n',
+        'when_all = ["concern:parenting"]\n',
+        1,
+    )
+    with pytest.raises(PolicyError, match=r"line \d+: recipient rule 'named_charity' needs 'provides'"):
+        load_policy(write_policy(tmp_path, text))
 
 
 # -- deciding -------------------------------------------------------------------------------
@@ -141,22 +165,22 @@ def test_shipped_policy_names_every_partner_kind(policy) -> None:
 
 def test_police_get_nothing_without_the_flag(policy) -> None:
     got = decisions(policy, referral(sharing_override=override(ground="prevention_detection_of_crime")))
-    assert "police" not in got
+    assert POLICE not in got
     flagged = decisions(
         policy,
         referral(
             flags={"safeguarding_concern": True, "crime_prevention": False, "early_support_pathway": False}
         ),
     )
-    assert "police" in flagged
+    assert POLICE in flagged
 
 
 def test_consent_alone_does_not_reach_police_an_override_does(policy) -> None:
     flags = {"safeguarding_concern": True, "crime_prevention": False, "early_support_pathway": False}
-    without = decisions(policy, referral(flags=flags))["police"]
+    without = decisions(policy, referral(flags=flags))[POLICE]
     assert not without.delivered and without.shared == ()
     assert "no sharing override record" in without.withheld["child.given_name"]
-    with_override = decisions(policy, referral(flags=flags, sharing_override=override()))["police"]
+    with_override = decisions(policy, referral(flags=flags, sharing_override=override()))[POLICE]
     assert with_override.delivered and with_override.basis == "override"
     assert with_override.override_id == "8a1f7a52-0f0e-4f53-9c36-6b8f0e0b9d11"
     assert "child.given_name" in with_override.shared
@@ -165,18 +189,22 @@ def test_consent_alone_does_not_reach_police_an_override_does(policy) -> None:
 
 
 def test_refused_consent_shares_only_with_council_team(policy) -> None:
-    record = referral(consent={"state": "refused", "recorded_at": NOW, "recorded_by": "Synthetic Worker"})
+    record = referral(
+        consent={"state": "refused", "recorded_at": NOW, "recorded_by": "Synthetic Worker"},
+        district="huntingdonshire",
+        service_providers=[{"service": "parenting_programme", "provider": "1190003"}],
+    )
     got = decisions(policy, record)
-    charities = got["charities"]
+    charities = got["charity-1190003"]
     assert not charities.delivered and "consent is 'refused'" in charities.withheld["child.given_name"]
-    team = got["district-fenland"]
+    team = got["district-huntingdonshire"]
     assert team.delivered and team.basis == "not_required"
 
 
 def test_incomplete_override_is_an_error(policy) -> None:
     bad = override(approved_by={"role": "Team manager", "name": ""})
     with pytest.raises(PolicyError, match=r"missing sharing_override.approved_by.name"):
-        decide(policy, referral(sharing_override=bad), referrer_party="schools", at=NOW)
+        decide(policy, referral(sharing_override=bad), referrer_party=SCHOOL, at=NOW)
 
 
 def test_early_support_pathway_only_for_children_up_to_five(policy) -> None:
@@ -185,8 +213,8 @@ def test_early_support_pathway_only_for_children_up_to_five(policy) -> None:
     young["child"]["date_of_birth"] = date(2023, 1, 1)
     old = copy.deepcopy(base)
     old["child"]["date_of_birth"] = date(2019, 1, 1)
-    assert decisions(policy, young)["health"].delivered
-    assert "health" not in decisions(policy, old)
+    assert decisions(policy, young)[HEALTH_VISITING].delivered
+    assert HEALTH_VISITING not in decisions(policy, old)
 
 
 def test_district_team_chosen_by_family_district(policy) -> None:
@@ -196,12 +224,16 @@ def test_district_team_chosen_by_family_district(policy) -> None:
 
 
 def test_referrer_never_receives_its_own_referral(policy) -> None:
-    record = referral(services_requested=["parenting_programme"])
-    assert "charities" not in decisions(policy, record, referrer="charities")
+    record = referral(district="huntingdonshire", services_requested=["parenting_programme"])
+    assert "charity-1190003" in decisions(policy, record)
+    assert "charity-1190003" not in decisions(policy, record, referrer="charity-1190003")
 
 
 def test_every_unit_is_either_shared_or_withheld(policy) -> None:
     for decision in decisions(policy, referral()).values():
+        if decision.unresolved:
+            assert not decision.delivered and decision.shared == ()
+            continue
         assert set(decision.shared) | set(decision.withheld) == set(policy.units)
         assert not set(decision.shared) & set(decision.withheld)
 
@@ -210,7 +242,7 @@ def test_every_unit_is_either_shared_or_withheld(policy) -> None:
 
 
 def test_explain_lists_given_and_withheld(policy) -> None:
-    data = explain(policy, "dwp")
+    data = explain(policy, DWP)
     given = {f["path"] for f in data["fields"]}
     assert "identifiers.ni_number" in given and "household.ni_number" in given
     assert "identifiers.nhs_number" in {f["path"] for f in data["not_shared"]}
@@ -225,30 +257,113 @@ def test_diff_shows_started_and_stopped(tmp_path: Path, policy) -> None:
     )
     new = load_policy(write_policy(tmp_path, changed))
     result = diff(policy, new)["recipients"]
-    assert "identifiers.nhs_number" in result["schools"]["starts_sharing"]
-    assert "school.attendance.present_sessions" in result["schools"]["stops_sharing"]
-    assert set(result) == {"schools"}
+    assert "identifiers.nhs_number" in result["child_school"]["starts_sharing"]
+    assert "school.attendance.present_sessions" in result["child_school"]["stops_sharing"]
+    assert set(result) == {"child_school"}
 
 
 def test_cli_explain_json_and_unknown_recipient() -> None:
     run = lambda *a: subprocess.run(
         [sys.executable, "-m", "referral_broker.cli.main", *a], capture_output=True, text=True
     )
-    ok = run("policy", "explain", "--recipient", "police", "--json")
+    ok = run("policy", "explain", "--recipient", "police:35", "--json")
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
+    assert data["recipient"] == POLICE and data["name"] == "Cambridgeshire Constabulary"
     assert data["purposes"][0]["name"] == "safeguarding-and-crime-prevention"
+    rule = json.loads(run("policy", "explain", "--recipient", "child_school", "--json").stdout)
+    assert [p["name"] for p in rule["purposes"]] == ["education-support", "operation-encompass"]
     bad = run("policy", "explain", "--recipient", "the-press")
     assert bad.returncode == ConfigError.exit_code and "unknown party 'the-press'" in bad.stderr and "Traceback" not in bad.stderr
+    kind = run("policy", "explain", "--recipient", "schools")
+    assert kind.returncode == ConfigError.exit_code and "'schools' is a partner kind, not a party" in kind.stderr
 
 
 def test_schemas_show_view_takes_fields_from_the_policy(policy) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "referral_broker.cli.main", "schemas", "show", "--view", "dwp", "--json"],
+        [sys.executable, "-m", "referral_broker.cli.main", "schemas", "show", "--view", DWP, "--json"],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(proc.stdout)["granted"]) == sorted(
-        f["path"] for f in explain(policy, "dwp")["fields"]
+        f["path"] for f in explain(policy, DWP)["fields"]
     )
+
+
+# -- recipients are organisations, resolved per referral -------------------------------------
+
+
+def encompass(**changes) -> dict:
+    changes.setdefault("sharing_override", override())  # Operation Encompass: no consent is sought
+    record = referral(concern_types=["domestic_abuse"], services_requested=[], service_providers=[], **changes)
+    record["referrer"] = {**record["referrer"], "partner": "police"}
+    return record
+
+
+def test_operation_encompass_goes_to_the_childs_school_only(policy) -> None:
+    got = decisions(policy, encompass(), referrer=POLICE)
+    schools = [r for r in got if r.startswith("school-")]
+    assert schools == [SCHOOL] and got[SCHOOL].delivered
+    assert got[SCHOOL].purposes == ("operation-encompass",) and got[SCHOOL].rules == ("child_school",)
+    assert got[SCHOOL].recipient_name == "Fenland Fields Primary School"
+    assert OTHER_SCHOOL not in got
+
+
+@pytest.mark.parametrize(
+    ("urn", "registry", "reason"),
+    [
+        ("999999", None, "school not registered"),
+        (None, None, "no school identifier in the referral"),
+        ("110123", {SCHOOL: OrgStatus.DISABLED}, "school disabled"),
+    ],
+)
+def test_an_unresolved_school_sends_to_no_school_and_says_why(policy, urn, registry, reason) -> None:
+    record = encompass()
+    record["school"]["urn"] = urn
+    got = decisions(policy, record, referrer=POLICE, registry=county(**registry) if registry else None)
+    assert not [r for r in got if r.startswith("school-")]  # never a broadcast to the kind
+    unresolved = got["child_school"]
+    assert unresolved.unresolved == reason and not unresolved.delivered and unresolved.shared == ()
+    assert unresolved.purposes == ("operation-encompass",)
+    assert got["district-fenland"].delivered  # the team still gets the case
+
+
+def test_gp_practice_only_when_the_referral_names_it(policy) -> None:
+    record = referral(services_requested=["school_nurse"], service_providers=[])
+    record["health_and_development"] = {**(record.get("health_and_development") or {}), "gp_practice_ods": "Z90001"}
+    got = decisions(policy, record)
+    assert got[GP].delivered and got[GP].purposes == ("gp-practice-awareness",)
+    assert "nhs-z90002" not in got
+    assert got[SCHOOL_NURSING].delivered  # the school nursing service for the district
+    record["health_and_development"]["gp_practice_ods"] = None
+    got = decisions(policy, record)
+    assert not [r for r in got if r in (GP, "nhs-z90002")]
+    assert got["gp_practice"].unresolved == "no GP practice identifier in the referral"
+
+
+def test_named_charity_must_provide_the_service_in_the_district(policy) -> None:
+    base = dict(district="fenland", services_requested=["citizens_advice"])
+    named = decisions(policy, referral(**base, service_providers=[{"service": "citizens_advice", "provider": "1190001"}]))
+    assert named[CHARITY].delivered
+    assert "charity-1190004" not in named  # the other Citizens Advice is not told
+    elsewhere = decisions(
+        policy, referral(**base, service_providers=[{"service": "citizens_advice", "provider": "1190004"}])
+    )
+    assert not [r for r in elsewhere if r.startswith("charity-")]
+    assert elsewhere["named_charity"].unresolved == "charity does not serve fenland"
+    unnamed = decisions(policy, referral(**base, service_providers=[]))
+    assert unnamed["named_charity"].unresolved == "no charity named as provider of Citizens Advice"
+
+
+def test_disabling_an_organisation_stops_its_next_decision(policy) -> None:
+    record = encompass()
+    assert decisions(policy, record, referrer=POLICE)[SCHOOL].delivered
+    after = decisions(policy, record, referrer=POLICE, registry=county(**{SCHOOL: OrgStatus.DISABLED}))
+    assert SCHOOL not in after and after["child_school"].unresolved == "school disabled"
+
+
+def test_explain_per_organisation_follows_what_it_provides(policy) -> None:
+    assert [p["name"] for p in explain(policy, HEALTH_VISITING)["purposes"]] == ["early-support-pathway"]
+    assert [p["name"] for p in explain(policy, GP)["purposes"]] == ["gp-practice-awareness"]
+    assert explain(policy, "ons")["fields"] == []  # research gets nothing through a purpose

@@ -4,6 +4,10 @@ vocabularies (grounds, conditions, classes) a purpose may use."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from referral_broker.organisations import Organisation
 
 GROUNDS: dict[str, str] = {
     "uk_gdpr_6_1_e": "UK GDPR Art 6(1)(e): public task",
@@ -66,13 +70,15 @@ class Purpose:
     no_onward_sharing: frozenset[str] = frozenset()
     line: int = 0
 
-    def could_reach(self, org_kind: str, services: tuple[str, ...]) -> bool:
-        """Whether this purpose's rule can resolve to an organisation of ``org_kind`` that
-        provides ``services`` (for explaining the policy per organisation)."""
+    def could_reach(self, org: Organisation) -> bool:
+        """Whether this purpose's rule can resolve to ``org`` (explaining the policy per
+        organisation): the rule's kind, and for a service rule a service it provides."""
         want = RULE_KINDS[self.recipient]
         if want is None:
-            return bool(set(self.provides) & set(services))
-        return want == org_kind
+            return bool(set(self.provides) & set(org.services))
+        if self.recipient == "gp_practice":  # a practice code: a letter and five digits
+            return org.kind.value == want and len(org.identifier) == 6 and org.identifier[1:].isdigit()
+        return org.kind.value == want
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class SharingPolicy:
         org = get_party(recipient).org
         if org is None:
             return []
-        return [p for p in self.purposes if p.could_reach(org.kind.value, org.services)]
+        return [p for p in self.purposes if p.could_reach(org)]
 
     def recipients(self) -> list[str]:
         """Every rule some purpose uses, in RECIPIENT_RULES order."""
