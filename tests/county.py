@@ -60,7 +60,7 @@ def in_county(record: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
             for o in orgs
             if o.kind.value == "nhs_organisation" and not o.services and district in o.districts
         ]
-        health["gp_practice_ods"] = gps[pick % len(gps)]
+        health["gp_practice_ods"] = gps[pick % len(gps)] if gps else None  # none serves huntingdonshire
     providers = []
     for service in record.get("services_requested") or []:
         found = [
