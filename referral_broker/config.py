@@ -44,6 +44,8 @@ class Settings:
     keys_dek_cache_max_uses: int = 1000
     keys_dek_cache_max_age_s: float = 300.0
     keys_directory_refresh_s: float = 60.0
+    # the council's root public key every party pins; default <data_dir>/keys/trust-anchor.pem
+    keys_trust_anchor: Path | None = None
     # [inbox]
     inbox_database: Path | None = None
     inbox_session_max_age_s: int = 8 * 3600
@@ -94,6 +96,7 @@ ENV_VARS: dict[str, str] = {
     "REFERRAL_BROKER_DEK_CACHE_MAX_USES": "keys_dek_cache_max_uses",
     "REFERRAL_BROKER_DEK_CACHE_MAX_AGE_S": "keys_dek_cache_max_age_s",
     "REFERRAL_BROKER_DIRECTORY_REFRESH_S": "keys_directory_refresh_s",
+    "REFERRAL_BROKER_TRUST_ANCHOR": "keys_trust_anchor",
     "REFERRAL_BROKER_INBOX_DATABASE": "inbox_database",
 }
 
