@@ -153,13 +153,19 @@ class Identity:
 
 
 def load_directory(settings: Settings, bootstrap: str) -> KeyDirectory:
-    """The key directory: the compacted keys topic, falling back to the published file."""
+    """The key directory: the compacted keys topic, then this machine's published file merged
+    in (statuses only move forward, so a revocation either of them holds stands). Every record
+    of both is verified against the pinned trust anchor; refused ones are in ``.refused``."""
+    from referral_broker.errors import SealingError
+    from referral_broker.sealing.directory import directory_file
+    from referral_broker.sealing.trust import MALFORMED
+
     directory = load_topic(settings, bootstrap)
-    file = settings.keys_dir / "directory.json"
-    if file.exists():
-        for entry in KeyDirectory.load_file(file).entries():
-            if entry.key_id not in directory:
-                directory.merge(entry)
+    if directory_file(settings).exists():
+        try:
+            directory.absorb(KeyDirectory.load_local(settings))
+        except SealingError as exc:  # an unreadable file is reported, not fatal
+            directory.refuse("directory file", MALFORMED, str(exc))
     return directory
 
 
