@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from referral_broker.sealing.trust import RefusalCollector
+
 
 class RouterMetrics:
     """One registry per router, so several routers (and tests) in one process stay apart."""
@@ -41,6 +43,8 @@ class RouterMetrics:
         self.batch_seconds = Histogram(
             "referral_router_batch_seconds", "Time to route and commit one batch.", registry=self.registry
         )
+        # key-directory records this process refused (forged, replayed, colliding, ...), by reason
+        self.registry.register(RefusalCollector())
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics on ``host:port`` (a daemon thread; it ends with the process)."""
