@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from referral_broker.errors import ContractError, TamperedError
 from referral_broker.sealing.fields import (
     FORMAT_VERSION,
+    Binding,
     DataKey,
     FieldCodec,
     FieldContext,
@@ -20,7 +21,9 @@ from referral_broker.sealing.fields import (
     seal_value,
 )
 
-CTX = FieldContext("ref-0001", 3, "health", bytes.fromhex("0102030405060708"))
+FP = bytes.fromhex("0102030405060708")
+BOUND = Binding("schools", "referrals.intake.schools", "referral", bytes(32))
+CTX = FieldContext("ref-0001", 3, "health", FP, BOUND)
 NAME = FieldCodec("child.given_name", "string")
 SECRET = "Zephyrine Quillfeather"
 
@@ -79,11 +82,41 @@ def test_sealing_twice_differs_and_short_values_look_alike() -> None:
 @pytest.mark.parametrize(
     ("what", "context", "path"),
     [
-        ("another referral", FieldContext("ref-0002", 3, "health", CTX.schema_fingerprint), NAME.path),
-        ("another version", FieldContext("ref-0001", 4, "health", CTX.schema_fingerprint), NAME.path),
-        ("another recipient", FieldContext("ref-0001", 3, "schools", CTX.schema_fingerprint), NAME.path),
-        ("another schema", FieldContext("ref-0001", 3, "health", bytes(8)), NAME.path),
+        ("another referral", FieldContext("ref-0002", 3, "health", FP, BOUND), NAME.path),
+        ("another version", FieldContext("ref-0001", 4, "health", FP, BOUND), NAME.path),
+        ("another recipient", FieldContext("ref-0001", 3, "schools", FP, BOUND), NAME.path),
+        ("another schema", FieldContext("ref-0001", 3, "health", bytes(8), BOUND), NAME.path),
         ("another field", CTX, "child.family_name"),
+        (
+            "another sender",
+            FieldContext(
+                "ref-0001", 3, "health", FP, Binding("charities", BOUND.topic, "referral", bytes(32))
+            ),
+            NAME.path,
+        ),
+        (
+            "another topic",
+            FieldContext(
+                "ref-0001",
+                3,
+                "health",
+                FP,
+                Binding("schools", "referrals.intake.charities", "referral", bytes(32)),
+            ),
+            NAME.path,
+        ),
+        (
+            "another kind",
+            FieldContext("ref-0001", 3, "health", FP, Binding("schools", BOUND.topic, "status", bytes(32))),
+            NAME.path,
+        ),
+        (
+            "other clear fields",
+            FieldContext(
+                "ref-0001", 3, "health", FP, Binding("schools", BOUND.topic, "referral", b"\x01" + bytes(31))
+            ),
+            NAME.path,
+        ),
     ],
 )
 def test_a_sealed_value_cannot_be_moved(what: str, context: FieldContext, path: str) -> None:

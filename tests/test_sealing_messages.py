@@ -216,9 +216,9 @@ def test_refusals_have_precise_reasons(world: World, topics: Settings) -> None:
         "header rb-kind more than once",
     )
     refused(
-        resigned(world, good, headers=replace_header(good.headers, H_FORMAT, b"2")),
+        resigned(world, good, headers=replace_header(good.headers, H_FORMAT, b"3")),
         TamperedError,
-        "unknown message format version 2",
+        "unknown message format version 3",
     )
     # Forged: schools signs and claims to be the council, with either key id.
     forged = as_record(seal(world, "health", topic, sender="schools"))

@@ -12,12 +12,15 @@ from test_sealing_support import SCHEMA, needles, sample_referral
 
 from referral_broker.errors import ContractError, TamperedError
 from referral_broker.sealing import DataKey, FieldContext, sealing_plan
+from referral_broker.sealing.fields import Binding
 
 PLAN = sealing_plan(SCHEMA)
+# the sealed format binds sender, topic, kind and clear fields: one fixed binding here
+BOUND = Binding("council", "referrals.out.health", "referral", bytes(32))
 
 
 def ctx(referral_id: str = "ref-0001", version: int = 1, recipient: str = "health") -> FieldContext:
-    return FieldContext(referral_id, version, recipient, PLAN.fingerprint)
+    return FieldContext(referral_id, version, recipient, PLAN.fingerprint, BOUND)
 
 
 def test_sealing_units_follow_the_data_classes() -> None:
@@ -175,7 +178,7 @@ def test_real_referral_schema_seals_and_opens() -> None:
     checked: list[str] = []
     for _ in range(5):
         record = synthetic_referral(rng)
-        context = FieldContext(str(record["referral_id"]), record["version"], "health", plan.fingerprint)
+        context = FieldContext(str(record["referral_id"]), record["version"], "health", plan.fingerprint, BOUND)
         key = DataKey.generate()
         value = plan.encode_wire(plan.seal(record, key, context))
         assert plan.open(plan.decode_wire(value), key, context) == record

@@ -7,13 +7,26 @@ A sealed message is::
               :mod:`~referral_broker.sealing.records` (magic, wire fingerprint, body)
     headers = rb-format, rb-kind, rb-sender, rb-sender-key, rb-recipient, rb-recipient-key,
               rb-schema (fingerprint, hex), rb-referral-version, rb-sealed-at (epoch ms),
-              [rb-case], rb-dek (wrapped data key), [caller's extra headers], rb-signature
+              [rb-case], rb-dek (wrapped data key), rb-binding (format 2),
+              [caller's extra headers], rb-signature
+
+The message format (``rb-format``) is ``2`` for everything written today. In format 2 every
+sealed field's associated data also binds the sending party, the topic the message was sealed
+for, its kind and the digest of its clear (operational) fields (see
+:mod:`~referral_broker.sealing.fields`), and ``rb-binding`` carries that binding sealed under
+the message's data key. So a sealed copy that another party re-signs, that is moved to another
+topic, or whose clear fields (district, flags, priority...) are edited, does not open, and the
+refusal says which of these happened. Format ``1`` (before the binding) still opens, unless an
+opener is built with ``accept_legacy=False``; its sealed fields bind only the referral,
+recipient, schema and field path, so a format-1 copy can still be re-signed by another party:
+turn it off once no format-1 message is left to read.
 
 Receiving is fail-closed and in this order: exactly one signature, a known message format, the
 signer's key known, of the claimed sender, not revoked and valid at the signing time, the
 signature verifying over topic, key, headers and value; then the message must be addressed to
 this party, its data key must unwrap with this party's key (and, for case-sealed messages, the
-case key), and every sealing unit must be a sealed value that opens. Any failure raises a
+case key), (format 2) its sealed binding must open and name this signer, this topic, this kind
+and these clear fields, and every sealing unit must be a sealed value that opens. Any failure raises a
 :class:`~referral_broker.errors.SealingError` (or a ``ContractError`` for an unknown schema)
 with the reason, and nothing of the record is returned.
 
@@ -34,9 +47,16 @@ from referral_broker.errors import ContractError, SealingError, SignatureError, 
 from referral_broker.parties import get_party
 from referral_broker.schemas.registry import Schema, writer_schema
 from referral_broker.sealing.directory import KeyDirectory, KeyEntry
-from referral_broker.sealing.fields import DataKey, FieldContext
+from referral_broker.sealing.fields import (
+    Binding,
+    DataKey,
+    FieldContext,
+    clear_digest,
+    open_binding,
+    seal_binding,
+)
 from referral_broker.sealing.keystore import KeyStore
-from referral_broker.sealing.records import sealing_plan
+from referral_broker.sealing.records import SealingPlan, sealing_plan
 from referral_broker.sealing.signing import SIGNATURE_HEADER, sign_message, signature_of, verify_message
 from referral_broker.sealing.wrapping import (
     MODE_RECIPIENT,
@@ -54,7 +74,9 @@ if TYPE_CHECKING:
     from referral_broker.cluster.clients import Producer
     from referral_broker.sealing.case_keys import CaseKeyStore
 
-MESSAGE_FORMAT = b"1"
+MESSAGE_FORMAT = b"2"  # what this code writes
+LEGACY_MESSAGE_FORMAT = b"1"  # sealed fields without the binding: opened, never written
+FORMATS = (MESSAGE_FORMAT, LEGACY_MESSAGE_FORMAT)
 H_FORMAT = "rb-format"
 H_KIND = "rb-kind"
 H_SENDER = "rb-sender"
@@ -66,10 +88,11 @@ H_VERSION = "rb-referral-version"
 H_SEALED_AT = "rb-sealed-at"
 H_CASE = "rb-case"
 H_DEK = "rb-dek"
+H_BINDING = "rb-binding"
 H_SIGNATURE = SIGNATURE_HEADER
 RESERVED = frozenset(
     {H_FORMAT, H_KIND, H_SENDER, H_SENDER_KEY, H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION}
-    | {H_SEALED_AT, H_CASE, H_DEK, H_SIGNATURE}
+    | {H_SEALED_AT, H_CASE, H_DEK, H_BINDING, H_SIGNATURE}
 )
 _SIGNED_REQUIRED = (H_KIND, H_SENDER, H_SENDER_KEY, H_SEALED_AT)
 _SEALED_REQUIRED = (H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION, H_DEK)
@@ -126,6 +149,7 @@ class OpenedMessage:
     sealed_at_ms: int
     case_id: str | None
     extra_headers: tuple[tuple[str, bytes], ...] = ()
+    sealed_format: int = int(MESSAGE_FORMAT)  # 1 for a message written before the binding
 
 
 def schema_book(*schemas: Schema) -> dict[bytes, Schema]:
@@ -174,7 +198,8 @@ class MessageSealer:
         now: float | None = None,
     ) -> OutgoingMessage:
         """Seal every sealing unit of ``record`` (written with ``schema``, the recipient's view)
-        for ``recipient`` alone, and sign the message for ``topic``.
+        for ``recipient`` alone, bound to this sender, ``topic``, ``kind`` and the record's
+        clear fields, and sign the message for ``topic``.
 
         Messages to a district team must pass ``case_id`` (and the sealer must hold the hub's
         case keys): those copies are the council's and must die with the case key. The archive
@@ -186,6 +211,8 @@ class MessageSealer:
             raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
         if not referral_id:
             raise SealingError("referral id must not be empty")
+        if not topic:
+            raise SealingError("a sealed message needs the topic it is for")
         for name, _ in extra_headers:
             if name in RESERVED or not name.startswith("rb-"):
                 raise SealingError(f"extra header {name!r} must start with 'rb-' and not be a reserved name")
@@ -214,8 +241,11 @@ class MessageSealer:
         else:
             key, wrapped = self._recipient_key(recipient, target.key_id, target)
 
-        context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint)
+        projection = plan.clear_projection(record)
+        binding = Binding(self.party, topic, kind, clear_digest(projection))
+        context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint, binding)
         value = plan.encode_wire(plan.seal(record, key, context))
+        sealed_binding = seal_binding(binding, projection, key, context.unbound())
         headers: Headers = [
             (H_FORMAT, MESSAGE_FORMAT),
             (H_KIND, kind.encode()),
@@ -230,6 +260,7 @@ class MessageSealer:
         if case_id is not None:
             headers.append((H_CASE, case_id.encode()))
         headers.append((H_DEK, wrapped))
+        headers.append((H_BINDING, sealed_binding))
         headers.extend((n, bytes(v)) for n, v in extra_headers)
         msg_key = referral_id.encode("utf-8")
         headers.append((H_SIGNATURE, sign_message(signer.signing, topic, msg_key, headers, value)))
@@ -300,9 +331,12 @@ def verify_signed(
             raise SignatureError(f"message carries header {name} more than once; refused")
         by_name[name] = val if val is not None else b""
     fmt = by_name.get(H_FORMAT)
-    if fmt != MESSAGE_FORMAT:
+    if fmt not in FORMATS:
         shown = fmt.decode("ascii", "replace")[:10] if fmt is not None else "none"
-        raise TamperedError(f"unknown message format version {shown} (expected {MESSAGE_FORMAT.decode()})")
+        raise TamperedError(
+            f"unknown message format version {shown} (expected {MESSAGE_FORMAT.decode()}, "
+            f"or {LEGACY_MESSAGE_FORMAT.decode()} for older messages)"
+        )
     missing = [h for h in _SIGNED_REQUIRED if h not in by_name]
     if missing:
         raise SignatureError(f"message lacks header(s) {', '.join(missing)}; refused")
@@ -328,6 +362,13 @@ def _text(headers: dict[str, bytes], name: str) -> str:
     if not text.isprintable():
         raise TamperedError(f"header {name} holds control characters")
     return text
+
+
+def _shown(name: str) -> str:
+    """A party, topic or kind name read from a sealed binding, fit for an error message."""
+    if len(name) <= _MAX_ID_HEADER and name.isascii() and name.isprintable():
+        return name
+    return "(a malformed name)"
 
 
 def _number(headers: dict[str, bytes], name: str) -> int:
@@ -356,6 +397,7 @@ class MessageOpener:
         *,
         cache: DekCache[DataKey] | None = None,
         case_keys: CaseKeyLookup | None = None,
+        accept_legacy: bool = True,
     ) -> None:
         if schemas is None:
             schemas = writer_schema
@@ -364,6 +406,7 @@ class MessageOpener:
         self.schemas = schemas
         self.cache = cache
         self.case_keys = case_keys
+        self.accept_legacy = accept_legacy
 
     @property
     def party(self) -> str:
@@ -379,6 +422,16 @@ class MessageOpener:
         missing = [name for name in _SEALED_REQUIRED if name not in h]
         if missing:
             raise TamperedError(f"signed message lacks sealing header(s) {', '.join(missing)}; refused")
+        legacy = h[H_FORMAT] == LEGACY_MESSAGE_FORMAT
+        if legacy and not self.accept_legacy:
+            raise TamperedError(
+                f"message is in sealed format {LEGACY_MESSAGE_FORMAT.decode()}, which binds neither the "
+                "sender, the topic nor the clear fields, and this receiver no longer accepts it; refused"
+            )
+        if legacy and H_BINDING in h:
+            raise TamperedError(f"a format-{LEGACY_MESSAGE_FORMAT.decode()} message carries {H_BINDING}; refused")
+        if not legacy and H_BINDING not in h:
+            raise TamperedError(f"signed message lacks sealing header {H_BINDING}; refused")
         recipient = _text(h, H_RECIPIENT)
         if recipient != self.party:
             raise SealingError(f"message is addressed to {recipient}, not to {self.party}; refused")
@@ -412,7 +465,10 @@ class MessageOpener:
         version = _number(h, H_VERSION)
         context = FieldContext(referral_id, version, recipient, fingerprint)
         assert record.value is not None  # verify_signed refuses a message without a value
-        opened = plan.open(plan.decode_wire(record.value), key, context)
+        wire = plan.decode_wire(record.value)
+        if not legacy:
+            context = self._bound_context(h, record.topic, plan, wire, key, context)
+        opened = plan.open(wire, key, context)
         return OpenedMessage(
             record=opened,
             referral_id=referral_id,
@@ -426,6 +482,48 @@ class MessageOpener:
             sealed_at_ms=_number(h, H_SEALED_AT),
             case_id=case_id,
             extra_headers=tuple((n, v) for n, v in record.headers if n not in RESERVED),
+            sealed_format=int(h[H_FORMAT]),
+        )
+
+    @staticmethod
+    def _bound_context(
+        h: dict[str, bytes],
+        topic: str,
+        plan: SealingPlan,
+        wire: dict[str, Any],
+        key: DataKey,
+        context: FieldContext,
+    ) -> FieldContext:
+        """The format-2 field context: the binding this message must have (its signer, its
+        topic, its kind, its clear fields), after checking it against the binding its sealer
+        sealed, so a refusal names what was changed. Names only, never a value."""
+        sealed, sealed_projection = open_binding(h[H_BINDING], key, context)
+        signer, kind = _text(h, H_SENDER), _text(h, H_KIND)
+        projection = plan.clear_projection(wire)
+        if sealed.sender != signer:
+            raise TamperedError(
+                f"re-signed copy: the sealed fields were sealed by {_shown(sealed.sender)}, but this "
+                f"message is signed by {signer}; refused"
+            )
+        if sealed.topic != topic:
+            raise TamperedError(
+                f"moved: the sealed fields were sealed for topic {_shown(sealed.topic)}, but this "
+                f"message is on topic {topic}; refused"
+            )
+        if sealed.kind != kind:
+            raise TamperedError(
+                f"relabelled: the sealed fields were sealed as a {_shown(sealed.kind)} message, but "
+                f"this message says {kind}; refused"
+            )
+        if projection != sealed_projection:
+            changed = plan.changed_clear_fields(sealed_projection, projection)
+            which = ", ".join(changed[:10]) + (f" (and {len(changed) - 10} more)" if len(changed) > 10 else "")
+            raise TamperedError(
+                f"clear fields changed after sealing: {which or 'their encoding differs'}; refused"
+            )
+        binding = Binding(signer, topic, kind, clear_digest(projection))
+        return FieldContext(
+            context.referral_id, context.referral_version, context.recipient, context.schema_fingerprint, binding
         )
 
     def _data_key(self, wrapped: bytes, mode: int, recipient_key_id: str) -> DataKey:

@@ -14,6 +14,17 @@ ciphertext to the referral id and version, the field path, the recipient, the sc
 fingerprint and the value's own header (version, cipher, key id). A ciphertext copied to another
 referral, field or recipient, or relabelled with another key id, fails to open.
 
+Two versions of a sealed value exist; the first byte says which, and the message format
+(``rb-format``) says which one every field of a message must be:
+
+- **2** (written today): the associated data also holds the message's :class:`Binding`, that is
+  the sending party, the topic the message is for, its kind, and the SHA-256 digest of its clear
+  (operational) fields. A copy re-signed by another party, moved to another topic, relabelled
+  as another kind, or with any clear field changed fails to open. Next to the fields, the
+  message carries the binding itself sealed under the same data key
+  (:func:`seal_binding`), so the opener can say which of these was changed.
+- **1** (messages written before; opened only, never written): no binding.
+
 Every failure to open is one exception type, :class:`TamperedError`, whose message says what
 failed and where (field path, key id, format version) but never carries the value, the
 plaintext or key material. This module must never log, print or put a value or key into an
@@ -23,6 +34,7 @@ exception message, and must never return partial plaintext.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 import struct
@@ -34,16 +46,20 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from referral_broker.errors import ContractError, TamperedError
-from referral_broker.sealing.framing import frame, short
+from referral_broker.sealing.framing import frame, short, unframe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what seal_value writes
+LEGACY_FORMAT_VERSION = 1  # opened, never written
 CIPHER_AES_256_GCM = 1
 NONCE_SIZE = 12
 TAG_SIZE = 16
 KEY_SIZE = 32
 DATA_KEY_ID_SIZE = 8
 PAD_BLOCK = 16
-_AAD_LABEL = b"referral-broker/field/v1"
+_AAD_LABELS = {LEGACY_FORMAT_VERSION: b"referral-broker/field/v1", FORMAT_VERSION: b"referral-broker/field/v2"}
+_BINDING_LABEL = b"referral-broker/binding/v2"
+_CLEAR_LABEL = b"referral-broker/clear-fields/v2"
+DIGEST_SIZE = 32
 _U64 = struct.Struct(">Q")
 
 
@@ -62,7 +78,7 @@ class DataKey:
         self.key_id = bytes(key_id)
         self._secret = bytes(secret)
         self._aead = AESGCM(self._secret)
-        # The clear header every value sealed under this key starts with.
+        # The clear header every value sealed under this key starts with (today's version).
         self.sealed_header = bytes([FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(self.key_id)
 
     @classmethod
@@ -82,15 +98,50 @@ class DataKey:
         return f"DataKey(id={self.key_id.hex()})"
 
 
+def clear_digest(projection: bytes) -> bytes:
+    """The digest of a message's clear fields: SHA-256 over a label and their canonical
+    encoding (``SealingPlan.clear_projection``)."""
+    return hashlib.sha256(frame(_CLEAR_LABEL, projection)).digest()
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a format-2 sealed value is bound to beyond its referral: who sealed it, for which
+    topic, as which kind of message, and the digest of the message's clear fields."""
+
+    sender: str
+    topic: str
+    kind: str
+    clear_digest: bytes
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(v, str) and v for v in (self.sender, self.topic, self.kind)):
+            raise ValueError("a binding names a sender, a topic and a kind (non-empty text)")
+        if len(self.clear_digest) != DIGEST_SIZE:
+            raise ValueError("the clear-fields digest is 32 bytes")
+
+
 @dataclass(frozen=True)
 class FieldContext:
     """Where a sealed value belongs: which referral (id and version), for whom, under which
-    schema. Together with the field path this is what a ciphertext is bound to."""
+    schema, and (format 2) the message :class:`Binding`. Together with the field path this is
+    what a ciphertext is bound to. Without a binding the context is format 1: it opens values
+    sealed by the old code and seals nothing."""
 
     referral_id: str
     referral_version: int
     recipient: str
     schema_fingerprint: bytes
+    binding: Binding | None = None
+
+    @property
+    def version(self) -> int:
+        """The sealed-value format version every value in this context must have."""
+        return FORMAT_VERSION if self.binding is not None else LEGACY_FORMAT_VERSION
+
+    def unbound(self) -> FieldContext:
+        """The same context without its binding (what the sealed binding itself is bound to)."""
+        return FieldContext(self.referral_id, self.referral_version, self.recipient, self.schema_fingerprint)
 
     def __post_init__(self) -> None:
         if not isinstance(self.referral_id, str) or not isinstance(self.recipient, str):
@@ -112,25 +163,33 @@ def associated_data(
     so sealing and opening cannot drift apart and no two contexts share an encoding::
 
         label | version+cipher | data-key id | referral id | referral version | recipient |
-        schema fingerprint | field path
+        schema fingerprint | [version 2: sender | topic | kind | clear-fields digest] | field path
 
     Every part but the path is the same for all fields of one message, so that prefix is
     framed once per message (``frame(a, b) == frame(a) + frame(b)``) and the path appended.
+    ``version`` must be the context's: a format-1 context never builds version-2 data and a
+    bound context never builds version-1 data.
     """
+    if version != context.version:
+        raise ValueError("sealed-value version and context do not match")
     return _message_part(context, version, cipher, data_key_id) + frame(path)
 
 
 @functools.lru_cache(maxsize=1024)
 def _message_part(context: FieldContext, version: int, cipher: int, data_key_id: bytes) -> bytes:
-    return frame(
-        _AAD_LABEL,
+    parts: list[bytes | str] = [
+        _AAD_LABELS[version],
         bytes([version, cipher]),
         data_key_id,
         context.referral_id,
         _U64.pack(context.referral_version),
         context.recipient,
         context.schema_fingerprint,
-    )
+    ]
+    if context.binding is not None:
+        b = context.binding
+        parts += [b.sender, b.topic, b.kind, b.clear_digest]
+    return frame(*parts)
 
 
 class FieldCodec:
@@ -163,7 +222,10 @@ class FieldCodec:
 
 
 def seal_value(value: Any, codec: FieldCodec, key: DataKey, context: FieldContext) -> bytes:
-    """Seal one value for one recipient. The nonce is random, so sealing twice differs."""
+    """Seal one value for one recipient. The nonce is random, so sealing twice differs.
+    Only today's format is written: the context must carry the message binding."""
+    if context.binding is None:
+        raise ValueError("sealing needs the message binding (sender, topic, kind, clear fields)")
     encoded = codec.encode(value)
     pad = PAD_BLOCK - (len(encoded) % PAD_BLOCK)
     plaintext = encoded + bytes(pad)
@@ -191,7 +253,7 @@ def read_header(sealed: bytes, path: str) -> tuple[SealedHeader, int]:
     if len(sealed) < 3:
         raise TamperedError(f"truncated sealed value in field {path}")
     version, cipher, id_len = sealed[0], sealed[1], sealed[2]
-    if version != FORMAT_VERSION:
+    if version not in _AAD_LABELS:
         raise TamperedError(
             f"field {path}: unknown sealed-value format version {version} (expected {FORMAT_VERSION}); "
             "the field arrived unsealed or from a newer sender"
@@ -210,6 +272,11 @@ def open_value(sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldCon
     """Open one sealed value, or raise :class:`TamperedError`; never returns partial data."""
     path = codec.path
     header, start = read_header(sealed, path)
+    if header.version != context.version:
+        raise TamperedError(
+            f"field {path}: sealed-value format version {header.version} in a message of sealed "
+            f"format {context.version}; refused (a downgraded or spliced message)"
+        )
     if header.data_key_id != key.key_id:
         raise TamperedError(
             f"field {path}: sealed under data key {header.data_key_id.hex()}, "
@@ -234,3 +301,66 @@ def open_value(sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldCon
     if not 0 < len(padding) <= PAD_BLOCK or padding.count(0) != len(padding):
         raise TamperedError(f"field {path}: sealed payload has malformed padding")
     return value
+
+
+def _binding_aad(context: FieldContext, cipher: int, data_key_id: bytes) -> bytes:
+    return frame(
+        _BINDING_LABEL,
+        bytes([FORMAT_VERSION, cipher]),
+        data_key_id,
+        context.referral_id,
+        _U64.pack(context.referral_version),
+        context.recipient,
+        context.schema_fingerprint,
+    )
+
+
+def seal_binding(binding: Binding, projection: bytes, key: DataKey, context: FieldContext) -> bytes:
+    """The message's binding (and the clear fields it was computed from), sealed under the
+    message's data key for ``context``'s referral and recipient, so the opener can name what
+    a re-signer changed. Same layout as a sealed value::
+
+        version (1) | cipher (1) | data-key id (1-byte length + id) | nonce (12) | ciphertext+tag
+
+    The plaintext is ``frame(sender, topic, kind, clear digest, clear projection)``. Its
+    associated data has its own label and no binding (it is what the binding is read from).
+    """
+    if clear_digest(projection) != binding.clear_digest:
+        raise ValueError("the binding's digest is not the digest of these clear fields")
+    plaintext = frame(binding.sender, binding.topic, binding.kind, binding.clear_digest, projection)
+    nonce = os.urandom(NONCE_SIZE)
+    aad = _binding_aad(context, CIPHER_AES_256_GCM, key.key_id)
+    return key.sealed_header + nonce + key.aead.encrypt(nonce, plaintext, aad)
+
+
+def open_binding(sealed: bytes, key: DataKey, context: FieldContext) -> tuple[Binding, bytes]:
+    """The sealed binding of a format-2 message and the clear projection it was computed
+    from, or :class:`TamperedError`. Only the sealer of the message could have made it."""
+    what = "sealed binding (header rb-binding)"
+    if len(sealed) < 3 or sealed[0] != FORMAT_VERSION:
+        raise TamperedError(f"{what}: not a format-{FORMAT_VERSION} sealed value")
+    if sealed[1] != CIPHER_AES_256_GCM:
+        raise TamperedError(f"{what}: unknown cipher id {sealed[1]}")
+    start = 3 + sealed[2]
+    if sealed[2] == 0 or len(sealed) < start + NONCE_SIZE + TAG_SIZE:
+        raise TamperedError(f"truncated {what}")
+    data_key_id = bytes(sealed[3:start])
+    if data_key_id != key.key_id:
+        raise TamperedError(f"{what}: sealed under another data key than the message's fields")
+    nonce = bytes(sealed[start : start + NONCE_SIZE])
+    try:
+        plaintext = key.aead.decrypt(
+            nonce, bytes(sealed[start + NONCE_SIZE :]), _binding_aad(context, sealed[1], data_key_id)
+        )
+    except InvalidTag:
+        raise TamperedError(
+            f"{what}: authentication failed (tampered, taken from another referral, or wrong key)"
+        ) from None
+    sender, topic, kind, digest, projection = unframe(plaintext, 5, what)
+    try:
+        binding = Binding(sender.decode("utf-8"), topic.decode("utf-8"), kind.decode("utf-8"), digest)
+    except (UnicodeDecodeError, ValueError):
+        raise TamperedError(f"malformed {what}") from None
+    if clear_digest(projection) != digest:
+        raise TamperedError(f"malformed {what}: its digest is not that of its clear fields")
+    return binding, projection

@@ -27,6 +27,24 @@ def frame(*parts: bytes | str) -> bytes:
     return b"".join(out)
 
 
+def unframe(data: bytes, count: int, what: str) -> list[bytes]:
+    """The ``count`` parts of :func:`frame` output, refusing a short, overlong or padded input."""
+    parts: list[bytes] = []
+    pos = 0
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise TamperedError(f"truncated {what}")
+        (n,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if pos + n > len(data):
+            raise TamperedError(f"truncated {what}")
+        parts.append(bytes(data[pos : pos + n]))
+        pos += n
+    if pos != len(data):
+        raise TamperedError(f"malformed {what}: trailing bytes")
+    return parts
+
+
 def short(part: bytes | str) -> bytes:
     """One part with a 1-byte length, for the short ids carried inside sealed values."""
     raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)

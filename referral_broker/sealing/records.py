@@ -247,6 +247,71 @@ class SealingPlan:
                 out[p.name] = value
         return out
 
+    # -- clear fields (what a format-2 message's binding digests) ------------------------------
+    def clear_projection(self, record: dict[str, Any]) -> bytes:
+        """The canonical bytes of ``record``'s clear (operational) fields: the record in wire
+        shape with every sealing unit emptied (``b""``), Avro binary under the wire schema.
+
+        The same bytes come out of the plaintext record before sealing and out of the decoded
+        wire record after, so the sealer and the opener digest the same thing. A nested record
+        that holds sealing units is part of it too (present or null), so nulling one out is a
+        change of the clear fields."""
+        buf = io.BytesIO()
+        try:
+            schemaless_writer(buf, self._wire_parsed, self._project(self._fields, record))
+        except ContractError:
+            raise
+        except Exception:
+            raise ContractError(
+                f"record does not match schema {self.schema.get('name')} (an operational field has a wrong type)"
+            ) from None
+        return buf.getvalue()
+
+    def _project(self, plans: tuple[_FieldPlan, ...], record: Any) -> dict[str, Any]:
+        if not isinstance(record, dict):
+            raise ContractError(f"record at {plans[0].path.rpartition('.')[0] or 'root'}: expected a record")
+        out: dict[str, Any] = {}
+        for p in plans:
+            value = record.get(p.name, p.default)
+            if value is _MISSING:
+                raise ContractError(f"field {p.path}: missing and has no default")
+            if p.action == "seal":
+                out[p.name] = b""
+            elif p.action == "record":
+                out[p.name] = None if value is None and p.nullable else self._project(p.child, value)
+            else:
+                out[p.name] = value
+        return out
+
+    def changed_clear_fields(self, sealed_projection: bytes, arrived_projection: bytes) -> list[str]:
+        """The paths of the clear fields (and nested records) that differ between the
+        projection a sender sealed and the one that arrived; names only, never values."""
+        try:
+            before = self._read_projection(sealed_projection)
+            after = self._read_projection(arrived_projection)
+        except Exception:
+            return []
+        changed: list[str] = []
+        self._diff(self._fields, before, after, changed)
+        return changed
+
+    def _read_projection(self, data: bytes) -> dict[str, Any]:
+        buf = io.BytesIO(data)
+        out = schemaless_reader(buf, self._wire_parsed, None)
+        if buf.tell() != len(data) or not isinstance(out, dict):
+            raise ValueError("not one projection")
+        return out
+
+    def _diff(self, plans: tuple[_FieldPlan, ...], a: dict[str, Any], b: dict[str, Any], out: list[str]) -> None:
+        for p in plans:
+            va, vb = a.get(p.name), b.get(p.name)
+            if p.action == "seal":
+                continue
+            if p.action == "record" and isinstance(va, dict) and isinstance(vb, dict):
+                self._diff(p.child, va, vb, out)
+            elif va != vb:
+                out.append(p.path)
+
     # -- wire bytes ---------------------------------------------------------------------------
     def encode_wire(self, wire: dict[str, Any]) -> bytes:
         """Single-object encoding of a wire record under the wire schema."""
