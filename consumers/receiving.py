@@ -4,11 +4,24 @@ Each message yields either a :class:`Received` (the fields granted to this recip
 fields withheld and why, what it may not pass on) or a :class:`Refused` naming why it could
 not be opened. A refused message is reported, never silently skipped, and never half-shown.
 Offsets are committed for the recipient's consumer group only after the caller has the batch.
+
+What ``receive`` accepts (issue 15, attacks 6 and 8): a message signed by the hub, addressed
+to this party (``rb-recipient``) and read from this party's own out topic; the signature is
+checked before any header is parsed, and anything that fails, whatever the exception, is a
+:class:`Refused` (reported, skipped, its offset committed), never a crash that would stop
+every later run at the same record. A message this party already has (same kind, referral id,
+version and decision id, or status id for a status) is a :class:`Duplicate`: reported, not
+delivered twice (:class:`ReceivedLedger`, a small 0600 SQLite file per party under the data
+dir).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sqlite3
+import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +33,7 @@ from referral_broker import adapters
 from referral_broker.cluster.clients import Record, build_consumer, commit_batch, drain
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
-from referral_broker.errors import BrokerError, ContractError, ReferralBrokerError, SealingError
+from referral_broker.errors import BrokerError, ContractError, ReferralBrokerError, SealingError, StoreError
 from referral_broker.identity import (
     H_DECISION,
     H_NO_ONWARD,
@@ -57,6 +70,21 @@ class Refused:
     partition: int
     offset: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A verified message this party has already received (a replayed or re-delivered copy):
+    reported, not delivered again."""
+
+    topic: str
+    partition: int
+    offset: int
+    referral_id: str
+    version: int
+    kind: str
+    message_id: str
+    first_received_ms: int
 
 
 KINDS = ("referral", "status")
@@ -116,15 +144,115 @@ def open_verified(
     return identity.retrying(attempt)
 
 
-def open_record(identity: Identity, record: Record) -> Received | Refused:
-    """Verify and open one record from the hub addressed to ``identity``'s party; a refusal
-    is reported as a :class:`Refused` naming why, never skipped."""
+def open_record(identity: Identity, record: Record, *, topic: str | None = None) -> Received | Refused:
+    """Verify and open one record from the hub addressed to ``identity``'s party, read from
+    ``topic`` (its out topic; not checked when None). A refusal is reported as a
+    :class:`Refused` naming why, never skipped; no exception other than a BrokerError (the
+    cluster itself failing) leaves this function, so one bad record cannot stop a receiver."""
     try:
+        if topic is not None and record.topic != topic:
+            raise SealingError(
+                f"message was read from another topic than {identity.party}'s out topic; refused"
+            )
         return open_verified(identity, record, sender=HUB)
     except BrokerError:
         raise
     except ReferralBrokerError as exc:
         return Refused(record.topic, record.partition, record.offset, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a parser's own: its type only, never its text (it may quote the record)
+        reason = f"malformed message ({type(exc).__name__} while verifying or opening it); refused"
+        return Refused(record.topic, record.partition, record.offset, reason)
+
+
+def message_id(item: Received) -> str:
+    """What makes a received message the same message again: the router's decision id for a
+    referral (a UUIDv5 of referral id, version and recipient, the same on every re-delivery),
+    the status id for a status, else a digest of the opened record."""
+    if item.decision_id:
+        return f"decision:{item.decision_id}"
+    status_id = item.record.get("status_id") if item.kind == "status" else None
+    if status_id is not None:
+        return f"status:{status_id}"
+    digest = hashlib.sha256(
+        json.dumps(item.record, sort_keys=True, default=json_default).encode()
+    ).hexdigest()
+    return f"digest:{digest}"
+
+
+def ledger_path(settings: Settings, party: str) -> Path:
+    return settings.paths_data_dir / "received" / f"{get_party(party).name}.sqlite3"
+
+
+_LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    kind TEXT NOT NULL,
+    referral_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (kind, referral_id, version, message_id)
+);
+"""
+
+
+class ReceivedLedger:
+    """What one party has received: (kind, referral id, version, message id) and when, no
+    content. A 0600 SQLite file in a 0700 folder under the data dir, created before SQLite
+    opens it (its journal takes the same mode); kept as long as the data dir."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = connection
+
+    @classmethod
+    def open(cls, settings: Settings, party: str) -> ReceivedLedger:
+        path = ledger_path(settings, party)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(path, 0o600)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.executescript(_LEDGER_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"the received-message record {path} cannot be opened ({type(exc).__name__})"
+            ) from None
+        return cls(path, db)
+
+    @staticmethod
+    def key(item: Received) -> tuple[str, str, int, str]:
+        return (item.kind, item.referral_id, item.version, message_id(item))
+
+    def first_received(self, key: tuple[str, str, int, str]) -> int | None:
+        """When (epoch ms) this message was first received, or None if never."""
+        row = self._db.execute(
+            "SELECT received_ms FROM received WHERE kind=? AND referral_id=? AND version=? AND message_id=?",
+            key,
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def record(self, keys: Iterable[tuple[str, str, int, str]], at_ms: int | None = None) -> None:
+        at_ms = int(time.time() * 1000) if at_ms is None else at_ms
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO received VALUES (?,?,?,?,?)", [(*k, at_ms) for k in keys]
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(
+                f"the received-message record {self.path} cannot be written ({type(exc).__name__})"
+            ) from None
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM received").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def receive(
@@ -135,16 +263,34 @@ def receive(
     stop_when_idle: float = 5.0,
     group_id: str | None = "default",
     identity: Identity | None = None,
-) -> Iterator[Received | Refused]:
+    ledger: ReceivedLedger | None = None,
+) -> Iterator[Received | Refused | Duplicate]:
     """Everything on ``party``'s out topic not yet received by its group (``group_id=None``:
-    everything, committing nothing)."""
+    everything, committing nothing). With a ``ledger``, a message already received is yielded
+    as a :class:`Duplicate` instead; what was delivered is recorded in it once the caller has
+    taken the batch (with the group's offsets)."""
     identity = identity or load_identity(settings, bootstrap, party)
     group = None if group_id is None else f"{settings.kafka_topic_prefix}receiver-{party}-{group_id}"
-    consumer = build_consumer(settings, bootstrap, [topic_name(settings, "out", party)], group_id=group)
+    out = topic_name(settings, "out", party)
+    consumer = build_consumer(settings, bootstrap, [out], group_id=group)
     try:
         for batch in drain(consumer, idle_s=stop_when_idle):
+            delivered: dict[tuple[str, str, int, str], int] = {}
             for record in batch:
-                yield open_record(identity, record)
+                item = open_record(identity, record, topic=out)
+                if ledger is not None and isinstance(item, Received):
+                    key = ReceivedLedger.key(item)
+                    first = delivered.get(key) or ledger.first_received(key)
+                    if first is not None:
+                        yield Duplicate(
+                            record.topic, record.partition, record.offset, item.referral_id,
+                            item.version, item.kind, key[3], first,
+                        )  # fmt: skip
+                        continue
+                    delivered[key] = int(time.time() * 1000)
+                yield item
+            if ledger is not None and delivered:
+                ledger.record(delivered)
             if group is not None:
                 commit_batch(consumer, batch)
     finally:
@@ -181,10 +327,21 @@ class PartnerReceiver:
 
     def receive(
         self, *, stop_when_idle: float = 5.0, group: str | None = "default"
-    ) -> Iterator[Received | Refused]:
-        return receive(
-            self.settings, self.bootstrap, self.party, stop_when_idle=stop_when_idle, group_id=group
-        )
+    ) -> Iterator[Received | Refused | Duplicate]:
+        """Verified, opened messages; a refused one as :class:`Refused`, one this party already
+        received (this party's ledger under the data dir) as :class:`Duplicate`."""
+        ledger = ReceivedLedger.open(self.settings, self.party)
+        try:
+            yield from receive(
+                self.settings,
+                self.bootstrap,
+                self.party,
+                stop_when_idle=stop_when_idle,
+                group_id=group,
+                ledger=ledger,
+            )
+        finally:
+            ledger.close()
 
     def render(self, items: Iterable[Received], out_dir: str | Path) -> list[Path]:
         """Write what was received in the partner's own format (JSON lines where it has none)."""
@@ -194,12 +351,13 @@ class PartnerReceiver:
         referrals = [i.record for i in received if i.kind == "referral"]
         statuses = [i.record for i in received if i.kind == "status"]
         written: list[Path] = []
-        if get_party(self.party).kind == "partner":
+        native = get_party(self.party).format
+        if native is not None:
             rendered: list[Path | None] = []
             if referrals:
-                rendered.append(adapters.render_file(self.party, json_records(referrals), out).path)
+                rendered.append(adapters.render_file(native, json_records(referrals), out).path)
             if statuses:
-                rendered.append(adapters.render_statuses(self.party, json_records(statuses), out).path)
+                rendered.append(adapters.render_statuses(native, json_records(statuses), out).path)
             return [p for p in rendered if p is not None]
         for name, rows in (("referrals.jsonl", referrals), ("statuses.jsonl", statuses)):
             if rows:

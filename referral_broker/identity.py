@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,14 +40,22 @@ H_WITHHELD = "rb-withheld"  # JSON {reason: [paths]}: what was withheld and why 
 H_NO_ONWARD = "rb-no-onward"  # JSON list of granted paths the recipient must not pass on
 H_REFERRER = "rb-referrer"  # the party that referred, to address status messages to
 H_DECISION = "rb-decision"  # the audit decision id this message was sent under
+H_UNRESOLVED = "rb-unresolved"  # JSON {recipient rule: reason}: who was not told and why
+
+
+# A router header longer than this is refused unread (every field path of the Referral
+# schema, JSON-encoded, is a few KiB).
+MAX_JSON_HEADER = 64 * 1024
 
 
 def _json_header(raw: bytes | None, name: str) -> Any:
     if raw is None:
         return None
+    if len(raw) > MAX_JSON_HEADER:
+        raise ContractError(f"header {name} is longer than {MAX_JSON_HEADER} bytes")
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ContractError(f"header {name} is not valid JSON") from None
 
 
@@ -73,38 +82,84 @@ def no_onward_from(raw: bytes | None) -> tuple[str, ...]:
     return tuple(paths)
 
 
+# Learned view schemas kept per identity (least recently used dropped first). The shipped
+# policy grants a few dozen distinct views; 256 leaves room for policy changes while a process
+# runs, and bounds what a stream of distinct (even validly signed) views can make it hold.
+MAX_LEARNED_VIEWS = 256
+
+
 class SchemaBook:
     """fingerprint -> schema for an opener: every shipped schema, plus view schemas learned
-    from a message's own ``rb-view`` header (checked against its ``rb-schema`` fingerprint)."""
+    from a message's own ``rb-view`` header (checked against its ``rb-schema`` fingerprint).
 
-    def __init__(self) -> None:
-        self._by_fp: dict[bytes, dict[str, Any]] = {v.fingerprint: v.schema for v in shipped_versions()}
-        self._views: dict[tuple[str, ...], bytes] = {}
+    Call :meth:`learn` only with headers whose signature has been verified
+    (:meth:`Identity.open` does). Learned views are an LRU of at most ``max_views``
+    (:data:`MAX_LEARNED_VIEWS`); any malformed header is a ``ContractError``, never another
+    exception, and its text is never echoed."""
+
+    def __init__(self, max_views: int = MAX_LEARNED_VIEWS) -> None:
+        self._shipped: dict[bytes, dict[str, Any]] = {v.fingerprint: v.schema for v in shipped_versions()}
+        self.max_views = max_views
+        # granted paths -> fingerprint, and fingerprint -> view schema, both in LRU order
+        self._views: OrderedDict[tuple[str, ...], bytes] = OrderedDict()
+        self._learned: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __call__(self, fingerprint: bytes) -> dict[str, Any] | None:
-        return self._by_fp.get(fingerprint)
+        shipped = self._shipped.get(fingerprint)
+        if shipped is not None:
+            return shipped
+        with self._lock:
+            view = self._learned.get(fingerprint)
+            if view is not None:
+                self._learned.move_to_end(fingerprint)
+            return view
 
-    def learn(self, headers: Iterable[tuple[str, bytes]]) -> None:
+    def __len__(self) -> int:
+        """How many learned views are held (shipped schemas not counted)."""
+        return len(self._learned)
+
+    def learn(self, headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes]) -> None:
         """Register the view schema a message names, if it names one."""
-        named = dict(headers)
+        named = dict(headers.items() if isinstance(headers, Mapping) else headers)
         raw = named.get(H_VIEW)
         if raw is None:
             return
+        granted = _granted_paths(raw)
+        with self._lock:
+            known = self._views.get(granted)
+            if known is not None and known in self._learned:
+                self._views.move_to_end(granted)
+                self._learned.move_to_end(known)
+                self._check_claim(named, known)
+                return
         try:
-            granted = tuple(json.loads(raw))
-        except (ValueError, TypeError):
-            raise ContractError("header rb-view is not a JSON list of field paths") from None
-        if granted in self._views:
-            return
-        view = view_schema(granted)
+            view = view_schema(granted)
+        except ContractError:
+            raise ContractError(f"header {H_VIEW} names field paths the Referral schema does not have") from None
         fp = schema_fingerprint(view)
-        claimed = named.get(H_SCHEMA, b"").decode("ascii", "replace")
-        if claimed != fp.hex():
-            raise ContractError(
-                f"header rb-view does not derive the schema {claimed or 'none'} named in rb-schema"
-            )
-        self._views[granted] = fp
-        self._by_fp[fp] = view
+        self._check_claim(named, fp)
+        with self._lock:
+            self._views[granted] = fp
+            self._learned[fp] = view
+            while len(self._views) > self.max_views:
+                _, dropped = self._views.popitem(last=False)
+                if dropped not in self._views.values():  # two grants can project to one schema
+                    self._learned.pop(dropped, None)
+
+    @staticmethod
+    def _check_claim(named: dict[str, bytes], fp: bytes) -> None:
+        claimed = named.get(H_SCHEMA, b"")
+        if claimed != fp.hex().encode():
+            raise ContractError(f"header {H_VIEW} does not derive the schema named in {H_SCHEMA}")
+
+
+def _granted_paths(raw: bytes) -> tuple[str, ...]:
+    """``rb-view`` as a sorted, de-duplicated tuple of field paths, or a ContractError."""
+    paths = _json_header(raw, H_VIEW)
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ContractError(f"header {H_VIEW} is not a JSON list of field paths")
+    return tuple(sorted(set(paths)))
 
 
 @dataclass
@@ -147,8 +202,9 @@ class Identity:
             return action(self)
 
     def open(self, record: ConsumedRecord) -> OpenedMessage:
-        """Verify and open a consumed record addressed to this party."""
-        self.schemas.learn(record.headers)
+        """Verify and open a consumed record addressed to this party. The signature is checked
+        before any header is parsed: an unsigned or forged record never reaches the view parser."""
+        self.schemas.learn(self.opener.verify(record))
         return self.opener.open(record)
 
 
