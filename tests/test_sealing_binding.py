@@ -1,0 +1,422 @@
+"""Sealed format 2 (issue 15, attack 7): the sealed fields are bound to who sealed them, for
+which topic, as which kind of message, and to the message's clear fields.
+
+The attack, as it was run: a charity copied a school's intake message, changed its clear fields
+(district, flags, priority) and signed the copy with its own key on its own intake topic; the
+hub opened it and routed the child's data to another district. Here that copy, and a copy
+moved to another topic, are dead-lettered by the real router on the real broker with a reason
+that names the cause, and nothing is delivered; every other way of re-binding a sealed copy is
+refused by the opener with its own reason; and messages written by the old code (sealed format
+1, ``tests/data/sealing_legacy_v1``) still open.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from county import CHARITY, FORMAT, SCHOOL, in_county
+from test_sealing_support import SCHEMA as TEST_SCHEMA
+from test_sealing_support import sample_referral
+
+from referral_broker.cluster.clients import Record, build_consumer, build_producer, drain
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.consumers.dead_letters import read_dead_letters
+from referral_broker.consumers.router import Router
+from referral_broker.errors import TamperedError
+from referral_broker.parties import all_parties
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas.registry import referral_schema
+from referral_broker.schemas.synth import synthetic_referrals
+from referral_broker.sealing import (
+    CaseKeyStore,
+    DekCache,
+    KeyDirectory,
+    KeyEntry,
+    KeyStore,
+    MessageOpener,
+    MessageSealer,
+    OutgoingMessage,
+    schema_book,
+    sealing_plan,
+)
+from referral_broker.sealing.envelope import (
+    H_BINDING,
+    H_FORMAT,
+    H_KIND,
+    H_SEALED_AT,
+    H_SENDER,
+    H_SENDER_KEY,
+    H_SIGNATURE,
+)
+from referral_broker.sealing.key_admin import init_parties
+from referral_broker.sealing.signing import sign_message
+
+HUB = "council"
+TEAM = "district-fenland"
+LEGACY = Path(__file__).parent / "data" / "sealing_legacy_v1"
+Headers = list[tuple[str, bytes]]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def school_referral(seed: int) -> dict[str, Any]:
+    """A synthetic referral from the school, in the fenland district (so a changed district
+    is a different team), naming the county's organisations."""
+    record = copy.deepcopy(next(iter(synthetic_referrals(1, seed=seed))))
+    record["referrer"]["partner"] = FORMAT[SCHOOL]
+    record["district"] = "fenland"
+    return in_county(record)
+
+
+def resigned(
+    record: Any,
+    keys_dir: Path,
+    signer: str,
+    topic: str,
+    *,
+    value: bytes | None = None,
+    set_headers: dict[str, bytes] | None = None,
+    drop: tuple[str, ...] = (),
+) -> Record:
+    """``record`` as ``signer`` would re-sign it for ``topic`` with its own real key: its
+    value (or ``value``) and headers kept, the sender headers and the signature replaced."""
+    pair = KeyStore.open(keys_dir, signer).active()
+    changes = {
+        H_SENDER: signer.encode(),
+        H_SENDER_KEY: pair.key_id.encode(),
+        H_SEALED_AT: str(int(time.time() * 1000)).encode(),
+        **(set_headers or {}),
+    }
+    headers: Headers = [
+        (n, changes.get(n, v)) for n, v in record.headers if n != H_SIGNATURE and n not in drop
+    ]
+    value = record.value if value is None else value
+    headers.append((H_SIGNATURE, sign_message(pair.signing, topic, record.key, headers, value)))
+    return Record(topic, 0, 0, record.key, value, headers, 0)
+
+
+def edited_clear_fields(value: bytes) -> bytes:
+    """The attack's edit of the clear fields: another district, flags flipped, another priority."""
+    plan = sealing_plan(referral_schema())
+    wire = plan.decode_wire(value)
+    wire["district"] = "cambridge" if wire["district"] != "cambridge" else "fenland"
+    wire["flags"] = {name: not on for name, on in wire["flags"].items()}
+    wire["priority"] = "urgent" if wire["priority"] != "urgent" else "routine"
+    return plan.encode_wire(wire)
+
+
+def produce(settings: Settings, bootstrap: str, records: list[Record]) -> None:
+    producer = build_producer(settings, bootstrap)
+    try:
+        for r in records:
+            producer.send(r.topic, r.value or b"", key=r.key, headers=list(r.headers))
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def read_topic(settings: Settings, bootstrap: str, topic: str) -> list[Record]:
+    consumer = build_consumer(settings, bootstrap, [topic], group_id=None)
+    try:
+        return [r for batch in drain(consumer, idle_s=2) for r in batch]
+    finally:
+        consumer.close()
+
+
+def secrets_of(record: dict[str, Any]) -> list[str]:
+    """Distinctive sealed values of a synthetic referral, which no error may carry."""
+    child = record["child"]
+    found = [child["given_name"], child["family_name"], record["identifiers"]["nhs_number"]]
+    return [s for s in found if s and len(s) >= 4]  # a shorter one could match any text
+
+
+@pytest.fixture
+def broker(topics: Settings, kafka_bootstrap: str) -> Settings:
+    """The topic plan plus keys for every party, published on the keys topic."""
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    return topics
+
+
+# -- the attack on the real broker --------------------------------------------------------------
+def test_a_school_intake_copied_edited_and_resigned_by_a_charity_is_dead_lettered(
+    broker: Settings, kafka_bootstrap: str
+) -> None:
+    referral = school_referral(seed=701)
+    with IntakeSender(broker, kafka_bootstrap, SCHOOL) as sender:
+        sender.send_referrals([referral])
+    first = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert first.routed == 1 and first.dead_lettered == 0  # the school's own message is fine
+    audited_before = len(read_topic(broker, kafka_bootstrap, topic_name(broker, "audit")))
+
+    # The charity copies the school's intake message, edits the clear fields and re-signs the
+    # copy with its own key for its own intake topic.
+    (original,) = read_topic(broker, kafka_bootstrap, topic_name(broker, "intake", SCHOOL))
+    charity_topic = topic_name(broker, "intake", CHARITY)
+    forged = resigned(
+        original, broker.keys_dir, CHARITY, charity_topic, value=edited_clear_fields(original.value or b"")
+    )
+    produce(broker, kafka_bootstrap, [forged])
+
+    second = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert second.consumed == 1 and second.dead_lettered == 1
+    assert second.routed == 0 and second.delivered == 0 and second.audited == 0
+    letters = [d for _, d in read_dead_letters(broker, kafka_bootstrap)]
+    assert len(letters) == 1
+    (letter,) = letters
+    assert letter.source_topic == charity_topic and letter.stage == "verify-open"
+    assert letter.reason.startswith("TamperedError: re-signed copy")
+    assert f"sealed by {SCHOOL}" in letter.reason and f"signed by {CHARITY}" in letter.reason
+    assert not any(secret in letter.reason for secret in secrets_of(referral))
+    # nothing reached the district the edit named, nor anyone else: no audit, no delivery
+    cambridge = read_topic(broker, kafka_bootstrap, topic_name(broker, "out", "district-cambridge"))
+    assert not [r for r in cambridge if r.key == original.key]
+    assert len(read_topic(broker, kafka_bootstrap, topic_name(broker, "audit"))) == audited_before
+
+
+def test_a_moved_copy_and_a_copy_with_edited_clear_fields_are_dead_lettered(
+    broker: Settings, kafka_bootstrap: str
+) -> None:
+    """Even the party that sealed it cannot re-sign its message onto another topic, or with
+    other clear fields: the sealed fields stay bound to the topic and clear fields they were
+    sealed with. The original still routes, once."""
+    referral = school_referral(seed=702)
+    with IntakeSender(broker, kafka_bootstrap, SCHOOL) as sender:
+        sender.send_referrals([referral])
+    intake = topic_name(broker, "intake", SCHOOL)
+    (original,) = read_topic(broker, kafka_bootstrap, intake)
+    status_topic = topic_name(broker, "status", SCHOOL)
+    moved = resigned(original, broker.keys_dir, SCHOOL, status_topic, set_headers={H_KIND: b"status"})
+    edited = resigned(
+        original, broker.keys_dir, SCHOOL, intake, value=edited_clear_fields(original.value or b"")
+    )
+    produce(broker, kafka_bootstrap, [moved, edited])
+
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.routed == 1 and stats.dead_lettered == 2 and stats.statuses == 0
+    by_topic = {d.source_topic: d.reason for _, d in read_dead_letters(broker, kafka_bootstrap)}
+    assert by_topic[status_topic].startswith("TamperedError: moved: the sealed fields were sealed for topic")
+    assert intake in by_topic[status_topic] and f"on topic {status_topic}" in by_topic[status_topic]
+    changed = by_topic[intake]
+    assert changed.startswith("TamperedError: clear fields changed after sealing: ")
+    named = changed.split(": ", 2)[2].removesuffix("; refused").split(", ")
+    assert {"district", "priority"} <= set(named) and any(n.startswith("flags.") for n in named)
+    for reason in by_topic.values():
+        assert not any(secret in reason for secret in secrets_of(referral))
+
+
+# -- every re-binding refused by the opener, with its cause --------------------------------------
+@pytest.fixture
+def parties(tmp_path: Path) -> dict[str, KeyStore]:
+    return {p: KeyStore.create(tmp_path / "keys", p) for p in (SCHOOL, CHARITY, HUB)}
+
+
+def opener_and_message(
+    parties: dict[str, KeyStore], seed: int = 1
+) -> tuple[MessageOpener, Record, dict[str, Any]]:
+    directory = KeyDirectory(e for s in parties.values() for e in s.public_entries())
+    referral = school_referral(seed)
+    msg = MessageSealer(parties[SCHOOL], directory).seal(
+        referral,
+        referral_schema(),
+        topic="referrals.intake." + SCHOOL,
+        recipient=HUB,
+        referral_id=str(referral["referral_id"]),
+        referral_version=referral["version"],
+    )
+    record = Record(msg.topic, 0, 0, msg.key, msg.value, list(msg.headers), 0)
+    return MessageOpener(parties[HUB], directory), record, referral
+
+
+def test_each_rebinding_is_refused_with_its_cause(parties: dict[str, KeyStore], tmp_path: Path) -> None:
+    opener, good, referral = opener_and_message(parties)
+    keys = tmp_path / "keys"
+    opened = opener.open(good)
+    assert opened.record == referral and opened.sealed_format == 2
+    assert dict(good.headers)[H_FORMAT] == b"2" and H_BINDING in dict(good.headers)
+    plan = sealing_plan(referral_schema())
+    wire = plan.decode_wire(good.value or b"")
+    # a nested record of sealed fields, dropped from the copy (the old format let that through)
+    dropped = next(n for n in ("home_circumstances", "health_and_development", "send", "school") if wire[n])
+    nulled = dict(wire, **{dropped: None})
+    cases = [
+        (
+            resigned(good, keys, CHARITY, "referrals.intake." + CHARITY),
+            f"re-signed copy: the sealed fields were sealed by {SCHOOL}, but this message is signed by {CHARITY}",
+        ),
+        (
+            resigned(good, keys, SCHOOL, "referrals.status." + SCHOOL),
+            f"moved: the sealed fields were sealed for topic referrals.intake.{SCHOOL}, but this message is "
+            f"on topic referrals.status.{SCHOOL}",
+        ),
+        (
+            resigned(good, keys, SCHOOL, good.topic, set_headers={H_KIND: b"status"}),
+            "relabelled: the sealed fields were sealed as a referral message, but this message says status",
+        ),
+        (
+            resigned(good, keys, SCHOOL, good.topic, value=edited_clear_fields(good.value or b"")),
+            "clear fields changed after sealing: district, priority, flags",
+        ),
+        (
+            resigned(good, keys, SCHOOL, good.topic, value=plan.encode_wire(nulled)),
+            f"clear fields changed after sealing: {dropped}; refused",
+        ),
+        (
+            # the downgrade: labelled format 1 (no binding) to escape the binding
+            resigned(
+                good,
+                keys,
+                CHARITY,
+                "referrals.intake." + CHARITY,
+                set_headers={H_FORMAT: b"1"},
+                drop=(H_BINDING,),
+            ),
+            "sealed-value format version 2 in a message of sealed format 1",
+        ),
+        (
+            resigned(good, keys, SCHOOL, good.topic, drop=(H_BINDING,)),
+            f"lacks sealing header {H_BINDING}",
+        ),
+    ]
+    for record, reason in cases:
+        with pytest.raises(TamperedError) as info:
+            opener.open(record)
+        assert reason in str(info.value), (reason, str(info.value))
+        assert not any(secret in str(info.value) for secret in secrets_of(referral))
+
+
+def test_a_binding_taken_from_another_message_does_not_open(
+    parties: dict[str, KeyStore], tmp_path: Path
+) -> None:
+    """Two messages under one cached data key: the sealed binding of one, put on the other
+    (re-signed by its own sender), is refused: it is bound to its own referral."""
+    directory = KeyDirectory(e for s in parties.values() for e in s.public_entries())
+    sealer = MessageSealer(parties[SCHOOL], directory, cache=DekCache(100, 300.0))
+    msgs: list[OutgoingMessage] = []
+    for seed in (11, 12):
+        referral = school_referral(seed)
+        msgs.append(
+            sealer.seal(
+                referral,
+                referral_schema(),
+                topic="referrals.intake." + SCHOOL,
+                recipient=HUB,
+                referral_id=str(referral["referral_id"]),
+                referral_version=referral["version"],
+            )
+        )
+    a, b = (Record(m.topic, 0, 0, m.key, m.value, list(m.headers), 0) for m in msgs)
+    swapped = resigned(
+        a, tmp_path / "keys", SCHOOL, a.topic, set_headers={H_BINDING: dict(b.headers)[H_BINDING]}
+    )
+    with pytest.raises(TamperedError, match=r"sealed binding .* authentication failed"):
+        MessageOpener(parties[HUB], directory).open(swapped)
+
+
+def test_varied_referrals_round_trip_in_the_new_format(parties: dict[str, KeyStore]) -> None:
+    """The clear-field digest is the same before sealing and after decoding, whatever the
+    record holds (optional records present or null, empty arrays, every enum)."""
+    directory = KeyDirectory(e for s in parties.values() for e in s.public_entries())
+    sealer = MessageSealer(parties[SCHOOL], directory)
+    opener = MessageOpener(parties[HUB], directory)
+    rng = random.Random(15)
+    for record in synthetic_referrals(25, seed=rng.randrange(10_000)):
+        msg = sealer.seal(
+            record,
+            referral_schema(),
+            topic="referrals.intake." + SCHOOL,
+            recipient=HUB,
+            referral_id=str(record["referral_id"]),
+            referral_version=record["version"],
+        )
+        assert opener.open(Record(msg.topic, 0, 0, msg.key, msg.value, msg.headers, 0)).record == record
+
+
+# -- messages in the old format still open -----------------------------------------------------
+def legacy_keys(tmp_path: Path) -> Path:
+    """The fixture's key stores, copied with the permissions a key store must have."""
+    keys = tmp_path / "legacy-keys"
+    shutil.copytree(LEGACY / "keys", keys)
+    for path in [keys, *keys.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    return keys
+
+
+def test_messages_sealed_by_the_old_code_still_open(
+    kafka_bootstrap: str, settings: Settings, tmp_path: Path
+) -> None:
+    """The format-1 fixture (an intake for the hub and a case-sealed copy for a district team,
+    written by the code before this format) goes through the real broker and opens; a receiver
+    built without legacy support refuses it with the reason."""
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    from referral_broker.cluster.topics import admin_client
+
+    doc = json.loads((LEGACY / "messages.json").read_text("utf-8"))
+    b64 = base64.b64decode
+    fixtures = [
+        Record(m["topic"], 0, 0, b64(m["key"]), b64(m["value"]), [(n, b64(v)) for n, v in m["headers"]], 0)
+        for m in doc["messages"]
+    ]
+    assert all(dict(r.headers)[H_FORMAT] == b"1" and H_BINDING not in dict(r.headers) for r in fixtures)
+    # The signature covers the topic, so the fixture's own topics (a prefix no deployment uses).
+    admin = admin_client(settings, kafka_bootstrap)
+    try:
+        for r in fixtures:
+            with contextlib.suppress(TopicAlreadyExistsError):  # made by an earlier run
+                admin.create_topics([NewTopic(r.topic, 1, 1)])
+    finally:
+        admin.close()
+    produce(settings, kafka_bootstrap, fixtures)
+    arrived = {r.topic: r for r in fixtures}
+    for topic in arrived:
+        got = [r for r in read_topic(settings, kafka_bootstrap, topic) if r.value == arrived[topic].value]
+        assert got, topic  # read back from the broker, byte for byte
+        arrived[topic] = got[-1]
+
+    keys = legacy_keys(tmp_path)
+    directory = KeyDirectory(
+        KeyEntry.from_json(e) for e in json.loads((LEGACY / "directory.json").read_text())["keys"]
+    )
+    at = doc["sealed_at"] + 60
+    expected = sample_referral(7)
+    intake, routed = (arrived[m["topic"]] for m in doc["messages"])
+
+    hub = MessageOpener(KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA))
+    opened = hub.open(intake, now=at)
+    assert opened.record == expected and opened.sealed_format == 1 and opened.sender == doc["sender"]
+
+    team = MessageOpener(
+        KeyStore.open(keys, doc["team"]),
+        directory,
+        schema_book(TEST_SCHEMA),
+        case_keys=CaseKeyStore.open(keys).lookup,
+    )
+    opened = team.open(routed, now=at)
+    assert opened.record == expected and opened.sealed_format == 1 and opened.case_id == "ref-0007"
+    assert dict(opened.extra_headers)["rb-referrer"] == doc["sender"].encode()
+
+    strict = MessageOpener(
+        KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA), accept_legacy=False
+    )
+    with pytest.raises(TamperedError, match="sealed format 1, which binds neither the sender"):
+        strict.open(intake, now=at)
+    # Relabelled as format 2 by its own sender, an old message does not pass as a new one.
+    relabelled = resigned(
+        intake,
+        keys,
+        doc["sender"],
+        intake.topic,
+        set_headers={H_FORMAT: b"2", H_SEALED_AT: str(int(doc["sealed_at"] * 1000)).encode()},
+    )
+    with pytest.raises(TamperedError, match="lacks sealing header rb-binding"):
+        hub.open(relabelled, now=at)
