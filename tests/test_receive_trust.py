@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import county
 import pytest
 from kafka import KafkaProducer
 from test_inbox_fixtures import Pipeline, as_record, district_of, make_pipeline
@@ -53,9 +54,9 @@ from referral_broker.schemas.views import field_paths
 from referral_broker.sealing import KeyStore
 from referral_broker.sealing.envelope import H_SCHEMA
 
-# Party names in one place (the organisation switch of issue 13 renames them).
-SCHOOL = "school-110123"
-CHARITY = "charity-1190001"
+# Party names in one place (organisations since issue 13; tests/county.py names the county).
+SCHOOL = county.SCHOOL
+CHARITY = county.CHARITY
 TEAM = "district-fenland"
 OTHER_TEAM = "district-cambridge"
 
@@ -117,7 +118,7 @@ def referral(pipeline: Pipeline, seed: int, *, team: str = TEAM, partner: str = 
     org = get_party(partner)
     record["referrer"]["partner"] = org.format or org.kind  # the partner kind, in the clear
     record["referrer"]["organisation"] = org.description
-    return record
+    return county.in_county(record)
 
 
 def receive_json(cli: Callable[..., Any], party: str, *extra: str) -> tuple[int, dict[str, Any], str]:

@@ -4,6 +4,7 @@ one reload of the key directory on a key id it does not know, on real keys and a
 from __future__ import annotations
 
 import pytest
+from county import POLICE
 from test_inbox_fixtures import OTHER_TEAM, REFERRER, TEAM, Pipeline, as_record, make_pipeline
 
 from referral_broker.cluster.topics import topic_name
@@ -47,13 +48,13 @@ def test_a_message_not_from_the_expected_sender_is_refused(pipeline: Pipeline) -
     direct = pipeline.partner(REFERRER).sealer.seal(
         record,
         referral_schema(),
-        topic=topic_name(pipeline.settings, "out", "police"),
-        recipient="police",
+        topic=topic_name(pipeline.settings, "out", POLICE),
+        recipient=POLICE,
         referral_id=record["referral_id"],
         referral_version=record["version"],
         kind="referral",
     )
-    police = pipeline.partner("police")
+    police = pipeline.partner(POLICE)
     with pytest.raises(SealingError, match=f"signed by {REFERRER}, not by {HUB}"):
         open_verified(police, as_record(direct), sender=HUB)
     assert isinstance(open_record(police, as_record(direct)), Refused)
