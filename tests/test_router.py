@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from county import CHARITY, FORMAT, OTHER_SCHOOL, PARTNERS, POLICE, SCHOOL, in_county
 
 from referral_broker.cluster.clients import build_consumer, build_producer, drain
 from referral_broker.cluster.topics import topic_name
@@ -26,7 +27,8 @@ from referral_broker.schemas.registry import audit_decision_schema, referral_sch
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing.key_admin import init_parties
 
-PARTNERS = ["schools", "health", "dwp", "police", "charities"]
+TEAM = "district-cambridge"
+OTHER_TEAM = "district-fenland"
 NOW = datetime.now(UTC)
 
 
@@ -37,13 +39,15 @@ def broker(topics: Settings, kafka_bootstrap: str) -> Settings:
     return topics
 
 
-def referrals_from(partner: str, count: int, seed: int, **changes: Any) -> list[dict[str, Any]]:
+def referrals_from(sender: str, count: int, seed: int, **changes: Any) -> list[dict[str, Any]]:
+    """Synthetic referrals from the organisation ``sender`` (its partner kind as the referrer),
+    naming the county's school, GP practice and charities for their district."""
     out = []
     for record in synthetic_referrals(count, seed=seed):
         record = copy.deepcopy(record)
-        record["referrer"]["partner"] = partner
+        record["referrer"]["partner"] = FORMAT[sender]
         record.update(changes)
-        out.append(record)
+        out.append(in_county(record))
     return out
 
 
@@ -78,10 +82,13 @@ def received_by(settings: Settings, bootstrap: str, party: str) -> list[Received
 
 def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka_bootstrap: str) -> None:
     sent: dict[str, str] = {}
-    for i, partner in enumerate(PARTNERS):
-        with IntakeSender(broker, kafka_bootstrap, partner) as sender:
-            for s in sender.send_referrals(referrals_from(partner, 6, seed=100 + i)):
-                sent[s.referral_id] = partner
+    records: dict[str, dict[str, Any]] = {}
+    for i, sender_party in enumerate(PARTNERS):
+        batch = referrals_from(sender_party, 6, seed=100 + i)
+        records.update({str(r["referral_id"]): r for r in batch})
+        with IntakeSender(broker, kafka_bootstrap, sender_party) as sender:
+            for s in sender.send_referrals(batch):
+                sent[s.referral_id] = sender_party
     stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.routed == len(sent) and stats.dead_lettered == 0
 
@@ -92,12 +99,25 @@ def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka
     ]
     delivered_audits = {(str(a["referral_id"]), a["recipient"]) for a in audits if a["fields_shared"]}
     assert {str(a["referral_id"]) for a in audits} == set(sent)  # every referral has decisions
+    parties = all_parties()
+    for a in audits:
+        if a["unresolved_reason"]:  # a rule that found no organisation: nothing sent to anyone
+            assert a["recipient"] not in parties and a["recipient_rules"] == [a["recipient"]]
+            assert a["delivered"] is False and a["fields_shared"] == []
+        elif a["delivered"] and parties[a["recipient"]].org.kind.value == "school":
+            # a school receives only the referrals that name it as the child's school
+            urn = (records[str(a["referral_id"])].get("school") or {}).get("urn")
+            assert a["recipient"] == f"school-{urn}"
 
-    seen_recipients = set()
-    for party in policy.recipients():
+    seen_recipients: set[str] = set()
+    received: set[tuple[str, str]] = set()
+    for party, found in sorted(parties.items()):
+        if not found.receives:
+            continue
         allowed = {f["path"] for f in explain(policy, party)["fields"]}
         for msg in received_by(broker, kafka_bootstrap, party):
             seen_recipients.add(party)
+            received.add((msg.referral_id, party))
             present = leaf_paths(msg.record)
             # an empty array or absent record shows as its own path: fine if it holds only granted fields
             beyond = {p for p in present - allowed if not any(a.startswith(p + ".") for a in allowed)}
@@ -105,7 +125,10 @@ def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka
             assert not present & set(msg.withheld), f"{party} got withheld fields"
             assert (msg.referral_id, party) in delivered_audits  # every delivery has its audit record
             assert sent[msg.referral_id] != party  # never back to the referrer
-    assert {"schools", "health", "charities"} & seen_recipients
+    assert received == delivered_audits  # every delivered decision reached its organisation
+    kinds = {parties[p].org.kind.value for p in seen_recipients if parties[p].org is not None}
+    assert {"school", "nhs_organisation", "charity", "police_force"} <= kinds
+    assert any(a["unresolved_reason"] for a in audits)  # these referrals leave some rules unresolved
     assert any(r.startswith("district-") for r in seen_recipients)
 
 
@@ -124,7 +147,7 @@ def test_police_only_with_flag_and_override_audited(broker: Settings, kafka_boot
         "approved_by": {"role": "Early Help team manager", "name": "Synthetic Approver"},
         "approved_at": NOW.replace(microsecond=0),
     }
-    base = referrals_from("schools", 3, seed=5, consent=consent)
+    base = referrals_from(SCHOOL, 3, seed=5, consent=consent)
     no_flag = {**base[0], "flags": flags_off, "concern_types": ["parenting"], "sharing_override": None}
     flag_no_override = {
         **base[1],
@@ -143,17 +166,17 @@ def test_police_only_with_flag_and_override_audited(broker: Settings, kafka_boot
         r["concerns"] = [
             {"type": t, "detail": "Synthetic concern detail", "since": None} for t in r["concern_types"]
         ]
-    with IntakeSender(broker, kafka_bootstrap, "schools") as sender:
+    with IntakeSender(broker, kafka_bootstrap, SCHOOL) as sender:
         sender.send_referrals(records)
     Router(broker, kafka_bootstrap).run(stop_when_idle=3)
 
-    police = {m.referral_id for m in received_by(broker, kafka_bootstrap, "police")}
+    police = {m.referral_id for m in received_by(broker, kafka_bootstrap, POLICE)}
     assert police == {str(flag_override["referral_id"])}
     audits = [
         codec.decode(r.value, audit_decision_schema())
         for r in read_all(broker, kafka_bootstrap, topic_name(broker, "audit"))
     ]
-    police_audits = {str(a["referral_id"]): a for a in audits if a["recipient"] == "police"}
+    police_audits = {str(a["referral_id"]): a for a in audits if a["recipient"] == POLICE}
     assert str(no_flag["referral_id"]) not in police_audits  # never a candidate without the flag
     blocked = police_audits[str(flag_no_override["referral_id"])]
     assert blocked["fields_shared"] == [] and "basis:none" in blocked["conditions_met"]
@@ -170,10 +193,10 @@ def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
     broker: Settings, kafka_bootstrap: str
 ) -> None:
     rng = random.Random(1)
-    topic = topic_name(broker, "intake", "charities")
-    good = referrals_from("charities", 5, seed=9)
+    topic = topic_name(broker, "intake", CHARITY)
+    good = referrals_from(CHARITY, 5, seed=9)
     producer = build_producer(broker, kafka_bootstrap)
-    with IntakeSender(broker, kafka_bootstrap, "charities") as sender:
+    with IntakeSender(broker, kafka_bootstrap, CHARITY) as sender:
         for i in range(1000):
             producer.send(topic, rng.randbytes(rng.randrange(0, 300)), key=str(i).encode())
             if i % 200 == 0:
@@ -181,10 +204,10 @@ def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
                 sender.send_referrals([good[i // 200]])
         producer.flush()
     producer.close()
-    # a valid envelope with invalid content: a referral signed by schools on the charities topic
-    with IntakeSender(broker, kafka_bootstrap, "schools") as impostor:
+    # a valid envelope with invalid content: a referral signed by the school on the charity's topic
+    with IntakeSender(broker, kafka_bootstrap, SCHOOL) as impostor:
         msg = impostor.identity.sealer.seal(
-            referrals_from("schools", 1, seed=11)[0],
+            referrals_from(SCHOOL, 1, seed=11)[0],
             impostor.canonical,
             topic=topic,
             recipient="council",
@@ -207,7 +230,7 @@ def test_garbage_goes_to_dead_letters_and_good_messages_still_flow(
     assert len(letters) == 1001
     assert all(d.source_topic == topic and d.reason for d in letters)
     assert Counter(d.stage for d in letters)["verify-open"] == 1001
-    assert any("signed by schools" in d.reason for d in letters)
+    assert any(f"signed by {SCHOOL}" in d.reason for d in letters)
 
 
 def test_router_instances_are_stable_slots_never_shared(settings: Settings) -> None:
@@ -236,14 +259,14 @@ def test_router_takes_its_sealer(broker: Settings, kafka_bootstrap: str) -> None
     projections, no crypto."""
     from referral_broker.consumers.router_bench import PlainSealer
 
-    topic = topic_name(broker, "intake", "schools")
-    records = referrals_from("schools", 5, seed=51, district="fenland")
+    topic = topic_name(broker, "intake", SCHOOL)
+    records = referrals_from(SCHOOL, 5, seed=51, district="fenland")
     producer = build_producer(broker, kafka_bootstrap)
     for r in records:
         producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
     producer.flush()
     producer.close()
-    stats = Router(broker, kafka_bootstrap, sealer=PlainSealer("schools")).run(stop_when_idle=3)
+    stats = Router(broker, kafka_bootstrap, sealer=PlainSealer(SCHOOL)).run(stop_when_idle=3)
     assert stats.routed == 5 and stats.dead_lettered == 0
     archive = read_all(broker, kafka_bootstrap, topic_name(broker, "archive"))
     canonical = referral_schema()
@@ -253,40 +276,41 @@ def test_router_takes_its_sealer(broker: Settings, kafka_bootstrap: str) -> None
 
 
 def test_status_travels_back_to_the_referrer_sealed(broker: Settings, kafka_bootstrap: str) -> None:
-    record = referrals_from("schools", 1, seed=31, district="cambridge")[0]
-    with IntakeSender(broker, kafka_bootstrap, "schools") as sender:
+    record = referrals_from(SCHOOL, 1, seed=31, district="cambridge")[0]
+    with IntakeSender(broker, kafka_bootstrap, SCHOOL) as sender:
         sender.send_referrals([record])
     Router(broker, kafka_bootstrap).run(stop_when_idle=3)
-    arrived = received_by(broker, kafka_bootstrap, "district-cambridge")
-    assert [m.referrer for m in arrived] == ["schools"]
+    arrived = received_by(broker, kafka_bootstrap, TEAM)
+    assert [m.referrer for m in arrived] == [SCHOOL]
     status = {
         "status_id": uuid.uuid4(),
         "referral_id": record["referral_id"],
         "version": record["version"],
-        "from_party": "district-cambridge",
+        "from_party": TEAM,
         "to_party": arrived[0].referrer,
         "status": "declined",
         "reason": "Synthetic: already open to another service",
         "at": NOW.replace(microsecond=0),
         "actor_role": "Early Help practitioner",
     }
-    with IntakeSender(broker, kafka_bootstrap, "district-cambridge") as team:
+    with IntakeSender(broker, kafka_bootstrap, TEAM) as team:
         team.send_status(status)
     stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.statuses == 1 and stats.dead_lettered == 0
-    statuses = [m for m in received_by(broker, kafka_bootstrap, "schools") if m.kind == "status"]
+    statuses = [m for m in received_by(broker, kafka_bootstrap, SCHOOL) if m.kind == "status"]
     assert len(statuses) == 1
     got = statuses[0].record
     assert (
         got["status"] == "declined"
         and got["reason"] == status["reason"]
-        and got["from_party"] == "district-cambridge"
+        and got["from_party"] == TEAM
     )
-    raw = read_all(broker, kafka_bootstrap, topic_name(broker, "out", "schools"))
+    assert not received_by(broker, kafka_bootstrap, OTHER_SCHOOL)  # only the referrer hears back
+    raw = read_all(broker, kafka_bootstrap, topic_name(broker, "out", SCHOOL))
     assert all(status["reason"].encode() not in r.value for r in raw)  # sealed on the wire
     # a status claiming to come from another team than its sender is a dead letter
-    forged = {**status, "status_id": uuid.uuid4(), "from_party": "district-fenland"}
-    with IntakeSender(broker, kafka_bootstrap, "district-cambridge") as team:
+    forged = {**status, "status_id": uuid.uuid4(), "from_party": OTHER_TEAM}
+    with IntakeSender(broker, kafka_bootstrap, TEAM) as team:
         team.send_status(forged)
     stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.dead_lettered == 1 and stats.statuses == 0
@@ -296,11 +320,11 @@ def test_message_from_a_revoked_sender_is_a_dead_letter(broker: Settings, kafka_
     from referral_broker.sealing import KeyStore
     from referral_broker.sealing.key_admin import revoke
 
-    with IntakeSender(broker, kafka_bootstrap, "charities") as sender:
-        sender.send_referrals(referrals_from("charities", 2, seed=41))
-    revoke(broker, KeyStore.open(broker.keys_dir, "charities").active().key_id, bootstrap=kafka_bootstrap)
-    with IntakeSender(broker, kafka_bootstrap, "schools") as sender:
-        sender.send_referrals(referrals_from("schools", 1, seed=42))
+    with IntakeSender(broker, kafka_bootstrap, CHARITY) as sender:
+        sender.send_referrals(referrals_from(CHARITY, 2, seed=41))
+    revoke(broker, KeyStore.open(broker.keys_dir, CHARITY).active().key_id, bootstrap=kafka_bootstrap)
+    with IntakeSender(broker, kafka_bootstrap, SCHOOL) as sender:
+        sender.send_referrals(referrals_from(SCHOOL, 1, seed=42))
     stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.routed == 1 and stats.dead_lettered == 2
     reasons = [d.reason for _, d in read_dead_letters(broker, kafka_bootstrap)]
