@@ -31,6 +31,19 @@ class Settings:
     kafka_topic_prefix: str = ""
     kafka_topic_profile: str = "local"
     kafka_request_timeout_ms: int = 15_000
+    # [kafka] security, with Kafka's conventional names (security.protocol, sasl.mechanism,
+    # sasl.username, sasl.password_file, ssl.cafile, ssl.certfile, ssl.keyfile). Empty protocol:
+    # inferred (SASL_SSL with a username, SSL with a CA file), else the local broker's own
+    # client file when the address is a local broker, else PLAINTEXT (cluster/security.py).
+    kafka_security_protocol: str = ""
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    # only from the environment (KAFKA_SASL_PASSWORD), never from the settings file
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_sasl_password_file: Path | None = None  # must be 0600
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None  # unencrypted PEM, must be 0600
     # [local] the broker the project runs itself when no cluster is configured
     local_kafka_version: str = "4.3.1"
     local_port: int = 19092
@@ -73,6 +86,11 @@ class Settings:
         return self.kafka_bootstrap_servers or f"127.0.0.1:{self.local_port}"
 
     @property
+    def local_run_dir(self) -> Path:
+        """The local broker's folder (data, logs, certificates, client file) for its port."""
+        return self.paths_cache_dir / "local-broker" / str(self.local_port)
+
+    @property
     def keys_dir(self) -> Path:
         return self.paths_data_dir / "keys"
 
@@ -87,6 +105,14 @@ class Settings:
 # Environment variables with conventional names first, then the project's own.
 ENV_VARS: dict[str, str] = {
     "KAFKA_BOOTSTRAP_SERVERS": "kafka_bootstrap_servers",
+    "KAFKA_SECURITY_PROTOCOL": "kafka_security_protocol",
+    "KAFKA_SASL_MECHANISM": "kafka_sasl_mechanism",
+    "KAFKA_SASL_USERNAME": "kafka_sasl_username",
+    "KAFKA_SASL_PASSWORD": "kafka_sasl_password",
+    "KAFKA_SASL_PASSWORD_FILE": "kafka_sasl_password_file",
+    "KAFKA_SSL_CAFILE": "kafka_ssl_cafile",
+    "KAFKA_SSL_CERTFILE": "kafka_ssl_certfile",
+    "KAFKA_SSL_KEYFILE": "kafka_ssl_keyfile",
     "REFERRAL_BROKER_TOPIC_PREFIX": "kafka_topic_prefix",
     "REFERRAL_BROKER_TOPIC_PROFILE": "kafka_topic_profile",
     "REFERRAL_BROKER_LOCAL_PORT": "local_port",
@@ -129,12 +155,32 @@ def _from_file(path: Path) -> dict[str, Any]:
     for table, entries in doc.items():
         if not isinstance(entries, dict):
             raise ConfigError(f"{path}: top-level key '{table}' must be a table like [{table}]")
-        for key, raw in entries.items():
-            name = f"{table}_{key}"
+        for key, raw in _flatten(entries):
+            name = f"{table}_{key}".replace(".", "_")
+            if name in _ENV_ONLY:
+                raise ConfigError(
+                    f"{path}: [{table}] {key} is not read from a settings file; put the password in "
+                    "a file of its own (sasl.password_file, mode 0600) or in KAFKA_SASL_PASSWORD"
+                )
             if name not in _FIELDS:
                 raise ConfigError(f"{path}: unknown setting [{table}] {key}")
             values[name] = _coerce(name, raw, str(path))
     return values
+
+
+_ENV_ONLY = {"kafka_sasl_password"}
+
+
+def _flatten(entries: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Dotted TOML keys (``security.protocol = "SASL_SSL"``, Kafka's own spelling) become
+    nested tables; read them back as ``security_protocol``."""
+    out: list[tuple[str, Any]] = []
+    for key, raw in entries.items():
+        if isinstance(raw, dict):
+            out += _flatten(raw, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", raw))
+    return out
 
 
 def load_settings(

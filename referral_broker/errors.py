@@ -7,6 +7,10 @@ Each class has its own exit code (``exit_code``); the CLI prints one line and ex
     11    ├── ConfigError                   bad or unknown configuration
     3     ├── BrokerError                   Kafka unreachable, local runtime failures, delivery errors
     31    │   ├── TopicPlanError            the topic plan contradicts the cluster or itself
+    32    │   ├── BrokerAuthenticationError the cluster refused the credentials (wrong password, unknown user)
+    33    │   ├── BrokerTrustError          the broker's certificate is not signed by the configured CA
+    34    │   ├── BrokerProtocolError       the client's security protocol is not the port's (e.g. plaintext on TLS)
+    35    │   ├── NotAuthorisedError        Kafka's ACLs refused an operation (write, read, describe a resource)
     10    │   └── DeliveryPendingError      written to the local outbox, not yet acknowledged
     4     ├── ContractError                 schemas, wire format, evolution
     41    │   └── ValidationError           a record breaks the contract (lists every problem)
@@ -75,6 +79,30 @@ class BrokerError(ReferralBrokerError):
 
 class TopicPlanError(BrokerError):
     exit_code = 31
+
+
+class BrokerAuthenticationError(BrokerError):
+    """The cluster refused the credentials: wrong password or unknown user (Kafka does not say which)."""
+
+    exit_code = 32
+
+
+class BrokerTrustError(BrokerError):
+    """The broker's TLS certificate is not signed by the configured CA (or names another host)."""
+
+    exit_code = 33
+
+
+class BrokerProtocolError(BrokerError):
+    """The client's security protocol does not match the port's (plaintext on TLS, TLS on plaintext)."""
+
+    exit_code = 34
+
+
+class NotAuthorisedError(BrokerError):
+    """Kafka's ACLs refused an operation: 'not authorised to write topic T'."""
+
+    exit_code = 35
 
 
 class DeliveryPendingError(BrokerError):

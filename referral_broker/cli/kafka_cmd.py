@@ -16,6 +16,8 @@ def _show(status: BrokerStatus) -> None:
         click.echo(f"Kafka ({where}) is running (pid {status.pid}) but not answering at {status.bootstrap}.")
     else:
         click.echo(f"Kafka ({where}) is not running at {status.bootstrap}.")
+    if status.problem and not status.answering:
+        click.echo(f"  {status.problem}")
 
 
 @click.group()
@@ -24,16 +26,25 @@ def kafka() -> None:
 
 
 @kafka.command()
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="A plaintext listener with no authentication or ACLs, for debugging only.",
+)
+@click.option("--fresh", is_flag=True, help="Delete the local broker's data (every topic) before starting.")
 @json_option
 @pass_cli
-def start(obj: CliContext, as_json: bool) -> None:
+def start(obj: CliContext, insecure: bool, fresh: bool, as_json: bool) -> None:
     """Start the local broker (idempotent) and wait until it answers.
 
-    Fetches Kafka's jars into the cache folder on first use. Refuses when
-    KAFKA_BOOTSTRAP_SERVERS is set: that cluster is used and nothing is started.
+    Secured by default: TLS with a local CA, SCRAM-SHA-512 logins, ACLs enforced (nothing is
+    allowed without one), a controller reachable only with the broker's certificate. The
+    administrator's client settings are written to client.toml in the broker's folder (0600);
+    local commands find them by the port. Fetches Kafka's jars into the cache folder on first
+    use. Refuses when KAFKA_BOOTSTRAP_SERVERS is set: that cluster is used and nothing is started.
     """
-    status = LocalBroker(obj.settings).start()
-    emit(status.as_dict(), as_json, lambda _: click.echo(status.bootstrap))
+    status = LocalBroker(obj.settings).start(insecure=insecure, fresh=fresh)
+    emit(status.as_dict(), as_json, lambda _: click.echo(f"{status.bootstrap} ({status.security})"))
 
 
 @kafka.command()

@@ -2,6 +2,10 @@
 durability: ``acks=all`` with idempotence, retries bounded by a delivery timeout, delivery
 errors raised (never swallowed), consumers that commit only after processing and read only
 committed transactional data.
+
+Every client carries the security settings of ``cluster/security.py`` (TLS, SCRAM). A refused
+login, an untrusted certificate or the wrong protocol fails the constructor at once with its
+own error; an ACL refusal is ``NotAuthorisedError`` ("not authorised to write topic T").
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from referral_broker.cluster.security import authorisation_error, client_security, connecting
 from referral_broker.config import Settings
-from referral_broker.errors import BrokerError
+from referral_broker.errors import BrokerError, NotAuthorisedError
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
@@ -23,7 +28,10 @@ log = get_logger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
-def _translate(exc: KafkaError, what: str, bootstrap: str) -> BrokerError:
+def _translate(exc: KafkaError, what: str, bootstrap: str, action: str = "use", resource: str | None = None) -> BrokerError:
+    refused = authorisation_error(exc, action, resource)
+    if refused is not None:
+        return refused
     name = type(exc).__name__
     if "bootstrap" in str(exc).lower():
         return BrokerError(
@@ -54,14 +62,16 @@ def build_producer(
     }
     if transactional_id:
         config["transactional_id"] = transactional_id
+    security = client_security(settings, bootstrap)
+    config.update(security.kafka_kwargs())
     config.update(overrides)
     # kafka-python waits for a transaction's offsets, commit or abort without a bound; after
     # the transaction timeout the coordinator has aborted it anyway, so wait no longer than that.
     wait_s = max(config["request_timeout_ms"], config.get("transaction_timeout_ms", 60_000)) / 1000
     try:
-        return Producer(
-            KafkaProducer(**config), bootstrap, transactional=bool(transactional_id), transaction_wait_s=wait_s
-        )
+        with connecting(security, bootstrap, "creating a producer"):
+            kafka_producer = KafkaProducer(**config)
+        return Producer(kafka_producer, bootstrap, transactional=bool(transactional_id), transaction_wait_s=wait_s)
     except KafkaError as exc:
         raise _translate(exc, "creating a producer", bootstrap) from exc
 
@@ -92,7 +102,7 @@ class Producer:
     ) -> None:
         self._producer = producer
         self._bootstrap = bootstrap
-        self._pending: list[Any] = []
+        self._pending: list[tuple[str, Any]] = []
         self.transactional = transactional
         self.transaction_wait_s = transaction_wait_s
         if transactional:
@@ -100,26 +110,30 @@ class Producer:
                 producer.init_transactions()
             except KafkaError as exc:
                 producer.close(timeout=0)  # its sender thread would otherwise outlive the error
-                raise _translate(exc, "initialising transactions", bootstrap) from exc
+                tid = producer.config.get("transactional_id")
+                raise _translate(exc, "initialising transactions", bootstrap, "write", tid) from exc
 
     def send(
         self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None
     ) -> None:
         """Queue one record; :meth:`flush` confirms it or raises."""
         try:
-            self._pending.append(self._producer.send(topic, value=value, key=key, headers=headers or []))
+            self._pending.append((topic, self._producer.send(topic, value=value, key=key, headers=headers or [])))
         except KafkaError as exc:
-            raise _translate(exc, f"sending to {topic}", self._bootstrap) from exc
+            raise _translate(exc, f"sending to {topic}", self._bootstrap, "write", topic) from exc
 
     def flush(self, timeout_s: float = 60.0) -> int:
         """Wait for every queued record; raise on the first delivery failure."""
         pending, self._pending = self._pending, []
+        topic = None
         try:
             self._producer.flush(timeout=timeout_s)
-            for future in pending:
-                future.get(timeout=timeout_s)
+            for sent in pending:
+                topic = sent[0]
+                sent[1].get(timeout=timeout_s)
         except KafkaError as exc:
-            raise _translate(exc, "delivering records", self._bootstrap) from exc
+            # a topic this identity may not write: flush() succeeds, the record's future fails
+            raise _translate(exc, "delivering records", self._bootstrap, "write", topic) from exc
         return len(pending)
 
     def begin(self) -> None:
@@ -157,7 +171,8 @@ class Producer:
             self._finish(lambda m: m.begin_commit(), "committing a transaction")
             self._pending.clear()
         except KafkaError as exc:
-            raise _translate(exc, "committing a transaction", self._bootstrap) from exc
+            group = getattr(group_metadata, "group_id", None)
+            raise _translate(exc, "committing a transaction", self._bootstrap, "read", group) from exc
 
     def abort(self) -> None:
         self._pending.clear()
@@ -233,10 +248,15 @@ def build_consumer(
         "bootstrap_timeout_ms": settings.kafka_request_timeout_ms,
         "allow_auto_create_topics": False,
     }
+    security = client_security(settings, bootstrap)
+    config.update(security.kafka_kwargs())
     config.update(overrides)
     try:
-        consumer = KafkaConsumer(**config)
+        with connecting(security, bootstrap, "creating a consumer"):
+            consumer = KafkaConsumer(**config)
         topics = list(topics)
+        if security.sasl and topics:
+            _check_visible(consumer, topics, security.username)
         if group_id is None:
             partitions = [
                 TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
@@ -245,8 +265,25 @@ def build_consumer(
         else:
             consumer.subscribe(topics, listener=_LoggingRebalanceListener(group_id, on_revoked))
     except KafkaError as exc:
-        raise _translate(exc, "creating a consumer", bootstrap) from exc
+        raise _translate(exc, "creating a consumer", bootstrap, "read", group_id) from exc
     return consumer
+
+
+def _check_visible(consumer: KafkaConsumer, topics: list[str], user: str | None) -> None:
+    """A topic this identity may not describe reads as empty, not as an error (kafka-python
+    polls it quietly forever): refuse it here. It may also simply not exist; without the right
+    to describe it the two look the same to the client."""
+    try:
+        visible = consumer.topics()
+    except KafkaError as exc:
+        consumer.close()
+        raise _translate(exc, "listing topics", "the cluster", "describe") from exc
+    hidden = sorted(t for t in topics if t not in visible)
+    if hidden:
+        consumer.close()
+        raise NotAuthorisedError(
+            f"not authorised to read topic {', '.join(hidden)} as user {user} (or it does not exist)"
+        )
 
 
 @dataclass(frozen=True)
@@ -266,7 +303,8 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[Record]
     try:
         batch = consumer.poll(timeout_ms=timeout_ms)
     except KafkaError as exc:
-        raise BrokerError(f"polling failed: {type(exc).__name__}") from exc
+        refused = authorisation_error(exc, "read")
+        raise refused or BrokerError(f"polling failed: {type(exc).__name__}") from exc
     out: list[Record] = []
     for records in batch.values():
         for r in records:
@@ -324,7 +362,8 @@ def commit_batch(consumer: KafkaConsumer, batch: list[Record]) -> None:
     try:
         consumer.commit(next_offsets(batch, consumer))
     except KafkaError as exc:
-        raise BrokerError(f"committing offsets failed: {type(exc).__name__}") from exc
+        refused = authorisation_error(exc, "read", consumer.config.get("group_id"))
+        raise refused or BrokerError(f"committing offsets failed: {type(exc).__name__}") from exc
 
 
 def next_offsets(batch: list[Record], consumer: KafkaConsumer | None = None) -> dict[TopicPartition, Any]:

@@ -4,6 +4,16 @@ Kafka's own jars come from Maven Central through ``mvn dependency:copy-dependenc
 user's cache folder, keyed by version; the broker's data and logs live beside them, never in
 the repository. The process is started detached so that ``kafka start`` returns and
 ``kafka stop`` finds it again through its pid file.
+
+**Secured by default** (``kafka start --insecure`` for a plaintext debugging broker): one
+SASL_SSL listener on loopback (SCRAM-SHA-512, a certificate from the project's own local CA),
+a controller listener that requires client certificates (mutual TLS: no process without a key
+the local CA signed can reach the controller and rewrite ACLs), KRaft's ``StandardAuthorizer``
+with ``allow.everyone.if.no.acl.found=false`` and only the broker and the administrator as
+super users. The SCRAM credentials of the broker and the administrator are created when the
+storage is formatted. Everything secret lives under ``<run dir>/security`` (0700, files 0600);
+the administrator's client settings are in ``<run dir>/client.toml`` (0600), which every local
+client finds by the broker's port (``cluster/security.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from referral_broker.cluster import security as sec
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ConfigError
 
@@ -48,6 +59,13 @@ Configuration:
       PatternLayout: {pattern: "[%d] %p %m (%c)%n"}
       SizeBasedTriggeringPolicy: {size: 20MB}
       DefaultRolloverStrategy: {max: 3}
+    RollingFile:
+      name: AUTHORIZER
+      fileName: "${sys:kafka.logs.dir}/authorizer.log"
+      filePattern: "${sys:kafka.logs.dir}/authorizer.log.%i"
+      PatternLayout: {pattern: "[%d] %p %m%n"}
+      SizeBasedTriggeringPolicy: {size: 20MB}
+      DefaultRolloverStrategy: {max: 3}
   Loggers:
     # WARN by default: at INFO a busy test run writes tens of MB a minute of topic churn.
     Root:
@@ -56,6 +74,9 @@ Configuration:
     Logger:
       - {name: kafka.server.BrokerServer, level: INFO, additivity: false, AppenderRef: [{ref: FILE}]}
       - {name: kafka.server.ControllerServer, level: INFO, additivity: false, AppenderRef: [{ref: FILE}]}
+      # ACL refusals are logged at INFO ("Principal = User:x is Denied operation = WRITE ..."):
+      # kept in a file of their own to audit refusals
+      - {name: kafka.authorizer.logger, level: INFO, additivity: false, AppenderRef: [{ref: AUTHORIZER}]}
 """
 
 POM_TEMPLATE = """\
@@ -90,6 +111,8 @@ class BrokerStatus:
     topics: int | None
     data_dir: str | None
     version: str | None
+    security: str = "PLAINTEXT"  # what this machine's clients use: SASL_SSL as <user>, or PLAINTEXT
+    problem: str | None = None  # why it does not answer, when a client error says so
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -103,7 +126,7 @@ class LocalBroker:
         self.version = settings.local_kafka_version
         self.home = settings.paths_cache_dir / f"kafka-{self.version}"
         self.libs = self.home / "libs"
-        self.run_dir = settings.paths_cache_dir / "local-broker" / str(settings.local_port)
+        self.run_dir = settings.local_run_dir
         self.data_dir = self.run_dir / "data"
         self.logs_dir = self.run_dir / "logs"
         self.pid_file = self.run_dir / "broker.pid"
@@ -159,11 +182,11 @@ class LocalBroker:
 
     def answering(self, timeout_s: float = 3.0) -> int | None:
         """Number of topics when a metadata request answers, else None."""
-        return metadata_topic_count(self.bootstrap, timeout_s)
+        return metadata_topic_count(self.bootstrap, timeout_s, settings=self.settings)
 
     def status(self) -> BrokerStatus:
         pid = self._pid()
-        topics = self.answering() if pid else None
+        topics, problem = probe(self.settings, self.bootstrap) if pid else (None, None)
         return BrokerStatus(
             bootstrap=self.bootstrap,
             managed=True,
@@ -173,6 +196,8 @@ class LocalBroker:
             topics=topics,
             data_dir=str(self.run_dir),
             version=self.version,
+            security=_describe_security(self.settings, self.bootstrap),
+            problem=problem,
         )
 
     def _check_java(self) -> str:
@@ -201,7 +226,56 @@ class LocalBroker:
                 return False
         return True
 
-    def _write_config(self) -> Path:
+    # -- security ----------------------------------------------------------------------------
+    @property
+    def security_dir(self) -> Path:
+        return self.run_dir / "security"
+
+    @property
+    def client_file(self) -> Path:
+        return self.run_dir / sec.CLIENT_FILE
+
+    def _formatted(self) -> bool:
+        return (self.data_dir / "meta.properties").exists()
+
+    def _formatted_secured(self) -> bool:
+        """The storage holds the broker's and the administrator's SCRAM credentials (it was
+        formatted secured); a plaintext-formatted storage has none, and a SASL listener on it
+        could never let anyone in."""
+        return (self.security_dir / "formatted-with-scram").exists()
+
+    def needs_fresh_for_security(self) -> bool:
+        return self._formatted() and not self._formatted_secured()
+
+    def _password(self, user: str) -> str:
+        path = self.security_dir / f"{user}.password"
+        if path.exists():
+            return sec.read_secret(path, f"password file of {user}")
+        password = sec.new_password()
+        sec.write_private(path, password.encode())
+        return password
+
+    def admin_security(self) -> sec.ClientSecurity:
+        return sec.ClientSecurity(
+            protocol="SASL_SSL",
+            mechanism="SCRAM-SHA-512",
+            username=sec.ADMIN_USER,
+            password=self._password(sec.ADMIN_USER),
+            cafile=self.security_dir / "ca.pem",
+            source=str(self.client_file),
+        )
+
+    def _write_client_file(self, insecure: bool) -> None:
+        if insecure:
+            security = sec.ClientSecurity(source="insecure local broker")
+            text = sec.client_file_text(self.bootstrap, security, None)
+        else:
+            text = sec.client_file_text(
+                self.bootstrap, self.admin_security(), self.security_dir / f"{sec.ADMIN_USER}.password"
+            )
+        sec.write_private(self.client_file, text.encode())
+
+    def _write_config(self, insecure: bool) -> Path:
         s = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -210,11 +284,7 @@ class LocalBroker:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": ctrl,
-            "listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
-            "advertised.listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "3",
             "offsets.topic.replication.factor": "1",
@@ -228,8 +298,46 @@ class LocalBroker:
             "auto.create.topics.enable": "false",
             "unclean.leader.election.enable": "false",
         }
+        if insecure:
+            props |= {
+                "listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
+                "advertised.listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
+                "inter.broker.listener.name": "PLAINTEXT",
+                "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            }
+        else:
+            keystore = sec.ensure_broker_keystore(self.security_dir, ("127.0.0.1", "localhost"))
+            ca = self.security_dir / "ca.pem"
+            broker_password = self._password(sec.BROKER_USER)
+            props |= {
+                "listeners": f"SECURE://{self.bootstrap},CONTROLLER://{ctrl}",
+                "advertised.listeners": f"SECURE://{self.bootstrap},CONTROLLER://{ctrl}",
+                "listener.security.protocol.map": "SECURE:SASL_SSL,CONTROLLER:SSL",
+                "inter.broker.listener.name": "SECURE",
+                "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+                "listener.name.secure.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.secure.scram-sha-512.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                    f'username="{sec.BROKER_USER}" password="{broker_password}";'
+                ),
+                "listener.name.secure.ssl.keystore.type": "PEM",
+                "listener.name.secure.ssl.keystore.location": str(keystore),
+                "listener.name.secure.ssl.truststore.type": "PEM",
+                "listener.name.secure.ssl.truststore.location": str(ca),
+                # mutual TLS on the controller: only a holder of a key the local CA signed
+                "listener.name.controller.ssl.client.auth": "required",
+                "listener.name.controller.ssl.keystore.type": "PEM",
+                "listener.name.controller.ssl.keystore.location": str(keystore),
+                "listener.name.controller.ssl.truststore.type": "PEM",
+                "listener.name.controller.ssl.truststore.location": str(ca),
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "allow.everyone.if.no.acl.found": "false",
+                "super.users": f"User:{sec.ADMIN_USER};User:{sec.BROKER_USER};User:CN={sec.BROKER_CN}",
+            }
         path = self.run_dir / "server.properties"
-        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        # 0600: the broker's own SCRAM password is in its JAAS line
+        sec.write_private(path, "".join(f"{k}={v}\n" for k, v in props.items()).encode())
+        os.chmod(self.run_dir, 0o700)
         (self.run_dir / "log4j2.yaml").write_text(LOG4J2_YAML)
         return path
 
@@ -242,7 +350,41 @@ class LocalBroker:
                 return " | ".join((errors or text)[-lines:])[-1500:]
         return "no broker log written"
 
-    def start(self) -> BrokerStatus:
+    def _format(self, java: str, classpath: str, config: Path, insecure: bool) -> None:
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+        cmd = [
+            java,
+            "-cp",
+            classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            # '=': about one random id in 64 starts with '-', which '-t <id>' reads as an option
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(config),
+            "--ignore-formatted",
+        ]
+        if not insecure:
+            for user in (sec.BROKER_USER, sec.ADMIN_USER):
+                password = self._password(user)
+                cmd += [
+                    "--add-scram",
+                    f"SCRAM-SHA-512=[name={user},iterations={sec.SCRAM_ITERATIONS},password={password}]",
+                ]
+        # its stdout lists each user's salt and keys: never shown, never logged
+        fmt = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if fmt.returncode != 0:
+            tail = [
+                ln for ln in (fmt.stdout + fmt.stderr).strip().splitlines() if "password" not in ln.lower()
+            ]
+            raise BrokerError(f"formatting the local Kafka storage failed: {' | '.join(tail[-3:])}")
+        if not insecure:
+            sec.write_private(self.security_dir / "formatted-with-scram", b"")
+
+    def start(self, *, insecure: bool = False, fresh: bool = False) -> BrokerStatus:
+        """Start the broker (secured unless ``insecure``) and wait until it answers; nothing
+        is changed while it runs. ``fresh`` deletes its data first (every topic)."""
         if not self.settings.uses_local_broker:
             raise ConfigError(
                 "KAFKA_BOOTSTRAP_SERVERS is set, so the configured cluster is used and no local "
@@ -260,32 +402,20 @@ class LocalBroker:
                     f"port {port} on 127.0.0.1 is taken by another program; free it or choose "
                     "other ports with REFERRAL_BROKER_LOCAL_PORT / REFERRAL_BROKER_LOCAL_CONTROLLER_PORT"
                 )
-        libs = self.ensure_jars()
-        config = self._write_config()
-        classpath = f"{libs}/*"
-        if not (self.data_dir / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
-            fmt = subprocess.run(
-                [
-                    java,
-                    "-cp",
-                    classpath,
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "--standalone",
-                    "-t",
-                    cluster_id,
-                    "-c",
-                    str(config),
-                    "--ignore-formatted",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
+        if fresh:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            (self.security_dir / "formatted-with-scram").unlink(missing_ok=True)
+        if not insecure and self.needs_fresh_for_security():
+            raise BrokerError(
+                f"the local broker's data ({self.data_dir}) was formatted without security, so it "
+                "holds no credentials; start it with --fresh (deletes its topics) or --insecure"
             )
-            if fmt.returncode != 0:
-                tail = (fmt.stdout + fmt.stderr).strip().splitlines()[-3:]
-                raise BrokerError(f"formatting the local Kafka storage failed: {' | '.join(tail)}")
+        libs = self.ensure_jars()
+        config = self._write_config(insecure)
+        classpath = f"{libs}/*"
+        if not self._formatted():
+            self._format(java, classpath, config, insecure)
+        self._write_client_file(insecure)
         cmd = [
             java,
             f"-Xmx{self.settings.local_heap}",
@@ -357,29 +487,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def metadata_topic_count(bootstrap: str, timeout_s: float = 5.0) -> int | None:
-    """Ask the cluster for metadata; the number of topics if it answers, else None."""
-    from kafka import KafkaAdminClient
+def _describe_security(settings: Settings, bootstrap: str) -> str:
+    try:
+        return sec.client_security(settings, bootstrap).describe()
+    except ConfigError as exc:
+        return f"unusable: {exc}"
+
+
+def probe(settings: Settings, bootstrap: str, timeout_s: float = 5.0) -> tuple[int | None, str | None]:
+    """(number of topics, None) when a metadata request answers, else (None, why not)."""
     from kafka.errors import KafkaError
 
     admin = None
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            bootstrap_timeout_ms=int(timeout_s * 1000),
-            request_timeout_ms=int(timeout_s * 1000),
+        security = sec.client_security(settings, bootstrap)
+        admin = sec.admin_with(
+            settings.replace(kafka_request_timeout_ms=int(timeout_s * 1000)),
+            bootstrap,
+            security,
             client_id="referral-broker-probe",
         )
-        return len(admin.list_topics())
-    except (KafkaError, OSError):
-        return None
+        return len(admin.list_topics()), None
+    except (BrokerError, ConfigError) as exc:
+        return None, str(exc)
+    except (KafkaError, OSError) as exc:
+        return None, type(exc).__name__
     finally:
         if admin is not None:
             admin.close()
 
 
+def metadata_topic_count(
+    bootstrap: str, timeout_s: float = 5.0, *, settings: Settings | None = None
+) -> int | None:
+    """Ask the cluster for metadata; the number of topics if it answers, else None. Without
+    ``settings``, the default ones (the client file of a local broker at that address)."""
+    return probe(settings or Settings(), bootstrap, timeout_s)[0]
+
+
 def remote_status(settings: Settings) -> BrokerStatus:
-    topics = metadata_topic_count(settings.bootstrap_servers)
+    topics, problem = probe(settings, settings.bootstrap_servers)
     return BrokerStatus(
         bootstrap=settings.bootstrap_servers,
         managed=False,
@@ -389,16 +536,18 @@ def remote_status(settings: Settings) -> BrokerStatus:
         topics=topics,
         data_dir=None,
         version=None,
+        security=_describe_security(settings, settings.bootstrap_servers),
+        problem=problem,
     )
 
 
 def ensure_broker(settings: Settings) -> str:
-    """The bootstrap address to use, starting the local broker when no cluster is configured."""
+    """The bootstrap address to use, starting the local broker when no cluster is configured.
+    A configured cluster that refuses this client's credentials, certificate or protocol
+    raises that error (its own exit code); one that does not answer, 'cannot reach'."""
     if settings.uses_local_broker:
         return LocalBroker(settings).start().bootstrap
-    if metadata_topic_count(settings.bootstrap_servers) is None:
-        raise BrokerError(
-            f"cannot reach Kafka at {settings.bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS); "
-            "check the address or unset it to use the local broker"
-        )
-    return settings.bootstrap_servers
+    bootstrap = settings.bootstrap_servers
+    admin = sec.admin_with(settings, bootstrap, sec.client_security(settings, bootstrap))
+    admin.close()
+    return bootstrap

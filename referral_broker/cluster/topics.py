@@ -236,21 +236,12 @@ def _wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout_s: floa
 
 
 def admin_client(settings: Settings, bootstrap: str) -> KafkaAdminClient:
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    from referral_broker.cluster.security import client_security, connecting
+    from referral_broker.cluster.security import admin_with, client_security
 
-    security = client_security(settings, bootstrap)
-    try:
-        with connecting(security, bootstrap, "connecting an admin client"):
-            return KafkaAdminClient(
-                bootstrap_servers=bootstrap,
-                client_id=f"{settings.kafka_client_id}-admin",
-                bootstrap_timeout_ms=settings.kafka_request_timeout_ms,
-                request_timeout_ms=settings.kafka_request_timeout_ms,
-                **security.kafka_kwargs(),
-            )
+    try:  # with the settings' security (TLS, SCRAM); a refused login raises its own error
+        return admin_with(settings, bootstrap, client_security(settings, bootstrap))
     except KafkaError as exc:
         raise BrokerError(
             f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}; start it with "
