@@ -121,8 +121,8 @@ def open_verified(
     Used by ``receive``, the inbox and the router; raises a ReferralBrokerError on refusal."""
 
     def attempt(ident: Identity) -> Received:
-        verify_arrival(ident, record, sender=sender, kinds=kinds)
-        opened = ident.open(record)
+        verified = verify_arrival(ident, record, sender=sender, kinds=kinds)
+        opened = ident.open(record, verified=verified)
         extra = dict(opened.extra_headers)
         referrer = extra.get(H_REFERRER)
         decision = extra.get(H_DECISION)

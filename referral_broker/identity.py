@@ -201,10 +201,12 @@ class Identity:
                 self.refresh()
             return action(self)
 
-    def open(self, record: ConsumedRecord) -> OpenedMessage:
+    def open(self, record: ConsumedRecord, *, verified: Mapping[str, bytes] | None = None) -> OpenedMessage:
         """Verify and open a consumed record addressed to this party. The signature is checked
-        before any header is parsed: an unsigned or forged record never reaches the view parser."""
-        self.schemas.learn(self.opener.verify(record))
+        before any header is parsed: an unsigned or forged record never reaches the view parser.
+        ``verified``: the headers ``opener.verify`` already returned for this very record (the
+        receive path has them), so the view is learned without verifying twice."""
+        self.schemas.learn(verified if verified is not None else self.opener.verify(record))
         return self.opener.open(record)
 
 
