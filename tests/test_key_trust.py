@@ -344,6 +344,10 @@ def test_party_generates_and_hub_certifies(county: Settings, kafka_bootstrap: st
     # the partner cannot certify itself
     with pytest.raises(ConfigError, match="does not hold the council's root signing key"):
         key_admin.certify(partner, POLICE, request, bootstrap=kafka_bootstrap)
+    # nor publish a key of its own making; its key store is left as it was
+    with pytest.raises(ConfigError, match="only the council publishes keys"):
+        key_admin.rotate(partner, POLICE, bootstrap=kafka_bootstrap)
+    assert active_key(partner, POLICE) == new_key
 
     old_police = active_key(county, POLICE)
     certified = run(hub_env, "keys", "certify", POLICE, "--public", str(request_file), "--json")

@@ -61,7 +61,7 @@ def keys() -> None:
     "--publish/--no-publish",
     default=True,
     show_default=True,
-    help="Publish the public keys on the keys topic (partners in production: --no-publish, hand the output to the hub).",
+    help="Sign with the root and publish on the keys topic (a partner in production runs 'keys generate' instead).",
 )
 @json_option
 @pass_cli

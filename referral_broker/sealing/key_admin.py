@@ -58,6 +58,16 @@ def _publish(
         key_directory.publish_signed(settings, bootstrap, records)
 
 
+def _require_signer(settings: Settings, bootstrap: str | None) -> None:
+    """Before changing any key store: publishing needs the root, which a partner's machine
+    (one that pins the council's anchor) does not hold."""
+    if bootstrap is not None and not trust.holds_root(settings) and trust.load_anchor(settings) is not None:
+        raise ConfigError(
+            "only the council publishes keys: this machine pins the council's trust anchor but holds "
+            "no root key; make the key with 'keys generate' and hand the file to the council"
+        )
+
+
 def entry_view(entry: KeyEntry, *, held_here: bool | None = None) -> dict[str, Any]:
     """An entry as JSON-ready data for output (public keys included: they are public)."""
     view = entry.to_json()
@@ -79,6 +89,7 @@ def init_parties(
     With ``skip_existing`` a party that already has a store is left alone (its current public
     entries are still published), which makes ``keys init --all`` safe to re-run."""
     now = time.time() if now is None else now
+    _require_signer(settings, bootstrap)
     created: list[KeyEntry] = []
     for party in parties:
         if skip_existing and KeyStore.exists(settings.keys_dir, party):
@@ -99,6 +110,7 @@ def rotate(
     settings: Settings, party: str, *, bootstrap: str | None, now: float | None = None
 ) -> list[KeyEntry]:
     """A new active key for ``party``; the previous active key is retired (still opens)."""
+    _require_signer(settings, bootstrap)
     store = KeyStore.open(settings.keys_dir, party)
     new, retired = store.rotate(now=now)
     entries = [new.public_entry(), *(p.public_entry() for p in retired)]
@@ -120,6 +132,7 @@ def revoke(
     A key held elsewhere (a partner's lost laptop) is revoked from its published entry alone,
     which is what senders and verifiers read."""
     now = time.time() if now is None else now
+    _require_signer(settings, bootstrap)
     party = party_of(key_id)
     entry: KeyEntry | None = None
     if KeyStore.exists(settings.keys_dir, party):
