@@ -35,13 +35,14 @@ from test_inbox_fixtures import Pipeline, as_record, district_of, make_pipeline
 from referral_broker.cluster.clients import Record, build_consumer, drain
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
-from referral_broker.consumers.dead_letters import dead_letter, verify_dead_letter
+from referral_broker.consumers.dead_letters import dead_letter, replay_target, verify_dead_letter
 from referral_broker.consumers.receiving import (
     Duplicate,
     PartnerReceiver,
     Received,
     Refused,
     ledger_path,
+    message_id,
     open_record,
 )
 from referral_broker.consumers.router import Router
@@ -375,3 +376,57 @@ def test_a_replayed_or_redelivered_message_is_reported_not_delivered_twice(
         PartnerReceiver(pipeline.settings, pipeline.bootstrap, TEAM).receive(stop_when_idle=2, group=None)
     )
     assert len(items) == 4 and all(isinstance(i, Duplicate) for i in items)
+
+
+def test_what_makes_a_message_the_same_message_again() -> None:
+    def item(kind: str, record: dict[str, Any], decision_id: str | None = None) -> Received:
+        return Received("r1", 1, kind, HUB, SCHOOL, record, decision_id=decision_id)
+
+    status_id = uuid.uuid4()
+    assert message_id(item("referral", {"a": 1}, "d-1")) == "decision:d-1"
+    assert message_id(item("status", {"status_id": status_id})) == f"status:{status_id}"
+    # two statuses about the same referral version are two messages, not a duplicate
+    assert message_id(item("status", {"status_id": uuid.uuid4()})) != message_id(
+        item("status", {"status_id": status_id})
+    )
+    # without either id, the opened content decides
+    assert message_id(item("referral", {"a": 1})) == message_id(item("referral", {"a": 1}))
+    assert message_id(item("referral", {"a": 1})) != message_id(item("referral", {"a": 2}))
+
+
+def test_a_dead_letter_verifies_only_as_the_router_signed_it(pipeline: Pipeline) -> None:
+    settings = pipeline.settings
+    intake = topic_name(settings, "intake", SCHOOL)
+    original = Record(intake, 1, 7, b"rid", b"sealed bytes", [("rb-kind", b"referral")], 0)
+    letter = dead_letter(settings, original, SealingError("x"), "verify-open", signer=pipeline.hub.keystore)
+    as_read = Record(letter.topic, 0, 0, letter.key, letter.value, list(letter.headers), 0)
+    verify_dead_letter(pipeline.hub.directory, as_read)
+    assert replay_target(settings, intake) == intake
+    changes = {
+        "value": Record(letter.topic, 0, 0, letter.key, b"other bytes", list(letter.headers), 0),
+        "key": Record(letter.topic, 0, 0, b"other", letter.value, list(letter.headers), 0),
+        "topic": Record(
+            topic_name(settings, "audit"), 0, 0, letter.key, letter.value, list(letter.headers), 0
+        ),
+        "reason": Record(
+            letter.topic,
+            0,
+            0,
+            letter.key,
+            letter.value,
+            [(n, b"fixed" if n == "rb-dlq-reason" else v) for n, v in letter.headers],
+            0,
+        ),
+    }
+    for record in changes.values():  # any change of value, key, topic or a header
+        with pytest.raises(SignatureError, match="does not verify"):
+            verify_dead_letter(pipeline.hub.directory, record)
+    unsigned = dead_letter(settings, original, SealingError("x"), "verify-open")
+    with pytest.raises(SignatureError, match="not signed by the router"):
+        verify_dead_letter(
+            pipeline.hub.directory,
+            Record(unsigned.topic, 0, 0, unsigned.key, unsigned.value, unsigned.headers, 0),
+        )
+    for topic in (topic_name(settings, "keys"), topic_name(settings, "out", SCHOOL), "elsewhere"):
+        with pytest.raises(SignatureError, match="not an intake or status topic"):
+            replay_target(settings, topic)
