@@ -394,3 +394,23 @@ def test_root_key_commands(settings: Settings, tmp_path: Path) -> None:
     # a directory loaded with no anchor pinned trusts nothing (and says so)
     empty = KeyDirectory.from_json({"format": 2, "records": [record]}, None)
     assert len(empty) == 0 and [r.category for r in empty.refused] == ["no-anchor"]
+
+
+def test_local_directory_copy_is_verified_too(settings: Settings) -> None:
+    """The copy a sender seals with while the cluster is unreachable (<data>/keys/directory.json)
+    holds root-signed records; an altered record in it is refused, the rest still load."""
+    from referral_broker.sealing.directory import directory_file
+
+    key_admin.init_parties(settings, [HUB, SCHOOL, POLICE], bootstrap=None)
+    local = KeyDirectory.load_local(settings)
+    assert len(local) == 3 and local.refused == []
+    path = directory_file(settings)
+    doc = json.loads(path.read_text())
+    target = next(r for r in doc["records"] if r["entry"]["party"] == HUB)
+    target["entry"]["encryption_public"] = raw_public(X25519PrivateKey.generate())
+    path.write_text(json.dumps(doc))
+    altered = KeyDirectory.load_local(settings)
+    assert len(altered) == 2 and [r.category for r in altered.refused] == ["signature"]
+    assert altered.refused[0].key_id == target["entry"]["key_id"]
+    with pytest.raises(KeyNotFoundError):
+        altered.encryption_key_for(HUB)
