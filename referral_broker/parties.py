@@ -137,6 +137,8 @@ def party_name(text: str) -> str:
     raw = str(text).strip()
     if raw in (HUB, "hub"):
         return HUB
+    if raw == "dwp":  # the one format that is also an organisation's party name
+        return raw
     if raw in PARTNER_FORMATS or raw in ("district_team", "district"):
         raise ConfigError(
             f"'{raw}' is a partner kind, not a party: name the organisation, e.g. school:110123 "

@@ -41,9 +41,11 @@ def demo(obj: CliContext, no_serve: bool, per_partner: int, port: int) -> None:
         f"\nRouted {s.routed} referrals: {s.delivered} deliveries, {s.audited} audit decisions, "
         f"{s.dead_lettered} dead letters.\n"
     )
+    from referral_broker.parties import get_party
+
     rows = [
         [
-            r.party,
+            get_party(r.party).label,
             str(r.referrals),
             compact_paths(r.received_fields, result.units) or "-",
             compact_paths(r.withheld_fields, result.units) or "-",
@@ -57,15 +59,20 @@ def demo(obj: CliContext, no_serve: bool, per_partner: int, port: int) -> None:
     silent = [r.party for r in result.recipients.values() if not r.referrals]
     if silent:
         click.echo(
-            f"Received nothing (no purpose applied, or consent/override missing): {', '.join(silent)}\n"
+            f"{len(silent)} organisations received nothing (not named by any referral, no purpose applied, "
+            f"or consent/override missing): {', '.join(silent)}\n"
         )
     click.echo(
-        table([[p, str(n)] for p, n in result.statuses_back.items()], ["referrer", "status messages back"])
+        table(
+            [[get_party(p).label, str(n)] for p, n in result.statuses_back.items()],
+            ["referring organisation", "status messages back"],
+        )
     )
     click.echo(f"\nNative files sent: {result.outbox}\nNative files received: {result.inbox}")
     click.echo(
         f"Done in {time.monotonic() - started:.0f}s. Audit, dead letters: "
-        "'referral-broker dlq list', 'referral-broker policy explain --recipient police'."
+        "'referral-broker dlq list', 'referral-broker orgs unresolved', "
+        "'referral-broker policy explain --recipient police:35'."
     )
     if not no_serve:
         from referral_broker.cli.main import COMMANDS

@@ -1,7 +1,10 @@
-"""The end-to-end demo: every partner sends synthetic referrals in its own native format, the
-router shares them by policy, every recipient receives and reads its share, and status
-messages go back to the referrers. Everything runs on the real broker with real keys; the
-data is synthetic (``schemas.synth``) and shaped so each rule of the policy shows once.
+"""The end-to-end demo: one organisation of each partner kind (a school, the health visiting
+service, DWP, the police force, a charity) sends synthetic referrals in its own native format,
+the router resolves each referral's recipients in the county's organisation registry and
+shares by policy, every organisation receives and reads its share, and status messages go back
+to the referring organisations. Everything runs on the real broker with real keys; the data is
+synthetic (``schemas.synth``) and shaped so each rule of the policy shows once, including one
+referral (Operation Encompass) that reaches exactly one school of the county's eight.
 """
 
 from __future__ import annotations
@@ -16,17 +19,27 @@ from pathlib import Path
 from typing import Any
 
 from referral_broker import adapters
-from referral_broker.cluster.topics import ensure_topics
+from referral_broker.audit_log import decisions as audit_decisions
+from referral_broker.cluster.topics import ensure_topics, provision_parties
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import PartnerReceiver, Received, Refused, json_records
 from referral_broker.consumers.router import Router, RouterStats
-from referral_broker.parties import HUB, all_parties, get_party
+from referral_broker.organisations import OrgKind, Registry, import_file
+from referral_broker.parties import HUB, all_parties, current_registry, get_party
 from referral_broker.policy import load_policy
 from referral_broker.producers.sending import PartnerSender
-from referral_broker.schemas.synth import synthetic_referral
+from referral_broker.schemas.synth import NamedOrganisation, synthetic_referral
 from referral_broker.sealing.key_admin import init_parties
 
-PARTNERS = ("schools", "health", "dwp", "police", "charities")
+PARTNERS = ("schools", "health", "dwp", "police", "charities")  # the formats, in sending order
+# The organisation that sends each format in the demo (the shipped county's).
+SENDERS = {
+    "schools": "school-110123",
+    "health": "nhs-zhv01",
+    "dwp": "dwp",
+    "police": "police-35",
+    "charities": "charity-1190001",
+}
 NO_FLAGS = {"safeguarding_concern": False, "crime_prevention": False, "early_support_pathway": False}
 
 
@@ -37,9 +50,24 @@ def _concerns(types: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def _scenario(partner: str, n: int, rng: random.Random, now: dt.datetime) -> dict[str, Any]:
-    """One synthetic referral from ``partner``; ``n`` picks which policy rule it shows."""
-    r = copy.deepcopy(synthetic_referral(rng, now, partner=partner))
+def _named(registry: Registry, kind: OrgKind) -> list[NamedOrganisation]:
+    return [
+        NamedOrganisation(o.identifier, o.name, frozenset(o.services), frozenset(o.districts))
+        for o in registry.organisations(kind, active_only=True)
+    ]
+
+
+def _scenario(
+    partner: str, n: int, rng: random.Random, now: dt.datetime, registry: Registry
+) -> dict[str, Any]:
+    """One synthetic referral from ``partner``; ``n`` picks which policy rule it shows. It
+    names the county's organisations: a school, GP practice and charities of its district."""
+    practices = [p for p in _named(registry, OrgKind.NHS_ORGANISATION) if not p.services]
+    charities = _named(registry, OrgKind.CHARITY)
+    r = synthetic_referral(rng, now, partner=partner, gp_practices=practices, charities=charities)
+    while partner == "police" and not r.get("school"):  # Operation Encompass: a child at school
+        r = synthetic_referral(rng, now, partner=partner, gp_practices=practices, charities=charities)
+    r = copy.deepcopy(r)
     r["version"] = 1
     r["sharing_override"] = None
     r["flags"] = dict(NO_FLAGS)
@@ -86,7 +114,23 @@ def _scenario(partner: str, n: int, rng: random.Random, now: dt.datetime) -> dic
             "approved_at": r["created_at"],
         }
     r["consent"] = consent
+    schools = [
+        o.identifier for o in registry.organisations(OrgKind.SCHOOL, active_only=True) if o.serves(r["district"])
+    ]
+    if r.get("school") and schools:
+        r["school"]["urn"] = rng.choice(schools)
+    r["service_providers"] = _providers(services, r["district"], charities)
     return r
+
+
+def _providers(services: list[str], district: str, charities: list[NamedOrganisation]) -> list[dict[str, str]]:
+    """The charity named for each requested service a charity in the district provides."""
+    named = []
+    for service in services:
+        found = [c for c in charities if service in c.services and c.serves(district)]
+        if found:
+            named.append({"service": service, "provider": found[0].identifier})
+    return named
 
 
 @dataclass
@@ -117,20 +161,25 @@ def run_demo(
     outbox, inbox = work / "outbox", work / "inbox"
     say("Ensuring topics")
     ensure_topics(settings, bootstrap)
-    say("Creating demo keys for every party (kept if they exist)")
+    report = import_file(settings, bootstrap)  # the shipped county; kept as it is when already there
+    provision_parties(settings, bootstrap, report.added + report.unchanged + report.kept_disabled)
+    registry = current_registry()
+    say(f"Organisation registry: {len(registry)} organisations ({len(report.added)} added)")
+    say("Creating demo keys for every organisation (kept if they exist)")
     init_parties(settings, sorted(all_parties()), bootstrap=bootstrap, skip_existing=True)
 
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     rng = random.Random()
     sent: dict[str, list[str]] = {}
     for partner in PARTNERS:
-        records = [_scenario(partner, n, rng, now) for n in range(per_partner)]
-        native = adapters.render_file(partner, json_records(records), outbox / partner).path
+        sender = SENDERS[partner]
+        records = [_scenario(partner, n, rng, now, registry) for n in range(per_partner)]
+        native = adapters.render_file(partner, json_records(records), outbox / sender).path
         assert native is not None  # rendered into a folder, so it names the file
-        report = PartnerSender(settings, bootstrap, partner).send_file(native)
-        report.raise_if_pending(partner)
-        sent[partner] = [s.referral_id for s in report.delivered]
-        say(f"  {partner:<10} sent {len(report.delivered)} referrals from {native}")
+        delivery = PartnerSender(settings, bootstrap, sender).send_file(native)
+        delivery.raise_if_pending(sender)
+        sent[sender] = [s.referral_id for s in delivery.delivered]
+        say(f"  {get_party(sender).label:<48} sent {len(delivery.delivered)} referrals from {native}")
 
     say("Routing")
     stats = Router(settings, bootstrap).run(stop_when_idle=3)
@@ -138,8 +187,17 @@ def run_demo(
     policy = load_policy()
     summaries: dict[str, RecipientSummary] = {}
     to_answer: list[tuple[str, Received]] = []
-    for party in policy.recipients():
+    # Who was sent something, from the audit trail; every other organisation is listed as
+    # having received nothing (reading 25 empty topics would only show that more slowly).
+    delivered_to = {
+        str(d["recipient"])
+        for d in audit_decisions(settings, bootstrap, idle_s=1.0)
+        if d.get("delivered") and str(d["referral_id"]) in ours
+    }
+    for party in [p.name for p in all_parties().values() if p.receives and p.kind != "research"]:
         summary = summaries.setdefault(party, RecipientSummary(party))
+        if party not in delivered_to:
+            continue
         client = PartnerReceiver(settings, bootstrap, party)
         items = list(client.receive(stop_when_idle=1, group="demo"))
         mine = [i for i in items if isinstance(i, Received) and i.referral_id in ours]
@@ -170,7 +228,7 @@ def run_demo(
         )
     Router(settings, bootstrap).run(stop_when_idle=3)
     statuses_back: dict[str, int] = {}
-    for partner in PARTNERS:
+    for partner in SENDERS.values():
         items = list(PartnerReceiver(settings, bootstrap, partner).receive(stop_when_idle=1, group="demo"))
         back = [i for i in items if isinstance(i, Received) and i.kind == "status" and i.referral_id in ours]
         statuses_back[partner] = len(back)
