@@ -414,3 +414,17 @@ def test_local_directory_copy_is_verified_too(settings: Settings) -> None:
     assert altered.refused[0].key_id == target["entry"]["key_id"]
     with pytest.raises(KeyNotFoundError):
         altered.encryption_key_for(HUB)
+
+
+def test_a_refusal_never_repeats_what_a_record_says_verbatim() -> None:
+    """Reasons quote only bounded, printable text: a signed-but-wrong record cannot put a
+    newline or a long payload into logs and listings."""
+    root = trust.RootKey(Ed25519PrivateKey.generate())
+    entry = forged_entry(POLICE, not_before=time.time())
+    entry["party"] = "Jane Doe\n1 High St " + "x" * 500
+    entry["note\nJane"] = "?"
+    directory = KeyDirectory()
+    assert directory.accept(root.sign(entry, signed_at=time.time()), root.anchor, where="t") is None
+    [refused] = directory.refused
+    assert refused.category == "malformed" and refused.key_id == entry["key_id"]
+    assert "\n" not in refused.reason and len(refused.reason) <= 200

@@ -257,6 +257,9 @@ class KeyDirectory:
     def refuse(
         self, where: str, category: str, reason: str, *, key_id: str | None = None, party: str | None = None
     ) -> None:
+        # a reason can quote what a record claims (a field name, a party): printable ASCII only,
+        # bounded, so a forged record cannot write arbitrary text into logs and listings
+        reason = "".join(c if " " <= c <= "~" else "?" for c in reason)[:200]
         self.refused.append(Refusal(where, category, reason, key_id, party))
         report(where, category, reason, key_id=key_id, party=party)
 
