@@ -482,7 +482,8 @@ class CsvAdapter(PartnerAdapter):
 
     def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
         warnings = self.warnings if self.allow_extra_columns else None
-        for number, row in read_csv(source, field_map.columns(), warnings=warnings):
+        rows = read_csv(source, field_map.columns(), warnings=warnings, optional=field_map.optional_columns())
+        for number, row in rows:
             if isinstance(row, str):
                 yield NativeRecord(number, None, (MappingProblem("<row>", "", row),))
             else:

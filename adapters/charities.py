@@ -11,6 +11,7 @@ from __future__ import annotations
 from .base import NOT_OBTAINED_ETHNICITY, JsonAdapter, register
 from .field_map import (
     BOOL,
+    CHARITY_NUMBER,
     INT,
     ISO_DATE,
     POSTCODE,
@@ -78,6 +79,11 @@ REFERRAL_MAP = FieldMap(
             (Field("type", "type"), Field("details", "detail"), Field("since", "since", ISO_DATE)),
         ),
         Field("support_needed", "services_requested", SYMBOLS),
+        Items(
+            "support_providers",
+            "service_providers",
+            (Field("service", "service"), Field("charity_number", "provider", CHARITY_NUMBER)),
+        ),
         Field("consent", "consent.state"),
         Field("consent_recorded_at", "consent.recorded_at", TIMESTAMP),
         Field("consent_recorded_by", "consent.recorded_by"),

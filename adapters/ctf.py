@@ -24,6 +24,7 @@ from referral_broker.errors import EmptyInputError, PartnerInputError
 
 from .field_map import (
     BOOL,
+    CHARITY_NUMBER,
     INT,
     ISO_DATE,
     POSTCODE,
@@ -93,6 +94,7 @@ REPEATED = frozenset(
         ("Concerns", "Concern"),
         ("Results", "Result"),
         ("ServicesRequested", "Service"),
+        ("ServiceProviders", "Provider"),
     }
 )
 EH = "EarlyHelpReferral."
@@ -202,6 +204,11 @@ def ctf_map() -> FieldMap:
                 (Field("Type", "type"), Field("Detail", "detail"), Field("Since", "since", ISO_DATE)),
             ),
             Items(f"{EH}ServicesRequested.Service", "services_requested", (Field("Code", ""),)),
+            Items(
+                f"{EH}ServiceProviders.Provider",
+                "service_providers",
+                (Field("Service", "service"), Field("CharityNumber", "provider", CHARITY_NUMBER)),
+            ),
             Field(f"{EH}Consent.State", "consent.state"),
             Field(f"{EH}Consent.RecordedAt", "consent.recorded_at", TIMESTAMP),
             Field(f"{EH}Consent.RecordedBy", "consent.recorded_by"),

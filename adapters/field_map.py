@@ -122,6 +122,8 @@ NHS_NUMBER = Codec(lambda v: identifiers.compact_nhs_number(_text(v)))
 NI_NUMBER = Codec(lambda v: identifiers.compact_ni_number(_text(v)))
 UPN = Codec(lambda v: identifiers.compact_upn(_text(v)))
 POSTCODE = Codec(lambda v: identifiers.normalise_postcode(_text(v)))
+ODS_CODE = Codec(lambda v: identifiers.compact_ods_code(_text(v)))
+CHARITY_NUMBER = Codec(lambda v: identifiers.compact_charity_number(_text(v)))
 SYMBOLS = Codec(lambda v: [_text(item) for item in _list(v)], list)
 SYMBOLS_CELL = Codec(
     lambda v: [part.strip() for part in _text(v).split(";") if part.strip()], lambda v: ";".join(v)
@@ -289,11 +291,16 @@ def _is_empty(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Field:
-    """One native value <-> one canonical field path (``""`` inside :class:`Items` = the item)."""
+    """One native value <-> one canonical field path (``""`` inside :class:`Items` = the item).
+
+    ``header_optional``: a CSV column added after partners' exports were in use (a schema v2
+    field); a header without it is accepted and reads as every cell blank. Rendering writes it.
+    """
 
     native: str
     canonical: str
     codec: Codec = TEXT
+    header_optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -357,6 +364,10 @@ class FieldMap:
             else:
                 names.append(entry.native)
         return list(dict.fromkeys(names))
+
+    def optional_columns(self) -> frozenset[str]:
+        """Columns a CSV header may leave out (``Field.header_optional``)."""
+        return frozenset(e.native for e in self.entries if isinstance(e, Field) and e.header_optional)
 
     def carried_paths(self) -> frozenset[str]:
         """Canonical field paths (no indexes) this format can carry."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import IO, Any
 
@@ -39,6 +39,7 @@ from .field_map import (
     INT,
     ISO_DATE,
     NHS_NUMBER,
+    ODS_CODE,
     POSTCODE,
     TIMESTAMP,
     URN_UUID,
@@ -62,6 +63,7 @@ from .uk_core import (
 )
 
 NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+ODS_SYSTEM = "https://fhir.nhs.uk/Id/ods-organization-code"
 UUID_SYSTEM = "urn:ietf:rfc:3986"
 SNOMED = "http://snomed.info/sct"
 INTERPRETER_REQUIRED = "http://hl7.org/fhir/StructureDefinition/patient-interpreterRequired"
@@ -99,6 +101,20 @@ TASK_STATUS = codes(
     }
 )
 FHIR_ID = Codec(INT.parse, str)  # meta.versionId is a FHIR id: text
+
+
+def _ods_identifier(value: Any) -> str | None:
+    """The ODS code of an Identifier with the ODS system; another system (a GP's own GMP
+    number, say) is not a practice code and reads as absent."""
+    if not isinstance(value, dict):
+        raise ValueError("expected an Identifier (an object with system and value)")
+    if value.get("system") != ODS_SYSTEM:
+        return None
+    return ODS_CODE.parse(value.get("value"))
+
+
+# Patient.generalPractitioner[0].identifier <-> the GP practice's ODS code.
+ODS_IDENTIFIER = Codec(_ods_identifier, lambda code: {"system": ODS_SYSTEM, "value": code})
 
 SR = "ServiceRequest."
 PT = "Patient."
@@ -170,6 +186,7 @@ REFERRAL_MAP = FieldMap(
             ),
         ),
         Field(f"{PT}generalPractitioner[0].display", "health_and_development.gp_practice"),
+        Field(f"{PT}generalPractitioner[0].identifier", "health_and_development.gp_practice_ods", ODS_IDENTIFIER),
         Field(
             _ext("health", "mentalHealthConcern", "valueBoolean"),
             "health_and_development.mental_health_concern",
@@ -391,6 +408,14 @@ class HealthAdapter(JsonAdapter):
         role, _ = store.get(needed[1])
         if isinstance(role, dict):
             needed += [_reference(role.get("practitioner")), _reference(role.get("organization"))]
+        patient, _ = store.get(needed[0])
+        if isinstance(patient, dict) and isinstance(patient.get("generalPractitioner"), list):
+            # a GP practice in the Bundle; one on another server (an absolute URL) is not waited for
+            needed += [
+                ref
+                for ref in map(_reference, patient["generalPractitioner"])
+                if ref is not None and "://" not in ref
+            ]
         return all(ref is None or ref.startswith("#") or store.has(ref) for ref in needed)
 
     def _entry_record(self, entry: Entry, wanted: str, store: _Store) -> NativeRecord:
@@ -433,6 +458,11 @@ class HealthAdapter(JsonAdapter):
                 problems.extend(_fhir_problems(document[part], part))
         if patient is not None:
             _read_nhs_communication(patient)
+            own = {f"#{r.get('id')}": r for r in patient.get("contained") or [] if isinstance(r, dict)}
+            _read_general_practice(
+                patient,
+                lambda ref: own.get(ref) if ref in own else resolve(ref, ("Organization",)),
+            )
         return NativeRecord(number, document, tuple(problems))
 
     def extra_problems(self, native: Any, record: dict[str, Any]) -> list[MappingProblem]:
@@ -453,6 +483,12 @@ class HealthAdapter(JsonAdapter):
             "contract has no 'not known' for it"
             for p, count in self._read_as_no.items()
         ]
+
+    def finish_native(self, document: dict[str, Any], record: Mapping[str, Any]) -> None:
+        practice = get_path(document, f"{PT}generalPractitioner[0]")
+        if isinstance(practice, dict) and "identifier" in practice:
+            # as PDS and UK Core name a registered GP practice: a logical reference by ODS code
+            document["Patient"]["generalPractitioner"][0] = {"type": "Organization", **practice}
 
     def write_native(self, documents: Iterable[dict[str, Any]], field_map: FieldMap, out: IO[str]) -> None:
         entries: list[dict[str, Any]] = []
@@ -513,6 +549,39 @@ def _requester(requester: Any, resolve: Any) -> dict[str, Any]:
             practitioner = {**practitioner, "name": [{**first, "text": text}, *names[1:]]}
             parts["Practitioner"] = practitioner
     return parts
+
+
+def _read_general_practice(patient: dict[str, Any], resolve: Any) -> None:
+    """UK Core names the child's GP practice in ``Patient.generalPractitioner``: a logical
+    reference (``type`` Organization, an ODS ``identifier``, as PDS gives it) or a reference to
+    an Organization (contained, or a Bundle entry) whose identifiers hold the ODS code. The
+    first such practice is put first, as ``{type, identifier, display}``, for the table to read;
+    a GP (a Practitioner) listed before it is kept after it. Nothing is invented: a practice
+    with no ODS code keeps only its name."""
+    entries = patient.get("generalPractitioner")
+    if not isinstance(entries, list):
+        return
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        reference = _reference(entry)
+        target = resolve(reference) if reference is not None else None
+        target = target if isinstance(target, dict) and target.get("resourceType") == "Organization" else None
+        identifier = entry.get("identifier")
+        if target is not None and not (isinstance(identifier, dict) and identifier.get("system") == ODS_SYSTEM):
+            ods = [i for i in target.get("identifier") or [] if isinstance(i, dict) and i.get("system") == ODS_SYSTEM]
+            identifier = ods[0] if ods else identifier
+        has_ods = isinstance(identifier, dict) and identifier.get("system") == ODS_SYSTEM
+        if not (has_ods or target is not None or entry.get("type") == "Organization"):
+            continue
+        practice: dict[str, Any] = {"type": "Organization"}
+        if has_ods:
+            practice["identifier"] = {"system": ODS_SYSTEM, "value": identifier.get("value")}
+        name = _display(entry) or (target.get("name") if target is not None else None)
+        if isinstance(name, str) and name.strip():
+            practice["display"] = name
+        patient["generalPractitioner"] = [practice, *entries[:position], *entries[position + 1 :]]
+        return
 
 
 def _read_nhs_communication(patient: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -84,14 +84,19 @@ def _decoded_lines(handle: IO[bytes] | IO[str], name: str) -> Iterator[str]:
 
 
 def read_csv(
-    source: Source, columns: list[str], *, warnings: list[str] | None = None
+    source: Source,
+    columns: list[str],
+    *,
+    warnings: list[str] | None = None,
+    optional: Collection[str] = (),
 ) -> Iterator[tuple[int, dict[str, str] | str]]:
     """Rows of a UTF-8 CSV with ``columns`` (any order), numbered from 1 (first data row).
 
     A row is a dict of column -> cell, or a short reason when the row itself is broken (a
     wrong number of cells), so the caller can reject that record and carry on. Columns outside
     ``columns`` are refused, unless ``warnings`` is given: then they are ignored and named there
-    (a school MIS adds its own columns: admission number, tutor group).
+    (a school MIS adds its own columns: admission number, tutor group). Columns in ``optional``
+    may be missing from the header (added to the format later); a row then has no such key.
     """
     name = source_name(source)
     kind = sniff(source)
@@ -106,7 +111,7 @@ def read_csv(
             if header is None:
                 raise EmptyInputError(f"{name}: the file is empty: no header row and no records")
             header = [cell.strip() for cell in header]
-            extra = _check_header(header, columns, name, allow_extra=warnings is not None)
+            extra = _check_header(header, columns, name, allow_extra=warnings is not None, optional=optional)
             if extra and warnings is not None:
                 warnings.append(
                     f"{name}: line 1 (header): column(s) not used, ignored: "
@@ -131,9 +136,11 @@ def read_csv(
 _OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 
 
-def _check_header(header: list[str], columns: list[str], name: str, *, allow_extra: bool) -> list[str]:
-    """Refuse a header without every column (or, unless ``allow_extra``, with others); return
-    the columns it has beyond ``columns``."""
+def _check_header(
+    header: list[str], columns: list[str], name: str, *, allow_extra: bool, optional: Collection[str] = ()
+) -> list[str]:
+    """Refuse a header without every column but the ``optional`` ones (or, unless
+    ``allow_extra``, with others); return the columns it has beyond ``columns``."""
     if len(header) == 1 and len(columns) > 1:
         for delimiter, said in _OTHER_DELIMITERS.items():
             if header[0].count(delimiter) >= 2:
@@ -142,7 +149,7 @@ def _check_header(header: list[str], columns: list[str], name: str, *, allow_ext
                     "save the file as comma-separated CSV (in Excel: 'CSV UTF-8 (Comma delimited)')"
                 )
     doubled = sorted({c for c in header if header.count(c) > 1})
-    missing = [c for c in columns if c not in header]
+    missing = [c for c in columns if c not in header and c not in optional]
     unknown = [c for c in header if c not in columns]
     reasons = []
     if missing:

@@ -17,6 +17,7 @@ from typing import IO, Any
 from . import ctf
 from .base import _REFERRAL, CsvAdapter, NativeRecord, ParsedRecord, Rendered, _schema, register
 from .field_map import (
+    CHARITY_NUMBER,
     INT,
     POSTCODE,
     SYMBOLS_CELL,
@@ -137,6 +138,8 @@ ATTENDANCE_CODE = Codec(
     lambda symbol: {"present": "/", "closed": "#"}.get(symbol, symbol),
 )
 ATTENDANCE_CODES = list_cell((("code", ATTENDANCE_CODE), ("sessions", INT)), "CODE:SESSIONS")
+# Schema v2: the charity the school names for a requested service, by registered number.
+SERVICE_PROVIDERS = list_cell((("service", TEXT), ("provider", CHARITY_NUMBER)), "SERVICE:CHARITY NUMBER")
 EXCLUSIONS = list_cell(
     (("kind", EXCLUSION_CATEGORY), ("start_date", UK_DATE), ("sessions", INT), ("reason", EXCLUSION_REASON)),
     "CATEGORY:DD/MM/YYYY:SESSIONS:REASON",
@@ -219,6 +222,7 @@ REFERRAL_MAP = FieldMap(
             slots=3,
         ),
         Field("Services Requested", "services_requested", SYMBOLS_CELL),
+        Field("Service Providers", "service_providers", SERVICE_PROVIDERS, header_optional=True),
         Field("Consent", "consent.state", TEXT),
         Field("Consent Recorded At", "consent.recorded_at", TIMESTAMP),
         Field("Consent Recorded By", "consent.recorded_by"),
