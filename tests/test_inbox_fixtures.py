@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from county import FORMAT, SCHOOL, in_county
 from test_sealing_support import send_all
 
 from referral_broker.cluster.clients import Record, build_consumer, poll_records
@@ -41,7 +42,7 @@ from referral_broker.sealing.key_admin import init_parties
 
 TEAM = "district-fenland"
 OTHER_TEAM = "district-cambridge"
-REFERRER = "schools"
+REFERRER = SCHOOL  # the referring organisation (a party); its partner format is FORMAT[REFERRER]
 PASSWORD = "synthetic-password-1"
 CHROMIUM = "/usr/bin/chromium"
 
@@ -51,7 +52,7 @@ NARROW_POLICY = """\
 version = 1
 
 [[purpose]]
-recipient = "kind:district_team"
+recipient = "district_team"
 name = "early-help-triage"
 description = "Test policy: the family's district team triages without identifiers or special category data"
 provides = ["family_support"]
@@ -93,11 +94,13 @@ class Pipeline:
         return self.settings.bootstrap_servers
 
     def referral(self, team: str, seed: int, *, partner: str = REFERRER, **changes: Any) -> dict[str, Any]:
-        """A synthetic referral from ``partner`` about a family in ``team``'s district."""
+        """A synthetic referral from the organisation ``partner`` about a family in ``team``'s
+        district, naming the county's organisations for that district (``county.in_county``)."""
         record = copy.deepcopy(synthetic_referral(random.Random(seed)))
         record["referral_id"] = str(uuid.UUID(int=random.Random(f"id{seed}").getrandbits(128), version=4))
         record["district"] = district_of(team)
-        record["referrer"]["partner"] = partner
+        record["referrer"]["partner"] = FORMAT.get(partner, partner)
+        in_county(record)
         record.update(changes)
         return record
 

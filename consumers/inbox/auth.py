@@ -142,7 +142,10 @@ class SessionCodec:
 def resolve_session(
     store: InboxStore, codec: SessionCodec, cookie: str | None, *, now: datetime
 ) -> tuple[SignedIn | None, bool]:
-    """(who is signed in, whether a session just expired) for a request's session cookie."""
+    """(who is signed in, whether a session just expired) for a request's session cookie.
+
+    Only reads: a GET must change nothing, so an expired session is left for the purge at the
+    next sign-in and a disabled member's sessions were already ended by disabling."""
     if not cookie:
         return None, False
     session_id, expired = codec.load(cookie)
@@ -152,11 +155,9 @@ def resolve_session(
     if session is None:
         return None, False
     if now - session.created_at > timedelta(seconds=codec.max_age_s):
-        store.delete_session(session.id)
         return None, True
     user = store.get_user(session.username)
     if user is None or user.disabled:
-        store.delete_session(session.id)
         return None, False
     return SignedIn(user, session), False
 

@@ -195,10 +195,10 @@ class SignInTables(StoreDatabase):
             if not locked or row["lock_id"] is None:
                 return None
             found = db.execute("SELECT * FROM sign_in_locks WHERE id = ?", (row["lock_id"],)).fetchone()
-        return self._lock(found) if found is not None else None
+        return self._lock_row(found) if found is not None else None
 
     @staticmethod
-    def _lock(r: sqlite3.Row) -> LockRow:
+    def _lock_row(r: sqlite3.Row) -> LockRow:
         return LockRow(
             r["id"],
             r["scope"],
@@ -220,7 +220,7 @@ class SignInTables(StoreDatabase):
                 "SELECT * FROM sign_in_locks WHERE released_at IS NULL AND locked_until > ? ORDER BY id",
                 [utc(active_at)],
             )
-        return [self._lock(r) for r in rows]
+        return [self._lock_row(r) for r in rows]
 
     def failures_of(self, subject_key: str) -> int:
         """Failed sign-ins currently counted against a subject (0 when none)."""
