@@ -27,11 +27,12 @@ def frame(*parts: bytes | str) -> bytes:
     return b"".join(out)
 
 
-def unframe(data: bytes, count: int, what: str) -> list[bytes]:
-    """The ``count`` parts of :func:`frame` output, refusing a short, overlong or padded input."""
+def unframe(data: bytes, count: int | None, what: str) -> list[bytes]:
+    """The ``count`` parts (every part when None) of :func:`frame` output, refusing a short,
+    overlong or padded input."""
     parts: list[bytes] = []
     pos = 0
-    for _ in range(count):
+    while (len(parts) < count) if count is not None else (pos < len(data)):
         if pos + 4 > len(data):
             raise TamperedError(f"truncated {what}")
         (n,) = _U32.unpack_from(data, pos)

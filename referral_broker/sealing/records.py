@@ -44,6 +44,7 @@ from referral_broker.schemas.registry import (
     fingerprint,
 )
 from referral_broker.sealing.fields import DataKey, FieldCodec, FieldContext, open_value, seal_value
+from referral_broker.sealing.framing import frame, unframe
 
 _NAMED = ("record", "enum", "fixed")
 _MISSING = object()
@@ -180,7 +181,9 @@ class SealingPlan:
                         f"field {path} is operational (sent in the clear) but contains the "
                         f"non-operational field {hidden}; tag it with the most sensitive class inside"
                     )
-                plans.append(_FieldPlan(f["name"], path, "clear", default, nullable))
+                # its own codec too: the clear fields are digested one by one (clear_projection)
+                codec = FieldCodec(path, _collapse(f["type"], set()))
+                plans.append(_FieldPlan(f["name"], path, "clear", default, nullable, codec=codec))
                 wire["type"] = _collapse(f["type"], seen)
             else:
                 codec = FieldCodec(path, _collapse(f["type"], set()))
@@ -249,68 +252,63 @@ class SealingPlan:
 
     # -- clear fields (what a format-2 message's binding digests) ------------------------------
     def clear_projection(self, record: dict[str, Any]) -> bytes:
-        """The canonical bytes of ``record``'s clear (operational) fields: the record in wire
-        shape with every sealing unit emptied (``b""``), Avro binary under the wire schema.
+        """The canonical bytes of ``record``'s clear (operational) fields: in plan order, each
+        clear field's Avro binary under its own type, and for each nested record that holds
+        sealing units one byte, present (1, then its clear fields) or null (0); all framed.
 
         The same bytes come out of the plaintext record before sealing and out of the decoded
-        wire record after, so the sealer and the opener digest the same thing. A nested record
-        that holds sealing units is part of it too (present or null), so nulling one out is a
-        change of the clear fields."""
-        buf = io.BytesIO()
-        try:
-            schemaless_writer(buf, self._wire_parsed, self._project(self._fields, record))
-        except ContractError:
-            raise
-        except Exception:
-            raise ContractError(
-                f"record does not match schema {self.schema.get('name')} (an operational field has a wrong type)"
-            ) from None
-        return buf.getvalue()
+        wire record after, so the sealer and the opener digest the same thing. Nulling out a
+        nested record of sealed fields is therefore a change of the clear fields too."""
+        return frame(*self._items(self._fields, record, []))
 
-    def _project(self, plans: tuple[_FieldPlan, ...], record: Any) -> dict[str, Any]:
+    def _items(self, plans: tuple[_FieldPlan, ...], record: Any, out: list[bytes]) -> list[bytes]:
         if not isinstance(record, dict):
             raise ContractError(f"record at {plans[0].path.rpartition('.')[0] or 'root'}: expected a record")
-        out: dict[str, Any] = {}
         for p in plans:
+            if p.action == "seal":
+                continue
             value = record.get(p.name, p.default)
             if value is _MISSING:
                 raise ContractError(f"field {p.path}: missing and has no default")
-            if p.action == "seal":
-                out[p.name] = b""
-            elif p.action == "record":
-                out[p.name] = None if value is None and p.nullable else self._project(p.child, value)
+            if p.action == "record":
+                if value is None and p.nullable:
+                    out.append(b"\x00")
+                else:
+                    out.append(b"\x01")
+                    self._items(p.child, value, out)
             else:
-                out[p.name] = value
+                assert p.codec is not None
+                out.append(p.codec.encode(value))
         return out
 
     def changed_clear_fields(self, sealed_projection: bytes, arrived_projection: bytes) -> list[str]:
         """The paths of the clear fields (and nested records) that differ between the
         projection a sender sealed and the one that arrived; names only, never values."""
         try:
-            before = self._read_projection(sealed_projection)
-            after = self._read_projection(arrived_projection)
+            before = self._by_path(sealed_projection)
+            after = self._by_path(arrived_projection)
         except Exception:
             return []
-        changed: list[str] = []
-        self._diff(self._fields, before, after, changed)
-        return changed
+        changed = [p for p in dict.fromkeys([*before, *after]) if before.get(p) != after.get(p)]
+        # a record that appeared or went: name it, not every field inside it
+        return [p for p in changed if not any(p.startswith(q + ".") for q in changed)]
 
-    def _read_projection(self, data: bytes) -> dict[str, Any]:
-        buf = io.BytesIO(data)
-        out = schemaless_reader(buf, self._wire_parsed, None)
-        if buf.tell() != len(data) or not isinstance(out, dict):
-            raise ValueError("not one projection")
+    def _by_path(self, projection: bytes) -> dict[str, bytes]:
+        parts = iter(unframe(projection, None, "clear-fields projection"))
+        out: dict[str, bytes] = {}
+
+        def walk(plans: tuple[_FieldPlan, ...]) -> None:
+            for p in plans:
+                if p.action == "seal":
+                    continue
+                out[p.path] = next(parts)
+                if p.action == "record" and out[p.path] == b"\x01":
+                    walk(p.child)
+
+        walk(self._fields)
+        if next(parts, None) is not None:
+            raise ValueError("trailing parts")
         return out
-
-    def _diff(self, plans: tuple[_FieldPlan, ...], a: dict[str, Any], b: dict[str, Any], out: list[str]) -> None:
-        for p in plans:
-            va, vb = a.get(p.name), b.get(p.name)
-            if p.action == "seal":
-                continue
-            if p.action == "record" and isinstance(va, dict) and isinstance(vb, dict):
-                self._diff(p.child, va, vb, out)
-            elif va != vb:
-                out.append(p.path)
 
     # -- wire bytes ---------------------------------------------------------------------------
     def encode_wire(self, wire: dict[str, Any]) -> bytes:
