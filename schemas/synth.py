@@ -12,8 +12,9 @@ empty in some, so consumers meet every shape early.
 The organisations a referral names (the child's GP practice by ODS code, the charity named as
 provider of a requested service) are the deployment's data, not the contract's: the caller
 passes them as :class:`NamedOrganisation` lists (the demo passes its county's registry). With
-none passed, no referral names a GP practice code or a provider, and the random draws, hence
-the seeded referrals, are what they were before these fields existed.
+none passed, no referral names a GP practice code or a provider. Either way the other fields
+of a seed's referrals are what they were before these fields existed: the choices are drawn
+from a generator of their own.
 """
 
 from __future__ import annotations
@@ -303,30 +304,31 @@ class _Referral:
             "consent": consent,
             "sharing_override": override,
         }
-        # Drawn last, and only when the caller passed organisations, so the rest of a seeded
-        # referral does not depend on them.
+        # Drawn from their own generator (seeded by the referral id), so the referrals of a seed
+        # are the same with or without organisations, apart from these fields.
+        picker = random.Random(record["referral_id"].int)
         if self.gp_practices and record["health_and_development"] is not None:
-            self.name_gp_practice(record["health_and_development"])
+            self.name_gp_practice(picker, record["health_and_development"])
         if self.charities:
-            record["service_providers"] = self.providers(record["services_requested"])
+            record["service_providers"] = self.providers(picker, record["services_requested"])
         return record
 
-    def name_gp_practice(self, health: dict[str, Any]) -> None:
+    def name_gp_practice(self, picker: random.Random, health: dict[str, Any]) -> None:
         """Most children's health records name their practice: one serving the family's district."""
-        if not self.maybe(0.9):
+        if picker.random() >= 0.9:
             return
         local = [p for p in self.gp_practices if p.serves(self.district)] or list(self.gp_practices)
-        practice = self.rng.choice(local)
+        practice = picker.choice(local)
         health["gp_practice_ods"] = practice.identifier
         health["gp_practice"] = practice.name or health["gp_practice"] or f"{self.town} Surgery"
 
-    def providers(self, services: list[str]) -> list[dict[str, Any]]:
+    def providers(self, picker: random.Random, services: list[str]) -> list[dict[str, Any]]:
         """For a requested service some charity here provides, the referrer usually names one."""
         named = []
         for service in services:
             able = [c for c in self.charities if c.provides(service) and c.serves(self.district)]
-            if able and self.maybe(0.8):
-                named.append({"service": service, "provider": self.rng.choice(able).identifier})
+            if able and picker.random() < 0.8:
+                named.append({"service": service, "provider": picker.choice(able).identifier})
         return named
 
     def referrer(self) -> dict[str, Any]:
