@@ -35,7 +35,7 @@ from referral_broker.sealing.signing import sign_message, verify_message
 from referral_broker.sealing.wrapping import DekCache, unwrap_data_key, wrap_data_key
 
 SENDER = "council"
-RECIPIENTS = ("health", "schools", "police")
+RECIPIENTS = ("nhs-zhv01", "school-110123", "police-35")  # organisations (parties since issue 13)
 
 
 def _best_us(fn: Callable[[], Any], n: int, repeats: int = 3) -> float:
@@ -122,7 +122,7 @@ def run(settings: Settings, *, iterations: int = 200) -> dict[str, Any]:
             }
 
         # Raw primitives, same run, same machine.
-        sample_msg = uncached_msgs["health"][0]
+        sample_msg = uncached_msgs[RECIPIENTS[0]][0]
         sample_value = sample_msg.value
         assert sample_value is not None
         aead = AESGCM(os.urandom(32))
