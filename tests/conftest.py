@@ -3,6 +3,14 @@
 ``KAFKA_BOOTSTRAP_SERVERS`` points the suite at an existing cluster; otherwise the project's
 own local broker is started on test ports (19192/19193, apart from the demo's) and stopped at
 the end if this session started it. Tests isolate by a unique topic prefix, never by sleeping.
+
+The local broker is secured (TLS, SCRAM, ACLs; the suite uses its administrator, found through
+the client file the broker wrote). For an existing secured cluster, give its client settings
+in the environment as for any command: ``KAFKA_SECURITY_PROTOCOL=SASL_SSL``,
+``KAFKA_SASL_USERNAME``, ``KAFKA_SASL_PASSWORD`` or ``KAFKA_SASL_PASSWORD_FILE``,
+``KAFKA_SSL_CAFILE`` (or ``REFERRAL_BROKER_CONFIG`` naming a client file such as a local
+broker's ``client.toml``); a local broker of this machine at that address needs none of them.
+``REFERRAL_BROKER_TEST_INSECURE=1`` starts the suite's own broker plaintext instead (debugging).
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from referral_broker.cluster.runtime import LocalBroker, metadata_topic_count
+from referral_broker.cluster.runtime import LocalBroker, probe
+from referral_broker.cluster.security import client_security, remember
 from referral_broker.cluster.topics import admin_client, ensure_topics
 from referral_broker.config import Settings, load_settings
 from referral_broker.organisations import load_file
@@ -30,14 +39,21 @@ TEST_PORT = int(os.environ.get("REFERRAL_BROKER_TEST_PORT", "19192"))
 def kafka_bootstrap() -> Iterator[str]:
     configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if configured:
-        if metadata_topic_count(configured, timeout_s=10) is None:
-            pytest.fail(f"KAFKA_BOOTSTRAP_SERVERS={configured} does not answer metadata requests")
+        # the environment's security settings (or the local broker's client file for that
+        # address), used by every test's settings in this process, which ignore the environment
+        env_settings = load_settings(kafka_bootstrap_servers=configured)
+        remember(configured, client_security(env_settings, configured))
+        topics, problem = probe(env_settings, configured, timeout_s=10)
+        if topics is None:
+            pytest.fail(f"KAFKA_BOOTSTRAP_SERVERS={configured} does not answer metadata requests: {problem}")
         yield configured
         return
     settings = load_settings(environ={}, local_port=TEST_PORT, local_controller_port=TEST_PORT + 1)
     broker = LocalBroker(settings)
     was_running = broker.status().answering
-    broker.start()
+    insecure = os.environ.get("REFERRAL_BROKER_TEST_INSECURE") == "1"
+    # the test broker's data is disposable: storage formatted plaintext is started afresh
+    broker.start(insecure=insecure, fresh=not was_running and not insecure and broker.needs_fresh_for_security())
     yield broker.bootstrap
     if not was_running:
         broker.stop()

@@ -274,6 +274,7 @@ class LocalBroker:
                 self.bootstrap, self.admin_security(), self.security_dir / f"{sec.ADMIN_USER}.password"
             )
         sec.write_private(self.client_file, text.encode())
+        sec.register_local_broker(self.settings.local_port, self.client_file)
 
     def _write_config(self, insecure: bool) -> Path:
         s = self.settings
@@ -350,8 +351,10 @@ class LocalBroker:
                 return " | ".join((errors or text)[-lines:])[-1500:]
         return "no broker log written"
 
-    def _format(self, java: str, classpath: str, config: Path, insecure: bool) -> None:
-        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+    def _format(
+        self, java: str, classpath: str, config: Path, insecure: bool, cluster_id: str | None = None
+    ) -> None:
+        cluster_id = cluster_id or base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
         cmd = [
             java,
             "-cp",

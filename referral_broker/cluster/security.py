@@ -253,7 +253,24 @@ def local_client_file(settings: Settings, bootstrap: str) -> Path | None:
     if "," in bootstrap or host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not port.isdigit():
         return None
     path = settings.paths_cache_dir / "local-broker" / port / CLIENT_FILE
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    try:  # a broker started with another cache folder (a test's own) registered its file
+        pointed = Path(index_path(int(port)).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+    return pointed if pointed.is_file() else None
+
+
+def index_path(port: int) -> Path:
+    """Where a local broker on ``port`` records its client file, whatever cache folder it was
+    started with: only one broker can listen on a port, so the last one started there wins."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "referral-broker"
+    return base / "local-broker-index" / str(port)
+
+
+def register_local_broker(port: int, client_file: Path) -> None:
+    write_private(index_path(port), str(client_file).encode())
 
 
 _remembered: dict[str, ClientSecurity] = {}
@@ -483,15 +500,42 @@ class _Capture(logging.Handler):
             frame = frame.f_back  # type: ignore[assignment]
 
 
+# kafka-python's loggers that report connection failures. The CLI silences "kafka" (CRITICAL);
+# while a client is being built their warnings are let through to the capture only.
+_NET_LOGGERS = ("kafka.net.manager", "kafka.net.connection", "kafka.net.transport", "kafka.cluster")
+_capture_lock = threading.Lock()
+_capture_state: dict[str, Any] = {"active": 0, "saved": {}}
+
+
 @contextlib.contextmanager
 def _capturing(protocol: str) -> Iterator[_Capture]:
     cap = _Capture(protocol)
-    root = logging.getLogger("kafka")
-    root.addHandler(cap)
+    loggers = [logging.getLogger(name) for name in _NET_LOGGERS]
+    with _capture_lock:
+        if _capture_state["active"] == 0:
+            saved: dict[str, tuple[int, bool]] = {}
+            for lg in loggers:
+                if lg.getEffectiveLevel() > logging.WARNING:
+                    # nobody would see these records: let them reach the capture, and only it
+                    saved[lg.name] = (lg.level, lg.propagate)
+                    lg.setLevel(logging.WARNING)
+                    lg.propagate = False
+            _capture_state["saved"] = saved
+        _capture_state["active"] += 1
+        for lg in loggers:
+            lg.addHandler(cap)
     try:
         yield cap
     finally:
-        root.removeHandler(cap)
+        with _capture_lock:
+            for lg in loggers:
+                lg.removeHandler(cap)
+            _capture_state["active"] -= 1
+            if _capture_state["active"] == 0:
+                for name, (level, propagate) in _capture_state["saved"].items():
+                    logging.getLogger(name).setLevel(level)
+                    logging.getLogger(name).propagate = propagate
+                _capture_state["saved"] = {}
 
 
 def classify(text: str) -> str | None:
