@@ -14,6 +14,7 @@ is never stored, only the account's own name when the typed name is an account.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -22,8 +23,11 @@ from referral_broker.consumers.inbox.store_database import StoreDatabase, parse_
 
 
 class Rule(Protocol):
-    free_failures: int
-    lock_after: int
+    @property
+    def free_failures(self) -> int: ...
+
+    @property
+    def lock_after(self) -> int: ...
 
     def delay(self, failures: int) -> timedelta: ...
 
@@ -105,7 +109,7 @@ class SignInTables(StoreDatabase):
             return None
         return row
 
-    def begin_sign_in(self, subjects: list[tuple[Subject, Rule]], now: datetime) -> Verdict:
+    def begin_sign_in(self, subjects: Sequence[tuple[Subject, Rule]], now: datetime) -> Verdict:
         """Refuse the attempt if any subject is locked or must still wait; otherwise count it
         (as a failure until :meth:`sign_in_succeeded` says otherwise) and set each subject's
         next allowed time."""
@@ -130,7 +134,7 @@ class SignInTables(StoreDatabase):
                 )
         return Verdict(True)
 
-    def sign_in_failed(self, subjects: list[tuple[Subject, Rule]], now: datetime) -> list[NewLock]:
+    def sign_in_failed(self, subjects: Sequence[tuple[Subject, Rule]], now: datetime) -> list[NewLock]:
         """The attempt counted by :meth:`begin_sign_in` failed: lock each subject that has now
         reached its rule's limit (returned, so the caller audits them)."""
         locks: list[NewLock] = []

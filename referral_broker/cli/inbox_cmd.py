@@ -253,7 +253,7 @@ def unlock(obj: CliContext, username: str | None, address: str | None, as_json: 
         subject_ref=subject.ref,
         count=released.failures if released else 0,
     )
-    data = {
+    data: dict[str, object] = {
         "scope": subject.scope,
         "username": subject.username,
         "subject_ref": subject.ref,
