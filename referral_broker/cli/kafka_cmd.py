@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
-from referral_broker.cluster.runtime import BrokerStatus, LocalBroker, remote_status
+from referral_broker.cluster.runtime import BrokerStatus, LocalBroker, remote_status, write_compose_files
 
 
 def _show(status: BrokerStatus) -> None:
@@ -67,3 +69,23 @@ def status(obj: CliContext, as_json: bool) -> None:
     emit(s.as_dict(), as_json, lambda _: _show(s))
     if not s.answering:
         raise click.exceptions.Exit(1)
+
+
+@kafka.command("compose-files")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="kafka", show_default=True, help="The broker's name on the network.")
+@click.option("--port", default=9092, show_default=True, help="The SASL_SSL listener.")
+@click.option("--controller-port", default=9093, show_default=True, help="The mTLS controller listener.")
+@click.option("--data-dir", default="/var/lib/kafka/data", show_default=True, help="log.dirs in the container.")
+@click.option("--owner", type=int, default=None, help="Numeric uid (and gid) to own the files (the Kafka image's user).")
+@json_option
+def compose_files(
+    out: Path, host: str, port: int, controller_port: int, data_dir: str, owner: int | None, as_json: bool
+) -> None:
+    """Write the secured broker's files for docker-compose.yml into OUT (idempotent): local CA,
+    broker keystore, passwords, cluster id, server.properties, the administrator's client.toml
+    and admin.properties. Every file 0600."""
+    files = write_compose_files(
+        out, host=host, port=port, controller_port=controller_port, data_dir=data_dir, owner=owner
+    )
+    emit([str(f) for f in files], as_json, lambda names: click.echo("\n".join(names)))

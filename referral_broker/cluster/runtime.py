@@ -101,6 +101,140 @@ POM_TEMPLATE = """\
 """
 
 
+def broker_properties(
+    *,
+    listen: str,
+    controller: str,
+    data_dir: str,
+    advertised: str | None = None,
+    keystore: Path | None = None,
+    ca: Path | None = None,
+    broker_password: str | None = None,
+) -> dict[str, str]:
+    """server.properties of the single-node broker: plaintext without ``keystore``, else the
+    secured set-up (SASL_SSL + SCRAM, mTLS controller, deny-by-default ACLs). ``listen`` is
+    host:port (``:9092`` for every interface), ``advertised`` what clients are told."""
+    advertised = advertised or listen
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": controller,
+        "controller.listener.names": "CONTROLLER",
+        "log.dirs": data_dir,
+        "num.partitions": "3",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "10",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "auto.create.topics.enable": "false",
+        "unclean.leader.election.enable": "false",
+    }
+    ctrl_port = controller.rpartition(":")[2]
+    ctrl_listen = f"{listen.rpartition(':')[0]}:{ctrl_port}"
+    if keystore is None:
+        return props | {
+            "listeners": f"PLAINTEXT://{listen},CONTROLLER://{ctrl_listen}",
+            "advertised.listeners": f"PLAINTEXT://{advertised},CONTROLLER://{controller}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        }
+    return props | {
+        "listeners": f"SECURE://{listen},CONTROLLER://{ctrl_listen}",
+        "advertised.listeners": f"SECURE://{advertised},CONTROLLER://{controller}",
+        "listener.security.protocol.map": "SECURE:SASL_SSL,CONTROLLER:SSL",
+        "inter.broker.listener.name": "SECURE",
+        "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+        "listener.name.secure.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "listener.name.secure.scram-sha-512.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{sec.BROKER_USER}" password="{broker_password}";'
+        ),
+        "listener.name.secure.ssl.keystore.type": "PEM",
+        "listener.name.secure.ssl.keystore.location": str(keystore),
+        "listener.name.secure.ssl.truststore.type": "PEM",
+        "listener.name.secure.ssl.truststore.location": str(ca),
+        # mutual TLS on the controller: only a holder of a key the local CA signed. Never a
+        # plaintext controller: with User:ANONYMOUS a super user, any local process could
+        # rewrite the ACLs through it.
+        "listener.name.controller.ssl.client.auth": "required",
+        "listener.name.controller.ssl.keystore.type": "PEM",
+        "listener.name.controller.ssl.keystore.location": str(keystore),
+        "listener.name.controller.ssl.truststore.type": "PEM",
+        "listener.name.controller.ssl.truststore.location": str(ca),
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": f"User:{sec.ADMIN_USER};User:{sec.BROKER_USER};User:CN={sec.BROKER_CN}",
+    }
+
+
+def properties_text(props: dict[str, str]) -> str:
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+
+
+def write_compose_files(
+    out: Path, *, host: str, port: int, controller_port: int, data_dir: str, owner: int | None
+) -> list[Path]:
+    """What the secured Kafka of docker-compose.yml needs, in ``out`` (mounted at the same
+    path in every container): the CA, the broker's keystore (its name and ``localhost`` in
+    the certificate), the broker's and the administrator's passwords, a cluster id,
+    server.properties, the administrator's client file for the project's services
+    (``client.toml``) and for Kafka's own tools (``admin.properties``). Kept when present,
+    so re-running changes nothing. Every file is 0600; ``owner`` (the Kafka image's user) owns
+    them so the broker can read them."""
+    out.mkdir(parents=True, exist_ok=True)
+    keystore = sec.ensure_broker_keystore(out, (host, "localhost", "127.0.0.1"))
+    passwords = {}
+    for user in (sec.BROKER_USER, sec.ADMIN_USER):
+        path = out / f"{user}.password"
+        if not path.exists():
+            sec.write_private(path, sec.new_password().encode())
+        passwords[user] = sec.read_secret(path, f"password file of {user}")
+    if not (out / "cluster-id").exists():
+        sec.write_private(out / "cluster-id", new_cluster_id().encode())
+    props = broker_properties(
+        listen=f":{port}",
+        advertised=f"{host}:{port}",
+        controller=f"{host}:{controller_port}",
+        data_dir=data_dir,
+        keystore=keystore,
+        ca=out / "ca.pem",
+        broker_password=passwords[sec.BROKER_USER],
+    )
+    sec.write_private(out / "server.properties", properties_text(props).encode())
+    admin = sec.ClientSecurity(
+        protocol="SASL_SSL",
+        mechanism="SCRAM-SHA-512",
+        username=sec.ADMIN_USER,
+        password=passwords[sec.ADMIN_USER],
+        cafile=out / "ca.pem",
+    )
+    client = sec.client_file_text(f"{host}:{port}", admin, out / f"{sec.ADMIN_USER}.password")
+    sec.write_private(out / sec.CLIENT_FILE, client.encode())
+    tools = (
+        "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
+        "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{sec.ADMIN_USER}" password="{passwords[sec.ADMIN_USER]}";\n'
+        f"ssl.truststore.type=PEM\nssl.truststore.location={out / 'ca.pem'}\n"
+    )
+    sec.write_private(out / "admin.properties", tools.encode())
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    for path in files:
+        os.chmod(path, 0o600)
+        if owner is not None:
+            os.chown(path, owner, owner)
+    if owner is not None:
+        os.chown(out, owner, owner)
+    return files
+
+
 @dataclass(frozen=True)
 class BrokerStatus:
     bootstrap: str
@@ -281,63 +415,21 @@ class LocalBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         ctrl = f"127.0.0.1:{s.local_controller_port}"
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": ctrl,
-            "controller.listener.names": "CONTROLLER",
-            "log.dirs": str(self.data_dir),
-            "num.partitions": "3",
-            "offsets.topic.replication.factor": "1",
-            "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "transaction.state.log.num.partitions": "10",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "false",
-            "unclean.leader.election.enable": "false",
-        }
         if insecure:
-            props |= {
-                "listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
-                "advertised.listeners": f"PLAINTEXT://{self.bootstrap},CONTROLLER://{ctrl}",
-                "inter.broker.listener.name": "PLAINTEXT",
-                "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            }
+            props = broker_properties(listen=self.bootstrap, controller=ctrl, data_dir=str(self.data_dir))
         else:
             keystore = sec.ensure_broker_keystore(self.security_dir, ("127.0.0.1", "localhost"))
-            ca = self.security_dir / "ca.pem"
-            broker_password = self._password(sec.BROKER_USER)
-            props |= {
-                "listeners": f"SECURE://{self.bootstrap},CONTROLLER://{ctrl}",
-                "advertised.listeners": f"SECURE://{self.bootstrap},CONTROLLER://{ctrl}",
-                "listener.security.protocol.map": "SECURE:SASL_SSL,CONTROLLER:SSL",
-                "inter.broker.listener.name": "SECURE",
-                "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
-                "listener.name.secure.sasl.enabled.mechanisms": "SCRAM-SHA-512",
-                "listener.name.secure.scram-sha-512.sasl.jaas.config": (
-                    "org.apache.kafka.common.security.scram.ScramLoginModule required "
-                    f'username="{sec.BROKER_USER}" password="{broker_password}";'
-                ),
-                "listener.name.secure.ssl.keystore.type": "PEM",
-                "listener.name.secure.ssl.keystore.location": str(keystore),
-                "listener.name.secure.ssl.truststore.type": "PEM",
-                "listener.name.secure.ssl.truststore.location": str(ca),
-                # mutual TLS on the controller: only a holder of a key the local CA signed
-                "listener.name.controller.ssl.client.auth": "required",
-                "listener.name.controller.ssl.keystore.type": "PEM",
-                "listener.name.controller.ssl.keystore.location": str(keystore),
-                "listener.name.controller.ssl.truststore.type": "PEM",
-                "listener.name.controller.ssl.truststore.location": str(ca),
-                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-                "allow.everyone.if.no.acl.found": "false",
-                "super.users": f"User:{sec.ADMIN_USER};User:{sec.BROKER_USER};User:CN={sec.BROKER_CN}",
-            }
+            props = broker_properties(
+                listen=self.bootstrap,
+                controller=ctrl,
+                data_dir=str(self.data_dir),
+                keystore=keystore,
+                ca=self.security_dir / "ca.pem",
+                broker_password=self._password(sec.BROKER_USER),
+            )
         path = self.run_dir / "server.properties"
         # 0600: the broker's own SCRAM password is in its JAAS line
-        sec.write_private(path, "".join(f"{k}={v}\n" for k, v in props.items()).encode())
+        sec.write_private(path, properties_text(props).encode())
         os.chmod(self.run_dir, 0o700)
         (self.run_dir / "log4j2.yaml").write_text(LOG4J2_YAML)
         return path
@@ -354,7 +446,7 @@ class LocalBroker:
     def _format(
         self, java: str, classpath: str, config: Path, insecure: bool, cluster_id: str | None = None
     ) -> None:
-        cluster_id = cluster_id or base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+        cluster_id = cluster_id or new_cluster_id()
         cmd = [
             java,
             "-cp",
