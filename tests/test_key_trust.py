@@ -47,9 +47,17 @@ HOUR = 3600.0
 
 
 # -- the attacker's tools ----------------------------------------------------------------------
-def attacker_writes(bootstrap: str, topic: str, records: list[tuple[str, bytes | None]]) -> None:
-    """Produce raw records (None: a tombstone) with a plain client: no project code involved."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap)
+def attacker_writes(
+    settings: Settings, bootstrap: str, topic: str, records: list[tuple[str, bytes | None]]
+) -> None:
+    """Produce raw records (None: a tombstone) with a plain kafka-python producer, no project
+    code in the path. The attacker can connect (whatever credentials the cluster wants): the
+    directory must hold when the perimeter does not."""
+    from referral_broker.cluster.security import client_security
+
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, **client_security(settings, bootstrap).kafka_kwargs()
+    )
     try:
         for key, value in records:
             producer.send(topic, key=key.encode("ascii"), value=value)
@@ -136,6 +144,7 @@ def test_forged_hub_and_police_entries_are_refused(county: Settings, kafka_boots
     )
     before = dict(trust.REFUSED)
     attacker_writes(
+        county,
         kafka_bootstrap,
         keys_topic,
         [
@@ -168,7 +177,10 @@ def test_forged_hub_and_police_entries_are_refused(county: Settings, kafka_boots
     registry = CollectorRegistry()
     registry.register(trust.RefusalCollector())
     exposed = generate_latest(registry).decode()
-    assert f'referral_key_directory_refused_records_total{{reason="signature"}} {float(trust.REFUSED["signature"])}' in exposed
+    assert (
+        f'referral_key_directory_refused_records_total{{reason="signature"}} {float(trust.REFUSED["signature"])}'
+        in exposed
+    )
 
     # A partner seals its intake to the real hub key, not the forged one.
     from referral_broker.producers.intake import IntakeSender
@@ -208,7 +220,9 @@ def test_forged_hub_and_police_entries_are_refused(county: Settings, kafka_boots
 def test_revocation_is_final_after_tombstone_and_replay(county: Settings, kafka_bootstrap: str) -> None:
     police_key = active_key(county, POLICE)
     keys_topic = topic_name(county, "keys")
-    [old_active] = [r for r in raw_records(county, kafka_bootstrap, keys_topic) if r.key == police_key.encode()]
+    [old_active] = [
+        r for r in raw_records(county, kafka_bootstrap, keys_topic) if r.key == police_key.encode()
+    ]
     key_admin.revoke(county, police_key, bootstrap=kafka_bootstrap)
     published = {r.key.decode() for r in raw_records(county, kafka_bootstrap, keys_topic)}
     assert REVOKED_PREFIX + police_key in published  # the revocation under its own message key
@@ -222,6 +236,7 @@ def test_revocation_is_final_after_tombstone_and_replay(county: Settings, kafka_
     # The attacker deletes both records of the revocation and replays the genuine old
     # "active" record, signed by the root back then.
     attacker_writes(
+        county,
         kafka_bootstrap,
         keys_topic,
         [(police_key, None), (REVOKED_PREFIX + police_key, None), (police_key, old_active.value)],
@@ -251,7 +266,7 @@ def test_revocation_is_final_after_tombstone_and_replay(county: Settings, kafka_
     survivors = [(k, v) for k, v in latest.items() if v is not None]
     assert (police_key, old_active.value) in survivors
     assert not any(k == REVOKED_PREFIX + police_key for k, _ in survivors)
-    attacker_writes(kafka_bootstrap, topic_name(compacted, "keys"), survivors)
+    attacker_writes(county, kafka_bootstrap, topic_name(compacted, "keys"), survivors)
     after = load_topic(compacted, kafka_bootstrap)
     assert after.get(police_key).status is KeyStatus.REVOKED
     assert [r.category for r in after.refused if r.key_id == police_key] == ["replay"]
@@ -279,13 +294,18 @@ def test_colliding_key_id_is_ignored_and_sends_and_routes_still_work(
         forged_entry(SCHOOL, not_before=time.time() - 60, key_id=real_school), signed_at=time.time()
     )
     attacker_writes(
+        county,
         kafka_bootstrap,
         keys_topic,
         [(real_hub, dumps(unsigned)), (real_school, dumps(swapped)), (real_school, dumps(collision))],
     )
     directory = load_directory(county, kafka_bootstrap)
-    assert directory.get(real_hub).encryption_public == base64.b64decode(genuine[real_hub]["entry"]["encryption_public"])
-    assert directory.get(real_school).signing_public == base64.b64decode(genuine[real_school]["entry"]["signing_public"])
+    assert directory.get(real_hub).encryption_public == base64.b64decode(
+        genuine[real_hub]["entry"]["encryption_public"]
+    )
+    assert directory.get(real_school).signing_public == base64.b64decode(
+        genuine[real_school]["entry"]["signing_public"]
+    )
     categories = sorted(r.category for r in directory.refused if r.key_id in (real_hub, real_school))
     assert categories == ["collision", "signature", "unsigned"]
     [clash] = [r for r in directory.refused if r.category == "collision"]
