@@ -3,6 +3,8 @@ one reload of the key directory on a key id it does not know, on real keys and a
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from county import POLICE
 from test_inbox_fixtures import OTHER_TEAM, REFERRER, TEAM, Pipeline, as_record, make_pipeline
@@ -73,7 +75,9 @@ def test_an_unknown_key_reloads_the_directory_once(pipeline: Pipeline) -> None:
     hub = load_identity(pipeline.settings, pipeline.bootstrap, HUB)
     pipeline.hub = hub
     routed = as_record(pipeline.routed(pipeline.referral(TEAM, 5), TEAM))
-    # loaded a moment ago: no reload yet (a bogus key id cannot make every record a directory read)
+    # loaded a moment ago: no reload yet (a bogus key id cannot make every record a directory read);
+    # "a moment ago" is set here, so a slow machine cannot have aged the load past RELOAD_AFTER_S
+    team.loaded_at = time.monotonic()
     with pytest.raises(KeyNotFoundError):
         open_verified(team, routed, sender=HUB)
     team.loaded_at -= 60  # the directory is a minute old: one reload, then it opens
