@@ -31,6 +31,23 @@ from referral_broker.schemas.validation import validate_referral
 from referral_broker.schemas.views import project, view_schema
 
 KINDS = adapters.adapter_kinds()
+
+
+def _partner_views() -> list[tuple[str, str]]:
+    """(format, organisation): one organisation for each distinct widest view the policy can
+    give the organisations that receive in a partner format (every school gets the same; a GP
+    practice, a health visiting and a school nursing service get different ones)."""
+    policy, seen, out = load_policy(), set(), []
+    for name, party in sorted(all_parties().items()):
+        if party.kind == "partner" and party.format:
+            view = (party.format, frozenset(granted_fields(policy, name)))
+            if view not in seen:
+                seen.add(view)
+                out.append((party.format, name))
+    return out
+
+
+PARTNER_VIEWS = _partner_views()
 FORMATS_MD = Path(adapters.__file__).parent / "FORMATS.md"
 NOW = dt.datetime(2025, 10, 1, tzinfo=dt.UTC)
 
@@ -79,9 +96,12 @@ def native_documents(kind: str, source: Any) -> list[Any]:
     return documents
 
 
-def test_registry_matches_the_partner_parties() -> None:
-    partners = {name for name, party in all_parties().items() if party.kind == "partner"}
-    assert set(KINDS) == partners
+def test_registry_matches_the_partner_organisations_formats() -> None:
+    """Every partner organisation sends and receives in a format with an adapter, and every
+    adapter is some registered organisation's format."""
+    formats = {party.format for party in all_parties().values() if party.kind == "partner"}
+    assert formats == set(KINDS)
+    assert {fmt for fmt, _ in PARTNER_VIEWS} == set(KINDS)
 
 
 def test_unknown_kind_is_a_config_error() -> None:
@@ -192,11 +212,17 @@ def test_codes_render_the_first_code_of_a_symbol() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_format_can_carry_everything_the_policy_grants_its_partner(kind: str) -> None:
-    """A recipient's native file must have a place for each field the sharing policy grants it."""
+    """A recipient's native file must have a place for each field the sharing policy grants it:
+    every organisation receiving in this format."""
     carried_paths = adapters.get_adapter(kind).carried_paths()
-    granted = granted_fields(load_policy(), kind)
-    assert granted
-    assert [g for g in granted if not any(g == c or g.startswith(f"{c}.") for c in carried_paths)] == []
+    policy = load_policy()
+    organisations = [name for name, party in all_parties().items() if party.format == kind]
+    assert organisations
+    for name in organisations:
+        granted = granted_fields(policy, name)
+        assert granted, name
+        missing = [g for g in granted if not any(g == c or g.startswith(f"{c}.") for c in carried_paths)]
+        assert missing == [], name
 
 
 # --- recipient views: rendering what a recipient may see, and nothing else ----------------------
@@ -221,9 +247,9 @@ def _assert_faithful(kind: str, view: dict[str, Any], back: dict[str, Any]) -> N
     assert carried(adapter, back) == expected
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_recipient_view_renders_with_only_its_granted_fields(kind: str) -> None:
-    view_schema_ = view_schema(granted_fields(load_policy(), kind))
+@pytest.mark.parametrize(("kind", "recipient"), PARTNER_VIEWS)
+def test_a_recipient_view_renders_with_only_its_granted_fields(kind: str, recipient: str) -> None:
+    view_schema_ = view_schema(granted_fields(load_policy(), recipient))
     originals = list(synthetic_referrals(80, seed=3))
     views = [project(record, view_schema_) for record in originals]
     texts, rendered, backs = _render_views(kind, views)
