@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from county import HEALTH_VISITING
 from fhir.resources.R4B.bundle import Bundle
 
 from referral_broker import adapters
@@ -32,6 +33,7 @@ LOCAL = "https://fhir.early-help.example"
 EXT = f"{LOCAL}/StructureDefinition"
 NHS_NUMBER = "9449305552"  # a test-range NHS number with a valid check digit
 REFERRAL_ID = "0f3d7a52-6d7e-4b8e-9a34-1c2b9d0e5f61"
+TEAM = "district-fenland"
 
 
 def patient() -> dict[str, Any]:
@@ -479,8 +481,8 @@ def test_health_statuses_travel_as_uk_core_tasks_in_xml_too(tmp_path: Path) -> N
         "status_id": "5b6f7d2e-1c3a-4e8b-9f0d-2a4c6e8b0d1f",
         "referral_id": REFERRAL_ID,
         "version": 1,
-        "from_party": "district-fenland",
-        "to_party": "health",
+        "from_party": TEAM,
+        "to_party": HEALTH_VISITING,
         "status": "accepted",
         "reason": None,
         "at": "2025-09-22T09:00:00Z",
@@ -492,14 +494,14 @@ def test_health_statuses_travel_as_uk_core_tasks_in_xml_too(tmp_path: Path) -> N
     [task] = [e.resource for e in parsed.entry]
     assert task.get_resource_type() == "Task" and task.meta.profile == [uk_core.PROFILES["Task"]]
     assert task.status == "accepted"
-    # a Task file sent by health reads back as a canonical status (from health, as health sends it)
-    reply = {**status, "from_party": "health", "to_party": "district-fenland"}
+    # a Task file sent by a health organisation reads back as a canonical status (from it, as it sends it)
+    reply = {**status, "from_party": HEALTH_VISITING, "to_party": TEAM}
     adapters.render_statuses("health", [reply], tmp_path, fmt="xml", name="reply.xml")
     [back] = adapters.load_statuses("health", tmp_path / "reply.xml", now=NOW).records
     assert back.record is not None
     assert (back.record["status"], back.record["from_party"], str(back.record["referral_id"])) == (
         "accepted",
-        "health",
+        HEALTH_VISITING,
         REFERRAL_ID,
     )
 
