@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
+from county import SCHOOL
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_schemas_strategies import TEST_NOW, valid_referrals
@@ -21,6 +22,7 @@ from referral_broker.schemas.validation import ensure_valid, schema_path, valida
 
 SCHEMA = registry.referral_schema()
 NAMES = named_types(SCHEMA)
+TEAM = "district-fenland"
 
 
 def referral(seed: int = 1, **changes: Any) -> dict[str, Any]:
@@ -163,8 +165,8 @@ def test_status_messages_are_validated_too() -> None:
         "status_id": uuid.uuid4(),
         "referral_id": uuid.uuid4(),
         "version": 1,
-        "from_party": "district-fenland",
-        "to_party": "schools",
+        "from_party": TEAM,
+        "to_party": SCHOOL,
         "status": "declined",
         "reason": None,
         "at": TEST_NOW,
@@ -173,23 +175,23 @@ def test_status_messages_are_validated_too() -> None:
     assert paths(validate_status(status, now=TEST_NOW)) == {"reason"}
     status["to_party"] = "nobody"
     assert "to_party" not in paths(validate_status(status, now=TEST_NOW))  # parties are the caller's
-    known = {"district-fenland", "schools"}
+    known = {TEAM, SCHOOL}
     assert "to_party" in paths(validate_status(status, now=TEST_NOW, known_parties=known))
 
 
 # --- property: any single-field corruption is rejected with that field named -----------------
 
 
-def _leaves(value: Any, node: Any, path: str, namespace: str | None) -> list[tuple[str, Any, bool]]:
-    """(path with indexes, field type, required) for every field present in ``value``."""
+def _leaves(value: Any, node: Any, path: str, namespace: str | None) -> list[tuple[str, Any, bool, bool]]:
+    """(path with indexes, field type, required, has a default) for every field present in ``value``."""
     node = resolve_type(without_null(node), NAMES, namespace)
-    found: list[tuple[str, Any, bool]] = []
+    found: list[tuple[str, Any, bool, bool]] = []
     if isinstance(node, dict) and node.get("type") == "record" and isinstance(value, dict):
         inner = registry.full_name(node["name"], node.get("namespace", namespace)).rpartition(".")[0]
         for item in node["fields"]:
             child = f"{path}.{item['name']}" if path else item["name"]
             required = not (isinstance(item["type"], list) and "null" in item["type"])
-            found.append((child, item["type"], required))
+            found.append((child, item["type"], required, "default" in item))
             found += _leaves(value.get(item["name"]), item["type"], child, inner)
     elif isinstance(node, dict) and node.get("type") == "array" and isinstance(value, list):
         for index, item in enumerate(value):
@@ -210,7 +212,7 @@ def _parent_and_key(record: dict[str, Any], path: str) -> tuple[Any, Any]:
     return node, parts[-1]
 
 
-def _corruptions(field_type: Any, required: bool) -> list[tuple[str, Any]]:
+def _corruptions(field_type: Any, required: bool, defaulted: bool) -> list[tuple[str, Any]]:
     node = resolve_type(without_null(field_type), NAMES, "earlyhelp.referral")
     kind = node.get("type") if isinstance(node, dict) else node
     logical = node.get("logicalType") if isinstance(node, dict) else None
@@ -222,7 +224,9 @@ def _corruptions(field_type: Any, required: bool) -> list[tuple[str, Any]]:
     if kind in ("int", "long", "boolean") and not logical:
         options.append(("text instead", "many"))
     if required:
-        options += [("null", None), ("missing", KeyError)]
+        options.append(("null", None))
+    if required and not defaulted:  # a field added with a default (v2) may be absent: the default applies
+        options.append(("missing", KeyError))
     return options
 
 
@@ -232,8 +236,8 @@ def test_any_single_field_corruption_is_rejected_with_that_field_named(
     record: dict[str, Any], data: Any
 ) -> None:
     assert validate(record, now=TEST_NOW) == []
-    path, field_type, required = data.draw(st.sampled_from(_leaves(record, SCHEMA, "", None)))
-    label, bad = data.draw(st.sampled_from(_corruptions(field_type, required)))
+    path, field_type, required, defaulted = data.draw(st.sampled_from(_leaves(record, SCHEMA, "", None)))
+    label, bad = data.draw(st.sampled_from(_corruptions(field_type, required, defaulted)))
     corrupted = copy.deepcopy(record)
     parent, key = _parent_and_key(corrupted, path)
     if bad is KeyError:
