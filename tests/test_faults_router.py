@@ -26,6 +26,7 @@ from kafka.protocol.consumer import IsolationLevel, OffsetSpec
 
 from referral_broker.cluster.clients import build_consumer, drain
 from referral_broker.cluster.runtime import LocalBroker
+from referral_broker.cluster.security import client_security
 from referral_broker.cluster.topics import ensure_topics, plan, topic_name
 from referral_broker.config import Settings, load_settings
 from referral_broker.parties import HUB, all_parties
@@ -122,6 +123,7 @@ class Watch:
             client_id="rb-faults-watch",
             request_timeout_ms=10_000,
             bootstrap_timeout_ms=10_000,
+            **client_security(settings, bootstrap).kafka_kwargs(),  # the secured broker's admin
         )
         self.group = f"{settings.kafka_topic_prefix}referral-router"
         self.intake = topic_name(settings, "intake", PARTNER)
