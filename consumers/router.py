@@ -81,6 +81,7 @@ from referral_broker.sealing import OutgoingMessage, sign_plain
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
+from .delivery_ledger import DeliveryLedger
 from .receiving import Received, open_verified
 from .router_metrics import RouterMetrics
 
@@ -274,6 +275,9 @@ class Router:
     ``sealer`` does the cryptography (the hub's keys unless given); ``instance`` names this
     router for its transactional id (see :func:`claim_instance`)."""
 
+    # A status is the recipient answering the referrer about the referrer's own referral.
+    STATUS_GROUND = "uk_gdpr_6_1_e"
+
     def __init__(
         self,
         settings: Settings,
@@ -304,6 +308,8 @@ class Router:
         # The organisation registry, followed: caught up before every batch, so an ``orgs add``
         # or ``orgs disable`` holds from the next batch on, without a restart.
         self._registry_reader: RegistryReader | None = None
+        # Who referred each referral and who received it: statuses are checked against it.
+        self._ledger: DeliveryLedger | None = None
         # partitions the group took from this router since the current batch was read
         self._revoked: set[TopicPartition] = set()
         self._in_transaction = False
@@ -330,11 +336,18 @@ class Router:
         """What ``party``'s topic carries: signed by ``party``, for the hub, of ``kind``."""
         return self.sealer.open(record, sender=party, kind=kind)
 
-    def catch_up_registry(self) -> None:
-        """Apply organisation registry changes written since the last batch."""
+    @property
+    def ledger(self) -> DeliveryLedger:
+        if self._ledger is None:
+            self._ledger = DeliveryLedger(self.settings, self.bootstrap, self.hub)
+        return self._ledger
+
+    def catch_up(self) -> None:
+        """Apply organisation registry changes and deliveries committed since the last batch."""
         if self._registry_reader is None:
             self._registry_reader = RegistryReader(self.settings, self.bootstrap)
         use_registry(self._registry_reader.catch_up())
+        self.ledger.catch_up()
 
     def _process_referral(self, record: Record, partner: str) -> list[OutgoingMessage]:
         referral, referral_id, version = self._open_referral(record, partner)
@@ -342,6 +355,10 @@ class Router:
         ensure_valid(referral, self.canonical, now=now)
         if str(referral["referral_id"]) != referral_id or referral["version"] != version:
             raise ContractError("message key and headers do not match the referral's id and version")
+        claimed, expected = referral["referrer"]["partner"], _referrer_kind(get_party(partner))
+        if claimed != expected:
+            # a referral's clear claims are the signer's: a charity cannot refer as the police
+            raise PolicyError(f"the referral claims a {claimed} referrer but {partner} ({expected}) signed it; refused")
         decisions = decide(self.policy, referral, referrer_party=partner, at=now)
         unresolved = {d.recipient: d.unresolved for d in decisions if d.unresolved}
         outputs: list[OutgoingMessage] = []
@@ -382,6 +399,8 @@ class Router:
                 topic=topic_name(self.settings, "archive"),
             )
         )
+        delivered_to = {d.recipient for d in decisions if d.delivered}
+        outputs.append(self.ledger.record(referral_id, version, partner, delivered_to))
         self.stats.routed += 1
         self.metrics.routed.inc()
         return outputs
@@ -404,9 +423,32 @@ class Router:
         if status["from_party"] != party:
             raise ContractError(f"status from_party does not match its sender {party}")
         to_party = status["to_party"]
-        get_party(to_party)  # an unknown referrer is a dead letter, not a crash
+        # Only an organisation the referral was delivered to may answer, and only its referrer
+        # hears the answer: a status is a disclosure too (its free text may name people).
+        delivered = self.ledger.lookup(opened.referral_id)
+        if delivered is None or party not in delivered.versions.get(opened.version, set()):
+            raise PolicyError(f"status from {party} about a referral version it was not sent; refused")
+        if to_party != delivered.referrer:
+            raise PolicyError(f"status addressed to {to_party[:60]}, not to the referral's referrer; refused")
+        recipient = get_party(to_party)
         self.stats.statuses += 1
         self.metrics.statuses.inc()
+        decision = Decision(
+            recipient=to_party,
+            delivered=True,
+            shared=tuple(sorted(status)),
+            withheld={},
+            purposes=("status-to-referrer",),
+            grounds=(self.STATUS_GROUND,),
+            special_category_conditions=(),
+            conditions_met=(f"received-by:{party}",),
+            basis="not_required",
+            override_id=None,
+            no_onward_sharing=(),
+            recipient_name=recipient.description,
+            rules=("referrer",),
+        )
+        decision_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{opened.referral_id}/{opened.version}/status/{status['status_id']}"))
         return [
             self._seal(
                 status,
@@ -415,8 +457,9 @@ class Router:
                 opened.referral_id,
                 opened.version,
                 "status",
-                [(H_REFERRER, to_party.encode())],
-            )
+                [(H_REFERRER, to_party.encode()), (H_DECISION, decision_id.encode())],
+            ),
+            self._audit(decision, decision_id, opened.referral_id, opened.version, None, self.clock()),
         ]
 
     def _seal(
@@ -615,6 +658,9 @@ class Router:
             if self._registry_reader is not None:
                 _quietly(self._registry_reader.close)
                 self._registry_reader = None
+            if self._ledger is not None:
+                self._ledger.abort()
+                _quietly(self._ledger.close)
 
     def _lost_clients(self, event: str, exc: BaseException, failures: int) -> None:
         self.stats.rebuilds += 1
@@ -664,7 +710,7 @@ class Router:
             log.warning("batch dropped: this router is no longer a member of the group", count=len(batch))
             self._rewind(consumer, batch)
             return
-        self.catch_up_registry()  # a cluster failure here is handled like any other
+        self.catch_up()  # a cluster failure here is handled like any other
         try:
             producer.begin()
             self._in_transaction = True
@@ -674,6 +720,7 @@ class Router:
             moved, checked = self._moved(consumer, batch, member)
             if moved:
                 producer.abort()
+                self.ledger.abort()
                 self._in_transaction = False
                 self.stats.aborted += 1
                 self.metrics.aborted.inc()
@@ -683,8 +730,10 @@ class Router:
             # the membership just checked is the one the commit names: the broker rejects it
             # if the group has moved on since
             producer.commit(next_offsets(batch, consumer), checked)
+            self.ledger.commit()
             self._in_transaction = False
         except (BrokerError, KafkaError) as exc:
+            self.ledger.abort()  # if the commit landed after all, catch_up reads it back
             self._in_transaction = False
             self.stats.aborted += 1
             self.metrics.aborted.inc()
@@ -768,3 +817,8 @@ class Router:
 def _metric_kind(party: Party) -> str:
     """A bounded metric label: the organisation's kind, never one label per organisation."""
     return party.org.kind.value if party.org is not None else party.kind
+
+
+def _referrer_kind(party: Party) -> str:
+    """What ``referrer.partner`` must say for a referral this party signed."""
+    return party.format or ("district_team" if party.kind == "district_team" else party.kind)

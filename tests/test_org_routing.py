@@ -248,3 +248,53 @@ def test_an_intake_from_a_disabled_organisation_is_dead_lettered(county: Setting
     assert cli(county, kafka_bootstrap, "orgs", "disable", OTHER_SCHOOL).exit_code == 0
     stats = Router(county, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.routed == 0 and stats.dead_lettered == 1 and stats.by_reason == {"policy": 1}
+
+
+# -- claims bound to who made them (issue 15, attacks 4 and 5) -------------------------------
+
+
+def test_a_charity_cannot_refer_as_the_police(county: Settings, kafka_bootstrap: str) -> None:
+    forged = encompass(9, "110123")  # claims referrer.partner = police
+    send(county, kafka_bootstrap, "charity-1190001", [forged])
+    stats = Router(county, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.routed == 0 and stats.dead_lettered == 1 and stats.by_reason == {"policy": 1}
+    for school in SCHOOLS:
+        assert raw_out(county, kafka_bootstrap, school) == [], school
+    from referral_broker.consumers.dead_letters import read_dead_letters
+
+    [(_, dead)] = list(read_dead_letters(county, kafka_bootstrap))
+    assert "claims a police referrer but charity-1190001 (charities) signed it" in dead.reason
+
+
+def status(party: str, to: str, rid: str, version: int, text: str | None = None) -> dict[str, Any]:
+    return {
+        "status_id": uuid.uuid4(),
+        "referral_id": uuid.UUID(rid),
+        "version": version,
+        "from_party": party,
+        "to_party": to,
+        "status": "declined" if text else "accepted",
+        "reason": text,
+        "at": datetime.now(UTC).replace(microsecond=0),
+        "actor_role": "Synthetic role",
+    }
+
+
+def test_a_status_only_from_a_recipient_and_only_to_the_referrer(county: Settings, kafka_bootstrap: str) -> None:
+    [rid] = send(county, kafka_bootstrap, POLICE, [encompass(10, "110123")])
+    Router(county, kafka_bootstrap).run(stop_when_idle=3)
+    # a charity that never received it answers, addressed to the police, with free text
+    with IntakeSender(county, kafka_bootstrap, "charity-1190001") as charity:
+        charity.send_status(status("charity-1190001", POLICE, rid, 1, "Synthetic free text"))
+    # the school that did receive it tries to send its answer to another school
+    with IntakeSender(county, kafka_bootstrap, SCHOOL) as school:
+        school.send_status(status(SCHOOL, OTHER_SCHOOL, rid, 1))
+        school.send_status(status(SCHOOL, POLICE, rid, 1))  # the right answer
+    stats = Router(county, kafka_bootstrap).run(stop_when_idle=3)  # a new router: the ledger is on Kafka
+    assert stats.statuses == 1 and stats.dead_lettered == 2 and stats.by_reason == {"policy": 2}
+    back = [m for m in got(county, kafka_bootstrap, POLICE) if m.kind == "status"]
+    assert [(m.referral_id, m.record["from_party"]) for m in back] == [(rid, SCHOOL)]
+    assert raw_out(county, kafka_bootstrap, OTHER_SCHOOL) == []
+    audits = [a for a in audit_decisions(county, kafka_bootstrap) if str(a["referral_id"]) == rid]
+    relayed = [a for a in audits if a["purpose"] == "status-to-referrer"]
+    assert [(a["recipient"], a["conditions_met"][0]) for a in relayed] == [(POLICE, f"received-by:{SCHOOL}")]

@@ -20,7 +20,7 @@ from referral_broker.errors import BrokerError, TopicPlanError
 if TYPE_CHECKING:
     from kafka import KafkaAdminClient  # kafka-python has no type information: this is Any to mypy
 
-ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs")
+ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs", "deliveries")
 
 
 @dataclass(frozen=True)

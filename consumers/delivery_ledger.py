@@ -1,0 +1,137 @@
+"""What the router delivered: for each referral, who referred it and which organisations each
+version went to. Statuses are checked against it: a status is accepted only from an
+organisation that received that referral, and goes only to that referral's referrer.
+
+Kept on a compacted topic (role ``deliveries``, key = referral id), written by the router in
+the same transaction as the deliveries themselves, signed by the hub; every router follows it
+(:meth:`DeliveryLedger.catch_up` before each batch), so a status routed by another router
+instance is checked against the same facts. Entries hold organisation names and referral ids,
+no personal data. A record that is not hub-signed is ignored and counted (a party that can
+write the topic must not be able to grant itself a referral).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, ReferralBrokerError
+from referral_broker.identity import Identity
+from referral_broker.parties import HUB
+from referral_broker.sealing import OutgoingMessage, sign_plain
+from referral_broker.sealing.envelope import H_KIND, H_SENDER
+from referral_broker.structured_log import get_logger
+
+log = get_logger(__name__)
+KIND = "delivery"
+
+
+@dataclass
+class Delivered:
+    referrer: str
+    versions: dict[int, set[str]] = field(default_factory=dict)  # version -> recipients
+
+    def to_json(self) -> dict[str, Any]:
+        return {"referrer": self.referrer, "versions": {str(v): sorted(r) for v, r in self.versions.items()}}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Delivered:
+        if not isinstance(doc, dict) or not isinstance(doc.get("referrer"), str):
+            raise ValueError("not a delivery entry")
+        versions = {int(v): {str(p) for p in parties} for v, parties in dict(doc.get("versions") or {}).items()}
+        return cls(doc["referrer"], versions)
+
+
+@dataclass
+class DeliveryLedger:
+    settings: Settings
+    bootstrap: str
+    hub: Identity
+    timeout_s: float = 30.0
+    refused: int = 0
+    _entries: dict[str, Delivered] = field(default_factory=dict, init=False, repr=False)
+    _pending: dict[str, Delivered] = field(default_factory=dict, init=False, repr=False)
+    _consumer: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def topic(self) -> str:
+        return topic_name(self.settings, "deliveries")
+
+    def lookup(self, referral_id: str) -> Delivered | None:
+        return self._pending.get(referral_id) or self._entries.get(referral_id)
+
+    def record(self, referral_id: str, version: int, referrer: str, recipients: set[str]) -> OutgoingMessage:
+        """Note a routed version and return the message that makes it durable (sent inside the
+        router's transaction). It counts for this router's lookups at once, and for good only
+        after :meth:`commit` (an aborted transaction's entries are dropped by :meth:`abort`)."""
+        known = self.lookup(referral_id)
+        entry = Delivered(referrer, {v: set(r) for v, r in known.versions.items()} if known else {})
+        entry.versions[version] = set(recipients)
+        self._pending[referral_id] = entry
+        value = json.dumps(entry.to_json(), sort_keys=True).encode()
+        return sign_plain(self.hub.keystore, topic=self.topic, key=referral_id.encode(), value=value, kind=KIND)
+
+    def commit(self) -> None:
+        self._entries.update(self._pending)
+        self._pending.clear()
+
+    def abort(self) -> None:
+        self._pending.clear()
+
+    def catch_up(self) -> None:
+        """Apply entries committed since the last call (by this router or another)."""
+        from kafka.errors import KafkaError
+
+        from referral_broker.cluster.clients import build_consumer, poll_records
+
+        if self._consumer is None:
+            consumer = build_consumer(self.settings, self.bootstrap, [self.topic], group_id=None)
+            if not consumer.assignment():
+                consumer.close()
+                raise BrokerError(f"the delivery ledger topic {self.topic} does not exist; run 'referral-broker topics ensure'")
+            consumer.seek_to_beginning(*consumer.assignment())
+            self._consumer = consumer
+        consumer = self._consumer
+        try:
+            partitions = list(consumer.assignment())
+            end = consumer.end_offsets(partitions)
+            remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
+            deadline = time.monotonic() + self.timeout_s
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"reading the delivery ledger timed out after {self.timeout_s:.0f}s")
+                for record in poll_records(consumer, 500):
+                    self._apply(record)
+                remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+        except KafkaError as exc:
+            raise BrokerError(f"reading the delivery ledger failed: {type(exc).__name__}") from exc
+
+    def _apply(self, record: Any) -> None:
+        try:
+            headers = self.hub.opener.verify(record)
+            if headers.get(H_SENDER, b"").decode() != HUB or headers.get(H_KIND, b"").decode() != KIND:
+                raise ValueError("not a hub-signed delivery entry")
+            entry = Delivered.from_json(json.loads(record.value))
+            key = record.key.decode("ascii")
+        except (ReferralBrokerError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
+            self.refused += 1
+            log.warning(
+                "delivery ledger record refused", topic=record.topic, partition=record.partition, offset=record.offset
+            )
+            return
+        known = self._entries.get(key)
+        if known is None:
+            self._entries[key] = entry
+        else:  # a later write of the same referral: versions add up (this router's may be newer)
+            known.referrer = entry.referrer
+            for version, recipients in entry.versions.items():
+                known.versions[version] = recipients
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
