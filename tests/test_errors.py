@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from county import CHARITY, HEALTH_VISITING, SCHOOL
 
 from referral_broker import errors
 from referral_broker.errors import (
@@ -143,6 +144,12 @@ def test_unknown_party_exits_with_config_error(tmp_path: Path) -> None:
     assert "unknown party 'the-press'" in proc.stderr
 
 
+def test_a_partner_kind_named_as_a_party_exits_with_config_error(tmp_path: Path) -> None:
+    proc = run(tmp_path, "policy", "explain", "--recipient", "schools")
+    assert proc.returncode == ConfigError.exit_code, proc.stderr
+    assert "'schools' is a partner kind, not a party" in proc.stderr
+
+
 def test_policy_file_error_exits_with_policy_error(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('version = 1\n[[purpose]]\nname = "x"\nbogus = 1\n')
@@ -167,16 +174,16 @@ def test_invalid_records_exit_with_contract_error(tmp_path: Path) -> None:
 
 
 def test_missing_key_store_exits_with_its_own_sealing_code(tmp_path: Path, kafka_bootstrap: str) -> None:
-    proc = run(tmp_path, "keys", "rotate", "--party", "health", bootstrap=kafka_bootstrap)
+    proc = run(tmp_path, "keys", "rotate", "--party", HEALTH_VISITING, bootstrap=kafka_bootstrap)
     assert proc.returncode == KeyNotFoundError.exit_code == 51, proc.stderr
-    assert proc.stderr.startswith("Error: no key store for health")
+    assert proc.stderr.startswith(f"Error: no key store for {HEALTH_VISITING}")
 
 
 @pytest.mark.parametrize(
     ("party", "file_name", "content", "message"),
     [
-        ("schools", "schools.csv", "a,b\n1,2\n", 'unknown column(s) "a", "b"'),
-        ("charities", "garbage.jsonl", "{not json\n", "record 1: not valid JSON"),
+        (SCHOOL, "schools.csv", "a,b\n1,2\n", 'unknown column(s) "a", "b"'),
+        (CHARITY, "garbage.jsonl", "{not json\n", "record 1: not valid JSON"),
     ],
 )
 def test_bad_partner_file_exits_with_partner_input_error(
