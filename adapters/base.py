@@ -279,9 +279,12 @@ class PartnerAdapter(ABC):
         """Canonical referrals from a native file, one per record, streaming, in file order."""
         return self._parse(source, self.referral_map, _REFERRAL, now)
 
-    def parse_statuses(self, source: Source, *, now: dt.datetime | None = None) -> Iterator[ParsedRecord]:
-        """Canonical status messages from a native status file."""
-        return self._parse(source, self.status_map, _STATUS, now)
+    def parse_statuses(
+        self, source: Source, *, party: str | None = None, now: dt.datetime | None = None
+    ) -> Iterator[ParsedRecord]:
+        """Canonical status messages from a native status file written by ``party`` (the
+        organisation answering: its ``from_party``; the file may leave it empty)."""
+        return self._parse(source, self.status_map, _STATUS, now, own=party)
 
     def render(
         self,
@@ -320,10 +323,11 @@ class PartnerAdapter(ABC):
         return self.status_map.to_native(from_json_form(dict(status), _schema("status")))[0]
 
     def status_from_native(
-        self, native: Mapping[str, Any], *, now: dt.datetime | None = None
+        self, native: Mapping[str, Any], *, party: str | None = None, now: dt.datetime | None = None
     ) -> dict[str, Any]:
-        """One native status record as a valid canonical status; ValidationError lists what is wrong."""
-        parsed = self._convert(NativeRecord(1, native), "<status>", self.status_map, _STATUS, now)
+        """One native status record (from ``party``) as a valid canonical status;
+        ValidationError lists what is wrong."""
+        parsed = self._convert(NativeRecord(1, native), "<status>", self.status_map, _STATUS, now, own=party)
         if parsed.record is None:
             raise ValidationError(list(parsed.problems), f"{self.kind} status")
         return parsed.record
@@ -350,11 +354,12 @@ class PartnerAdapter(ABC):
         now: dt.datetime | None,
         *,
         validate: bool = True,
+        own: str | None = None,
     ) -> Iterator[ParsedRecord]:
         name = source_name(source)
         clock = now or dt.datetime.now(dt.UTC)
         for native in self.read_native(source, field_map):
-            yield self._convert(native, name, field_map, contract, clock, validate=validate)
+            yield self._convert(native, name, field_map, contract, clock, validate=validate, own=own)
 
     def _convert(
         self,
@@ -365,7 +370,11 @@ class PartnerAdapter(ABC):
         now: dt.datetime | None,
         *,
         validate: bool = True,
+        own: str | None = None,
     ) -> ParsedRecord:
+        """``own``: the party the file speaks for (a status file's organisation); the
+        partner kind itself by default (a referral's ``referrer.partner``)."""
+
         def reject(found: Iterable[MappingProblem | Problem]) -> ParsedRecord:
             problems = tuple(
                 Problem(_label(p.native, p.canonical), p.reason, native.number)
@@ -379,12 +388,13 @@ class PartnerAdapter(ABC):
             return reject(native.problems)
         record, mapping_problems = field_map.to_canonical(native.document)
         own_path = contract.own_party_path
+        own = own or self.kind
         claimed = get_canonical(record, own_path)
-        if claimed is not None and claimed != self.kind:
+        if claimed is not None and claimed != own:
             # A file from one partner cannot speak for another (a re-imported file, say).
             label = field_map.native_label(own_path) or own_path
-            mapping_problems.append(MappingProblem(label, own_path, f"must be empty or '{self.kind}'"))
-        _set(record, own_path, self.kind)
+            mapping_problems.append(MappingProblem(label, own_path, f"must be empty or '{own}'"))
+        _set(record, own_path, own)
         if contract is _REFERRAL:
             for path, value in self.defaults_when_absent.items():
                 _set(record, path, copy.deepcopy(value), keep=True)

@@ -135,11 +135,18 @@ def load_file(
 
 
 def load_statuses(
-    kind: str, source: Source, *, skip_invalid: bool = False, now: dt.datetime | None = None
+    kind: str,
+    source: Source,
+    *,
+    party: str | None = None,
+    skip_invalid: bool = False,
+    now: dt.datetime | None = None,
 ) -> LoadResult:
-    """Every status message in a partner's native status file, validated (as ``load_file``)."""
+    """Every status message in a partner's native status file, validated (as ``load_file``);
+    ``party`` is the organisation whose file it is (each status's ``from_party``)."""
     adapter = get_adapter(kind)
-    return _load(adapter, adapter.parse_statuses(source, now=now), skip_invalid, "status messages", "status")
+    parsed = adapter.parse_statuses(source, party=party, now=now)
+    return _load(adapter, parsed, skip_invalid, "status messages", "status")
 
 
 class FileStream:
