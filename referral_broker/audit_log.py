@@ -27,7 +27,8 @@ def decisions(settings: Settings, bootstrap: str, *, idle_s: float = 2.0) -> Ite
             raise BrokerError(f"the audit topic {topic} does not exist; run 'referral-broker topics ensure'")
         for batch in drain(consumer, idle_s=idle_s):
             for record in batch:
-                yield codec.decode(record.value, schema)
+                if record.value is not None:  # the audit topic is never compacted; be safe anyway
+                    yield codec.decode(record.value, schema)
     except KafkaError as exc:
         raise BrokerError(f"reading the audit trail failed: {type(exc).__name__}") from exc
     finally:
