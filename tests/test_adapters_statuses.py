@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from county import SENDER
+from county import OTHER_SCHOOL, SENDER
 
 from referral_broker import adapters
 from referral_broker.errors import ValidationError
@@ -62,7 +62,7 @@ def test_status_file_round_trip(kind: str, tmp_path: Path) -> None:
         and rendered.path.name == f"statuses{adapters.get_adapter(kind).native_suffix}"
     )
     assert rendered.count == len(statuses) and rendered.not_carried == frozenset()
-    loaded = adapters.load_statuses(kind, rendered.path, now=NOW)
+    loaded = adapters.load_statuses(kind, rendered.path, party=SENDER[kind], now=NOW)
     assert [p.record for p in loaded.records] == statuses
 
 
@@ -75,7 +75,7 @@ def test_one_status_each_way(kind: str) -> None:
     native = adapter.status_to_native(received)
     assert json.dumps(native)  # a JSON object or a CSV row: plain data either way
     mine = sent_by(kind)[1]
-    assert adapter.status_from_native(adapter.status_to_native(mine), now=NOW) == mine
+    assert adapter.status_from_native(adapter.status_to_native(mine), party=SENDER[kind], now=NOW) == mine
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -83,24 +83,27 @@ def test_a_partner_cannot_send_a_status_as_another_party(kind: str) -> None:
     adapter = adapters.get_adapter(kind)
     forged = adapter.status_to_native(status("accepted", from_party=OTHER_TEAM, to_party=SENDER[kind]))
     with pytest.raises(ValidationError, match=r"from_party.*must be empty or"):
-        adapter.status_from_native(forged, now=NOW)
+        adapter.status_from_native(forged, party=SENDER[kind], now=NOW)
 
 
-def test_a_blank_status_id_means_a_new_status() -> None:
-    # (A blank sender used to mean "this partner kind"; with organisations as parties the adapter
-    # knows only the format, not which school is sending: left to the lead, see the report.)
+def test_a_blank_sender_and_id_mean_this_organisation_and_a_new_status() -> None:
     row = adapters.get_adapter("schools").status_to_native(sent_by("schools")[0])
+    row.pop("from_party")
     row.pop("status_id")
-    parsed = adapters.get_adapter("schools").status_from_native(row, now=NOW)
+    parsed = adapters.get_adapter("schools").status_from_native(row, party=SENDER["schools"], now=NOW)
     assert parsed["from_party"] == SENDER["schools"]
     assert isinstance(parsed["status_id"], uuid.UUID)
+    # the file's own sender must be the organisation reading it in, not another school
+    other = adapters.get_adapter("schools").status_to_native(sent_by("schools")[0])
+    with pytest.raises(ValidationError, match=rf"from_party.*must be empty or '{OTHER_SCHOOL}'"):
+        adapters.get_adapter("schools").status_from_native(other, party=OTHER_SCHOOL, now=NOW)
 
 
 def test_declining_without_a_reason_is_refused() -> None:
     row = adapters.get_adapter("dwp").status_to_native(sent_by("dwp")[2])
     row.pop("reason")
     with pytest.raises(ValidationError, match=r"\"reason\" \(reason\): required when declining"):
-        adapters.get_adapter("dwp").status_from_native(row, now=NOW)
+        adapters.get_adapter("dwp").status_from_native(row, party=SENDER["dwp"], now=NOW)
 
 
 def test_health_statuses_are_fhir_tasks() -> None:
@@ -119,7 +122,7 @@ def test_health_statuses_are_fhir_tasks() -> None:
         "completed",
     ]
     assert tasks[2]["statusReason"]["text"] == "Synthetic reason text."
-    single = adapters.load_statuses("health", io.StringIO(json.dumps(tasks[1])), now=NOW)
+    single = adapters.load_statuses("health", io.StringIO(json.dumps(tasks[1])), party=SENDER["health"], now=NOW)
     assert single.records[0].record is not None and single.records[0].record["status"] == "accepted"
 
 
@@ -128,7 +131,7 @@ def test_a_fhir_task_outside_its_value_sets_is_refused() -> None:
     task = {"resourceType": "Task", **adapter.status_to_native(sent_by("health")[0])}
     task["status"] = "bogus"
     with pytest.raises(ValidationError, match=r'record 1: "status" \(status\): not one of the codes'):
-        adapters.load_statuses("health", io.StringIO(json.dumps(task)), now=NOW)
+        adapters.load_statuses("health", io.StringIO(json.dumps(task)), party=SENDER["health"], now=NOW)
     del task["intent"]
     with pytest.raises(ValidationError, match=r'"Task.intent": fails FHIR R4 validation'):
-        adapters.load_statuses("health", io.StringIO(json.dumps(task)), now=NOW)
+        adapters.load_statuses("health", io.StringIO(json.dumps(task)), party=SENDER["health"], now=NOW)

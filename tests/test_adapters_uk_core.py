@@ -497,7 +497,7 @@ def test_health_statuses_travel_as_uk_core_tasks_in_xml_too(tmp_path: Path) -> N
     # a Task file sent by a health organisation reads back as a canonical status (from it, as it sends it)
     reply = {**status, "from_party": HEALTH_VISITING, "to_party": TEAM}
     adapters.render_statuses("health", [reply], tmp_path, fmt="xml", name="reply.xml")
-    [back] = adapters.load_statuses("health", tmp_path / "reply.xml", now=NOW).records
+    [back] = adapters.load_statuses("health", tmp_path / "reply.xml", party=HEALTH_VISITING, now=NOW).records
     assert back.record is not None
     assert (back.record["status"], back.record["from_party"], str(back.record["referral_id"])) == (
         "accepted",
