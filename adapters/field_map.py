@@ -506,8 +506,10 @@ class FieldMap:
     def native_label(self, canonical_path: str) -> str | None:
         """The native name for a canonical path with indexes (``household[1].ni_number``)."""
         for entry in self.entries:
-            if isinstance(entry, Field) and entry.canonical == canonical_path:
-                return entry.native
+            if isinstance(entry, Field) and (
+                entry.canonical == canonical_path or canonical_path.startswith(f"{entry.canonical}[")
+            ):
+                return entry.native  # a list in one cell names its cell for any of its items
             if isinstance(entry, Items) and canonical_path.startswith(f"{entry.canonical}["):
                 index_text, _, rest = canonical_path[len(entry.canonical) + 1 :].partition("]")
                 if not index_text.isdigit():

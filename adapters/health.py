@@ -501,7 +501,11 @@ class HealthAdapter(JsonAdapter):
             for part in PARTS:
                 body = document.get(part) or {}
                 if part != "Patient" and not any(k != "meta" for k in body):
-                    continue  # nothing of this resource in the view
+                    if not (part == "PractitionerRole" and {"Practitioner", "Organization"} <= set(urls)):
+                        continue  # nothing of this resource in the view
+                    # A view with the practitioner and the organisation but no role detail still
+                    # needs the role that ties them: the requester can name only one of them.
+                    body = {"meta": {"profile": [PROFILES["PractitionerRole"]]}, **body}
                 urls[part] = f"urn:uuid:{uuid.uuid4()}"
                 entries.append({"fullUrl": urls[part], "resource": {"resourceType": part, **body}})
             role = entries[-1]["resource"] if "PractitionerRole" in urls else None

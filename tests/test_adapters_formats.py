@@ -282,6 +282,18 @@ def test_any_view_renders_without_failing_and_without_inventing(granted: set[str
         _assert_faithful(kind, view, back)
 
 
+def test_a_health_view_with_practitioner_and_organisation_but_no_role_keeps_both() -> None:
+    """Found by the property above: the requester names one resource, so without a role tying
+    the practitioner to the organisation the organisation was written but never read back."""
+    view_schema_ = view_schema({"referral_id", "referrer.practitioner.name", "referrer.organisation"})
+    views = [project(record, view_schema_) for record in synthetic_referrals(3, seed=2)]
+    _, rendered, backs = _render_views("health", views)
+    assert rendered.count == 3
+    for view, back in zip(views, backs, strict=True):
+        assert back["referrer"]["organisation"] == view["referrer"]["organisation"]
+        assert back["referrer"]["practitioner"]["name"] == view["referrer"]["practitioner"]["name"]
+
+
 def test_a_view_in_json_form_renders_like_the_typed_one() -> None:
     record = next(synthetic_referrals(1, seed=5))
     typed = io.StringIO()
