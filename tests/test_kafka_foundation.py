@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from county import OTHER_SCHOOL, SCHOOL
+
 from referral_broker.cluster.clients import build_consumer, build_producer, commit_batch, drain
 from referral_broker.cluster.topics import ensure_topics, list_topics, plan, topic_name
 from referral_broker.config import Settings
@@ -13,15 +15,18 @@ def test_plan_carries_production_values_and_local_override() -> None:
     prod = {s.name: s for s in plan("production")}
     local = {s.name: s for s in plan("local")}
     assert prod.keys() == local.keys()
-    intake = prod["referrals.intake.schools"]
+    intake = prod[f"referrals.intake.{SCHOOL}"]
     assert intake.replication_factor == 3
     assert intake.configs["min.insync.replicas"] == "2"
     assert intake.configs["unclean.leader.election.enable"] == "false"
-    assert local["referrals.intake.schools"].replication_factor == 1
-    assert local["referrals.intake.schools"].configs["min.insync.replicas"] == "1"
+    assert local[f"referrals.intake.{SCHOOL}"].replication_factor == 1
+    assert local[f"referrals.intake.{SCHOOL}"].configs["min.insync.replicas"] == "1"
+    # every organisation has its own topics (a literal ACL per organisation); no partner kind has any
+    assert {f"referrals.{role}.{OTHER_SCHOOL}" for role in ("intake", "out", "status")} <= prod.keys()
+    assert not any(name.endswith((".schools", ".health", ".charities")) for name in prod)
     assert prod["keys.directory"].configs["cleanup.policy"] == "compact"
     roles = {s.role for s in prod.values()}
-    assert roles == {"intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs"}
+    assert roles == {"intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs", "deliveries"}
 
 
 def test_names_put_the_party_last_for_prefix_acls() -> None:
@@ -41,15 +46,16 @@ def test_ensure_creates_then_is_idempotent(settings: Settings, kafka_bootstrap: 
 
 
 def test_ensure_reports_drift(settings: Settings, kafka_bootstrap: str) -> None:
-    ensure_topics(settings, kafka_bootstrap)
-    drifted = settings.replace(kafka_topic_profile="local")  # local plans 6 partitions, test 2
-    states = ensure_topics(drifted, kafka_bootstrap)
-    intake = next(s for s in states if s.spec.name == topic_name(drifted, "intake", "schools"))
-    assert any(d.startswith("partitions: plan 6, cluster 2") for d in intake.drift)
+    # the shipped county's topics (this namespace's registry is empty: no organisation topics)
+    ensure_topics(settings, kafka_bootstrap, read_registry=False)
+    drifted = settings.replace(kafka_topic_profile="local")  # an organisation's intake: local plans 3, test 2
+    states = ensure_topics(drifted, kafka_bootstrap, read_registry=False)
+    intake = next(s for s in states if s.spec.name == topic_name(drifted, "intake", SCHOOL))
+    assert any(d.startswith("partitions: plan 3, cluster 2") for d in intake.drift), intake
 
 
 def test_round_trip_with_project_producer_and_consumer(topics: Settings, kafka_bootstrap: str) -> None:
-    topic = topic_name(topics, "intake", "schools")
+    topic = topic_name(topics, "intake", SCHOOL)
     sent = {f"ref-{i}": uuid.uuid4().bytes for i in range(50)}
     with build_producer(topics, kafka_bootstrap) as producer:
         for key, value in sent.items():
