@@ -296,7 +296,7 @@ def fill_inbox(
     """``n`` referrals routed by the real router (one instance, no Kafka hop) and stored as
     ingest stores them, with a mix of states decided through the store's own transitions (their
     sealed status messages left in the outbox for the app to publish), and the router's audit
-    decisions produced on the audit topic. Two are overdue: an
+    decisions and delivery-ledger entries produced on their topics. Two are overdue: an
     urgent one received a week ago and a routine one received five weeks ago; every other one
     arrived now. About 20-40 ms a referral on the 2-core test machine."""
     from referral_broker.consumers.inbox.states import Action
@@ -307,6 +307,8 @@ def fill_inbox(
     now = datetime.now(UTC)
     records, plan = [], {}
     audit_topic = topic_name(pipeline.settings, "audit")
+    # the router's audit decisions, and its delivery ledger (statuses are checked against it)
+    kept_topics = {audit_topic, topic_name(pipeline.settings, "deliveries")}
     decisions: list[OutgoingMessage] = []
     overdue = {0: ("urgent", now - timedelta(days=7)), 1: ("routine", now - timedelta(days=35))}
     for i in range(n):
@@ -326,7 +328,7 @@ def fill_inbox(
         )
         outputs = router.process(as_record(intake))
         routed = next(m for m in outputs if m.topic == out_topic)
-        decisions += [m for m in outputs if m.topic == audit_topic]
+        decisions += [m for m in outputs if m.topic in kept_topics]
         stored = Record(
             routed.topic,
             0,
@@ -368,6 +370,6 @@ def fill_inbox(
                 encode_status=encode,
                 allocated_to="fen.worker",
             )
-    pipeline.produce(*decisions)  # the router's audit decisions, as it would have written them
+    pipeline.produce(*decisions)  # the router's decisions and ledger, as it would have written them
     ids = list(plan)
     return Day(records, plan, overdue_urgent=ids[0], overdue_routine=ids[1])
