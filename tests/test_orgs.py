@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import deletion_failures
 
 from referral_broker import organisations as o
 from referral_broker.cli.main import main
@@ -237,13 +239,27 @@ def test_county_file_errors(tmp_path: Path) -> None:
 
 # -- on the real broker ---------------------------------------------------------------------
 @pytest.fixture
-def cli_env(topics: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def cli_env(settings: Settings, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """A namespace whose registry topic exists and is still empty (a cluster before its first
+    ``orgs import``; the ``topics`` fixture would have registered the shipped county)."""
+    from referral_broker.cluster.topics import admin_client, ensure_topics
+
+    ensure_topics(settings, kafka_bootstrap, read_registry=False)
     monkeypatch.delenv("REFERRAL_BROKER_CONFIG", raising=False)
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", topics.bootstrap_servers)
-    monkeypatch.setenv("REFERRAL_BROKER_TOPIC_PREFIX", topics.kafka_topic_prefix)
-    monkeypatch.setenv("REFERRAL_BROKER_TOPIC_PROFILE", topics.kafka_topic_profile)
-    monkeypatch.setenv("REFERRAL_BROKER_DATA_DIR", str(topics.paths_data_dir))
-    return topics
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers)
+    monkeypatch.setenv("REFERRAL_BROKER_TOPIC_PREFIX", settings.kafka_topic_prefix)
+    monkeypatch.setenv("REFERRAL_BROKER_TOPIC_PROFILE", settings.kafka_topic_profile)
+    monkeypatch.setenv("REFERRAL_BROKER_DATA_DIR", str(settings.paths_data_dir))
+    yield settings
+    admin = admin_client(settings, kafka_bootstrap)
+    try:
+        names = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
+        result = admin.delete_topics(names, raise_errors=False)
+    finally:
+        admin.close()
+    failed = deletion_failures(result)
+    if failed:
+        pytest.fail(f"deleting the test's topics failed: {failed}", pytrace=False)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
