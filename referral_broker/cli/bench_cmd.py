@@ -87,3 +87,57 @@ def router(obj: CliContext, count: int, as_json: bool) -> None:
         )
 
     emit(data, as_json, human)
+
+
+@bench.command()
+@click.option(
+    "--organisations",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 20_000),
+    help="Synthetic organisations registered beside the shipped county.",
+)
+@click.option("--referrals", default=500, show_default=True, type=click.IntRange(1, 100_000), help="Referrals routed per run.")
+@click.option(
+    "--baseline",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1, 20_000),
+    help="Synthetic organisations in the run it is compared with.",
+)
+@click.option("--keep", is_flag=True, help="Keep the benchmark's topics (deleted by default).")
+@click.option(
+    "--full-gc",
+    is_flag=True,
+    help="Also measure the broker's live heap after a full (stop-the-world) collection; not on a shared broker.",
+)
+@json_option
+@pass_cli
+def orgs(
+    obj: CliContext, organisations: int, referrals: int, baseline: int, keep: bool, full_gc: bool, as_json: bool
+) -> None:
+    """Scale with N organisations, each with its own topics and keys, under a fresh topic prefix:
+    'topics ensure' time, broker RSS and heap, key-directory load time, router throughput, beside
+    the same run with a small registry (--baseline)."""
+    from referral_broker.cli import bench_orgs
+
+    progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
+    data = bench_orgs.run(
+        obj.settings, obj.bootstrap(), organisations=organisations, referrals=referrals,
+        baseline=baseline, keep=keep, full_gc=full_gc, progress=progress,
+    )  # fmt: skip
+
+    def human(d: dict[str, Any]) -> None:
+        small, large = d["runs"]
+        where = f"broker pid {d['broker_pid']}" if d["broker_on_this_machine"] else "remote broker: no memory figures"
+        click.echo(
+            f"Organisations benchmark on {d['bootstrap']} ({where}, topic profile {d['profile']}); "
+            f"the shipped county ({d['shipped_county']}) plus N synthetic organisations, "
+            f"{d['referrals']} referrals from {', '.join(d['senders'])}:\n"
+        )
+        head = ["", f"N={small['organisations']}", f"N={large['organisations']}", "ratio"]
+        click.echo(table(bench_orgs.rows(d), head))
+        kept = "" if small["deleted_topics"] else f"\nTopics kept under {small['prefix']} and {large['prefix']}."
+        click.echo(f"\nBenchmark process peak RSS {d['bench_process_peak_rss_mb']} MB.{kept}")
+
+    emit(data, as_json, human)
