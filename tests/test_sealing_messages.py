@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from county import POLICE, SCHOOL
 from test_sealing_support import (
+    HEALTH,
     SCHEMA,
+    TEAM,
     World,
     as_record,
     make_world,
@@ -72,16 +75,16 @@ def world(topics: Settings) -> World:
 
 
 def test_each_recipient_opens_only_its_own_copy(topics: Settings, kafka_bootstrap: str, world: World) -> None:
-    health_topic, schools_topic = topic_name(topics, "out", "health"), topic_name(topics, "out", "schools")
+    health_topic, schools_topic = topic_name(topics, "out", HEALTH), topic_name(topics, "out", SCHOOL)
     send_all(
-        topics, kafka_bootstrap, [seal(world, "health", health_topic), seal(world, "schools", schools_topic)]
+        topics, kafka_bootstrap, [seal(world, HEALTH, health_topic), seal(world, SCHOOL, schools_topic)]
     )
     by_topic = {r.topic: r for r in read_all(topics, kafka_bootstrap, [health_topic, schools_topic])}
     health_msg, schools_msg = by_topic[health_topic], by_topic[schools_topic]
-    assert world.opener("health").open(health_msg).record == sample_referral(1)
-    assert world.opener("schools").open(schools_msg).record == sample_referral(1)
-    with pytest.raises(SealingError, match="addressed to health, not to schools"):
-        world.opener("schools").open(health_msg)
+    assert world.opener(HEALTH).open(health_msg).record == sample_referral(1)
+    assert world.opener(SCHOOL).open(schools_msg).record == sample_referral(1)
+    with pytest.raises(SealingError, match=f"addressed to {HEALTH}, not to {SCHOOL}"):
+        world.opener(SCHOOL).open(health_msg)
     # Relabelling the copy for schools breaks the signature ...
     relabelled = Record(
         health_msg.topic,
@@ -89,20 +92,20 @@ def test_each_recipient_opens_only_its_own_copy(topics: Settings, kafka_bootstra
         0,
         health_msg.key,
         health_msg.value,
-        replace_header(health_msg.headers, "rb-recipient", b"schools"),
+        replace_header(health_msg.headers, "rb-recipient", SCHOOL.encode()),
         0,
     )
     with pytest.raises(SignatureError, match="does not verify"):
-        world.opener("schools").open(relabelled)
+        world.opener(SCHOOL).open(relabelled)
     # ... and even re-signed by the council, schools holds no key that opens health's copy:
-    with pytest.raises(KeyNotFoundError, match=r"schools does not hold key health\."):
-        world.opener("schools").open(resigned(world, relabelled))
+    with pytest.raises(KeyNotFoundError, match=rf"{SCHOOL} does not hold key {HEALTH}\."):
+        world.opener(SCHOOL).open(resigned(world, relabelled))
     # not by key id, and not by trying its own private key on health's wrapped data key.
     with pytest.raises(TamperedError, match="authentication failed"):
         unwrap_data_key(
             dict(health_msg.headers)[H_DEK],
-            recipient="schools",
-            private_key=world.stores["schools"].active().encryption,
+            recipient=SCHOOL,
+            private_key=world.stores[SCHOOL].active().encryption,
         )
 
 
@@ -117,18 +120,18 @@ def test_every_single_byte_change_is_detected(topics: Settings, kafka_bootstrap:
             {"name": "given_name", "type": "string", "data_class": "personal"},
         ],
     }
-    topic = topic_name(topics, "out", "health")
+    topic = topic_name(topics, "out", HEALTH)
     msg = world.sealer().seal(
         {"referral_id": "r-1", "given_name": "Zephyrine"},
         schema,
         topic=topic,
-        recipient="health",
+        recipient=HEALTH,
         referral_id="r-1",
         referral_version=1,
     )
     send_all(topics, kafka_bootstrap, [msg])
     (original,) = read_all(topics, kafka_bootstrap, [topic])
-    opener = world.opener("health", schemas=schema_book(schema))
+    opener = world.opener(HEALTH, schemas=schema_book(schema))
     assert opener.open(original).record["given_name"] == "Zephyrine"
 
     def flip(data: bytes, i: int) -> bytes:
@@ -193,9 +196,9 @@ def test_every_single_byte_change_is_detected(topics: Settings, kafka_bootstrap:
 
 
 def test_refusals_have_precise_reasons(world: World, topics: Settings) -> None:
-    topic = topic_name(topics, "out", "health")
-    good = as_record(seal(world, "health", topic))
-    opener = world.opener("health")
+    topic = topic_name(topics, "out", HEALTH)
+    good = as_record(seal(world, HEALTH, topic))
+    opener = world.opener(HEALTH)
 
     def refused(record: Record, error: type, reason: str) -> None:
         with pytest.raises(error, match=reason) as info:
@@ -221,7 +224,7 @@ def test_refusals_have_precise_reasons(world: World, topics: Settings) -> None:
         "unknown message format version 3",
     )
     # Forged: schools signs and claims to be the council, with either key id.
-    forged = as_record(seal(world, "health", topic, sender="schools"))
+    forged = as_record(seal(world, HEALTH, topic, sender=SCHOOL))
     council_key = world.stores["council"].active().key_id
     as_council = replace_header(
         replace_header(forged.headers, H_SENDER, b"council"), H_SENDER_KEY, council_key.encode()
@@ -236,11 +239,11 @@ def test_refusals_have_precise_reasons(world: World, topics: Settings) -> None:
             topic, 0, 0, forged.key, forged.value, replace_header(forged.headers, H_SENDER, b"council"), 0
         ),
         SignatureError,
-        "message from council is signed with key schools",
+        f"message from council is signed with key {SCHOOL}",
     )
     # Moved to another topic (another recipient's inbox): the signature covers the topic.
     refused(
-        Record(topic_name(topics, "out", "schools"), 0, 0, good.key, good.value, good.headers, 0),
+        Record(topic_name(topics, "out", SCHOOL), 0, 0, good.key, good.value, good.headers, 0),
         SignatureError,
         "moved to another topic",
     )
@@ -295,27 +298,27 @@ def test_rotation_keeps_old_messages_readable(topics: Settings, kafka_bootstrap:
     from referral_broker.sealing.directory import load_topic, publish
 
     publish(topics, kafka_bootstrap, [e for s in world.stores.values() for e in s.public_entries()])
-    topic = topic_name(topics, "out", "health")
-    before = seal(world, "health", topic, 1)
-    old_health = world.stores["health"].active().key_id
+    topic = topic_name(topics, "out", HEALTH)
+    before = seal(world, HEALTH, topic, 1)
+    old_health = world.stores[HEALTH].active().key_id
     old_council = world.stores["council"].active().key_id
-    key_admin.rotate(topics, "health", bootstrap=kafka_bootstrap)
+    key_admin.rotate(topics, HEALTH, bootstrap=kafka_bootstrap)
     key_admin.rotate(topics, "council", bootstrap=kafka_bootstrap)
     world.stores = {p: type(s).open(topics.keys_dir, p) for p, s in world.stores.items()}
     world.directory = load_topic(topics, kafka_bootstrap)
-    after = seal(world, "health", topic, 2)
+    after = seal(world, HEALTH, topic, 2)
     assert dict(after.headers)["rb-recipient-key"].decode() != old_health
     assert dict(after.headers)[H_SENDER_KEY].decode() != old_council
     send_all(topics, kafka_bootstrap, [before, after])
-    opened = [world.opener("health").open(r) for r in read_all(topics, kafka_bootstrap, [topic])]
+    opened = [world.opener(HEALTH).open(r) for r in read_all(topics, kafka_bootstrap, [topic])]
     assert sorted(o.referral_id for o in opened) == ["ref-0001", "ref-0002"]
     assert {o.recipient_key_id for o in opened if o.referral_id == "ref-0001"} == {old_health}
     # Destroying the retired key strands exactly the messages sealed to it, and says which key.
-    world.stores["health"].destroy(old_health)
+    world.stores[HEALTH].destroy(old_health)
     records = {r.key: r for r in read_all(topics, kafka_bootstrap, [topic])}
-    with pytest.raises(KeyNotFoundError, match=f"health does not hold key {old_health}"):
-        world.opener("health").open(records[b"ref-0001"])
-    assert world.opener("health").open(records[b"ref-0002"]).record == sample_referral(2)
+    with pytest.raises(KeyNotFoundError, match=f"{HEALTH} does not hold key {old_health}"):
+        world.opener(HEALTH).open(records[b"ref-0001"])
+    assert world.opener(HEALTH).open(records[b"ref-0002"]).record == sample_referral(2)
 
 
 def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world: World) -> None:
@@ -329,14 +332,14 @@ def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world
 
     publish(topics, kafka_bootstrap, [e for s in world.stores.values() for e in s.public_entries()])
     messages, secrets = [], []
-    for n, recipient in enumerate(("health", "schools", "police"), start=1):
+    for n, recipient in enumerate((HEALTH, SCHOOL, POLICE), start=1):
         messages.append(seal(world, recipient, topic_name(topics, "out", recipient), n))
         secrets += needles(sample_referral(n))
     messages.append(
-        seal(world, "district-fenland", topic_name(topics, "out", "district-fenland"), 4, case_id="CASE-4")
+        seal(world, TEAM, topic_name(topics, "out", TEAM), 4, case_id="CASE-4")
     )
     messages.append(seal(world, "council", topic_name(topics, "archive"), 5, case_id="CASE-5"))
-    messages.append(seal(world, "council", topic_name(topics, "intake", "health"), 6, sender="health"))
+    messages.append(seal(world, "council", topic_name(topics, "intake", HEALTH), 6, sender=HEALTH))
     secrets += needles(sample_referral(4)) + needles(sample_referral(5)) + needles(sample_referral(6))
     schema = referral_schema()
     rng = random.Random(11)
@@ -346,8 +349,8 @@ def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world
             world.sealer().seal(
                 record,
                 schema,
-                topic=topic_name(topics, "out", "health"),
-                recipient="health",
+                topic=topic_name(topics, "out", HEALTH),
+                recipient=HEALTH,
                 referral_id=record["referral_id"],
                 referral_version=record["version"],
             )
@@ -371,6 +374,17 @@ def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world
     assert not leaked, f"{len(leaked)} plaintext values found in raw topic bytes"
     # and nothing private either: no private key and no case key
     for key_file in topics.keys_dir.rglob("*.key"):
+        if key_file.read_bytes().startswith(b"-----BEGIN"):  # the council's root signing key (PEM)
+            from cryptography.hazmat.primitives import serialization
+
+            pem = key_file.read_bytes()
+            root = serialization.load_pem_private_key(pem, password=None)
+            raw_private = root.private_bytes(  # type: ignore[union-attr]
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+            )
+            body = b"".join(line for line in pem.splitlines() if not line.startswith(b"-----"))
+            assert raw_private not in raw and body not in raw
+            continue
         doc = json.loads(key_file.read_text())
         for name in ("signing_private", "encryption_private", "key"):
             if name in doc:
@@ -381,8 +395,8 @@ def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world
 
 
 def test_extra_headers_are_signed_and_returned(world: World, tmp_path: Path) -> None:
-    msg = seal(world, "health", "t", extra_headers=[("rb-view", b'["child.given_name"]')])
-    opened = world.opener("health").open(as_record(msg))
+    msg = seal(world, HEALTH, "t", extra_headers=[("rb-view", b'["child.given_name"]')])
+    opened = world.opener(HEALTH).open(as_record(msg))
     assert opened.extra_headers == (("rb-view", b'["child.given_name"]'),)
     with pytest.raises(SealingError, match="reserved"):
-        seal(world, "health", "t", extra_headers=[("rb-dek", b"x")])
+        seal(world, HEALTH, "t", extra_headers=[("rb-dek", b"x")])

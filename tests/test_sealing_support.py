@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from county import HEALTH_VISITING, POLICE, SCHOOL
+
 from referral_broker.cluster.clients import Record, build_consumer, poll_records
 from referral_broker.config import Settings
 from referral_broker.sealing import (
@@ -29,7 +31,10 @@ from referral_broker.sealing import (
 )
 
 SCHEMA: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "sealing_referral.avsc").read_text())
-PARTIES = ("council", "health", "schools", "police", "district-fenland")
+HUB = "council"
+HEALTH = HEALTH_VISITING  # a partner organisation receiving referrals
+TEAM = "district-fenland"  # a district team (opens case-key messages)
+PARTIES = (HUB, HEALTH, SCHOOL, POLICE, TEAM)
 
 
 def person(given: str, family: str, *, nhs: str | None = None, address: bool = True) -> dict[str, Any]:
@@ -95,13 +100,13 @@ class World:
     stores: dict[str, KeyStore]
     directory: KeyDirectory
 
-    def sealer(self, party: str = "council", *, cache: DekCache | None = None) -> MessageSealer:
-        case_keys = CaseKeyStore.open(self.keys_dir) if party == "council" else None
+    def sealer(self, party: str = HUB, *, cache: DekCache | None = None) -> MessageSealer:
+        case_keys = CaseKeyStore.open(self.keys_dir) if party == HUB else None
         return MessageSealer(self.stores[party], self.directory, cache=cache, case_keys=case_keys)
 
     def opener(self, party: str, *, cache: DekCache | None = None, schemas: Any = None) -> MessageOpener:
         case_keys = (
-            CaseKeyStore.open(self.keys_dir).lookup if party in ("council", "district-fenland") else None
+            CaseKeyStore.open(self.keys_dir).lookup if party in (HUB, TEAM) else None
         )
         return MessageOpener(
             self.stores[party],

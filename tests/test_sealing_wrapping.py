@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from county import HEALTH_VISITING, POLICE, SCHOOL
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from test_sealing_support import SCHEMA, FakeClock, as_record, make_world, sample_referral
+from test_sealing_support import HUB, SCHEMA, TEAM, FakeClock, as_record, make_world, sample_referral
 
 from referral_broker.errors import KeyNotFoundError, RevokedKeyError, ShreddedError, TamperedError
 from referral_broker.sealing import DataKey, DekCache
@@ -19,52 +20,54 @@ from referral_broker.sealing.wrapping import (
     wrap_data_key,
 )
 
-HEALTH = X25519PrivateKey.generate()
-KEY_ID = "health.0123456789ab"
+HEALTH = X25519PrivateKey.generate()  # the recipient's private key
+RECIPIENT = HEALTH_VISITING
+OTHER = SCHOOL
+KEY_ID = f"{RECIPIENT}.0123456789ab"
 
 
 def test_wrap_and_unwrap() -> None:
     key = DataKey.generate()
     wrapped = wrap_data_key(
-        key, recipient="health", recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key()
+        key, recipient=RECIPIENT, recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key()
     )
-    back = unwrap_data_key(wrapped, recipient="health", private_key=HEALTH)
+    back = unwrap_data_key(wrapped, recipient=RECIPIENT, private_key=HEALTH)
     assert (back.key_id, back.secret) == (key.key_id, key.secret)
     assert key.secret not in wrapped
 
 
 def test_only_the_named_recipient_with_its_key_unwraps() -> None:
     wrapped = wrap_data_key(
-        DataKey.generate(), recipient="health", recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key()
+        DataKey.generate(), recipient=RECIPIENT, recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key()
     )
     with pytest.raises(TamperedError, match=f"wrapped data key for key {KEY_ID}: authentication failed"):
-        unwrap_data_key(wrapped, recipient="health", private_key=X25519PrivateKey.generate())
+        unwrap_data_key(wrapped, recipient=RECIPIENT, private_key=X25519PrivateKey.generate())
     with pytest.raises(TamperedError, match="authentication failed"):
-        unwrap_data_key(wrapped, recipient="schools", private_key=HEALTH)
+        unwrap_data_key(wrapped, recipient=OTHER, private_key=HEALTH)
 
 
 def test_every_byte_of_a_wrapped_key_is_protected() -> None:
     wrapped = wrap_data_key(
-        DataKey.generate(), recipient="health", recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key()
+        DataKey.generate(), recipient=RECIPIENT, recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key()
     )
     for i in range(len(wrapped)):
         damaged = bytearray(wrapped)
         damaged[i] ^= 0x01
         with pytest.raises(TamperedError):
-            unwrap_data_key(bytes(damaged), recipient="health", private_key=HEALTH)
+            unwrap_data_key(bytes(damaged), recipient=RECIPIENT, private_key=HEALTH)
     for n in range(len(wrapped)):
         with pytest.raises(TamperedError):
-            unwrap_data_key(wrapped[:n], recipient="health", private_key=HEALTH)
+            unwrap_data_key(wrapped[:n], recipient=RECIPIENT, private_key=HEALTH)
     with pytest.raises(TamperedError, match="truncated wrapped data key"):
-        unwrap_data_key(wrapped[:-1], recipient="health", private_key=HEALTH)
+        unwrap_data_key(wrapped[:-1], recipient=RECIPIENT, private_key=HEALTH)
     with pytest.raises(TamperedError, match="unknown wrapped-key format version 2"):
-        unwrap_data_key(b"\x02" + wrapped[1:], recipient="health", private_key=HEALTH)
+        unwrap_data_key(b"\x02" + wrapped[1:], recipient=RECIPIENT, private_key=HEALTH)
 
 
 def test_case_mode_needs_the_case_key() -> None:
     case_key = bytes(range(32))
     key, wrapped = new_case_data_key(
-        recipient="district-fenland",
+        recipient=TEAM,
         recipient_key_id="district-fenland.0123456789ab",
         recipient_public=HEALTH.public_key(),
         case_id="CASE-1",
@@ -76,15 +79,15 @@ def test_case_mode_needs_the_case_key() -> None:
     assert case_key not in wrapped and key.secret not in wrapped
     lookup = {("CASE-1", "aa11bb22cc33"): case_key}
     back = unwrap_data_key(
-        wrapped, recipient="district-fenland", private_key=HEALTH, case_keys=lambda c, k: lookup[(c, k)]
+        wrapped, recipient=TEAM, private_key=HEALTH, case_keys=lambda c, k: lookup[(c, k)]
     )
     assert back.secret == key.secret
     other = unwrap_data_key(
-        wrapped, recipient="district-fenland", private_key=HEALTH, case_keys=lambda c, k: bytes(32)
+        wrapped, recipient=TEAM, private_key=HEALTH, case_keys=lambda c, k: bytes(32)
     )
     assert other.secret != key.secret  # a wrong case key gives a key that opens nothing
     with pytest.raises(ShreddedError, match="case CASE-1"):
-        unwrap_data_key(wrapped, recipient="district-fenland", private_key=HEALTH)
+        unwrap_data_key(wrapped, recipient=TEAM, private_key=HEALTH)
 
 
 # -- the cache -------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def test_cache_can_be_off_and_is_bounded_in_size() -> None:
 
 
 def test_sealer_reuses_a_wrap_within_the_bounds(tmp_path: Path) -> None:
-    world = make_world(tmp_path / "keys", ("council", "health"))
+    world = make_world(tmp_path / "keys", (HUB, RECIPIENT))
     clock = FakeClock()
     sealer = world.sealer(cache=DekCache(max_uses=3, max_age_s=60, clock=clock))
 
@@ -127,7 +130,7 @@ def test_sealer_reuses_a_wrap_within_the_bounds(tmp_path: Path) -> None:
             sample_referral(),
             SCHEMA,
             topic="t",
-            recipient="health",
+            recipient=RECIPIENT,
             referral_id="ref-0001",
             referral_version=1,
         )
@@ -140,41 +143,41 @@ def test_sealer_reuses_a_wrap_within_the_bounds(tmp_path: Path) -> None:
     clock.advance(61)
     assert wrapped() != fourth  # max age reached
     # the receiver opens them all, whichever data key
-    opener = world.opener("health", cache=DekCache(max_uses=3, max_age_s=60))
+    opener = world.opener(RECIPIENT, cache=DekCache(max_uses=3, max_age_s=60))
     msg = sealer.seal(
-        sample_referral(), SCHEMA, topic="t", recipient="health", referral_id="ref-0001", referral_version=1
+        sample_referral(), SCHEMA, topic="t", recipient=RECIPIENT, referral_id="ref-0001", referral_version=1
     )
     assert opener.open(as_record(msg)).record == sample_referral()
 
 
 def test_revocation_takes_effect_for_the_next_message(tmp_path: Path) -> None:
-    world = make_world(tmp_path / "keys", ("council", "health"))
+    world = make_world(tmp_path / "keys", (HUB, RECIPIENT))
     sealer = world.sealer(cache=DekCache(max_uses=1000, max_age_s=300))
     seal = lambda: sealer.seal(
-        sample_referral(), SCHEMA, topic="t", recipient="health", referral_id="ref-0001", referral_version=1
+        sample_referral(), SCHEMA, topic="t", recipient=RECIPIENT, referral_id="ref-0001", referral_version=1
     )
     old_key = dict(seal().headers)[H_RECIPIENT_KEY].decode()
-    world.stores["health"].revoke(old_key)
+    world.stores[RECIPIENT].revoke(old_key)
     world.refresh()
-    with pytest.raises(RevokedKeyError, match=f"key {old_key} of health is revoked"):
+    with pytest.raises(RevokedKeyError, match=f"key {old_key} of {RECIPIENT} is revoked"):
         seal()
-    world.stores["health"].rotate()
+    world.stores[RECIPIENT].rotate()
     world.refresh()
     msg = seal()
     new_key = dict(msg.headers)[H_RECIPIENT_KEY].decode()
     assert new_key != old_key
     assert all(slot[1] != old_key for slot in sealer.cache._entries)  # evicted, not aged out
-    assert world.opener("health").open(as_record(msg)).recipient_key_id == new_key
+    assert world.opener(RECIPIENT).open(as_record(msg)).recipient_key_id == new_key
 
 
 def test_unknown_recipient_has_no_key(tmp_path: Path) -> None:
-    world = make_world(tmp_path / "keys", ("council", "health"))
-    with pytest.raises(KeyNotFoundError, match="police has no active key"):
+    world = make_world(tmp_path / "keys", (HUB, RECIPIENT))
+    with pytest.raises(KeyNotFoundError, match=f"{POLICE} has no active key"):
         world.sealer().seal(
             sample_referral(),
             SCHEMA,
             topic="t",
-            recipient="police",
+            recipient=POLICE,
             referral_id="ref-0001",
             referral_version=1,
         )
