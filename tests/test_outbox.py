@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from county import CHARITY, POLICE, SCHOOL
 
 from referral_broker.adapters import example_file
 from referral_broker.cluster.clients import build_consumer, build_producer, drain
@@ -29,7 +30,9 @@ from referral_broker.cluster.topics import ensure_topics, topic_name
 from referral_broker.config import Settings, load_settings
 from referral_broker.errors import DeliveryPendingError, PartnerInputError
 from referral_broker.identity import load_identity
-from referral_broker.parties import all_parties
+from referral_broker.organisations import Registry, load_file
+from referral_broker.organisations import publish as publish_orgs
+from referral_broker.parties import HUB, all_parties, use_registry
 from referral_broker.producers.checked import check_file
 from referral_broker.producers.hub_seal import REFERRAL_KIND, HubSealer
 from referral_broker.producers.outbox import Entry, Outbox, outbox_path, referral_message_id
@@ -119,8 +122,8 @@ def test_a_bad_file_is_refused_before_any_connection(tmp_path: Path, configured:
     try:
         started = time.monotonic()
         for args in (
-            ("--as", "schools", "--file", str(bad_schools_file(tmp_path))),
-            ("--as", "charities", "--file", str(garbage), "--format", "canonical"),
+            ("--as", SCHOOL, "--file", str(bad_schools_file(tmp_path))),
+            ("--as", CHARITY, "--file", str(garbage), "--format", "canonical"),
         ):
             refused = run(env, "send", *args)
             assert refused.returncode == PartnerInputError.exit_code, refused.stderr
@@ -159,16 +162,16 @@ def test_only_the_validating_readers_make_checked_referrals() -> None:
 
 def test_a_file_sent_twice_is_sent_once(keyed: Settings, kafka_bootstrap: str) -> None:
     env = cli_env(keyed, kafka_bootstrap)
-    first = run(env, "send", "--as", "police", "--file", str(example_file("police")), "--json")
+    first = run(env, "send", "--as", POLICE, "--file", str(example_file("police")), "--json")
     assert first.returncode == 0, first.stderr
     sent = json.loads(first.stdout)
     assert len(sent["delivered"]) == 2 and sent["queued"] == [] and sent["already_sent"] == []
-    again = run(env, "send", "--as", "police", "--file", str(example_file("police")), "--json")
+    again = run(env, "send", "--as", POLICE, "--file", str(example_file("police")), "--json")
     assert again.returncode == 0, again.stderr
     resent = json.loads(again.stdout)
     assert resent["delivered"] == [] and sorted(resent["already_sent"]) == sorted(sent["delivered"])
-    assert intake_keys(keyed, kafka_bootstrap, "police") == Counter(sent["delivered"])
-    status = run(env, "outbox", "status", "--as", "police", "--json")
+    assert intake_keys(keyed, kafka_bootstrap, POLICE) == Counter(sent["delivered"])
+    status = run(env, "outbox", "status", "--as", POLICE, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"] == {"queued": 0, "delivered": 2}
 
@@ -181,17 +184,17 @@ def test_a_status_is_sealed_once_and_sent_once(keyed: Settings, kafka_bootstrap:
         "status_id": uuid.uuid4(),
         "referral_id": uuid.uuid4(),
         "version": 1,
-        "from_party": "police",
-        "to_party": "schools",
+        "from_party": POLICE,
+        "to_party": SCHOOL,
         "status": "accepted",
         "reason": None,
         "at": dt.datetime.now(dt.UTC).replace(microsecond=0),
         "actor_role": "Test practitioner",
     }
-    sender = PartnerSender(keyed, kafka_bootstrap, "police")
+    sender = PartnerSender(keyed, kafka_bootstrap, POLICE)
     first = sender.send_status(status)
     assert sender.send_status(status) == first  # the same status id: kept once, produced once
-    consumer = build_consumer(keyed, kafka_bootstrap, [topic_name(keyed, "status", "police")], group_id=None)
+    consumer = build_consumer(keyed, kafka_bootstrap, [topic_name(keyed, "status", POLICE)], group_id=None)
     try:
         keys = [r.key for batch in drain(consumer, idle_s=2) for r in batch]
     finally:
@@ -205,7 +208,7 @@ def test_messages_in_doubt_after_a_crash_are_found_not_sent_again(
     """A sender killed after Kafka acknowledged part of a batch but before the outbox recorded
     it: the next run finds those on the topic (from the recorded watermark) and sends only the
     rest. Set up exactly that state with the real outbox, sealer and broker."""
-    party = "police"
+    party = POLICE
     checked = list(check_file(party, example_file("police")))
     identity = load_identity(keyed, kafka_bootstrap, party)
     sealer = HubSealer(identity.sealer, keyed, party)
@@ -246,7 +249,7 @@ def test_cluster_unreachable_queues_everything_then_flush_delivers_once(
     config.write_text("[kafka]\nrequest_timeout_ms = 3000\n")
     down = cli_env(keyed, f"127.0.0.1:{closed_port()}", REFERRAL_BROKER_CONFIG=str(config))
     started = time.monotonic()
-    queued = run(down, "send", "--as", "charities", "--file", str(synth_file), "--format", "canonical", "--json")
+    queued = run(down, "send", "--as", CHARITY, "--file", str(synth_file), "--format", "canonical", "--json")
     assert queued.returncode == DeliveryPendingError.exit_code, queued.stderr
     assert f"0 delivered, {COUNT} queued" in queued.stderr and "Traceback" not in queued.stderr
     report = json.loads(queued.stdout)
@@ -255,7 +258,7 @@ def test_cluster_unreachable_queues_everything_then_flush_delivers_once(
     assert time.monotonic() - started < 60
 
     # The outbox: private to the user, sealed bytes only.
-    path = outbox_path(keyed, "charities")
+    path = outbox_path(keyed, CHARITY)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     stored = path.read_bytes()
     plain = set()  # values long enough never to match random bytes by chance
@@ -265,21 +268,21 @@ def test_cluster_unreachable_queues_everything_then_flush_delivers_once(
         plain |= {c["detail"] for c in record["concerns"] if c.get("detail")}
     assert len(plain) > 20 and not [v for v in plain if v.encode() in stored]
 
-    status = run(down, "outbox", "status", "--as", "charities", "--json")
+    status = run(down, "outbox", "status", "--as", CHARITY, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"] == {"queued": COUNT, "delivered": 0}
-    assert intake_keys(keyed, kafka_bootstrap, "charities") == Counter()
+    assert intake_keys(keyed, kafka_bootstrap, CHARITY) == Counter()
 
     up = cli_env(keyed, kafka_bootstrap)
-    flushed = run(up, "outbox", "flush", "--as", "charities", "--json")
+    flushed = run(up, "outbox", "flush", "--as", CHARITY, "--json")
     assert flushed.returncode == 0, flushed.stderr
     assert sorted(json.loads(flushed.stdout)["delivered"]) == sorted(report["queued"])
-    again = run(up, "outbox", "flush", "--as", "charities", "--json")
+    again = run(up, "outbox", "flush", "--as", CHARITY, "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["delivered"] == []
-    resent = run(up, "send", "--as", "charities", "--file", str(synth_file), "--format", "canonical", "--json")
+    resent = run(up, "send", "--as", CHARITY, "--file", str(synth_file), "--format", "canonical", "--json")
     assert resent.returncode == 0, resent.stderr
     assert json.loads(resent.stdout)["delivered"] == [] and len(json.loads(resent.stdout)["already_sent"]) == COUNT
-    on_topic = intake_keys(keyed, kafka_bootstrap, "charities")
+    on_topic = intake_keys(keyed, kafka_bootstrap, CHARITY)
     assert len(on_topic) == COUNT and set(on_topic) == set(report["queued"])
     assert max(on_topic.values()) == 1
 
@@ -304,8 +307,8 @@ def test_sender_killed_mid_file_then_resumed_loses_and_duplicates_nothing(
     keyed: Settings, kafka_bootstrap: str, synth_file: Path, resume: str
 ) -> None:
     env = cli_env(keyed, kafka_bootstrap)
-    path = outbox_path(keyed, "charities")
-    args = ["send", "--as", "charities", "--file", str(synth_file), "--format", "canonical", "--json"]
+    path = outbox_path(keyed, CHARITY)
+    args = ["send", "--as", CHARITY, "--file", str(synth_file), "--format", "canonical", "--json"]
     proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     delivered = in_doubt = 0
@@ -325,13 +328,13 @@ def test_sender_killed_mid_file_then_resumed_loses_and_duplicates_nothing(
     assert proc.returncode == -signal.SIGKILL
     delivered, in_doubt = outbox_counts(path)
     assert 0 < delivered < COUNT, delivered
-    partial = intake_keys(keyed, kafka_bootstrap, "charities")
+    partial = intake_keys(keyed, kafka_bootstrap, CHARITY)
     assert delivered <= len(partial) < COUNT and max(partial.values()) == 1
 
     # Handed to the producer, acknowledged, but never recorded: the resumed run must find these.
     acknowledged_unrecorded = len(partial) - delivered
     if resume == "flush-then-send":
-        flushed = run(env, "outbox", "flush", "--as", "charities", "--json")
+        flushed = run(env, "outbox", "flush", "--as", CHARITY, "--json")
         assert flushed.returncode == 0, flushed.stderr
         assert json.loads(flushed.stdout)["found_already_delivered"] == acknowledged_unrecorded
     resent = run(env, *args)
@@ -341,7 +344,7 @@ def test_sender_killed_mid_file_then_resumed_loses_and_duplicates_nothing(
     if resume == "send":
         assert set(report["already_sent"]) == set(partial)
 
-    on_topic = intake_keys(keyed, kafka_bootstrap, "charities")
+    on_topic = intake_keys(keyed, kafka_bootstrap, CHARITY)
     assert len(on_topic) == COUNT and set(on_topic) == set(file_ids(synth_file))
     duplicated = {rid: n for rid, n in on_topic.items() if n > 1}
     assert duplicated == {}
@@ -385,15 +388,20 @@ def test_broker_killed_mid_file_then_flush_delivers_the_rest_once(
         paths_data_dir=tmp_path / "data",
         kafka_request_timeout_ms=3000,
     )
-    ensure_topics(settings, bootstrap)
-    init_parties(settings, sorted(all_parties()), bootstrap=bootstrap)
+    # a fresh cluster with only the sending organisation registered: few topics, so the broker
+    # restarts quickly (the whole county's topics made the restart outlast the timeout here)
+    sender = [org for org in load_file() if org.party == CHARITY]
+    use_registry(Registry(sender))
+    ensure_topics(settings, bootstrap, read_registry=False)
+    publish_orgs(settings, bootstrap, sender)
+    init_parties(settings, [HUB, CHARITY], bootstrap=bootstrap)  # the sender and the hub it seals for
     config = tmp_path / "fast-fail.toml"
     config.write_text("[kafka]\nrequest_timeout_ms = 3000\n")
     env = cli_env(settings, bootstrap, REFERRAL_BROKER_CONFIG=str(config))
     out = tmp_path / "referrals.jsonl"
     assert run(env, "synth", "--count", str(COUNT), "--seed", "12", "--out", str(out)).returncode == 0
-    path = outbox_path(settings, "charities")
-    args = ["send", "--as", "charities", "--file", str(out), "--format", "canonical", "--json"]
+    path = outbox_path(settings, CHARITY)
+    args = ["send", "--as", CHARITY, "--file", str(out), "--format", "canonical", "--json"]
     proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -416,12 +424,12 @@ def test_broker_killed_mid_file_then_flush_delivers_the_rest_once(
     assert f"{len(delivered)} delivered, {len(queued)} queued" in stderr
 
     own_broker.start()
-    flushed = run(env, "outbox", "flush", "--as", "charities", "--json")
+    flushed = run(env, "outbox", "flush", "--as", CHARITY, "--json")
     assert flushed.returncode == 0, flushed.stderr
     result = json.loads(flushed.stdout)
     assert set(result["delivered"]) <= set(queued) and result["queued"] == []
     assert len(result["delivered"]) + result["found_already_delivered"] == len(queued)
-    on_topic = intake_keys(settings, bootstrap, "charities")
+    on_topic = intake_keys(settings, bootstrap, CHARITY)
     assert len(on_topic) == COUNT and set(on_topic) == set(file_ids(out))
     assert max(on_topic.values()) == 1
 
@@ -433,22 +441,22 @@ def test_a_background_drain_delivers_what_an_outage_left_queued(
     config.write_text("[kafka]\nrequest_timeout_ms = 3000\n")
     down = cli_env(keyed, f"127.0.0.1:{closed_port()}", REFERRAL_BROKER_CONFIG=str(config))
     native = example_file("schools")
-    queued = run(down, "send", "--as", "schools", "--file", str(native), "--json")
+    queued = run(down, "send", "--as", SCHOOL, "--file", str(native), "--json")
     assert queued.returncode == DeliveryPendingError.exit_code, queued.stderr
     ids = json.loads(queued.stdout)["queued"]
-    assert ids and intake_keys(keyed, kafka_bootstrap, "schools") == Counter()
+    assert ids and intake_keys(keyed, kafka_bootstrap, SCHOOL) == Counter()
 
     # a drain pointed at a cluster that is away backs off and keeps everything
     away = OutboxDrain(
         load_settings(config, environ={}, **_same_namespace(keyed)),
         f"127.0.0.1:{closed_port()}",
-        "schools",
+        SCHOOL,
     )
     assert away.tick() is False and away.failures == 1 and away.delivered == 0
 
     # the long-running form: `outbox flush --every`, against the cluster, stopped with SIGTERM
     proc = subprocess.Popen(
-        [*CLI, "outbox", "flush", "--as", "schools", "--every", "0.5"],
+        [*CLI, "outbox", "flush", "--as", SCHOOL, "--every", "0.5"],
         env=cli_env(keyed, kafka_bootstrap),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -456,14 +464,14 @@ def test_a_background_drain_delivers_what_an_outage_left_queued(
     )
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(intake_keys(keyed, kafka_bootstrap, "schools")) < len(ids):
+        while time.monotonic() < deadline and len(intake_keys(keyed, kafka_bootstrap, SCHOOL)) < len(ids):
             time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"{len(ids)} delivered while draining." in err
-    on_topic = intake_keys(keyed, kafka_bootstrap, "schools")
+    on_topic = intake_keys(keyed, kafka_bootstrap, SCHOOL)
     assert set(on_topic) == set(ids) and max(on_topic.values()) == 1
 
 
