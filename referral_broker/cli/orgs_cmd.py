@@ -87,9 +87,46 @@ def add(
 @json_option
 @pass_cli
 def disable(obj: CliContext, org: str, as_json: bool) -> None:
-    """Disable an organisation: nothing more is routed to it (a new version; kept, never deleted)."""
+    """Disable an organisation: nothing more is routed to it (a new version; kept, never deleted),
+    and its Kafka user and ACL bindings are deleted (re-enabling needs a new enrol and acl apply)."""
+    from referral_broker.cluster.enrolment import revoke
+
     change = orgs_mod.disable(obj.settings, obj.bootstrap(), org)
-    emit(change.as_dict(), as_json, _print_change)
+    data = change.as_dict() | {"kafka": revoke(obj.settings, obj.bootstrap(), change.organisation.party)}
+    emit(data, as_json, _print_change)
+
+
+@orgs.command()
+@click.argument("org")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="The folder to write.")
+@json_option
+@pass_cli
+def enrol(obj: CliContext, org: str, out: Path, as_json: bool) -> None:
+    """Write what ORG's machine needs into OUT: client config, its SCRAM credentials (created
+    or reset; password file 0600), the CA file and the council's trust anchor. ORG may also be
+    a service: router, keyadmin, ops."""
+    from referral_broker.cluster.enrolment import enrol as do_enrol
+
+    done = do_enrol(obj.settings, obj.bootstrap(), org, out)
+    emit(
+        done.as_dict(),
+        as_json,
+        lambda d: click.echo(f"{d['name']} enrolled as Kafka user {d['user']} in {d['folder']}: {', '.join(d['files'])}"),
+    )
+
+
+@orgs.command("rotate-credentials")
+@click.argument("org")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Its enrolment folder.")
+@json_option
+@pass_cli
+def rotate_credentials(obj: CliContext, org: str, out: Path, as_json: bool) -> None:
+    """Replace ORG's Kafka password (the old one is refused from now on); the new one is
+    written to OUT's password file (0600), never printed."""
+    from referral_broker.cluster.enrolment import rotate
+
+    done = rotate(obj.settings, obj.bootstrap(), org, out)
+    emit(done.as_dict(), as_json, lambda d: click.echo(f"{d['name']}: new password in {d['folder']}"))
 
 
 @orgs.command()
