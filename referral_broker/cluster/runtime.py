@@ -564,6 +564,7 @@ class LocalBroker:
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
+        sec.unregister_local_broker(self.settings.local_port, self.client_file)
         return self.status()
 
 

@@ -273,6 +273,15 @@ def register_local_broker(port: int, client_file: Path) -> None:
     write_private(index_path(port), str(client_file).encode())
 
 
+def unregister_local_broker(port: int, client_file: Path) -> None:
+    """Forget the pointer when it is this broker's (a stopped broker's file must not be
+    found for another broker that later listens on the same port)."""
+    path = index_path(port)
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8").strip() == str(client_file):
+            path.unlink()
+
+
 _remembered: dict[str, ClientSecurity] = {}
 _remembered_lock = threading.Lock()
 
