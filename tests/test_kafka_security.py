@@ -56,7 +56,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     (cache / jars.name).symlink_to(jars)
     broker = LocalBroker(
         load_settings(
-            environ={}, local_port=free_port(), local_controller_port=free_port(), paths_cache_dir=cache
+            environ={},
+            local_port=free_port(),
+            local_controller_port=free_port(),
+            paths_cache_dir=cache,
+            local_start_timeout_s=240.0,  # a loaded 2-core machine
         )
     )
     broker.start()

@@ -13,7 +13,10 @@ from referral_broker.cluster.runtime import BrokerStatus, LocalBroker, remote_st
 def _show(status: BrokerStatus) -> None:
     where = "local broker" if status.managed else "configured cluster"
     if status.answering:
-        click.echo(f"Kafka ({where}) is answering at {status.bootstrap}; {status.topics} topics.")
+        click.echo(
+            f"Kafka ({where}) is answering at {status.bootstrap}; {status.topics} topics; "
+            f"this machine's clients use {status.security}."
+        )
     elif status.running:
         click.echo(f"Kafka ({where}) is running (pid {status.pid}) but not answering at {status.bootstrap}.")
     else:
