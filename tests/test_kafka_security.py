@@ -425,7 +425,7 @@ def test_a_partner_without_acls_is_refused_by_kafka(secured: LocalBroker, tmp_pa
             producer.close()
 
 
-def test_a_deleted_credential_stops_working(secured: LocalBroker, tmp_path: Path) -> None:
+def test_a_rotated_or_deleted_credential_stops_working(secured: LocalBroker, tmp_path: Path) -> None:
     user, password = "ops-rotated", sec.new_password()
     admin = sec.super_admin_client(secured.settings)
     try:
@@ -440,6 +440,16 @@ def test_a_deleted_credential_stops_working(secured: LocalBroker, tmp_path: Path
         kafka_ssl_cafile=secured.security_dir / "ca.pem",
     )
     build_producer(settings, secured.bootstrap).close()  # the new user logs in at once
+    rotated = sec.new_password()
+    admin = sec.super_admin_client(secured.settings)
+    try:
+        sec.upsert_scram_users(admin, {user: rotated})
+    finally:
+        admin.close()
+    with pytest.raises(BrokerAuthenticationError, match=f"authentication failed for user {user}"):
+        build_producer(settings, secured.bootstrap)  # the old password no longer works
+    settings = settings.replace(kafka_sasl_password=rotated)
+    build_producer(settings, secured.bootstrap).close()
     admin = sec.super_admin_client(secured.settings)
     try:
         sec.delete_scram_users(admin, [user])
