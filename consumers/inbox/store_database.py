@@ -37,6 +37,9 @@ Tables:
     duplicates  per team, how many copies of records the inbox already had were recognised and
                 not stored again (re-delivered, replayed, or conflicting: same referral id and
                 version under another decision id), with the last one seen (ids only).
+    shredded    tombstones: per team, a referral whose case was shredded (``retention shred``):
+                when, by whom, which case key was destroyed. Its records, referrals row, events
+                and decisions are deleted; a copy arriving later is recognised and not stored.
 
 The file, its ``-wal`` and ``-shm`` files are created 0600 (and its folder 0700 when this
 creates it) before the first connection: SQLite gives the ``-wal`` and ``-shm`` files the
@@ -64,9 +67,10 @@ from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 4  # 2: events.status_topic (the topic a status was signed for)
+SCHEMA_VERSION = 5  # 2: events.status_topic (the topic a status was signed for)
 # 3: referrals.created_at, due_date, flags, decision_id; events.sealed_text, status_id, delivered_at
 # 4: sign_in_throttle, sign_in_locks, duplicates (new tables only: created by _SCHEMA on open)
+# 5: shredded (a new table only)
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
@@ -142,6 +146,10 @@ CREATE TABLE IF NOT EXISTS duplicates (
     team TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL, last_seen_at TEXT NOT NULL,
     last_referral_id TEXT NOT NULL, last_version INTEGER NOT NULL,
     PRIMARY KEY (team, kind)
+);
+CREATE TABLE IF NOT EXISTS shredded (
+    team TEXT NOT NULL, referral_id TEXT NOT NULL, shredded_at TEXT NOT NULL, shredded_by TEXT NOT NULL,
+    case_key_id TEXT, PRIMARY KEY (team, referral_id)
 );
 """
 

@@ -149,11 +149,26 @@ COPY_KINDS = (REDELIVERED, REPLAYED, CONFLICTING)
 DECISION_HEADER = "rb-decision"  # identity.H_DECISION: the router's audit decision id
 
 
+SHREDDED = "shredded"  # a copy of a referral whose case was shredded: never stored again
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What the inbox keeps of a shredded case: that it was shredded, when, by whom."""
+
+    team: str
+    referral_id: str
+    shredded_at: datetime
+    shredded_by: str
+    case_key_id: str | None
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What storing one record did: ``new`` referral, ``updated`` (a newer version),
     ``older`` (an older version arriving late: kept, not shown) or ``duplicate`` (a copy of
-    one the inbox has: ``copy`` says which kind, nothing is stored or shown again)."""
+    one the inbox has: ``copy`` says which kind, nothing is stored or shown again; ``shredded``
+    when the case was shredded here)."""
 
     outcome: str
     referral_id: str
@@ -177,6 +192,11 @@ class ReferralTables(StoreDatabase):
         id: not the router's message for this version, whatever its signature)."""
         received = utc(datetime.fromtimestamp(record.timestamp_ms / 1000, UTC))
         with self._write() as db:
+            if db.execute(
+                "SELECT 1 FROM shredded WHERE team = ? AND referral_id = ?", (team, summary.referral_id)
+            ).fetchone():
+                # a shredded case stays shredded: a late or replayed copy is not stored again
+                return IngestResult("duplicate", summary.referral_id, summary.version, copy=SHREDDED)
             cur = db.execute(
                 'INSERT INTO records (team, referral_id, version, received_at, topic, partition, "offset",'
                 " key, headers, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -679,6 +699,64 @@ class ReferralTables(StoreDatabase):
                 ),
             )
             return cur.rowcount > 0
+
+    # --- shredding ---------------------------------------------------------------------------
+
+    def shred_case(
+        self, referral_id: str, *, at: datetime, by: str, case_key_id: str | None = None
+    ) -> list[str]:
+        """The case ``referral_id`` was shredded (``retention shred``): in one transaction, for
+        every team holding it, delete its records, its list row, its events (their sealed texts
+        and the status messages in the outbox, sealed for the hub: a decline's words) and its
+        decisions, and keep a tombstone (when, by whom, the destroyed case key's id). Returns
+        the teams that held it; shredding again changes nothing.
+
+        Deleted content is overwritten in the file (``secure_delete``) and the write-ahead log
+        is checkpointed and truncated, so no old page of the case is left behind in either."""
+        with self._lock:
+            self._db.execute("PRAGMA secure_delete = ON")
+            try:
+                teams = self._shred_rows(referral_id, at=at, by=by, case_key_id=case_key_id)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.execute("PRAGMA secure_delete = OFF")
+        return teams
+
+    def _shred_rows(self, referral_id: str, *, at: datetime, by: str, case_key_id: str | None) -> list[str]:
+        with self._write() as db:
+            teams = sorted(
+                {
+                    r[0]
+                    for table in ("referrals", "records", "events", "decisions")
+                    for r in db.execute(f"SELECT DISTINCT team FROM {table} WHERE referral_id = ?", (referral_id,))
+                }
+            )
+            for table in ("records", "referrals", "events", "decisions"):
+                db.execute(f"DELETE FROM {table} WHERE referral_id = ?", (referral_id,))
+            db.executemany(
+                "INSERT INTO shredded (team, referral_id, shredded_at, shredded_by, case_key_id)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(team, referral_id, utc(at), by, case_key_id) for team in teams],
+            )
+        return teams
+
+    def tombstone(self, team: str, referral_id: str) -> Tombstone | None:
+        rows = self._read("SELECT * FROM shredded WHERE team = ? AND referral_id = ?", [team, referral_id])
+        return self._tombstone(rows[0]) if rows else None
+
+    def tombstones(self, team: str) -> list[Tombstone]:
+        rows = self._read("SELECT * FROM shredded WHERE team = ? ORDER BY shredded_at, referral_id", [team])
+        return [self._tombstone(r) for r in rows]
+
+    @staticmethod
+    def _tombstone(r: sqlite3.Row) -> Tombstone:
+        return Tombstone(
+            team=r["team"],
+            referral_id=r["referral_id"],
+            shredded_at=parse_time(r["shredded_at"]),
+            shredded_by=r["shredded_by"],
+            case_key_id=r["case_key_id"],
+        )
 
     def decision(self, team: str, decision_id: str) -> dict[str, Any] | None:
         rows = self._read("SELECT * FROM decisions WHERE team = ? AND decision_id = ?", [team, decision_id])

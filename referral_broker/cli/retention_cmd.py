@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
+from referral_broker.config import Settings
 from referral_broker.sealing import retention as retention_lib
 
 
@@ -16,23 +19,73 @@ def retention() -> None:
     """
 
 
+def _duration(ms: int) -> str:
+    if ms < 0:
+        return "forever"
+    hours = ms / 3_600_000
+    return f"{hours / 24:g} days" if hours >= 24 and hours % 24 == 0 else f"{hours:g} h"
+
+
+def _shred_inbox(settings: Settings, data: dict[str, Any]) -> dict[str, Any]:
+    """The inbox database on this machine (if there is one): the case's rows, events and texts
+    deleted, a tombstone kept per team that held it (shredded, when, by whom)."""
+    from datetime import datetime
+
+    from referral_broker.consumers.inbox.store import InboxStore
+
+    path = settings.inbox_db_path
+    if not path.exists():
+        return {"database": str(path), "present": False, "teams": []}
+    with InboxStore(path) as store:
+        teams = store.shred_case(
+            data["case_id"],
+            at=datetime.fromisoformat(data["shredded_at"]),
+            by=data["shredded_by"],
+            case_key_id=data["case_key_id"],
+        )
+    return {"database": str(path), "present": True, "teams": teams}
+
+
+def _show_shred(d: dict[str, Any]) -> None:
+    click.echo(
+        f"Case {d['case_id']} shredded at {d['shredded_at']} by {d['shredded_by']} "
+        f"(case key {d['case_key_id']} destroyed): its archive and district-team copies, the statuses "
+        "relayed to district teams and the inbox's texts no longer open."
+    )
+    inbox = d["inbox"]
+    if not inbox["present"]:
+        click.echo(f"Inbox: no database at {inbox['database']} on this machine.")
+    elif inbox["teams"]:
+        click.echo(
+            f"Inbox: tombstone kept for {', '.join(inbox['teams'])}; the case's records, events and texts deleted."
+        )
+    else:
+        click.echo("Inbox: held no copy of the case.")
+    click.echo("Copies sealed for the hub by their senders cannot be re-keyed; the hub's key opens them until:")
+    for w in d["readable_until"]:
+        until = w["readable_until"] or "never deleted (topic retention is unlimited: fix the drift)"
+        click.echo(
+            f"  {w['window']:<19} {w['topics']:<40} until {until} "
+            f"(retention {_duration(w['retention_ms'])} + segment roll {_duration(w['segment_ms'])})"
+        )
+        for drift in w["drift"]:
+            click.echo(f"    drift from the topic plan: {drift}")
+
+
 @retention.command()
 @click.option("--case", "case_id", required=True, help="Case id whose key to destroy.")
 @json_option
 @pass_cli
 def shred(obj: CliContext, case_id: str, as_json: bool) -> None:
-    """Destroy a case's key: every copy of the case becomes unreadable, for good.
+    """Destroy a case's key: every copy of the case sealed under it becomes unreadable, for good.
 
-    Refused while the case is under legal hold.
+    Refused while the case is under legal hold. The inbox database on this machine keeps a
+    tombstone of the case and deletes the rest. Prints until when the copies the council cannot
+    re-key (intake, statuses, dead letters) stay readable.
     """
     data = retention_lib.shred(obj.settings, obj.bootstrap(), case_id)
-    emit(
-        data,
-        as_json,
-        lambda d: click.echo(
-            f"Case {d['case_id']} shredded at {d['shredded_at']} (case key {d['case_key_id']} destroyed)."
-        ),
-    )
+    data["inbox"] = _shred_inbox(obj.settings, data)
+    emit(data, as_json, _show_shred)
 
 
 @retention.command()

@@ -20,7 +20,7 @@ from referral_broker.errors import BrokerError, TopicPlanError
 if TYPE_CHECKING:
     from kafka import KafkaAdminClient  # kafka-python has no type information: this is Any to mypy
 
-ROLES = ("intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs", "deliveries")
+ROLES = ("intake", "out", "status", "archive", "audit", "audit_heads", "dlq", "keys", "orgs", "deliveries")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ def _specs(profile: str, prefix: str, names_: tuple[str, ...]) -> tuple[TopicSpe
             "min.insync.replicas": str(durability["min_insync_replicas"]),
             "unclean.leader.election.enable": str(durability["unclean_leader_election_enable"]).lower(),
         }
+        if "segment_ms" in entry:  # bounds how long past retention a record can live (shredding)
+            configs["segment.ms"] = str(entry["segment_ms"])
         names: list[tuple[str, str | None]]
         if "{party}" in entry["name"]:
             kinds = entry["parties"]
