@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -40,6 +40,8 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import MemberState
 
+from referral_broker.audit_chain import AuditChain
+from referral_broker.audit_log import referral_subject_keys, subject_secret
 from referral_broker.cluster.clients import (
     IdleTimer,
     Producer,
@@ -127,7 +129,9 @@ class RouterSealer(Protocol):
         extra_headers: list[tuple[str, bytes]],
     ) -> OutgoingMessage: ...
 
-    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage: ...
+    def sign(
+        self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
+    ) -> OutgoingMessage: ...
 
 
 class HubKeySealer:
@@ -165,8 +169,10 @@ class HubKeySealer:
             extra_headers=extra_headers,
         )
 
-    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
-        return sign_plain(self.hub.keystore, topic=topic, key=key, value=value, kind=kind)
+    def sign(
+        self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
+    ) -> OutgoingMessage:
+        return sign_plain(self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers)
 
 
 @contextlib.contextmanager
@@ -310,6 +316,10 @@ class Router:
         self._registry_reader: RegistryReader | None = None
         # Who referred each referral and who received it: statuses are checked against it.
         self._ledger: DeliveryLedger | None = None
+        # This router's audit chains (one per audit partition, named by its transactional id)
+        # and the hub's subject-hash secret (the family's sharing history); both made on first use.
+        self._audit_chain: AuditChain | None = None
+        self._subject_secret: bytes | None = None
         # partitions the group took from this router since the current batch was read
         self._revoked: set[TopicPartition] = set()
         self._in_transaction = False
@@ -342,12 +352,26 @@ class Router:
             self._ledger = DeliveryLedger(self.settings, self.bootstrap, self.hub)
         return self._ledger
 
+    @property
+    def audit_chain(self) -> AuditChain:
+        if self._audit_chain is None:
+            self._audit_chain = AuditChain(
+                self.settings, self.bootstrap, self.member_name, self.sealer.sign, verify=self.hub.opener.verify
+            )
+        return self._audit_chain
+
+    def _subject_keys(self, referral: dict[str, Any]) -> list[str]:
+        if self._subject_secret is None:
+            self._subject_secret = subject_secret(self.hub.keystore.root)
+        return referral_subject_keys(self._subject_secret, referral)
+
     def catch_up(self) -> None:
         """Apply organisation registry changes and deliveries committed since the last batch."""
         if self._registry_reader is None:
             self._registry_reader = RegistryReader(self.settings, self.bootstrap)
         use_registry(self._registry_reader.catch_up())
         self.ledger.catch_up()
+        self.audit_chain.heads()  # read once (and again after a commit whose outcome was unknown)
 
     def _process_referral(self, record: Record, partner: str) -> list[OutgoingMessage]:
         referral, referral_id, version = self._open_referral(record, partner)
@@ -363,6 +387,7 @@ class Router:
         unresolved = {d.recipient: d.unresolved for d in decisions if d.unresolved}
         outputs: list[OutgoingMessage] = []
         encoded = codec.encode(referral, self.canonical)  # once; each view is resolved from it
+        subjects = self._subject_keys(referral)
         for decision in decisions:
             decision_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{referral_id}/{version}/{decision.recipient}"))
             view_fp = None
@@ -385,7 +410,9 @@ class Router:
                 view_fp = codec.prepare(view).fingerprint.hex()
                 self.stats.delivered += 1
                 self.metrics.deliveries.labels(recipient=_metric_kind(get_party(decision.recipient))).inc()
-            outputs.append(self._audit(decision, decision_id, referral_id, version, view_fp, now))
+            outputs.append(
+                self._audit(decision, decision_id, referral_id, version, view_fp, now, referrer=partner, subjects=subjects)
+            )
         # The council's own long-lived copy, sealed under the case key (crypto-shredding).
         outputs.append(
             self._seal(
@@ -459,7 +486,7 @@ class Router:
                 "status",
                 [(H_REFERRER, to_party.encode()), (H_DECISION, decision_id.encode())],
             ),
-            self._audit(decision, decision_id, opened.referral_id, opened.version, None, self.clock()),
+            self._audit(decision, decision_id, opened.referral_id, opened.version, None, self.clock(), referrer=party),
         ]
 
     def _seal(
@@ -496,6 +523,9 @@ class Router:
         version: int,
         view_fp: str | None,
         now: datetime,
+        *,
+        referrer: str | None = None,
+        subjects: Sequence[str] = (),
     ) -> OutgoingMessage:
         grounds = list(decision.grounds) + list(decision.special_category_conditions)
         audit = {
@@ -519,11 +549,13 @@ class Router:
             "special_category_conditions": list(decision.special_category_conditions),
             "no_onward_sharing": list(decision.no_onward_sharing),
             "policy_version": self.policy.version,
+            "referrer": referrer,
+            "subject_keys": list(subjects),
         }
         value = codec.encode(audit, self.audit_schema)
         self.stats.audited += 1
-        topic = topic_name(self.settings, "audit")
-        return self.sealer.sign(topic=topic, key=referral_id.encode(), value=value, kind="audit.decision")
+        # the next record of this router's chain in the audit partition of the referral
+        return self.audit_chain.append(referral_id.encode(), value, "audit.decision")
 
     # -- the loop -----------------------------------------------------------------------------
     def topic_pattern(self) -> str:
@@ -717,10 +749,13 @@ class Router:
             for record in batch:
                 for message in self._outputs(record):
                     message.send(producer)
+            for message in self.audit_chain.checkpoint():  # chain heads, signed, in this transaction
+                message.send(producer)
             moved, checked = self._moved(consumer, batch, member)
             if moved:
                 producer.abort()
                 self.ledger.abort()
+                self.audit_chain.abort()
                 self._in_transaction = False
                 self.stats.aborted += 1
                 self.metrics.aborted.inc()
@@ -731,9 +766,11 @@ class Router:
             # if the group has moved on since
             producer.commit(next_offsets(batch, consumer), checked)
             self.ledger.commit()
+            self.audit_chain.commit()
             self._in_transaction = False
         except (BrokerError, KafkaError) as exc:
             self.ledger.abort()  # if the commit landed after all, catch_up reads it back
+            self.audit_chain.lost()  # the heads are read again (committed or not) before the next record
             self._in_transaction = False
             self.stats.aborted += 1
             self.metrics.aborted.inc()
@@ -781,16 +818,24 @@ class Router:
     def _outputs(self, record: Record) -> list[OutgoingMessage]:
         if time.monotonic() - self.hub.loaded_at > self.settings.keys_directory_refresh_s:
             self.hub.refresh(self.settings, self.bootstrap)
+        mark = self.audit_chain.mark()  # a record that fails (or is tried again) leaves no chain gap
+
+        def attempt(_hub: Identity) -> list[OutgoingMessage]:
+            self.audit_chain.rollback(mark)
+            return self.process(record)
+
         try:
             # a key published after the last load (a recipient's rotation): one reload, then again
-            return self.hub.retrying(lambda _hub: self.process(record))
+            return self.hub.retrying(attempt)
         except BrokerError:
             raise
         except ReferralBrokerError as exc:
+            self.audit_chain.rollback(mark)
             stage = {ContractError: "validate", SealingError: "verify-open", PolicyError: "policy"}
             kind = next((k for k in stage if isinstance(exc, k)), None)
             return [self._dead(record, exc, stage[kind] if kind else "config")]
         except Exception as exc:
+            self.audit_chain.rollback(mark)
             log.error(
                 "unexpected error routing a record",
                 topic=record.topic,

@@ -81,8 +81,8 @@ class PlainSealer:
     ) -> OutgoingMessage:
         return OutgoingMessage(topic, referral_id.encode(), codec.encode(record, schema), list(extra_headers))
 
-    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
-        return OutgoingMessage(topic, key, value, [])
+    def sign(self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Any = ()) -> OutgoingMessage:
+        return OutgoingMessage(topic, key, value, list(extra_headers))
 
 
 def _shaped(count: int, recipients: int, seed: int) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ def test_plan_carries_production_values_and_local_override() -> None:
     assert not any(name.endswith((".schools", ".health", ".charities")) for name in prod)
     assert prod["keys.directory"].configs["cleanup.policy"] == "compact"
     roles = {s.role for s in prod.values()}
-    assert roles == {"intake", "out", "status", "archive", "audit", "dlq", "keys", "orgs", "deliveries"}
+    assert roles == {"intake", "out", "status", "archive", "audit", "audit_heads", "dlq", "keys", "orgs", "deliveries"}
 
 
 def test_names_put_the_party_last_for_prefix_acls() -> None:

@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "synth": "referral_broker.cli.synth_cmd:synth",
     "inbox": "referral_broker.cli.inbox_cmd:inbox",
     "orgs": "referral_broker.cli.orgs_cmd:orgs",
+    "audit": "referral_broker.cli.audit_cmd:audit",
     "acl": "referral_broker.cli.acl_cmd:acl",
 }
 
