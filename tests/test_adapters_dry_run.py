@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from county import SENDER
 from test_adapters_messages import CASES
 from test_adapters_uk_core import as_xml, message_bundle
 
@@ -162,9 +163,11 @@ def send_env(topics: Settings, kafka_bootstrap: str) -> dict[str, str]:
 def test_the_dry_run_and_send_agree_on_every_fixture(send_env: dict[str, str], tmp_path: Path) -> None:
     checked = 0
     for name, kind, path in fixtures(tmp_path / "fixtures"):
-        dry = dry_run(tmp_path, kind, path, "--json")
+        sender = SENDER[kind]  # the county's organisation sending in that format
+        dry = dry_run(tmp_path, sender, path, "--json")
         report = json.loads(dry.stdout)
-        sent = run(send_env, "send", "--as", kind, "--file", str(path), "--json")
+        assert report["as"] == sender, name
+        sent = run(send_env, "send", "--as", sender, "--file", str(path), "--json")
         assert dry.returncode == sent.returncode, (name, dry.stderr, sent.stderr)
         if sent.returncode == 0:
             data = json.loads(sent.stdout)
