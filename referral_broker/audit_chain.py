@@ -68,7 +68,7 @@ def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner would pick for ``key`` (murmur2)."""
     from kafka.partitioner.default import murmur2
 
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True)

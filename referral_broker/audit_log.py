@@ -228,6 +228,7 @@ def subject_history(
         rid = (record.key or b"").decode("utf-8", "replace")
         if rid not in referrals and not (needle and kind == "audit.decision" and needle in record.value):
             continue
+        event: dict[str, Any] | None
         try:
             if kind == "audit.decision":
                 d = codec.decode(record.value, schema)
