@@ -137,6 +137,12 @@ def orgs(
         )
         head = ["", f"N={small['organisations']}", f"N={large['organisations']}", "ratio"]
         click.echo(table(bench_orgs.rows(d), head))
+        for run in (small, large):
+            if run.get("topics_ensure_error"):
+                click.echo(
+                    f"\n'topics ensure' with N={run['organisations']} FAILED: {run['topics_ensure_error']}; "
+                    f"the figures after it are with the topics created {bench_orgs.CHUNK_PARTIES} organisations a request."
+                )
         kept = "" if small["deleted_topics"] else f"\nTopics kept under {small['prefix']} and {large['prefix']}."
         click.echo(f"\nBenchmark process peak RSS {d['bench_process_peak_rss_mb']} MB.{kept}")
 
