@@ -239,9 +239,27 @@ class _SchemaWalk:
             self.add(path, "expected bytes")
 
 
+# id(schema) -> (schema, its named types): a file validates thousands of records against one
+# schema dict, and walking the schema for its names cost as much as checking a record. The entry
+# keeps the dict alive, so its id is not reused; schemas are not changed in place once used.
+_names_by_id: dict[int, tuple[Schema, dict[str, Schema]]] = {}
+_NAMES_CACHE_LIMIT = 64
+
+
+def _names_of(schema: Schema) -> dict[str, Schema]:
+    found = _names_by_id.get(id(schema))
+    if found is not None and found[0] is schema:
+        return found[1]
+    names = named_types(schema)
+    if len(_names_by_id) >= _NAMES_CACHE_LIMIT:
+        _names_by_id.clear()
+    _names_by_id[id(schema)] = (schema, names)
+    return names
+
+
 def check_against_schema(record: Any, schema: Schema, record_number: int | None = None) -> list[Problem]:
     """Structural problems only: required fields, types, enums, logical types, unknown fields."""
-    walk = _SchemaWalk(named_types(schema), record_number)
+    walk = _SchemaWalk(_names_of(schema), record_number)
     walk.value(record, schema, "", None)
     return walk.problems
 
