@@ -102,6 +102,9 @@ HEARTBEAT_MS = 3_000
 # finish well within it, or its commit fails and it is read again.
 TRANSACTION_TIMEOUT_MS = 20_000
 MAX_POLL_RECORDS = 200
+# A batch stops taking records after this share of the transaction timeout (the rest is read
+# again), so a loaded machine at a few referrals per second cannot be fenced mid-commit.
+BATCH_TIME_SHARE = 0.4
 METADATA_MAX_AGE_MS = 10_000
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 
@@ -746,7 +749,14 @@ class Router:
         try:
             producer.begin()
             self._in_transaction = True
-            for record in batch:
+            budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
+            for done, record in enumerate(batch):
+                if done and time.monotonic() - started > budget:
+                    # A slow machine must not let a batch outrun its transaction: commit what
+                    # is routed, read the rest again with the next poll.
+                    self._rewind(consumer, batch[done:])
+                    batch = batch[:done]
+                    break
                 for message in self._outputs(record):
                     message.send(producer)
             for message in self.audit_chain.checkpoint():  # chain heads, signed, in this transaction
