@@ -30,6 +30,8 @@ from referral_broker.schemas.synth import (
     synthetic_referrals,
 )
 from referral_broker.schemas.validation import validate
+from referral_broker.sealing import DataKey, FieldContext, sealing_plan
+from referral_broker.sealing.fields import Binding
 
 V1 = registry.referral_schema(1)
 V2 = registry.referral_schema(2)
@@ -375,3 +377,24 @@ def test_passing_organisations_leaves_the_rest_of_a_seeded_referral_unchanged() 
 def test_an_unknown_schema_version_is_refused() -> None:
     with pytest.raises(ContractError, match="no version 3 of schema family 'referral'"):
         registry.referral_schema(3)
+
+
+# --- sealing: the new fields are sealed per recipient, v1 still seals and opens ------------------
+
+
+def test_the_new_values_are_sealed_and_open_again() -> None:
+    record = referral_with(
+        **{
+            "health_and_development.gp_practice_ods": GP_PRACTICE,
+            PROVIDERS: [{"service": "citizens_advice", "provider": CITIZENS_ADVICE}],
+        }
+    )
+    bound = Binding("council", "referrals.out.district-fenland", "referral", bytes(32))
+    for schema, value in ((V2, record), (V1, v1_record(record))):
+        plan = sealing_plan(schema)
+        context = FieldContext(str(record["referral_id"]), 1, "district-fenland", plan.fingerprint, bound)
+        key = DataKey.generate()
+        wire = plan.encode_wire(plan.seal(value, key, context))
+        assert plan.open(plan.decode_wire(wire), key, context) == value
+        assert GP_PRACTICE.encode() not in wire and CITIZENS_ADVICE.encode() not in wire
+    assert {GP_ODS, PROVIDERS} <= set(sealing_plan(V2).units)
