@@ -575,12 +575,12 @@ def _read_general_practice(patient: dict[str, Any], resolve: Any) -> None:
         if target is not None and not (isinstance(identifier, dict) and identifier.get("system") == ODS_SYSTEM):
             ods = [i for i in target.get("identifier") or [] if isinstance(i, dict) and i.get("system") == ODS_SYSTEM]
             identifier = ods[0] if ods else identifier
-        has_ods = isinstance(identifier, dict) and identifier.get("system") == ODS_SYSTEM
-        if not (has_ods or target is not None or entry.get("type") == "Organization"):
+        ods_code = identifier.get("value") if isinstance(identifier, dict) and identifier.get("system") == ODS_SYSTEM else None
+        if not (ods_code is not None or target is not None or entry.get("type") == "Organization"):
             continue
         practice: dict[str, Any] = {"type": "Organization"}
-        if has_ods:
-            practice["identifier"] = {"system": ODS_SYSTEM, "value": identifier.get("value")}
+        if ods_code is not None:
+            practice["identifier"] = {"system": ODS_SYSTEM, "value": ods_code}
         name = _display(entry) or (target.get("name") if target is not None else None)
         if isinstance(name, str) and name.strip():
             practice["display"] = name

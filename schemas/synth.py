@@ -280,7 +280,7 @@ class _Referral:
         elif consent["state"] != "given" and self.maybe(0.1):
             override = self.sharing_override(flags)
         urgent = flags["safeguarding_concern"] or flags["crime_prevention"]
-        record = {
+        record: dict[str, Any] = {
             "referral_id": uuid.UUID(int=rng.getrandbits(128), version=4),
             "version": rng.choices([1, 2, 3], weights=[85, 12, 3])[0],
             "created_at": self.created,
