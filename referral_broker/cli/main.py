@@ -39,6 +39,8 @@ COMMANDS: dict[str, str] = {
     "orgs": "referral_broker.cli.orgs_cmd:orgs",
     "audit": "referral_broker.cli.audit_cmd:audit",
     "acl": "referral_broker.cli.acl_cmd:acl",
+    "status": "referral_broker.cli.status_cmd:status",
+    "tail": "referral_broker.cli.tail_cmd:tail",
 }
 
 
