@@ -398,3 +398,20 @@ def test_the_new_values_are_sealed_and_open_again() -> None:
         assert plan.open(plan.decode_wire(wire), key, context) == value
         assert GP_PRACTICE.encode() not in wire and CITIZENS_ADVICE.encode() not in wire
     assert {GP_ODS, PROVIDERS} <= set(sealing_plan(V2).units)
+
+
+def test_a_view_routed_under_v1_derives_the_same_schema_under_v2() -> None:
+    """A recipient learns a message's view schema by deriving it from the latest Referral and
+    the granted leaf paths in ``rb-view``, checked against the fingerprint in ``rb-schema``: a
+    copy routed before v2 still opens only if v1 and v2 derive the same view from v1's paths."""
+    leaves, _ = policy_units(V1)
+    rng = random.Random(2)
+    grants = [leaves, *(rng.sample(leaves, rng.randrange(1, len(leaves))) for _ in range(150))]
+    for granted in grants:
+        assert registry.fingerprint(views.view_schema(granted, V1)) == registry.fingerprint(
+            views.view_schema(granted, V2)
+        ), sorted(granted)
+    # and the new paths make a different view, as they must
+    assert registry.fingerprint(views.view_schema([*leaves, GP_ODS], V2)) != registry.fingerprint(
+        views.view_schema(leaves, V2)
+    )
