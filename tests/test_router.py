@@ -96,6 +96,7 @@ def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka
     audits = [
         codec.decode(r.value, audit_decision_schema())
         for r in read_all(broker, kafka_bootstrap, topic_name(broker, "audit"))
+        if dict(r.headers).get("rb-kind") == b"audit.decision"  # not the chain's checkpoints
     ]
     delivered_audits = {(str(a["referral_id"]), a["recipient"]) for a in audits if a["fields_shared"]}
     assert {str(a["referral_id"]) for a in audits} == set(sent)  # every referral has decisions
@@ -175,6 +176,7 @@ def test_police_only_with_flag_and_override_audited(broker: Settings, kafka_boot
     audits = [
         codec.decode(r.value, audit_decision_schema())
         for r in read_all(broker, kafka_bootstrap, topic_name(broker, "audit"))
+        if dict(r.headers).get("rb-kind") == b"audit.decision"  # not the chain's checkpoints
     ]
     police_audits = {str(a["referral_id"]): a for a in audits if a["recipient"] == POLICE}
     assert str(no_flag["referral_id"]) not in police_audits  # never a candidate without the flag
