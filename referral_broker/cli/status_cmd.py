@@ -117,6 +117,7 @@ def status(
 
     Exits 1 when degraded and with the broker error's code when the cluster cannot be reached."""
     from referral_broker import ops
+    from referral_broker.cluster.topics import admin_client
     from referral_broker.consumers.dead_letters import read_dead_letters
     from referral_broker.errors import BrokerError, ReferralBrokerError
     from referral_broker.parties import use_cluster_registry
@@ -134,6 +135,7 @@ def status(
     while True:
         error: BrokerError | None = None
         try:
+            admin_client(settings, bootstrap).close()  # an unreachable cluster fails here, once
             with contextlib.suppress(ReferralBrokerError):  # the organisations the cluster knows
                 use_cluster_registry(settings, bootstrap)
             report = ops.collect(settings, bootstrap, thresholds=thresholds, dead_letters=letters)

@@ -1,0 +1,212 @@
+"""The ops view on the real broker (issue 16, Build 5): ``status --json`` reports exactly the lag
+and the dead letters the test created, with a degraded verdict naming them; ``tail`` shows
+envelopes and never a field value."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from county import CHARITY, FORMAT, HUB, SCHOOL, in_county
+
+from referral_broker import ops
+from referral_broker.cli.main import cli as cli_group
+from referral_broker.cluster.clients import build_producer
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings
+from referral_broker.consumers.dead_letters import read_dead_letters
+from referral_broker.consumers.router import GROUP, Router
+from referral_broker.errors import BrokerError
+from referral_broker.parties import all_parties
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas.synth import synthetic_referrals
+from referral_broker.sealing.key_admin import init_parties
+
+SENDER = SCHOOL  # the organisation whose intake gets the lag and the dead letter
+QUIET_SENDER = CHARITY  # sends nothing: its topics stay empty
+RESEARCH_OUT_PARTY = "ons"  # nobody reads its out topic in this test: the rate probe writes there
+CHILD_GIVEN = "Quillfeather"  # synthetic names: must never appear in tail's output
+CHILD_FAMILY = "Zebedee-Marchbanks"
+
+
+def cli(settings: Settings, bootstrap: str, *args: str) -> Any:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
+    }
+    return CliRunner().invoke(cli_group, list(args), env=env)
+
+
+def referrals(sender: str, count: int, seed: int) -> list[dict[str, Any]]:
+    out = []
+    for record in synthetic_referrals(count, seed=seed):
+        record = copy.deepcopy(record)
+        record["referrer"]["partner"] = FORMAT[sender]
+        record["child"]["given_name"] = CHILD_GIVEN
+        record["child"]["family_name"] = CHILD_FAMILY
+        out.append(in_county(record))
+    return out
+
+
+@pytest.fixture
+def broker(topics: Settings, kafka_bootstrap: str) -> Settings:
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    return topics
+
+
+def status_json(settings: Settings, bootstrap: str, *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli(settings, bootstrap, "status", "--json", "--interval", "1", *args)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_status_reports_the_lag_and_dead_letters_the_test_created(broker: Settings, kafka_bootstrap: str) -> None:
+    intake = topic_name(broker, "intake", SENDER)
+    router_group = broker.kafka_topic_prefix + GROUP
+
+    # nothing has happened yet: healthy, exit 0
+    code, before = status_json(broker, kafka_bootstrap)
+    assert (code, before["verdict"], before["reasons"]) == (0, "healthy", []), before["reasons"]
+    assert before["missing_topics"] == [] and before["groups"] == []
+    assert before["dead_letters"]["depth"] == 0
+    assert before["key_directory"]["refused"] == 0 and before["key_directory"]["entries"] >= len(all_parties())
+    assert {t["name"] for t in before["topics"]} >= {intake, topic_name(broker, "dlq")}
+
+    # routed referrals and one garbage record (a dead letter)
+    first = referrals(SENDER, 8, seed=21)
+    with IntakeSender(broker, kafka_bootstrap, SENDER) as sender:
+        sender.send_referrals(first)
+    producer = build_producer(broker, kafka_bootstrap)
+    producer.send(intake, b"\x00not a sealed message", key=b"garbage-1")
+    producer.flush()
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert (stats.routed, stats.dead_lettered) == (8, 1)
+
+    code, routed = status_json(broker, kafka_bootstrap, "--max-lag-age", "2")
+    router_rows = [g for g in routed["groups"] if g["group"] == router_group]
+    assert router_rows and all(g["lag"] == 0 for g in routed["groups"]), routed["groups"]
+    # the router has committed on every partition of the sender's intake (so later records lag)
+    (intake_row,) = [g for g in router_rows if g["topic"] == intake]
+    assert intake_row["end"] == next(t["end"] for t in routed["topics"] if t["name"] == intake) == 9
+    assert routed["dead_letters"]["depth"] == 1
+    assert code == 1 and len(routed["reasons"]) == 1 and "1 dead letters" in routed["reasons"][0]
+
+    # lag: referrals the router has not read, on the partitions it has committed
+    sent_at = time.time()
+    later = referrals(SENDER, 5, seed=22)
+    with IntakeSender(broker, kafka_bootstrap, SENDER) as sender:
+        sender.send_referrals(later)
+    time.sleep(2.5)  # older than --max-lag-age 2
+    code, data = status_json(broker, kafka_bootstrap, "--max-lag-age", "2")
+    assert code == 1 and data["verdict"] == "degraded"
+
+    lagging = [g for g in data["groups"] if g["lag"]]
+    assert [(g["group"], g["topic"], g["lag"]) for g in lagging] == [(router_group, intake, 5)]
+    row = lagging[0]
+    assert row["end"] - row["committed"] == 5
+    age = row["oldest_unprocessed_age_s"]
+    assert age is not None and 2 <= age <= time.time() - sent_at + 1
+    # the oldest unprocessed record is one of the later referrals, not the routed ones
+    assert row["oldest_unprocessed_at"] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(sent_at)))
+
+    dl = data["dead_letters"]
+    assert (dl["depth"], dl["recent"]) == (1, 1)
+    assert dl["by_stage"] == {"verify-open": 1} and dl["by_source_topic"] == {intake: 1}
+    assert dl["newest_at"] is not None and dl["newest_at"] == dl["oldest_at"]
+
+    assert data["key_directory"]["refused"] == 0 and data["missing_topics"] == []
+    assert len(data["reasons"]) == 2, data["reasons"]
+    dead, lag = data["reasons"]
+    assert dead.startswith("1 dead letters in the last 24 h") and "verify-open 1" in dead
+    assert lag.startswith(f"group {router_group} is 5 behind on {intake}") and "threshold 2 s" in lag
+
+    # the same with a generous threshold and no recent-dead-letter window: healthy, exit 0
+    code, calm = status_json(broker, kafka_bootstrap, "--max-lag-age", "3600", "--dead-letter-hours", "0")
+    assert (code, calm["verdict"], calm["reasons"]) == (0, "healthy", [])
+    assert calm["dead_letters"]["depth"] == 1 and calm["dead_letters"]["recent"] == 0
+
+    # the human view says the same
+    human = cli(broker, kafka_bootstrap, "status", "--interval", "0", "--max-lag-age", "2")
+    assert human.exit_code == 1
+    assert "Verdict: DEGRADED" in human.stdout and f"is 5 behind on {intake}" in human.stdout
+    assert "Dead letters: 1 on the topic, 1 in the last 24 h" in human.stdout
+
+    # tail: envelopes of the sent referrals and the dead letter, never a field value
+    ids = {str(r["referral_id"]) for r in first + later}
+    tailed = cli(broker, kafka_bootstrap, "tail", intake, "--from-beginning", "--json")
+    assert tailed.exit_code == 0, tailed.output
+    envelopes = json.loads(tailed.stdout)
+    sealed = [e for e in envelopes if e.get("kind")]
+    assert {e["key"] for e in sealed} == ids and len(envelopes) == 14
+    assert all(e["sender"] == SENDER and e["recipient"] == HUB and e["size"] > 0 for e in sealed)
+    versions = {str(r["referral_id"]): str(r["version"]) for r in first + later}
+    assert all(len(e["schema"]) == 16 and e["version"] == versions[e["key"]] for e in sealed), sealed[0]
+    garbage = [e for e in envelopes if not e.get("kind")]
+    assert [(g["key"], g["size"]) for g in garbage] == [("garbage-1", 21)]
+    dlq = cli(broker, kafka_bootstrap, "tail", "referrals.dlq", "--json")  # the name under the prefix
+    assert dlq.exit_code == 0
+    (letter,) = json.loads(dlq.stdout)
+    assert (letter["dlq_stage"], letter["dlq_source_topic"], letter["key"]) == ("verify-open", intake, "garbage-1")
+    text_outputs = [tailed.output, dlq.output]
+    outs = [t["name"] for t in data["topics"] if t["role"] == "out" and t["end"]]
+    assert outs
+    copies = 0
+    for out in outs:
+        shown = cli(broker, kafka_bootstrap, "tail", out, "--last", "50", "--json")
+        assert shown.exit_code == 0
+        copies += sum(e["key"] in ids and e["sender"] == HUB for e in json.loads(shown.stdout))
+        text_outputs.append(shown.output)
+    assert copies >= 8  # every routed referral went to at least one recipient, as a hub-signed copy
+    human_tail = cli(broker, kafka_bootstrap, "tail", intake, "--from-beginning")
+    assert human_tail.exit_code == 0 and "garbage-1" in human_tail.stdout
+    assert sum(rid in human_tail.stdout for rid in ids) == len(ids)
+    text_outputs.append(human_tail.output)
+    postcodes = {r["child"]["address"]["postcode"] for r in first + later if r["child"].get("address")}
+    assert postcodes
+    for text in text_outputs:
+        assert CHILD_GIVEN not in text and CHILD_FAMILY not in text
+        assert not [p for p in postcodes if p in text]
+
+
+def test_rates_come_from_two_samples(broker: Settings, kafka_bootstrap: str) -> None:
+    """Records written between the two samples of end offsets make the topic's rate; every
+    other topic's rate is 0."""
+    target = topic_name(broker, "out", RESEARCH_OUT_PARTY)
+    quiet = topic_name(broker, "intake", QUIET_SENDER)
+
+    def letters_and_traffic(settings: Settings, bootstrap: str) -> Any:
+        producer = build_producer(settings, bootstrap)  # runs between the two samples
+        for i in range(12):
+            producer.send(target, b"x" * 10, key=f"probe-{i}".encode())
+        producer.flush()
+        producer.close()
+        return [letter for _, letter in read_dead_letters(settings, bootstrap, idle_s=0.5)]
+
+    started = time.monotonic()
+    status = ops.collect(
+        broker,
+        kafka_bootstrap,
+        thresholds=ops.Thresholds(interval_s=2.0),
+        dead_letters=letters_and_traffic,
+    )
+    elapsed = time.monotonic() - started
+    by_name = {t.name: t for t in status.topics}
+    assert by_name[target].end == 12
+    rate = by_name[target].rate_per_s
+    assert rate is not None and 12 / elapsed <= rate <= 12 / 2.0
+    assert by_name[quiet].end == 0 and by_name[quiet].rate_per_s == 0
+    assert all(t.rate_per_s == 0 for t in status.topics if t.name != target)
+    assert status.verdict == "healthy" and status.reasons == []
+
+
+def test_unreachable_broker_is_degraded_with_the_broker_error_code(settings: Settings) -> None:
+    result = cli(settings, "127.0.0.1:9", "status", "--json", "--interval", "0")
+    assert result.exit_code == BrokerError.exit_code
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "degraded" and len(data["reasons"]) == 1
+    assert data["reasons"][0].startswith("broker unreachable: cannot reach Kafka at 127.0.0.1:9")
