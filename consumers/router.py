@@ -55,9 +55,13 @@ from referral_broker.cluster.runtime import metadata_topic_count
 from referral_broker.cluster.topics import party_of_topic, topic_name, topic_pattern
 from referral_broker.config import Settings
 from referral_broker.errors import (
+    BrokerAuthenticationError,
     BrokerError,
+    BrokerProtocolError,
+    BrokerTrustError,
     ConfigError,
     ContractError,
+    NotAuthorisedError,
     PolicyError,
     ReferralBrokerError,
     SealingError,
@@ -658,6 +662,7 @@ class Router:
                     if max_records is not None and self.stats.consumed >= max_records:
                         return self.stats
                 except _CommitFailed as exc:
+                    _give_up_if_refused(exc.error)
                     # The producer may hold state of the failed transaction (kafka-python keeps
                     # the offsets of a rejected offset commit and would send them with the next
                     # one): a new producer under the same transactional id starts clean and
@@ -673,6 +678,7 @@ class Router:
                     producer = consumer = None
                     self._backoff(failures)
                 except (BrokerError, KafkaError, OSError) as exc:
+                    _give_up_if_refused(exc)
                     failures += 1
                     self._lost_clients("Kafka clients failed; rebuilding them", exc, failures)
                     for client in (producer, consumer):
@@ -715,7 +721,7 @@ class Router:
             if not idle.expired():
                 return False
         except BrokerError as exc:  # no partitions assigned in time
-            if metadata_topic_count(self.bootstrap, timeout_s=5) is not None:
+            if metadata_topic_count(self.bootstrap, timeout_s=5, settings=self.settings) is not None:
                 raise _GiveUp(exc) from None  # the cluster answers: the topics are missing
             raise
         owned = list(consumer.assignment())
@@ -877,3 +883,15 @@ def _metric_kind(party: Party) -> str:
 def _referrer_kind(party: Party) -> str:
     """What ``referrer.partner`` must say for a referral this party signed."""
     return party.format or ("district_team" if party.kind == "district_team" else party.kind)
+
+
+def _give_up_if_refused(exc: BaseException) -> None:
+    """The cluster refused this router's credentials or rights: waiting will not change that,
+    so stop with the cause ("not authorised to write topic T") instead of rebuilding forever."""
+    from referral_broker.cluster.security import authorisation_error
+
+    if isinstance(exc, (BrokerAuthenticationError, BrokerTrustError, BrokerProtocolError, NotAuthorisedError)):
+        raise _GiveUp(exc) from None
+    refused = authorisation_error(exc, "route") if isinstance(exc, KafkaError) else None
+    if refused is not None:
+        raise _GiveUp(refused) from None

@@ -94,7 +94,10 @@ def produce(
     settings: Settings, topic: str, records: list[tuple[bytes | None, bytes | None, list[Any]]]
 ) -> None:
     """As an attacker with write access would: a plain kafka-python producer, no project code."""
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    from referral_broker.cluster.security import client_security
+
+    bootstrap = settings.bootstrap_servers
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **client_security(settings, bootstrap).kafka_kwargs())
     try:
         for key, value, headers in records:
             producer.send(topic, key=key, value=value, headers=headers)
