@@ -193,9 +193,10 @@ class AuditChain:
         self._pending[partition] = Head(seq, record_hash(key, value, self.chain, seq, prev))
         return ChainedMessage(signed.topic, signed.key, signed.value, signed.headers, partition=partition)
 
-    def checkpoint(self) -> list[OutgoingMessage]:
+    def checkpoint(self, *, records: bool = True) -> list[OutgoingMessage]:
         """A signed checkpoint into each partition written since the last commit (naming every
-        head written), then the heads-topic entries; nothing when nothing was written."""
+        head written), then the heads-topic entries; nothing when nothing was written. A
+        one-record writer (retention) passes ``records=False``: its head entry is enough."""
         from referral_broker.schemas import codec
         from referral_broker.schemas.registry import load_schema
 
@@ -211,7 +212,7 @@ class AuditChain:
             load_schema("audit_checkpoint"),
         )
         out: list[OutgoingMessage] = []
-        for partition in written:
+        for partition in written if records else ():
             key = f"{self.chain}/{partition}".encode()
             out.append(self._append(partition, key, value, CHECKPOINT_KIND))
         for partition, head in sorted(self._pending.items()):
@@ -499,3 +500,34 @@ def verify_audit(settings: Settings, bootstrap: str, *, verify: Callable[[Record
     records = read_topic(settings, bootstrap, "audit")
     heads = read_heads(settings, bootstrap, verify=verify)
     return verify_records(records, heads=heads, verify=verify)
+
+
+def write_chained(
+    settings: Settings,
+    bootstrap: str,
+    chain: str,
+    sign: Signer,
+    *,
+    key: bytes,
+    value: bytes,
+    kind: str,
+) -> None:
+    """Write one audit record as the next of ``chain``, with its head, in one transaction under
+    the transactional id ``<prefix>audit-writer-<chain>``: a second writer of the same chain
+    fences the first (whose write then fails, so nothing is forked), and the heads are read
+    only after this producer has settled any predecessor's transaction. Returns once durable."""
+    from referral_broker.cluster.clients import build_producer
+
+    producer = build_producer(
+        settings, bootstrap, transactional_id=f"{settings.kafka_topic_prefix}audit-writer-{chain}"
+    )
+    try:
+        writer = AuditChain(settings, bootstrap, chain, sign)
+        producer.begin()
+        writer.append(key, value, kind).send(producer)
+        for message in writer.checkpoint(records=False):
+            message.send(producer)
+        producer.flush()
+        producer.commit()
+    finally:
+        producer.close()

@@ -148,26 +148,21 @@ def _actor() -> str:
 
 
 def audit(settings: Settings, bootstrap: str, event: dict[str, Any], *, now: float) -> None:
-    """Sign ``event`` as the hub and produce it to the audit topic; returns once durable."""
-    from referral_broker.cluster.clients import build_producer
-    from referral_broker.cluster.topics import topic_name
+    """Sign ``event`` as the hub and produce it to the audit topic as the next record of the
+    ``retention`` audit chain (``audit_chain.write_chained``); returns once durable."""
+    from referral_broker.audit_chain import write_chained
 
     hub = KeyStore.open(settings.keys_dir, HUB)
     doc = {**event, "at": to_iso(now), "actor": event.get("actor") or _actor(), "party": HUB}
-    message = sign_plain(
-        hub,
-        topic=topic_name(settings, "audit"),
+    write_chained(
+        settings,
+        bootstrap,
+        "retention",
+        lambda **signing: sign_plain(hub, now=now, **signing),
         key=str(event["case_id"]).encode("utf-8"),
         value=json.dumps(doc, sort_keys=True).encode("utf-8"),
         kind=AUDIT_KIND,
-        now=now,
     )
-    producer = build_producer(settings, bootstrap)
-    try:
-        message.send(producer)
-        producer.flush()
-    finally:
-        producer.close()
 
 
 def shred(settings: Settings, bootstrap: str, case_id: str, *, now: float | None = None) -> dict[str, Any]:
