@@ -249,3 +249,30 @@ def test_verify_cli_exits_non_zero_and_names_the_record(county: Settings, kafka_
     assert ("duplicate", decision.partition, chain) in named or ("reordered", decision.partition, chain) in named
     human = cli(county, kafka_bootstrap, "audit", "verify")
     assert human.exit_code == 1 and "NOT intact" in human.output and chain in human.output
+
+
+def test_retention_events_are_chained_and_a_deleted_one_is_named(county: Settings, kafka_bootstrap: str) -> None:
+    """Retention's events (signed JSON) are the 'retention' chain: one writer at a time (its
+    transactional id), seq from 0, each head on audit.heads."""
+    from referral_broker.sealing import retention
+
+    case = str(uuid.uuid4())
+    retention.hold(county, kafka_bootstrap, case, "synthetic legal query")
+    retention.release(county, kafka_bootstrap, case)
+    retention.hold(county, kafka_bootstrap, case, "synthetic second query")
+    records = read_topic(county, kafka_bootstrap, "audit")
+    chained = [(chain_headers(r.headers), json.loads(r.value or b"")["type"]) for r in records]
+    assert [(c[0], c[1], t) for c, t in chained if c] == [
+        ("retention", 0, "retention.hold_placed"),
+        ("retention", 1, "retention.hold_released"),
+        ("retention", 2, "retention.hold_placed"),
+    ]
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    heads = read_heads(county, kafka_bootstrap, verify=hub.opener.verify)
+    [(where, head)] = heads.items()
+    assert where == ("retention", records[0].partition) and head.seq == 2
+    assert verify_records(records, heads=heads, verify=hub.opener.verify).intact
+    found = problems(verify_records(records[1:], heads=heads, verify=hub.opener.verify))
+    assert found == [("missing", records[1].partition, records[1].offset, "retention")]
+    found = problems(verify_records(records[:-1], heads=heads, verify=hub.opener.verify))
+    assert found == [("truncated", records[1].partition, records[1].offset, "retention")]
