@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from county import FORMAT, HEALTH_VISITING
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.errors import KafkaError
 from kafka.protocol.consumer import IsolationLevel, OffsetSpec
@@ -29,12 +30,14 @@ from referral_broker.cluster.runtime import LocalBroker
 from referral_broker.cluster.security import client_security
 from referral_broker.cluster.topics import ensure_topics, plan, topic_name
 from referral_broker.config import Settings, load_settings
-from referral_broker.parties import HUB, all_parties
+from referral_broker.organisations import Registry, load_file
+from referral_broker.organisations import publish as publish_orgs
+from referral_broker.parties import HUB, all_parties, use_registry
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing.key_admin import init_parties
 
-PARTNER = "health"
+PARTNER = HEALTH_VISITING  # an organisation sending in the health format
 TEAM = "district-fenland"
 ROUTE = str(Path(sys.executable).with_name("referral-broker"))
 
@@ -45,7 +48,7 @@ def one_recipient_referrals(count: int, seed: int) -> list[dict[str, Any]]:
     out = []
     for record in synthetic_referrals(count, seed=seed):
         r = copy.deepcopy(record)
-        r["referrer"]["partner"] = PARTNER
+        r["referrer"]["partner"] = FORMAT[PARTNER]
         r["district"] = "fenland"
         r["services_requested"] = ["family_support"]
         r["consent"] = {"state": "given", "recorded_at": r["created_at"], "recorded_by": "Synthetic Worker"}
@@ -398,8 +401,13 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[Settings, LocalBroker]]:
             kafka_topic_profile="test",
             paths_data_dir=tmp_path / "data",
         )
-        ensure_topics(settings, local.bootstrap)
-        init_parties(settings, sorted(all_parties()), bootstrap=local.bootstrap)
+        # only the sender and the district team registered: all these referrals need, and few
+        # topics, so the killed broker comes back quickly
+        orgs = [org for org in load_file() if org.party in (PARTNER, TEAM)]
+        use_registry(Registry(orgs))
+        ensure_topics(settings, local.bootstrap, read_registry=False)
+        publish_orgs(settings, local.bootstrap, orgs)
+        init_parties(settings, [HUB, PARTNER, TEAM], bootstrap=local.bootstrap)
         yield settings, local
     finally:
         local.stop()
