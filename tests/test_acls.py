@@ -264,6 +264,26 @@ def test_the_plan_comes_from_the_registry_and_a_disabled_organisation_gets_nothi
     assert acls.plan(settings, Registry(list(reversed(orgs)))) == plan
 
 
+def test_every_topic_of_the_plan_has_a_writer_and_a_reader(tmp_path: Path) -> None:
+    """A role added to the topic plan without an ACL rule would be refused to everyone."""
+    from referral_broker.cluster.topics import ROLES
+
+    settings = load_settings(environ={}, kafka_topic_prefix="p.", paths_data_dir=tmp_path)
+    orgs = [o for o in load_file() if o.party in PARTIES]
+    registry = Registry(orgs)
+    plan = acls.plan(settings, registry)
+    users = [i.user for i in acls.identities(settings, registry)]
+    assert set(ROLES) <= set(acls.RULED_ROLES)
+    topics = [s.name for s in fixed_plan("test", "p.")] + [
+        topic_name(settings, role, p) for p in PARTIES for role in ("intake", "out", "status")
+    ]
+    archive = topic_name(settings, "archive")  # nobody reads it but the administrator (a super user)
+    for topic in topics:
+        assert any(acls.allowed(plan, u, "TOPIC", topic, "WRITE") for u in users), topic
+        readers = [u for u in users if acls.allowed(plan, u, "TOPIC", topic, "READ")]
+        assert bool(readers) == (topic != archive), (topic, readers)
+
+
 def _disabled(org: Any) -> Any:
     from dataclasses import replace
 

@@ -25,11 +25,11 @@ tests) that share a cluster under different prefixes never share a user:
   another's (``charity-1190001`` and the linked ``charity-1190001-1``) the shorter one is DENIED
   the longer one's prefix, so no organisation can join another's group;
 * the router READs every intake and status topic (PREFIXED), WRITEs every out topic (PREFIXED),
-  the archive, audit, dead letters and the delivery ledger, READs the ledger, keys and the
-  registry, its group ``referral-router`` and its transactional ids ``referral-router-*``;
+  the archive, audit, dead letters, the audit chain heads and the delivery ledger, READs the
+  heads, the ledger, keys and the registry, its group ``referral-router`` and its transactional ids ``referral-router-*``;
 * only ``keyadmin`` writes the keys topic (and the registry); everyone reads the keys topic;
-* ``ops`` DESCRIBEs every topic and group and the cluster (lag, health), READs the audit and the
-  dead letters, and never an out topic;
+* ``ops`` DESCRIBEs every topic and group and the cluster (lag, health), READs the audit, its
+  chain heads (``audit verify``) and the dead letters, and never an out topic;
 * a disabled organisation gets no bindings at all.
 
 **Ours**: with a prefix, a binding is the project's when its resource name or its principal
@@ -55,6 +55,9 @@ OPS = "ops"
 SERVICES = (ROUTER, KEYADMIN, OPS)
 ROUTER_GROUP = "referral-router"  # consumers/router.py GROUP; its transactional ids add "-<instance>"
 CLUSTER_NAME = "kafka-cluster"  # the one name Kafka gives the CLUSTER resource
+
+# The topic plan's roles this module has rules for (plan() refuses a plan with any other).
+RULED_ROLES = ("intake", "out", "status", "archive", "audit", "audit_heads", "dlq", "keys", "orgs", "deliveries")
 
 # Operations that imply DESCRIBE (Kafka's authorizer: READ, WRITE, DELETE, ALTER imply DESCRIBE).
 _IMPLIES_DESCRIBE = {"READ", "WRITE", "DELETE", "ALTER", "ALL"}
@@ -153,6 +156,11 @@ def identities(settings: Settings, registry: Registry) -> list[Identity]:
 def plan(settings: Settings, registry: Registry) -> list[Binding]:
     """Every binding the cluster must hold for ``registry`` under ``settings``' prefix (sorted)."""
     prefix = settings.kafka_topic_prefix
+    unknown = sorted(set(_templates()) - set(RULED_ROLES))
+    if unknown:  # a topic nobody may use would be refused to everyone: say so, loudly
+        raise ConfigError(
+            f"the topic plan has roles with no ACL rule in referral_broker/cluster/acls.py: {', '.join(unknown)}"
+        )
     out: list[Binding] = []
 
     def allow(user: str, resource: str, pattern: str, name: str, *ops: str) -> None:
@@ -191,6 +199,7 @@ def plan(settings: Settings, registry: Registry) -> list[Binding]:
     for role in ("archive", "audit", "dlq"):
         allow(router, "TOPIC", "LITERAL", _topic(settings, role) or "", "WRITE")
     allow(router, "TOPIC", "LITERAL", _topic(settings, "deliveries") or "", "WRITE", "READ")
+    allow(router, "TOPIC", "LITERAL", _topic(settings, "audit_heads") or "", "WRITE", "READ")
     allow(router, "TOPIC", "LITERAL", keys, "READ")
     allow(router, "TOPIC", "LITERAL", orgs_topic, "READ")
     allow(router, "GROUP", "LITERAL", prefix + ROUTER_GROUP, "READ")
@@ -205,6 +214,7 @@ def plan(settings: Settings, registry: Registry) -> list[Binding]:
     allow(ops, "GROUP", "PREFIXED", prefix or "*", "DESCRIBE")
     allow(ops, "CLUSTER", "LITERAL", CLUSTER_NAME, "DESCRIBE")
     allow(ops, "TOPIC", "LITERAL", audit, "READ")
+    allow(ops, "TOPIC", "LITERAL", _topic(settings, "audit_heads") or "", "READ")  # audit verify
     allow(ops, "TOPIC", "LITERAL", dlq, "READ")
     return sorted(_fix_wildcards(set(out)))
 
