@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
-from referral_broker.cluster.topics import admin_client, ensure_topics, plan, topic_name
+from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import Received
 from referral_broker.consumers.router import Router
@@ -41,7 +41,7 @@ from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing import OutgoingMessage
 from referral_broker.sealing.key_admin import init_parties
 
-SENDER = "schools"
+SENDER = "school-110123"  # a school of the shipped county
 
 
 class PlainSealer:
@@ -87,14 +87,21 @@ class PlainSealer:
 
 def _shaped(count: int, recipients: int, seed: int) -> list[dict[str, Any]]:
     """Referrals the shipped policy sends to exactly 1 (the district team) or 3 recipients
-    (district team, health, charities)."""
+    (the district team, the school nursing service and the charity named for the parenting
+    programme, in Cambridge)."""
     out = []
     services = (
         ["family_support"] if recipients == 1 else ["family_support", "school_nurse", "parenting_programme"]
     )
     for record in synthetic_referrals(count, seed=seed):
         r = copy.deepcopy(record)
-        r["referrer"]["partner"] = SENDER
+        r["referrer"]["partner"] = "schools"
+        r["district"] = "cambridge"
+        r["service_providers"] = (
+            [{"service": "parenting_programme", "provider": "1190003"}] if recipients == 3 else []
+        )
+        if r.get("health_and_development"):
+            r["health_and_development"]["gp_practice_ods"] = None
         r["services_requested"] = services
         r["consent"] = {"state": "given", "recorded_at": r["created_at"], "recorded_by": "Synthetic Worker"}
         r["sharing_override"] = None
@@ -234,7 +241,7 @@ def run(
                 settings = base.replace(
                     kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / label
                 )
-                ensure_topics(settings, bootstrap)
+                ensure_with_county(settings, bootstrap)
                 try:
                     init_parties(
                         settings,

@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from referral_broker import parties as party_registry
@@ -279,6 +280,16 @@ def ensure_party_topics(settings: Settings, bootstrap: str, parties: list[str]) 
     """Create the per-party topics of ``parties`` (``orgs add`` of a new organisation)."""
     specs = [s for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix, parties) if s.party]
     return _ensure(settings, bootstrap, specs)
+
+
+def ensure_with_county(settings: Settings, bootstrap: str, county: Path | None = None) -> list[TopicState]:
+    """``topics ensure``, then ``orgs import`` of a county file (the shipped demo county by
+    default; idempotent) and its organisations' topics: a demo or benchmark namespace, ready."""
+    from referral_broker.organisations import import_file
+
+    states = ensure_topics(settings, bootstrap)
+    report = import_file(settings, bootstrap, county)
+    return states + provision_parties(settings, bootstrap, report.added + report.unchanged + report.kept_disabled)
 
 
 def provision_parties(settings: Settings, bootstrap: str, parties: list[str]) -> list[TopicState]:
