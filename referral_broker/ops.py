@@ -259,7 +259,7 @@ def _key_directory(settings: Settings, bootstrap: str) -> KeyDirectoryStatus:
     return KeyDirectoryStatus(
         entries=len(directory),
         refused=len(refusals),
-        by_reason=dict(Counter(r["category"] for r in refusals)),
+        by_reason=dict(Counter(r.category for r in directory.refused)),
         refusals=refusals,
     )
 

@@ -210,3 +210,76 @@ def test_unreachable_broker_is_degraded_with_the_broker_error_code(settings: Set
     data = json.loads(result.stdout)
     assert data["verdict"] == "degraded" and len(data["reasons"]) == 1
     assert data["reasons"][0].startswith("broker unreachable: cannot reach Kafka at 127.0.0.1:9")
+
+
+def test_inbox_metrics_count_requests_and_referrals_without_identifiers(topics: Settings) -> None:
+    """The inbox's Prometheus metrics: requests by route template (never the path with the id),
+    referrals by team and state, overdue and urgent counts; no id, user or field value in them."""
+    import socket
+
+    import httpx
+    from test_inbox_fixtures import OTHER_TEAM, TEAM, make_pipeline, make_store
+    from test_inbox_web import Clock, Inbox
+
+    from referral_broker.consumers.inbox.app import create_app
+    from referral_broker.consumers.inbox.outbound import Outbound
+    from referral_broker.consumers.inbox.server import ServerThread
+
+    pipeline = make_pipeline(topics)
+    store = make_store(topics)
+    fmt = pipeline.format([TEAM, OTHER_TEAM])
+    outbound = Outbound(topics, fmt)
+    clock = Clock()
+    app = create_app(
+        topics, store=store, record_format=fmt, outbound=outbound, teams=[TEAM, OTHER_TEAM],
+        secure_cookies=False, clock=clock,
+    )
+    metrics = app.state.metrics
+    try:
+        with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30.0) as client:
+            inbox = Inbox(topics, pipeline, store, fmt, client, clock)
+            urgent = inbox.referral(31, priority="urgent")
+            routine = inbox.referral(32, priority="routine")
+            assert inbox.sign_in().status_code == 303
+            assert client.get("/inbox").status_code == 200
+            assert client.get(f"/referrals/{urgent['referral_id']}").status_code == 200
+            assert client.get(f"/referrals/{routine['referral_id']}").status_code == 200
+            missing = "00000000-0000-4000-8000-000000000000"
+            assert client.get(f"/referrals/{missing}").status_code == 404
+            assert client.get("/no-such-page").status_code == 404
+            text = metrics.exposition().decode()
+            # served on its own port too
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            metrics.serve(port)
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        outbound.close()
+        store.close()
+
+    def sample(name: str, **labels: str) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        found = [ln for ln in text.splitlines() if ln.startswith(f"{name}{{{wanted}}} ")]
+        assert len(found) == 1, (name, labels)
+        return float(found[0].rsplit(" ", 1)[1])
+
+    route = "/referrals/{referral_id}"
+    assert sample("referral_inbox_http_requests_total", method="GET", route=route, status="200") == 2
+    assert sample("referral_inbox_http_requests_total", method="GET", route=route, status="404") == 1
+    assert sample("referral_inbox_http_requests_total", method="GET", route="/inbox", status="200") == 1
+    assert sample("referral_inbox_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert sample("referral_inbox_http_requests_total", method="POST", route="/sign-in", status="303") == 1
+    assert sample("referral_inbox_http_request_seconds_count", route=route) == 3
+    assert sample("referral_inbox_referrals", state="new", team=TEAM) == 2
+    assert sample("referral_inbox_referrals", state="new", team=OTHER_TEAM) == 0
+    assert sample("referral_inbox_referrals_new_urgent", team=TEAM) == 1
+    assert sample("referral_inbox_referrals_overdue", team=TEAM) == 0
+    assert "referral_inbox_statuses_unsent 0.0" in text
+    assert "referral_key_directory_refused_records_total" in text
+    assert "referral_inbox_referrals{" in scraped and route in scraped
+    for exposed in (text, scraped):
+        for record in (urgent, routine):
+            assert str(record["referral_id"]) not in exposed
+            assert record["child"]["given_name"] not in exposed and record["child"]["family_name"] not in exposed
+        assert missing not in exposed and "fen.worker" not in exposed and "no-such-page" not in exposed

@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import SessionCodec
+from referral_broker.consumers.inbox.metrics import InboxMetrics, MetricsMiddleware
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.pages_errors import http_error, server_error
 from referral_broker.consumers.inbox.pages_list import export_csv, inbox
@@ -168,11 +169,14 @@ def create_app(
             for worker in inbox_state.background:
                 worker.stop()
 
+    # Prometheus metrics (no identifier in a label); served apart by app.state.metrics.serve(port)
+    metrics = InboxMetrics(store, inbox_state.teams, inbox_state.clock)
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics), Middleware(SecurityHeaders)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
     app.state.inbox = inbox_state
+    app.state.metrics = metrics
     return app
