@@ -283,3 +283,56 @@ def test_inbox_metrics_count_requests_and_referrals_without_identifiers(topics: 
             assert str(record["referral_id"]) not in exposed
             assert record["child"]["given_name"] not in exposed and record["child"]["family_name"] not in exposed
         assert missing not in exposed and "fen.worker" not in exposed and "no-such-page" not in exposed
+
+
+ALLOWED_LABELS = {"stage", "recipient", "reason", "route", "method", "status", "team", "state", "kind", "le"}
+
+
+def test_grafana_dashboard_reads_only_metrics_the_stages_expose(settings: Settings) -> None:
+    """docs/grafana-dashboard.json: every metric a panel queries is exposed by the router or
+    the inbox, with the labels the panel groups by; no label could carry an identifier."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_inbox_fixtures import TEAM, make_store
+
+    from referral_broker.consumers.inbox.metrics import InboxMetrics
+    from referral_broker.consumers.router_metrics import RouterMetrics
+
+    router = RouterMetrics()
+    router.deliveries.labels(recipient="school").inc()
+    router.dead_letters.labels(stage="verify-open").inc()
+    router.batch_seconds.observe(0.1)
+    store = make_store(settings)
+    try:
+        inbox = InboxMetrics(store, [TEAM])
+        inbox.requests.labels("/inbox", "GET", "200").inc()
+        inbox.request_seconds.labels("/inbox").observe(0.1)
+        exposed: dict[str, set[str]] = {}
+        for text in (generate_latest(router.registry), inbox.exposition()):
+            for family in text_string_to_metric_families(text.decode()):
+                for s in family.samples:
+                    exposed.setdefault(s.name, set()).update(s.labels)
+    finally:
+        store.close()
+    assert all(set(labels) <= ALLOWED_LABELS for labels in exposed.values()), exposed
+
+    dashboard = json.loads((Path(__file__).parents[1] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    names = {n for e in exprs for n in re.findall(r"\b(referral_[a-z_]+)\b", e)}
+    assert names, exprs
+    missing = sorted(n for n in names if n not in exposed)
+    assert not missing, missing
+    assert any(n.startswith("referral_router_") for n in names) and any(n.startswith("referral_inbox_") for n in names)
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            grouped = set()
+            for by in re.findall(r"by \(([a-z_, ]+)\)", target["expr"]):
+                grouped |= {x.strip() for x in by.split(",")}
+            grouped |= set(re.findall(r"\{\{([a-z_]+)\}\}", target["legendFormat"]))
+            used = set(re.findall(r"\b(referral_[a-z_]+)\b", target["expr"]))
+            available = set().union(*(exposed[n] for n in used))
+            assert grouped <= available, (panel["title"], grouped - available)

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from referral_broker.consumers.inbox.deadlines import local_date
 from referral_broker.consumers.inbox.states import ReferralState
 from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_referrals import COPY_KINDS
 from referral_broker.sealing.trust import RefusalCollector
 
 METHODS = ("GET", "POST", "HEAD")
@@ -80,9 +81,11 @@ class StoreCollector:
             "Copies recognised as duplicates and not stored, by team and kind.",
             labels=["team", "kind"],
         )
-        for team, kinds in sorted(self.store.duplicate_counts().items()):
-            for kind, count in sorted(kinds.items()):
-                duplicates.add_metric([team, kind], count)
+        counted = self.store.duplicate_counts()
+        for team in self.teams:  # every team and kind, 0 until one is seen (a panel needs a series)
+            kinds = counted.get(team, {})
+            for kind in COPY_KINDS:
+                duplicates.add_metric([team, kind], kinds.get(kind, 0))
         yield duplicates
 
 
