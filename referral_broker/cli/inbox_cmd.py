@@ -53,6 +53,12 @@ def setup(obj: CliContext, force: bool, as_json: bool) -> None:
     default=None,
     help="Mark cookies Secure (default: on unless the host is loopback; behind TLS keep it on).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (apart from the inbox's address).",
+)
 @pass_cli
 def serve(
     obj: CliContext,
@@ -61,6 +67,7 @@ def serve(
     port: int,
     no_ingest: bool,
     secure_cookies: bool | None,
+    metrics_port: int | None,
 ) -> None:
     """Serve the inbox, ingesting each team's routed referrals while it runs."""
     from referral_broker.consumers.inbox.server import build_inbox, is_loopback, serve_forever
@@ -68,6 +75,8 @@ def serve(
     obj.bootstrap()
     secure = (not is_loopback(host)) if secure_cookies is None else secure_cookies
     built = build_inbox(obj.settings, teams=teams or None, ingest=not no_ingest, secure_cookies=secure)
+    if metrics_port is not None:
+        built.app.state.metrics.serve(metrics_port)
     shown = "localhost" if is_loopback(host) else host
     click.echo(f"Inbox for {', '.join(built.teams)} at http://{shown}:{port}/ (Ctrl-C to stop)", err=True)
     try:
