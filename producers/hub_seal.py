@@ -32,8 +32,11 @@ def seal_for_hub(
     topic: str,
     kind: str,
     hub: str = HUB,
+    case_id: str | None = None,
 ) -> OutgoingMessage:
-    """Seal ``record`` for the hub alone and sign it for ``topic`` (keyed by its referral id)."""
+    """Seal ``record`` for the hub alone and sign it for ``topic`` (keyed by its referral id);
+    under the key of ``case_id`` too when given (the council's own inbox: its statuses die with
+    the case, see ``retention shred``)."""
     return sealer.seal(
         dict(record),
         schema,
@@ -42,6 +45,7 @@ def seal_for_hub(
         referral_id=str(record["referral_id"]),
         referral_version=int(record["version"]),
         kind=kind,
+        case_id=case_id,
     )
 
 
@@ -81,9 +85,10 @@ def seal_status(
     hub: str = HUB,
     now: dt.datetime | None = None,
     schema: dict[str, Any] | None = None,
+    case_id: str | None = None,
 ) -> OutgoingMessage:
     """Validate a ``status.v1`` record (ValidationError lists every problem), seal it for the hub
-    and sign it as ``party`` for ``referrals.status.<party>``."""
+    (under ``case_id``'s key too when given) and sign it as ``party`` for ``referrals.status.<party>``."""
     from referral_broker.schemas.registry import status_schema
     from referral_broker.schemas.validation import validate
 
@@ -92,4 +97,4 @@ def seal_status(
     if problems:
         raise ValidationError(problems, "status message")
     topic = topic_name(settings, "status", party)
-    return seal_for_hub(sealer, status, schema, topic=topic, kind=STATUS_KIND, hub=hub)
+    return seal_for_hub(sealer, status, schema, topic=topic, kind=STATUS_KIND, hub=hub, case_id=case_id)

@@ -228,18 +228,22 @@ def test_after_shred_nothing_of_the_case_that_the_council_holds_opens(county: Co
 
 def test_shred_names_until_when_the_unkeyable_copies_stay_readable(county: County) -> None:
     s = county.settings
-    # the copies sealed by their senders for the hub: X's intake copy and its decline status
+    # X's intake copy, sealed by the school for the hub; X's decline on the team's status topic,
+    # sealed by the council's inbox for the hub and under X's case key
     intake = [r for r in county.topic("intake", REFERRER) if _rid(r) == county.x]
     statuses = [r for r in county.topic("status", TEAM) if _rid(r) == county.x]
-    assert len(intake) == 1 and len(statuses) == 1
+    assert len(intake) == 1 and len(statuses) == 1 and _case(statuses[0]) == county.x
+    assert county.hub_opens(statuses[0]).record["reason"] == DECLINE_WORDS
 
     result = _cli(s, "retention", "shred", "--case", county.x)
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert f"Case {county.x} shredded at " in out and "Inbox: tombstone kept for district-fenland" in out
-    # honest: the hub's key still opens them now, which is why the command says until when
+    # the council's own decline no longer opens; the school's intake copy cannot be re-keyed and
+    # the hub's key still opens it now, which is why the command says until when
+    with pytest.raises(ShreddedError):
+        county.hub_opens(statuses[0])
     assert county.hub_opens(intake[0]).referral_id == county.x
-    assert county.hub_opens(statuses[0]).record["reason"] == DECLINE_WORDS
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert set(lines) == {"intake", "status", "dead-letter"}
     shredded_at = datetime.fromisoformat(out.split(" shredded at ")[1].split()[0])

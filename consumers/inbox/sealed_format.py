@@ -12,8 +12,9 @@ from which the view schema is derived and checked against ``rb-schema``), ``rb-w
   the clear. Nothing is decrypted, no key is touched.
 - ``open``: the team's :class:`~referral_broker.identity.Identity` opener (the team's private
   key and the hub's case-key lookup), so a shredded case no longer opens here either.
-- ``seal_status``: a ``status.v1`` record, validated, sealed for the hub and signed by the team,
-  for ``referrals.status.<team>``; the router carries it back to the referrer.
+- ``seal_status``: a ``status.v1`` record, validated, sealed for the hub under the case key
+  and signed by the team, for ``referrals.status.<team>``; the router carries it back to the
+  referrer. Once the case is shredded it no longer opens, on the topic or in a dead letter.
 - ``sign_event``: an access audit event (ids and outcomes, no values) signed by the team.
 - ``seal_text`` / ``open_text``: a team's own text (case notes, information recorded, the words
   sent to the referrer) as a signed message sealed for the team under the case key (the
@@ -172,9 +173,15 @@ class SealedReferralFormat:
         return OpenedReferral(granted=opened.record)
 
     def seal_status(self, status: Mapping[str, Any], team: str) -> OutgoingMessage:
-        """Through the one status sealer (``producers.hub_seal``), as a partner's statuses are."""
+        """Through the one status sealer (``producers.hub_seal``), as a partner's statuses are,
+        and under the case key too: the council's own words about a case (a decline's reason)
+        must not open on the status topic once the case is shredded."""
+        case_id = str(status["referral_id"])
         return self._retrying(
-            team, lambda ident: seal_status(ident.sealer, self.settings, status, party=team, hub=self.hub)
+            team,
+            lambda ident: seal_status(
+                ident.sealer, self.settings, status, party=team, hub=self.hub, case_id=case_id
+            ),
         )
 
     def sign_event(
