@@ -147,7 +147,7 @@ def identities(settings: Settings, registry: Registry) -> list[Identity]:
         Identity(user_name(settings, o.party), "organisation", o.party)
         for o in sorted(registry.organisations(active_only=True), key=lambda o: o.party)
     ]
-    clash = sorted({i.party for i in found} & set(SERVICES))
+    clash = sorted({i.party for i in found if i.party} & set(SERVICES))
     if clash:
         raise ConfigError(f"organisation party name {clash[0]} is the name of a service identity")
     return found + [Identity(user_name(settings, s), s) for s in SERVICES]
@@ -293,6 +293,11 @@ def _error(exc: BaseException, action: str) -> BrokerError:
     return authorisation_error(exc, action, "ACLs") or BrokerError(f"{action} failed: {type(exc).__name__}")
 
 
+def _failed(err: Any) -> bool:
+    """kafka-python hands back an error class (``NoError`` when fine) or instance, or None."""
+    return err is not None and bool(getattr(err, "errno", 0))
+
+
 def ours(settings: Settings, b: Binding) -> bool:
     prefix = settings.kafka_topic_prefix
     if not prefix:
@@ -323,7 +328,7 @@ def current(settings: Settings, admin: Any) -> list[Binding]:
         found, err = admin.describe_acls(flt)
     except KafkaError as exc:
         raise _error(exc, "describe") from None
-    if err is not None and getattr(err, "errno", 0):
+    if _failed(err):
         raise _error(err() if isinstance(err, type) else err, "describe")
     return sorted({b for b in (_from_kafka(a) for a in found) if b is not None and ours(settings, b)})
 
@@ -378,8 +383,8 @@ def create(admin: Any, bindings: list[Binding]) -> None:
     if failed:  # create_acls does not raise: failures come back as (acl, error) or error classes
         first = failed[0]
         err = first[1] if isinstance(first, tuple) else first
-        exc = err() if isinstance(err, type) else err
-        raise _error(exc, "create") if isinstance(exc, BaseException) else BrokerError(
+        refusal = err() if isinstance(err, type) else err
+        raise _error(refusal, "create") if isinstance(refusal, BaseException) else BrokerError(
             f"creating {len(failed)} ACL bindings failed"
         )
 
@@ -408,7 +413,7 @@ def delete(admin: Any, bindings: list[Binding]) -> None:
     except KafkaError as exc:
         raise _error(exc, "delete") from None
     for _flt, _deleted, err in results:
-        if err is not None and getattr(err, "errno", 0):
+        if _failed(err):
             raise _error(err() if isinstance(err, type) else err, "delete")
 
 
