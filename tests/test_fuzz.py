@@ -384,7 +384,9 @@ def refusal_outcome(item: Received | Refused) -> str:
 
 
 # -- in-process fuzzing -----------------------------------------------------------------------
-def test_router_refuses_every_mutated_intake_with_a_reason(world: Pipeline, bases: Bases) -> None:
+def test_router_refuses_every_mutated_intake_with_a_reason(
+    world: Pipeline, bases: Bases, request: pytest.FixtureRequest
+) -> None:
     router = world.router()
     router.catch_up()
     counts: Counter[str] = Counter()
@@ -419,11 +421,19 @@ def test_router_refuses_every_mutated_intake_with_a_reason(world: Pipeline, base
     TOTALS["router"] = counts
     print("router:", dict(sorted(counts.items())))
     assert sum(counts.values()) == ROUTER_CASES
+    routed = sum(v for k, v in counts.items() if k.endswith("routed"))
+    unsealable = sum(v for k, v in counts.items() if k.startswith("unsealable"))
+    table_row(
+        request.node.name, "fuzz: router, in-process", sent=ROUTER_CASES, delivered=routed,
+        refused=ROUTER_CASES - routed - unsealable, lost=0,
+    )  # fmt: skip
     assert counts["dead:verify-open"] > ROUTER_CASES // 2
     assert sum(v for k, v in counts.items() if k.endswith("dead:validate")) > 0
 
 
-def test_receive_refuses_every_mutated_delivery_with_a_reason(world: Pipeline, bases: Bases) -> None:
+def test_receive_refuses_every_mutated_delivery_with_a_reason(
+    world: Pipeline, bases: Bases, request: pytest.FixtureRequest
+) -> None:
     identity = world.partner(RECIPIENT)
     out = topic_name(world.settings, "out", RECIPIENT)
     signer = signing_key(world, HUB)
@@ -446,9 +456,15 @@ def test_receive_refuses_every_mutated_delivery_with_a_reason(world: Pipeline, b
     TOTALS["receive"] = counts
     print("receive:", dict(sorted(counts.items())))
     assert sum(counts.values()) == RECEIVE_CASES and counts["received"] < RECEIVE_CASES // 2
+    table_row(
+        request.node.name, "fuzz: receive, in-process", sent=RECEIVE_CASES, delivered=counts["received"],
+        refused=RECEIVE_CASES - counts["received"], lost=0,
+    )  # fmt: skip
 
 
-def test_ingest_dead_letters_every_mutated_delivery_with_a_reason(world: Pipeline, bases: Bases) -> None:
+def test_ingest_dead_letters_every_mutated_delivery_with_a_reason(
+    world: Pipeline, bases: Bases, request: pytest.FixtureRequest
+) -> None:
     store = make_store(world.settings)
     worker = TeamIngest(world.settings, TEAM, store, world.format([TEAM]))
     signer = signing_key(world, HUB)
@@ -480,6 +496,11 @@ def test_ingest_dead_letters_every_mutated_delivery_with_a_reason(world: Pipelin
     # every dead letter reached the dead-letter topic, with the ingest stage
     letters = [r for r in read_all(world.settings, topic_name(world.settings, "dlq")) if header(r, H_STAGE) == DLQ_STAGE.encode()]
     assert len(letters) == counts["dead_lettered"] > INGEST_CASES // 2
+    table_row(
+        request.node.name, "fuzz: inbox ingest, in-process", sent=INGEST_CASES,
+        delivered=counts["new"] + counts["updated"], refused=counts["dead_lettered"], lost=0,
+        duplicated=counts["duplicate"],
+    )  # fmt: skip
 
 
 # -- end to end on the real broker ------------------------------------------------------------
@@ -524,7 +545,9 @@ def source(letter: Record) -> tuple[int, int]:
     return int(header(letter, H_SOURCE_PARTITION) or b"-1"), int(header(letter, H_SOURCE_OFFSET) or b"-1")
 
 
-def test_end_to_end_every_input_is_accounted_for_and_consumers_keep_going(world: Pipeline, bases: Bases) -> None:
+def test_end_to_end_every_input_is_accounted_for_and_consumers_keep_going(
+    world: Pipeline, bases: Bases, request: pytest.FixtureRequest
+) -> None:
     s = world.settings
     dlq = topic_name(s, "dlq")
     counts: dict[str, Counter[str]] = {"router e2e": Counter(), "receive e2e": Counter(), "ingest e2e": Counter()}
@@ -547,6 +570,11 @@ def test_end_to_end_every_input_is_accounted_for_and_consumers_keep_going(world:
     assert all((header(r, H_REASON) or b"").strip() for r in letters)
     counts["router e2e"].update({f"dead:{k}": v for k, v in stats.by_reason.items()} | {"routed": stats.routed})
     print(f"router e2e: {n_router} garbage + {E2E_VALID} valid in {took:.1f} s: {stats.by_reason}")
+    node = request.node.name
+    table_row(
+        node, "fuzz: router on the broker", sent=n_router + E2E_VALID, delivered=stats.routed,
+        refused=stats.dead_lettered, lost=0,
+    )  # fmt: skip
 
     # receive: garbage, then what the router really sent, on the recipient's out topic
     out = topic_name(s, "out", RECIPIENT)
@@ -563,6 +591,10 @@ def test_end_to_end_every_input_is_accounted_for_and_consumers_keep_going(world:
     assert counts["receive e2e"]["received"] == 0
     assert all(isinstance(by_place[p], Received) for p in real_at)  # it kept going
     counts["receive e2e"]["received"] += len(real_at)
+    table_row(
+        node, "fuzz: receive on the broker", sent=len(where), delivered=len(real_at), refused=n_receive, lost=0,
+        duplicated=0,
+    )  # fmt: skip
 
     # ingest: garbage, then the router's real copies for the team, on the team's out topic
     team_out = topic_name(s, "out", TEAM)
@@ -576,7 +608,12 @@ def test_end_to_end_every_input_is_accounted_for_and_consumers_keep_going(world:
     seen = result.new + result.updated + result.older + result.duplicate + result.dead_lettered
     assert seen == len(read_all(s, team_out)), result.as_dict()
     letters = [r for r in read_all(s, dlq) if header(r, H_SOURCE_TOPIC) == team_out.encode()]
-    assert {source(r) for r in letters} >= set(where[:n_ingest]), "a garbage record left no dead letter"
+    assert result.dead_lettered == n_ingest, result.as_dict()
+    assert {source(r) for r in letters} == set(where[:n_ingest]), "a garbage record left no dead letter"
     assert result.new >= len({r.key for r in bases.to_team}), result.as_dict()  # the real ones, after it
     counts["ingest e2e"].update({"dead_lettered": result.dead_lettered, "stored": result.new + result.updated})
+    table_row(
+        node, "fuzz: inbox ingest on the broker", sent=seen, delivered=result.new + result.updated,
+        refused=result.dead_lettered, lost=0, duplicated=result.duplicate,
+    )  # fmt: skip
     TOTALS.update(counts)
