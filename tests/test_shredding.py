@@ -22,6 +22,8 @@ import pytest
 from click.testing import CliRunner
 from county import CHARITY, SCHOOL
 from test_inbox_fixtures import Pipeline, make_pipeline, make_store, read_topic
+from test_inbox_web import Inbox, values_of
+from test_inbox_web import inbox as inbox  # the web inbox fixture (signed-in pages over HTTP)
 from test_sealing_support import read_all
 
 from referral_broker.cli.main import cli
@@ -301,3 +303,26 @@ def test_a_topic_that_drifted_from_the_plan_reports_its_real_window(topics: Sett
     assert windows["dlq"].drift == (f"{dlq}: retention.ms {90 * 24 * HOURS}, segment.ms {6 * HOURS}",)
     assert windows["dlq"].until == to_iso(now + (90 * 24 * HOURS + 6 * HOURS + retention.RETENTION_CHECK_MS) / 1000)
     assert windows["intake"].drift == () and windows["intake"].retention_ms == 72 * HOURS
+
+
+def test_the_inbox_shows_a_shredded_case_only_as_a_tombstone(inbox: Inbox) -> None:
+    shredded, kept = inbox.referral(31), inbox.referral(32)
+    rid = str(shredded["referral_id"])
+    assert inbox.sign_in().status_code == 303
+    assert rid in inbox.client.get("/inbox?view=all").text
+    assert inbox.client.get(f"/referrals/{rid}").status_code == 200
+    at = datetime(2026, 11, 30, 2, 45, tzinfo=UTC)
+    assert inbox.store.shred_case(rid, at=at, by="dpo.synthetic", case_key_id="abc123") == [TEAM]
+    assert inbox.store.shred_case(rid, at=at, by="someone.else") == [TEAM]  # again: the first tombstone stays
+    page = inbox.client.get(f"/referrals/{rid}")
+    assert page.status_code == 410
+    assert "This referral was shredded" in page.text
+    assert "30 November 2026 at 02:45 UTC by dpo.synthetic" in page.text
+    assert not [v for v in values_of(shredded) if v in page.text]
+    listing = inbox.client.get("/inbox?view=all").text
+    assert rid not in listing and str(kept["referral_id"]) in listing
+    # another team's member learns nothing from the tombstone: a plain not-found
+    inbox.client.post("/sign-out", data={"csrf_token": inbox.csrf("/inbox")})
+    assert inbox.sign_in("cam.worker").status_code == 303
+    other = inbox.client.get(f"/referrals/{rid}")
+    assert other.status_code == 404 and "shredded" not in other.text

@@ -150,6 +150,18 @@ async def _find_referral(
     referral = await run_in_threadpool(app.store.get_referral, team, referral_id)
     if referral is not None:
         return referral
+    shredded = await run_in_threadpool(app.store.tombstone, team, referral_id)
+    if shredded is not None:  # the team's tombstone: that it was shredded, when, by whom; nothing else
+        await audit(request, AccessEvent(AccessKind.NOT_FOUND, now, member, team, referral_id))
+        return plain_page(
+            request,
+            410,
+            "This referral was shredded",
+            f"Its case was shredded on {shredded.shredded_at:%d %B %Y at %H:%M} UTC by "
+            f"{shredded.shredded_by}. Nothing about it can be opened any more.",
+            signed_in=signed_in,
+            link={"href": "/inbox", "text": "Go to your team’s referrals"},
+        )
     holders = await run_in_threadpool(app.store.teams_holding, referral_id)
     kind = AccessKind.DENIED_OTHER_TEAM if holders else AccessKind.NOT_FOUND
     await audit(request, AccessEvent(kind, now, member, team, referral_id))

@@ -709,7 +709,8 @@ class ReferralTables(StoreDatabase):
         every team holding it, delete its records, its list row, its events (their sealed texts
         and the status messages in the outbox, sealed for the hub: a decline's words) and its
         decisions, and keep a tombstone (when, by whom, the destroyed case key's id). Returns
-        the teams that held it; shredding again changes nothing.
+        the teams that hold its tombstone; shredding again changes nothing (the first tombstone
+        stays).
 
         Deleted content is overwritten in the file (``secure_delete``) and the write-ahead log
         is checkpointed and truncated, so no old page of the case is left behind in either."""
@@ -727,7 +728,7 @@ class ReferralTables(StoreDatabase):
             teams = sorted(
                 {
                     r[0]
-                    for table in ("referrals", "records", "events", "decisions")
+                    for table in ("referrals", "records", "events", "decisions", "shredded")
                     for r in db.execute(f"SELECT DISTINCT team FROM {table} WHERE referral_id = ?", (referral_id,))
                 }
             )
