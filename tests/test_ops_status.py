@@ -129,6 +129,16 @@ def test_status_reports_the_lag_and_dead_letters_the_test_created(broker: Settin
     code, calm = status_json(broker, kafka_bootstrap, "--max-lag-age", "3600", "--dead-letter-hours", "0")
     assert (code, calm["verdict"], calm["reasons"]) == (0, "healthy", [])
     assert calm["dead_letters"]["depth"] == 1 and calm["dead_letters"]["recent"] == 0
+    # --watch prints one JSON document a line per refresh; --count ends it
+    watched = cli(
+        broker, kafka_bootstrap, "status", "--json", "--watch", "0.2", "--count", "2", "--interval", "0",
+        "--max-lag-age", "3600", "--dead-letter-hours", "0",
+    )
+    lines = watched.stdout.strip().splitlines()
+    assert watched.exit_code == 0 and len(lines) == 2
+    assert [json.loads(line)["verdict"] for line in lines] == ["healthy", "healthy"]
+    lags = [[(g["group"], g["topic"], g["lag"]) for g in json.loads(line)["groups"]] for line in lines]
+    assert lags == [[(g["group"], g["topic"], g["lag"]) for g in calm["groups"]]] * 2
 
     # the human view says the same
     human = cli(broker, kafka_bootstrap, "status", "--interval", "0", "--max-lag-age", "2")
