@@ -8,7 +8,7 @@ import hmac
 import html
 import json
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,7 @@ def subject_history(
     key: str | None = None,
     case: str | None = None,
     records: Iterable[Record] | None = None,
+    verify: Callable[[Record], dict[str, bytes]] | None = None,
 ) -> dict[str, Any]:
     """Every audit event about one subject: the decisions whose subject keys hold ``key`` (or
     the referral ``case``), and every later event about those referrals (statuses relayed,
@@ -210,14 +211,17 @@ def subject_history(
     One pass over the audit topic: every record about a referral is keyed by its referral id,
     so it sits in the same partition after the decision that names the subject. Records are
     pre-filtered on the raw bytes (the hex key is in a decision's Avro value as written)
-    before anything is decoded."""
+    before anything is decoded. With ``verify`` (the CLI passes the hub's), a candidate whose
+    signature fails, or whose signer may not write that kind (decisions and retention: the hub;
+    inbox events: the team they name), is left out and counted as ``refused``."""
     from referral_broker.audit_chain import CHECKPOINT_KIND, read_topic
+    from referral_broker.parties import HUB
 
     schema = audit_decision_schema()
     needle = key.encode() if key else None
     referrals: set[str] = {case} if case else set()
     events: list[dict[str, Any]] = []
-    scanned = 0
+    scanned = refused = 0
     for record in records if records is not None else read_topic(settings, bootstrap, "audit"):
         scanned += 1
         if record.value is None:
@@ -230,6 +234,9 @@ def subject_history(
             continue
         event: dict[str, Any] | None
         try:
+            signer = verify(record).get("rb-sender", b"").decode() if verify is not None else None
+            if verify is not None and kind != "inbox.access" and signer != HUB:
+                raise ValueError("not signed by the hub")
             if kind == "audit.decision":
                 d = codec.decode(record.value, schema)
                 if rid not in referrals and key not in (d.get("subject_keys") or []):
@@ -238,7 +245,10 @@ def subject_history(
                 event = _decision_event(d)
             else:
                 event = _json_event(kind, json.loads(record.value))
+            if verify is not None and kind == "inbox.access" and event is not None and signer != event.get("team"):
+                raise ValueError("an inbox event not signed by the team it names")
         except (ReferralBrokerError, ValueError, KeyError, TypeError):
+            refused += 1 if verify is not None else 0
             continue
         if event is not None and event.get("referral_id") in referrals:
             events.append(event | {"partition": record.partition, "offset": record.offset})
@@ -248,6 +258,7 @@ def subject_history(
         "events": events,
         "count": len(events),
         "scanned": scanned,
+        "refused": refused,
     }
 
 

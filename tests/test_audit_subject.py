@@ -164,6 +164,21 @@ def test_no_identifier_is_stored_in_clear_and_the_key_needs_the_hubs_secret(
     assert all(want in d["subject_keys"] for d in decided if "status-to-referrer" not in (d["purpose"] or ""))
     secret_file = county.keys_dir / "council" / "subject-hmac.key"
     assert secret_file.stat().st_mode & 0o077 == 0
+    # a decision naming the child, signed by a partner rather than the hub, is left out and counted
+    before = subject(county, kafka_bootstrap, "--nhs-number", ids["nhs_number"])
+    real = next(r for r in records if dict(r.headers).get("rb-kind") == b"audit.decision" and want.encode() in (r.value or b""))
+    school = KeyStore.open(county.keys_dir, SCHOOL)
+    from referral_broker.cluster.topics import topic_name
+
+    forged = sign_plain(school, topic=topic_name(county, "audit"), key=real.key or b"", value=real.value or b"", kind="audit.decision")
+    producer = build_producer(county, kafka_bootstrap)
+    try:
+        forged.send(producer)
+        producer.flush()
+    finally:
+        producer.close()
+    after = subject(county, kafka_bootstrap, "--nhs-number", ids["nhs_number"])
+    assert after["events"] == before["events"] and (before["refused"], after["refused"]) == (0, 1)
 
 
 def test_html_document_has_a_timeline_and_no_identifier(

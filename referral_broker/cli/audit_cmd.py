@@ -99,7 +99,14 @@ def subject(
             raise ContractError("the case id given is not a referral id (a UUID; not shown)") from None
     else:
         key = query_subject_key(hub_subject_secret(obj.settings), kind, value)
-    report = subject_history(obj.settings, obj.bootstrap(), key=key, case=value if kind == "case" else None)
+    from referral_broker.identity import load_identity
+    from referral_broker.parties import HUB
+
+    bootstrap = obj.bootstrap()
+    hub = load_identity(obj.settings, bootstrap, HUB)  # each event's signature is checked
+    report = subject_history(
+        obj.settings, bootstrap, key=key, case=value if kind == "case" else None, verify=hub.opener.verify
+    )
     report = {"query": kind, **report}
     if html_out is not None:
         html_out.write_text(history_html(report), "utf-8")
@@ -118,5 +125,7 @@ def subject(
             )
         )
         click.echo(f"\n{r['count']} event(s) about {len(r['referrals'])} referral(s); {r['scanned']} records read.")
+        if r["refused"]:
+            click.echo(f"{r['refused']} record(s) left out: not validly signed by their writer (run 'audit verify').")
 
     emit(report, as_json, human)
