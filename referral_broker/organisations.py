@@ -69,7 +69,6 @@ PARTNER_FORMATS = ("schools", "health", "dwp", "police", "charities")
 
 _ODS = re.compile(r"^(?:[A-Z][0-9]{5}|(?=[A-Z0-9]*[A-Z])(?:[A-Z0-9]{3}|[A-Z0-9]{5}))$")
 _FORCE = re.compile(r"^(?!00)[0-9]{2}$")
-_CHARITY = re.compile(r"^[0-9]{6,8}(?:-[0-9]{1,3})?$")
 _RESEARCH = re.compile(r"^[a-z][a-z0-9-]{1,30}$")
 _NAME_MAX = 120
 # Party names that are not organisations: the hub, and the partner kinds parties.toml used to
@@ -210,7 +209,7 @@ def normalise_identifier(kind: OrgKind, text: str) -> str:
         ok = value == "dwp"
     elif kind is OrgKind.CHARITY:
         value = raw
-        ok = bool(_CHARITY.match(value))
+        ok = _charity_number(value)
     elif kind is OrgKind.DISTRICT_TEAM:
         value = raw.lower().replace("_", "-")
         ok = value.replace("-", "_") in districts()
@@ -220,6 +219,11 @@ def normalise_identifier(kind: OrgKind, text: str) -> str:
     if not ok:
         raise RegistryError(f"malformed {kind.value} identifier {shown!r}: expected {rules.identifier}")
     return value
+
+
+def _charity_number(text: str) -> bool:
+    """The contract's own rule for a registered charity number (one rule, not two copies)."""
+    return STRING_RULES["service_providers.provider"](text) is None
 
 
 def _reserved(name: str) -> bool:
@@ -583,7 +587,7 @@ class Registry:
             return Unresolved(f"no charity named as provider of {service_label(service)}")
         text = str(named_provider).strip()
         try:
-            kind, identifier = parse_ref(text) if not _CHARITY.match(text) else (OrgKind.CHARITY, text)
+            kind, identifier = parse_ref(text) if not _charity_number(text) else (OrgKind.CHARITY, text)
         except RegistryError:
             return Unresolved("named provider malformed")
         if kind is not OrgKind.CHARITY:
