@@ -22,6 +22,7 @@ _WORDS = {
     "upn": "UPN",
     "urn": "URN",
     "gp": "GP",
+    "ods": "ODS",
     "send": "SEND",
     "ehc": "EHC",
     "eyfs": "EYFS",
