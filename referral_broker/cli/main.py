@@ -41,6 +41,8 @@ COMMANDS: dict[str, str] = {
     "acl": "referral_broker.cli.acl_cmd:acl",
     "status": "referral_broker.cli.status_cmd:status",
     "tail": "referral_broker.cli.tail_cmd:tail",
+    "export": "referral_broker.cli.export_cmd:export",
+    "objections": "referral_broker.cli.objections_cmd:objections",
 }
 
 
