@@ -34,7 +34,7 @@ import re
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -152,11 +152,11 @@ def query_keys(
 def add(
     settings: Settings,
     bootstrap: str | None,
+    identifiers: Mapping[str, str | None],
     *,
     source: str = "cli",
     recorded_by: str | None = None,
     now: float | None = None,
-    **identifiers: str | None,
 ) -> Objection:
     """Record an objection for the child named by ``identifiers`` (see :func:`query_keys`),
     in the hub's data folder; audited (its id, kinds and source) when ``bootstrap`` is given."""
@@ -165,6 +165,9 @@ def add(
     if source not in SOURCES:
         raise ContractError(f"objection source must be one of {', '.join(SOURCES)}")
     now = time.time() if now is None else now
+    allowed = {"nhs_number", "upn", "ni_number", "given_name", "family_name", "date_of_birth"}
+    if set(identifiers) - allowed:
+        raise ContractError(f"an objection names a child by {', '.join(sorted(allowed))} only")
     keys, kinds = query_keys(hub_subject_secret(settings), **identifiers)
     objection = Objection(
         objection_id=str(uuid.uuid4()),

@@ -144,6 +144,22 @@ def test_export_splits_leaves_out_the_objector_and_opens_only_for_the_research_r
     for party in (OTHER, HUB):
         with pytest.raises(ReferralBrokerError):
             research_export.open_identifiers(county, kafka_bootstrap, ident_path, party=party)
+    opened = cli(county, kafka_bootstrap, "export", "open-identifiers", str(ident_path), "--as", RESEARCH,
+                 "--out", str(tmp_path / "opened.jsonl"), "--json")  # fmt: skip
+    assert opened.exit_code == 0 and json.loads(opened.stdout)["rows"] == 2, opened.output
+    assert {json.loads(x)["link_key"] for x in (tmp_path / "opened.jsonl").read_text().splitlines()} == {
+        p["link_key"] for p in people
+    }
+    stolen = cli(county, kafka_bootstrap, "export", "open-identifiers", str(ident_path), "--as", OTHER,
+                 "--out", str(tmp_path / "stolen.jsonl"))  # fmt: skip
+    assert isinstance(stolen.exception, ReferralBrokerError) and not (tmp_path / "stolen.jsonl").exists()
+    # An edited line (its clear link key changed to another row's) no longer opens at all.
+    lines = ident_path.read_text().splitlines()
+    edited = json.loads(lines[0])
+    edited["key"] = json.loads(lines[1])["key"]
+    (tmp_path / "edited.jsonl").write_text(json.dumps(edited) + "\n")
+    with pytest.raises(ReferralBrokerError):
+        research_export.open_identifiers(county, kafka_bootstrap, tmp_path / "edited.jsonl", party=RESEARCH)
     raw_ident = ident_path.read_text()
     for r in records:
         assert r["child"]["given_name"] not in raw_ident and r["child"]["address"]["postcode"] not in raw_ident
@@ -191,7 +207,10 @@ def test_export_splits_leaves_out_the_objector_and_opens_only_for_the_research_r
 def test_an_empty_period_gives_empty_parts_counted(county: Settings, kafka_bootstrap: str, tmp_path: Path) -> None:
     route(county, kafka_bootstrap, referrals()[:1])
     out = tmp_path / "empty"
-    manifest = research_export.export(county, kafka_bootstrap, period="2025-Q1", out=out)
+    shown = cli(county, kafka_bootstrap, "export", "research", "--period", "2025-Q1", "--out", str(out))
+    assert shown.exit_code == 0, shown.output
+    assert "families exported: 0; objectors left out: 0" in shown.output
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["families_exported"] == 0 and manifest["counts"]["objectors_left_out"] == 0
     assert manifest["counts"]["archive_records_read"] == 1 and manifest["suppressed_cells"] == []
     assert (out / "identifiers.sealed.jsonl").read_text() == ""

@@ -51,3 +51,35 @@ def research(obj: CliContext, period: str, out: Path, recipient: str, as_json: b
     shown = research_export.printable(manifest)
     shown["files_dir"] = str(out)
     emit(shown, as_json, _show)
+
+
+@export.command("open-identifiers")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--as", "party", required=True, help="The research recipient whose private key opens the part.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="A new file: JSON lines, 0600.")
+@json_option
+@pass_cli
+def open_identifiers(obj: CliContext, path: Path, party: str, out: Path, as_json: bool) -> None:
+    """Open an identifiers part on the research recipient's machine (with its key store).
+
+    Every line must verify (signed by the hub) and open with PARTY's key, or nothing is
+    written. The identifiers go to OUT only; the command prints how many rows.
+    """
+    import json
+    import os
+
+    from referral_broker import research_export
+    from referral_broker.errors import ConfigError
+
+    if out.exists():
+        raise ConfigError(f"{out} exists: opening never overwrites a file")
+    rows = research_export.open_identifiers(obj.settings, obj.bootstrap(), path, party=party)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str, sort_keys=True) + "\n")
+    emit(
+        {"opened_as": party, "rows": len(rows), "out": str(out)},
+        as_json,
+        lambda d: click.echo(f"{d['rows']} rows opened as {d['opened_as']} into {d['out']}."),
+    )

@@ -27,14 +27,31 @@ def objections() -> None:
 @click.option("--date-of-birth", default=None, help="YYYY-MM-DD.")
 @json_option
 @pass_cli
-def add(obj: CliContext, as_json: bool, **identifiers: str | None) -> None:
+def add(
+    obj: CliContext,
+    nhs_number: str | None,
+    upn: str | None,
+    ni_number: str | None,
+    given_name: str | None,
+    family_name: str | None,
+    date_of_birth: str | None,
+    as_json: bool,
+) -> None:
     """Record that a child's family objects to the research export (audited by id only).
 
     Give every identifier you hold (each is matched on its own), or name and date of birth.
     """
     from referral_broker import objections as lib
 
-    done = lib.add(obj.settings, obj.bootstrap(), **identifiers)
+    identifiers = {
+        "nhs_number": nhs_number,
+        "upn": upn,
+        "ni_number": ni_number,
+        "given_name": given_name,
+        "family_name": family_name,
+        "date_of_birth": date_of_birth,
+    }
+    done = lib.add(obj.settings, obj.bootstrap(), identifiers)
     emit(
         done.as_dict(),
         as_json,
