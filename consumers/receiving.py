@@ -91,7 +91,12 @@ KINDS = ("referral", "status")
 
 
 def _text(headers: Mapping[str, bytes], name: str) -> str:
-    return headers.get(name, b"").decode("ascii", "replace")
+    """A signed id-like header (sender, recipient, kind), for comparing and for a refusal's
+    reason: anything but short printable ASCII reads as "(malformed)", so a sender cannot put
+    its own text (or control characters) into reasons, logs or dead letters (found by fuzzing)."""
+    raw = headers.get(name, b"")
+    text = raw.decode("ascii", "replace")
+    return text if len(raw) <= 128 and text.isascii() and text.isprintable() else "(malformed)"
 
 
 def verify_arrival(

@@ -332,7 +332,7 @@ def verify_signed(
         by_name[name] = val if val is not None else b""
     fmt = by_name.get(H_FORMAT)
     if fmt not in FORMATS:
-        shown = fmt.decode("ascii", "replace")[:10] if fmt is not None else "none"
+        shown = _shown(fmt.decode("ascii", "replace")[:10]) if fmt is not None else "none"
         raise TamperedError(
             f"unknown message format version {shown} (expected {MESSAGE_FORMAT.decode()}, "
             f"or {LEGACY_MESSAGE_FORMAT.decode()} for older messages)"
