@@ -368,7 +368,9 @@ def router_outcome(world: Pipeline, router: Router, record: Record) -> str:
         [letter] = outputs
         stage = (header(letter, H_STAGE) or b"").decode()
         assert stage in ROUTER_STAGES, f"unexpected error in the router (stage {stage}): {header(letter, H_REASON)!r}"
-        assert (header(letter, H_REASON) or b"").strip(), "a dead letter without a reason"
+        reason = (header(letter, H_REASON) or b"").decode()
+        assert reason.strip(), "a dead letter without a reason"
+        assert reason.isprintable() and len(reason) <= 2000, "a reason quoting what it refused"
         assert letter.value == (record.value or b"") and letter.key == (record.key or b"")
         return f"dead:{stage}"
     assert any(m.topic == topic_name(world.settings, "archive") for m in outputs)
@@ -379,6 +381,7 @@ def refusal_outcome(item: Received | Refused) -> str:
     if isinstance(item, Received):
         return "received"
     assert item.reason.strip(), "a refusal without a reason"
+    assert item.reason.isprintable() and len(item.reason) <= 2000, "a reason quoting what it refused"
     assert not item.reason.startswith("malformed message ("), f"unexpected error in receive: {item.reason}"
     return "refused:" + item.reason.split(":", 1)[0]
 
@@ -496,6 +499,7 @@ def test_ingest_dead_letters_every_mutated_delivery_with_a_reason(
     # every dead letter reached the dead-letter topic, with the ingest stage
     letters = [r for r in read_all(world.settings, topic_name(world.settings, "dlq")) if header(r, H_STAGE) == DLQ_STAGE.encode()]
     assert len(letters) == counts["dead_lettered"] > INGEST_CASES // 2
+    assert all((header(r, H_REASON) or b"").decode().isprintable() for r in letters)
     table_row(
         request.node.name, "fuzz: inbox ingest, in-process", sent=INGEST_CASES,
         delivered=counts["new"] + counts["updated"], refused=counts["dead_lettered"], lost=0,
