@@ -105,9 +105,10 @@ def _rid(record: Record) -> str:
 
 
 class County:
-    """Three cases through the real router and the council's inbox: X and Y referred by a
-    school to the team (the team declines both, with words), Z referred by the team to a
-    charity, which answers with words (relayed to the team under Z's case key)."""
+    """Four cases through the real router and the council's inbox: X and Y referred by a
+    school to the team (the team declines both, with words), W referred by the school and
+    routed to the team but not yet stored by its inbox, Z referred by the team to a charity,
+    which answers with words (relayed to the team under Z's case key)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -115,16 +116,17 @@ class County:
         self.store = make_store(settings)
         self.fmt = self.pipeline.format([TEAM])
         p = self.pipeline
-        x, y = p.referral(TEAM, 11), p.referral(TEAM, 12)
+        x, y, w = p.referral(TEAM, 11), p.referral(TEAM, 12), p.referral(TEAM, 13)
         z = p.referral(TEAM, 0, partner=TEAM)
         z["referrer"]["partner"] = "district_team"  # seed 0: financial, so the charity provides
-        self.x, self.y, self.z = (str(r["referral_id"]) for r in (x, y, z))
-        p.send_referrals([x, y])
+        self.x, self.y, self.z, self.w = (str(r["referral_id"]) for r in (x, y, z, w))
+        p.send_referrals([x, y, w])
         p.send_referrals([z], partner=TEAM)
-        assert p.route(routed=3)[0] == 3
+        assert p.route(routed=4)[0] == 4
         self.out_topic = topic_name(settings, "out", TEAM)
-        for record in read_topic(settings, self.out_topic, expect=2):
-            assert self.store.ingest(TEAM, self.fmt.summarise(record, TEAM), record).outcome == "new"
+        for record in read_topic(settings, self.out_topic, expect=3):
+            if _rid(record) != self.w:  # W is routed to the team but not in its inbox yet
+                assert self.store.ingest(TEAM, self.fmt.summarise(record, TEAM), record).outcome == "new"
         _decline(self.store, self.fmt, self.x, DECLINE_WORDS)
         _decline(self.store, self.fmt, self.y, KEPT_WORDS)
         self.outbox = {e.referral_id: e.status_record for e in self.store.pending_status(TEAM)}
@@ -160,7 +162,7 @@ def test_after_shred_nothing_of_the_case_that_the_council_holds_opens(county: Co
     s, store = county.settings, county.store
     archive = county.topic("archive")
     team_copies = county.topic("out", TEAM)
-    assert {_rid(r) for r in archive} == {county.x, county.y, county.z}
+    assert {_rid(r) for r in archive} == {county.x, county.y, county.z, county.w}
     assert all(_case(r) == _rid(r) for r in archive + team_copies)  # every council copy is case-keyed
     # before: the team holds X's referral and the charity's answer about Z, and both open
     relayed = [r for r in team_copies if dict(r.headers)["rb-kind"] == b"status"]
@@ -185,16 +187,21 @@ def test_after_shred_nothing_of_the_case_that_the_council_holds_opens(county: Co
             with pytest.raises(ShreddedError, match=f"case {_rid(record)} was shredded at"):
                 county.hub_opens(record)
         else:
-            assert county.hub_opens(record).referral_id == county.y
+            assert county.hub_opens(record).referral_id in (county.y, county.w)
     for record in county.topic("out", TEAM):
         if _rid(record) in (county.x, county.z):
             with pytest.raises(ShreddedError):
                 county.team_opens(record)
         else:
-            assert county.team_opens(record).referral_id == county.y
+            assert county.team_opens(record).referral_id in (county.y, county.w)
 
     # the inbox: a tombstone (shredded, when, by whom), X not listed, nothing of X opens or remains
-    assert done["inbox"] == {"database": str(s.inbox_db_path), "present": True, "teams": [TEAM]}
+    assert done["inbox"] == {
+        "database": str(s.inbox_db_path),
+        "present": True,
+        "teams": [TEAM],
+        "ledger_problem": None,
+    }
     tomb = store.tombstone(TEAM, county.x)
     assert tomb is not None and tomb.shredded_by == done["shredded_by"] and tomb.shredded_by
     assert before - timedelta(seconds=1) <= tomb.shredded_at <= datetime.now(UTC)
@@ -226,6 +233,17 @@ def test_after_shred_nothing_of_the_case_that_the_council_holds_opens(county: Co
     late = store.ingest(TEAM, county.fmt.summarise(x_copy, TEAM), x_copy)
     assert (late.outcome, late.copy) == ("duplicate", SHREDDED)
     assert store.get_referral(TEAM, county.x) is None and store.record_count(TEAM) == 1
+
+    # W was sent to the team but its inbox had not stored it: the router's delivery ledger says
+    # who was sent it, so the team gets a tombstone and W's copy is never stored
+    result = _cli(s, "retention", "shred", "--case", county.w, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["inbox"]["teams"] == [TEAM]
+    w_copy = next(r for r in county.topic("out", TEAM) if _rid(r) == county.w)
+    late = store.ingest(TEAM, county.fmt.summarise(w_copy, TEAM), w_copy)
+    assert (late.outcome, late.copy) == ("duplicate", SHREDDED)
+    assert [t.referral_id for t in store.tombstones(TEAM)] == [county.x, county.w]
+    assert store.get_referral(TEAM, county.w) is None and store.record_count(TEAM) == 1
 
 
 def test_shred_names_until_when_the_unkeyable_copies_stay_readable(county: County) -> None:

@@ -703,27 +703,36 @@ class ReferralTables(StoreDatabase):
     # --- shredding ---------------------------------------------------------------------------
 
     def shred_case(
-        self, referral_id: str, *, at: datetime, by: str, case_key_id: str | None = None
+        self,
+        referral_id: str,
+        *,
+        at: datetime,
+        by: str,
+        case_key_id: str | None = None,
+        also_for: Sequence[str] = (),
     ) -> list[str]:
         """The case ``referral_id`` was shredded (``retention shred``): in one transaction, for
         every team holding it, delete its records, its list row, its events (their sealed texts
         and the status messages in the outbox, sealed for the hub: a decline's words) and its
         decisions, and keep a tombstone (when, by whom, the destroyed case key's id). Returns
         the teams that hold its tombstone; shredding again changes nothing (the first tombstone
-        stays).
+        stays). ``also_for`` names teams the case was sent to that may not have stored it yet:
+        they get a tombstone too, so a copy arriving later is not stored.
 
         Deleted content is overwritten in the file (``secure_delete``) and the write-ahead log
         is checkpointed and truncated, so no old page of the case is left behind in either."""
         with self._lock:
             self._db.execute("PRAGMA secure_delete = ON")
             try:
-                teams = self._shred_rows(referral_id, at=at, by=by, case_key_id=case_key_id)
+                teams = self._shred_rows(referral_id, at=at, by=by, case_key_id=case_key_id, also_for=also_for)
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self._db.execute("PRAGMA secure_delete = OFF")
         return teams
 
-    def _shred_rows(self, referral_id: str, *, at: datetime, by: str, case_key_id: str | None) -> list[str]:
+    def _shred_rows(
+        self, referral_id: str, *, at: datetime, by: str, case_key_id: str | None, also_for: Sequence[str]
+    ) -> list[str]:
         with self._write() as db:
             teams = sorted(
                 {
@@ -731,6 +740,7 @@ class ReferralTables(StoreDatabase):
                     for table in ("referrals", "records", "events", "decisions", "shredded")
                     for r in db.execute(f"SELECT DISTINCT team FROM {table} WHERE referral_id = ?", (referral_id,))
                 }
+                | set(also_for)
             )
             for table in ("records", "referrals", "events", "decisions"):
                 db.execute(f"DELETE FROM {table} WHERE referral_id = ?", (referral_id,))

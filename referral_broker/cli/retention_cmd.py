@@ -8,6 +8,7 @@ import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
 from referral_broker.config import Settings
+from referral_broker.errors import ReferralBrokerError
 from referral_broker.sealing import retention as retention_lib
 
 
@@ -26,24 +27,48 @@ def _duration(ms: int) -> str:
     return f"{hours / 24:g} days" if hours >= 24 and hours % 24 == 0 else f"{hours:g} h"
 
 
-def _shred_inbox(settings: Settings, data: dict[str, Any]) -> dict[str, Any]:
+def _teams_sent(settings: Settings, bootstrap: str, case_id: str) -> tuple[list[str], str | None]:
+    """The district teams the router delivered the case to (its delivery ledger), whether or
+    not their inbox has stored it yet; and why the ledger could not be read, if it could not."""
+    from referral_broker.consumers.delivery_ledger import DeliveryLedger
+    from referral_broker.identity import load_identity
+    from referral_broker.parties import HUB, all_parties
+
+    try:
+        ledger = DeliveryLedger(settings, bootstrap, load_identity(settings, bootstrap, HUB))
+        try:
+            ledger.catch_up()
+            found = ledger.lookup(case_id)
+        finally:
+            ledger.close()
+    except ReferralBrokerError as exc:
+        return [], f"{type(exc).__name__}: {exc}"
+    parties = all_parties()
+    sent = {r for recipients in (found.versions.values() if found else ()) for r in recipients}
+    return sorted(r for r in sent if r in parties and parties[r].kind == "district_team"), None
+
+
+def _shred_inbox(settings: Settings, bootstrap: str, data: dict[str, Any]) -> dict[str, Any]:
     """The inbox database on this machine (if there is one): the case's rows, events and texts
-    deleted, a tombstone kept per team that held it (shredded, when, by whom)."""
+    deleted, a tombstone kept per team that held it or was sent it (shredded, when, by whom),
+    so a copy that reaches the inbox later is not stored."""
     from datetime import datetime
 
     from referral_broker.consumers.inbox.store import InboxStore
 
     path = settings.inbox_db_path
     if not path.exists():
-        return {"database": str(path), "present": False, "teams": []}
+        return {"database": str(path), "present": False, "teams": [], "ledger_problem": None}
+    sent, problem = _teams_sent(settings, bootstrap, data["case_id"])
     with InboxStore(path) as store:
         teams = store.shred_case(
             data["case_id"],
             at=datetime.fromisoformat(data["shredded_at"]),
             by=data["shredded_by"],
             case_key_id=data["case_key_id"],
+            also_for=sent,
         )
-    return {"database": str(path), "present": True, "teams": teams}
+    return {"database": str(path), "present": True, "teams": teams, "ledger_problem": problem}
 
 
 def _show_shred(d: dict[str, Any]) -> None:
@@ -61,6 +86,11 @@ def _show_shred(d: dict[str, Any]) -> None:
         )
     else:
         click.echo("Inbox: held no copy of the case.")
+    if inbox.get("ledger_problem"):
+        click.echo(
+            "Inbox: the delivery ledger could not be read, so only teams already holding the case have a "
+            f"tombstone ({inbox['ledger_problem']}); run the shred again once Kafka answers."
+        )
     click.echo("Copies sealed for the hub by their senders cannot be re-keyed; the hub's key opens them until:")
     for w in d["readable_until"]:
         until = w["readable_until"] or "never deleted (topic retention is unlimited: fix the drift)"
@@ -84,7 +114,7 @@ def shred(obj: CliContext, case_id: str, as_json: bool) -> None:
     re-key (intake, statuses, dead letters) stay readable.
     """
     data = retention_lib.shred(obj.settings, obj.bootstrap(), case_id)
-    data["inbox"] = _shred_inbox(obj.settings, data)
+    data["inbox"] = _shred_inbox(obj.settings, obj.bootstrap(), data)
     emit(data, as_json, _show_shred)
 
 
