@@ -47,6 +47,7 @@ def research(obj: CliContext, period: str, out: Path, recipient: str, as_json: b
     """
     from referral_broker import research_export
 
+    research_export.parse_period(period)  # bad input is refused before any cluster is reached
     manifest = research_export.export(obj.settings, obj.bootstrap(), period=period, out=out, recipient=recipient)
     shown = research_export.printable(manifest)
     shown["files_dir"] = str(out)

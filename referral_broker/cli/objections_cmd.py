@@ -51,6 +51,7 @@ def add(
         "family_name": family_name,
         "date_of_birth": date_of_birth,
     }
+    lib.query_keys(bytes(32), **identifiers)  # refuse bad input before any cluster is reached
     done = lib.add(obj.settings, obj.bootstrap(), identifiers)
     emit(
         done.as_dict(),
