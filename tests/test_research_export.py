@@ -221,6 +221,31 @@ def test_an_empty_period_gives_empty_parts_counted(county: Settings, kafka_boots
     assert event["counts"]["families_exported"] == 0 and event["period"] == "2025-Q1"
 
 
+def test_an_objection_by_name_and_a_shredded_case_are_left_out(
+    county: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from referral_broker.sealing.retention import shred
+
+    objector, shredded = referrals()[:2]
+    route(county, kafka_bootstrap, [objector, shredded])
+    child = objector["child"]
+    named = {  # as a worker might type it: other case, extra spaces
+        "given_name": f"  {child['given_name'].upper()} ",
+        "family_name": child["family_name"].lower(),
+        "date_of_birth": child["date_of_birth"].isoformat(),
+    }
+    from referral_broker import objections
+
+    recorded = objections.add(county, kafka_bootstrap, named)
+    assert recorded.kinds == ("name_dob",)
+    shred(county, kafka_bootstrap, str(shredded["referral_id"]))
+    manifest = research_export.export(county, kafka_bootstrap, period="2026-Q3", out=tmp_path / "q3")
+    assert manifest["counts"]["archive_records_read"] == 2
+    assert manifest["counts"]["archive_records_unreadable"] == 1  # its case key is gone: never exported
+    assert manifest["counts"]["objectors_left_out"] == 1 and manifest["counts"]["families_exported"] == 0
+    assert (tmp_path / "q3" / "identifiers.sealed.jsonl").read_text() == ""
+
+
 def refused(result: Any, kind: type[Exception], *needles: str) -> str:
     """The error a command raised (main() prints it as one line with its exit code)."""
     assert isinstance(result.exception, kind), result.output
