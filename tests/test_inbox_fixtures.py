@@ -124,7 +124,12 @@ class Pipeline:
             kind="referral",
         )
         out = topic_name(self.settings, "out", team)
-        return next(m for m in self.router().process(as_record(intake)) if m.topic == out)
+        outputs = self.router().process(as_record(intake))
+        # the router's delivery ledger goes to Kafka as routing would write it: a status
+        # answering this referral is checked against it
+        ledger = topic_name(self.settings, "deliveries")
+        self.produce(*[m for m in outputs if m.topic == ledger])
+        return next(m for m in outputs if m.topic == out)
 
     def send_referrals(self, records: Iterable[dict[str, Any]], *, partner: str = REFERRER) -> None:
         """As the partner's adapter does: validated, sealed for the hub, signed, on its intake topic."""
