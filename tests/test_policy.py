@@ -11,7 +11,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-
 from county import CHARITY, DWP, GP, HEALTH_VISITING, OTHER_SCHOOL, POLICE, SCHOOL, SCHOOL_NURSING
 
 from referral_broker.errors import ConfigError, PolicyError
