@@ -233,9 +233,12 @@ def build_consumer(
     *,
     group_id: str | None,
     on_revoked: Callable[[list[TopicPartition]], None] | None = None,
+    pattern: str | None = None,
     **overrides: Any,
 ) -> KafkaConsumer:
-    """A consumer that never auto-commits and reads only committed transactional data."""
+    """A consumer that never auto-commits and reads only committed transactional data.
+    With ``pattern`` (a group member only) it subscribes to every topic matching it, now and
+    as topics are created (picked up at the next metadata refresh)."""
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "client_id": settings.kafka_client_id,
@@ -262,6 +265,8 @@ def build_consumer(
                 TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
             ]
             consumer.assign(partitions)
+        elif pattern is not None:
+            consumer.subscribe(pattern=pattern, listener=_LoggingRebalanceListener(group_id, on_revoked))
         else:
             consumer.subscribe(topics, listener=_LoggingRebalanceListener(group_id, on_revoked))
     except KafkaError as exc:
