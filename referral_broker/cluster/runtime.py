@@ -27,8 +27,10 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from referral_broker.cluster import security as sec
 from referral_broker.config import Settings
@@ -647,3 +649,449 @@ def ensure_broker(settings: Settings) -> str:
     admin = sec.admin_with(settings, bootstrap, sec.client_security(settings, bootstrap))
     admin.close()
     return bootstrap
+
+
+# -- a local cluster of several nodes -------------------------------------------------------------
+
+CLUSTER_HEAP = "384m"  # three JVMs on a small shared machine: each gets a small heap
+
+
+def cluster_ports(base_port: int, node: int) -> tuple[int, int]:
+    """(client listener, controller listener) of node ``node`` (1-based) of a local cluster
+    whose first node listens on ``base_port``: two consecutive ports per node."""
+    return base_port + 2 * (node - 1), base_port + 2 * (node - 1) + 1
+
+
+def cluster_node_properties(
+    *,
+    node: int,
+    nodes: int,
+    base_port: int,
+    data_dir: str,
+    host: str = "127.0.0.1",
+    hosts: list[str] | None = None,
+    keystore: Path | None = None,
+    ca: Path | None = None,
+    broker_password: str | None = None,
+) -> dict[str, str]:
+    """server.properties of node ``node`` of an ``nodes``-node KRaft cluster, every node a
+    combined broker + controller with a static voter set, secured as the single node is
+    (same listeners, mTLS controller, deny-by-default ACLs), with the production durability:
+    internal topics replicated ``min(3, nodes)`` times, ``min.insync.replicas`` 2, no unclean
+    election, and leaders moved back to their preferred node within seconds of its return.
+    ``hosts`` names each node (default: all on ``host``, ports from :func:`cluster_ports`)."""
+    hosts = hosts or [host] * nodes
+    port, ctrl = cluster_ports(base_port, node)
+    voters = ",".join(f"{i}@{hosts[i - 1]}:{cluster_ports(base_port, i)[1]}" for i in range(1, nodes + 1))
+    listen_host = "" if hosts[node - 1] != "127.0.0.1" else "127.0.0.1"
+    props = broker_properties(
+        listen=f"{listen_host}:{port}",
+        advertised=f"{hosts[node - 1]}:{port}",
+        controller=f"{hosts[node - 1]}:{ctrl}",
+        data_dir=data_dir,
+        keystore=keystore,
+        ca=ca,
+        broker_password=broker_password,
+    )
+    props.pop("controller.quorum.bootstrap.servers")
+    rf = str(min(3, nodes))
+    isr = str(min(2, nodes))
+    return props | {
+        "node.id": str(node),
+        "controller.quorum.voters": voters,
+        "default.replication.factor": rf,
+        "min.insync.replicas": isr,
+        "offsets.topic.replication.factor": rf,
+        "transaction.state.log.replication.factor": rf,
+        "transaction.state.log.min.isr": isr,
+        "share.coordinator.state.topic.replication.factor": rf,
+        "share.coordinator.state.topic.min.isr": isr,
+        "unclean.leader.election.enable": "false",
+        "auto.leader.rebalance.enable": "true",
+        "leader.imbalance.check.interval.seconds": "5",
+        "leader.imbalance.per.broker.percentage": "0",
+    }
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node: int
+    roles: str
+    bootstrap: str
+    controller: str
+    running: bool
+    pid: int | None
+    answering: bool
+    leaders: int | None = None  # partitions this node leads (when the cluster answers)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    bootstrap: str
+    nodes: list[NodeStatus]
+    answering: bool
+    brokers: list[int]  # node ids the cluster's metadata lists as live brokers
+    topics: int | None
+    data_dir: str
+    version: str
+    security: str
+    managed: bool = True
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class LocalCluster:
+    """``nodes`` KRaft nodes on loopback from the same jars, each a combined broker and
+    controller (static quorum of every node), node ``i`` on the ports
+    :func:`cluster_ports` gives from ``settings.local_port``. One CA, one broker keystore and
+    one pair of SCRAM credentials for the whole cluster; the administrator's client file is
+    registered for every node's port, so any node's address (or the list) finds it."""
+
+    def __init__(self, settings: Settings, nodes: int | None = None) -> None:
+        self.settings = settings
+        self.base_port = settings.local_port
+        self.dir = settings.paths_cache_dir / "local-cluster" / str(self.base_port)
+        self.security_dir = self.dir / "security"
+        self.client_file = self.dir / sec.CLIENT_FILE
+        self.version = settings.local_kafka_version
+        self.heap = CLUSTER_HEAP
+        self._single = LocalBroker(settings)  # the jars, Java, and the process helpers
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        found = self._recorded_nodes()
+        self.nodes = nodes or found or 3
+        if nodes and found and nodes != found:
+            raise BrokerError(
+                f"the local cluster at {self.dir} was created with {found} nodes; "
+                "stop it and start with --fresh to change that"
+            )
+        self.bootstrap = ",".join(f"127.0.0.1:{self.port(i)}" for i in self.node_ids)
+
+    # -- layout ------------------------------------------------------------------------------
+    @property
+    def node_ids(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+    def port(self, node: int) -> int:
+        return cluster_ports(self.base_port, node)[0]
+
+    def controller_port(self, node: int) -> int:
+        return cluster_ports(self.base_port, node)[1]
+
+    def node_dir(self, node: int) -> Path:
+        return self.dir / f"node-{node}"
+
+    def _pid_file(self, node: int) -> Path:
+        return self.node_dir(node) / "broker.pid"
+
+    def _recorded_nodes(self) -> int | None:
+        try:
+            return int((self.dir / "nodes").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def exists(self) -> bool:
+        return self._recorded_nodes() is not None
+
+    def _check(self, node: int) -> None:
+        if node not in self.node_ids:
+            raise ConfigError(f"the local cluster has nodes 1 to {self.nodes}; there is no node {node}")
+
+    # -- processes -----------------------------------------------------------------------------
+    def pid(self, node: int) -> int | None:
+        try:
+            pid = int(self._pid_file(node).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not _alive(pid):
+            return None
+        try:
+            if b"kafka.Kafka" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+        except OSError:
+            pass
+        return pid
+
+    def _password(self, user: str) -> str:
+        path = self.security_dir / f"{user}.password"
+        if path.exists():
+            return sec.read_secret(path, f"password file of {user}")
+        password = sec.new_password()
+        sec.write_private(path, password.encode())
+        return password
+
+    def admin_security(self) -> sec.ClientSecurity:
+        return sec.ClientSecurity(
+            protocol="SASL_SSL",
+            mechanism="SCRAM-SHA-512",
+            username=sec.ADMIN_USER,
+            password=self._password(sec.ADMIN_USER),
+            cafile=self.security_dir / "ca.pem",
+            source=str(self.client_file),
+        )
+
+    def _insecure(self) -> bool:
+        return (self.dir / "insecure").exists()
+
+    def _write_node_config(self, node: int) -> Path:
+        d = self.node_dir(node)
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        (d / "logs").mkdir(parents=True, exist_ok=True)
+        common: dict[str, object] = {}
+        if not self._insecure():
+            common = {
+                "keystore": sec.ensure_broker_keystore(self.security_dir, ("127.0.0.1", "localhost")),
+                "ca": self.security_dir / "ca.pem",
+                "broker_password": self._password(sec.BROKER_USER),
+            }
+        props = cluster_node_properties(
+            node=node, nodes=self.nodes, base_port=self.base_port, data_dir=str(d / "data"), **common  # type: ignore[arg-type]
+        )
+        path = d / "server.properties"
+        sec.write_private(path, properties_text(props).encode())
+        os.chmod(d, 0o700)
+        (d / "log4j2.yaml").write_text(LOG4J2_YAML)
+        return path
+
+    def _format(self, java: str, classpath: str, node: int, config: Path) -> None:
+        cluster_id = sec.read_secret(self.dir / "cluster-id", "cluster id")
+        cmd = [java, "-cp", classpath, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}"]
+        cmd += ["-c", str(config), "--ignore-formatted"]
+        if not self._insecure():
+            for user in (sec.BROKER_USER, sec.ADMIN_USER):
+                cmd += [
+                    "--add-scram",
+                    f"SCRAM-SHA-512=[name={user},iterations={sec.SCRAM_ITERATIONS},"
+                    f"password={self._password(user)}]",
+                ]
+        fmt = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if fmt.returncode != 0:
+            tail = [ln for ln in (fmt.stdout + fmt.stderr).strip().splitlines() if "password" not in ln.lower()]
+            raise BrokerError(f"formatting node {node} of the local cluster failed: {' | '.join(tail[-3:])}")
+
+    def _launch(self, node: int) -> None:
+        self._check(node)
+        if self.pid(node) is not None:
+            return
+        for port in cluster_ports(self.base_port, node):
+            if not LocalBroker._port_free(port):
+                raise BrokerError(
+                    f"port {port} on 127.0.0.1 (node {node} of the local cluster) is taken by another "
+                    "program; free it or choose another first port with REFERRAL_BROKER_LOCAL_PORT"
+                )
+        java = self._single._check_java()
+        classpath = f"{self._single.ensure_jars()}/*"
+        config = self._write_node_config(node)
+        d = self.node_dir(node)
+        if not (d / "data" / "meta.properties").exists():
+            self._format(java, classpath, node, config)
+        cmd = [
+            java,
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            *JVM_FLAGS,
+            f"-Dkafka.logs.dir={d / 'logs'}",
+            f"-Dlog4j2.configurationFile={d / 'log4j2.yaml'}",
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(config),
+        ]
+        with open(d / "logs" / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=d
+            )
+        self._pid_file(node).write_text(str(proc.pid))
+        self._procs[node] = proc
+
+    def _write_client_file(self) -> None:
+        if self._insecure():
+            text = sec.client_file_text(self.bootstrap, sec.ClientSecurity(source="insecure local cluster"), None)
+        else:
+            text = sec.client_file_text(
+                self.bootstrap, self.admin_security(), self.security_dir / f"{sec.ADMIN_USER}.password"
+            )
+        sec.write_private(self.client_file, text.encode())
+        for node in self.node_ids:
+            sec.register_local_broker(self.port(node), self.client_file)
+
+    def start(self, *, insecure: bool = False, fresh: bool = False) -> ClusterStatus:
+        """Start every node that is not running and wait until the cluster lists all of them as
+        live brokers. ``fresh`` deletes the cluster's data and credentials first."""
+        if not self.settings.uses_local_broker:
+            raise ConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS is set, so the configured cluster is used and no local "
+                "cluster is started; unset it to run the local cluster"
+            )
+        if fresh:
+            self.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.exists() and self._insecure() != insecure:
+            raise BrokerError(
+                f"the local cluster at {self.dir} was created {'without' if self._insecure() else 'with'} "
+                "security; start it with --fresh (deletes its topics) to change that"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        if not self.exists():
+            if insecure:
+                (self.dir / "insecure").write_text("")
+            sec.write_private(self.dir / "cluster-id", new_cluster_id().encode())
+            (self.dir / "nodes").write_text(str(self.nodes))
+        self._write_client_file()
+        self._procs = {}
+        self._single.ensure_jars()
+        if not insecure:  # the CA, keystore and passwords once, before the nodes start in parallel
+            sec.ensure_broker_keystore(self.security_dir, ("127.0.0.1", "localhost"))
+            for user in (sec.BROKER_USER, sec.ADMIN_USER):
+                self._password(user)
+        with ThreadPoolExecutor(self.nodes) as pool:  # formatting takes seconds of JVM start each
+            list(pool.map(self._launch, self.node_ids))
+        self.wait_for_brokers(self.node_ids)
+        return self.status()
+
+    def start_node(self, node: int) -> ClusterStatus:
+        """Start one stopped node and wait until the cluster lists it as a live broker."""
+        self._check(node)
+        if not self.exists():
+            raise BrokerError("there is no local cluster; start one with 'kafka start --nodes 3'")
+        self._procs = {}
+        self._launch(node)
+        self.wait_for_brokers([node])
+        return self.status()
+
+    def stop_node(self, node: int, *, kill: bool = False, timeout_s: float = 30.0) -> None:
+        """Stop one node: SIGTERM (a controlled shutdown that hands its leaderships over), or
+        SIGKILL at once with ``kill`` (a crash). Its data stays."""
+        self._check(node)
+        pid = self.pid(node)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        self._pid_file(node).unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Stop every node (the data stays in the cache folder)."""
+        if not self.exists():
+            return
+        for node in reversed(self.node_ids):
+            self.stop_node(node)
+        for node in self.node_ids:
+            sec.unregister_local_broker(self.port(node), self.client_file)
+
+    def _admin(self, timeout_s: float) -> Any:
+        security = sec.read_client_file(self.client_file)
+        return sec.admin_with(
+            self.settings.replace(kafka_request_timeout_ms=int(timeout_s * 1000)),
+            self.bootstrap,
+            security,
+            client_id="referral-broker-cluster-probe",
+        )
+
+    def live_brokers(self, timeout_s: float = 5.0) -> list[int]:
+        """Node ids the cluster's metadata lists as live brokers (empty when none answers)."""
+        from kafka.errors import KafkaError
+
+        admin = None
+        try:
+            admin = self._admin(timeout_s)
+            return sorted(int(b["broker_id"]) for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced"))
+        except (BrokerError, ConfigError, KafkaError, OSError):
+            return []
+        finally:
+            if admin is not None:
+                admin.close()
+
+    def wait_for_brokers(self, nodes: list[int]) -> None:
+        deadline = time.monotonic() + self.settings.local_start_timeout_s * 2
+        while time.monotonic() < deadline:
+            for node in nodes:
+                proc = self._procs.get(node)
+                if proc is not None and proc.poll() is not None:
+                    self._pid_file(node).unlink(missing_ok=True)
+                    raise BrokerError(
+                        f"node {node} of the local cluster exited with code {proc.returncode} while "
+                        f"starting: {self._log_tail(node)} (logs in {self.node_dir(node) / 'logs'})"
+                    )
+            if set(nodes) <= set(self.live_brokers(timeout_s=3)):
+                return
+            time.sleep(0.5)
+        raise BrokerError(
+            f"the local cluster did not list nodes {nodes} as live brokers within "
+            f"{self.settings.local_start_timeout_s * 2:.0f}s: {self._log_tail(nodes[0])}"
+        )
+
+    def _log_tail(self, node: int, lines: int = 6) -> str:
+        for name in ("server.log", "stdout.log"):
+            path = self.node_dir(node) / "logs" / name
+            if path.exists():
+                text = path.read_text(errors="replace").strip().splitlines()
+                errors = [ln for ln in text if " ERROR " in ln or "Exception" in ln]
+                return " | ".join((errors or text)[-lines:])[-1500:]
+        return "no log written"
+
+    def leaders(self, topics: list[str] | None = None, timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the node leading it (-1 while it has no leader)."""
+        admin = self._admin(timeout_s)
+        try:
+            found = admin.describe_topics(topics)
+        finally:
+            admin.close()
+        return {
+            (t["name"], int(p.get("partition_index", p.get("partition", -1)))): int(
+                p.get("leader_id", p.get("leader", -1)) if p.get("leader_id", p.get("leader")) is not None else -1
+            )
+            for t in found
+            for p in t.get("partitions") or []
+        }
+
+    def status(self) -> ClusterStatus:
+        brokers = self.live_brokers() if self.exists() else []
+        topics: int | None = None
+        led: dict[int, int] = {}
+        problem = None
+        if brokers:
+            try:
+                leaders = self.leaders()
+                topics = len({t for t, _ in leaders})
+                for node in leaders.values():
+                    led[node] = led.get(node, 0) + 1
+            except Exception as exc:
+                problem = type(exc).__name__
+        elif self.exists():
+            problem = "no node answers"
+        else:
+            problem = "no local cluster was created here"
+        nodes = [
+            NodeStatus(
+                node=n,
+                roles="broker,controller",
+                bootstrap=f"127.0.0.1:{self.port(n)}",
+                controller=f"127.0.0.1:{self.controller_port(n)}",
+                running=self.pid(n) is not None,
+                pid=self.pid(n),
+                answering=n in brokers,
+                leaders=led.get(n, 0) if brokers else None,
+            )
+            for n in self.node_ids
+        ]
+        return ClusterStatus(
+            bootstrap=self.bootstrap,
+            nodes=nodes,
+            answering=bool(brokers),
+            brokers=brokers,
+            topics=topics,
+            data_dir=str(self.dir),
+            version=self.version,
+            security="PLAINTEXT" if self._insecure() else f"SASL_SSL as {sec.ADMIN_USER}",
+            problem=problem,
+        )

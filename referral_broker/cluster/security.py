@@ -248,9 +248,11 @@ def read_client_file(path: Path) -> ClientSecurity:
 
 def local_client_file(settings: Settings, bootstrap: str) -> Path | None:
     """The client file of a local broker this machine runs at ``bootstrap`` (one loopback
-    address), if it wrote one."""
-    host, _, port = bootstrap.strip().rpartition(":")
-    if "," in bootstrap or host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not port.isdigit():
+    address, or a list of them: a local cluster registers its file for every node's port), if
+    it wrote one."""
+    first = bootstrap.strip().split(",")[0]
+    host, _, port = first.rpartition(":")
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not port.isdigit():
         return None
     path = settings.paths_cache_dir / "local-broker" / port / CLIENT_FILE
     if path.is_file():
