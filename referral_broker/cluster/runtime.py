@@ -182,7 +182,14 @@ def new_cluster_id() -> str:
 
 
 def write_compose_files(
-    out: Path, *, host: str, port: int, controller_port: int, data_dir: str, owner: int | None
+    out: Path,
+    *,
+    host: str,
+    port: int,
+    controller_port: int,
+    data_dir: str,
+    owner: int | None,
+    nodes: int = 1,
 ) -> list[Path]:
     """What the secured Kafka of docker-compose.yml needs, in ``out`` (mounted at the same
     path in every container): the CA, the broker's keystore (its name and ``localhost`` in
@@ -190,9 +197,13 @@ def write_compose_files(
     server.properties, the administrator's client file for the project's services
     (``client.toml``) and for Kafka's own tools (``admin.properties``). Kept when present,
     so re-running changes nothing. Every file is 0600; ``owner`` (the Kafka image's user) owns
-    them so the broker can read them."""
+    them so the broker can read them. With ``nodes`` > 1 (the three-node profile), the nodes
+    are ``<host>-1`` .. ``<host>-N``, node i on ports ``port + 2(i-1)`` (client) and the next
+    (controller), each with its own ``server-<i>.properties`` (:func:`cluster_node_properties`),
+    sharing the CA, keystore, passwords and cluster id."""
     out.mkdir(parents=True, exist_ok=True)
-    keystore = sec.ensure_broker_keystore(out, (host, "localhost", "127.0.0.1"))
+    names = [host] if nodes == 1 else [f"{host}-{i}" for i in range(1, nodes + 1)]
+    keystore = sec.ensure_broker_keystore(out, (*names, "localhost", "127.0.0.1"))
     passwords = {}
     for user in (sec.BROKER_USER, sec.ADMIN_USER):
         path = out / f"{user}.password"
@@ -210,7 +221,23 @@ def write_compose_files(
         ca=out / "ca.pem",
         broker_password=passwords[sec.BROKER_USER],
     )
-    sec.write_private(out / "server.properties", properties_text(props).encode())
+    if nodes > 1:
+        for i in range(1, nodes + 1):
+            node_props = cluster_node_properties(
+                node=i,
+                nodes=nodes,
+                base_port=port,
+                data_dir=data_dir,
+                hosts=names,
+                keystore=keystore,
+                ca=out / "ca.pem",
+                broker_password=passwords[sec.BROKER_USER],
+            )
+            sec.write_private(out / f"server-{i}.properties", properties_text(node_props).encode())
+        bootstrap = ",".join(f"{names[i - 1]}:{cluster_ports(port, i)[0]}" for i in range(1, nodes + 1))
+    else:
+        sec.write_private(out / "server.properties", properties_text(props).encode())
+        bootstrap = f"{host}:{port}"
     admin = sec.ClientSecurity(
         protocol="SASL_SSL",
         mechanism="SCRAM-SHA-512",
@@ -218,7 +245,7 @@ def write_compose_files(
         password=passwords[sec.ADMIN_USER],
         cafile=out / "ca.pem",
     )
-    client = sec.client_file_text(f"{host}:{port}", admin, out / f"{sec.ADMIN_USER}.password")
+    client = sec.client_file_text(bootstrap, admin, out / f"{sec.ADMIN_USER}.password")
     sec.write_private(out / sec.CLIENT_FILE, client.encode())
     tools = (
         "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
