@@ -59,7 +59,7 @@ def _team_label(team: str) -> str:
 
 
 def _referrer_label(referrer: str) -> str:
-    return presentation.humanise(referrer)
+    return presentation.organisation_name(referrer)
 
 
 def _environment() -> jinja2.Environment:

@@ -344,7 +344,12 @@ def _told(event: Any) -> str:
 
 
 def referrer_name(referral: ReferralRow) -> str:
-    return referral.referrer_organisation or presentation.humanise(referral.referrer)
+    """The referring organisation's registered name (the signer the hub verified), else the
+    name the referral gives."""
+    registered = presentation.organisation_name(referral.referrer)
+    return registered if registered != presentation.humanise(referral.referrer) else (
+        referral.referrer_organisation or registered
+    )
 
 
 def _banner(member: SignedIn, events: list[Any], now: datetime) -> dict[str, str] | None:

@@ -397,3 +397,12 @@ class Search:
             if words and all(any(p.startswith(w) for p in parts) for w in words):
                 return True
         return False
+
+
+def organisation_name(party: str) -> str:
+    """A party's registered organisation name (``Fenland Fields Primary School``), or the
+    party name made readable when the registry does not know it."""
+    from referral_broker.parties import all_parties
+
+    found = all_parties().get(party)
+    return found.description if found is not None and found.org is not None else humanise(party)
