@@ -14,14 +14,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/faults.XXXXXX")
-trap 'rm -rf "$work"' EXIT
 export REFERRAL_BROKER_FAULTS_TABLE="$work/rows.jsonl"
 : >"$REFERRAL_BROKER_FAULTS_TABLE"
 
 .venv/bin/python -m pytest -m "faults or fuzz" -q -s -p no:cacheprovider \
   --junitxml="$work/junit.xml" "$@" >"$work/pytest.log" 2>&1
 status=$?
-tail -n 15 "$work/pytest.log"
+# the failures in full, then pytest's summary; the whole log is kept only when something failed
+sed -n '/^=* FAILURES =*$/,/^=* short test summary/p' "$work/pytest.log" | grep -v 'kafka.net.selector' | head -n 200
+grep -E '^(FAILED|ERROR) |^=+ .*(passed|failed|error).* =+$' "$work/pytest.log"
 
 .venv/bin/python - "$work/junit.xml" "$REFERRAL_BROKER_FAULTS_TABLE" <<'PY'
 import json
@@ -69,4 +70,5 @@ for r in table:
 if not rows:
     print("(no fault or fuzz tests ran)")
 PY
+if [[ $status -eq 0 ]]; then rm -rf "$work"; else echo "pytest's whole output: $work/pytest.log"; fi
 exit $status
