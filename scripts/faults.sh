@@ -22,7 +22,8 @@ export REFERRAL_BROKER_FAULTS_TABLE="$work/rows.jsonl"
 status=$?
 # the failures in full, then pytest's summary; the whole log is kept only when something failed
 sed -n '/^=* FAILURES =*$/,/^=* short test summary/p' "$work/pytest.log" | grep -v 'kafka.net.selector' | head -n 200
-grep -E '^(FAILED|ERROR) |^=+ .*(passed|failed|error).* =+$' "$work/pytest.log"
+sed -n '/^fuzz outcomes/,/^$/p' "$work/pytest.log"  # the fuzz suite's counts by outcome
+grep -E '^(FAILED|ERROR) |(passed|failed|error)[^|]* in [0-9.]+s' "$work/pytest.log"
 
 .venv/bin/python - "$work/junit.xml" "$REFERRAL_BROKER_FAULTS_TABLE" <<'PY'
 import json
