@@ -475,7 +475,7 @@ class Router:
             purposes=("status-to-referrer",),
             grounds=(self.STATUS_GROUND,),
             special_category_conditions=(),
-            conditions_met=(f"received-by:{party}",),
+            conditions_met=(f"received-by:{party}", f"status:{status['status_id']}"),
             basis="not_required",
             override_id=None,
             no_onward_sharing=(),

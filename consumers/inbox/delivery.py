@@ -1,13 +1,13 @@
-"""Learning that the referrer was told: the inbox watches the referrers' out topics for the
-status messages the router delivered, and marks each of its own (by ``status_id``) delivered.
-The same reader keeps the router's audited sharing decisions for the inbox's teams (from the
-audit topic: purpose, legal ground, basis; signed by the hub, no values), so a referral's page
-says why the team has it as the router decided it.
+"""Learning that the referrer was told: the router audits every status it relays (purpose
+``status-to-referrer``, ``conditions_met`` naming the answering party and the ``status_id``),
+so the inbox reads the audit topic and marks each of its own statuses delivered when the
+router's hub-signed record of relaying it appears. The same reader keeps the router's audited
+sharing decisions for the inbox's teams (purpose, legal ground, basis; signed by the hub, no
+values), so a referral's page says why the team has it as the router decided it.
 
-The inbox cannot open what the router sealed for a referrer, and does not need to: a status
-message's ``status_id`` and ``from_party`` are operational, clear on the wire, and the message
-is signed by the hub, so the inbox checks the signature and reads those two fields only. Until
-a status is seen there the referral's history says "Sending", never "Referrer told".
+The inbox reads no other organisation's topic (Kafka ACLs give a team its own out and status
+topics and the audit topic only). Until the relay is audited the referral's history says
+"Sending", never "Referrer told".
 """
 
 from __future__ import annotations
@@ -21,25 +21,10 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
-from referral_broker.errors import ReferralBrokerError, TopicPlanError
-from referral_broker.parties import all_parties
+from referral_broker.errors import ReferralBrokerError
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
-
-
-def referrer_topics(settings: Settings) -> list[str]:
-    """The out topics of every party a district team's status can be delivered to (the
-    referring partners; the hub, the teams and research recipients refer nobody)."""
-    found = []
-    for name, party in all_parties().items():
-        if party.kind in ("district_team", "research", "hub"):
-            continue
-        try:
-            found.append(topic_name(settings, "out", name))
-        except TopicPlanError:  # a party the topic plan gives no out topic receives nothing
-            continue
-    return sorted(found)
 
 
 class DeliveryWatcher:
@@ -70,7 +55,7 @@ class DeliveryWatcher:
         consumer = build_consumer(
             self.settings,
             self.settings.bootstrap_servers,
-            [*referrer_topics(self.settings), topic_name(self.settings, "audit")],
+            [topic_name(self.settings, "audit")],
             group_id=f"{self.settings.kafka_topic_prefix}inbox.delivery",
         )
         try:
@@ -79,16 +64,6 @@ class DeliveryWatcher:
                 for record in batch:
                     if dict(record.headers).get("rb-kind") == b"audit.decision":
                         self._decision(record)
-                        continue
-                    try:
-                        found = self.record_format.delivered_status(record)
-                    except ReferralBrokerError as exc:  # not ours to dead-letter: the receiver does
-                        log.warning("status on a referrer topic not verified", error=type(exc).__name__)
-                        continue
-                    if found is None or found[0] not in self.teams:
-                        continue
-                    if self.store.mark_delivered(self.teams, found[1], self.clock()):
-                        self.delivered += 1
                 if batch:
                     commit_batch(consumer, batch)
         finally:
@@ -100,7 +75,15 @@ class DeliveryWatcher:
         except ReferralBrokerError as exc:
             log.warning("audit decision not verified", error=type(exc).__name__)
             return
-        if decision and decision.get("recipient") in self.teams and decision.get("delivered"):
+        if not decision:
+            return
+        if decision.get("purpose") == "status-to-referrer":  # one of ours relayed to its referrer?
+            met = dict(c.split(":", 1) for c in decision.get("conditions_met") or [] if ":" in c)
+            ours = met.get("received-by") in self.teams and bool(met.get("status"))
+            if ours and self.store.mark_delivered(self.teams, met["status"], self.clock()):
+                self.delivered += 1
+            return
+        if decision.get("recipient") in self.teams and decision.get("delivered"):
             self.store.record_decision(str(decision["recipient"]), decision)
 
     def start(self) -> None:
