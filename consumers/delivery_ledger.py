@@ -12,6 +12,7 @@ write the topic must not be able to grant itself a referral).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ class DeliveryLedger:
                     self._apply(record)
                 remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
         except KafkaError as exc:
+            # a consumer that lost its partition leader (a node died) can keep timing out after
+            # the cluster recovered: the next catch-up reads the ledger again with a new one
+            self._consumer = None
+            with contextlib.suppress(Exception):
+                consumer.close()
             raise BrokerError(f"reading the delivery ledger failed: {type(exc).__name__}") from exc
 
     def _apply(self, record: Any) -> None:
