@@ -106,6 +106,16 @@ def deletion_failures(result: dict[str, Any]) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def county(topics: Settings, kafka_bootstrap: str) -> Settings:
+    """The shipped county's topics, registry and every organisation's keys."""
+    from referral_broker.parties import all_parties
+    from referral_broker.sealing.key_admin import init_parties
+
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    return topics
+
+
 @pytest.fixture(autouse=True)
 def _shipped_parties() -> None:
     """Every test starts with the shipped county as its parties (a test that installs another

@@ -70,3 +70,18 @@ def in_county(record: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
             providers.append({"service": service, "provider": found[0].identifier})
     record["service_providers"] = providers
     return record
+
+
+def cli(settings: Any, bootstrap: str, *args: str) -> Any:
+    """Run the CLI in-process against the test's cluster, topic namespace and data folder."""
+    from click.testing import CliRunner
+
+    from referral_broker.cli.main import cli as cli_group
+
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
+    }
+    return CliRunner().invoke(cli_group, list(args), env=env)

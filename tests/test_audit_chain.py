@@ -12,9 +12,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-from click.testing import CliRunner
-from county import in_county
+from county import cli, in_county
 
 from referral_broker.audit_chain import (
     CHECKPOINT_KIND,
@@ -25,36 +23,18 @@ from referral_broker.audit_chain import (
     record_hash,
     verify_records,
 )
-from referral_broker.cli.main import cli as cli_group
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
 from referral_broker.consumers.router import Router
 from referral_broker.identity import load_identity
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas.synth import synthetic_referrals
-from referral_broker.sealing.key_admin import init_parties
 
 POLICE = "police-35"
 SCHOOL_URN = "110123"
 HUB = "council"
 
 
-@pytest.fixture
-def county(topics: Settings, kafka_bootstrap: str) -> Settings:
-    from referral_broker.parties import all_parties
-
-    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
-    return topics
-
-
-def cli(settings: Settings, bootstrap: str, *args: str) -> Any:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
-        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
-        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
-    }
-    return CliRunner().invoke(cli_group, list(args), env=env)
 
 
 def encompass(seed: int) -> dict[str, Any]:

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from county import cli
 from test_audit_chain import encompass
 
 from referral_broker.audit_chain import read_topic
 from referral_broker.audit_log import decisions as audit_decisions
 from referral_broker.audit_log import hub_subject_secret, query_subject_key, referral_subject_keys
-from referral_broker.cli.main import cli as cli_group
 from referral_broker.cluster.clients import build_producer
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.outbound import AccessEvent, AccessKind, access_event_value
@@ -31,7 +30,6 @@ from referral_broker.consumers.router import Router
 from referral_broker.errors import ContractError
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.sealing import retention, sign_plain
-from referral_broker.sealing.key_admin import init_parties
 from referral_broker.sealing.keystore import KeyStore
 
 POLICE = "police-35"
@@ -40,22 +38,6 @@ TEAM = "district-fenland"
 CHILD_SEED, OTHER_SEED = 70, 73  # synthetic children with an NHS number (and a UPN, a household NI number)
 
 
-@pytest.fixture
-def county(topics: Settings, kafka_bootstrap: str) -> Settings:
-    from referral_broker.parties import all_parties
-
-    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
-    return topics
-
-
-def cli(settings: Settings, bootstrap: str, *args: str) -> Any:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
-        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
-        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
-    }
-    return CliRunner().invoke(cli_group, list(args), env=env)
 
 
 def inbox_viewed(settings: Settings, bootstrap: str, rid: str) -> None:

@@ -13,11 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
-from county import GP, OTHER_GP, OTHER_SCHOOL, POLICE, SCHOOL, in_county
+from county import GP, OTHER_GP, OTHER_SCHOOL, POLICE, SCHOOL, cli, in_county
 
 from referral_broker.audit_log import decisions as audit_decisions
-from referral_broker.cli.main import cli as cli_group
 from referral_broker.cluster.clients import build_consumer, drain
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -35,22 +33,6 @@ SCHOOLS = [o.party for o in load_file() if o.kind.value == "school"]
 NEW_SCHOOL = "school-119999"
 
 
-@pytest.fixture
-def county(topics: Settings, kafka_bootstrap: str) -> Settings:
-    from referral_broker.parties import all_parties
-
-    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
-    return topics
-
-
-def cli(settings: Settings, bootstrap: str, *args: str) -> Any:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
-        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
-        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
-    }
-    return CliRunner().invoke(cli_group, list(args), env=env)
 
 
 def override() -> dict[str, Any]:

@@ -15,17 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
-from county import HUB, RESEARCH, SCHOOL, in_county
+from county import HUB, RESEARCH, SCHOOL, cli, in_county
 
 from referral_broker import research_export
-from referral_broker.cli.main import cli as cli_group
 from referral_broker.config import Settings
 from referral_broker.consumers.router import Router
 from referral_broker.errors import ConfigError, ContractError, ReferralBrokerError
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas.synth import synthetic_referrals
-from referral_broker.sealing.key_admin import init_parties
 
 SENDER = SCHOOL  # the referring organisation
 OTHER = SCHOOL  # a party that is not the research recipient
@@ -34,22 +31,6 @@ IN_PERIOD = datetime(2026, 8, 3, 10, 0, tzinfo=UTC)  # 2026-Q3
 BEFORE = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)  # 2026-Q2
 
 
-@pytest.fixture
-def county(topics: Settings, kafka_bootstrap: str) -> Settings:
-    from referral_broker.parties import all_parties
-
-    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
-    return topics
-
-
-def cli(settings: Settings, bootstrap: str, *args: str) -> Any:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
-        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
-        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
-    }
-    return CliRunner().invoke(cli_group, list(args), env=env)
 
 
 def referrals() -> list[dict[str, Any]]:
