@@ -553,14 +553,7 @@ class Registry:
         want = parse_kind(kind) if isinstance(kind, str) else kind
         label = service_label(service)
         found = [o for o in self._by_service.get((service, district), []) if want is None or o.kind is want]
-        active = [o for o in found if o.active]
-        if len(active) == 1:
-            return active[0]
-        if len(active) > 1:
-            return Unresolved(f"more than one {label} service for {district}")
-        if found:
-            return Unresolved(f"{label} service for {district} disabled")
-        return Unresolved(f"no {label} service for {district}")
+        return _exactly_one(found, f"{label} service for {district}", f"no {label} service for {district}")
 
     def serving(self, kind: OrgKind | str, district: str) -> Resolution:
         """The one active organisation of ``kind`` serving ``district`` (the police force, DWP)."""
@@ -568,14 +561,7 @@ class Registry:
         district = normalise_district(district)
         noun = want.value.replace("_", " ")
         found = [o for o in self._by_kind.get(want, ()) if o.serves(district)]
-        active = [o for o in found if o.active]
-        if len(active) == 1:
-            return active[0]
-        if len(active) > 1:
-            return Unresolved(f"more than one {noun} serves {district}")
-        if found:
-            return Unresolved(f"{noun} for {district} disabled")
-        return Unresolved(f"no {noun} registered for {district}")
+        return _exactly_one(found, f"{noun} for {district}", f"no {noun} registered for {district}")
 
     def charity_for(self, service: str, district: str, named_provider: str | None) -> Resolution:
         """The charity the referral names as provider (charity number, ``charity:N`` or
@@ -616,6 +602,17 @@ class Registry:
         if not old.active:
             raise RegistryError(f"{org.ref} is registered and disabled; 'orgs enable {old.party}' re-enables it")
         return "unchanged"
+
+
+def _exactly_one(found: list[Organisation], what: str, none: str) -> Resolution:
+    """The one active organisation of ``found``; more than one active, only disabled ones, or
+    none at all is :class:`Unresolved` (the registry must say who: never a guess)."""
+    active = [o for o in found if o.active]
+    if len(active) == 1:
+        return active[0]
+    if len(active) > 1:
+        return Unresolved(f"more than one {what}")
+    return Unresolved(f"{what} disabled" if found else none)
 
 
 def _differences(old: Organisation, new: Organisation) -> list[str]:
