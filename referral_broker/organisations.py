@@ -735,20 +735,25 @@ class RegistryReader:
             self._consumer = self._open()
         consumer = self._consumer
         partitions = list(consumer.assignment())
+        changed = False
         try:
             end = consumer.end_offsets(partitions)
             remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
-        except KafkaError as exc:
+            deadline = time.monotonic() + self.timeout_s
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"reading the organisation registry timed out after {self.timeout_s:.0f}s")
+                for record in poll_records(consumer, 500):
+                    self._apply(record)
+                    changed = True
+                remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+        except (KafkaError, BrokerError) as exc:
+            # A consumer that failed (a node died under it) can keep failing: the next
+            # catch-up starts a new one, from where the registry read up to (latest is kept).
+            self.close()
+            if isinstance(exc, BrokerError):
+                raise
             raise BrokerError(f"reading the organisation registry failed: {type(exc).__name__}") from exc
-        changed = False
-        deadline = time.monotonic() + self.timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"reading the organisation registry timed out after {self.timeout_s:.0f}s")
-            for record in poll_records(consumer, 500):
-                self._apply(record)
-                changed = True
-            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
         if changed:
             self._registry = Registry(self._latest.values())
         return self._registry
