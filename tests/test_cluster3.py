@@ -52,6 +52,7 @@ COUNT = 2000  # the issue's number: the node-kill test
 # the scale-out test: on the shared 2-core machine (three JVMs, load 9-14) one router commits
 # about 12 referrals/s on three nodes, so 2,000 would take minutes more than the file's budget
 SCALE_COUNT = 1500
+REMOVAL_COUNT = 600  # sent just before a router is removed
 WINDOW_S = 15.0  # the scale-out figures: committed referrals/s over this long with 1, 2, 3 routers
 
 
@@ -121,7 +122,8 @@ def send(settings: Settings, bootstrap: str, records: list[dict[str, Any]]) -> s
 
 @pytest.mark.timeout(420)
 def test_routers_scale_out_and_in_mid_stream(cluster: LocalCluster, tmp_path: Path) -> None:
-    """1, then 2, then 3 routers in one group, then one removed, over one stream of 1,500."""
+    """1, then 2, then 3 routers in one group over a stream of 1,500, then one removed while
+    600 more arrive."""
     settings = setup_topics(cluster, "c3s.", tmp_path / "data")
     bootstrap = cluster.bootstrap
     sent = send(settings, bootstrap, one_recipient_referrals(SCALE_COUNT, seed=31))
@@ -146,12 +148,16 @@ def test_routers_scale_out_and_in_mid_stream(cluster: LocalCluster, tmp_path: Pa
             t1, c1 = time.monotonic(), watch.committed_inputs()
             figures[n] = (c1 - c0) / (t1 - t0)
             print(f"{n} router(s): partitions {sorted(held.values())}; {c1 - c0} referrals in {t1 - t0:.1f}s = {figures[n]:.1f}/s")
-        assert watch.committed_inputs() < SCALE_COUNT, "the stream ended before the removal: send more"
+        # a fresh backlog, so the removal happens mid-stream however fast the routers were
+        sent |= send(settings, bootstrap, one_recipient_referrals(REMOVAL_COUNT, seed=32))
+        total = SCALE_COUNT + REMOVAL_COUNT
+        assert len(sent) == total
+        assert watch.committed_inputs() < total, "the stream ended before the removal: send more"
         removed = routers[1]
         removed.signal(signal.SIGTERM)
         assert_clean_exit(removed, timeout=60)
         watch.wait_for("2 routers after the removal", lambda: len(watch.members()) == 2, 90, 0.2)
-        watch.wait_for("every input committed", lambda: watch.committed_inputs() >= SCALE_COUNT, 240, 0.5)
+        watch.wait_for("every input committed", lambda: watch.committed_inputs() >= total, 240, 0.5)
         rest = [r for r in routers if r is not removed]
         for r in rest:
             r.signal(signal.SIGTERM)
