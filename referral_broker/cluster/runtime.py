@@ -281,6 +281,28 @@ class BrokerStatus:
         return asdict(self)
 
 
+def _stored_password(security_dir: Path, user: str) -> str:
+    """``user``'s SCRAM password, kept 0600 in the broker's security folder (made once)."""
+    path = security_dir / f"{user}.password"
+    if path.exists():
+        return sec.read_secret(path, f"password file of {user}")
+    password = sec.new_password()
+    sec.write_private(path, password.encode())
+    return password
+
+
+def _admin_security(security_dir: Path, client_file: Path) -> sec.ClientSecurity:
+    """How this machine's clients log in to a local broker or cluster: as its administrator."""
+    return sec.ClientSecurity(
+        protocol="SASL_SSL",
+        mechanism="SCRAM-SHA-512",
+        username=sec.ADMIN_USER,
+        password=_stored_password(security_dir, sec.ADMIN_USER),
+        cafile=security_dir / "ca.pem",
+        source=str(client_file),
+    )
+
+
 class LocalBroker:
     """The project's own broker on loopback. Every method is safe to call repeatedly."""
 
@@ -411,22 +433,10 @@ class LocalBroker:
         return self._formatted() and not self._formatted_secured()
 
     def _password(self, user: str) -> str:
-        path = self.security_dir / f"{user}.password"
-        if path.exists():
-            return sec.read_secret(path, f"password file of {user}")
-        password = sec.new_password()
-        sec.write_private(path, password.encode())
-        return password
+        return _stored_password(self.security_dir, user)
 
     def admin_security(self) -> sec.ClientSecurity:
-        return sec.ClientSecurity(
-            protocol="SASL_SSL",
-            mechanism="SCRAM-SHA-512",
-            username=sec.ADMIN_USER,
-            password=self._password(sec.ADMIN_USER),
-            cafile=self.security_dir / "ca.pem",
-            source=str(self.client_file),
-        )
+        return _admin_security(self.security_dir, self.client_file)
 
     def _write_client_file(self, insecure: bool) -> None:
         if insecure:
@@ -844,22 +854,10 @@ class LocalCluster:
         return pid
 
     def _password(self, user: str) -> str:
-        path = self.security_dir / f"{user}.password"
-        if path.exists():
-            return sec.read_secret(path, f"password file of {user}")
-        password = sec.new_password()
-        sec.write_private(path, password.encode())
-        return password
+        return _stored_password(self.security_dir, user)
 
     def admin_security(self) -> sec.ClientSecurity:
-        return sec.ClientSecurity(
-            protocol="SASL_SSL",
-            mechanism="SCRAM-SHA-512",
-            username=sec.ADMIN_USER,
-            password=self._password(sec.ADMIN_USER),
-            cafile=self.security_dir / "ca.pem",
-            source=str(self.client_file),
-        )
+        return _admin_security(self.security_dir, self.client_file)
 
     def _insecure(self) -> bool:
         return (self.dir / "insecure").exists()
