@@ -84,7 +84,12 @@ def topics(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
     ensure_topics(settings, kafka_bootstrap, read_registry=False)
     publish_orgs(settings, kafka_bootstrap, load_file())
     yield settings
-    admin = admin_client(settings, kafka_bootstrap)
+    delete_test_topics(settings, kafka_bootstrap)
+
+
+def delete_test_topics(settings: Settings, bootstrap: str) -> None:
+    """Delete every topic under the test's prefix; a deletion the broker refuses fails the test."""
+    admin = admin_client(settings, bootstrap)
     try:
         names = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
         result = admin.delete_topics(names, raise_errors=False)

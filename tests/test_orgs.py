@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import deletion_failures
+from conftest import delete_test_topics
 
 from referral_broker import organisations as o
 from referral_broker.cli.main import main
@@ -242,7 +242,7 @@ def test_county_file_errors(tmp_path: Path) -> None:
 def cli_env(settings: Settings, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """A namespace whose registry topic exists and is still empty (a cluster before its first
     ``orgs import``; the ``topics`` fixture would have registered the shipped county)."""
-    from referral_broker.cluster.topics import admin_client, ensure_topics
+    from referral_broker.cluster.topics import ensure_topics
 
     ensure_topics(settings, kafka_bootstrap, read_registry=False)
     monkeypatch.delenv("REFERRAL_BROKER_CONFIG", raising=False)
@@ -251,15 +251,7 @@ def cli_env(settings: Settings, kafka_bootstrap: str, monkeypatch: pytest.Monkey
     monkeypatch.setenv("REFERRAL_BROKER_TOPIC_PROFILE", settings.kafka_topic_profile)
     monkeypatch.setenv("REFERRAL_BROKER_DATA_DIR", str(settings.paths_data_dir))
     yield settings
-    admin = admin_client(settings, kafka_bootstrap)
-    try:
-        names = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
-        result = admin.delete_topics(names, raise_errors=False)
-    finally:
-        admin.close()
-    failed = deletion_failures(result)
-    if failed:
-        pytest.fail(f"deleting the test's topics failed: {failed}", pytrace=False)
+    delete_test_topics(settings, kafka_bootstrap)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
