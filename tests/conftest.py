@@ -128,6 +128,13 @@ def _shipped_parties() -> None:
     use_shipped_registry()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _shipped_parties_for_the_module() -> None:
+    """The same for a module's own fixtures, which run before any test's (the fuzz world seals
+    with a school's key before its first test)."""
+    use_shipped_registry()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_threads() -> Iterator[None]:
     """Fail a test that leaves non-daemon threads running (a consumer or server not closed)."""

@@ -36,6 +36,7 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.outbound import ACCESS_EVENT_KIND
 from referral_broker.consumers.inbox.server import ServerThread, build_inbox
+from referral_broker.parties import get_party
 
 try:  # a missing playwright or browser fails the run: these tests are the inbox's only browser check
     import playwright.sync_api as playwright_api
@@ -170,7 +171,9 @@ def test_a_routed_referral_is_triaged_in_the_browser(running: Running, browser: 
     page.wait_for_url(f"**/referrals/{rid}")
     child = record["child"]
     assert page.locator("h1").inner_text().endswith(f"{child['given_name']} {child['family_name']}")
-    assert record["referrer"]["organisation"] in page.locator("h1 .govuk-caption-l").inner_text()
+    # The referrer by the name the registry gives the signer, not the name the referral claims.
+    assert get_party(REFERRER).description in page.locator("h1 .govuk-caption-l").inner_text()
+    assert record["referrer"]["organisation"] not in page.locator("h1 .govuk-caption-l").inner_text()
     assert child["given_name"] in page.locator('[data-section="the-child"]').inner_text()
     page.screenshot(path=str(SCREENSHOTS / "referral.png"), full_page=True)
     page.screenshot(path=str(SCREENSHOTS / "referral-top.png"))  # what a laptop screen shows first

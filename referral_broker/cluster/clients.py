@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, UnknownTopicOrPartitionError
 
-from referral_broker.cluster.security import authorisation_error, client_security, connecting
+from referral_broker.cluster.security import admin_with, authorisation_error, client_security, connecting
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, NotAuthorisedError
 from referral_broker.structured_log import get_logger
@@ -259,7 +259,7 @@ def build_consumer(
             consumer = KafkaConsumer(**config)
         topics = list(topics)
         if security.sasl and topics:
-            _check_visible(consumer, topics, security.username)
+            _check_visible(consumer, topics, security.username, lambda: admin_with(settings, bootstrap, security))
         if group_id is None:
             partitions = [
                 TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
@@ -274,21 +274,42 @@ def build_consumer(
     return consumer
 
 
-def _check_visible(consumer: KafkaConsumer, topics: list[str], user: str | None) -> None:
+def _check_visible(
+    consumer: KafkaConsumer, topics: list[str], user: str | None, admin: Callable[[], Any]
+) -> None:
     """A topic this identity may not describe reads as empty, not as an error (kafka-python
-    polls it quietly forever): refuse it here. It may also simply not exist; without the right
-    to describe it the two look the same to the client."""
+    polls it quietly forever): refuse it here. Listing all topics cannot tell a missing topic
+    from a hidden one; asking for the topics by name can (UNKNOWN_TOPIC_OR_PARTITION only
+    comes back to an identity allowed to describe them)."""
     try:
         visible = consumer.topics()
     except KafkaError as exc:
         consumer.close()
         raise _translate(exc, "listing topics", "the cluster", "describe") from exc
     hidden = sorted(t for t in topics if t not in visible)
-    if hidden:
-        consumer.close()
-        raise NotAuthorisedError(
-            f"not authorised to read topic {', '.join(hidden)} as user {user} (or it does not exist)"
-        )
+    if not hidden:
+        return
+    consumer.close()
+    missing = _missing_topics(admin, hidden)
+    if missing:
+        raise BrokerError(f"the topic {', '.join(missing)} does not exist; run 'referral-broker topics ensure'")
+    raise NotAuthorisedError(f"not authorised to read topic {', '.join(hidden)} as user {user} (or it does not exist)")
+
+
+def _missing_topics(admin: Callable[[], Any], topics: list[str]) -> list[str]:
+    """The topics the cluster says do not exist; empty when it will not say (no describe right)."""
+    try:
+        client = admin()
+    except (KafkaError, BrokerError):
+        return []
+    try:
+        described = client.describe_topics(topics)
+    except KafkaError:
+        return []
+    finally:
+        client.close()
+    unknown = UnknownTopicOrPartitionError.errno
+    return sorted(d["name"] for d in described if d.get("error_code") == unknown)
 
 
 @dataclass(frozen=True)
