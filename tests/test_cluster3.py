@@ -266,7 +266,18 @@ def test_node_killed_mid_stream_and_restarted(cluster: LocalCluster, tmp_path: P
         if sender.error is not None:
             raise sender.error
         assert len(sender.sent) == COUNT
-        watch.wait_for("every input committed", lambda: watch.committed_inputs() >= COUNT, 240, 0.5)
+        watch.close()
+        watch = Watch(settings, bootstrap)  # again fresh: the old admin knew the node as dead
+        try:
+            watch.wait_for("every input committed", lambda: watch.committed_inputs() >= COUNT, 240, 0.5)
+        except AssertionError as exc:
+            fresh = Watch(settings, bootstrap)
+            try:
+                committed, members = fresh.committed_inputs(), fresh.members()
+            finally:
+                fresh.close()
+            tails = "; ".join(f"router {r.name} alive={r.alive()}: {r.tail(3)!r}" for r in routers)
+            raise AssertionError(f"{exc}: a fresh admin sees {committed} committed, members {members}; {tails}") from exc
         for r in routers:
             assert r.alive(), f"router {r.name} died: {r.tail()}"
             r.signal(signal.SIGTERM)
