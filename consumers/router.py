@@ -475,7 +475,8 @@ class Router:
             purposes=("status-to-referrer",),
             grounds=(self.STATUS_GROUND,),
             special_category_conditions=(),
-            conditions_met=(f"received-by:{party}", f"status:{status['status_id']}"),
+            # status-code: the hub's retention learns a case's closure from this audit record
+            conditions_met=(f"received-by:{party}", f"status:{status['status_id']}", f"status-code:{status['status']}"),
             basis="not_required",
             override_id=None,
             no_onward_sharing=(),
