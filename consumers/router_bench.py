@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -199,6 +203,162 @@ def _floor_us(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]
     return (time.perf_counter() - start) / len(prepared) * 1e6
 
 
+# The primitives every design must pay for one referral, in the order the job does them.
+JOB_PRIMITIVES = (
+    "verify_signature",
+    "unwrap_data_key",
+    "aead_open",
+    "avro_decode",
+    "avro_encode_views",
+    "aead_seal",
+    "wrap_data_key",
+    "sign",
+    "audit_encode",
+)
+
+
+def job_floor_us(referrals: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The floor of the job, not of a design (issue 20, goal 1): per referral, in-process, on
+    the same synthetic referrals the router is given, with the real schemas and the real
+    primitives (``cryptography``'s Ed25519, X25519/HPKE and AES-GCM; fastavro):
+
+    verify one Ed25519 signature over the intake message, unwrap its one data key, one AEAD
+    open over the whole sealed body, one Avro decode; then for each recipient the policy
+    delivers to: one Avro encode of its view, one AEAD seal of it, one key wrap, one signature
+    over what goes out, and the encode of its audit record.
+
+    Policy decisions and projections are prepared before timing (they are this design's
+    choices, not primitives). Each primitive is timed on its own; returns µs per referral for
+    each, their ``total`` and the mean recipients per referral."""
+    import io
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
+    from referral_broker.schemas.registry import audit_decision_schema
+    from referral_broker.schemas.views import project, view_schema
+    from referral_broker.sealing import DataKey
+    from referral_broker.sealing.wrapping import unwrap_data_key, wrap_data_key
+
+    policy = load_policy()
+    canonical = referral_schema()
+    parsed = parse_schema(canonical, named_schemas={})
+    audit_parsed = parse_schema(audit_decision_schema(), named_schemas={})
+    signer = Ed25519PrivateKey.generate()
+    public = signer.public_key()
+    hub_key = X25519PrivateKey.generate()
+    hub_public = hub_key.public_key()
+    recipient_public = X25519PrivateKey.generate().public_key()
+    views: dict[tuple[str, ...], Any] = {}
+    prepared = []
+    for r in referrals[:n]:
+        now = r["created_at"]
+        body = io.BytesIO()
+        schemaless_writer(body, parsed, r)
+        key = DataKey.generate()
+        wrapped = wrap_data_key(key, recipient=HUB, recipient_key_id="council.000000000000", recipient_public=hub_public)
+        nonce = os.urandom(12)
+        sealed = AESGCM(key.secret).encrypt(nonce, body.getvalue(), wrapped)
+        message = wrapped + nonce + sealed
+        shares = []
+        for d in decide(policy, r, referrer_party=SENDER, at=now):
+            if not d.delivered:
+                continue
+            if d.shared not in views:
+                view = view_schema(d.shared)
+                views[d.shared] = (view, parse_schema(view, named_schemas={}))
+            view, view_parsed = views[d.shared]
+            audit = {
+                "decision_id": str(uuid.uuid4()),
+                "referral_id": str(r["referral_id"]),
+                "version": r["version"],
+                "recipient": d.recipient,
+                "recipient_name": d.recipient_name or None,
+                "recipient_rules": list(d.rules),
+                "unresolved_reason": d.unresolved,
+                "purpose": ",".join(d.purposes) or None,
+                "fields_shared": list(d.shared),
+                "fields_withheld": [{"path": p, "reason": why} for p, why in d.withheld.items()],
+                "ground": "; ".join([*d.grounds, *d.special_category_conditions]),
+                "conditions_met": [*d.conditions_met, f"basis:{d.basis}"],
+                "override_reference": d.override_id,
+                "view_fingerprint": "0" * 64,
+                "decided_at": now,
+                "delivered": True,
+                "basis": d.basis,
+                "special_category_conditions": list(d.special_category_conditions),
+                "no_onward_sharing": list(d.no_onward_sharing),
+                "policy_version": policy.version,
+                "referrer": SENDER,
+                "subject_keys": [],
+            }
+            shares.append((view_parsed, project(r, view), audit))
+        prepared.append((message, signer.sign(message), wrapped, nonce, sealed, shares))
+
+    clock = time.perf_counter
+
+    def one_pass() -> tuple[dict[str, float], int]:
+        spent = dict.fromkeys(JOB_PRIMITIVES, 0.0)
+        recipients = 0
+        for message, signature, wrapped, nonce, sealed, shares in prepared:
+            t0 = clock()
+            public.verify(signature, message)
+            t1 = clock()
+            key = unwrap_data_key(wrapped, recipient=HUB, private_key=hub_key)
+            t2 = clock()
+            plain = AESGCM(key.secret).decrypt(nonce, sealed, wrapped)
+            t3 = clock()
+            schemaless_reader(io.BytesIO(plain), parsed, None)
+            t4 = clock()
+            spent["verify_signature"] += t1 - t0
+            spent["unwrap_data_key"] += t2 - t1
+            spent["aead_open"] += t3 - t2
+            spent["avro_decode"] += t4 - t3
+            for view_parsed, share, audit in shares:
+                recipients += 1
+                t0 = clock()
+                out = io.BytesIO()
+                schemaless_writer(out, view_parsed, share)
+                t1 = clock()
+                secret, nonce_out = os.urandom(32), os.urandom(12)  # a fresh data key
+                ciphertext = AESGCM(secret).encrypt(nonce_out, out.getvalue(), None)
+                t2 = clock()
+                wrapped_out = wrap_data_key(
+                    DataKey(nonce_out[:8], secret),
+                    recipient="bench",
+                    recipient_key_id="bench.000000000000",
+                    recipient_public=recipient_public,
+                )
+                t3 = clock()
+                signer.sign(wrapped_out + nonce_out + ciphertext)
+                t4 = clock()
+                schemaless_writer(io.BytesIO(), audit_parsed, audit)
+                t5 = clock()
+                spent["avro_encode_views"] += t1 - t0
+                spent["aead_seal"] += t2 - t1
+                spent["wrap_data_key"] += t3 - t2
+                spent["sign"] += t4 - t3
+                spent["audit_encode"] += t5 - t4
+        return spent, recipients
+
+    # best of 3 passes, primitive by primitive (other processes share the cores)
+    passes = [one_pass() for _ in range(3)]
+    spent = {k: min(p[0][k] for p in passes) for k in JOB_PRIMITIVES}
+    recipients = passes[0][1]
+    count = len(prepared)
+    per = {k: round(v / count * 1e6, 1) for k, v in spent.items()}
+    return {
+        "us_per_referral": per,
+        "total_us": round(sum(spent.values()) / count * 1e6, 1),
+        "recipients_per_referral": round(recipients / count, 2),
+        "referrals_timed": count,
+        "intake_sealed_bytes": round(sum(len(p[4]) for p in prepared) / count),
+    }
+
+
 def _pass_through(settings: Settings, bootstrap: str, source: str, target: str, count: int) -> float:
     consumer = build_consumer(settings, bootstrap, [source], group_id=f"{settings.kafka_topic_prefix}raw")
     producer = build_producer(settings, bootstrap)
@@ -229,9 +389,16 @@ def _timed_router(settings: Settings, bootstrap: str, count: int, **kwargs: Any)
 
 
 def run(
-    base: Settings, bootstrap: str, *, count: int = 2000, progress: Callable[[str], None] = lambda s: None
+    base: Settings,
+    bootstrap: str,
+    *,
+    count: int = 2000,
+    processes: int = 1,
+    progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
+    """Every figure of one run; with ``processes`` > 1 also :func:`scale_out` (same ``count``)."""
     results: dict[str, Any] = {"count": count}
+    job: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rb-bench-router-") as tmp:
         figures: dict[str, float] = {}
         for recipients in (1, 3):
@@ -258,6 +425,8 @@ def run(
                             figures["floor_us_per_referral"] = _floor_us(
                                 settings, bootstrap, referrals, min(count, 300)
                             )
+                            progress("job floor")
+                            job = job_floor_us(referrals, min(count, 300))
                             progress("raw")
                             intake = topic_name(settings, "intake", SENDER)
                             figures["raw_pass_through"] = _pass_through(
@@ -280,9 +449,11 @@ def run(
                     finally:
                         admin.close()
         floor_rate = 1e6 / figures["floor_us_per_referral"]
+        job_rate = 1e6 / job["total_us"]
         results.update(
             {
                 "referrals_per_second": {
+                    "job_floor_3_recipients": round(job_rate, 1),
                     "floor_3_recipients": round(floor_rate, 1),
                     "raw_pass_through": round(figures["raw_pass_through"], 1),
                     "router_1_recipient": round(figures["router_1_recipient"], 1),
@@ -291,7 +462,9 @@ def run(
                     "router_3_recipients_unsealed": round(figures["router_3_recipients_unsealed"], 1),
                 },
                 "floor_us_per_referral_3_recipients": round(figures["floor_us_per_referral"], 1),
+                "job_floor": job,
                 "ratios": {
+                    "router_over_job_floor_3": round(figures["router_3_recipients"] / job_rate, 3),
                     "router_over_floor_3": round(figures["router_3_recipients"] / floor_rate, 3),
                     "router_over_raw_3": round(
                         figures["router_3_recipients"] / figures["raw_pass_through"], 3
@@ -304,6 +477,187 @@ def run(
                     ),
                 },
                 "peak_rss_mb": _rss_mb(),
+                "goals": {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74},
             }
         )
+    if processes > 1:
+        results["scale_out"] = scale_out(base, bootstrap, count=count, processes=processes, progress=progress)
     return results
+
+
+# -- scale-out (issue 20, goal 6) -------------------------------------------------------------
+SCALE_GOAL = 1.6
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of ``pid`` so far (/proc/<pid>/stat), None when unreadable."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _route_processes(settings: Settings, bootstrap: str, n: int, tag: str, logs: Path) -> list[dict[str, Any]]:
+    """``n`` ``referral-broker route`` processes in the router group, started together, each
+    run until it has been idle for a few seconds; their ``--json`` statistics."""
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
+    }
+    procs = []
+    for i in range(n):
+        log = (logs / f"router-{tag}-{i}.log").open("wb")
+        cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json", "--stop-when-idle", "8"]
+        cmd += ["--instance", f"bench-{tag}-{i}"]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log), log))
+    stats = []
+    try:
+        for proc, log in procs:
+            out, _ = proc.communicate(timeout=1800)
+            log.close()
+            if proc.returncode != 0:
+                tail = Path(log.name).read_text(errors="replace")[-2000:]
+                raise BrokerError(f"a benchmark router exited {proc.returncode}: {tail}")
+            stats.append(json.loads(out))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+            log.close()
+    return stats
+
+
+def _combined_rate(stats: list[dict[str, Any]]) -> tuple[float, float]:
+    """Referrals/s of the processes together (first record read by any to last commit by any,
+    CLOCK_MONOTONIC is one clock for the whole machine) and the seconds the last one started
+    reading after the first."""
+    busy = [s for s in stats if s["first_record_at"] is not None and s["last_commit_at"] is not None]
+    if not busy or any(s["dead_lettered"] for s in stats):
+        raise BrokerError(f"benchmark routers dead-lettered or read nothing: {[s['by_reason'] for s in stats]}")
+    start = min(s["first_record_at"] for s in busy)
+    end = max(s["last_commit_at"] for s in busy)
+    return sum(s["consumed"] for s in stats) / (end - start), max(s["first_record_at"] for s in busy) - start
+
+
+def scale_out(
+    base: Settings,
+    bootstrap: str,
+    *,
+    count: int,
+    processes: int = 2,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """One router process, then ``processes`` of them in one consumer group, each on ``count``
+    fresh referrals to 3 recipients sent to the same intake topic; the ratio, and the CPU the
+    broker, the routers and everything else used during each run (from /proc)."""
+    from referral_broker.cli.bench_orgs import broker_pid
+
+    pid = broker_pid(bootstrap)
+    cores = os.cpu_count() or 1
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="rb-bench-scale-") as tmp:
+        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / "data")
+        try:
+            progress("scale-out: topics and keys")
+            ensure_with_county(settings, bootstrap)
+            init_parties(
+                settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap
+            )
+            intake = topic_name(settings, "intake", SENDER)
+            partitions = next(s.partitions for s in plan(settings.kafka_topic_profile, "") if s.role == "intake")
+            for n, seed in ((1, 101), (processes, 102)):
+                progress(f"scale-out: {count} referrals, {n} router process{'es' if n > 1 else ''}")
+                with IntakeSender(settings, bootstrap, SENDER) as sender:
+                    sender.send_referrals(_shaped(count, 3, seed=seed))
+                busy0, total0 = _cpu_ticks()
+                broker0 = _process_cpu_s(pid)
+                children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                wall0 = time.monotonic()
+                stats = _route_processes(settings, bootstrap, n, f"{n}p{uuid.uuid4().hex[:4]}", Path(tmp))
+                wall = time.monotonic() - wall0
+                busy1, total1 = _cpu_ticks()
+                broker1 = _process_cpu_s(pid)
+                children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                rate, skew = _combined_rate(stats)
+                machine = (busy1 - busy0) / (total1 - total0) * cores if total1 > total0 else None
+                routers = (
+                    children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime
+                ) / wall
+                broker = (broker1 - broker0) / wall if broker0 is not None and broker1 is not None else None
+                runs[str(n)] = {
+                    "processes": n,
+                    "referrals_per_second": round(rate, 1),
+                    "consumed_per_process": [s["consumed"] for s in stats],
+                    "second_started_after_s": round(skew, 2),
+                    "wall_s": round(wall, 2),
+                    "cores_used": {
+                        "machine": round(machine, 2) if machine is not None else None,
+                        "routers": round(routers, 2),
+                        "broker": round(broker, 2) if broker is not None else None,
+                        "others": round(machine - routers - (broker or 0.0), 2) if machine is not None else None,
+                    },
+                }
+        finally:
+            admin = admin_client(settings, bootstrap)
+            try:
+                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)])
+            finally:
+                admin.close()
+    one, many = runs["1"], runs[str(processes)]
+    ratio = many["referrals_per_second"] / one["referrals_per_second"]
+    result: dict[str, Any] = {
+        "count": count,
+        "processes": processes,
+        "cores": cores,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "broker_pid": pid,
+        "intake_partitions": partitions,
+        "intake_topic": intake.removeprefix(settings.kafka_topic_prefix),
+        "runs": [one, many],
+        "ratio": round(ratio, 3),
+        "goal": SCALE_GOAL,
+        "why": None,
+    }
+    if ratio < SCALE_GOAL:
+        result["why"] = _why_not_scaled(result)
+    return result
+
+
+def _why_not_scaled(r: dict[str, Any]) -> str:
+    one, many = r["runs"]
+    reasons = [f"{r['processes']} routers reached {r['ratio']:.2f}x one (goal {r['goal']}x)"]
+    used1, usedn = one["cores_used"], many["cores_used"]
+    if usedn["machine"] is not None:
+        spare = r["cores"] - (usedn["broker"] or 0.0) - max(usedn["others"] or 0.0, 0.0)
+        reasons.append(
+            f"the machine has {r['cores']} cores; while {r['processes']} routers ran, the broker used "
+            f"{usedn['broker'] if usedn['broker'] is not None else '?'} cores, other processes "
+            f"{usedn['others']} and the routers {usedn['routers']} (one router alone used {used1['routers']}), "
+            f"so at most {spare:.2f} cores were left for the routers: "
+            f"{spare / used1['routers'] if used1['routers'] else 0:.2f}x one router's use"
+        )
+    consumed = many["consumed_per_process"]
+    if max(consumed) > 1.2 * min(consumed):
+        reasons.append(
+            f"the sender's intake topic has {r['intake_partitions']} partitions, so the group split the "
+            f"referrals {consumed}: the busiest router bounds the run"
+        )
+    if many["second_started_after_s"] > 1:
+        reasons.append(f"the last router started reading {many['second_started_after_s']} s after the first")
+    reasons.append(f"load average {r['load_average'][0]}")
+    return "; ".join(reasons)

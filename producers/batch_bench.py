@@ -1,0 +1,182 @@
+"""``bench batch`` (issue 20, goal 4): DWP's monthly batch through ``send``, end to end.
+
+Makes a synthetic DWP batch CSV in the real adapter format (``adapters/dwp.py``, FORMATS.md):
+``DISTINCT`` synthetic households from the project's generator rendered by the DWP adapter, then
+repeated with a fresh ``REFERRAL_ID`` per row up to ``rows`` (rendering is ~3 ms a row; the file
+is not what is measured). Then times exactly what ``referral-broker send --as dwp --file F``
+does: ``producers.checked.check_file`` (read and validate every row, nothing sent if one is
+invalid), then ``PartnerSender.send_checked`` (convert again, seal for the hub, sign, keep in the
+outbox, deliver to the real broker), under a fresh topic prefix whose topics are deleted at the
+end. The process's RSS is sampled every ``SAMPLE_S`` during the run: flat memory is the goal.
+
+Figures are printed, never asserted: they depend on the machine and what else runs on it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError
+from referral_broker.parties import HUB
+
+PARTY = "dwp"
+DISTINCT = 1000  # distinct synthetic households rendered; the rest repeat them with new ids
+GOAL_ROWS = 100_000
+GOAL_SECONDS = 60.0
+SAMPLE_S = 0.25
+
+
+def write_batch(path: Path, rows: int, *, seed: int = 20) -> int:
+    """A valid DWP batch of ``rows`` rows at ``path``; returns its size in bytes."""
+    from referral_broker.adapters import get_adapter
+    from referral_broker.schemas.synth import synthetic_referrals
+
+    records = []
+    for r in synthetic_referrals(min(rows, DISTINCT), seed=seed):
+        r = {**r, "referrer": {**r["referrer"], "partner": "dwp"}}
+        r["service_providers"] = []  # no charity named: a batch row names no organisation
+        if r.get("health_and_development"):
+            r["health_and_development"] = {**r["health_and_development"], "gp_practice_ods": None}
+        if r.get("school"):
+            r["school"] = {**r["school"], "urn": None}
+        records.append(r)
+    rendered = io.StringIO()
+    get_adapter("dwp").render(records, rendered)
+    header, *lines = rendered.getvalue().splitlines(keepends=True)
+    if not header.startswith("REFERRAL_ID,") or len(lines) != len(records):
+        raise BrokerError("the DWP adapter rendered an unexpected layout (one row per referral, REFERRAL_ID first)")
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write(header)
+        for number in range(rows):
+            line = lines[number % len(lines)]
+            out.write(str(uuid.uuid4()) + line[36:])  # a fresh id in the first column
+    return path.stat().st_size
+
+
+def rss_mb() -> float:
+    """This process's resident set now (/proc/self/statm)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+class RssSampler:
+    """Samples this process's RSS every ``interval`` seconds in a thread: (seconds, MB)."""
+
+    def __init__(self, interval: float = SAMPLE_S) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._t0 = 0.0
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic() - self._t0, rss_mb()))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic() - self._t0, rss_mb()))
+
+    def summary(self) -> dict[str, Any]:
+        values = [mb for _, mb in self.samples]
+        n = len(values)
+        # RSS at each quarter of the run: a leak shows as a rise from quarter to quarter
+        quarters = [round(values[min(n - 1, (n * q) // 4)], 1) for q in (1, 2, 3, 4)]
+        return {
+            "start_mb": round(values[0], 1),
+            "peak_mb": round(max(values), 1),
+            "end_mb": round(values[-1], 1),
+            "at_quarters_mb": quarters,
+            "growth_second_half_mb": round(values[-1] - values[n // 2], 1),
+            "samples": n,
+        }
+
+
+def _on_topic(settings: Settings, bootstrap: str, topic: str) -> int:
+    """Records on ``topic`` (sum of its partitions' end offsets; a fresh topic starts at 0)."""
+    from kafka import TopicPartition
+    from kafka.admin import OffsetSpec
+
+    parts = next(s.partitions for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix) if s.name == topic)
+    admin = admin_client(settings, bootstrap)
+    try:
+        found = admin.list_partition_offsets({TopicPartition(topic, p): OffsetSpec.LATEST for p in range(parts)})
+        return sum(o.offset for o in found.values())
+    finally:
+        admin.close()
+
+
+def run(
+    base: Settings, bootstrap: str, *, rows: int = GOAL_ROWS, progress: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    from referral_broker.producers.checked import check_file
+    from referral_broker.producers.sending import PartnerSender
+    from referral_broker.sealing.key_admin import init_parties
+
+    prefix = f"benchb{uuid.uuid4().hex[:6]}."
+    with tempfile.TemporaryDirectory(prefix="rb-bench-batch-") as tmp:
+        settings = base.replace(kafka_topic_prefix=prefix, paths_data_dir=Path(tmp) / "data")
+        path = Path(tmp) / "dwp-batch.csv"
+        progress(f"writing a {rows:,}-row DWP batch")
+        size = write_batch(path, rows)
+        try:
+            progress("topics and keys")
+            ensure_with_county(settings, bootstrap)
+            init_parties(settings, [HUB, PARTY], bootstrap=bootstrap)
+            progress(f"send --as {PARTY} --file {path.name}")
+            with RssSampler() as sampler:
+                t0 = time.perf_counter()
+                checked = check_file(PARTY, path, fmt="native")  # read + validate, as 'send' does
+                t1 = time.perf_counter()
+                report = PartnerSender(settings, bootstrap, PARTY).send_checked(checked)
+                t2 = time.perf_counter()
+            intake = topic_name(settings, "intake", PARTY)
+            on_topic = _on_topic(settings, bootstrap, intake)
+        finally:
+            admin = admin_client(settings, bootstrap)
+            try:
+                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, prefix)])
+            finally:
+                admin.close()
+    seconds = t2 - t0
+    rate = rows / seconds
+    goal_rate = GOAL_ROWS / GOAL_SECONDS
+    return {
+        "party": PARTY,
+        "rows_in_file": rows,
+        "file_mb": round(size / 1e6, 1),
+        "distinct_households": min(rows, DISTINCT),
+        "rows_checked": checked.total,
+        "rows_sent": len(report.delivered),
+        "rows_queued": len(report.queued),
+        "rows_rejected": len(report.rejected),
+        "records_on_intake_topic": on_topic,
+        "seconds": {"total": round(seconds, 2), "read_validate": round(t1 - t0, 2), "seal_send": round(t2 - t1, 2)},
+        "rows_per_second": round(rate, 1),
+        "rss": sampler.summary(),
+        "peak_rss_mb_getrusage": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "goal": {"rows": GOAL_ROWS, "seconds": GOAL_SECONDS, "rows_per_second": round(goal_rate, 1)},
+        "projected_seconds_for_goal_rows": round(GOAL_ROWS / rate, 1),
+        "ratio_to_goal": round(rate / goal_rate, 3),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "prefix": prefix,
+    }
