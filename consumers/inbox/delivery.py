@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from referral_broker.cluster.acls import inbox_delivery_group
 from referral_broker.cluster.clients import Record, build_consumer, commit_batch, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -51,12 +52,21 @@ class DeliveryWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def group_id(self) -> str:
+        """An inbox serving one team reads as that team's Kafka identity, in the team's own
+        group (``acls.inbox_delivery_group``); one serving several (the administrator, the
+        demo) in the shared ``inbox.delivery``."""
+        if len(self.teams) == 1:
+            return inbox_delivery_group(self.settings, self.teams[0])
+        return f"{self.settings.kafka_topic_prefix}inbox.delivery"
+
     def run(self) -> None:
         consumer = build_consumer(
             self.settings,
             self.settings.bootstrap_servers,
             [topic_name(self.settings, "audit")],
-            group_id=f"{self.settings.kafka_topic_prefix}inbox.delivery",
+            group_id=self.group_id,
         )
         try:
             while not self._stop.is_set():

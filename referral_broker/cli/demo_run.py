@@ -24,7 +24,7 @@ from referral_broker.cluster.topics import ensure_topics, provision_parties
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import PartnerReceiver, Received, Refused, json_records
 from referral_broker.consumers.router import Router, RouterStats
-from referral_broker.organisations import OrgKind, Registry, import_file
+from referral_broker.organisations import ImportReport, OrgKind, Registry, import_file
 from referral_broker.parties import HUB, all_parties, current_registry, get_party
 from referral_broker.policy import load_policy
 from referral_broker.producers.sending import PartnerSender
@@ -154,11 +154,20 @@ class DemoResult:
     units: tuple[str, ...] = ()
 
 
-def run_demo(
-    settings: Settings, bootstrap: str, *, per_partner: int = 2, say: Callable[[str], None] = lambda s: None
-) -> DemoResult:
-    work = settings.paths_data_dir / "demo" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    outbox, inbox = work / "outbox", work / "inbox"
+@dataclass
+class County:
+    """What :func:`prepare_county` set up: the registry import and the registry in force."""
+
+    imported: ImportReport
+    registry: Registry
+    keys: int  # public key entries published (new and existing)
+
+
+def prepare_county(settings: Settings, bootstrap: str, *, say: Callable[[str], None] = lambda s: None) -> County:
+    """The council's side of a local county, idempotently: the topic plan, the shipped county's
+    organisations (kept as they are when already there) with their topics, the root of trust
+    and a key store for every organisation (kept when it exists), published on the keys topic.
+    The demo and ``referral-broker setup`` (docker-compose.yml) both start here."""
     say("Ensuring topics")
     ensure_topics(settings, bootstrap)
     report = import_file(settings, bootstrap)  # the shipped county; kept as it is when already there
@@ -166,7 +175,16 @@ def run_demo(
     registry = current_registry()
     say(f"Organisation registry: {len(registry)} organisations ({len(report.added)} added)")
     say("Creating demo keys for every organisation (kept if they exist)")
-    init_parties(settings, sorted(all_parties()), bootstrap=bootstrap, skip_existing=True)
+    entries = init_parties(settings, sorted(all_parties()), bootstrap=bootstrap, skip_existing=True)
+    return County(report, registry, len(entries))
+
+
+def run_demo(
+    settings: Settings, bootstrap: str, *, per_partner: int = 2, say: Callable[[str], None] = lambda s: None
+) -> DemoResult:
+    work = settings.paths_data_dir / "demo" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    outbox, inbox = work / "outbox", work / "inbox"
+    registry = prepare_county(settings, bootstrap, say=say).registry
 
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     rng = random.Random()

@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "tail": "referral_broker.cli.tail_cmd:tail",
     "export": "referral_broker.cli.export_cmd:export",
     "objections": "referral_broker.cli.objections_cmd:objections",
+    "setup": "referral_broker.cli.setup_cmd:setup",
 }
 
 

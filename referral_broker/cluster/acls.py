@@ -19,8 +19,8 @@ tests) that share a cluster under different prefixes never share a user:
 * an organisation WRITEs its own intake and status topics and READs them back (its outbox
   settles messages left in doubt by reading its own topic; nobody else writes there), READs its
   own out topic (LITERAL names throughout), READs keys and the registry, within its own
-  consumer-group prefix ``receiver-<party>-``. A district team's inbox also has its group
-  ``inbox.<team>``, READs the audit decisions and WRITEs its access events (audit) and the
+  consumer-group prefix ``receiver-<party>-``. A district team's inbox also has its groups
+  ``inbox.<team>`` and ``inbox.<team>.delivery``, READs the audit decisions and WRITEs its access events (audit) and the
   records it cannot open (dead letters). Where one party's group prefix is the start of
   another's (``charity-1190001`` and the linked ``charity-1190001-1``) the shorter one is DENIED
   the longer one's prefix, so no organisation can join another's group;
@@ -136,9 +136,21 @@ def receiver_group_prefix(settings: Settings, party: str) -> str:
     return f"{settings.kafka_topic_prefix}receiver-{party}-"
 
 
+def inbox_audit_writer(settings: Settings, team: str) -> str:
+    """The transactional id of a team's access-event chain (consumers/inbox/outbound.py)."""
+    return f"{settings.kafka_topic_prefix}audit-writer-inbox-{team}"
+
+
 def inbox_group(settings: Settings, team: str) -> str:
     """consumers/inbox/ingest.py ``group_id``: ``<prefix>inbox.<team>``."""
     return f"{settings.kafka_topic_prefix}inbox.{team}"
+
+
+def inbox_delivery_group(settings: Settings, team: str) -> str:
+    """consumers/inbox/delivery.py: the group in which an inbox serving ``team`` alone reads
+    the audit to learn which statuses reached the referrer, ``<prefix>inbox.<team>.delivery``
+    (one per team: inboxes of two teams must not share the audit's partitions)."""
+    return f"{inbox_group(settings, team)}.delivery"
 
 
 def identities(settings: Settings, registry: Registry) -> list[Identity]:
@@ -188,7 +200,10 @@ def plan(settings: Settings, registry: Registry) -> list[Binding]:
                 out.append(Binding(user, "GROUP", "PREFIXED", theirs, "ALL", "DENY"))
         if org.kind is OrgKind.DISTRICT_TEAM:
             allow(user, "GROUP", "LITERAL", inbox_group(settings, org.party), "READ")
+            allow(user, "GROUP", "LITERAL", inbox_delivery_group(settings, org.party), "READ")
             allow(user, "TOPIC", "LITERAL", audit, "READ", "WRITE")
+            allow(user, "TOPIC", "LITERAL", _topic(settings, "audit_heads") or "", "READ", "WRITE")
+            allow(user, "TRANSACTIONAL_ID", "LITERAL", inbox_audit_writer(settings, org.party), "WRITE")
             allow(user, "TOPIC", "LITERAL", dlq, "WRITE")
 
     router = user_name(settings, ROUTER)

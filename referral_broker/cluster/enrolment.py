@@ -106,8 +106,10 @@ def config_text(settings: Settings, bootstrap: str, user: str, folder: Path, mec
     return "\n".join(lines) + "\n"
 
 
-def enrol(settings: Settings, bootstrap: str, ref: str, out: Path) -> Enrolled:
-    """Create or reset ``ref``'s credentials and write its folder (see the module's note)."""
+def enrol(settings: Settings, bootstrap: str, ref: str, out: Path, *, keep_password: bool = False) -> Enrolled:
+    """Create or reset ``ref``'s credentials and write its folder (see the module's note).
+    With ``keep_password`` a password already in the folder is set again instead of a new one
+    (``referral-broker setup`` run twice leaves a running service's credentials as they are)."""
     from referral_broker.sealing.trust import anchor_path
 
     name = resolve(settings, bootstrap, ref)
@@ -124,7 +126,11 @@ def enrol(settings: Settings, bootstrap: str, ref: str, out: Path) -> Enrolled:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder")
     user = acls.user_name(settings, name)
-    password = sec.new_password()
+    kept = folder / PASSWORD_FILE
+    if keep_password and kept.is_file():
+        password = sec.read_secret(kept, "Kafka password file")
+    else:
+        password = sec.new_password()
     _set_password(settings, bootstrap, user, password)
     sec.write_private(folder / PASSWORD_FILE, (password + "\n").encode())  # folder 0700
     shutil.copyfile(admin_security.cafile, folder / CA_FILE)
