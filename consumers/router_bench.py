@@ -508,16 +508,21 @@ def _process_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _route_processes(settings: Settings, bootstrap: str, n: int, tag: str, logs: Path) -> list[dict[str, Any]]:
-    """``n`` ``referral-broker route`` processes in the router group, started together, each
-    run until it has been idle for a few seconds; their ``--json`` statistics."""
-    env = {
+def router_env(settings: Settings, bootstrap: str) -> dict[str, str]:
+    """The environment of a ``referral-broker route`` process on ``settings``' namespace."""
+    return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
         "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
         "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
     }
+
+
+def _route_processes(settings: Settings, bootstrap: str, n: int, tag: str, logs: Path) -> list[dict[str, Any]]:
+    """``n`` ``referral-broker route`` processes in the router group, started together, each
+    run until it has been idle for a few seconds; their ``--json`` statistics."""
+    env = router_env(settings, bootstrap)
     procs = []
     for i in range(n):
         log = (logs / f"router-{tag}-{i}.log").open("wb")

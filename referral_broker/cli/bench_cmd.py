@@ -227,3 +227,45 @@ def batch(obj: CliContext, rows: int, as_json: bool) -> None:
         )
 
     emit(data, as_json, human)
+
+
+@bench.command()
+@click.option("--rate", default=200.0, show_default=True, type=click.FloatRange(0.1, 100_000), help="Referrals offered per second.")
+@click.option("--seconds", default=60.0, show_default=True, type=click.FloatRange(0.1, 3600), help="How long they are offered.")
+@json_option
+@pass_cli
+def e2e(obj: CliContext, rate: float, seconds: float, as_json: bool) -> None:
+    """Latency from a school's send to the district team's inbox store: referrals offered at a
+    fixed rate (open loop: each one due at its time, whatever the ones before did) through a
+    'route' process and the inbox ingest, under a fresh topic prefix; p50/p95/p99/max from when
+    each was due to when its row was stored, the achieved rate, the sender's lag, the goal
+    (p99 <= 250 ms)."""
+    from referral_broker.consumers.e2e_bench import run
+
+    progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
+    data = run(obj.settings, obj.bootstrap(), rate=rate, seconds=seconds, progress=progress)
+
+    def human(d: dict[str, Any]) -> None:
+        lat, lag = d["latency_ms"], d["sender"]["lag_ms"]
+        click.echo(
+            f"{d['partner']} -> router -> {d['team']}'s inbox store: {d['offered']:,} offered at "
+            f"{d['rate_target']:g}/s for {d['seconds_target']:g} s (offered {d['offered_rate']:,.1f}/s), "
+            f"{d['delivered']:,} stored ({d['lost_or_late']} not within the drain time); achieved {d['achieved_rate']:,.1f}/s"
+        )
+        if lat:
+            click.echo(table([[k, f"{v:,.1f}"] for k, v in lat.items()], ["latency", "ms"]))
+            click.echo(
+                f"Goal p99 <= {d['goal']['p99_ms']:.0f} ms: p99 {lat['p99']:,.1f} ms "
+                f"({d['ratio_p99_to_goal']:.2f}x the goal)."
+            )
+        stages = [[k.replace("_", " "), *(f"{v.get(q, 0):,.1f}" for q in ("p50", "p95", "p99", "max"))] for k, v in d["stages_ms"].items() if v]
+        if stages:
+            click.echo(table(stages, ["where (ms)", "p50", "p95", "p99", "max"]))
+        behind = (
+            f"the sender FELL BEHIND: {d['sender']['late_sends']} sends more than 100 ms late"
+            if d["sender"]["fell_behind"]
+            else "the sender kept to the schedule"
+        )
+        click.echo(f"Sender lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms: {behind}. Load average {d['load_average'][0]}.")
+
+    emit(data, as_json, human)

@@ -1,0 +1,230 @@
+"""``bench e2e`` (issue 20, goal 5): latency from a partner's send to the district team's inbox.
+
+Under a fresh topic prefix (topics deleted at the end) with the shipped county:
+
+- the council's router runs as its own ``referral-broker route`` process (the bench's prefix,
+  its own data folder), as it runs in production;
+- the team's inbox ingest (``consumers.inbox.ingest.TeamIngest``, the real ``InboxStore`` and
+  ``SealedReferralFormat``) runs in a thread of this process; the store records, for each new
+  referral, the moment its row was committed;
+- a school offers referrals for the Cambridge district team at a fixed rate, **open loop**:
+  referral i is due at ``start + i / rate`` whatever happened to the ones before it (sealed for
+  the hub and signed by the school's own sealer, queued on its producer, never waiting for the
+  previous one). Latency is measured from when a referral was *due*, so a sender that fell
+  behind shows in the figures instead of hiding the queue (and its lag is reported).
+
+A few warm-up referrals go through first (the router's and the ingest's groups joined, keys
+loaded); they are not counted. Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from referral_broker.cluster.topics import admin_client, ensure_with_county, plan
+from referral_broker.config import Settings
+from referral_broker.consumers.inbox.ingest import TeamIngest
+from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
+from referral_broker.consumers.inbox.store import InboxStore
+from referral_broker.consumers.inbox.store_referrals import IngestResult
+from referral_broker.consumers.router_bench import SENDER, _shaped, router_env
+from referral_broker.errors import BrokerError
+from referral_broker.parties import HUB, all_parties
+from referral_broker.producers.intake import IntakeSender
+from referral_broker.sealing.key_admin import init_parties
+
+TEAM = "district-cambridge"  # where router_bench._shaped's one-recipient referrals go
+GOAL_P99_MS = 250.0
+WARMUP = 10
+FELL_BEHIND_MS = 100.0  # a referral sent this long after it was due: the sender fell behind
+
+
+class TimedStore(InboxStore):
+    """The inbox store, noting when each new referral's row was stored (monotonic clock)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.stored_at: dict[str, float] = {}
+        self.routed_at: dict[str, float] = {}  # the router's produce time (record timestamp)
+        self.read_at: dict[str, float] = {}  # when the ingest began storing it
+        self._wall_minus_monotonic = time.time() - time.monotonic()
+
+    def ingest(self, team: str, summary: Any, record: Any) -> IngestResult:
+        begun = time.monotonic()
+        result = super().ingest(team, summary, record)
+        if result.outcome == "new":
+            self.stored_at[result.referral_id] = time.monotonic()
+            self.read_at[result.referral_id] = begun
+            self.routed_at[result.referral_id] = record.timestamp_ms / 1000 - self._wall_minus_monotonic
+        return result
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank percentile of already sorted values."""
+    index = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+def _wait_stored(store: TimedStore, ids: list[str], timeout_s: float, ingest: TeamIngest) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ingest.error is not None:
+            raise BrokerError(f"the inbox ingest stopped: {type(ingest.error).__name__}: {ingest.error}")
+        if all(i in store.stored_at for i in ids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def run(
+    base: Settings,
+    bootstrap: str,
+    *,
+    rate: float = 200.0,
+    seconds: float = 60.0,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    count = max(1, round(rate * seconds))
+    prefix = f"benche{uuid.uuid4().hex[:6]}."
+    with tempfile.TemporaryDirectory(prefix="rb-bench-e2e-") as tmp:
+        settings = base.replace(
+            kafka_topic_prefix=prefix, paths_data_dir=Path(tmp) / "data", kafka_bootstrap_servers=bootstrap
+        )
+        settings.paths_data_dir.mkdir(mode=0o700)  # the inbox database's folder is private
+        router: subprocess.Popen[bytes] | None = None
+        ingest: TeamIngest | None = None
+        store: TimedStore | None = None
+        router_log = (Path(tmp) / "router.log").open("wb")
+        try:
+            progress("topics and keys")
+            ensure_with_county(settings, bootstrap)
+            init_parties(
+                settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap
+            )
+            progress(f"{count + WARMUP} synthetic referrals")
+            referrals = _shaped(count + WARMUP, 1, seed=7)
+            warm, offered = referrals[:WARMUP], referrals[WARMUP:]
+            progress("router process and inbox ingest")
+            cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json", "--instance", "bench-e2e"]
+            router = subprocess.Popen(cmd, env=router_env(settings, bootstrap), stdout=subprocess.PIPE, stderr=router_log)
+            store = TimedStore(settings.inbox_db_path)
+            ingest = TeamIngest(settings, TEAM, store, SealedReferralFormat.from_settings(settings, (TEAM,)))
+            ingest.start()
+            with IntakeSender(settings, bootstrap, SENDER) as sender:
+                progress(f"warm-up: {WARMUP} referrals through router and ingest")
+                sender.send_referrals(warm)
+                if not _wait_stored(store, [str(r["referral_id"]) for r in warm], 180.0, ingest):
+                    raise BrokerError("the warm-up referrals did not reach the inbox within 180 s")
+                progress(f"offering {count} referrals at {rate:g}/s for {seconds:g} s")
+                due: list[float] = []
+                sent_at: list[float] = []
+                start = time.monotonic() + 0.05
+                for i, record in enumerate(offered):
+                    when = start + i / rate
+                    wait = when - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    sent_at.append(time.monotonic())
+                    due.append(when)
+                    sender.sealer.referral(record).send(sender.producer)
+                    if i % 1000 == 999:
+                        sender.producer.flush()  # confirms (or raises) what is queued so far
+                sender.producer.flush()
+                offered_until = time.monotonic()
+            ids = [str(r["referral_id"]) for r in offered]
+            drained = _wait_stored(store, ids, max(60.0, seconds), ingest)
+            finished = time.monotonic()
+        finally:
+            if ingest is not None:
+                ingest.stop()
+            stats: dict[str, Any] = {}
+            if router is not None:
+                router.send_signal(signal.SIGTERM)  # a clean stop: it leaves the group at once
+                try:
+                    out, _ = router.communicate(timeout=60)
+                    stats = json.loads(out) if out.strip() else {}
+                except subprocess.TimeoutExpired:
+                    router.kill()
+                    router.communicate()
+                except json.JSONDecodeError:
+                    stats = {}
+            router_log.close()
+            if store is not None:
+                store.close()
+            admin = admin_client(settings, bootstrap)
+            try:
+                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, prefix)])
+            finally:
+                admin.close()
+    stored = [(store.stored_at[i] - d) * 1000 for i, d in zip(ids, due, strict=True) if i in store.stored_at]
+    lags = sorted((s - d) * 1000 for s, d in zip(sent_at, due, strict=True))
+    latencies = sorted(stored)
+    delivered = len(latencies)
+    last_stored = max((store.stored_at[i] for i in ids if i in store.stored_at), default=finished)
+    figures = (
+        {
+            "p50": round(_percentile(latencies, 50), 1),
+            "p95": round(_percentile(latencies, 95), 1),
+            "p99": round(_percentile(latencies, 99), 1),
+            "max": round(latencies[-1], 1),
+            "min": round(latencies[0], 1),
+        }
+        if latencies
+        else {}
+    )
+    behind = [v for v in lags if v > FELL_BEHIND_MS]
+
+    def spread(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        if not ordered:
+            return {}
+        return {q: round(_percentile(ordered, float(q[1:])), 1) for q in ("p50", "p95", "p99")} | {
+            "max": round(ordered[-1], 1)
+        }
+
+    # where the time went: due -> the router produced the team's copy (its record timestamp, the
+    # wall clock's: a split, not exact) -> the ingest began storing it (the router's transaction
+    # committed, the ingest polled and verified it) -> its row committed
+    stages = {
+        "due_to_router_produced": spread([(store.routed_at[i] - d) * 1000 for i, d in zip(ids, due, strict=True) if i in store.routed_at]),
+        "produced_to_store_begun": spread([(store.read_at[i] - store.routed_at[i]) * 1000 for i in ids if i in store.read_at]),
+        "store": spread([(store.stored_at[i] - store.read_at[i]) * 1000 for i in ids if i in store.read_at]),
+    }
+    return {
+        "team": TEAM,
+        "partner": SENDER,
+        "rate_target": rate,
+        "seconds_target": seconds,
+        "offered": count,
+        "delivered": delivered,
+        "lost_or_late": count - delivered,
+        "drained": drained,
+        "latency_ms": figures,
+        "stages_ms": stages,
+        "offered_rate": round(count / (offered_until - due[0]), 1),
+        "achieved_rate": round(delivered / (last_stored - due[0]), 1) if delivered else 0.0,
+        "sender": {
+            "lag_ms": {
+                "p50": round(_percentile(lags, 50), 1),
+                "p99": round(_percentile(lags, 99), 1),
+                "max": round(lags[-1], 1),
+            },
+            "late_sends": len(behind),
+            "fell_behind": bool(behind),
+        },
+        "goal": {"p99_ms": GOAL_P99_MS},
+        "ratio_p99_to_goal": round(figures["p99"] / GOAL_P99_MS, 3) if figures else None,
+        "router": {k: stats.get(k) for k in ("consumed", "routed", "delivered", "dead_lettered", "batches")},
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "prefix": prefix,
+    }
