@@ -18,7 +18,7 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ConfigError, ContractError, ReferralBrokerError
 from referral_broker.schemas import codec
-from referral_broker.schemas.registry import audit_decision_schema
+from referral_broker.schemas.registry import SINGLE_OBJECT_MAGIC, audit_decision_schema
 
 
 def decisions(settings: Settings, bootstrap: str, *, idle_s: float = 2.0) -> Iterator[dict[str, Any]]:
@@ -175,6 +175,16 @@ def _decision_event(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def read_event_value(value: bytes) -> dict[str, Any]:
+    """An audit event's fields: Avro single-object encoded (inbox access events,
+    ``audit_access``), or the JSON written before (retention, exports, older access events);
+    a timestamp comes back as ISO text either way."""
+    if value[:2] == SINGLE_OBJECT_MAGIC:
+        doc = codec.decode(value)
+        return {k: v.astimezone(UTC).isoformat(timespec="milliseconds") if isinstance(v, datetime) else v for k, v in doc.items()}
+    return dict(json.loads(value))
+
+
 def _json_event(kind: str, doc: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "inbox.access":
         return {
@@ -244,7 +254,7 @@ def subject_history(
                 referrals.add(str(d["referral_id"]))
                 event = _decision_event(d)
             else:
-                event = _json_event(kind, json.loads(record.value))
+                event = _json_event(kind, read_event_value(record.value))
             if verify is not None and kind == "inbox.access" and event is not None and signer != event.get("team"):
                 raise ValueError("an inbox event not signed by the team it names")
         except (ReferralBrokerError, ValueError, KeyError, TypeError):
@@ -262,41 +272,77 @@ def subject_history(
     }
 
 
-def history_html(report: dict[str, Any], *, title: str = "Your family's sharing history") -> str:
+def subject_lookup(
+    settings: Settings,
+    bootstrap: str,
+    *,
+    secret: bytes,
+    key: str | None = None,
+    case: str | None = None,
+    verify: Callable[[Record], dict[str, bytes]] | None = None,
+    use_index: bool = True,
+    note: Callable[[str], object] = lambda message: None,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, Any]:
+    """:func:`subject_history` through the hub's local audit index
+    (:mod:`referral_broker.audit_index`): the index is brought up to date, then only the records
+    of the referrals it names are read, by offset, and judged exactly as a full scan judges
+    them. ``use_index=False`` scans the whole topic instead. The report says what the index did
+    (``index``; None for a scan)."""
+    if not use_index:
+        return subject_history(settings, bootstrap, key=key, case=case, verify=verify) | {"index": None}
+    from referral_broker.audit_index import indexed_records
+
+    records, info = indexed_records(settings, bootstrap, secret, key=key, case=case, note=note, progress=progress)
+    return subject_history(settings, bootstrap, key=key, case=case, records=records, verify=verify) | {"index": info}
+
+
+def _event_lines(e: dict[str, Any]) -> tuple[str, list[str]]:
+    """One event as plain text for a letter: a heading and its lines (no escaping)."""
+    lines = []
+    if e.get("to"):
+        who = e.get("to_name") or e["to"]
+        lines.append(f"To: {who}" + (f" ({e['to']})" if e.get("to_name") else ""))
+    if e.get("from"):
+        lines.append(f"From: {e['from']}")
+    if e.get("team"):
+        lines.append(f"Team: {e['team']}" + (f", by {e['member']}" if e.get("member") else ""))
+    if e.get("purpose"):
+        lines.append(f"Purpose: {e['purpose']}")
+    if e.get("ground"):
+        lines.append(f"Legal ground: {e['ground']}")
+    if e.get("basis"):
+        lines.append(f"Basis: {e['basis']}")
+    if e.get("override_reference"):
+        lines.append(f"Shared without consent under override {e['override_reference']}")
+    if e.get("fields_shared"):
+        lines.append("Information shared: " + ", ".join(e["fields_shared"]))
+    if e.get("fields_withheld"):
+        lines.append("Information withheld: " + ", ".join(f"{w['path']} ({w['reason']})" for w in e["fields_withheld"]))
+    if e.get("unresolved_reason"):
+        lines.append(f"Not sent: {e['unresolved_reason']}")
+    if e.get("reason"):
+        lines.append(f"Reason: {e['reason']}")
+    lines.append(f"Referral {e.get('referral_id')}, version {e.get('version') or '-'}")
+    return str(e["event"]).capitalize(), lines
+
+
+NO_EVENTS = "No sharing of information about this person is recorded."
+DEFAULT_TITLE = "Your family's sharing history"
+
+
+def history_html(report: dict[str, Any], *, title: str = DEFAULT_TITLE) -> str:
     """A readable document of a subject's history for a letter: a timeline, one entry per event."""
     esc = html.escape
     items = []
     for e in report["events"]:
-        lines = [f"<strong>{esc(str(e['event']).capitalize())}</strong>"]
-        if e.get("to"):
-            who = e.get("to_name") or e["to"]
-            lines.append(f"To: {esc(str(who))}" + (f" ({esc(str(e['to']))})" if e.get("to_name") else ""))
-        if e.get("from"):
-            lines.append(f"From: {esc(str(e['from']))}")
-        if e.get("team"):
-            lines.append(f"Team: {esc(str(e['team']))}" + (f", by {esc(str(e['member']))}" if e.get("member") else ""))
-        if e.get("purpose"):
-            lines.append(f"Purpose: {esc(str(e['purpose']))}")
-        if e.get("ground"):
-            lines.append(f"Legal ground: {esc(str(e['ground']))}")
-        if e.get("basis"):
-            lines.append(f"Basis: {esc(str(e['basis']))}")
-        if e.get("override_reference"):
-            lines.append(f"Shared without consent under override {esc(str(e['override_reference']))}")
-        if e.get("fields_shared"):
-            lines.append("Information shared: " + esc(", ".join(e["fields_shared"])))
-        if e.get("fields_withheld"):
-            lines.append("Information withheld: " + esc(", ".join(f"{w['path']} ({w['reason']})" for w in e["fields_withheld"])))
-        if e.get("unresolved_reason"):
-            lines.append(f"Not sent: {esc(str(e['unresolved_reason']))}")
-        if e.get("reason"):
-            lines.append(f"Reason: {esc(str(e['reason']))}")
-        lines.append(f"Referral {esc(str(e.get('referral_id')))}, version {esc(str(e.get('version') or '-'))}")
+        heading, lines = _event_lines(e)
+        shown = [f"<strong>{esc(heading)}</strong>", *(esc(line) for line in lines)]
         items.append(
             f'<li class="event"><time datetime="{esc(str(e.get("at") or ""))}">{esc(str(e.get("at") or ""))}</time>'
-            f"<p>{'<br>'.join(lines)}</p></li>"
+            f"<p>{'<br>'.join(shown)}</p></li>"
         )
-    body = "\n".join(items) if items else "<p>No sharing of information about this person is recorded.</p>"
+    body = "\n".join(items) if items else f"<p>{NO_EVENTS}</p>"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>"
@@ -307,3 +353,60 @@ def history_html(report: dict[str, Any], *, title: str = "Your family's sharing 
         f"<h1>{esc(title)}</h1><p>{report['count']} recorded event(s), oldest first.</p>"
         f'<ol class="timeline">\n{body}\n</ol></body></html>\n'
     )
+
+
+def _latin1(text: str) -> str:
+    """The PDF's built-in fonts carry Latin-1 only: other characters become '?'."""
+    return text.replace("\u2019", "'").replace("\u2013", "-").encode("latin-1", "replace").decode("latin-1")
+
+
+def history_pdf(report: dict[str, Any], *, title: str = DEFAULT_TITLE) -> bytes:
+    """The same document as :func:`history_html` as a PDF (A4, a timeline down the left: a
+    line and a dot per event), for printing or attaching to a letter. Built-in fonts only, so
+    nothing is read from the machine."""
+    from fpdf import FPDF
+
+    pdf = FPDF(format="A4", unit="mm")
+    pdf.set_title(_latin1(title))
+    pdf.set_creator("referral-broker audit subject")
+    pdf.set_auto_page_break(auto=True, margin=18)
+    pdf.set_margins(20, 18, 20)
+    pdf.add_page()
+    pdf.set_text_color(11, 12, 12)
+    pdf.set_font("Helvetica", "B", 18)
+    pdf.multi_cell(0, 9, _latin1(title), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "", 11)
+    pdf.ln(2)
+    pdf.multi_cell(0, 6, f"{report['count']} recorded event(s), oldest first.", new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(4)
+    if not report["events"]:
+        pdf.multi_cell(0, 6, NO_EVENTS, new_x="LMARGIN", new_y="NEXT")
+    rail = pdf.l_margin + 2
+    text_x = pdf.l_margin + 8
+    width = pdf.w - pdf.r_margin - text_x
+    for e in report["events"]:
+        heading, lines = _event_lines(e)
+        if pdf.get_y() > pdf.h - 50:
+            pdf.add_page()
+        page, top = pdf.page, pdf.get_y()
+        pdf.set_x(text_x)
+        pdf.set_font("Helvetica", "B", 10)
+        pdf.set_text_color(80, 90, 95)
+        pdf.multi_cell(width, 5, _latin1(str(e.get("at") or "")), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_text_color(11, 12, 12)
+        pdf.set_font("Helvetica", "B", 11)
+        pdf.set_x(text_x)
+        pdf.multi_cell(width, 6, _latin1(heading), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font("Helvetica", "", 10)
+        for line in lines:
+            pdf.set_x(text_x)
+            pdf.multi_cell(width, 5, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+        bottom = pdf.get_y()
+        pdf.set_draw_color(29, 112, 184)
+        pdf.set_fill_color(29, 112, 184)
+        if pdf.page == page:
+            pdf.set_line_width(1.2)
+            pdf.line(rail, top, rail, bottom + 2)
+        pdf.circle(x=rail, y=top + 2.5, radius=1.8, style="F")
+        pdf.ln(5)
+    return bytes(pdf.output())
