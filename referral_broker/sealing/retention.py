@@ -24,17 +24,24 @@ from __future__ import annotations
 import getpass
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
-from referral_broker.errors import LegalHoldError, SealingError
+from referral_broker.errors import BrokerError, LegalHoldError, ReferralBrokerError, SealingError
 from referral_broker.parties import HUB
 from referral_broker.sealing.case_keys import CaseKeyStore, check_case_id
 from referral_broker.sealing.envelope import sign_plain
 from referral_broker.sealing.keystore import KeyStore
 from referral_broker.sealing.timefmt import to_iso
 from referral_broker.structured_log import get_logger
+
+if TYPE_CHECKING:
+    from referral_broker.retention_rules import Rules
 
 log = get_logger(__name__)
 AUDIT_KIND = "audit.retention"
@@ -165,8 +172,17 @@ def audit(settings: Settings, bootstrap: str, event: dict[str, Any], *, now: flo
     )
 
 
-def shred(settings: Settings, bootstrap: str, case_id: str, *, now: float | None = None) -> dict[str, Any]:
-    """Destroy the case key of ``case_id`` (audited). Refuses a held, unknown or shredded case."""
+def shred(
+    settings: Settings,
+    bootstrap: str,
+    case_id: str,
+    *,
+    now: float | None = None,
+    rule: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Destroy the case key of ``case_id`` (audited). Refuses a held, unknown or shredded case.
+    ``rule``: the retention record that made a sweep shred it (its record types, due date and
+    basis go into the audit event; operator shreds carry none)."""
     now = time.time() if now is None else now
     store = CaseKeyStore.open(settings.keys_dir)
     check_case_id(case_id)
@@ -185,7 +201,16 @@ def shred(settings: Settings, bootstrap: str, case_id: str, *, now: float | None
     audit(
         settings,
         bootstrap,
-        {"type": "retention.case_shredded", "case_id": case_id, "case_key_id": case_key_id, "actor": actor},
+        {"type": "retention.case_shredded", "case_id": case_id, "case_key_id": case_key_id, "actor": actor}
+        | (
+            {
+                "by_rule": {
+                    k: rule.get(k) for k in ("record_types", "due", "basis", "closed_at", "rules_version")
+                }
+            }
+            if rule is not None
+            else {}
+        ),
         now=now,
     )
     try:
@@ -247,3 +272,395 @@ def release(settings: Settings, bootstrap: str, case_id: str, *, now: float | No
         "hold_reason": lifted.reason,
         "placed_at": lifted.placed_at,
     }
+
+
+# -- retention that runs itself (issue 16, Build 3) ---------------------------------------------
+# The hub's retention records: per case, when a district team ended it, what the schedule makes
+# of it and the date it is due; and how far the audit topic has been read for closures. A file
+# in the case-key store (0600, under its lock), backed up with the hub's keys. Ids, codes and
+# dates only: never a date of birth (a birthday clock is stored rounded up to the month).
+RECORDS_FILE = "retention.json"
+RECORDS_FORMAT = 1
+
+
+def _records_path(settings: Settings) -> Path:
+    return CaseKeyStore.open(settings.keys_dir).root / RECORDS_FILE
+
+
+def load_records(settings: Settings) -> dict[str, Any]:
+    """The hub's retention records (an empty book when there are none yet)."""
+    from referral_broker.sealing.keystore import read_private
+
+    path = _records_path(settings)
+    if not path.exists():
+        return {"format": RECORDS_FORMAT, "positions": {}, "cases": {}}
+    try:
+        doc: dict[str, Any] = json.loads(read_private(path))
+        if doc.get("format") != RECORDS_FORMAT or not isinstance(doc.get("cases"), dict):
+            raise ValueError
+    except ValueError:
+        raise SealingError(
+            f"retention records {path} are malformed; restore them from the hub's key backup"
+        ) from None
+    doc.setdefault("positions", {})
+    return doc
+
+
+def _save_records(settings: Settings, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``update`` to the records under the store's lock and write them back (atomic)."""
+    from referral_broker.sealing.keystore import locked, write_private
+
+    store = CaseKeyStore.open(settings.keys_dir)
+    with locked(store.root):
+        doc = load_records(settings)
+        update(doc)
+        write_private(store.root / RECORDS_FILE, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8"))
+    return doc
+
+
+def _read_topic_from(
+    settings: Settings,
+    bootstrap: str,
+    role: str,
+    positions: dict[str, int],
+    wanted: Callable[[Record], bool],
+) -> tuple[list[Record], dict[str, int]]:
+    """The committed records of a (non per-party) topic after ``positions`` (partition ->
+    next offset; a partition not named is read from its start) that ``wanted`` keeps, and the
+    positions reached (its end, as it was when the read began)."""
+    from kafka.errors import KafkaError
+
+    from referral_broker.cluster.clients import build_consumer, poll_records
+    from referral_broker.cluster.topics import topic_name
+
+    topic = topic_name(settings, role)
+    consumer = build_consumer(settings, bootstrap, [topic], group_id=None)
+    kept: list[Record] = []
+    try:
+        partitions = list(consumer.assignment())
+        if not partitions:
+            raise BrokerError(f"the topic {topic} does not exist; run 'referral-broker topics ensure'")
+        end = consumer.end_offsets(partitions)
+        for tp in partitions:
+            start = positions.get(str(tp.partition))
+            if start is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, min(int(start), end[tp]))
+        remaining = {tp for tp in partitions if consumer.position(tp) < end[tp]}
+        deadline = time.monotonic() + 30.0
+        while remaining:
+            batch = poll_records(consumer, 500)
+            if batch:
+                deadline = time.monotonic() + 30.0
+            elif time.monotonic() > deadline:
+                raise BrokerError(f"reading {topic} stalled before its end")
+            kept.extend(r for r in batch if r.value is not None and wanted(r))
+            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+        reached = {str(tp.partition): int(consumer.position(tp)) for tp in partitions}
+    except KafkaError as exc:
+        raise BrokerError(f"reading {topic} failed: {type(exc).__name__}") from exc
+    finally:
+        consumer.close()
+    return kept, reached
+
+
+def _header(record: Record, name: str) -> bytes | None:
+    return next((bytes(v) for n, v in record.headers if n == name), None)
+
+
+def _closure(record: Record, closing: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any] | None:
+    """A district team ending a case, from the router's audit of the status it relayed: purpose
+    ``status-to-referrer``, ``received-by:<district team>``, ``status-code:<a closing code>``."""
+    from referral_broker.parties import all_parties
+    from referral_broker.schemas import codec
+
+    if _header(record, "rb-kind") != b"audit.decision" or b"status-to-referrer" not in (record.value or b""):
+        return None
+    d = codec.decode(record.value or b"", schema)
+    if d.get("purpose") != "status-to-referrer":
+        return None
+    met = dict(c.split(":", 1) for c in d.get("conditions_met") or [] if ":" in c)
+    team, code = met.get("received-by"), met.get("status-code")
+    if code not in closing or not team:
+        return None
+    party = all_parties().get(team)
+    if party is None or party.kind != "district_team":
+        return None
+    decided = d["decided_at"]
+    at = decided.astimezone(UTC) if isinstance(decided, datetime) else datetime.fromisoformat(str(decided))
+    return {
+        "case_id": str(d["referral_id"]),
+        "closed_at": at.isoformat(timespec="seconds"),
+        "closed_by": team,
+        "status": code,
+    }
+
+
+@dataclass
+class CatchUp:
+    """What one read of the audit and the archive learnt: closures (case -> record) and the
+    audit positions reached; records refused (not hub-signed) are counted."""
+
+    positions: dict[str, int]
+    closures: dict[str, dict[str, Any]]
+    refused: int = 0
+
+
+def read_closures(
+    settings: Settings,
+    bootstrap: str,
+    rules: Rules,
+    positions: dict[str, int],
+    verify: Callable[[Record], dict[str, bytes]],
+) -> CatchUp:
+    """Every case a district team ended since ``positions``, from hub-signed audit records
+    only: a team may write the audit topic, so an unsigned or team-signed "closure" is refused
+    (it would make the sweep shred a live case)."""
+    from referral_broker.schemas.registry import audit_decision_schema
+
+    schema = audit_decision_schema()
+    records, reached = _read_topic_from(
+        settings, bootstrap, "audit", positions, lambda r: _header(r, "rb-kind") == b"audit.decision"
+    )
+    out = CatchUp(reached, {})
+    for record in records:
+        try:
+            found = _closure(record, rules.closing_statuses, schema)
+            if found is None:
+                continue
+            if verify(record).get("rb-sender", b"").decode() != HUB:
+                raise SealingError("not signed by the hub")
+        except (ReferralBrokerError, ValueError, KeyError, TypeError):
+            out.refused += 1
+            continue
+        have = out.closures.get(found["case_id"])
+        if have is None or found["closed_at"] > have["closed_at"]:
+            out.closures[found["case_id"]] = found  # a later closure (another team) counts
+    return out
+
+
+def _archived(
+    settings: Settings, bootstrap: str, hub: Any, cases: set[str]
+) -> dict[str, dict[str, Any] | str]:
+    """The latest archived referral of each case in ``cases`` (opened in memory, never kept),
+    or why it could not be read."""
+    records, _ = _read_topic_from(
+        settings, bootstrap, "archive", {}, lambda r: (r.key or b"").decode("utf-8", "replace") in cases
+    )
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    problems: dict[str, str] = {}
+    for record in records:
+        case = (record.key or b"").decode()
+        try:
+            opened = hub.open(record)
+        except ReferralBrokerError as exc:
+            problems[case] = type(exc).__name__
+            continue
+        if case not in latest or opened.referral_version > latest[case][0]:
+            latest[case] = (opened.referral_version, opened.record)
+    found: dict[str, dict[str, Any] | str] = {c: r for c, (_, r) in latest.items()}
+    for case in cases - set(found):
+        found[case] = problems.get(case, "no archive copy")
+    return found
+
+
+def catch_up(
+    settings: Settings, bootstrap: str, rules: Rules, *, write: bool = True, hub: Any = None
+) -> dict[str, Any]:
+    """Learn every closure since the last read and give each newly closed (or re-closed) case
+    its due date under ``rules`` (from its latest archived referral, opened in memory). Returns
+    the records as they now are; ``write=False`` (a dry run) changes nothing on disk. A case
+    whose archive copy cannot be opened is recorded without a due date (``problem``) and tried
+    again next time."""
+    from referral_broker.cluster.topics import topic_name
+    from referral_broker.identity import load_identity
+    from referral_broker.retention_rules import assess
+
+    hub = hub or load_identity(settings, bootstrap, HUB)
+    book = load_records(settings)
+    audit_topic = topic_name(settings, "audit")
+    positions = book["positions"].get(audit_topic, {})
+    learnt = read_closures(settings, bootstrap, rules, positions, hub.opener.verify)
+    cases: dict[str, dict[str, Any]] = {c: dict(v) for c, v in book["cases"].items()}
+    changed: set[str] = set()
+    for case, found in learnt.closures.items():
+        have = cases.get(case)
+        if have is None or found["closed_at"] > have["closed_at"]:
+            cases[case] = {**found, "due": None}
+            changed.add(case)
+    todo = {c for c, v in cases.items() if v.get("due") is None and not v.get("shredded_at")}
+    store = CaseKeyStore.open(settings.keys_dir)
+    for case in sorted(todo):
+        done = store.shredded(case)
+        if done is not None:
+            cases[case] |= {"shredded_at": done.shredded_at}
+            todo.discard(case)
+    opened = _archived(settings, bootstrap, hub, todo) if todo else {}
+    for case in sorted(todo):
+        referral = opened.get(case)
+        if isinstance(referral, str):
+            cases[case] |= {
+                "problem": f"archive copy not readable ({referral}); tried again at the next sweep"
+            }
+            continue
+        closed = datetime.fromisoformat(cases[case]["closed_at"])
+        assessed = assess(rules, referral, closed)
+        cases[case] = (
+            {k: v for k, v in cases[case].items() if k != "problem"}
+            | assessed.as_dict()
+            | {"rules_version": rules.version}
+        )
+        changed.add(case)
+
+    def update(doc: dict[str, Any]) -> None:
+        doc["positions"][audit_topic] = learnt.positions
+        for case in changed | todo:
+            doc["cases"][case] = cases[case]
+
+    if write:
+        _save_records(settings, update)
+    return {"cases": cases, "learnt": sorted(learnt.closures), "refused": learnt.refused}
+
+
+def sweep(
+    settings: Settings,
+    bootstrap: str,
+    rules: Rules,
+    *,
+    today: date,
+    dry_run: bool,
+    shred_case: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+    progress: Callable[[list[str]], Iterable[str]] | None = None,
+) -> dict[str, Any]:
+    """Shred every case past its due date on ``today``: learn closures first (the whole read
+    happens before any shred, so a cluster that does not answer stops the sweep before it
+    starts), skip held ones with their hold, and shred the rest one by one through
+    ``shred_case`` (the CLI's shred: :func:`shred`, audited first, plus the inbox's tombstone).
+    A shred that fails stops the sweep there (each shred is all or nothing): the result names
+    what was done and why it stopped. ``dry_run`` changes nothing and lists what it would do."""
+    book = catch_up(settings, bootstrap, rules, write=not dry_run)
+    store = CaseKeyStore.open(settings.keys_dir)
+    due: list[str] = []
+    held: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
+    already = 0
+    not_due = 0
+    for case, record in sorted(book["cases"].items()):
+        if record.get("shredded_at") or store.shredded(case) is not None:
+            already += 1
+            continue
+        if record.get("due") is None:
+            waiting.append({"case_id": case, "reason": record.get("problem", "due date not known yet")})
+            continue
+        if date.fromisoformat(record["due"]) > today:
+            not_due += 1
+            continue
+        hold = store.hold_of(case)
+        if hold is not None:
+            held.append(
+                {
+                    "case_id": case,
+                    "due": record["due"],
+                    "reason": f"legal hold since {hold.placed_at}: {hold.reason}",
+                }
+            )
+            continue
+        if not store.has_key(case):
+            waiting.append({"case_id": case, "reason": "no case key in the hub's store (nothing to shred)"})
+            continue
+        due.append(case)
+    result: dict[str, Any] = {
+        "today": today.isoformat(),
+        "dry_run": dry_run,
+        "rules_version": rules.version,
+        "closures_learnt": len(book["learnt"]),
+        "refused_audit_records": book["refused"],
+        "cases_known": len(book["cases"]),
+        "not_yet_due": not_due,
+        "already_shredded": already,
+        "due": [
+            {
+                "case_id": c,
+                "due": book["cases"][c]["due"],
+                "record_types": book["cases"][c]["record_types"],
+                "basis": book["cases"][c]["basis"],
+            }
+            for c in due
+        ],
+        "held": held,
+        "waiting": waiting,
+        "shredded": [],
+        "stopped": None,
+    }
+    if dry_run or not due:
+        return result
+    if shred_case is None:
+
+        def shred_case(case: str, record: dict[str, Any]) -> dict[str, Any]:
+            return shred(settings, bootstrap, case, rule=record)
+
+    for case in progress(due) if progress is not None else due:
+        record = book["cases"][case]
+        try:
+            done = shred_case(case, record)
+        except LegalHoldError as exc:  # held since the check: the refusal is audited by shred
+            held.append({"case_id": case, "due": record["due"], "reason": str(exc)})
+            continue
+        except ReferralBrokerError as exc:
+            result["stopped"] = f"{type(exc).__name__}: {exc}"
+            log.error("retention sweep stopped", case_id=case, error=type(exc).__name__)
+            break
+        result["shredded"].append(
+            {
+                "case_id": case,
+                "due": record["due"],
+                "case_key_id": done["case_key_id"],
+                "inbox_teams": done.get("inbox", {}).get("teams", []),
+            }
+        )
+        _save_records(settings, _mark_shredded(case, str(done["shredded_at"])))
+    return result
+
+
+def _mark_shredded(case: str, at: str) -> Callable[[dict[str, Any]], None]:
+    def update(doc: dict[str, Any]) -> None:
+        if case in doc["cases"]:
+            doc["cases"][case]["shredded_at"] = at
+
+    return update
+
+
+def check_plan(settings: Settings, rules: Rules, *, bootstrap: str | None = None) -> list[dict[str, Any]]:
+    """The topic plan's retention (the active profile) held against ``rules``; with
+    ``bootstrap``, the cluster's own topics too (a topic that drifted from the plan is judged by
+    what it really keeps). A role the rules class but the plan lacks is reported as well."""
+    from referral_broker.cluster.topics import _load_plan_doc, plan
+    from referral_broker.retention_rules import TopicFinding, check_topics
+
+    roles = {str(e["role"]): e for e in _load_plan_doc()["topic"]}
+    planned = [
+        (
+            role,
+            settings.kafka_topic_prefix + str(e["name"]).replace("{party}", "<organisation>"),
+            int(e["retention_ms"]),
+        )
+        for role, e in roles.items()
+    ]
+    findings = check_topics(rules, planned, source="plan")
+    findings += [
+        TopicFinding(role, "-", cls, None, f"rules: role '{role}' is not in the topic plan")
+        for role, cls in rules.topics.items()
+        if role not in roles
+    ]
+    if bootstrap is not None:
+        specs = [
+            s for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix) if s.role in roles
+        ]
+        live = _live_configs(settings, bootstrap, [s.name for s in specs])
+        findings += check_topics(
+            rules,
+            [(s.role, s.name, live[s.name].get("retention.ms")) for s in specs if s.name in live],
+            source="cluster",
+        )
+    return [f.as_dict() for f in findings]
