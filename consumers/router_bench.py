@@ -2,14 +2,18 @@
 
 In one run, on fresh topics under a private prefix:
 
-(a) the primitive floor: the per-referral Avro and crypto work the router cannot avoid
-    (verify one signature, open the sealed fields, decode, then per recipient project,
-    seal, sign), timed in-process with no Kafka;
+(a) two floors, timed in-process with no Kafka: the floor of *the job* (:func:`job_floor_us`,
+    issue 20 goal 1: the primitives any design must pay for one referral to 3 recipients), and
+    the per-field floor of *this design* (:func:`_floor_us`: one AES-GCM per sealed field, the
+    archive copy);
 (b) a raw kafka-python pass-through (consume -> produce the same bytes, no processing);
 (c) the router at 1 and 3 recipients per referral;
 (d) the same router given :class:`PlainSealer` instead of the hub's keys (defined here and
     passed only by this module: no configuration can switch it on), to show what the crypto
-    costs.
+    costs;
+(e) with ``processes`` > 1, :func:`scale_out`: one ``referral-broker route`` process against
+    several in one consumer group on the same intake topic (issue 20 goal 6), with the cores
+    the broker, the routers and everything else used, read from /proc.
 
 Figures are printed, never asserted: they depend on the machine and what else runs on it.
 """
@@ -24,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -399,6 +404,7 @@ def run(
     """Every figure of one run; with ``processes`` > 1 also :func:`scale_out` (same ``count``)."""
     results: dict[str, Any] = {"count": count}
     job: dict[str, Any] = {}
+    prefixes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rb-bench-router-") as tmp:
         figures: dict[str, float] = {}
         for recipients in (1, 3):
@@ -408,6 +414,7 @@ def run(
                 settings = base.replace(
                     kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / label
                 )
+                prefixes.append(settings.kafka_topic_prefix)
                 ensure_with_county(settings, bootstrap)
                 try:
                     init_parties(
@@ -478,6 +485,7 @@ def run(
                 },
                 "peak_rss_mb": _rss_mb(),
                 "goals": {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74},
+                "prefixes": prefixes,
             }
         )
     if processes > 1:
@@ -519,18 +527,128 @@ def router_env(settings: Settings, bootstrap: str) -> dict[str, str]:
     }
 
 
-def _route_processes(settings: Settings, bootstrap: str, n: int, tag: str, logs: Path) -> list[dict[str, Any]]:
-    """``n`` ``referral-broker route`` processes in the router group, started together, each
-    run until it has been idle for a few seconds; their ``--json`` statistics."""
+class _CpuSampler:
+    """Samples, every ``interval`` s: the machine's busy and total ticks (/proc/stat), the
+    broker's CPU seconds and the routers' (/proc/<pid>/stat), so the cores each used can be
+    read over the routers' busy window afterwards."""
+
+    def __init__(self, broker: int | None, routers: list[int], interval: float = 0.25) -> None:
+        self.broker, self.routers, self.interval = broker, routers, interval
+        self.samples: list[tuple[float, int, int, float | None, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        busy, total = _cpu_ticks()
+        routers = sum(_process_cpu_s(p) or 0.0 for p in self.routers)
+        self.samples.append((time.monotonic(), busy, total, _process_cpu_s(self.broker), routers))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cores(self, start: float, end: float) -> dict[str, float | None]:
+        """Cores used between the samples nearest ``start`` and ``end``."""
+        if len(self.samples) < 2:
+            return {"machine": None, "routers": None, "broker": None, "others": None}
+        a = min(self.samples, key=lambda x: abs(x[0] - start))
+        b = min(self.samples, key=lambda x: abs(x[0] - end))
+        if b[0] <= a[0]:
+            a, b = self.samples[0], self.samples[-1]
+        wall = b[0] - a[0]
+        cores = os.cpu_count() or 1
+        machine = (b[1] - a[1]) / (b[2] - a[2]) * cores if b[2] > a[2] else None
+        routers = (b[4] - a[4]) / wall
+        broker = (b[3] - a[3]) / wall if a[3] is not None and b[3] is not None else None
+        others = machine - routers - (broker or 0.0) if machine is not None else None
+        return {
+            "machine": None if machine is None else round(machine, 2),
+            "routers": round(routers, 2),
+            "broker": None if broker is None else round(broker, 2),
+            "others": None if others is None else round(max(others, 0.0), 2),
+        }
+
+
+def _group_members(settings: Settings, bootstrap: str) -> list[int]:
+    """Partitions of the sender's intake topic held by each member of the router group."""
+    from referral_broker.consumers.router import GROUP
+
+    group = f"{settings.kafka_topic_prefix}{GROUP}"
+    intake = topic_name(settings, "intake", SENDER)
+    admin = admin_client(settings, bootstrap)
+    try:
+        doc = admin.describe_groups([group])[group]
+    finally:
+        admin.close()
+    if not doc or str(doc.get("group_state") or doc.get("state") or "").lower() != "stable":
+        return []
+    held = []
+    for member in doc.get("members") or []:
+        assignment = member.get("member_assignment") or {}
+        parts = assignment.get("assigned_partitions") or assignment.get("partitions") or []
+        mine = 0
+        for p in parts:
+            if isinstance(p, dict):
+                mine += len(p.get("partitions", [])) if p.get("topic") in (None, intake) else 0
+            elif isinstance(p, (tuple, list)) and len(p) == 2:
+                mine += len(p[1]) if p[0] == intake else 0
+            else:
+                mine += 1
+        held.append(mine)
+    return held
+
+
+def _route_processes(
+    settings: Settings,
+    bootstrap: str,
+    n: int,
+    tag: str,
+    logs: Path,
+    messages: list[OutgoingMessage],
+    broker: int | None,
+) -> tuple[list[dict[str, Any]], _CpuSampler, list[int]]:
+    """``n`` ``referral-broker route`` processes in the router group. Once each holds some of
+    the sender's intake partitions (the group has settled, nothing to read yet), the already
+    sealed ``messages`` are produced at once; each process stops when idle. Returns their
+    ``--json`` statistics, the CPU samples and the partitions each held."""
     env = router_env(settings, bootstrap)
     procs = []
     for i in range(n):
         log = (logs / f"router-{tag}-{i}.log").open("wb")
-        cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json", "--stop-when-idle", "8"]
+        cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json", "--stop-when-idle", "10"]
         cmd += ["--instance", f"bench-{tag}-{i}"]
         procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log), log))
+    sampler = _CpuSampler(broker, [p.pid for p, _ in procs])
     stats = []
     try:
+        deadline = time.monotonic() + 180
+        held: list[int] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # the group may not exist yet
+                held = _group_members(settings, bootstrap)
+            if len(held) == n and all(held):
+                break
+            if any(p.poll() is not None for p, _ in procs):
+                break
+            time.sleep(0.2)
+        else:
+            raise BrokerError(f"{n} benchmark routers did not settle in one group within 180 s: {held}")
+        sampler.start()
+        producer = build_producer(settings, bootstrap)
+        try:
+            for message in messages:
+                message.send(producer)
+            producer.flush()
+        finally:
+            producer.close()
         for proc, log in procs:
             out, _ = proc.communicate(timeout=1800)
             log.close()
@@ -539,24 +657,22 @@ def _route_processes(settings: Settings, bootstrap: str, n: int, tag: str, logs:
                 raise BrokerError(f"a benchmark router exited {proc.returncode}: {tail}")
             stats.append(json.loads(out))
     finally:
+        sampler.stop()
         for proc, log in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(30)
             log.close()
-    return stats
+    return stats, sampler, held
 
 
-def _combined_rate(stats: list[dict[str, Any]]) -> tuple[float, float]:
-    """Referrals/s of the processes together (first record read by any to last commit by any,
-    CLOCK_MONOTONIC is one clock for the whole machine) and the seconds the last one started
-    reading after the first."""
+def _busy_window(stats: list[dict[str, Any]]) -> tuple[float, float]:
+    """First record read by any process to the last commit by any (CLOCK_MONOTONIC is one
+    clock for the whole machine)."""
     busy = [s for s in stats if s["first_record_at"] is not None and s["last_commit_at"] is not None]
     if not busy or any(s["dead_lettered"] for s in stats):
         raise BrokerError(f"benchmark routers dead-lettered or read nothing: {[s['by_reason'] for s in stats]}")
-    start = min(s["first_record_at"] for s in busy)
-    end = max(s["last_commit_at"] for s in busy)
-    return sum(s["consumed"] for s in stats) / (end - start), max(s["first_record_at"] for s in busy) - start
+    return min(s["first_record_at"] for s in busy), max(s["last_commit_at"] for s in busy)
 
 
 def scale_out(
@@ -567,9 +683,10 @@ def scale_out(
     processes: int = 2,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """One router process, then ``processes`` of them in one consumer group, each on ``count``
-    fresh referrals to 3 recipients sent to the same intake topic; the ratio, and the CPU the
-    broker, the routers and everything else used during each run (from /proc)."""
+    """One router process, then ``processes`` of them in one consumer group, each run on
+    ``count`` fresh referrals to 3 recipients on the same intake topic, produced (already
+    sealed) once the group has settled; the ratio, and the cores the broker, the routers and
+    everything else used over each run's busy window (from /proc)."""
     from referral_broker.cli.bench_orgs import broker_pid
 
     pid = broker_pid(bootstrap)
@@ -588,34 +705,20 @@ def scale_out(
             for n, seed in ((1, 101), (processes, 102)):
                 progress(f"scale-out: {count} referrals, {n} router process{'es' if n > 1 else ''}")
                 with IntakeSender(settings, bootstrap, SENDER) as sender:
-                    sender.send_referrals(_shaped(count, 3, seed=seed))
-                busy0, total0 = _cpu_ticks()
-                broker0 = _process_cpu_s(pid)
-                children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                wall0 = time.monotonic()
-                stats = _route_processes(settings, bootstrap, n, f"{n}p{uuid.uuid4().hex[:4]}", Path(tmp))
-                wall = time.monotonic() - wall0
-                busy1, total1 = _cpu_ticks()
-                broker1 = _process_cpu_s(pid)
-                children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                rate, skew = _combined_rate(stats)
-                machine = (busy1 - busy0) / (total1 - total0) * cores if total1 > total0 else None
-                routers = (
-                    children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime
-                ) / wall
-                broker = (broker1 - broker0) / wall if broker0 is not None and broker1 is not None else None
+                    messages = [sender.sealer.referral(r) for r in _shaped(count, 3, seed=seed)]
+                stats, sampler, held = _route_processes(
+                    settings, bootstrap, n, f"{n}p{uuid.uuid4().hex[:4]}", Path(tmp), messages, pid
+                )
+                start, end = _busy_window(stats)
+                consumed = sum(s["consumed"] for s in stats)
                 runs[str(n)] = {
                     "processes": n,
-                    "referrals_per_second": round(rate, 1),
+                    "referrals_per_second": round(consumed / (end - start), 1),
+                    "consumed": consumed,
                     "consumed_per_process": [s["consumed"] for s in stats],
-                    "second_started_after_s": round(skew, 2),
-                    "wall_s": round(wall, 2),
-                    "cores_used": {
-                        "machine": round(machine, 2) if machine is not None else None,
-                        "routers": round(routers, 2),
-                        "broker": round(broker, 2) if broker is not None else None,
-                        "others": round(machine - routers - (broker or 0.0), 2) if machine is not None else None,
-                    },
+                    "intake_partitions_per_process": held,
+                    "busy_s": round(end - start, 2),
+                    "cores_used": sampler.cores(start, end),
                 }
         finally:
             admin = admin_client(settings, bootstrap)
@@ -633,6 +736,7 @@ def scale_out(
         "broker_pid": pid,
         "intake_partitions": partitions,
         "intake_topic": intake.removeprefix(settings.kafka_topic_prefix),
+        "prefix": settings.kafka_topic_prefix,
         "runs": [one, many],
         "ratio": round(ratio, 3),
         "goal": SCALE_GOAL,
@@ -644,25 +748,30 @@ def scale_out(
 
 
 def _why_not_scaled(r: dict[str, Any]) -> str:
+    """The figures that explain a ratio under the goal, measured in the same run."""
     one, many = r["runs"]
     reasons = [f"{r['processes']} routers reached {r['ratio']:.2f}x one (goal {r['goal']}x)"]
     used1, usedn = one["cores_used"], many["cores_used"]
-    if usedn["machine"] is not None:
-        spare = r["cores"] - (usedn["broker"] or 0.0) - max(usedn["others"] or 0.0, 0.0)
+    if usedn["machine"] is not None and used1["routers"]:
+        left = r["cores"] - (usedn["broker"] or 0.0) - (usedn["others"] or 0.0)
         reasons.append(
-            f"the machine has {r['cores']} cores; while {r['processes']} routers ran, the broker used "
-            f"{usedn['broker'] if usedn['broker'] is not None else '?'} cores, other processes "
-            f"{usedn['others']} and the routers {usedn['routers']} (one router alone used {used1['routers']}), "
-            f"so at most {spare:.2f} cores were left for the routers: "
-            f"{spare / used1['routers'] if used1['routers'] else 0:.2f}x one router's use"
+            f"the machine has {r['cores']} cores; while {r['processes']} routers were busy the machine used "
+            f"{usedn['machine']} of them: the broker {usedn['broker'] if usedn['broker'] is not None else '?'}, "
+            f"other processes {usedn['others']}, the routers {usedn['routers']} (one router alone: "
+            f"{used1['routers']} with the broker at {used1['broker']} and others at {used1['others']}); "
+            f"{left:.2f} cores were left for the routers, {left / used1['routers']:.2f}x what one router used"
         )
+        if used1["routers"] < 0.8:
+            reasons.append(
+                f"one router used only {used1['routers']} of a core: it also waits (broker round trips, "
+                "transaction commits), so its rate is not its CPU's alone"
+            )
+    held = many["intake_partitions_per_process"]
     consumed = many["consumed_per_process"]
     if max(consumed) > 1.2 * min(consumed):
         reasons.append(
-            f"the sender's intake topic has {r['intake_partitions']} partitions, so the group split the "
-            f"referrals {consumed}: the busiest router bounds the run"
+            f"the sender's intake topic has {r['intake_partitions']} partitions, held {held} by the "
+            f"{r['processes']} routers, which read {consumed} of the referrals: the busiest bounds the run"
         )
-    if many["second_started_after_s"] > 1:
-        reasons.append(f"the last router started reading {many['second_started_after_s']} s after the first")
     reasons.append(f"load average {r['load_average'][0]}")
     return "; ".join(reasons)

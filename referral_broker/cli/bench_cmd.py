@@ -112,19 +112,23 @@ def _show_router(d: dict[str, Any]) -> None:
     )
     scale = d.get("scale_out")
     if scale:
-        click.echo(f"\nScale-out, {scale['count']} referrals per run, {scale['cores']} cores, intake partitions {scale['intake_partitions']}:")
+        click.echo(
+            f"\nScale-out, {scale['count']} referrals per run, {scale['cores']} cores, intake partitions "
+            f"{scale['intake_partitions']}; cores used over each run's busy window (/proc):"
+        )
         rows = [
             [
                 str(r["processes"]),
                 f"{r['referrals_per_second']:,.1f}",
                 " / ".join(str(c) for c in r["consumed_per_process"]),
+                " / ".join(str(c) for c in r["intake_partitions_per_process"]),
                 str(r["cores_used"]["routers"]),
                 str(r["cores_used"]["broker"]),
                 str(r["cores_used"]["others"]),
             ]
             for r in scale["runs"]
         ]
-        click.echo(table(rows, ["routers", "referrals/s", "per process", "router cores", "broker cores", "other cores"]))
+        click.echo(table(rows, ["routers", "referrals/s", "read by each", "partitions each", "router cores", "broker cores", "other cores"]))
         click.echo(f"ratio {scale['ratio']:.2f}x (goal >= {scale['goal']}x)")
         if scale["why"]:
             click.echo(f"Why: {scale['why']}")
@@ -203,30 +207,30 @@ def batch(obj: CliContext, rows: int, as_json: bool) -> None:
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
     data = run(obj.settings, obj.bootstrap(), rows=rows, progress=progress)
+    emit(data, as_json, _show_batch)
 
-    def human(d: dict[str, Any]) -> None:
-        s, rss, goal = d["seconds"], d["rss"], d["goal"]
-        click.echo(
-            f"send --as {d['party']}: {d['rows_in_file']:,} rows ({d['file_mb']} MB, "
-            f"{d['distinct_households']:,} distinct households), {d['rows_sent']:,} sent, "
-            f"{d['records_on_intake_topic']:,} on the intake topic, {d['rows_queued']} queued, "
-            f"{d['rows_rejected']} rejected"
-        )
-        click.echo(
-            f"{s['total']:.1f} s ({s['read_validate']:.1f} s read+validate, {s['seal_send']:.1f} s seal+send): "
-            f"{d['rows_per_second']:,.0f} rows/s"
-        )
-        click.echo(
-            f"RSS {rss['start_mb']} MB at start, peak {rss['peak_mb']} MB, at each quarter "
-            f"{' / '.join(str(v) for v in rss['at_quarters_mb'])} MB ({rss['samples']} samples)"
-        )
-        click.echo(
-            f"Goal {goal['rows']:,} rows in {goal['seconds']:.0f} s ({goal['rows_per_second']:,.0f} rows/s): "
-            f"ratio {d['ratio_to_goal']:.2f} (100k rows would take {d['projected_seconds_for_goal_rows']:.0f} s). "
-            f"Load average {d['load_average'][0]}."
-        )
 
-    emit(data, as_json, human)
+def _show_batch(d: dict[str, Any]) -> None:
+    s, rss, goal = d["seconds"], d["rss"], d["goal"]
+    click.echo(
+        f"send --as {d['party']}: {d['rows_in_file']:,} rows ({d['file_mb']} MB, "
+        f"{d['distinct_households']:,} distinct households), {d['rows_sent']:,} sent, "
+        f"{d['records_on_intake_topic']:,} on the intake topic, {d['rows_queued']} queued, "
+        f"{d['rows_rejected']} rejected"
+    )
+    click.echo(
+        f"{s['total']:.1f} s ({s['read_validate']:.1f} s read+validate, {s['seal_send']:.1f} s seal+send): "
+        f"{d['rows_per_second']:,.0f} rows/s"
+    )
+    click.echo(
+        f"RSS {rss['start_mb']} MB at start, peak {rss['peak_mb']} MB, at each quarter "
+        f"{' / '.join(str(v) for v in rss['at_quarters_mb'])} MB ({rss['samples']} samples)"
+    )
+    click.echo(
+        f"Goal {goal['rows']:,} rows in {goal['seconds']:.0f} s ({goal['rows_per_second']:,.0f} rows/s): "
+        f"ratio {d['ratio_to_goal']:.2f} (100k rows would take {d['projected_seconds_for_goal_rows']:.0f} s). "
+        f"Load average {d['load_average'][0]}."
+    )
 
 
 @bench.command()
@@ -244,28 +248,28 @@ def e2e(obj: CliContext, rate: float, seconds: float, as_json: bool) -> None:
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
     data = run(obj.settings, obj.bootstrap(), rate=rate, seconds=seconds, progress=progress)
+    emit(data, as_json, _show_e2e)
 
-    def human(d: dict[str, Any]) -> None:
-        lat, lag = d["latency_ms"], d["sender"]["lag_ms"]
+
+def _show_e2e(d: dict[str, Any]) -> None:
+    lat, lag = d["latency_ms"], d["sender"]["lag_ms"]
+    click.echo(
+        f"{d['partner']} -> router -> {d['team']}'s inbox store: {d['offered']:,} offered at "
+        f"{d['rate_target']:g}/s for {d['seconds_target']:g} s (offered {d['offered_rate']:,.1f}/s), "
+        f"{d['delivered']:,} stored ({d['lost_or_late']} not within the drain time); achieved {d['achieved_rate']:,.1f}/s"
+    )
+    if lat:
+        click.echo(table([[k, f"{v:,.1f}"] for k, v in lat.items()], ["latency", "ms"]))
         click.echo(
-            f"{d['partner']} -> router -> {d['team']}'s inbox store: {d['offered']:,} offered at "
-            f"{d['rate_target']:g}/s for {d['seconds_target']:g} s (offered {d['offered_rate']:,.1f}/s), "
-            f"{d['delivered']:,} stored ({d['lost_or_late']} not within the drain time); achieved {d['achieved_rate']:,.1f}/s"
+            f"Goal p99 <= {d['goal']['p99_ms']:.0f} ms: p99 {lat['p99']:,.1f} ms "
+            f"({d['ratio_p99_to_goal']:.2f}x the goal)."
         )
-        if lat:
-            click.echo(table([[k, f"{v:,.1f}"] for k, v in lat.items()], ["latency", "ms"]))
-            click.echo(
-                f"Goal p99 <= {d['goal']['p99_ms']:.0f} ms: p99 {lat['p99']:,.1f} ms "
-                f"({d['ratio_p99_to_goal']:.2f}x the goal)."
-            )
-        stages = [[k.replace("_", " "), *(f"{v.get(q, 0):,.1f}" for q in ("p50", "p95", "p99", "max"))] for k, v in d["stages_ms"].items() if v]
-        if stages:
-            click.echo(table(stages, ["where (ms)", "p50", "p95", "p99", "max"]))
-        behind = (
-            f"the sender FELL BEHIND: {d['sender']['late_sends']} sends more than 100 ms late"
-            if d["sender"]["fell_behind"]
-            else "the sender kept to the schedule"
-        )
-        click.echo(f"Sender lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms: {behind}. Load average {d['load_average'][0]}.")
-
-    emit(data, as_json, human)
+    stages = [[k.replace("_", " "), *(f"{v.get(q, 0):,.1f}" for q in ("p50", "p95", "p99", "max"))] for k, v in d["stages_ms"].items() if v]
+    if stages:
+        click.echo(table(stages, ["where (ms)", "p50", "p95", "p99", "max"]))
+    behind = (
+        f"the sender FELL BEHIND: {d['sender']['late_sends']} sends more than 100 ms late"
+        if d["sender"]["fell_behind"]
+        else "the sender kept to the schedule"
+    )
+    click.echo(f"Sender lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms: {behind}. Load average {d['load_average'][0]}.")
