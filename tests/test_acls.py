@@ -415,7 +415,8 @@ def test_consumer_groups_and_transactional_ids_are_exactly_the_plan(cluster: Clu
 
     prefix = cluster.settings.kafka_topic_prefix
     groups = [acls.receiver_group_prefix(cluster.settings, p) + "default" for p in PARTIES]
-    groups += [acls.inbox_group(cluster.settings, TEAM), prefix + acls.ROUTER_GROUP, prefix + "someone-else"]
+    groups += [acls.inbox_group(cluster.settings, TEAM), acls.inbox_delivery_group(cluster.settings, TEAM)]
+    groups += [prefix + acls.ROUTER_GROUP, prefix + "someone-else"]
     txn_ids = [f"{prefix}{acls.ROUTER_GROUP}-matrix", f"{prefix}other-transactions"]
     mismatches: list[str] = []
     for user, password in sorted(cluster.passwords.items()):
