@@ -20,6 +20,7 @@ loaded); they are not counted. Figures are printed, never asserted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -71,7 +72,7 @@ class TimedStore(InboxStore):
 
 def _percentile(sorted_values: list[float], q: float) -> float:
     """The nearest-rank percentile of already sorted values."""
-    index = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    index = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[index]
 
 

@@ -1,0 +1,189 @@
+"""Issue 20's benchmark commands on the real broker with small counts: ``bench router`` (the
+floor of the job beside the per-field floor, ``--processes 2`` scale-out), ``bench batch`` (a DWP
+file through send's path) and ``bench e2e`` (open-loop latency to the team's inbox store).
+
+Each report must hold every figure, positive and consistent with the others (counts that add
+up, p50 <= p95 <= p99 <= max, ratios that are the quotients of the printed rates), and leave no
+topic behind. Speed targets are never asserted: they are printed for the machine that ran them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from referral_broker.cli import bench_cmd
+from referral_broker.cli.main import cli
+from referral_broker.cluster.topics import admin_client
+from referral_broker.config import load_settings
+from referral_broker.consumers import e2e_bench, router_bench
+from referral_broker.producers import batch_bench
+
+
+def bench(kafka_bootstrap: str, tmp_path: Path, *args: str) -> dict[str, Any]:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "REFERRAL_BROKER_TOPIC_PROFILE": "test",
+        "REFERRAL_BROKER_DATA_DIR": str(tmp_path / "data"),
+    }
+    result = CliRunner().invoke(cli, ["bench", *args, "--json"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def topics_left(kafka_bootstrap: str, prefixes: list[str]) -> list[str]:
+    """Topics under any of ``prefixes`` still on the broker (deletion is asynchronous)."""
+    assert prefixes and all(p.endswith(".") and len(p) > 4 for p in prefixes)
+    admin = admin_client(load_settings(environ={}, kafka_bootstrap_servers=kafka_bootstrap), kafka_bootstrap)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            left = [t for t in admin.list_topics() if t.startswith(tuple(prefixes))]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+    finally:
+        admin.close()
+
+
+def close(a: float, b: float, rel: float = 0.02) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 0.01
+
+
+def test_job_floor_times_every_primitive_for_three_recipients() -> None:
+    """No broker: the floor of the job is the sum of its primitives, each measured (> 0), for
+    referrals the shipped policy delivers to exactly three recipients."""
+    floor = router_bench.job_floor_us(router_bench._shaped(12, 3, seed=5), 12)
+    assert set(floor["us_per_referral"]) == set(router_bench.JOB_PRIMITIVES)
+    assert all(v > 0 for v in floor["us_per_referral"].values()), floor
+    assert close(floor["total_us"], sum(floor["us_per_referral"].values()), 0.01)
+    assert floor["recipients_per_referral"] == 3.0 and floor["referrals_timed"] == 12
+    assert floor["intake_sealed_bytes"] > 100
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert [e2e_bench._percentile(values, q) for q in (50, 95, 99, 100)] == [50.0, 95.0, 99.0, 100.0]
+    assert e2e_bench._percentile([7.0], 99) == 7.0
+
+
+def test_batch_file_is_the_dwp_format_with_one_fresh_id_a_row(tmp_path: Path) -> None:
+    from referral_broker.adapters import iter_file
+
+    path = tmp_path / "dwp.csv"
+    batch_bench.write_batch(path, 25)
+    stream = iter_file("dwp", path)
+    records = [p.record for p in stream]
+    assert stream.total == 25 and not stream.rejected
+    assert len({r["referral_id"] for r in records if r}) == 25
+    assert {r["referrer"]["partner"] for r in records if r} == {"dwp"}
+
+
+@pytest.mark.timeout(600)
+def test_bench_router_reports_both_floors_ratios_and_scale_out(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    count = 50
+    data = bench(kafka_bootstrap, tmp_path, "router", "--count", str(count), "--processes", "2")
+    rates = data["referrals_per_second"]
+    assert set(rates) == {
+        "job_floor_3_recipients", "floor_3_recipients", "raw_pass_through", "router_1_recipient",
+        "router_3_recipients", "router_1_recipient_unsealed", "router_3_recipients_unsealed",
+    }  # fmt: skip
+    assert all(v > 0 for v in rates.values()), rates
+    job = data["job_floor"]
+    assert set(job["us_per_referral"]) == set(router_bench.JOB_PRIMITIVES)
+    assert all(v > 0 for v in job["us_per_referral"].values()) and job["recipients_per_referral"] == 3.0
+    assert close(rates["job_floor_3_recipients"], 1e6 / job["total_us"])
+    assert close(rates["floor_3_recipients"], 1e6 / data["floor_us_per_referral_3_recipients"])
+    ratios = data["ratios"]
+    assert close(ratios["router_over_job_floor_3"], rates["router_3_recipients"] / rates["job_floor_3_recipients"])
+    assert close(ratios["router_over_floor_3"], rates["router_3_recipients"] / rates["floor_3_recipients"])
+    assert close(
+        ratios["sealed_over_unsealed_3"], rates["router_3_recipients"] / rates["router_3_recipients_unsealed"]
+    )
+    assert data["goals"] == {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74}
+    assert data["peak_rss_mb"] > 0
+
+    scale = data["scale_out"]
+    one, two = scale["runs"]
+    assert (one["processes"], two["processes"]) == (1, 2) and scale["goal"] == 1.6
+    for run in (one, two):
+        # every referral was routed exactly once by the group, whichever process took it
+        assert run["consumed"] == sum(run["consumed_per_process"]) == count
+        assert len(run["consumed_per_process"]) == len(run["intake_partitions_per_process"]) == run["processes"]
+        assert all(p > 0 for p in run["intake_partitions_per_process"])  # the group had settled
+        assert run["referrals_per_second"] > 0 and run["busy_s"] > 0
+        cores = run["cores_used"]
+        assert 0 < cores["machine"] <= scale["cores"] + 0.05 and cores["routers"] > 0
+        if scale["broker_pid"] is not None:  # this machine's broker: its CPU is read from /proc
+            assert cores["broker"] > 0
+    assert sum(two["intake_partitions_per_process"]) == one["intake_partitions_per_process"][0] == scale["intake_partitions"]
+    assert close(scale["ratio"], two["referrals_per_second"] / one["referrals_per_second"])
+    assert (scale["why"] is None) == (scale["ratio"] >= 1.6)
+    if scale["why"]:
+        assert f"{scale['cores']} cores" in scale["why"] and "broker" in scale["why"]
+
+    assert len(data["prefixes"]) == 4
+    assert topics_left(kafka_bootstrap, [*data["prefixes"], scale["prefix"]]) == []
+
+    bench_cmd._show_router(data)
+    shown = capsys.readouterr().out
+    for words in ("job floor 3 recipients", "router over job floor 3", "wrap data key", "Per-field floor", "Scale-out"):
+        assert words in shown, words
+
+
+@pytest.mark.timeout(400)
+def test_bench_batch_sends_every_row_of_the_file(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = 300
+    data = bench(kafka_bootstrap, tmp_path, "batch", "--rows", str(rows))
+    assert data["rows_in_file"] == data["rows_checked"] == data["rows_sent"] == rows
+    assert data["records_on_intake_topic"] == rows  # on the broker, not only reported
+    assert data["rows_queued"] == data["rows_rejected"] == 0
+    seconds = data["seconds"]
+    assert seconds["read_validate"] > 0 and seconds["seal_send"] > 0
+    assert close(seconds["total"], seconds["read_validate"] + seconds["seal_send"], 0.05)
+    assert close(data["rows_per_second"], rows / seconds["total"], 0.05)
+    assert close(data["ratio_to_goal"], data["rows_per_second"] / data["goal"]["rows_per_second"], 0.05)
+    assert data["goal"] == {"rows": 100_000, "seconds": 60.0, "rows_per_second": 1666.7}
+    rss = data["rss"]
+    assert rss["samples"] >= 2 and 0 < rss["start_mb"] <= rss["peak_mb"] and rss["end_mb"] <= rss["peak_mb"]
+    assert max(rss["at_quarters_mb"]) <= rss["peak_mb"] and data["file_mb"] > 0
+    assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
+    bench_cmd._show_batch(data)
+    assert "rows/s" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(400)
+def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rate, seconds = 10.0, 3.0
+    data = bench(kafka_bootstrap, tmp_path, "e2e", "--rate", str(rate), "--seconds", str(seconds))
+    offered = int(rate * seconds)
+    assert data["offered"] == data["delivered"] == offered and data["lost_or_late"] == 0 and data["drained"]
+    # the router process routed the warm-up and the offered referrals, each to the one team
+    router = data["router"]
+    assert router["routed"] == router["consumed"] == offered + e2e_bench.WARMUP
+    assert router["delivered"] == router["routed"] and router["dead_lettered"] == 0
+    lat = data["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], lat
+    for stage in data["stages_ms"].values():
+        assert stage["p50"] <= stage["p95"] <= stage["p99"] <= stage["max"], stage
+    assert data["stages_ms"]["store"]["p50"] > 0
+    assert data["offered_rate"] > 0 and data["achieved_rate"] > 0
+    lag = data["sender"]["lag_ms"]
+    assert lag["p50"] <= lag["p99"] <= lag["max"]
+    assert data["sender"]["fell_behind"] == (data["sender"]["late_sends"] > 0)
+    assert close(data["ratio_p99_to_goal"], lat["p99"] / 250.0, 0.05)
+    assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
+    bench_cmd._show_e2e(data)
+    assert "p99" in capsys.readouterr().out
