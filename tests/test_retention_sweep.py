@@ -303,3 +303,25 @@ def test_retention_run_sweeps_until_sigterm(topics: Settings) -> None:
             if proc.poll() is None:
                 proc.kill()
     assert "retention run stopped." in out.read_text()
+
+
+def test_a_case_whose_shred_fails_is_named_and_the_others_go_on(world: World) -> None:
+    """A's key file left readable by others (a real key-store fault, refused by every read):
+    its shred fails before anything is written, the sweep names it, shreds the rest, exits with
+    the fault's code; the next sweep after the fix shreds A."""
+    s = world.settings
+    assert _sweep(s)[0] == 0  # today: every closure recorded with its due date, nothing due
+    key_file = world.keys.root / f"{world.a}.key"
+    key_file.chmod(0o644)
+    try:
+        code, result = _sweep(s, "--now", "2100-01-01")
+    finally:
+        key_file.chmod(0o600)
+    assert code == 56, json.dumps(result)  # KeyStorePermissionError
+    assert [f["case_id"] for f in result["failed"]] == [world.a]
+    assert "KeyStorePermissionError" in result["failed"][0]["reason"] and result["stopped"] is None
+    assert {x["case_id"] for x in result["shredded"]} == {world.b, world.c, world.e}
+    assert world.keys.has_key(world.a) and world.shredded() == {world.b, world.c, world.e}
+    assert not [e for e in world.retention_events() if e["case_id"] == world.a]  # nothing audited for A
+    code, again = _sweep(s, "--now", "2100-01-01")
+    assert code == 0 and [x["case_id"] for x in again["shredded"]] == [world.a]

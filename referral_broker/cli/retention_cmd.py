@@ -14,7 +14,7 @@ import click
 
 from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
 from referral_broker.config import Settings
-from referral_broker.errors import BrokerError, ReferralBrokerError
+from referral_broker.errors import ReferralBrokerError
 from referral_broker.sealing import retention as retention_lib
 
 
@@ -207,6 +207,8 @@ def _show_sweep(r: dict[str, Any]) -> None:
             click.echo("Nothing was due: nothing shredded.")
     for h in r["held"]:
         click.echo(f"  skipped {h['case_id']} (due {h['due']}): {h['reason']}")
+    for f in r["failed"]:
+        click.echo(f"  FAILED {f['case_id']} (due {f['due']}), kept for the next sweep: {f['reason']}")
     for w in r["waiting"]:
         click.echo(f"  not judged {w['case_id']}: {w['reason']}")
     if r["stopped"]:
@@ -263,12 +265,13 @@ def sweep(obj: CliContext, dry_run: bool, now: str | None, rules_path: Path | No
     router's hub-signed audit), gives each newly closed case its due date under the rules, then
     shreds every case due, one by one, each exactly as 'retention shred' (audited first, all or
     nothing). Cases under legal hold are skipped and named with the hold. Exits 3 when Kafka
-    does not answer (nothing is shredded) or when a shred fails mid-sweep (the sweep stops there).
+    does not answer (nothing is shredded; mid-sweep: the sweep stops there); a case whose own
+    shred fails is listed and the rest go on (exit: that error's code).
     """
     result = _run_sweep(obj, rules_path, _today(now), dry_run, as_json)
     emit(result, as_json, _show_sweep)
-    if result["stopped"]:
-        sys.exit(BrokerError.exit_code)
+    if result["exit_code"]:
+        sys.exit(result["exit_code"])
 
 
 def _interval(text: str) -> float:

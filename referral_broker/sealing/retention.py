@@ -537,8 +537,9 @@ def sweep(
     happens before any shred, so a cluster that does not answer stops the sweep before it
     starts), skip held ones with their hold, and shred the rest one by one through
     ``shred_case`` (the CLI's shred: :func:`shred`, audited first, plus the inbox's tombstone).
-    A shred that fails stops the sweep there (each shred is all or nothing): the result names
-    what was done and why it stopped. ``dry_run`` changes nothing and lists what it would do."""
+    Each shred is all or nothing. A case whose shred fails is listed (``failed``) and the
+    others go on; Kafka failing stops the sweep there (``stopped``); ``exit_code`` is then the
+    first error's code. ``dry_run`` changes nothing and lists what it would do."""
     book = catch_up(settings, bootstrap, rules, write=not dry_run)
     store = CaseKeyStore.open(settings.keys_dir)
     due: list[str] = []
@@ -591,7 +592,9 @@ def sweep(
         "held": held,
         "waiting": waiting,
         "shredded": [],
+        "failed": [],
         "stopped": None,
+        "exit_code": 0,
     }
     if dry_run or not due:
         return result
@@ -607,10 +610,18 @@ def sweep(
         except LegalHoldError as exc:  # held since the check: the refusal is audited by shred
             held.append({"case_id": case, "due": record["due"], "reason": str(exc)})
             continue
-        except ReferralBrokerError as exc:
+        except BrokerError as exc:  # Kafka went away: every later shred would fail too
             result["stopped"] = f"{type(exc).__name__}: {exc}"
+            result["exit_code"] = result["exit_code"] or exc.exit_code
             log.error("retention sweep stopped", case_id=case, error=type(exc).__name__)
             break
+        except ReferralBrokerError as exc:  # this case only (e.g. its key file): the others go on
+            result["failed"].append(
+                {"case_id": case, "due": record["due"], "reason": f"{type(exc).__name__}: {exc}"}
+            )
+            result["exit_code"] = result["exit_code"] or exc.exit_code
+            log.error("retention shred failed", case_id=case, error=type(exc).__name__)
+            continue
         result["shredded"].append(
             {
                 "case_id": case,
