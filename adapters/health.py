@@ -277,8 +277,9 @@ _MODELS: dict[str, type[BaseModel]] = {
 # The resources a referral is made of, besides the ServiceRequest, in the order they are rendered.
 PARTS = ("Patient", "Organization", "Practitioner", "PractitionerRole")
 BUNDLE_TYPES = frozenset({"collection", "transaction", "message", "batch", "searchset"})
-# Said (once per file, with a count) when UK Core leaves out what the referral contract requires.
-_READ_AS_NO = {
+# Said (once per file, with a count) when UK Core leaves out a yes/no the referral holds: it is
+# read as not known (null, referral schema v3), never as no.
+_NOT_GIVEN = {
     "child.interpreter_needed": "interpreterRequired",
     "household.parental_responsibility": "parental responsibility",
 }
@@ -346,12 +347,12 @@ class HealthAdapter(JsonAdapter):
     referral_map = REFERRAL_MAP
     status_map = STATUS_MAP
     strict_keys = False  # the FHIR library rejects unknown elements itself
-    defaults_when_absent = MappingProxyType({**NOT_OBTAINED_ETHNICITY, "child.interpreter_needed": False})
+    defaults_when_absent = NOT_OBTAINED_ETHNICITY
     formats = MappingProxyType({"xml": ".xml"})
 
     def __init__(self) -> None:
         super().__init__()
-        self._read_as_no: dict[str, int] = {}
+        self._not_given: dict[str, int] = {}
 
     def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
         name = source_name(source)
@@ -471,17 +472,15 @@ class HealthAdapter(JsonAdapter):
         if interpreter is None:
             self._note("child.interpreter_needed")
         for member in record.get("household") or []:
-            if isinstance(member, dict) and "parental_responsibility" not in member:
-                member["parental_responsibility"] = False
+            if isinstance(member, dict) and member.get("parental_responsibility") is None:
                 self._note("household.parental_responsibility")
         return []
 
     def _note(self, path: str) -> None:
-        self._read_as_no[path] = self._read_as_no.get(path, 0) + 1
+        self._not_given[path] = self._not_given.get(path, 0) + 1
         self.warnings[:] = [
-            f"{count} time(s) no {_READ_AS_NO[p]} given ({p}): read as no, because the referral "
-            "contract has no 'not known' for it"
-            for p, count in self._read_as_no.items()
+            f"{count} time(s) no {_NOT_GIVEN[p]} given ({p}): read as not known"
+            for p, count in self._not_given.items()
         ]
 
     def finish_native(self, document: dict[str, Any], record: Mapping[str, Any]) -> None:

@@ -7,6 +7,16 @@ Apache ``avro`` package's ``ReaderWriterCompatibilityChecker`` (fastavro has no 
 On top of Avro's rules a new version must pass the schema rules (doc and data class on every
 field) and must not lower a field's data class: relabelling ``personal`` as ``operational``
 would put personal data in the clear without any wire incompatibility to catch it.
+
+A version may declare, in its own file, that it is only *backward* compatible with the one
+before it (``"evolution": {"mode": "backward", "from": "<fingerprint of that version, hex>",
+"reason": "..."}`` at the top level; the reason is shown by ``schemas check-evolution``). The
+declaration holds only against the schema whose fingerprint it names, so a copy of the file
+made to start the next version is checked in full again. New readers must still read old data,
+but old readers need not read new data. Referral v3 does, because making a yes/no field
+nullable cannot be read by a reader whose field is a plain boolean. In this project that costs
+nothing at run time: every message names its writer schema by fingerprint and a reader refuses
+a fingerprint it does not ship, so readers are always upgraded before writers.
 """
 
 from __future__ import annotations
@@ -25,9 +35,11 @@ from referral_broker.errors import ContractError
 from .registry import (
     DATA_CLASSES,
     FAMILIES,
+    FINGERPRINT_SIZE,
     Schema,
     check_schema,
     field_classes,
+    fingerprint,
     named_types,
     resolve_type,
     versions_of,
@@ -35,6 +47,9 @@ from .registry import (
 
 OLD_READS_NEW = "old readers, new data"
 NEW_READS_OLD = "new readers, old data"
+FULL = "full"
+BACKWARD = "backward"
+MODES = (FULL, BACKWARD)
 
 
 @dataclass(frozen=True)
@@ -61,10 +76,18 @@ class PairResult:
     old: str
     new: str
     problems: tuple[Incompatibility, ...]
+    mode: str = FULL
+    reason: str = ""
 
     @property
     def compatible(self) -> bool:
         return not self.problems
+
+    @property
+    def verdict(self) -> str:
+        if not self.compatible:
+            return "NOT compatible"
+        return "fully compatible" if self.mode == FULL else f"{self.mode} compatible, as declared ({self.reason})"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +95,8 @@ class PairResult:
             "old": self.old,
             "new": self.new,
             "compatible": self.compatible,
+            "mode": self.mode,
+            "reason": self.reason,
             "problems": [p.as_dict() for p in self.problems],
         }
 
@@ -161,6 +186,38 @@ def check_full_compatibility(old: Schema, new: Schema) -> list[Incompatibility]:
     return problems
 
 
+def declared_mode(old: Schema, new: Schema) -> tuple[str, str]:
+    """The compatibility ``new`` declares with ``old``: (mode, reason).
+
+    No declaration, or one naming another schema's fingerprint, means full. A declaration must
+    name a known mode, the fingerprint it is about and a reason."""
+    declared = new.get("evolution")
+    if declared is None:
+        return FULL, ""
+    fields = declared if isinstance(declared, dict) else {}
+    mode, about, reason = fields.get("mode"), fields.get("from"), fields.get("reason")
+    if mode not in MODES:
+        raise ContractError(f"schema 'evolution.mode' must be one of {', '.join(MODES)}")
+    if not isinstance(about, str) or len(about) != 2 * FINGERPRINT_SIZE:
+        raise ContractError("schema 'evolution.from' must be the previous version's fingerprint (16 hex digits)")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ContractError("schema 'evolution.reason' must say why the version is not fully compatible")
+    if about.lower() != fingerprint(old).hex():
+        return FULL, ""
+    return mode, reason.strip()
+
+
+def check_declared_compatibility(old: Schema, new: Schema) -> list[Incompatibility]:
+    """Every reason ``new`` may not replace ``old`` under the compatibility it declares against
+    ``old``: full unless it declares backward, which leaves out only the
+    old-readers-read-new-data direction."""
+    mode, _ = declared_mode(old, new)
+    problems = check_full_compatibility(old, new)
+    if mode == BACKWARD:
+        problems = [p for p in problems if p.direction != OLD_READS_NEW]
+    return problems
+
+
 def ensure_fully_compatible(old: Schema, new: Schema) -> None:
     """Raise ContractError naming each incompatibility."""
     problems = check_full_compatibility(old, new)
@@ -177,21 +234,24 @@ def check_files(old_file: Path, new_file: Path) -> PairResult:
             schemas.append(json.loads(Path(path).read_text("utf-8")))
         except (OSError, json.JSONDecodeError) as exc:
             raise ContractError(f"cannot read schema file {path} ({type(exc).__name__})") from exc
-    problems = check_full_compatibility(schemas[0], schemas[1])
-    return PairResult(schemas[1].get("name", "?"), str(old_file), str(new_file), tuple(problems))
+    mode, reason = declared_mode(schemas[0], schemas[1])
+    problems = check_declared_compatibility(schemas[0], schemas[1])
+    return PairResult(schemas[1].get("name", "?"), str(old_file), str(new_file), tuple(problems), mode, reason)
 
 
 def check_shipped_history(family: str | None = None) -> list[PairResult]:
     """Every consecutive pair of shipped versions (of one family, or all), each checked in full.
 
     A family with a single version yields one result comparing it with itself, so the schema
-    rules are still applied to it.
+    rules are still applied to it. A version that declares backward compatibility
+    (:func:`declared_mode`) is checked as declared.
     """
     results = []
     for name in [family] if family else list(FAMILIES):
         versions = versions_of(name)
         pairs = list(itertools.pairwise(versions)) or [(versions[0], versions[0])]
         for old, new in pairs:
-            problems = check_full_compatibility(old.schema, new.schema)
-            results.append(PairResult(name, old.path.name, new.path.name, tuple(problems)))
+            mode, reason = declared_mode(old.schema, new.schema)
+            problems = check_declared_compatibility(old.schema, new.schema)
+            results.append(PairResult(name, old.path.name, new.path.name, tuple(problems), mode, reason))
     return results

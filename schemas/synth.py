@@ -185,6 +185,9 @@ def _named(items: Iterable[NamedOrganisation | str]) -> tuple[NamedOrganisation,
     return tuple(i if isinstance(i, NamedOrganisation) else NamedOrganisation(str(i)) for i in items)
 
 
+SIBLINGS = frozenset({"sibling", "half_sibling", "step_sibling"})
+
+
 def _pick_weighted(rng: random.Random, options: list[tuple[str, float]]) -> str:
     return rng.choices([o for o, _ in options], weights=[w for _, w in options])[0]
 
@@ -311,7 +314,19 @@ class _Referral:
             self.name_gp_practice(picker, record["health_and_development"])
         if self.charities:
             record["service_providers"] = self.providers(picker, record["services_requested"])
+        self.not_known(random.Random(f"not known {record['referral_id']}"), record)
         return record
+
+    @staticmethod
+    def not_known(picker: random.Random, record: dict[str, Any]) -> None:
+        """Now and then the source did not say (schema v3: null means not known): whether an
+        interpreter is needed, whether an adult holds parental responsibility. Drawn from a
+        generator of their own (seeded by the referral id), so every other field is as before."""
+        if picker.random() < 0.05:
+            record["child"]["interpreter_needed"] = None
+        for member in record["household"]:
+            if member["relationship"] not in SIBLINGS and picker.random() < 0.05:
+                member["parental_responsibility"] = None
 
     def name_gp_practice(self, picker: random.Random, health: dict[str, Any]) -> None:
         """Most children's health records name their practice: one serving the family's district."""

@@ -291,23 +291,21 @@ def test_a_uk_core_bundle_arrives_in_the_canonical_referral(shape: str, syntax: 
     child = referral["child"]
     assert child["ethnicity"] == "black_african"  # UK Core ethnic category N, not "not_obtained"
     assert child["first_language"] == "Somali"  # UK Core HumanLanguage "so", no text, no display
-    assert child["interpreter_needed"] is False  # absent: read as no, with a warning (below)
+    assert child["interpreter_needed"] is None  # absent: not known (schema v3), with a warning (below)
     assert [(m["given_name"], m["relationship"]) for m in referral["household"]] == [
         ("Beth", "mother"),
         ("Cora", "grandparent"),
         ("Dev", "guardian"),
     ]
-    assert [m["parental_responsibility"] for m in referral["household"]] == [False, False, False]
+    assert [m["parental_responsibility"] for m in referral["household"]] == [None, None, None]
     referrer = referral["referrer"]
     assert referrer["organisation"] == "Example Community Health Trust"
     assert referrer["practitioner"]["name"] == "Ms Erin Nurse"
     assert referrer["practitioner"]["role"] == "School nurse"
     assert referrer["practitioner"]["email"] == "erin.nurse@nhs.example"
     assert result.warnings == [
-        "1 time(s) no interpreterRequired given (child.interpreter_needed): read as no, because the "
-        "referral contract has no 'not known' for it",
-        "3 time(s) no parental responsibility given (household.parental_responsibility): read as no, "
-        "because the referral contract has no 'not known' for it",
+        "1 time(s) no interpreterRequired given (child.interpreter_needed): read as not known",
+        "3 time(s) no parental responsibility given (household.parental_responsibility): read as not known",
     ]
 
 

@@ -35,6 +35,7 @@ from referral_broker.sealing.fields import Binding
 
 V1 = registry.referral_schema(1)
 V2 = registry.referral_schema(2)
+V3 = registry.referral_schema(3)  # the latest: nullable yes/no fields (test_schemas_v3)
 NOW = DEFAULT_ANCHOR + dt.timedelta(days=1)
 GP_ODS = "health_and_development.gp_practice_ods"
 PROVIDERS = "service_providers"
@@ -76,10 +77,11 @@ def referral_with(*, seed: int = 4, **changes: Any) -> dict[str, Any]:
 # --- the evolution gate --------------------------------------------------------------------------
 
 
-def test_v2_is_the_latest_referral_schema_and_v1_stays_shipped() -> None:
+def test_v2_and_v1_stay_shipped_under_v3() -> None:
     versions = registry.versions_of("referral")
-    assert [v.version for v in versions] == [1, 2]
-    assert registry.referral_schema() == V2
+    assert [v.version for v in versions] == [1, 2, 3]
+    assert registry.referral_schema() == V3
+    assert registry.writer_schema(versions[1].fingerprint) == V2
     assert registry.fingerprint(V1) != registry.fingerprint(V2)
     assert registry.writer_schema(versions[0].fingerprint) == V1
 
@@ -87,8 +89,9 @@ def test_v2_is_the_latest_referral_schema_and_v1_stays_shipped() -> None:
 def test_v2_passes_the_full_compatibility_gate_in_both_directions() -> None:
     assert evolution.check_full_compatibility(V1, V2) == []
     shipped = evolution.check_shipped_history("referral")
-    assert [(r.old, r.new, r.compatible) for r in shipped] == [
-        ("referral.v1.avsc", "referral.v2.avsc", True)
+    assert [(r.old, r.new, r.compatible, r.mode) for r in shipped] == [
+        ("referral.v1.avsc", "referral.v2.avsc", True, "full"),
+        ("referral.v2.avsc", "referral.v3.avsc", True, "backward"),
     ]
 
 
@@ -119,8 +122,9 @@ def test_the_check_evolution_command_passes_on_the_shipped_history() -> None:
     shown = run_cli("schemas", "check-evolution", "--family", "referral", "--json")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     report = json.loads(shown.stdout)
-    assert [(r["old"], r["new"], r["compatible"], r["problems"]) for r in report] == [
-        ("referral.v1.avsc", "referral.v2.avsc", True, [])
+    assert [(r["old"], r["new"], r["compatible"], r["mode"], r["problems"]) for r in report] == [
+        ("referral.v1.avsc", "referral.v2.avsc", True, "full", []),
+        ("referral.v2.avsc", "referral.v3.avsc", True, "backward", []),
     ]
 
 
@@ -156,7 +160,7 @@ def test_a_v1_reader_reads_a_v2_message_without_the_new_fields() -> None:
             PROVIDERS: [{"service": "citizens_advice", "provider": CITIZENS_ADVICE}],
         }
     )
-    message = codec.encode(record)
+    message = codec.encode(record, V2)
     assert codec.writer_fingerprint(message) == registry.fingerprint(V2)
     assert codec.decode(message) == record
     assert codec.decode(message, V1) == v1_record(record)
@@ -304,9 +308,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_schemas_list_and_show_name_v2_and_still_show_v1() -> None:
     listed = json.loads(run_cli("schemas", "list", "--json").stdout)
     referral_rows = [(r["version"], r["file"]) for r in listed if r["family"] == "referral"]
-    assert referral_rows == [(1, "referral.v1.avsc"), (2, "referral.v2.avsc")]
+    assert referral_rows == [(1, "referral.v1.avsc"), (2, "referral.v2.avsc"), (3, "referral.v3.avsc")]
     latest = json.loads(run_cli("schemas", "show", "--json").stdout)
-    assert latest["fingerprint"] == registry.fingerprint(V2).hex()
+    assert latest["fingerprint"] == registry.fingerprint(V3).hex()
     shown = {f["path"]: f for f in latest["fields"]}
     assert shown[GP_ODS]["data_class"] == "personal" and shown[GP_ODS]["sealing_unit"]
     assert shown[PROVIDERS]["data_class"] == "special_category" and shown[PROVIDERS]["sealing_unit"]
@@ -335,7 +339,7 @@ def test_by_default_synth_names_no_gp_practice_code_and_no_provider() -> None:
 
 def test_synth_names_only_the_organisations_passed_where_they_serve() -> None:
     sample = list(synthetic_referrals(400, seed=31, gp_practices=PRACTICES, charities=CHARITIES))
-    assert all(validate(r, V2, now=NOW) == [] for r in sample)
+    assert all(validate(r, V3, now=NOW) == [] for r in sample)  # synth writes the latest
     health = [r for r in sample if r["health_and_development"]]
     named = [r for r in health if r["health_and_development"]["gp_practice_ods"]]
     assert len(named) > len(health) // 2
@@ -359,7 +363,7 @@ def test_plain_identifiers_name_organisations_that_serve_everywhere() -> None:
     codes = {r["health_and_development"]["gp_practice_ods"] for r in sample if r["health_and_development"]}
     assert codes == {OTHER_GP_PRACTICE, None}
     assert {p["provider"] for r in sample for p in r[PROVIDERS]} == {CITIZENS_ADVICE}
-    assert all(validate(r, V2, now=NOW) == [] for r in sample)
+    assert all(validate(r, V3, now=NOW) == [] for r in sample)
 
 
 def test_passing_organisations_leaves_the_rest_of_a_seeded_referral_unchanged() -> None:
@@ -375,8 +379,8 @@ def test_passing_organisations_leaves_the_rest_of_a_seeded_referral_unchanged() 
 
 
 def test_an_unknown_schema_version_is_refused() -> None:
-    with pytest.raises(ContractError, match="no version 3 of schema family 'referral'"):
-        registry.referral_schema(3)
+    with pytest.raises(ContractError, match="no version 4 of schema family 'referral'"):
+        registry.referral_schema(4)
 
 
 # --- sealing: the new fields are sealed per recipient, v1 still seals and opens ------------------

@@ -109,11 +109,23 @@ def enum_paths() -> frozenset[str]:
     return frozenset(found)
 
 
+@cache
+def yes_no_paths() -> frozenset[str]:
+    """Field paths of the Referral that are an optional yes/no: null there means the source did
+    not say (schema v3: interpreter needed, parental responsibility), shown as "Not known"."""
+    from referral_broker.schemas.registry import referral_schema, walk_fields
+
+    return frozenset(
+        info.path for info in walk_fields(referral_schema()) if info.optional and info.type == "boolean"
+    )
+
+
 def display_value(value: Any, path: str = "") -> str | list[Any] | dict[str, Any]:
     """An opened value as text, or as a list/dict of texts for nested values; ``path`` (arrays
-    transparent) says whether a string is an enum symbol to show as words."""
+    transparent) says whether a string is an enum symbol to show as words, and whether a null
+    is a yes/no not known rather than a value not given."""
     if value is None:
-        return "Not given"
+        return "Not known" if path in yes_no_paths() else "Not given"
     if isinstance(value, bool):
         return "Yes" if value else "No"
     if isinstance(value, datetime):

@@ -139,7 +139,8 @@ def show(
 @json_option
 def check_evolution(old: Path | None, new: Path | None, family: str | None, as_json: bool) -> None:
     """Full compatibility (both directions) of NEW against OLD, or of every consecutive pair of
-    shipped versions when no files are given. Exits non-zero if any pair is not fully compatible."""
+    shipped versions when no files are given; backward only where NEW declares it (``evolution``
+    in its file, with a reason). Exits non-zero if any pair is not compatible as required."""
     if (old is None) != (new is None):
         raise click.UsageError("give both OLD and NEW schema files, or neither to check the shipped versions")
     if old is not None and new is not None:
@@ -149,8 +150,7 @@ def check_evolution(old: Path | None, new: Path | None, family: str | None, as_j
 
     def human(_: object) -> None:
         for result in results:
-            verdict = "fully compatible" if result.compatible else "NOT compatible"
-            click.echo(f"{result.family}: {result.old} -> {result.new}: {verdict}")
+            click.echo(f"{result.family}: {result.old} -> {result.new}: {result.verdict}")
             for problem in result.problems:
                 click.echo(f"  {problem}")
 
