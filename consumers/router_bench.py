@@ -399,9 +399,11 @@ def run(
     *,
     count: int = 2000,
     processes: int = 1,
+    broker: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Every figure of one run; with ``processes`` > 1 also :func:`scale_out` (same ``count``)."""
+    """Every figure of one run; with ``processes`` > 1 also :func:`scale_out` (same ``count``;
+    ``broker``: the broker's pid when it runs on this machine)."""
     results: dict[str, Any] = {"count": count}
     job: dict[str, Any] = {}
     prefixes: list[str] = []
@@ -489,7 +491,9 @@ def run(
             }
         )
     if processes > 1:
-        results["scale_out"] = scale_out(base, bootstrap, count=count, processes=processes, progress=progress)
+        results["scale_out"] = scale_out(
+            base, bootstrap, count=count, processes=processes, broker=broker, progress=progress
+        )
     return results
 
 
@@ -681,15 +685,15 @@ def scale_out(
     *,
     count: int,
     processes: int = 2,
+    broker: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """One router process, then ``processes`` of them in one consumer group, each run on
     ``count`` fresh referrals to 3 recipients on the same intake topic, produced (already
     sealed) once the group has settled; the ratio, and the cores the broker, the routers and
-    everything else used over each run's busy window (from /proc)."""
-    from referral_broker.cli.bench_orgs import broker_pid
-
-    pid = broker_pid(bootstrap)
+    everything else used over each run's busy window (from /proc; the broker's when ``broker``,
+    its pid on this machine, is given)."""
+    pid = broker
     cores = os.cpu_count() or 1
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rb-bench-scale-") as tmp:

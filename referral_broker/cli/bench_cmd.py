@@ -73,10 +73,14 @@ def router(obj: CliContext, count: int, processes: int, as_json: bool) -> None:
     must pay) beside the per-field floor, raw kafka-python pass-through, the router at 1 and 3
     recipients, and the same without sealing/signing; ratios and peak RSS. With --processes N,
     one router process against N in one consumer group, and why when N do not reach 1.6x."""
+    from referral_broker.cli.bench_orgs import broker_pid
     from referral_broker.consumers.router_bench import run
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
-    data = run(obj.settings, obj.bootstrap(), count=count, processes=processes, progress=progress)
+    bootstrap = obj.bootstrap()
+    data = run(
+        obj.settings, bootstrap, count=count, processes=processes, broker=broker_pid(bootstrap), progress=progress
+    )
     emit(data, as_json, _show_router)
 
 
