@@ -326,17 +326,25 @@ def read_heads(
     return heads
 
 
+def chain_owner(chain: str, hub: str) -> str:
+    """The party whose signature a chain's records, checkpoints and heads must carry: a district
+    team's inbox for ``inbox-<team>``, the hub for every other writer (routers, retention,
+    exports)."""
+    return chain.removeprefix("inbox-") if chain.startswith("inbox-") else hub
+
+
 def parse_head(record: Record, verify: Callable[[Record], dict[str, bytes]] | None) -> tuple[tuple[str, int], Head] | None:
     from referral_broker.parties import HUB
 
     try:
         if record.value is None:
             return None
+        doc = json.loads(record.value)
         if verify is not None:
             headers = verify(record)
-            if headers.get("rb-sender", b"").decode() != HUB or headers.get(H_KIND, b"").decode() != HEAD_KIND:
+            owner = chain_owner(str(doc["chain"]), HUB)
+            if headers.get("rb-sender", b"").decode() != owner or headers.get(H_KIND, b"").decode() != HEAD_KIND:
                 return None
-        doc = json.loads(record.value)
         key = (str(doc["chain"]), int(doc["partition"]))
         head = Head(int(doc["seq"]), str(doc["hash"]))
         if record.key != f"{key[0]}/{key[1]}".encode() or len(head.hash) != 64:
@@ -424,6 +432,7 @@ def verify_records(
             chain, seq, prev = fields
             stats["chained"] += 1
             signed_by = None
+            owner = chain_owner(chain, HUB)
             if verify is not None:
                 try:
                     signed_by = verify(record).get("rb-sender", b"").decode()
@@ -431,11 +440,16 @@ def verify_records(
                     report.problems.append(
                         Problem("bad-signature", partition, record.offset, chain, f"seq {seq}: {type(exc).__name__}; the record was altered or forged")
                     )
+                else:
+                    if signed_by != owner:
+                        report.problems.append(
+                            Problem("bad-signature", partition, record.offset, chain, f"seq {seq} is signed by {signed_by}, not by the chain's writer {owner}")
+                        )
             key, value = record.key or b"", record.value or b""
             chains.setdefault((partition, chain), []).append(
                 _Link(record.offset, seq, prev, record_hash(key, value, chain, seq, prev))
             )
-            if _kind(headers) == CHECKPOINT_KIND and (verify is None or signed_by == HUB):
+            if _kind(headers) == CHECKPOINT_KIND and (verify is None or signed_by == owner):
                 stats["checkpoints"] += 1
                 try:
                     doc = codec.decode(value)

@@ -41,7 +41,7 @@ CHILD_SEED, OTHER_SEED = 70, 73  # synthetic children with an NHS number (and a 
 
 
 def inbox_viewed(settings: Settings, bootstrap: str, rid: str) -> None:
-    """An inbox access event as the district team's inbox writes it (signed JSON)."""
+    """An inbox access event as the inbox writes it (signed Avro; unchained here)."""
     from referral_broker.cluster.topics import topic_name
 
     event = AccessEvent(AccessKind.VIEWED, datetime.now(UTC), "synthetic-worker", TEAM, rid, 1)

@@ -31,6 +31,7 @@ from test_inbox_fixtures import (
     read_topic,
 )
 
+from referral_broker.audit_log import read_event_value
 from referral_broker.cluster.clients import build_consumer, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -137,7 +138,7 @@ def access_events(settings: Settings, until: Callable[[list[dict[str, Any]]], bo
         while not until(events) and time.monotonic() < deadline:
             for r in poll_records(consumer, 500):
                 if dict(r.headers).get("rb-kind") == ACCESS_EVENT_KIND.encode():
-                    events.append(json.loads(r.value))
+                    events.append(read_event_value(r.value))
     finally:
         consumer.close()
     return events

@@ -28,6 +28,7 @@ from test_inbox_fixtures import (
     read_topic,
 )
 
+from referral_broker.audit_log import read_event_value
 from referral_broker.cluster.clients import Record
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -98,7 +99,7 @@ def access_events(team: Team, *, expect: int) -> list[dict[str, Any]]:
     """The inbox's access events on the audit topic (beside the router's decisions, one per
     referral of the day, told apart by their signed ``rb-kind``)."""
     records = read_topic(team.settings, topic_name(team.settings, "audit"), expect=len(team.day.plan) + expect)
-    return [json.loads(r.value) for r in records if dict(r.headers).get("rb-kind") == b"inbox.access"]
+    return [read_event_value(r.value) for r in records if dict(r.headers).get("rb-kind") == b"inbox.access"]
 
 
 @pytest.fixture

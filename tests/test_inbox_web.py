@@ -26,6 +26,7 @@ from test_inbox_fixtures import (
     read_topic,
 )
 
+from referral_broker.audit_log import read_event_value
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.app import create_app
@@ -93,7 +94,7 @@ class Inbox:
             headers = verify_signed(self.pipeline.hub.directory, r)
             assert headers["rb-kind"] == b"inbox.access"
             assert headers["rb-sender"].decode() in (TEAM, OTHER_TEAM)
-        return [json.loads(r.value) for r in records]
+        return [read_event_value(r.value) for r in records]
 
     def statuses(self, expect: int) -> list[dict[str, Any]]:
         records = read_topic(self.settings, topic_name(self.settings, "status", TEAM), expect=expect)

@@ -9,13 +9,15 @@ Access events (``audit.decisions``) are written synchronously, before the page t
 them is shown: if the audit cannot be written, the referral is not shown. They name who, when,
 which team and which referral id, and the outcome; never a value from a referral, and never a
 typed username that is not an account (it might be a password typed into the wrong box). They
-are JSON signed by the team (``sign_plain``, ``rb-kind: inbox.access``) beside the router's
-signed Avro decisions (``rb-kind: audit.decision``); readers tell them apart by that header.
+are Avro (``schemas/audit_access.v1.avsc``) signed by the team (``rb-kind: inbox.access``)
+beside the router's signed decisions (``rb-kind: audit.decision``), and each is the next record
+of the team's own audit chain (``inbox-<team>``, see ``referral_broker/audit_chain.py``): one
+Kafka transaction writes the event and the chain's head, so ``audit verify`` names an access
+event deleted, edited or reordered as it does a routing decision.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from referral_broker.audit_chain import AuditChain
 from referral_broker.cluster.clients import Producer, build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -31,11 +34,13 @@ from referral_broker.consumers.inbox.states import Transition
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.store_referrals import ReferralRow
 from referral_broker.parties import HUB, all_parties
+from referral_broker.schemas import codec
+from referral_broker.schemas.registry import load_schema
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
 
-ACCESS_EVENT_TYPE = "inbox-access.v1"
+ACCESS_EVENT_FAMILY = "audit_access"
 ACCESS_EVENT_KIND = "inbox.access"
 
 
@@ -68,26 +73,31 @@ class AccessEvent:
     scope: str | None = None
     subject_ref: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {} if self.count is None else {"count": self.count}
-        if self.scope is not None:
-            extra |= {"scope": self.scope, "subject_ref": self.subject_ref}
-        return extra | {
-            "type": ACCESS_EVENT_TYPE,
+    def as_record(self) -> dict[str, Any]:
+        """The ``audit_access`` record."""
+        return {
             "event_id": str(uuid.uuid4()),
             "kind": self.kind.value,
-            "at": self.at.astimezone(UTC).isoformat(timespec="milliseconds"),
+            "at": self.at.astimezone(UTC),
             "member": self.member,
             "team": self.team,
             "referral_id": self.referral_id,
             "version": self.version,
+            "count": self.count,
+            "scope": self.scope,
+            "subject_ref": self.subject_ref if self.scope is not None else None,
         }
 
 
 def access_event_value(event: AccessEvent) -> tuple[bytes, bytes]:
     """(key, value): keyed by referral id so one referral's trail stays in order."""
     key = (event.referral_id or event.team or "inbox").encode("utf-8")
-    return key, json.dumps(event.as_dict(), sort_keys=True).encode("utf-8")
+    return key, codec.encode(event.as_record(), load_schema(ACCESS_EVENT_FAMILY))
+
+
+def inbox_chain(team: str) -> str:
+    """The audit chain an inbox signing as ``team`` writes (``audit_chain.chain_owner``)."""
+    return f"inbox-{team}"
 
 
 def status_record(
@@ -125,20 +135,59 @@ class Outbound:
         self.settings = settings
         self.record_format = record_format
         self._producer = producer or build_producer(settings, settings.bootstrap_servers)
-        self._audit_topic = topic_name(settings, "audit")
+        # one chain and one transactional producer per team signing access events
+        self._chains: dict[str, tuple[AuditChain, Producer]] = {}
         # Web requests run in a thread pool; the producer wrapper's flush is per caller.
         self._lock = threading.Lock()
+        self._audit_lock = threading.Lock()
 
     def close(self) -> None:
         self._producer.close()
+        with self._audit_lock:
+            for _chain, producer in self._chains.values():
+                producer.close()
+            self._chains.clear()
+
+    def _chain(self, signer: str) -> tuple[AuditChain, Producer]:
+        if signer not in self._chains:
+
+            def sign(**signing: Any) -> Any:
+                return self.record_format.sign_event(
+                    signer, signing["topic"], signing["key"], signing["value"], signing["kind"],
+                    extra_headers=signing.get("extra_headers", ()),
+                )
+
+            chain = inbox_chain(signer)
+            producer = build_producer(
+                self.settings,
+                self.settings.bootstrap_servers,
+                transactional_id=f"{self.settings.kafka_topic_prefix}audit-writer-{chain}",
+            )
+            self._chains[signer] = (AuditChain(self.settings, self.settings.bootstrap_servers, chain, sign), producer)
+        return self._chains[signer]
 
     def audit(self, event: AccessEvent) -> None:
-        """Write one access event durably, or raise :class:`BrokerError`."""
+        """Write one access event durably as the next record of the team's chain (with its head,
+        in one transaction), or raise :class:`BrokerError` (nothing is shown then)."""
         key, value = access_event_value(event)
-        record = self.record_format.sign_event(event.team, self._audit_topic, key, value, ACCESS_EVENT_KIND)
-        with self._lock:
-            self._producer.send(self._audit_topic, record.value, record.key, record.headers)
-            self._producer.flush()
+        signer = self.record_format.signer(event.team)
+        with self._audit_lock:
+            chain, producer = self._chain(signer)
+            try:
+                producer.begin()
+                chain.append(key, value, ACCESS_EVENT_KIND).send(producer)
+                for message in chain.checkpoint(records=False):
+                    message.send(producer)
+                producer.flush()
+                producer.commit()
+            except BaseException:
+                # the outcome is unknown: a new producer fences this one, and the chain reads
+                # its heads again before the next event
+                chain.lost()
+                producer.close()
+                del self._chains[signer]
+                raise
+            chain.commit()
         log.info("access audited", team=event.team, member=event.member, decision=event.kind.value)
 
     def publish_pending(self, store: InboxStore, *, now: datetime, team: str | None = None) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -98,9 +98,22 @@ class RecordFormat(Protocol):
         for ``referrals.status.<team>`` (the router carries it back to the referrer)."""
         ...
 
-    def sign_event(self, team: str | None, topic: str, key: bytes, value: bytes, kind: str) -> OutgoingMessage:
-        """A plain (unsealed, value-free by construction) event signed as ``team``, or as this
-        inbox's first team when the event has none (a refused sign-in by no known member)."""
+    def signer(self, team: str | None) -> str:
+        """The team that signs an event about ``team``: itself, or this inbox's first team when
+        the event has none (a refused sign-in by no known member)."""
+        ...
+
+    def sign_event(
+        self,
+        team: str | None,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        kind: str,
+        *,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
+    ) -> OutgoingMessage:
+        """A plain (unsealed, value-free by construction) event signed as :meth:`signer`."""
         ...
 
     def delivered_status(self, record: Record) -> tuple[str, str] | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -184,14 +184,25 @@ class SealedReferralFormat:
             ),
         )
 
+    def signer(self, team: str | None) -> str:
+        return team if team in self._identities else next(iter(self._identities))
+
     def sign_event(
-        self, team: str | None, topic: str, key: bytes, value: bytes, kind: str
+        self,
+        team: str | None,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        kind: str,
+        *,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
     ) -> OutgoingMessage:
-        signer = team if team in self._identities else next(iter(self._identities))
-        message = self._retrying(
-            signer, lambda ident: sign_plain(ident.keystore, topic=topic, key=key, value=value, kind=kind)
+        return self._retrying(
+            self.signer(team),
+            lambda ident: sign_plain(
+                ident.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers
+            ),
         )
-        return message
 
     def delivered_status(self, record: Record) -> tuple[str, str] | None:
         """Reads only the clear, operational part (``from_party``, ``status_id``) of a status the

@@ -20,7 +20,8 @@ tests) that share a cluster under different prefixes never share a user:
   settles messages left in doubt by reading its own topic; nobody else writes there), READs its
   own out topic (LITERAL names throughout), READs keys and the registry, within its own
   consumer-group prefix ``receiver-<party>-``. A district team's inbox also has its groups
-  ``inbox.<team>`` and ``inbox.<team>.delivery``, READs the audit decisions and WRITEs its access events (audit) and the
+  ``inbox.<team>`` and ``inbox.<team>.delivery``, READs the audit decisions and WRITEs its access events (audit, and its chain's heads
+  under the transactional id ``audit-writer-inbox-<team>``) and the
   records it cannot open (dead letters). Where one party's group prefix is the start of
   another's (``charity-1190001`` and the linked ``charity-1190001-1``) the shorter one is DENIED
   the longer one's prefix, so no organisation can join another's group;
