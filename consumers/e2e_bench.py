@@ -8,10 +8,11 @@ Under a fresh topic prefix (topics deleted at the end) with the shipped county:
   ``SealedReferralFormat``) runs in a thread of this process; the store records, for each new
   referral, the moment its row was committed;
 - a school offers referrals for the Cambridge district team at a fixed rate, **open loop**:
-  referral i is due at ``start + i / rate`` whatever happened to the ones before it (sealed for
-  the hub and signed by the school's own sealer, queued on its producer, never waiting for the
-  previous one). Latency is measured from when a referral was *due*, so a sender that fell
-  behind shows in the figures instead of hiding the queue (and its lag is reported).
+  referral i is due at ``start + i / rate`` whatever happened to the ones before it
+  (validated, sealed for the hub and signed by the school's own sealer as ``IntakeSender``
+  does, queued on its producer, never waiting for the previous one). Latency is measured from
+  when a referral was *due*, so a sender that fell behind shows in the figures instead of
+  hiding the queue (and its lag is reported).
 
 A few warm-up referrals go through first (the router's and the ingest's groups joined, keys
 loaded); they are not counted. Figures are printed, never asserted.
@@ -41,7 +42,7 @@ from referral_broker.consumers.inbox.store_referrals import IngestResult
 from referral_broker.consumers.router_bench import SENDER, _shaped, router_env
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
-from referral_broker.producers.intake import IntakeSender
+from referral_broker.producers.intake import IntakeSender, as_checked
 from referral_broker.sealing.key_admin import init_parties
 
 TEAM = "district-cambridge"  # where router_bench._shaped's one-recipient referrals go
@@ -137,7 +138,8 @@ def run(
                         time.sleep(wait)
                     sent_at.append(time.monotonic())
                     due.append(when)
-                    sender.sealer.referral(record).send(sender.producer)
+                    for checked in as_checked([record]):  # validated, sealed, signed: send_referrals' path
+                        sender.sealer.referral(checked.record).send(sender.producer)
                     if i % 1000 == 999:
                         sender.producer.flush()  # confirms (or raises) what is queued so far
                 sender.producer.flush()

@@ -64,6 +64,8 @@ def test_job_floor_times_every_primitive_for_three_recipients() -> None:
     assert all(v > 0 for v in floor["us_per_referral"].values()), floor
     assert close(floor["total_us"], sum(floor["us_per_referral"].values()), 0.01)
     assert floor["recipients_per_referral"] == 3.0 and floor["referrals_timed"] == 12
+    wrap = floor["us_per_referral"]["wrap_data_key"]
+    assert close(floor["total_us_with_cached_wrap"], floor["total_us"] - wrap, 0.01)
     assert floor["intake_sealed_bytes"] > 100
 
 

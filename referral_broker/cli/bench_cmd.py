@@ -110,6 +110,10 @@ def _show_router(d: dict[str, Any]) -> None:
     )
     click.echo(table([[k.replace("_", " "), f"{v:.1f}"] for k, v in job["us_per_referral"].items()], ["primitive", "µs"]))
     click.echo(
+        f"(with a cached data key, no wrap per copy: {job['total_us_with_cached_wrap']:.0f} µs, "
+        f"{1e6 / job['total_us_with_cached_wrap']:,.0f} referrals/s)"
+    )
+    click.echo(
         f"\nPer-field floor (this design: one AES-GCM per field, the archive copy): "
         f"{d['floor_us_per_referral_3_recipients']:.0f} µs per referral (3 recipients). "
         f"Peak RSS {d['peak_rss_mb']} MB."
