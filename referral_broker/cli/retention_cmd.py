@@ -1,4 +1,5 @@
-"""``referral-broker retention shred|hold|release``: crypto-shredding of a case, audited."""
+"""``referral-broker retention shred|hold|release|sweep|run|check``: crypto-shredding of a case,
+audited; the sweep that shreds every case past its retention rule (issue 16, Build 3)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,11 @@ latest moment it can still be read (:func:`readable_windows`): shred time + the 
 retention + its segment roll (a segment is deleted only when its newest record expires) + the
 broker's retention check. The topic plan keeps these windows short and names them.
 
+Retention that runs itself (below :func:`release`): :func:`catch_up` learns closures from the
+router's hub-signed status audits and gives each closed case its due date under the rules
+(:mod:`referral_broker.retention_rules`); :func:`sweep` shreds every case past it, skipping held
+ones; :func:`check_plan` holds the topic plan's retention against the rules.
+
 This module must never put a case key, a referral value or any plaintext into an audit event,
 a log line or an exception; reasons are the operator's words about the hold, not case content.
 """
