@@ -21,6 +21,8 @@ from typing import Any
 from referral_broker.errors import PartnerInputError, ValidationError
 from referral_broker.parties import all_parties, format_of, party_name
 
+from .adapter_metrics import SEND_METRICS
+
 # Only the readers in this module hold this; CheckedReferral refuses to be made without it.
 _READER = object()
 
@@ -84,13 +86,33 @@ def check_file(
 ) -> CheckedFile:
     """Read and validate every record of a partner's file. Raises PartnerInputError (nothing to
     send) when any record is invalid, unless ``skip_invalid``. Touches no network."""
+    import time
+
     path = Path(path)
     party = party_name(party)
-    if fmt == "canonical":
-        return _canonical(path, skip_invalid, on_checked)
-    if fmt == "native":
-        return _native(party, path, skip_invalid, on_checked)
-    raise PartnerInputError(f"unknown format '{fmt}' (native or canonical)")
+    label, started, read = (fmt if fmt == "canonical" else format_of(party) or "none"), time.monotonic(), 0
+
+    def counted(n: int) -> None:  # records read, for the adapter metrics
+        nonlocal read
+        read += 1
+        if on_checked is not None:
+            on_checked(n)
+
+    try:
+        if fmt == "canonical":
+            checked = _canonical(path, skip_invalid, counted)
+        elif fmt == "native":
+            checked = _native(party, path, skip_invalid, counted)
+        else:
+            raise PartnerInputError(f"unknown format '{fmt}' (native or canonical)")
+    except PartnerInputError:
+        SEND_METRICS.file(label, "refused")
+        raise
+    finally:
+        SEND_METRICS.read(label, read)
+        SEND_METRICS.seconds.labels("check").observe(time.monotonic() - started)
+    SEND_METRICS.file(label, "checked")
+    return checked
 
 
 def read_canonical_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -126,6 +148,7 @@ def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], objec
     parties = all_parties()
     good: list[CheckedReferral] = []
     problems: list[str] = []
+    refused: list[tuple[int | None, str, str]] = []
     for number, record, problem in read_canonical_lines(path):
         found = (
             [problem]
@@ -137,11 +160,13 @@ def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], objec
         )
         if found:
             problems.extend(f"{path}: record {number}: {p}" for p in found)
+            refused.append((number, "", found[0]))
         else:
             assert record is not None
             good.append(_checked(record))
         if on_checked is not None:
             on_checked(number)
+    SEND_METRICS.refused("canonical", refused)
     if problems and not skip_invalid:
         raise PartnerInputError(f"{len(problems)} problem(s), nothing sent: " + "; ".join(problems[:5]))
     return CheckedFile(str(path), len(good), problems, lambda: iter(good))
@@ -159,7 +184,9 @@ def _native(
         # The first pass validates every record; iterating converts again without validating.
         stream = adapters.iter_file(native, path, skip_invalid=skip_invalid, on_checked=on_checked)
     except ValidationError as exc:
+        SEND_METRICS.refused(native, ((p.record, p.path, p.reason) for p in exc.problems))
         raise PartnerInputError(f"{exc}; nothing sent") from None
+    SEND_METRICS.refused(native, ((r.number, p.path, p.reason) for r in stream.rejected for p in r.problems))
 
     def records() -> Iterator[CheckedReferral]:
         for parsed in stream:

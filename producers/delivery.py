@@ -26,6 +26,7 @@ from referral_broker.config import Settings
 from referral_broker.errors import BrokerError
 from referral_broker.structured_log import get_logger
 
+from .adapter_metrics import SEND_METRICS
 from .outbox import Outbox, Queued, digest
 
 log = get_logger(__name__)
@@ -67,14 +68,18 @@ class Delivery:
                     self._producer = build_producer(self.settings, self.bootstrap, delivery_timeout_ms=timeout_ms)
                 ids = [r.id for r in rows]
                 self.outbox.mark_attempted(ids)
+                began = time.monotonic()
                 for r in rows:
                     self._producer.send(r.topic, r.value, r.key, r.headers)
                 self._producer.flush(timeout_s=4 * self.settings.kafka_request_timeout_ms / 1000 + 10)
                 self.outbox.mark_delivered(ids)
+                SEND_METRICS.seconds.labels("deliver").observe(time.monotonic() - began)
+                SEND_METRICS.sent(rows)
                 self.delivered.extend(rows)
                 self._after = rows[-1].id
                 progress(len(rows))
         except BrokerError as exc:
+            SEND_METRICS.delivery_failures.inc()
             self.reachable = False
             self.error = str(exc)
             log.warning("outbox delivery stopped; the rest stays queued", error=type(exc).__name__)

@@ -173,11 +173,12 @@ class AuditIndex:
 
     # -- hashes -------------------------------------------------------------------------------
     def _case(self, rid: bytes) -> int:
-        return _h8(hmac.new(self._secret, b"audit-index/case:" + rid, hashlib.sha256).digest())
+        return _h8(hmac.digest(self._secret, b"audit-index/case:" + rid, "sha256"))
 
     @staticmethod
-    def _subject(key_hex: str) -> int:
-        return _h8(bytes.fromhex(key_hex))
+    def _subject(key_hex: str | bytes) -> int:
+        value = int(key_hex[:16], 16)  # the first 8 bytes of the hash, as a signed 64-bit integer
+        return value - (1 << 64) if value >= 1 << 63 else value
 
     # -- reading ------------------------------------------------------------------------------
     def positions(self) -> dict[int, int]:
@@ -210,16 +211,20 @@ class AuditIndex:
         rows, which are ignored."""
         rows: list[tuple[int, int, int]] = []
         subjects: list[tuple[int, int, int]] = []
+        cases: dict[bytes, int] = {}  # a referral's records come together: hash each id once
         for r in records:
             if r.key is None or r.value is None:
                 continue
             kind = next((bytes(v) for n, v in r.headers if n == "rb-kind"), b"")
             if kind == _CHECKPOINT:
                 continue
-            rows.append((r.partition, r.offset, self._case(r.key)))
+            case = cases.get(r.key)
+            if case is None:
+                case = cases[r.key] = self._case(r.key)
+            rows.append((r.partition, r.offset, case))
             if kind == _DECISION:
                 for found in set(_SUBJECT_KEY.findall(r.value)):
-                    subjects.append((self._subject(found.decode()), r.partition, r.offset))
+                    subjects.append((self._subject(found), r.partition, r.offset))
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany("INSERT OR IGNORE INTO record VALUES (?, ?, ?)", rows)

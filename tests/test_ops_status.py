@@ -295,12 +295,13 @@ def test_inbox_metrics_count_requests_and_referrals_without_identifiers(topics: 
         assert missing not in exposed and "fen.worker" not in exposed and "no-such-page" not in exposed
 
 
-ALLOWED_LABELS = {"stage", "recipient", "reason", "route", "method", "status", "team", "state", "kind", "le"}
+ALLOWED_LABELS = {"stage", "recipient", "reason", "route", "method", "status", "team", "state", "kind", "le", "format", "outcome"}
 
 
 def test_grafana_dashboard_reads_only_metrics_the_stages_expose(settings: Settings) -> None:
-    """docs/grafana-dashboard.json: every metric a panel queries is exposed by the router or
-    the inbox, with the labels the panel groups by; no label could carry an identifier."""
+    """docs/grafana-dashboard.json: every metric a panel queries is exposed by the router,
+    the inbox or the partner senders (adapter metrics), with the labels the panel groups by; no
+    label could carry an identifier."""
     import re
     from pathlib import Path
 
@@ -321,7 +322,9 @@ def test_grafana_dashboard_reads_only_metrics_the_stages_expose(settings: Settin
         inbox.requests.labels("/inbox", "GET", "200").inc()
         inbox.request_seconds.labels("/inbox").observe(0.1)
         exposed: dict[str, set[str]] = {}
-        for text in (generate_latest(router.registry), inbox.exposition()):
+        from test_adapter_metrics import exercised
+
+        for text in (generate_latest(router.registry), inbox.exposition(), exercised().exposition()):
             for family in text_string_to_metric_families(text.decode()):
                 for s in family.samples:
                     exposed.setdefault(s.name, set()).update(s.labels)

@@ -57,13 +57,23 @@ def status(obj: CliContext, party: str, as_json: bool) -> None:
     help="Keep running: deliver whatever is queued every SECONDS (backing off while the cluster is away) "
     "until interrupted.",
 )
+@click.option(
+    "--metrics-port", type=int, default=None, metavar="PORT",
+    help="With --every: serve the adapter metrics (sent, bytes, delivery time, failures) on 127.0.0.1:PORT/metrics.",
+)
 @json_option
 @pass_cli
-def flush(obj: CliContext, party: str, every: float | None, as_json: bool) -> None:
+def flush(obj: CliContext, party: str, every: float | None, metrics_port: int | None, as_json: bool) -> None:
     """Deliver every queued message once. Exits with DeliveryPendingError's code when some
     are still queued (the cluster could not be reached)."""
     from referral_broker.producers.sending import OutboxDrain, flush_outbox, pending_message
 
+    if metrics_port is not None:
+        if every is None:
+            raise click.UsageError("--metrics-port needs --every (a one-off flush ends before any scrape)")
+        from referral_broker.producers.adapter_metrics import SEND_METRICS
+
+        SEND_METRICS.serve(metrics_port)
     if every is not None:
         _drain_until_stopped(OutboxDrain(obj.settings, obj.settings.bootstrap_servers, party, interval_s=every))
         return

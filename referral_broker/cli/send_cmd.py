@@ -25,9 +25,16 @@ from referral_broker.errors import ReferralBrokerError
     help="native: the partner's own format; canonical: JSON lines as 'synth' writes.",
 )
 @click.option("--skip-invalid", is_flag=True, help="Send the valid records and report each rejected one.")
+@click.option(
+    "--metrics-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Add this run's adapter metrics (records read, refused by reason, sent, bytes, time) to this "
+    "Prometheus text file, for node_exporter's textfile collector. Counts only, no identifier.",
+)
 @json_option
 @pass_cli
-def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, as_json: bool) -> None:
+def send(
+    obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, metrics_file: Path | None, as_json: bool
+) -> None:
     """Validate every record of FILE, seal each for the council's hub, sign it, keep it in the
     party's outbox and send it.
 
@@ -40,8 +47,13 @@ def send(obj: CliContext, party: str, path: Path, fmt: str, skip_invalid: bool, 
     from tqdm import tqdm
 
     from referral_broker.cli.outbox_cmd import reach
+    from referral_broker.producers.adapter_metrics import SEND_METRICS
     from referral_broker.producers.checked import check_file
     from referral_broker.producers.sending import PartnerSender
+
+    if metrics_file is not None:  # written however the run ends
+        before = SEND_METRICS.snapshot()
+        click.get_current_context().call_on_close(lambda: SEND_METRICS.write_textfile(metrics_file, since=before))
 
     try:
         checking = tqdm(desc="checking", unit="rec", disable=as_json, leave=False)
