@@ -160,7 +160,7 @@ def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], objec
         )
         if found:
             problems.extend(f"{path}: record {number}: {p}" for p in found)
-            refused.append((number, "", found[0]))
+            refused.append((number, "", str(found[0])))
         else:
             assert record is not None
             good.append(_checked(record))
