@@ -41,7 +41,7 @@ from test_compose import SERVICES, mounts
 from referral_broker.cluster import acls
 from referral_broker.cluster import security as sec
 from referral_broker.config import Settings, load_settings
-from referral_broker.errors import NotAuthorisedError
+from referral_broker.errors import ConfigError, NotAuthorisedError
 
 TEAM = "district-fenland"
 INBOX = next(n for n, s in SERVICES.items() if s["command"][:2] == ["inbox", "serve"] and TEAM in s["command"])
@@ -188,6 +188,15 @@ def test_the_setup_service_prepares_the_cluster_and_each_service_identity(deploy
         assert (Path(entry["folder"]) / "kafka-password").read_text() == passwords[name]
     checked = d.run("setup", "acl", "check")  # in the setup container: the cluster holds exactly the plan
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # a team that is not one: one error line (after the progress lines), the configuration
+    # error's exit code, nobody enrolled
+    wrong = d.run("setup", "setup", "--out", str(d.root / "wrong"), "--team", "district-nowhere")
+    assert wrong.returncode == ConfigError.exit_code, wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    line = wrong.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: not an active district team: district-nowhere;"), line
+    assert not (d.root / "wrong").exists()
 
 
 def _referral() -> dict[str, object]:
