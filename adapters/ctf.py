@@ -31,6 +31,7 @@ from .field_map import (
     TIMESTAMP,
     UPN,
     UUID,
+    CodeTable,
     Field,
     FieldMap,
     Items,
@@ -100,6 +101,42 @@ REPEATED = frozenset(
 EH = "EarlyHelpReferral."
 CTF_VERSION = "24.0"
 
+# The CBDS SEN provision codes a CTF may carry: N (no SEN), K (SEN support), E (EHC plan), and
+# the pre-2014 codes still found in older records, A (School Action) and P (School Action
+# Plus), both now SEN support, and S (statement), converted to EHC plans by 2018. The DfE has no
+# code for "EHC needs assessment requested": a CTF says K (the pupil is on SEN support while
+# assessed) and ``EarlyHelpReferral.EHCAssessmentRequested`` says true.
+_SEN_PROVISION_READ = {
+    "N": "no_sen",
+    "K": "sen_support",
+    "E": "ehc_plan",
+    "A": "sen_support",
+    "P": "sen_support",
+    "S": "ehc_plan",
+}
+_SEN_PROVISION_WRITE = {"no_sen": "N", "sen_support": "K", "ehc_assessment_requested": "K", "ehc_plan": "E"}
+
+
+def _sen_provision(value: Any) -> str:
+    code = value.strip().upper() if isinstance(value, str) else None
+    if code not in _SEN_PROVISION_READ:
+        raise ValueError(f"not one of the codes {', '.join(_SEN_PROVISION_READ)}")
+    return _SEN_PROVISION_READ[code]
+
+
+SEN_PROVISION = CodeTable(_sen_provision, _SEN_PROVISION_WRITE.__getitem__, frozenset(_SEN_PROVISION_WRITE))
+
+
+def _assessment_requested(value: Any) -> str | None:
+    return "ehc_assessment_requested" if BOOL.parse(value) else None  # false: as SENprovision says
+
+
+EHC_ASSESSMENT_REQUESTED = CodeTable(
+    _assessment_requested,
+    lambda status: True if status == "ehc_assessment_requested" else None,
+    frozenset(_SEN_PROVISION_WRITE),
+)
+
 
 @functools.cache
 def ctf_map() -> FieldMap:
@@ -112,7 +149,6 @@ def ctf_map() -> FieldMap:
         EXCLUSION_REASON,
         GENDER,
         SEN_NEED,
-        SEN_PROVISION,
         YEAR_GROUP,
     )
 
@@ -198,6 +234,8 @@ def ctf_map() -> FieldMap:
                 ),
             ),
             Field(f"{EH}SENDetails", "send.details"),
+            # after SENprovision, so a true here wins over its K
+            Field(f"{EH}EHCAssessmentRequested", "send.status", EHC_ASSESSMENT_REQUESTED),
             Items(
                 f"{EH}Concerns.Concern",
                 "concerns",

@@ -98,7 +98,9 @@ SEN_NEED = codes(
         "NSA": "sen_no_specialist_assessment",
     }
 )
-EXCLUSION_CATEGORY = codes({"FIXD": "suspension", "PERM": "permanent_exclusion"})
+# CBDS exclusion categories: FIXD (fixed period, now called a suspension), PERM, and LNCH (a
+# lunchtime suspension, read as a suspension; written as FIXD).
+EXCLUSION_CATEGORY = codes({"FIXD": "suspension", "PERM": "permanent_exclusion", "LNCH": "suspension"})
 EXCLUSION_REASON = codes(
     {
         "PP": "physical_assault_against_pupil",

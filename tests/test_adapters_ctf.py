@@ -199,3 +199,78 @@ def test_formats_md_documents_every_ctf_element() -> None:
         names.append((entry.native, getattr(entry, "canonical", "")))
     missing = [(n, c) for n, c in names if f"`{n}`" not in section or (c and f"`{c}`" not in section)]
     assert missing == []
+
+
+def ctf_with(pupil_xml: bytes, tmp_path: Path) -> Path:
+    """The example referral as a full CTF (pupil data and referral block), with ``pupil_xml``
+    (DfE elements) put into its Pupil in place of its own of the same names."""
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    out = io.StringIO()
+    adapters.render_file("schools", [referral], out, fmt="ctf")
+    root = etree.fromstring(out.getvalue().encode())
+    pupil = root.find("CTFpupilData/Pupil")
+    assert pupil is not None
+    for element in etree.fromstring(b"<x>" + pupil_xml + b"</x>"):
+        for old in pupil.findall(element.tag):
+            pupil.remove(old)
+        pupil.insert(5, element)
+    path = tmp_path / "schools.xml"
+    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("N", "no_sen"),
+        ("K", "sen_support"),
+        ("E", "ehc_plan"),
+        # CBDS codes from before the 2014 reforms, still in older records
+        ("A", "sen_support"),  # School Action: not "EHC assessment requested"
+        ("P", "sen_support"),  # School Action Plus
+        ("S", "ehc_plan"),  # statement, converted to an EHC plan by 2018
+    ],
+)
+def test_sen_provision_reads_the_cbds_codes(code: str, status: str, tmp_path: Path) -> None:
+    path = ctf_with(f"<SENhistory><SEN><SENprovision>{code}</SENprovision></SEN></SENhistory>".encode(), tmp_path)
+    [got] = adapters.load_file("schools", path, now=NOW).referrals
+    assert got["send"]["status"] == status
+
+
+def test_an_ehc_assessment_request_is_written_as_k_with_the_referral_block_saying_so() -> None:
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    rows = []
+    for status in ("no_sen", "sen_support", "ehc_assessment_requested", "ehc_plan"):
+        record = {**referral, "send": {**(referral["send"] or {}), "status": status}}
+        out = io.StringIO()
+        adapters.render_file("schools", [record], out, fmt="ctf")
+        pupil = etree.fromstring(out.getvalue().encode()).find("CTFpupilData/Pupil")
+        assert pupil is not None
+        [back] = adapters.get_adapter("schools").parse(io.BytesIO(out.getvalue().encode()), now=NOW)
+        assert back.record is not None
+        rows.append(
+            (
+                pupil.findtext("SENhistory/SEN/SENprovision"),
+                pupil.findtext("EarlyHelpReferral/EHCAssessmentRequested"),
+                back.record["send"]["status"],
+            )
+        )
+    assert rows == [
+        ("N", None, "no_sen"),
+        ("K", None, "sen_support"),
+        ("K", "true", "ehc_assessment_requested"),  # only DfE codes in SENprovision
+        ("E", None, "ehc_plan"),
+    ]
+
+
+def test_a_lunchtime_exclusion_reads_as_a_suspension(tmp_path: Path) -> None:
+    path = ctf_with(
+        b"<Exclusions><Exclusion><Category>LNCH</Category><StartDate>2025-09-10</StartDate>"
+        b"<Sessions>1</Sessions><Reason>DB</Reason></Exclusion></Exclusions>",
+        tmp_path,
+    )
+    [got] = adapters.load_file("schools", path, now=NOW).referrals
+    assert got["school"]["exclusions"] == [
+        {"kind": "suspension", "start_date": dt.date(2025, 9, 10), "sessions": 1,
+         "reason": "persistent_disruptive_behaviour"}
+    ]  # fmt: skip
