@@ -386,9 +386,12 @@ def history_pdf(report: dict[str, Any], *, title: str = DEFAULT_TITLE) -> bytes:
     width = pdf.w - pdf.r_margin - text_x
     for e in report["events"]:
         heading, lines = _event_lines(e)
-        if pdf.get_y() > pdf.h - 50:
+        wrapped = sum(1 + len(line) // 95 for line in lines)  # about 95 characters a line
+        if pdf.get_y() + 11 + 5 * wrapped > pdf.h - pdf.b_margin:  # keep an event on one page
             pdf.add_page()
         page, top = pdf.page, pdf.get_y()
+        pdf.set_fill_color(29, 112, 184)
+        pdf.circle(x=rail, y=top + 2.5, radius=1.8, style="F")
         pdf.set_x(text_x)
         pdf.set_font("Helvetica", "B", 10)
         pdf.set_text_color(80, 90, 95)
@@ -401,12 +404,9 @@ def history_pdf(report: dict[str, Any], *, title: str = DEFAULT_TITLE) -> bytes:
         for line in lines:
             pdf.set_x(text_x)
             pdf.multi_cell(width, 5, _latin1(line), new_x="LMARGIN", new_y="NEXT")
-        bottom = pdf.get_y()
         pdf.set_draw_color(29, 112, 184)
-        pdf.set_fill_color(29, 112, 184)
-        if pdf.page == page:
-            pdf.set_line_width(1.2)
-            pdf.line(rail, top, rail, bottom + 2)
-        pdf.circle(x=rail, y=top + 2.5, radius=1.8, style="F")
+        pdf.set_line_width(1.2)
+        # the rail beside the event (from the top of the page it went on to, if it was long)
+        pdf.line(rail, top if pdf.page == page else pdf.t_margin, rail, pdf.get_y() + 2)
         pdf.ln(5)
     return bytes(pdf.output())
