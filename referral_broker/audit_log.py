@@ -176,11 +176,13 @@ def _decision_event(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_event_value(value: bytes) -> dict[str, Any]:
-    """An audit event's fields: Avro single-object encoded (inbox access events,
-    ``audit_access``), or the JSON written before (retention, exports, older access events);
-    a timestamp comes back as ISO text either way."""
+    """An audit event's fields: Avro single-object encoded (``audit_access`` from the inbox,
+    ``audit_admin`` from the hub's own actions, its details flattened), or the JSON written
+    before them; a timestamp comes back as ISO text either way."""
     if value[:2] == SINGLE_OBJECT_MAGIC:
-        doc = codec.decode(value)
+        from referral_broker.admin_audit import flatten
+
+        doc = flatten(codec.decode(value))
         return {k: v.astimezone(UTC).isoformat(timespec="milliseconds") if isinstance(v, datetime) else v for k, v in doc.items()}
     return dict(json.loads(value))
 

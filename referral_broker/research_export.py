@@ -344,35 +344,22 @@ def _prepare_out(out: Path) -> None:
 # -- audit --------------------------------------------------------------------------------------
 def audit_event(settings: Settings, bootstrap: str, event: dict[str, Any], *, key: str, now: float) -> None:
     """Sign ``event`` (ids and counts only) as the hub and append it to the ``research`` audit
-    chain on the audit topic; returns once durable."""
-    from referral_broker.audit_chain import write_chained
-    from referral_broker.parties import HUB
-    from referral_broker.sealing.envelope import sign_plain
-    from referral_broker.sealing.keystore import KeyStore
-    from referral_broker.sealing.timefmt import to_iso
+    chain on the audit topic (``audit_admin`` Avro); returns once durable."""
+    from referral_broker.admin_audit import write_event
 
-    hub = KeyStore.open(settings.keys_dir, HUB)
-    doc = {**event, "at": to_iso(now), "party": HUB}
-    write_chained(
-        settings,
-        bootstrap,
-        AUDIT_CHAIN,
-        lambda **signing: sign_plain(hub, now=now, **signing),
-        key=key.encode("utf-8"),
-        value=json.dumps(doc, sort_keys=True).encode("utf-8"),
-        kind=AUDIT_KIND,
-    )
+    write_event(settings, bootstrap, event, key=key, chain=AUDIT_CHAIN, kind=AUDIT_KIND, now=now)
 
 
 def audit_events(settings: Settings, bootstrap: str) -> list[dict[str, Any]]:
     """Every research audit event (exports, objections) on the audit topic, oldest first."""
+    from referral_broker.audit_log import read_event_value
     from referral_broker.cluster.clients import build_consumer, drain
     from referral_broker.cluster.topics import topic_name
 
     consumer = build_consumer(settings, bootstrap, [topic_name(settings, "audit")], group_id=None)
     try:
         return [
-            json.loads(record.value)
+            read_event_value(record.value)
             for batch in drain(consumer, idle_s=2.0)
             for record in batch
             if record.value is not None and dict(record.headers).get("rb-kind") == AUDIT_KIND.encode()

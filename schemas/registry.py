@@ -28,7 +28,7 @@ from fastavro.schema import to_parsing_canonical_form
 from referral_broker.errors import ContractError, Problem
 
 SCHEMA_DIR = Path(__file__).resolve().parent
-FAMILIES = ("referral", "status", "audit_decision", "audit_checkpoint", "audit_access")
+FAMILIES = ("referral", "status", "audit_decision", "audit_checkpoint", "audit_access", "audit_admin")
 # Least to most sensitive: a record-typed field carries the most sensitive class inside it.
 DATA_CLASSES = ("operational", "personal", "identifier", "special_category")
 FINGERPRINT_SIZE = 8

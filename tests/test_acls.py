@@ -524,7 +524,7 @@ def test_acl_check_catches_a_binding_removed_and_one_added_by_hand(cluster: Clus
     try:
         found = cli(s, b, "acl", "check", "--json")
         assert found.exit_code == 1, found.output
-        data = json.loads(found.output)
+        data = json.loads(found.stdout)
         assert [acls.Binding(**x) for x in data["missing"]] == [removed]
         assert [acls.Binding(**x) for x in data["extra"]] == [added]
         human = cli(s, b, "acl", "check")
@@ -534,11 +534,11 @@ def test_acl_check_catches_a_binding_removed_and_one_added_by_hand(cluster: Clus
     finally:
         repaired = cli(s, b, "acl", "apply", "--json")
     assert repaired.exit_code == 0, repaired.output
-    done = json.loads(repaired.output)
+    done = json.loads(repaired.stdout)
     assert [acls.Binding(**x) for x in done["created"]] == [removed]
     assert [acls.Binding(**x) for x in done["deleted"]] == [added]
     again = cli(s, b, "acl", "apply", "--json")  # idempotent
-    assert json.loads(again.output) == {"created": [], "deleted": [], "kept": len(cluster.plan)}
+    assert json.loads(again.stdout) == {"created": [], "deleted": [], "kept": len(cluster.plan)}
     assert cli(s, b, "acl", "check").exit_code == 0
 
 

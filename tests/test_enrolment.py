@@ -98,7 +98,7 @@ def enrol(hub: Hub, org: str) -> Path:
     folder = hub.root / org
     done = cli(hub.settings, hub.bootstrap, "orgs", "enrol", org, "--out", str(folder), "--json")
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output)["user"] == acls.user_name(hub.settings, org)
+    assert json.loads(done.stdout)["user"] == acls.user_name(hub.settings, org)
     return folder
 
 
@@ -222,7 +222,7 @@ def test_disabling_an_organisation_deletes_its_credentials_and_bindings(hub: Hub
     _producer_with(hub, user, password)
     done = cli(hub.settings, hub.bootstrap, "orgs", "disable", OTHER, "--json")
     assert done.exit_code == 0, done.output
-    kafka = json.loads(done.output)["kafka"]
+    kafka = json.loads(done.stdout)["kafka"]
     assert kafka["credentials_deleted"] and kafka["bindings_deleted"] > 0
     with pytest.raises(BrokerAuthenticationError, match=f"authentication failed for user {user}"):
         _producer_with(hub, user, password)

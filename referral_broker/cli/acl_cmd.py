@@ -65,6 +65,17 @@ def apply(obj: CliContext, as_json: bool) -> None:
         done = acls.apply(obj.settings, admin, wanted)
     finally:
         admin.close()
+    result = done.as_dict()
+    if result["created"] or result["deleted"]:
+        result["audit"] = obj.audit_change(
+            {
+                "type": "acl.applied",
+                "created": [acls.Binding(**b).describe() for b in result["created"]],
+                "deleted": [acls.Binding(**b).describe() for b in result["deleted"]],
+                "kept": result["kept"],
+            },
+            key="acl",
+        )
 
     def human(d: dict[str, Any]) -> None:
         for b in d["created"]:
@@ -73,7 +84,7 @@ def apply(obj: CliContext, as_json: bool) -> None:
             click.echo(f"deleted  {acls.Binding(**b).describe()}")
         click.echo(f"{len(d['created'])} created, {len(d['deleted'])} deleted, {d['kept']} already present")
 
-    emit(done.as_dict(), as_json, human)
+    emit(result, as_json, human)
 
 
 @acl.command()

@@ -6,7 +6,7 @@ import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -40,6 +40,17 @@ class CliContext:
 
         with contextlib.suppress(BrokerError):
             use_cluster_registry(self.settings, bootstrap)
+
+
+    def audit_change(self, event: dict[str, Any], *, key: str) -> dict[str, Any]:
+        """Audit an ACL, organisation or key change (``admin_audit.record_change``); says on
+        stderr when it could not be (no hub key store on this machine)."""
+        from referral_broker.admin_audit import record_change
+
+        done = record_change(self.settings, self.bootstrap(), event, key=key)
+        if not done["audited"]:
+            click.echo(f"warning: not audited: {done['why']}", err=True)
+        return done
 
 
 pass_cli = click.make_pass_decorator(CliContext)

@@ -104,6 +104,12 @@ def list_cmd(
     emit(data, as_json, lambda _: _rows(data))
 
 
+def _audit_keys(obj: CliContext, what: str, party: str, entries: list[Any]) -> dict[str, Any]:
+    """Audit a change of ``party``'s keys: which key ids now have which status."""
+    event = {"type": what, "party_changed": party, "keys": [f"{e.key_id}={e.status.value}" for e in entries]}
+    return obj.audit_change(event, key=party)
+
+
 @keys.command()
 @click.option("--party", required=True, help="Party whose key to rotate.")
 @json_option
@@ -112,6 +118,7 @@ def rotate(obj: CliContext, party: str, as_json: bool) -> None:
     """Make a new active key; the old one is retired and still opens old messages."""
     entries = key_admin.rotate(obj.settings, party, bootstrap=obj.bootstrap())
     data = [key_admin.entry_view(e, held_here=True) for e in entries]
+    _audit_keys(obj, "key.rotated", party, entries)
     emit(data, as_json, lambda _: _rows(data))
 
 
@@ -122,7 +129,7 @@ def rotate(obj: CliContext, party: str, as_json: bool) -> None:
 def revoke(obj: CliContext, key_id: str, as_json: bool) -> None:
     """Revoke a key: nobody seals to it or accepts its signatures any more."""
     entry = key_admin.revoke(obj.settings, key_id, bootstrap=obj.bootstrap())
-    data = key_admin.entry_view(entry)
+    data = key_admin.entry_view(entry) | {"audit": _audit_keys(obj, "key.revoked", entry.party, [entry])}
     emit(
         data,
         as_json,
@@ -188,6 +195,8 @@ def certify(obj: CliContext, party: str, public: Path, publish: bool, as_json: b
         raise SealingError(f"{public} is not a key request (not JSON)") from None
     entries = key_admin.certify(obj.settings, party, request, bootstrap=obj.bootstrap() if publish else None)
     data = [key_admin.entry_view(e) for e in entries]
+    if publish:
+        _audit_keys(obj, "key.certified", party, entries)
     emit(data, as_json, lambda _: _rows(data))
 
 

@@ -47,6 +47,14 @@ def orgs() -> None:
     """
 
 
+def _audited(obj: CliContext, change: dict[str, Any], what: str) -> dict[str, Any]:
+    """``change`` with its audit outcome, when it changed the registry."""
+    if change["outcome"] not in ("added", "disabled", "enabled"):
+        return change
+    event = {"type": what, "org": change["party"], "kind": change["kind"], "status": change["status"]}
+    return change | {"audit": obj.audit_change(event, key=str(change["party"]))}
+
+
 @orgs.command()
 @click.option("--kind", required=True, help="school, nhs_organisation, police_force, dwp, charity, district_team, research.")
 @click.option("--id", "identifier", required=True, help="URN, ODS code, force code, charity number or the project's id.")
@@ -79,7 +87,7 @@ def add(
     bootstrap = obj.bootstrap()
     change = orgs_mod.add(obj.settings, bootstrap, org)
     provision_parties(obj.settings, bootstrap, [org.party])  # its topics, even when re-added
-    emit(change.as_dict(), as_json, _print_change)
+    emit(_audited(obj, change.as_dict(), "org.added"), as_json, _print_change)
 
 
 @orgs.command()
@@ -93,7 +101,7 @@ def disable(obj: CliContext, org: str, as_json: bool) -> None:
 
     change = orgs_mod.disable(obj.settings, obj.bootstrap(), org)
     data = change.as_dict() | {"kafka": revoke(obj.settings, obj.bootstrap(), change.organisation.party)}
-    emit(data, as_json, _print_change)
+    emit(_audited(obj, data, "org.disabled"), as_json, _print_change)
 
 
 @orgs.command()
@@ -108,8 +116,10 @@ def enrol(obj: CliContext, org: str, out: Path, as_json: bool) -> None:
     from referral_broker.cluster.enrolment import enrol as do_enrol
 
     done = do_enrol(obj.settings, obj.bootstrap(), org, out)
+    data = done.as_dict()
+    data["audit"] = obj.audit_change({"type": "credentials.enrolled", "name": data["name"], "user": data["user"]}, key=str(data["name"]))
     emit(
-        done.as_dict(),
+        data,
         as_json,
         lambda d: click.echo(f"{d['name']} enrolled as Kafka user {d['user']} in {d['folder']}: {', '.join(d['files'])}"),
     )
@@ -126,7 +136,9 @@ def rotate_credentials(obj: CliContext, org: str, out: Path, as_json: bool) -> N
     from referral_broker.cluster.enrolment import rotate
 
     done = rotate(obj.settings, obj.bootstrap(), org, out)
-    emit(done.as_dict(), as_json, lambda d: click.echo(f"{d['name']}: new password in {d['folder']}"))
+    data = done.as_dict()
+    data["audit"] = obj.audit_change({"type": "credentials.rotated", "name": data["name"]}, key=str(data["name"]))
+    emit(data, as_json, lambda d: click.echo(f"{d['name']}: new password in {d['folder']}"))
 
 
 @orgs.command()
@@ -136,7 +148,7 @@ def rotate_credentials(obj: CliContext, org: str, out: Path, as_json: bool) -> N
 def enable(obj: CliContext, org: str, as_json: bool) -> None:
     """Re-enable a disabled organisation."""
     change = orgs_mod.enable(obj.settings, obj.bootstrap(), org)
-    emit(change.as_dict(), as_json, _print_change)
+    emit(_audited(obj, change.as_dict(), "org.enabled"), as_json, _print_change)
 
 
 @orgs.command("list")
