@@ -24,7 +24,9 @@ apply`` for its bindings).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 from referral_broker.cluster import acls
 from referral_broker.cluster import security as sec
 from referral_broker.config import Settings
-from referral_broker.errors import BrokerError, ConfigError, RegistryError
+from referral_broker.errors import BrokerAuthenticationError, BrokerError, ConfigError, RegistryError
 
 CONFIG_FILE = "referral-broker.toml"
 PASSWORD_FILE = "kafka-password"
@@ -155,7 +157,26 @@ def rotate(settings: Settings, bootstrap: str, ref: str, out: Path) -> Enrolled:
         admin.close()
     folder = out.expanduser().resolve()
     sec.write_private(folder / PASSWORD_FILE, (password + "\n").encode())
+    _wait_for_login(settings, bootstrap, user, password)
     return Enrolled(name, user, folder, [PASSWORD_FILE])
+
+
+def _wait_for_login(settings: Settings, bootstrap: str, user: str, password: str, timeout_s: float = 15.0) -> None:
+    """Return once the broker takes ``password`` for ``user`` (a SCRAM change reaches the
+    brokers through the metadata log a moment after the controller accepts it; until then the
+    old password still works). A user has one credential per mechanism, so from then on the
+    old one is refused."""
+    security = sec.client_security(settings, bootstrap)
+    trial = dataclasses.replace(security, username=user, password=password, source="rotation check")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            sec.admin_with(settings, bootstrap, trial).close()
+            return
+        except BrokerAuthenticationError:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the new password for {user} was not in effect after {timeout_s:.0f}s") from None
+            time.sleep(0.2)
 
 
 def revoke(settings: Settings, bootstrap: str, party: str) -> dict[str, Any]:
