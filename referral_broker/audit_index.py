@@ -250,6 +250,21 @@ def _grouped(rows: Iterator[Any] | sqlite3.Cursor) -> dict[int, list[int]]:
 
 
 @contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process at a time opens, rebuilds and catches up the index (a lookup that finds
+    another building it waits for it rather than take a half-made file for a damaged one)."""
+    import fcntl
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
 def _consumer(settings: Settings, bootstrap: str, topic: str, **overrides: Any) -> Iterator[Any]:
     from referral_broker.cluster.clients import build_consumer
 
@@ -394,6 +409,20 @@ def indexed_records(
     """The audit records a subject lookup must read (a superset of those about the subject, in
     partition and offset order), after bringing the index up to date; and what the index did.
     ``note`` is told, in one sentence, when the index is built or rebuilt and why."""
+    with _locked(index_path(settings)):
+        return _indexed_records(settings, bootstrap, secret, key=key, case=case, note=note, progress=progress)
+
+
+def _indexed_records(
+    settings: Settings,
+    bootstrap: str,
+    secret: bytes,
+    *,
+    key: str | None,
+    case: str | None,
+    note: Callable[[str], object],
+    progress: Callable[[int], object] | None,
+) -> tuple[list[Record], dict[str, Any]]:
     earlier: str | None = None  # why the first attempt dropped the index
     for attempt in (1, 2):
         index, why = AuditIndex.open(settings, secret)
@@ -439,7 +468,8 @@ def refresh(
 ) -> dict[str, Any]:
     """Bring the index up to date (from nothing with ``rebuild``); what it holds and did."""
     if rebuild:
-        AuditIndex.remove(index_path(settings))
+        with _locked(index_path(settings)):
+            AuditIndex.remove(index_path(settings))
     _, info = indexed_records(settings, bootstrap, secret, note=note, progress=progress)
     info.pop("candidates", None)
     return info

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from test_audit_subject import history, inbox_viewed  # noqa: F401  (the fixture
 
 from referral_broker.audit_chain import read_topic
 from referral_broker.audit_index import index_path
-from referral_broker.audit_log import hub_subject_secret, query_subject_key
+from referral_broker.audit_log import hub_subject_secret, query_subject_key, subject_lookup
 from referral_broker.config import Settings
 
 
@@ -85,6 +86,7 @@ def test_a_stale_index_catches_up_and_a_broken_one_is_rebuilt(
     history: dict[str, Any], county: Settings, kafka_bootstrap: str  # noqa: F811
 ) -> None:
     nhs, rid = history["child"]["identifiers"]["nhs_number"], history["rid"]
+    key = query_subject_key(hub_subject_secret(county), "nhs_number", nhs)
     before, _ = lookup(county, kafka_bootstrap, "--nhs-number", nhs)
     inbox_viewed(county, kafka_bootstrap, rid)  # a new event about the child after the index was built
     after, said = lookup(county, kafka_bootstrap, "--nhs-number", nhs)
@@ -115,6 +117,21 @@ def test_a_stale_index_catches_up_and_a_broken_one_is_rebuilt(
     other, said = lookup(county, kafka_bootstrap, "--case", rid)
     assert "made under another subject secret: building it" in said
     assert places(other) == places(scan)
+
+    # two lookups at once on no index: one builds it, the other waits, both answer in full
+    path.unlink()
+    answers: list[list[tuple[int, int]]] = []
+
+    def look() -> None:
+        report = subject_lookup(county, kafka_bootstrap, secret=hub_subject_secret(county), key=key)
+        answers.append(places(report))
+
+    threads = [threading.Thread(target=look) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == [places(scan), places(scan)]
 
     path.unlink()
     refreshed = cli(county, kafka_bootstrap, "audit", "index", "--json")
