@@ -131,6 +131,7 @@ class AuditIndex:
             db = sqlite3.connect(path, isolation_level=None, timeout=120)
         except sqlite3.Error as exc:
             raise StoreError(f"the audit index {path} cannot be opened ({type(exc).__name__})") from None
+        db.execute("PRAGMA cache_size = -65536")  # 64 MiB: hashed keys insert at random places
         index = cls(path, db, secret, topic)
         if not fresh:
             return index  # check() reads it: a file that is not a database fails there
