@@ -35,14 +35,23 @@ def actor() -> str:
         return "unknown"
 
 
-def _detail(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        return list(value)
-    if isinstance(value, dict) and all(isinstance(k, str) and type(v) is int for k, v in value.items()):
-        return dict(value)
-    return json.dumps(value, sort_keys=True, default=str)
+def _details(event: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The event's own fields as ``details`` entries: a nested record's fields under dotted
+    names (``by_rule.due``), a list that is not of strings as JSON text."""
+    out: dict[str, Any] = {}
+    for key, value in event.items():
+        name = prefix + key
+        if value is None or isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            out[name] = list(value)
+        elif isinstance(value, dict) and value and all(isinstance(k, str) and type(v) is int for k, v in value.items()):
+            out[name] = dict(value)
+        elif isinstance(value, dict) and all(isinstance(k, str) and "." not in k for k in value):
+            out.update(_details(value, name + "."))
+        else:
+            out[name] = json.dumps(value, sort_keys=True, default=str)
+    return out
 
 
 def encode_event(event: dict[str, Any], *, now: float) -> bytes:
@@ -56,14 +65,22 @@ def encode_event(event: dict[str, Any], *, now: float) -> bytes:
         "at": datetime.fromtimestamp(now, UTC),
         "actor": event.get("actor") or actor(),
         "party": event.get("party"),
-        "details": {k: _detail(v) for k, v in event.items() if k not in _COMMON},
+        "details": _details({k: v for k, v in event.items() if k not in _COMMON}),
     }
     return codec.encode(record, load_schema(FAMILY))
 
 
 def flatten(doc: dict[str, Any]) -> dict[str, Any]:
-    """A decoded ``audit_admin`` record as one flat dictionary (details beside the common fields)."""
-    return {**doc.get("details", {}), **{k: v for k, v in doc.items() if k != "details"}}
+    """A decoded ``audit_admin`` record as the event it was made from: details beside the common
+    fields, dotted names nested again."""
+    out: dict[str, Any] = {}
+    for name, value in doc.get("details", {}).items():
+        *parents, leaf = name.split(".")
+        into = out
+        for part in parents:
+            into = into.setdefault(part, {})
+        into[leaf] = value
+    return out | {k: v for k, v in doc.items() if k != "details"}
 
 
 def write_event(

@@ -23,6 +23,7 @@ from referral_broker.audit_chain import (
     record_hash,
     verify_records,
 )
+from referral_broker.audit_log import read_event_value
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
 from referral_broker.consumers.router import Router
@@ -241,7 +242,7 @@ def test_retention_events_are_chained_and_a_deleted_one_is_named(county: Setting
     retention.release(county, kafka_bootstrap, case)
     retention.hold(county, kafka_bootstrap, case, "synthetic second query")
     records = read_topic(county, kafka_bootstrap, "audit")
-    chained = [(chain_headers(r.headers), json.loads(r.value or b"")["type"]) for r in records]
+    chained = [(chain_headers(r.headers), read_event_value(r.value or b"")["type"]) for r in records]
     assert [(c[0], c[1], t) for c, t in chained if c] == [
         ("retention", 0, "retention.hold_placed"),
         ("retention", 1, "retention.hold_released"),

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from test_inbox_fixtures import Pipeline, make_pipeline, make_store, read_topic
 from test_sealing_support import read_all
 
+from referral_broker.audit_log import read_event_value
 from referral_broker.cli.main import cli
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -139,7 +140,7 @@ class World:
     def retention_events(self) -> list[dict[str, Any]]:
         audit = read_all(self.settings, self.pipeline.bootstrap, [topic_name(self.settings, "audit")])
         return [
-            json.loads(r.value)
+            read_event_value(r.value)
             for r in audit
             if dict(r.headers).get("rb-kind") == b"audit.retention" and r.value is not None
         ]

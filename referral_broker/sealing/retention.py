@@ -26,7 +26,6 @@ a log line or an exception; reasons are the operator's words about the hold, not
 
 from __future__ import annotations
 
-import getpass
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -35,13 +34,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from referral_broker.admin_audit import actor as admin_actor
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, LegalHoldError, ReferralBrokerError, SealingError
 from referral_broker.parties import HUB
 from referral_broker.sealing.case_keys import CaseKeyStore, check_case_id
-from referral_broker.sealing.envelope import sign_plain
-from referral_broker.sealing.keystore import KeyStore
 from referral_broker.sealing.timefmt import to_iso
 from referral_broker.structured_log import get_logger
 
@@ -152,28 +150,14 @@ def readable_windows(settings: Settings, bootstrap: str, *, now: float) -> list[
     return windows
 
 
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers: still audit, as unknown
-        return "unknown"
-
-
 def audit(settings: Settings, bootstrap: str, event: dict[str, Any], *, now: float) -> None:
-    """Sign ``event`` as the hub and produce it to the audit topic as the next record of the
-    ``retention`` audit chain (``audit_chain.write_chained``); returns once durable."""
-    from referral_broker.audit_chain import write_chained
+    """Sign ``event`` as the hub and append it to the ``retention`` audit chain on the audit
+    topic (``audit_admin`` Avro, ``admin_audit.write_event``); returns once durable."""
+    from referral_broker.admin_audit import write_event
 
-    hub = KeyStore.open(settings.keys_dir, HUB)
-    doc = {**event, "at": to_iso(now), "actor": event.get("actor") or _actor(), "party": HUB}
-    write_chained(
-        settings,
-        bootstrap,
-        "retention",
-        lambda **signing: sign_plain(hub, now=now, **signing),
-        key=str(event["case_id"]).encode("utf-8"),
-        value=json.dumps(doc, sort_keys=True).encode("utf-8"),
-        kind=AUDIT_KIND,
+    write_event(
+        settings, bootstrap, event,
+        key=str(event["case_id"]), chain="retention", kind=AUDIT_KIND, now=now,
     )
 
 
@@ -202,7 +186,7 @@ def shred(
         )
         log.warning("shred refused", case_id=case_id, reason="legal hold")
         raise exc
-    actor = _actor()
+    actor = admin_actor()
     audit(
         settings,
         bootstrap,
