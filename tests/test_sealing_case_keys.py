@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from test_sealing_support import SCHEMA, World, make_world, needles, read_all, sample_referral, send_all
 
+from referral_broker.audit_log import read_event_value
 from referral_broker.cli.main import cli
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -54,7 +55,7 @@ def _audit_events(settings: Settings, bootstrap: str, world: World) -> list[dict
     for record in read_all(settings, bootstrap, [topic_name(settings, "audit")]):
         headers = verify_signed(world.directory, record)  # signed by the hub, or this raises
         assert headers["rb-sender"] == b"council"
-        events.append(json.loads(record.value))
+        events.append(read_event_value(record.value))
     return events
 
 
