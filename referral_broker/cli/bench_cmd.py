@@ -280,4 +280,8 @@ def _show_e2e(d: dict[str, Any]) -> None:
         if d["sender"]["fell_behind"]
         else "the sender kept to the schedule"
     )
-    click.echo(f"Sender lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms: {behind}. Load average {d['load_average'][0]}.")
+    click.echo(
+        f"Sender lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms: {behind} "
+        f"(each referral validated, sealed and signed ahead: {d['sealed_ahead_ms_per_referral']} ms). "
+        f"Load average {d['load_average'][0]}."
+    )
