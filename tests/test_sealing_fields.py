@@ -16,7 +16,9 @@ from referral_broker.sealing.fields import (
     DataKey,
     FieldCodec,
     FieldContext,
+    MessageCipher,
     associated_data,
+    message_aad_prefix,
     open_value,
     seal_value,
 )
@@ -198,3 +200,27 @@ def test_value_of_the_wrong_type_is_a_contract_error_without_the_value() -> None
 def test_keys_do_not_print() -> None:
     key = DataKey.generate()
     assert key.secret.hex() not in repr(key) and key.key_id.hex() in repr(key)
+
+
+def test_a_message_cipher_seals_exactly_what_seal_value_does() -> None:
+    """The per-message fast path (associated data framed once, nonces drawn in one call) is the
+    same recipe: its values open with the per-value opener, its prefix plus the framed path is
+    the associated data, every nonce differs, and a value moved to another path fails."""
+    key = DataKey.generate()
+    prefix = message_aad_prefix(CTX, key)
+    assert prefix + NAME.framed_path == associated_data(
+        CTX, NAME.path, version=FORMAT_VERSION, cipher=1, data_key_id=key.key_id
+    )
+    cipher = MessageCipher(key, CTX, values=2)
+    codecs = [FieldCodec(f"child.f{i}", "string") for i in range(20)]  # more than it drew nonces for
+    sealed = [cipher.seal(f"{SECRET} {i}", c) for i, c in enumerate(codecs)]
+    nonces = {s[3 + len(key.key_id) : 3 + len(key.key_id) + 12] for s in sealed}
+    assert len(nonces) == len(sealed)
+    for i, (s, c) in enumerate(zip(sealed, codecs, strict=True)):
+        assert open_value(s, c, key, CTX) == f"{SECRET} {i}"
+        assert open_value(s, c, key, CTX, aad_prefix=prefix) == f"{SECRET} {i}"
+    with pytest.raises(TamperedError, match="authentication failed"):
+        open_value(sealed[0], codecs[1], key, CTX, aad_prefix=prefix)
+    with pytest.raises(ValueError, match="binding"):
+        MessageCipher(key, CTX.unbound())
+

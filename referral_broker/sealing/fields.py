@@ -175,6 +175,12 @@ def associated_data(
     return _message_part(context, version, cipher, data_key_id) + frame(path)
 
 
+def message_aad_prefix(context: FieldContext, key: DataKey) -> bytes:
+    """The message's part of every sealed value's associated data under ``key`` in
+    ``context`` (its version is the context's): ``associated_data`` without the path."""
+    return _message_part(context, context.version, CIPHER_AES_256_GCM, key.key_id)
+
+
 @functools.lru_cache(maxsize=1024)
 def _message_part(context: FieldContext, version: int, cipher: int, data_key_id: bytes) -> bytes:
     parts: list[bytes | str] = [
@@ -199,10 +205,11 @@ class FieldCodec:
     :func:`fastavro.schema.expand_schema` gives), because a field is encoded on its own.
     """
 
-    __slots__ = ("_parsed", "path")
+    __slots__ = ("_parsed", "framed_path", "path")
 
     def __init__(self, path: str, field_type: Any) -> None:
         self.path = path
+        self.framed_path = frame(path)  # the last part of every sealed value's associated data
         self._parsed = parse_schema(field_type, named_schemas={})
 
     def encode(self, value: Any) -> bytes:
@@ -221,19 +228,47 @@ class FieldCodec:
         return value, buf.tell()
 
 
+_PADDING = tuple(bytes(n) for n in range(PAD_BLOCK + 1))
+
+
 def seal_value(value: Any, codec: FieldCodec, key: DataKey, context: FieldContext) -> bytes:
     """Seal one value for one recipient. The nonce is random, so sealing twice differs.
     Only today's format is written: the context must carry the message binding."""
-    if context.binding is None:
-        raise ValueError("sealing needs the message binding (sender, topic, kind, clear fields)")
-    encoded = codec.encode(value)
-    pad = PAD_BLOCK - (len(encoded) % PAD_BLOCK)
-    plaintext = encoded + bytes(pad)
-    nonce = os.urandom(NONCE_SIZE)
-    aad = associated_data(
-        context, codec.path, version=FORMAT_VERSION, cipher=CIPHER_AES_256_GCM, data_key_id=key.key_id
-    )
-    return key.sealed_header + nonce + key.aead.encrypt(nonce, plaintext, aad)
+    return MessageCipher(key, context).seal(value, codec)
+
+
+class MessageCipher:
+    """Seals (today's format) or opens the values of ONE message under one data key and
+    context: what :func:`seal_value` and :func:`open_value` do per value, with the message's
+    part of the associated data framed once (it is the same for every field of a message) and
+    the random nonces drawn from the OS in one call for the whole message. The bytes are the
+    same as :func:`seal_value`'s: ``prefix + frame(path) == associated_data(...)``."""
+
+    __slots__ = ("_nonces", "_pos", "context", "key", "prefix")
+
+    def __init__(self, key: DataKey, context: FieldContext, *, values: int = 1) -> None:
+        if context.binding is None:
+            raise ValueError("sealing needs the message binding (sender, topic, kind, clear fields)")
+        self.key = key
+        self.context = context
+        self.prefix = _message_part(context, FORMAT_VERSION, CIPHER_AES_256_GCM, key.key_id)
+        self._nonces = b""
+        self._pos = 0
+        self._draw(max(1, values))
+
+    def _draw(self, count: int) -> None:
+        self._nonces = os.urandom(NONCE_SIZE * count)
+        self._pos = 0
+
+    def seal(self, value: Any, codec: FieldCodec) -> bytes:
+        encoded = codec.encode(value)
+        plaintext = encoded + _PADDING[PAD_BLOCK - (len(encoded) % PAD_BLOCK)]
+        if self._pos >= len(self._nonces):
+            self._draw(8)
+        nonce = self._nonces[self._pos : self._pos + NONCE_SIZE]
+        self._pos += NONCE_SIZE
+        key = self.key
+        return key.sealed_header + nonce + key.aead.encrypt(nonce, plaintext, self.prefix + codec.framed_path)
 
 
 @dataclass(frozen=True)
@@ -268,8 +303,12 @@ def read_header(sealed: bytes, path: str) -> tuple[SealedHeader, int]:
     return SealedHeader(version, cipher, bytes(sealed[3:start])), start
 
 
-def open_value(sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldContext) -> Any:
-    """Open one sealed value, or raise :class:`TamperedError`; never returns partial data."""
+def open_value(
+    sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldContext, *, aad_prefix: bytes | None = None
+) -> Any:
+    """Open one sealed value, or raise :class:`TamperedError`; never returns partial data.
+    ``aad_prefix`` is :func:`message_aad_prefix` of this key and context, when the caller
+    opens many values of one message (the checks below make it the only one that can fit)."""
     path = codec.path
     header, start = read_header(sealed, path)
     if header.version != context.version:
@@ -286,9 +325,13 @@ def open_value(sealed: bytes, codec: FieldCodec, key: DataKey, context: FieldCon
         raise TamperedError(f"truncated sealed value in field {path}")
     nonce = bytes(sealed[start : start + NONCE_SIZE])
     body = bytes(sealed[start + NONCE_SIZE :])
-    aad = associated_data(
-        context, path, version=header.version, cipher=header.cipher, data_key_id=header.data_key_id
-    )
+    if aad_prefix is not None:
+        # version == context.version, data-key id == key's and the cipher were checked above
+        aad = aad_prefix + codec.framed_path
+    else:
+        aad = associated_data(
+            context, path, version=header.version, cipher=header.cipher, data_key_id=header.data_key_id
+        )
     try:
         plaintext = key.aead.decrypt(nonce, body, aad)
     except InvalidTag:

@@ -43,7 +43,14 @@ from referral_broker.schemas.registry import (
     field_action,
     fingerprint,
 )
-from referral_broker.sealing.fields import DataKey, FieldCodec, FieldContext, open_value, seal_value
+from referral_broker.sealing.fields import (
+    DataKey,
+    FieldCodec,
+    FieldContext,
+    MessageCipher,
+    message_aad_prefix,
+    open_value,
+)
 from referral_broker.sealing.framing import frame, unframe
 
 _NAMED = ("record", "enum", "fixed")
@@ -204,11 +211,9 @@ class SealingPlan:
     # -- records ------------------------------------------------------------------------------
     def seal(self, record: dict[str, Any], key: DataKey, context: FieldContext) -> dict[str, Any]:
         """The wire record: every sealing unit replaced by its sealed bytes for ``context``."""
-        return self._seal(self._fields, record, key, context)
+        return self._seal(self._fields, record, MessageCipher(key, context, values=len(self.units)))
 
-    def _seal(
-        self, plans: tuple[_FieldPlan, ...], record: Any, key: DataKey, context: FieldContext
-    ) -> dict[str, Any]:
+    def _seal(self, plans: tuple[_FieldPlan, ...], record: Any, cipher: MessageCipher) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise ContractError(f"record at {plans[0].path.rpartition('.')[0] or 'root'}: expected a record")
         out: dict[str, Any] = {}
@@ -218,21 +223,19 @@ class SealingPlan:
                 raise ContractError(f"field {p.path}: missing and has no default")
             if p.action == "seal":
                 assert p.codec is not None
-                out[p.name] = seal_value(value, p.codec, key, context)
+                out[p.name] = cipher.seal(value, p.codec)
             elif p.action == "record":
-                out[p.name] = (
-                    None if value is None and p.nullable else self._seal(p.child, value, key, context)
-                )
+                out[p.name] = None if value is None and p.nullable else self._seal(p.child, value, cipher)
             else:
                 out[p.name] = value
         return out
 
     def open(self, wire: dict[str, Any], key: DataKey, context: FieldContext) -> dict[str, Any]:
         """The plaintext record, every sealing unit opened; raises on the first failure."""
-        return self._open(self._fields, wire, key, context)
+        return self._open(self._fields, wire, key, context, message_aad_prefix(context, key))
 
     def _open(
-        self, plans: tuple[_FieldPlan, ...], wire: Any, key: DataKey, context: FieldContext
+        self, plans: tuple[_FieldPlan, ...], wire: Any, key: DataKey, context: FieldContext, prefix: bytes
     ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for p in plans:
@@ -241,10 +244,10 @@ class SealingPlan:
                 assert p.codec is not None
                 if not isinstance(value, bytes):
                     raise TamperedError(f"field {p.path}: arrived unsealed")
-                out[p.name] = open_value(value, p.codec, key, context)
+                out[p.name] = open_value(value, p.codec, key, context, aad_prefix=prefix)
             elif p.action == "record":
                 out[p.name] = (
-                    None if value is None and p.nullable else self._open(p.child, value, key, context)
+                    None if value is None and p.nullable else self._open(p.child, value, key, context, prefix)
                 )
             else:
                 out[p.name] = value
