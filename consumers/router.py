@@ -753,6 +753,9 @@ class Router:
             self._rewind(consumer, batch)
             return
         self.catch_up()  # a cluster failure here is handled like any other
+        case_keys = self.hub.case_keys
+        if case_keys is not None:
+            case_keys.defer_durability()  # new case keys: one group of fsyncs before the commit
         try:
             producer.begin()
             self._in_transaction = True
@@ -768,6 +771,9 @@ class Router:
                     message.send(producer)
             for message in self.audit_chain.checkpoint():  # chain heads, signed, in this transaction
                 message.send(producer)
+            if case_keys is not None:
+                # before the commit: no committed message may name a key a power cut could lose
+                case_keys.sync()
             moved, checked = self._moved(consumer, batch, member)
             if moved:
                 producer.abort()
@@ -785,7 +791,7 @@ class Router:
             self.ledger.commit()
             self.audit_chain.commit()
             self._in_transaction = False
-        except (BrokerError, KafkaError) as exc:
+        except (BrokerError, KafkaError, OSError) as exc:  # OSError: the case keys' fsync
             self.ledger.abort()  # if the commit landed after all, catch_up reads it back
             self.audit_chain.lost()  # the heads are read again (committed or not) before the next record
             self._in_transaction = False

@@ -89,8 +89,12 @@ def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka
         with IntakeSender(broker, kafka_bootstrap, sender_party) as sender:
             for s in sender.send_referrals(batch):
                 sent[s.referral_id] = sender_party
-    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    router = Router(broker, kafka_bootstrap)
+    stats = router.run(stop_when_idle=3)
     assert stats.routed == len(sent) and stats.dead_lettered == 0
+    # the case keys of these new cases were written deferred and synced before each commit
+    assert router.hub.case_keys is not None and router.hub.case_keys.unsynced == 0
+    assert all(router.hub.case_keys.has_key(case) for case in sent)
 
     policy = load_policy()
     audits = [

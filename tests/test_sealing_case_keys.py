@@ -205,3 +205,40 @@ def test_an_existing_case_key_is_read_while_another_process_holds_the_lock(tmp_p
         assert new.is_alive()  # creating a key waits for the lock
     new.join(timeout=10)
     assert not new.is_alive() and got["CASE-NEW"][1] != known[1]
+
+
+def test_new_case_keys_become_durable_together_at_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's batch: new case keys are written at once (readable, 0600) but fsynced as one
+    group by sync() before its Kafka commit; a shred still takes effect at once, synced or not;
+    without deferral every new key is durable on its own (two fsyncs) as before."""
+    import os
+
+    from referral_broker.sealing import keystore
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(keystore.os, "fsync", counting_fsync)
+    store = CaseKeyStore.open(tmp_path / "keys")
+    store.key_for("CASE-PLAIN")
+    assert len(synced) == 2 and store.unsynced == 0  # the file, then its folder
+    synced.clear()
+
+    store.defer_durability()
+    keys = {case: store.key_for(case) for case in ("CASE-A", "CASE-B", "CASE-C")}
+    assert store.key_for("CASE-A") == keys["CASE-A"]  # read back at once, same key
+    assert synced == [] and store.unsynced == 3
+    assert all((store.root / f"{c}.key").stat().st_mode & 0o777 == 0o600 for c in keys)
+    assert store.lookup("CASE-B", keys["CASE-B"][0]) == keys["CASE-B"][1]
+    store.shred("CASE-C")  # before the sync: gone now, and the sync skips it
+    with pytest.raises(ShreddedError):
+        store.key_for("CASE-C")
+    synced.clear()
+    assert store.sync() == 2 and store.unsynced == 0
+    assert len(synced) == 3  # CASE-A, CASE-B, then the folder once
+    synced.clear()
+    assert store.sync() == 0 and synced == []  # nothing new: no syscall

@@ -16,6 +16,16 @@ Layout, beside the hub's own keys (folders 0700, files 0600, checked on every ac
 A case under legal hold cannot be shredded (:class:`LegalHoldError`). Every read of a case key
 goes to disk, so a shred in one process takes effect in every other process at once.
 
+**One durable commit per batch** (the router): between :meth:`CaseKeyStore.defer_durability`
+and :meth:`CaseKeyStore.sync`, a new case key is written (atomically, 0600, under the lock) but
+not fsynced; ``sync`` then fsyncs every key file created since, and the folder once. The router
+calls ``sync`` right before it commits the Kafka transaction whose messages are sealed under
+those keys, so no committed message ever names a key a power cut could lose, and a batch of
+new cases costs one group of fsyncs instead of two per case (a scattered fsync costs ~5 ms
+here, one of a group ~2 ms). A key another process created moments ago (its file younger than
+``RECENT_S``) is added to the group too, as its creator may not have synced it yet. Shredding
+is unchanged: it reads and destroys the file under the lock, whatever was synced.
+
 This module must never write a case key anywhere but its own 0600 file (no Kafka, no log, no
 exception text), and must never keep one after it is shredded. Auditing of shreds and holds
 is done by :mod:`referral_broker.sealing.retention`, which calls this module.
@@ -39,6 +49,7 @@ from referral_broker.sealing.fields import KEY_SIZE
 from referral_broker.sealing.keystore import (
     check_private,
     destroy_file,
+    fsync_paths,
     locked,
     make_private_dir,
     read_private,
@@ -47,6 +58,8 @@ from referral_broker.sealing.keystore import (
 from referral_broker.sealing.timefmt import to_iso
 
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A key file younger than this, read while deferring, may be another router's not yet synced key.
+RECENT_S = 120.0
 
 
 def check_case_id(case_id: str) -> str:
@@ -75,6 +88,8 @@ class CaseKeyStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # key files written since the last sync() while deferring (None: every write is durable)
+        self._unsynced: dict[Path, None] | None = None
 
     @classmethod
     def open(cls, keys_dir: Path) -> CaseKeyStore:
@@ -100,6 +115,7 @@ class CaseKeyStore:
         if path.exists():
             try:
                 doc = self._read_key(path)
+                self._note_recent(path)
                 return doc["case_key_id"], base64.b64decode(doc["key"])
             except (OSError, SealingError):
                 pass  # being shredded or replaced this moment: decide under the lock
@@ -112,9 +128,47 @@ class CaseKeyStore:
                     "created_at": to_iso(time.time() if now is None else now),
                     "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
                 }
-                write_private(path, json.dumps(doc).encode("utf-8"))
+                deferred = self._unsynced is not None
+                write_private(path, json.dumps(doc).encode("utf-8"), durable=not deferred)
+                if self._unsynced is not None:
+                    self._unsynced[path] = None
+            else:
+                self._note_recent(path)
             doc = self._read_key(path)
         return doc["case_key_id"], base64.b64decode(doc["key"])
+
+    # -- durability ---------------------------------------------------------------------------
+    def defer_durability(self) -> None:
+        """From now on, new case keys are made durable by :meth:`sync`, not one by one. The
+        caller must call ``sync`` before anything sealed under them leaves the process."""
+        if self._unsynced is None:
+            self._unsynced = {}
+
+    def sync(self) -> int:
+        """Make every key written since the last sync durable (each file, then the folder once);
+        deferring goes on. Returns how many files were synced. Nothing to do: no syscall."""
+        if not self._unsynced:
+            return 0
+        pending, self._unsynced = list(self._unsynced), {}
+        try:
+            return fsync_paths(self.root, pending)
+        except BaseException:
+            self._unsynced.update(dict.fromkeys(pending))  # try them again with the next sync
+            raise
+
+    @property
+    def unsynced(self) -> int:
+        """How many key files await :meth:`sync`."""
+        return len(self._unsynced or ())
+
+    def _note_recent(self, path: Path) -> None:
+        if self._unsynced is None or path in self._unsynced:
+            return
+        try:
+            if time.time() - path.stat().st_mtime < RECENT_S:
+                self._unsynced[path] = None
+        except FileNotFoundError:
+            pass
 
     def lookup(self, case_id: str, case_key_id: str) -> bytes:
         """The key of ``case_id`` if it is ``case_key_id``; the :data:`CaseKeyLookup` the

@@ -28,7 +28,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,21 +86,42 @@ def make_private_dir(path: Path) -> None:
     check_private(path, is_dir=True)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``; the file is 0600 from its creation on."""
+def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Atomically replace ``path`` with ``data``; the file is 0600 from its creation on.
+    ``durable=False`` skips both fsyncs: the caller makes it durable later (``fsync_paths``)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def fsync_paths(folder: Path, paths: Iterable[Path]) -> int:
+    """Make files written with ``durable=False`` in ``folder`` durable: each file's data, then
+    the folder (their names) once. A file gone since (destroyed) is skipped. Returns how many."""
+    done = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+            done += 1
+        finally:
+            os.close(fd)
+    _fsync_dir(folder)
+    return done
 
 
 def read_private(path: Path) -> bytes:
