@@ -257,8 +257,264 @@ def _names_of(schema: Schema) -> dict[str, Schema]:
     return names
 
 
+# --- the schema layer, built once per schema ----------------------------------------------------
+# A checker: (value, its path, add(path, reason)). It does what _SchemaWalk does for the same
+# node, with every decision that depends only on the schema taken once: references resolved,
+# the string rule of each field path found, unions split. Record checkers build their fields'
+# checkers on first use, so a recursive schema compiles only as deep as data goes.
+_Add = Callable[[str, str], None]
+_Check = Callable[[Any, str, _Add], None]
+
+
+class _Compiler:
+    def __init__(self, names: dict[str, Schema]) -> None:
+        self.names = names
+
+    def compile(self, node: Any, namespace: str | None, spath: str, in_map: bool) -> _Check:
+        node = resolve_type(node, self.names, namespace)
+        if isinstance(node, list):
+            return self._union(node, namespace, spath, in_map)
+        kind = node.get("type") if isinstance(node, dict) else node
+        inner: _Check
+        if isinstance(node, dict) and node.get("logicalType"):
+            inner = self._logical(node, spath, in_map)
+        elif kind == "record":
+            inner = self._record(node, namespace, spath, in_map)
+        elif kind == "array":
+            inner = self._array(self.compile(node["items"], namespace, spath, in_map))
+        elif kind == "map":
+            inner = self._map(self.compile(node["values"], namespace, spath, True))
+        elif kind == "enum":
+            inner = self._enum(frozenset(node["symbols"]))
+        else:
+            inner = self._primitive(kind, spath, in_map)
+
+        def check(value: Any, path: str, add: _Add) -> None:
+            if value is None:
+                add(path, "required field is null")
+            else:
+                inner(value, path, add)
+
+        return check
+
+    def _union(self, branches: list[Any], namespace: str | None, spath: str, in_map: bool) -> _Check:
+        has_null = "null" in branches
+        others = [self.compile(b, namespace, spath, in_map) for b in branches if b != "null"]
+        if len(others) == 1:
+            only = others[0]
+
+            def single(value: Any, path: str, add: _Add) -> None:
+                if value is None:
+                    if not has_null:
+                        add(path, "required field is null")
+                    return
+                only(value, path, add)
+
+            return single
+
+        def several(value: Any, path: str, add: _Add) -> None:
+            if value is None:
+                if not has_null:
+                    add(path, "required field is null")
+                return
+            for branch in others:
+                failed: list[tuple[str, str]] = []
+                branch(value, path, lambda p, r, failed=failed: failed.append((p, r)))
+                if not failed:
+                    return
+            add(path, "matches none of the allowed types")
+
+        return several
+
+    def _record(self, node: Schema, namespace: str | None, spath: str, in_map: bool) -> _Check:
+        inner_ns = full_name(node["name"], node.get("namespace", namespace)).rpartition(".")[0] or None
+        declared = frozenset(item["name"] for item in node["fields"])
+        fields: list[tuple[str, bool, _Check]] = []
+
+        def check(value: Any, path: str, add: _Add) -> None:
+            if not fields and node["fields"]:
+                fields.extend(
+                    (
+                        item["name"],
+                        "default" in item,
+                        self.compile(item["type"], inner_ns, f"{spath}.{item['name']}" if spath else item["name"], in_map),
+                    )
+                    for item in node["fields"]
+                )
+            if not isinstance(value, Mapping):
+                add(path, "expected an object")
+                return
+            prefix = f"{path}." if path else ""
+            for name, has_default, field_check in fields:
+                if name not in value:
+                    if not has_default:
+                        add(prefix + name, "required field is missing")
+                    continue
+                field_check(value[name], prefix + name, add)
+            for key in value:
+                if key not in declared:
+                    # A key is normally a field name, but a malformed file could put a value there.
+                    shown = key if isinstance(key, str) and _FIELD_NAME.match(key) else "<unnamed>"
+                    add(prefix + shown, "unknown field")
+
+        return check
+
+    @staticmethod
+    def _array(item: _Check) -> _Check:
+        def check(value: Any, path: str, add: _Add) -> None:
+            if not isinstance(value, list):
+                add(path, "expected a list")
+                return
+            for index, element in enumerate(value):
+                item(element, f"{path}[{index}]", add)
+
+        return check
+
+    @staticmethod
+    def _map(item: _Check) -> _Check:
+        def check(value: Any, path: str, add: _Add) -> None:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                add(path, "expected an object with string keys")
+                return
+            for key, element in value.items():
+                item(element, f"{path}[{key}]", add)
+
+        return check
+
+    @staticmethod
+    def _enum(symbols: frozenset[str]) -> _Check:
+        def check(value: Any, path: str, add: _Add) -> None:
+            if not isinstance(value, str) or value not in symbols:
+                add(path, "not one of the allowed values")
+
+        return check
+
+    def _logical(self, node: Schema, spath: str, in_map: bool) -> _Check:
+        logical = node["logicalType"]
+        if logical == "uuid":
+
+            def check_uuid(value: Any, path: str, add: _Add) -> None:
+                if isinstance(value, uuid.UUID):
+                    return
+                if isinstance(value, str):
+                    try:
+                        uuid.UUID(value)
+                        return
+                    except ValueError:
+                        pass
+                add(path, "expected a UUID")
+
+            return check_uuid
+        if logical == "date":
+
+            def check_date(value: Any, path: str, add: _Add) -> None:
+                if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
+                    add(path, "expected a date (YYYY-MM-DD)")
+                elif value.year < 1900:
+                    add(path, "date is before 1900")
+
+            return check_date
+        if logical in ("timestamp-millis", "timestamp-micros"):
+
+            def check_timestamp(value: Any, path: str, add: _Add) -> None:
+                if not isinstance(value, dt.datetime):
+                    add(path, "expected a timestamp (ISO 8601 with time zone)")
+                elif value.tzinfo is None or value.utcoffset() is None:
+                    add(path, "timestamp has no time zone")
+                elif value.year < 1970:
+                    add(path, "timestamp is before 1970")
+
+            return check_timestamp
+        return self._primitive(node["type"], spath, in_map)
+
+    @staticmethod
+    def _primitive(kind: Any, spath: str, in_map: bool) -> _Check:
+        if kind == "string":
+            # inside a map the path holds its keys, which schema_path keeps: look up as it did
+            static_rule = None if in_map else STRING_RULES.get(spath)
+
+            def check_string(value: Any, path: str, add: _Add) -> None:
+                if not isinstance(value, str):
+                    add(path, "expected text")
+                elif not value.strip():
+                    add(path, "must not be empty")
+                elif len(value) > MAX_TEXT_LENGTH:
+                    add(path, f"longer than {MAX_TEXT_LENGTH} characters")
+                else:
+                    rule = STRING_RULES.get(schema_path(path)) if in_map else static_rule
+                    reason = rule(value) if rule else None
+                    if reason:
+                        add(path, reason)
+
+            return check_string
+        if kind == "boolean":
+
+            def check_boolean(value: Any, path: str, add: _Add) -> None:
+                if not isinstance(value, bool):
+                    add(path, "expected true or false")
+
+            return check_boolean
+        if kind in ("int", "long"):
+            low, high = (INT_MIN, INT_MAX) if kind == "int" else (LONG_MIN, LONG_MAX)
+
+            def check_integer(value: Any, path: str, add: _Add) -> None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    add(path, "expected a whole number")
+                elif not low <= value <= high:
+                    add(path, f"out of range for an Avro {kind}")
+
+            return check_integer
+        if kind in ("float", "double"):
+
+            def check_number(value: Any, path: str, add: _Add) -> None:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    add(path, "expected a number")
+
+            return check_number
+        if kind in ("bytes", "fixed"):
+
+            def check_bytes(value: Any, path: str, add: _Add) -> None:
+                if not isinstance(value, bytes | bytearray):
+                    add(path, "expected bytes")
+
+            return check_bytes
+        return _nothing
+
+
+def _nothing(value: Any, path: str, add: _Add) -> None:
+    return None
+
+
+# id(schema) -> (schema, its checker), kept like _names_by_id.
+_checkers_by_id: dict[int, tuple[Schema, _Check]] = {}
+
+
+def _checker_of(schema: Schema) -> _Check:
+    found = _checkers_by_id.get(id(schema))
+    if found is not None and found[0] is schema:
+        return found[1]
+    checker = _Compiler(_names_of(schema)).compile(schema, None, "", False)
+    if len(_checkers_by_id) >= _NAMES_CACHE_LIMIT:
+        _checkers_by_id.clear()
+    _checkers_by_id[id(schema)] = (schema, checker)
+    return checker
+
+
 def check_against_schema(record: Any, schema: Schema, record_number: int | None = None) -> list[Problem]:
-    """Structural problems only: required fields, types, enums, logical types, unknown fields."""
+    """Structural problems only: required fields, types, enums, logical types, unknown fields.
+    Runs the checker built once for ``schema`` (:class:`_Compiler`); ``_SchemaWalk`` is the
+    reference it must agree with (tests/test_schemas_validation.py compares them)."""
+    problems: list[Problem] = []
+
+    def add(path: str, reason: str) -> None:
+        problems.append(Problem(path or "<record>", reason, record_number))
+
+    _checker_of(schema)(record, "", add)
+    return problems
+
+
+def walk_against_schema(record: Any, schema: Schema, record_number: int | None = None) -> list[Problem]:
+    """The same problems by the reference walk (recursive, the schema read again per value)."""
     walk = _SchemaWalk(_names_of(schema), record_number)
     walk.value(record, schema, "", None)
     return walk.problems

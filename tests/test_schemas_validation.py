@@ -263,3 +263,32 @@ def test_any_broken_identifier_is_rejected_by_path(record: dict[str, Any], path:
     assume(parent[key] is not None)  # not a pass: hypothesis fails the test if too few examples qualify
     parent[key] = IDENTIFIER_CORRUPTIONS[path](parent[key])
     assert path in paths(validate(record, now=TEST_NOW))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_referrals(), st.data())
+def test_the_checker_built_once_finds_what_the_reference_walk_finds(record: dict[str, Any], data: Any) -> None:
+    """The schema layer runs a checker built once per schema; the recursive walk it replaced
+    is kept as the reference: on valid referrals and on one or two corruptions of any field
+    (wrong types, nulls, missing, unknown symbols, unknown keys) both list the same problems,
+    in the same order."""
+    from referral_broker.schemas.validation import check_against_schema, walk_against_schema
+
+    corrupted = copy.deepcopy(record)
+    for _ in range(data.draw(st.integers(0, 2))):
+        path, field_type, required, defaulted = data.draw(st.sampled_from(_leaves(corrupted, SCHEMA, "", None)))
+        _label, bad = data.draw(st.sampled_from(_corruptions(field_type, required, defaulted)))
+        try:
+            parent, key = _parent_and_key(corrupted, path)
+            if bad is KeyError:
+                del parent[key]
+            else:
+                parent[key] = bad
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier corruption removed its parent
+    if data.draw(st.booleans()):
+        corrupted["no_such_field"] = 1
+    found = check_against_schema(corrupted, SCHEMA, 7)
+    assert found == walk_against_schema(corrupted, SCHEMA, 7)
+    status_schema = registry.status_schema()
+    assert check_against_schema(corrupted, status_schema) == walk_against_schema(corrupted, status_schema)
