@@ -224,3 +224,38 @@ def test_a_message_cipher_seals_exactly_what_seal_value_does() -> None:
     with pytest.raises(ValueError, match="binding"):
         MessageCipher(key, CTX.unbound())
 
+
+FAST_TYPES = [
+    ("string", st.text(max_size=300)),
+    (["null", "string"], st.none() | st.text(max_size=40)),
+    ("boolean", st.booleans()),
+    (["null", "boolean"], st.none() | st.booleans()),
+    ("int", st.integers(-(2**31), 2**31 - 1)),
+    ("long", st.integers(-(2**63), 2**63 - 1)),
+    (["null", "int"], st.none() | st.integers(-(2**31), 2**31 - 1)),
+    ({"type": "enum", "name": "test.Fast", "symbols": ["a", "b", "c"]}, st.sampled_from(["a", "b", "c"])),
+    (["null", {"type": "enum", "name": "test.Fast2", "symbols": ["x", "y"]}], st.none() | st.sampled_from(["x", "y"])),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_the_fast_field_encoder_writes_fastavros_bytes(data: object) -> None:
+    """Strings, booleans, ints, longs, enums and their optionals skip fastavro's per-call cost:
+    every value gives exactly fastavro's bytes, and a value not of the type is still refused."""
+    import io
+
+    from fastavro import parse_schema, schemaless_writer
+
+    for index, (avro_type, values) in enumerate(FAST_TYPES):
+        codec = FieldCodec(f"child.f{index}", avro_type)
+        assert codec._fast is not None, avro_type
+        value = data.draw(values)  # type: ignore[attr-defined]
+        expected = io.BytesIO()
+        schemaless_writer(expected, parse_schema(avro_type, named_schemas={}), value)
+        assert codec.encode(value) == expected.getvalue()
+    with pytest.raises(ContractError, match=r"child\.f7"):
+        FieldCodec("child.f7", FAST_TYPES[7][0]).encode("not-a-symbol")
+    with pytest.raises(ContractError):
+        FieldCodec("child.f5", "long").encode(2**64)
+    assert FieldCodec("child.d", {"type": "int", "logicalType": "date"})._fast is None  # fastavro's

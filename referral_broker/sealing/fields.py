@@ -205,14 +205,20 @@ class FieldCodec:
     :func:`fastavro.schema.expand_schema` gives), because a field is encoded on its own.
     """
 
-    __slots__ = ("_parsed", "framed_path", "path")
+    __slots__ = ("_fast", "_parsed", "framed_path", "path")
 
     def __init__(self, path: str, field_type: Any) -> None:
         self.path = path
         self.framed_path = frame(path)  # the last part of every sealed value's associated data
         self._parsed = parse_schema(field_type, named_schemas={})
+        self._fast = _fast_encoder(self._parsed)
 
     def encode(self, value: Any) -> bytes:
+        if self._fast is not None:
+            try:
+                return self._fast(value)
+            except _NotFast:
+                pass  # a value the fast path does not take: fastavro decides
         buf = io.BytesIO()
         try:
             schemaless_writer(buf, self._parsed, value)
@@ -229,6 +235,86 @@ class FieldCodec:
 
 
 _PADDING = tuple(bytes(n) for n in range(PAD_BLOCK + 1))
+
+
+class _NotFast(Exception):
+    """A value the fast encoder leaves to fastavro (which encodes it or refuses it)."""
+
+
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
+
+
+def _varint_long(n: int) -> bytes:
+    """Avro's zig-zag varint of a long."""
+    if isinstance(n, bool) or not isinstance(n, int) or not _LONG_MIN <= n <= _LONG_MAX:
+        raise _NotFast
+    z = (n << 1) ^ (n >> 63)
+    if z < 0x80:
+        return bytes((z,))
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def _string(value: Any) -> bytes:
+    if type(value) is not str:
+        raise _NotFast
+    raw = value.encode("utf-8")
+    return _varint_long(len(raw)) + raw
+
+
+def _boolean(value: Any) -> bytes:
+    if value is True:
+        return b"\x01"
+    if value is False:
+        return b"\x00"
+    raise _NotFast
+
+
+def _enum(symbols: list[str]) -> Any:
+    index = {s: _varint_long(i) for i, s in enumerate(symbols)}
+
+    def encode(value: Any) -> bytes:
+        if type(value) is not str or value not in index:
+            raise _NotFast
+        return index[value]
+
+    return encode
+
+
+def _plain_encoder(t: Any) -> Any:
+    if t == "string":
+        return _string
+    if t == "boolean":
+        return _boolean
+    if t in ("int", "long"):
+        return _varint_long
+    if isinstance(t, dict) and t.get("type") == "enum" and "logicalType" not in t:
+        return _enum(list(t["symbols"]))
+    return None
+
+
+def _fast_encoder(parsed: Any) -> Any:
+    """The Avro binary encoding of the commonest sealed types, without a fastavro call per
+    value (which costs more than sealing the value): string, boolean, int, long, enum and the
+    optional (["null", T]) of each. Same bytes as fastavro (Avro's binary encoding of these is
+    unique); anything else, or a value not plainly of the type, goes to fastavro."""
+    plain = _plain_encoder(parsed)
+    if plain is not None:
+        return plain
+    if isinstance(parsed, list) and len(parsed) == 2 and parsed[0] == "null":
+        inner = _plain_encoder(parsed[1])
+        if inner is None:
+            return None
+
+        def optional(value: Any) -> bytes:
+            return b"\x00" if value is None else b"\x02" + inner(value)
+
+        return optional
+    return None
 
 
 def seal_value(value: Any, codec: FieldCodec, key: DataKey, context: FieldContext) -> bytes:
