@@ -172,6 +172,7 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     data = bench(kafka_bootstrap, tmp_path, "e2e", "--rate", str(rate), "--seconds", str(seconds))
     offered = int(rate * seconds)
     assert data["offered"] == data["delivered"] == offered and data["lost_or_late"] == 0 and data["drained"]
+    assert data["latency_lower_bound"] is False  # every one stored: the figures are exact
     # the router process routed the warm-up and the offered referrals, each to the one team
     router = data["router"]
     assert router["routed"] == router["consumed"] == offered + e2e_bench.WARMUP

@@ -267,7 +267,10 @@ def _show_e2e(d: dict[str, Any]) -> None:
         f"{d['delivered']:,} stored ({d['lost_or_late']} not within the drain time); achieved {d['achieved_rate']:,.1f}/s"
     )
     if lat:
-        click.echo(table([[k, f"{v:,.1f}"] for k, v in lat.items()], ["latency", "ms"]))
+        at_least = ">= " if d["latency_lower_bound"] else ""
+        click.echo(table([[k, f"{at_least}{v:,.1f}"] for k, v in lat.items()], ["latency", "ms"]))
+        if at_least:
+            click.echo(f"(the {d['lost_or_late']:,} referrals not stored by the end count with the time they had waited: lower bounds)")
         click.echo(
             f"Goal p99 <= {d['goal']['p99_ms']:.0f} ms: p99 {lat['p99']:,.1f} ms "
             f"({d['ratio_p99_to_goal']:.2f}x the goal)."
