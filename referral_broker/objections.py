@@ -7,8 +7,9 @@ identifiers: HMAC-SHA256 under the hub's subject-hash secret (the one the audit'
 store folder and never on Kafka) over the normalised NHS number, UPN or NI number, or over the
 child's normalised name and date of birth (kind ``name_dob``: most referrals carry no national
 identifier). The export hashes each child the same way and leaves out any child with a
-matching hash. An objection also records when, by whom and from where (``cli``; the inbox's
-"family objects" action is not built yet), and an id; it is audited by id only.
+matching hash. An objection also records when, by whom and from where (``cli``, or ``inbox``:
+a district team's "Record that the family objects", which reaches the hub as a team-signed
+event in the audit and is taken in by :func:`sync_inbox`), and an id; it is audited by id only.
 
 **Where.** In the hub's data folder (``<data dir>/research/objections.jsonl``, folder 0700, file
 0600, appended under a lock), not on a compacted topic, because:
@@ -27,7 +28,6 @@ The cost: two hub machines do not share objections. The council runs one hub.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import re
@@ -40,9 +40,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from referral_broker.admin_audit import actor
 from referral_broker.audit_log import SUBJECT_KINDS, hub_subject_secret, query_subject_key, subject_key
 from referral_broker.config import Settings
-from referral_broker.errors import ConfigError, ContractError
+from referral_broker.errors import ConfigError, ContractError, ReferralBrokerError
 
 OBJECTIONS_DIR = "research"
 OBJECTIONS_FILE = "objections.jsonl"
@@ -107,13 +108,6 @@ def objections_path(settings: Settings) -> Path:
     return settings.paths_data_dir / OBJECTIONS_DIR / OBJECTIONS_FILE
 
 
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "unknown"
-
-
 def query_keys(
     secret: bytes,
     *,
@@ -160,8 +154,6 @@ def add(
 ) -> Objection:
     """Record an objection for the child named by ``identifiers`` (see :func:`query_keys`),
     in the hub's data folder; audited (its id, kinds and source) when ``bootstrap`` is given."""
-    from referral_broker.sealing.keystore import locked, make_private_dir
-
     if source not in SOURCES:
         raise ContractError(f"objection source must be one of {', '.join(SOURCES)}")
     now = time.time() if now is None else now
@@ -174,9 +166,17 @@ def add(
         subject_keys=tuple(keys),
         kinds=tuple(kinds),
         recorded_at=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
-        recorded_by=recorded_by or _actor(),
+        recorded_by=recorded_by or actor(),
         source=source,
     )
+    _record(settings, bootstrap, objection, now=now)
+    return objection
+
+
+def _record(settings: Settings, bootstrap: str | None, objection: Objection, *, now: float) -> None:
+    """Append ``objection`` to the hub's file (durably), then audit it when ``bootstrap`` is given."""
+    from referral_broker.sealing.keystore import locked, make_private_dir
+
     path = objections_path(settings)
     make_private_dir(path.parent)
     line = json.dumps(
@@ -206,14 +206,95 @@ def add(
             {
                 "type": "research.objection_recorded",
                 "objection_id": objection.objection_id,
-                "identified_by": list(kinds),
-                "source": source,
+                "identified_by": list(objection.kinds),
+                "source": objection.source,
                 "actor": objection.recorded_by,
             },
             key=objection.objection_id,
             now=now,
         )
-    return objection
+
+
+@dataclass
+class InboxSync:
+    """What :func:`sync_inbox` did: objections taken in, already known, refused (not signed by
+    the team they name), and waiting (their referral is not readable in the archive now)."""
+
+    taken_in: list[str]
+    known: int = 0
+    refused: int = 0
+    waiting: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"taken_in": self.taken_in, "known": self.known, "refused": self.refused, "waiting": self.waiting or []}
+
+
+def sync_inbox(
+    settings: Settings,
+    bootstrap: str,
+    latest: Mapping[str, tuple[int, dict[str, Any]]] | None = None,
+    *,
+    now: float | None = None,
+) -> InboxSync:
+    """Take in the objections district teams recorded in the inbox (``research_objection``
+    access events on the audit topic, each signed by the team it names): the child of the
+    referral the team objected on is hashed from the hub's archive copy (``latest``: referral id
+    -> (version, referral), read when not given), and the objection is recorded with the
+    event's id, so taking it in again changes nothing. An event whose referral the archive
+    cannot open now is left waiting for the next sync, never dropped."""
+    from referral_broker.audit_chain import read_topic
+    from referral_broker.audit_log import read_event_value
+    from referral_broker.identity import load_identity
+    from referral_broker.parties import HUB
+
+    now = time.time() if now is None else now
+    hub = load_identity(settings, bootstrap, HUB)
+    known_ids = {o.objection_id for o in load(settings)}
+    result = InboxSync([], waiting=[])
+    events: list[dict[str, Any]] = []
+    for record in read_topic(settings, bootstrap, "audit"):
+        if record.value is None or dict(record.headers).get("rb-kind") != b"inbox.access":
+            continue
+        try:
+            doc = read_event_value(record.value)
+            if doc.get("kind") != "research_objection":
+                continue
+            signer = hub.opener.verify(record).get("rb-sender", b"").decode()
+            if signer != doc.get("team") or not _ID.match(str(doc.get("event_id"))):
+                raise ValueError("not signed by the team it names")
+        except (ReferralBrokerError, ValueError, KeyError, TypeError):
+            result.refused += 1
+            continue
+        if doc["event_id"] in known_ids:
+            result.known += 1
+            continue
+        known_ids.add(doc["event_id"])
+        events.append(doc)
+    if not events:
+        return result
+    if latest is None:
+        from referral_broker.research_export import read_archive
+
+        latest = read_archive(settings, bootstrap).latest
+    secret = hub_subject_secret(settings)
+    for doc in events:
+        found = latest.get(str(doc.get("referral_id")))
+        keys = child_keys(secret, found[1]) if found is not None else set()
+        if not keys:
+            assert result.waiting is not None
+            result.waiting.append(doc["event_id"])
+            continue
+        objection = Objection(
+            objection_id=doc["event_id"],
+            subject_keys=tuple(sorted(keys)),
+            kinds=("referral",),
+            recorded_at=str(doc["at"]),
+            recorded_by=f"{doc.get('member') or 'unknown'} ({doc['team']})",
+            source="inbox",
+        )
+        _record(settings, bootstrap, objection, now=now)
+        result.taken_in.append(objection.objection_id)
+    return result
 
 
 def load(settings: Settings) -> list[Objection]:

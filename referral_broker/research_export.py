@@ -178,7 +178,7 @@ class _Read:
     unreadable: int = 0
 
 
-def _read_archive(settings: Settings, bootstrap: str) -> _Read:
+def read_archive(settings: Settings, bootstrap: str) -> _Read:
     """The latest opened version of every referral on the archive topic. A record that does not
     open (its case key shredded) is counted, never exported."""
     from kafka.errors import KafkaError
@@ -399,7 +399,7 @@ def export(
     from referral_broker.audit_log import hub_subject_secret
     from referral_broker.identity import load_directory
     from referral_broker.objections import load as load_objections
-    from referral_broker.objections import objected_keys
+    from referral_broker.objections import objected_keys, sync_inbox
     from referral_broker.parties import HUB, get_party
     from referral_broker.sealing.envelope import MessageSealer
     from referral_broker.sealing.keystore import KeyStore
@@ -411,10 +411,11 @@ def export(
     out = Path(out)
     _prepare_out(out)
     secret = hub_subject_secret(settings)
-    objected = objected_keys(load_objections(settings))
     directory = load_directory(settings, bootstrap)
     target = directory.encryption_key_for(recipient, now)  # refuses before reading anything
-    read = _read_archive(settings, bootstrap)
+    read = read_archive(settings, bootstrap)
+    synced = sync_inbox(settings, bootstrap, read.latest, now=now)  # the inbox's objections first
+    objected = objected_keys(load_objections(settings))
     in_period = [r for _, r in read.latest.values() if (d := _created_on(r)) is not None and start <= d <= end]
     families = _families(in_period, secret, on=end)
     kept = [f for f in families if not (f.keys & objected)]
@@ -465,6 +466,8 @@ def export(
         "referrals_in_period": len(in_period),
         "archive_records_read": read.records,
         "archive_records_unreadable": read.unreadable,
+        "inbox_objections_taken_in": len(synced.taken_in),
+        "inbox_objections_waiting": len(synced.waiting or []),
     }
     manifest = {
         "export_id": export_id,

@@ -48,6 +48,7 @@ EXPECTED: dict[tuple[ReferralState, Action], ReferralState] = {
     (S.MORE_INFORMATION_NEEDED, A.RECEIVE_UPDATE): S.NEW,
     (S.CLOSED, A.RECEIVE_UPDATE): S.CLOSED,
     **{(s, A.NOTE): s for s in ReferralState},
+    **{(s, A.RESEARCH_OBJECTION): s for s in ReferralState},
 }
 ALL_PAIRS = list(itertools.product(ReferralState, Action))
 
@@ -101,7 +102,7 @@ def test_status_codes_follow_the_status_schema(state: ReferralState, action: Act
 
     symbols = next(f for f in status_schema()["fields"] if f["name"] == "status")["type"]["symbols"]
     decided = transition(state, action, at=AT)
-    if action in (A.RECEIVE_UPDATE, A.NOTE, A.RECORD_INFORMATION):
+    if action in (A.RECEIVE_UPDATE, A.NOTE, A.RECORD_INFORMATION, A.RESEARCH_OBJECTION):
         assert not decided.notifies_referrer
     else:
         assert decided.notifies_referrer and decided.status_code in symbols

@@ -39,6 +39,7 @@ from referral_broker.consumers.inbox.pages_referrals import (
     reason_endpoints,
     reason_label,
     referral_page,
+    research_objection,
     text_endpoints,
 )
 from referral_broker.consumers.inbox.pages_signin import sign_in, sign_in_form, sign_out
@@ -155,6 +156,7 @@ def create_app(
         Route(rid + "/record-information", received_submit, methods=["POST"]),
         Route(rid + "/notes", note_show, methods=["GET"]),
         Route(rid + "/notes", note_submit, methods=["POST"]),
+        Route(rid + "/research-objection", research_objection, methods=["POST"]),
     ]
     if assets_dir is not None:
         routes.append(Mount("/assets", StaticFiles(directory=assets_dir), name="assets"))

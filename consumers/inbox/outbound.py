@@ -55,6 +55,8 @@ class AccessKind(StrEnum):
     EXPORTED = "view_exported"  # a view of the list downloaded as CSV (count: its rows)
     NOTE_ADDED = "case_note_added"
     INFORMATION_RECORDED = "information_recorded"
+    # the family objects to research use; the hub takes it in (objections.sync_inbox)
+    RESEARCH_OBJECTION = "research_objection"
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ DONE_MESSAGES = {
     Action.OPEN: "Referral acknowledged.",
     Action.RECORD_INFORMATION: "Information recorded. The referral is open for a decision again.",
     Action.NOTE: "Case note added.",
+    Action.RESEARCH_OBJECTION: "The family’s objection to research use is recorded. The council leaves this child out of every research export from now on.",
     Action.ACCEPT: "Referral accepted.",
     Action.DECLINE: "Referral declined.",
     Action.REQUEST_INFORMATION: "Request for more information sent.",
@@ -438,6 +439,7 @@ async def referral_page(request: Request) -> Response:
         purposes=purposes_for(team),
         decision=await run_in_threadpool(decision_for, app, team, referral),
         history=history,
+        objection=next((e for e in events if e.action == Action.RESEARCH_OBJECTION), None),
         actions=[a.value for a in allowed_actions(referral.state)],
         worker_items=[
             {
@@ -533,6 +535,29 @@ def _plain_action(action: Action) -> Endpoint:
 acknowledge = _plain_action(Action.OPEN)
 accept = _plain_action(Action.ACCEPT)
 close = _plain_action(Action.CLOSE)
+
+
+async def research_objection(request: Request) -> Response:
+    """The family objects to their data going to the national evaluation: audited first (the
+    hub takes it in from the audit, ``objections.sync_inbox``), then kept in the history."""
+    pre = await _action_preamble(request)
+    if isinstance(pre, Response):
+        return pre
+    member, referral, _ = pre
+    app = inbox_app(request)
+    event = AccessEvent(
+        AccessKind.RESEARCH_OBJECTION, app.clock(), member.user.username, member.user.team,
+        referral.referral_id, referral.version,
+    )
+    if not await audit(request, event):
+        return plain_page(
+            request,
+            503,
+            "Sorry, this cannot be saved right now",
+            "An objection reaches the council through the audit, and the record could not be written. Nothing was saved.",
+            signed_in=member,
+        )
+    return await _act(request, member, referral, Action.RESEARCH_OBJECTION)
 
 
 async def allocate(request: Request) -> Response:

@@ -53,6 +53,7 @@ class Action(StrEnum):
     RECEIVE_UPDATE = "receive_update"
     RECORD_INFORMATION = "record_information"
     NOTE = "note"
+    RESEARCH_OBJECTION = "research_objection"
 
     @property
     def label(self) -> str:
@@ -78,6 +79,7 @@ _ACTION_LABELS = {
     Action.RECEIVE_UPDATE: "New version received",
     Action.RECORD_INFORMATION: "Information received, re-opened",
     Action.NOTE: "Case note",
+    Action.RESEARCH_OBJECTION: "Family objects to research use",
 }
 
 S, A = ReferralState, Action
@@ -96,6 +98,8 @@ _NEXT: dict[tuple[ReferralState, Action], ReferralState] = {
     **{(s, A.ALLOCATE): s for s in (S.NEW, S.OPENED, S.ACCEPTED, S.MORE_INFORMATION_NEEDED)},
     # A case note never changes the state, whatever it is.
     **{(s, A.NOTE): s for s in ReferralState},
+    # So does recording that the family objects to their data going to the national evaluation.
+    **{(s, A.RESEARCH_OBJECTION): s for s in ReferralState},
     # A new version of the referral is never refused (nothing is dropped); it only moves a
     # referral that was waiting for it.
     **{(s, A.RECEIVE_UPDATE): s for s in ReferralState if s is not S.MORE_INFORMATION_NEEDED},
@@ -133,7 +137,7 @@ _STATUS_CODES = {
 NEEDS_REASON: frozenset[Action] = frozenset({A.DECLINE, A.REQUEST_INFORMATION})
 
 # Actions that stay inside the team: nothing is sent to the referrer.
-_INTERNAL: frozenset[Action] = frozenset({A.RECEIVE_UPDATE, A.RECORD_INFORMATION, A.NOTE})
+_INTERNAL: frozenset[Action] = frozenset({A.RECEIVE_UPDATE, A.RECORD_INFORMATION, A.NOTE, A.RESEARCH_OBJECTION})
 
 
 @dataclass(frozen=True)

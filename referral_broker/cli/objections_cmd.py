@@ -13,8 +13,9 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli,
 def objections() -> None:
     """Objections to the research export, kept as keyed hashes in the hub's data folder.
 
-    No identifier is stored or printed; run where the hub's keys are. (Recording an objection
-    from the inbox is not built yet.)
+    No identifier is stored or printed; run where the hub's keys are. A district team records
+    one from the inbox ("Record that the family objects"); the hub takes those in with
+    'objections sync', and every research export does so first.
     """
 
 
@@ -84,3 +85,23 @@ def list_(obj: CliContext, as_json: bool) -> None:
         )
 
     emit(rows, as_json, human)
+
+
+@objections.command()
+@json_option
+@pass_cli
+def sync(obj: CliContext, as_json: bool) -> None:
+    """Take in the objections district teams recorded in the inbox (from the audit topic, each
+    signed by its team; the child hashed from the hub's archive copy of the referral)."""
+    from referral_broker import objections as lib
+
+    done = lib.sync_inbox(obj.settings, obj.bootstrap()).as_dict()
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"{len(d['taken_in'])} taken in from the inbox, {d['known']} already recorded")
+        if d["waiting"]:
+            click.echo(f"{len(d['waiting'])} waiting: their referral cannot be read in the archive now", err=True)
+        if d["refused"]:
+            click.echo(f"{d['refused']} refused: not signed by the team they name", err=True)
+
+    emit(done, as_json, human)
