@@ -50,7 +50,7 @@ from referral_broker.sealing.key_admin import init_parties
 TEAM = "district-cambridge"  # where router_bench._shaped's one-recipient referrals go
 GOAL_P99_MS = 250.0
 WARMUP = 10
-FELL_BEHIND_MS = 100.0  # a referral sent this long after it was due: the sender fell behind
+FELL_BEHIND_MS = 100.0  # a referral sent this long after it was due is late; > 1% late: fell behind
 
 
 class TimedStore(InboxStore):
@@ -146,10 +146,8 @@ def run(
                         time.sleep(wait)
                     sent_at.append(time.monotonic())
                     due.append(when)
-                    message.send(sender.producer)
-                    if i % 1000 == 999:
-                        sender.producer.flush()  # confirms (or raises) what is queued so far
-                sender.producer.flush()
+                    message.send(sender.producer)  # queued; kafka-python's I/O thread sends it
+                sender.producer.flush()  # confirms (or raises) every one of them
                 offered_until = time.monotonic()
             ids = [str(r["referral_id"]) for r in offered]
             drained = _wait_stored(store, ids, max(60.0, seconds), ingest)
@@ -196,6 +194,7 @@ def run(
         else {}
     )
     behind = [v for v in lags if v > FELL_BEHIND_MS]
+    fell_behind = len(behind) > count // 100  # more than 1% of the sends late
 
     def spread(values: list[float]) -> dict[str, float]:
         ordered = sorted(values)
@@ -235,7 +234,7 @@ def run(
                 "max": round(lags[-1], 1),
             },
             "late_sends": len(behind),
-            "fell_behind": bool(behind),
+            "fell_behind": fell_behind,
         },
         "goal": {"p99_ms": GOAL_P99_MS},
         "ratio_p99_to_goal": round(figures["p99"] / GOAL_P99_MS, 3) if figures else None,

@@ -281,7 +281,7 @@ def _show_e2e(d: dict[str, Any]) -> None:
     behind = (
         f"the sender FELL BEHIND: {d['sender']['late_sends']} sends more than 100 ms late"
         if d["sender"]["fell_behind"]
-        else "the sender kept to the schedule"
+        else f"the sender kept to the schedule ({d['sender']['late_sends']} sends more than 100 ms late)"
     )
     click.echo(
         f"Sender lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms: {behind} "
