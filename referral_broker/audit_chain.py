@@ -229,6 +229,23 @@ class AuditChain:
             )
         return out
 
+    def write_one(self, producer: Producer, key: bytes, value: bytes, kind: str) -> None:
+        """One record and its head in one transaction of ``producer`` (transactional, this
+        chain's alone); returns once committed. On any failure the outcome is unknown: the
+        heads are read again before the next record, and the caller should drop the producer
+        (a new one fences it)."""
+        try:
+            producer.begin()
+            self.append(key, value, kind).send(producer)
+            for message in self.checkpoint(records=False):
+                message.send(producer)
+            producer.flush()
+            producer.commit()
+        except BaseException:
+            self.lost()
+            raise
+        self.commit()
+
     def mark(self) -> dict[int, Head]:
         """This batch's heads now, for :meth:`rollback` (records built after it are dropped)."""
         return dict(self._pending)
@@ -536,12 +553,6 @@ def write_chained(
         settings, bootstrap, transactional_id=f"{settings.kafka_topic_prefix}audit-writer-{chain}"
     )
     try:
-        writer = AuditChain(settings, bootstrap, chain, sign)
-        producer.begin()
-        writer.append(key, value, kind).send(producer)
-        for message in writer.checkpoint(records=False):
-            message.send(producer)
-        producer.flush()
-        producer.commit()
+        AuditChain(settings, bootstrap, chain, sign).write_one(producer, key, value, kind)
     finally:
         producer.close()

@@ -176,20 +176,11 @@ class Outbound:
         with self._audit_lock:
             chain, producer = self._chain(signer)
             try:
-                producer.begin()
-                chain.append(key, value, ACCESS_EVENT_KIND).send(producer)
-                for message in chain.checkpoint(records=False):
-                    message.send(producer)
-                producer.flush()
-                producer.commit()
+                chain.write_one(producer, key, value, ACCESS_EVENT_KIND)
             except BaseException:
-                # the outcome is unknown: a new producer fences this one, and the chain reads
-                # its heads again before the next event
-                chain.lost()
-                producer.close()
+                producer.close()  # the next event's new producer fences whatever this one left
                 del self._chains[signer]
                 raise
-            chain.commit()
         log.info("access audited", team=event.team, member=event.member, decision=event.kind.value)
 
     def publish_pending(self, store: InboxStore, *, now: datetime, team: str | None = None) -> int:
