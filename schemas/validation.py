@@ -263,6 +263,11 @@ def _names_of(schema: Schema) -> dict[str, Schema]:
 # the string rule of each field path found, unions split. Record checkers build their fields'
 # checkers on first use, so a recursive schema compiles only as deep as data goes.
 _Add = Callable[[str, str], None]
+
+
+def _collector(into: list[tuple[str, str]]) -> _Add:
+    """An ``add`` that keeps (path, reason) in ``into`` (to try a union's branches quietly)."""
+    return lambda path, reason: into.append((path, reason))
 _Check = Callable[[Any, str, _Add], None]
 
 
@@ -319,7 +324,7 @@ class _Compiler:
                 return
             for branch in others:
                 failed: list[tuple[str, str]] = []
-                branch(value, path, lambda p, r, failed=failed: failed.append((p, r)))
+                branch(value, path, _collector(failed))
                 if not failed:
                     return
             add(path, "matches none of the allowed types")

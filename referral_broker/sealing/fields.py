@@ -216,7 +216,8 @@ class FieldCodec:
     def encode(self, value: Any) -> bytes:
         if self._fast is not None:
             try:
-                return self._fast(value)
+                encoded: bytes = self._fast(value)
+                return encoded
             except _NotFast:
                 pass  # a value the fast path does not take: fastavro decides
         buf = io.BytesIO()
