@@ -99,9 +99,12 @@ class SchemaBook:
 
     def __init__(self, max_views: int = MAX_LEARNED_VIEWS) -> None:
         self._shipped: dict[bytes, dict[str, Any]] = {v.fingerprint: v.schema for v in shipped_versions()}
+        # the shipped Referral versions, latest first: what a message's rb-view is derived from
+        self._referrals = [v.schema for v in reversed(shipped_versions()) if v.family == "referral"]
         self.max_views = max_views
-        # granted paths -> fingerprint, and fingerprint -> view schema, both in LRU order
-        self._views: OrderedDict[tuple[str, ...], bytes] = OrderedDict()
+        # (granted paths, claimed fingerprint header) -> fingerprint, and fingerprint -> view
+        # schema, both in LRU order (one grant derives another view under an older version)
+        self._views: OrderedDict[tuple[tuple[str, ...], bytes], bytes] = OrderedDict()
         self._learned: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -126,26 +129,40 @@ class SchemaBook:
         if raw is None:
             return
         granted = _granted_paths(raw)
+        key = (granted, named.get(H_SCHEMA, b""))
         with self._lock:
-            known = self._views.get(granted)
+            known = self._views.get(key)
             if known is not None and known in self._learned:
-                self._views.move_to_end(granted)
+                self._views.move_to_end(key)
                 self._learned.move_to_end(known)
-                self._check_claim(named, known)
                 return
-        try:
-            view = view_schema(granted)
-        except ContractError:
-            raise ContractError(f"header {H_VIEW} names field paths the Referral schema does not have") from None
-        fp = schema_fingerprint(view)
-        self._check_claim(named, fp)
+        view, fp = self._derive(granted, named)
         with self._lock:
-            self._views[granted] = fp
+            self._views[key] = fp
             self._learned[fp] = view
             while len(self._views) > self.max_views:
                 _, dropped = self._views.popitem(last=False)
                 if dropped not in self._views.values():  # two grants can project to one schema
                     self._learned.pop(dropped, None)
+
+    def _derive(self, granted: tuple[str, ...], named: dict[str, bytes]) -> tuple[dict[str, Any], bytes]:
+        """The view the message names, derived from the latest Referral or, for a message routed
+        before a newer version shipped (referral v3 made two yes/no fields nullable, which
+        changes a view holding them), from the older shipped version it names."""
+        derived = None
+        for canonical in self._referrals:
+            try:
+                view = view_schema(granted, canonical)
+            except ContractError:
+                continue  # an older version may lack a path the latest has
+            fp = schema_fingerprint(view)
+            derived = derived or (view, fp)
+            if named.get(H_SCHEMA, b"") == fp.hex().encode():
+                return view, fp
+        if derived is None:
+            raise ContractError(f"header {H_VIEW} names field paths the Referral schema does not have")
+        self._check_claim(named, derived[1])  # raises: no shipped version derives the claim
+        return derived
 
     @staticmethod
     def _check_claim(named: dict[str, bytes], fp: bytes) -> None:

@@ -21,9 +21,11 @@ import pytest
 
 from referral_broker.consumers.inbox.presentation import display_value
 from referral_broker.errors import ContractError
-from referral_broker.schemas import codec, evolution, registry
+from referral_broker.identity import H_VIEW, SchemaBook
+from referral_broker.schemas import codec, evolution, registry, views
 from referral_broker.schemas.synth import DEFAULT_ANCHOR, synthetic_referral, synthetic_referrals
 from referral_broker.schemas.validation import validate
+from referral_broker.sealing.envelope import H_SCHEMA
 
 V2 = registry.referral_schema(2)
 V3 = registry.referral_schema(3)
@@ -160,3 +162,27 @@ def test_the_inbox_shows_null_as_not_known() -> None:
     household = display_value([{"given_name": "Ann", "parental_responsibility": None}], "household")
     assert household == [{"Given name": "Ann", "Parental responsibility": "Not known"}]
     assert display_value(None, "child.preferred_name") == "Not given"  # other nulls as before
+
+
+def test_a_view_routed_under_v2_still_opens_under_v3() -> None:
+    """A recipient learns a message's view by deriving it from the granted paths in ``rb-view``
+    and checking the fingerprint in ``rb-schema``. A view holding a field v3 made nullable
+    derives differently under v2, so a message routed before v3 is derived from v2 (the
+    version it names); a claim no shipped version derives is still refused."""
+    granted = ["referral_id", "district", "child.interpreter_needed", "household.parental_responsibility"]
+    under_v2 = registry.fingerprint(views.view_schema(granted, V2))
+    under_v3 = registry.fingerprint(views.view_schema(granted, V3))
+    assert under_v2 != under_v3
+    plain = ["referral_id", "district", "child.given_name"]  # views without them do not change
+    assert registry.fingerprint(views.view_schema(plain, V2)) == registry.fingerprint(views.view_schema(plain, V3))
+    book = SchemaBook()
+    raw = json.dumps(granted).encode()
+    for fp in (under_v3, under_v2, under_v3):
+        book.learn([(H_VIEW, raw), (H_SCHEMA, fp.hex().encode())])
+        assert book(fp) is not None and registry.fingerprint(book(fp)) == fp
+    assert len(book) == 2
+    assert field_at(book(under_v2), "child.interpreter_needed")["type"] == "boolean"
+    with pytest.raises(ContractError, match="does not derive the schema named in"):
+        book.learn([(H_VIEW, raw), (H_SCHEMA, b"00" * 8)])
+    with pytest.raises(ContractError, match="names field paths the Referral schema does not have"):
+        book.learn([(H_VIEW, json.dumps(["child.shoe_size"]).encode()), (H_SCHEMA, under_v3.hex().encode())])
