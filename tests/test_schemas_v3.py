@@ -186,3 +186,22 @@ def test_a_view_routed_under_v2_still_opens_under_v3() -> None:
         book.learn([(H_VIEW, raw), (H_SCHEMA, b"00" * 8)])
     with pytest.raises(ContractError, match="names field paths the Referral schema does not have"):
         book.learn([(H_VIEW, json.dumps(["child.shoe_size"]).encode()), (H_SCHEMA, under_v3.hex().encode())])
+
+
+def test_not_known_is_sealed_and_opens_again_as_not_known() -> None:
+    from referral_broker.sealing import DataKey, FieldContext, sealing_plan
+    from referral_broker.sealing.fields import Binding
+
+    record = plain_referral(7)
+    bound = Binding("council", "referrals.out.district-fenland", "referral", bytes(32))
+    for interpreter, responsibility in ((None, None), (True, False)):
+        record["child"]["interpreter_needed"] = interpreter
+        for member in record["household"]:
+            member["parental_responsibility"] = responsibility
+        plan = sealing_plan(V3)
+        assert {"child.interpreter_needed", "household"} <= set(plan.units)
+        context = FieldContext(str(record["referral_id"]), 1, "district-fenland", plan.fingerprint, bound)
+        key = DataKey.generate()
+        opened = plan.open(plan.decode_wire(plan.encode_wire(plan.seal(record, key, context))), key, context)
+        assert opened == record
+        assert opened["child"]["interpreter_needed"] is interpreter
