@@ -109,15 +109,17 @@ class AuditIndex:
         if not path.exists():
             why = "there was no audit index yet"
         else:
-            index = cls._connect(path, secret, topic)
-            try:
+            index: AuditIndex | None = None
+            try:  # a file that is not a database fails at its first statement (a pragma, or check)
+                index = cls._connect(path, secret, topic)
                 index.check()
                 return index, None
             except IndexDamaged as exc:
                 why = str(exc)
             except sqlite3.DatabaseError as exc:
                 why = f"the audit index was unreadable ({str(exc)[:60]})"
-            index.close()
+            if index is not None:
+                index.close()
             cls.remove(path)
         return cls._connect(path, secret, topic, fresh=True), why
 
@@ -131,7 +133,11 @@ class AuditIndex:
             db = sqlite3.connect(path, isolation_level=None, timeout=120)
         except sqlite3.Error as exc:
             raise StoreError(f"the audit index {path} cannot be opened ({type(exc).__name__})") from None
-        db.execute("PRAGMA cache_size = -65536")  # 64 MiB: hashed keys insert at random places
+        try:
+            db.execute("PRAGMA cache_size = -65536")  # 64 MiB: hashed keys insert at random places
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
         index = cls(path, db, secret, topic)
         if not fresh:
             return index  # check() reads it: a file that is not a database fails there
