@@ -38,6 +38,8 @@ from county import FORMAT, SCHOOL, in_county
 from test_acls import clean_up, free_port
 from test_compose import SERVICES, mounts
 
+from referral_broker.audit_chain import chain_headers, read_topic
+from referral_broker.audit_log import read_event_value
 from referral_broker.cluster import acls
 from referral_broker.cluster import security as sec
 from referral_broker.config import Settings, load_settings
@@ -236,6 +238,20 @@ def _delivery_group_members(d: Deployment) -> int:
     return len(info.get("members") or [])
 
 
+def _refused_sign_in(base: str) -> int:
+    """A sign-in with an unknown account and a wrong password: the page's status code."""
+    import re
+
+    import httpx
+
+    with httpx.Client(base_url=base, timeout=30.0) as client:
+        page = client.get("/sign-in")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert token is not None, page.text[:500]
+        data = {"csrf_token": token.group(1), "username": "nobody", "password": "not-a-password", "next": "/inbox"}
+        return client.post("/sign-in", data=data, follow_redirects=False).status_code
+
+
 def test_a_school_referral_reaches_the_team_inbox_through_the_router_under_their_own_identities(
     deployment: Deployment,
 ) -> None:
@@ -280,6 +296,8 @@ def test_a_school_referral_reaches_the_team_inbox_through_the_router_under_their
                 break
             time.sleep(1)
         alive = server.poll() is None
+        # a refused sign-in is audited on the team's own chain, under the team's identity
+        signed_in = _refused_sign_in(f"http://127.0.0.1:{port}") if alive else None
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -292,6 +310,13 @@ def test_a_school_referral_reaches_the_team_inbox_through_the_router_under_their
     assert _stored(db, record["referral_id"]), err[-3000:]
     assert "delivery watcher stopped" not in err and "not authorised" not in err, err[-3000:]
     assert _snapshot(data) == before, "the inbox wrote to the hub's data volume"
+    assert signed_in == 401, f"a refused sign-in gave {signed_in} (503: its audit could not be written)"
+    events = [
+        (chain_headers(r.headers), read_event_value(r.value or b""))
+        for r in read_topic(d.settings, d.bootstrap, "audit")
+        if dict(r.headers).get("rb-kind") == b"inbox.access"
+    ]
+    assert [(c[0] if c else None, e["kind"]) for c, e in events] == [("inbox-" + TEAM, "sign_in_refused")]
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
 
     # the inbox's environment is the team, which may not read another team's out topic

@@ -26,6 +26,7 @@ from enum import StrEnum
 from typing import Any
 
 from referral_broker.audit_chain import AuditChain
+from referral_broker.cluster.acls import inbox_audit_writer
 from referral_broker.cluster.clients import Producer, build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -159,13 +160,13 @@ class Outbound:
                     extra_headers=signing.get("extra_headers", ()),
                 )
 
-            chain = inbox_chain(signer)
             producer = build_producer(
                 self.settings,
                 self.settings.bootstrap_servers,
-                transactional_id=f"{self.settings.kafka_topic_prefix}audit-writer-{chain}",
+                transactional_id=inbox_audit_writer(self.settings, signer),  # what the ACL plan grants
             )
-            self._chains[signer] = (AuditChain(self.settings, self.settings.bootstrap_servers, chain, sign), producer)
+            chain = AuditChain(self.settings, self.settings.bootstrap_servers, inbox_chain(signer), sign)
+            self._chains[signer] = (chain, producer)
         return self._chains[signer]
 
     def audit(self, event: AccessEvent) -> None:
