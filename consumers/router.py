@@ -113,6 +113,46 @@ METADATA_MAX_AGE_MS = 10_000
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 
 
+def audit_record(
+    decision: Decision,
+    *,
+    decision_id: str,
+    referral_id: str,
+    version: int,
+    view_fp: str | None,
+    decided_at: datetime,
+    policy_version: int,
+    referrer: str | None,
+    subjects: Sequence[str],
+) -> dict[str, Any]:
+    """The ``audit_decision`` record of one decision (the router's, and ``bench router``'s floor)."""
+    grounds = list(decision.grounds) + list(decision.special_category_conditions)
+    return {
+        "decision_id": decision_id,
+        "referral_id": referral_id,
+        "version": version,
+        "recipient": decision.recipient,
+        "recipient_name": decision.recipient_name or None,
+        "recipient_rules": list(decision.rules),
+        "unresolved_reason": decision.unresolved,
+        "purpose": ",".join(decision.purposes) or None,
+        "fields_shared": list(decision.shared),
+        "fields_withheld": [{"path": p, "reason": r} for p, r in decision.withheld.items()],
+        "ground": "; ".join(grounds) if decision.delivered else "none: not shared",
+        "conditions_met": [*decision.conditions_met, f"basis:{decision.basis}"],
+        "override_reference": decision.override_id,
+        "view_fingerprint": view_fp,
+        "decided_at": decided_at,
+        "delivered": decision.delivered,
+        "basis": decision.basis,
+        "special_category_conditions": list(decision.special_category_conditions),
+        "no_onward_sharing": list(decision.no_onward_sharing),
+        "policy_version": policy_version,
+        "referrer": referrer,
+        "subject_keys": list(subjects),
+    }
+
+
 class RouterSealer(Protocol):
     """The router's cryptography: verify and open what partners send, seal what it sends,
     sign audit records. :class:`HubKeySealer` is the only one a deployment uses; the router
@@ -535,31 +575,17 @@ class Router:
         referrer: str | None = None,
         subjects: Sequence[str] = (),
     ) -> OutgoingMessage:
-        grounds = list(decision.grounds) + list(decision.special_category_conditions)
-        audit = {
-            "decision_id": decision_id,
-            "referral_id": referral_id,
-            "version": version,
-            "recipient": decision.recipient,
-            "recipient_name": decision.recipient_name or None,
-            "recipient_rules": list(decision.rules),
-            "unresolved_reason": decision.unresolved,
-            "purpose": ",".join(decision.purposes) or None,
-            "fields_shared": list(decision.shared),
-            "fields_withheld": [{"path": p, "reason": r} for p, r in decision.withheld.items()],
-            "ground": "; ".join(grounds) if decision.delivered else "none: not shared",
-            "conditions_met": [*decision.conditions_met, f"basis:{decision.basis}"],
-            "override_reference": decision.override_id,
-            "view_fingerprint": view_fp,
-            "decided_at": now,
-            "delivered": decision.delivered,
-            "basis": decision.basis,
-            "special_category_conditions": list(decision.special_category_conditions),
-            "no_onward_sharing": list(decision.no_onward_sharing),
-            "policy_version": self.policy.version,
-            "referrer": referrer,
-            "subject_keys": list(subjects),
-        }
+        audit = audit_record(
+            decision,
+            decision_id=decision_id,
+            referral_id=referral_id,
+            version=version,
+            view_fp=view_fp,
+            decided_at=now,
+            policy_version=self.policy.version,
+            referrer=referrer,
+            subjects=subjects,
+        )
         value = codec.encode(audit, self.audit_schema)
         self.stats.audited += 1
         # the next record of this router's chain in the audit partition of the referral

@@ -39,7 +39,7 @@ from referral_broker.cluster.clients import build_consumer, build_producer, poll
 from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import Received
-from referral_broker.consumers.router import Router
+from referral_broker.consumers.router import Router, audit_record
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
@@ -276,30 +276,17 @@ def job_floor_us(referrals: list[dict[str, Any]], n: int) -> dict[str, Any]:
                 view = view_schema(d.shared)
                 views[d.shared] = (view, parse_schema(view, named_schemas={}))
             view, view_parsed = views[d.shared]
-            audit = {
-                "decision_id": str(uuid.uuid4()),
-                "referral_id": str(r["referral_id"]),
-                "version": r["version"],
-                "recipient": d.recipient,
-                "recipient_name": d.recipient_name or None,
-                "recipient_rules": list(d.rules),
-                "unresolved_reason": d.unresolved,
-                "purpose": ",".join(d.purposes) or None,
-                "fields_shared": list(d.shared),
-                "fields_withheld": [{"path": p, "reason": why} for p, why in d.withheld.items()],
-                "ground": "; ".join([*d.grounds, *d.special_category_conditions]),
-                "conditions_met": [*d.conditions_met, f"basis:{d.basis}"],
-                "override_reference": d.override_id,
-                "view_fingerprint": "0" * 64,
-                "decided_at": now,
-                "delivered": True,
-                "basis": d.basis,
-                "special_category_conditions": list(d.special_category_conditions),
-                "no_onward_sharing": list(d.no_onward_sharing),
-                "policy_version": policy.version,
-                "referrer": SENDER,
-                "subject_keys": [],
-            }
+            audit = audit_record(
+                d,
+                decision_id=str(uuid.uuid4()),
+                referral_id=str(r["referral_id"]),
+                version=r["version"],
+                view_fp="0" * 64,
+                decided_at=now,
+                policy_version=policy.version,
+                referrer=SENDER,
+                subjects=[],
+            )
             shares.append((view_parsed, project(r, view), audit))
         prepared.append((message, signer.sign(message), wrapped, nonce, sealed, shares))
 
