@@ -10,11 +10,9 @@ import time
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
-from county import CHARITY, FORMAT, HUB, SCHOOL, in_county
+from county import CHARITY, FORMAT, HUB, SCHOOL, cli, in_county
 
 from referral_broker import ops
-from referral_broker.cli.main import cli as cli_group
 from referral_broker.cluster.clients import build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
@@ -31,16 +29,6 @@ QUIET_SENDER = CHARITY  # sends nothing: its topics stay empty
 RESEARCH_OUT_PARTY = "ons"  # nobody reads its out topic in this test: the rate probe writes there
 CHILD_GIVEN = "Quillfeather"  # synthetic names: must never appear in tail's output
 CHILD_FAMILY = "Zebedee-Marchbanks"
-
-
-def cli(settings: Settings, bootstrap: str, *args: str) -> Any:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "REFERRAL_BROKER_TOPIC_PREFIX": settings.kafka_topic_prefix,
-        "REFERRAL_BROKER_TOPIC_PROFILE": settings.kafka_topic_profile,
-        "REFERRAL_BROKER_DATA_DIR": str(settings.paths_data_dir),
-    }
-    return CliRunner().invoke(cli_group, list(args), env=env)
 
 
 def referrals(sender: str, count: int, seed: int) -> list[dict[str, Any]]:
