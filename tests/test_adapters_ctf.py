@@ -274,3 +274,315 @@ def test_a_lunchtime_exclusion_reads_as_a_suspension(tmp_path: Path) -> None:
         {"kind": "suspension", "start_date": dt.date(2025, 9, 10), "sessions": 1,
          "reason": "persistent_disruptive_behaviour"}
     ]  # fmt: skip
+
+
+# --- the DfE code lists (sources: FORMATS.md, CTF section) --------------------------------------
+
+
+def edited_ctf(tmp_path: Path, edit: Any) -> Path:
+    """The example's first referral as a full CTF, its Pupil element changed by ``edit``."""
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    out = io.StringIO()
+    adapters.render_file("schools", [referral], out, fmt="ctf")
+    root = etree.fromstring(out.getvalue().encode())
+    pupil = root.find("CTFpupilData/Pupil")
+    assert pupil is not None
+    edit(pupil)
+    path = tmp_path / "schools.xml"
+    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+    return path
+
+
+def with_contact(code: str, word: str | None = None) -> Any:
+    def edit(pupil: Any) -> None:
+        contacts = pupil.find("Contacts")
+        if contacts is not None:
+            pupil.remove(contacts)
+        extra = f"<EarlyHelpRelationship>{word}</EarlyHelpRelationship>" if word else ""
+        pupil.insert(
+            5,
+            etree.fromstring(
+                f"<Contacts><Contact><Forename>Jo</Forename><Surname>Example</Surname>"
+                f"<Relationship>{code}</Relationship>{extra}<Responsibility>true</Responsibility></Contact></Contacts>"
+            ),
+        )
+
+    return edit
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("schools", path, now=NOW)
+    return [str(p) for p in raised.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("code", "word"),
+    [
+        ("PAM", "mother"),
+        ("PAF", "father"),
+        ("STM", "step_parent"),
+        ("STF", "step_parent"),
+        ("FOM", "foster_carer"),
+        ("FOF", "foster_carer"),
+        ("CAR", "other"),  # "Carer": not necessarily a kinship carer
+        ("FAM", "other_relative"),
+        ("REL", "other_relative"),
+        ("OTH", "other"),
+        ("CHM", "other"),
+        ("DOC", "other"),
+        ("HTC", "other"),
+        ("RLG", "other"),
+        ("SWR", "other"),
+        ("TCH", "other"),
+        ("pam", "mother"),  # as the CSV's codes, any case
+    ],
+)
+def test_contact_relationship_reads_the_cbds_codes(code: str, word: str, tmp_path: Path) -> None:
+    [got] = adapters.load_file("schools", edited_ctf(tmp_path, with_contact(code)), now=NOW).referrals
+    assert [m["relationship"] for m in got["household"]] == [word]
+
+
+# What the earlier table read that is not a DfE code, and a mistyped code.
+@pytest.mark.parametrize("code", ["PAO", "GRD", "GRM", "GRF", "SIB", "HSB", "SSB", "Mother", "PA"])
+def test_a_relationship_code_outside_the_cbds_is_refused_by_name(code: str, tmp_path: Path) -> None:
+    assert problems_of(edited_ctf(tmp_path, with_contact(code))) == [
+        'record 1: "Contacts.Contact[0].Relationship" (household[0].relationship): not one of the codes '
+        "CAR, CHM, DOC, FAM, FOF, FOM, HTC, OTH, PAF, PAM, REL, RLG, STF, STM, SWR, TCH"
+    ]
+
+
+def test_every_relationship_is_written_as_a_true_dfe_code_and_reads_back() -> None:
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    member = referral["household"][0]
+    from referral_broker.adapters.base import _REFERRAL, enum_symbols
+
+    assert enum_symbols(_REFERRAL.schema)["household.relationship"] == ctf._RELATIONSHIP_SYMBOLS
+    rows = []
+    for word in ctf._RELATIONSHIP_SYMBOLS:
+        record = {**referral, "household": [{**member, "relationship": word}]}
+        out = io.StringIO()
+        adapters.render_file("schools", [record], out, fmt="ctf")
+        contact = etree.fromstring(out.getvalue().encode()).find("CTFpupilData/Pupil/Contacts/Contact")
+        assert contact is not None
+        [back] = adapters.get_adapter("schools").parse(io.BytesIO(out.getvalue().encode()), now=NOW)
+        assert back.record is not None
+        rows.append(
+            (word, contact.findtext("Relationship"), contact.findtext("EarlyHelpRelationship"),
+             back.record["household"][0]["relationship"])
+        )  # fmt: skip
+    assert rows == [
+        ("mother", "PAM", None, "mother"),
+        ("father", "PAF", None, "father"),
+        ("step_parent", "FAM", "step_parent", "step_parent"),  # no sex: not Step Mother/Father
+        ("parent_partner", "OTH", "parent_partner", "parent_partner"),
+        ("guardian", "OTH", "guardian", "guardian"),
+        ("foster_carer", "CAR", "foster_carer", "foster_carer"),  # not Foster Mother/Father
+        ("kinship_carer", "CAR", "kinship_carer", "kinship_carer"),
+        ("grandparent", "REL", "grandparent", "grandparent"),
+        ("sibling", "REL", "sibling", "sibling"),
+        ("half_sibling", "REL", "half_sibling", "half_sibling"),
+        ("step_sibling", "FAM", "step_sibling", "step_sibling"),
+        ("other_relative", "REL", None, "other_relative"),
+        ("other", "OTH", None, "other"),
+    ]
+
+
+def test_the_projects_relationship_word_must_agree_with_the_dfe_code(tmp_path: Path) -> None:
+    [got] = adapters.load_file("schools", edited_ctf(tmp_path, with_contact("STF", "step_parent")), now=NOW).referrals
+    assert got["household"][0]["relationship"] == "step_parent"
+    assert problems_of(edited_ctf(tmp_path, with_contact("PAM", "grandparent"))) == [
+        'record 1: "Contacts.Contact[0].EarlyHelpRelationship" (household[0].relationship): '
+        "'grandparent' contradicts the DfE Relationship PAM, which allows mother"
+    ]
+    assert problems_of(edited_ctf(tmp_path, with_contact("REL", "granny"))) == [
+        'record 1: "Contacts.Contact[0].EarlyHelpRelationship" (household[0].relationship): '
+        "not one of the allowed values: mother, father, step_parent, parent_partner, guardian, foster_carer, "
+        "kinship_carer, grandparent, sibling, half_sibling, step_sibling, other_relative, other"
+    ]
+
+
+def with_first_language(code: str, name: str | None = None) -> Any:
+    def edit(pupil: Any) -> None:
+        details = pupil.find("BasicDetails")
+        assert details is not None
+        for old in details.findall("Languages"):
+            details.remove(old)
+        details.append(
+            etree.fromstring(f"<Languages><Type><LanguageType>F</LanguageType><Language>{code}</Language></Type></Languages>")
+        )
+        block = pupil.find("EarlyHelpReferral")
+        assert block is not None
+        for old in block.findall("FirstLanguage"):
+            block.remove(old)
+        if name is not None:
+            etree.SubElement(block, "FirstLanguage").text = name
+
+    return edit
+
+
+@pytest.mark.parametrize(("code", "name"), [("CYM", "Welsh"), ("SOM", "Somali"), ("pnj", "Panjabi"), ("ENG", "English")])
+def test_the_first_language_is_read_by_name_from_its_dfe_code(code: str, name: str, tmp_path: Path) -> None:
+    [got] = adapters.load_file("schools", edited_ctf(tmp_path, with_first_language(code)), now=NOW).referrals
+    assert got["child"]["first_language"] == name
+
+
+def test_a_dfe_language_code_without_a_name_here_needs_the_name_and_another_code_is_refused(tmp_path: Path) -> None:
+    # YOR (Yoruba) and PNJG (a variety of Panjabi) are DfE codes this adapter does not name
+    for code in ("YOR", "PNJG"):
+        [got] = adapters.load_file(
+            "schools", edited_ctf(tmp_path, with_first_language(code, "Yoruba")), now=NOW
+        ).referrals
+        assert got["child"]["first_language"] == "Yoruba"
+        assert problems_of(edited_ctf(tmp_path, with_first_language(code))) == [
+            'record 1: "EarlyHelpReferral.FirstLanguage" (child.first_language): required field is missing'
+        ]
+    # WEL was read as Welsh before issue 17; the DfE's code for Welsh is CYM
+    for code in ("WEL", "XXX", "PNJGX"):
+        assert problems_of(edited_ctf(tmp_path, with_first_language(code, "Welsh"))) == [
+            'record 1: "BasicDetails.Languages.Type[LanguageType=F].Language" (child.first_language): '
+            "not a DfE language code: one of the CBDS language codes listed in adapters/FORMATS.md "
+            "(three letters, or four for a variety)"
+        ]
+
+
+def test_welsh_is_written_as_cym() -> None:
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    out = io.StringIO()
+    adapters.render_file("schools", [{**referral, "child": {**referral["child"], "first_language": "Welsh"}}], out, fmt="ctf")
+    pupil = etree.fromstring(out.getvalue().encode()).find("CTFpupilData/Pupil")
+    assert pupil is not None
+    assert pupil.findtext("BasicDetails/Languages/Type/Language") == "CYM"
+
+
+@pytest.mark.parametrize(
+    ("code", "word"),
+    [
+        ("WBRI", "white_british"),
+        ("WENG", "white_british"),  # extended codes, as an MIS exports them, read as their main group
+        ("WWEL", "white_british"),
+        ("WALB", "white_other"),
+        ("WROM", "white_gypsy_roma"),
+        ("MWAP", "mixed_white_asian"),
+        ("AMPK", "asian_pakistani"),
+        ("CHKC", "asian_chinese"),
+        ("BSOM", "black_african"),
+        ("BEUR", "black_other"),
+        ("OARA", "arab"),
+        ("OKRD", "other_ethnic_group"),
+        ("REFU", "refused"),
+    ],
+)
+def test_ethnicity_reads_main_and_extended_dfe_codes(code: str, word: str, tmp_path: Path) -> None:
+    def edit(pupil: Any) -> None:
+        details = pupil.find("BasicDetails")
+        assert details is not None
+        ethnicity = details.find("Ethnicity")
+        assert ethnicity is not None
+        ethnicity.text = code
+
+    [got] = adapters.load_file("schools", edited_ctf(tmp_path, edit), now=NOW).referrals
+    assert got["child"]["ethnicity"] == word
+
+
+def test_an_ethnicity_code_outside_the_dfe_list_is_refused_and_the_main_code_is_written(tmp_path: Path) -> None:
+    def edit(pupil: Any) -> None:
+        ethnicity = pupil.find("BasicDetails/Ethnicity")
+        assert ethnicity is not None
+        ethnicity.text = "UNCL"  # the DfE checking exercise's "unclassified", not a CBDS code
+
+    [problem] = problems_of(edited_ctf(tmp_path, edit))
+    assert problem.startswith(
+        'record 1: "BasicDetails.Ethnicity" (child.ethnicity): not one of the codes WBRI, WIRI, WIRT, WROM, WOTH, '
+    )
+    assert problem.endswith(", OYEM")
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    out = io.StringIO()
+    adapters.render_file("schools", [{**referral, "child": {**referral["child"], "ethnicity": "asian_chinese"}}], out, fmt="ctf")
+    assert etree.fromstring(out.getvalue().encode()).findtext("CTFpupilData/Pupil/BasicDetails/Ethnicity") == "CHNE"
+
+
+def with_exclusion(category: str, reason: str) -> Any:
+    def edit(pupil: Any) -> None:
+        for old in pupil.findall("Exclusions"):
+            pupil.remove(old)
+        pupil.insert(
+            5,
+            etree.fromstring(
+                f"<Exclusions><Exclusion><Category>{category}</Category><StartDate>2025-09-10</StartDate>"
+                f"<Sessions>2</Sessions><Reason>{reason}</Reason></Exclusion></Exclusions>"
+            ),
+        )
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("category", "kind"),
+    [("SUSP", "suspension"), ("PERM", "permanent_exclusion"), ("LNCH", "suspension"), ("FIXD", "suspension")],
+)
+def test_exclusion_category_reads_the_cbds_codes(category: str, kind: str, tmp_path: Path) -> None:
+    [got] = adapters.load_file("schools", edited_ctf(tmp_path, with_exclusion(category, "DB")), now=NOW).referrals
+    assert [e["kind"] for e in got["school"]["exclusions"]] == [kind]
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("PP", "physical_assault_against_pupil"),
+        ("PH", "wilful_transgression_of_protective_measures"),
+        ("DB", "persistent_disruptive_behaviour"),
+        ("LD", "persistent_disruptive_behaviour"),  # the DfE's finer codes read as the reason they divide
+        ("CB", "persistent_disruptive_behaviour"),
+        ("DR", "drug_and_alcohol_related"),
+        ("AR", "drug_and_alcohol_related"),
+        ("BW", "other"),  # reasons the schema has no word for
+        ("VR", "other"),
+        ("MP", "other"),
+        ("OT", "other"),
+    ],
+)
+def test_exclusion_reason_reads_the_cbds_codes(code: str, reason: str, tmp_path: Path) -> None:
+    [got] = adapters.load_file("schools", edited_ctf(tmp_path, with_exclusion("SUSP", code)), now=NOW).referrals
+    assert [e["reason"] for e in got["school"]["exclusions"]] == [reason]
+
+
+def test_exclusion_codes_outside_the_cbds_are_refused_by_name(tmp_path: Path) -> None:
+    assert problems_of(edited_ctf(tmp_path, with_exclusion("FIXED", "DB"))) == [
+        'record 1: "Exclusions.Exclusion[0].Category" (school.exclusions[0].kind): '
+        "not one of the codes SUSP, PERM, LNCH, FIXD"
+    ]
+    # WT was this format's public-health code before issue 17; the CBDS's is PH
+    assert problems_of(edited_ctf(tmp_path, with_exclusion("SUSP", "WT"))) == [
+        'record 1: "Exclusions.Exclusion[0].Reason" (school.exclusions[0].reason): not one of the codes '
+        "PP, PA, VP, VA, OW, BU, RA, LG, DS, MT, PH, DM, TH, DB, DA, SM, OT, LD, CB, DR, AR, BW, TB, SB, MB, AB, "
+        "SR, VR, MP, OS"
+    ]
+
+
+def test_a_suspension_is_written_susp_and_every_reason_reads_back() -> None:
+    referral = adapters.load_file("schools", adapters.example_file("schools"), now=NOW).referrals[0]
+    from referral_broker.adapters.base import _REFERRAL, enum_symbols
+
+    words = enum_symbols(_REFERRAL.schema)["school.exclusions.reason"]
+    assert set(words) == ctf.EXCLUSION_REASON.symbols  # every word of the schema has a DfE code
+    for word in words:
+        exclusion = {"kind": "suspension", "start_date": dt.date(2025, 9, 10), "sessions": 2, "reason": word}
+        record = {**referral, "school": {**referral["school"], "exclusions": [exclusion]}}
+        out = io.StringIO()
+        adapters.render_file("schools", [record], out, fmt="ctf")
+        written = etree.fromstring(out.getvalue().encode()).find("CTFpupilData/Pupil/Exclusions/Exclusion")
+        assert written is not None and written.findtext("Category") == "SUSP"
+        [back] = adapters.get_adapter("schools").parse(io.BytesIO(out.getvalue().encode()), now=NOW)
+        assert back.record is not None and back.record["school"]["exclusions"][0]["reason"] == word
+
+
+def test_sen_provision_q_and_sen_type_ds(tmp_path: Path) -> None:
+    path = ctf_with(b"<SENhistory><SEN><SENprovision>Q</SENprovision></SEN><SENneeds><SENneed><SENtypeRank>1</SENtypeRank>"
+                    b"<SENtype>DS</SENtype></SENneed></SENneeds></SENhistory>", tmp_path)  # fmt: skip
+    [got] = adapters.load_file("schools", path, now=NOW).referrals
+    assert (got["send"]["status"], got["send"]["primary_need"]) == ("sen_support", "other_difficulty")
+    path = ctf_with(b"<SENhistory><SEN><SENprovision>X</SENprovision></SEN></SENhistory>", tmp_path)
+    assert problems_of(path) == [
+        'record 1: "SENhistory.SEN.SENprovision" (send.status): not one of the codes N, K, E, A, P, Q, S'
+    ]
