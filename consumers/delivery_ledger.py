@@ -13,9 +13,14 @@ write the topic must not be able to grant itself a referral).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from referral_broker.cluster.topics import topic_name
@@ -47,6 +52,39 @@ class Delivered:
         return cls(doc["referrer"], versions)
 
 
+class _Entries:
+    """Committed entries by referral id, in a private SQLite file that lives as long as the
+    ledger (a cache of the topic: no journal, no fsync; a crash loses nothing the topic lacks)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="delivery-ledger-", suffix=".sqlite", dir=folder)  # 0600
+        os.close(fd)
+        self.path = Path(name)
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE entry (referral_id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID")
+
+    def get(self, referral_id: str) -> Delivered | None:
+        row = self._db.execute("SELECT doc FROM entry WHERE referral_id = ?", (referral_id,)).fetchone()
+        return Delivered.from_json(json.loads(row[0])) if row else None
+
+    def put(self, entries: dict[str, Delivered]) -> None:
+        if entries:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO entry VALUES (?, ?)",
+                [(k, json.dumps(e.to_json(), sort_keys=True)) for k, e in entries.items()],
+            )
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM entry").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class DeliveryLedger:
     settings: Settings
@@ -54,13 +92,27 @@ class DeliveryLedger:
     hub: Identity
     timeout_s: float = 30.0
     refused: int = 0
-    _entries: dict[str, Delivered] = field(default_factory=dict, init=False, repr=False)
+    verified: int = 0  # entries read from the topic whose signature was checked
     _pending: dict[str, Delivered] = field(default_factory=dict, init=False, repr=False)
+    # this router's committed entries not yet read back: (referral id, digest of the value)
+    _own: set[tuple[bytes, bytes]] = field(default_factory=set, init=False, repr=False)
+    _sent: set[tuple[bytes, bytes]] = field(default_factory=set, init=False, repr=False)
+    _store: _Entries | None = field(default=None, init=False, repr=False)
     _consumer: Any = field(default=None, init=False, repr=False)
 
     @property
     def topic(self) -> str:
         return topic_name(self.settings, "deliveries")
+
+    @property
+    def _entries(self) -> _Entries:
+        if self._store is None:
+            self._store = _Entries(self.settings.paths_data_dir / "router")
+        return self._store
+
+    def __len__(self) -> int:
+        """Referrals with a committed entry (as this router has read or written them)."""
+        return len(self._entries)
 
     def lookup(self, referral_id: str) -> Delivered | None:
         return self._pending.get(referral_id) or self._entries.get(referral_id)
@@ -74,14 +126,18 @@ class DeliveryLedger:
         entry.versions[version] = set(recipients)
         self._pending[referral_id] = entry
         value = json.dumps(entry.to_json(), sort_keys=True).encode()
+        self._sent.add((referral_id.encode(), hashlib.sha256(value).digest()))
         return sign_plain(self.hub.keystore, topic=self.topic, key=referral_id.encode(), value=value, kind=KIND)
 
     def commit(self) -> None:
-        self._entries.update(self._pending)
+        self._entries.put(self._pending)
+        self._own.update(self._sent)
         self._pending.clear()
+        self._sent.clear()
 
     def abort(self) -> None:
         self._pending.clear()
+        self._sent.clear()
 
     def catch_up(self) -> None:
         """Apply entries committed since the last call (by this router or another)."""
@@ -105,9 +161,12 @@ class DeliveryLedger:
             while remaining:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"reading the delivery ledger timed out after {self.timeout_s:.0f}s")
+                changed: dict[str, Delivered] = {}
                 for record in poll_records(consumer, 500):
-                    self._apply(record)
+                    self._apply(record, changed)
+                self._entries.put(changed)
                 remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+            self._own.clear()  # read to the end: anything not seen was not committed after all
         except KafkaError as exc:
             # a consumer that lost its partition leader (a node died) can keep timing out after
             # the cluster recovered: the next catch-up reads the ledger again with a new one
@@ -116,28 +175,41 @@ class DeliveryLedger:
                 consumer.close()
             raise BrokerError(f"reading the delivery ledger failed: {type(exc).__name__}") from exc
 
-    def _apply(self, record: Any) -> None:
+    def _apply(self, record: Any, changed: dict[str, Delivered]) -> None:
+        if self._own and record.value is not None:
+            own = (record.key, hashlib.sha256(record.value).digest())
+            if own in self._own:
+                self._own.discard(own)
+                return  # this router's own entry, byte for byte: made here, applied at commit
         try:
             headers = self.hub.opener.verify(record)
             if headers.get(H_SENDER, b"").decode() != HUB or headers.get(H_KIND, b"").decode() != KIND:
                 raise ValueError("not a hub-signed delivery entry")
             entry = Delivered.from_json(json.loads(record.value))
             key = record.key.decode("ascii")
+            self.verified += 1
         except (ReferralBrokerError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
             self.refused += 1
             log.warning(
                 "delivery ledger record refused", topic=record.topic, partition=record.partition, offset=record.offset
             )
             return
-        known = self._entries.get(key)
+        known = changed.get(key) or self._entries.get(key)
         if known is None:
-            self._entries[key] = entry
+            changed[key] = entry
         else:  # a later write of the same referral: versions add up (this router's may be newer)
             known.referrer = entry.referrer
             for version, recipients in entry.versions.items():
                 known.versions[version] = recipients
+            changed[key] = known
 
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        # the next catch-up reads the whole topic into a new file, this router's entries too
+        self._own.clear()
+        self.abort()

@@ -37,6 +37,8 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from kafka import TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import KafkaError
 from kafka.structs import MemberState
 
@@ -633,6 +635,11 @@ class Router:
             # place (and partitions) in the group at once, without waiting for its session to
             # expire. Static members do not leave on close, so a clean stop removes it (below).
             group_instance_id=self.member_name,
+            # Every organisation's intake and status topics have a few partitions each: the
+            # range assignor hands the first member the larger share of EVERY topic (2 of 3,
+            # for two routers: 2/3 of all the work), round robin spreads all of them evenly.
+            # Range stays second so a group with an older router in it still agrees on one.
+            partition_assignment_strategy=(RoundRobinPartitionAssignor, RangePartitionAssignor),
         )
 
     def _leave_group(self) -> None:

@@ -51,6 +51,9 @@ from referral_broker.sealing import OutgoingMessage
 from referral_broker.sealing.key_admin import init_parties
 
 SENDER = "school-110123"  # a school of the shipped county
+# Scale-out sends from two schools: a router group reads many organisations' intake topics (a
+# few partitions each), and one topic of 3 partitions cannot split evenly over two routers.
+SCALE_SENDERS = (SENDER, "school-110245")
 
 
 class PlainSealer:
@@ -571,11 +574,11 @@ class _CpuSampler:
 
 
 def _group_members(settings: Settings, bootstrap: str) -> list[int]:
-    """Partitions of the sender's intake topic held by each member of the router group."""
+    """Partitions of the senders' intake topics held by each member of the router group."""
     from referral_broker.consumers.router import GROUP
 
     group = f"{settings.kafka_topic_prefix}{GROUP}"
-    intake = topic_name(settings, "intake", SENDER)
+    intakes = {topic_name(settings, "intake", s) for s in SCALE_SENDERS}
     admin = admin_client(settings, bootstrap)
     try:
         doc = admin.describe_groups([group])[group]
@@ -590,9 +593,9 @@ def _group_members(settings: Settings, bootstrap: str) -> list[int]:
         mine = 0
         for p in parts:
             if isinstance(p, dict):
-                mine += len(p.get("partitions", [])) if p.get("topic") in (None, intake) else 0
+                mine += len(p.get("partitions", [])) if p.get("topic") is None or p["topic"] in intakes else 0
             elif isinstance(p, (tuple, list)) and len(p) == 2:
-                mine += len(p[1]) if p[0] == intake else 0
+                mine += len(p[1]) if p[0] in intakes else 0
             else:
                 mine += 1
         held.append(mine)
@@ -678,8 +681,8 @@ def scale_out(
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """One router process, then ``processes`` of them in one consumer group, each run on
-    ``count`` fresh referrals to 3 recipients on the same intake topic, produced (already
-    sealed) once the group has settled; the ratio, and the cores the broker, the routers and
+    ``count`` fresh referrals to 3 recipients, half from each of two schools (two intake
+    topics), produced (already sealed) once the group has settled; the ratio, and the cores the broker, the routers and
     everything else used over each run's busy window (from /proc; the broker's when ``broker``,
     its pid on this machine, is given)."""
     pid = broker
@@ -693,12 +696,15 @@ def scale_out(
             init_parties(
                 settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap
             )
-            intake = topic_name(settings, "intake", SENDER)
-            partitions = next(s.partitions for s in plan(settings.kafka_topic_profile, "") if s.role == "intake")
+            per_topic = next(s.partitions for s in plan(settings.kafka_topic_profile, "") if s.role == "intake")
+            partitions = per_topic * len(SCALE_SENDERS)
             for n, seed in ((1, 101), (processes, 102)):
                 progress(f"scale-out: {count} referrals, {n} router process{'es' if n > 1 else ''}")
-                with IntakeSender(settings, bootstrap, SENDER) as sender:
-                    messages = [sender.sealer.referral(r) for r in _shaped(count, 3, seed=seed)]
+                referrals = _shaped(count, 3, seed=seed)
+                messages = []
+                for i, school in enumerate(SCALE_SENDERS):
+                    with IntakeSender(settings, bootstrap, school) as sender:
+                        messages += [sender.sealer.referral(r) for r in referrals[i :: len(SCALE_SENDERS)]]
                 stats, sampler, held = _route_processes(
                     settings, bootstrap, n, f"{n}p{uuid.uuid4().hex[:4]}", Path(tmp), messages, pid
                 )
@@ -728,7 +734,7 @@ def scale_out(
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "broker_pid": pid,
         "intake_partitions": partitions,
-        "intake_topic": intake.removeprefix(settings.kafka_topic_prefix),
+        "intake_topics": [topic_name(settings, "intake", s).removeprefix(settings.kafka_topic_prefix) for s in SCALE_SENDERS],
         "prefix": settings.kafka_topic_prefix,
         "runs": [one, many],
         "ratio": round(ratio, 3),
@@ -763,7 +769,7 @@ def _why_not_scaled(r: dict[str, Any]) -> str:
     consumed = many["consumed_per_process"]
     if max(consumed) > 1.2 * min(consumed):
         reasons.append(
-            f"the sender's intake topic has {r['intake_partitions']} partitions, held {held} by the "
+            f"the senders' intake topics have {r['intake_partitions']} partitions, held {held} by the "
             f"{r['processes']} routers, which read {consumed} of the referrals: the busiest bounds the run"
         )
     reasons.append(f"load average {r['load_average'][0]}")

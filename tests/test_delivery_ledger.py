@@ -1,0 +1,58 @@
+"""The router's delivery ledger on the real broker: entries kept in a private file, not in the
+router's memory (a 1M-referral backfill must not grow it), read back by another router with
+their signatures checked, and this router's own entries not verified a second time."""
+
+from __future__ import annotations
+
+import stat
+import uuid
+
+from county import GP, POLICE, SCHOOL
+
+from referral_broker.cluster.clients import build_producer
+from referral_broker.config import Settings
+from referral_broker.consumers.delivery_ledger import DeliveryLedger
+from referral_broker.identity import load_identity
+from referral_broker.parties import HUB
+
+
+def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_router(
+    county: Settings, kafka_bootstrap: str
+) -> None:
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    mine = DeliveryLedger(county, kafka_bootstrap, hub)
+    other = DeliveryLedger(county, kafka_bootstrap, hub)
+    try:
+        mine.catch_up()
+        other.catch_up()
+        ids = [str(uuid.uuid4()) for _ in range(40)]
+        messages = [mine.record(rid, 1, POLICE, {SCHOOL}) for rid in ids]
+        messages.append(mine.record(ids[0], 2, POLICE, {SCHOOL, GP}))  # a second version adds up
+        producer = build_producer(county, kafka_bootstrap)
+        try:
+            for message in messages:
+                message.send(producer)
+            producer.flush()
+        finally:
+            producer.close()
+        mine.commit()
+
+        assert len(mine) == 40 and not mine._pending
+
+        mine.catch_up()  # its own 41 entries come back byte for byte: not verified again
+        other.catch_up()  # another router reads them with the hub's signature checked
+        files = list((county.paths_data_dir / "router").glob("delivery-ledger-*.sqlite"))
+        assert len(files) == 2  # one per ledger, nothing shared
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+        assert (mine.verified, mine.refused) == (0, 0)
+        assert (other.verified, other.refused) == (41, 0)
+        for ledger in (mine, other):
+            first = ledger.lookup(ids[0])
+            assert first is not None and first.referrer == POLICE
+            assert first.versions == {1: {SCHOOL}, 2: {SCHOOL, GP}}
+            assert ledger.lookup(ids[-1]) is not None and len(ledger) == 40
+        assert mine.lookup(str(uuid.uuid4())) is None
+    finally:
+        mine.close()
+        other.close()
+    assert not list((county.paths_data_dir / "router").glob("delivery-ledger-*.sqlite"))
