@@ -194,3 +194,23 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
     bench_cmd._show_e2e(data)
     assert "p99" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_bench_router_profile_splits_the_routers_time_by_component(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bench(kafka_bootstrap, tmp_path, "router", "--profile", "--count", "50")
+    assert data["count"] == 50 and data["referrals_per_second_profiled"] > 0
+    assert data["cpu_ms_per_referral_profiled"] > 0
+    parts = {c["component"]: c for c in data["components"]}
+    # the router signs and seals every copy: the crypto and sealing components are never empty
+    for name in ("Ed25519 sign and verify (cryptography)", "sealing in Python (fields, framing, headers)",
+                 "kafka-python client (records, batches, sockets)", "Avro (fastavro, codec)"):  # fmt: skip
+        assert parts[name]["seconds"] > 0, name
+    assert close(sum(c["seconds"] for c in data["components"]), data["profiled_s"], 0.01)
+    assert close(sum(c["share"] for c in data["components"]), 1.0, 0.01)
+    assert len(data["top_functions"]) == 15
+    bench_cmd._show_profile(data)
+    shown = capsys.readouterr().out
+    assert "component (own time)" in shown and "Ed25519 sign and verify" in shown

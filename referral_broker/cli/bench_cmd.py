@@ -66,22 +66,43 @@ def seal(obj: CliContext, iterations: int, as_json: bool) -> None:
     type=click.IntRange(1, 16),
     help="Also route COUNT referrals with one 'route' process, then with this many in one group (scale-out).",
 )
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Instead: route COUNT referrals to 3 recipients under cProfile and show where the time goes.",
+)
 @json_option
 @pass_cli
-def router(obj: CliContext, count: int, processes: int, as_json: bool) -> None:
+def router(obj: CliContext, count: int, processes: int, profile: bool, as_json: bool) -> None:
     """Router throughput on the real broker: the floor of the job (the primitives any design
     must pay) beside the per-field floor, raw kafka-python pass-through, the router at 1 and 3
     recipients, and the same without sealing/signing; ratios and peak RSS. With --processes N,
-    one router process against N in one consumer group, and why when N do not reach 1.6x."""
+    one router process against N in one consumer group, and why when N do not reach 1.6x.
+    With --profile, the router's time by component instead."""
     from referral_broker.cli.bench_orgs import broker_pid
-    from referral_broker.consumers.router_bench import run
+    from referral_broker.consumers.router_bench import profile_router, run
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
     bootstrap = obj.bootstrap()
+    if profile:
+        emit(profile_router(obj.settings, bootstrap, count=count), as_json, _show_profile)
+        return
     data = run(
         obj.settings, bootstrap, count=count, processes=processes, broker=broker_pid(bootstrap), progress=progress
     )
     emit(data, as_json, _show_router)
+
+
+def _show_profile(d: dict[str, Any]) -> None:
+    click.echo(
+        f"Router at 3 recipients under cProfile, {d['count']} referrals: {d['referrals_per_second_profiled']}/s, "
+        f"{d['cpu_ms_per_referral_profiled']} ms CPU per referral (profiled; both worse than without the profiler)\n"
+    )
+    rows = [[c["component"], f"{c['seconds']:.2f}", f"{c['share']:.1%}"] for c in d["components"]]
+    click.echo(table(rows, ["component (own time)", "s", "share"]))
+    click.echo("")
+    rows = [[f["function"][:70], f"{f['seconds']:.2f}", f"{f['share']:.1%}"] for f in d["top_functions"]]
+    click.echo(table(rows, ["function", "s", "share"]))
 
 
 def _show_router(d: dict[str, Any]) -> None:
