@@ -490,28 +490,13 @@ def run(
 
 
 # -- where the router's time goes (bench router --profile) ------------------------------------
-# (component, test on "<file>:<function>"): the first that matches takes a function's own time
-_COMPONENTS: list[tuple[str, Callable[[str], bool]]] = [
-    ("Ed25519 sign and verify (cryptography)", lambda f: "Ed25519" in f),
-    ("AES-GCM, HPKE, hashes, randomness", lambda f: any(w in f for w in ("AESGCM", "hpke", "urandom", "sha256", "hashlib", "HMAC", "hmac"))),
-    ("waiting: flushes, commits, polls (locks, selects)", lambda f: any(w in f for w in ("acquire", "select", "epoll", "poll of"))),
-    ("files: case keys, ledger (open, stat, fsync, sqlite)", lambda f: any(w in f for w in ("posix.", "sqlite3", "io.open", "_io."))),
-    ("kafka-python client (records, batches, sockets)", lambda f: "/kafka/" in f or "socket" in f),
-    ("Avro (fastavro, codec)", lambda f: "fastavro" in f or "schemas/codec.py" in f),
-    ("validation", lambda f: "schemas/validation.py" in f),
-    ("sealing in Python (fields, framing, headers)", lambda f: "referral_broker/sealing/" in f),
-    ("audit chain", lambda f: "audit_chain.py" in f),
-    ("policy", lambda f: "referral_broker/policy/" in f),
-    ("router", lambda f: "consumers/" in f),
-]
-
-
 def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[str, Any]:
     """The router at 3 recipients under cProfile on fresh topics: its own time grouped by
     component (shares of the profiled total), the top functions, and the rate (lower than
     unprofiled: cProfile adds its own cost to every Python call)."""
     import cProfile
-    import pstats
+
+    from referral_broker.bench_profile import by_component
 
     with tempfile.TemporaryDirectory(prefix="rb-bench-profile-") as tmp:
         settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
@@ -538,39 +523,11 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
     stats = router.stats
     if stats.dead_lettered or stats.first_record_at is None or stats.last_commit_at is None:
         raise BrokerError(f"profiled run dead-lettered or read nothing: {stats.by_reason}")
-    table: dict[tuple[str, int, str], Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    own: dict[str, float] = {}
-    functions: list[tuple[float, str]] = []
-    def component_of(filename: str, name: str) -> str | None:
-        where = f"{filename}:{name}"
-        return next((c for c, test in _COMPONENTS if test(where)), None)
-
-    for (filename, _line, name), (_cc, _nc, tottime, _ct, callers) in table.items():
-        functions.append((tottime, f"{Path(filename).name}:{name}" if filename != "~" else name))
-        component = component_of(filename, name)
-        if component is None and filename == "~" and callers:
-            # a builtin (len, isinstance, str.encode, ...) counts for whoever called it
-            edges = {k: v[2] for k, v in callers.items()}
-            spread = sum(edges.values()) or 1.0
-            for (caller_file, _l, caller_name), share in edges.items():
-                c = component_of(caller_file, caller_name) or "other"
-                own[c] = own.get(c, 0.0) + tottime * share / spread
-            continue
-        own[component or "other"] = own.get(component or "other", 0.0) + tottime
-    total = sum(own.values()) or 1.0
     return {
         "count": stats.consumed,
         "referrals_per_second_profiled": round(stats.consumed / (stats.last_commit_at - stats.first_record_at), 1),
         "cpu_ms_per_referral_profiled": round(cpu * 1000 / stats.consumed, 2),
-        "profiled_s": round(total, 2),
-        "components": [
-            {"component": c, "seconds": round(v, 3), "share": round(v / total, 3)}
-            for c, v in sorted(own.items(), key=lambda kv: -kv[1])
-        ],
-        "top_functions": [
-            {"function": name, "seconds": round(t, 3), "share": round(t / total, 3)}
-            for t, name in sorted(functions, reverse=True)[:15]
-        ],
+        **by_component(profiler),
     }
 
 

@@ -126,8 +126,18 @@ def _on_topic(settings: Settings, bootstrap: str, topic: str) -> int:
 
 
 def run(
-    base: Settings, bootstrap: str, *, rows: int = GOAL_ROWS, progress: Callable[[str], None] = lambda s: None
+    base: Settings,
+    bootstrap: str,
+    *,
+    rows: int = GOAL_ROWS,
+    progress: Callable[[str], None] = lambda s: None,
+    profile: bool = False,
 ) -> dict[str, Any]:
+    """Every figure of one run; with ``profile``, the timed part runs under cProfile and its
+    time by component is returned too (the rates are then the profiled ones)."""
+    import cProfile
+
+    from referral_broker.bench_profile import by_component
     from referral_broker.producers.checked import check_file
     from referral_broker.producers.sending import PartnerSender
     from referral_broker.sealing.key_admin import init_parties
@@ -143,12 +153,17 @@ def run(
             ensure_with_county(settings, bootstrap)
             init_parties(settings, [HUB, PARTY], bootstrap=bootstrap)
             progress(f"send --as {PARTY} --file {path.name}")
+            profiler = cProfile.Profile() if profile else None
             with RssSampler() as sampler:
+                if profiler is not None:
+                    profiler.enable()
                 t0 = time.perf_counter()
                 checked = check_file(PARTY, path, fmt="native")  # read + validate, as 'send' does
                 t1 = time.perf_counter()
                 report = PartnerSender(settings, bootstrap, PARTY).send_checked(checked)
                 t2 = time.perf_counter()
+                if profiler is not None:
+                    profiler.disable()
             intake = topic_name(settings, "intake", PARTY)
             on_topic = _on_topic(settings, bootstrap, intake)
         finally:
@@ -179,4 +194,5 @@ def run(
         "ratio_to_goal": round(rate / goal_rate, 3),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,
+        "profile": by_component(profiler) if profiler is not None else None,
     }

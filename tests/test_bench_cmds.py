@@ -162,8 +162,25 @@ def test_bench_batch_sends_every_row_of_the_file(
     assert rss["samples"] >= 2 and 0 < rss["start_mb"] <= rss["peak_mb"] and rss["end_mb"] <= rss["peak_mb"]
     assert max(rss["at_quarters_mb"]) <= rss["peak_mb"] and data["file_mb"] > 0
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
+    assert data["profile"] is None
     bench_cmd._show_batch(data)
     assert "rows/s" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_bench_batch_profile_shows_where_the_send_spends_its_time(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bench(kafka_bootstrap, tmp_path, "batch", "--rows", "100", "--profile")
+    assert data["rows_sent"] == data["records_on_intake_topic"] == 100
+    parts = {c["component"]: c["seconds"] for c in data["profile"]["components"]}
+    # the send reads the partner's CSV, validates, seals and produces every row
+    for name in ("adapters (reading the partner's file)", "validation",
+                 "sealing in Python (fields, framing, headers)", "kafka-python client (records, batches, sockets)"):  # fmt: skip
+        assert parts[name] > 0, name
+    assert close(sum(parts.values()), data["profile"]["profiled_s"], 0.01)
+    bench_cmd._show_batch(data)
+    assert "component (own time)" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(400)
