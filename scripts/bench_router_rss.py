@@ -192,7 +192,7 @@ def main() -> int:
                 offsets = admin.list_group_offsets({group: None}).get(group, {})
             except KafkaError:
                 return None
-            return sum(max(o.offset, 0) for tp, o in offsets.items() if tp.topic == intake)
+            return int(sum(max(o.offset, 0) for tp, o in offsets.items() if tp.topic == intake))
 
         cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json"]
         cmd += ["--stop-when-idle", str(int(args.stall)), "--instance", f"rss-{secrets.token_hex(2)}"]
