@@ -58,7 +58,8 @@ class _Entries:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="delivery-ledger-", suffix=".sqlite", dir=folder)  # 0600
+        _remove_orphans(folder)
+        fd, name = tempfile.mkstemp(prefix=f"delivery-ledger-{os.getpid()}-", suffix=".sqlite", dir=folder)  # 0600
         os.close(fd)
         self.path = Path(name)
         self._db = sqlite3.connect(self.path, isolation_level=None)
@@ -83,6 +84,21 @@ class _Entries:
     def close(self) -> None:
         self._db.close()
         self.path.unlink(missing_ok=True)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Files left by routers that died without closing their ledger (SIGKILL, power cut): the
+    process id in the name is no longer running. A reused id keeps its file (harmless)."""
+    for path in folder.glob("delivery-ledger-*-*.sqlite"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 @dataclass

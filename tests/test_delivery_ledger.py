@@ -4,7 +4,10 @@ their signatures checked, and this router's own entries not verified a second ti
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 import uuid
 
 from county import GP, POLICE, SCHOOL
@@ -56,3 +59,21 @@ def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_r
         mine.close()
         other.close()
     assert not list((county.paths_data_dir / "router").glob("delivery-ledger-*.sqlite"))
+
+
+def test_a_file_left_by_a_dead_router_is_removed_and_a_live_ones_kept(county: Settings, kafka_bootstrap: str) -> None:
+    folder = county.paths_data_dir / "router"
+    folder.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = folder / f"delivery-ledger-{int(dead.stdout)}-abcd1234.sqlite"  # its router was SIGKILLed
+    live = folder / "delivery-ledger-1-abcd1234.sqlite"  # pid 1 is always running
+    orphan.write_bytes(b"")
+    live.write_bytes(b"")
+    ledger = DeliveryLedger(county, kafka_bootstrap, load_identity(county, kafka_bootstrap, HUB))
+    try:
+        assert len(ledger) == 0  # the ledger's own file is made now
+        assert not orphan.exists() and live.exists()
+        assert len(list(folder.glob(f"delivery-ledger-{os.getpid()}-*.sqlite"))) == 1
+    finally:
+        ledger.close()
+        live.unlink()
