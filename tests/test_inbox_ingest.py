@@ -237,3 +237,48 @@ def test_a_new_version_answers_a_request_for_information(pipeline: Pipeline, inb
     opened = fmt.open(inbox_store.record_of(TEAM, first["referral_id"]), TEAM)
     assert opened.granted["version"] == 2
     assert fmt.open(inbox_store.record_of(TEAM, first["referral_id"], 1), TEAM).granted["version"] == 1
+
+
+def test_a_worker_that_cannot_reach_its_topic_retries_reports_it_and_recovers(
+    pipeline: Pipeline, inbox_store: InboxStore
+) -> None:
+    """The inbox started before its team's topic exists (or the cluster went away): the ingest
+    thread does not die behind a page that still answers. It retries, /healthz's check names
+    it while it fails, and once the topic is back it stores what the router sends."""
+    import time
+
+    from referral_broker.cluster.topics import admin_client, ensure_party_topics
+    from referral_broker.consumers.inbox.background import failing
+
+    settings, out = pipeline.settings, topic_name(pipeline.settings, "out", TEAM)
+    admin = admin_client(settings, pipeline.bootstrap)
+    try:
+        admin.delete_topics([out])
+        deadline = time.monotonic() + 60
+        while out in admin.list_topics():
+            assert time.monotonic() < deadline, "the topic was not deleted"
+            time.sleep(0.5)
+    finally:
+        admin.close()
+    worker = TeamIngest(settings, TEAM, inbox_store, pipeline.format([TEAM]))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while worker.error is None:
+            assert time.monotonic() < deadline, "the missing topic was never reported"
+            time.sleep(0.2)
+        assert "does not exist" in str(worker.error)
+        assert failing([worker]) == [f"ingest {TEAM}"]
+        assert worker._thread is not None and worker._thread.is_alive()  # retrying, not dead
+
+        ensure_party_topics(settings, pipeline.bootstrap, [TEAM])
+        record = pipeline.referral(TEAM, 41)
+        pipeline.send_referrals([record])
+        assert pipeline.route(routed=1) == (1, 0)
+        deadline = time.monotonic() + 90
+        while inbox_store.get_referral(TEAM, record["referral_id"]) is None:
+            assert time.monotonic() < deadline, f"not stored after the topic came back: {worker.error!r}"
+            time.sleep(0.5)
+        assert worker.error is None and failing([worker]) == []
+    finally:
+        worker.stop()

@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.auth import SessionCodec
+from referral_broker.consumers.inbox.background import failing
 from referral_broker.consumers.inbox.metrics import InboxMetrics, MetricsMiddleware
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.pages_errors import http_error, server_error
@@ -98,6 +99,11 @@ async def home(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """200 "ok", or 503 naming the background workers that cannot reach the cluster (the pages
+    still answer, but what they show stops being current)."""
+    down = failing(request.app.state.inbox.background)
+    if down:
+        return PlainTextResponse(f"degraded: {', '.join(down)} failing, retrying", status_code=503)
     return PlainTextResponse("ok")
 
 

@@ -20,6 +20,7 @@ from referral_broker.cluster.acls import inbox_delivery_group
 from referral_broker.cluster.clients import Record, build_consumer, commit_batch, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox.background import keep_running
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.errors import ReferralBrokerError
@@ -71,6 +72,7 @@ class DeliveryWatcher:
         try:
             while not self._stop.is_set():
                 batch = poll_records(consumer, self.poll_timeout_ms)
+                self.error = None  # the cluster answers again
                 for record in batch:
                     if dict(record.headers).get("rb-kind") == b"audit.decision":
                         self._decision(record)
@@ -96,15 +98,18 @@ class DeliveryWatcher:
         if decision.get("recipient") in self.teams and decision.get("delivered"):
             self.store.record_decision(str(decision["recipient"]), decision)
 
+    label = "delivery watcher"
+
     def start(self) -> None:
+        """Watch in a thread until :meth:`stop`; a failed run is run again after a growing
+        wait, with ``error`` set until a poll succeeds."""
         self._stop.clear()
 
+        def failed(exc: BaseException) -> None:
+            self.error = exc
+
         def target() -> None:
-            try:
-                self.run()
-            except BaseException as exc:  # surfaced through .error and the log; the thread ends
-                self.error = exc
-                log.error("delivery watcher stopped", error=type(exc).__name__)
+            keep_running("delivery watcher", self.run, self._stop, failed)
 
         self._thread = threading.Thread(target=target, name="inbox-delivery")
         self._thread.start()

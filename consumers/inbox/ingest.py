@@ -34,6 +34,7 @@ from referral_broker.cluster.clients import (
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import dead_letter
+from referral_broker.consumers.inbox.background import keep_running
 from referral_broker.consumers.inbox.notices import UrgentNotifier
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
@@ -171,6 +172,7 @@ class TeamIngest:
             idle = IdleTimer(consumer, stop_when_idle or 0.0, assign_timeout_s=JOIN_TIMEOUT_S)
             while not self._stop.is_set():
                 batch = poll_records(consumer, self.poll_timeout_ms)
+                self.error = None  # the cluster answers again
                 for record in batch:
                     self._handle(record, producer)
                 if batch:
@@ -193,15 +195,20 @@ class TeamIngest:
         except BrokerError as exc:
             log.warning("status outbox retry failed", team=self.team, error=str(exc))
 
+    @property
+    def label(self) -> str:
+        return f"ingest {self.team}"
+
     def start(self) -> None:
+        """Ingest in a thread until :meth:`stop`; a failed run (the broker went away) is run
+        again after a growing wait, with ``error`` set until a poll succeeds."""
         self._stop.clear()
 
+        def failed(exc: BaseException) -> None:
+            self.error = exc
+
         def target() -> None:
-            try:
-                self.run()
-            except BaseException as exc:  # surfaced through .error and the log; the thread ends
-                self.error = exc
-                log.error("ingest stopped", team=self.team, error=type(exc).__name__)
+            keep_running("ingest", self.run, self._stop, failed, team=self.team)
 
         self._thread = threading.Thread(target=target, name=f"inbox-ingest-{self.team}")
         self._thread.start()
