@@ -85,7 +85,7 @@ def serve(
         built.close()
     failed = [w.team for w in built.workers if w.error is not None]
     if failed:
-        raise click.ClickException(f"ingest stopped with an error for {', '.join(failed)} (see the log)")
+        raise click.ClickException(f"ingest was failing for {', '.join(failed)} when the inbox stopped (see the log)")
 
 
 @inbox.command()
