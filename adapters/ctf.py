@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Iterable, Iterator
+from types import MappingProxyType
 from typing import IO, Any
 
 from lxml import etree
@@ -207,8 +208,8 @@ ETHNICITY = codes(
     | {code: word for word, group in _ETHNICITY_GROUPS.items() for code in group.split()[1:]}
 )
 
-# CBDS SEN type codes (primary need). DS (Down syndrome) has no word in the schema: other_difficulty.
-SEN_NEED = codes(
+# CBDS SEN type codes (primary need), as the schools CSV reads them too.
+SEN_NEED_CODES = MappingProxyType(
     {
         "SPLD": "specific_learning_difficulty",
         "MLD": "moderate_learning_difficulty",
@@ -223,9 +224,10 @@ SEN_NEED = codes(
         "ASD": "autistic_spectrum_disorder",
         "OTH": "other_difficulty",
         "NSA": "sen_no_specialist_assessment",
-        "DS": "other_difficulty",
     }
 )
+# DS (Down syndrome; CBDS, not in the CSV's list) has no word in the schema: other_difficulty.
+SEN_NEED = codes({**SEN_NEED_CODES, "DS": "other_difficulty"})
 
 # CBDS exclusion categories: SUSP (suspension), PERM, LNCH (lunchtime: a suspension), and FIXD,
 # the fixed-period code of CTFs from before "suspension" replaced "fixed period" in 2021/22.

@@ -81,23 +81,7 @@ RELATIONSHIP = codes(
 )
 # "A" (EHC needs assessment requested) is local: the DfE codes are N, K and E.
 SEN_PROVISION = codes({"N": "no_sen", "K": "sen_support", "A": "ehc_assessment_requested", "E": "ehc_plan"})
-SEN_NEED = codes(
-    {
-        "SPLD": "specific_learning_difficulty",
-        "MLD": "moderate_learning_difficulty",
-        "SLD": "severe_learning_difficulty",
-        "PMLD": "profound_multiple_learning_difficulty",
-        "SEMH": "social_emotional_mental_health",
-        "SLCN": "speech_language_communication",
-        "HI": "hearing_impairment",
-        "VI": "visual_impairment",
-        "MSI": "multi_sensory_impairment",
-        "PD": "physical_disability",
-        "ASD": "autistic_spectrum_disorder",
-        "OTH": "other_difficulty",
-        "NSA": "sen_no_specialist_assessment",
-    }
-)
+SEN_NEED = codes(ctf.SEN_NEED_CODES)
 # CBDS exclusion categories: FIXD (fixed period, now called a suspension), PERM, and LNCH (a
 # lunchtime suspension, read as a suspension; written as FIXD).
 EXCLUSION_CATEGORY = codes({"FIXD": "suspension", "PERM": "permanent_exclusion", "LNCH": "suspension"})
