@@ -128,6 +128,15 @@ def _shaped(count: int, recipients: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def _delete_namespace(settings: Settings, bootstrap: str) -> None:
+    """Delete every topic of the plan under the run's own prefix."""
+    admin = admin_client(settings, bootstrap)
+    try:
+        admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)])
+    finally:
+        admin.close()
+
+
 def _rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -442,13 +451,7 @@ def run(
                         producer.close()
                         figures[label] = _timed_router(settings, bootstrap, count, sealer=PlainSealer(SENDER))
                 finally:
-                    admin = admin_client(settings, bootstrap)
-                    try:
-                        admin.delete_topics(
-                            [s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)]
-                        )
-                    finally:
-                        admin.close()
+                    _delete_namespace(settings, bootstrap)
         floor_rate = 1e6 / figures["floor_us_per_referral"]
         job_rate = 1e6 / job["total_us"]
         results.update(
@@ -515,11 +518,7 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
             profiler.disable()
             cpu = time.process_time() - cpu
         finally:
-            admin = admin_client(settings, bootstrap)
-            try:
-                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)])
-            finally:
-                admin.close()
+            _delete_namespace(settings, bootstrap)
     stats = router.stats
     if stats.dead_lettered or stats.first_record_at is None or stats.last_commit_at is None:
         raise BrokerError(f"profiled run dead-lettered or read nothing: {stats.by_reason}")
@@ -762,11 +761,7 @@ def scale_out(
                     "cores_used": sampler.cores(start, end),
                 }
         finally:
-            admin = admin_client(settings, bootstrap)
-            try:
-                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix)])
-            finally:
-                admin.close()
+            _delete_namespace(settings, bootstrap)
     one, many = runs["1"], runs[str(processes)]
     ratio = many["referrals_per_second"] / one["referrals_per_second"]
     result: dict[str, Any] = {
