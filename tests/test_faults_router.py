@@ -369,7 +369,11 @@ def test_paused_router_resumed_after_takeover_three_times(
         assert_exactly_once(broker, kafka_bootstrap, sent)
         dropped = ("batch abandoned", "batch dropped", "transaction failed")
         zombie_lines = [ln for r in (a, b) for ln in r.log_lines() if any(d in ln for d in dropped)]
-        assert len(zombie_lines) >= 3, "each resumed zombie must have given up its batch"
+        # A router paused between two of its batches has nothing to give up: "a transaction
+        # open" above is any router's (both write the archive, partitions round robin), so not
+        # every pause lands inside the paused router's own transaction. Exactly once (above) is
+        # what proves no zombie committed; this proves the zombie case was met at least once.
+        assert len(zombie_lines) >= 1, "no resumed zombie gave up a batch: the case was never met"
         assert sum(s["routed"] for s in stats) >= COUNT
     except BaseException:
         for r in (a, b):
