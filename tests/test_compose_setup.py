@@ -308,7 +308,7 @@ def test_a_school_referral_reaches_the_team_inbox_through_the_router_under_their
     assert alive, f"inbox serve stopped: {err[-3000:]}"
     assert server.returncode == 0, err[-3000:]
     assert _stored(db, record["referral_id"]), err[-3000:]
-    assert "delivery watcher stopped" not in err and "not authorised" not in err, err[-3000:]
+    assert "background worker failed" not in err and "not authorised" not in err, err[-3000:]
     assert _snapshot(data) == before, "the inbox wrote to the hub's data volume"
     assert signed_in == 401, f"a refused sign-in gave {signed_in} (503: its audit could not be written)"
     events = [

@@ -12,7 +12,6 @@ topics and the audit topic only). Until the relay is audited the referral's hist
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -20,7 +19,7 @@ from referral_broker.cluster.acls import inbox_delivery_group
 from referral_broker.cluster.clients import Record, build_consumer, commit_batch, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
-from referral_broker.consumers.inbox.background import keep_running
+from referral_broker.consumers.inbox.background import BackgroundWorker
 from referral_broker.consumers.inbox.records import RecordFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.errors import ReferralBrokerError
@@ -29,8 +28,11 @@ from referral_broker.structured_log import get_logger
 log = get_logger(__name__)
 
 
-class DeliveryWatcher:
+class DeliveryWatcher(BackgroundWorker):
     """A thread (``start`` / ``stop``, always joined) marking the teams' statuses delivered."""
+
+    label = "delivery watcher"
+    thread_name = "inbox-delivery"
 
     def __init__(
         self,
@@ -42,6 +44,7 @@ class DeliveryWatcher:
         clock: Callable[[], datetime] | None = None,
         poll_timeout_ms: int = 500,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.store = store
         self.record_format = record_format
@@ -49,9 +52,6 @@ class DeliveryWatcher:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.poll_timeout_ms = poll_timeout_ms
         self.delivered = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @property
     def group_id(self) -> str:
@@ -98,24 +98,3 @@ class DeliveryWatcher:
         if decision.get("recipient") in self.teams and decision.get("delivered"):
             self.store.record_decision(str(decision["recipient"]), decision)
 
-    label = "delivery watcher"
-
-    def start(self) -> None:
-        """Watch in a thread until :meth:`stop`; a failed run is run again after a growing
-        wait, with ``error`` set until a poll succeeds."""
-        self._stop.clear()
-
-        def failed(exc: BaseException) -> None:
-            self.error = exc
-
-        def target() -> None:
-            keep_running("delivery watcher", self.run, self._stop, failed)
-
-        self._thread = threading.Thread(target=target, name="inbox-delivery")
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None

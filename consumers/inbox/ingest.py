@@ -17,7 +17,6 @@ reaches the referrer once it is back.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from referral_broker.cluster.clients import (
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import dead_letter
-from referral_broker.consumers.inbox.background import keep_running
+from referral_broker.consumers.inbox.background import BackgroundWorker
 from referral_broker.consumers.inbox.notices import UrgentNotifier
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.records import RecordFormat
@@ -77,9 +76,9 @@ def group_id(settings: Settings, team: str) -> str:
     return f"{settings.kafka_topic_prefix}inbox.{team}"
 
 
-class TeamIngest:
+class TeamIngest(BackgroundWorker):
     """Reads one team's out topic into the store. Use :meth:`run` (blocking) or, in a server,
-    :meth:`start` / :meth:`stop` (a thread that is always joined)."""
+    :meth:`start` / :meth:`stop` (a thread that is always joined; a failed run is run again)."""
 
     def __init__(
         self,
@@ -92,6 +91,9 @@ class TeamIngest:
         poll_timeout_ms: int = 500,
         notifier: UrgentNotifier | None = None,
     ) -> None:
+        super().__init__()
+        self.label = f"ingest {team}"
+        self.thread_name = f"inbox-ingest-{team}"
         self.notifier = notifier
         self.settings = settings
         self.team = team
@@ -102,9 +104,6 @@ class TeamIngest:
         self.topic = topic_name(settings, "out", team)
         self.dlq_topic = topic_name(settings, "dlq")
         self.stats = IngestStats()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
 
     def _handle(self, record: Record, producer: Producer) -> None:
         sealed = record
@@ -195,26 +194,3 @@ class TeamIngest:
         except BrokerError as exc:
             log.warning("status outbox retry failed", team=self.team, error=str(exc))
 
-    @property
-    def label(self) -> str:
-        return f"ingest {self.team}"
-
-    def start(self) -> None:
-        """Ingest in a thread until :meth:`stop`; a failed run (the broker went away) is run
-        again after a growing wait, with ``error`` set until a poll succeeds."""
-        self._stop.clear()
-
-        def failed(exc: BaseException) -> None:
-            self.error = exc
-
-        def target() -> None:
-            keep_running("ingest", self.run, self._stop, failed, team=self.team)
-
-        self._thread = threading.Thread(target=target, name=f"inbox-ingest-{self.team}")
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
