@@ -128,6 +128,11 @@ def _shaped(count: int, recipients: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def _county_keys(settings: Settings, bootstrap: str) -> None:
+    """Key pairs for the hub, the sending school and every other party of the county."""
+    init_parties(settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap)
+
+
 def _delete_namespace(settings: Settings, bootstrap: str) -> None:
     """Delete every topic of the plan under the run's own prefix."""
     admin = admin_client(settings, bootstrap)
@@ -420,11 +425,7 @@ def run(
                 prefixes.append(settings.kafka_topic_prefix)
                 ensure_with_county(settings, bootstrap)
                 try:
-                    init_parties(
-                        settings,
-                        [HUB, SENDER, *[p for p in all_parties() if p != SENDER and p != HUB]],
-                        bootstrap=bootstrap,
-                    )
+                    _county_keys(settings, bootstrap)
                     referrals = _shaped(count, recipients, seed=recipients)
                     if sealed:
                         with IntakeSender(settings, bootstrap, SENDER) as sender:
@@ -505,9 +506,7 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
         settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
         ensure_with_county(settings, bootstrap)
         try:
-            init_parties(
-                settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap
-            )
+            _county_keys(settings, bootstrap)
             with IntakeSender(settings, bootstrap, SENDER) as sender:
                 sender.send_referrals(_shaped(count, 3, seed=7))
             router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6])
@@ -723,9 +722,9 @@ def scale_out(
 ) -> dict[str, Any]:
     """One router process, then ``processes`` of them in one consumer group, each run on
     ``count`` fresh referrals to 3 recipients, half from each of two schools (two intake
-    topics), produced (already sealed) once the group has settled; the ratio, and the cores the broker, the routers and
-    everything else used over each run's busy window (from /proc; the broker's when ``broker``,
-    its pid on this machine, is given)."""
+    topics), produced (already sealed) once the group has settled; the ratio, and the cores
+    the broker, the routers and everything else used over each run's busy window (from /proc;
+    the broker's when ``broker``, its pid on this machine, is given)."""
     pid = broker
     cores = os.cpu_count() or 1
     runs: dict[str, Any] = {}
@@ -734,9 +733,7 @@ def scale_out(
         try:
             progress("scale-out: topics and keys")
             ensure_with_county(settings, bootstrap)
-            init_parties(
-                settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap
-            )
+            _county_keys(settings, bootstrap)
             per_topic = next(s.partitions for s in plan(settings.kafka_topic_profile, "") if s.role == "intake")
             partitions = per_topic * len(SCALE_SENDERS)
             for n, seed in ((1, 101), (processes, 102)):
