@@ -8,6 +8,10 @@ moved to another topic, are dead-lettered by the real router on the real broker 
 that names the cause, and nothing is delivered; every other way of re-binding a sealed copy is
 refused by the opener with its own reason; and messages written by the old code (sealed format
 1, ``tests/data/sealing_legacy_v1``) still open.
+
+Sealed format 3 (issue 20) seals one AEAD per data class instead of one per field; the binding
+is the same, so every refusal above holds for it, and messages written in format 2
+(``tests/data/sealing_legacy_v2``) still open.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import read_dead_letters
 from referral_broker.consumers.router import Router
-from referral_broker.errors import TamperedError
+from referral_broker.errors import ContractError, TamperedError
 from referral_broker.parties import all_parties
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas.registry import referral_schema
@@ -49,6 +53,7 @@ from referral_broker.sealing import (
     schema_book,
     sealing_plan,
 )
+from referral_broker.sealing.classes import SEALED_FIELD
 from referral_broker.sealing.envelope import (
     H_BINDING,
     H_FORMAT,
@@ -64,6 +69,7 @@ from referral_broker.sealing.signing import sign_message
 HUB = "council"
 TEAM = "district-fenland"
 LEGACY = Path(__file__).parent / "data" / "sealing_legacy_v1"
+FORMAT_2 = Path(__file__).parent / "data" / "sealing_legacy_v2"
 Headers = list[tuple[str, bytes]]
 
 
@@ -240,8 +246,8 @@ def test_each_rebinding_is_refused_with_its_cause(parties: dict[str, KeyStore], 
     opener, good, referral = opener_and_message(parties)
     keys = tmp_path / "keys"
     opened = opener.open(good)
-    assert opened.record == referral and opened.sealed_format == 2
-    assert dict(good.headers)[H_FORMAT] == b"2" and H_BINDING in dict(good.headers)
+    assert opened.record == referral and opened.sealed_format == 3
+    assert dict(good.headers)[H_FORMAT] == b"3" and H_BINDING in dict(good.headers)
     plan = sealing_plan(referral_schema())
     wire = plan.decode_wire(good.value or b"")
     # a nested record of sealed fields, dropped from the copy (the old format let that through)
@@ -279,7 +285,12 @@ def test_each_rebinding_is_refused_with_its_cause(parties: dict[str, KeyStore], 
                 set_headers={H_FORMAT: b"1"},
                 drop=(H_BINDING,),
             ),
-            "sealed-value format version 2 in a message of sealed format 1",
+            "message value is sealed in format 3 but labelled format 1",
+        ),
+        (
+            # or as format 2 (one AEAD per field), by its own sender
+            resigned(good, keys, SCHOOL, good.topic, set_headers={H_FORMAT: b"2"}),
+            "message value is sealed in format 3 but labelled format 2",
         ),
         (
             resigned(good, keys, SCHOOL, good.topic, drop=(H_BINDING,)),
@@ -341,13 +352,53 @@ def test_varied_referrals_round_trip_in_the_new_format(parties: dict[str, KeySto
 
 
 # -- messages in the old format still open -----------------------------------------------------
-def legacy_keys(tmp_path: Path) -> Path:
+def legacy_keys(tmp_path: Path, folder: Path = LEGACY) -> Path:
     """The fixture's key stores, copied with the permissions a key store must have."""
-    keys = tmp_path / "legacy-keys"
-    shutil.copytree(LEGACY / "keys", keys)
+    keys = tmp_path / f"{folder.name}-keys"
+    shutil.copytree(folder / "keys", keys)
     for path in [keys, *keys.rglob("*")]:
         path.chmod(0o700 if path.is_dir() else 0o600)
     return keys
+
+
+def fixture_through_broker(
+    folder: Path, settings: Settings, bootstrap: str, sealed_format: bytes
+) -> tuple[dict[str, Any], Record, Record]:
+    """The fixture's messages (an intake and a case-sealed routed copy), produced to and read
+    back from the real broker byte for byte, on the fixture's own topics (the signature covers
+    the topic; a prefix no deployment uses)."""
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    from referral_broker.cluster.topics import admin_client
+
+    doc = json.loads((folder / "messages.json").read_text("utf-8"))
+    b64 = base64.b64decode
+    fixtures = [
+        Record(m["topic"], 0, 0, b64(m["key"]), b64(m["value"]), [(n, b64(v)) for n, v in m["headers"]], 0)
+        for m in doc["messages"]
+    ]
+    assert all(dict(r.headers)[H_FORMAT] == sealed_format for r in fixtures)
+    admin = admin_client(settings, bootstrap)
+    try:
+        for r in fixtures:
+            with contextlib.suppress(TopicAlreadyExistsError):  # made by an earlier run
+                admin.create_topics([NewTopic(r.topic, 1, 1)])
+    finally:
+        admin.close()
+    produce(settings, bootstrap, fixtures)
+    arrived = {r.topic: r for r in fixtures}
+    for topic in arrived:
+        got = [r for r in read_topic(settings, bootstrap, topic) if r.value == arrived[topic].value]
+        assert got, topic  # read back from the broker, byte for byte
+        arrived[topic] = got[-1]
+    intake, routed = (arrived[m["topic"]] for m in doc["messages"])
+    return doc, intake, routed
+
+
+def fixture_directory(folder: Path) -> KeyDirectory:
+    doc = json.loads((folder / "directory.json").read_text())
+    return KeyDirectory(KeyEntry.from_json(e) for e in doc["keys"])
 
 
 def test_messages_sealed_by_the_old_code_still_open(
@@ -356,40 +407,12 @@ def test_messages_sealed_by_the_old_code_still_open(
     """The format-1 fixture (an intake for the hub and a case-sealed copy for a district team,
     written by the code before this format) goes through the real broker and opens; a receiver
     built without legacy support refuses it with the reason."""
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    from referral_broker.cluster.topics import admin_client
-
-    doc = json.loads((LEGACY / "messages.json").read_text("utf-8"))
-    b64 = base64.b64decode
-    fixtures = [
-        Record(m["topic"], 0, 0, b64(m["key"]), b64(m["value"]), [(n, b64(v)) for n, v in m["headers"]], 0)
-        for m in doc["messages"]
-    ]
-    assert all(dict(r.headers)[H_FORMAT] == b"1" and H_BINDING not in dict(r.headers) for r in fixtures)
-    # The signature covers the topic, so the fixture's own topics (a prefix no deployment uses).
-    admin = admin_client(settings, kafka_bootstrap)
-    try:
-        for r in fixtures:
-            with contextlib.suppress(TopicAlreadyExistsError):  # made by an earlier run
-                admin.create_topics([NewTopic(r.topic, 1, 1)])
-    finally:
-        admin.close()
-    produce(settings, kafka_bootstrap, fixtures)
-    arrived = {r.topic: r for r in fixtures}
-    for topic in arrived:
-        got = [r for r in read_topic(settings, kafka_bootstrap, topic) if r.value == arrived[topic].value]
-        assert got, topic  # read back from the broker, byte for byte
-        arrived[topic] = got[-1]
-
+    doc, intake, routed = fixture_through_broker(LEGACY, settings, kafka_bootstrap, b"1")
+    assert H_BINDING not in dict(intake.headers) and H_BINDING not in dict(routed.headers)
     keys = legacy_keys(tmp_path)
-    directory = KeyDirectory(
-        KeyEntry.from_json(e) for e in json.loads((LEGACY / "directory.json").read_text())["keys"]
-    )
+    directory = fixture_directory(LEGACY)
     at = doc["sealed_at"] + 60
     expected = sample_referral(7)
-    intake, routed = (arrived[m["topic"]] for m in doc["messages"])
 
     hub = MessageOpener(KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA))
     opened = hub.open(intake, now=at)
@@ -420,3 +443,102 @@ def test_messages_sealed_by_the_old_code_still_open(
     )
     with pytest.raises(TamperedError, match="lacks sealing header rb-binding"):
         hub.open(relabelled, now=at)
+
+
+def test_messages_sealed_in_format_2_still_open(kafka_bootstrap: str, settings: Settings, tmp_path: Path) -> None:
+    """The format-2 fixture (one AEAD per field, written before format 3) goes through the real
+    broker and opens, the case-sealed copy too; relabelled as format 3 by its own sender, it is
+    refused (a format-3 value has its own wire schema)."""
+    doc, intake, routed = fixture_through_broker(FORMAT_2, settings, kafka_bootstrap, b"2")
+    keys = legacy_keys(tmp_path, FORMAT_2)
+    directory = fixture_directory(FORMAT_2)
+    at = doc["sealed_at"] + 60
+    expected = sample_referral(7)
+    hub = MessageOpener(KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA))
+    opened = hub.open(intake, now=at)
+    assert opened.record == expected and opened.sealed_format == 2 and opened.sender == doc["sender"]
+    team = MessageOpener(
+        KeyStore.open(keys, doc["team"]),
+        directory,
+        schema_book(TEST_SCHEMA),
+        case_keys=CaseKeyStore.open(keys).lookup,
+    )
+    opened = team.open(routed, now=at)
+    assert opened.record == expected and opened.sealed_format == 2 and opened.case_id == "ref-0007"
+    relabelled = resigned(
+        intake,
+        keys,
+        doc["sender"],
+        intake.topic,
+        set_headers={H_FORMAT: b"3", H_SEALED_AT: str(int(doc["sealed_at"] * 1000)).encode()},
+    )
+    with pytest.raises(TamperedError, match="a format-3 message value must be written with wire schema"):
+        hub.open(relabelled, now=at)
+
+
+# -- sealed format 3: one AEAD per data class ----------------------------------------------------
+def test_format_3_seals_each_data_class_once_and_binds_it_to_its_class(
+    parties: dict[str, KeyStore], tmp_path: Path
+) -> None:
+    """On the wire: the clear fields and one sealed value per data class, no sealed field of its
+    own. A class value swapped with another, dropped, or taken from another referral sealed
+    under the same cached data key is refused with the class named; no value is in an error."""
+    opener, good, referral = opener_and_message(parties)
+    plan = sealing_plan(referral_schema())
+    wire = plan.decode_wire(good.value or b"")
+    assert plan.layout.classes == ("personal", "identifier", "special_category")
+    assert len(wire[SEALED_FIELD]) == 3
+    assert not {u for u in plan.units if "." not in u} & set(wire)  # no top-level unit on the wire
+    assert not any(secret.encode() in (good.value or b"") for secret in secrets_of(referral))
+    keys = tmp_path / "keys"
+    a, b, c = wire[SEALED_FIELD]
+    directory = KeyDirectory(e for s in parties.values() for e in s.public_entries())
+    sealer = MessageSealer(parties[SCHOOL], directory, cache=DekCache(100, 300.0))
+    other = school_referral(2)
+    msgs = [
+        sealer.seal(
+            r,
+            referral_schema(),
+            topic=good.topic,
+            recipient=HUB,
+            referral_id=str(r["referral_id"]),
+            referral_version=r["version"],
+        )
+        for r in (referral, other)
+    ]
+    mine, theirs = (plan.decode_wire(m.value) for m in msgs)
+    assert dict(msgs[0].headers)["rb-dek"] == dict(msgs[1].headers)["rb-dek"]  # one data key
+    cases = [
+        (dict(wire, **{SEALED_FIELD: [b, a, c]}), "sealed class personal: authentication failed"),
+        (dict(wire, **{SEALED_FIELD: [a, b]}), "carries 2 sealed data classes; Referral has 3"),
+        (
+            dict(mine, **{SEALED_FIELD: [theirs[SEALED_FIELD][0], *mine[SEALED_FIELD][1:]]}),
+            "sealed class personal: authentication failed",
+        ),
+    ]
+    base = Record(msgs[0].topic, 0, 0, msgs[0].key, msgs[0].value, list(msgs[0].headers), 0)
+    for i, (edited, reason) in enumerate(cases):
+        source = good if i < 2 else base
+        with pytest.raises(TamperedError) as info:
+            opener.open(resigned(source, keys, SCHOOL, source.topic, value=plan.encode_wire(edited)))
+        assert reason in str(info.value), (reason, str(info.value))
+        assert not any(secret in str(info.value) for secret in secrets_of(referral))
+    # unchanged, both open (the data key was shared, the classes are each message's own)
+    assert opener.open(base).record == referral
+
+
+def test_format_3_names_the_field_of_a_value_that_does_not_fit(parties: dict[str, KeyStore]) -> None:
+    """One Avro call seals a whole class, but a value of the wrong type is still refused with
+    its field's path, never with the value."""
+    directory = KeyDirectory(e for s in parties.values() for e in s.public_entries())
+    sealer = MessageSealer(parties[SCHOOL], directory)
+    record = sample_referral(3)
+    record["child"] = dict(record["child"], ethnicity="Synthetic-not-an-ethnicity")
+    with pytest.raises(ContractError) as info:
+        sealer.seal(record, TEST_SCHEMA, topic="t", recipient=HUB, referral_id="ref-3", referral_version=1)
+    assert "child.ethnicity" in str(info.value) and "Synthetic-not" not in str(info.value)
+    record = sample_referral(3)
+    record["priority"] = "Synthetic-priority"  # a clear field
+    with pytest.raises(ContractError) as info:
+        sealer.seal(record, TEST_SCHEMA, topic="t", recipient=HUB, referral_id="ref-3", referral_version=1)
+    assert "priority" in str(info.value) and "Synthetic-priority" not in str(info.value)

@@ -36,6 +36,7 @@ from referral_broker.errors import (
     TamperedError,
 )
 from referral_broker.sealing import OutgoingMessage, schema_book, sealing_plan
+from referral_broker.sealing.classes import SEALED_FIELD
 from referral_broker.sealing.envelope import H_DEK, H_FORMAT, H_SEALED_AT, H_SENDER, H_SENDER_KEY, H_SIGNATURE
 from referral_broker.sealing.signing import sign_message
 from referral_broker.sealing.wrapping import unwrap_data_key
@@ -219,9 +220,9 @@ def test_refusals_have_precise_reasons(world: World, topics: Settings) -> None:
         "header rb-kind more than once",
     )
     refused(
-        resigned(world, good, headers=replace_header(good.headers, H_FORMAT, b"3")),
+        resigned(world, good, headers=replace_header(good.headers, H_FORMAT, b"4")),
         TamperedError,
-        "unknown message format version 3",
+        "unknown message format version 4",
     )
     # Forged: schools signs and claims to be the council, with either key id.
     forged = as_record(seal(world, HEALTH, topic, sender=SCHOOL))
@@ -275,11 +276,11 @@ def test_refusals_have_precise_reasons(world: World, topics: Settings) -> None:
     # A sensitive field in the clear, validly signed: refused, never passed through.
     plan = sealing_plan(SCHEMA)
     wire = plan.decode_wire(good.value)
-    wire["concern_summary"] = b"Synthetic concern narrative number 1 about sleeping rough"
+    wire[SEALED_FIELD] = [b"Synthetic concern narrative number 1 about sleeping rough"] * len(wire[SEALED_FIELD])
     refused(
         resigned(world, good, value=plan.encode_wire(wire)),
         TamperedError,
-        "field concern_summary: unknown sealed-value format version",
+        "sealed class personal: not a format-3 sealed value",
     )
     # An unknown schema.
     refused(

@@ -10,11 +10,13 @@ A sealed message is::
               [rb-case], rb-dek (wrapped data key), rb-binding (format 2),
               [caller's extra headers], rb-signature
 
-The message format (``rb-format``) is ``2`` for everything written today. In format 2 every
-sealed field's associated data also binds the sending party, the topic the message was sealed
-for, its kind and the digest of its clear (operational) fields (see
-:mod:`~referral_broker.sealing.fields`), and ``rb-binding`` carries that binding sealed under
-the message's data key. So a sealed copy that another party re-signs, that is moved to another
+The message format (``rb-format``) is ``3`` for every sealed message written today: one AEAD
+per data class of the record (:mod:`~referral_broker.sealing.classes`), with its own wire
+schema; ``2`` (one AEAD per field, :mod:`~referral_broker.sealing.fields`) still opens, and
+signed-only messages keep ``2``. In formats 2 and 3 every sealed value's associated data also
+binds the sending party, the topic the message was sealed for, its kind and the digest of its
+clear (operational) fields, and ``rb-binding`` carries that binding sealed under the message's
+data key. So a sealed copy that another party re-signs, that is moved to another
 topic, or whose clear fields (district, flags, priority...) are edited, does not open, and the
 refusal says which of these happened. Format ``1`` (before the binding) still opens, unless an
 opener is built with ``accept_legacy=False``; its sealed fields bind only the referral,
@@ -74,9 +76,13 @@ if TYPE_CHECKING:
     from referral_broker.cluster.clients import Producer
     from referral_broker.sealing.case_keys import CaseKeyStore
 
-MESSAGE_FORMAT = b"2"  # what this code writes
+MESSAGE_FORMAT = b"3"  # what this code seals: one AEAD per data class
+FIELD_MESSAGE_FORMAT = b"2"  # one AEAD per field, bound: opened, never sealed
 LEGACY_MESSAGE_FORMAT = b"1"  # sealed fields without the binding: opened, never written
-FORMATS = (MESSAGE_FORMAT, LEGACY_MESSAGE_FORMAT)
+# A signed-only message (audit, notices) seals nothing: its layout is format 2's, unchanged by
+# format 3, so readers from before format 3 still verify it.
+PLAIN_MESSAGE_FORMAT = FIELD_MESSAGE_FORMAT
+FORMATS = (MESSAGE_FORMAT, FIELD_MESSAGE_FORMAT, LEGACY_MESSAGE_FORMAT)
 H_FORMAT = "rb-format"
 H_KIND = "rb-kind"
 H_SENDER = "rb-sender"
@@ -241,10 +247,10 @@ class MessageSealer:
         else:
             key, wrapped = self._recipient_key(recipient, target.key_id, target)
 
-        projection = plan.clear_projection(record)
+        projection = plan.clear_bytes(record)
         binding = Binding(self.party, topic, kind, clear_digest(projection))
         context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint, binding)
-        value = plan.encode_wire(plan.seal(record, key, context))
+        value = plan.seal_classes(record, projection, key, context)
         sealed_binding = seal_binding(binding, projection, key, context.unbound())
         headers: Headers = [
             (H_FORMAT, MESSAGE_FORMAT),
@@ -301,7 +307,7 @@ def sign_plain(
         raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
     signer = keystore.active(now)
     headers: Headers = [
-        (H_FORMAT, MESSAGE_FORMAT),
+        (H_FORMAT, PLAIN_MESSAGE_FORMAT),
         (H_KIND, kind.encode()),
         (H_SENDER, keystore.party.encode()),
         (H_SENDER_KEY, signer.key_id.encode()),
@@ -335,7 +341,7 @@ def verify_signed(
         shown = _shown(fmt.decode("ascii", "replace")[:10]) if fmt is not None else "none"
         raise TamperedError(
             f"unknown message format version {shown} (expected {MESSAGE_FORMAT.decode()}, "
-            f"or {LEGACY_MESSAGE_FORMAT.decode()} for older messages)"
+            f"or {FIELD_MESSAGE_FORMAT.decode()} or {LEGACY_MESSAGE_FORMAT.decode()} for older messages)"
         )
     missing = [h for h in _SIGNED_REQUIRED if h not in by_name]
     if missing:
@@ -465,10 +471,21 @@ class MessageOpener:
         version = _number(h, H_VERSION)
         context = FieldContext(referral_id, version, recipient, fingerprint)
         assert record.value is not None  # verify_signed refuses a message without a value
-        wire = plan.decode_wire(record.value)
-        if not legacy:
-            context = self._bound_context(h, record.topic, plan, wire, key, context)
-        opened = plan.open(wire, key, context)
+        sealed_format = int(h[H_FORMAT])
+        if sealed_format == 3:
+            clear, projection, blobs = plan.layout.decode(record.value)
+            context = self._bound_context(h, record.topic, plan, projection, 3, key, context)
+            opened = plan.layout.open(clear, blobs, key, context)
+        else:
+            if plan.wire_format(record.value) == 3:
+                raise TamperedError(
+                    f"message value is sealed in format 3 but labelled format {sealed_format}; "
+                    "refused (a downgraded or spliced message)"
+                )
+            wire = plan.decode_wire(record.value)
+            if not legacy:
+                context = self._bound_context(h, record.topic, plan, plan.clear_projection(wire), 2, key, context)
+            opened = plan.open(wire, key, context)
         return OpenedMessage(
             record=opened,
             referral_id=referral_id,
@@ -482,7 +499,7 @@ class MessageOpener:
             sealed_at_ms=_number(h, H_SEALED_AT),
             case_id=case_id,
             extra_headers=tuple((n, v) for n, v in record.headers if n not in RESERVED),
-            sealed_format=int(h[H_FORMAT]),
+            sealed_format=sealed_format,
         )
 
     @staticmethod
@@ -490,16 +507,16 @@ class MessageOpener:
         h: dict[str, bytes],
         topic: str,
         plan: SealingPlan,
-        wire: dict[str, Any],
+        projection: bytes,
+        sealed_format: int,
         key: DataKey,
         context: FieldContext,
     ) -> FieldContext:
-        """The format-2 field context: the binding this message must have (its signer, its
-        topic, its kind, its clear fields), after checking it against the binding its sealer
-        sealed, so a refusal names what was changed. Names only, never a value."""
+        """The bound (format 2 or 3) context: the binding this message must have (its signer,
+        its topic, its kind, the clear ``projection`` that arrived), after checking it against
+        the binding its sealer sealed, so a refusal names what was changed. Names only."""
         sealed, sealed_projection = open_binding(h[H_BINDING], key, context)
         signer, kind = _text(h, H_SENDER), _text(h, H_KIND)
-        projection = plan.clear_projection(wire)
         if sealed.sender != signer:
             raise TamperedError(
                 f"re-signed copy: the sealed fields were sealed by {_shown(sealed.sender)}, but this "
@@ -516,7 +533,7 @@ class MessageOpener:
                 f"this message says {kind}; refused"
             )
         if projection != sealed_projection:
-            changed = plan.changed_clear_fields(sealed_projection, projection)
+            changed = plan.changed_clear_fields(sealed_projection, projection, sealed_format=sealed_format)
             which = ", ".join(changed[:10]) + (f" (and {len(changed) - 10} more)" if len(changed) > 10 else "")
             raise TamperedError(
                 f"clear fields changed after sealing: {which or 'their encoding differs'}; refused"

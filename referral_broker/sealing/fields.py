@@ -25,6 +25,10 @@ Two versions of a sealed value exist; the first byte says which, and the message
   (:func:`seal_binding`), so the opener can say which of these was changed.
 - **1** (messages written before; opened only, never written): no binding.
 
+Since sealed format 3 messages seal one value per data class (:mod:`~referral_broker.sealing.classes`)
+and this per-field recipe only opens format 1 and 2 messages; ``seal_value`` stays for them and
+for the tests that hold the two formats to the same guarantees.
+
 Every failure to open is one exception type, :class:`TamperedError`, whose message says what
 failed and where (field path, key id, format version) but never carries the value, the
 plaintext or key material. This module must never log, print or put a value or key into an

@@ -19,12 +19,13 @@ _U32 = struct.Struct(">I")
 
 def frame(*parts: bytes | str) -> bytes:
     """Each part as a 4-byte big-endian length then its bytes (strings as UTF-8)."""
-    out: list[bytes] = []
+    out = bytearray()
+    pack = _U32.pack
     for part in parts:
-        raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
-        out.append(_U32.pack(len(raw)))
-        out.append(raw)
-    return b"".join(out)
+        raw = part.encode("utf-8") if isinstance(part, str) else part
+        out += pack(len(raw))
+        out += raw
+    return bytes(out)
 
 
 def unframe(data: bytes, count: int | None, what: str) -> list[bytes]:

@@ -19,6 +19,10 @@ a null (or anything that is not a sealed value) in a sealing unit is refused as 
 A message value is the wire record in Avro single-object encoding (``C3 01``, the wire
 schema's fingerprint, the body), so a value written under any other wire schema is refused.
 
+That wire schema is sealed formats 1 and 2's (one sealed value per field, still opened). Sealed
+format 3 (written today) seals one value per data class under a wire schema of its own, derived
+by :class:`~referral_broker.sealing.classes.ClassLayout` (``SealingPlan.layout``).
+
 This module must never put a field value in an exception or a log line, and must never return
 a partly opened record: :meth:`SealingPlan.open` returns every field opened or raises.
 """
@@ -30,7 +34,8 @@ import io
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any, cast
+from functools import cached_property
+from typing import Any, NoReturn, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import expand_schema
@@ -43,6 +48,7 @@ from referral_broker.schemas.registry import (
     field_action,
     fingerprint,
 )
+from referral_broker.sealing.classes import SEALED_FIELD, ClassLayout
 from referral_broker.sealing.fields import (
     DataKey,
     FieldCodec,
@@ -124,6 +130,8 @@ class _FieldPlan:
     nullable: bool
     codec: FieldCodec | None = None
     child: tuple[_FieldPlan, ...] = ()
+    data_class: str = "operational"
+    avro_type: Any = None  # the field's expanded type (named types defined inline)
 
 
 class SealingPlan:
@@ -178,7 +186,9 @@ class SealingPlan:
             action = field_action(data_class, f["type"])
             if action == "record":
                 child, child_wire = self._plan_record(non_null[0], f"{path}.", units, seen)
-                plans.append(_FieldPlan(f["name"], path, "record", default, nullable, child=child))
+                plans.append(
+                    _FieldPlan(f["name"], path, "record", default, nullable, child=child, data_class=data_class)
+                )
                 wire_branches = [child_wire if _is_record(b) else b for b in branches]
                 wire["type"] = wire_branches if isinstance(f["type"], list) else wire_branches[0]
             elif action == "clear":
@@ -190,12 +200,18 @@ class SealingPlan:
                     )
                 # its own codec too: the clear fields are digested one by one (clear_projection)
                 codec = FieldCodec(path, _collapse(f["type"], set()))
-                plans.append(_FieldPlan(f["name"], path, "clear", default, nullable, codec=codec))
+                plans.append(
+                    _FieldPlan(f["name"], path, "clear", default, nullable, codec, avro_type=f["type"])
+                )
                 wire["type"] = _collapse(f["type"], seen)
             else:
                 codec = FieldCodec(path, _collapse(f["type"], set()))
                 units.append(path)
-                plans.append(_FieldPlan(f["name"], path, "seal", default, nullable, codec=codec))
+                plans.append(
+                    _FieldPlan(
+                        f["name"], path, "seal", default, nullable, codec, data_class=data_class, avro_type=f["type"]
+                    )
+                )
                 wire.pop("default", None)
                 if nullable and default is None:
                     wire["type"], wire["default"] = ["null", "bytes"], None
@@ -253,6 +269,34 @@ class SealingPlan:
                 out[p.name] = value
         return out
 
+    # -- sealed format 3: one AEAD per data class ---------------------------------------------
+    @cached_property
+    def layout(self) -> ClassLayout:
+        """The format-3 derived schemas (:mod:`~referral_broker.sealing.classes`)."""
+        return ClassLayout(self._fields, str(self.schema.get("name")), self.fingerprint)
+
+    def clear_bytes(self, record: dict[str, Any]) -> bytes:
+        """A format-3 message's clear projection of ``record`` (its clear fields in Avro)."""
+        try:
+            return self.layout.projection(record)
+        except Exception:
+            self._refuse(record)
+
+    def seal_classes(self, record: dict[str, Any], projection: bytes, key: DataKey, context: FieldContext) -> bytes:
+        """The format-3 message value of ``record`` for ``context`` (bound to ``projection``)."""
+        try:
+            return self.layout.seal(record, projection, key, context)
+        except Exception:
+            self._refuse(record, context)
+
+    def _refuse(self, record: dict[str, Any], context: FieldContext | None = None) -> NoReturn:
+        """Raise the precise error for a record the format-3 encoding refused: the per-field
+        walk names the field (fastavro's own messages may quote the value, so never those)."""
+        self.clear_projection(record)
+        if context is not None and context.binding is not None:
+            self.seal(record, DataKey.generate(), context)
+        raise ContractError(f"record does not match schema {self.schema.get('name')}")
+
     # -- clear fields (what a format-2 message's binding digests) ------------------------------
     def clear_projection(self, record: dict[str, Any]) -> bytes:
         """The canonical bytes of ``record``'s clear (operational) fields: in plan order, each
@@ -284,12 +328,14 @@ class SealingPlan:
                 out.append(p.codec.encode(value))
         return out
 
-    def changed_clear_fields(self, sealed_projection: bytes, arrived_projection: bytes) -> list[str]:
+    def changed_clear_fields(self, sealed_projection: bytes, arrived_projection: bytes, *, sealed_format: int = 2) -> list[str]:
         """The paths of the clear fields (and nested records) that differ between the
-        projection a sender sealed and the one that arrived; names only, never values."""
+        projection a sender sealed and the one that arrived; names only, never values.
+        ``sealed_format`` 3 projections are the clear schema's Avro, 2's are framed fields."""
+        read = self.layout.clear_values if sealed_format == 3 else self._by_path
         try:
-            before = self._by_path(sealed_projection)
-            after = self._by_path(arrived_projection)
+            before: dict[str, Any] = read(sealed_projection)
+            after: dict[str, Any] = read(arrived_projection)
         except Exception:
             return []
         changed = [p for p in dict.fromkeys([*before, *after]) if before.get(p) != after.get(p)]
@@ -315,22 +361,35 @@ class SealingPlan:
 
     # -- wire bytes ---------------------------------------------------------------------------
     def encode_wire(self, wire: dict[str, Any]) -> bytes:
-        """Single-object encoding of a wire record under the wire schema."""
+        """Single-object encoding of a wire record under the wire schema (the format-3 wire
+        schema when ``wire`` holds the sealed classes, as :meth:`decode_wire` gives them)."""
+        three = SEALED_FIELD in wire
         buf = io.BytesIO()
-        buf.write(self._wire_header)
+        buf.write(self.layout.wire_header if three else self._wire_header)
         try:
-            schemaless_writer(buf, self._wire_parsed, wire)
+            schemaless_writer(buf, self.layout.wire_parsed if three else self._wire_parsed, wire)
         except Exception:
             raise ContractError(
                 f"record does not match schema {self.schema.get('name')} (an operational field has a wrong type)"
             ) from None
         return buf.getvalue()
 
+    def wire_format(self, data: bytes) -> int | None:
+        """Which of this schema's wire schemas ``data`` is written with: 2 (formats 1 and 2,
+        one sealed value per field), 3 (one per data class), or None (neither)."""
+        if data.startswith(self._wire_header):
+            return 2
+        return 3 if data.startswith(self.layout.wire_header) else None
+
     def decode_wire(self, data: bytes) -> dict[str, Any]:
-        """The wire record of a message value; refuses another wire schema or trailing bytes."""
+        """The wire record of a message value; refuses another wire schema or trailing bytes.
+        A format-3 value gives its clear fields and, under ``rb_sealed``, its sealed classes."""
         head = data[: len(self._wire_header)]
         if head[:2] != SINGLE_OBJECT_MAGIC:
             raise TamperedError("message value is not Avro single-object encoded")
+        if head != self._wire_header and head == self.layout.wire_header:
+            clear, _, blobs = self.layout.decode(data)
+            return {**clear, SEALED_FIELD: blobs}
         if head != self._wire_header:
             raise TamperedError(
                 f"message value is written with wire schema {head[2:].hex()}, expected "
