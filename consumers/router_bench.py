@@ -4,8 +4,8 @@ In one run, on fresh topics under a private prefix:
 
 (a) two floors, timed in-process with no Kafka: the floor of *the job* (:func:`job_floor_us`,
     issue 20 goal 1: the primitives any design must pay for one referral to 3 recipients), and
-    the per-field floor of *this design* (:func:`_floor_us`: one AES-GCM per sealed field, the
-    archive copy);
+    the per-field floor of sealed format 2 (:func:`_floor_us`: one AES-GCM per sealed field,
+    the archive copy; format 3 seals one per data class);
 (b) a raw kafka-python pass-through (consume -> produce the same bytes, no processing);
 (c) the router at 1 and 3 recipients per referral;
 (d) the same router given :class:`PlainSealer` instead of the hub's keys (defined here and

@@ -131,7 +131,7 @@ def _show_router(d: dict[str, Any]) -> None:
         f"{1e6 / job['total_us_with_cached_wrap']:,.0f} referrals/s)"
     )
     click.echo(
-        f"\nPer-field floor (this design: one AES-GCM per field, the archive copy): "
+        f"\nPer-field floor (sealed format 2: one AES-GCM per field, the archive copy): "
         f"{d['floor_us_per_referral_3_recipients']:.0f} µs per referral (3 recipients). "
         f"Peak RSS {d['peak_rss_mb']} MB."
     )
