@@ -401,23 +401,20 @@ def fixture_directory(folder: Path) -> KeyDirectory:
     return KeyDirectory(KeyEntry.from_json(e) for e in doc["keys"])
 
 
-def test_messages_sealed_by_the_old_code_still_open(
-    kafka_bootstrap: str, settings: Settings, tmp_path: Path
-) -> None:
-    """The format-1 fixture (an intake for the hub and a case-sealed copy for a district team,
-    written by the code before this format) goes through the real broker and opens; a receiver
-    built without legacy support refuses it with the reason."""
-    doc, intake, routed = fixture_through_broker(LEGACY, settings, kafka_bootstrap, b"1")
-    assert H_BINDING not in dict(intake.headers) and H_BINDING not in dict(routed.headers)
-    keys = legacy_keys(tmp_path)
-    directory = fixture_directory(LEGACY)
+def open_fixture(
+    folder: Path, sealed_format: int, settings: Settings, bootstrap: str, tmp_path: Path
+) -> tuple[dict[str, Any], Record, Path, KeyDirectory, MessageOpener]:
+    """The fixture through the broker, both messages opened as the hub and the district team
+    (the routed copy with the case key) and checked; the hub's opener for more."""
+    doc, intake, routed = fixture_through_broker(folder, settings, bootstrap, str(sealed_format).encode())
+    keys = legacy_keys(tmp_path, folder)
+    directory = fixture_directory(folder)
     at = doc["sealed_at"] + 60
     expected = sample_referral(7)
-
     hub = MessageOpener(KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA))
     opened = hub.open(intake, now=at)
-    assert opened.record == expected and opened.sealed_format == 1 and opened.sender == doc["sender"]
-
+    assert opened.record == expected and opened.sealed_format == sealed_format
+    assert opened.sender == doc["sender"]
     team = MessageOpener(
         KeyStore.open(keys, doc["team"]),
         directory,
@@ -425,9 +422,20 @@ def test_messages_sealed_by_the_old_code_still_open(
         case_keys=CaseKeyStore.open(keys).lookup,
     )
     opened = team.open(routed, now=at)
-    assert opened.record == expected and opened.sealed_format == 1 and opened.case_id == "ref-0007"
+    assert opened.record == expected and opened.sealed_format == sealed_format and opened.case_id == "ref-0007"
     assert dict(opened.extra_headers)["rb-referrer"] == doc["sender"].encode()
+    return doc, intake, keys, directory, hub
 
+
+def test_messages_sealed_by_the_old_code_still_open(
+    kafka_bootstrap: str, settings: Settings, tmp_path: Path
+) -> None:
+    """The format-1 fixture (an intake for the hub and a case-sealed copy for a district team,
+    written by the code before this format) goes through the real broker and opens; a receiver
+    built without legacy support refuses it with the reason."""
+    doc, intake, keys, directory, hub = open_fixture(LEGACY, 1, settings, kafka_bootstrap, tmp_path)
+    assert H_BINDING not in dict(intake.headers)
+    at = doc["sealed_at"] + 60
     strict = MessageOpener(
         KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA), accept_legacy=False
     )
@@ -449,22 +457,8 @@ def test_messages_sealed_in_format_2_still_open(kafka_bootstrap: str, settings: 
     """The format-2 fixture (one AEAD per field, written before format 3) goes through the real
     broker and opens, the case-sealed copy too; relabelled as format 3 by its own sender, it is
     refused (a format-3 value has its own wire schema)."""
-    doc, intake, routed = fixture_through_broker(FORMAT_2, settings, kafka_bootstrap, b"2")
-    keys = legacy_keys(tmp_path, FORMAT_2)
-    directory = fixture_directory(FORMAT_2)
+    doc, intake, keys, _, hub = open_fixture(FORMAT_2, 2, settings, kafka_bootstrap, tmp_path)
     at = doc["sealed_at"] + 60
-    expected = sample_referral(7)
-    hub = MessageOpener(KeyStore.open(keys, doc["hub"]), directory, schema_book(TEST_SCHEMA))
-    opened = hub.open(intake, now=at)
-    assert opened.record == expected and opened.sealed_format == 2 and opened.sender == doc["sender"]
-    team = MessageOpener(
-        KeyStore.open(keys, doc["team"]),
-        directory,
-        schema_book(TEST_SCHEMA),
-        case_keys=CaseKeyStore.open(keys).lookup,
-    )
-    opened = team.open(routed, now=at)
-    assert opened.record == expected and opened.sealed_format == 2 and opened.case_id == "ref-0007"
     relabelled = resigned(
         intake,
         keys,
