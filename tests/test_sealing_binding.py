@@ -536,3 +536,63 @@ def test_format_3_names_the_field_of_a_value_that_does_not_fit(parties: dict[str
     with pytest.raises(ContractError) as info:
         sealer.seal(record, TEST_SCHEMA, topic="t", recipient=HUB, referral_id="ref-3", referral_version=1)
     assert "priority" in str(info.value) and "Synthetic-priority" not in str(info.value)
+
+
+def test_format_3_fills_defaults_as_format_2_did(parties: dict[str, KeyStore]) -> None:
+    """A field missing from the record is written with its schema default in format 3 as in
+    format 2, a nested record's too (its default may hold fields of every class), whichever
+    order its union declares; absent with no default, it is refused with its path."""
+    schema = {
+        "type": "record",
+        "name": "Small",
+        "namespace": "test.format3",
+        "fields": [
+            {"name": "referral_id", "type": "string", "data_class": "operational"},
+            {
+                "name": "contact",
+                "data_class": "personal",
+                "default": {"route": "post", "phone": "01234 567890"},
+                "type": {
+                    "type": "record",
+                    "name": "Contact",
+                    "fields": [
+                        {"name": "route", "type": "string", "data_class": "operational"},
+                        {"name": "phone", "type": "string", "data_class": "personal"},
+                    ],
+                },
+            },
+            {
+                "name": "alias",
+                "data_class": "personal",
+                "default": {"name": "Synthetic Alias"},
+                "type": [
+                    {
+                        "type": "record",
+                        "name": "Alias",
+                        "fields": [{"name": "name", "type": "string", "data_class": "personal"}],
+                    },
+                    "null",
+                ],
+            },
+            {"name": "note", "type": ["null", "string"], "default": None, "data_class": "special_category"},
+        ],
+    }
+    directory = KeyDirectory(e for s in parties.values() for e in s.public_entries())
+    sealer = MessageSealer(parties[SCHOOL], directory)
+    opener = MessageOpener(parties[HUB], directory, schema_book(schema))
+
+    def round_trip(record: dict[str, Any]) -> dict[str, Any]:
+        msg = sealer.seal(record, schema, topic="t", recipient=HUB, referral_id="ref-9", referral_version=1)
+        assert dict(msg.headers)[H_FORMAT] == b"3"
+        return opener.open(Record(msg.topic, 0, 0, msg.key, msg.value, list(msg.headers), 0)).record
+
+    assert round_trip({"referral_id": "ref-9"}) == {
+        "referral_id": "ref-9",
+        "contact": {"route": "post", "phone": "01234 567890"},
+        "alias": {"name": "Synthetic Alias"},
+        "note": None,
+    }
+    given = {"referral_id": "ref-9", "contact": {"route": "sms", "phone": "0700"}, "alias": None, "note": "x"}
+    assert round_trip(given) == given
+    with pytest.raises(ContractError, match="field contact.phone: missing and has no default"):
+        round_trip({"referral_id": "ref-9", "contact": {"route": "sms"}})

@@ -113,7 +113,7 @@ def _derived(fields: tuple[_FieldPlan, ...], name: str, keep: str | None, names:
     sealing units of class ``keep``. Nested records are kept with their nullability: always
     for the clear schema (their presence is clear), only when they hold units of the class for
     a class schema (None when nothing of the class is in here)."""
-    from referral_broker.sealing.records import _MISSING, _collapse
+    from referral_broker.sealing.records import _MISSING, _collapse, _is_record
 
     out: list[dict[str, Any]] = []
     for p in fields:
@@ -121,12 +121,18 @@ def _derived(fields: tuple[_FieldPlan, ...], name: str, keep: str | None, names:
             child = _derived(p.child, p.name, keep, names)
             if child is None:
                 continue
-            out.append({"name": p.name, "type": ["null", child] if p.nullable else child})
-        elif (p.action == "clear") if keep is None else (p.action == "seal" and p.data_class == keep):
-            f: dict[str, Any] = {"name": p.name, "type": _collapse(p.avro_type, names.seen)}
+            declared = p.avro_type
+            # the declared union's branch order (a default must match its first branch)
+            kept: Any = [child if _is_record(b) else b for b in declared] if isinstance(declared, list) else child
+            f = {"name": p.name, "type": kept}
             if p.default is not _MISSING:
-                f["default"] = p.default
+                f["default"] = p.default  # fastavro writes a default with more fields than kept
             out.append(f)
+        elif (p.action == "clear") if keep is None else (p.action == "seal" and p.data_class == keep):
+            leaf: dict[str, Any] = {"name": p.name, "type": _collapse(p.avro_type, names.seen)}
+            if p.default is not _MISSING:
+                leaf["default"] = p.default
+            out.append(leaf)
     if keep is not None and not out:
         return None
     return {"type": "record", "name": names.record(name), "fields": out}

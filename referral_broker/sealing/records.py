@@ -187,7 +187,9 @@ class SealingPlan:
             if action == "record":
                 child, child_wire = self._plan_record(non_null[0], f"{path}.", units, seen)
                 plans.append(
-                    _FieldPlan(f["name"], path, "record", default, nullable, child=child, data_class=data_class)
+                    _FieldPlan(
+                        f["name"], path, "record", default, nullable, child=child, data_class=data_class, avro_type=f["type"]
+                    )
                 )
                 wire_branches = [child_wire if _is_record(b) else b for b in branches]
                 wire["type"] = wire_branches if isinstance(f["type"], list) else wire_branches[0]
