@@ -594,5 +594,5 @@ def test_format_3_fills_defaults_as_format_2_did(parties: dict[str, KeyStore]) -
     }
     given = {"referral_id": "ref-9", "contact": {"route": "sms", "phone": "0700"}, "alias": None, "note": "x"}
     assert round_trip(given) == given
-    with pytest.raises(ContractError, match="field contact.phone: missing and has no default"):
+    with pytest.raises(ContractError, match=r"field contact\.phone: missing and has no default"):
         round_trip({"referral_id": "ref-9", "contact": {"route": "sms"}})
