@@ -35,7 +35,6 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -45,12 +44,14 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from referral_broker.errors import ContractError, TamperedError
 from referral_broker.schemas.registry import DATA_CLASSES, SINGLE_OBJECT_MAGIC, Schema, fingerprint
 from referral_broker.sealing.fields import (
+    _PADDING,
     CIPHER_AES_256_GCM,
     NONCE_SIZE,
     PAD_BLOCK,
     TAG_SIZE,
     DataKey,
     FieldContext,
+    _message_part,
 )
 from referral_broker.sealing.framing import frame, short
 
@@ -59,9 +60,6 @@ if TYPE_CHECKING:
 
 CLASS_FORMAT_VERSION = 3
 SEALED_FIELD = "rb_sealed"  # the wire-3 field holding the sealed classes
-_CLASS_LABEL = b"referral-broker/class/v3"
-_U64 = struct.Struct(">Q")
-_PADDING = tuple(bytes(n) for n in range(PAD_BLOCK + 1))
 _SEALED_ARRAY = parse_schema({"type": "array", "items": "bytes"}, named_schemas={})
 
 
@@ -71,28 +69,15 @@ def class_aad(context: FieldContext, data_key_id: bytes, data_class: str) -> byt
     label | version+cipher | data-key id | referral id | referral version | recipient |
     schema fingerprint | sender | topic | kind | clear-fields digest | data class
 
-    All but the class is the message's, framed once by :func:`_message_part` (``frame(a, b)
-    == frame(a) + frame(b)``)."""
-    return _message_part(context, data_key_id) + frame(data_class)
+    All but the class is the message's part, framed as a field's is (``fields._message_part``,
+    with the format-3 label; ``frame(a, b) == frame(a) + frame(b)``), once per message."""
+    return _class_prefix(context, data_key_id) + frame(data_class)
 
 
-def _message_part(context: FieldContext, data_key_id: bytes) -> bytes:
-    b = context.binding
-    if b is None:
+def _class_prefix(context: FieldContext, data_key_id: bytes) -> bytes:
+    if context.binding is None:
         raise ValueError("a format-3 class value is always bound to its message")
-    return frame(
-        _CLASS_LABEL,
-        bytes([CLASS_FORMAT_VERSION, CIPHER_AES_256_GCM]),
-        data_key_id,
-        context.referral_id,
-        _U64.pack(context.referral_version),
-        context.recipient,
-        context.schema_fingerprint,
-        b.sender,
-        b.topic,
-        b.kind,
-        b.clear_digest,
-    )
+    return _message_part(context, CLASS_FORMAT_VERSION, CIPHER_AES_256_GCM, data_key_id)
 
 
 class _Names:
@@ -159,7 +144,7 @@ class ClassLayout:
     Built once per :class:`~referral_broker.sealing.records.SealingPlan`; holds no mutable
     state, so it is thread-safe."""
 
-    def __init__(self, fields: tuple[_FieldPlan, ...], schema_name: str, schema_fp: bytes) -> None:
+    def __init__(self, fields: tuple[_FieldPlan, ...], schema_name: str) -> None:
         if any(p.name == SEALED_FIELD for p in fields):
             raise ContractError(f"schema {schema_name}: a field may not be named {SEALED_FIELD} (format 3 uses it)")
         self._fields = fields
@@ -167,7 +152,6 @@ class ClassLayout:
         names = _Names("clear")
         clear = _derived(fields, schema_name, None, names)
         assert clear is not None
-        self.clear_schema: Schema = clear
         self._clear = _parsed(clear, f"schema {schema_name}")
         self.classes: tuple[str, ...] = tuple(c for c in DATA_CLASSES if c != "operational" and self._has(fields, c))
         self._framed_class = {c: frame(c) for c in self.classes}
@@ -183,7 +167,6 @@ class ClassLayout:
         self.wire_parsed = _parsed(self.wire_schema, f"schema {schema_name}")
         self.wire_fingerprint = fingerprint(self.wire_schema)
         self.wire_header = SINGLE_OBJECT_MAGIC + self.wire_fingerprint
-        self._schema_fp = schema_fp
 
     @classmethod
     def _has(cls, fields: tuple[_FieldPlan, ...], data_class: str) -> bool:
@@ -203,7 +186,7 @@ class ClassLayout:
         """The format-3 message value of ``record`` (``projection`` is :meth:`projection`)."""
         header = bytes([CLASS_FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(key.key_id)
         nonces = os.urandom(NONCE_SIZE * len(self.classes))
-        prefix = _message_part(context, key.key_id)  # class_aad's, once for the message
+        prefix = _class_prefix(context, key.key_id)  # class_aad's, once for the message
         blobs: list[bytes] = []
         for i, c in enumerate(self.classes):
             buf = io.BytesIO()

@@ -61,6 +61,9 @@ KEY_SIZE = 32
 DATA_KEY_ID_SIZE = 8
 PAD_BLOCK = 16
 _AAD_LABELS = {LEGACY_FORMAT_VERSION: b"referral-broker/field/v1", FORMAT_VERSION: b"referral-broker/field/v2"}
+# The message part of the associated data is framed alike for a field (formats 1, 2) and for a
+# data class (format 3, sealing/classes.py); only per-field versions are in _AAD_LABELS.
+_MESSAGE_LABELS = {**_AAD_LABELS, 3: b"referral-broker/class/v3"}
 _BINDING_LABEL = b"referral-broker/binding/v2"
 _CLEAR_LABEL = b"referral-broker/clear-fields/v2"
 DIGEST_SIZE = 32
@@ -188,7 +191,7 @@ def message_aad_prefix(context: FieldContext, key: DataKey) -> bytes:
 @functools.lru_cache(maxsize=1024)
 def _message_part(context: FieldContext, version: int, cipher: int, data_key_id: bytes) -> bytes:
     parts: list[bytes | str] = [
-        _AAD_LABELS[version],
+        _MESSAGE_LABELS[version],
         bytes([version, cipher]),
         data_key_id,
         context.referral_id,

@@ -275,7 +275,7 @@ class SealingPlan:
     @cached_property
     def layout(self) -> ClassLayout:
         """The format-3 derived schemas (:mod:`~referral_broker.sealing.classes`)."""
-        return ClassLayout(self._fields, str(self.schema.get("name")), self.fingerprint)
+        return ClassLayout(self._fields, str(self.schema.get("name")))
 
     def clear_bytes(self, record: dict[str, Any]) -> bytes:
         """A format-3 message's clear projection of ``record`` (its clear fields in Avro)."""
@@ -389,10 +389,11 @@ class SealingPlan:
         head = data[: len(self._wire_header)]
         if head[:2] != SINGLE_OBJECT_MAGIC:
             raise TamperedError("message value is not Avro single-object encoded")
-        if head != self._wire_header and head == self.layout.wire_header:
+        written = self.wire_format(data)
+        if written == 3:
             clear, _, blobs = self.layout.decode(data)
             return {**clear, SEALED_FIELD: blobs}
-        if head != self._wire_header:
+        if written is None:
             raise TamperedError(
                 f"message value is written with wire schema {head[2:].hex()}, expected "
                 f"{self.wire_fingerprint.hex()} (derived from the schema named in rb-schema)"
