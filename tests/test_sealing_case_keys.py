@@ -242,3 +242,74 @@ def test_new_case_keys_become_durable_together_at_sync(tmp_path: Path, monkeypat
     assert len(synced) == 3  # CASE-A, CASE-B, then the folder once
     synced.clear()
     assert store.sync() == 0 and synced == []  # nothing new: no syscall
+
+
+def test_a_shred_is_one_file_and_a_store_from_before_keeps_its_tombstones(tmp_path: Path) -> None:
+    """Tombstones are one file per case (checking one costs a stat, not a parse of every
+    shredded case); the single shredded.json of an older store is still honoured, read again
+    when another (older) process changes it, and a shred in one process is refused at once by
+    a store another process has open."""
+    store = CaseKeyStore.open(tmp_path / "keys")
+    other = CaseKeyStore.open(tmp_path / "keys")  # another router's view of the same folder
+    store.key_for("CASE-NEW")
+    store.key_for("CASE-LATER")
+    assert other.shredded("CASE-NEW") is None
+    done = store.shred("CASE-NEW")
+    tombstone = store.root / "shredded" / "CASE-NEW.json"
+    assert tombstone.stat().st_mode & 0o777 == 0o600
+    assert json.loads(tombstone.read_text()) == {
+        "case_id": "CASE-NEW", "case_key_id": done.case_key_id, "shredded_at": done.shredded_at
+    }
+    assert not (store.root / "shredded.json").exists()  # the old single file is never written
+    with pytest.raises(ShreddedError, match="CASE-NEW"):
+        other.key_for("CASE-NEW")  # at once, in the other store
+    assert other.shredded("CASE-NEW") == done
+
+    # a store from before: its tombstones live in shredded.json, and its case keys are gone
+    legacy = {"CASE-OLD": {"case_key_id": "0123456789ab", "shredded_at": "2025-01-02T03:04:05Z"}}
+    (store.root / "shredded.json").write_text(json.dumps(legacy))
+    (store.root / "shredded.json").chmod(0o600)
+    with pytest.raises(ShreddedError, match="CASE-OLD was shredded at 2025-01-02T03:04:05Z"):
+        other.key_for("CASE-OLD")
+    with pytest.raises(ShreddedError):
+        other.lookup("CASE-OLD", "0123456789ab")
+    assert other.key_for("CASE-LATER")  # other cases still seal
+    # an older process shreds CASE-LATER the old way (it rewrites shredded.json): seen at once
+    legacy["CASE-LATER"] = {"case_key_id": "ba9876543210", "shredded_at": "2025-02-03T04:05:06Z"}
+    replacement = store.root / ".shredded.json.tmp"
+    replacement.write_text(json.dumps(legacy))
+    replacement.chmod(0o600)
+    replacement.replace(store.root / "shredded.json")
+    with pytest.raises(ShreddedError, match="CASE-LATER"):
+        other.key_for("CASE-LATER")
+    with pytest.raises(ShreddedError):
+        store.hold("CASE-OLD", "court order")  # a shredded case cannot be held
+
+
+def test_checking_for_a_tombstone_does_not_read_every_tombstone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a large legacy shredded.json, sealing for a live case parses it once, not once per
+    key lookup (it cost 47 ms a referral at 10,000 shredded cases)."""
+    from referral_broker.sealing import case_keys
+
+    store = CaseKeyStore.open(tmp_path / "keys")
+    legacy = {f"OLD-{n}": {"case_key_id": "0123456789ab", "shredded_at": "2025-01-02T03:04:05Z"} for n in range(5000)}
+    (store.root / "shredded.json").write_text(json.dumps(legacy))
+    (store.root / "shredded.json").chmod(0o600)
+    parsed: list[int] = []
+    real_loads = case_keys.json.loads
+
+    def counting_loads(text: str | bytes) -> object:
+        doc = real_loads(text)
+        if isinstance(doc, dict) and "OLD-0" in doc:
+            parsed.append(len(doc))
+        return doc
+
+    monkeypatch.setattr(case_keys.json, "loads", counting_loads)
+    for n in range(50):
+        store.key_for(f"CASE-{n}")
+        store.key_for(f"CASE-{n}")
+    assert parsed == [5000]
+    with pytest.raises(ShreddedError):
+        store.key_for("OLD-4999")
