@@ -22,6 +22,7 @@ loaded); they are not counted. Figures are printed, never asserted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _wait_stored(store: TimedStore, ids: list[str], timeout_s: float, ingest: TeamIngest) -> bool:
+def wait_stored(store: TimedStore, ids: list[str], timeout_s: float, ingest: TeamIngest) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ingest.error is not None:
@@ -88,6 +89,43 @@ def _wait_stored(store: TimedStore, ids: list[str], timeout_s: float, ingest: Te
             return True
         time.sleep(0.05)
     return False
+
+
+class RouterProcess:
+    """A ``referral-broker route`` process on a bench's namespace; :meth:`stats` after it stopped."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self._stats: dict[str, Any] = {}
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    def stop(self) -> None:
+        self.popen.send_signal(signal.SIGTERM)  # a clean stop: it leaves the group at once
+        try:
+            out, _ = self.popen.communicate(timeout=60)
+            self._stats = json.loads(out) if out.strip() else {}
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.communicate()
+        except json.JSONDecodeError:
+            self._stats = {}
+
+
+@contextlib.contextmanager
+def router_process(settings: Settings, bootstrap: str, log: Path, instance: str) -> Iterator[RouterProcess]:
+    """The council's router as production runs it, stopped cleanly on the way out (its stderr in ``log``)."""
+    cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json", "--instance", instance]
+    with log.open("wb") as stderr:
+        router = RouterProcess(subprocess.Popen(cmd, env=router_env(settings, bootstrap), stdout=subprocess.PIPE, stderr=stderr))
+        try:
+            yield router
+        finally:
+            router.stop()
 
 
 def run(
@@ -105,10 +143,9 @@ def run(
             kafka_topic_prefix=prefix, paths_data_dir=Path(tmp) / "data", kafka_bootstrap_servers=bootstrap
         )
         settings.paths_data_dir.mkdir(mode=0o700)  # the inbox database's folder is private
-        router: subprocess.Popen[bytes] | None = None
         ingest: TeamIngest | None = None
         store: TimedStore | None = None
-        router_log = (Path(tmp) / "router.log").open("wb")
+        stats: dict[str, Any] = {}
         try:
             progress("topics and keys")
             ensure_with_county(settings, bootstrap)
@@ -119,54 +156,43 @@ def run(
             referrals = _shaped(count + WARMUP, 1, seed=7)
             warm, offered = referrals[:WARMUP], referrals[WARMUP:]
             progress("router process and inbox ingest")
-            cmd = [sys.executable, "-m", "referral_broker.cli.main", "route", "--json", "--instance", "bench-e2e"]
-            router = subprocess.Popen(cmd, env=router_env(settings, bootstrap), stdout=subprocess.PIPE, stderr=router_log)
-            store = TimedStore(settings.inbox_db_path)
-            ingest = TeamIngest(settings, TEAM, store, SealedReferralFormat.from_settings(settings, (TEAM,)))
-            ingest.start()
-            with IntakeSender(settings, bootstrap, SENDER) as sender:
-                # Sealed ahead, as a partner's system does at its own pace: what is timed is the
-                # pipeline from the partner's send, not this one process's sealing speed
-                progress(f"sealing {count} referrals for the hub ahead of the clock")
-                sealing = time.perf_counter()
-                messages = [sender.sealer.referral(c.record) for c in as_checked(offered)]
-                sealing = time.perf_counter() - sealing
-                progress(f"warm-up: {WARMUP} referrals through router and ingest")
-                sender.send_referrals(warm)
-                if not _wait_stored(store, [str(r["referral_id"]) for r in warm], 180.0, ingest):
-                    raise BrokerError("the warm-up referrals did not reach the inbox within 180 s")
-                progress(f"offering {count} referrals at {rate:g}/s for {seconds:g} s")
-                due: list[float] = []
-                sent_at: list[float] = []
-                start = time.monotonic() + 0.05  # the clock starts now
-                for i, message in enumerate(messages):
-                    when = start + i / rate
-                    wait = when - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    sent_at.append(time.monotonic())
-                    due.append(when)
-                    message.send(sender.producer)  # queued; kafka-python's I/O thread sends it
-                sender.producer.flush()  # confirms (or raises) every one of them
-                offered_until = time.monotonic()
-            ids = [str(r["referral_id"]) for r in offered]
-            drained = _wait_stored(store, ids, max(60.0, seconds), ingest)
-            finished = time.monotonic()
+            with router_process(settings, bootstrap, Path(tmp) / "router.log", "bench-e2e") as router:
+                store = TimedStore(settings.inbox_db_path)
+                ingest = TeamIngest(settings, TEAM, store, SealedReferralFormat.from_settings(settings, (TEAM,)))
+                ingest.start()
+                with IntakeSender(settings, bootstrap, SENDER) as sender:
+                    # Sealed ahead, as a partner's system does at its own pace: what is timed is the
+                    # pipeline from the partner's send, not this one process's sealing speed
+                    progress(f"sealing {count} referrals for the hub ahead of the clock")
+                    sealing = time.perf_counter()
+                    messages = [sender.sealer.referral(c.record) for c in as_checked(offered)]
+                    sealing = time.perf_counter() - sealing
+                    progress(f"warm-up: {WARMUP} referrals through router and ingest")
+                    sender.send_referrals(warm)
+                    if not wait_stored(store, [str(r["referral_id"]) for r in warm], 180.0, ingest):
+                        raise BrokerError("the warm-up referrals did not reach the inbox within 180 s")
+                    progress(f"offering {count} referrals at {rate:g}/s for {seconds:g} s")
+                    due: list[float] = []
+                    sent_at: list[float] = []
+                    start = time.monotonic() + 0.05  # the clock starts now
+                    for i, message in enumerate(messages):
+                        when = start + i / rate
+                        wait = when - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+                        sent_at.append(time.monotonic())
+                        due.append(when)
+                        message.send(sender.producer)  # queued; kafka-python's I/O thread sends it
+                    sender.producer.flush()  # confirms (or raises) every one of them
+                    offered_until = time.monotonic()
+                ids = [str(r["referral_id"]) for r in offered]
+                drained = wait_stored(store, ids, max(60.0, seconds), ingest)
+                finished = time.monotonic()
+                ingest.stop()
+            stats = router.stats()
         finally:
             if ingest is not None:
                 ingest.stop()
-            stats: dict[str, Any] = {}
-            if router is not None:
-                router.send_signal(signal.SIGTERM)  # a clean stop: it leaves the group at once
-                try:
-                    out, _ = router.communicate(timeout=60)
-                    stats = json.loads(out) if out.strip() else {}
-                except subprocess.TimeoutExpired:
-                    router.kill()
-                    router.communicate()
-                except json.JSONDecodeError:
-                    stats = {}
-            router_log.close()
             if store is not None:
                 store.close()
             admin = admin_client(settings, bootstrap)

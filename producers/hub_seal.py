@@ -16,6 +16,7 @@ from typing import Any
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import ValidationError
+from referral_broker.identity import H_PRIORITY
 from referral_broker.parties import HUB, all_parties
 from referral_broker.sealing import MessageSealer
 from referral_broker.sealing.envelope import OutgoingMessage
@@ -33,6 +34,7 @@ def seal_for_hub(
     kind: str,
     hub: str = HUB,
     case_id: str | None = None,
+    extra_headers: tuple[tuple[str, bytes], ...] = (),
 ) -> OutgoingMessage:
     """Seal ``record`` for the hub alone and sign it for ``topic`` (keyed by its referral id);
     under the key of ``case_id`` too when given (the council's own inbox: its statuses die with
@@ -46,6 +48,7 @@ def seal_for_hub(
         referral_version=int(record["version"]),
         kind=kind,
         case_id=case_id,
+        extra_headers=extra_headers,
     )
 
 
@@ -65,9 +68,16 @@ class HubSealer:
         self.intake_topic = topic_name(settings, "intake", party)
 
     def referral(self, record: Mapping[str, Any]) -> OutgoingMessage:
-        """An already validated canonical referral (the caller validated it, once)."""
+        """An already validated canonical referral (the caller validated it, once), with its
+        priority in a signed header: the router routes urgent referrals first."""
         return seal_for_hub(
-            self.sealer, record, self.referral_schema, topic=self.intake_topic, kind=REFERRAL_KIND, hub=self.hub
+            self.sealer,
+            record,
+            self.referral_schema,
+            topic=self.intake_topic,
+            kind=REFERRAL_KIND,
+            hub=self.hub,
+            extra_headers=((H_PRIORITY, str(record["priority"]).encode()),),
         )
 
     def status(self, status: Mapping[str, Any], *, now: dt.datetime | None = None) -> OutgoingMessage:

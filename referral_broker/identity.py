@@ -41,6 +41,10 @@ H_NO_ONWARD = "rb-no-onward"  # JSON list of granted paths the recipient must no
 H_REFERRER = "rb-referrer"  # the party that referred, to address status messages to
 H_DECISION = "rb-decision"  # the audit decision id this message was sent under
 H_UNRESOLVED = "rb-unresolved"  # JSON {recipient rule: reason}: who was not told and why
+# A referral's priority, signed beside it on the partner's intake message so the router can put
+# urgent ones first without opening anything; the router refuses one that differs from the
+# sealed referral's own priority.
+H_PRIORITY = "rb-priority"
 
 
 # A router header longer than this is refused unread (every field path of the Referral

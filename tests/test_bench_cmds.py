@@ -21,7 +21,7 @@ from referral_broker.cli import bench_cmd
 from referral_broker.cli.main import cli
 from referral_broker.cluster.topics import admin_client
 from referral_broker.config import load_settings
-from referral_broker.consumers import e2e_bench, router_bench
+from referral_broker.consumers import e2e_bench, router_bench, urgent_bench
 from referral_broker.producers import batch_bench
 
 
@@ -211,6 +211,24 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
     bench_cmd._show_e2e(data)
     assert "p99" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(400)
+def test_bench_urgent_times_urgent_referrals_while_a_batch_is_queued(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bench(kafka_bootstrap, tmp_path, "urgent", "--backlog", "300", "--probes", "2", "--gap", "0")
+    probes = data["urgent"]["probes"]
+    assert len(probes) == 2 and data["all_landed"] and all(p["landed"] for p in probes)
+    assert all(p["seconds"] > 0 and 0 <= p["batch_stored_meanwhile"] <= p["batch_queued_at_send"] <= 300 for p in probes)
+    assert data["urgent_seconds"]["max"] == max(p["seconds"] for p in probes)
+    # the router routed every probe and warm-up referral, and the part of the batch it reached
+    router = data["router"]
+    assert router["dead_lettered"] == 0 and router["routed"] >= 2 + e2e_bench.WARMUP + data["batch"]["stored_by_the_end"]
+    assert data["batch"]["stored_by_the_end"] >= urgent_bench.STARTED_AFTER  # the router was busy with it
+    assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
+    bench_cmd._show_urgent(data)
+    assert "seconds to the inbox" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(300)

@@ -318,3 +318,40 @@ def _show_e2e(d: dict[str, Any]) -> None:
         f"(each referral validated, sealed and signed ahead: {d['sealed_ahead_ms_per_referral']} ms). "
         f"Load average {d['load_average'][0]}."
     )
+
+
+@bench.command()
+@click.option("--backlog", default=3000, show_default=True, type=click.IntRange(100, 1_000_000), help="Routine referrals DWP sends at once.")
+@click.option("--probes", default=5, show_default=True, type=click.IntRange(1, 100), help="Urgent referrals sent while they are queued.")
+@click.option("--gap", default=2.0, show_default=True, type=click.FloatRange(0, 60), help="Seconds between two urgent referrals.")
+@json_option
+@pass_cli
+def urgent(obj: CliContext, backlog: int, probes: int, gap: float, as_json: bool) -> None:
+    """An urgent referral while another partner's batch is queued: DWP sends BACKLOG routine
+    referrals at once; while the router works through them, a school sends PROBES urgent ones,
+    one at a time. Prints, for each, the seconds from its send to its row in the district
+    team's inbox and how many of the batch were stored meanwhile."""
+    from referral_broker.consumers.urgent_bench import run
+
+    progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
+    data = run(obj.settings, obj.bootstrap(), backlog=backlog, probes=probes, gap=gap, progress=progress)
+    emit(data, as_json, _show_urgent)
+
+
+def _show_urgent(d: dict[str, Any]) -> None:
+    b, u = d["batch"], d["urgent"]
+    click.echo(
+        f"{b['party']} sent {b['referrals']:,} routine referrals at once ({b['sent_in_s']} s); the router stored "
+        f"{b['stored_by_the_end']:,} of them by the end, at {b['rate_per_s']}/s. Meanwhile {u['party']} sent "
+        f"{len(u['probes'])} urgent ones for {u['team']}:"
+    )
+    rows = [
+        [str(n), "not within 300 s" if p["seconds"] is None else f"{p['seconds']:.2f}", f"{p['batch_queued_at_send']:,}", f"{p['batch_stored_meanwhile']:,}"]
+        for n, p in enumerate(u["probes"], 1)
+    ]
+    click.echo(table(rows, ["urgent", "seconds to the inbox", "batch queued at its send", "batch stored meanwhile"]))
+    if d["urgent_seconds"]:
+        click.echo(
+            f"Urgent referrals: median {d['urgent_seconds']['median']:.2f} s, max {d['urgent_seconds']['max']:.2f} s. "
+            f"Load average {d['load_average'][0]}."
+        )
