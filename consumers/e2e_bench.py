@@ -36,13 +36,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from referral_broker.cluster.topics import admin_client, ensure_with_county, plan
+from referral_broker.cluster.topics import ensure_with_county
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.store_referrals import IngestResult
-from referral_broker.consumers.router_bench import SENDER, _shaped, router_env
+from referral_broker.consumers.router_bench import SENDER, _shaped, delete_namespace, router_env
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.intake import IntakeSender, as_checked
@@ -89,6 +89,14 @@ def wait_stored(store: TimedStore, ids: list[str], timeout_s: float, ingest: Tea
             return True
         time.sleep(0.05)
     return False
+
+
+def close_inbox(ingest: TeamIngest | None, store: InboxStore | None) -> None:
+    """Stop a bench's inbox ingest and close its store (either may never have been made)."""
+    if ingest is not None:
+        ingest.stop()
+    if store is not None:
+        store.close()
 
 
 class RouterProcess:
@@ -191,15 +199,8 @@ def run(
                 ingest.stop()
             stats = router.stats()
         finally:
-            if ingest is not None:
-                ingest.stop()
-            if store is not None:
-                store.close()
-            admin = admin_client(settings, bootstrap)
-            try:
-                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, prefix)])
-            finally:
-                admin.close()
+            close_inbox(ingest, store)
+            delete_namespace(settings, bootstrap)
     stored = [(store.stored_at[i] - d) * 1000 for i, d in zip(ids, due, strict=True) if i in store.stored_at]
     lags = sorted((s - d) * 1000 for s, d in zip(sent_at, due, strict=True))
     delivered = len(stored)

@@ -133,7 +133,7 @@ def _county_keys(settings: Settings, bootstrap: str) -> None:
     init_parties(settings, [HUB, SENDER, *[p for p in all_parties() if p not in (SENDER, HUB)]], bootstrap=bootstrap)
 
 
-def _delete_namespace(settings: Settings, bootstrap: str) -> None:
+def delete_namespace(settings: Settings, bootstrap: str) -> None:
     """Delete every topic of the plan under the run's own prefix."""
     admin = admin_client(settings, bootstrap)
     try:
@@ -452,7 +452,7 @@ def run(
                         producer.close()
                         figures[label] = _timed_router(settings, bootstrap, count, sealer=PlainSealer(SENDER))
                 finally:
-                    _delete_namespace(settings, bootstrap)
+                    delete_namespace(settings, bootstrap)
         floor_rate = 1e6 / figures["floor_us_per_referral"]
         job_rate = 1e6 / job["total_us"]
         results.update(
@@ -517,7 +517,7 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
             profiler.disable()
             cpu = time.process_time() - cpu
         finally:
-            _delete_namespace(settings, bootstrap)
+            delete_namespace(settings, bootstrap)
     stats = router.stats
     if stats.dead_lettered or stats.first_record_at is None or stats.last_commit_at is None:
         raise BrokerError(f"profiled run dead-lettered or read nothing: {stats.by_reason}")
@@ -758,7 +758,7 @@ def scale_out(
                     "cores_used": sampler.cores(start, end),
                 }
         finally:
-            _delete_namespace(settings, bootstrap)
+            delete_namespace(settings, bootstrap)
     one, many = runs["1"], runs[str(processes)]
     ratio = many["referrals_per_second"] / one["referrals_per_second"]
     result: dict[str, Any] = {

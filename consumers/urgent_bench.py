@@ -24,12 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from referral_broker.cluster.topics import admin_client, ensure_with_county, plan
+from referral_broker.cluster.topics import ensure_with_county
 from referral_broker.config import Settings
-from referral_broker.consumers.e2e_bench import TEAM, WARMUP, TimedStore, router_process, wait_stored
+from referral_broker.consumers.e2e_bench import (
+    TEAM,
+    WARMUP,
+    TimedStore,
+    close_inbox,
+    router_process,
+    wait_stored,
+)
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
-from referral_broker.consumers.router_bench import SENDER, _shaped
+from referral_broker.consumers.router_bench import SENDER, _shaped, delete_namespace
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.intake import IntakeSender, as_checked
@@ -135,15 +142,8 @@ def run(
                 ingest.stop()
             stats = router.stats()  # once it stopped
         finally:
-            if ingest is not None:
-                ingest.stop()
-            if store is not None:
-                store.close()
-            admin = admin_client(settings, bootstrap)
-            try:
-                admin.delete_topics([s.name for s in plan(settings.kafka_topic_profile, prefix)])
-            finally:
-                admin.close()
+            close_inbox(ingest, store)
+            delete_namespace(settings, bootstrap)
     seconds = [p["seconds"] for p in probe_figures if p["seconds"] is not None]
     return {
         "batch": {
