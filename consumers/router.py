@@ -438,8 +438,9 @@ class Router:
         priority = _header(record, H_PRIORITY)
         if priority is not None and priority != str(referral["priority"]).encode():
             # the header put it first (or not): it must be the referral's own priority
+            shown = priority.decode() if priority in (b"routine", b"high", URGENT) else "not a priority"
             raise ContractError(
-                f"the {H_PRIORITY} header ({priority[:20]!r}) is not the referral's priority ({referral['priority']}); refused"
+                f"the {H_PRIORITY} header ({shown}) is not the referral's priority ({referral['priority']}); refused"
             )
         claimed, expected = referral["referrer"]["partner"], _referrer_kind(get_party(partner))
         if claimed != expected:

@@ -115,4 +115,4 @@ def test_a_priority_header_that_is_not_the_referrals_own_is_refused(broker: Sett
     stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
     assert stats.routed == 0 and stats.dead_lettered == 1
     [(_, dead)] = list(read_dead_letters(broker, kafka_bootstrap))
-    assert "rb-priority header (b'urgent') is not the referral's priority (routine)" in dead.reason
+    assert "rb-priority header (urgent) is not the referral's priority (routine)" in dead.reason
