@@ -195,8 +195,9 @@ class AuditChain:
 
     def checkpoint(self, *, records: bool = True) -> list[OutgoingMessage]:
         """A signed checkpoint into each partition written since the last commit (naming every
-        head written), then the heads-topic entries; nothing when nothing was written. A
-        one-record writer (retention) passes ``records=False``: its head entry is enough."""
+        head written; into a second partition too when only one was written), then the
+        heads-topic entries; nothing when nothing was written. A one-record writer (retention)
+        passes ``records=False``: its head entry is enough."""
         from referral_broker.schemas import codec
         from referral_broker.schemas.registry import load_schema
 
@@ -212,7 +213,13 @@ class AuditChain:
             load_schema("audit_checkpoint"),
         )
         out: list[OutgoingMessage] = []
-        for partition in written if records else ():
+        into = list(written)
+        if len(into) == 1 and self.partitions > 1:
+            # a checkpoint outside the chains it names too: cutting a chain's end then takes
+            # this partition's records as well as the heads topic (a batch of one referral, or
+            # the router's transaction of urgent ones, often writes one partition)
+            into.append((into[0] + 1) % self.partitions)
+        for partition in into if records else ():
             key = f"{self.chain}/{partition}".encode()
             out.append(self._append(partition, key, value, CHECKPOINT_KIND))
         for partition, head in sorted(self._pending.items()):

@@ -199,6 +199,27 @@ def test_verify_names_a_deleted_edited_reordered_or_cut_record(county: Settings,
     assert ("bad-signature", partition, rows[0].offset, chain) in check(forged)
 
 
+def test_a_batch_that_wrote_one_partition_is_named_when_cut_without_the_heads_topic(
+    county: Settings, kafka_bootstrap: str
+) -> None:
+    """One referral's decisions all go to one audit partition (they are keyed by its id), so
+    its batch also puts a checkpoint into a second partition: cutting the chain's end there
+    and losing the heads topic too is still named."""
+    routed(county, kafka_bootstrap, 1, seed=60)
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    records = read_topic(county, kafka_bootstrap, "audit")
+    decisions = [r for r in records if dict(r.headers).get("rb-kind") == b"audit.decision"]
+    assert len({r.partition for r in decisions}) == 1
+    [partition] = {r.partition for r in decisions}
+    checkpoints = [r for r in records if dict(r.headers).get("rb-kind") == b"audit.checkpoint"]
+    assert len(checkpoints) == 2 and {r.partition for r in checkpoints} > {partition}  # and another
+    rows = [r for r in records if r.partition == partition]
+    chain = chain_headers(rows[0].headers)[0]
+    cut = [r for r in records if r not in rows[-2:]]  # the last decision and its checkpoint
+    found = problems(verify_records(cut, heads={}, verify=hub.opener.verify))
+    assert ("truncated", partition, rows[-3].offset, chain) in found
+
+
 def test_verify_cli_exits_non_zero_and_names_the_record(county: Settings, kafka_bootstrap: str) -> None:
     """The CLI on a broken trail: an audit record the hub signed, but written again out of its
     chain (a replayed copy of a real decision) is named, and the command exits 1."""
