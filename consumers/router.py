@@ -435,7 +435,7 @@ class Router:
         ensure_valid(referral, self.canonical, now=now)
         if str(referral["referral_id"]) != referral_id or referral["version"] != version:
             raise ContractError("message key and headers do not match the referral's id and version")
-        priority = _header(record, H_PRIORITY)
+        priority = record.header(H_PRIORITY)
         if priority is not None and priority != str(referral["priority"]).encode():
             # the header put it first (or not): it must be the referral's own priority
             shown = priority.decode() if priority in (b"routine", b"high", URGENT) else "not a priority"
@@ -931,16 +931,12 @@ class Router:
         return dead_letter(self.settings, record, exc, stage, signer=self.hub.keystore)
 
 
-def _header(record: Record, name: str) -> bytes | None:
-    return next((bytes(v) for n, v in record.headers or () if n == name), None)
-
-
 def urgent_first(batch: list[Record]) -> list[list[Record]]:
     """``batch`` as the transactions to route it in: first the partitions holding an urgent
     referral (by its signed ``rb-priority`` header), then the rest. A partition is never split
     (its records stay in order and its offsets are committed once); an urgent referral queued
     behind others in its own partition still waits for them."""
-    urgent = {(r.topic, r.partition) for r in batch if _header(r, H_PRIORITY) == URGENT}
+    urgent = {(r.topic, r.partition) for r in batch if r.header(H_PRIORITY) == URGENT}
     if not urgent:
         return [batch]
     first = [r for r in batch if (r.topic, r.partition) in urgent]

@@ -213,13 +213,13 @@ class AuditChain:
             load_schema("audit_checkpoint"),
         )
         out: list[OutgoingMessage] = []
-        into = list(written)
+        into = list(written) if records else []
         if len(into) == 1 and self.partitions > 1:
             # a checkpoint outside the chains it names too: cutting a chain's end then takes
             # this partition's records as well as the heads topic (a batch of one referral, or
             # the router's transaction of urgent ones, often writes one partition)
             into.append((into[0] + 1) % self.partitions)
-        for partition in into if records else ():
+        for partition in into:
             key = f"{self.chain}/{partition}".encode()
             out.append(self._append(partition, key, value, CHECKPOINT_KIND))
         for partition, head in sorted(self._pending.items()):

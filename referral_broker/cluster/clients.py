@@ -324,6 +324,10 @@ class Record:
     headers: Headers
     timestamp_ms: int
 
+    def header(self, name: str) -> bytes | None:
+        """The value of the first header called ``name``, or None."""
+        return next((bytes(v) for n, v in self.headers if n == name), None)
+
 
 def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[Record]:
     try:

@@ -354,17 +354,13 @@ def _read_topic_from(
     return kept, reached
 
 
-def _header(record: Record, name: str) -> bytes | None:
-    return next((bytes(v) for n, v in record.headers if n == name), None)
-
-
 def _closure(record: Record, closing: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any] | None:
     """A district team ending a case, from the router's audit of the status it relayed: purpose
     ``status-to-referrer``, ``received-by:<district team>``, ``status-code:<a closing code>``."""
     from referral_broker.parties import all_parties
     from referral_broker.schemas import codec
 
-    if _header(record, "rb-kind") != b"audit.decision" or b"status-to-referrer" not in (record.value or b""):
+    if record.header("rb-kind") != b"audit.decision" or b"status-to-referrer" not in (record.value or b""):
         return None
     d = codec.decode(record.value or b"", schema)
     if d.get("purpose") != "status-to-referrer":
@@ -410,7 +406,7 @@ def read_closures(
 
     schema = audit_decision_schema()
     records, reached = _read_topic_from(
-        settings, bootstrap, "audit", positions, lambda r: _header(r, "rb-kind") == b"audit.decision"
+        settings, bootstrap, "audit", positions, lambda r: r.header("rb-kind") == b"audit.decision"
     )
     out = CatchUp(reached, {})
     for record in records:
