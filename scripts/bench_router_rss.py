@@ -4,9 +4,10 @@ Issue 20, goal 7: the router's peak RSS flat (within 10%) from 100k to 1M referr
 real broker (KAFKA_BOOTSTRAP_SERVERS, or the local one), under a fresh topic prefix and a
 temporary data dir (the shipped county, every party's keys), ONE ``referral-broker route``
 process runs for the whole measurement while this script seals and produces ``--count``
-referrals to 3 recipients from a school, ``--chunk`` at a time: each chunk is generated only
-when it is sent, and never more than two chunks ahead of what the router has committed, so
-neither this script's memory nor the backlog grows with ``--count``.
+referrals to 3 recipients (``--recipients 1``: the district team only) from a school,
+``--chunk`` at a time: each chunk is generated only when it is sent, and never more than two
+chunks ahead of what the router has committed, so neither this script's memory nor the backlog
+grows with ``--count``.
 
 Every second it reads the router's VmRSS and VmHWM (its peak) from /proc/<pid>/status and the
 referrals routed so far (the router group's committed offsets on the school's intake topic),
@@ -146,6 +147,7 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=2000, help="referrals generated and sent at a time")
     parser.add_argument("--warmup", type=int, default=None, help="referrals before the baseline (default 10%%)")
     parser.add_argument("--stall", type=float, default=600.0, help="fail when nothing is routed this long (s)")
+    parser.add_argument("--recipients", type=int, choices=(1, 3), default=3, help="recipients a referral (1 routes about twice as fast)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the topics, group and data dir")
     parser.add_argument("--json", action="store_true")
@@ -200,7 +202,10 @@ def main() -> int:
             proc = subprocess.Popen(cmd, env=router_env(settings, bootstrap), stdout=out, stderr=err)
         started = time.monotonic()
         sampler = Sampler(proc.pid, started, routed_now, args.count, warmup, show=not args.json)
-        note(f"router pid {proc.pid}; {args.count} referrals in chunks of {args.chunk}, baseline after {warmup}")
+        note(
+            f"router pid {proc.pid}; {args.count} referrals to {args.recipients} recipient(s) in chunks of "
+            f"{args.chunk}, baseline after {warmup}"
+        )
         note(HEADER)
         sampler.start()
         produced = chunks = 0
@@ -218,7 +223,7 @@ def main() -> int:
                     break
                 size = min(args.chunk, args.count - produced)
                 if size and produced + size <= routed + 2 * args.chunk:
-                    sender.send_referrals(_shaped(size, 3, seed=args.seed * 1_000_003 + chunks))
+                    sender.send_referrals(_shaped(size, args.recipients, seed=args.seed * 1_000_003 + chunks))
                     produced += size
                     chunks += 1
                 else:
@@ -282,6 +287,7 @@ def report(args: argparse.Namespace, warmup: int, sampler: Sampler, end: Sample,
     return {
         "count": args.count,
         "chunk": args.chunk,
+        "recipients": args.recipients,
         "warmup": warmup,
         "produced": produced,
         "routed": end.routed,
