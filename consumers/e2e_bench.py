@@ -18,6 +18,13 @@ Under a fresh topic prefix (topics deleted at the end) with the shipped county:
 
 A few warm-up referrals go through first (the router's and the ingest's groups joined, keys
 loaded); they are not counted. Figures are printed, never asserted.
+
+It also prints what the offered rate costs in CPU: the router process's, the broker's (when it
+runs on this machine), this process's (the sender's produce and the inbox ingest) and the whole
+machine's CPU seconds from the first due referral to the last stored, per referral stored, and
+the cores the target rate would need at those costs (the school's sealing ahead added). When
+the goal is missed and those exceed the machine, or one router process would need more than the
+one core its Python can use at a time, it says so with the figures (``capacity.why``).
 """
 
 from __future__ import annotations
@@ -42,7 +49,14 @@ from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.store_referrals import IngestResult
-from referral_broker.consumers.router_bench import SENDER, _shaped, delete_namespace, router_env
+from referral_broker.consumers.router_bench import (
+    SENDER,
+    _cpu_ticks,
+    _process_cpu_s,
+    _shaped,
+    delete_namespace,
+    router_env,
+)
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.intake import IntakeSender, as_checked
@@ -142,8 +156,10 @@ def run(
     *,
     rate: float = 200.0,
     seconds: float = 60.0,
+    broker: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
+    """``broker``: the local broker's pid, so its CPU is counted (None: a remote broker)."""
     count = max(1, round(rate * seconds))
     prefix = f"benche{uuid.uuid4().hex[:6]}."
     with tempfile.TemporaryDirectory(prefix="rb-bench-e2e-") as tmp:
@@ -182,6 +198,7 @@ def run(
                     progress(f"offering {count} referrals at {rate:g}/s for {seconds:g} s")
                     due: list[float] = []
                     sent_at: list[float] = []
+                    cpu_before = _cpu_now(router.popen.pid, broker)
                     start = time.monotonic() + 0.05  # the clock starts now
                     for i, message in enumerate(messages):
                         when = start + i / rate
@@ -196,6 +213,7 @@ def run(
                 ids = [str(r["referral_id"]) for r in offered]
                 drained = wait_stored(store, ids, max(60.0, seconds), ingest)
                 finished = time.monotonic()
+                cpu_after = _cpu_now(router.popen.pid, broker)
                 ingest.stop()
             stats = router.stats()
         finally:
@@ -266,6 +284,78 @@ def run(
         "goal": {"p99_ms": GOAL_P99_MS},
         "ratio_p99_to_goal": round(figures["p99"] / GOAL_P99_MS, 3) if figures else None,
         "router": {k: stats.get(k) for k in ("consumed", "routed", "delivered", "dead_lettered", "batches")},
+        "capacity": capacity(
+            cpu_before, cpu_after, delivered, rate, sealing / count * 1000, figures.get("p99"), broker is not None
+        ),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,
     }
+
+
+def _cpu_now(router: int, broker: int | None) -> dict[str, float | None]:
+    """CPU seconds so far: the machine's (busy clock ticks over every core), the router process's,
+    the broker's and this process's (all its threads: the sender's produce, the inbox ingest)."""
+    busy, _ = _cpu_ticks()
+    return {
+        "at": time.monotonic(),
+        "machine": busy / os.sysconf("SC_CLK_TCK"),
+        "router": _process_cpu_s(router),
+        "broker": _process_cpu_s(broker),
+        "this_process": time.process_time(),
+    }
+
+
+def capacity(
+    before: dict[str, float | None],
+    after: dict[str, float | None],
+    stored: int,
+    rate: float,
+    sealing_ms: float,
+    p99_ms: float | None,
+    broker_here: bool,
+) -> dict[str, Any]:
+    """What one stored referral cost each part in CPU over the run, the cores ``rate`` would need
+    at those costs, and, when the goal was missed for want of them, why."""
+    cores = os.cpu_count() or 1
+    wall = float(after["at"] or 0.0) - float(before["at"] or 0.0)
+    per: dict[str, float | None] = {}
+    for part in ("router", "broker", "this_process", "machine"):
+        a, b = before[part], after[part]
+        per[part] = None if a is None or b is None or not stored else round((b - a) / stored * 1000, 2)
+    per["sealing_ahead"] = round(sealing_ms, 2)
+    # the pipeline's own processes, not whatever else the machine ran meanwhile
+    parts = [v for k in ("router", "broker", "this_process") if (v := per[k]) is not None]
+    pipeline = round(sum(parts) + sealing_ms, 2) if per["router"] is not None and per["this_process"] is not None else None
+    per["pipeline"] = pipeline
+    needed = None if pipeline is None else round(pipeline * rate / 1000, 2)
+    router_cores = None if per["router"] is None else round(per["router"] * rate / 1000, 2)
+    result: dict[str, Any] = {
+        "window_s": round(wall, 1),
+        "cpu_ms_per_referral": per,
+        "cores": cores,
+        "cores_needed_at_rate": needed,
+        "router_cores_needed_at_rate": router_cores,
+        "router_rate_one_core": None if not per["router"] else round(1000 / per["router"], 1),
+        "broker_on_this_machine": broker_here,
+        "why": None,
+    }
+    if p99_ms is None or p99_ms <= GOAL_P99_MS:
+        return result
+    reasons = []
+    if needed is not None and needed > cores:
+        reasons.append(
+            f"at {rate:g}/s the pipeline needs {needed} cores at the CPU each referral cost it in this run "
+            f"({pipeline} ms: the router {per['router']}, the broker {per['broker'] if broker_here else 'elsewhere'}, "
+            f"the school's produce and the inbox ingest {per['this_process']}, the school's sealing "
+            f"{sealing_ms:.2f}); this machine has {cores}"
+        )
+    if router_cores is not None and router_cores > 1.0:
+        reasons.append(
+            f"one router process used {per['router']} ms of CPU a referral, so {rate:g}/s needs "
+            f"{router_cores} cores of it, and its Python runs on one core at a time: one router routes "
+            f"at most about {result['router_rate_one_core']}/s here (`bench router --processes 2` for "
+            "what a second one adds)"
+        )
+    if reasons:
+        result["why"] = "; ".join(reasons)
+    return result

@@ -10,6 +10,7 @@ topic behind. Speed targets are never asserted: they are printed for the machine
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -208,9 +209,41 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     assert 0 <= data["sender"]["late_sends"] <= offered
     assert (data["sender"]["late_sends"] == 0) == (lag["max"] <= 100.0)  # late: more than 100 ms
     assert close(data["ratio_p99_to_goal"], lat["p99"] / 250.0, 0.05)
+    # the CPU each part spent a stored referral: the router process and this one both worked, the
+    # local broker is found and counted, and the pipeline is their sum with the sealing ahead
+    cap = data["capacity"]
+    per = cap["cpu_ms_per_referral"]
+    assert cap["broker_on_this_machine"] is True and per["broker"] is not None and per["broker"] > 0
+    assert per["router"] > 0 and per["this_process"] > 0 and per["machine"] > 0
+    assert per["sealing_ahead"] == pytest.approx(data["sealed_ahead_ms_per_referral"], abs=0.01)
+    assert per["pipeline"] == pytest.approx(per["router"] + per["broker"] + per["this_process"] + per["sealing_ahead"], abs=0.05)
+    assert cap["cores_needed_at_rate"] == pytest.approx(per["pipeline"] * rate / 1000, abs=0.01)
+    assert cap["router_rate_one_core"] == pytest.approx(1000 / per["router"], rel=0.01)
+    assert cap["cores"] >= 1 and cap["window_s"] >= seconds
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
     bench_cmd._show_e2e(data)
-    assert "p99" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "p99" in out and f"{cap['cores_needed_at_rate']} of {cap['cores']} cores" in out
+
+
+def test_e2e_capacity_says_why_only_when_the_goal_is_missed_for_want_of_cores() -> None:
+    before = {"at": 0.0, "machine": 0.0, "router": 0.0, "broker": 0.0, "this_process": 0.0}
+    # 100 referrals stored in 10 s: router 8 ms, broker 2 ms, this process 3 ms each; 2 ms sealing
+    after = {"at": 10.0, "machine": 1.6, "router": 0.8, "broker": 0.2, "this_process": 0.3}
+    cores = os.cpu_count() or 1
+    missed = e2e_bench.capacity(before, after, 100, 200.0, 2.0, 900.0, True)
+    assert missed["cpu_ms_per_referral"]["pipeline"] == 15.0
+    assert missed["cores_needed_at_rate"] == 3.0 and missed["router_cores_needed_at_rate"] == 1.6
+    assert missed["router_rate_one_core"] == 125.0
+    assert "one router process used 8.0 ms" in missed["why"]
+    assert ("needs 3.0 cores" in missed["why"]) == (cores < 3)
+    # the same costs with the goal met, or at a rate they fit: nothing to explain
+    assert e2e_bench.capacity(before, after, 100, 200.0, 2.0, 120.0, True)["why"] is None
+    assert e2e_bench.capacity(before, after, 100, 20.0, 2.0, 900.0, True)["why"] is None
+    # a remote broker: not counted, and the reason says so
+    remote = e2e_bench.capacity(before | {"broker": None}, after | {"broker": None}, 100, 200.0, 2.0, 900.0, False)
+    assert remote["cpu_ms_per_referral"]["broker"] is None and remote["cpu_ms_per_referral"]["pipeline"] == 13.0
+    assert ("the broker elsewhere" in remote["why"]) == (cores < 2.6)
 
 
 @pytest.mark.timeout(400)

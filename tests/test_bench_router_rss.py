@@ -44,7 +44,7 @@ def test_router_rss_bench_samples_every_mark_and_its_verdict_is_its_ratio(kafka_
     # every referral produced and routed by the one router, to its 3 recipients, none dead-lettered
     assert r["produced"] == r["routed"] == r["end"]["routed"] == count
     assert r["router_stats"]["consumed"] == count and r["router_stats"]["dead_lettered"] == 0
-    assert r["router_stats"]["delivered"] == 3 * count
+    assert r["router_stats"]["delivered"] == 3 * count and r["recipients"] == 3
 
     # one sample at (or just past) each 10% mark, in order, with the router's memory read
     marks = r["marks"]

@@ -282,10 +282,12 @@ def e2e(obj: CliContext, rate: float, seconds: float, as_json: bool) -> None:
     'route' process and the inbox ingest, under a fresh topic prefix; p50/p95/p99/max from when
     each was due to when its row was stored, the achieved rate, the sender's lag, the goal
     (p99 <= 250 ms)."""
+    from referral_broker.cli.bench_orgs import broker_pid
     from referral_broker.consumers.e2e_bench import run
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
-    data = run(obj.settings, obj.bootstrap(), rate=rate, seconds=seconds, progress=progress)
+    bootstrap = obj.bootstrap()
+    data = run(obj.settings, bootstrap, rate=rate, seconds=seconds, broker=broker_pid(bootstrap), progress=progress)
     emit(data, as_json, _show_e2e)
 
 
@@ -318,6 +320,18 @@ def _show_e2e(d: dict[str, Any]) -> None:
         f"(each referral validated, sealed and signed ahead: {d['sealed_ahead_ms_per_referral']} ms). "
         f"Load average {d['load_average'][0]}."
     )
+    cap = d["capacity"]
+    per = cap["cpu_ms_per_referral"]
+    click.echo(
+        f"\nCPU a stored referral over {cap['window_s']} s (ms): router {per['router']}, "
+        f"broker {per['broker'] if cap['broker_on_this_machine'] else 'remote'}, "
+        f"school's produce + inbox ingest {per['this_process']}, school's sealing {per['sealing_ahead']}: "
+        f"pipeline {per['pipeline']} (the whole machine: {per['machine']}). At {d['rate_target']:g}/s that is "
+        f"{cap['cores_needed_at_rate']} of {cap['cores']} cores; the router alone {cap['router_cores_needed_at_rate']} "
+        f"(one router process: about {cap['router_rate_one_core']}/s on one core)."
+    )
+    if cap["why"]:
+        click.echo(f"Why the goal is out of reach here: {cap['why']}")
 
 
 @bench.command()
