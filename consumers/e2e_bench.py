@@ -43,20 +43,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from referral_broker.bench_profile import machine_cpu_ticks, process_cpu_s
 from referral_broker.cluster.topics import ensure_with_county
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.store_referrals import IngestResult
-from referral_broker.consumers.router_bench import (
-    SENDER,
-    _cpu_ticks,
-    _process_cpu_s,
-    _shaped,
-    delete_namespace,
-    router_env,
-)
+from referral_broker.consumers.router_bench import SENDER, _shaped, delete_namespace, router_env
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.intake import IntakeSender, as_checked
@@ -295,12 +289,12 @@ def run(
 def _cpu_now(router: int, broker: int | None) -> dict[str, float | None]:
     """CPU seconds so far: the machine's (busy clock ticks over every core), the router process's,
     the broker's and this process's (all its threads: the sender's produce, the inbox ingest)."""
-    busy, _ = _cpu_ticks()
+    busy, _ = machine_cpu_ticks()
     return {
         "at": time.monotonic(),
         "machine": busy / os.sysconf("SC_CLK_TCK"),
-        "router": _process_cpu_s(router),
-        "broker": _process_cpu_s(broker),
+        "router": process_cpu_s(router),
+        "broker": process_cpu_s(broker),
         "this_process": time.process_time(),
     }
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from referral_broker.bench_profile import machine_cpu_ticks, process_cpu_s
 from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
 from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
@@ -533,25 +534,6 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
 SCALE_GOAL = 1.6
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of every core since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def _process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of ``pid`` so far (/proc/<pid>/stat), None when unreadable."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def router_env(settings: Settings, bootstrap: str) -> dict[str, str]:
     """The environment of a ``referral-broker route`` process on ``settings``' namespace."""
     return {
@@ -575,9 +557,9 @@ class _CpuSampler:
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
     def _sample(self) -> None:
-        busy, total = _cpu_ticks()
-        routers = sum(_process_cpu_s(p) or 0.0 for p in self.routers)
-        self.samples.append((time.monotonic(), busy, total, _process_cpu_s(self.broker), routers))
+        busy, total = machine_cpu_ticks()
+        routers = sum(process_cpu_s(p) or 0.0 for p in self.routers)
+        self.samples.append((time.monotonic(), busy, total, process_cpu_s(self.broker), routers))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -9,6 +9,10 @@ invalid), then ``PartnerSender.send_checked`` (convert again, seal for the hub, 
 outbox, deliver to the real broker), under a fresh topic prefix whose topics are deleted at the
 end. The process's RSS is sampled every ``SAMPLE_S`` during the run: flat memory is the goal.
 
+Beside the rate it prints the CPU a row cost: this process's (the send: its kafka-python thread
+too) and the local broker's, the cores the goal's rate would need at those costs, and, when the
+goal is missed for want of them, why (``capacity.why``).
+
 Figures are printed, never asserted: they depend on the machine and what else runs on it.
 """
 
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from referral_broker.bench_profile import process_cpu_s
 from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError
@@ -132,9 +137,11 @@ def run(
     rows: int = GOAL_ROWS,
     progress: Callable[[str], None] = lambda s: None,
     profile: bool = False,
+    broker: int | None = None,
 ) -> dict[str, Any]:
     """Every figure of one run; with ``profile``, the timed part runs under cProfile and its
-    time by component is returned too (the rates are then the profiled ones)."""
+    time by component is returned too (the rates are then the profiled ones). ``broker``: the
+    local broker's pid, so its CPU is counted (None: a remote broker)."""
     import cProfile
 
     from referral_broker.bench_profile import by_component
@@ -157,11 +164,12 @@ def run(
             with RssSampler() as sampler:
                 if profiler is not None:
                     profiler.enable()
+                broker0, cpu0 = process_cpu_s(broker), time.process_time()
                 t0 = time.perf_counter()
                 checked = check_file(PARTY, path, fmt="native")  # read + validate, as 'send' does
-                t1 = time.perf_counter()
+                t1, cpu1 = time.perf_counter(), time.process_time()
                 report = PartnerSender(settings, bootstrap, PARTY).send_checked(checked)
-                t2 = time.perf_counter()
+                t2, cpu2, broker2 = time.perf_counter(), time.process_time(), process_cpu_s(broker)
                 if profiler is not None:
                     profiler.disable()
             intake = topic_name(settings, "intake", PARTY)
@@ -192,7 +200,51 @@ def run(
         "goal": {"rows": GOAL_ROWS, "seconds": GOAL_SECONDS, "rows_per_second": round(goal_rate, 1)},
         "projected_seconds_for_goal_rows": round(GOAL_ROWS / rate, 1),
         "ratio_to_goal": round(rate / goal_rate, 3),
+        "capacity": capacity(
+            rows,
+            rate,
+            {"read_validate": cpu1 - cpu0, "seal_send": cpu2 - cpu1},
+            None if broker0 is None or broker2 is None else broker2 - broker0,
+        ),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,
         "profile": by_component(profiler) if profiler is not None else None,
     }
+
+
+def capacity(rows: int, rate: float, send_cpu_s: dict[str, float], broker_cpu_s: float | None) -> dict[str, Any]:
+    """The CPU a row cost the send (by phase) and the broker, the cores the goal's rate would
+    need at those costs, and, when the goal was missed for want of them, why."""
+    cores = os.cpu_count() or 1
+    goal_rate = GOAL_ROWS / GOAL_SECONDS
+    send = {k: round(v / rows * 1000, 3) for k, v in send_cpu_s.items()}
+    send_ms = round(sum(send.values()), 3)
+    broker_ms = None if broker_cpu_s is None else round(broker_cpu_s / rows * 1000, 3)
+    needed = round((send_ms + (broker_ms or 0.0)) * goal_rate / 1000, 2)
+    one_core = round(1000 / send_ms, 1) if send_ms > 0 else None
+    result: dict[str, Any] = {
+        "send_cpu_ms_per_row": send | {"total": send_ms},
+        "broker_cpu_ms_per_row": broker_ms,
+        "cores": cores,
+        "cores_needed_for_goal": needed,
+        "send_rows_per_second_one_core": one_core,
+        "why": None,
+    }
+    if rate >= goal_rate:
+        return result
+    reasons = []
+    if needed > cores:
+        broker = f"the broker {broker_ms}" if broker_ms is not None else "the broker elsewhere, not counted"
+        reasons.append(
+            f"{goal_rate:,.0f} rows/s need {needed} cores at the CPU a row cost in this run ({send_ms} ms "
+            f"the send: {send['read_validate']} reading and validating, {send['seal_send']} converting, "
+            f"sealing, signing, keeping and sending; {broker}); this machine has {cores}"
+        )
+    if one_core is not None and one_core < goal_rate:
+        reasons.append(
+            f"one send process runs its Python on one core at a time: at {send_ms} ms a row it sends at "
+            f"most about {one_core:,.0f} rows/s"
+        )
+    if reasons:
+        result["why"] = "; ".join(reasons)
+    return result

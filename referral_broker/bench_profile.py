@@ -1,4 +1,5 @@
-"""Where a benchmark's time goes: a cProfile run's own time grouped by component.
+"""Where a benchmark's time goes: a cProfile run's own time grouped by component, and the
+CPU its processes spent (from /proc).
 
 Used by ``bench router --profile`` and ``bench batch --profile`` to show, beside a rate, what
 the rest of the time is spent on (and so which lever is left). Each function's own time counts
@@ -10,6 +11,7 @@ in proportion to the time each call edge took.
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 from collections.abc import Callable
 from pathlib import Path
@@ -69,3 +71,25 @@ def by_component(profiler: cProfile.Profile, *, top: int = 15) -> dict[str, Any]
             for t, name in sorted(functions, reverse=True)[:top]
         ],
     }
+
+
+# -- CPU from /proc: what a benchmark's processes spent, beside its wall-clock figures ---------
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of ``pid`` so far (/proc/<pid>/stat), None when unreadable."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -164,8 +164,33 @@ def test_bench_batch_sends_every_row_of_the_file(
     assert max(rss["at_quarters_mb"]) <= rss["peak_mb"] and data["file_mb"] > 0
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
     assert data["profile"] is None
+    # the CPU a row cost: the send by phase (their sum) and the local broker, found and counted
+    cap = data["capacity"]
+    send = cap["send_cpu_ms_per_row"]
+    assert send["read_validate"] > 0 and send["seal_send"] > 0
+    assert send["total"] == pytest.approx(send["read_validate"] + send["seal_send"], abs=0.01)
+    assert cap["broker_cpu_ms_per_row"] is not None and cap["broker_cpu_ms_per_row"] > 0
+    assert cap["cores_needed_for_goal"] == pytest.approx((send["total"] + cap["broker_cpu_ms_per_row"]) * 1666.67 / 1000, abs=0.01)
+    assert cap["send_rows_per_second_one_core"] == pytest.approx(1000 / send["total"], rel=0.01)
     bench_cmd._show_batch(data)
-    assert "rows/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rows/s" in out and f"{cap['cores_needed_for_goal']} of {cap['cores']} cores" in out
+
+
+def test_batch_capacity_says_why_only_when_the_goal_is_missed_for_want_of_cores() -> None:
+    cores = os.cpu_count() or 1
+    # 1,000 rows: 1 s reading and validating, 1.5 s sealing and sending, 0.3 s of the broker's CPU
+    slow = batch_bench.capacity(1000, 400.0, {"read_validate": 1.0, "seal_send": 1.5}, 0.3)
+    assert slow["send_cpu_ms_per_row"] == {"read_validate": 1.0, "seal_send": 1.5, "total": 2.5}
+    assert slow["broker_cpu_ms_per_row"] == 0.3 and slow["send_rows_per_second_one_core"] == 400.0
+    assert slow["cores_needed_for_goal"] == pytest.approx(2.8 * 1666.67 / 1000, abs=0.01)
+    assert "at most about 400 rows/s" in slow["why"]
+    assert ("need 4.67 cores" in slow["why"]) == (cores < 4.67)
+    # the goal met: nothing to explain; a remote broker is not counted
+    assert batch_bench.capacity(1000, 2000.0, {"read_validate": 1.0, "seal_send": 1.5}, 0.3)["why"] is None
+    remote = batch_bench.capacity(1000, 400.0, {"read_validate": 0.1, "seal_send": 0.2}, None)
+    assert remote["broker_cpu_ms_per_row"] is None and remote["cores_needed_for_goal"] == 0.5
+    assert remote["why"] is None  # missed, but not for want of cores: nothing this explains
 
 
 @pytest.mark.timeout(300)

@@ -230,10 +230,12 @@ def batch(obj: CliContext, rows: int, profile: bool, as_json: bool) -> None:
     keep in the outbox, send to the broker) under a fresh topic prefix; rows/s, seconds, the
     process's RSS sampled during the run, and the goal (100k rows in 60 s). With --profile,
     also the send's time by component."""
+    from referral_broker.cli.bench_orgs import broker_pid
     from referral_broker.producers.batch_bench import run
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
-    data = run(obj.settings, obj.bootstrap(), rows=rows, progress=progress, profile=profile)
+    bootstrap = obj.bootstrap()
+    data = run(obj.settings, bootstrap, rows=rows, progress=progress, profile=profile, broker=broker_pid(bootstrap))
     emit(data, as_json, _show_batch)
 
 
@@ -258,6 +260,17 @@ def _show_batch(d: dict[str, Any]) -> None:
         f"ratio {d['ratio_to_goal']:.2f} (100k rows would take {d['projected_seconds_for_goal_rows']:.0f} s). "
         f"Load average {d['load_average'][0]}."
     )
+    cap = d["capacity"]
+    send = cap["send_cpu_ms_per_row"]
+    broker = cap["broker_cpu_ms_per_row"]
+    click.echo(
+        f"CPU a row (ms): the send {send['total']} ({send['read_validate']} read+validate, {send['seal_send']} "
+        f"seal+send), the broker {broker if broker is not None else 'remote, not counted'}: the goal's rate needs "
+        f"{cap['cores_needed_for_goal']} of {cap['cores']} cores; one send process about "
+        f"{cap['send_rows_per_second_one_core']:,} rows/s on one core."
+    )
+    if cap["why"]:
+        click.echo(f"Why the goal is out of reach here: {cap['why']}")
     if d.get("profile"):
         click.echo("\nUnder cProfile (the figures above include its cost):")
         _show_components(d["profile"])
