@@ -20,9 +20,10 @@ A few warm-up referrals go through first (the router's and the ingest's groups j
 loaded); they are not counted. Figures are printed, never asserted.
 
 It also prints what the offered rate costs in CPU: the router process's, the broker's (when it
-runs on this machine), this process's (the sender's produce and the inbox ingest) and the whole
-machine's CPU seconds from the first due referral to the last stored, per referral stored, and
-the cores the target rate would need at those costs (the school's sealing ahead added). When
+runs on this machine; all it did meanwhile, so a broker serving others counts their work too),
+this process's (the sender's produce and the inbox ingest) and the whole machine's CPU seconds
+from the first due referral to the last stored, per referral stored, and the cores the target
+rate would need at those costs (the CPU of the school's sealing ahead added). When
 the goal is missed and those exceed the machine, or one router process would need more than the
 one core its Python can use at a time, it says so with the figures (``capacity.why``).
 """
@@ -182,9 +183,9 @@ def run(
                     # Sealed ahead, as a partner's system does at its own pace: what is timed is the
                     # pipeline from the partner's send, not this one process's sealing speed
                     progress(f"sealing {count} referrals for the hub ahead of the clock")
-                    sealing = time.perf_counter()
+                    sealing, sealing_cpu = time.perf_counter(), time.process_time()
                     messages = [sender.sealer.referral(c.record) for c in as_checked(offered)]
-                    sealing = time.perf_counter() - sealing
+                    sealing, sealing_cpu = time.perf_counter() - sealing, time.process_time() - sealing_cpu
                     progress(f"warm-up: {WARMUP} referrals through router and ingest")
                     sender.send_referrals(warm)
                     if not wait_stored(store, [str(r["referral_id"]) for r in warm], 180.0, ingest):
@@ -279,7 +280,7 @@ def run(
         "ratio_p99_to_goal": round(figures["p99"] / GOAL_P99_MS, 3) if figures else None,
         "router": {k: stats.get(k) for k in ("consumed", "routed", "delivered", "dead_lettered", "batches")},
         "capacity": capacity(
-            cpu_before, cpu_after, delivered, rate, sealing / count * 1000, figures.get("p99"), broker is not None
+            cpu_before, cpu_after, delivered, rate, sealing_cpu / count * 1000, figures.get("p99"), broker is not None
         ),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,

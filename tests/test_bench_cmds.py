@@ -240,7 +240,7 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     per = cap["cpu_ms_per_referral"]
     assert cap["broker_on_this_machine"] is True and per["broker"] is not None and per["broker"] > 0
     assert per["router"] > 0 and per["this_process"] > 0 and per["machine"] > 0
-    assert per["sealing_ahead"] == pytest.approx(data["sealed_ahead_ms_per_referral"], abs=0.01)
+    assert 0 < per["sealing_ahead"] < 2 * data["sealed_ahead_ms_per_referral"] + 1  # its CPU, not far from its wall time
     assert per["pipeline"] == pytest.approx(per["router"] + per["broker"] + per["this_process"] + per["sealing_ahead"], abs=0.05)
     assert cap["cores_needed_at_rate"] == pytest.approx(per["pipeline"] * rate / 1000, abs=0.01)
     assert cap["router_rate_one_core"] == pytest.approx(1000 / per["router"], rel=0.01)
