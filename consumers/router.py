@@ -122,6 +122,13 @@ URGENT = b"urgent"
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 
 
+def priority_symbols(schema: dict[str, Any]) -> frozenset[bytes]:
+    """The referral schema's priorities, as an ``rb-priority`` header carries them: a dead
+    letter's reason echoes a header's value only when it is one of these."""
+    (field,) = (f for f in schema["fields"] if f["name"] == "priority")
+    return frozenset(str(symbol).encode() for symbol in field["type"]["symbols"])
+
+
 def audit_record(
     decision: Decision,
     *,
@@ -364,6 +371,7 @@ class Router:
         self.stats = RouterStats()
         self.metrics = RouterMetrics()
         self.canonical = referral_schema()
+        self.priorities = priority_symbols(self.canonical)
         self._canonical_fp = codec.prepare(self.canonical).fingerprint
         self.audit_schema = audit_decision_schema()
         self.status_schema = status_schema()
@@ -438,7 +446,7 @@ class Router:
         priority = record.header(H_PRIORITY)
         if priority is not None and priority != str(referral["priority"]).encode():
             # the header put it first (or not): it must be the referral's own priority
-            shown = priority.decode() if priority in (b"routine", b"high", URGENT) else "not a priority"
+            shown = priority.decode() if priority in self.priorities else "not a priority"
             raise ContractError(
                 f"the {H_PRIORITY} header ({shown}) is not the referral's priority ({referral['priority']}); refused"
             )

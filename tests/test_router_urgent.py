@@ -14,10 +14,18 @@ from referral_broker.cluster.clients import Record, build_producer
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import read_dead_letters
-from referral_broker.consumers.router import FETCH_PARTITION_BYTES, Router, RouterStats, urgent_first
+from referral_broker.consumers.router import (
+    FETCH_PARTITION_BYTES,
+    URGENT,
+    Router,
+    RouterStats,
+    priority_symbols,
+    urgent_first,
+)
 from referral_broker.identity import H_PRIORITY
 from referral_broker.parties import all_parties
 from referral_broker.producers.intake import IntakeSender
+from referral_broker.schemas.registry import referral_schema, versions_of
 from referral_broker.sealing.key_admin import init_parties
 
 BACKLOG = 1200
@@ -47,6 +55,19 @@ def test_urgent_first_puts_whole_partitions_holding_an_urgent_referral_first() -
     assert rest == dwp[:3] + older + dwp[3:]  # the rest in the order it was read
     assert urgent_first(dwp + older) == [dwp + older]  # nothing urgent: one transaction
     assert urgent_first(school) == [school]  # all of it urgent: one transaction
+
+
+def test_the_priorities_a_header_may_name_are_the_schemas_own() -> None:
+    """Read from the schema, not written out: a priority added to the enum is shown in a dead
+    letter's reason, and the urgent lane's symbol is one of them in every shipped version."""
+    assert priority_symbols(referral_schema()) == {b"routine", b"high", b"urgent"}
+    for version in versions_of("referral"):
+        assert URGENT in priority_symbols(version.schema)
+    grown = referral_schema()
+    for f in grown["fields"]:
+        if f["name"] == "priority":
+            f["type"]["symbols"].append("immediate")
+    assert b"immediate" in priority_symbols(grown)
 
 
 def test_an_urgent_referral_is_routed_before_another_partners_queued_batch(
