@@ -23,9 +23,9 @@ It also prints what the offered rate costs in CPU: the router process's, the bro
 runs on this machine; all it did meanwhile, so a broker serving others counts their work too),
 this process's (the sender's produce and the inbox ingest) and the whole machine's CPU seconds
 from the first due referral to the last stored, per referral stored, and the cores the target
-rate would need at those costs (the CPU of the school's sealing ahead added). When
-the goal is missed and those exceed the machine, or one router process would need more than the
-one core its Python can use at a time, it says so with the figures (``capacity.why``).
+rate would need at those costs (the CPU of the school's sealing ahead added). When the goal is
+missed and those exceed the machine, or one router process would need more than the one core
+its Python can use at a time, it says so with the figures (``capacity.why``).
 """
 
 from __future__ import annotations
