@@ -113,6 +113,12 @@ def test_bench_router_reports_both_floors_ratios_and_scale_out(
     )
     assert data["goals"] == {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74}
     assert data["peak_rss_mb"] > 0
+    # the CPU each of the four router runs cost a referral, and a "why" exactly for each missed goal
+    cpu = data["cpu_ms_per_referral"]
+    assert set(cpu) == {k for k in rates if k.startswith("router_")} and all(v > 0 for v in cpu.values()), cpu
+    assert set(data["why"]) == {k for k, goal in data["goals"].items() if ratios[k] < goal}
+    for why in data["why"].values():
+        assert f"{cpu['router_3_recipients']} sealed" in why or f"used {cpu['router_3_recipients']} ms" in why
 
     scale = data["scale_out"]
     one, two = scale["runs"]
@@ -140,8 +146,32 @@ def test_bench_router_reports_both_floors_ratios_and_scale_out(
 
     bench_cmd._show_router(data)
     shown = capsys.readouterr().out
-    for words in ("job floor 3 recipients", "router over job floor 3", "wrap data key", "Per-field floor", "Scale-out"):
+    for words in ("job floor 3 recipients", "router over job floor 3", "wrap data key", "Per-field floor", "Scale-out",
+                  f"3 recipients unsealed {cpu['router_3_recipients_unsealed']}"):  # fmt: skip
         assert words in shown, words
+    for goal in data["why"]:
+        assert f"Why {goal.replace('_', ' ')} is under its goal" in shown
+
+
+def test_why_goals_missed_names_the_cpu_that_misses_each_goal() -> None:
+    job = {"total_us": 2000.0, "us_per_referral": dict.fromkeys(router_bench.JOB_PRIMITIVES, 100.0)}
+    cpu = {"router_3_recipients": 16.0, "router_3_recipients_unsealed": 9.0}
+    missed = router_bench.why_goals_missed(
+        {"cpu_ms_per_referral": cpu, "job_floor": job, "ratios": {"router_over_job_floor_3": 0.1, "sealed_over_unsealed_3": 0.6}}
+    )
+    # 0.5x a 2 ms floor allows 4 ms a referral; even unsealed the router used 9
+    assert "allows 4.00 ms" in missed["router_over_job_floor_3"]
+    assert "no sealing lever alone" in missed["router_over_job_floor_3"]
+    # sealing added 7 ms; 0.74 allows 9 / 0.74 - 9 = 3.16; the six crypto primitives take 0.6
+    assert "added 7.00 ms" in missed["sealed_over_unsealed_3"] and "allows 3.16 ms" in missed["sealed_over_unsealed_3"]
+    assert "take 0.60 ms, so 6.40 ms is this design's own work" in missed["sealed_over_unsealed_3"]
+    # an unsealed router within the budget: the sealing is what to look at, not "no lever"
+    lean_cpu = cpu | {"router_3_recipients_unsealed": 3.0}
+    lean_ratios = {"router_over_job_floor_3": 0.1, "sealed_over_unsealed_3": 0.8}
+    lean = router_bench.why_goals_missed({"cpu_ms_per_referral": lean_cpu, "job_floor": job, "ratios": lean_ratios})
+    assert set(lean) == {"router_over_job_floor_3"} and "no sealing lever" not in lean["router_over_job_floor_3"]
+    met = {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74}
+    assert router_bench.why_goals_missed({"cpu_ms_per_referral": cpu, "job_floor": job, "ratios": met}) == {}
 
 
 @pytest.mark.timeout(400)

@@ -109,6 +109,11 @@ def _show_router(d: dict[str, Any]) -> None:
             ["referrals/s", "rate"],
         )
     )
+    cpu = d["cpu_ms_per_referral"]
+    click.echo(
+        "CPU a referral (ms, this process, every thread): "
+        + ", ".join(f"{k.removeprefix('router_').replace('_', ' ')} {v}" for k, v in cpu.items())
+    )
     click.echo("")
     goals = d.get("goals", {})
     click.echo(
@@ -135,6 +140,8 @@ def _show_router(d: dict[str, Any]) -> None:
         f"{d['floor_us_per_referral_3_recipients']:.0f} µs per referral (3 recipients). "
         f"Peak RSS {d['peak_rss_mb']} MB."
     )
+    for goal, why in d["why"].items():
+        click.echo(f"\nWhy {goal.replace('_', ' ')} is under its goal: {why}.")
     scale = d.get("scale_out")
     if scale:
         click.echo(
