@@ -83,7 +83,12 @@ from referral_broker.organisations import RegistryReader
 from referral_broker.parties import HUB, Party, all_parties, get_party, use_registry
 from referral_broker.policy import Decision, SharingPolicy, decide, load_policy
 from referral_broker.schemas import codec
-from referral_broker.schemas.registry import audit_decision_schema, referral_schema, status_schema
+from referral_broker.schemas.registry import (
+    audit_decision_schema,
+    field_schema,
+    referral_schema,
+    status_schema,
+)
 from referral_broker.schemas.validation import ensure_valid
 from referral_broker.schemas.views import view_schema
 from referral_broker.sealing import OutgoingMessage, sign_plain
@@ -125,8 +130,7 @@ BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 def priority_symbols(schema: dict[str, Any]) -> frozenset[bytes]:
     """The referral schema's priorities, as an ``rb-priority`` header carries them: a dead
     letter's reason echoes a header's value only when it is one of these."""
-    (field,) = (f for f in schema["fields"] if f["name"] == "priority")
-    return frozenset(str(symbol).encode() for symbol in field["type"]["symbols"])
+    return frozenset(str(symbol).encode() for symbol in field_schema(schema, "priority")["symbols"])
 
 
 def audit_record(
