@@ -48,12 +48,19 @@ def kafka_bootstrap() -> Iterator[str]:
             pytest.fail(f"KAFKA_BOOTSTRAP_SERVERS={configured} does not answer metadata requests: {problem}")
         yield configured
         return
-    settings = load_settings(environ={}, local_port=TEST_PORT, local_controller_port=TEST_PORT + 1)
+    settings = load_settings(
+        environ={},
+        local_port=TEST_PORT,
+        local_controller_port=TEST_PORT + 1,
+        local_start_timeout_s=240.0,  # a loaded 2-core machine
+    )
     broker = LocalBroker(settings)
     was_running = broker.status().answering
     insecure = os.environ.get("REFERRAL_BROKER_TEST_INSECURE") == "1"
-    # the test broker's data is disposable: storage formatted plaintext is started afresh
-    broker.start(insecure=insecure, fresh=not was_running and not insecure and broker.needs_fresh_for_security())
+    # The test broker's data is disposable, so a session that starts it starts it empty: what
+    # earlier sessions left (topics of killed runs, partitions still waiting for deletion) would
+    # otherwise pile up in the cache from run to run until the broker no longer starts in time.
+    broker.start(insecure=insecure, fresh=not was_running)
     yield broker.bootstrap
     if not was_running:
         broker.stop()
@@ -83,6 +90,14 @@ def topics(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
     # parties, each with its own topics (a test that adds one creates its topics too).
     ensure_topics(settings, kafka_bootstrap, read_registry=False)
     publish_orgs(settings, kafka_bootstrap, load_file())
+    yield settings
+    delete_test_topics(settings, kafka_bootstrap)
+
+
+@pytest.fixture
+def namespace(settings: Settings, kafka_bootstrap: str) -> Iterator[Settings]:
+    """The test's topic namespace, empty: the test creates what it needs; every topic under it
+    is deleted afterwards, as for ``topics``."""
     yield settings
     delete_test_topics(settings, kafka_bootstrap)
 

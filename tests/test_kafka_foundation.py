@@ -35,7 +35,8 @@ def test_names_put_the_party_last_for_prefix_acls() -> None:
             assert spec.name.endswith("." + spec.party)
 
 
-def test_ensure_creates_then_is_idempotent(settings: Settings, kafka_bootstrap: str) -> None:
+def test_ensure_creates_then_is_idempotent(namespace: Settings, kafka_bootstrap: str) -> None:
+    settings = namespace
     first = ensure_topics(settings, kafka_bootstrap)
     assert all(s.created for s in first)
     second = ensure_topics(settings, kafka_bootstrap)
@@ -45,7 +46,8 @@ def test_ensure_creates_then_is_idempotent(settings: Settings, kafka_bootstrap: 
     assert listed[topic_name(settings, "dlq")].exists
 
 
-def test_ensure_reports_drift(settings: Settings, kafka_bootstrap: str) -> None:
+def test_ensure_reports_drift(namespace: Settings, kafka_bootstrap: str) -> None:
+    settings = namespace
     # the shipped county's topics (this namespace's registry is empty: no organisation topics)
     ensure_topics(settings, kafka_bootstrap, read_registry=False)
     drifted = settings.replace(kafka_topic_profile="local")  # an organisation's intake: local plans 3, test 2

@@ -54,20 +54,20 @@ Configuration:
       target: SYSTEM_OUT
       ThresholdFilter: {level: WARN}
       PatternLayout: {pattern: "[%d] %p %m (%c)%n"}
+    # one key per appender type: two "RollingFile:" keys would be one (YAML keeps the last)
     RollingFile:
-      name: FILE
-      fileName: "${sys:kafka.logs.dir}/server.log"
-      filePattern: "${sys:kafka.logs.dir}/server.log.%i"
-      PatternLayout: {pattern: "[%d] %p %m (%c)%n"}
-      SizeBasedTriggeringPolicy: {size: 20MB}
-      DefaultRolloverStrategy: {max: 3}
-    RollingFile:
-      name: AUTHORIZER
-      fileName: "${sys:kafka.logs.dir}/authorizer.log"
-      filePattern: "${sys:kafka.logs.dir}/authorizer.log.%i"
-      PatternLayout: {pattern: "[%d] %p %m%n"}
-      SizeBasedTriggeringPolicy: {size: 20MB}
-      DefaultRolloverStrategy: {max: 3}
+      - name: FILE
+        fileName: "${sys:kafka.logs.dir}/server.log"
+        filePattern: "${sys:kafka.logs.dir}/server.log.%i"
+        PatternLayout: {pattern: "[%d] %p %m (%c)%n"}
+        SizeBasedTriggeringPolicy: {size: 20MB}
+        DefaultRolloverStrategy: {max: 3}
+      - name: AUTHORIZER
+        fileName: "${sys:kafka.logs.dir}/authorizer.log"
+        filePattern: "${sys:kafka.logs.dir}/authorizer.log.%i"
+        PatternLayout: {pattern: "[%d] %p %m%n"}
+        SizeBasedTriggeringPolicy: {size: 20MB}
+        DefaultRolloverStrategy: {max: 3}
   Loggers:
     # WARN by default: at INFO a busy test run writes tens of MB a minute of topic churn.
     Root:
