@@ -60,6 +60,8 @@ def kafka_bootstrap() -> Iterator[str]:
     # The test broker's data is disposable, so a session that starts it starts it empty: what
     # earlier sessions left (topics of killed runs, partitions still waiting for deletion) would
     # otherwise pile up in the cache from run to run until the broker no longer starts in time.
+    if not was_running:
+        broker.stop()  # a test broker an interrupted session left running but not answering
     broker.start(insecure=insecure, fresh=not was_running)
     yield broker.bootstrap
     if not was_running:
