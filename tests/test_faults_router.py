@@ -5,6 +5,7 @@ archive's open transactions from the broker, and counts of what was delivered, r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
@@ -121,18 +122,34 @@ class Watch:
     on the archive topic, and group members."""
 
     def __init__(self, settings: Settings, bootstrap: str) -> None:
-        self.admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="rb-faults-watch",
-            request_timeout_ms=10_000,
-            bootstrap_timeout_ms=10_000,
-            **client_security(settings, bootstrap).kafka_kwargs(),  # the secured broker's admin
-        )
+        self._settings, self._bootstrap = settings, bootstrap
+        self.admin = self._admin()
         self.group = f"{settings.kafka_topic_prefix}referral-router"
         self.intake = topic_name(settings, "intake", PARTNER)
         archive = topic_name(settings, "archive")
         parts = next(s.partitions for s in plan(settings.kafka_topic_profile) if s.role == "archive")
         self.archive = [TopicPartition(archive, p) for p in range(parts)]
+
+    def _admin(self) -> KafkaAdminClient:
+        return KafkaAdminClient(
+            bootstrap_servers=self._bootstrap,
+            client_id="rb-faults-watch",
+            request_timeout_ms=10_000,
+            bootstrap_timeout_ms=10_000,
+            **client_security(self._settings, self._bootstrap).kafka_kwargs(),  # the secured broker's admin
+        )
+
+    def reconnect(self) -> None:
+        """A new admin client: one that failed keeps its view of the cluster (a coordinator
+        it found once, a node it marked dead) and may fail every question after. Kept when
+        no new one can be made (the cluster is down): the next failure tries again."""
+        try:
+            fresh = self._admin()
+        except KafkaError:
+            return
+        with contextlib.suppress(Exception):
+            self.admin.close()
+        self.admin = fresh
 
     def close(self) -> None:
         self.admin.close()
@@ -180,14 +197,22 @@ class Watch:
     def wait_for(self, what: str, condition: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> float:
         """Seconds until ``condition`` held; fails the test after ``timeout``."""
         started = time.monotonic()
+        last_error: KafkaError | None = None
         while time.monotonic() - started < timeout:
             try:
                 if condition():
                     return time.monotonic() - started
-            except KafkaError:  # retriable: a fresh cluster's coordinator still loading
-                pass
+            except KafkaError as exc:  # retriable: a fresh cluster's coordinator still loading
+                last_error = exc
+                self.reconnect()
             time.sleep(poll_s)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        try:
+            seen = f"group members now (member -> partitions): {self.members()}"
+        except KafkaError as exc:
+            seen = f"the group could not be described: {exc!r}"
+        raise AssertionError(
+            f"timed out after {timeout:.0f}s waiting for {what}; {seen}; last error while waiting: {last_error!r}"
+        )
 
 
 def delivered(settings: Settings, bootstrap: str, role: str, party: str | None = None) -> Counter[str]:
@@ -348,7 +373,7 @@ def test_paused_router_resumed_after_takeover_three_times(
             took = watch.wait_for(
                 "the other router holding every partition",
                 lambda m=before: watch.taken_over(m, everything),  # type: ignore[misc]
-                60,
+                90,  # usually about 10 s (the session timeout); a loaded machine is slower
             )
             # a router paused after adding its offsets to its transaction would hold them
             # "unstable" until that transaction times out (20 s, then the coordinator's sweep)
