@@ -203,6 +203,27 @@ def test_cluster_id_starting_with_a_dash_formats(tmp_path: Path) -> None:
     assert "cluster.id=-AbCdEfGhIjKlMnOpQrStU" in meta
 
 
+def test_a_pid_file_naming_another_kafka_process_is_not_this_broker(tmp_path: Path) -> None:
+    """A stale pid file whose pid now belongs to another Kafka JVM (another broker's, after a
+    reboot recycled it) is not this broker: status does not claim it, stop does not kill it."""
+    broker = LocalBroker(
+        load_settings(environ={}, local_port=free_port(), local_controller_port=free_port(), paths_cache_dir=tmp_path)
+    )
+    broker.run_dir.mkdir(parents=True)
+    # a process whose command line names kafka.Kafka with another broker's config
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka", str(tmp_path / "other" / "server.properties")]
+    )
+    try:
+        broker.pid_file.write_text(str(other.pid))
+        assert broker.status().running is False
+        broker.stop(timeout_s=1)
+        assert other.poll() is None, "stop killed a process that is not this broker"
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_plaintext_formatted_data_is_not_started_secured_without_fresh(tmp_path: Path) -> None:
     broker = LocalBroker(
         load_settings(

@@ -357,9 +357,9 @@ class LocalBroker:
             return None
         except PermissionError:
             return pid
-        try:  # a recycled pid must belong to a Kafka JVM to count
+        try:  # a recycled pid must be this broker's own Kafka JVM (its config is in run_dir)
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"kafka.Kafka" not in cmdline:
+            if b"kafka.Kafka" not in cmdline or os.fsencode(self.run_dir) not in cmdline:
                 return None
         except OSError:
             pass
