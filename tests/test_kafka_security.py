@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from referral_broker.cluster import security as sec
 from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
-from referral_broker.cluster.runtime import LocalBroker
+from referral_broker.cluster.runtime import LocalBroker, LocalCluster
 from referral_broker.cluster.topics import admin_client
 from referral_broker.config import Settings, load_settings
 from referral_broker.errors import (
@@ -222,6 +222,33 @@ def test_a_pid_file_naming_another_kafka_process_is_not_this_broker(tmp_path: Pa
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_pid_file_counts_for_the_kafka_process_run_from_its_folder(tmp_path: Path) -> None:
+    """The same check for a single broker and a cluster's node: the pid counts while its
+    command line is a Kafka JVM's with that broker's (or node's) folder in it."""
+    settings = load_settings(
+        environ={}, local_port=free_port(), local_controller_port=free_port(), paths_cache_dir=tmp_path
+    )
+    broker, cluster = LocalBroker(settings), LocalCluster(settings, 3)
+    for pid_file, folder, pid_of in (
+        (broker.pid_file, broker.run_dir, lambda: broker.status().pid),
+        (cluster.node_dir(2) / "broker.pid", cluster.node_dir(2), lambda: cluster.pid(2)),
+    ):
+        folder.mkdir(parents=True)
+        for argv, counts in (
+            (["kafka.Kafka", str(folder / "server.properties")], True),
+            (["kafka.Kafka", str(tmp_path / "elsewhere" / "server.properties")], False),
+            ([str(folder / "server.properties")], False),  # not a Kafka JVM
+        ):
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
+            try:
+                pid_file.write_text(str(proc.pid))
+                assert (pid_of() == proc.pid) is counts, argv
+            finally:
+                proc.kill()
+                proc.wait()
+        assert pid_of() is None  # the process is gone
 
 
 def test_plaintext_formatted_data_is_not_started_secured_without_fresh(tmp_path: Path) -> None:

@@ -347,23 +347,7 @@ class LocalBroker:
 
     # -- process ---------------------------------------------------------------------------
     def _pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        try:  # a recycled pid must be this broker's own Kafka JVM (its config is in run_dir)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"kafka.Kafka" not in cmdline or os.fsencode(self.run_dir) not in cmdline:
-                return None
-        except OSError:
-            pass
-        return pid
+        return _kafka_pid(self.pid_file, self.run_dir)
 
     def answering(self, timeout_s: float = 3.0) -> int | None:
         """Number of topics when a metadata request answers, else None."""
@@ -607,6 +591,27 @@ class LocalBroker:
         return self.status()
 
 
+def _kafka_pid(pid_file: Path, run_dir: Path) -> int | None:
+    """The pid ``pid_file`` names while it is the Kafka JVM started from ``run_dir`` (its config
+    and logs are there); a pid that was recycled, even into another broker's JVM, is not."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        if not _alive(pid):
+            return None
+    except PermissionError:  # another user's process: cannot be checked further
+        return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    if b"kafka.Kafka" not in cmdline or os.fsencode(run_dir) not in cmdline:
+        return None
+    return pid
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -840,18 +845,7 @@ class LocalCluster:
 
     # -- processes -----------------------------------------------------------------------------
     def pid(self, node: int) -> int | None:
-        try:
-            pid = int(self._pid_file(node).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if not _alive(pid):
-            return None
-        try:
-            if b"kafka.Kafka" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return None
-        except OSError:
-            pass
-        return pid
+        return _kafka_pid(self._pid_file(node), self.node_dir(node))
 
     def _password(self, user: str) -> str:
         return _stored_password(self.security_dir, user)
