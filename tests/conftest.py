@@ -62,7 +62,7 @@ def kafka_bootstrap() -> Iterator[str]:
     # otherwise pile up in the cache from run to run until the broker no longer starts in time.
     if not was_running:
         broker.stop()  # a test broker an interrupted session left running but not answering
-    broker.start(insecure=insecure, fresh=not was_running)
+        broker.start(insecure=insecure, fresh=True)
     yield broker.bootstrap
     if not was_running:
         broker.stop()
