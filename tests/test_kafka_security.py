@@ -8,12 +8,14 @@ allowed by default. Every refusal is made by Kafka itself; nothing is mocked.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -381,6 +383,37 @@ def test_refused_connections_fail_at_once_with_their_cause(
         assert time.monotonic() - started < 5.0, case
         assert "\n" not in str(caught.value)
         assert "not-the-password" not in str(caught.value) and "guess" not in str(caught.value)
+
+
+DROPPED = "<KafkaConnection node_id=2 host=[127.0.0.1:19402] broker_version=4.1 (connected)>: Connection lost: socket disconnected"
+
+
+def test_another_clients_dropped_connections_are_not_this_logins_refusal() -> None:
+    """A broker killed under a running producer drops its connections; a client being built at
+    that moment in another thread must not read them as its own login refused (it did: CI saw
+    'authentication failed for user admin' right after a cluster node was SIGKILLed)."""
+    log = logging.getLogger("kafka.net.connection")
+    go, done = threading.Event(), threading.Event()
+
+    def other_client() -> None:  # a client whose IO thread was running before the build began
+        go.wait(5)
+        log.error(DROPPED)
+        log.error(DROPPED)
+        done.set()
+
+    running = threading.Thread(target=other_client, daemon=True)
+    running.start()
+    with sec._capturing("SASL_SSL") as cap:
+        go.set()
+        assert done.wait(5)
+        assert cap.verdict() is None, cap.kinds
+        # the same drops in the building thread, or in a thread it starts (its IO thread), count
+        log.error(DROPPED)
+        io = threading.Thread(target=log.error, args=(DROPPED,))
+        io.start()
+        io.join()
+        assert cap.kinds == ["dropped-after-versions", "dropped-after-versions"]
+        assert cap.verdict() == "auth"
 
 
 @pytest.mark.parametrize(

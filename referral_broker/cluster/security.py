@@ -469,12 +469,18 @@ class _Capture(logging.Handler):
     certificate, the wrong protocol; or, twice, a connection dropped by the broker after it
     answered ApiVersions, which is how Kafka ends an unknown user's login) it closes the
     bootstrap at its next "Bootstrap ..." log call (made by ``_do_bootstrap``, found on that
-    call's stack): the constructor then gives up at once instead of retrying until its deadline."""
+    call's stack): the constructor then gives up at once instead of retrying until its deadline.
+
+    The loggers are process-wide, so it counts only records from the thread building the client
+    and from threads started since (the client's own IO thread): another client's connections
+    dropped by a broker that died are not this login's refusal."""
 
     def __init__(self, protocol: str) -> None:
         super().__init__(logging.WARNING)
         self.protocol = protocol
         self.kinds: list[str] = []
+        # Thread objects, not idents: an ident is reused once its thread ends
+        self.others = set(threading.enumerate()) - {threading.current_thread()}
 
     def verdict(self) -> str | None:
         for kind in ("auth", "trust", "protocol"):
@@ -489,6 +495,8 @@ class _Capture(logging.Handler):
         return None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if threading.current_thread() in self.others:  # emit runs in the logging thread
+            return
         try:
             text = record.getMessage()
         except Exception:  # a malformed record must not break the client
