@@ -182,7 +182,10 @@ def test_case_store_rules(tmp_path: Path) -> None:
     assert not (store.root / "CASE-1.key").exists()
 
 
-def test_an_existing_case_key_is_read_while_another_process_holds_the_lock(tmp_path: Path) -> None:
+def test_case_keys_are_read_and_created_while_another_process_holds_the_lock(tmp_path: Path) -> None:
+    """A router SIGSTOPped inside a shred, a hold or an older version's key creation holds the
+    store's lock; sealing must not wait for it (it did: every other router stalled, so no
+    takeover could complete)."""
     import threading
 
     from referral_broker.sealing.keystore import locked
@@ -196,15 +199,82 @@ def test_an_existing_case_key_is_read_while_another_process_holds_the_lock(tmp_p
         worker.start()
         return worker
 
-    with locked(store.root):  # a router paused while it creates a case key
-        old = seal_for("CASE-OLD")
-        old.join(timeout=10)
-        assert not old.is_alive() and got["CASE-OLD"] == known  # not stalled behind the lock
-        new = seal_for("CASE-NEW")
-        new.join(timeout=0.5)
-        assert new.is_alive()  # creating a key waits for the lock
-    new.join(timeout=10)
-    assert not new.is_alive() and got["CASE-NEW"][1] != known[1]
+    with locked(store.root):
+        for case in ("CASE-OLD", "CASE-NEW"):
+            worker = seal_for(case)
+            worker.join(timeout=10)
+            assert not worker.is_alive(), f"{case}: stalled behind the lock"
+    assert got["CASE-OLD"] == known and got["CASE-NEW"][1] != known[1]
+    assert store.key_for("CASE-NEW") == got["CASE-NEW"]
+    assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_routers_racing_to_create_one_case_key_all_get_the_same_key(tmp_path: Path) -> None:
+    """Processes sharing the store, each creating the same new cases at once: one key per
+    case, the same in every process, the file whole and 0600 from the start."""
+    import multiprocessing
+
+    store = CaseKeyStore.open(tmp_path / "keys")
+    cases = [f"CASE-R{i}" for i in range(200)]
+    ctx = multiprocessing.get_context("spawn")  # not fork: the test process runs client threads
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_create_all, [(store.root.parent.parent, cases)] * 4)
+    for case in cases:
+        seen = {r[case] for r in results}
+        assert len(seen) == 1, f"{case}: {len(seen)} different keys"
+        assert store.key_for(case) == seen.pop()
+        assert (store.root / f"{case}.key").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]]:
+    store = CaseKeyStore.open(keys_dir)
+    return {case: store.key_for(case) for case in cases}
+
+
+def test_a_key_created_as_its_case_is_shredded_is_destroyed_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a lock used to close: a router finds no tombstone and no key file (a shred
+    in another process destroyed it just after writing its tombstone), then creates a key.
+    It must meet the tombstone, destroy the key it made and refuse the case."""
+    store = CaseKeyStore.open(tmp_path / "keys")
+    case_key_id, _ = store.key_for("CASE-S")
+    store.shred("CASE-S")
+    real = CaseKeyStore.shredded
+    calls = {"n": 0}
+
+    def late_tombstone(self: CaseKeyStore, case_id: str) -> object:
+        calls["n"] += 1
+        return None if calls["n"] == 1 else real(self, case_id)  # the first check ran before the shred
+
+    monkeypatch.setattr(CaseKeyStore, "shredded", late_tombstone)
+    with pytest.raises(ShreddedError, match=f"case CASE-S was shredded .*case key {case_key_id} destroyed"):
+        store.key_for("CASE-S")
+    assert calls["n"] >= 2
+    assert not (store.root / "CASE-S.key").exists()
+    monkeypatch.setattr(CaseKeyStore, "shredded", real)
+    with pytest.raises(ShreddedError):
+        store.key_for("CASE-S")
+
+
+def test_a_key_read_while_it_is_being_destroyed_is_refused_as_shredded(tmp_path: Path) -> None:
+    """destroy_file zeroes the key before unlinking it; a lock-free reader that meets the zeroes
+    must say the case is shredded (its tombstone came first), not that the file is malformed."""
+    store = CaseKeyStore.open(tmp_path / "keys")
+    store.key_for("CASE-Z")
+    path = store.root / "CASE-Z.key"
+    zeroes = bytes(path.stat().st_size)
+    store.shred("CASE-Z")
+    path.write_bytes(zeroes)  # the moment between destroy_file's overwrite and its unlink
+    path.chmod(0o600)
+    with pytest.raises(ShreddedError, match="CASE-Z was shredded"):
+        store.key_for("CASE-Z")
+    # a damaged key file of a live case is still its own error
+    store.key_for("CASE-M")
+    (store.root / "CASE-M.key").write_bytes(b"not json")
+    with pytest.raises(SealingError, match=r"case key file .*CASE-M\.key is malformed"):
+        store.key_for("CASE-M")
 
 
 def test_new_case_keys_become_durable_together_at_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ at 10,000 shredded cases). The older single file is parsed once per change of it
 or modification time.
 
 **One durable commit per batch** (the router): between :meth:`CaseKeyStore.defer_durability`
-and :meth:`CaseKeyStore.sync`, a new case key is written (atomically, 0600, under the lock) but
+and :meth:`CaseKeyStore.sync`, a new case key is written (whole, 0600, without a lock) but
 not fsynced; ``sync`` then fsyncs every key file created since, and the folder once. The router
 calls ``sync`` right before it commits the Kafka transaction whose messages are sealed under
 those keys, so no committed message ever names a key a power cut could lose, and a batch of
@@ -41,6 +41,7 @@ is done by :mod:`referral_broker.sealing.retention`, which calls this module.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -55,6 +56,7 @@ from referral_broker.parties import HUB
 from referral_broker.sealing.fields import KEY_SIZE
 from referral_broker.sealing.keystore import (
     check_private,
+    create_private,
     destroy_file,
     fsync_paths,
     locked,
@@ -117,35 +119,40 @@ class CaseKeyStore:
     def key_for(self, case_id: str, *, now: float | None = None) -> tuple[str, bytes]:
         """The case's key id and key, created on first use. Refuses a shredded case.
 
-        An existing key is read without the store's lock (key files are replaced atomically),
-        so a router paused while it holds the lock cannot stall every other router's seals; only
-        creating a key, and anything that meets a key being shredded, waits for the lock.
+        Takes no lock, so a router paused at any point cannot stall another router's seals: an
+        existing key file is read as it is (never replaced once made), a new one is created
+        whole or not at all (:func:`~referral_broker.sealing.keystore.create_private`; of two
+        routers racing, both use the winner's). A shred writes its tombstone before it destroys
+        the key, so a key read half destroyed, or created after a shred it raced with, meets
+        the tombstone and is refused (and a key so created is destroyed again).
         """
         path = self._key_path(case_id)
         self._refuse_shredded(case_id)
-        if path.exists():
-            try:
-                doc = self._read_key(path)
-                self._note_recent(path)
-                return doc["case_key_id"], base64.b64decode(doc["key"])
-            except (OSError, SealingError):
-                pass  # being shredded or replaced this moment: decide under the lock
-        with locked(self.root):
-            self._refuse_shredded(case_id)
-            if not path.exists():
-                doc = {
-                    "case_id": case_id,
-                    "case_key_id": secrets.token_hex(6),
-                    "created_at": to_iso(time.time() if now is None else now),
-                    "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
-                }
-                deferred = self._unsynced is not None
-                write_private(path, json.dumps(doc).encode("utf-8"), durable=not deferred)
-                if self._unsynced is not None:
-                    self._unsynced[path] = None
-            else:
-                self._note_recent(path)
+        try:
             doc = self._read_key(path)
+        except (FileNotFoundError, KeyNotFoundError):  # none yet (or unlinked as it was read)
+            pass
+        except (OSError, SealingError):
+            self._refuse_shredded(case_id)  # being shredded this moment
+            raise
+        else:
+            self._note_recent(path)
+            return doc["case_key_id"], base64.b64decode(doc["key"])
+        doc = {
+            "case_id": case_id,
+            "case_key_id": secrets.token_hex(6),
+            "created_at": to_iso(time.time() if now is None else now),
+            "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
+        }
+        if create_private(path, json.dumps(doc).encode("utf-8"), durable=self._unsynced is None):
+            if self.shredded(case_id) is not None:  # a shred ran since the check above
+                with contextlib.suppress(FileNotFoundError):
+                    destroy_file(path)
+                self._refuse_shredded(case_id)
+            if self._unsynced is not None:
+                self._unsynced[path] = None
+        else:  # another router made it first: use theirs
+            return self.key_for(case_id, now=now)
         return doc["case_key_id"], base64.b64decode(doc["key"])
 
     # -- durability ---------------------------------------------------------------------------

@@ -86,9 +86,9 @@ def make_private_dir(path: Path) -> None:
     check_private(path, is_dir=True)
 
 
-def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Atomically replace ``path`` with ``data``; the file is 0600 from its creation on.
-    ``durable=False`` skips both fsyncs: the caller makes it durable later (``fsync_paths``)."""
+def _temporary(path: Path, data: bytes, durable: bool) -> Path:
+    """``data`` in a new 0600 file beside ``path`` (fsynced when ``durable``), to be moved or
+    linked into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -97,6 +97,18 @@ def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Atomically replace ``path`` with ``data``; the file is 0600 from its creation on.
+    ``durable=False`` skips both fsyncs: the caller makes it durable later (``fsync_paths``)."""
+    tmp = _temporary(path, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -104,6 +116,22 @@ def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def create_private(path: Path, data: bytes, *, durable: bool = True) -> bool:
+    """Create ``path`` holding ``data`` (0600) unless it exists; True when this call made it.
+    No lock: the file is written whole under a temporary name and hard-linked into place, so
+    of two writers racing exactly one wins and a reader never sees it half written."""
+    tmp = _temporary(path, data, durable)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    if durable:
+        _fsync_dir(path.parent)
+    return True
 
 
 def fsync_paths(folder: Path, paths: Iterable[Path]) -> int:
