@@ -227,6 +227,28 @@ def test_routers_racing_to_create_one_case_key_all_get_the_same_key(tmp_path: Pa
     assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_without_hard_links_case_keys_are_created_under_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data folder on a file system that refuses hard links still gets its case keys (the
+    store's lock decides who creates one); nothing is left behind."""
+    import errno
+
+    from referral_broker.sealing import keystore
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(keystore.os, "link", no_links)
+    store = CaseKeyStore.open(tmp_path / "keys")
+    first = store.key_for("CASE-L")
+    assert store.key_for("CASE-L") == first
+    assert not keystore.create_private(store.root / "CASE-L.key", b"{}")  # exists: not replaced
+    assert store.key_for("CASE-L") == first
+    assert (store.root / "CASE-L.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in store.root.iterdir() if p.is_file()) == [".lock", "CASE-L.key"]
+
+
 def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]]:
     store = CaseKeyStore.open(keys_dir)
     return {case: store.key_for(case) for case in cases}

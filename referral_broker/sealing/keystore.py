@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -121,14 +122,23 @@ def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
 def create_private(path: Path, data: bytes, *, durable: bool = True) -> bool:
     """Create ``path`` holding ``data`` (0600) unless it exists; True when this call made it.
     No lock: the file is written whole under a temporary name and hard-linked into place, so
-    of two writers racing exactly one wins and a reader never sees it half written."""
+    of two writers racing exactly one wins and a reader never sees it half written. On a file
+    system without hard links it falls back to the folder's lock (:func:`locked`)."""
     tmp = _temporary(path, data, durable)
     try:
         os.link(tmp, path)
     except FileExistsError:
         return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        with locked(path.parent):
+            if os.path.lexists(path):
+                return False
+            os.replace(tmp, path)
     finally:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     if durable:
         _fsync_dir(path.parent)
     return True
