@@ -144,15 +144,16 @@ class CaseKeyStore:
             "created_at": to_iso(time.time() if now is None else now),
             "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
         }
-        if create_private(path, json.dumps(doc).encode("utf-8"), durable=self._unsynced is None):
-            if self.shredded(case_id) is not None:  # a shred ran since the check above
-                with contextlib.suppress(FileNotFoundError):
-                    destroy_file(path)
-                self._refuse_shredded(case_id)
-            if self._unsynced is not None:
-                self._unsynced[path] = None
-        else:  # another router made it first: use theirs
-            return self.key_for(case_id, now=now)
+        if not create_private(path, json.dumps(doc).encode("utf-8"), durable=self._unsynced is None):
+            return self.key_for(case_id, now=now)  # another router made it first: use theirs
+        try:
+            self._refuse_shredded(case_id)  # a shred ran since the check above
+        except ShreddedError:
+            with contextlib.suppress(FileNotFoundError):
+                destroy_file(path)
+            raise
+        if self._unsynced is not None:
+            self._unsynced[path] = None
         return doc["case_key_id"], base64.b64decode(doc["key"])
 
     # -- durability ---------------------------------------------------------------------------
