@@ -45,7 +45,7 @@ from referral_broker.identity import (
     withheld_from,
 )
 from referral_broker.parties import HUB, get_party
-from referral_broker.sealing.envelope import H_KIND, H_RECIPIENT, H_SENDER
+from referral_broker.sealing.envelope import H_KIND, H_RECIPIENT, H_SENDER, VerifiedHeaders
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _text(headers: Mapping[str, bytes], name: str) -> str:
 
 def verify_arrival(
     identity: Identity, record: Any, *, sender: str | None = None, kinds: Collection[str] = KINDS
-) -> dict[str, bytes]:
+) -> VerifiedHeaders:
     """Check a message before anything in it is believed: the signature and the signer's key
     first, then that ``sender`` sent it (any party when None), that it is addressed to this
     party and is one of ``kinds``. Returns the verified headers by name; nothing is opened."""

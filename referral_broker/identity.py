@@ -27,7 +27,7 @@ from referral_broker.sealing import (
     MessageSealer,
 )
 from referral_broker.sealing.directory import load_topic
-from referral_broker.sealing.envelope import H_SCHEMA, ConsumedRecord, OpenedMessage
+from referral_broker.sealing.envelope import H_SCHEMA, ConsumedRecord, OpenedMessage, VerifiedHeaders
 from referral_broker.sealing.fields import DataKey
 
 T = TypeVar("T")
@@ -222,13 +222,15 @@ class Identity:
                 self.refresh()
             return action(self)
 
-    def open(self, record: ConsumedRecord, *, verified: Mapping[str, bytes] | None = None) -> OpenedMessage:
+    def open(self, record: ConsumedRecord, *, verified: VerifiedHeaders | None = None) -> OpenedMessage:
         """Verify and open a consumed record addressed to this party. The signature is checked
         before any header is parsed: an unsigned or forged record never reaches the view parser.
         ``verified``: the headers ``opener.verify`` already returned for this very record (the
-        receive path has them), so the view is learned without verifying twice."""
-        self.schemas.learn(verified if verified is not None else self.opener.verify(record))
-        return self.opener.open(record)
+        receive path has them), so it is verified once, not twice."""
+        if verified is None or not verified.of(record):
+            verified = self.opener.verify(record)
+        self.schemas.learn(verified)
+        return self.opener.open(record, verified=verified)
 
 
 def load_directory(settings: Settings, bootstrap: str) -> KeyDirectory:

@@ -401,3 +401,29 @@ def test_extra_headers_are_signed_and_returned(world: World, tmp_path: Path) -> 
     assert opened.extra_headers == (("rb-view", b'["child.given_name"]'),)
     with pytest.raises(SealingError, match="reserved"):
         seal(world, HEALTH, "t", extra_headers=[("rb-dek", b"x")])
+
+
+def test_headers_verified_for_one_record_open_it_without_verifying_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive path verifies a record before it opens it; the open takes those headers
+    instead of checking the signature a second time (one Ed25519 verify a referral fewer in the
+    router), but only for the very record they were verified for."""
+    import referral_broker.sealing.envelope as envelope
+
+    opener = world.opener(HEALTH)
+    record = as_record(seal(world, HEALTH, "t"))
+    calls: list[str] = []
+    real = envelope.verify_message
+    monkeypatch.setattr(envelope, "verify_message", lambda *a, **k: (calls.append("v"), real(*a, **k))[1])
+
+    verified = opener.verify(record)
+    assert opener.open(record, verified=verified).record == sample_referral(1)
+    assert calls == ["v"]
+
+    # headers verified for another record do not stand in for this one's signature
+    forged = as_record(seal(world, HEALTH, "t", n=2))
+    forged = Record(forged.topic, 0, 0, forged.key, forged.value[:-1] + bytes([forged.value[-1] ^ 1]), forged.headers, 0)
+    with pytest.raises(SignatureError):
+        opener.open(forged, verified=verified)
+    assert calls == ["v", "v"]

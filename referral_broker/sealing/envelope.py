@@ -318,9 +318,24 @@ def sign_plain(
     return OutgoingMessage(topic, key, value, headers)
 
 
+class VerifiedHeaders(dict[str, bytes]):
+    """The headers of one record whose signature and signer :func:`verify_signed` checked,
+    tied to that very record object, so :meth:`MessageOpener.open` can take them instead of
+    verifying the same record twice (and still verifies any other record it is given)."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: ConsumedRecord, headers: dict[str, bytes]) -> None:
+        super().__init__(headers)
+        self.record = record
+
+    def of(self, record: ConsumedRecord) -> bool:
+        return self.record is record
+
+
 def verify_signed(
     directory: KeyDirectory, record: ConsumedRecord, *, now: float | None = None
-) -> dict[str, bytes]:
+) -> VerifiedHeaders:
     """Verify a message's signature and signer; return its headers by name.
 
     Refuses, in order: no (or several) signature headers, a repeated ``rb-`` header, an
@@ -352,7 +367,7 @@ def verify_signed(
     signed_at = _number(by_name, H_SEALED_AT) / 1000
     public = directory.signer(_text(by_name, H_SENDER_KEY), sender, signed_at, now)
     verify_message(public, record.topic, record.key, headers, record.value, signer=sender)
-    return by_name
+    return VerifiedHeaders(record, by_name)
 
 
 def _text(headers: dict[str, bytes], name: str) -> str:
@@ -418,13 +433,16 @@ class MessageOpener:
     def party(self) -> str:
         return self.keystore.party
 
-    def verify(self, record: ConsumedRecord, *, now: float | None = None) -> dict[str, bytes]:
+    def verify(self, record: ConsumedRecord, *, now: float | None = None) -> VerifiedHeaders:
         """Check the signature and the signer (see :func:`verify_signed`)."""
         return verify_signed(self.directory, record, now=now)
 
-    def open(self, record: ConsumedRecord, *, now: float | None = None) -> OpenedMessage:
-        """Verify, then open every sealed field; the whole record or an exception."""
-        h = self.verify(record, now=now)
+    def open(
+        self, record: ConsumedRecord, *, now: float | None = None, verified: VerifiedHeaders | None = None
+    ) -> OpenedMessage:
+        """Verify, then open every sealed field; the whole record or an exception. ``verified``:
+        what :meth:`verify` returned for this very record (checked), so it is not verified twice."""
+        h = verified if verified is not None and verified.of(record) else self.verify(record, now=now)
         missing = [name for name in _SEALED_REQUIRED if name not in h]
         if missing:
             raise TamperedError(f"signed message lacks sealing header(s) {', '.join(missing)}; refused")
