@@ -36,7 +36,7 @@ from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import read_dead_letters
 from referral_broker.consumers.router import Router
-from referral_broker.errors import ContractError, TamperedError
+from referral_broker.errors import ContractError, ShreddedError, TamperedError
 from referral_broker.parties import all_parties
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas.registry import referral_schema
@@ -56,6 +56,7 @@ from referral_broker.sealing import (
 from referral_broker.sealing.classes import SEALED_FIELD
 from referral_broker.sealing.envelope import (
     H_BINDING,
+    H_DEK,
     H_FORMAT,
     H_KIND,
     H_SEALED_AT,
@@ -65,11 +66,13 @@ from referral_broker.sealing.envelope import (
 )
 from referral_broker.sealing.key_admin import init_parties
 from referral_broker.sealing.signing import sign_message
+from referral_broker.sealing.wrapping import MODE_RECIPIENT_AND_CASE, read_wrapped_header
 
 HUB = "council"
 TEAM = "district-fenland"
 LEGACY = Path(__file__).parent / "data" / "sealing_legacy_v1"
 FORMAT_2 = Path(__file__).parent / "data" / "sealing_legacy_v2"
+FORMAT_3_CASE_MODE_2 = Path(__file__).parent / "data" / "sealing_legacy_v3"
 Headers = list[tuple[str, bytes]]
 
 
@@ -468,6 +471,30 @@ def test_messages_sealed_in_format_2_still_open(kafka_bootstrap: str, settings: 
     )
     with pytest.raises(TamperedError, match="a format-3 message value must be written with wire schema"):
         hub.open(relabelled, now=at)
+
+
+def test_format_3_messages_with_a_share_wrapped_per_message_still_open(
+    kafka_bootstrap: str, settings: Settings, tmp_path: Path
+) -> None:
+    """The format-3 fixture written before wrap mode 3 (its case-sealed copy wraps a fresh share
+    per message, mode 2) goes through the real broker and opens as the district team with the
+    case key; without the case key it is refused as shredded."""
+    doc, _, keys, directory, _ = open_fixture(FORMAT_3_CASE_MODE_2, 3, settings, kafka_bootstrap, tmp_path)
+    routed = json.loads((FORMAT_3_CASE_MODE_2 / "messages.json").read_text("utf-8"))["messages"][1]
+    wrapped = base64.b64decode(dict(routed["headers"])[H_DEK])
+    assert read_wrapped_header(wrapped)[0].mode == MODE_RECIPIENT_AND_CASE
+    team = MessageOpener(KeyStore.open(keys, doc["team"]), directory, schema_book(TEST_SCHEMA))
+    record = Record(
+        routed["topic"],
+        0,
+        0,
+        base64.b64decode(routed["key"]),
+        base64.b64decode(routed["value"]),
+        [(n, base64.b64decode(v)) for n, v in routed["headers"]],
+        0,
+    )
+    with pytest.raises(ShreddedError, match="case ref-0007"):
+        team.open(record, now=doc["sealed_at"] + 60)
 
 
 # -- sealed format 3: one AEAD per data class ----------------------------------------------------
