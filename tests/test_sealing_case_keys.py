@@ -16,7 +16,7 @@ from referral_broker.cli.main import cli
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import KeyNotFoundError, LegalHoldError, SealingError, ShreddedError
-from referral_broker.sealing import CaseKeyStore, retention, verify_signed
+from referral_broker.sealing import CaseKeyStore, DekCache, MessageSealer, retention, verify_signed
 from referral_broker.sealing.directory import publish
 
 
@@ -27,9 +27,9 @@ def world(topics: Settings, kafka_bootstrap: str) -> World:
     return world
 
 
-def _case_copies(world: World, settings: Settings, case_id: str, n: int) -> list:
+def _case_copies(world: World, settings: Settings, case_id: str, n: int, sealer: MessageSealer | None = None) -> list:
     """A district-team copy and an archive copy of one case, as the hub would write them."""
-    sealer = world.sealer("council")
+    sealer = sealer or world.sealer("council")
     common = {"referral_id": f"ref-{n:04d}", "referral_version": 1, "case_id": case_id}
     return [
         sealer.seal(
@@ -62,10 +62,13 @@ def _audit_events(settings: Settings, bootstrap: str, world: World) -> list[dict
 def test_shred_makes_one_case_unreadable_everywhere(
     topics: Settings, kafka_bootstrap: str, world: World
 ) -> None:
+    # The router's sealer and the readers cache: one wrapped share (wrap mode 3) serves both
+    # cases' copies to each recipient, and that must not outlive a shred.
+    sealer = world.sealer("council", cache=DekCache(100, 300))
     send_all(
         topics,
         kafka_bootstrap,
-        _case_copies(world, topics, "CASE-A", 1) + _case_copies(world, topics, "CASE-B", 2),
+        _case_copies(world, topics, "CASE-A", 1, sealer) + _case_copies(world, topics, "CASE-B", 2, sealer),
     )
     copies = read_all(
         topics,
@@ -73,7 +76,13 @@ def test_shred_makes_one_case_unreadable_everywhere(
         [topic_name(topics, "out", "district-fenland"), topic_name(topics, "archive")],
     )
     assert len(copies) == 4
-    reader = {"district-fenland": world.opener("district-fenland"), "council": world.opener("council")}
+    for recipient in ("district-fenland", "council"):
+        wraps = [dict(r.headers)["rb-dek"] for r in copies if dict(r.headers)["rb-recipient"] == recipient.encode()]
+        assert len(wraps) == 2 and wraps[0] != wraps[1] and wraps[0][-80:] == wraps[1][-80:]
+    reader = {
+        "district-fenland": world.opener("district-fenland", cache=DekCache(100, 300)),
+        "council": world.opener("council", cache=DekCache(100, 300)),
+    }
 
     def open_copy(record):
         return reader[dict(record.headers)["rb-recipient"].decode()].open(record)

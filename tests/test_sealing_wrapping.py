@@ -14,6 +14,8 @@ from referral_broker.errors import KeyNotFoundError, RevokedKeyError, ShreddedEr
 from referral_broker.sealing import DataKey, DekCache
 from referral_broker.sealing.envelope import H_DEK, H_RECIPIENT_KEY
 from referral_broker.sealing.wrapping import (
+    MODE_CASE_SHARE,
+    CaseShare,
     new_case_data_key,
     read_wrapped_header,
     unwrap_data_key,
@@ -66,17 +68,14 @@ def test_every_byte_of_a_wrapped_key_is_protected() -> None:
 
 def test_case_mode_needs_the_case_key() -> None:
     case_key = bytes(range(32))
-    key, wrapped = new_case_data_key(
-        recipient=TEAM,
-        recipient_key_id="district-fenland.0123456789ab",
-        recipient_public=HEALTH.public_key(),
-        case_id="CASE-1",
-        case_key_id="aa11bb22cc33",
-        case_key=case_key,
+    share = CaseShare.new(
+        recipient=TEAM, recipient_key_id="district-fenland.0123456789ab", recipient_public=HEALTH.public_key()
     )
+    key, wrapped = new_case_data_key(share, case_id="CASE-1", case_key_id="aa11bb22cc33", case_key=case_key)
     header, _, _ = read_wrapped_header(wrapped)
-    assert (header.case_id, header.case_key_id) == ("CASE-1", "aa11bb22cc33")
-    assert case_key not in wrapped and key.secret not in wrapped
+    assert (header.mode, header.case_id, header.case_key_id) == (MODE_CASE_SHARE, "CASE-1", "aa11bb22cc33")
+    assert header.share_id == share.share_id
+    assert case_key not in wrapped and key.secret not in wrapped and share.secret not in wrapped
     lookup = {("CASE-1", "aa11bb22cc33"): case_key}
     back = unwrap_data_key(
         wrapped, recipient=TEAM, private_key=HEALTH, case_keys=lambda c, k: lookup[(c, k)]
@@ -88,6 +87,67 @@ def test_case_mode_needs_the_case_key() -> None:
     assert other.secret != key.secret  # a wrong case key gives a key that opens nothing
     with pytest.raises(ShreddedError, match="case CASE-1"):
         unwrap_data_key(wrapped, recipient=TEAM, private_key=HEALTH)
+
+
+def test_one_wrapped_share_serves_many_cases_each_message_with_its_own_key() -> None:
+    """Mode 3: the HPKE part (one X25519 exchange) is the share's, the same for every message;
+    each message still derives its own data key from the share, its case's key and its whole
+    clear header, so no change to any byte of the wrapped key (its case, its case key, its
+    ids) yields that message's key, and another recipient or private key opens nothing."""
+    share = CaseShare.new(recipient=TEAM, recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key())
+    case_keys = {("CASE-1", "aa11bb22cc33"): bytes(range(32)), ("CASE-2", "dd44ee55ff66"): bytes(range(1, 33))}
+    lookup = lambda c, k: case_keys[(c, k)]
+    made = [
+        new_case_data_key(share, case_id=c, case_key_id=k, case_key=v)
+        for (c, k), v in [*case_keys.items(), *case_keys.items()]
+    ]
+    assert len({w[-80:] for _, w in made}) == 1  # one HPKE wrap for all four
+    assert len({key.secret for key, _ in made}) == len({key.key_id for key, _ in made}) == 4
+    for key, wrapped in made:
+        assert unwrap_data_key(wrapped, recipient=TEAM, private_key=HEALTH, case_keys=lookup).secret == key.secret
+    key, wrapped = made[0]
+    for i in range(len(wrapped)):
+        damaged = bytearray(wrapped)
+        damaged[i] ^= 0x01
+        try:
+            got = unwrap_data_key(bytes(damaged), recipient=TEAM, private_key=HEALTH, case_keys=lookup)
+        except (TamperedError, KeyError):
+            continue
+        assert got.secret != key.secret, f"byte {i} changed and the same key came out"
+    with pytest.raises(TamperedError, match="authentication failed"):
+        unwrap_data_key(wrapped, recipient=OTHER, private_key=HEALTH, case_keys=lookup)
+    with pytest.raises(TamperedError, match="authentication failed"):
+        unwrap_data_key(wrapped, recipient=TEAM, private_key=X25519PrivateKey.generate(), case_keys=lookup)
+
+
+def test_a_cached_share_is_unwrapped_once_and_a_shred_still_refuses_the_next_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import referral_broker.sealing.wrapping as wrapping
+
+    share = CaseShare.new(recipient=TEAM, recipient_key_id=KEY_ID, recipient_public=HEALTH.public_key())
+    live = {("CASE-1", "aa11bb22cc33"): bytes(range(32))}
+
+    def lookup(case: str, key_id: str) -> bytes:
+        if (case, key_id) not in live:
+            raise ShreddedError(f"case {case} was shredded")
+        return live[(case, key_id)]
+
+    opens: list[int] = []
+    real = wrapping._hpke_open
+    monkeypatch.setattr(wrapping, "_hpke_open", lambda *a: (opens.append(1), real(*a))[1])
+    shares: DekCache[bytes] = DekCache(max_uses=100, max_age_s=60)
+    case_key = live[("CASE-1", "aa11bb22cc33")]
+    made = [
+        new_case_data_key(share, case_id="CASE-1", case_key_id="aa11bb22cc33", case_key=case_key) for _ in range(3)
+    ]
+    for key, wrapped in made:
+        got = unwrap_data_key(wrapped, recipient=TEAM, private_key=HEALTH, case_keys=lookup, shares=shares)
+        assert got.secret == key.secret
+    assert len(opens) == 1
+    live.clear()  # the case is shredded: its key is gone
+    with pytest.raises(ShreddedError, match="case CASE-1"):
+        unwrap_data_key(made[0][1], recipient=TEAM, private_key=HEALTH, case_keys=lookup, shares=shares)
 
 
 # -- the cache -------------------------------------------------------------------------------

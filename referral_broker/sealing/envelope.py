@@ -62,8 +62,8 @@ from referral_broker.sealing.records import SealingPlan, sealing_plan
 from referral_broker.sealing.signing import SIGNATURE_HEADER, sign_message, signature_of, verify_message
 from referral_broker.sealing.wrapping import (
     MODE_RECIPIENT,
-    MODE_RECIPIENT_AND_CASE,
     CaseKeyLookup,
+    CaseShare,
     DekCache,
     new_case_data_key,
     read_wrapped_header,
@@ -167,7 +167,8 @@ class MessageSealer:
     """Seals and signs messages as the party whose key store this is.
 
     One per sending process; thread-safe. ``cache`` (a :class:`DekCache`) lets one wrapped data
-    key serve several messages to the same recipient key within its bounds; ``case_keys`` (the
+    key (for case-sealed messages, one wrapped share: wrap mode 3) serve several messages to
+    the same recipient key within its bounds; ``case_keys`` (the
     hub's :class:`~referral_broker.sealing.case_keys.CaseKeyStore`) is needed to seal the
     council's long-lived copies (district teams, archive) under per-case keys.
     """
@@ -177,7 +178,7 @@ class MessageSealer:
         keystore: KeyStore,
         directory: KeyDirectory,
         *,
-        cache: DekCache[tuple[DataKey, bytes]] | None = None,
+        cache: DekCache[Any] | None = None,
         case_keys: CaseKeyStore | None = None,
     ) -> None:
         self.keystore = keystore
@@ -236,14 +237,8 @@ class MessageSealer:
             if self.case_keys is None:
                 raise SealingError(f"sealing under the key of case {case_id} needs the hub's case-key store")
             case_key_id, case_key = self.case_keys.key_for(case_id, now=now)
-            key, wrapped = new_case_data_key(
-                recipient=recipient,
-                recipient_key_id=target.key_id,
-                recipient_public=target.encryption_key(),
-                case_id=case_id,
-                case_key_id=case_key_id,
-                case_key=case_key,
-            )
+            share = self._case_share(recipient, target.key_id, target)
+            key, wrapped = new_case_data_key(share, case_id=case_id, case_key_id=case_key_id, case_key=case_key)
         else:
             key, wrapped = self._recipient_key(recipient, target.key_id, target)
 
@@ -273,21 +268,36 @@ class MessageSealer:
         return OutgoingMessage(topic, msg_key, value, headers)
 
     def _recipient_key(self, recipient: str, key_id: str, target: KeyEntry) -> tuple[DataKey, bytes]:
-        slot = (recipient, key_id)
-        if self.cache is not None:
-            # A recipient key that is no longer the one to seal to (rotated or revoked) loses
-            # its cached data keys now, not when they age out.
-            self.cache.forget(lambda s: isinstance(s, tuple) and s[0] == recipient and s[1] != key_id)
-            hit = self.cache.get(slot)
-            if hit is not None:
-                return hit
-        key = DataKey.generate()
-        wrapped = wrap_data_key(
-            key, recipient=recipient, recipient_key_id=key_id, recipient_public=target.encryption_key()
-        )
-        if self.cache is not None:
-            self.cache.put(slot, (key, wrapped))
-        return key, wrapped
+        def new() -> tuple[DataKey, bytes]:
+            key = DataKey.generate()
+            public = target.encryption_key()
+            return key, wrap_data_key(key, recipient=recipient, recipient_key_id=key_id, recipient_public=public)
+
+        cached: tuple[DataKey, bytes] = self._cached((recipient, key_id), new)
+        return cached
+
+    def _case_share(self, recipient: str, key_id: str, target: KeyEntry) -> CaseShare:
+        """The share a case-sealed message to ``key_id`` wraps its data key with (mode 3):
+        one X25519 exchange for many messages and cases, within the cache's bounds."""
+        def new() -> CaseShare:
+            return CaseShare.new(recipient=recipient, recipient_key_id=key_id, recipient_public=target.encryption_key())
+
+        share: CaseShare = self._cached((recipient, key_id, "case-share"), new)
+        return share
+
+    def _cached(self, slot: tuple[str, ...], new: Callable[[], Any]) -> Any:
+        """The cached value for a (recipient, key id, ...) slot, or ``new()`` remembered."""
+        if self.cache is None:
+            return new()
+        # A recipient key that is no longer the one to seal to (rotated or revoked) loses
+        # its cached keys and shares now, not when they age out.
+        recipient, key_id = slot[0], slot[1]
+        self.cache.forget(lambda s: isinstance(s, tuple) and s[0] == recipient and s[1] != key_id)
+        hit = self.cache.get(slot)
+        if hit is None:
+            hit = new()
+            self.cache.put(slot, hit)
+        return hit
 
 
 def sign_plain(
@@ -407,7 +417,8 @@ class MessageOpener:
     ``case_keys`` is the hub's case-key lookup (``CaseKeyStore.lookup``) for case-sealed
     messages: the district-team inbox and the archive reader pass it. ``cache`` keeps
     unwrapped data keys (by the exact wrapped bytes) within its bounds; case-sealed data keys
-    are never cached, so a shred takes effect on the very next message.
+    are never cached, so a shred takes effect on the very next message (the share a mode-3
+    key wraps is, but the case key is looked up for every message).
     """
 
     def __init__(
@@ -416,7 +427,7 @@ class MessageOpener:
         directory: KeyDirectory,
         schemas: SchemaLookup | None = None,
         *,
-        cache: DekCache[DataKey] | None = None,
+        cache: DekCache[Any] | None = None,
         case_keys: CaseKeyLookup | None = None,
         accept_legacy: bool = True,
     ) -> None:
@@ -565,7 +576,7 @@ class MessageOpener:
         cache = self.cache if mode == MODE_RECIPIENT else None
         slot = wrapped_slot(self.party, wrapped) if cache is not None else b""
         if cache is not None:
-            hit = cache.get(slot)
+            hit: DataKey | None = cache.get(slot)
             if hit is not None:
                 return hit
         pair = self.keystore.get(recipient_key_id)
@@ -573,7 +584,8 @@ class MessageOpener:
             wrapped,
             recipient=self.party,
             private_key=pair.encryption,
-            case_keys=self.case_keys if mode == MODE_RECIPIENT_AND_CASE else None,
+            case_keys=self.case_keys if mode != MODE_RECIPIENT else None,
+            shares=self.cache,
         )
         if cache is not None:
             cache.put(slot, key)

@@ -10,13 +10,21 @@ so a wrapped key cannot be relabelled or handed to another recipient or case.
 Wrapped data key (the ``rb-dek`` header)::
 
     version (1) | suite (1) | mode (1) | recipient key id (1-byte length + id) | data-key id (idem)
-    [mode 2 only: case id (idem) | case-key id (idem)] | HPKE encapsulated key (32) + ciphertext (48)
+    [modes 2, 3: case id (idem) | case-key id (idem)] [mode 3: share id (idem)]
+    | HPKE encapsulated key (32) + ciphertext (48)
 
 Mode 1 (recipient): the HPKE plaintext is the data key itself.
 Mode 2 (recipient + case key): the HPKE plaintext is a random 32-byte share; the data key is
 HKDF-SHA256 over ``share || case key`` (see :mod:`referral_broker.sealing.case_keys`). Opening
 needs both the recipient's X25519 private key and the case key, so destroying the case key
 makes the message unreadable even to its recipient (crypto-shredding).
+Mode 3 (recipient + case key, shared share): as mode 2, but the share's HPKE ``info`` binds only
+the recipient, its key id and the share id, not the case, so one wrapped share (one X25519
+exchange) serves many messages and cases within the data-key cache's bounds (:class:`CaseShare`).
+The data key still derives from ``share || case key`` with the whole clear header (the case,
+the case key and a data-key id of each message's own) in the HKDF ``info``: each message has
+its own key, a relabelled case derives a key that opens nothing, and a destroyed case key
+leaves every message of the case unreadable. Mode 2 is still opened (older messages).
 
 This module must never write a private key, a data key or a share anywhere (no logs, no
 exception messages, no files); the cache holds data keys in memory only, within its bounds.
@@ -30,7 +38,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from cryptography.exceptions import InvalidTag
@@ -47,11 +55,14 @@ WRAP_VERSION = 1
 SUITE_HPKE_X25519_SHA256_AES256GCM = 1
 MODE_RECIPIENT = 1
 MODE_RECIPIENT_AND_CASE = 2
+MODE_CASE_SHARE = 3
+_CASE_MODES = (MODE_RECIPIENT_AND_CASE, MODE_CASE_SHARE)
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _HPKE_LENGTH = 32 + KEY_SIZE + 16
 MAX_USES_CEILING = 1_000_000
 _WRAP_LABEL = b"referral-broker/dek-wrap/v1"
 _CASE_LABEL = b"referral-broker/case-dek/v1"
+_SHARE_LABEL = b"referral-broker/case-share/v1"
 
 # (case id, case-key id) -> the 32-byte case key, or raise KeyNotFoundError / ShreddedError.
 CaseKeyLookup = Callable[[str, str], bytes]
@@ -66,15 +77,26 @@ class WrappedKeyHeader:
     data_key_id: bytes
     case_id: str | None = None
     case_key_id: str | None = None
+    share_id: bytes | None = None  # mode 3
 
 
 def _prefix(header: WrappedKeyHeader) -> bytes:
     out = bytes([WRAP_VERSION, SUITE_HPKE_X25519_SHA256_AES256GCM, header.mode])
     out += short(header.recipient_key_id) + short(header.data_key_id)
-    if header.mode == MODE_RECIPIENT_AND_CASE:
+    if header.mode in _CASE_MODES:
         assert header.case_id is not None and header.case_key_id is not None
         out += short(header.case_id) + short(header.case_key_id)
+    if header.mode == MODE_CASE_SHARE:
+        assert header.share_id is not None
+        out += short(header.share_id)
     return out
+
+
+def _share_prefix(recipient_key_id: str, share_id: bytes) -> bytes:
+    """What a mode-3 share's HPKE ``info`` binds besides the recipient: no case, no message."""
+    return bytes([WRAP_VERSION, SUITE_HPKE_X25519_SHA256_AES256GCM, MODE_CASE_SHARE]) + (
+        short(recipient_key_id) + short(share_id)
+    )
 
 
 def _info(recipient: str, prefix: bytes) -> bytes:
@@ -98,23 +120,38 @@ def wrap_data_key(
     return prefix + _SUITE.encrypt(key.secret, recipient_public, info=_info(recipient, prefix))
 
 
+@dataclass(frozen=True)
+class CaseShare:
+    """A random share wrapped once to one recipient key (mode 3), for the case-sealed messages
+    to that key within the data-key cache's bounds; held in memory only."""
+
+    recipient: str
+    recipient_key_id: str
+    share_id: bytes
+    secret: bytes = field(repr=False)
+    sealed: bytes  # the HPKE encapsulated key and ciphertext of ``secret``
+
+    @classmethod
+    def new(cls, *, recipient: str, recipient_key_id: str, recipient_public: X25519PublicKey) -> CaseShare:
+        share_id, secret = os.urandom(8), os.urandom(KEY_SIZE)
+        info = frame(_SHARE_LABEL, recipient, _share_prefix(recipient_key_id, share_id))
+        sealed = _SUITE.encrypt(secret, recipient_public, info=info)
+        return cls(recipient, recipient_key_id, share_id, secret, sealed)
+
+
 def new_case_data_key(
-    *,
-    recipient: str,
-    recipient_key_id: str,
-    recipient_public: X25519PublicKey,
-    case_id: str,
-    case_key_id: str,
-    case_key: bytes,
+    share: CaseShare, *, case_id: str, case_key_id: str, case_key: bytes
 ) -> tuple[DataKey, bytes]:
-    """A fresh data key that needs both the recipient's private key and the case key, and its
-    wrapped form. Nothing derived from the case key is written into the wrapped form."""
+    """A fresh data key for one message of ``case_id`` that needs both the recipient's private
+    key (for ``share``) and the case key, and its wrapped form (mode 3). Nothing derived from
+    the case key is written into the wrapped form."""
     data_key_id = os.urandom(8)
-    header = WrappedKeyHeader(MODE_RECIPIENT_AND_CASE, recipient_key_id, data_key_id, case_id, case_key_id)
+    header = WrappedKeyHeader(
+        MODE_CASE_SHARE, share.recipient_key_id, data_key_id, case_id, case_key_id, share.share_id
+    )
     prefix = _prefix(header)
-    share = os.urandom(KEY_SIZE)
-    wrapped = prefix + _SUITE.encrypt(share, recipient_public, info=_info(recipient, prefix))
-    return _case_data_key(share, case_key, recipient, prefix, data_key_id), wrapped
+    key = _case_data_key(share.secret, case_key, share.recipient, prefix, data_key_id)
+    return key, prefix + share.sealed
 
 
 def read_wrapped_header(wrapped: bytes) -> tuple[WrappedKeyHeader, bytes, bytes]:
@@ -127,15 +164,17 @@ def read_wrapped_header(wrapped: bytes) -> tuple[WrappedKeyHeader, bytes, bytes]
     if suite != SUITE_HPKE_X25519_SHA256_AES256GCM:
         raise TamperedError(f"unknown key-wrapping suite id {suite}")
     mode = reader.byte()
-    if mode not in (MODE_RECIPIENT, MODE_RECIPIENT_AND_CASE):
+    if mode not in (MODE_RECIPIENT, *_CASE_MODES):
         raise TamperedError(f"unknown key-wrapping mode {mode}")
     try:
         recipient_key_id = reader.short().decode("ascii")
         data_key_id = reader.short()
-        case_id = case_key_id = None
-        if mode == MODE_RECIPIENT_AND_CASE:
+        case_id = case_key_id = share_id = None
+        if mode in _CASE_MODES:
             case_id = reader.short().decode("ascii")
             case_key_id = reader.short().decode("ascii")
+        if mode == MODE_CASE_SHARE:
+            share_id = reader.short()
     except UnicodeDecodeError:
         raise TamperedError("malformed wrapped data key: a key id is not ASCII") from None
     prefix_len = reader.consumed
@@ -146,7 +185,7 @@ def read_wrapped_header(wrapped: bytes) -> tuple[WrappedKeyHeader, bytes, bytes]
             if len(sealed) < _HPKE_LENGTH
             else "wrapped data key has trailing bytes"
         )
-    header = WrappedKeyHeader(mode, recipient_key_id, data_key_id, case_id, case_key_id)
+    header = WrappedKeyHeader(mode, recipient_key_id, data_key_id, case_id, case_key_id, share_id)
     return header, bytes(wrapped[:prefix_len]), sealed
 
 
@@ -156,18 +195,25 @@ def unwrap_data_key(
     recipient: str,
     private_key: X25519PrivateKey,
     case_keys: CaseKeyLookup | None = None,
+    shares: DekCache[bytes] | None = None,
 ) -> DataKey:
     """Recover the data key, or raise: :class:`TamperedError` when the wrapped key is not for
     this recipient and key or was altered; :class:`ShreddedError`/``KeyNotFoundError`` from
-    ``case_keys`` when the case key is gone."""
+    ``case_keys`` when the case key is gone. ``shares`` keeps mode-3 shares already unwrapped
+    (never a data key: the case key is looked up for every message, so a shred takes effect
+    on the next one)."""
     header, prefix, sealed = read_wrapped_header(wrapped)
-    try:
-        secret = _SUITE.decrypt(sealed, private_key, info=_info(recipient, prefix))
-    except (InvalidTag, ValueError):
-        raise TamperedError(
-            f"wrapped data key for key {header.recipient_key_id}: authentication failed "
-            "(tampered, addressed to another recipient, or wrong private key)"
-        ) from None
+    if header.mode == MODE_CASE_SHARE:
+        assert header.share_id is not None
+        info = frame(_SHARE_LABEL, recipient, _share_prefix(header.recipient_key_id, header.share_id))
+        slot = hashlib.sha256(info + sealed).digest()
+        secret = shares.get(slot) if shares is not None else None
+        if secret is None:
+            secret = _hpke_open(sealed, private_key, info, header)
+            if shares is not None:
+                shares.put(slot, secret)
+    else:
+        secret = _hpke_open(sealed, private_key, _info(recipient, prefix), header)
     if header.mode == MODE_RECIPIENT:
         return DataKey(header.data_key_id, secret)
     if case_keys is None:
@@ -177,6 +223,16 @@ def unwrap_data_key(
     assert header.case_id is not None and header.case_key_id is not None
     case_key = case_keys(header.case_id, header.case_key_id)
     return _case_data_key(secret, case_key, recipient, prefix, header.data_key_id)
+
+
+def _hpke_open(sealed: bytes, private_key: X25519PrivateKey, info: bytes, header: WrappedKeyHeader) -> bytes:
+    try:
+        return _SUITE.decrypt(sealed, private_key, info=info)
+    except (InvalidTag, ValueError):
+        raise TamperedError(
+            f"wrapped data key for key {header.recipient_key_id}: authentication failed "
+            "(tampered, addressed to another recipient, or wrong private key)"
+        ) from None
 
 
 V = TypeVar("V")
