@@ -27,7 +27,9 @@ def world(topics: Settings, kafka_bootstrap: str) -> World:
     return world
 
 
-def _case_copies(world: World, settings: Settings, case_id: str, n: int, sealer: MessageSealer | None = None) -> list:
+def _case_copies(
+    world: World, settings: Settings, case_id: str, n: int, sealer: MessageSealer | None = None
+) -> list:
     """A district-team copy and an archive copy of one case, as the hub would write them."""
     sealer = sealer or world.sealer("council")
     common = {"referral_id": f"ref-{n:04d}", "referral_version": 1, "case_id": case_id}
@@ -77,7 +79,8 @@ def test_shred_makes_one_case_unreadable_everywhere(
     )
     assert len(copies) == 4
     for recipient in ("district-fenland", "council"):
-        wraps = [dict(r.headers)["rb-dek"] for r in copies if dict(r.headers)["rb-recipient"] == recipient.encode()]
+        mine = [dict(r.headers) for r in copies if dict(r.headers)["rb-recipient"] == recipient.encode()]
+        wraps = [h["rb-dek"] for h in mine]
         assert len(wraps) == 2 and wraps[0] != wraps[1] and wraps[0][-80:] == wraps[1][-80:]
     reader = {
         "district-fenland": world.opener("district-fenland", cache=DekCache(100, 300)),
@@ -266,27 +269,65 @@ def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]
 def test_a_key_created_as_its_case_is_shredded_is_destroyed_and_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The race a lock used to close: a router finds no tombstone and no key file (a shred
-    in another process destroyed it just after writing its tombstone), then creates a key.
-    It must meet the tombstone, destroy the key it made and refuse the case."""
+    """The race a lock used to close: a router finds no key file (a shred in another process
+    destroyed it just after writing its tombstone) and creates a key. The tombstone is checked
+    after the key is made, so it meets it, destroys the key it made and refuses the case."""
+    from referral_broker.sealing import case_keys
+
     store = CaseKeyStore.open(tmp_path / "keys")
     case_key_id, _ = store.key_for("CASE-S")
-    store.shred("CASE-S")
-    real = CaseKeyStore.shredded
-    calls = {"n": 0}
+    CaseKeyStore.open(tmp_path / "keys").shred("CASE-S")  # another process: this store held the key
+    made: list[bool] = []
+    real_create = case_keys.create_private
+    monkeypatch.setattr(
+        case_keys, "create_private", lambda *a, **k: (made.append(real_create(*a, **k)), made[-1])[1]
+    )
+    for attempt in range(2):
+        with pytest.raises(ShreddedError, match=f"case CASE-S was shredded .*case key {case_key_id} destroyed"):
+            store.key_for("CASE-S")
+        assert not (store.root / "CASE-S.key").exists()
+        # the first is refused by the check of the key kept in memory (nothing made); the
+        # second finds no key file, makes one, meets the tombstone and destroys it
+        assert made == [True] * attempt
+    assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
 
-    def late_tombstone(self: CaseKeyStore, case_id: str) -> object:
-        calls["n"] += 1
-        return None if calls["n"] == 1 else real(self, case_id)  # the first check ran before the shred
 
-    monkeypatch.setattr(CaseKeyStore, "shredded", late_tombstone)
-    with pytest.raises(ShreddedError, match=f"case CASE-S was shredded .*case key {case_key_id} destroyed"):
-        store.key_for("CASE-S")
-    assert calls["n"] >= 2
-    assert not (store.root / "CASE-S.key").exists()
-    monkeypatch.setattr(CaseKeyStore, "shredded", real)
+def test_a_key_kept_in_memory_is_checked_against_its_tombstone_at_every_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The district-team and archive copies of one referral read the case key once, not twice;
+    a shred in another process is still refused at the very next use, and a key is not kept
+    past ``KNOWN_S`` (a shred by this store forgets it at once)."""
+    from referral_broker.sealing import case_keys
+
+    store = CaseKeyStore.open(tmp_path / "keys")
+    other = CaseKeyStore.open(tmp_path / "keys")
+    reads: list[str] = []
+    real_read = case_keys.read_private
+    def counting_read(path: Path) -> bytes:
+        data = real_read(path)
+        reads.append(Path(path).name)
+        return data
+
+    monkeypatch.setattr(case_keys, "read_private", counting_read)
+    first = store.key_for("CASE-K")
+    assert store.key_for("CASE-K") == first and store.lookup("CASE-K", first[0]) == first[1]
+    assert [r for r in reads if r.endswith(".key")] == []  # made here, never read back
+    assert other.key_for("CASE-K") == first and other.key_for("CASE-K") == first
+    assert [r for r in reads if r.endswith(".key")] == ["CASE-K.key"]  # the other store read it once
+    other.shred("CASE-K")
+    assert "CASE-K" not in other._known
+    with pytest.raises(ShreddedError, match="CASE-K was shredded"):
+        store.key_for("CASE-K")
+    assert "CASE-K" not in store._known
     with pytest.raises(ShreddedError):
-        store.key_for("CASE-S")
+        store.lookup("CASE-K", first[0])
+    # past KNOWN_S a key is read from disk again
+    kept = store.key_for("CASE-T")
+    clock = [case_keys.time.monotonic() + case_keys.KNOWN_S + 1]
+    monkeypatch.setattr(case_keys.time, "monotonic", lambda: clock[0])
+    reads.clear()
+    assert store.key_for("CASE-T") == kept and reads[-1] == "CASE-T.key"
 
 
 def test_a_key_read_while_it_is_being_destroyed_is_refused_as_shredded(tmp_path: Path) -> None:
@@ -301,11 +342,11 @@ def test_a_key_read_while_it_is_being_destroyed_is_refused_as_shredded(tmp_path:
     path.chmod(0o600)
     with pytest.raises(ShreddedError, match="CASE-Z was shredded"):
         store.key_for("CASE-Z")
-    # a damaged key file of a live case is still its own error
+    # a damaged key file of a live case is still its own error (to a store that reads it)
     store.key_for("CASE-M")
     (store.root / "CASE-M.key").write_bytes(b"not json")
     with pytest.raises(SealingError, match=r"case key file .*CASE-M\.key is malformed"):
-        store.key_for("CASE-M")
+        CaseKeyStore.open(tmp_path / "keys").key_for("CASE-M")
 
 
 def test_new_case_keys_become_durable_together_at_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """Per-case keys for crypto-shredding, held in the hub's key store (never in Kafka).
 
 The council's long-lived copies of a case (the case archive and the district-team topics) are
-sealed so that opening them needs the case's key (see ``MODE_RECIPIENT_AND_CASE`` in
+sealed so that opening them needs the case's key (wrap modes 2 and 3 in
 :mod:`referral_broker.sealing.wrapping`): each message's data key is derived from a random
 share wrapped to the recipient's X25519 key AND from the case key. The case key itself never
 leaves this store, so destroying it (:meth:`CaseKeyStore.shred`) makes every copy of the case
@@ -16,8 +16,11 @@ Layout, beside the hub's own keys (folders 0700, files 0600, checked on every ac
     <keys_dir>/council/cases/shredded.json    tombstones written before per-case files (read,
                                               never written: stores from before keep theirs)
 
-A case under legal hold cannot be shredded (:class:`LegalHoldError`). Every read of a case key
-goes to disk, so a shred in one process takes effect in every other process at once. A tombstone
+A case under legal hold cannot be shredded (:class:`LegalHoldError`). Every use of a case key
+checks its tombstone on disk, so a shred in one process takes effect in every other process at
+once. A key this store read or made is kept in memory for ``KNOWN_S`` seconds at most (the
+district-team and archive copies of one referral are sealed within it: one read, not two) and
+dropped as soon as its case is found shredded. A tombstone
 is a file of its own, so checking one costs a ``stat`` however many cases were shredded (one
 tombstone file for the whole store cost a parse of every tombstone per seal: 38 ms a referral
 at 10,000 shredded cases). The older single file is parsed once per change of its inode, size
@@ -46,7 +49,9 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,10 @@ from referral_broker.sealing.timefmt import to_iso
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A key file younger than this, read while deferring, may be another router's not yet synced key.
 RECENT_S = 120.0
+# How long, and how many, keys this store read or made stay in memory (each use still checks
+# the case's tombstone on disk).
+KNOWN_S = 10.0
+KNOWN_MAX = 1024
 
 
 def check_case_id(case_id: str) -> str:
@@ -102,6 +111,9 @@ class CaseKeyStore:
         self._legacy: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         # key files written since the last sync() while deferring (None: every write is durable)
         self._unsynced: dict[Path, None] | None = None
+        # case id -> (case-key id, key, when it was read or made, monotonic)
+        self._known: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
+        self._known_lock = threading.Lock()  # the inbox's web threads share one store
 
     @classmethod
     def open(cls, keys_dir: Path) -> CaseKeyStore:
@@ -123,38 +135,67 @@ class CaseKeyStore:
         existing key file is read as it is (never replaced once made), a new one is created
         whole or not at all (:func:`~referral_broker.sealing.keystore.create_private`; of two
         routers racing, both use the winner's). A shred writes its tombstone before it destroys
-        the key, so a key read half destroyed, or created after a shred it raced with, meets
-        the tombstone and is refused (and a key so created is destroyed again).
+        the key, so the tombstone is checked after the key is read or made: a key read half
+        destroyed, or made after (or while) its case was shredded, meets the tombstone and is
+        refused (and a key so made is destroyed again).
         """
+        known = self._recall(case_id)
+        if known is not None:
+            return known
         path = self._key_path(case_id)
-        self._refuse_shredded(case_id)
         try:
-            doc = self._read_key(path)
+            doc: dict[str, Any] | None = self._read_key(path)
         except (FileNotFoundError, KeyNotFoundError):  # none yet (or unlinked as it was read)
-            pass
+            doc = None
         except (OSError, SealingError):
             self._refuse_shredded(case_id)  # being shredded this moment
             raise
-        else:
-            self._note_recent(path)
-            return doc["case_key_id"], base64.b64decode(doc["key"])
-        doc = {
-            "case_id": case_id,
-            "case_key_id": secrets.token_hex(6),
-            "created_at": to_iso(time.time() if now is None else now),
-            "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
-        }
-        if not create_private(path, json.dumps(doc).encode("utf-8"), durable=self._unsynced is None):
-            return self.key_for(case_id, now=now)  # another router made it first: use theirs
+        made = doc is None
+        if doc is None:
+            doc = {
+                "case_id": case_id,
+                "case_key_id": secrets.token_hex(6),
+                "created_at": to_iso(time.time() if now is None else now),
+                "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
+            }
+            if not create_private(path, json.dumps(doc).encode("utf-8"), durable=self._unsynced is None):
+                return self.key_for(case_id, now=now)  # another router made it first: use theirs
         try:
-            self._refuse_shredded(case_id)  # a shred ran since the check above
+            self._refuse_shredded(case_id)
         except ShreddedError:
-            with contextlib.suppress(FileNotFoundError):
-                destroy_file(path)
+            if made:
+                with contextlib.suppress(FileNotFoundError):
+                    destroy_file(path)
             raise
-        if self._unsynced is not None:
+        if made and self._unsynced is not None:
             self._unsynced[path] = None
-        return doc["case_key_id"], base64.b64decode(doc["key"])
+        elif not made:
+            self._note_recent(path)
+        return self._remember(case_id, doc["case_key_id"], base64.b64decode(doc["key"]))
+
+    def _recall(self, case_id: str) -> tuple[str, bytes] | None:
+        """A key this store read or made within ``KNOWN_S``, once its case is checked again."""
+        with self._known_lock:
+            entry = self._known.get(case_id)
+            if entry is not None and time.monotonic() - entry[2] >= KNOWN_S:
+                del self._known[case_id]
+                entry = None
+        if entry is None:
+            return None
+        self._refuse_shredded(case_id)
+        return entry[0], entry[1]
+
+    def _remember(self, case_id: str, case_key_id: str, key: bytes) -> tuple[str, bytes]:
+        with self._known_lock:
+            self._known[case_id] = (case_key_id, key, time.monotonic())
+            self._known.move_to_end(case_id)
+            while len(self._known) > KNOWN_MAX:
+                self._known.popitem(last=False)
+        return case_key_id, key
+
+    def _forget(self, case_id: str) -> None:
+        with self._known_lock:
+            self._known.pop(case_id, None)
 
     # -- durability ---------------------------------------------------------------------------
     def defer_durability(self) -> None:
@@ -192,6 +233,9 @@ class CaseKeyStore:
     def lookup(self, case_id: str, case_key_id: str) -> bytes:
         """The key of ``case_id`` if it is ``case_key_id``; the :data:`CaseKeyLookup` the
         openers call. Raises :class:`ShreddedError` naming the case once it is shredded."""
+        known = self._recall(case_id)
+        if known is not None and known[0] == case_key_id:
+            return known[1]
         path = self._key_path(case_id)
         self._refuse_shredded(case_id)
         if not path.exists():
@@ -199,7 +243,7 @@ class CaseKeyStore:
         doc = self._read_key(path)
         if doc["case_key_id"] != case_key_id:
             raise KeyNotFoundError(f"case {case_id} has key {doc['case_key_id']}, not {case_key_id}")
-        return base64.b64decode(doc["key"])
+        return self._remember(case_id, case_key_id, base64.b64decode(doc["key"]))[1]
 
     def has_key(self, case_id: str) -> bool:
         return self._key_path(case_id).exists()
@@ -293,6 +337,7 @@ class CaseKeyStore:
     def _refuse_shredded(self, case_id: str) -> None:
         t = self.shredded(case_id)
         if t is not None:
+            self._forget(case_id)
             raise ShreddedError(
                 f"case {case_id} was shredded at {t.shredded_at} (case key {t.case_key_id} destroyed); "
                 "its messages can no longer be opened"
@@ -315,6 +360,7 @@ class CaseKeyStore:
 
     def shred(self, case_id: str, *, now: float | None = None) -> Shredded:
         """Destroy the case key and leave a tombstone. Irreversible by design."""
+        self._forget(case_id)
         with locked(self.root):
             done = self.shredded(case_id)
             if done is not None and self._key_path(case_id).exists():
