@@ -261,6 +261,28 @@ def test_without_hard_links_case_keys_are_created_under_the_lock(
     assert sorted(p.name for p in store.root.iterdir() if p.is_file()) == [".lock", "CASE-L.key"]
 
 
+def test_a_key_file_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short writes are carried on to the end; a write that fails (a full disk) raises and
+    leaves neither the key file nor its temporary behind."""
+    import errno
+
+    from referral_broker.sealing import keystore
+
+    real_write = keystore.os.write
+    monkeypatch.setattr(keystore.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    store = CaseKeyStore.open(tmp_path / "keys")
+    key = store.key_for("CASE-W")
+    assert CaseKeyStore.open(tmp_path / "keys").key_for("CASE-W") == key  # read back whole
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keystore.os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.key_for("CASE-F")
+    assert sorted(p.name for p in store.root.iterdir() if p.is_file()) == ["CASE-W.key"]
+
+
 def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]]:
     store = CaseKeyStore.open(keys_dir)
     return {case: store.key_for(case) for case in cases}
