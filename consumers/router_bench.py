@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -441,29 +442,38 @@ def _timed_router(settings: Settings, bootstrap: str, count: int, **kwargs: Any)
     return stats.consumed / (stats.last_commit_at - stats.first_record_at), cpu / stats.consumed * 1000
 
 
+def _run_label(recipients: int, sealed: bool) -> str:
+    return f"router_{recipients}_recipient{'s' if recipients > 1 else ''}{'' if sealed else '_unsealed'}"
+
+
 def run(
     base: Settings,
     bootstrap: str,
     *,
     count: int = 2000,
     processes: int = 1,
+    rounds: int = 1,
     broker: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Every figure of one run; with ``processes`` > 1 also :func:`scale_out` (same ``count``;
-    ``broker``: the broker's pid when it runs on this machine)."""
-    results: dict[str, Any] = {"count": count}
+    ``broker``: the broker's pid when it runs on this machine). With ``rounds`` > 1 the four
+    router runs are repeated, sealed and unsealed alternating, and each rate and CPU figure is
+    the median of the rounds (each round's own sealed-over-unsealed ratios are kept too): on a
+    shared or virtual machine one run's figures drift by a fifth from one minute to the next."""
+    results: dict[str, Any] = {"count": count, "rounds": rounds}
     job: dict[str, Any] = {}
     prefixes: list[str] = []
+    labels = [(_run_label(n, sealed), n, sealed) for n in (1, 3) for sealed in (True, False)]
     with tempfile.TemporaryDirectory(prefix="rb-bench-router-") as tmp:
         figures: dict[str, float] = {}
-        cpu_ms: dict[str, float] = {}
-        for recipients in (1, 3):
-            for sealed in (True, False):
-                label = f"router_{recipients}_recipient{'s' if recipients > 1 else ''}{'' if sealed else '_unsealed'}"
-                progress(label)
+        rates: dict[str, list[float]] = {label: [] for label, _, _ in labels}
+        cpus: dict[str, list[float]] = {label: [] for label, _, _ in labels}
+        for i in range(rounds):
+            for label, recipients, sealed in labels:
+                progress(label if rounds == 1 else f"{label} (round {i + 1} of {rounds})")
                 settings = base.replace(
-                    kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / label
+                    kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / f"{label}-{i}"
                 )
                 prefixes.append(settings.kafka_topic_prefix)
                 ensure_with_county(settings, bootstrap)
@@ -473,8 +483,8 @@ def run(
                     if sealed:
                         with IntakeSender(settings, bootstrap, SENDER) as sender:
                             sender.send_referrals(referrals)
-                        figures[label], cpu_ms[label] = _timed_router(settings, bootstrap, count)
-                        if recipients == 3:
+                        rate, cpu = _timed_router(settings, bootstrap, count)
+                        if recipients == 3 and i == 0:
                             progress("floor")
                             figures["floor_us_per_referral"] = _floor_us(
                                 settings, bootstrap, referrals, min(count, 300)
@@ -493,11 +503,13 @@ def run(
                             producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
                         producer.flush()
                         producer.close()
-                        figures[label], cpu_ms[label] = _timed_router(
-                            settings, bootstrap, count, sealer=PlainSealer(SENDER)
-                        )
+                        rate, cpu = _timed_router(settings, bootstrap, count, sealer=PlainSealer(SENDER))
+                    rates[label].append(rate)
+                    cpus[label].append(cpu)
                 finally:
                     delete_namespace(settings, bootstrap)
+        figures.update({label: statistics.median(v) for label, v in rates.items()})
+        cpu_ms = {label: statistics.median(v) for label, v in cpus.items()}
         floor_rate = 1e6 / figures["floor_us_per_referral"]
         job_rate = 1e6 / job["total_us"]
         results.update(
@@ -525,6 +537,14 @@ def run(
                     "sealed_over_unsealed_3": round(
                         figures["router_3_recipients"] / figures["router_3_recipients_unsealed"], 3
                     ),
+                },
+                "referrals_per_second_by_round": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+                "ratios_by_round": {
+                    f"sealed_over_unsealed_{n}": [
+                        round(sealed / plain, 3)
+                        for sealed, plain in zip(rates[_run_label(n, True)], rates[_run_label(n, False)], strict=True)
+                    ]
+                    for n in (1, 3)
                 },
                 "cpu_ms_per_referral": {k: round(v, 2) for k, v in cpu_ms.items()},
                 "peak_rss_mb": _rss_mb(),

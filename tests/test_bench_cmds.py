@@ -153,6 +153,31 @@ def test_bench_router_reports_both_floors_ratios_and_scale_out(
         assert f"Why {goal.replace('_', ' ')} is under its goal" in shown
 
 
+@pytest.mark.timeout(600)
+def test_bench_router_rounds_alternate_and_report_medians(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--rounds N repeats the four router runs, sealed and unsealed alternating, and shows each
+    rate as the median of its rounds, with every round's own sealed-over-unsealed ratio."""
+    import statistics
+
+    data = bench(kafka_bootstrap, tmp_path, "router", "--count", "50", "--rounds", "2")
+    assert data["rounds"] == 2
+    by_round = data["referrals_per_second_by_round"]
+    assert set(by_round) == {k for k in data["referrals_per_second"] if k.startswith("router_")}
+    for label, rates in by_round.items():
+        assert len(rates) == 2 and all(r > 0 for r in rates)
+        assert close(data["referrals_per_second"][label], statistics.median(rates))
+    for n, sealed, plain in ((1, "router_1_recipient", "router_1_recipient_unsealed"),
+                             (3, "router_3_recipients", "router_3_recipients_unsealed")):  # fmt: skip
+        expected = [s / u for s, u in zip(by_round[sealed], by_round[plain], strict=True)]
+        assert all(close(a, b) for a, b in zip(data["ratios_by_round"][f"sealed_over_unsealed_{n}"], expected, strict=True))
+    assert len(data["prefixes"]) == 8 and topics_left(kafka_bootstrap, data["prefixes"]) == []
+    bench_cmd._show_router(data)
+    shown = capsys.readouterr().out
+    assert "the median of 2 rounds" in shown and "sealed over unsealed 3, round by round: " in shown
+
+
 def test_why_goals_missed_names_the_cpu_that_misses_each_goal() -> None:
     job = {"total_us": 2000.0, "us_per_referral": dict.fromkeys(router_bench.JOB_PRIMITIVES, 100.0)}
     cpu = {"router_3_recipients": 16.0, "router_3_recipients_unsealed": 9.0}

@@ -67,13 +67,20 @@ def seal(obj: CliContext, iterations: int, as_json: bool) -> None:
     help="Also route COUNT referrals with one 'route' process, then with this many in one group (scale-out).",
 )
 @click.option(
+    "--rounds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 20),
+    help="Repeat the four router runs (sealed and unsealed alternating) and show the medians.",
+)
+@click.option(
     "--profile",
     is_flag=True,
     help="Instead: route COUNT referrals to 3 recipients under cProfile and show where the time goes.",
 )
 @json_option
 @pass_cli
-def router(obj: CliContext, count: int, processes: int, profile: bool, as_json: bool) -> None:
+def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bool, as_json: bool) -> None:
     """Router throughput on the real broker: the floor of the job (the primitives any design
     must pay) beside the per-field floor, raw kafka-python pass-through, the router at 1 and 3
     recipients, and the same without sealing/signing; ratios and peak RSS. With --processes N,
@@ -88,7 +95,13 @@ def router(obj: CliContext, count: int, processes: int, profile: bool, as_json: 
         emit(profile_router(obj.settings, bootstrap, count=count), as_json, _show_profile)
         return
     data = run(
-        obj.settings, bootstrap, count=count, processes=processes, broker=broker_pid(bootstrap), progress=progress
+        obj.settings,
+        bootstrap,
+        count=count,
+        processes=processes,
+        rounds=rounds,
+        broker=broker_pid(bootstrap),
+        progress=progress,
     )
     emit(data, as_json, _show_router)
 
@@ -102,7 +115,9 @@ def _show_profile(d: dict[str, Any]) -> None:
 
 
 def _show_router(d: dict[str, Any]) -> None:
-    click.echo(f"Router benchmark, {d['count']} referrals per run:\n")
+    rounds = d.get("rounds", 1)
+    each = f", the median of {rounds} rounds" if rounds > 1 else ""
+    click.echo(f"Router benchmark, {d['count']} referrals per run{each}:\n")
     click.echo(
         table(
             [[k.replace("_", " "), f"{v:,.1f}"] for k, v in d["referrals_per_second"].items()],
@@ -125,6 +140,9 @@ def _show_router(d: dict[str, Any]) -> None:
             ["ratio", "value", "goal"],
         )
     )
+    if rounds > 1:
+        for k, v in d["ratios_by_round"].items():
+            click.echo(f"{k.replace('_', ' ')}, round by round: {', '.join(f'{x:.3f}' for x in v)}")
     job = d["job_floor"]
     click.echo(
         f"\nFloor of the job (3 recipients: {job['recipients_per_referral']} delivered per referral, "
