@@ -168,9 +168,9 @@ class MessageSealer:
 
     One per sending process; thread-safe. ``cache`` (a :class:`DekCache`) lets one wrapped data
     key (for case-sealed messages, one wrapped share: wrap mode 3) serve several messages to
-    the same recipient key within its bounds; ``case_keys`` (the
-    hub's :class:`~referral_broker.sealing.case_keys.CaseKeyStore`) is needed to seal the
-    council's long-lived copies (district teams, archive) under per-case keys.
+    the same recipient key within its bounds; ``case_keys`` (the hub's
+    :class:`~referral_broker.sealing.case_keys.CaseKeyStore`) is needed to seal the council's
+    long-lived copies (district teams, archive) under per-case keys.
     """
 
     def __init__(
