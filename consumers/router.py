@@ -351,6 +351,12 @@ class Router:
     # A status is the recipient answering the referrer about the referrer's own referral.
     STATUS_GROUND = "uk_gdpr_6_1_e"
 
+    # Every organisation's intake and status topics have a few partitions each: the range
+    # assignor hands the first member the larger share of EVERY topic (2 of 3, for two routers:
+    # 2/3 of all the work), round robin spreads all of them evenly. Range stays second so a
+    # group with a router from before round robin in it (a rolling upgrade) still agrees on one.
+    ASSIGNORS: tuple[type, ...] = (RoundRobinPartitionAssignor, RangePartitionAssignor)
+
     def __init__(
         self,
         settings: Settings,
@@ -662,11 +668,7 @@ class Router:
             # place (and partitions) in the group at once, without waiting for its session to
             # expire. Static members do not leave on close, so a clean stop removes it (below).
             group_instance_id=self.member_name,
-            # Every organisation's intake and status topics have a few partitions each: the
-            # range assignor hands the first member the larger share of EVERY topic (2 of 3,
-            # for two routers: 2/3 of all the work), round robin spreads all of them evenly.
-            # Range stays second so a group with an older router in it still agrees on one.
-            partition_assignment_strategy=(RoundRobinPartitionAssignor, RangePartitionAssignor),
+            partition_assignment_strategy=self.ASSIGNORS,
         )
 
     def _leave_group(self) -> None:

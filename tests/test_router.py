@@ -260,6 +260,70 @@ def test_router_instances_are_stable_slots_never_shared(settings: Settings) -> N
         pass
 
 
+def test_a_group_with_a_router_from_before_round_robin_agrees_on_range(
+    broker: Settings, kafka_bootstrap: str
+) -> None:
+    """A rolling upgrade: a router offers round robin first and range second, so a group that
+    still holds a router of the version before (range only) agrees on range, both routers get
+    partitions, and every referral is routed exactly once by one or the other."""
+    import threading
+    import time
+
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+    from kafka.errors import KafkaError
+
+    from referral_broker.cluster.topics import admin_client
+
+    class RangeOnlyRouter(Router):
+        ASSIGNORS = (RangePartitionAssignor,)
+
+    routers = [
+        Router(broker, kafka_bootstrap, instance="upgraded"),
+        RangeOnlyRouter(broker, kafka_bootstrap, instance="older"),
+    ]
+    errors: list[BaseException] = []
+
+    def route(router: Router) -> None:
+        try:
+            router.run(stop_when_idle=15)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=route, args=(r,), daemon=True) for r in routers]
+    for t in threads:
+        t.start()
+    group, doc = routers[0].group, {}
+    admin = admin_client(broker, kafka_bootstrap)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                doc = admin.describe_groups([group])[group] or {}
+            except KafkaError:  # no coordinator for the group until its first member joins
+                doc = {}
+            if str(doc.get("group_state", "")).lower() == "stable" and len(doc.get("members") or []) == 2:
+                break
+            time.sleep(0.5)
+    finally:
+        admin.close()
+    assert str(doc.get("group_state", "")).lower() == "stable" and len(doc.get("members") or []) == 2, doc
+    assert (doc.get("protocol_data") or doc.get("protocol")) == "range", doc  # the one both offer
+
+    sent = referrals_from(SCHOOL, 30, seed=31) + referrals_from(SCHOOL, 30, seed=32)  # both schools
+    for sender, batch in ((SCHOOL, sent[:30]), (OTHER_SCHOOL, sent[30:])):
+        with IntakeSender(broker, kafka_bootstrap, sender) as intake:
+            intake.send_referrals(batch)
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    consumed = [r.stats.consumed for r in routers]
+    assert sum(consumed) == 60 and all(c > 0 for c in consumed), consumed  # both held partitions
+    assert sum(r.stats.routed for r in routers) == 60
+    assert list(read_dead_letters(broker, kafka_bootstrap)) == []
+    archived = Counter(r.key.decode() for r in read_all(broker, kafka_bootstrap, topic_name(broker, "archive")))
+    assert archived == Counter(str(r["referral_id"]) for r in sent)  # each committed exactly once
+
+
 def test_router_takes_its_sealer(broker: Settings, kafka_bootstrap: str) -> None:
     """The benchmark's PlainSealer goes in through the constructor: the same decisions and
     projections, no crypto."""
