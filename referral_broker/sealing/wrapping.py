@@ -92,11 +92,11 @@ def _prefix(header: WrappedKeyHeader) -> bytes:
     return out
 
 
-def _share_prefix(recipient_key_id: str, share_id: bytes) -> bytes:
-    """What a mode-3 share's HPKE ``info`` binds besides the recipient: no case, no message."""
-    return bytes([WRAP_VERSION, SUITE_HPKE_X25519_SHA256_AES256GCM, MODE_CASE_SHARE]) + (
-        short(recipient_key_id) + short(share_id)
-    )
+def _share_info(recipient: str, recipient_key_id: str, share_id: bytes) -> bytes:
+    """A mode-3 share's HPKE ``info``: the recipient, its key and the share, no case, no message
+    (the sealer and every opener build it here)."""
+    header = bytes([WRAP_VERSION, SUITE_HPKE_X25519_SHA256_AES256GCM, MODE_CASE_SHARE])
+    return frame(_SHARE_LABEL, recipient, header + short(recipient_key_id) + short(share_id))
 
 
 def _info(recipient: str, prefix: bytes) -> bytes:
@@ -134,8 +134,7 @@ class CaseShare:
     @classmethod
     def new(cls, *, recipient: str, recipient_key_id: str, recipient_public: X25519PublicKey) -> CaseShare:
         share_id, secret = os.urandom(8), os.urandom(KEY_SIZE)
-        info = frame(_SHARE_LABEL, recipient, _share_prefix(recipient_key_id, share_id))
-        sealed = _SUITE.encrypt(secret, recipient_public, info=info)
+        sealed = _SUITE.encrypt(secret, recipient_public, info=_share_info(recipient, recipient_key_id, share_id))
         return cls(recipient, recipient_key_id, share_id, secret, sealed)
 
 
@@ -205,7 +204,7 @@ def unwrap_data_key(
     header, prefix, sealed = read_wrapped_header(wrapped)
     if header.mode == MODE_CASE_SHARE:
         assert header.share_id is not None
-        info = frame(_SHARE_LABEL, recipient, _share_prefix(header.recipient_key_id, header.share_id))
+        info = _share_info(recipient, header.recipient_key_id, header.share_id)
         slot = hashlib.sha256(info + sealed).digest()
         secret = shares.get(slot) if shares is not None else None
         if secret is None:
