@@ -134,7 +134,8 @@ class CaseShare:
     @classmethod
     def new(cls, *, recipient: str, recipient_key_id: str, recipient_public: X25519PublicKey) -> CaseShare:
         share_id, secret = os.urandom(8), os.urandom(KEY_SIZE)
-        sealed = _SUITE.encrypt(secret, recipient_public, info=_share_info(recipient, recipient_key_id, share_id))
+        info = _share_info(recipient, recipient_key_id, share_id)
+        sealed = _SUITE.encrypt(secret, recipient_public, info=info)
         return cls(recipient, recipient_key_id, share_id, secret, sealed)
 
 
