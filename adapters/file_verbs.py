@@ -21,6 +21,9 @@ from .base import ParsedRecord, PartnerAdapter, Rendered, get_adapter
 from .native_files import Source, source_name
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+# Urgent referrals a stream keeps from its first pass to yield ahead of the rest (bounded, so a
+# file of nothing but urgent rows still streams in flat memory: the rest keep file order).
+URGENT_AHEAD = 1000
 
 
 @dataclass
@@ -40,6 +43,10 @@ class LoadResult:
 def example_file(kind: str) -> Path:
     """The synthetic example file of a partner kind's native format."""
     return EXAMPLES / f"{kind}{get_adapter(kind).native_suffix}"
+
+
+def _urgent(parsed: ParsedRecord) -> bool:
+    return parsed.record is not None and parsed.record.get("priority") == "urgent"
 
 
 def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
@@ -89,6 +96,16 @@ class _Repeats:
                     out[number] = [n for n in numbers if n != number]
             start = position
         return out
+
+    def alone(self, candidates: list[ParsedRecord]) -> list[ParsedRecord]:
+        """Those of ``candidates`` whose id no other record of the file holds (any version)."""
+        ids = {uuid.UUID(str(p.record[self.key])).bytes: p for p in candidates if p.record is not None}
+        with memoryview(self.entries) as view:
+            for start in range(0, len(view), 24):
+                found = ids.get(bytes(view[start : start + 16]))
+                if found is not None and int.from_bytes(view[start + 20 : start + 24], "big") != found.number:
+                    ids.pop(bytes(view[start : start + 16]))
+        return sorted(ids.values(), key=lambda p: p.number)
 
     def reject(self, parsed: ParsedRecord, others: list[int]) -> ParsedRecord:
         where = f'"{self.label}" ({self.key})' if self.label else self.key
@@ -159,6 +176,11 @@ class FileStream:
     The second pass converts again but does not repeat validation (the sender validates each
     record it seals anyway); a file that changes between or during the passes (size, mtime or
     inode) raises PartnerInputError.
+
+    With ``urgent_first`` (the senders), urgent referrals are yielded before the rest, kept from
+    the first pass (at most ``URGENT_AHEAD`` of them), so an urgent row at the end of a 100k-row
+    batch is sent, and routed, seconds after the file is checked rather than minutes. Only a
+    referral that is the one record of its id in the file moves: its versions keep their order.
     """
 
     def __init__(
@@ -169,6 +191,7 @@ class FileStream:
         skip_invalid: bool,
         now: dt.datetime | None,
         on_checked: Callable[[int], object] | None = None,
+        urgent_first: bool = False,
     ) -> None:
         self.adapter = get_adapter(kind)
         self.path = Path(path)
@@ -177,10 +200,13 @@ class FileStream:
         self.total = 0
         self._identity = self._stat()
         repeats = _Repeats(self.adapter, "referral")
+        ahead: list[ParsedRecord] = []
         for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
             if parsed.ok:
                 self.total += 1
                 repeats.note(parsed)
+                if urgent_first and len(ahead) < URGENT_AHEAD and _urgent(parsed):
+                    ahead.append(parsed)
             else:
                 self.rejected.append(parsed)
             if on_checked is not None:
@@ -195,6 +221,7 @@ class FileStream:
             )
             self.rejected.sort(key=lambda parsed: parsed.number)
             self.total -= len(repeated)
+        self._ahead = repeats.alone(ahead) if ahead else []
         self.warnings = list(self.adapter.warnings)
         if self.rejected and not skip_invalid:
             _raise_rejected(self.rejected, "referrals", source_name(self.path))
@@ -215,7 +242,8 @@ class FileStream:
 
     def __iter__(self) -> Iterator[ParsedRecord]:
         self._check_unchanged()
-        skipped = {parsed.number for parsed in self.rejected}
+        yield from self._ahead
+        skipped = {parsed.number for parsed in self.rejected} | {parsed.number for parsed in self._ahead}
         for parsed in self.adapter._reconvert(self.path, now=self.now):
             if parsed.number in skipped:
                 continue
@@ -235,13 +263,15 @@ def iter_file(
     skip_invalid: bool = False,
     now: dt.datetime | None = None,
     on_checked: Callable[[int], object] | None = None,
+    urgent_first: bool = False,
 ) -> FileStream:
     """The streaming variant of ``load_file`` for large files (a DWP batch of 100k rows).
 
     Returns once the whole file is checked (``on_checked`` is called with the running count
-    during that pass, for a progress bar); iterate the result to get the good records.
+    during that pass, for a progress bar); iterate the result to get the good records, in file
+    order, or with ``urgent_first`` the urgent ones first (see :class:`FileStream`).
     """
-    return FileStream(kind, path, skip_invalid=skip_invalid, now=now, on_checked=on_checked)
+    return FileStream(kind, path, skip_invalid=skip_invalid, now=now, on_checked=on_checked, urgent_first=urgent_first)
 
 
 def render_file(

@@ -43,13 +43,17 @@ SAMPLE_S = 0.25
 
 
 def write_batch(path: Path, rows: int, *, seed: int = 20) -> int:
-    """A valid DWP batch of ``rows`` rows at ``path``; returns its size in bytes."""
+    """A valid DWP batch of ``rows`` rows at ``path``; returns its size in bytes. The last row is
+    the batch's one urgent referral (the others are routine or high), to time the urgent lane."""
     from referral_broker.adapters import get_adapter
     from referral_broker.schemas.synth import synthetic_referrals
 
     records = []
-    for r in synthetic_referrals(min(rows, DISTINCT), seed=seed):
+    distinct = list(synthetic_referrals(min(rows, DISTINCT) + 1, seed=seed))
+    for n, r in enumerate(distinct, 1):
+        urgent = n == len(distinct)
         r = {**r, "referrer": {**r["referrer"], "partner": "dwp"}}
+        r["priority"] = "urgent" if urgent else ("routine" if r["priority"] == "urgent" else r["priority"])
         r["service_providers"] = []  # no charity named: a batch row names no organisation
         if r.get("health_and_development"):
             r["health_and_development"] = {**r["health_and_development"], "gp_practice_ods": None}
@@ -61,10 +65,11 @@ def write_batch(path: Path, rows: int, *, seed: int = 20) -> int:
     header, *lines = rendered.getvalue().splitlines(keepends=True)
     if not header.startswith("REFERRAL_ID,") or len(lines) != len(records):
         raise BrokerError("the DWP adapter rendered an unexpected layout (one row per referral, REFERRAL_ID first)")
+    *lines, urgent_line = lines
     with path.open("w", encoding="utf-8", newline="") as out:
         out.write(header)
         for number in range(rows):
-            line = lines[number % len(lines)]
+            line = urgent_line if number == rows - 1 else lines[number % len(lines)]
             out.write(str(uuid.uuid4()) + line[36:])  # a fresh id in the first column
     return path.stat().st_size
 
@@ -155,6 +160,9 @@ def run(
         path = Path(tmp) / "dwp-batch.csv"
         progress(f"writing a {rows:,}-row DWP batch")
         size = write_batch(path, rows)
+        with path.open("rb") as tail:
+            tail.seek(max(0, size - 64 * 1024))
+            path_last_id = tail.read().splitlines()[-1][:36].decode("ascii")
         try:
             progress("topics and keys")
             ensure_with_county(settings, bootstrap)
@@ -168,7 +176,10 @@ def run(
                 t0 = time.perf_counter()
                 checked = check_file(PARTY, path, fmt="native")  # read + validate, as 'send' does
                 t1, cpu1 = time.perf_counter(), time.process_time()
-                report = PartnerSender(settings, bootstrap, PARTY).send_checked(checked)
+                delivered: list[tuple[float, int]] = []  # (seconds since t0, rows delivered by then)
+                report = PartnerSender(settings, bootstrap, PARTY).send_checked(
+                    checked, progress=lambda n: delivered.append((time.perf_counter() - t0, n))
+                )
                 t2, cpu2, broker2 = time.perf_counter(), time.process_time(), process_cpu_s(broker)
                 if profiler is not None:
                     profiler.disable()
@@ -195,6 +206,7 @@ def run(
         "records_on_intake_topic": on_topic,
         "seconds": {"total": round(seconds, 2), "read_validate": round(t1 - t0, 2), "seal_send": round(t2 - t1, 2)},
         "rows_per_second": round(rate, 1),
+        "urgent_last_row": _urgent_last_row(path_last_id, report.delivered, delivered),
         "rss": sampler.summary(),
         "peak_rss_mb_getrusage": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "goal": {"rows": GOAL_ROWS, "seconds": GOAL_SECONDS, "rows_per_second": round(goal_rate, 1)},
@@ -210,6 +222,23 @@ def run(
         "prefix": prefix,
         "profile": by_component(profiler) if profiler is not None else None,
     }
+
+
+def _urgent_last_row(
+    referral_id: str, delivered: list[Any], progress: list[tuple[float, int]]
+) -> dict[str, Any]:
+    """When the file's last row, its one urgent referral, was on the intake topic: its place
+    in the send order and the seconds from the start of ``send`` to the flush that delivered
+    it (the urgent lane sends it right after the check pass, not after every other row)."""
+    order = [d.referral_id for d in delivered]
+    if referral_id not in order:
+        return {"sent_as": None, "seconds": None}
+    place, total = order.index(referral_id) + 1, 0
+    for seconds, n in progress:
+        total += n
+        if total >= place:
+            return {"sent_as": place, "seconds": round(seconds, 2)}
+    return {"sent_as": place, "seconds": None}
 
 
 def capacity(rows: int, rate: float, send_cpu_s: dict[str, float], broker_cpu_s: float | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ file, and only its result is handed to a sender.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,8 @@ def check_referrals(records: Iterable[dict[str, Any]]) -> Iterator[CheckedReferr
 
 @dataclass
 class CheckedFile:
-    """A whole file, validated: iterate it for the good records (``total`` of them).
+    """A whole file, validated: iterate it for the good records (``total`` of them), the
+    urgent referrals first (they are sent, and routed, first), the rest in file order.
 
     ``rejected`` lists each record left out with ``skip_invalid`` ("file: record N: path:
     reason", never a value)."""
@@ -169,7 +171,19 @@ def _canonical(path: Path, skip_invalid: bool, on_checked: Callable[[int], objec
     SEND_METRICS.refused("canonical", refused)
     if problems and not skip_invalid:
         raise PartnerInputError(f"{len(problems)} problem(s), nothing sent: " + "; ".join(problems[:5]))
-    return CheckedFile(str(path), len(good), problems, lambda: iter(good))
+    return CheckedFile(str(path), len(good), problems, lambda: iter(_urgent_first(good)))
+
+
+def _urgent_first(good: list[CheckedReferral]) -> list[CheckedReferral]:
+    """The urgent referrals first (each the one record of its id in the file, so a referral's
+    versions keep their order; at most ``URGENT_AHEAD``), then the rest in file order: as
+    :class:`~referral_broker.adapters.file_verbs.FileStream` yields a native file's."""
+    from referral_broker.adapters.file_verbs import URGENT_AHEAD
+
+    records = Counter(c.referral_id for c in good)
+    ahead = [c for c in good if c.record.get("priority") == "urgent" and records[c.referral_id] == 1][:URGENT_AHEAD]
+    moved = {id(c) for c in ahead}
+    return ahead + [c for c in good if id(c) not in moved]
 
 
 def _native(
@@ -182,7 +196,7 @@ def _native(
         raise PartnerInputError(f"{party} has no native format; use --format canonical")
     try:
         # The first pass validates every record; iterating converts again without validating.
-        stream = adapters.iter_file(native, path, skip_invalid=skip_invalid, on_checked=on_checked)
+        stream = adapters.iter_file(native, path, skip_invalid=skip_invalid, on_checked=on_checked, urgent_first=True)
     except ValidationError as exc:
         SEND_METRICS.refused(native, ((p.record, p.path, p.reason) for p in exc.problems))
         raise PartnerInputError(f"{exc}; nothing sent") from None

@@ -86,6 +86,8 @@ def test_batch_file_is_the_dwp_format_with_one_fresh_id_a_row(tmp_path: Path) ->
     assert stream.total == 25 and not stream.rejected
     assert len({r["referral_id"] for r in records if r}) == 25
     assert {r["referrer"]["partner"] for r in records if r} == {"dwp"}
+    # one urgent referral, the last row, to time the urgent lane
+    assert [p.number for p in stream if p.record and p.record["priority"] == "urgent"] == [25]
 
 
 @pytest.mark.timeout(600)
@@ -219,6 +221,9 @@ def test_bench_batch_sends_every_row_of_the_file(
     assert max(rss["at_quarters_mb"]) <= rss["peak_mb"] and data["file_mb"] > 0
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
     assert data["profile"] is None
+    # the last row, urgent, went first, once the file was checked
+    urgent = data["urgent_last_row"]
+    assert urgent["sent_as"] == 1 and seconds["read_validate"] <= urgent["seconds"] <= seconds["total"] + 0.05
     # the CPU a row cost: the send by phase (their sum) and the local broker, found and counted
     cap = data["capacity"]
     send = cap["send_cpu_ms_per_row"]
@@ -230,6 +235,7 @@ def test_bench_batch_sends_every_row_of_the_file(
     bench_cmd._show_batch(data)
     out = capsys.readouterr().out
     assert "rows/s" in out and f"{cap['cores_needed_for_goal']} of {cap['cores']} cores" in out
+    assert "its one urgent referral, was sent as number 1:" in out
 
 
 def test_batch_capacity_says_why_only_when_the_goal_is_missed_for_want_of_cores() -> None:

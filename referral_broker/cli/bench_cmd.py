@@ -276,6 +276,12 @@ def _show_batch(d: dict[str, Any]) -> None:
         f"{s['total']:.1f} s ({s['read_validate']:.1f} s read+validate, {s['seal_send']:.1f} s seal+send): "
         f"{d['rows_per_second']:,.0f} rows/s"
     )
+    urgent = d["urgent_last_row"]
+    if urgent["seconds"] is not None:
+        click.echo(
+            f"The file's last row, its one urgent referral, was sent as number {urgent['sent_as']:,}: on the "
+            f"intake topic {urgent['seconds']:.1f} s after send began (the whole batch {s['total']:.1f} s)"
+        )
     click.echo(
         f"RSS {rss['start_mb']} MB at start, peak {rss['peak_mb']} MB, at each quarter "
         f"{' / '.join(str(v) for v in rss['at_quarters_mb'])} MB ({rss['samples']} samples)"
