@@ -181,12 +181,13 @@ def _complete(value: Any, node: Any) -> None:
             if inner is not None:
                 _complete(value[name], inner)
         elif default is not _NO_DEFAULT:
-            value[name] = copy.deepcopy(default)
+            value[name] = default if type(default) in _IMMUTABLE else copy.deepcopy(default)
             if inner is not None and isinstance(default, dict):
                 _complete(value[name], inner)
 
 
 _NO_DEFAULT = object()
+_IMMUTABLE = frozenset({type(None), str, int, float, bool})  # deepcopy would return these as they are
 _plans: dict[int, list[tuple[str, Any, Any]]] = {}
 
 

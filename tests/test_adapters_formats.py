@@ -301,3 +301,40 @@ def test_a_view_in_json_form_renders_like_the_typed_one() -> None:
     as_json = io.StringIO()
     adapters.get_adapter("police").render([to_json_form(record, referral_schema())], as_json)
     assert as_json.getvalue() == typed.getvalue()
+
+
+def test_a_compiled_table_reads_long_lists_labels_problems_and_keeps_a_bounded_cache() -> None:
+    """The table compiles its reads once (paths parsed and split ahead); a JSON list of any
+    length still converts item by item, a bad item's problem names its canonical index, and
+    the compiled item reads kept are bounded (a hostile file cannot grow them)."""
+    from referral_broker.adapters.field_map import ITEM_PLANS, TEXT, FieldMap, _integer
+
+    table = FieldMap(
+        (
+            Field("id", "referral_id"),
+            Const("kind", "list", frozenset({"list"})),
+            Items("people", "household", (Field("name", "name"), Field("age", "age", Codec(_integer)))),
+            Field("meta.note", "notes.text", TEXT),
+        )
+    )
+    people = [{"name": f" p{n} ", "age": str(n)} for n in range(3 * ITEM_PLANS)]
+    people[100]["age"] = "old"
+    people[5] = {"name": "  "}  # blank: an empty item, kept by its index
+    record, problems = table.to_canonical(
+        {"id": "r1", "kind": "list", "people": people, "meta": {"note": " hi "}}
+    )
+    assert record["referral_id"] == "r1" and record["notes"] == {"text": "hi"}
+    assert len(record["household"]) == 3 * ITEM_PLANS
+    assert record["household"][7] == {"name": "p7", "age": 7} and record["household"][5] == {}
+    assert record["household"][100] == {"name": "p100"}
+    assert [(p.native, p.canonical, p.reason) for p in problems] == [
+        ("people[100].age", "household[100].age", "expected a whole number")
+    ]
+    assert len(table.__dict__["_items_cache"]) == ITEM_PLANS * 1  # one Items, the first positions only
+    _, refused = table.to_canonical({"id": "r2", "kind": "card", "people": "x"})
+    assert [(p.native, p.canonical) for p in refused] == [("kind", ""), ("people", "household")]
+    # the same table converts the same way a second time (the compiled reads are reused)
+    assert table.to_canonical({"id": "r1", "kind": "list", "people": people, "meta": {"note": " hi "}}) == (
+        record,
+        problems,
+    )
