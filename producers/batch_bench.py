@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,15 +225,15 @@ def run(
 
 
 def _urgent_last_row(
-    referral_id: str, delivered: list[Any], progress: list[tuple[float, int]]
+    referral_id: str, delivered: Sequence[Any], progress: list[tuple[float, int]]
 ) -> dict[str, Any]:
     """When the file's last row, its one urgent referral, was on the intake topic: its place
     in the send order and the seconds from the start of ``send`` to the flush that delivered
     it (the urgent lane sends it right after the check pass, not after every other row)."""
-    order = [d.referral_id for d in delivered]
-    if referral_id not in order:
+    place = next((n for n, d in enumerate(delivered, 1) if d.referral_id == referral_id), None)
+    if place is None:
         return {"sent_as": None, "seconds": None}
-    place, total = order.index(referral_id) + 1, 0
+    total = 0
     for seconds, n in progress:
         total += n
         if total >= place:

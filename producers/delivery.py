@@ -58,6 +58,8 @@ class Delivery:
     error: str | None = None
     delivered: list[Delivered] = field(default_factory=list)
     found: int = 0  # in doubt from an earlier run, found already on the topic
+    count: int = 0  # messages this run delivered (all of them, kept in ``delivered`` or not)
+    keep: bool = True  # False: a long send that reads states from the outbox keeps no list
     _producer: Producer | None = None
     _settled: bool = False
     _marked: set[str] = field(default_factory=set)
@@ -87,7 +89,9 @@ class Delivery:
                 self.outbox.mark_delivered(ids)
                 SEND_METRICS.seconds.labels("deliver").observe(time.monotonic() - began)
                 SEND_METRICS.sent(rows)
-                self.delivered.extend(Delivered(r.topic, r.message_id, r.kind, r.referral_id, r.version) for r in rows)
+                self.count += len(rows)
+                if self.keep:
+                    self.delivered.extend(Delivered(r.topic, r.message_id, r.kind, r.referral_id, r.version) for r in rows)
                 self._after = rows[-1].id
                 progress(len(rows))
         except BrokerError as exc:

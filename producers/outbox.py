@@ -221,16 +221,24 @@ class Outbox:
     # -- reading ----------------------------------------------------------------------------
     def states(self, topic: str, message_ids: Sequence[str]) -> dict[str, str]:
         """message id -> state for those of ``message_ids`` already kept for ``topic``."""
-        found: dict[str, str] = {}
+        return {mid: state for mid, (state, _) in self.kept(topic, message_ids).items()}
+
+    def kept(self, topic: str, message_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """message id -> (state, row id) for those of ``message_ids`` already kept for ``topic``."""
+        found: dict[str, tuple[str, int]] = {}
         for start in range(0, len(message_ids), 500):
             chunk = list(message_ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                f"SELECT message_id, state FROM messages WHERE topic = ? AND message_id IN ({marks})",
+                f"SELECT message_id, state, id FROM messages WHERE topic = ? AND message_id IN ({marks})",
                 [topic, *chunk],
             )
-            found.update(dict(rows.fetchall()))
+            found.update((mid, (state, row)) for mid, state, row in rows)
         return found
+
+    def last_id(self) -> int:
+        """The highest row id so far: every row kept later has a higher one (AUTOINCREMENT)."""
+        return int(self._db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
 
     def queued(self, *, limit: int, after: int = 0) -> list[Queued]:
         rows = self._db.execute(

@@ -38,7 +38,7 @@ from referral_broker.structured_log import get_logger
 from .checked import CheckedFile, CheckedReferral, check_file, read_canonical_lines
 from .delivery import BATCH, Delivery
 from .hub_seal import REFERRAL_KIND, STATUS_KIND, HubSealer
-from .intake import Sent, as_checked
+from .intake import Sent, SentList, as_checked
 from .outbox import DELIVERED, Entry, Outbox, referral_message_id, status_message_id
 
 log = get_logger(__name__)
@@ -57,15 +57,15 @@ __all__ = [
 class SendReport:
     """What became of each good record of a file (ids only), and the rejected ones."""
 
-    delivered: list[Sent] = field(default_factory=list)  # acknowledged by Kafka in this run
-    queued: list[Sent] = field(default_factory=list)  # in the outbox, not yet acknowledged
-    already_sent: list[Sent] = field(default_factory=list)  # delivered by an earlier run
+    delivered: SentList = field(default_factory=SentList)  # acknowledged by Kafka in this run
+    queued: SentList = field(default_factory=SentList)  # in the outbox, not yet acknowledged
+    already_sent: SentList = field(default_factory=SentList)  # delivered by an earlier run
     rejected: list[str] = field(default_factory=list)  # "file: record N: path: reason", no values
     earlier: int = 0  # messages queued by earlier runs that this run delivered as well
     error: str | None = None  # why delivery stopped, when it did (no values)
 
     @property
-    def sent(self) -> list[Sent]:
+    def sent(self) -> SentList:
         """Delivered in this run (the name the API had before the outbox)."""
         return self.delivered
 
@@ -140,7 +140,11 @@ class PartnerSender:
         *,
         progress: Callable[[int], object] = lambda n: None,
     ) -> SendReport:
-        """Seal each referral for the hub, keep it in the outbox, deliver; see :class:`SendReport`."""
+        """Seal each referral for the hub, keep it in the outbox, deliver; see :class:`SendReport`.
+
+        Each batch is read back from the outbox once delivered (a run that fails leaves the rest
+        queued, so a batch's states are final then), and only the report's compact rows are
+        kept: a 1M-row file is sent in flat memory."""
         report = SendReport(rejected=list(records.rejected) if isinstance(records, CheckedFile) else [])
         with Outbox.open(self.settings, self.party) as outbox:
             identity, reachable = self._load_identity()
@@ -148,21 +152,29 @@ class PartnerSender:
             topic = sealer.intake_topic
             with self._delivery(outbox, reachable) as delivery:
                 delivery.run(progress)  # settle what a killed run left in doubt; earlier queue
-                order: list[tuple[str, Sent]] = []
-                seen: set[str] = set()
-                before: dict[str, str] = {}
+                # delivered by this run before the file (an earlier run's queue): "delivered"
+                initial = {r.message_id for r in delivery.delivered if r.topic == topic}
+                delivery.delivered.clear()
+                delivery.keep = False
+                mark = outbox.last_id()  # rows kept from here on are this file's
+                from_earlier: set[str] = set()  # this file's ids an earlier run kept, met once
                 for batch in _batches(as_checked(records), BATCH):
                     ids = [referral_message_id(c.referral_id, c.version) for c in batch]
-                    before.update(outbox.states(topic, ids))
+                    kept = outbox.kept(topic, ids)
+                    rows: list[tuple[str, Sent, str | None]] = []
+                    in_batch: set[str] = set()
                     entries = []
                     for checked, mid in zip(batch, ids, strict=True):
                         sent = Sent(checked.referral_id, checked.version, topic)
-                        if mid in seen:  # the same referral version twice in one file: once
-                            report.already_sent.append(sent)
+                        was = kept.get(mid)
+                        if mid in in_batch or (was is not None and (was[1] > mark or mid in from_earlier)):
+                            report.already_sent.append(sent)  # the same referral version twice in one file: once
                             continue
-                        seen.add(mid)
-                        order.append((mid, sent))
-                        if mid not in before:
+                        in_batch.add(mid)
+                        rows.append((mid, sent, None if was is None else was[0]))
+                        if was is not None:
+                            from_earlier.add(mid)
+                        else:
                             entries.append(
                                 Entry(
                                     sealer.referral(checked.record),
@@ -174,17 +186,16 @@ class PartnerSender:
                             )
                     outbox.add(entries)
                     delivery.run(progress)
-                now_delivered = {r.message_id for r in delivery.delivered if r.topic == topic}
-                final = outbox.states(topic, [mid for mid, _ in order])
+                    now = outbox.states(topic, [mid for mid, _, _ in rows])
+                    for mid, sent, state in rows:
+                        if now.get(mid) != DELIVERED:
+                            report.queued.append(sent)
+                        elif state == DELIVERED and mid not in initial:
+                            report.already_sent.append(sent)  # by an earlier run (or found in doubt)
+                        else:
+                            report.delivered.append(sent)
                 report.error = delivery.error
-                report.earlier = sum(1 for r in delivery.delivered if r.topic != topic or r.message_id not in seen)
-        for mid, sent in order:
-            if mid in now_delivered:
-                report.delivered.append(sent)
-            elif final.get(mid) == DELIVERED:
-                report.already_sent.append(sent)
-            else:
-                report.queued.append(sent)
+                report.earlier = delivery.count - len(report.delivered)
         log.info(
             "send finished",
             party=self.party,
