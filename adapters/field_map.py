@@ -328,7 +328,7 @@ def _read(
             if step.allowed is not None and value not in step.allowed:
                 problems.append(MappingProblem(step.native, "", f"must be one of {', '.join(sorted(step.allowed))}"))
             continue
-        if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+        if _is_empty(value):
             continue
         try:
             converted = step.parse(value)
@@ -336,7 +336,7 @@ def _read(
             where = step.canonical if item is None else (f"{item}.{step.canonical}" if step.canonical else item)
             problems.append(MappingProblem(step.native, where, str(exc)))
             continue
-        if converted is None or converted == [] or (isinstance(converted, str) and not converted.strip()):
+        if _is_empty(converted):
             continue
         node = target
         for part in step.parents:
@@ -472,13 +472,17 @@ class FieldMap:
             plan.append(tuple(run))
         return tuple(plan)
 
+    @functools.cached_property
+    def _items_cache(self) -> dict[tuple[int, int], tuple[_Step, ...]]:
+        """(id of a repeated group the table holds, item position) -> that item's reads."""
+        return {}
+
     def _item_steps(self, items: Items, index: int) -> tuple[_Step, ...]:
-        cache = self.__dict__.setdefault("_items_cache", {})
-        found: tuple[_Step, ...] | None = cache.get((id(items), index))  # the table holds ``items``
+        found = self._items_cache.get((id(items), index))
         if found is None:
             found = tuple(_Step.of(entry, items.item_path(index, entry.native)) for entry in items.fields)
             if index < ITEM_PLANS:
-                cache[(id(items), index)] = found
+                self._items_cache[(id(items), index)] = found
         return found
 
     def _items_to_canonical(self, native: Any, items: Items, problems: list[MappingProblem]) -> list[Any]:
