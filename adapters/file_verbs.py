@@ -45,8 +45,9 @@ def example_file(kind: str) -> Path:
     return EXAMPLES / f"{kind}{get_adapter(kind).native_suffix}"
 
 
-def _urgent(parsed: ParsedRecord) -> bool:
-    return parsed.record is not None and parsed.record.get("priority") == "urgent"
+def is_urgent(record: Mapping[str, Any] | None) -> bool:
+    """A canonical referral the senders put ahead of the rest of its file."""
+    return record is not None and record.get("priority") == "urgent"
 
 
 def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
@@ -205,7 +206,7 @@ class FileStream:
             if parsed.ok:
                 self.total += 1
                 repeats.note(parsed)
-                if urgent_first and len(ahead) < URGENT_AHEAD and _urgent(parsed):
+                if urgent_first and len(ahead) < URGENT_AHEAD and is_urgent(parsed.record):
                     ahead.append(parsed)
             else:
                 self.rejected.append(parsed)

@@ -42,9 +42,10 @@ GOAL_SECONDS = 60.0
 SAMPLE_S = 0.25
 
 
-def write_batch(path: Path, rows: int, *, seed: int = 20) -> int:
-    """A valid DWP batch of ``rows`` rows at ``path``; returns its size in bytes. The last row is
-    the batch's one urgent referral (the others are routine or high), to time the urgent lane."""
+def write_batch(path: Path, rows: int, *, seed: int = 20) -> tuple[int, str]:
+    """A valid DWP batch of ``rows`` rows at ``path``; returns its size in bytes and the referral
+    id of its last row, the batch's one urgent referral (the others are routine or high), to
+    time the urgent lane."""
     from referral_broker.adapters import get_adapter
     from referral_broker.schemas.synth import synthetic_referrals
 
@@ -70,8 +71,9 @@ def write_batch(path: Path, rows: int, *, seed: int = 20) -> int:
         out.write(header)
         for number in range(rows):
             line = urgent_line if number == rows - 1 else lines[number % len(lines)]
-            out.write(str(uuid.uuid4()) + line[36:])  # a fresh id in the first column
-    return path.stat().st_size
+            referral_id = str(uuid.uuid4())
+            out.write(referral_id + line[36:])  # a fresh id in the first column
+    return path.stat().st_size, referral_id
 
 
 def rss_mb() -> float:
@@ -159,10 +161,7 @@ def run(
         settings = base.replace(kafka_topic_prefix=prefix, paths_data_dir=Path(tmp) / "data")
         path = Path(tmp) / "dwp-batch.csv"
         progress(f"writing a {rows:,}-row DWP batch")
-        size = write_batch(path, rows)
-        with path.open("rb") as tail:
-            tail.seek(max(0, size - 64 * 1024))
-            path_last_id = tail.read().splitlines()[-1][:36].decode("ascii")
+        size, urgent_id = write_batch(path, rows)
         try:
             progress("topics and keys")
             ensure_with_county(settings, bootstrap)
@@ -206,7 +205,7 @@ def run(
         "records_on_intake_topic": on_topic,
         "seconds": {"total": round(seconds, 2), "read_validate": round(t1 - t0, 2), "seal_send": round(t2 - t1, 2)},
         "rows_per_second": round(rate, 1),
-        "urgent_last_row": _urgent_last_row(path_last_id, report.delivered, delivered),
+        "urgent_last_row": _urgent_last_row(urgent_id, report.delivered, delivered),
         "rss": sampler.summary(),
         "peak_rss_mb_getrusage": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "goal": {"rows": GOAL_ROWS, "seconds": GOAL_SECONDS, "rows_per_second": round(goal_rate, 1)},

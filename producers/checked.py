@@ -178,10 +178,10 @@ def _urgent_first(good: list[CheckedReferral]) -> list[CheckedReferral]:
     """The urgent referrals first (each the one record of its id in the file, so a referral's
     versions keep their order; at most ``URGENT_AHEAD``), then the rest in file order: as
     :class:`~referral_broker.adapters.file_verbs.FileStream` yields a native file's."""
-    from referral_broker.adapters.file_verbs import URGENT_AHEAD
+    from referral_broker.adapters.file_verbs import URGENT_AHEAD, is_urgent
 
     records = Counter(c.referral_id for c in good)
-    ahead = [c for c in good if c.record.get("priority") == "urgent" and records[c.referral_id] == 1][:URGENT_AHEAD]
+    ahead = [c for c in good if is_urgent(c.record) and records[c.referral_id] == 1][:URGENT_AHEAD]
     moved = {id(c) for c in ahead}
     return ahead + [c for c in good if id(c) not in moved]
 

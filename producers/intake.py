@@ -49,19 +49,19 @@ class SentList(Sequence[Sent]):
 
     def append(self, sent: Sent) -> None:
         row = len(self._versions)
-        try:
-            packed = uuid.UUID(sent.referral_id).bytes
-            canonical = str(uuid.UUID(bytes=packed)) == sent.referral_id
-        except ValueError:
-            canonical = False
-        if not canonical:
-            packed = bytes(16)
-            self._other[row] = sent.referral_id
         if sent.topic not in self._topics:
             if len(self._topics) == 256:
                 raise ValueError("a send report spans at most 256 topics")
             self._topics.append(sent.topic)
-        self._ids += packed
+        try:
+            parsed = uuid.UUID(sent.referral_id)
+        except ValueError:
+            parsed = None
+        if parsed is not None and str(parsed) == sent.referral_id:
+            self._ids += parsed.bytes
+        else:
+            self._ids += bytes(16)
+            self._other[row] = sent.referral_id
         self._versions.append(sent.version)
         self._topic_at.append(self._topics.index(sent.topic))
 
