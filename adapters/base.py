@@ -347,6 +347,18 @@ class PartnerAdapter(ABC):
         whose every record was validated by a first (``FileStream``)."""
         return self._parse(source, self.referral_map, _REFERRAL, now, validate=False)
 
+    def parse_some(
+        self, source: Source, take: Callable[[int], bool], *, now: dt.datetime, validate: bool = True
+    ) -> Iterator[ParsedRecord]:
+        """The referrals whose record number ``take`` accepts, converted (and validated, unless
+        this is a second pass over records a first one validated); the others are read but not
+        converted. For one of several processes sharing a file's records (``producers.file_pool``)."""
+        name = source_name(source)
+        field_map = self.referral_map
+        for native in self.read_native(source, field_map):
+            if take(native.number):
+                yield self._convert(native, name, field_map, _REFERRAL, now, validate=validate)
+
     def _parse(
         self,
         source: Source,

@@ -50,14 +50,14 @@ def is_urgent(record: Mapping[str, Any] | None) -> bool:
     return record is not None and record.get("priority") == "urgent"
 
 
-def _raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
+def raise_rejected(rejected: list[ParsedRecord], what: str, name: str) -> None:
     problems = [problem for parsed in rejected for problem in parsed.problems]
     raise ValidationError(
         problems, f"{what} in {name} ({len(rejected)} record(s) rejected, nothing accepted)"
     )
 
 
-class _Repeats:
+class Repeats:
     """Each (id, version) a file holds, by record number: a file holds each once.
 
     Kept as 24 bytes a record (UUID, version, record number) in one buffer, the one thing a
@@ -71,7 +71,7 @@ class _Repeats:
 
     def note(self, parsed: ParsedRecord) -> None:
         if parsed.record is not None:
-            identity = uuid.UUID(str(parsed.record[self.key])).bytes
+            identity = self.identity(parsed)
             version = int(parsed.record["version"]) & 0xFFFFFFFF
             self.entries += identity + version.to_bytes(4, "big") + parsed.number.to_bytes(4, "big")
 
@@ -100,13 +100,25 @@ class _Repeats:
 
     def alone(self, candidates: list[ParsedRecord]) -> list[ParsedRecord]:
         """Those of ``candidates`` whose id no other record of the file holds (any version)."""
-        ids = {uuid.UUID(str(p.record[self.key])).bytes: p for p in candidates if p.record is not None}
+        ids = {self.identity(p): p.number for p in candidates if p.record is not None}
+        kept = self.alone_numbers(ids)
+        return [p for p in candidates if p.number in kept]
+
+    def identity(self, parsed: ParsedRecord) -> bytes:
+        """The record's id as the 16 bytes :meth:`note` keeps."""
+        assert parsed.record is not None
+        return uuid.UUID(str(parsed.record[self.key])).bytes
+
+    def alone_numbers(self, ids: dict[bytes, int]) -> set[int]:
+        """Of ``ids`` (id bytes -> record number), the numbers of the records whose id no other
+        record of the file holds (any version)."""
+        ids = dict(ids)
         with memoryview(self.entries) as view:
             for start in range(0, len(view), 24):
                 found = ids.get(bytes(view[start : start + 16]))
-                if found is not None and int.from_bytes(view[start + 20 : start + 24], "big") != found.number:
+                if found is not None and int.from_bytes(view[start + 20 : start + 24], "big") != found:
                     ids.pop(bytes(view[start : start + 16]))
-        return sorted(ids.values(), key=lambda p: p.number)
+        return set(ids.values())
 
     def reject(self, parsed: ParsedRecord, others: list[int]) -> ParsedRecord:
         where = f'"{self.label}" ({self.key})' if self.label else self.key
@@ -121,7 +133,7 @@ def _load(
 ) -> LoadResult:
     result = LoadResult()
     name = "<stream>"
-    repeats = _Repeats(adapter, family)
+    repeats = Repeats(adapter, family)
     parsed_all: list[ParsedRecord] = []
     for parsed in records:
         name = parsed.source
@@ -134,7 +146,7 @@ def _load(
         (result.records if parsed.ok else result.rejected).append(parsed)
     result.warnings = list(adapter.warnings)
     if result.rejected and not skip_invalid:
-        _raise_rejected(result.rejected, what, name)
+        raise_rejected(result.rejected, what, name)
     return result
 
 
@@ -200,7 +212,7 @@ class FileStream:
         self.rejected: list[ParsedRecord] = []
         self.total = 0
         self._identity = self._stat()
-        repeats = _Repeats(self.adapter, "referral")
+        repeats = Repeats(self.adapter, "referral")
         ahead: list[ParsedRecord] = []
         for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
             if parsed.ok:
@@ -225,7 +237,7 @@ class FileStream:
         self._ahead = repeats.alone(ahead) if ahead else []
         self.warnings = list(self.adapter.warnings)
         if self.rejected and not skip_invalid:
-            _raise_rejected(self.rejected, "referrals", source_name(self.path))
+            raise_rejected(self.rejected, "referrals", source_name(self.path))
 
     def _stat(self) -> tuple[int, int, int]:
         try:

@@ -18,6 +18,7 @@ Figures are printed, never asserted: they depend on the machine and what else ru
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -77,13 +78,29 @@ def write_batch(path: Path, rows: int, *, seed: int = 20) -> tuple[int, str]:
 
 
 def rss_mb() -> float:
-    """This process's resident set now (/proc/self/statm)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    """The resident set now of this process and the worker processes it started (the send's
+    checking and sealing pool), from /proc/<pid>/statm."""
+    import multiprocessing
+
+    total = 0
+    for pid in ["self", *(str(p.pid) for p in multiprocessing.active_children())]:
+        with contextlib.suppress(OSError, IndexError):  # a worker that has just exited
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return total * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children: those waited for, and those still running."""
+    import multiprocessing
+
+    running = [process_cpu_s(p.pid) for p in multiprocessing.active_children()]  # reaps the finished
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return done.ru_utime + done.ru_stime + sum(c for c in running if c is not None)
 
 
 class RssSampler:
-    """Samples this process's RSS every ``interval`` seconds in a thread: (seconds, MB)."""
+    """Samples the send's RSS (this process and its workers) every ``interval`` seconds in a
+    thread: (seconds, MB)."""
 
     def __init__(self, interval: float = SAMPLE_S) -> None:
         self.interval = interval
@@ -145,10 +162,12 @@ def run(
     progress: Callable[[str], None] = lambda s: None,
     profile: bool = False,
     broker: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Every figure of one run; with ``profile``, the timed part runs under cProfile and its
     time by component is returned too (the rates are then the profiled ones). ``broker``: the
-    local broker's pid, so its CPU is counted (None: a remote broker)."""
+    local broker's pid, so its CPU is counted (None: a remote broker). ``workers``: the send's
+    checking and sealing processes (``[send] workers``; None: as configured)."""
     import cProfile
 
     from referral_broker.bench_profile import by_component
@@ -159,6 +178,8 @@ def run(
     prefix = f"benchb{uuid.uuid4().hex[:6]}."
     with tempfile.TemporaryDirectory(prefix="rb-bench-batch-") as tmp:
         settings = base.replace(kafka_topic_prefix=prefix, paths_data_dir=Path(tmp) / "data")
+        if workers is not None:
+            settings = settings.replace(send_workers=workers)
         path = Path(tmp) / "dwp-batch.csv"
         progress(f"writing a {rows:,}-row DWP batch")
         size, urgent_id = write_batch(path, rows)
@@ -171,15 +192,18 @@ def run(
             with RssSampler() as sampler:
                 if profiler is not None:
                     profiler.enable()
-                broker0, cpu0 = process_cpu_s(broker), time.process_time()
+                broker0, cpu0 = process_cpu_s(broker), time.process_time() + _children_cpu_s()
                 t0 = time.perf_counter()
-                checked = check_file(PARTY, path, fmt="native")  # read + validate, as 'send' does
-                t1, cpu1 = time.perf_counter(), time.process_time()
+                # read + validate, as 'send' does: by worker processes for a large file
+                checked = check_file(PARTY, path, fmt="native", settings=settings)
+                t1, cpu1 = time.perf_counter(), time.process_time() + _children_cpu_s()
+                processes = 1 if checked.pool is None else 1 + checked.pool.workers
                 delivered: list[tuple[float, int]] = []  # (seconds since t0, rows delivered by then)
                 report = PartnerSender(settings, bootstrap, PARTY).send_checked(
                     checked, progress=lambda n: delivered.append((time.perf_counter() - t0, n))
                 )
-                t2, cpu2, broker2 = time.perf_counter(), time.process_time(), process_cpu_s(broker)
+                t2, broker2 = time.perf_counter(), process_cpu_s(broker)
+                cpu2 = time.process_time() + _children_cpu_s()
                 if profiler is not None:
                     profiler.disable()
             intake = topic_name(settings, "intake", PARTY)
@@ -205,6 +229,7 @@ def run(
         "records_on_intake_topic": on_topic,
         "seconds": {"total": round(seconds, 2), "read_validate": round(t1 - t0, 2), "seal_send": round(t2 - t1, 2)},
         "rows_per_second": round(rate, 1),
+        "processes": processes,
         "urgent_last_row": _urgent_last_row(urgent_id, report.delivered, delivered),
         "rss": sampler.summary(),
         "peak_rss_mb_getrusage": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -216,6 +241,7 @@ def run(
             rate,
             {"read_validate": cpu1 - cpu0, "seal_send": cpu2 - cpu1},
             None if broker0 is None or broker2 is None else broker2 - broker0,
+            processes=processes,
         ),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,
@@ -240,9 +266,12 @@ def _urgent_last_row(
     return {"sent_as": place, "seconds": None}
 
 
-def capacity(rows: int, rate: float, send_cpu_s: dict[str, float], broker_cpu_s: float | None) -> dict[str, Any]:
-    """The CPU a row cost the send (by phase) and the broker, the cores the goal's rate would
-    need at those costs, and, when the goal was missed for want of them, why."""
+def capacity(
+    rows: int, rate: float, send_cpu_s: dict[str, float], broker_cpu_s: float | None, *, processes: int = 1
+) -> dict[str, Any]:
+    """The CPU a row cost the send (by phase, its worker processes included) and the broker,
+    the cores the goal's rate would need at those costs, and, when the goal was missed for want
+    of them, why. ``processes``: the send's (1: no worker pool, so one core at most)."""
     cores = os.cpu_count() or 1
     goal_rate = GOAL_ROWS / GOAL_SECONDS
     send = {k: round(v / rows * 1000, 3) for k, v in send_cpu_s.items()}
@@ -268,7 +297,7 @@ def capacity(rows: int, rate: float, send_cpu_s: dict[str, float], broker_cpu_s:
             f"the send: {send['read_validate']} reading and validating, {send['seal_send']} converting, "
             f"sealing, signing, keeping and sending; {broker}); this machine has {cores}"
         )
-    if one_core is not None and one_core < goal_rate:
+    if processes == 1 and one_core is not None and one_core < goal_rate:
         reasons.append(
             f"one send process runs its Python on one core at a time: at {send_ms} ms a row it sends at "
             f"most about {one_core:,.0f} rows/s"

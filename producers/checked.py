@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from referral_broker.errors import PartnerInputError, ValidationError
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, PartnerInputError, ValidationError
 from referral_broker.parties import all_parties, format_of, party_name
 
 from .adapter_metrics import SEND_METRICS
+from .file_pool import FilePool, workers_for
 
 # Only the readers in this module hold this; CheckedReferral refuses to be made without it.
 _READER = object()
@@ -64,18 +66,27 @@ class CheckedFile:
     urgent referrals first (they are sent, and routed, first), the rest in file order.
 
     ``rejected`` lists each record left out with ``skip_invalid`` ("file: record N: path:
-    reason", never a value)."""
+    reason", never a value). A large file checked by worker processes (``pool``) holds no
+    record in this process: ``PartnerSender.send_checked`` has the workers seal it."""
 
     source: str
     total: int
     rejected: list[str]
     _records: Callable[[], Iterator[CheckedReferral]] = field(repr=False)
+    pool: FilePool | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[CheckedReferral]:
+        if self.pool is not None:
+            raise BrokerError("a file checked by sealing workers is sealed by them: PartnerSender.send_checked")
         return self._records()
 
     def __len__(self) -> int:
         return self.total
+
+    def close(self) -> None:
+        """Stop the workers of a file that will not be sent after all (a no-op otherwise)."""
+        if self.pool is not None:
+            self.pool.close()
 
 
 def check_file(
@@ -85,9 +96,13 @@ def check_file(
     fmt: str = "native",
     skip_invalid: bool = False,
     on_checked: Callable[[int], object] | None = None,
+    settings: Settings | None = None,
 ) -> CheckedFile:
     """Read and validate every record of a partner's file. Raises PartnerInputError (nothing to
-    send) when any record is invalid, unless ``skip_invalid``. Touches no network."""
+    send) when any record is invalid, unless ``skip_invalid``. Touches no network.
+
+    With ``settings`` (a sender's), a large native file is checked by worker processes that
+    then seal it (``[send] workers``, :mod:`~referral_broker.producers.file_pool`)."""
     import time
 
     path = Path(path)
@@ -104,7 +119,7 @@ def check_file(
         if fmt == "canonical":
             checked = _canonical(path, skip_invalid, counted)
         elif fmt == "native":
-            checked = _native(party, path, skip_invalid, counted)
+            checked = _native(party, path, skip_invalid, counted, settings)
         else:
             raise PartnerInputError(f"unknown format '{fmt}' (native or canonical)")
     except PartnerInputError:
@@ -187,24 +202,40 @@ def _urgent_first(good: list[CheckedReferral]) -> list[CheckedReferral]:
 
 
 def _native(
-    party: str, path: Path, skip_invalid: bool, on_checked: Callable[[int], object] | None
+    party: str,
+    path: Path,
+    skip_invalid: bool,
+    on_checked: Callable[[int], object] | None,
+    settings: Settings | None,
 ) -> CheckedFile:
     from referral_broker import adapters
 
     native = format_of(party)
     if native is None:
         raise PartnerInputError(f"{party} has no native format; use --format canonical")
+    workers = 1 if settings is None else workers_for(settings, path)
+    source: FilePool | adapters.FileStream
     try:
-        # The first pass validates every record; iterating converts again without validating.
-        stream = adapters.iter_file(native, path, skip_invalid=skip_invalid, on_checked=on_checked, urgent_first=True)
+        if workers > 1:
+            assert settings is not None
+            source = FilePool(
+                native, party, path, settings, workers=workers, skip_invalid=skip_invalid, on_checked=on_checked
+            )
+        else:
+            # The first pass validates every record; iterating converts again without validating.
+            source = adapters.iter_file(native, path, skip_invalid=skip_invalid, on_checked=on_checked, urgent_first=True)
     except ValidationError as exc:
         SEND_METRICS.refused(native, ((p.record, p.path, p.reason) for p in exc.problems))
         raise PartnerInputError(f"{exc}; nothing sent") from None
-    SEND_METRICS.refused(native, ((r.number, p.path, p.reason) for r in stream.rejected for p in r.problems))
+    SEND_METRICS.refused(native, ((r.number, p.path, p.reason) for r in source.rejected for p in r.problems))
+    rejected = [str(r) for r in source.rejected]
+    if isinstance(source, FilePool):
+        return CheckedFile(str(path), source.total, rejected, lambda: iter(()), source)
+    stream = source
 
     def records() -> Iterator[CheckedReferral]:
         for parsed in stream:
             assert parsed.record is not None
             yield _checked(parsed.record)
 
-    return CheckedFile(str(path), stream.total, [str(r) for r in stream.rejected], records)
+    return CheckedFile(str(path), stream.total, rejected, records)

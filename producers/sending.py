@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, DeliveryPendingError
@@ -37,11 +37,13 @@ from referral_broker.structured_log import get_logger
 
 from .checked import CheckedFile, CheckedReferral, check_file, read_canonical_lines
 from .delivery import BATCH, Delivery
+from .file_pool import SealedReferral
 from .hub_seal import REFERRAL_KIND, STATUS_KIND, HubSealer
 from .intake import Sent, SentList, as_checked
 from .outbox import DELIVERED, Entry, Outbox, referral_message_id, status_message_id
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "FlushReport",
@@ -90,7 +92,7 @@ class FlushReport:
     error: str | None = None
 
 
-def _batches(items: Iterable[CheckedReferral], size: int) -> Iterator[list[CheckedReferral]]:
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
@@ -130,7 +132,9 @@ class PartnerSender:
     ) -> SendReport:
         """Validate every record of the file first (PartnerInputError, nothing sent, if any is
         invalid, unless ``skip_invalid``), then seal, keep and deliver the good ones."""
-        checked = check_file(self.party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=on_checked)
+        checked = check_file(
+            self.party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=on_checked, settings=self.settings
+        )
         on_total(checked.total)
         return self.send_checked(checked, progress=progress)
 
@@ -145,10 +149,24 @@ class PartnerSender:
         Each batch is read back from the outbox once delivered (a run that fails leaves the rest
         queued, so a batch's states are final then), and only the report's compact rows are
         kept: a 1M-row file is sent in flat memory."""
+        try:
+            return self._send(records, progress)
+        finally:
+            if isinstance(records, CheckedFile):
+                records.close()
+
+    def _send(
+        self, records: CheckedFile | Iterable[CheckedReferral | dict[str, Any]], progress: Callable[[int], object]
+    ) -> SendReport:
         report = SendReport(rejected=list(records.rejected) if isinstance(records, CheckedFile) else [])
         with Outbox.open(self.settings, self.party) as outbox:
             identity, reachable = self._load_identity()
             sealer = HubSealer(identity.sealer, self.settings, self.party)
+            items: Iterable[CheckedReferral | SealedReferral] = (
+                records.pool.sealed(identity.directory)
+                if isinstance(records, CheckedFile) and records.pool is not None
+                else as_checked(records)
+            )
             topic = sealer.intake_topic
             with self._delivery(outbox, reachable) as delivery:
                 delivery.run(progress)  # settle what a killed run left in doubt; earlier queue
@@ -158,7 +176,7 @@ class PartnerSender:
                 delivery.keep = False
                 mark = outbox.last_id()  # rows kept from here on are this file's
                 from_earlier: set[str] = set()  # this file's ids an earlier run kept, met once
-                for batch in _batches(as_checked(records), BATCH):
+                for batch in _batches(items, BATCH):
                     ids = [referral_message_id(c.referral_id, c.version) for c in batch]
                     kept = outbox.kept(topic, ids)
                     rows: list[tuple[str, Sent, str | None]] = []
@@ -177,7 +195,9 @@ class PartnerSender:
                         else:
                             entries.append(
                                 Entry(
-                                    sealer.referral(checked.record),
+                                    checked.message
+                                    if isinstance(checked, SealedReferral)
+                                    else sealer.referral(checked.record),
                                     mid,
                                     REFERRAL_KIND,
                                     checked.referral_id,

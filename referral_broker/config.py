@@ -59,6 +59,9 @@ class Settings:
     keys_directory_refresh_s: float = 60.0
     # the council's root public key every party pins; default <data_dir>/keys/trust-anchor.pem
     keys_trust_anchor: Path | None = None
+    # [send] processes that check and seal a large native file (0: one a core, at most 4;
+    # 1: in the sending process)
+    send_workers: int = 0
     # [inbox]
     inbox_database: Path | None = None
     inbox_session_max_age_s: int = 8 * 3600
@@ -124,6 +127,7 @@ ENV_VARS: dict[str, str] = {
     "REFERRAL_BROKER_DIRECTORY_REFRESH_S": "keys_directory_refresh_s",
     "REFERRAL_BROKER_TRUST_ANCHOR": "keys_trust_anchor",
     "REFERRAL_BROKER_INBOX_DATABASE": "inbox_database",
+    "REFERRAL_BROKER_SEND_WORKERS": "send_workers",
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -200,4 +204,6 @@ def load_settings(
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("kafka_topic_profile", "local") not in _PROFILES:
         raise ConfigError(f"topic profile must be one of {', '.join(_PROFILES)}")
+    if not 0 <= values.get("send_workers", 0) <= 64:
+        raise ConfigError("[send] workers must be from 0 (one a core) to 64")
     return Settings(**values)

@@ -247,20 +247,29 @@ def orgs(
 @bench.command()
 @click.option("--rows", default=100_000, show_default=True, type=click.IntRange(1, 10_000_000), help="Rows in the DWP batch.")
 @click.option("--profile", is_flag=True, help="Run the send under cProfile and show where the time goes (slower).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="The send's checking and sealing processes (1: none, all in the sending process); "
+    "default: [send] workers, one a core for a file of 4 MB or more.",
+)
 @json_option
 @pass_cli
-def batch(obj: CliContext, rows: int, profile: bool, as_json: bool) -> None:
+def batch(obj: CliContext, rows: int, profile: bool, workers: int | None, as_json: bool) -> None:
     """DWP's monthly batch end to end: make a synthetic DWP batch CSV of ROWS rows (the real
     adapter format), then time what 'send --as dwp --file' does (read, validate, seal, sign,
     keep in the outbox, send to the broker) under a fresh topic prefix; rows/s, seconds, the
-    process's RSS sampled during the run, and the goal (100k rows in 60 s). With --profile,
-    also the send's time by component."""
+    send's RSS (its worker processes included) sampled during the run, and the goal (100k rows
+    in 60 s). With --profile, also the sending process's time by component."""
     from referral_broker.cli.bench_orgs import broker_pid
     from referral_broker.producers.batch_bench import run
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
     bootstrap = obj.bootstrap()
-    data = run(obj.settings, bootstrap, rows=rows, progress=progress, profile=profile, broker=broker_pid(bootstrap))
+    data = run(
+        obj.settings, bootstrap, rows=rows, progress=progress, profile=profile, broker=broker_pid(bootstrap), workers=workers
+    )
     emit(data, as_json, _show_batch)
 
 
@@ -297,8 +306,12 @@ def _show_batch(d: dict[str, Any]) -> None:
     click.echo(
         f"CPU a row (ms): the send {send['total']} ({send['read_validate']} read+validate, {send['seal_send']} "
         f"seal+send), the broker {broker if broker is not None else 'remote, not counted'}: the goal's rate needs "
-        f"{cap['cores_needed_for_goal']} of {cap['cores']} cores; one send process about "
-        f"{cap['send_rows_per_second_one_core']:,} rows/s on one core."
+        f"{cap['cores_needed_for_goal']} of {cap['cores']} cores; "
+        + (
+            f"one send process about {cap['send_rows_per_second_one_core']:,} rows/s on one core."
+            if d["processes"] == 1
+            else f"{d['processes']} processes: the sender and {d['processes'] - 1} checking and sealing workers."
+        )
     )
     if cap["why"]:
         click.echo(f"Why the goal is out of reach here: {cap['why']}")

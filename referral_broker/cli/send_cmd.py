@@ -59,7 +59,12 @@ def send(
         checking = tqdm(desc="checking", unit="rec", disable=as_json, leave=False)
         with checking:
             checked = check_file(
-                party, path, fmt=fmt, skip_invalid=skip_invalid, on_checked=lambda n: checking.update(n - checking.n)
+                party,
+                path,
+                fmt=fmt,
+                skip_invalid=skip_invalid,
+                on_checked=lambda n: checking.update(n - checking.n),
+                settings=obj.settings,
             )
         # Only now, with the file known good, is a broker started or a connection made.
         bootstrap, offline = reach(obj)

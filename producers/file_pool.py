@@ -1,0 +1,361 @@
+"""A large native file checked and sealed by several processes, for ``send``.
+
+One Python process reads, validates, converts, seals and signs about 1,100 rows a second; a
+100k-row DWP batch needs more than one core. The pool splits the file's records between worker
+processes by chunks of ``CHUNK`` record numbers (worker ``i`` takes chunks ``i``, ``i + W``,
+...). Each worker reads the whole file but converts only its own records, in two phases:
+
+1. **check**: validate its records and report the rejected ones (problems only, never a
+   value), the 24-byte index of ids and versions, and its first urgent referrals. The parent
+   merges them exactly as :class:`~referral_broker.adapters.FileStream` does, so a bad file
+   is refused, with the same problems, before anything is sealed or anything connects;
+2. **seal**: once the sender has its key directory, convert again, seal for the hub and sign,
+   and hand the sealed messages back a chunk at a time. The parent reads the chunks in record
+   order (the urgent referrals that are alone in the file first), so what goes into the outbox
+   and onto the topic is in the order the one-process send uses. A worker blocks while its
+   next chunk waits to be read: memory stays flat however long the file.
+
+Plaintext never leaves a worker except the urgent candidates' ids; what crosses back is sealed.
+A worker that fails stops the send with its reason (by type, never the text of an unexpected
+error, which could hold a value); what was kept in the outbox by then is delivered or stays
+queued, and sending the file again sends the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import multiprocessing
+import os
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from referral_broker.config import Settings
+from referral_broker.errors import BrokerError, PartnerInputError, ReferralBrokerError
+from referral_broker.sealing import KeyDirectory
+from referral_broker.sealing.envelope import OutgoingMessage
+
+CHUNK = 500  # record numbers a worker takes at a time (the outbox's batch)
+MAX_WORKERS = 4
+# Smaller files are checked and sealed in the sending process: starting a worker (a Python
+# with the project imported) costs about 0.7 s of CPU, as much as checking 4,000 rows.
+MIN_BYTES = 4_000_000
+_PROGRESS = 250  # a worker reports its count this often
+
+
+def workers_for(settings: Settings, path: str | os.PathLike[str]) -> int:
+    """How many worker processes ``send`` uses for ``path``: 1 (none: in process) below
+    ``MIN_BYTES`` or when ``[send] workers`` is 1; else that setting, or with 0 this machine's
+    cores, at most ``MAX_WORKERS``."""
+    configured = settings.send_workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    if configured <= 1:
+        return 1
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return 1  # the check names the problem
+    return configured if size >= MIN_BYTES else 1
+
+
+@dataclass(frozen=True)
+class SealedReferral:
+    """A referral a pool worker validated, sealed for the hub and signed (ids only in clear)."""
+
+    referral_id: str
+    version: int
+    message: OutgoingMessage = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Job:
+    kind: str
+    party: str
+    path: Path
+    identity: tuple[int, int, int]  # size, mtime, inode at the start: the file must not change
+    now: dt.datetime
+    index: int
+    workers: int
+    chunk: int  # CHUNK and URGENT_AHEAD as the parent has them
+    ahead: int
+    settings: Settings
+
+
+@dataclass
+class _Checked:
+    """One worker's first phase: counts, rejected records (problems only), the id index, and
+    its first urgent referrals as (record number, id bytes)."""
+
+    read: int
+    last: int
+    rejected: list[Any]
+    index: bytes
+    urgent: list[tuple[int, bytes]]
+
+
+def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
+    """Whether a record number is worker ``index``'s (of ``workers``)."""
+    return lambda number: ((number - 1) // chunk) % workers == index
+
+
+def _unchanged(job: _Job) -> None:
+    from referral_broker.adapters.native_files import source_name
+
+    try:
+        found = job.path.stat()
+    except FileNotFoundError:
+        raise PartnerInputError(f"{source_name(job.path)}: file not found") from None
+    if (found.st_size, found.st_mtime_ns, found.st_ino) != job.identity:
+        raise PartnerInputError(f"{source_name(job.path)}: the file changed while it was being read")
+
+
+def _work(job: _Job, conn: Connection) -> None:
+    """A worker's whole life; every outcome is one message to the parent."""
+    try:
+        _check_then_seal(job, conn)
+    except ReferralBrokerError as exc:  # the project's errors never hold a value: sent whole
+        conn.send(("failed", type(exc).__name__, str(exc)))
+    except (EOFError, BrokenPipeError):
+        pass  # the parent stopped listening: it has stopped the send
+    except Exception as exc:  # named by type only: its text could hold a value
+        conn.send(("failed", "BrokerError", f"{type(exc).__name__} in sealing worker {job.index + 1}"))
+    finally:
+        conn.close()
+
+
+def _check_then_seal(job: _Job, conn: Connection) -> None:
+    from referral_broker.adapters import ParsedRecord, get_adapter
+    from referral_broker.adapters.file_verbs import Repeats, is_urgent
+    from referral_broker.identity import load_identity
+
+    from .hub_seal import HubSealer
+
+    adapter = get_adapter(job.kind)
+    _unchanged(job)
+    repeats = Repeats(adapter, "referral")
+    rejected: list[ParsedRecord] = []
+    urgent: list[ParsedRecord] = []
+    read = last = 0
+    for parsed in adapter.parse_some(job.path, _mine(job.index, job.workers, job.chunk), now=job.now):
+        read, last = read + 1, parsed.number
+        if not parsed.ok:
+            rejected.append(parsed)
+        else:
+            repeats.note(parsed)
+            if len(urgent) < job.ahead and is_urgent(parsed.record):
+                urgent.append(parsed)
+        if read % _PROGRESS == 0:
+            conn.send(("progress", read))
+    _unchanged(job)
+    ids = [(p.number, repeats.identity(p)) for p in urgent]
+    conn.send(("checked", _Checked(read, last, rejected, bytes(repeats.entries), ids)))
+    del rejected, repeats
+
+    order = conn.recv()
+    if order[0] != "seal":
+        return
+    directory, skip, ahead = order[1], order[2], order[3]
+    identity = load_identity(job.settings, "", job.party, directory=directory)
+    sealer = HubSealer(identity.sealer, job.settings, job.party)
+
+    def sealed(record: dict[str, Any]) -> SealedReferral:
+        return SealedReferral(str(record["referral_id"]), int(record["version"]), sealer.referral(record))
+
+    conn.send(("ahead", [(p.number, sealed(p.record)) for p in urgent if p.number in ahead and p.record is not None]))
+    del urgent
+    _unchanged(job)
+    chunk, out = -1, list[SealedReferral]()
+    for parsed in adapter.parse_some(job.path, _mine(job.index, job.workers, job.chunk), now=job.now, validate=False):
+        at = (parsed.number - 1) // job.chunk
+        if at != chunk:
+            if chunk >= 0:
+                conn.send(("chunk", chunk, out))
+            chunk, out = at, []
+        if parsed.number in skip:
+            continue
+        if parsed.record is None:
+            raise PartnerInputError(f"{parsed.source}: record {parsed.number} changed between passes")
+        out.append(sealed(parsed.record))
+    if chunk >= 0:
+        conn.send(("chunk", chunk, out))
+    _unchanged(job)
+    conn.send(("done",))
+
+
+class FilePool:
+    """The worker processes of one file: constructing it runs the check phase (raising as
+    :class:`~referral_broker.adapters.FileStream` does), :meth:`sealed` the seal phase.
+    ``rejected`` and ``total`` are then what a ``FileStream`` of the same file has. Close it
+    (or use it as a context manager) when it is not sealed to the end."""
+
+    def __init__(
+        self,
+        kind: str,
+        party: str,
+        path: str | os.PathLike[str],
+        settings: Settings,
+        *,
+        workers: int,
+        skip_invalid: bool,
+        on_checked: Callable[[int], object] | None = None,
+    ) -> None:
+        from referral_broker.adapters import file_verbs, get_adapter
+        from referral_broker.adapters.file_verbs import Repeats, raise_rejected
+        from referral_broker.adapters.native_files import source_name
+
+        self.path = Path(path)
+        self.workers = workers
+        self.chunk, ahead_bound = CHUNK, file_verbs.URGENT_AHEAD
+        try:
+            found = self.path.stat()
+        except FileNotFoundError:
+            raise PartnerInputError(f"{source_name(self.path)}: file not found") from None
+        identity = (found.st_size, found.st_mtime_ns, found.st_ino)
+        now = dt.datetime.now(dt.UTC)
+        context = multiprocessing.get_context("spawn")  # the sender's threads are not forked
+        self._conns: list[Connection] = []
+        self._processes: list[Any] = []
+        self._finalizer = weakref.finalize(self, _stop, self._conns, self._processes)
+        for index in range(workers):
+            mine, theirs = context.Pipe()
+            job = _Job(kind, party, self.path, identity, now, index, workers, self.chunk, ahead_bound, settings)
+            process = context.Process(target=_work, args=(job, theirs), name=f"rb-seal-{index + 1}", daemon=True)
+            process.start()
+            theirs.close()
+            self._conns.append(mine)
+            self._processes.append(process)
+        try:
+            checked = self._checked(on_checked)
+        except BaseException:
+            self.close()
+            raise
+        adapter = get_adapter(kind)
+        repeats = Repeats(adapter, "referral")
+        repeats.entries = bytearray(b"".join(c.index for c in checked))
+        self.rejected = sorted((r for c in checked for r in c.rejected), key=lambda parsed: parsed.number)
+        self.total = sum(c.read for c in checked) - len(self.rejected)
+        self._last = max((c.last for c in checked), default=0)
+        repeated = repeats.repeated()
+        if repeated:
+            from referral_broker.adapters import ParsedRecord
+
+            self.rejected.extend(
+                repeats.reject(ParsedRecord(source_name(self.path), n, None), others) for n, others in repeated.items()
+            )
+            self.rejected.sort(key=lambda parsed: parsed.number)
+            self.total -= len(repeated)
+        urgent = sorted(pair for c in checked for pair in c.urgent)[:ahead_bound]
+        self._ahead = repeats.alone_numbers({ident: number for number, ident in urgent}) if urgent else set()
+        self._skip = {parsed.number for parsed in self.rejected} | self._ahead
+        if self.rejected and not skip_invalid:
+            self.close()
+            raise_rejected(self.rejected, "referrals", source_name(self.path))
+
+    def _receive(self, index: int) -> tuple[Any, ...]:
+        try:
+            message: tuple[Any, ...] = self._conns[index].recv()
+        except (EOFError, OSError):
+            process = self._processes[index]
+            process.join(5)
+            raise BrokerError(
+                f"sealing worker {index + 1} stopped (exit code {process.exitcode}); nothing more was sent"
+            ) from None
+        if message[0] == "failed":
+            raise _error(message[1], message[2])
+        return message
+
+    def _checked(self, on_checked: Callable[[int], object] | None) -> list[_Checked]:
+        counts = [0] * self.workers
+        results: dict[int, _Checked] = {}
+        while len(results) < self.workers:
+            ready = wait([c for i, c in enumerate(self._conns) if i not in results])
+            for conn in ready:
+                index = self._conns.index(conn)  # type: ignore[arg-type]
+                message = self._receive(index)
+                if message[0] == "progress":
+                    counts[index] = message[1]
+                elif message[0] == "checked":
+                    results[index] = message[1]
+                    counts[index] = message[1].read
+                if on_checked is not None:
+                    on_checked(sum(counts))
+        return [results[i] for i in range(self.workers)]
+
+    def __len__(self) -> int:
+        return self.total
+
+    def sealed(self, directory: KeyDirectory) -> Iterator[SealedReferral]:
+        """The file's good referrals sealed for the hub with ``directory``'s keys: the urgent
+        ones alone in the file first, then the rest in file order. Closes the pool at the end."""
+        try:
+            for index, conn in enumerate(self._conns):
+                mine = _mine(index, self.workers, self.chunk)
+                skip = {n for n in self._skip if mine(n)}
+                conn.send(("seal", directory, skip, {n for n in self._ahead if mine(n)}))
+            ahead: list[tuple[int, SealedReferral]] = []
+            for index in range(self.workers):
+                ahead.extend(self._expect(index, "ahead")[1])
+            yield from (referral for _, referral in sorted(ahead, key=lambda pair: pair[0]))
+            del ahead
+            held: list[tuple[Any, ...] | None] = [None] * self.workers  # a chunk read ahead
+            for chunk in range((self._last + self.chunk - 1) // self.chunk):
+                index = chunk % self.workers
+                message = held[index] or self._expect(index, "chunk")
+                held[index] = None
+                if message[1] > chunk:  # no record numbered in this chunk
+                    held[index] = message
+                elif message[1] == chunk:
+                    yield from message[2]
+                else:
+                    raise BrokerError(f"sealing worker {index + 1} sent chunk {message[1]} after {chunk}")
+            if any(held):
+                raise BrokerError("a sealing worker sent a chunk past the file's last record")
+            for index in range(self.workers):
+                self._expect(index, "done")
+        finally:
+            self.close()
+
+    def _expect(self, index: int, what: str) -> tuple[Any, ...]:
+        message = self._receive(index)
+        if message[0] != what:
+            raise BrokerError(f"sealing worker {index + 1} sent {message[0]!r}, not {what!r}")
+        return message
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> FilePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error(name: str, text: str) -> ReferralBrokerError:
+    """A worker's error as the same class in this process (a refused file stays a
+    PartnerInputError, a revoked hub key a RevokedKeyError), else a BrokerError."""
+    from referral_broker import errors
+
+    kind = getattr(errors, name, None)
+    if isinstance(kind, type) and issubclass(kind, ReferralBrokerError):
+        try:
+            return kind(text)
+        except TypeError:  # an error built from more than a message
+            pass
+    return BrokerError(text)
+
+
+def _stop(conns: list[Connection], processes: list[Any]) -> None:
+    """Tell waiting workers to stop, then make sure they have."""
+    for conn in conns:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("stop",))
+        conn.close()
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)

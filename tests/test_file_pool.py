@@ -1,0 +1,192 @@
+"""A large native file checked and sealed by worker processes (issue 20, goal 4: 100k DWP rows
+in a minute needs more than the one core a Python process uses).
+
+The pool must be the one-process send in everything but speed: the same problems for a bad
+file (and nothing sent), the same records left out with --skip-invalid, the same order on the
+topic (urgent referrals alone in the file first, versions in order), messages the hub opens to
+the very records of the file, and a clear error, with nothing lost, when a worker dies."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from county import DWP
+from test_router import read_all
+from test_urgent_rows_first import SAME_REFERRAL, URGENT_ROWS, dwp_records, write_dwp
+
+from referral_broker import adapters
+from referral_broker.cluster.topics import topic_name
+from referral_broker.config import Settings, load_settings
+from referral_broker.errors import BrokerError, ConfigError, PartnerInputError
+from referral_broker.identity import load_identity
+from referral_broker.parties import HUB, all_parties
+from referral_broker.producers import file_pool, sending
+from referral_broker.producers.checked import check_file
+from referral_broker.producers.outbox import Outbox
+from referral_broker.producers.sending import PartnerSender
+from referral_broker.sealing.key_admin import init_parties
+
+ROWS = 120
+CHUNK = 7  # so two workers take turns many times in a small file
+
+
+@pytest.fixture
+def pooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any file is large enough for the pool, and chunks are small."""
+    monkeypatch.setattr(file_pool, "MIN_BYTES", 0)
+    monkeypatch.setattr(file_pool, "CHUNK", CHUNK)
+
+
+def with_problems(path: Path) -> Path:
+    """Record 3 gets a bad id; records 20 and 101 (different workers' chunks) become the same
+    referral version; record 55 loses its child's date of birth."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    version, birth = header.index("VERSION"), header.index("CHILD_DOB")
+    rows[3 - 1][0] = "not-a-uuid"
+    rows[101 - 1][0], rows[101 - 1][version] = rows[20 - 1][0], rows[20 - 1][version]
+    rows[55 - 1][birth] = ""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return path
+
+
+def test_the_pool_finds_the_problems_and_totals_a_one_process_check_does(
+    settings: Settings, tmp_path: Path, pooled: None
+) -> None:
+    path = with_problems(write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS)))
+    alone = check_file(DWP, path, skip_invalid=True)  # no settings: one process
+    assert alone.pool is None
+    pooled_file = check_file(DWP, path, skip_invalid=True, settings=settings.replace(send_workers=2))
+    try:
+        assert pooled_file.pool is not None and pooled_file.pool.workers == 2
+        assert pooled_file.total == alone.total == ROWS - 4
+        assert pooled_file.rejected == alone.rejected
+        assert [r.split(": ")[1] for r in pooled_file.rejected] == ["record 3", "record 20", "record 55", "record 101"]
+        assert "same referral id and version as record 101" in pooled_file.rejected[1]
+        with pytest.raises(BrokerError, match="sealed by them"):
+            iter(pooled_file)  # the records are in the workers, not here
+    finally:
+        pooled_file.close()
+    assert all(not p.is_alive() for p in pooled_file.pool._processes)
+
+    counted: list[int] = []
+    with pytest.raises(PartnerInputError) as refused:
+        check_file(DWP, path, settings=settings.replace(send_workers=3), on_checked=counted.append)
+    with pytest.raises(PartnerInputError) as refused_alone:
+        check_file(DWP, path)
+    assert str(refused.value) == str(refused_alone.value)
+    assert "4 record(s) rejected" in str(refused.value) and "nothing sent" in str(refused.value)
+    assert counted and counted[-1] == ROWS  # the progress the check bar shows, every record once
+
+
+def test_a_pooled_send_puts_on_the_topic_what_a_one_process_send_does(
+    topics: Settings, kafka_bootstrap: str, tmp_path: Path, pooled: None
+) -> None:
+    """Same order on each partition (urgent rows alone in the file at the head, row 45 behind
+    row 10, its earlier version), and the hub opens every message to the file's own record."""
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    records = dwp_records(ROWS)
+    path = write_dwp(tmp_path / "dwp.csv", records)
+    expected = [r for r in adapters.iter_file("dwp", path, urgent_first=True)]
+
+    sender = PartnerSender(topics.replace(send_workers=2), kafka_bootstrap, DWP)
+    report = sender.send_file(path)
+    assert len(report.delivered) == ROWS and not report.queued and not report.rejected
+    # the report lists the rows in the order they were sent: the one-process order
+    assert [(s.referral_id, s.version) for s in report.delivered] == [
+        (str(p.record["referral_id"]), int(p.record["version"])) for p in expected if p.record
+    ]
+    intake = read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))
+    assert len(intake) == ROWS
+    hub = load_identity(topics, kafka_bootstrap, HUB)
+    from_file = {(str(p.record["referral_id"]), int(p.record["version"])): p.record for p in expected if p.record}
+    for record in intake:  # each message opens, for the hub, to the very record the file holds
+        opened = hub.opener.open(record)
+        assert opened.record == from_file[opened.referral_id, opened.referral_version]
+    key_of = {n: str(records[n - 1]["referral_id"]).encode() for n in range(1, ROWS + 1)}
+    for number in URGENT_ROWS:
+        (found,) = [r for r in intake if r.key == key_of[number]]
+        assert found.offset == 0, f"urgent row {number} at offset {found.offset}"
+    earlier, later = sorted((r for r in intake if r.key == key_of[SAME_REFERRAL[0]]), key=lambda r: r.offset)
+    assert opened_version(hub, earlier) < opened_version(hub, later)
+
+    again = sender.send_file(path)  # the outbox still sends each referral version once
+    assert len(again.already_sent) == ROWS and not again.delivered
+    assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == ROWS
+
+
+def opened_version(hub: object, record: object) -> int:
+    return int(hub.opener.open(record).referral_version)  # type: ignore[attr-defined]
+
+
+def test_a_worker_that_dies_stops_the_send_with_its_reason_and_nothing_is_lost(
+    topics: Settings, kafka_bootstrap: str, tmp_path: Path, pooled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed mid-seal: the send raises naming the worker and its exit code; what was
+    kept is delivered, nothing is half-sent, and sending the file again sends the rest once."""
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    rows = 600  # more sealed messages than the pipes hold, so the workers are still busy
+    monkeypatch.setattr(sending, "BATCH", 20)
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(rows))
+    settings = topics.replace(send_workers=2)
+    checked = check_file(DWP, path, settings=settings)
+    assert checked.pool is not None
+    victim = checked.pool._processes[1]
+    delivered: list[int] = []
+
+    def kill_after_first_batch(n: int) -> None:
+        delivered.append(n)
+        if victim.is_alive():
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(5)
+
+    with pytest.raises(BrokerError, match=r"sealing worker 2 stopped \(exit code -9\)"):
+        PartnerSender(settings, kafka_bootstrap, DWP).send_checked(checked, progress=kill_after_first_batch)
+    assert all(not p.is_alive() for p in checked.pool._processes)
+    with Outbox.open(settings, DWP) as outbox:
+        assert outbox.summary().get("queued", 0) == 0  # what was kept went out
+    first = len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP)))
+    assert 0 < first < rows
+
+    report = PartnerSender(settings, kafka_bootstrap, DWP).send_file(path)
+    assert len(report.delivered) == rows - first and len(report.already_sent) == first
+    assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == rows
+
+
+def test_a_file_that_changes_during_the_check_is_refused(settings: Settings, tmp_path: Path, pooled: None) -> None:
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
+    touched = threading.Event()
+
+    def touch(n: int) -> None:
+        if not touched.is_set():
+            touched.set()
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write("")
+            os.utime(path, ns=(1, 1))
+
+    with pytest.raises(PartnerInputError, match="the file changed while it was being read"):
+        check_file(DWP, path, settings=settings.replace(send_workers=2), on_checked=touch)
+
+
+def test_workers_are_used_for_large_files_and_configured_like_every_setting(
+    settings: Settings, tmp_path: Path
+) -> None:
+    small = tmp_path / "small.csv"
+    small.write_text("x\n", encoding="utf-8")
+    big = tmp_path / "big.csv"
+    with big.open("wb") as handle:
+        handle.truncate(file_pool.MIN_BYTES)
+    assert file_pool.workers_for(settings.replace(send_workers=3), small) == 1
+    assert file_pool.workers_for(settings.replace(send_workers=3), big) == 3
+    assert file_pool.workers_for(settings.replace(send_workers=1), big) == 1
+    auto = file_pool.workers_for(settings.replace(send_workers=0), big)
+    assert auto == min(os.cpu_count() or 1, file_pool.MAX_WORKERS) or auto == 1
+    assert load_settings(environ={"REFERRAL_BROKER_SEND_WORKERS": "2"}).send_workers == 2
+    with pytest.raises(ConfigError, match="workers"):
+        load_settings(environ={"REFERRAL_BROKER_SEND_WORKERS": "-1"})
