@@ -15,7 +15,10 @@ processes by chunks of ``CHUNK`` record numbers (worker ``i`` takes chunks ``i``
    and onto the topic is in the order the one-process send uses. A worker blocks while its
    next chunk waits to be read: memory stays flat however long the file.
 
-Plaintext never leaves a worker except the urgent candidates' ids; what crosses back is sealed.
+Plaintext never leaves a worker; what crosses back is sealed, and ids. Workers are started
+with ``spawn`` (the sender has threads): a program that sends large files through
+``PartnerSender`` must guard its entry point (``if __name__ == "__main__":``), as for any
+``multiprocessing`` program, or set ``[send] workers = 1``.
 A worker that fails stops the send with its reason (by type, never the text of an unexpected
 error, which could hold a value); what was kept in the outbox by then is delivered or stays
 queued, and sending the file again sends the rest.
@@ -27,6 +30,7 @@ import contextlib
 import datetime as dt
 import multiprocessing
 import os
+import signal
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -113,7 +117,9 @@ def _unchanged(job: _Job) -> None:
 
 
 def _work(job: _Job, conn: Connection) -> None:
-    """A worker's whole life; every outcome is one message to the parent."""
+    """A worker's whole life; every outcome is one message to the parent. Ctrl-C is the
+    parent's to handle: it stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _check_then_seal(job, conn)
     except ReferralBrokerError as exc:  # the project's errors never hold a value: sent whole

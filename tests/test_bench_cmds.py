@@ -247,6 +247,10 @@ def test_batch_capacity_says_why_only_when_the_goal_is_missed_for_want_of_cores(
     assert slow["cores_needed_for_goal"] == pytest.approx(2.8 * 1666.67 / 1000, abs=0.01)
     assert "at most about 400 rows/s" in slow["why"]
     assert ("need 4.67 cores" in slow["why"]) == (cores < 4.67)
+    # with a pool of workers the send is not bound to one core: only the cores can explain it
+    pooled = batch_bench.capacity(1000, 400.0, {"read_validate": 1.0, "seal_send": 1.5}, 0.3, processes=3)
+    assert "one send process" not in (pooled["why"] or "")
+    assert (pooled["why"] is not None) == (cores < 4.67)
     # the goal met: nothing to explain; a remote broker is not counted
     assert batch_bench.capacity(1000, 2000.0, {"read_validate": 1.0, "seal_send": 1.5}, 0.3)["why"] is None
     remote = batch_bench.capacity(1000, 400.0, {"read_validate": 0.1, "seal_send": 0.2}, None)

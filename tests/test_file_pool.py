@@ -174,6 +174,24 @@ def test_a_file_that_changes_during_the_check_is_refused(settings: Settings, tmp
         check_file(DWP, path, settings=settings.replace(send_workers=2), on_checked=touch)
 
 
+def test_a_file_changed_after_its_check_is_not_sent(
+    topics: Settings, kafka_bootstrap: str, tmp_path: Path, pooled: None
+) -> None:
+    """The workers find the change when they start sealing; their error reaches the sender as
+    the same class, and nothing is kept or sent."""
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
+    settings = topics.replace(send_workers=2)
+    checked = check_file(DWP, path, settings=settings)
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(PartnerInputError, match=r"dwp\.csv: the file changed while it was being read"):
+        PartnerSender(settings, kafka_bootstrap, DWP).send_checked(checked)
+    assert checked.pool is not None and all(not p.is_alive() for p in checked.pool._processes)
+    with Outbox.open(settings, DWP) as outbox:
+        assert not any(outbox.summary().values())
+    assert read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP)) == []
+
+
 def test_workers_are_used_for_large_files_and_configured_like_every_setting(
     settings: Settings, tmp_path: Path
 ) -> None:
