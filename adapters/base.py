@@ -278,7 +278,11 @@ class PartnerAdapter(ABC):
 
     def parse(self, source: Source, *, now: dt.datetime | None = None) -> Iterator[ParsedRecord]:
         """Canonical referrals from a native file, one per record, streaming, in file order."""
-        return self._parse(source, self.referral_map, _REFERRAL, now)
+        return self._parse(source, self._map_for(source), _REFERRAL, now)
+
+    def _map_for(self, source: Source) -> FieldMap:
+        """The referral table for this file (a kind with several formats chooses by content)."""
+        return self.referral_map
 
     def parse_statuses(
         self, source: Source, *, party: str | None = None, now: dt.datetime | None = None
@@ -345,7 +349,7 @@ class PartnerAdapter(ABC):
     def _reconvert(self, source: Source, *, now: dt.datetime) -> Iterator[ParsedRecord]:
         """Referrals converted again without edge validation: only for a second pass over a file
         whose every record was validated by a first (``FileStream``)."""
-        return self._parse(source, self.referral_map, _REFERRAL, now, validate=False)
+        return self._parse(source, self._map_for(source), _REFERRAL, now, validate=False)
 
     def parse_some(
         self, source: Source, take: Callable[[int], bool], *, now: dt.datetime, validate: bool = True
@@ -354,7 +358,7 @@ class PartnerAdapter(ABC):
         this is a second pass over records a first one validated); the others are read but not
         converted. For one of several processes sharing a file's records (``producers.file_pool``)."""
         name = source_name(source)
-        field_map = self.referral_map
+        field_map = self._map_for(source)
         for native in self.read_native(source, field_map):
             if take(native.number):
                 yield self._convert(native, name, field_map, _REFERRAL, now, validate=validate)

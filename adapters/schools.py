@@ -8,14 +8,13 @@ import it. Columns and their canonical paths: ``FORMATS.md``.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import IO, Any
 
 from . import ctf
-from .base import _REFERRAL, CsvAdapter, NativeRecord, ParsedRecord, Rendered, _schema, register
+from .base import CsvAdapter, NativeRecord, Rendered, _schema, register
 from .field_map import (
     CHARITY_NUMBER,
     INT,
@@ -233,12 +232,6 @@ class SchoolsAdapter(CsvAdapter):
 
     def _map_for(self, source: Source) -> FieldMap:
         return ctf.ctf_map() if sniff(source) == "xml" else REFERRAL_MAP
-
-    def parse(self, source: Source, *, now: dt.datetime | None = None) -> Iterator[ParsedRecord]:
-        return self._parse(source, self._map_for(source), _REFERRAL, now)
-
-    def _reconvert(self, source: Source, *, now: dt.datetime) -> Iterator[ParsedRecord]:
-        return self._parse(source, self._map_for(source), _REFERRAL, now, validate=False)
 
     def render(
         self,

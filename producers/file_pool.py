@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import multiprocessing
 import os
 import signal
@@ -306,23 +307,37 @@ class FilePool:
                 ahead.extend(self._expect(index, "ahead")[1])
             yield from (referral for _, referral in sorted(ahead, key=lambda pair: pair[0]))
             del ahead
-            held: list[tuple[Any, ...] | None] = [None] * self.workers  # a chunk read ahead
+            held: list[tuple[float, list[SealedReferral]] | None] = [None] * self.workers
             for chunk in range((self._last + self.chunk - 1) // self.chunk):
-                index = chunk % self.workers
-                message = held[index] or self._expect(index, "chunk")
-                held[index] = None
-                if message[1] > chunk:  # no record numbered in this chunk
-                    held[index] = message
-                elif message[1] == chunk:
-                    yield from message[2]
-                else:
-                    raise BrokerError(f"sealing worker {index + 1} sent chunk {message[1]} after {chunk}")
-            if any(held):
-                raise BrokerError("a sealing worker sent a chunk past the file's last record")
-            for index in range(self.workers):
-                self._expect(index, "done")
+                yield from self._chunk(chunk, held)
+            for index, waiting in enumerate(held):
+                if waiting is None:
+                    self._expect(index, "done")
+                elif waiting[0] != math.inf:
+                    raise BrokerError(f"sealing worker {index + 1} sent a chunk past the file's last record")
         finally:
             self.close()
+
+    def _chunk(self, chunk: int, held: list[tuple[float, list[SealedReferral]] | None]) -> list[SealedReferral]:
+        """Chunk ``chunk``'s sealed referrals from the worker whose it is: none when no record is
+        numbered in it (numbers may skip, as in a FHIR bundle's entries), so a later chunk read
+        meanwhile is held, as is the worker's end."""
+        index = chunk % self.workers
+        if held[index] is None:
+            message = self._receive(index)
+            if message[0] == "done":
+                held[index] = (math.inf, [])
+            elif message[0] == "chunk":
+                held[index] = (message[1], message[2])
+            else:
+                raise BrokerError(f"sealing worker {index + 1} sent {message[0]!r}, not a chunk")
+        at, referrals = held[index]  # type: ignore[misc]
+        if at > chunk:
+            return []
+        if at < chunk:
+            raise BrokerError(f"sealing worker {index + 1} sent chunk {at} after {chunk}")
+        held[index] = None
+        return referrals
 
     def _expect(self, index: int, what: str) -> tuple[Any, ...]:
         message = self._receive(index)

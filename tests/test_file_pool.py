@@ -12,14 +12,16 @@ import csv
 import os
 import signal
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
-from county import DWP
+from county import DWP, SENDER
 from test_router import read_all
 from test_urgent_rows_first import SAME_REFERRAL, URGENT_ROWS, dwp_records, write_dwp
 
 from referral_broker import adapters
+from referral_broker.cluster.clients import Record
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings, load_settings
 from referral_broker.errors import BrokerError, ConfigError, PartnerInputError
@@ -208,3 +210,37 @@ def test_workers_are_used_for_large_files_and_configured_like_every_setting(
     assert load_settings(environ={"REFERRAL_BROKER_SEND_WORKERS": "2"}).send_workers == 2
     with pytest.raises(ConfigError, match="workers"):
         load_settings(environ={"REFERRAL_BROKER_SEND_WORKERS": "-1"})
+
+
+FORMATS = [("schools", None), ("schools", "ctf"), ("health", None), ("health", "xml"), ("police", None), ("charities", None)]
+
+
+@pytest.mark.parametrize(("kind", "fmt"), FORMATS, ids=[f"{k}-{f or 'own'}" for k, f in FORMATS])
+def test_every_partner_format_seals_through_the_pool_to_the_records_one_process_reads(
+    county: Settings, kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, fmt: str | None
+) -> None:
+    """Each format (CSV, JSON, FHIR JSON and XML, DfE CTF) read by two workers taking records in
+    turn: the same count, and each sealed message opens, for the hub, to the record a
+    one-process read gives, in the same order."""
+    monkeypatch.setattr(file_pool, "CHUNK", 1)
+    examples = adapters.load_file(kind, adapters.example_file(kind)).referrals
+    records = []
+    for n in range(12):
+        record = dict(examples[n % len(examples)])
+        record["referral_id"] = uuid.uuid4()
+        records.append(record)
+    rendered = adapters.render_file(kind, records, tmp_path, fmt=fmt)
+    assert rendered.path is not None and rendered.count == 12
+    party = SENDER[kind]
+    expected = [p.record for p in adapters.iter_file(kind, rendered.path, urgent_first=True)]
+
+    pool = file_pool.FilePool(kind, party, rendered.path, county, workers=2, skip_invalid=False)
+    with pool:
+        assert pool.total == len(expected) == 12 and not pool.rejected
+        sealed = list(pool.sealed(load_identity(county, kafka_bootstrap, party).directory))
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    opened = [
+        hub.opener.open(Record(s.message.topic, 0, 0, s.message.key, s.message.value, s.message.headers, 0)).record
+        for s in sealed
+    ]
+    assert opened == expected
