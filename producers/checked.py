@@ -22,9 +22,12 @@ from typing import Any
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, PartnerInputError, ValidationError
 from referral_broker.parties import all_parties, format_of, party_name
+from referral_broker.structured_log import get_logger
 
 from .adapter_metrics import SEND_METRICS
 from .file_pool import FilePool, workers_for
+
+log = get_logger(__name__)
 
 # Only the readers in this module hold this; CheckedReferral refuses to be made without it.
 _READER = object()
@@ -230,6 +233,7 @@ def _native(
     SEND_METRICS.refused(native, ((r.number, p.path, p.reason) for r in source.rejected for p in r.problems))
     rejected = [str(r) for r in source.rejected]
     if isinstance(source, FilePool):
+        log.info("file checked by worker processes", workers=source.workers, count=source.total)
         return CheckedFile(str(path), source.total, rejected, lambda: iter(()), source)
     stream = source
 

@@ -47,6 +47,7 @@ ALLOWED_CONTEXT = frozenset(
         "subject_ref",
         "until",
         "mode",
+        "workers",  # how many processes checked and sealed a file
     }
 )
 

@@ -9,8 +9,11 @@ the very records of the file, and a clear error, with nothing lost, when a worke
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -244,3 +247,37 @@ def test_every_partner_format_seals_through_the_pool_to_the_records_one_process_
         for s in sealed
     ]
     assert opened == expected
+
+
+def test_send_from_the_command_line_checks_and_seals_a_large_file_with_workers(
+    county: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The real command in a process of its own (the workers are spawned from it) on a DWP
+    batch over ``MIN_BYTES``: every row on the intake topic, the urgent last row first."""
+    from referral_broker.producers.batch_bench import write_batch
+
+    path = tmp_path / "dwp-batch.csv"
+    size, urgent_id = write_batch(path, 7000)
+    assert size >= file_pool.MIN_BYTES
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "REFERRAL_BROKER_TOPIC_PREFIX": county.kafka_topic_prefix,
+        "REFERRAL_BROKER_TOPIC_PROFILE": county.kafka_topic_profile,
+        "REFERRAL_BROKER_DATA_DIR": str(county.paths_data_dir),
+        "REFERRAL_BROKER_SEND_WORKERS": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "referral_broker.cli.main", "--log-level", "info", "send", "--as", DWP, "--file", str(path), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    (pooled,) = [e for e in logged if e.get("event") == "file checked by worker processes"]
+    assert pooled["workers"] == 2 and pooled["count"] == 7000
+    report = json.loads(done.stdout)
+    assert len(report["delivered"]) == 7000 and report["delivered"][0] == urgent_id
+    assert len(read_all(county, kafka_bootstrap, topic_name(county, "intake", DWP))) == 7000
