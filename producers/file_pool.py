@@ -297,6 +297,8 @@ class FilePool:
     def sealed(self, directory: KeyDirectory) -> Iterator[SealedReferral]:
         """The file's good referrals sealed for the hub with ``directory``'s keys: the urgent
         ones alone in the file first, then the rest in file order. Closes the pool at the end."""
+        if not self._finalizer.alive:
+            raise BrokerError("this file's sealing workers have stopped: check the file again to send it")
         try:
             for index, conn in enumerate(self._conns):
                 mine = _mine(index, self.workers, self.chunk)

@@ -126,6 +126,24 @@ def test_a_pooled_send_puts_on_the_topic_what_a_one_process_send_does(
     assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == ROWS
 
 
+def test_skip_invalid_through_the_pool_sends_the_good_rows_a_one_process_send_would(
+    topics: Settings, kafka_bootstrap: str, tmp_path: Path, pooled: None
+) -> None:
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    path = with_problems(write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS)))
+    stream = adapters.iter_file("dwp", path, urgent_first=True, skip_invalid=True)
+    good = [(str(p.record["referral_id"]), int(p.record["version"])) for p in stream if p.record]
+    assert len(good) == ROWS - 4
+
+    checked = check_file(DWP, path, skip_invalid=True, settings=topics.replace(send_workers=2))
+    report = PartnerSender(topics, kafka_bootstrap, DWP).send_checked(checked)
+    assert [(s.referral_id, s.version) for s in report.delivered] == good
+    assert [r.split(": ")[1] for r in report.rejected] == ["record 3", "record 20", "record 55", "record 101"]
+    assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == ROWS - 4
+    with pytest.raises(BrokerError, match="sealing workers have stopped"):
+        PartnerSender(topics, kafka_bootstrap, DWP).send_checked(checked)  # a pool seals once
+
+
 def opened_version(hub: object, record: object) -> int:
     return int(hub.opener.open(record).referral_version)  # type: ignore[attr-defined]
 
