@@ -7,11 +7,13 @@ is not what is measured). Then times exactly what ``referral-broker send --as dw
 does: ``producers.checked.check_file`` (read and validate every row, nothing sent if one is
 invalid), then ``PartnerSender.send_checked`` (convert again, seal for the hub, sign, keep in the
 outbox, deliver to the real broker), under a fresh topic prefix whose topics are deleted at the
-end. The process's RSS is sampled every ``SAMPLE_S`` during the run: flat memory is the goal.
+end. A file of ``file_pool.MIN_BYTES`` or more is checked and sealed by worker processes, as
+``send`` does (``--workers`` sets how many; 1: none). The RSS of the send's processes is
+sampled every ``SAMPLE_S`` during the run: flat memory is the goal.
 
-Beside the rate it prints the CPU a row cost: this process's (the send: its kafka-python thread
-too) and the local broker's, the cores the goal's rate would need at those costs, and, when the
-goal is missed for want of them, why (``capacity.why``).
+Beside the rate it prints the CPU a row cost: the send's (its kafka-python thread and its
+workers too) and the local broker's, the cores the goal's rate would need at those costs, and,
+when the goal is missed for want of them, why (``capacity.why``).
 
 Figures are printed, never asserted: they depend on the machine and what else runs on it.
 """

@@ -219,8 +219,7 @@ def _native(
     workers = 1 if settings is None else workers_for(settings, path)
     source: FilePool | adapters.FileStream
     try:
-        if workers > 1:
-            assert settings is not None
+        if settings is not None and workers > 1:
             source = FilePool(
                 native, party, path, settings, workers=workers, skip_invalid=skip_invalid, on_checked=on_checked
             )

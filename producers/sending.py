@@ -9,7 +9,9 @@
 The file is read and validated whole (:func:`~referral_broker.producers.checked.check_file`)
 before anything touches Kafka. Each good record is sealed for the hub, signed, and written to
 the party's outbox (:mod:`~referral_broker.producers.outbox`) before it is produced; the outbox
-marks it delivered when Kafka acknowledges it. A referral (id, version) already in the outbox
+marks it delivered when Kafka acknowledges it. A native file of 4 MB or more is checked and
+sealed by worker processes, one a core (:mod:`~referral_broker.producers.file_pool`), and kept
+and delivered here in the same order. A referral (id, version) already in the outbox
 is not sent again: sending the same file twice sends it once. When the cluster cannot be
 reached, or fails mid-file, the rest stays queued and ``report.queued`` says which; nothing is
 lost and ``referral-broker outbox flush`` (or the next ``send``) delivers it once.
