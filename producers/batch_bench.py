@@ -129,16 +129,19 @@ class RssSampler:
 
     def summary(self) -> dict[str, Any]:
         values = [mb for _, mb in self.samples]
-        n = len(values)
+        # the last sample is taken once the send has returned (its workers gone): the end, not
+        # a quarter of the run
+        running = values[:-1] if len(values) > 2 else values
+        n = len(running)
         # RSS at each quarter of the run: a leak shows as a rise from quarter to quarter
-        quarters = [round(values[min(n - 1, (n * q) // 4)], 1) for q in (1, 2, 3, 4)]
+        quarters = [round(running[min(n - 1, (n * q) // 4)], 1) for q in (1, 2, 3, 4)]
         return {
             "start_mb": round(values[0], 1),
             "peak_mb": round(max(values), 1),
             "end_mb": round(values[-1], 1),
             "at_quarters_mb": quarters,
-            "growth_second_half_mb": round(values[-1] - values[n // 2], 1),
-            "samples": n,
+            "growth_second_half_mb": round(running[-1] - running[n // 2], 1),
+            "samples": len(values),
         }
 
 
