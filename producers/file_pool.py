@@ -123,13 +123,16 @@ def _work(job: _Job, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _check_then_seal(job, conn)
+        failure = None
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        failure = None  # the parent stopped listening: it has stopped the send
     except ReferralBrokerError as exc:  # the project's errors never hold a value: sent whole
-        conn.send(("failed", type(exc).__name__, str(exc)))
-    except (EOFError, BrokenPipeError):
-        pass  # the parent stopped listening: it has stopped the send
+        failure = ("failed", type(exc).__name__, str(exc))
     except Exception as exc:  # named by type only: its text could hold a value
-        conn.send(("failed", "BrokerError", f"{type(exc).__name__} in sealing worker {job.index + 1}"))
-    finally:
+        failure = ("failed", "BrokerError", f"{type(exc).__name__} in sealing worker {job.index + 1}")
+    with contextlib.suppress(OSError):
+        if failure is not None:
+            conn.send(failure)
         conn.close()
 
 
