@@ -106,15 +106,22 @@ def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
     return lambda number: ((number - 1) // chunk) % workers == index
 
 
-def _unchanged(job: _Job) -> None:
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Size, modification time and inode: a file that changes while it is read is refused."""
     from referral_broker.adapters.native_files import source_name
 
     try:
-        found = job.path.stat()
+        found = path.stat()
     except FileNotFoundError:
-        raise PartnerInputError(f"{source_name(job.path)}: file not found") from None
-    if (found.st_size, found.st_mtime_ns, found.st_ino) != job.identity:
-        raise PartnerInputError(f"{source_name(job.path)}: the file changed while it was being read")
+        raise PartnerInputError(f"{source_name(path)}: file not found") from None
+    return (found.st_size, found.st_mtime_ns, found.st_ino)
+
+
+def _unchanged(path: Path, identity: tuple[int, int, int]) -> None:
+    from referral_broker.adapters.native_files import source_name
+
+    if _identity(path) != identity:
+        raise PartnerInputError(f"{source_name(path)}: the file changed while it was being read")
 
 
 def _work(job: _Job, conn: Connection) -> None:
@@ -144,7 +151,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     from .hub_seal import HubSealer
 
     adapter = get_adapter(job.kind)
-    _unchanged(job)
+    _unchanged(job.path, job.identity)
     repeats = Repeats(adapter, "referral")
     rejected: list[ParsedRecord] = []
     urgent: list[ParsedRecord] = []
@@ -159,7 +166,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
                 urgent.append(parsed)
         if read % _PROGRESS == 0:
             conn.send(("progress", read))
-    _unchanged(job)
+    _unchanged(job.path, job.identity)
     ids = [(p.number, repeats.identity(p)) for p in urgent]
     conn.send(("checked", _Checked(read, last, rejected, bytes(repeats.entries), ids)))
     del rejected, repeats
@@ -176,7 +183,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
 
     conn.send(("ahead", [(p.number, sealed(p.record)) for p in urgent if p.number in ahead and p.record is not None]))
     del urgent
-    _unchanged(job)
+    _unchanged(job.path, job.identity)
     chunk, out = -1, list[SealedReferral]()
     for parsed in adapter.parse_some(job.path, _mine(job.index, job.workers, job.chunk), now=job.now, validate=False):
         at = (parsed.number - 1) // job.chunk
@@ -191,7 +198,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
         out.append(sealed(parsed.record))
     if chunk >= 0:
         conn.send(("chunk", chunk, out))
-    _unchanged(job)
+    _unchanged(job.path, job.identity)
     conn.send(("done",))
 
 
@@ -219,11 +226,7 @@ class FilePool:
         self.path = Path(path)
         self.workers = workers
         self.chunk, ahead_bound = CHUNK, file_verbs.URGENT_AHEAD
-        try:
-            found = self.path.stat()
-        except FileNotFoundError:
-            raise PartnerInputError(f"{source_name(self.path)}: file not found") from None
-        identity = (found.st_size, found.st_mtime_ns, found.st_ino)
+        self._identity = identity = _identity(self.path)
         now = dt.datetime.now(dt.UTC)
         context = multiprocessing.get_context("spawn")  # the sender's threads are not forked
         self._conns: list[Connection] = []
@@ -239,6 +242,7 @@ class FilePool:
             self._processes.append(process)
         try:
             checked = self._checked(on_checked)
+            _unchanged(self.path, identity)  # each worker checked too, but perhaps before a change
         except BaseException:
             self.close()
             raise
@@ -320,6 +324,7 @@ class FilePool:
                     self._expect(index, "done")
                 elif waiting[0] != math.inf:
                     raise BrokerError(f"sealing worker {index + 1} sent a chunk past the file's last record")
+            _unchanged(self.path, self._identity)
         finally:
             self.close()
 
