@@ -48,13 +48,13 @@ def pooled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def with_problems(path: Path) -> Path:
-    """Record 3 gets a bad id; records 20 and 101 (different workers' chunks) become the same
+    """Record 3 gets a bad id; records 20 and 106 (different workers' chunks) become the same
     referral version; record 55 loses its child's date of birth."""
     with path.open(encoding="utf-8", newline="") as handle:
         header, *rows = list(csv.reader(handle))
     version, birth = header.index("VERSION"), header.index("CHILD_DOB")
     rows[3 - 1][0] = "not-a-uuid"
-    rows[101 - 1][0], rows[101 - 1][version] = rows[20 - 1][0], rows[20 - 1][version]
+    rows[106 - 1][0], rows[106 - 1][version] = rows[20 - 1][0], rows[20 - 1][version]
     rows[55 - 1][birth] = ""
     with path.open("w", encoding="utf-8", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
@@ -72,8 +72,8 @@ def test_the_pool_finds_the_problems_and_totals_a_one_process_check_does(
         assert pooled_file.pool is not None and pooled_file.pool.workers == 2
         assert pooled_file.total == alone.total == ROWS - 4
         assert pooled_file.rejected == alone.rejected
-        assert [r.split(": ")[1] for r in pooled_file.rejected] == ["record 3", "record 20", "record 55", "record 101"]
-        assert "same referral id and version as record 101" in pooled_file.rejected[1]
+        assert [r.split(": ")[1] for r in pooled_file.rejected] == ["record 3", "record 20", "record 55", "record 106"]
+        assert "same referral id and version as record 106" in pooled_file.rejected[1]
         with pytest.raises(BrokerError, match="sealed by them"):
             iter(pooled_file)  # the records are in the workers, not here
     finally:
@@ -138,7 +138,7 @@ def test_skip_invalid_through_the_pool_sends_the_good_rows_a_one_process_send_wo
     checked = check_file(DWP, path, skip_invalid=True, settings=topics.replace(send_workers=2))
     report = PartnerSender(topics, kafka_bootstrap, DWP).send_checked(checked)
     assert [(s.referral_id, s.version) for s in report.delivered] == good
-    assert [r.split(": ")[1] for r in report.rejected] == ["record 3", "record 20", "record 55", "record 101"]
+    assert [r.split(": ")[1] for r in report.rejected] == ["record 3", "record 20", "record 55", "record 106"]
     assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == ROWS - 4
     with pytest.raises(BrokerError, match="sealing workers have stopped"):
         PartnerSender(topics, kafka_bootstrap, DWP).send_checked(checked)  # a pool seals once
