@@ -153,8 +153,10 @@ def run(
     seconds: float = 60.0,
     broker: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
+    routers: int = 1,
 ) -> dict[str, Any]:
-    """``broker``: the local broker's pid, so its CPU is counted (None: a remote broker)."""
+    """``broker``: the local broker's pid, so its CPU is counted (None: a remote broker).
+    ``routers``: ``route`` processes in the router group (goal 6's scale-out, here for latency)."""
     count = max(1, round(rate * seconds))
     prefix = f"benche{uuid.uuid4().hex[:6]}."
     with tempfile.TemporaryDirectory(prefix="rb-bench-e2e-") as tmp:
@@ -174,8 +176,15 @@ def run(
             progress(f"{count + WARMUP} synthetic referrals")
             referrals = _shaped(count + WARMUP, 1, seed=7)
             warm, offered = referrals[:WARMUP], referrals[WARMUP:]
-            progress("router process and inbox ingest")
-            with router_process(settings, bootstrap, Path(tmp) / "router.log", "bench-e2e") as router:
+            progress(f"{routers} router process{'es' if routers > 1 else ''} and inbox ingest")
+            with contextlib.ExitStack() as running:
+                group = [
+                    running.enter_context(router_process(settings, bootstrap, Path(tmp) / f"router-{i}.log", f"bench-e2e-{i}"))
+                    for i in range(routers)
+                ]
+                pids = [r.popen.pid for r in group]
+                if routers > 1:
+                    _settled(settings, bootstrap, group)
                 store = TimedStore(settings.inbox_db_path)
                 ingest = TeamIngest(settings, TEAM, store, SealedReferralFormat.from_settings(settings, (TEAM,)))
                 ingest.start()
@@ -193,7 +202,7 @@ def run(
                     progress(f"offering {count} referrals at {rate:g}/s for {seconds:g} s")
                     due: list[float] = []
                     sent_at: list[float] = []
-                    cpu_before = _cpu_now(router.popen.pid, broker)
+                    cpu_before = _cpu_now(pids, broker)
                     start = time.monotonic() + 0.05  # the clock starts now
                     for i, message in enumerate(messages):
                         when = start + i / rate
@@ -208,9 +217,11 @@ def run(
                 ids = [str(r["referral_id"]) for r in offered]
                 drained = wait_stored(store, ids, max(60.0, seconds), ingest)
                 finished = time.monotonic()
-                cpu_after = _cpu_now(router.popen.pid, broker)
+                cpu_after = _cpu_now(pids, broker)
                 ingest.stop()
-            stats = router.stats()
+            every = [r.stats() for r in group]
+            stats = {k: sum(s.get(k) or 0 for s in every) for k in ("consumed", "routed", "delivered", "dead_lettered", "batches")}
+            consumed = [s.get("consumed") for s in every]
         finally:
             close_inbox(ingest, store)
             delete_namespace(settings, bootstrap)
@@ -278,23 +289,52 @@ def run(
         },
         "goal": {"p99_ms": GOAL_P99_MS},
         "ratio_p99_to_goal": round(figures["p99"] / GOAL_P99_MS, 3) if figures else None,
-        "router": {k: stats.get(k) for k in ("consumed", "routed", "delivered", "dead_lettered", "batches")},
+        "router": stats,
+        "routers": routers,
+        "consumed_by_router": consumed,
         "capacity": capacity(
-            cpu_before, cpu_after, delivered, rate, sealing_cpu / count * 1000, figures.get("p99"), broker is not None
+            cpu_before,
+            cpu_after,
+            delivered,
+            rate,
+            sealing_cpu / count * 1000,
+            figures.get("p99"),
+            broker is not None,
+            routers=routers,
         ),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,
     }
 
 
-def _cpu_now(router: int, broker: int | None) -> dict[str, float | None]:
-    """CPU seconds so far: the machine's (busy clock ticks over every core), the router process's,
-    the broker's and this process's (all its threads: the sender's produce, the inbox ingest)."""
+def _settled(settings: Settings, bootstrap: str, group: list[RouterProcess]) -> None:
+    """Wait until every router process holds some of the intake partitions (the group has
+    settled), so no rebalance falls inside the timed window."""
+    from referral_broker.consumers.router_bench import _group_members
+
+    deadline = time.monotonic() + 180
+    held: list[int] = []
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the group may not exist yet
+            held = _group_members(settings, bootstrap)
+        if len(held) == len(group) and all(held):
+            return
+        if any(r.poll() is not None for r in group):
+            raise BrokerError("a benchmark router exited before the group settled")
+        time.sleep(0.2)
+    raise BrokerError(f"{len(group)} benchmark routers did not settle in one group within 180 s: {held}")
+
+
+def _cpu_now(routers: list[int], broker: int | None) -> dict[str, float | None]:
+    """CPU seconds so far: the machine's (busy clock ticks over every core), the router
+    processes', the broker's and this process's (all its threads: the sender's produce, the
+    inbox ingest)."""
     busy, _ = machine_cpu_ticks()
+    each = [process_cpu_s(pid) for pid in routers]
     return {
         "at": time.monotonic(),
         "machine": busy / os.sysconf("SC_CLK_TCK"),
-        "router": process_cpu_s(router),
+        "router": None if any(c is None for c in each) else sum(c for c in each if c is not None),
         "broker": process_cpu_s(broker),
         "this_process": time.process_time(),
     }
@@ -308,9 +348,12 @@ def capacity(
     sealing_ms: float,
     p99_ms: float | None,
     broker_here: bool,
+    *,
+    routers: int = 1,
 ) -> dict[str, Any]:
     """What one stored referral cost each part in CPU over the run, the cores ``rate`` would need
-    at those costs, and, when the goal was missed for want of them, why."""
+    at those costs, and, when the goal was missed for want of them, why. ``router`` is all the
+    ``routers`` processes together."""
     cores = os.cpu_count() or 1
     wall = float(after["at"] or 0.0) - float(before["at"] or 0.0)
     per: dict[str, float | None] = {}
@@ -344,12 +387,12 @@ def capacity(
             f"the school's produce and the inbox ingest {per['this_process']}, the school's sealing "
             f"{sealing_ms:.2f}); this machine has {cores}"
         )
-    if router_cores is not None and router_cores > 1.0:
+    if router_cores is not None and router_cores > routers:
         reasons.append(
-            f"one router process used {per['router']} ms of CPU a referral, so {rate:g}/s needs "
-            f"{router_cores} cores of it, and its Python runs on one core at a time: one router routes "
-            f"at most about {result['router_rate_one_core']}/s here (`bench router --processes 2` for "
-            "what a second one adds)"
+            f"{'one router process' if routers == 1 else f'{routers} router processes'} used {per['router']} ms "
+            f"of CPU a referral, so {rate:g}/s needs {router_cores} cores of them, and each one's Python runs "
+            f"on one core at a time: one router routes at most about {result['router_rate_one_core']}/s here "
+            "(`--routers 2` for a second one)"
         )
     if reasons:
         result["why"] = "; ".join(reasons)

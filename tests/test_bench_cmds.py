@@ -279,13 +279,15 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rate, seconds = 10.0, 3.0
-    data = bench(kafka_bootstrap, tmp_path, "e2e", "--rate", str(rate), "--seconds", str(seconds))
+    data = bench(kafka_bootstrap, tmp_path, "e2e", "--rate", str(rate), "--seconds", str(seconds), "--routers", "2")
     offered = int(rate * seconds)
     assert data["offered"] == data["delivered"] == offered and data["lost_or_late"] == 0 and data["drained"]
     assert data["latency_lower_bound"] is False  # every one stored: the figures are exact
-    # the router process routed the warm-up and the offered referrals, each to the one team
+    # the two router processes (settled in one group first) routed the warm-up and the offered
+    # referrals between them, each to the one team
     router = data["router"]
     assert router["routed"] == router["consumed"] == offered + e2e_bench.WARMUP
+    assert data["routers"] == 2 and sum(data["consumed_by_router"]) == router["consumed"]
     assert router["delivered"] == router["routed"] and router["dead_lettered"] == 0
     lat = data["latency_ms"]
     assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], lat
@@ -327,6 +329,9 @@ def test_e2e_capacity_says_why_only_when_the_goal_is_missed_for_want_of_cores() 
     assert missed["router_rate_one_core"] == 125.0
     assert "one router process used 8.0 ms" in missed["why"]
     assert ("needs 3.0 cores" in missed["why"]) == (cores < 3)
+    # two router processes between them have the 1.6 cores the router needs: only the machine
+    two = e2e_bench.capacity(before, after, 100, 200.0, 2.0, 900.0, True, routers=2)
+    assert "router process" not in (two["why"] or "") and (two["why"] is not None) == (cores < 3)
     # the same costs with the goal met, or at a rate they fit: nothing to explain
     assert e2e_bench.capacity(before, after, 100, 200.0, 2.0, 120.0, True)["why"] is None
     assert e2e_bench.capacity(before, after, 100, 20.0, 2.0, 900.0, True)["why"] is None

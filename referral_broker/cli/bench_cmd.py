@@ -331,9 +331,16 @@ def _show_components(d: dict[str, Any]) -> None:
 @bench.command()
 @click.option("--rate", default=200.0, show_default=True, type=click.FloatRange(0.1, 100_000), help="Referrals offered per second.")
 @click.option("--seconds", default=60.0, show_default=True, type=click.FloatRange(0.1, 3600), help="How long they are offered.")
+@click.option(
+    "--routers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="'route' processes in the router group (they settle before the clock starts).",
+)
 @json_option
 @pass_cli
-def e2e(obj: CliContext, rate: float, seconds: float, as_json: bool) -> None:
+def e2e(obj: CliContext, rate: float, seconds: float, routers: int, as_json: bool) -> None:
     """Latency from a school's send to the district team's inbox store: referrals offered at a
     fixed rate (open loop: each one due at its time, whatever the ones before did) through a
     'route' process and the inbox ingest, under a fresh topic prefix; p50/p95/p99/max from when
@@ -344,14 +351,17 @@ def e2e(obj: CliContext, rate: float, seconds: float, as_json: bool) -> None:
 
     progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s} ...", err=True))
     bootstrap = obj.bootstrap()
-    data = run(obj.settings, bootstrap, rate=rate, seconds=seconds, broker=broker_pid(bootstrap), progress=progress)
+    data = run(
+        obj.settings, bootstrap, rate=rate, seconds=seconds, broker=broker_pid(bootstrap), progress=progress, routers=routers
+    )
     emit(data, as_json, _show_e2e)
 
 
 def _show_e2e(d: dict[str, Any]) -> None:
     lat, lag = d["latency_ms"], d["sender"]["lag_ms"]
     click.echo(
-        f"{d['partner']} -> router -> {d['team']}'s inbox store: {d['offered']:,} offered at "
+        f"{d['partner']} -> {'router' if d['routers'] == 1 else str(d['routers']) + ' routers'} -> "
+        f"{d['team']}'s inbox store: {d['offered']:,} offered at "
         f"{d['rate_target']:g}/s for {d['seconds_target']:g} s (offered {d['offered_rate']:,.1f}/s), "
         f"{d['delivered']:,} stored ({d['lost_or_late']} not within the drain time); achieved {d['achieved_rate']:,.1f}/s"
     )
@@ -384,8 +394,9 @@ def _show_e2e(d: dict[str, Any]) -> None:
         f"broker {per['broker'] if cap['broker_on_this_machine'] else 'remote'}, "
         f"school's produce + inbox ingest {per['this_process']}, school's sealing {per['sealing_ahead']}: "
         f"pipeline {per['pipeline']} (the whole machine: {per['machine']}). At {d['rate_target']:g}/s that is "
-        f"{cap['cores_needed_at_rate']} of {cap['cores']} cores; the router alone {cap['router_cores_needed_at_rate']} "
-        f"(one router process: about {cap['router_rate_one_core']}/s on one core)."
+        f"{cap['cores_needed_at_rate']} of {cap['cores']} cores; the router{'s' if d['routers'] > 1 else ''} alone "
+        f"{cap['router_cores_needed_at_rate']} (one router process: about {cap['router_rate_one_core']}/s on one core)."
+        + (f" Referrals each router read: {' / '.join(map(str, d['consumed_by_router']))}." if d["routers"] > 1 else "")
     )
     if cap["why"]:
         click.echo(f"Why the goal is out of reach here: {cap['why']}")
