@@ -272,14 +272,21 @@ class FilePool:
         try:
             message: tuple[Any, ...] = self._conns[index].recv()
         except (EOFError, OSError):
-            process = self._processes[index]
-            process.join(5)
-            raise BrokerError(
-                f"sealing worker {index + 1} stopped (exit code {process.exitcode}); nothing more was sent"
-            ) from None
+            raise self._stopped(index) from None
         if message[0] == "failed":
             raise _error(message[1], message[2])
         return message
+
+    def _send(self, index: int, message: tuple[Any, ...]) -> None:
+        try:
+            self._conns[index].send(message)
+        except OSError:
+            raise self._stopped(index) from None
+
+    def _stopped(self, index: int) -> BrokerError:
+        process = self._processes[index]
+        process.join(5)
+        return BrokerError(f"sealing worker {index + 1} stopped (exit code {process.exitcode}); nothing more was sent")
 
     def _checked(self, on_checked: Callable[[int], object] | None) -> list[_Checked]:
         counts = [0] * self.workers
@@ -307,10 +314,10 @@ class FilePool:
         if not self._finalizer.alive:
             raise BrokerError("this file's sealing workers have stopped: check the file again to send it")
         try:
-            for index, conn in enumerate(self._conns):
+            for index in range(self.workers):
                 mine = _mine(index, self.workers, self.chunk)
                 skip = {n for n in self._skip if mine(n)}
-                conn.send(("seal", directory, skip, {n for n in self._ahead if mine(n)}))
+                self._send(index, ("seal", directory, skip, {n for n in self._ahead if mine(n)}))
             ahead: list[tuple[int, SealedReferral]] = []
             for index in range(self.workers):
                 ahead.extend(self._expect(index, "ahead")[1])

@@ -182,6 +182,23 @@ def test_a_worker_that_dies_stops_the_send_with_its_reason_and_nothing_is_lost(
     assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == rows
 
 
+def test_a_worker_that_died_after_the_check_stops_the_send_before_anything_is_kept(
+    topics: Settings, kafka_bootstrap: str, tmp_path: Path, pooled: None
+) -> None:
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
+    settings = topics.replace(send_workers=2)
+    checked = check_file(DWP, path, settings=settings)
+    assert checked.pool is not None
+    victim = checked.pool._processes[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(5)
+    with pytest.raises(BrokerError, match=r"sealing worker 1 stopped \(exit code -9\)"):
+        PartnerSender(settings, kafka_bootstrap, DWP).send_checked(checked)
+    with Outbox.open(settings, DWP) as outbox:
+        assert not any(outbox.summary().values())
+
+
 def test_a_file_that_changes_during_the_check_is_refused(settings: Settings, tmp_path: Path, pooled: None) -> None:
     path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
     touched = threading.Event()
