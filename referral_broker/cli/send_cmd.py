@@ -43,6 +43,9 @@ def send(
     not sent again. When the cluster cannot be reached, or fails mid-file, the rest stays in the
     outbox: the command prints "N delivered, M queued" and exits with DeliveryPendingError's
     code; 'referral-broker outbox flush' delivers them. Prints the delivered referral ids.
+
+    A native file of 4 MB or more is checked and sealed by worker processes, one a core
+    ([send] workers, REFERRAL_BROKER_SEND_WORKERS; 1: none), in the same order.
     """
     from tqdm import tqdm
 
