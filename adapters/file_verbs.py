@@ -120,6 +120,16 @@ class Repeats:
                     ids.pop(bytes(view[start : start + 16]))
         return set(ids.values())
 
+    def reject_repeated(self, rejected: list[ParsedRecord], source: str) -> int:
+        """Add each record that repeats another's id and version to ``rejected`` (kept sorted by
+        record number) and return how many were good before. Only numbers and ids were kept, so
+        the repeated records are named, not re-read."""
+        repeated = self.repeated()
+        if repeated:
+            rejected.extend(self.reject(ParsedRecord(source, n, None), others) for n, others in repeated.items())
+            rejected.sort(key=lambda parsed: parsed.number)
+        return len(repeated)
+
     def reject(self, parsed: ParsedRecord, others: list[int]) -> ParsedRecord:
         where = f'"{self.label}" ({self.key})' if self.label else self.key
         what = "referral id and version" if self.key == "referral_id" else "status id and version"
@@ -179,6 +189,21 @@ def load_statuses(
     return _load(adapter, parsed, skip_invalid, "status messages", "status")
 
 
+def file_identity(path: Path) -> tuple[int, int, int]:
+    """Size, modification time and inode: what :func:`check_unchanged` compares, so a file that
+    changes while it is read in several passes (or by several processes) is refused."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        raise PartnerInputError(f"{source_name(path)}: file not found") from None
+    return (found.st_size, found.st_mtime_ns, found.st_ino)
+
+
+def check_unchanged(path: Path, identity: tuple[int, int, int]) -> None:
+    if file_identity(path) != identity:
+        raise PartnerInputError(f"{source_name(path)}: the file changed while it was being read")
+
+
 class FileStream:
     """The referrals of a (large) file, streamed with bounded memory in two passes.
 
@@ -211,7 +236,7 @@ class FileStream:
         self.now = now or dt.datetime.now(dt.UTC)
         self.rejected: list[ParsedRecord] = []
         self.total = 0
-        self._identity = self._stat()
+        self._identity = file_identity(self.path)
         repeats = Repeats(self.adapter, "referral")
         ahead: list[ParsedRecord] = []
         for checked, parsed in enumerate(self.adapter.parse(self.path, now=self.now), 1):
@@ -225,30 +250,14 @@ class FileStream:
             if on_checked is not None:
                 on_checked(checked)
         self._check_unchanged()
-        repeated = repeats.repeated()
-        if repeated:
-            # Only numbers and ids were kept, so the repeated records are named, not re-read.
-            self.rejected.extend(
-                repeats.reject(ParsedRecord(source_name(self.path), n, None), others)
-                for n, others in repeated.items()
-            )
-            self.rejected.sort(key=lambda parsed: parsed.number)
-            self.total -= len(repeated)
+        self.total -= repeats.reject_repeated(self.rejected, source_name(self.path))
         self._ahead = repeats.alone(ahead) if ahead else []
         self.warnings = list(self.adapter.warnings)
         if self.rejected and not skip_invalid:
             raise_rejected(self.rejected, "referrals", source_name(self.path))
 
-    def _stat(self) -> tuple[int, int, int]:
-        try:
-            found = self.path.stat()
-        except FileNotFoundError:
-            raise PartnerInputError(f"{source_name(self.path)}: file not found") from None
-        return (found.st_size, found.st_mtime_ns, found.st_ino)
-
     def _check_unchanged(self) -> None:
-        if self._stat() != self._identity:
-            raise PartnerInputError(f"{source_name(self.path)}: the file changed while it was being read")
+        check_unchanged(self.path, self._identity)
 
     def __len__(self) -> int:
         return self.total

@@ -106,24 +106,6 @@ def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
     return lambda number: ((number - 1) // chunk) % workers == index
 
 
-def _identity(path: Path) -> tuple[int, int, int]:
-    """Size, modification time and inode: a file that changes while it is read is refused."""
-    from referral_broker.adapters.native_files import source_name
-
-    try:
-        found = path.stat()
-    except FileNotFoundError:
-        raise PartnerInputError(f"{source_name(path)}: file not found") from None
-    return (found.st_size, found.st_mtime_ns, found.st_ino)
-
-
-def _unchanged(path: Path, identity: tuple[int, int, int]) -> None:
-    from referral_broker.adapters.native_files import source_name
-
-    if _identity(path) != identity:
-        raise PartnerInputError(f"{source_name(path)}: the file changed while it was being read")
-
-
 def _work(job: _Job, conn: Connection) -> None:
     """A worker's whole life; every outcome is one message to the parent. Ctrl-C is the
     parent's to handle: it stops the workers."""
@@ -145,13 +127,13 @@ def _work(job: _Job, conn: Connection) -> None:
 
 def _check_then_seal(job: _Job, conn: Connection) -> None:
     from referral_broker.adapters import ParsedRecord, get_adapter
-    from referral_broker.adapters.file_verbs import Repeats, is_urgent
+    from referral_broker.adapters.file_verbs import Repeats, check_unchanged, is_urgent
     from referral_broker.identity import load_identity
 
     from .hub_seal import HubSealer
 
     adapter = get_adapter(job.kind)
-    _unchanged(job.path, job.identity)
+    check_unchanged(job.path, job.identity)
     repeats = Repeats(adapter, "referral")
     rejected: list[ParsedRecord] = []
     urgent: list[ParsedRecord] = []
@@ -166,7 +148,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
                 urgent.append(parsed)
         if read % _PROGRESS == 0:
             conn.send(("progress", read))
-    _unchanged(job.path, job.identity)
+    check_unchanged(job.path, job.identity)
     ids = [(p.number, repeats.identity(p)) for p in urgent]
     conn.send(("checked", _Checked(read, last, rejected, bytes(repeats.entries), ids)))
     del rejected, repeats
@@ -183,7 +165,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
 
     conn.send(("ahead", [(p.number, sealed(p.record)) for p in urgent if p.number in ahead and p.record is not None]))
     del urgent
-    _unchanged(job.path, job.identity)
+    check_unchanged(job.path, job.identity)
     chunk, out = -1, list[SealedReferral]()
     for parsed in adapter.parse_some(job.path, _mine(job.index, job.workers, job.chunk), now=job.now, validate=False):
         at = (parsed.number - 1) // job.chunk
@@ -198,7 +180,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
         out.append(sealed(parsed.record))
     if chunk >= 0:
         conn.send(("chunk", chunk, out))
-    _unchanged(job.path, job.identity)
+    check_unchanged(job.path, job.identity)
     conn.send(("done",))
 
 
@@ -220,13 +202,18 @@ class FilePool:
         on_checked: Callable[[int], object] | None = None,
     ) -> None:
         from referral_broker.adapters import file_verbs, get_adapter
-        from referral_broker.adapters.file_verbs import Repeats, raise_rejected
+        from referral_broker.adapters.file_verbs import (
+            Repeats,
+            check_unchanged,
+            file_identity,
+            raise_rejected,
+        )
         from referral_broker.adapters.native_files import source_name
 
         self.path = Path(path)
         self.workers = workers
         self.chunk, ahead_bound = CHUNK, file_verbs.URGENT_AHEAD
-        self._identity = identity = _identity(self.path)
+        self._identity = identity = file_identity(self.path)
         now = dt.datetime.now(dt.UTC)
         context = multiprocessing.get_context("spawn")  # the sender's threads are not forked
         self._conns: list[Connection] = []
@@ -242,7 +229,7 @@ class FilePool:
             self._processes.append(process)
         try:
             checked = self._checked(on_checked)
-            _unchanged(self.path, identity)  # each worker checked too, but perhaps before a change
+            check_unchanged(self.path, identity)  # each worker checked too, but perhaps before a change
         except BaseException:
             self.close()
             raise
@@ -252,15 +239,7 @@ class FilePool:
         self.rejected = sorted((r for c in checked for r in c.rejected), key=lambda parsed: parsed.number)
         self.total = sum(c.read for c in checked) - len(self.rejected)
         self._last = max((c.last for c in checked), default=0)
-        repeated = repeats.repeated()
-        if repeated:
-            from referral_broker.adapters import ParsedRecord
-
-            self.rejected.extend(
-                repeats.reject(ParsedRecord(source_name(self.path), n, None), others) for n, others in repeated.items()
-            )
-            self.rejected.sort(key=lambda parsed: parsed.number)
-            self.total -= len(repeated)
+        self.total -= repeats.reject_repeated(self.rejected, source_name(self.path))
         urgent = sorted(pair for c in checked for pair in c.urgent)[:ahead_bound]
         self._ahead = repeats.alone_numbers({ident: number for number, ident in urgent}) if urgent else set()
         self._skip = {parsed.number for parsed in self.rejected} | self._ahead
@@ -311,6 +290,8 @@ class FilePool:
     def sealed(self, directory: KeyDirectory) -> Iterator[SealedReferral]:
         """The file's good referrals sealed for the hub with ``directory``'s keys: the urgent
         ones alone in the file first, then the rest in file order. Closes the pool at the end."""
+        from referral_broker.adapters.file_verbs import check_unchanged
+
         if not self._finalizer.alive:
             raise BrokerError("this file's sealing workers have stopped: check the file again to send it")
         try:
@@ -331,7 +312,7 @@ class FilePool:
                     self._expect(index, "done")
                 elif waiting[0] != math.inf:
                     raise BrokerError(f"sealing worker {index + 1} sent a chunk past the file's last record")
-            _unchanged(self.path, self._identity)
+            check_unchanged(self.path, self._identity)
         finally:
             self.close()
 
