@@ -51,7 +51,7 @@ from referral_broker.consumers.inbox.ingest import TeamIngest
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.consumers.inbox.store_referrals import IngestResult
-from referral_broker.consumers.router_bench import SENDER, _shaped, delete_namespace, router_env
+from referral_broker.consumers.router_bench import SENDER, _shaped, delete_namespace, router_env, wait_settled
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.producers.intake import IntakeSender, as_checked
@@ -310,19 +310,9 @@ def run(
 def _settled(settings: Settings, bootstrap: str, group: list[RouterProcess]) -> None:
     """Wait until every router process holds some of the intake partitions (the group has
     settled), so no rebalance falls inside the timed window."""
-    from referral_broker.consumers.router_bench import _group_members
-
-    deadline = time.monotonic() + 180
-    held: list[int] = []
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):  # the group may not exist yet
-            held = _group_members(settings, bootstrap)
-        if len(held) == len(group) and all(held):
-            return
-        if any(r.poll() is not None for r in group):
-            raise BrokerError("a benchmark router exited before the group settled")
-        time.sleep(0.2)
-    raise BrokerError(f"{len(group)} benchmark routers did not settle in one group within 180 s: {held}")
+    wait_settled(settings, bootstrap, [r.popen for r in group])
+    if any(r.poll() is not None for r in group):
+        raise BrokerError("a benchmark router exited before the group settled")
 
 
 def _cpu_now(routers: list[int], broker: int | None) -> dict[str, float | None]:

@@ -690,6 +690,23 @@ def _group_members(settings: Settings, bootstrap: str) -> list[int]:
     return held
 
 
+def wait_settled(settings: Settings, bootstrap: str, procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    """The intake partitions each router holds once every one of ``procs`` (``route``
+    processes) holds some: the group has settled. Returns early when one of them has exited
+    (the caller reads why); BrokerError after 180 s."""
+    deadline = time.monotonic() + 180
+    held: list[int] = []
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the group may not exist yet
+            held = _group_members(settings, bootstrap)
+        if len(held) == len(procs) and all(held):
+            return held
+        if any(p.poll() is not None for p in procs):
+            return held
+        time.sleep(0.2)
+    raise BrokerError(f"{len(procs)} benchmark routers did not settle in one group within 180 s: {held}")
+
+
 def _route_processes(
     settings: Settings,
     bootstrap: str,
@@ -713,18 +730,7 @@ def _route_processes(
     sampler = _CpuSampler(broker, [p.pid for p, _ in procs])
     stats = []
     try:
-        deadline = time.monotonic() + 180
-        held: list[int] = []
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):  # the group may not exist yet
-                held = _group_members(settings, bootstrap)
-            if len(held) == n and all(held):
-                break
-            if any(p.poll() is not None for p, _ in procs):
-                break
-            time.sleep(0.2)
-        else:
-            raise BrokerError(f"{n} benchmark routers did not settle in one group within 180 s: {held}")
+        held = wait_settled(settings, bootstrap, [p for p, _ in procs])
         sampler.start()
         producer = build_producer(settings, bootstrap)
         try:
