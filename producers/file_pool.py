@@ -32,8 +32,9 @@ import math
 import multiprocessing
 import os
 import signal
+import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -68,11 +69,13 @@ def workers_for(settings: Settings, path: str | os.PathLike[str]) -> int:
 
 @dataclass(frozen=True)
 class SealedReferral:
-    """A referral a pool worker validated, sealed for the hub and signed (ids only in clear)."""
+    """A referral a pool worker validated, sealed for the hub and signed (ids only in clear).
+    ``message`` is None for one the outbox already kept before this send: not sealed again."""
 
     referral_id: str
     version: int
-    message: OutgoingMessage = field(repr=False)
+    message: OutgoingMessage | None = field(repr=False)
+    number: int = 0  # its record number in the file
 
 
 @dataclass(frozen=True)
@@ -160,24 +163,24 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     identity = load_identity(job.settings, "", job.party, directory=directory)
     sealer = HubSealer(identity.sealer, job.settings, job.party)
 
-    def sealed(record: dict[str, Any]) -> SealedReferral:
-        return SealedReferral(str(record["referral_id"]), int(record["version"]), sealer.referral(record))
+    def sealed(number: int, record: dict[str, Any]) -> SealedReferral:
+        return SealedReferral(str(record["referral_id"]), int(record["version"]), sealer.referral(record), number)
 
-    conn.send(("ahead", [(p.number, sealed(p.record)) for p in urgent if p.number in ahead and p.record is not None]))
+    conn.send(("ahead", [sealed(p.number, p.record) for p in urgent if p.number in ahead and p.record is not None]))
     del urgent
     check_unchanged(job.path, job.identity)
     chunk, out = -1, list[SealedReferral]()
-    for parsed in adapter.parse_some(job.path, _mine(job.index, job.workers, job.chunk), now=job.now, validate=False):
+    mine = _mine(job.index, job.workers, job.chunk)
+    # rejected, sent ahead or kept by an earlier send: not converted again
+    for parsed in adapter.parse_some(job.path, lambda n: mine(n) and n not in skip, now=job.now, validate=False):
         at = (parsed.number - 1) // job.chunk
         if at != chunk:
             if chunk >= 0:
                 conn.send(("chunk", chunk, out))
             chunk, out = at, []
-        if parsed.number in skip:
-            continue
         if parsed.record is None:
             raise PartnerInputError(f"{parsed.source}: record {parsed.number} changed between passes")
-        out.append(sealed(parsed.record))
+        out.append(sealed(parsed.number, parsed.record))
     if chunk >= 0:
         conn.send(("chunk", chunk, out))
     check_unchanged(job.path, job.identity)
@@ -236,6 +239,8 @@ class FilePool:
         adapter = get_adapter(kind)
         repeats = Repeats(adapter, "referral")
         repeats.entries = bytearray(b"".join(c.index for c in checked))
+        self._index = repeats.entries  # (id, version, record number) of every record read well
+        self.already_kept = 0  # records the outbox kept before: not sealed again (see sealed())
         self.rejected = sorted((r for c in checked for r in c.rejected), key=lambda parsed: parsed.number)
         self.total = sum(c.read for c in checked) - len(self.rejected)
         self._last = max((c.last for c in checked), default=0)
@@ -287,26 +292,37 @@ class FilePool:
     def __len__(self) -> int:
         return self.total
 
-    def sealed(self, directory: KeyDirectory) -> Iterator[SealedReferral]:
+    def sealed(
+        self, directory: KeyDirectory, *, kept: Callable[[list[str]], Collection[str]] | None = None
+    ) -> Iterator[SealedReferral]:
         """The file's good referrals sealed for the hub with ``directory``'s keys: the urgent
-        ones alone in the file first, then the rest in file order. Closes the pool at the end."""
+        ones alone in the file first, then the rest in file order. Closes the pool at the end.
+
+        ``kept`` (the outbox's, given message ids) names those already kept by an earlier send:
+        they come in their place with no message, neither converted nor sealed again, so sending
+        a sent file again costs reading it, not sealing it."""
         from referral_broker.adapters.file_verbs import check_unchanged
 
         if not self._finalizer.alive:
             raise BrokerError("this file's sealing workers have stopped: check the file again to send it")
         try:
+            already = self._kept_before(kept) if kept is not None else {}
+            self.already_kept = len(already)
             for index in range(self.workers):
                 mine = _mine(index, self.workers, self.chunk)
-                skip = {n for n in self._skip if mine(n)}
-                self._send(index, ("seal", directory, skip, {n for n in self._ahead if mine(n)}))
-            ahead: list[tuple[int, SealedReferral]] = []
+                skip = {n for n in self._skip if mine(n)} | {n for n in already if mine(n)}
+                self._send(index, ("seal", directory, skip, {n for n in self._ahead if mine(n) and n not in already}))
+            ahead = [already.pop(n) for n in self._ahead if n in already]
             for index in range(self.workers):
                 ahead.extend(self._expect(index, "ahead")[1])
-            yield from (referral for _, referral in sorted(ahead, key=lambda pair: pair[0]))
+            yield from sorted(ahead, key=lambda referral: referral.number)
             del ahead
             held: list[tuple[float, list[SealedReferral]] | None] = [None] * self.workers
             for chunk in range((self._last + self.chunk - 1) // self.chunk):
-                yield from self._chunk(chunk, held)
+                sealed = self._chunk(chunk, held)
+                first, last = chunk * self.chunk + 1, (chunk + 1) * self.chunk
+                placed = [already.pop(n) for n in range(first, last + 1) if n in already] if already else []
+                yield from sorted(sealed + placed, key=lambda referral: referral.number) if placed else sealed
             for index, waiting in enumerate(held):
                 if waiting is None:
                     self._expect(index, "done")
@@ -315,6 +331,21 @@ class FilePool:
             check_unchanged(self.path, self._identity)
         finally:
             self.close()
+
+    def _kept_before(self, kept: Callable[[list[str]], Collection[str]]) -> dict[int, SealedReferral]:
+        """Record number -> a message-less referral, for each good record ``kept`` names."""
+        from .outbox import referral_message_id
+
+        rejected = {parsed.number for parsed in self.rejected}
+        by_id: dict[str, SealedReferral] = {}
+        with memoryview(self._index) as view:
+            for start in range(0, len(view), 24):
+                number = int.from_bytes(view[start + 20 : start + 24], "big")
+                if number not in rejected:
+                    referral_id = str(uuid.UUID(bytes=bytes(view[start : start + 16])))
+                    version = int.from_bytes(view[start + 16 : start + 20], "big")
+                    by_id[referral_message_id(referral_id, version)] = SealedReferral(referral_id, version, None, number)
+        return {by_id[mid].number: by_id[mid] for mid in kept(list(by_id)) if mid in by_id}
 
     def _chunk(self, chunk: int, held: list[tuple[float, list[SealedReferral]] | None]) -> list[SealedReferral]:
         """Chunk ``chunk``'s sealed referrals from the worker whose it is: none when no record is

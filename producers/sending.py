@@ -12,7 +12,7 @@ the party's outbox (:mod:`~referral_broker.producers.outbox`) before it is produ
 marks it delivered when Kafka acknowledges it. A native file of 4 MB or more is checked and
 sealed by worker processes, one a core (:mod:`~referral_broker.producers.file_pool`), and kept
 and delivered here in the same order. A referral (id, version) already in the outbox
-is not sent again: sending the same file twice sends it once. When the cluster cannot be
+is not sent again, nor sealed again: sending the same file twice sends it once. When the cluster cannot be
 reached, or fails mid-file, the rest stays queued and ``report.queued`` says which; nothing is
 lost and ``referral-broker outbox flush`` (or the next ``send``) delivers it once.
 
@@ -35,6 +35,7 @@ from referral_broker.errors import BrokerError, DeliveryPendingError
 from referral_broker.identity import Identity, load_directory, load_identity
 from referral_broker.parties import get_party, require_sender
 from referral_broker.sealing import KeyDirectory
+from referral_broker.sealing.envelope import OutgoingMessage
 from referral_broker.structured_log import get_logger
 
 from .checked import CheckedFile, CheckedReferral, check_file, read_canonical_lines
@@ -98,6 +99,15 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
+
+
+def _message(checked: CheckedReferral | SealedReferral, sealer: HubSealer) -> OutgoingMessage:
+    """The referral's sealed message: sealed here, or by a pool worker."""
+    if not isinstance(checked, SealedReferral):
+        return sealer.referral(checked.record)
+    if checked.message is None:  # the outbox is this process's alone while it sends
+        raise BrokerError(f"referral {checked.referral_id} version {checked.version} left the outbox during the send")
+    return checked.message
 
 
 class PartnerSender:
@@ -164,12 +174,12 @@ class PartnerSender:
         with Outbox.open(self.settings, self.party) as outbox:
             identity, reachable = self._load_identity()
             sealer = HubSealer(identity.sealer, self.settings, self.party)
+            topic = sealer.intake_topic
             items: Iterable[CheckedReferral | SealedReferral] = (
-                records.pool.sealed(identity.directory)
+                records.pool.sealed(identity.directory, kept=lambda mids: outbox.kept(topic, mids))
                 if isinstance(records, CheckedFile) and records.pool is not None
                 else as_checked(records)
             )
-            topic = sealer.intake_topic
             with self._delivery(outbox, reachable) as delivery:
                 delivery.run(progress)  # settle what a killed run left in doubt; earlier queue
                 # delivered by this run before the file (an earlier run's queue): "delivered"
@@ -197,9 +207,7 @@ class PartnerSender:
                         else:
                             entries.append(
                                 Entry(
-                                    checked.message
-                                    if isinstance(checked, SealedReferral)
-                                    else sealer.referral(checked.record),
+                                    _message(checked, sealer),
                                     mid,
                                     REFERRAL_KIND,
                                     checked.referral_id,

@@ -121,9 +121,44 @@ def test_a_pooled_send_puts_on_the_topic_what_a_one_process_send_does(
     earlier, later = sorted((r for r in intake if r.key == key_of[SAME_REFERRAL[0]]), key=lambda r: r.offset)
     assert opened_version(hub, earlier) < opened_version(hub, later)
 
-    again = sender.send_file(path)  # the outbox still sends each referral version once
+    checked = check_file(DWP, path, settings=topics.replace(send_workers=2))
+    again = sender.send_checked(checked)  # the outbox still sends each referral version once
     assert len(again.already_sent) == ROWS and not again.delivered
+    assert checked.pool is not None and checked.pool.already_kept == ROWS  # and nothing was sealed again
     assert len(read_all(topics, kafka_bootstrap, topic_name(topics, "intake", DWP))) == ROWS
+
+
+def test_what_an_earlier_send_kept_is_not_sealed_again_and_keeps_its_place(
+    topics: Settings, kafka_bootstrap: str, tmp_path: Path, pooled: None
+) -> None:
+    """Records the outbox already holds (an urgent one among them) come without a message, in
+    the one-process order, and the workers seal exactly the others."""
+    init_parties(topics, sorted(all_parties()), bootstrap=kafka_bootstrap)
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
+    expected = [p for p in adapters.iter_file("dwp", path, urgent_first=True) if p.record]
+    mid = {p.number: f"{p.record['referral_id']}:{p.record['version']}" for p in expected if p.record}
+    kept_numbers = {n for n in mid if n % 3 == 0} | {URGENT_ROWS[0]}
+    asked: list[list[str]] = []
+
+    def kept(mids: list[str]) -> set[str]:
+        asked.append(mids)
+        return {mid[n] for n in kept_numbers}
+
+    checked = check_file(DWP, path, settings=topics.replace(send_workers=2))
+    assert checked.pool is not None
+    directory = load_identity(topics, kafka_bootstrap, DWP).directory
+    sealed = list(checked.pool.sealed(directory, kept=kept))
+    assert len(asked) == 1 and sorted(asked[0]) == sorted(mid.values())  # asked once, for every good record
+    assert [s.number for s in sealed] == [p.number for p in expected]
+    assert {s.number for s in sealed if s.message is None} == kept_numbers
+    assert checked.pool.already_kept == len(kept_numbers)
+    hub = load_identity(topics, kafka_bootstrap, HUB)
+    by_number = {p.number: p.record for p in expected}
+    for referral in sealed:
+        if referral.message is not None:
+            message = referral.message
+            produced = Record(message.topic, 0, 0, message.key, message.value, message.headers, 0)
+            assert hub.opener.open(produced).record == by_number[referral.number]
 
 
 def test_skip_invalid_through_the_pool_sends_the_good_rows_a_one_process_send_would(
