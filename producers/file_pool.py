@@ -102,6 +102,7 @@ class _Checked:
     rejected: list[Any]
     index: bytes
     urgent: list[tuple[int, bytes]]
+    warnings: list[str]  # what the reading ignored without refusing (extra columns, say)
 
 
 def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
@@ -153,7 +154,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
             conn.send(("progress", read))
     check_unchanged(job.path, job.identity)
     ids = [(p.number, repeats.identity(p)) for p in urgent]
-    conn.send(("checked", _Checked(read, last, rejected, bytes(repeats.entries), ids)))
+    conn.send(("checked", _Checked(read, last, rejected, bytes(repeats.entries), ids, list(adapter.warnings))))
     del rejected, repeats
 
     order = conn.recv()
@@ -190,8 +191,9 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
 class FilePool:
     """The worker processes of one file: constructing it runs the check phase (raising as
     :class:`~referral_broker.adapters.FileStream` does), :meth:`sealed` the seal phase.
-    ``rejected`` and ``total`` are then what a ``FileStream`` of the same file has. Close it
-    (or use it as a context manager) when it is not sealed to the end."""
+    ``rejected``, ``total`` and ``warnings`` are then what a ``FileStream`` of the same file
+    has. Close it (or use it as a context manager) when it is not sealed to the end: the dry
+    run (``validate --as``) checks a large file this way and seals nothing."""
 
     def __init__(
         self,
@@ -242,6 +244,7 @@ class FilePool:
         self._index = repeats.entries  # (id, version, record number) of every record read well
         self.already_kept = 0  # records the outbox kept before: not sealed again (see sealed())
         self.rejected = sorted((r for c in checked for r in c.rejected), key=lambda parsed: parsed.number)
+        self.warnings = list(dict.fromkeys(w for c in checked for w in c.warnings))  # each reads the whole file
         self.total = sum(c.read for c in checked) - len(self.rejected)
         self._last = max((c.last for c in checked), default=0)
         self.total -= repeats.reject_repeated(self.rejected, source_name(self.path))

@@ -351,3 +351,42 @@ def test_send_from_the_command_line_checks_and_seals_a_large_file_with_workers(
     report = json.loads(done.stdout)
     assert len(report["delivered"]) == 7000 and report["delivered"][0] == urgent_id
     assert len(read_all(county, kafka_bootstrap, topic_name(county, "intake", DWP))) == 7000
+
+
+def test_the_dry_run_checks_a_large_file_with_workers_and_reports_what_one_process_does(tmp_path: Path) -> None:
+    """``validate --as dwp`` on a batch over ``MIN_BYTES`` with problems in two workers' chunks:
+    checked by two workers (the log says so), with the report and exit code of a one-process
+    check, and no broker or key touched."""
+    from referral_broker.producers.batch_bench import write_batch
+
+    path = tmp_path / "dwp-batch.csv"
+    size, _ = write_batch(path, 7000)
+    assert size >= file_pool.MIN_BYTES
+    with path.open(encoding="utf-8", newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    rows[10][0], rows[6500][header.index("CHILD_DOB")] = "not-a-uuid", ""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+
+    def dry_run(workers: int) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # nothing listens: the dry run needs no broker
+            "REFERRAL_BROKER_DATA_DIR": str(tmp_path / "none"),
+            "REFERRAL_BROKER_SEND_WORKERS": str(workers),
+        }
+        args = ["--log-level", "info", "validate", "--as", DWP, "--file", str(path), "--json"]
+        return subprocess.run(
+            [sys.executable, "-m", "referral_broker.cli.main", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    pooled, alone = dry_run(2), dry_run(1)
+    assert pooled.returncode == alone.returncode == PartnerInputError.exit_code, pooled.stderr[-2000:]
+    logged = [json.loads(line) for line in pooled.stderr.splitlines() if line.startswith("{")]
+    (checked,) = [e for e in logged if e.get("event") == "file checked by worker processes"]
+    assert checked["workers"] == 2 and checked["count"] == 6998
+    assert "worker processes" not in alone.stderr
+    report = json.loads(pooled.stdout)
+    assert report == json.loads(alone.stdout)
+    assert (report["records"], report["valid"], report["invalid"]) == (7000, 6998, 2)
+    assert [p["record"] for p in report["problems"]] == [11, 6501]

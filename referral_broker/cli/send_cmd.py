@@ -78,7 +78,7 @@ def send(
         if as_json:  # a JSON error object on stdout, with the dry run's fields (validate --as)
             from referral_broker.cli.validate_cmd import send_failure_report
 
-            emit(send_failure_report(party, path, fmt, exc), True, print)
+            emit(send_failure_report(party, path, fmt, exc, obj.settings), True, print)
         raise
     data = {
         "delivered": [s.referral_id for s in report.delivered],

@@ -21,7 +21,8 @@ from typing import IO, Any
 
 import click
 
-from referral_broker.cli.context import emit, json_option
+from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
+from referral_broker.config import Settings
 from referral_broker.errors import (
     ContractError,
     PartnerInputError,
@@ -32,6 +33,7 @@ from referral_broker.errors import (
 from referral_broker.schemas import registry
 from referral_broker.schemas.json_form import from_json_form
 from referral_broker.schemas.validation import validate
+from referral_broker.structured_log import get_logger
 
 
 def validate_lines(lines: IO[str], family: str = "referral") -> dict[str, Any]:
@@ -77,11 +79,15 @@ def _format_of(kind: str, path: Path) -> str:
     return {"dwp": "CSV"}.get(kind, "JSON")
 
 
-def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple[dict[str, Any], ReferralBrokerError | None]:
-    """The dry run of ``send --as KIND --file PATH``: (report, the error send would raise)."""
+def native_report(
+    kind: str, path: Path, *, skip_invalid: bool = False, settings: Settings | None = None
+) -> tuple[dict[str, Any], ReferralBrokerError | None]:
+    """The dry run of ``send --as KIND --file PATH``: (report, the error send would raise).
+    With ``settings``, a large file is checked by worker processes, as ``send`` checks it."""
     from referral_broker import adapters
     from referral_broker.organisations import PARTNER_FORMATS
     from referral_broker.parties import get_party
+    from referral_broker.producers.file_pool import FilePool, workers_for
 
     report: dict[str, Any] = {
         "file": path.name,
@@ -103,7 +109,14 @@ def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple
             raise PartnerInputError(f"{path.name}: file not found")
         report["format"] = _format_of(native, path)
         # Every record is checked, so every problem is listed; send refuses the same file.
-        stream = adapters.iter_file(native, path, skip_invalid=True)
+        workers = 1 if settings is None else workers_for(settings, path)
+        stream: adapters.FileStream | FilePool
+        if settings is not None and workers > 1:
+            with FilePool(native, kind, path, settings, workers=workers, skip_invalid=True) as stream:
+                pass  # checked: the workers stop here, nothing sealed
+            get_logger(__name__).info("file checked by worker processes", workers=workers, count=stream.total)
+        else:
+            stream = adapters.iter_file(native, path, skip_invalid=True)
     except ReferralBrokerError as exc:
         report["error"] = error_object(exc)
         return report, exc
@@ -126,11 +139,13 @@ def native_report(kind: str, path: Path, *, skip_invalid: bool = False) -> tuple
     return report, None
 
 
-def send_failure_report(party: str, path: Path, fmt: str, exc: ReferralBrokerError) -> dict[str, Any]:
+def send_failure_report(
+    party: str, path: Path, fmt: str, exc: ReferralBrokerError, settings: Settings | None = None
+) -> dict[str, Any]:
     """What ``send --json`` prints when it fails: the dry run's fields (for a file it refused,
     the dry run's problems and counts) with send's own error, and nothing delivered."""
     if fmt == "native" and isinstance(exc, PartnerInputError):
-        report, _ = native_report(party, path)
+        report, _ = native_report(party, path, settings=settings)
     else:
         report = {
             "file": path.name,
@@ -170,13 +185,15 @@ def send_failure_report(party: str, path: Path, fmt: str, exc: ReferralBrokerErr
 )
 @click.option("--skip-invalid", is_flag=True, help="With --as: exit 0 when some records are good, as send would send them.")
 @json_option
-def validate_cmd(source: str, kind: str | None, family: str, skip_invalid: bool, as_json: bool) -> None:
+@pass_cli
+def validate_cmd(cli: CliContext, source: str, kind: str | None, family: str, skip_invalid: bool, as_json: bool) -> None:
     """Check every record; list each problem as record number and field path (never the value).
 
     With --as KIND, FILE is that partner's own file (CSV, JSON, FHIR JSON or XML, DfE CTF) and
-    the exit code is the one send would give."""
+    the exit code is the one send would give. A file of 4 MB or more is checked by worker
+    processes, as send checks it ([send] workers)."""
     if kind is not None:
-        report, error = native_report(kind, Path(source), skip_invalid=skip_invalid)
+        report, error = native_report(kind, Path(source), skip_invalid=skip_invalid, settings=cli.settings)
 
         def human_native(r: dict[str, Any]) -> None:
             for warning in r["warnings"]:
