@@ -15,10 +15,10 @@ processes by chunks of ``CHUNK`` record numbers (worker ``i`` takes chunks ``i``
    and onto the topic is in the order the one-process send uses. A worker blocks while its
    next chunk waits to be read: memory stays flat however long the file.
 
-Plaintext never leaves a worker; what crosses back is sealed, and ids. Workers are started
-with ``spawn`` (the sender has threads): a program that sends large files through
-``PartnerSender`` must guard its entry point (``if __name__ == "__main__":``), as for any
-``multiprocessing`` program, or set ``[send] workers = 1``.
+Plaintext never leaves a worker; what crosses back is sealed, and ids. Each worker is a fresh
+``python -c`` of this module, talking over a socket pair: the sender has threads (so no fork),
+and unlike ``multiprocessing``'s ``spawn`` a worker never imports the caller's main script, so
+a program that sends large files through ``PartnerSender`` needs no ``__main__`` guard.
 A worker that fails stops the send with its reason (by type, never the text of an unexpected
 error, which could hold a value); what was kept in the outbox by then is delivered or stays
 queued, and sending the file again sends the rest.
@@ -32,6 +32,8 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterator
@@ -108,6 +110,50 @@ class _Checked:
 def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
     """Whether a record number is worker ``index``'s (of ``workers``)."""
     return lambda number: ((number - 1) // chunk) % workers == index
+
+
+_SERVE = "import sys; from referral_broker.producers.file_pool import _serve; _serve(int(sys.argv[1]))"
+
+
+class _Worker:
+    """One worker process, as much of ``multiprocessing.Process`` as the pool needs."""
+
+    def __init__(self, job: _Job) -> None:
+        self.conn, theirs = multiprocessing.Pipe()  # a socket pair: its end is inherited by fd
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", _SERVE, str(theirs.fileno())], pass_fds=[theirs.fileno()], close_fds=True
+            )
+        finally:
+            theirs.close()
+        self.pid = self._popen.pid
+        self.conn.send(job)
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; a signal's negated number when one killed it."""
+        return self._popen.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self._popen.terminate()
+
+
+def _serve(fd: int) -> None:
+    """A worker's entry point: its job is the first message on the inherited socket."""
+    conn = Connection(fd)
+    try:
+        job = conn.recv()
+    except (EOFError, OSError):
+        return  # the parent has gone already
+    _work(job, conn)
 
 
 def _work(job: _Job, conn: Connection) -> None:
@@ -220,19 +266,15 @@ class FilePool:
         self.chunk, ahead_bound = CHUNK, file_verbs.URGENT_AHEAD
         self._identity = identity = file_identity(self.path)
         now = dt.datetime.now(dt.UTC)
-        context = multiprocessing.get_context("spawn")  # the sender's threads are not forked
         self._conns: list[Connection] = []
-        self._processes: list[Any] = []
+        self._processes: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._processes)
-        for index in range(workers):
-            mine, theirs = context.Pipe()
-            job = _Job(kind, party, self.path, identity, now, index, workers, self.chunk, ahead_bound, settings)
-            process = context.Process(target=_work, args=(job, theirs), name=f"rb-seal-{index + 1}", daemon=True)
-            process.start()
-            theirs.close()
-            self._conns.append(mine)
-            self._processes.append(process)
         try:
+            for index in range(workers):
+                job = _Job(kind, party, self.path, identity, now, index, workers, self.chunk, ahead_bound, settings)
+                worker = _Worker(job)
+                self._processes.append(worker)
+                self._conns.append(worker.conn)
             checked = self._checked(on_checked)
             check_unchanged(self.path, identity)  # each worker checked too, but perhaps before a change
         except BaseException:
@@ -401,7 +443,7 @@ def _error(name: str, text: str) -> ReferralBrokerError:
     return BrokerError(text)
 
 
-def _stop(conns: list[Connection], processes: list[Any]) -> None:
+def _stop(conns: list[Connection], processes: list[_Worker]) -> None:
     """Tell waiting workers to stop, then make sure they have."""
     for conn in conns:
         with contextlib.suppress(OSError, ValueError):

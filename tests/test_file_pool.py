@@ -390,3 +390,29 @@ def test_the_dry_run_checks_a_large_file_with_workers_and_reports_what_one_proce
     assert report == json.loads(alone.stdout)
     assert (report["records"], report["valid"], report["invalid"]) == (7000, 6998, 2)
     assert [p["record"] for p in report["problems"]] == [11, 6501]
+
+
+def test_a_program_without_a_main_guard_can_use_the_workers(tmp_path: Path) -> None:
+    """A partner's own script calls the library at its top level, with no ``__main__`` guard:
+    the workers never import it (``multiprocessing``'s spawn would, and each worker would start
+    the script's send again)."""
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
+    script = tmp_path / "partner_script.py"
+    script.write_text(
+        "import sys\n"
+        "from referral_broker.config import load_settings\n"
+        "from referral_broker.producers import file_pool\n"
+        "from referral_broker.producers.checked import check_file\n"
+        "file_pool.MIN_BYTES = 0\n"
+        "print('script ran', flush=True)\n"
+        "checked = check_file(sys.argv[1], sys.argv[2], settings=load_settings().replace(send_workers=2))\n"
+        "print('workers', checked.pool.workers, 'total', checked.total, flush=True)\n"
+        "checked.close()\n",
+        "utf-8",
+    )
+    env = {**os.environ, "REFERRAL_BROKER_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [sys.executable, str(script), DWP, str(path)], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["script ran", f"workers 2 total {ROWS}"]  # the script ran once
