@@ -82,10 +82,10 @@ def write_batch(path: Path, rows: int, *, seed: int = 20) -> tuple[int, str]:
 def rss_mb() -> float:
     """The resident set now of this process and the worker processes it started (the send's
     checking and sealing pool), from /proc/<pid>/statm."""
-    import multiprocessing
+    from .file_pool import worker_pids
 
     total = 0
-    for pid in ["self", *(str(p.pid) for p in multiprocessing.active_children())]:
+    for pid in ["self", *map(str, worker_pids())]:
         with contextlib.suppress(OSError, IndexError):  # a worker that has just exited
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     return total * os.sysconf("SC_PAGE_SIZE") / 1e6
@@ -93,9 +93,9 @@ def rss_mb() -> float:
 
 def _children_cpu_s() -> float:
     """CPU seconds of this process's children: those waited for, and those still running."""
-    import multiprocessing
+    from .file_pool import worker_pids
 
-    running = [process_cpu_s(p.pid) for p in multiprocessing.active_children()]  # reaps the finished
+    running = [process_cpu_s(pid) for pid in worker_pids()]  # polling them reaps the finished
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
     return done.ru_utime + done.ru_stime + sum(c for c in running if c is not None)
 

@@ -115,6 +115,14 @@ def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
 _SERVE = "import sys; from referral_broker.producers.file_pool import _serve; _serve(int(sys.argv[1]))"
 
 
+_running: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
+def worker_pids() -> list[int]:
+    """The pids of this process's workers still running (``bench batch`` counts their CPU and RSS)."""
+    return [worker.pid for worker in list(_running) if worker.is_alive()]
+
+
 class _Worker:
     """One worker process, as much of ``multiprocessing.Process`` as the pool needs."""
 
@@ -127,6 +135,7 @@ class _Worker:
         finally:
             theirs.close()
         self.pid = self._popen.pid
+        _running.add(self)
         self.conn.send(job)
 
     def is_alive(self) -> bool:

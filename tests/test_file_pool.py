@@ -416,3 +416,15 @@ def test_a_program_without_a_main_guard_can_use_the_workers(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["script ran", f"workers 2 total {ROWS}"]  # the script ran once
+
+
+def test_the_batch_bench_counts_the_workers_while_they_run(settings: Settings, tmp_path: Path, pooled: None) -> None:
+    from referral_broker.producers import batch_bench
+
+    path = write_dwp(tmp_path / "dwp.csv", dwp_records(ROWS))
+    alone = batch_bench.rss_mb()
+    with file_pool.FilePool(DWP, DWP, path, settings, workers=2, skip_invalid=False) as pool:
+        assert sorted(file_pool.worker_pids()) == sorted(w.pid for w in pool._processes)
+        assert batch_bench.rss_mb() > alone + 40  # two Pythons with the project imported
+    assert file_pool.worker_pids() == []
+    assert all(w.exitcode == 0 for w in pool._processes)  # told to stop, they stopped
