@@ -187,7 +187,10 @@ class PartnerSender:
                 delivery.delivered.clear()
                 delivery.keep = False
                 mark = outbox.last_id()  # rows kept from here on are this file's
-                from_earlier: set[str] = set()  # this file's ids an earlier run kept, met once
+                # ids an earlier run kept, met once in this input; a checked file holds each id
+                # and version once (repeats are refused), so a re-sent 1M-row file keeps none
+                from_earlier: set[str] = set()
+                may_repeat = not isinstance(records, CheckedFile)
                 for batch in _batches(items, BATCH):
                     ids = [referral_message_id(c.referral_id, c.version) for c in batch]
                     kept = outbox.kept(topic, ids)
@@ -202,7 +205,7 @@ class PartnerSender:
                             continue
                         in_batch.add(mid)
                         rows.append((mid, sent, None if was is None else was[0]))
-                        if was is not None:
+                        if was is not None and may_repeat:
                             from_earlier.add(mid)
                         else:
                             entries.append(
