@@ -26,6 +26,7 @@ queued, and sending the file again sends the rest.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import datetime as dt
 import math
@@ -107,6 +108,11 @@ class _Checked:
     warnings: list[str]  # what the reading ignored without refusing (extra columns, say)
 
 
+def _is_set(bits: bytes | bytearray, number: int) -> bool:
+    """Whether record ``number``'s bit is set (records kept by an earlier send: a bit each)."""
+    return number >> 3 < len(bits) and bool(bits[number >> 3] >> (number & 7) & 1)
+
+
 def _mine(index: int, workers: int, chunk: int) -> Callable[[int], bool]:
     """Whether a record number is worker ``index``'s (of ``workers``)."""
     return lambda number: ((number - 1) // chunk) % workers == index
@@ -129,8 +135,8 @@ class _Worker:
     def __init__(self, job: _Job) -> None:
         self.conn, theirs = multiprocessing.Pipe()  # a socket pair: its end is inherited by fd
         try:
-            self._popen = subprocess.Popen(
-                [sys.executable, "-c", _SERVE, str(theirs.fileno())], pass_fds=[theirs.fileno()], close_fds=True
+            self._popen = subprocess.Popen(  # a session of its own: the terminal's Ctrl-C is the sender's
+                [sys.executable, "-c", _SERVE, str(theirs.fileno())], pass_fds=[theirs.fileno()], start_new_session=True
             )
         finally:
             theirs.close()
@@ -215,7 +221,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     order = conn.recv()
     if order[0] != "seal":
         return
-    directory, skip, ahead = order[1], order[2], order[3]
+    directory, skip, ahead, kept = order[1], order[2], order[3], order[4]
     identity = load_identity(job.settings, "", job.party, directory=directory)
     sealer = HubSealer(identity.sealer, job.settings, job.party)
 
@@ -228,7 +234,8 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     chunk, out = -1, list[SealedReferral]()
     mine = _mine(job.index, job.workers, job.chunk)
     # rejected, sent ahead or kept by an earlier send: not converted again
-    for parsed in adapter.parse_some(job.path, lambda n: mine(n) and n not in skip, now=job.now, validate=False):
+    wanted = lambda n: mine(n) and n not in skip and not _is_set(kept, n)
+    for parsed in adapter.parse_some(job.path, wanted, now=job.now, validate=False):
         at = (parsed.number - 1) // job.chunk
         if at != chunk:
             if chunk >= 0:
@@ -294,6 +301,7 @@ class FilePool:
         repeats.entries = bytearray(b"".join(c.index for c in checked))
         self._index = repeats.entries  # (id, version, record number) of every record read well
         self.already_kept = 0  # records the outbox kept before: not sealed again (see sealed())
+        self._at = array.array("I")  # record number -> its entry in _index, once sealed() asks the outbox
         self.rejected = sorted((r for c in checked for r in c.rejected), key=lambda parsed: parsed.number)
         self.warnings = list(dict.fromkeys(w for c in checked for w in c.warnings))  # each reads the whole file
         self.total = sum(c.read for c in checked) - len(self.rejected)
@@ -360,13 +368,13 @@ class FilePool:
         if not self._finalizer.alive:
             raise BrokerError("this file's sealing workers have stopped: check the file again to send it")
         try:
-            already = self._kept_before(kept) if kept is not None else {}
-            self.already_kept = len(already)
+            already = self._kept_before(kept) if kept is not None else bytearray()
+            self.already_kept = int.from_bytes(already, "little").bit_count()
             for index in range(self.workers):
                 mine = _mine(index, self.workers, self.chunk)
-                skip = {n for n in self._skip if mine(n)} | {n for n in already if mine(n)}
-                self._send(index, ("seal", directory, skip, {n for n in self._ahead if mine(n) and n not in already}))
-            ahead = [already.pop(n) for n in self._ahead if n in already]
+                ahead_here = {n for n in self._ahead if mine(n) and not _is_set(already, n)}
+                self._send(index, ("seal", directory, {n for n in self._skip if mine(n)}, ahead_here, already))
+            ahead = [self._placeholder(n) for n in self._ahead if _is_set(already, n)]
             for index in range(self.workers):
                 ahead.extend(self._expect(index, "ahead")[1])
             yield from sorted(ahead, key=lambda referral: referral.number)
@@ -374,8 +382,8 @@ class FilePool:
             held: list[tuple[float, list[SealedReferral]] | None] = [None] * self.workers
             for chunk in range((self._last + self.chunk - 1) // self.chunk):
                 sealed = self._chunk(chunk, held)
-                first, last = chunk * self.chunk + 1, (chunk + 1) * self.chunk
-                placed = [already.pop(n) for n in range(first, last + 1) if n in already] if already else []
+                numbers = range(chunk * self.chunk + 1, (chunk + 1) * self.chunk + 1)
+                placed = [self._placeholder(n) for n in numbers if _is_set(already, n) and n not in self._ahead]
                 yield from sorted(sealed + placed, key=lambda referral: referral.number) if placed else sealed
             for index, waiting in enumerate(held):
                 if waiting is None:
@@ -386,20 +394,35 @@ class FilePool:
         finally:
             self.close()
 
-    def _kept_before(self, kept: Callable[[list[str]], Collection[str]]) -> dict[int, SealedReferral]:
-        """Record number -> a message-less referral, for each good record ``kept`` names."""
+    def _kept_before(self, kept: Callable[[list[str]], Collection[str]]) -> bytearray:
+        """A bit a record number, set for each good record ``kept`` names (asked ``CHUNK`` at a
+        time: a re-sent 1M-row file costs 125 KB here, not an object a row)."""
         from .outbox import referral_message_id
 
         rejected = {parsed.number for parsed in self.rejected}
-        by_id: dict[str, SealedReferral] = {}
-        with memoryview(self._index) as view:
-            for start in range(0, len(view), 24):
-                number = int.from_bytes(view[start + 20 : start + 24], "big")
+        bits = bytearray(self._last // 8 + 1)
+        size = len(self._index) // 24
+        self._at = array.array("I", bytes(4 * (self._last + 1)))  # record number -> its index entry
+        for start in range(0, size, CHUNK):
+            ids: dict[str, int] = {}
+            for entry in range(start, min(start + CHUNK, size)):
+                number = int.from_bytes(self._index[entry * 24 + 20 : entry * 24 + 24], "big")
+                self._at[number] = entry
                 if number not in rejected:
-                    referral_id = str(uuid.UUID(bytes=bytes(view[start : start + 16])))
-                    version = int.from_bytes(view[start + 16 : start + 20], "big")
-                    by_id[referral_message_id(referral_id, version)] = SealedReferral(referral_id, version, None, number)
-        return {by_id[mid].number: by_id[mid] for mid in kept(list(by_id)) if mid in by_id}
+                    ids[referral_message_id(*self._ids(entry))] = number
+            for mid in kept(list(ids)):
+                if mid in ids:
+                    bits[ids[mid] >> 3] |= 1 << (ids[mid] & 7)
+        return bits
+
+    def _ids(self, entry: int) -> tuple[str, int]:
+        """The referral id and version of the index's ``entry``."""
+        at = entry * 24
+        return str(uuid.UUID(bytes=bytes(self._index[at : at + 16]))), int.from_bytes(self._index[at + 16 : at + 20], "big")
+
+    def _placeholder(self, number: int) -> SealedReferral:
+        """Record ``number`` as an earlier send kept it: its ids, no message."""
+        return SealedReferral(*self._ids(self._at[number]), None, number)
 
     def _chunk(self, chunk: int, held: list[tuple[float, list[SealedReferral]] | None]) -> list[SealedReferral]:
         """Chunk ``chunk``'s sealed referrals from the worker whose it is: none when no record is

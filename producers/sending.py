@@ -205,18 +205,12 @@ class PartnerSender:
                             continue
                         in_batch.add(mid)
                         rows.append((mid, sent, None if was is None else was[0]))
-                        if was is not None and may_repeat:
-                            from_earlier.add(mid)
-                        else:
+                        if was is None:
                             entries.append(
-                                Entry(
-                                    _message(checked, sealer),
-                                    mid,
-                                    REFERRAL_KIND,
-                                    checked.referral_id,
-                                    checked.version,
-                                )
+                                Entry(_message(checked, sealer), mid, REFERRAL_KIND, checked.referral_id, checked.version)
                             )
+                        elif may_repeat:
+                            from_earlier.add(mid)
                     outbox.add(entries)
                     delivery.run(progress)
                     now = outbox.states(topic, [mid for mid, _, _ in rows])
