@@ -176,6 +176,22 @@ def test_a_file_sent_twice_is_sent_once(keyed: Settings, kafka_bootstrap: str) -
     assert json.loads(status.stdout)["counts"] == {"queued": 0, "delivered": 2}
 
 
+def test_a_file_sent_again_is_not_sealed_again(
+    keyed: Settings, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox already holds every row: the second send reports them already sent and
+    seals none of them (sealing is the costly part of a send)."""
+    sealed: list[str] = []
+    seal = HubSealer.referral
+    monkeypatch.setattr(HubSealer, "referral", lambda self, record: sealed.append(str(record["referral_id"])) or seal(self, record))
+    sender = PartnerSender(keyed, kafka_bootstrap, POLICE)
+    first = sender.send_file(example_file("police"))
+    assert len(first.delivered) == len(sealed) == 2
+    sealed.clear()
+    again = sender.send_file(example_file("police"))
+    assert len(again.already_sent) == 2 and not again.delivered and sealed == []
+
+
 def test_a_status_is_sealed_once_and_sent_once(keyed: Settings, kafka_bootstrap: str) -> None:
     import datetime as dt
     import uuid
