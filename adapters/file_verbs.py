@@ -75,6 +75,18 @@ class Repeats:
             version = int(parsed.record["version"]) & 0xFFFFFFFF
             self.entries += identity + version.to_bytes(4, "big") + parsed.number.to_bytes(4, "big")
 
+    def __len__(self) -> int:
+        return len(self.entries) // 24
+
+    def entry(self, at: int) -> tuple[bytes, int, int]:
+        """The ``at``-th record noted: its id's 16 bytes, its version and its record number."""
+        start = at * 24
+        return (
+            bytes(self.entries[start : start + 16]),
+            int.from_bytes(self.entries[start + 16 : start + 20], "big"),
+            int.from_bytes(self.entries[start + 20 : start + 24], "big"),
+        )
+
     def repeated(self) -> dict[int, list[int]]:
         """Record number -> the other records with the same id and version."""
         size = len(self.entries) // 24

@@ -299,9 +299,9 @@ class FilePool:
         adapter = get_adapter(kind)
         repeats = Repeats(adapter, "referral")
         repeats.entries = bytearray(b"".join(c.index for c in checked))
-        self._index = repeats.entries  # (id, version, record number) of every record read well
+        self._repeats = repeats  # (id, version, record number) of every record read well
         self.already_kept = 0  # records the outbox kept before: not sealed again (see sealed())
-        self._at = array.array("I")  # record number -> its entry in _index, once sealed() asks the outbox
+        self._at = array.array("I")  # record number -> its entry in _repeats, once sealed() asks the outbox
         self.rejected = sorted((r for c in checked for r in c.rejected), key=lambda parsed: parsed.number)
         self.warnings = list(dict.fromkeys(w for c in checked for w in c.warnings))  # each reads the whole file
         self.total = sum(c.read for c in checked) - len(self.rejected)
@@ -401,24 +401,24 @@ class FilePool:
 
         rejected = {parsed.number for parsed in self.rejected}
         bits = bytearray(self._last // 8 + 1)
-        size = len(self._index) // 24
-        self._at = array.array("I", bytes(4 * (self._last + 1)))  # record number -> its index entry
+        size = len(self._repeats)
+        self._at = array.array("I", bytes(4 * (self._last + 1)))  # record number -> its entry
         for start in range(0, size, CHUNK):
             ids: dict[str, int] = {}
-            for entry in range(start, min(start + CHUNK, size)):
-                number = int.from_bytes(self._index[entry * 24 + 20 : entry * 24 + 24], "big")
-                self._at[number] = entry
+            for at in range(start, min(start + CHUNK, size)):
+                _, _, number = self._repeats.entry(at)
+                self._at[number] = at
                 if number not in rejected:
-                    ids[referral_message_id(*self._ids(entry))] = number
+                    ids[referral_message_id(*self._ids(at))] = number
             for mid in kept(list(ids)):
                 if mid in ids:
                     bits[ids[mid] >> 3] |= 1 << (ids[mid] & 7)
         return bits
 
-    def _ids(self, entry: int) -> tuple[str, int]:
-        """The referral id and version of the index's ``entry``."""
-        at = entry * 24
-        return str(uuid.UUID(bytes=bytes(self._index[at : at + 16]))), int.from_bytes(self._index[at + 16 : at + 20], "big")
+    def _ids(self, at: int) -> tuple[str, int]:
+        """The referral id and version of the ``at``-th record the check noted."""
+        id_bytes, version, _ = self._repeats.entry(at)
+        return str(uuid.UUID(bytes=id_bytes)), version
 
     def _placeholder(self, number: int) -> SealedReferral:
         """Record ``number`` as an earlier send kept it: its ids, no message."""
