@@ -258,10 +258,11 @@ def load_identity(
     directory = directory if directory is not None else load_directory(settings, bootstrap)
     cache: DekCache[tuple[DataKey, bytes]] = DekCache.from_settings(settings)
     # The hub seals district-team and archive copies under case keys; the council's own inbox
-    # (a district team) opens them with the same store.
+    # (a district team) opens them with the same store, and seals its statuses and texts under
+    # the keys the router made (its volume may be mounted read-only).
     case_keys = None
     if party == HUB or get_party(party).kind == "district_team":
-        case_keys = CaseKeyStore.open(settings.keys_dir)
+        case_keys = CaseKeyStore.open(settings.keys_dir, makes_keys=party == HUB)
     schemas = SchemaBook()
     sealer = MessageSealer(keystore, directory, cache=cache, case_keys=case_keys)
     opener = MessageOpener(

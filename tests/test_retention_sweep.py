@@ -11,6 +11,7 @@ so and shreds nothing; a closure record not signed by the hub is refused.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -309,12 +310,15 @@ def test_retention_run_sweeps_until_sigterm(topics: Settings) -> None:
 
 
 def test_a_case_whose_shred_fails_is_named_and_the_others_go_on(world: World) -> None:
-    """A's key file left readable by others (a real key-store fault, refused by every read):
-    its shred fails before anything is written, the sweep names it, shreds the rest, exits with
-    the fault's code; the next sweep after the fix shreds A."""
+    """A's key file (from a store before the journals) left readable by others (a real
+    key-store fault, refused by every read): its shred fails before anything is written, the
+    sweep names it, shreds the rest, exits with the fault's code; the next sweep after the fix
+    shreds A."""
     s = world.settings
     assert _sweep(s)[0] == 0  # today: every closure recorded with its due date, nothing due
     key_file = world.keys.root / f"{world.a}.key"
+    doc = {"case_id": world.a, "case_key_id": "0123456789ab", "created_at": "2025-01-02T03:04:05Z"}
+    key_file.write_text(json.dumps(doc | {"key": base64.b64encode(os.urandom(32)).decode()}))
     key_file.chmod(0o644)
     try:
         code, result = _sweep(s, "--now", "2100-01-01")
@@ -328,3 +332,5 @@ def test_a_case_whose_shred_fails_is_named_and_the_others_go_on(world: World) ->
     assert not [e for e in world.retention_events() if e["case_id"] == world.a]  # nothing audited for A
     code, again = _sweep(s, "--now", "2100-01-01")
     assert code == 0 and [x["case_id"] for x in again["shredded"]] == [world.a]
+    assert again["shredded"][0]["case_key_id"].startswith("0123456789ab, j")  # the file's key and the journal's
+    assert not key_file.exists()

@@ -15,8 +15,21 @@ from referral_broker.audit_log import read_event_value
 from referral_broker.cli.main import cli
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
-from referral_broker.errors import KeyNotFoundError, LegalHoldError, SealingError, ShreddedError
-from referral_broker.sealing import CaseKeyStore, DekCache, MessageSealer, retention, verify_signed
+from referral_broker.errors import (
+    KeyNotFoundError,
+    KeyStorePermissionError,
+    LegalHoldError,
+    SealingError,
+    ShreddedError,
+)
+from referral_broker.sealing import (
+    CaseKeyStore,
+    DekCache,
+    MessageSealer,
+    case_journal,
+    retention,
+    verify_signed,
+)
 from referral_broker.sealing.directory import publish
 
 
@@ -172,32 +185,55 @@ def test_district_team_copies_must_use_a_case_key(tmp_path: Path) -> None:
         )
 
 
+def _journal_slots(store: CaseKeyStore) -> dict[str, list[bytes]]:
+    """Every journal of the store, as its raw 128-byte slots."""
+    out = {}
+    for path in sorted((store.root / "journals").iterdir()):
+        data = path.read_bytes()
+        out[path.name] = [data[i : i + case_journal.SLOT] for i in range(0, len(data), case_journal.SLOT)]
+    return out
+
+
 def test_case_store_rules(tmp_path: Path) -> None:
     store = CaseKeyStore.open(tmp_path / "keys")
     case_key_id, key = store.key_for("CASE-1")
     assert store.key_for("CASE-1") == (case_key_id, key)
     assert store.lookup("CASE-1", case_key_id) == key
-    with pytest.raises(KeyNotFoundError, match="not 000000000000"):
-        store.lookup("CASE-1", "000000000000")
+    other_id, _ = store.key_for("CASE-2")
+    with pytest.raises(KeyNotFoundError, match=f"case key {other_id} is not a key of case CASE-1"):
+        CaseKeyStore.open(tmp_path / "keys").lookup("CASE-1", other_id)  # a header naming another case's key
+    with pytest.raises(KeyNotFoundError, match=r"case-key journal 00000000\.journal does not exist"):
+        store.lookup("CASE-1", "j00000000.0")
+    with pytest.raises(KeyNotFoundError, match="is not in its journal"):
+        store.lookup("CASE-1", case_key_id.split(".")[0] + ".7")
+    with pytest.raises(KeyNotFoundError, match="no key for case CASE-1"):
+        store.lookup("CASE-1", "j../../x.0")  # not a journal id: the store-from-before's file, absent
     with pytest.raises(SealingError, match="malformed case id"):
         store.key_for("../council/keyring")
     with pytest.raises(SealingError, match="needs a reason"):
         store.hold("CASE-1", "   ")
     with pytest.raises(SealingError, match="not under legal hold"):
         store.release("CASE-1")
-    assert (store.root / "CASE-1.key").stat().st_mode & 0o777 == 0o600
-    # an interrupted shred (tombstone written, key file left) is finished by the next shred
+    (journal,) = (store.root / "journals").iterdir()
+    assert journal.stat().st_mode & 0o777 == 0o600
+    assert (store.root / "journals").stat().st_mode & 0o777 == 0o700
+    # an interrupted shred (tombstone written, key left) is finished by the next shred
+    slot = _journal_slots(store)[journal.name][0]
     done = store.shred("CASE-1")
-    (store.root / "CASE-1.key").write_bytes(b"{}")
-    (store.root / "CASE-1.key").chmod(0o600)
+    assert _journal_slots(store)[journal.name][0] == b"X" + bytes(case_journal.SLOT - 1)
+    with open(journal, "r+b") as fh:
+        fh.write(slot)  # as if the process had died between the tombstone and the overwrite
     assert store.shred("CASE-1") == done
-    assert not (store.root / "CASE-1.key").exists()
+    assert _journal_slots(store)[journal.name][0] == b"X" + bytes(case_journal.SLOT - 1)
+    assert store.lookup("CASE-2", other_id)  # the other case's key, beside it, is untouched
+    journal.chmod(0o644)
+    with pytest.raises(KeyStorePermissionError, match="accessible by group or others"):
+        CaseKeyStore.open(tmp_path / "keys").lookup("CASE-2", other_id)
 
 
 def test_case_keys_are_read_and_created_while_another_process_holds_the_lock(tmp_path: Path) -> None:
-    """A router SIGSTOPped inside a shred, a hold or an older version's key creation holds the
-    store's lock; sealing must not wait for it (it did: every other router stalled, so no
-    takeover could complete)."""
+    """A router SIGSTOPped inside a shred or a hold holds the store's lock; sealing must not
+    wait for it (it did: every other router stalled, so no takeover could complete)."""
     import threading
 
     from referral_broker.sealing.keystore import locked
@@ -216,14 +252,17 @@ def test_case_keys_are_read_and_created_while_another_process_holds_the_lock(tmp
             worker = seal_for(case)
             worker.join(timeout=10)
             assert not worker.is_alive(), f"{case}: stalled behind the lock"
+        assert CaseKeyStore.open(tmp_path / "keys").lookup("CASE-NEW", got["CASE-NEW"][0]) == got["CASE-NEW"][1]
     assert got["CASE-OLD"] == known and got["CASE-NEW"][1] != known[1]
     assert store.key_for("CASE-NEW") == got["CASE-NEW"]
-    assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_routers_racing_to_create_one_case_key_all_get_the_same_key(tmp_path: Path) -> None:
-    """Processes sharing the store, each creating the same new cases at once: one key per
-    case, the same in every process, the file whole and 0600 from the start."""
+def test_routers_making_keys_for_the_same_cases_at_once_each_key_opens_and_a_shred_destroys_all(
+    tmp_path: Path,
+) -> None:
+    """Processes sharing the store, each making keys for the same new cases at once: each
+    appends to a journal of its own (0600), every key opens by its id in any process, and a
+    shred destroys every key of the case, whichever process made it."""
     import multiprocessing
 
     store = CaseKeyStore.open(tmp_path / "keys")
@@ -231,56 +270,86 @@ def test_routers_racing_to_create_one_case_key_all_get_the_same_key(tmp_path: Pa
     ctx = multiprocessing.get_context("spawn")  # not fork: the test process runs client threads
     with ctx.Pool(4) as pool:
         results = pool.starmap(_create_all, [(store.root.parent.parent, cases)] * 4)
+    journals = sorted((store.root / "journals").iterdir())
+    assert len(journals) == 4 and all(j.stat().st_mode & 0o777 == 0o600 for j in journals)
+    assert all(j.stat().st_size == 200 * case_journal.SLOT for j in journals)
     for case in cases:
-        seen = {r[case] for r in results}
-        assert len(seen) == 1, f"{case}: {len(seen)} different keys"
-        assert store.key_for(case) == seen.pop()
-        assert (store.root / f"{case}.key").stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
+        made = {r[case] for r in results}
+        assert len(made) == 4, f"{case}: {len(made)} keys"
+        for case_key_id, key in made:
+            assert store.lookup(case, case_key_id) == key
+    victim = cases[7]
+    assert sorted(store.check_shreddable(victim).split(", ")) == sorted(r[victim][0] for r in results)
+    fresh = CaseKeyStore.open(tmp_path / "keys")  # another process: opens before the shred
+    done = store.shred(victim)
+    assert sorted(done.case_key_id.split(", ")) == sorted(r[victim][0] for r in results)
+    for r in results:
+        with pytest.raises(ShreddedError, match=f"case {victim} was shredded"):
+            fresh.lookup(victim, r[victim][0])
+        slot = int(r[victim][0].split(".")[1])
+        tag = r[victim][0][1:].split(".")[0]
+        assert _journal_slots(store)[f"{tag}.journal"][slot] == b"X" + bytes(case_journal.SLOT - 1)
+        assert r[victim][1] not in (store.root / "journals" / f"{tag}.journal").read_bytes()
+    assert all(fresh.lookup(cases[8], r[cases[8]][0]) == r[cases[8]][1] for r in results)
+    assert not fresh.has_key(victim) and fresh.has_key(cases[8])
 
 
-def test_without_hard_links_case_keys_are_created_under_the_lock(
+def test_an_inbox_seals_under_the_routers_key_of_the_case_and_writes_none(tmp_path: Path) -> None:
+    """A district team's inbox (its volume may be mounted read-only) seals its statuses and
+    texts under a key the router made for the case, found in the router's journal; it never
+    appends one, and a case with no key is a clear error, not a new key."""
+    router = CaseKeyStore.open(tmp_path / "keys")
+    made = router.key_for("CASE-I")
+    journals = sorted(p.name for p in (router.root / "journals").iterdir())
+    inbox = CaseKeyStore.open(tmp_path / "keys", makes_keys=False)
+    assert inbox.key_for("CASE-I") == made and inbox.key_for("CASE-I") == made
+    with pytest.raises(KeyNotFoundError, match=r"no key for case CASE-NONE .*does not make case keys"):
+        inbox.key_for("CASE-NONE")
+    later = router.key_for("CASE-LATER")  # appended after the inbox first read the journal
+    assert CaseKeyStore.open(tmp_path / "keys", makes_keys=False).key_for("CASE-LATER") == later
+    assert inbox.key_for("CASE-LATER") == later
+    assert sorted(p.name for p in (router.root / "journals").iterdir()) == journals
+    router.shred("CASE-I")
+    with pytest.raises(ShreddedError, match="CASE-I was shredded"):
+        inbox.key_for("CASE-I")
+    # a store from before the journals, opened by an inbox before any router ran: no folder made
+    old = tmp_path / "old"
+    CaseKeyStore.open(old)
+    (old / "council" / "cases" / "journals").rmdir()
+    CaseKeyStore.open(old, makes_keys=False).check()
+    assert not (old / "council" / "cases" / "journals").exists()
+
+
+def test_a_failed_append_is_never_read_as_a_key_and_the_next_key_starts_a_new_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A data folder on a file system that refuses hard links still gets its case keys (the
-    store's lock decides who creates one); nothing is left behind."""
+    """A short write (a full disk) leaves a torn tail: the append raises, the journal is
+    given up (its earlier keys still open), no scan takes the tail for a key, and the next
+    key goes to a new journal. A write that fails outright raises too."""
     import errno
 
-    from referral_broker.sealing import keystore
-
-    def no_links(src: object, dst: object) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(keystore.os, "link", no_links)
     store = CaseKeyStore.open(tmp_path / "keys")
-    first = store.key_for("CASE-L")
-    assert store.key_for("CASE-L") == first
-    assert not keystore.create_private(store.root / "CASE-L.key", b"{}")  # exists: not replaced
-    assert store.key_for("CASE-L") == first
-    assert (store.root / "CASE-L.key").stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in store.root.iterdir() if p.is_file()) == [".lock", "CASE-L.key"]
-
-
-def test_a_key_file_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short writes are carried on to the end; a write that fails (a full disk) raises and
-    leaves neither the key file nor its temporary behind."""
-    import errno
-
-    from referral_broker.sealing import keystore
-
-    real_write = keystore.os.write
-    monkeypatch.setattr(keystore.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
-    store = CaseKeyStore.open(tmp_path / "keys")
-    key = store.key_for("CASE-W")
-    assert CaseKeyStore.open(tmp_path / "keys").key_for("CASE-W") == key  # read back whole
+    before = store.key_for("CASE-W")
+    real_write = case_journal.os.write
+    monkeypatch.setattr(case_journal.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    with pytest.raises(SealingError, match=r"short write \(7 of 128 bytes\)"):
+        store.key_for("CASE-T")
 
     def full_disk(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(keystore.os, "write", full_disk)
+    monkeypatch.setattr(case_journal.os, "write", full_disk)
     with pytest.raises(OSError, match="No space left"):
         store.key_for("CASE-F")
-    assert sorted(p.name for p in store.root.iterdir() if p.is_file()) == ["CASE-W.key"]
+    monkeypatch.setattr(case_journal.os, "write", real_write)
+    after = store.key_for("CASE-T")
+    assert after[0].split(".")[0] != before[0].split(".")[0]  # a new journal
+    reader = CaseKeyStore.open(tmp_path / "keys")
+    assert reader.lookup("CASE-W", before[0]) == before[1] and reader.lookup("CASE-T", after[0]) == after[1]
+    assert reader.has_key("CASE-T") and not reader.has_key("CASE-F")
+    assert reader.check_shreddable("CASE-T") == after[0]  # the torn tail is no key of CASE-T
+    sizes = sorted(len(b"".join(slots)) for slots in _journal_slots(store).values())
+    assert sizes[-1] == case_journal.SLOT + 7  # the torn one, and the failed write added nothing
 
 
 def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]]:
@@ -288,55 +357,47 @@ def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]
     return {case: store.key_for(case) for case in cases}
 
 
-def test_a_key_created_as_its_case_is_shredded_is_destroyed_and_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The race a lock used to close: a router finds no key file (a shred in another process
-    destroyed it just after writing its tombstone) and creates a key. The tombstone is checked
-    after the key is made, so it meets it, destroys the key it made and refuses the case."""
-    from referral_broker.sealing import case_keys
-
+def test_a_key_created_as_its_case_is_shredded_is_destroyed_and_refused(tmp_path: Path) -> None:
+    """The race a lock used to close: a router holds no key of a case in memory (a shred in
+    another process just wrote its tombstone) and makes a key. The tombstone is checked after
+    the key is made, so it meets it, destroys the key it made and refuses the case."""
     store = CaseKeyStore.open(tmp_path / "keys")
     case_key_id, _ = store.key_for("CASE-S")
     CaseKeyStore.open(tmp_path / "keys").shred("CASE-S")  # another process: this store held the key
-    made: list[bool] = []
-    real_create = case_keys.create_private
-    monkeypatch.setattr(
-        case_keys, "create_private", lambda *a, **k: (made.append(real_create(*a, **k)), made[-1])[1]
-    )
     for attempt in range(2):
         with pytest.raises(ShreddedError, match=f"case CASE-S was shredded .*case key {case_key_id} destroyed"):
             store.key_for("CASE-S")
-        assert not (store.root / "CASE-S.key").exists()
         # the first is refused by the check of the key kept in memory (nothing made); the
-        # second finds no key file, makes one, meets the tombstone and destroys it
-        assert made == [True] * attempt
-    assert [p.name for p in store.root.iterdir() if p.name.endswith(".tmp")] == []
+        # second makes one, meets the tombstone and destroys it
+        (slots,) = _journal_slots(store).values()
+        assert len(slots) == 1 + attempt
+        assert set(slots) == {b"X" + bytes(case_journal.SLOT - 1)}
 
 
 def test_a_key_kept_in_memory_is_checked_against_its_tombstone_at_every_use(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The district-team and archive copies of one referral read the case key once, not twice;
-    a shred in another process is still refused at the very next use, and a key is not kept
-    past ``KNOWN_S`` (a shred by this store forgets it at once)."""
+    """The district-team and archive copies of one referral use one case key; a shred in
+    another process is still refused at the very next use, and a key is not kept past
+    ``KNOWN_S`` (a shred by this store forgets it at once)."""
     from referral_broker.sealing import case_keys
 
     store = CaseKeyStore.open(tmp_path / "keys")
     other = CaseKeyStore.open(tmp_path / "keys")
     reads: list[str] = []
-    real_read = case_keys.read_private
-    def counting_read(path: Path) -> bytes:
-        data = real_read(path)
-        reads.append(Path(path).name)
-        return data
+    real_read = case_journal.CaseJournals.read
 
-    monkeypatch.setattr(case_keys, "read_private", counting_read)
+    def counting_read(self: case_journal.CaseJournals, case_key_id: str) -> object:
+        reads.append(case_key_id)
+        return real_read(self, case_key_id)
+
+    monkeypatch.setattr(case_journal.CaseJournals, "read", counting_read)
     first = store.key_for("CASE-K")
     assert store.key_for("CASE-K") == first and store.lookup("CASE-K", first[0]) == first[1]
-    assert [r for r in reads if r.endswith(".key")] == []  # made here, never read back
-    assert other.key_for("CASE-K") == first and other.key_for("CASE-K") == first
-    assert [r for r in reads if r.endswith(".key")] == ["CASE-K.key"]  # the other store read it once
+    assert reads == []  # made here, never read back
+    assert other.lookup("CASE-K", first[0]) == first[1] and other.lookup("CASE-K", first[0]) == first[1]
+    assert other.key_for("CASE-K") == first  # the key it just read: no second key for the case
+    assert reads == [first[0]]  # the other store read it once
     other.shred("CASE-K")
     assert "CASE-K" not in other._known
     with pytest.raises(ShreddedError, match="CASE-K was shredded"):
@@ -344,66 +405,89 @@ def test_a_key_kept_in_memory_is_checked_against_its_tombstone_at_every_use(
     assert "CASE-K" not in store._known
     with pytest.raises(ShreddedError):
         store.lookup("CASE-K", first[0])
-    # past KNOWN_S a key is read from disk again
+    # past KNOWN_S a key is forgotten: the next seal makes another, and the first still opens
     kept = store.key_for("CASE-T")
     clock = [case_keys.time.monotonic() + case_keys.KNOWN_S + 1]
     monkeypatch.setattr(case_keys.time, "monotonic", lambda: clock[0])
-    reads.clear()
-    assert store.key_for("CASE-T") == kept and reads[-1] == "CASE-T.key"
+    later = store.key_for("CASE-T")
+    assert later[0] != kept[0] and store.lookup("CASE-T", kept[0]) == kept[1]
+    assert sorted(store.check_shreddable("CASE-T").split(", ")) == sorted([kept[0], later[0]])
 
 
-def test_a_key_read_while_it_is_being_destroyed_is_refused_as_shredded(tmp_path: Path) -> None:
-    """destroy_file zeroes the key before unlinking it; a lock-free reader that meets the zeroes
-    must say the case is shredded (its tombstone came first), not that the file is malformed."""
+def test_a_store_from_before_the_journals_keeps_its_case_key_files(tmp_path: Path) -> None:
+    """Case keys written one file per case by an older version still open their messages and
+    are shredded with the case's journal keys; a key file met half destroyed reads as
+    shredded, a damaged one is its own error, and so is a damaged journal slot."""
+    import base64
+
     store = CaseKeyStore.open(tmp_path / "keys")
-    store.key_for("CASE-Z")
+    old_key = bytes(range(32))
     path = store.root / "CASE-Z.key"
+    doc = {"case_id": "CASE-Z", "case_key_id": "0123456789ab", "created_at": "2025-01-02T03:04:05Z"}
+    path.write_text(json.dumps(doc | {"key": base64.b64encode(old_key).decode()}))
+    path.chmod(0o600)
+    assert store.lookup("CASE-Z", "0123456789ab") == old_key
+    with pytest.raises(KeyNotFoundError, match="has key 0123456789ab, not 0123456789ac"):
+        store.lookup("CASE-Z", "0123456789ac")
+    assert store.key_for("CASE-Z") == ("0123456789ab", old_key)  # the key it just read
+    new = CaseKeyStore.open(tmp_path / "keys").key_for("CASE-Z")  # a later message: a journal key
+    assert store.has_key("CASE-Z")
+    assert store.check_shreddable("CASE-Z") == f"0123456789ab, {new[0]}"
     zeroes = bytes(path.stat().st_size)
-    store.shred("CASE-Z")
+    done = store.shred("CASE-Z")
+    assert done.case_key_id == f"0123456789ab, {new[0]}" and not path.exists()
     path.write_bytes(zeroes)  # the moment between destroy_file's overwrite and its unlink
     path.chmod(0o600)
+    fresh = CaseKeyStore.open(tmp_path / "keys")
     with pytest.raises(ShreddedError, match="CASE-Z was shredded"):
-        store.key_for("CASE-Z")
-    # a damaged key file of a live case is still its own error (to a store that reads it)
-    store.key_for("CASE-M")
+        fresh.lookup("CASE-Z", "0123456789ab")
+    # a damaged key file of a live case is still its own error
     (store.root / "CASE-M.key").write_bytes(b"not json")
+    (store.root / "CASE-M.key").chmod(0o600)
     with pytest.raises(SealingError, match=r"case key file .*CASE-M\.key is malformed"):
-        CaseKeyStore.open(tmp_path / "keys").key_for("CASE-M")
+        fresh.lookup("CASE-M", "0123456789ab")
+    # a journal slot with one byte changed is never taken for a key
+    case_key_id, key = store.key_for("CASE-D")
+    journal = store.root / "journals" / f"{case_key_id[1:].split('.')[0]}.journal"
+    data = bytearray(journal.read_bytes())
+    at = data.index(key)
+    data[at] ^= 1
+    journal.write_bytes(bytes(data))
+    with pytest.raises(KeyNotFoundError, match=f"case key {case_key_id} is destroyed or damaged"):
+        CaseKeyStore.open(tmp_path / "keys").lookup("CASE-D", case_key_id)
 
 
 def test_new_case_keys_become_durable_together_at_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The router's batch: new case keys are written at once (readable, 0600) but fsynced as one
-    group by sync() before its Kafka commit; a shred still takes effect at once, synced or not;
-    without deferral every new key is durable on its own (two fsyncs) as before."""
-    import os
+    """The router's batch: new case keys are appended at once (readable by any process) but
+    made durable by one fdatasync at sync() before its Kafka commit; a shred still takes
+    effect at once, synced or not; without deferral every new key is durable on its own."""
+    synced: list[str] = []
+    real_fsync, real_fdatasync = case_journal.os.fsync, case_journal.os.fdatasync
 
-    from referral_broker.sealing import keystore
+    def counting(kind: str, real: object) -> object:
+        return lambda fd: (synced.append(kind), real(fd))[1]  # type: ignore[operator]
 
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        synced.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(keystore.os, "fsync", counting_fsync)
+    monkeypatch.setattr(case_journal.os, "fsync", counting("fsync", real_fsync))
+    monkeypatch.setattr(case_journal.os, "fdatasync", counting("fdatasync", real_fdatasync))
     store = CaseKeyStore.open(tmp_path / "keys")
     store.key_for("CASE-PLAIN")
-    assert len(synced) == 2 and store.unsynced == 0  # the file, then its folder
+    assert synced == ["fdatasync", "fsync"] and store.unsynced == 0  # the journal, then its new name
+    store.key_for("CASE-PLAIN-2")
+    assert synced == ["fdatasync", "fsync", "fdatasync"]
     synced.clear()
 
     store.defer_durability()
     keys = {case: store.key_for(case) for case in ("CASE-A", "CASE-B", "CASE-C")}
-    assert store.key_for("CASE-A") == keys["CASE-A"]  # read back at once, same key
+    assert store.key_for("CASE-A") == keys["CASE-A"]  # the same key for the referral's copies
     assert synced == [] and store.unsynced == 3
-    assert all((store.root / f"{c}.key").stat().st_mode & 0o777 == 0o600 for c in keys)
-    assert store.lookup("CASE-B", keys["CASE-B"][0]) == keys["CASE-B"][1]
-    store.shred("CASE-C")  # before the sync: gone now, and the sync skips it
+    other = CaseKeyStore.open(tmp_path / "keys")
+    assert other.lookup("CASE-B", keys["CASE-B"][0]) == keys["CASE-B"][1]  # readable at once
+    other.shred("CASE-C")  # before the sync: gone now
     with pytest.raises(ShreddedError):
         store.key_for("CASE-C")
-    synced.clear()
-    assert store.sync() == 2 and store.unsynced == 0
-    assert len(synced) == 3  # CASE-A, CASE-B, then the folder once
+    synced.clear()  # the shred's own (its tombstone, the overwrite)
+    assert store.sync() == 3 and store.unsynced == 0
+    assert synced == ["fdatasync"]  # one for the batch
     synced.clear()
     assert store.sync() == 0 and synced == []  # nothing new: no syscall
 

@@ -393,6 +393,12 @@ def test_no_plaintext_in_any_topic(topics: Settings, kafka_bootstrap: str, world
                 import base64
 
                 assert base64.b64decode(doc[name]) not in raw
+    from referral_broker.sealing.case_journal import CaseJournals
+    from referral_broker.sealing.case_keys import CaseKeyStore
+
+    journals = CaseJournals(CaseKeyStore.open(topics.keys_dir).root / "journals")
+    case_keys = [e.key for tag in journals.tags() for e in journals.scan(tag, 0)[0]]
+    assert case_keys and not [k for k in case_keys if k in raw]  # the case keys of the copies sealed
 
 
 def test_extra_headers_are_signed_and_returned(world: World, tmp_path: Path) -> None:

@@ -9,32 +9,36 @@ unreadable, in Kafka's immutable log and in any backup of it, while other cases 
 
 Layout, beside the hub's own keys (folders 0700, files 0600, checked on every access)::
 
-    <keys_dir>/council/cases/<case id>.key    {"case_id", "case_key_id", "created_at", "key"}
+    <keys_dir>/council/cases/journals/<tag>.journal
+                                              case keys, appended by one process each
+                                              (:mod:`referral_broker.sealing.case_journal`)
+    <keys_dir>/council/cases/<case id>.key    a case key of a store from before the journals
+                                              (read and shredded, never written)
     <keys_dir>/council/cases/holds.json       legal holds: case id -> reason, placed at
     <keys_dir>/council/cases/shredded/<case id>.json
-                                              its tombstone: case id, case-key id, shredded at
+                                              its tombstone: case id, case-key ids, shredded at
     <keys_dir>/council/cases/shredded.json    tombstones written before per-case files (read,
                                               never written: stores from before keep theirs)
 
 A case under legal hold cannot be shredded (:class:`LegalHoldError`). Every use of a case key
 checks its tombstone on disk, so a shred in one process takes effect in every other process at
 once. A key this store read or made is kept in memory for ``KNOWN_S`` seconds at most (the
-district-team and archive copies of one referral are sealed within it: one read, not two) and
-dropped as soon as its case is found shredded. A tombstone
-is a file of its own, so checking one costs a ``stat`` however many cases were shredded (one
-tombstone file for the whole store cost a parse of every tombstone per seal: 38 ms a referral
-at 10,000 shredded cases). The older single file is parsed once per change of its inode, size
-or modification time.
+district-team and archive copies of one referral are sealed within it: one key, not two) and
+dropped as soon as its case is found shredded. A tombstone is a file of its own, so checking
+one costs a ``stat`` however many cases were shredded (one tombstone file for the whole store
+cost a parse of every tombstone per seal: 38 ms a referral at 10,000 shredded cases). The older
+single file is parsed once per change of its inode, size or modification time.
+
+**A case may have several keys.** A case's key is made by the process sealing for it, in its
+own journal, when it holds none of the case in memory: two routers, or one router a minute
+later, make two. Each message names the key it was sealed under (its case-key id says where
+the key is: no index, no lock, a 128-byte read), and a shred destroys every key of the case.
 
 **One durable commit per batch** (the router): between :meth:`CaseKeyStore.defer_durability`
-and :meth:`CaseKeyStore.sync`, a new case key is written (whole, 0600, without a lock) but
-not fsynced; ``sync`` then fsyncs every key file created since, and the folder once. The router
-calls ``sync`` right before it commits the Kafka transaction whose messages are sealed under
-those keys, so no committed message ever names a key a power cut could lose, and a batch of
-new cases costs one group of fsyncs instead of two per case (a scattered fsync costs ~5 ms
-here, one of a group ~2 ms). A key another process created moments ago (its file younger than
-``RECENT_S``) is added to the group too, as its creator may not have synced it yet. Shredding
-is unchanged: it reads and destroys the file under the lock, whatever was synced.
+and :meth:`CaseKeyStore.sync`, a new case key is appended but not fsynced; ``sync`` then
+fdatasyncs the journal once. The router calls ``sync`` right before it commits the Kafka
+transaction whose messages are sealed under those keys, so no committed message ever names a
+key a power cut could lose. Shredding is unchanged: it takes effect at once, synced or not.
 
 This module must never write a case key anywhere but its own 0600 file (no Kafka, no log, no
 exception text), and must never keep one after it is shredded. Auditing of shreds and holds
@@ -44,11 +48,9 @@ is done by :mod:`referral_broker.sealing.retention`, which calls this module.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -58,12 +60,11 @@ from typing import Any
 
 from referral_broker.errors import KeyNotFoundError, LegalHoldError, SealingError, ShreddedError
 from referral_broker.parties import HUB
+from referral_broker.sealing.case_journal import CaseJournals, is_journal_key_id
 from referral_broker.sealing.fields import KEY_SIZE
 from referral_broker.sealing.keystore import (
     check_private,
-    create_private,
     destroy_file,
-    fsync_paths,
     locked,
     make_private_dir,
     read_private,
@@ -72,8 +73,6 @@ from referral_broker.sealing.keystore import (
 from referral_broker.sealing.timefmt import to_iso
 
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# A key file younger than this, read while deferring, may be another router's not yet synced key.
-RECENT_S = 120.0
 # How long, and how many, keys this store read or made stay in memory (each use still checks
 # the case's tombstone on disk).
 KNOWN_S = 10.0
@@ -104,74 +103,75 @@ class Shredded:
 class CaseKeyStore:
     """The hub's case keys, legal holds and shred tombstones."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, makes_keys: bool = True) -> None:
         self.root = root
+        self.makes_keys = makes_keys
         self._tombstones = root / "shredded"
+        self._journals = CaseJournals(root / "journals")
+        self._deferred = False  # True: new keys wait for sync()
         # the legacy shredded.json as last parsed: (inode, size, mtime in ns) -> its tombstones
         self._legacy: tuple[tuple[int, int, int], dict[str, Any]] | None = None
-        # key files written since the last sync() while deferring (None: every write is durable)
-        self._unsynced: dict[Path, None] | None = None
         # case id -> (case-key id, key, when it was read or made, monotonic)
         self._known: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
         self._known_lock = threading.Lock()  # the inbox's web threads share one store
+        # retention's view of the journals: case id -> its keys' ids; tag -> next slot to read
+        self._index: dict[str, list[str]] = {}
+        self._scanned: dict[str, int] = {}
 
     @classmethod
-    def open(cls, keys_dir: Path) -> CaseKeyStore:
-        """The hub's case-key store under ``keys_dir`` (created 0700 when missing)."""
+    def open(cls, keys_dir: Path, *, makes_keys: bool = True) -> CaseKeyStore:
+        """The hub's case-key store under ``keys_dir`` (created 0700 when missing).
+        ``makes_keys=False`` (a district team's inbox, whose volume may be read-only): seals
+        under a key of the case the router made, and never writes a key."""
         make_private_dir(keys_dir)
         make_private_dir(keys_dir / HUB)
         make_private_dir(keys_dir / HUB / "cases")
         make_private_dir(keys_dir / HUB / "cases" / "shredded")
-        return cls(keys_dir / HUB / "cases")
+        journals = keys_dir / HUB / "cases" / "journals"
+        if makes_keys or journals.exists():  # a store from before has none until a router runs
+            make_private_dir(journals)
+        return cls(keys_dir / HUB / "cases", makes_keys=makes_keys)
 
     # -- keys ---------------------------------------------------------------------------------
     def _key_path(self, case_id: str) -> Path:
         return self.root / f"{check_case_id(case_id)}.key"
 
     def key_for(self, case_id: str, *, now: float | None = None) -> tuple[str, bytes]:
-        """The case's key id and key, created on first use. Refuses a shredded case.
+        """A key of the case and its id: the one this store made or read within ``KNOWN_S``,
+        or a new one appended to this process's journal. Refuses a shredded case.
 
-        Takes no lock, so a router paused at any point cannot stall another router's seals: an
-        existing key file is read as it is (never replaced once made), a new one is created
-        whole or not at all (:func:`~referral_broker.sealing.keystore.create_private`; of two
-        routers racing, both use the winner's). A shred writes its tombstone before it destroys
-        the key, so the tombstone is checked after the key is read or made: a key read half
-        destroyed, or made after (or while) its case was shredded, meets the tombstone and is
-        refused (and a key so made is destroyed again).
+        Takes no lock, so a router paused at any point cannot stall another router's seals. A
+        shred writes its tombstone before it destroys the case's keys, so the tombstone is
+        checked after the key is made: a key made after (or while) its case was shredded meets
+        the tombstone, is destroyed again and refused.
         """
         known = self._recall(case_id)
         if known is not None:
             return known
-        path = self._key_path(case_id)
-        try:
-            doc: dict[str, Any] | None = self._read_key(path)
-        except (FileNotFoundError, KeyNotFoundError):  # none yet (or unlinked as it was read)
-            doc = None
-        except (OSError, SealingError):
-            self._refuse_shredded(case_id)  # being shredded this moment
-            raise
-        made = doc is None
-        if doc is None:
-            doc = {
-                "case_id": case_id,
-                "case_key_id": secrets.token_hex(6),
-                "created_at": to_iso(time.time() if now is None else now),
-                "key": base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii"),
-            }
-            if not create_private(path, json.dumps(doc).encode("utf-8"), durable=self._unsynced is None):
-                return self.key_for(case_id, now=now)  # another router made it first: use theirs
+        check_case_id(case_id)
+        if not self.makes_keys:
+            return self._existing_key(case_id)
+        key = os.urandom(KEY_SIZE)
+        case_key_id = self._journals.append(
+            case_id, time.time() if now is None else now, key, durable=not self._deferred
+        )
         try:
             self._refuse_shredded(case_id)
         except ShreddedError:
-            if made:
-                with contextlib.suppress(FileNotFoundError):
-                    destroy_file(path)
+            self._journals.destroy(case_key_id)
             raise
-        if made and self._unsynced is not None:
-            self._unsynced[path] = None
-        elif not made:
-            self._note_recent(path)
-        return self._remember(case_id, doc["case_key_id"], base64.b64decode(doc["key"]))
+        return self._remember(case_id, case_key_id, key)
+
+    def _existing_key(self, case_id: str) -> tuple[str, bytes]:
+        """A live key of the case, the last found (for a store that makes none: the inbox's
+        statuses and texts are sealed under a key the router made for the case's referral)."""
+        self._refuse_shredded(case_id)
+        ids = self._live_keys(case_id)
+        if not ids:
+            raise KeyNotFoundError(
+                f"no key for case {case_id} in the hub's case-key store (this process does not make case keys)"
+            )
+        return ids[-1], self.lookup(case_id, ids[-1])
 
     def _recall(self, case_id: str) -> tuple[str, bytes] | None:
         """A key this store read or made within ``KNOWN_S``, once its case is checked again."""
@@ -201,43 +201,34 @@ class CaseKeyStore:
     def defer_durability(self) -> None:
         """From now on, new case keys are made durable by :meth:`sync`, not one by one. The
         caller must call ``sync`` before anything sealed under them leaves the process."""
-        if self._unsynced is None:
-            self._unsynced = {}
+        self._deferred = True
 
     def sync(self) -> int:
-        """Make every key written since the last sync durable (each file, then the folder once);
-        deferring goes on. Returns how many files were synced. Nothing to do: no syscall."""
-        if not self._unsynced:
-            return 0
-        pending, self._unsynced = list(self._unsynced), {}
-        try:
-            return fsync_paths(self.root, pending)
-        except BaseException:
-            self._unsynced.update(dict.fromkeys(pending))  # try them again with the next sync
-            raise
+        """Make every key made since the last sync durable (one fdatasync of this process's
+        journal); deferring goes on. Returns how many keys. Nothing to do: no syscall."""
+        return self._journals.sync()
 
     @property
     def unsynced(self) -> int:
-        """How many key files await :meth:`sync`."""
-        return len(self._unsynced or ())
-
-    def _note_recent(self, path: Path) -> None:
-        if self._unsynced is None or path in self._unsynced:
-            return
-        try:
-            if time.time() - path.stat().st_mtime < RECENT_S:
-                self._unsynced[path] = None
-        except FileNotFoundError:
-            pass
+        """How many new keys await :meth:`sync`."""
+        return self._journals.unsynced
 
     def lookup(self, case_id: str, case_key_id: str) -> bytes:
-        """The key of ``case_id`` if it is ``case_key_id``; the :data:`CaseKeyLookup` the
-        openers call. Raises :class:`ShreddedError` naming the case once it is shredded."""
+        """The key of ``case_id`` named ``case_key_id``; the :data:`CaseKeyLookup` the openers
+        call. Raises :class:`ShreddedError` naming the case once it is shredded."""
         known = self._recall(case_id)
         if known is not None and known[0] == case_key_id:
             return known[1]
-        path = self._key_path(case_id)
         self._refuse_shredded(case_id)
+        if is_journal_key_id(case_key_id):
+            entry = self._journals.read(case_key_id)
+            if entry is None:
+                self._refuse_shredded(case_id)  # destroyed this moment by a shred
+                raise KeyNotFoundError(f"case key {case_key_id} is destroyed or damaged in its journal")
+            if entry.case_id != case_id:
+                raise KeyNotFoundError(f"case key {case_key_id} is not a key of case {case_id}")
+            return self._remember(case_id, case_key_id, entry.key)[1]
+        path = self._key_path(case_id)
         if not path.exists():
             raise KeyNotFoundError(f"no key for case {case_id} in the hub's case-key store")
         doc = self._read_key(path)
@@ -246,7 +237,25 @@ class CaseKeyStore:
         return self._remember(case_id, case_key_id, base64.b64decode(doc["key"]))[1]
 
     def has_key(self, case_id: str) -> bool:
-        return self._key_path(case_id).exists()
+        """Whether the store holds a live key of the case (retention's question: it reads the
+        journals appended since it last asked)."""
+        return self._key_path(case_id).exists() or bool(self._journal_keys(case_id))
+
+    def _live_keys(self, case_id: str) -> list[str]:
+        """The ids of every key of the case not destroyed: the old store's file's, then the
+        journals' in the order they were made."""
+        path = self._key_path(case_id)
+        return ([self._read_key(path)["case_key_id"]] if path.exists() else []) + self._journal_keys(case_id)
+
+    def _journal_keys(self, case_id: str) -> list[str]:
+        self._refresh_index()
+        return [k for k in self._index.get(case_id, []) if self._journals.read(k) is not None]
+
+    def _refresh_index(self) -> None:
+        for tag in self._journals.tags():
+            found, self._scanned[tag] = self._journals.scan(tag, self._scanned.get(tag, 0))
+            for entry in found:
+                self._index.setdefault(entry.case_id, []).append(entry.case_key_id)
 
     def _read_key(self, path: Path) -> dict[str, Any]:
         try:
@@ -344,8 +353,8 @@ class CaseKeyStore:
             )
 
     def check_shreddable(self, case_id: str) -> str:
-        """The case-key id that :meth:`shred` would destroy, or raise why it cannot."""
-        path = self._key_path(case_id)
+        """The ids of the case keys :meth:`shred` would destroy (comma-separated), or raise why
+        it cannot."""
         self._refuse_shredded(case_id)
         hold = self.hold_of(case_id)
         if hold is not None:
@@ -353,27 +362,39 @@ class CaseKeyStore:
                 f"case {case_id} is under legal hold since {hold.placed_at} (reason: {hold.reason}); "
                 "release the hold before shredding"
             )
-        if not path.exists():
+        ids = self._live_keys(case_id)
+        if not ids:
             raise KeyNotFoundError(f"no key for case {case_id} in the hub's case-key store; nothing to shred")
-        key_id: str = self._read_key(path)["case_key_id"]
-        return key_id
+        return ", ".join(ids)
 
     def shred(self, case_id: str, *, now: float | None = None) -> Shredded:
-        """Destroy the case key and leave a tombstone. Irreversible by design."""
+        """Destroy every key of the case and leave a tombstone. Irreversible by design."""
         self._forget(case_id)
         with locked(self.root):
             done = self.shredded(case_id)
-            if done is not None and self._key_path(case_id).exists():
-                destroy_file(self._key_path(case_id))  # finish a shred that was interrupted
-                return done
+            if done is not None and self._destroy_keys(case_id):
+                return done  # finish a shred that was interrupted
             case_key_id = self.check_shreddable(case_id)
             record = {"case_key_id": case_key_id, "shredded_at": to_iso(time.time() if now is None else now)}
             # Tombstone first: if the process dies between the two steps the case is already
-            # refused everywhere, and the key file left behind is never read again.
+            # refused everywhere, and a key left behind is never read again. A key appended
+            # after the tombstone meets it and is destroyed by its maker (key_for).
             write_private(self._tombstone_path(case_id), json.dumps({"case_id": case_id, **record}).encode("utf-8"))
-            destroy_file(self._key_path(case_id))
+            self._destroy_keys(case_id)
         return Shredded(case_id, case_key_id, record["shredded_at"])
+
+    def _destroy_keys(self, case_id: str) -> int:
+        """Destroy every live key of the case (under the lock); returns how many."""
+        ids = self._live_keys(case_id)
+        for case_key_id in ids:
+            if is_journal_key_id(case_key_id):
+                self._journals.destroy(case_key_id)
+            else:
+                destroy_file(self._key_path(case_id))
+        return len(ids)
 
     def check(self) -> None:
         """Re-check the store's permissions (the CLI calls this before any change)."""
         check_private(self.root, is_dir=True)
+        if self.makes_keys or (self.root / "journals").exists():
+            check_private(self.root / "journals", is_dir=True)
