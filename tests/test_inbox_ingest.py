@@ -212,6 +212,47 @@ def test_a_status_reaches_the_referrers_adapter_through_the_router(
     assert not [r for r in pipeline.received(OTHER_TEAM) if isinstance(r, Received) and r.kind == "status"]
 
 
+def test_the_web_servers_and_the_ingest_loops_outbounds_do_not_both_send_a_status(
+    pipeline: Pipeline, inbox_store: InboxStore
+) -> None:
+    """The inbox's web server and each team's ingest loop publish the outbox with outbounds of
+    their own, in one process; when both look at once (a member's action, the loop's retry),
+    each pending status goes out once, not once by each (it did, now and then, under load)."""
+    import threading
+
+    record = pipeline.referral(TEAM, 14)
+    pipeline.produce(pipeline.routed(record, TEAM))
+    ingest(pipeline, inbox_store)
+    fmt = pipeline.format([TEAM])
+
+    def encode(decided, referral):
+        return fmt.seal_status(status_record(decided, referral, actor_role="Family worker", reason=None), TEAM)
+
+    now = datetime.now(UTC)
+    for action in (Action.OPEN, Action.ACCEPT):
+        inbox_store.apply(TEAM, record["referral_id"], action, actor="fen.worker", at=now, encode_status=encode)
+    outbounds = [Outbound(pipeline.settings, fmt) for _ in range(2)]
+    start = threading.Barrier(2)
+    sent: list[int] = []
+
+    def publish(outbound: Outbound) -> None:
+        start.wait()
+        sent.append(outbound.publish_pending(inbox_store, now=now))
+
+    try:
+        threads = [threading.Thread(target=publish, args=(o,)) for o in outbounds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        for o in outbounds:
+            o.close()
+    assert sorted(sent) == [0, 2]
+    on_topic = read_topic(pipeline.settings, topic_name(pipeline.settings, "status", TEAM), expect=3, timeout_s=5)
+    assert len(on_topic) == 2 and inbox_store.pending_status(TEAM) == []
+
+
 def test_a_new_version_answers_a_request_for_information(pipeline: Pipeline, inbox_store: InboxStore) -> None:
     first = pipeline.referral(TEAM, 13)
     pipeline.produce(pipeline.routed(first, TEAM))

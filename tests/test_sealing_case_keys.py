@@ -352,6 +352,32 @@ def test_a_failed_append_is_never_read_as_a_key_and_the_next_key_starts_a_new_jo
     assert sizes[-1] == case_journal.SLOT + 7  # the torn one, and the failed write added nothing
 
 
+def test_a_forked_child_appends_to_a_journal_of_its_own(tmp_path: Path) -> None:
+    """A journal has one appender, which counts its slots: a child forked from a process that
+    made keys must not append to its parent's journal (both would hand out the same slot)."""
+    import os
+
+    store = CaseKeyStore.open(tmp_path / "keys")
+    parent = store.key_for("CASE-P")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: file operations only, then out
+        try:
+            os.write(write_end, store.key_for("CASE-C")[0].encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 100).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    after = store.key_for("CASE-Q")
+    assert child_id.split(".")[0] != parent[0].split(".")[0]
+    assert after[0] == parent[0].split(".")[0] + ".1"  # the parent's journal goes on
+    reader = CaseKeyStore.open(tmp_path / "keys")
+    assert reader.has_key("CASE-C") and reader.lookup("CASE-P", parent[0]) == parent[1]
+    assert reader.lookup("CASE-Q", after[0]) == after[1]
+
+
 def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]]:
     store = CaseKeyStore.open(keys_dir)
     return {case: store.key_for(case) for case in cases}

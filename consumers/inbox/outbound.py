@@ -39,6 +39,9 @@ from referral_broker.schemas import codec
 from referral_broker.schemas.registry import load_schema
 from referral_broker.structured_log import get_logger
 
+# one process's outbounds (the web server's, the ingest loop's) publish in turn
+_PUBLISHING = threading.Lock()
+
 log = get_logger(__name__)
 
 ACCESS_EVENT_FAMILY = "audit_access"
@@ -185,8 +188,11 @@ class Outbound:
         log.info("access audited", team=event.team, member=event.member, decision=event.kind.value)
 
     def publish_pending(self, store: InboxStore, *, now: datetime, team: str | None = None) -> int:
-        """Send every status message still in the outbox; mark those Kafka confirmed."""
-        with self._lock:
+        """Send every status message still in the outbox; mark those Kafka confirmed. The web
+        server's and the ingest loop's outbounds in one process take turns (``_PUBLISHING``), so
+        a status is not sent by both at once; across processes a status may still be sent
+        twice, with the same ``status_id``."""
+        with _PUBLISHING, self._lock:
             pending = store.pending_status(team)
             for event in pending:
                 assert event.status_record is not None

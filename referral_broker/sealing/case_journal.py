@@ -113,6 +113,7 @@ class CaseJournals:
         self._lock = threading.Lock()
         self._tag: str | None = None  # this process's journal, made on its first key
         self._fd: int | None = None
+        self._pid = 0  # the process that made it: a forked child starts a journal of its own
         self._slots = 0
         self._unsynced = 0
         self._new_file = False
@@ -135,6 +136,10 @@ class CaseJournals:
         (otherwise :meth:`sync` must run before anything sealed under it leaves the process)."""
         slot_bytes = _slot(case_id, created_at, key)
         with self._lock:
+            if self._fd is not None and self._pid != os.getpid():
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)  # the parent's: this process never appends to it
+                self._fd = None
             if self._fd is None:
                 self._start()
             assert self._fd is not None and self._tag is not None
@@ -162,7 +167,8 @@ class CaseJournals:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 continue
-            self._tag, self._fd, self._slots, self._new_file = tag, fd, 0, True
+            self._tag, self._fd, self._slots, self._new_file, self._pid = tag, fd, 0, True, os.getpid()
+            self._unsynced = 0
             return
         raise SealingError("cannot create a case-key journal (eight names taken)")
 
