@@ -467,6 +467,7 @@ def test_a_store_from_before_the_journals_keeps_its_case_key_files(tmp_path: Pat
     fresh = CaseKeyStore.open(tmp_path / "keys")
     with pytest.raises(ShreddedError, match="CASE-Z was shredded"):
         fresh.lookup("CASE-Z", "0123456789ab")
+    assert fresh.shred("CASE-Z") == done and not path.exists()  # the interrupted destroy, finished
     # a damaged key file of a live case is still its own error
     (store.root / "CASE-M.key").write_bytes(b"not json")
     (store.root / "CASE-M.key").chmod(0o600)

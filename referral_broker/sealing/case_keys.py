@@ -40,8 +40,8 @@ fdatasyncs the journal once. The router calls ``sync`` right before it commits t
 transaction whose messages are sealed under those keys, so no committed message ever names a
 key a power cut could lose. Shredding is unchanged: it takes effect at once, synced or not.
 
-This module must never write a case key anywhere but its own 0600 file (no Kafka, no log, no
-exception text), and must never keep one after it is shredded. Auditing of shreds and holds
+This module must never write a case key anywhere but the store's 0600 journals (no Kafka, no
+log, no exception text), and must never keep one after it is shredded. Auditing of shreds and holds
 is done by :mod:`referral_broker.sealing.retention`, which calls this module.
 """
 
@@ -384,14 +384,16 @@ class CaseKeyStore:
         return Shredded(case_id, case_key_id, record["shredded_at"])
 
     def _destroy_keys(self, case_id: str) -> int:
-        """Destroy every live key of the case (under the lock); returns how many."""
-        ids = self._live_keys(case_id)
-        for case_key_id in ids:
-            if is_journal_key_id(case_key_id):
-                self._journals.destroy(case_key_id)
-            else:
-                destroy_file(self._key_path(case_id))
-        return len(ids)
+        """Destroy every live key of the case (under the lock); returns how many. A key file is
+        destroyed unread: one an interrupted shred left half overwritten no longer parses."""
+        destroyed = 0
+        if self._key_path(case_id).exists():
+            destroy_file(self._key_path(case_id))
+            destroyed += 1
+        for case_key_id in self._journal_keys(case_id):
+            self._journals.destroy(case_key_id)
+            destroyed += 1
+        return destroyed
 
     def check(self) -> None:
         """Re-check the store's permissions (the CLI calls this before any change)."""
