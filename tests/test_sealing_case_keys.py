@@ -378,6 +378,33 @@ def test_a_forked_child_appends_to_a_journal_of_its_own(tmp_path: Path) -> None:
     assert reader.lookup("CASE-Q", after[0]) == after[1]
 
 
+def test_keys_of_a_journal_given_up_that_cannot_be_synced_fail_the_next_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's keys already sealed into messages live in the journal a short write gives
+    up; if they cannot be fsynced then, the batch's sync() must fail (its transaction must not
+    commit messages naming keys a power cut could lose), once."""
+    import errno
+
+    store = CaseKeyStore.open(tmp_path / "keys")
+    store.defer_durability()
+    store.key_for("CASE-B1")
+    real_write = case_journal.os.write
+    monkeypatch.setattr(case_journal.os, "write", lambda fd, data: real_write(fd, bytes(data[:9])))
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(case_journal.os, "fsync", failing_fsync)
+    with pytest.raises(SealingError, match="short write"):
+        store.key_for("CASE-B2")
+    monkeypatch.undo()
+    with pytest.raises(SealingError, match=r"not made durable \(Input/output error\)"):
+        store.sync()
+    store.key_for("CASE-B3")
+    assert store.sync() == 1  # a new journal, synced as usual
+
+
 def _create_all(keys_dir: Path, cases: list[str]) -> dict[str, tuple[str, bytes]]:
     store = CaseKeyStore.open(keys_dir)
     return {case: store.key_for(case) for case in cases}

@@ -117,6 +117,7 @@ class CaseJournals:
         self._slots = 0
         self._unsynced = 0
         self._new_file = False
+        self._lost: OSError | None = None  # a given-up journal's keys that could not be synced
         self._readers: dict[str, int] = {}  # tag -> fd, the most recently used last
 
     def __del__(self) -> None:
@@ -176,8 +177,11 @@ class CaseJournals:
         """Stop appending to a journal whose tail may be torn; the next key starts a new one
         (its synced slots stay readable, and an unsynced one was never used)."""
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.fsync(self._fd)  # what was appended whole before stays durable
+            if self._unsynced:
+                try:
+                    os.fsync(self._fd)  # what was appended whole before stays durable
+                except OSError as exc:
+                    self._lost = exc  # the next sync raises: its batch must not commit
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd = self._tag = None
@@ -187,6 +191,9 @@ class CaseJournals:
         """fdatasync this process's journal (and its folder once, after creating it). Returns
         how many keys became durable; none pending: no syscall."""
         with self._lock:
+            if self._lost is not None:
+                lost, self._lost = self._lost, None
+                raise SealingError(f"case keys of a journal given up were not made durable ({lost.strerror})")
             if not self._unsynced or self._fd is None:
                 return 0
             os.fdatasync(self._fd)
