@@ -144,7 +144,6 @@ class Outbound:
         # one chain and one transactional producer per team signing access events
         self._chains: dict[str, tuple[AuditChain, Producer]] = {}
         # Web requests run in a thread pool; the producer wrapper's flush is per caller.
-        self._lock = threading.Lock()
         self._audit_lock = threading.Lock()
 
     def close(self) -> None:
@@ -192,7 +191,7 @@ class Outbound:
         server's and the ingest loop's outbounds in one process take turns (``_PUBLISHING``), so
         a status is not sent by both at once; across processes a status may still be sent
         twice, with the same ``status_id``."""
-        with _PUBLISHING, self._lock:
+        with _PUBLISHING:
             pending = store.pending_status(team)
             for event in pending:
                 assert event.status_record is not None

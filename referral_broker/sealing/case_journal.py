@@ -31,7 +31,6 @@ import contextlib
 import os
 import re
 import secrets
-import stat
 import struct
 import threading
 import zlib
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from referral_broker.errors import KeyNotFoundError, KeyStorePermissionError, SealingError
+from referral_broker.sealing.keystore import check_private_stat
 
 SLOT = 128
 LIVE, DESTROYED = b"K", b"X"
@@ -64,6 +64,14 @@ class Entry:
     key: bytes
 
 
+def _place(case_key_id: str) -> tuple[str, int]:
+    """The journal tag and slot a case-key id names (checked before it names a file)."""
+    found = KEY_ID.match(case_key_id)
+    if found is None:
+        raise KeyNotFoundError(f"case key {case_key_id} is not a journal key id")
+    return found.group(1), int(found.group(2))
+
+
 def _slot(case_id: str, created_at: float, key: bytes) -> bytes:
     raw = case_id.encode("ascii")
     body = _BODY.pack(LIVE, ENTRY_FORMAT, len(raw), raw, created_at, key).ljust(_CRC_AT, b"\0")
@@ -83,25 +91,20 @@ def _parse(tag: str, slot: int, data: bytes) -> Entry | None:
 
 
 def _open_checked(path: Path, flags: int) -> int:
-    """An fd on ``path``, refused unless it is a regular file of ours, 0600 (checked on the
-    open file, so a swapped path cannot slip in between the check and the use)."""
+    """An fd on ``path``, refused as :func:`~referral_broker.sealing.keystore.check_private`
+    refuses (a regular file of ours, 0600), checked on the open file, so a swapped path cannot
+    slip in between the check and the use."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise KeyNotFoundError(f"case-key journal {path.name} does not exist") from None
     except OSError as exc:
         raise KeyStorePermissionError(f"case-key journal {path} cannot be opened ({exc.strerror})") from None
-    st = os.fstat(fd)
-    problem = None
-    if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_uid != os.getuid():
-        problem = f"is owned by another user (uid {st.st_uid})"
-    elif st.st_mode & 0o077:
-        problem = f"is accessible by group or others (mode {stat.S_IMODE(st.st_mode):o}); fix with: chmod 600 {path}"
-    if problem is not None:
+    try:
+        check_private_stat(os.fstat(fd), path, is_dir=False)
+    except BaseException:
         os.close(fd)
-        raise KeyStorePermissionError(f"case-key journal {path} {problem}")
+        raise
     return fd
 
 
@@ -215,10 +218,7 @@ class CaseJournals:
     def read(self, case_key_id: str) -> Entry | None:
         """The live entry ``case_key_id`` names; None when its slot is destroyed or damaged.
         Raises KeyNotFoundError when the id names no slot."""
-        found = KEY_ID.match(case_key_id)
-        if found is None:
-            raise KeyNotFoundError(f"case key {case_key_id} is not a journal key id")
-        tag, slot = found.group(1), int(found.group(2))
+        tag, slot = _place(case_key_id)
         data = os.pread(self._reader(tag), SLOT, slot * SLOT)
         if len(data) < SLOT:
             raise KeyNotFoundError(f"case key {case_key_id} is not in its journal")
@@ -266,10 +266,7 @@ class CaseJournals:
         """Overwrite the slot in place with zeroes (marker X), then fsync it. The caller holds
         the store's lock or owns the slot. (Not through an O_APPEND fd: Linux's pwrite would
         append.) On copy-on-write or flash storage the overwrite is a best effort, as for files."""
-        found = KEY_ID.match(case_key_id)
-        if found is None:
-            raise KeyNotFoundError(f"case key {case_key_id} is not a journal key id")
-        tag, slot = found.group(1), int(found.group(2))
+        tag, slot = _place(case_key_id)
         fd = _open_checked(self.folder / f"{tag}{SUFFIX}", os.O_RDWR)
         try:
             if os.fstat(fd).st_size < (slot + 1) * SLOT:

@@ -64,6 +64,12 @@ def check_private(path: Path, *, is_dir: bool) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         raise KeyNotFoundError(f"key store path {path} does not exist") from None
+    check_private_stat(st, path, is_dir=is_dir)
+
+
+def check_private_stat(st: os.stat_result, path: Path, *, is_dir: bool) -> None:
+    """:func:`check_private` on a stat already taken (``fstat`` of a file opened with
+    ``O_NOFOLLOW``, so the file checked is the file used)."""
     if stat.S_ISLNK(st.st_mode):
         raise KeyStorePermissionError(f"key store path {path} is a symbolic link; refusing to follow it")
     if is_dir != stat.S_ISDIR(st.st_mode):
