@@ -194,6 +194,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     from referral_broker.adapters import ParsedRecord, get_adapter
     from referral_broker.adapters.file_verbs import Repeats, check_unchanged, is_urgent
     from referral_broker.identity import load_identity
+    from referral_broker.startup_heap import freeze_startup_heap
 
     from .hub_seal import HubSealer
 
@@ -224,6 +225,7 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     directory, skip, ahead, kept = order[1], order[2], order[3], order[4]
     identity = load_identity(job.settings, "", job.party, directory=directory)
     sealer = HubSealer(identity.sealer, job.settings, job.party)
+    freeze_startup_heap()  # this process's own loop; see referral_broker.startup_heap
 
     def sealed(number: int, record: dict[str, Any]) -> SealedReferral:
         return SealedReferral(str(record["referral_id"]), int(record["version"]), sealer.referral(record), number)

@@ -71,6 +71,7 @@ def serve(
 ) -> None:
     """Serve the inbox, ingesting each team's routed referrals while it runs."""
     from referral_broker.consumers.inbox.server import build_inbox, is_loopback, serve_forever
+    from referral_broker.startup_heap import freeze_startup_heap
 
     obj.bootstrap()
     secure = (not is_loopback(host)) if secure_cookies is None else secure_cookies
@@ -79,6 +80,7 @@ def serve(
         built.app.state.metrics.serve(metrics_port)
     shown = "localhost" if is_loopback(host) else host
     click.echo(f"Inbox for {', '.join(built.teams)} at http://{shown}:{port}/ (Ctrl-C to stop)", err=True)
+    freeze_startup_heap()
     try:
         serve_forever(built.app, host, port)
     finally:
@@ -106,6 +108,7 @@ def ingest(obj: CliContext, teams: tuple[str, ...], stop_when_idle: float | None
     from referral_broker.consumers.inbox.ingest import IngestStats, TeamIngest
     from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
     from referral_broker.consumers.inbox.store import InboxStore
+    from referral_broker.startup_heap import freeze_startup_heap
 
     obj.bootstrap()
     chosen = tuple(check_team(t) for t in (teams or district_teams()))
@@ -123,6 +126,7 @@ def ingest(obj: CliContext, teams: tuple[str, ...], stop_when_idle: float | None
                 errors[worker.team] = exc
 
         threads = [threading.Thread(target=run, args=(w,), name=f"ingest-{w.team}") for w in workers]
+        freeze_startup_heap()
         for t in threads:
             t.start()
         try:

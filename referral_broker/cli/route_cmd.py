@@ -65,6 +65,7 @@ def route(
 
     from referral_broker.consumers.router import Router
     from referral_broker.policy import load_policy
+    from referral_broker.startup_heap import freeze_startup_heap
 
     policy = load_policy(Path(policy_path)) if policy_path else None
     router = Router(
@@ -77,6 +78,7 @@ def route(
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a clean stop, like Ctrl-C
     if metrics_port is not None:
         router.metrics.serve(metrics_port)
+    freeze_startup_heap()
     stats = router.run(stop_when_idle=stop_when_idle)
     emit(
         stats.as_dict(),

@@ -53,6 +53,7 @@ def send(
     from referral_broker.producers.adapter_metrics import SEND_METRICS
     from referral_broker.producers.checked import check_file
     from referral_broker.producers.sending import PartnerSender
+    from referral_broker.startup_heap import freeze_startup_heap
 
     if metrics_file is not None:  # written however the run ends
         before = SEND_METRICS.snapshot()
@@ -72,6 +73,7 @@ def send(
         # Only now, with the file known good, is a broker started or a connection made.
         bootstrap, offline = reach(obj)
         sender = PartnerSender(obj.settings, bootstrap, party, offline=offline)
+        freeze_startup_heap()
         with tqdm(desc=f"sending as {party}", unit="ref", disable=as_json, leave=False, total=checked.total) as bar:
             report = sender.send_checked(checked, progress=bar.update)
     except ReferralBrokerError as exc:
