@@ -163,6 +163,9 @@ class _Worker:
 
 def _serve(fd: int) -> None:
     """A worker's entry point: its job is the first message on the inherited socket."""
+    from referral_broker.startup_heap import own_process
+
+    own_process()  # a fresh interpreter of ours
     conn = Connection(fd)
     try:
         job = conn.recv()

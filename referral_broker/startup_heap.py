@@ -17,18 +17,32 @@ generation (``gc.freeze``), which no collection walks. Reference counting still 
 object when its last reference goes; only a reference *cycle* among frozen objects would
 outlive its use, and startup state lives as long as the process. So it is called by the
 commands that run a long loop (``route``, ``send``, ``inbox serve`` and ``inbox ingest``, a
-send's worker processes, and the benchmarks standing in for them), once their setup is done;
-never by library code a partner's program imports.
+send's worker processes, and the benchmarks standing in for them), once their setup is done,
+and it does nothing unless the process is the command's own: started as ``referral-broker``
+(whose entry point calls :func:`own_process`) or as a send's worker. A command run inside
+another program (click's test runner, a partner's script invoking the command group) leaves
+that program's heap as it is.
 """
 
 from __future__ import annotations
 
 import gc
 
+_owned = False
+
+
+def own_process() -> None:
+    """This process runs one command and nothing else (the program's entry points call this):
+    its commands may freeze the startup heap."""
+    global _owned
+    _owned = True
+
 
 def freeze_startup_heap() -> int:
-    """Collect the startup garbage, then freeze what is left; returns how many objects are
-    frozen now (for the log)."""
+    """In a process of our own: collect the startup garbage, then freeze what is left.
+    Returns how many objects are frozen (0 where the process is not ours)."""
+    if not _owned:
+        return 0
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

@@ -81,6 +81,10 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> object:
+    """The ``referral-broker`` program: the process is the command's own."""
+    from referral_broker.startup_heap import own_process
+
+    own_process()
     try:
         rc = cli.main(args=argv, prog_name="referral-broker", standalone_mode=False)
     except click.exceptions.Abort:
