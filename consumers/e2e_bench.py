@@ -203,8 +203,8 @@ def run(
                     progress(f"offering {count} referrals at {rate:g}/s for {seconds:g} s")
                     due: list[float] = []
                     sent_at: list[float] = []
-                    cpu_before = _cpu_now(pids, broker)
                     freeze_startup_heap()  # as the commands whose work this process stands in for do
+                    cpu_before = _cpu_now(pids, broker)
                     start = time.monotonic() + 0.05  # the clock starts now
                     for i, message in enumerate(messages):
                         when = start + i / rate
