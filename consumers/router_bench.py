@@ -41,7 +41,7 @@ from referral_broker.cluster.clients import build_consumer, build_producer, next
 from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import Received
-from referral_broker.consumers.router import Router, audit_record
+from referral_broker.consumers.router import LINGER_MS, Router, audit_record
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
@@ -399,9 +399,12 @@ def _kafka_job_writes(settings: Settings, bootstrap: str, source: str, target: s
     """The Kafka client's own CPU (ms a referral, every thread of this process) for what any
     router must do with one referral to 3 recipients, and nothing else: read it, and write 3
     copies (the intake's own bytes and headers, a sealed copy's size) and 3 audit records, in
-    transactions with the consumer offsets, a poll's records at a time."""
+    transactions with the consumer offsets, a poll's records at a time, held as the router holds
+    them."""
     consumer = build_consumer(settings, bootstrap, [source], group_id=f"{settings.kafka_topic_prefix}writes")
-    producer = build_producer(settings, bootstrap, transactional_id=f"{settings.kafka_topic_prefix}writes")
+    producer = build_producer(
+        settings, bootstrap, transactional_id=f"{settings.kafka_topic_prefix}writes", linger_ms=LINGER_MS
+    )
     audit = bytes(AUDIT_BYTES)
     done, cpu = 0, None
     try:

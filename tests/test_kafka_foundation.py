@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from county import OTHER_SCHOOL, SCHOOL
@@ -105,6 +106,30 @@ def test_transactional_producer_hides_aborted_records(topics: Settings, kafka_bo
     finally:
         consumer.close()
     assert values == [b"committed"]
+
+
+def test_linger_holds_records_again_after_a_transaction_ends(topics: Settings, kafka_bootstrap: str) -> None:
+    """kafka-python's sender begins a flush to finish a transaction whose records it still
+    holds, and never ends it: every later record then went out alone, at once. After our
+    commit or abort, a record must wait for ``linger_ms`` again."""
+    topic = topic_name(topics, "dlq")
+    producer = build_producer(
+        topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}", linger_ms=3_000
+    )
+    held: dict[str, bool] = {}
+    try:
+        for end in ("commit", "abort"):
+            producer.begin()
+            producer.send(topic, b"held until the transaction ends", key=b"k")  # not sent yet
+            getattr(producer, end)()
+            producer.begin()
+            producer.send(topic, b"next", key=b"k")
+            time.sleep(1.0)  # well past a send, well inside the linger
+            held[end] = not producer._pending[-1][1].is_done
+            producer.commit()
+    finally:
+        producer.close()
+    assert held == {"commit": True, "abort": True}
 
 
 def test_small_polls_commit_exactly_and_caught_up_groups_show_no_lag(

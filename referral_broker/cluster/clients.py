@@ -170,6 +170,7 @@ class Producer:
                 )
             self._finish(lambda m: m.begin_commit(), "committing a transaction")
             self._pending.clear()
+            self._end_completion_flush()
         except KafkaError as exc:
             group = getattr(group_metadata, "group_id", None)
             raise _translate(exc, "committing a transaction", self._bootstrap, "read", group) from exc
@@ -180,6 +181,20 @@ class Producer:
             self._finish(lambda m: m.begin_abort(), "aborting a transaction")
         except KafkaError as exc:
             raise _translate(exc, "aborting a transaction", self._bootstrap) from exc
+        self._end_completion_flush()
+
+    def _end_completion_flush(self) -> None:
+        """End the flush kafka-python's sender began to finish the transaction just settled.
+
+        To complete a transaction whose records are not all delivered yet, its sender calls
+        ``begin_flush()`` and nothing ever ends it. Left counted, every later record is sent
+        the moment it is queued, as if ``linger_ms`` were 0: a router then sent about one
+        produce request a referral and its network thread cost more CPU than the sealing
+        it waits on. Only this thread flushes this producer, so once the transaction is
+        settled any flush still counted is that one."""
+        accumulator = self._producer._accumulator
+        while accumulator.flush_in_progress():
+            accumulator._flushes_in_progress.decrement()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Close, waiting up to ``timeout_s`` for queued records. kafka-python's close raises
