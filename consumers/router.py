@@ -308,6 +308,17 @@ def _within(seconds: float, action: Callable[[], Any]) -> None:
     worker.join(seconds)
 
 
+def _drop(producer: Producer | None, consumer: Any) -> None:
+    """Close the clients of a failed batch. The producer is closed at once, sending nothing
+    it still holds: its transaction is given up (or settled by the new producer that fences
+    it), and records of it sent later, to a broker back from an outage while the new producer
+    takes over, could only arrive after that transaction ended."""
+    if producer is not None:
+        _within(5.0, producer.abandon)
+    if consumer is not None:
+        _within(5.0, consumer.close)
+
+
 def _quietly(action: Callable[[], Any]) -> None:
     with contextlib.suppress(Exception):
         action()
@@ -742,18 +753,14 @@ class Router:
                     # from the committed offsets, waiting for that transaction to settle.
                     failures += 1
                     self._lost_clients("transaction failed; batch will be read again", exc.error, failures)
-                    for client in (producer, consumer):
-                        if client is not None:
-                            _within(5.0, client.close)
+                    _drop(producer, consumer)
                     producer = consumer = None
                     self._backoff(failures)
                 except (BrokerError, KafkaError, OSError) as exc:
                     _give_up_if_refused(exc)
                     failures += 1
                     self._lost_clients("Kafka clients failed; rebuilding them", exc, failures)
-                    for client in (producer, consumer):
-                        if client is not None:
-                            _within(5.0, client.close)
+                    _drop(producer, consumer)
                     producer = consumer = None
                     self._backoff(failures)
         except KeyboardInterrupt:

@@ -132,6 +132,26 @@ def test_linger_holds_records_again_after_a_transaction_ends(topics: Settings, k
     assert held == {"commit": True, "abort": True}
 
 
+def test_an_abandoned_producer_sends_nothing_it_held(topics: Settings, kafka_bootstrap: str) -> None:
+    """What a router does with the producer of a failed batch: records it still held never
+    reach the log (``close`` would flush them, after their transaction was given up)."""
+    topic = topic_name(topics, "dlq")
+    producer = build_producer(
+        topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}", linger_ms=3_000
+    )
+    producer.begin()
+    producer.send(topic, b"held", key=b"k")
+    producer.abandon()
+    time.sleep(4.0)  # past the linger: a sender still running would have sent it by now
+    consumer = build_consumer(topics, kafka_bootstrap, [topic], group_id=None, isolation_level="read_uncommitted")
+    try:
+        written = consumer.end_offsets(list(consumer.assignment()))
+    finally:
+        consumer.close()
+    assert sum(written.values()) == 0
+    assert not producer._producer._sender.is_alive()
+
+
 def test_small_polls_commit_exactly_and_caught_up_groups_show_no_lag(
     topics: Settings, kafka_bootstrap: str
 ) -> None:

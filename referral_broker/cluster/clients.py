@@ -10,6 +10,7 @@ own error; an ACL refusal is ``NotAuthorisedError`` ("not authorised to write to
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -208,6 +209,19 @@ class Producer:
                 sender.force_close()
                 sender.join(timeout_s)
             self._producer._closed = True  # nothing left for __del__ to flush
+
+    def abandon(self, timeout_s: float = 5.0) -> None:
+        """Stop at once, sending nothing this producer still holds: for one whose transaction
+        is given up. ``close`` flushes first, so records of a transaction that has already been
+        aborted or fenced could reach the log after it ended (a broker back from an outage
+        while a new producer takes over). Waits up to ``timeout_s`` for the sender to stop."""
+        sender = getattr(self._producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()  # before anything can make the held records ready
+            sender.join(timeout_s)
+        with contextlib.suppress(KafkaError):
+            self._producer.close(timeout=0)  # nothing is left to send: releases the rest
+        self._producer._closed = True
 
     def __enter__(self) -> Producer:
         return self
