@@ -204,10 +204,7 @@ class Producer:
         try:
             self._producer.close(timeout=timeout_s)
         except KafkaError:
-            sender = getattr(self._producer, "_sender", None)
-            if sender is not None:
-                sender.force_close()
-                sender.join(timeout_s)
+            self._stop_sender(timeout_s)
             self._producer._closed = True  # nothing left for __del__ to flush
 
     def abandon(self, timeout_s: float = 5.0) -> None:
@@ -215,13 +212,17 @@ class Producer:
         is given up. ``close`` flushes first, so records of a transaction that has already been
         aborted or fenced could reach the log after it ended (a broker back from an outage
         while a new producer takes over). Waits up to ``timeout_s`` for the sender to stop."""
-        sender = getattr(self._producer, "_sender", None)
-        if sender is not None:
-            sender.force_close()  # before anything can make the held records ready
-            sender.join(timeout_s)
+        self._stop_sender(timeout_s)  # before anything can make the held records ready
         with contextlib.suppress(KafkaError):
             self._producer.close(timeout=0)  # nothing is left to send: releases the rest
         self._producer._closed = True
+
+    def _stop_sender(self, timeout_s: float) -> None:
+        """Stop kafka-python's sender thread now, sending nothing more; wait up to ``timeout_s``."""
+        sender = getattr(self._producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+            sender.join(timeout_s)
 
     def __enter__(self) -> Producer:
         return self
