@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
+import pytest
 from county import OTHER_SCHOOL, SCHOOL
+from kafka import TopicPartition
+from kafka.producer import sender as kafka_sender
+from kafka.structs import OffsetAndMetadata
 
-from referral_broker.cluster.clients import build_consumer, build_producer, commit_batch, drain
+from referral_broker.cluster.clients import (
+    TRANSACTION_RETRY_BACKOFF_MS,
+    build_consumer,
+    build_producer,
+    commit_batch,
+    drain,
+)
 from referral_broker.cluster.topics import ensure_topics, list_topics, plan, topic_name
 from referral_broker.config import Settings
 
@@ -130,6 +141,45 @@ def test_linger_holds_records_again_after_a_transaction_ends(topics: Settings, k
     finally:
         producer.close()
     assert held == {"commit": True, "abort": True}
+
+
+def test_a_transactional_retry_waits_20_ms_not_the_produce_backoff(
+    topics: Settings, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kafka-python's sender sleeps before it sends a transactional request again (a new
+    transaction's first AddPartitionsToTxn, refused while the last one's markers are still
+    being written). It slept 100 ms, on the network thread; Kafka's clients wait 20 ms. A
+    consumer offset for a topic that does not exist is refused as retriable every time, so
+    the sender retries it for as long as we watch."""
+    slept: list[float] = []
+
+    class Clock:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(kafka_sender, "time", Clock())
+    producer = build_producer(topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}")
+    plain = build_producer(topics, kafka_bootstrap)
+    try:
+        producer.begin()
+        manager = producer._producer._transaction_manager
+        missing = TopicPartition(f"{topics.kafka_topic_prefix}no-such-topic-{uuid.uuid4().hex[:6]}", 0)
+        manager.send_offsets_to_transaction({missing: OffsetAndMetadata(1, "", -1)}, "rb-test-retries")
+        producer._producer._sender.wakeup()
+        time.sleep(1.5)
+        retries = list(slept)
+        produce_backoff = producer._producer._accumulator.config["retry_backoff_ms"]
+        plain_backoff = plain._producer._sender.config["retry_backoff_ms"]
+    finally:
+        producer.abandon()  # its offset commit would be retried for ever
+        plain.close()
+    assert len(retries) >= 10, retries  # 100 ms a retry would allow at most 15 in 1.5 s, with round trips fewer
+    assert set(retries) == {TRANSACTION_RETRY_BACKOFF_MS / 1000}
+    assert produce_backoff == 100 and plain_backoff == 100  # a record's retries keep Kafka's default
 
 
 def test_an_abandoned_producer_sends_nothing_it_held(topics: Settings, kafka_bootstrap: str) -> None:

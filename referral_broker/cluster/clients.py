@@ -28,6 +28,10 @@ log = get_logger(__name__)
 
 Headers = list[tuple[str, bytes]]
 
+# Kafka's own wait before trying a transactional request again while the last transaction is
+# still completing (its clients' ADD_PARTITIONS_RETRY_BACKOFF_MS): see Producer.__init__.
+TRANSACTION_RETRY_BACKOFF_MS = 20
+
 
 def _translate(exc: KafkaError, what: str, bootstrap: str, action: str = "use", resource: str | None = None) -> BrokerError:
     refused = authorisation_error(exc, action, resource)
@@ -107,12 +111,27 @@ class Producer:
         self.transactional = transactional
         self.transaction_wait_s = transaction_wait_s
         if transactional:
+            self._shorten_transactional_retry_backoff()
             try:
                 producer.init_transactions()
             except KafkaError as exc:
                 producer.close(timeout=0)  # its sender thread would otherwise outlive the error
                 tid = producer.config.get("transactional_id")
                 raise _translate(exc, "initialising transactions", bootstrap, "write", tid) from exc
+
+    def _shorten_transactional_retry_backoff(self) -> None:
+        """Back off ``TRANSACTION_RETRY_BACKOFF_MS`` before a transactional request is tried again.
+
+        A transaction's first AddPartitionsToTxn is often refused with CONCURRENT_TRANSACTIONS:
+        the coordinator is still writing the markers of the one just committed. Kafka's clients
+        (and kafka-python's own handler) then retry after 20 ms, but kafka-python's sender sleeps
+        its ``retry_backoff_ms`` (100 ms) before every transactional retry, on the network
+        thread: the whole batch, and every referral queued behind it, waited 100 ms more. The
+        sender uses its own copy of the setting only for that sleep and for how long it waits
+        for a transactional answer before looking again; produce retries keep the producer's."""
+        sender = getattr(self._producer, "_sender", None)
+        if sender is not None and "retry_backoff_ms" in sender.config:
+            sender.config["retry_backoff_ms"] = min(sender.config["retry_backoff_ms"], TRANSACTION_RETRY_BACKOFF_MS)
 
     def send(
         self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None
