@@ -719,10 +719,14 @@ class Router:
         producer: Producer | None = None
         idle: IdleTimer | None = None
         failures = 0
+        read_ahead = False
         try:
             while True:
                 try:
                     if consumer is None:
+                        if not read_ahead:  # once: after a rebuild the next catch-up is short
+                            read_ahead = True
+                            self._read_ahead()
                         consumer = self._consumer()
                         idle = IdleTimer(consumer, stop_when_idle or 0.0)
                     if producer is None:
@@ -779,6 +783,17 @@ class Router:
             if self._ledger is not None:
                 self._ledger.abort()
                 _quietly(self._ledger.close)
+
+    def _read_ahead(self) -> None:
+        """Catch up before joining the group (``poll`` joins it), not in the first batch: that
+        read the registry, the audit chain's heads and the whole delivery ledger (0.5 s to over
+        a second, longer as the ledger grows) while the partitions just handed to this router
+        stood still. A failure is left to the first batch, which catches up again and handles it
+        as any other (a cluster not there yet, topics missing, an identity refused)."""
+        try:
+            self.catch_up()
+        except (BrokerError, KafkaError, OSError) as exc:
+            log.warning("could not catch up before joining the group", error=type(exc).__name__)
 
     def _lost_clients(self, event: str, exc: BaseException, failures: int) -> None:
         self.stats.rebuilds += 1

@@ -9,14 +9,26 @@ import stat
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 from county import GP, POLICE, SCHOOL
 
 from referral_broker.cluster.clients import build_producer
 from referral_broker.config import Settings
 from referral_broker.consumers.delivery_ledger import DeliveryLedger
+from referral_broker.consumers.router import Router
 from referral_broker.identity import load_identity
 from referral_broker.parties import HUB
+
+
+def _publish(settings: Settings, bootstrap: str, messages: list[Any]) -> None:
+    producer = build_producer(settings, bootstrap)
+    try:
+        for message in messages:
+            message.send(producer)
+        producer.flush()
+    finally:
+        producer.close()
 
 
 def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_router(
@@ -31,13 +43,7 @@ def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_r
         ids = [str(uuid.uuid4()) for _ in range(40)]
         messages = [mine.record(rid, 1, POLICE, {SCHOOL}) for rid in ids]
         messages.append(mine.record(ids[0], 2, POLICE, {SCHOOL, GP}))  # a second version adds up
-        producer = build_producer(county, kafka_bootstrap)
-        try:
-            for message in messages:
-                message.send(producer)
-            producer.flush()
-        finally:
-            producer.close()
+        _publish(county, kafka_bootstrap, messages)
         mine.commit()
 
         assert len(mine) == 40 and not mine._pending
@@ -59,6 +65,25 @@ def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_r
         mine.close()
         other.close()
     assert not list((county.paths_data_dir / "router").glob("delivery-ledger-*.sqlite"))
+
+
+def test_a_starting_router_reads_the_ledger_before_its_first_batch(county: Settings, kafka_bootstrap: str) -> None:
+    """Read in the first batch, the ledger (with the registry and the audit chain's heads)
+    held up the partitions just assigned for a second or more; a router reads it on starting,
+    before it joins the group, so even one that is handed nothing to route has read it."""
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    writer = DeliveryLedger(county, kafka_bootstrap, hub)
+    try:
+        writer.catch_up()
+        _publish(county, kafka_bootstrap, [writer.record(str(uuid.uuid4()), 1, POLICE, {SCHOOL}) for _ in range(5)])
+        writer.commit()
+    finally:
+        writer.close()
+    router = Router(county, kafka_bootstrap, instance="read-ahead")
+    stats = router.run(stop_when_idle=2)
+    assert stats.consumed == 0 and stats.batches == 0
+    assert router._ledger is not None and router._ledger.verified >= 5
+    assert router._audit_chain is not None and router._audit_chain._committed is not None
 
 
 def test_a_file_left_by_a_dead_router_is_removed_and_a_live_ones_kept(county: Settings, kafka_bootstrap: str) -> None:
