@@ -561,5 +561,7 @@ def write_chained(
     )
     try:
         AuditChain(settings, bootstrap, chain, sign).write_one(producer, key, value, kind)
-    finally:
-        producer.close()
+    except BaseException:
+        producer.abandon()  # a failed write's transaction is given up: nothing it held is sent
+        raise
+    producer.close()

@@ -181,7 +181,7 @@ class Outbound:
             try:
                 chain.write_one(producer, key, value, ACCESS_EVENT_KIND)
             except BaseException:
-                producer.close()  # the next event's new producer fences whatever this one left
+                producer.abandon()  # sends nothing it held; the next event's producer fences the rest
                 del self._chains[signer]
                 raise
         log.info("access audited", team=event.team, member=event.member, decision=event.kind.value)
