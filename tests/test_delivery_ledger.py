@@ -9,26 +9,15 @@ import stat
 import subprocess
 import sys
 import uuid
-from typing import Any
 
 from county import GP, POLICE, SCHOOL
+from test_sealing_support import send_all
 
-from referral_broker.cluster.clients import build_producer
 from referral_broker.config import Settings
 from referral_broker.consumers.delivery_ledger import DeliveryLedger
 from referral_broker.consumers.router import Router
 from referral_broker.identity import load_identity
 from referral_broker.parties import HUB
-
-
-def _publish(settings: Settings, bootstrap: str, messages: list[Any]) -> None:
-    producer = build_producer(settings, bootstrap)
-    try:
-        for message in messages:
-            message.send(producer)
-        producer.flush()
-    finally:
-        producer.close()
 
 
 def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_router(
@@ -43,7 +32,7 @@ def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_r
         ids = [str(uuid.uuid4()) for _ in range(40)]
         messages = [mine.record(rid, 1, POLICE, {SCHOOL}) for rid in ids]
         messages.append(mine.record(ids[0], 2, POLICE, {SCHOOL, GP}))  # a second version adds up
-        _publish(county, kafka_bootstrap, messages)
+        send_all(county, kafka_bootstrap, messages)
         mine.commit()
 
         assert len(mine) == 40 and not mine._pending
@@ -75,7 +64,7 @@ def test_a_starting_router_reads_the_ledger_before_its_first_batch(county: Setti
     writer = DeliveryLedger(county, kafka_bootstrap, hub)
     try:
         writer.catch_up()
-        _publish(county, kafka_bootstrap, [writer.record(str(uuid.uuid4()), 1, POLICE, {SCHOOL}) for _ in range(5)])
+        send_all(county, kafka_bootstrap, [writer.record(str(uuid.uuid4()), 1, POLICE, {SCHOOL}) for _ in range(5)])
         writer.commit()
     finally:
         writer.close()
