@@ -91,7 +91,8 @@ from referral_broker.schemas.registry import (
 )
 from referral_broker.schemas.validation import ensure_valid
 from referral_broker.schemas.views import view_schema
-from referral_broker.sealing import OutgoingMessage, sign_plain
+from referral_broker.sealing import OutgoingMessage
+from referral_broker.sealing.envelope import plain_message, sign_messages
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
@@ -199,11 +200,22 @@ class RouterSealer(Protocol):
         kind: str,
         case_id: str | None,
         extra_headers: list[tuple[str, bytes]],
-    ) -> OutgoingMessage: ...
+        sign: bool = True,
+    ) -> OutgoingMessage:
+        """The sealed message; ``sign=False`` (the hub's own archive copy): signed or
+        ``awaiting_signature``, for :meth:`sign_batch`."""
+        ...
 
     def sign(
         self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
-    ) -> OutgoingMessage: ...
+    ) -> OutgoingMessage:
+        """An audit record (or a heads entry), signed or ``awaiting_signature``: then
+        :meth:`sign_batch` signs it with the rest of its batch."""
+        ...
+
+    def sign_batch(self, messages: list[OutgoingMessage]) -> list[OutgoingMessage]:
+        """``messages`` (each ``awaiting_signature``) signed, in order."""
+        ...
 
 
 class HubKeySealer:
@@ -228,6 +240,7 @@ class HubKeySealer:
         kind: str,
         case_id: str | None,
         extra_headers: list[tuple[str, bytes]],
+        sign: bool = True,
     ) -> OutgoingMessage:
         return self.hub.sealer.seal(
             record,
@@ -239,12 +252,17 @@ class HubKeySealer:
             kind=kind,
             case_id=case_id,
             extra_headers=extra_headers,
+            sign=sign,
         )
 
     def sign(
         self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
     ) -> OutgoingMessage:
-        return sign_plain(self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers)
+        # one signature for a batch's audit records (sign_batch), not one each
+        return plain_message(self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers)
+
+    def sign_batch(self, messages: list[OutgoingMessage]) -> list[OutgoingMessage]:
+        return sign_messages(self.hub.keystore, messages) if messages else []
 
 
 @contextlib.contextmanager
@@ -416,7 +434,14 @@ class Router:
 
     # -- one input record -> its outputs ------------------------------------------------------
     def process(self, record: Record) -> list[OutgoingMessage]:
-        """Every output for one input, or an exception (which dead-letters the input)."""
+        """Every output for one input, signed, or an exception (which dead-letters the input)."""
+        outputs = self._process(record)
+        unsigned = [m for m in outputs if m.awaiting_signature]
+        signed = dict(zip(map(id, unsigned), self.sealer.sign_batch(unsigned), strict=True))
+        return [signed.get(id(m), m) for m in outputs]
+
+    def _process(self, record: Record) -> list[OutgoingMessage]:
+        """Every output for one input, the audit records perhaps not yet signed."""
         party = party_of_topic(self.settings, "status", record.topic)
         if party is not None:
             return self._process_status(record, self._sender(record, party))
@@ -601,6 +626,7 @@ class Router:
     ) -> OutgoingMessage:
         topic = topic or topic_name(self.settings, "out", recipient)
         long_lived = recipient == HUB or get_party(recipient).kind == "district_team"
+        # the hub's own copies (the archive) are signed with the batch; a partner's on their own
         return self.sealer.seal(
             record,
             schema,
@@ -611,6 +637,7 @@ class Router:
             kind=kind,
             case_id=referral_id if long_lived else None,
             extra_headers=headers,
+            sign=recipient != HUB,
         )
 
     def _audit(
@@ -851,6 +878,7 @@ class Router:
             producer.begin()
             self._in_transaction = True
             budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
+            unsigned: list[OutgoingMessage] = []  # the audit records: one signature for the batch
             for done, record in enumerate(batch):
                 if done and time.monotonic() - started > budget:
                     # A slow machine must not let a batch outrun its transaction: commit what
@@ -859,8 +887,12 @@ class Router:
                     batch = batch[:done]
                     break
                 for message in self._outputs(record):
-                    message.send(producer)
-            for message in self.audit_chain.checkpoint():  # chain heads, signed, in this transaction
+                    if message.awaiting_signature:
+                        unsigned.append(message)
+                    else:
+                        message.send(producer)
+            unsigned += self.audit_chain.checkpoint()  # chain heads, in this transaction
+            for message in self.sealer.sign_batch(unsigned):
                 message.send(producer)
             if case_keys is not None:
                 # before the commit: no committed message may name a key a power cut could lose
@@ -936,7 +968,7 @@ class Router:
 
         def attempt(_hub: Identity) -> list[OutgoingMessage]:
             self.audit_chain.rollback(mark)
-            return self.process(record)
+            return self._process(record)
 
         try:
             # a key published after the last load (a recipient's rotation): one reload, then again

@@ -85,6 +85,7 @@ class ChainedMessage(OutgoingMessage):
 
     def send(self, producer: Producer) -> None:
         # Producer.send has no partition argument; the chain must land where it was computed
+        self.check_signed()
         sent = producer._producer.send(
             self.topic, value=self.value, key=self.key, headers=self.headers, partition=self.partition
         )
@@ -174,7 +175,8 @@ class AuditChain:
         self.refused_heads += 1
 
     def append(self, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()) -> ChainedMessage:
-        """The next record of this writer's chain in ``key``'s partition, signed."""
+        """The next record of this writer's chain in ``key``'s partition, signed (or awaiting
+        its batch signature, when the writer's ``sign`` makes it so)."""
         self._ensure_loaded()
         return self._append(partition_for(key, self.partitions), key, value, kind, extra_headers)
 
@@ -191,7 +193,9 @@ class AuditChain:
         ]
         signed = self.sign(topic=self.topic, key=key, value=value, kind=kind, extra_headers=headers)
         self._pending[partition] = Head(seq, record_hash(key, value, self.chain, seq, prev))
-        return ChainedMessage(signed.topic, signed.key, signed.value, signed.headers, partition=partition)
+        return ChainedMessage(
+            signed.topic, signed.key, signed.value, signed.headers, signed.awaiting_signature, partition=partition
+        )
 
     def checkpoint(self, *, records: bool = True) -> list[OutgoingMessage]:
         """A signed checkpoint into each partition written since the last commit (naming every

@@ -18,6 +18,7 @@ from referral_broker.consumers.delivery_ledger import DeliveryLedger
 from referral_broker.consumers.router import Router
 from referral_broker.identity import load_identity
 from referral_broker.parties import HUB
+from referral_broker.sealing.envelope import sign_messages
 
 
 def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_router(
@@ -32,7 +33,7 @@ def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_r
         ids = [str(uuid.uuid4()) for _ in range(40)]
         messages = [mine.record(rid, 1, POLICE, {SCHOOL}) for rid in ids]
         messages.append(mine.record(ids[0], 2, POLICE, {SCHOOL, GP}))  # a second version adds up
-        send_all(county, kafka_bootstrap, messages)
+        send_all(county, kafka_bootstrap, sign_messages(hub.keystore, messages))  # as the router's batch
         mine.commit()
 
         assert len(mine) == 40 and not mine._pending
@@ -64,7 +65,8 @@ def test_a_starting_router_reads_the_ledger_before_its_first_batch(county: Setti
     writer = DeliveryLedger(county, kafka_bootstrap, hub)
     try:
         writer.catch_up()
-        send_all(county, kafka_bootstrap, [writer.record(str(uuid.uuid4()), 1, POLICE, {SCHOOL}) for _ in range(5)])
+        entries = [writer.record(str(uuid.uuid4()), 1, POLICE, {SCHOOL}) for _ in range(5)]
+        send_all(county, kafka_bootstrap, sign_messages(hub.keystore, entries))
         writer.commit()
     finally:
         writer.close()

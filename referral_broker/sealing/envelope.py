@@ -38,12 +38,13 @@ with a sensitive field in the clear, and never put a value, a key or plaintext i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from referral_broker.errors import ContractError, SealingError, SignatureError, TamperedError
 from referral_broker.parties import get_party
@@ -57,9 +58,16 @@ from referral_broker.sealing.fields import (
     open_binding,
     seal_binding,
 )
-from referral_broker.sealing.keystore import KeyStore
+from referral_broker.sealing.keystore import KeyPair, KeyStore
 from referral_broker.sealing.records import SealingPlan, sealing_plan
-from referral_broker.sealing.signing import SIGNATURE_HEADER, sign_message, signature_of, verify_message
+from referral_broker.sealing.signing import (
+    BATCH_PROOF_HEADER,
+    SIGNATURE_HEADER,
+    sign_batch,
+    sign_message,
+    signature_of,
+    verify_message,
+)
 from referral_broker.sealing.wrapping import (
     MODE_RECIPIENT,
     CaseKeyLookup,
@@ -98,7 +106,7 @@ H_BINDING = "rb-binding"
 H_SIGNATURE = SIGNATURE_HEADER
 RESERVED = frozenset(
     {H_FORMAT, H_KIND, H_SENDER, H_SENDER_KEY, H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION}
-    | {H_SEALED_AT, H_CASE, H_DEK, H_BINDING, H_SIGNATURE}
+    | {H_SEALED_AT, H_CASE, H_DEK, H_BINDING, H_SIGNATURE, BATCH_PROOF_HEADER}
 )
 _SIGNED_REQUIRED = (H_KIND, H_SENDER, H_SENDER_KEY, H_SEALED_AT)
 _SEALED_REQUIRED = (H_RECIPIENT, H_RECIPIENT_KEY, H_SCHEMA, H_VERSION, H_DEK)
@@ -127,16 +135,27 @@ class ConsumedRecord(Protocol):
 
 @dataclass(frozen=True)
 class OutgoingMessage:
-    """A signed, sealed message ready to produce. ``repr`` leaves out the value bytes."""
+    """A signed, sealed message ready to produce. ``repr`` leaves out the value bytes.
+    ``awaiting_signature``: built by :func:`plain_message`, not sendable until
+    :func:`sign_messages` has signed it."""
 
     topic: str
     key: bytes
     value: bytes = field(repr=False)
     headers: Headers = field(repr=False)
+    awaiting_signature: bool = False
 
     def send(self, producer: Producer) -> None:
         """Queue on a ``cluster.clients.Producer``; its ``flush`` confirms or raises."""
+        self.check_signed()
         producer.send(self.topic, value=self.value, key=self.key, headers=self.headers)
+
+    def check_signed(self) -> None:
+        if self.awaiting_signature:
+            raise SealingError("a message awaiting its batch signature may not be sent; refused")
+
+
+M = TypeVar("M", bound=OutgoingMessage)
 
 
 @dataclass(frozen=True)
@@ -203,10 +222,12 @@ class MessageSealer:
         case_id: str | None = None,
         extra_headers: Sequence[tuple[str, bytes]] = (),
         now: float | None = None,
+        sign: bool = True,
     ) -> OutgoingMessage:
         """Seal every sealing unit of ``record`` (written with ``schema``, the recipient's view)
         for ``recipient`` alone, bound to this sender, ``topic``, ``kind`` and the record's
-        clear fields, and sign the message for ``topic``.
+        clear fields, and sign the message for ``topic`` (``sign=False``: it awaits
+        :func:`sign_messages` with others; for a reader of this version, never for a partner).
 
         Messages to a district team must pass ``case_id`` (and the sealer must hold the hub's
         case keys): those copies are the council's and must die with the case key. The archive
@@ -264,6 +285,8 @@ class MessageSealer:
         headers.append((H_BINDING, sealed_binding))
         headers.extend((n, bytes(v)) for n, v in extra_headers)
         msg_key = referral_id.encode("utf-8")
+        if not sign:
+            return OutgoingMessage(topic, msg_key, value, headers, awaiting_signature=True)
         headers.append((H_SIGNATURE, sign_message(signer.signing, topic, msg_key, headers, value)))
         return OutgoingMessage(topic, msg_key, value, headers)
 
@@ -312,11 +335,35 @@ def sign_plain(
 ) -> OutgoingMessage:
     """A signed message whose value is NOT sealed: only for values that hold no personal data
     by construction (audit events of ids and reasons, key-directory notices)."""
+    signer, headers = _plain_headers(keystore, kind, extra_headers, now)
+    headers.append((H_SIGNATURE, sign_message(signer.signing, topic, key, headers, value)))
+    return OutgoingMessage(topic, key, value, headers)
+
+
+def plain_message(
+    keystore: KeyStore,
+    *,
+    topic: str,
+    key: bytes,
+    value: bytes,
+    kind: str,
+    extra_headers: Sequence[tuple[str, bytes]] = (),
+    now: float | None = None,
+) -> OutgoingMessage:
+    """:func:`sign_plain`'s message before its signature, for :func:`sign_messages` to sign
+    with others at once. Never to be sent as it is: every receiver refuses it unsigned."""
+    headers = _plain_headers(keystore, kind, extra_headers, now)[1]
+    return OutgoingMessage(topic, key, value, headers, awaiting_signature=True)
+
+
+def _plain_headers(
+    keystore: KeyStore, kind: str, extra_headers: Sequence[tuple[str, bytes]], now: float | None
+) -> tuple[KeyPair, Headers]:
     now = time.time() if now is None else now
     if not _KIND.match(kind):
         raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
     signer = keystore.active(now)
-    headers: Headers = [
+    return signer, [
         (H_FORMAT, PLAIN_MESSAGE_FORMAT),
         (H_KIND, kind.encode()),
         (H_SENDER, keystore.party.encode()),
@@ -324,8 +371,24 @@ def sign_plain(
         (H_SEALED_AT, str(int(now * 1000)).encode()),
         *((n, bytes(v)) for n, v in extra_headers),
     ]
-    headers.append((H_SIGNATURE, sign_message(signer.signing, topic, key, headers, value)))
-    return OutgoingMessage(topic, key, value, headers)
+
+
+def sign_messages(keystore: KeyStore, messages: Sequence[M]) -> list[M]:
+    """``messages`` (built by :func:`plain_message`, of any :class:`OutgoingMessage` kind) with
+    one batch signature per signing key they name (:func:`~.signing.sign_batch`), in order."""
+    by_key: dict[bytes, list[int]] = {}
+    for i, m in enumerate(messages):
+        if not m.awaiting_signature:
+            raise SealingError("only a message awaiting its signature is signed in a batch")
+        by_key.setdefault(dict(m.headers)[H_SENDER_KEY], []).append(i)
+    out: list[M] = list(messages)
+    for key_id, indexes in by_key.items():
+        signing = keystore.get(key_id.decode("utf-8")).signing
+        batch = [messages[i] for i in indexes]
+        signed = sign_batch(signing, [(m.topic, m.key, m.headers, m.value) for m in batch])
+        for i, m, headers in zip(indexes, batch, signed, strict=True):
+            out[i] = dataclasses.replace(m, headers=headers, awaiting_signature=False)
+    return out
 
 
 class VerifiedHeaders(dict[str, bytes]):

@@ -5,6 +5,13 @@ What is signed (:func:`signing_input`) is a length-prefixed encoding of::
     label "referral-broker/message/v1" | topic | key presence (1 byte) + key | header count |
     each header name and value, IN THE ORDER THEY ARE SENT, except the signature header | value
 
+A message of a batch (:func:`sign_batch`) carries instead an ``rb-batch-proof`` header, and
+its signature is over the root of a Merkle tree (:mod:`~referral_broker.sealing.merkle`) whose
+leaves are the signing inputs of the batch's messages (each without ``rb-batch-proof``), framed
+as ``label "referral-broker/batch/v1" | root``: one signature for a batch, each message still
+verified on its own (its proof leads to the signed root). The two labels keep a batch signature
+from passing for a message's, or the other way round.
+
 Headers are taken in wire order rather than sorted: Kafka keeps header order, so a reordering
 is a change like any other and is refused; duplicate ``rb-`` header names are refused before
 anything is read from them (see :mod:`referral_broker.sealing.envelope`). The topic is signed
@@ -18,6 +25,8 @@ signature header, and must never log or print the message it verifies.
 from __future__ import annotations
 
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidSignature
@@ -25,17 +34,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from referral_broker.errors import SignatureError
 from referral_broker.sealing.framing import frame
+from referral_broker.sealing.merkle import decode_proof, encode_proof, leaf_hash, root_from_proof, tree
 
 SIGNATURE_HEADER = "rb-signature"
+BATCH_PROOF_HEADER = "rb-batch-proof"
 SIGNATURE_SIZE = 64
 _LABEL = b"referral-broker/message/v1"
+_BATCH_LABEL = b"referral-broker/batch/v1"
+_UNSIGNED = (SIGNATURE_HEADER, BATCH_PROOF_HEADER)
 
 Headers = Sequence[tuple[str, bytes]]
 
 
 def signing_input(topic: str, key: bytes | None, headers: Headers, value: bytes) -> bytes:
     """The exact bytes a signature covers (the signature header itself left out)."""
-    signed = [(name, val) for name, val in headers if name != SIGNATURE_HEADER]
+    signed = [(name, val) for name, val in headers if name not in _UNSIGNED]
     parts: list[bytes | str] = [_LABEL, topic, b"\x00" if key is None else b"\x01" + key]
     parts.append(struct.pack(">I", len(signed)))
     for name, val in signed:
@@ -47,7 +60,52 @@ def signing_input(topic: str, key: bytes | None, headers: Headers, value: bytes)
 def sign_message(
     private_key: Ed25519PrivateKey, topic: str, key: bytes | None, headers: Headers, value: bytes
 ) -> bytes:
+    if any(name == BATCH_PROOF_HEADER for name, _ in headers):
+        raise ValueError("a message signed on its own carries no batch proof")
     return private_key.sign(signing_input(topic, key, headers, value))
+
+
+def sign_batch(
+    private_key: Ed25519PrivateKey, messages: Sequence[tuple[str, bytes | None, Headers, bytes]]
+) -> list[list[tuple[str, bytes]]]:
+    """The headers of each (topic, key, headers, value), in order, with its ``rb-batch-proof``
+    and the batch's one signature appended: what :func:`verify_message` accepts for each."""
+    for _, _, headers, _ in messages:
+        if any(name in _UNSIGNED for name, _ in headers):
+            raise ValueError("a message of a batch must not carry a signature or a proof yet")
+    leaves = [leaf_hash(signing_input(topic, key, headers, value)) for topic, key, headers, value in messages]
+    root, paths = tree(leaves)
+    signature = private_key.sign(frame(_BATCH_LABEL, root))
+    return [
+        [*headers, (BATCH_PROOF_HEADER, encode_proof(i, len(leaves), paths[i])), (SIGNATURE_HEADER, signature)]
+        for i, (_, _, headers, _) in enumerate(messages)
+    ]
+
+
+class _VerifiedRoots:
+    """Batch roots whose signature verified, by (signer key, root, signature): the other
+    messages of a batch then cost a proof, not another Ed25519 verification. Only a success
+    is kept, and only for the exact key, root and signature bytes that verified."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._seen: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def verify(self, public_key: Ed25519PublicKey, root: bytes, signature: bytes) -> None:
+        entry = (public_key.public_bytes_raw(), root, signature)
+        with self._lock:
+            if entry in self._seen:
+                self._seen.move_to_end(entry)
+                return
+        public_key.verify(signature, frame(_BATCH_LABEL, root))  # InvalidSignature: not kept
+        with self._lock:
+            self._seen[entry] = None
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+
+
+_verified_roots = _VerifiedRoots()
 
 
 def signature_of(headers: Headers) -> bytes:
@@ -73,8 +131,16 @@ def verify_message(
 ) -> None:
     """Return only if ``signer``'s key signed exactly this message on exactly this topic."""
     signature = signature_of(headers)
+    proofs = [val for name, val in headers if name == BATCH_PROOF_HEADER]
     try:
-        public_key.verify(signature, signing_input(topic, key, headers, value))
+        if not proofs:
+            public_key.verify(signature, signing_input(topic, key, headers, value))
+        elif len(proofs) > 1:
+            raise SignatureError("message carries more than one rb-batch-proof header; refused")
+        else:
+            index, size, siblings = decode_proof(proofs[0])
+            root = root_from_proof(leaf_hash(signing_input(topic, key, headers, value)), index, size, siblings)
+            _verified_roots.verify(public_key, root, signature)
     except InvalidSignature:
         raise SignatureError(
             f"signature of {signer} does not verify: the message was altered, moved to another "
