@@ -29,7 +29,7 @@ from referral_broker.errors import BrokerError, ReferralBrokerError
 from referral_broker.identity import Identity
 from referral_broker.parties import HUB
 from referral_broker.sealing import OutgoingMessage
-from referral_broker.sealing.envelope import H_KIND, H_SENDER, plain_message
+from referral_broker.sealing.envelope import H_KIND, H_SENDER, sign_plain
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
@@ -135,15 +135,17 @@ class DeliveryLedger:
 
     def record(self, referral_id: str, version: int, referrer: str, recipients: set[str]) -> OutgoingMessage:
         """Note a routed version and return the message that makes it durable (sent inside the
-        router's transaction, signed with the rest of its batch: it awaits its signature). It counts for this router's lookups at once, and for good only
-        after :meth:`commit` (an aborted transaction's entries are dropped by :meth:`abort`)."""
+        router's transaction; it awaits the batch's signature). It counts for this router's
+        lookups at once, and for good only after :meth:`commit` (an aborted transaction's
+        entries are dropped by :meth:`abort`)."""
         known = self.lookup(referral_id)
         entry = Delivered(referrer, {v: set(r) for v, r in known.versions.items()} if known else {})
         entry.versions[version] = set(recipients)
         self._pending[referral_id] = entry
         value = json.dumps(entry.to_json(), sort_keys=True).encode()
         self._sent.add((referral_id.encode(), hashlib.sha256(value).digest()))
-        return plain_message(self.hub.keystore, topic=self.topic, key=referral_id.encode(), value=value, kind=KIND)
+        topic, key = self.topic, referral_id.encode()
+        return sign_plain(self.hub.keystore, topic=topic, key=key, value=value, kind=KIND, sign=False)
 
     def commit(self) -> None:
         self._entries.put(self._pending)

@@ -92,7 +92,7 @@ from referral_broker.schemas.registry import (
 from referral_broker.schemas.validation import ensure_valid
 from referral_broker.schemas.views import view_schema
 from referral_broker.sealing import OutgoingMessage
-from referral_broker.sealing.envelope import plain_message, sign_messages
+from referral_broker.sealing.envelope import sign_messages, sign_plain
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
@@ -259,7 +259,9 @@ class HubKeySealer:
         self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
     ) -> OutgoingMessage:
         # one signature for a batch's audit records (sign_batch), not one each
-        return plain_message(self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers)
+        return sign_plain(
+            self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers, sign=False
+        )
 
     def sign_batch(self, messages: list[OutgoingMessage]) -> list[OutgoingMessage]:
         return sign_messages(self.hub.keystore, messages) if messages else []

@@ -14,7 +14,7 @@ from referral_broker.cluster.clients import Record
 from referral_broker.errors import SealingError, SignatureError
 from referral_broker.parties import HUB
 from referral_broker.sealing import merkle
-from referral_broker.sealing.envelope import plain_message, sign_messages, sign_plain, verify_signed
+from referral_broker.sealing.envelope import sign_messages, sign_plain, verify_signed
 from referral_broker.sealing.signing import BATCH_PROOF_HEADER, SIGNATURE_HEADER, sign_message
 
 TOPIC = "audit"
@@ -65,8 +65,9 @@ def world(tmp_path: Path) -> World:
 
 def _batch(world: World, n: int, tag: str = "") -> list[Record]:
     unsigned = [
-        plain_message(
+        sign_plain(
             world.stores[HUB],
+            sign=False,
             topic=TOPIC,
             key=f"ref-{i}".encode(),
             value=f"decision {i}{tag}".encode(),
@@ -150,7 +151,7 @@ def test_another_batchs_signature_does_not_verify_even_after_its_own_did(world: 
 
 def test_a_batch_signed_by_another_party_does_not_pass_as_the_hubs(world: World) -> None:
     party = next(p for p in world.stores if p != HUB)
-    unsigned = plain_message(world.stores[party], topic=TOPIC, key=b"k", value=b"v", kind="audit.decision")
+    unsigned = sign_plain(world.stores[party], topic=TOPIC, key=b"k", value=b"v", kind="audit.decision", sign=False)
     signed = as_record(sign_messages(world.stores[party], [unsigned])[0])
     _check(world, signed)  # it is the party's, and says so
     claimed = [(n, HUB.encode() if n == "rb-sender" else v) for n, v in signed.headers]
@@ -171,7 +172,7 @@ def test_a_batch_signature_cannot_pass_as_a_message_signature_or_back(world: Wor
 
 
 def test_a_message_awaiting_its_signature_is_never_sent_or_signed_twice(world: World) -> None:
-    unsigned = plain_message(world.stores[HUB], topic=TOPIC, key=b"k", value=b"v", kind="audit.decision")
+    unsigned = sign_plain(world.stores[HUB], topic=TOPIC, key=b"k", value=b"v", kind="audit.decision", sign=False)
     with pytest.raises(SealingError, match="awaiting its batch signature"):
         unsigned.send(None)  # type: ignore[arg-type]  # refused before the producer is touched
     signed = sign_messages(world.stores[HUB], [unsigned])[0]
@@ -182,11 +183,11 @@ def test_a_message_awaiting_its_signature_is_never_sent_or_signed_twice(world: W
 
 def test_a_batch_across_a_key_rotation_gets_a_signature_per_key(world: World) -> None:
     store = world.stores[HUB]
-    before = plain_message(store, topic=TOPIC, key=b"a", value=b"1", kind="audit.decision")
+    before = sign_plain(store, topic=TOPIC, key=b"a", value=b"1", kind="audit.decision", sign=False)
     store.rotate()
     world.refresh()
     store = world.stores[HUB]
-    after = plain_message(store, topic=TOPIC, key=b"b", value=b"2", kind="audit.decision")
+    after = sign_plain(store, topic=TOPIC, key=b"b", value=b"2", kind="audit.decision", sign=False)
     signed = [as_record(m) for m in sign_messages(store, [before, after])]
     assert dict(signed[0].headers)["rb-sender-key"] != dict(signed[1].headers)["rb-sender-key"]
     assert dict(signed[0].headers)[SIGNATURE_HEADER] != dict(signed[1].headers)[SIGNATURE_HEADER]

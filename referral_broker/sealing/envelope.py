@@ -58,7 +58,7 @@ from referral_broker.sealing.fields import (
     open_binding,
     seal_binding,
 )
-from referral_broker.sealing.keystore import KeyPair, KeyStore
+from referral_broker.sealing.keystore import KeyStore
 from referral_broker.sealing.records import SealingPlan, sealing_plan
 from referral_broker.sealing.signing import (
     BATCH_PROOF_HEADER,
@@ -136,7 +136,7 @@ class ConsumedRecord(Protocol):
 @dataclass(frozen=True)
 class OutgoingMessage:
     """A signed, sealed message ready to produce. ``repr`` leaves out the value bytes.
-    ``awaiting_signature``: built by :func:`plain_message`, not sendable until
+    ``awaiting_signature``: built with ``sign=False``, not sendable until
     :func:`sign_messages` has signed it."""
 
     topic: str
@@ -332,38 +332,16 @@ def sign_plain(
     kind: str,
     extra_headers: Sequence[tuple[str, bytes]] = (),
     now: float | None = None,
+    sign: bool = True,
 ) -> OutgoingMessage:
     """A signed message whose value is NOT sealed: only for values that hold no personal data
-    by construction (audit events of ids and reasons, key-directory notices)."""
-    signer, headers = _plain_headers(keystore, kind, extra_headers, now)
-    headers.append((H_SIGNATURE, sign_message(signer.signing, topic, key, headers, value)))
-    return OutgoingMessage(topic, key, value, headers)
-
-
-def plain_message(
-    keystore: KeyStore,
-    *,
-    topic: str,
-    key: bytes,
-    value: bytes,
-    kind: str,
-    extra_headers: Sequence[tuple[str, bytes]] = (),
-    now: float | None = None,
-) -> OutgoingMessage:
-    """:func:`sign_plain`'s message before its signature, for :func:`sign_messages` to sign
-    with others at once. Never to be sent as it is: every receiver refuses it unsigned."""
-    headers = _plain_headers(keystore, kind, extra_headers, now)[1]
-    return OutgoingMessage(topic, key, value, headers, awaiting_signature=True)
-
-
-def _plain_headers(
-    keystore: KeyStore, kind: str, extra_headers: Sequence[tuple[str, bytes]], now: float | None
-) -> tuple[KeyPair, Headers]:
+    by construction (audit events of ids and reasons, key-directory notices). ``sign=False``:
+    it awaits :func:`sign_messages` with others (and refuses to be sent until then)."""
     now = time.time() if now is None else now
     if not _KIND.match(kind):
         raise SealingError(f"message kind {kind!r} must be lower-case letters, digits, '.', '_', '-'")
     signer = keystore.active(now)
-    return signer, [
+    headers: Headers = [
         (H_FORMAT, PLAIN_MESSAGE_FORMAT),
         (H_KIND, kind.encode()),
         (H_SENDER, keystore.party.encode()),
@@ -371,10 +349,14 @@ def _plain_headers(
         (H_SEALED_AT, str(int(now * 1000)).encode()),
         *((n, bytes(v)) for n, v in extra_headers),
     ]
+    if not sign:
+        return OutgoingMessage(topic, key, value, headers, awaiting_signature=True)
+    headers.append((H_SIGNATURE, sign_message(signer.signing, topic, key, headers, value)))
+    return OutgoingMessage(topic, key, value, headers)
 
 
 def sign_messages(keystore: KeyStore, messages: Sequence[M]) -> list[M]:
-    """``messages`` (built by :func:`plain_message`, of any :class:`OutgoingMessage` kind) with
+    """``messages`` (each built ``sign=False``, of any :class:`OutgoingMessage` kind) with
     one batch signature per signing key they name (:func:`~.signing.sign_batch`), in order."""
     by_key: dict[bytes, list[int]] = {}
     for i, m in enumerate(messages):
