@@ -258,7 +258,7 @@ class HubKeySealer:
     def sign(
         self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
     ) -> OutgoingMessage:
-        # one signature for a batch's audit records (sign_batch), not one each
+        # one signature for a batch's hub-own records (sign_batch), not one each
         return sign_plain(
             self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers, sign=False
         )
@@ -443,7 +443,8 @@ class Router:
         return [signed.get(id(m), m) for m in outputs]
 
     def _process(self, record: Record) -> list[OutgoingMessage]:
-        """Every output for one input, the audit records perhaps not yet signed."""
+        """Every output for one input; the hub's own records (audit, archive, ledger) may still
+        await their signature."""
         party = party_of_topic(self.settings, "status", record.topic)
         if party is not None:
             return self._process_status(record, self._sender(record, party))
@@ -880,7 +881,7 @@ class Router:
             producer.begin()
             self._in_transaction = True
             budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
-            unsigned: list[OutgoingMessage] = []  # the audit records: one signature for the batch
+            unsigned: list[OutgoingMessage] = []  # the hub's own records: one signature for the batch
             for done, record in enumerate(batch):
                 if done and time.monotonic() - started > budget:
                     # A slow machine must not let a batch outrun its transaction: commit what

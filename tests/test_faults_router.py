@@ -1,6 +1,6 @@
 """Router fault tests (marker ``faults``): routers as real subprocesses (so SIGKILL, SIGSTOP and
 SIGCONT are real signals), a watcher that reads the router group's committed offsets and the
-archive's open transactions from the broker, and counts of what was delivered, read with
+open transactions on the district team's out topic from the broker, and counts of what was delivered, read with
 ``read_committed`` the way every reader of the outputs reads them."""
 
 from __future__ import annotations
@@ -118,16 +118,16 @@ class RouterProc:
 
 class Watch:
     """What the broker says: committed input offsets of the router group, open transactions
-    on the archive topic, and group members."""
+    on the district team's out topic, and group members."""
 
     def __init__(self, settings: Settings, bootstrap: str) -> None:
         self._settings, self._bootstrap = settings, bootstrap
         self.admin = self._admin()
         self.group = f"{settings.kafka_topic_prefix}referral-router"
         self.intake = topic_name(settings, "intake", PARTNER)
-        archive = topic_name(settings, "archive")
-        parts = next(s.partitions for s in plan(settings.kafka_topic_profile) if s.role == "archive")
-        self.archive = [TopicPartition(archive, p) for p in range(parts)]
+        out = topic_name(settings, "out", TEAM)
+        parts = next(s.partitions for s in plan(settings.kafka_topic_profile) if s.role == "out")
+        self.watched = [TopicPartition(out, p) for p in range(parts)]
 
     def _admin(self) -> KafkaAdminClient:
         return KafkaAdminClient(
@@ -167,15 +167,16 @@ class Watch:
                 time.sleep(0.5)
 
     def _ends(self, level: IsolationLevel) -> dict[TopicPartition, int]:
-        found = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in self.archive}, level)
-        return {tp: found[tp].offset for tp in self.archive}
+        found = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in self.watched}, level)
+        return {tp: found[tp].offset for tp in self.watched}
 
-    def archive_open(self) -> bool:
-        """True while a transaction holds uncommitted records on the archive (its last stable
-        offset is behind its high watermark)."""
+    def transaction_open(self) -> bool:
+        """True while a transaction holds uncommitted records on the team's out topic (its last
+        stable offset is behind its high watermark). The router sends each team copy as it
+        routes; the archive copy, signed with the batch, goes out only at the batch's end."""
         high = self._ends(IsolationLevel.READ_UNCOMMITTED)
         stable = self._ends(IsolationLevel.READ_COMMITTED)
-        return any(high[tp] > stable[tp] for tp in self.archive)
+        return any(high[tp] > stable[tp] for tp in self.watched)
 
     def members(self) -> dict[str, int]:
         """Partitions held by each member of the router group, by member id."""
@@ -279,7 +280,7 @@ def test_router_killed_mid_transaction_three_times(
     broker: Settings, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """SIGKILL at about 30%, 50% and 70% of 2,000 referrals, each time while a transaction is
-    open on the archive; the restarted router (same instance slot, so the same transactional
+    open; the restarted router (same instance slot, so the same transactional
     id) fences the dead one's transaction at once and takes over; nothing lost or doubled."""
     sent = send(broker, kafka_bootstrap)
     watch = Watch(broker, kafka_bootstrap)
@@ -290,7 +291,7 @@ def test_router_killed_mid_transaction_three_times(
         for i, target in enumerate((0.25, 0.45, 0.65)):
             watch.wait_for(
                 f"{target:.0%} committed with a transaction open",
-                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.archive_open(),
+                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.transaction_open(),
                 timeout=120,
                 poll_s=0.05,
             )
@@ -298,14 +299,14 @@ def test_router_killed_mid_transaction_three_times(
             router.proc.wait(timeout=30)
             # proven mid-work: the dead router's transaction is still open, and the committed
             # archive (read_committed) holds between 20% and 80% of the stream
-            assert watch.archive_open(), "the kill did not land inside a transaction"
+            assert watch.transaction_open(), "the kill did not land inside a transaction"
             at_kill = sum(delivered(broker, kafka_bootstrap, "archive").values())
             assert 0.2 * COUNT <= at_kill <= 0.8 * COUNT, at_kill
             committed = watch.committed_inputs()
             print(f"kill {i + 1}: archive {at_kill} of {COUNT} committed at the kill")
             router = RouterProc(broker, kafka_bootstrap, tmp_path, str(i + 1), "--stop-when-idle", IDLE)
             routers.append(router)
-            fenced = watch.wait_for("the dead transaction fenced", lambda: not watch.archive_open(), 30, 0.05)
+            fenced = watch.wait_for("the dead transaction fenced", lambda: not watch.transaction_open(), 30, 0.05)
             took = watch.wait_for("the restarted router committing", lambda c=committed: watch.committed_inputs() > c, 60)
             print(f"kill {i + 1}: open transaction ended after {fenced:.1f}s, takeover after {took:.1f}s")
             assert fenced < 8, "a restarted router must fence its predecessor's transaction at once"
@@ -340,7 +341,7 @@ def test_paused_router_resumed_after_takeover_three_times(
         for cycle, target in enumerate((0.15, 0.40, 0.65)):
             watch.wait_for(
                 f"{target:.0%} committed with a transaction open",
-                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.archive_open(),
+                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.transaction_open(),
                 timeout=120,
                 poll_s=0.05,
             )
@@ -379,7 +380,7 @@ def test_paused_router_resumed_after_takeover_three_times(
         dropped = ("batch abandoned", "batch dropped", "transaction failed")
         zombie_lines = [ln for r in (a, b) for ln in r.log_lines() if any(d in ln for d in dropped)]
         # A router paused between two of its batches has nothing to give up: "a transaction
-        # open" above is any router's (both write the archive, partitions round robin), so not
+        # open" above is any router's (both write the team's copies, partitions round robin), so not
         # every pause lands inside the paused router's own transaction. Exactly once (above) is
         # what proves no zombie committed; this proves the zombie case was met at least once.
         assert len(zombie_lines) >= 1, "no resumed zombie gave up a batch: the case was never met"
@@ -445,7 +446,7 @@ def test_router_outlives_a_broker_outage_longer_than_its_transaction_timeout(
     try:
         watch.wait_for(
             "30% committed with a transaction open",
-            lambda: watch.committed_inputs() >= 0.3 * COUNT and watch.archive_open(),
+            lambda: watch.committed_inputs() >= 0.3 * COUNT and watch.transaction_open(),
             timeout=120,
             poll_s=0.05,
         )
