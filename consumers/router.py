@@ -264,7 +264,7 @@ class HubKeySealer:
         )
 
     def sign_batch(self, messages: list[OutgoingMessage]) -> list[OutgoingMessage]:
-        return sign_messages(self.hub.keystore, messages) if messages else []
+        return sign_messages(self.hub.keystore, messages)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ signature refused; a message signed on its own still verifies as before."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,41 +104,35 @@ def test_every_byte_of_a_batch_message_is_covered(world: World) -> None:
             if what == "value":
                 value = bytearray(record.value or b"")
                 value[pos] ^= 0x01
-                changed = as_record_of(record, value=bytes(value))
+                changed = replace(record, value=bytes(value))
             elif what == "key":
                 key = bytearray(record.key or b"")
                 key[pos] ^= 0x01
-                changed = as_record_of(record, key=bytes(key))
+                changed = replace(record, key=bytes(key))
             else:
                 headers = list(record.headers)
                 val = bytearray(headers[where][1])
                 val[pos] ^= 0x01
                 headers[where] = (headers[where][0], bytes(val))
-                changed = as_record_of(record, headers=headers)
+                changed = replace(record, headers=headers)
             with pytest.raises(SealingError):  # the signature, or a signer that is not the hub's
                 _check(world, changed)
-
-
-def as_record_of(record: Record, **changes: object) -> Record:
-    fields = {"topic": record.topic, "key": record.key, "value": record.value, "headers": list(record.headers)}
-    fields.update(changes)
-    return Record(fields["topic"], 0, 0, fields["key"], fields["value"], fields["headers"], 0)  # type: ignore[arg-type]
 
 
 def test_a_batch_message_moved_stripped_or_given_anothers_proof_is_refused(world: World) -> None:
     batch = _batch(world, 4)
     first, second = batch[0], batch[1]
     with pytest.raises(SignatureError, match="does not verify"):
-        _check(world, as_record_of(first, topic="another-topic"))
+        _check(world, replace(first, topic="another-topic"))
     without_proof = [(n, v) for n, v in first.headers if n != BATCH_PROOF_HEADER]
     with pytest.raises(SignatureError, match="does not verify"):
-        _check(world, as_record_of(first, headers=without_proof))
+        _check(world, replace(first, headers=without_proof))
     swapped = [(n, dict(second.headers)[n] if n == BATCH_PROOF_HEADER else v) for n, v in first.headers]
     with pytest.raises(SignatureError, match="does not verify"):
-        _check(world, as_record_of(first, headers=swapped))
+        _check(world, replace(first, headers=swapped))
     twice = [*first.headers[:-1], (BATCH_PROOF_HEADER, dict(first.headers)[BATCH_PROOF_HEADER]), first.headers[-1]]
     with pytest.raises(SignatureError, match="more than once"):
-        _check(world, as_record_of(first, headers=twice))
+        _check(world, replace(first, headers=twice))
 
 
 def test_another_batchs_signature_does_not_verify_even_after_its_own_did(world: World) -> None:
@@ -146,7 +141,7 @@ def test_another_batchs_signature_does_not_verify_even_after_its_own_did(world: 
     _check(world, other[0])
     foreign = [(n, dict(other[0].headers)[n] if n == SIGNATURE_HEADER else v) for n, v in one[1].headers]
     with pytest.raises(SignatureError, match="does not verify"):
-        _check(world, as_record_of(one[1], headers=foreign))
+        _check(world, replace(one[1], headers=foreign))
 
 
 def test_a_batch_signed_by_another_party_does_not_pass_as_the_hubs(world: World) -> None:
@@ -156,7 +151,7 @@ def test_a_batch_signed_by_another_party_does_not_pass_as_the_hubs(world: World)
     _check(world, signed)  # it is the party's, and says so
     claimed = [(n, HUB.encode() if n == "rb-sender" else v) for n, v in signed.headers]
     with pytest.raises((SignatureError, SealingError)):
-        _check(world, as_record_of(signed, headers=claimed))
+        _check(world, replace(signed, headers=claimed))
 
 
 def test_a_batch_signature_cannot_pass_as_a_message_signature_or_back(world: World) -> None:
@@ -166,7 +161,7 @@ def test_a_batch_signature_cannot_pass_as_a_message_signature_or_back(world: Wor
     # a one-leaf "batch" (no siblings: the leaf is the root) under the message's own signature
     forged = [*single.headers[:-1], (BATCH_PROOF_HEADER, merkle.encode_proof(0, 1, [])), single.headers[-1]]
     with pytest.raises(SignatureError, match="does not verify"):
-        _check(world, as_record_of(single, headers=forged))
+        _check(world, replace(single, headers=forged))
     with pytest.raises(ValueError, match="no batch proof"):
         sign_message(pair.signing, TOPIC, b"k", [(BATCH_PROOF_HEADER, b"")], b"v")
 
