@@ -202,7 +202,7 @@ class RouterSealer(Protocol):
         extra_headers: list[tuple[str, bytes]],
         sign: bool = True,
     ) -> OutgoingMessage:
-        """The sealed message; ``sign=False`` (the hub's own archive copy): signed or
+        """The sealed message; ``sign=False`` (every copy the router routes): signed or
         ``awaiting_signature``, for :meth:`sign_batch`."""
         ...
 
@@ -258,7 +258,7 @@ class HubKeySealer:
     def sign(
         self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Sequence[tuple[str, bytes]] = ()
     ) -> OutgoingMessage:
-        # one signature for a batch's hub-own records (sign_batch), not one each
+        # one signature for a batch's messages to a topic (sign_batch), not one each
         return sign_plain(
             self.hub.keystore, topic=topic, key=key, value=value, kind=kind, extra_headers=extra_headers, sign=False
         )
@@ -443,8 +443,8 @@ class Router:
         return [signed.get(id(m), m) for m in outputs]
 
     def _process(self, record: Record) -> list[OutgoingMessage]:
-        """Every output for one input; the hub's own records (audit, archive, ledger) may still
-        await their signature."""
+        """Every output for one input; its copies and the hub's own records (audit, archive,
+        ledger) may still await their signature."""
         party = party_of_topic(self.settings, "status", record.topic)
         if party is not None:
             return self._process_status(record, self._sender(record, party))
@@ -629,7 +629,7 @@ class Router:
     ) -> OutgoingMessage:
         topic = topic or topic_name(self.settings, "out", recipient)
         long_lived = recipient == HUB or get_party(recipient).kind == "district_team"
-        # the hub's own copies (the archive) are signed with the batch; a partner's on their own
+        # every copy is signed with the rest of its batch (one signature per topic)
         return self.sealer.seal(
             record,
             schema,
@@ -640,7 +640,7 @@ class Router:
             kind=kind,
             case_id=referral_id if long_lived else None,
             extra_headers=headers,
-            sign=recipient != HUB,
+            sign=False,
         )
 
     def _audit(
@@ -881,7 +881,7 @@ class Router:
             producer.begin()
             self._in_transaction = True
             budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
-            unsigned: list[OutgoingMessage] = []  # the hub's own records: one signature for the batch
+            unsigned: list[OutgoingMessage] = []  # one signature per topic for the batch
             for done, record in enumerate(batch):
                 if done and time.monotonic() - started > budget:
                     # A slow machine must not let a batch outrun its transaction: commit what

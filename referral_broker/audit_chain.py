@@ -298,15 +298,17 @@ def audit_partition_count(settings: Settings, bootstrap: str) -> int:
     return count
 
 
-def read_topic(settings: Settings, bootstrap: str, role: str, *, idle_s: float = 1.0) -> list[Record]:
-    """Every committed record of a (non per-party) topic, from the beginning, by partition and
-    offset."""
+def read_topic(
+    settings: Settings, bootstrap: str, role: str, *, party: str | None = None, idle_s: float = 1.0
+) -> list[Record]:
+    """Every committed record of a topic (``party``'s, for a per-party role), from the
+    beginning, by partition and offset."""
     from kafka.errors import KafkaError
 
     from referral_broker.cluster.clients import build_consumer, poll_records
     from referral_broker.cluster.topics import topic_name
 
-    topic = topic_name(settings, role)
+    topic = topic_name(settings, role, party)
     consumer = build_consumer(settings, bootstrap, [topic], group_id=None)
     records: list[Record] = []
     try:

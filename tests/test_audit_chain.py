@@ -116,12 +116,18 @@ def test_router_chains_every_audit_record_and_verify_says_intact(county: Setting
     heads = read_heads(county, kafka_bootstrap, verify=hub.opener.verify)
     assert {p for (_c, p) in heads} == set(by_chain)
     assert all(h.seq == len(by_chain[p]) - 1 for (_c, p), h in heads.items())
-    # a batch's own records (audit, archive, ledger) share one signature, each with its proof
+    # a batch's messages to one topic share one signature, each with its proof: the audit
+    # records, the archive, the ledger and every recipient's copies, each topic its own tree
     signatures = {dict(r.headers)["rb-signature"] for r in records}
     assert all("rb-batch-proof" in dict(r.headers) for r in records)
     assert 1 <= len(signatures) <= router.stats.batches < len(records)
-    archived = read_topic(county, kafka_bootstrap, "archive") + read_topic(county, kafka_bootstrap, "deliveries")
-    assert archived and {dict(r.headers)["rb-signature"] for r in archived} <= signatures
+    recipients = {read_event_value(r.value or b"")["recipient"] for r in decisions}
+    copies = [r for party in sorted(recipients) for r in read_topic(county, kafka_bootstrap, "out", party=party)]
+    assert len(copies) == router.stats.delivered > 0
+    for rows in (read_topic(county, kafka_bootstrap, "archive"), read_topic(county, kafka_bootstrap, "deliveries"), copies):
+        own = {dict(r.headers)["rb-signature"] for r in rows}
+        assert rows and all("rb-batch-proof" in dict(r.headers) for r in rows)
+        assert own and not own & signatures  # a tree of its own topic
 
     result = cli(county, kafka_bootstrap, "audit", "verify", "--json")
     assert result.exit_code == 0, result.output

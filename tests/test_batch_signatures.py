@@ -188,3 +188,25 @@ def test_a_batch_across_a_key_rotation_gets_a_signature_per_key(world: World) ->
     assert dict(signed[0].headers)[SIGNATURE_HEADER] != dict(signed[1].headers)[SIGNATURE_HEADER]
     for record in signed:
         _check(world, record)
+
+
+def test_a_batch_gets_one_tree_per_topic_and_a_proof_tells_only_its_topics_size(world: World) -> None:
+    store = world.stores[HUB]
+    topics = ["referrals.out.school-nurse", "referrals.out.team-cambridge", TOPIC]
+    unsigned = [
+        sign_plain(store, topic=topics[i % 3], key=f"r{i}".encode(), value=b"v", kind="audit.decision", sign=False)
+        for i in range(3 * 5 + 1)  # 6 to the first topic, 5 to each other
+    ]
+    signed = [as_record(m) for m in sign_messages(store, unsigned)]
+    assert [r.topic for r in signed] == [m.topic for m in unsigned]  # order kept
+    by_topic: dict[str, set[bytes]] = {}
+    for record in signed:
+        _check(world, record)
+        by_topic.setdefault(record.topic, set()).add(dict(record.headers)[SIGNATURE_HEADER])
+        _, size, _ = merkle.decode_proof(dict(record.headers)[BATCH_PROOF_HEADER])
+        assert size == (6 if record.topic == topics[0] else 5)
+    assert all(len(s) == 1 for s in by_topic.values())
+    assert len(set().union(*by_topic.values())) == 3
+    # a message moved to another topic of the same batch no longer verifies
+    with pytest.raises(SignatureError):
+        _check(world, replace(signed[0], topic=topics[1]))

@@ -227,7 +227,7 @@ class MessageSealer:
         """Seal every sealing unit of ``record`` (written with ``schema``, the recipient's view)
         for ``recipient`` alone, bound to this sender, ``topic``, ``kind`` and the record's
         clear fields, and sign the message for ``topic`` (``sign=False``: it awaits
-        :func:`sign_messages` with others; for a reader of this version, never for a partner).
+        :func:`sign_messages` with others; a reader from before batch proofs refuses it).
 
         Messages to a district team must pass ``case_id`` (and the sealer must hold the hub's
         case keys): those copies are the council's and must die with the case key. The archive
@@ -357,20 +357,27 @@ def sign_plain(
 
 def sign_messages(keystore: KeyStore, messages: Sequence[M]) -> list[M]:
     """``messages`` (each built ``sign=False``, of any :class:`OutgoingMessage` kind) with
-    one batch signature per signing key they name (:func:`~.signing.sign_batch`), in order."""
-    by_key: dict[bytes, list[int]] = {}
+    one batch signature per signing key and topic (:func:`~.signing.sign_batch`), in order.
+
+    One tree per topic: a message's proof tells its reader how many messages of the batch went
+    to that topic, which every reader of the topic sees anyway, and nothing of the others."""
+    by_tree: dict[tuple[bytes, str], list[int]] = {}
     for i, m in enumerate(messages):
         if not m.awaiting_signature:
             raise SealingError("only a message awaiting its signature is signed in a batch")
-        by_key.setdefault(dict(m.headers)[H_SENDER_KEY], []).append(i)
+        by_tree.setdefault((_header(m.headers, H_SENDER_KEY), m.topic), []).append(i)
     out: list[M] = list(messages)
-    for key_id, indexes in by_key.items():
+    for (key_id, _), indexes in by_tree.items():
         signing = keystore.get(key_id.decode("utf-8")).signing
         batch = [messages[i] for i in indexes]
         signed = sign_batch(signing, [(m.topic, m.key, m.headers, m.value) for m in batch])
         for i, m, headers in zip(indexes, batch, signed, strict=True):
             out[i] = dataclasses.replace(m, headers=headers, awaiting_signature=False)
     return out
+
+
+def _header(headers: Headers, name: str) -> bytes:
+    return next(val for n, val in headers if n == name)
 
 
 class VerifiedHeaders(dict[str, bytes]):
