@@ -38,7 +38,7 @@ import sys
 import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -231,9 +231,15 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
     freeze_startup_heap()  # this process's own loop; see referral_broker.startup_heap
 
     def sealed(number: int, record: dict[str, Any]) -> SealedReferral:
-        return SealedReferral(str(record["referral_id"]), int(record["version"]), sealer.referral(record), number)
+        message = sealer.referral(record, sign=False)
+        return SealedReferral(str(record["referral_id"]), int(record["version"]), message, number)
 
-    conn.send(("ahead", [sealed(p.number, p.record) for p in urgent if p.number in ahead and p.record is not None]))
+    def signed(chunk: list[SealedReferral]) -> list[SealedReferral]:
+        """A chunk's messages under one signature (the router verifies one for the chunk)."""
+        messages = sealer.sign_batch([s.message for s in chunk if s.message is not None])
+        return [replace(s, message=m) for s, m in zip(chunk, messages, strict=True)]
+
+    conn.send(("ahead", signed([sealed(p.number, p.record) for p in urgent if p.number in ahead and p.record is not None])))
     del urgent
     check_unchanged(job.path, job.identity)
     chunk, out = -1, list[SealedReferral]()
@@ -244,13 +250,13 @@ def _check_then_seal(job: _Job, conn: Connection) -> None:
         at = (parsed.number - 1) // job.chunk
         if at != chunk:
             if chunk >= 0:
-                conn.send(("chunk", chunk, out))
+                conn.send(("chunk", chunk, signed(out)))
             chunk, out = at, []
         if parsed.record is None:
             raise PartnerInputError(f"{parsed.source}: record {parsed.number} changed between passes")
         out.append(sealed(parsed.number, parsed.record))
     if chunk >= 0:
-        conn.send(("chunk", chunk, out))
+        conn.send(("chunk", chunk, signed(out)))
     check_unchanged(job.path, job.identity)
     conn.send(("done",))
 

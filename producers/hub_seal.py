@@ -10,7 +10,7 @@ and sealed the same way whoever sends it.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from referral_broker.cluster.topics import topic_name
@@ -19,7 +19,7 @@ from referral_broker.errors import ValidationError
 from referral_broker.identity import H_PRIORITY
 from referral_broker.parties import HUB, all_parties
 from referral_broker.sealing import MessageSealer
-from referral_broker.sealing.envelope import OutgoingMessage
+from referral_broker.sealing.envelope import OutgoingMessage, sign_messages
 
 REFERRAL_KIND = "referral"
 STATUS_KIND = "status"
@@ -35,10 +35,11 @@ def seal_for_hub(
     hub: str = HUB,
     case_id: str | None = None,
     extra_headers: tuple[tuple[str, bytes], ...] = (),
+    sign: bool = True,
 ) -> OutgoingMessage:
     """Seal ``record`` for the hub alone and sign it for ``topic`` (keyed by its referral id);
     under the key of ``case_id`` too when given (the council's own inbox: its statuses die with
-    the case, see ``retention shred``)."""
+    the case, see ``retention shred``). ``sign=False``: it awaits :meth:`HubSealer.sign_batch`."""
     return sealer.seal(
         dict(record),
         schema,
@@ -49,6 +50,7 @@ def seal_for_hub(
         kind=kind,
         case_id=case_id,
         extra_headers=extra_headers,
+        sign=sign,
     )
 
 
@@ -67,9 +69,10 @@ class HubSealer:
         self.status_schema = status_schema()
         self.intake_topic = topic_name(settings, "intake", party)
 
-    def referral(self, record: Mapping[str, Any]) -> OutgoingMessage:
+    def referral(self, record: Mapping[str, Any], *, sign: bool = True) -> OutgoingMessage:
         """An already validated canonical referral (the caller validated it, once), with its
-        priority in a signed header: the router routes urgent referrals first."""
+        priority in a signed header: the router routes urgent referrals first. ``sign=False``
+        for one of many sent together: :meth:`sign_batch` then signs them all at once."""
         return seal_for_hub(
             self.sealer,
             record,
@@ -78,7 +81,13 @@ class HubSealer:
             kind=REFERRAL_KIND,
             hub=self.hub,
             extra_headers=((H_PRIORITY, str(record["priority"]).encode()),),
+            sign=sign,
         )
+
+    def sign_batch(self, messages: Sequence[OutgoingMessage]) -> list[OutgoingMessage]:
+        """Messages built with ``sign=False``, signed in order under one signature (a Merkle
+        tree, each with its proof): the router then verifies one signature for all of them."""
+        return sign_messages(self.sealer.keystore, messages)
 
     def status(self, status: Mapping[str, Any], *, now: dt.datetime | None = None) -> OutgoingMessage:
         return seal_status(

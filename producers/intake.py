@@ -20,6 +20,7 @@ from typing import Any, overload
 from referral_broker.cluster.clients import build_producer
 from referral_broker.config import Settings
 from referral_broker.identity import Identity, load_identity
+from referral_broker.sealing.envelope import OutgoingMessage
 
 from .checked import CheckedReferral, check_referrals
 from .hub_seal import HubSealer
@@ -126,17 +127,24 @@ class IntakeSender:
         *,
         progress: Callable[[int], None] = lambda n: None,
     ) -> list[Sent]:
-        """Seal for the hub, sign and send each referral; confirm all before returning."""
+        """Seal each referral for the hub and send it; confirm all before returning. Each 500
+        go out under one signature (the router verifies one for all of them)."""
         sent: list[Sent] = []
+        waiting: list[OutgoingMessage] = []
+
+        def send_waiting() -> None:
+            for message in self.sealer.sign_batch(waiting):
+                message.send(self.producer)
+            self.producer.flush()
+            progress(len(waiting))
+            waiting.clear()
+
         for checked in as_checked(records):
-            message = self.sealer.referral(checked.record)
-            message.send(self.producer)
-            sent.append(Sent(checked.referral_id, checked.version, message.topic))
-            if len(sent) % 500 == 0:
-                self.producer.flush()
-                progress(500)
-        self.producer.flush()
-        progress(len(sent) % 500)
+            waiting.append(self.sealer.referral(checked.record, sign=False))
+            sent.append(Sent(checked.referral_id, checked.version, waiting[-1].topic))
+            if len(waiting) == 500:
+                send_waiting()
+        send_waiting()
         return sent
 
     def send_status(self, status: dict[str, Any]) -> Sent:

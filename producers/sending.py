@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,12 +102,20 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def _message(checked: CheckedReferral | SealedReferral, sealer: HubSealer) -> OutgoingMessage:
-    """The referral's sealed message: sealed here, or by a pool worker."""
+    """The referral's sealed message: sealed here (awaiting the batch's signature), or sealed
+    and signed by a pool worker."""
     if not isinstance(checked, SealedReferral):
-        return sealer.referral(checked.record)
+        return sealer.referral(checked.record, sign=False)
     if checked.message is None:  # the outbox is this process's alone while it sends
         raise BrokerError(f"referral {checked.referral_id} version {checked.version} left the outbox during the send")
     return checked.message
+
+
+def _signed(entries: list[Entry], sealer: HubSealer) -> list[Entry]:
+    """The batch's entries with the messages sealed here signed together, under one signature."""
+    waiting = [e for e in entries if e.message.awaiting_signature]
+    signed = dict(zip(map(id, waiting), sealer.sign_batch([e.message for e in waiting]), strict=True))
+    return [e if id(e) not in signed else replace(e, message=signed[id(e)]) for e in entries]
 
 
 class PartnerSender:
@@ -211,7 +219,7 @@ class PartnerSender:
                             )
                         elif may_repeat:
                             from_earlier.add(mid)
-                    outbox.add(entries)
+                    outbox.add(_signed(entries, sealer))
                     delivery.run(progress)
                     now = outbox.states(topic, [mid for mid, _, _ in rows])
                     for mid, sent, state in rows:

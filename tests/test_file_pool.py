@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,11 @@ def test_a_pooled_send_puts_on_the_topic_what_a_one_process_send_does(
     for record in intake:  # each message opens, for the hub, to the very record the file holds
         opened = hub.opener.open(record)
         assert opened.record == from_file[opened.referral_id, opened.referral_version]
+    # each worker's chunk (and the urgent rows sent ahead) goes out under one signature, each
+    # message with its proof: the router verifies a signature per chunk, not per referral
+    signatures = Counter(dict(r.headers)["rb-signature"] for r in intake)
+    assert all("rb-batch-proof" in dict(r.headers) for r in intake)
+    assert 1 < len(signatures) <= -(-ROWS // CHUNK) + 2 and max(signatures.values()) > 1  # a chunk, a worker's urgent rows
     key_of = {n: str(records[n - 1]["referral_id"]).encode() for n in range(1, ROWS + 1)}
     for number in URGENT_ROWS:
         (found,) = [r for r in intake if r.key == key_of[number]]

@@ -24,7 +24,7 @@ import pytest
 from county import CHARITY, POLICE, SCHOOL
 
 from referral_broker.adapters import example_file
-from referral_broker.cluster.clients import build_consumer, build_producer, drain
+from referral_broker.cluster.clients import Record, build_consumer, build_producer, drain
 from referral_broker.cluster.runtime import LocalBroker
 from referral_broker.cluster.topics import ensure_topics, topic_name
 from referral_broker.config import Settings, load_settings
@@ -58,13 +58,18 @@ def run(env: dict[str, str], *args: str, timeout: float = 110) -> subprocess.Com
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def intake_keys(settings: Settings, bootstrap: str, party: str) -> Counter[str]:
-    """How many times each referral id is on ``party``'s intake topic (read_committed)."""
+def read_intake(settings: Settings, bootstrap: str, party: str) -> list[Record]:
+    """Every committed record of ``party``'s intake topic."""
     consumer = build_consumer(settings, bootstrap, [topic_name(settings, "intake", party)], group_id=None)
     try:
-        return Counter((r.key or b"").decode() for batch in drain(consumer, idle_s=2) for r in batch)
+        return [r for batch in drain(consumer, idle_s=2) for r in batch]
     finally:
         consumer.close()
+
+
+def intake_keys(settings: Settings, bootstrap: str, party: str) -> Counter[str]:
+    """How many times each referral id is on ``party``'s intake topic (read_committed)."""
+    return Counter((r.key or b"").decode() for r in read_intake(settings, bootstrap, party))
 
 
 def closed_port() -> int:
@@ -171,6 +176,10 @@ def test_a_file_sent_twice_is_sent_once(keyed: Settings, kafka_bootstrap: str) -
     resent = json.loads(again.stdout)
     assert resent["delivered"] == [] and sorted(resent["already_sent"]) == sorted(sent["delivered"])
     assert intake_keys(keyed, kafka_bootstrap, POLICE) == Counter(sent["delivered"])
+    # the file's referrals went out under one signature, each with its proof
+    intake = read_intake(keyed, kafka_bootstrap, POLICE)
+    assert len({dict(r.headers)["rb-signature"] for r in intake}) == 1
+    assert all("rb-batch-proof" in dict(r.headers) for r in intake)
     status = run(env, "outbox", "status", "--as", POLICE, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"] == {"queued": 0, "delivered": 2}
@@ -183,7 +192,7 @@ def test_a_file_sent_again_is_not_sealed_again(
     seals none of them (sealing is the costly part of a send)."""
     sealed: list[str] = []
     seal = HubSealer.referral
-    monkeypatch.setattr(HubSealer, "referral", lambda self, record: sealed.append(str(record["referral_id"])) or seal(self, record))
+    monkeypatch.setattr(HubSealer, "referral", lambda self, record, **kw: sealed.append(str(record["referral_id"])) or seal(self, record, **kw))
     sender = PartnerSender(keyed, kafka_bootstrap, POLICE)
     first = sender.send_file(example_file("police"))
     assert len(first.delivered) == len(sealed) == 2

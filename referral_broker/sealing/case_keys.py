@@ -107,6 +107,8 @@ class CaseKeyStore:
         self.root = root
         self.makes_keys = makes_keys
         self._tombstones = root / "shredded"
+        self._tombstones_s = str(self._tombstones)
+        self._legacy_s = str(root / "shredded.json")
         self._journals = CaseJournals(root / "journals")
         self._deferred = False  # True: new keys wait for sync()
         # the legacy shredded.json as last parsed: (inode, size, mtime in ns) -> its tombstones
@@ -318,6 +320,10 @@ class CaseKeyStore:
         return self._tombstones / f"{check_case_id(case_id)}.json"
 
     def shredded(self, case_id: str) -> Shredded | None:
+        # checked on every use of a case key: os.access answers "absent" without raising
+        if not os.access(f"{self._tombstones_s}/{check_case_id(case_id)}.json", os.F_OK):
+            t = self._legacy_tombstones().get(case_id)
+            return Shredded(case_id, t["case_key_id"], t["shredded_at"]) if t else None
         path = self._tombstone_path(case_id)
         if path.exists():
             try:
@@ -334,6 +340,8 @@ class CaseKeyStore:
         the file changed (another process may still be of the older version and write it)."""
         path = self.root / "shredded.json"
         try:
+            if not os.access(self._legacy_s, os.F_OK):
+                raise FileNotFoundError
             st = path.stat()
         except FileNotFoundError:
             self._legacy = None
