@@ -45,6 +45,7 @@ from referral_broker.identity import (
     withheld_from,
 )
 from referral_broker.parties import HUB, get_party
+from referral_broker.sealing.classes import ClassBytes
 from referral_broker.sealing.envelope import H_KIND, H_RECIPIENT, H_SENDER, VerifiedHeaders
 
 
@@ -62,6 +63,8 @@ class Received:
     partition: int = -1
     offset: int = -1
     schema_fingerprint: bytes = b""
+    # the bytes ``record`` was opened from, when asked for (the router seals them again)
+    class_bytes: ClassBytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -119,11 +122,17 @@ def verify_arrival(
 
 
 def open_verified(
-    identity: Identity, record: Any, *, sender: str | None = None, kinds: Collection[str] = KINDS
+    identity: Identity,
+    record: Any,
+    *,
+    sender: str | None = None,
+    kinds: Collection[str] = KINDS,
+    keep_bytes: bool = False,
 ) -> Received:
     """The one verified receive path: :func:`verify_arrival`, then open every field, parse the
     router's signed headers strictly, and reload the key directory once on an unknown key id.
-    Used by ``receive``, the inbox and the router; raises a ReferralBrokerError on refusal."""
+    Used by ``receive``, the inbox and the router; raises a ReferralBrokerError on refusal.
+    ``keep_bytes``: the result keeps the plaintext bytes it was read from (``class_bytes``)."""
 
     def attempt(ident: Identity) -> Received:
         verified = verify_arrival(ident, record, sender=sender, kinds=kinds)
@@ -144,6 +153,7 @@ def open_verified(
             partition=getattr(record, "partition", -1),
             offset=getattr(record, "offset", -1),
             schema_fingerprint=opened.schema_fingerprint,
+            class_bytes=opened.class_bytes if keep_bytes else None,
         )
 
     return identity.retrying(attempt)

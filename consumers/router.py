@@ -201,9 +201,11 @@ class RouterSealer(Protocol):
         case_id: str | None,
         extra_headers: list[tuple[str, bytes]],
         sign: bool = True,
+        reuse: Any = None,
     ) -> OutgoingMessage:
         """The sealed message; ``sign=False`` (every copy the router routes): signed or
-        ``awaiting_signature``, for :meth:`sign_batch`."""
+        ``awaiting_signature``, for :meth:`sign_batch`. ``reuse``: the ``class_bytes`` of
+        what :meth:`open` returned, the values ``record`` holds, for parts not to encode again."""
         ...
 
     def sign(
@@ -226,7 +228,7 @@ class HubKeySealer:
 
     def open(self, record: Record, *, sender: str | None, kind: str) -> Received:
         """The one verified receive path (``consumers.receiving``), as every recipient's."""
-        return open_verified(self.hub, record, sender=sender, kinds=(kind,))
+        return open_verified(self.hub, record, sender=sender, kinds=(kind,), keep_bytes=True)
 
     def seal(
         self,
@@ -241,6 +243,7 @@ class HubKeySealer:
         case_id: str | None,
         extra_headers: list[tuple[str, bytes]],
         sign: bool = True,
+        reuse: Any = None,
     ) -> OutgoingMessage:
         return self.hub.sealer.seal(
             record,
@@ -253,6 +256,7 @@ class HubKeySealer:
             case_id=case_id,
             extra_headers=extra_headers,
             sign=sign,
+            reuse=reuse,
         )
 
     def sign(
@@ -492,7 +496,7 @@ class Router:
         self.audit_chain.heads()  # read once (and again after a commit whose outcome was unknown)
 
     def _process_referral(self, record: Record, partner: str) -> list[OutgoingMessage]:
-        referral, referral_id, version = self._open_referral(record, partner)
+        referral, referral_id, version, opened = self._open_referral(record, partner)
         now = self.clock()
         ensure_valid(referral, self.canonical, now=now)
         if str(referral["referral_id"]) != referral_id or referral["version"] != version:
@@ -530,7 +534,7 @@ class Router:
                     # the team works the case: it must know who else was not told, and why
                     headers.append((H_UNRESOLVED, _json(unresolved)))
                 outputs.append(
-                    self._seal(share, view, decision.recipient, referral_id, version, "referral", headers)
+                    self._seal(share, view, decision.recipient, referral_id, version, "referral", headers, reuse=opened)
                 )
                 view_fp = codec.prepare(view).fingerprint.hex()
                 self.stats.delivered += 1
@@ -549,6 +553,7 @@ class Router:
                 "archive",
                 [(H_REFERRER, partner.encode())],
                 topic=topic_name(self.settings, "archive"),
+                reuse=opened,
             )
         )
         delivered_to = {d.recipient for d in decisions if d.delivered}
@@ -557,14 +562,17 @@ class Router:
         self.metrics.routed.inc()
         return outputs
 
-    def _open_referral(self, record: Record, partner: str) -> tuple[dict[str, Any], str, int]:
+    def _open_referral(self, record: Record, partner: str) -> tuple[dict[str, Any], str, int, Any]:
+        """The referral in today's shape, its id and version, and the bytes it was opened from
+        when they are today's (the copies reuse them where a view has their shape)."""
         opened = self._open_from(record, partner, "referral")
         referral = opened.record
         if opened.schema_fingerprint != self._canonical_fp:
             # an older writer version: resolve into today's shape before deciding
             writer = self.hub.schemas(opened.schema_fingerprint)
             referral = codec.decode(codec.encode(referral, writer), self.canonical)
-        return referral, opened.referral_id, opened.version
+            return referral, opened.referral_id, opened.version, None
+        return referral, opened.referral_id, opened.version, opened.class_bytes
 
     def _process_status(self, record: Record, party: str) -> list[OutgoingMessage]:
         opened = self._open_from(record, party, "status")
@@ -626,6 +634,7 @@ class Router:
         headers: list[tuple[str, bytes]],
         *,
         topic: str | None = None,
+        reuse: Any = None,
     ) -> OutgoingMessage:
         topic = topic or topic_name(self.settings, "out", recipient)
         long_lived = recipient == HUB or get_party(recipient).kind == "district_team"
@@ -641,6 +650,7 @@ class Router:
             case_id=referral_id if long_lived else None,
             extra_headers=headers,
             sign=False,
+            reuse=reuse,
         )
 
     def _audit(

@@ -48,9 +48,10 @@ from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas import codec
-from referral_broker.schemas.registry import referral_schema
+from referral_broker.schemas.registry import SINGLE_OBJECT_MAGIC, referral_schema
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing import OutgoingMessage
+from referral_broker.sealing.classes import ClassBytes, binary_shape
 from referral_broker.sealing.key_admin import init_parties
 from referral_broker.startup_heap import freeze_startup_heap
 
@@ -69,9 +70,16 @@ class PlainSealer:
         self.sender = sender
         self.canonical = referral_schema()
         self.fingerprint = codec.prepare(self.canonical).fingerprint
+        self._shapes: dict[int, str] = {}
+
+    def _shape(self, schema: dict[str, Any]) -> str:
+        if id(schema) not in self._shapes:
+            self._shapes[id(schema)] = binary_shape(schema)
+        return self._shapes[id(schema)]
 
     def open(self, record: Any, *, sender: str | None, kind: str) -> Received:
-        referral = codec.decode(record.value or b"", self.canonical)
+        value = record.value or b""
+        referral = codec.decode(value, self.canonical)
         return Received(
             referral_id=str(referral["referral_id"]),
             version=referral["version"],
@@ -80,6 +88,9 @@ class PlainSealer:
             referrer=None,
             record=referral,
             schema_fingerprint=self.fingerprint,
+            # the body it was read from: a copy of the same shape reuses it, as the sealed
+            # router reuses the bytes it opened (encode once, in both)
+            class_bytes=ClassBytes({"whole": self._shape(self.canonical)}, value[codec.HEADER_SIZE :], {}),
         )
 
     def seal(
@@ -95,8 +106,13 @@ class PlainSealer:
         case_id: str | None,
         extra_headers: list[tuple[str, bytes]],
         sign: bool = True,
+        reuse: ClassBytes | None = None,
     ) -> OutgoingMessage:
-        return OutgoingMessage(topic, referral_id.encode(), codec.encode(record, schema), list(extra_headers))
+        if reuse is not None and reuse.shapes.get("whole") == self._shape(schema):
+            value = SINGLE_OBJECT_MAGIC + codec.prepare(schema).fingerprint + reuse.projection
+        else:
+            value = codec.encode(record, schema)
+        return OutgoingMessage(topic, referral_id.encode(), value, list(extra_headers))
 
     def sign(self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Any = ()) -> OutgoingMessage:
         return OutgoingMessage(topic, key, value, list(extra_headers))

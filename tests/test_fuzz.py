@@ -58,7 +58,7 @@ from referral_broker.organisations import publish as publish_orgs
 from referral_broker.parties import HUB
 from referral_broker.producers.hub_seal import seal_status
 from referral_broker.schemas.registry import referral_schema
-from referral_broker.sealing.signing import SIGNATURE_HEADER, sign_message
+from referral_broker.sealing.signing import BATCH_PROOF_HEADER, SIGNATURE_HEADER, sign_message
 
 pytestmark = pytest.mark.fuzz
 
@@ -302,8 +302,9 @@ def resigned(record: Record, signer: Any) -> Record:
     signature header gets the new signature, so only the content is wrong."""
     if record.value is None or not any(n == SIGNATURE_HEADER for n, _ in record.headers):
         return record
-    signature = sign_message(signer, record.topic, record.key, record.headers, record.value)
-    headers = [(n, signature if n == SIGNATURE_HEADER else v) for n, v in record.headers]
+    own = [(n, v) for n, v in record.headers if n != BATCH_PROOF_HEADER]  # signed alone now
+    signature = sign_message(signer, record.topic, record.key, own, record.value)
+    headers = [(n, signature if n == SIGNATURE_HEADER else v) for n, v in own]
     return replace(record, headers=headers)
 
 

@@ -65,7 +65,7 @@ from referral_broker.sealing.envelope import (
     H_SIGNATURE,
 )
 from referral_broker.sealing.key_admin import init_parties
-from referral_broker.sealing.signing import sign_message
+from referral_broker.sealing.signing import BATCH_PROOF_HEADER, sign_message
 from referral_broker.sealing.wrapping import MODE_RECIPIENT_AND_CASE, read_wrapped_header
 
 HUB = "council"
@@ -97,7 +97,8 @@ def resigned(
     drop: tuple[str, ...] = (),
 ) -> Record:
     """``record`` as ``signer`` would re-sign it for ``topic`` with its own real key: its
-    value (or ``value``) and headers kept, the sender headers and the signature replaced."""
+    value (or ``value``) and headers kept, the sender headers and the signature replaced (and
+    the batch proof of a message its sender signed with others dropped)."""
     pair = KeyStore.open(keys_dir, signer).active()
     changes = {
         H_SENDER: signer.encode(),
@@ -106,7 +107,7 @@ def resigned(
         **(set_headers or {}),
     }
     headers: Headers = [
-        (n, changes.get(n, v)) for n, v in record.headers if n != H_SIGNATURE and n not in drop
+        (n, changes.get(n, v)) for n, v in record.headers if n not in (H_SIGNATURE, BATCH_PROOF_HEADER, *drop)
     ]
     value = record.value if value is None else value
     headers.append((H_SIGNATURE, sign_message(pair.signing, topic, record.key, headers, value)))

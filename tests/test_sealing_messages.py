@@ -433,3 +433,49 @@ def test_headers_verified_for_one_record_open_it_without_verifying_again(
     with pytest.raises(SignatureError):
         opener.open(forged, verified=verified)
     assert calls == ["v", "v"]
+
+
+def test_a_copy_sealed_from_the_bytes_it_was_opened_from_needs_no_encoding(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encode once: the router seals a copy of the same shape (the archive, a district team's
+    full view) from the plaintext bytes it opened, and the copy opens to the same record; a
+    view of another shape (a field fewer) has those of its parts encoded that differ."""
+    import referral_broker.sealing.classes as classes
+
+    opened = world.opener("council").open(as_record(seal(world, "council", "intake", sender=HEALTH)))
+    assert opened.class_bytes is not None and set(opened.class_bytes.classes) == {"personal", "identifier", "special_category"}
+    encodes: list[str] = []
+    real = classes.schemaless_writer
+    monkeypatch.setattr(classes, "schemaless_writer", lambda buf, s, r: (encodes.append(s["name"]), real(buf, s, r))[1])
+
+    renamed = json.loads(json.dumps(SCHEMA).replace('"Person"', '"Individual"'))  # names do not make the bytes
+    renamed["doc"] = "the same shape"
+    for schema in (SCHEMA, renamed):
+        copy = world.sealer().seal(
+            opened.record, schema, topic="t", recipient=HEALTH, referral_id="ref-0001", referral_version=1,
+            reuse=opened.class_bytes,
+        )
+        assert encodes == []
+        assert world.opener(HEALTH, schemas=schema_book(schema)).open(as_record(copy)).record == sample_referral(1)
+
+    fewer = {**SCHEMA, "fields": [f for f in SCHEMA["fields"] if f["name"] != "exclusions"]}
+    view = {k: v for k, v in opened.record.items() if k != "exclusions"}
+    copy = world.sealer().seal(
+        view, fewer, topic="t", recipient=HEALTH, referral_id="ref-0001", referral_version=1, reuse=opened.class_bytes
+    )
+    assert [e.split("__")[1][:-1] for e in encodes] == ["personal"]  # only the class that changed
+    assert world.opener(HEALTH, schemas=schema_book(fewer)).open(as_record(copy)).record == view
+
+
+def test_a_binary_shape_ignores_names_and_docs_but_not_fields_types_or_order() -> None:
+    from referral_broker.sealing.classes import binary_shape
+
+    base = binary_shape(SCHEMA)
+    assert binary_shape(json.loads(json.dumps(SCHEMA).replace('"Person"', '"Someone"'))) == base
+    assert binary_shape({**SCHEMA, "doc": "x", "name": "Other"}) == base
+    fields = SCHEMA["fields"]
+    assert binary_shape({**SCHEMA, "fields": [fields[1], fields[0], *fields[2:]]}) != base
+    assert binary_shape({**SCHEMA, "fields": [{**fields[0], "name": "renamed"}, *fields[1:]]}) != base
+    assert binary_shape({**SCHEMA, "fields": [{**fields[1], "type": "long"}, fields[0], *fields[2:]]}) != base
+    assert binary_shape({**SCHEMA, "fields": [fields[0], {**fields[1], "type": "long"}, *fields[2:]]}) != base

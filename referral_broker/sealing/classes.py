@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 
 CLASS_FORMAT_VERSION = 3
 SEALED_FIELD = "rb_sealed"  # the wire-3 field holding the sealed classes
+CLEAR = "clear"  # ClassBytes.shapes' key of the clear projection (no data class is named so)
 _SEALED_ARRAY = parse_schema({"type": "array", "items": "bytes"}, named_schemas={})
 
 
@@ -78,6 +81,54 @@ def _class_prefix(context: FieldContext, data_key_id: bytes) -> bytes:
     if context.binding is None:
         raise ValueError("a format-3 class value is always bound to its message")
     return _message_part(context, CLASS_FORMAT_VERSION, CIPHER_AES_256_GCM, data_key_id)
+
+
+def binary_shape(schema: Schema) -> str:
+    """What decides a schema's Avro binary encoding, and nothing else: its structure with
+    the names of its named types, docs, defaults and extra attributes left out (field names
+    kept). Two schemas of one shape encode a record of the same values to the same bytes."""
+
+    named: dict[str, int] = {}  # a named type's full and short name -> its place in definition order
+    defined = itertools.count()
+
+    def walk(s: Any, ns: str) -> Any:
+        if isinstance(s, list):
+            return [walk(b, ns) for b in s]
+        if not isinstance(s, dict):
+            found = named.get(s if "." in s or not ns else f"{ns}.{s}", named.get(s))
+            return s if found is None else {"ref": found}
+        kind = s.get("type")
+        if kind in ("record", "enum", "fixed") and "name" in s:
+            name = s["name"]
+            ns = name.rpartition(".")[0] if "." in name else s.get("namespace", ns)
+            short = name.rpartition(".")[2]
+            named[f"{ns}.{short}" if ns else short] = named[short] = next(defined)
+        if kind == "record":
+            return {"record": [[f["name"], walk(f["type"], ns)] for f in s["fields"]]}
+        if kind == "enum":
+            return {"enum": s["symbols"]}
+        if kind == "fixed":
+            return {"fixed": s["size"]}
+        if kind == "array":
+            return {"array": walk(s["items"], ns)}
+        if kind == "map":
+            return {"map": walk(s["values"], ns)}
+        return walk(kind, ns) if not s.get("logicalType") else {"logical": [walk(kind, ns), s.get("logicalType")]}
+
+    return json.dumps(walk(schema, ""), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ClassBytes:
+    """The plaintext a format-3 message opened to, as bytes: its clear projection and each
+    class's Avro encoding, with the shapes (:func:`binary_shape`) they were written with.
+    Sealing a record of the same values under a schema whose clear part or class has the same
+    shape reuses those bytes instead of encoding the record again (the router's archive and
+    district-team copies of a referral it opened). Plaintext: never logged, never kept."""
+
+    shapes: dict[str, str] = field(repr=False)
+    projection: bytes = field(repr=False)
+    classes: dict[str, bytes] = field(repr=False)
 
 
 class _Names:
@@ -130,13 +181,22 @@ def _parsed(schema: Schema, what: str) -> Any:
         raise ContractError(f"{what}: cannot derive its format-3 schema ({exc})") from exc
 
 
+def _long(n: int) -> bytes:
+    """Avro's long: zig-zag, then a little-endian base-128 varint."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _array(blobs: list[bytes]) -> bytes:
     """Avro's encoding of an array of bytes (one block, then the end marker)."""
     if not blobs:
         return b"\x00"
-    buf = io.BytesIO()
-    schemaless_writer(buf, _SEALED_ARRAY, blobs)
-    return buf.getvalue()
+    return b"".join([_long(len(blobs)), *(_long(len(b)) + b for b in blobs), b"\x00"])
 
 
 class ClassLayout:
@@ -154,12 +214,18 @@ class ClassLayout:
         assert clear is not None
         self._clear = _parsed(clear, f"schema {schema_name}")
         self.classes: tuple[str, ...] = tuple(c for c in DATA_CLASSES if c != "operational" and self._has(fields, c))
+        # the paths of the nested records holding a sealed field: the rest are read whole
+        self._sealing = frozenset(
+            p.path for p in _records(fields) if any(self._has(p.child, c) for c in self.classes)
+        )
         self._framed_class = {c: frame(c) for c in self.classes}
         self._class_parsed: dict[str, Any] = {}
+        self.shapes = {CLEAR: binary_shape(clear)}
         for c in self.classes:
             derived = _derived(fields, schema_name, c, _Names(c))
             assert derived is not None
             self._class_parsed[c] = _parsed(derived, f"schema {schema_name}")
+            self.shapes[c] = binary_shape(derived)
         self.wire_schema: Schema = {
             **clear,
             "fields": [*clear["fields"], {"name": SEALED_FIELD, "type": {"type": "array", "items": "bytes"}}],
@@ -176,22 +242,37 @@ class ClassLayout:
         )
 
     # -- sealing ------------------------------------------------------------------------------
-    def projection(self, record: dict[str, Any]) -> bytes:
-        """The clear projection of ``record``: its clear fields under the clear schema."""
+    def projection(self, record: dict[str, Any], reuse: ClassBytes | None = None) -> bytes:
+        """The clear projection of ``record``: its clear fields under the clear schema (the
+        bytes of ``reuse``, the same values opened, when its clear part has the same shape)."""
+        if reuse is not None and reuse.shapes.get(CLEAR) == self.shapes[CLEAR]:
+            return reuse.projection
         buf = io.BytesIO()
         schemaless_writer(buf, self._clear, record)
         return buf.getvalue()
 
-    def seal(self, record: dict[str, Any], projection: bytes, key: DataKey, context: FieldContext) -> bytes:
-        """The format-3 message value of ``record`` (``projection`` is :meth:`projection`)."""
+    def seal(
+        self,
+        record: dict[str, Any],
+        projection: bytes,
+        key: DataKey,
+        context: FieldContext,
+        reuse: ClassBytes | None = None,
+    ) -> bytes:
+        """The format-3 message value of ``record`` (``projection`` is :meth:`projection`).
+        ``reuse``: the same values as opened from another message; a class of the same shape
+        is sealed from its bytes, not encoded again."""
         header = bytes([CLASS_FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(key.key_id)
         nonces = os.urandom(NONCE_SIZE * len(self.classes))
         prefix = _class_prefix(context, key.key_id)  # class_aad's, once for the message
         blobs: list[bytes] = []
         for i, c in enumerate(self.classes):
-            buf = io.BytesIO()
-            schemaless_writer(buf, self._class_parsed[c], record)
-            encoded = buf.getvalue()
+            if reuse is not None and reuse.shapes.get(c) == self.shapes[c]:
+                encoded = reuse.classes[c]
+            else:
+                buf = io.BytesIO()
+                schemaless_writer(buf, self._class_parsed[c], record)
+                encoded = buf.getvalue()
             plaintext = encoded + _PADDING[PAD_BLOCK - (len(encoded) % PAD_BLOCK)]
             nonce = nonces[i * NONCE_SIZE : (i + 1) * NONCE_SIZE]
             aad = prefix + self._framed_class[c]
@@ -226,12 +307,20 @@ class ClassLayout:
             )
         return clear, bytes(data[len(self.wire_header) : end]), blobs
 
-    def open(self, clear: dict[str, Any], blobs: list[bytes], key: DataKey, context: FieldContext) -> dict[str, Any]:
-        """The whole plaintext record, every class opened; raises on the first failure."""
-        parts = {c: self._open_class(c, blob, key, context) for c, blob in zip(self.classes, blobs, strict=True)}
-        return _merge(self._fields, clear, parts, "")
+    def open(
+        self, clear: dict[str, Any], projection: bytes, blobs: list[bytes], key: DataKey, context: FieldContext
+    ) -> tuple[dict[str, Any], ClassBytes]:
+        """The whole plaintext record, every class opened (raises on the first failure), and
+        the bytes it was read from (``projection``: :meth:`decode`'s)."""
+        prefix = _class_prefix(context, key.key_id) if self.classes else b""  # class_aad's, once
+        parts: dict[str, Any] = {}
+        encoded: dict[str, bytes] = {}
+        for c, blob in zip(self.classes, blobs, strict=True):
+            parts[c], encoded[c] = self._open_class(c, blob, key, prefix + self._framed_class[c])
+        record = _merge(self._fields, clear, parts, "", self._sealing)
+        return record, ClassBytes(self.shapes, projection, encoded)
 
-    def _open_class(self, data_class: str, sealed: bytes, key: DataKey, context: FieldContext) -> dict[str, Any]:
+    def _open_class(self, data_class: str, sealed: bytes, key: DataKey, aad: bytes) -> tuple[dict[str, Any], bytes]:
         what = f"sealed class {data_class}"
         if len(sealed) < 3:
             raise TamperedError(f"truncated {what}")
@@ -252,9 +341,7 @@ class ClassLayout:
             )
         nonce = bytes(sealed[start : start + NONCE_SIZE])
         try:
-            plaintext = key.aead.decrypt(
-                nonce, bytes(sealed[start + NONCE_SIZE :]), class_aad(context, key.key_id, data_class)
-            )
+            plaintext = key.aead.decrypt(nonce, bytes(sealed[start + NONCE_SIZE :]), aad)
         except InvalidTag:
             raise TamperedError(f"{what}: authentication failed (tampered, moved, or wrong key)") from None
         buf = io.BytesIO(plaintext)
@@ -267,7 +354,7 @@ class ClassLayout:
             raise TamperedError(f"{what}: sealed payload has malformed padding")
         if not isinstance(value, dict):
             raise TamperedError(f"{what}: not a record")
-        return value
+        return value, plaintext[: buf.tell()]
 
     # -- clear fields -------------------------------------------------------------------------
     def clear_values(self, projection: bytes) -> dict[str, Any]:
@@ -289,8 +376,16 @@ class ClassLayout:
         return out
 
 
+def _records(fields: tuple[_FieldPlan, ...]) -> Iterator[_FieldPlan]:
+    """Every nested record's plan, at any depth."""
+    for p in fields:
+        if p.action == "record":
+            yield p
+            yield from _records(p.child)
+
+
 def _merge(
-    fields: tuple[_FieldPlan, ...], clear: dict[str, Any], parts: dict[str, Any], path: str
+    fields: tuple[_FieldPlan, ...], clear: dict[str, Any], parts: dict[str, Any], path: str, sealing: frozenset[str]
 ) -> dict[str, Any]:
     """The record put back together from its clear fields and its opened classes. A nested
     record is present in every part holding fields of it, or in none."""
@@ -300,10 +395,12 @@ def _merge(
             out[p.name] = clear[p.name]
         elif p.action == "seal":
             out[p.name] = parts[p.data_class][p.name]
+        elif p.path not in sealing:
+            out[p.name] = clear[p.name]  # all clear: the clear schema read it whole
         else:
             sub = clear[p.name]
             inner = {c: d[p.name] for c, d in parts.items() if p.name in d}
             if any((v is None) != (sub is None) for v in inner.values()):
                 raise TamperedError(f"record {path}{p.name}: present in some data classes and null in others")
-            out[p.name] = None if sub is None else _merge(p.child, sub, inner, f"{path}{p.name}.")
+            out[p.name] = None if sub is None else _merge(p.child, sub, inner, f"{path}{p.name}.", sealing)
     return out

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from referral_broker.errors import ContractError, SealingError, SignatureError, TamperedError
 from referral_broker.parties import get_party
 from referral_broker.schemas.registry import Schema, writer_schema
+from referral_broker.sealing.classes import ClassBytes
 from referral_broker.sealing.directory import KeyDirectory, KeyEntry
 from referral_broker.sealing.fields import (
     Binding,
@@ -175,6 +176,8 @@ class OpenedMessage:
     case_id: str | None
     extra_headers: tuple[tuple[str, bytes], ...] = ()
     sealed_format: int = int(MESSAGE_FORMAT)  # 1 for a message written before the binding
+    # format 3: the bytes ``record`` was read from, for MessageSealer.seal(reuse=...)
+    class_bytes: ClassBytes | None = field(default=None, repr=False, compare=False)
 
 
 def schema_book(*schemas: Schema) -> dict[bytes, Schema]:
@@ -223,11 +226,17 @@ class MessageSealer:
         extra_headers: Sequence[tuple[str, bytes]] = (),
         now: float | None = None,
         sign: bool = True,
+        reuse: ClassBytes | None = None,
     ) -> OutgoingMessage:
         """Seal every sealing unit of ``record`` (written with ``schema``, the recipient's view)
         for ``recipient`` alone, bound to this sender, ``topic``, ``kind`` and the record's
         clear fields, and sign the message for ``topic`` (``sign=False``: it awaits
         :func:`sign_messages` with others; a reader from before batch proofs refuses it).
+
+        ``reuse``: the :attr:`OpenedMessage.class_bytes` ``record``'s values were opened from
+        (the caller's promise: ``record`` holds the same values, as Avro schema resolution
+        gives them); the clear part and each class of the same shape are sealed from those
+        bytes instead of being encoded again.
 
         Messages to a district team must pass ``case_id`` (and the sealer must hold the hub's
         case keys): those copies are the council's and must die with the case key. The archive
@@ -263,10 +272,10 @@ class MessageSealer:
         else:
             key, wrapped = self._recipient_key(recipient, target.key_id, target)
 
-        projection = plan.clear_bytes(record)
+        projection = plan.clear_bytes(record, reuse)
         binding = Binding(self.party, topic, kind, clear_digest(projection))
         context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint, binding)
-        value = plan.seal_classes(record, projection, key, context)
+        value = plan.seal_classes(record, projection, key, context, reuse)
         sealed_binding = seal_binding(binding, projection, key, context.unbound())
         headers: Headers = [
             (H_FORMAT, MESSAGE_FORMAT),
@@ -553,10 +562,11 @@ class MessageOpener:
         context = FieldContext(referral_id, version, recipient, fingerprint)
         assert record.value is not None  # verify_signed refuses a message without a value
         sealed_format = int(h[H_FORMAT])
+        class_bytes = None
         if sealed_format == 3:
             clear, projection, blobs = plan.layout.decode(record.value)
             context = self._bound_context(h, record.topic, plan, projection, 3, key, context)
-            opened = plan.layout.open(clear, blobs, key, context)
+            opened, class_bytes = plan.layout.open(clear, projection, blobs, key, context)
         else:
             if plan.wire_format(record.value) == 3:
                 raise TamperedError(
@@ -581,6 +591,7 @@ class MessageOpener:
             case_id=case_id,
             extra_headers=tuple((n, v) for n, v in record.headers if n not in RESERVED),
             sealed_format=sealed_format,
+            class_bytes=class_bytes,
         )
 
     @staticmethod

@@ -48,7 +48,7 @@ from referral_broker.schemas.registry import (
     field_action,
     fingerprint,
 )
-from referral_broker.sealing.classes import SEALED_FIELD, ClassLayout
+from referral_broker.sealing.classes import SEALED_FIELD, ClassBytes, ClassLayout
 from referral_broker.sealing.fields import (
     DataKey,
     FieldCodec,
@@ -277,17 +277,26 @@ class SealingPlan:
         """The format-3 derived schemas (:mod:`~referral_broker.sealing.classes`)."""
         return ClassLayout(self._fields, str(self.schema.get("name")))
 
-    def clear_bytes(self, record: dict[str, Any]) -> bytes:
-        """A format-3 message's clear projection of ``record`` (its clear fields in Avro)."""
+    def clear_bytes(self, record: dict[str, Any], reuse: ClassBytes | None = None) -> bytes:
+        """A format-3 message's clear projection of ``record`` (its clear fields in Avro;
+        ``reuse``: see :meth:`ClassLayout.projection`)."""
         try:
-            return self.layout.projection(record)
+            return self.layout.projection(record, reuse)
         except Exception:
             self._refuse(record)
 
-    def seal_classes(self, record: dict[str, Any], projection: bytes, key: DataKey, context: FieldContext) -> bytes:
-        """The format-3 message value of ``record`` for ``context`` (bound to ``projection``)."""
+    def seal_classes(
+        self,
+        record: dict[str, Any],
+        projection: bytes,
+        key: DataKey,
+        context: FieldContext,
+        reuse: ClassBytes | None = None,
+    ) -> bytes:
+        """The format-3 message value of ``record`` for ``context`` (bound to ``projection``;
+        ``reuse``: see :meth:`ClassLayout.seal`)."""
         try:
-            return self.layout.seal(record, projection, key, context)
+            return self.layout.seal(record, projection, key, context, reuse)
         except Exception:
             self._refuse(record, context)
 
