@@ -489,8 +489,10 @@ def why_goals_missed(r: dict[str, Any]) -> dict[str, str]:
         out["sealed_over_unsealed_3"] = (
             f"sealing and signing added {sealed - plain:.2f} ms of CPU a referral ({sealed} sealed, {plain} not); "
             f"the goal allows {allowed:.2f} ms; the crypto primitives of the job floor take {crypto_ms:.2f} ms, so "
-            f"{max(sealed - plain - crypto_ms, 0.0):.2f} ms is this design's own work around them (framing, "
-            "per-class Avro, headers, case keys, the batch signature of the hub's own records)"
+            f"{max(sealed - plain - crypto_ms, 0.0):.2f} ms at least is this design's own work around them "
+            "(framing and signing inputs, the per-class Avro of views of another shape, headers, case keys, "
+            "batch proofs; it pays less than those primitives for signatures and key wraps, one a batch and "
+            "cached)"
         )
     return out
 

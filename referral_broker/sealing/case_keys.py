@@ -338,11 +338,10 @@ class CaseKeyStore:
     def _legacy_tombstones(self) -> dict[str, Any]:
         """shredded.json of a store from before per-case tombstones, parsed again only when
         the file changed (another process may still be of the older version and write it)."""
-        path = self.root / "shredded.json"
         try:
             if not os.access(self._legacy_s, os.F_OK):
                 raise FileNotFoundError
-            st = path.stat()
+            st = os.stat(self._legacy_s)
         except FileNotFoundError:
             self._legacy = None
             return {}

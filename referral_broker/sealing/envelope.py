@@ -207,6 +207,7 @@ class MessageSealer:
         self.directory = directory
         self.cache = cache
         self.case_keys = case_keys
+        self._sealing_to: dict[str, str] = {}  # recipient -> the key its cached entries are for
 
     @property
     def party(self) -> str:
@@ -324,7 +325,9 @@ class MessageSealer:
         # A recipient key that is no longer the one to seal to (rotated or revoked) loses
         # its cached keys and shares now, not when they age out.
         recipient, key_id = slot[0], slot[1]
-        self.cache.forget(lambda s: isinstance(s, tuple) and s[0] == recipient and s[1] != key_id)
+        if self._sealing_to.get(recipient) != key_id:
+            self.cache.forget(lambda s: isinstance(s, tuple) and s[0] == recipient and s[1] != key_id)
+            self._sealing_to[recipient] = key_id
         hit = self.cache.get(slot)
         if hit is None:
             hit = new()

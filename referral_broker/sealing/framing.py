@@ -19,13 +19,14 @@ _U32 = struct.Struct(">I")
 
 def frame(*parts: bytes | str) -> bytes:
     """Each part as a 4-byte big-endian length then its bytes (strings as UTF-8)."""
-    out = bytearray()
+    out: list[bytes] = []
+    add = out.append
     pack = _U32.pack
     for part in parts:
         raw = part.encode("utf-8") if isinstance(part, str) else part
-        out += pack(len(raw))
-        out += raw
-    return bytes(out)
+        add(pack(len(raw)))
+        add(raw)
+    return b"".join(out)
 
 
 def unframe(data: bytes, count: int | None, what: str) -> list[bytes]:
