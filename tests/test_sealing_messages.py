@@ -479,3 +479,8 @@ def test_a_binary_shape_ignores_names_and_docs_but_not_fields_types_or_order() -
     assert binary_shape({**SCHEMA, "fields": [{**fields[0], "name": "renamed"}, *fields[1:]]}) != base
     assert binary_shape({**SCHEMA, "fields": [{**fields[1], "type": "long"}, fields[0], *fields[2:]]}) != base
     assert binary_shape({**SCHEMA, "fields": [fields[0], {**fields[1], "type": "long"}, *fields[2:]]}) != base
+    money = {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 2}
+    with_money = {**SCHEMA, "fields": [*fields, {"name": "award", "type": money}]}
+    assert binary_shape(with_money) != binary_shape(
+        {**SCHEMA, "fields": [*fields, {"name": "award", "type": {**money, "scale": 3}}]}
+    )

@@ -113,7 +113,10 @@ def binary_shape(schema: Schema) -> str:
             return {"array": walk(s["items"], ns)}
         if kind == "map":
             return {"map": walk(s["values"], ns)}
-        return walk(kind, ns) if not s.get("logicalType") else {"logical": [walk(kind, ns), s.get("logicalType")]}
+        if not s.get("logicalType"):
+            return walk(kind, ns)
+        # a decimal's scale and precision change the bytes a value encodes to
+        return {"logical": [walk(kind, ns), s["logicalType"], s.get("precision"), s.get("scale")]}
 
     return json.dumps(walk(schema, ""), separators=(",", ":"))
 
