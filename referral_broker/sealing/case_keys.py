@@ -320,14 +320,11 @@ class CaseKeyStore:
         return self._tombstones / f"{check_case_id(case_id)}.json"
 
     def shredded(self, case_id: str) -> Shredded | None:
-        # checked on every use of a case key: os.access answers "absent" without raising
-        if not os.access(f"{self._tombstones_s}/{check_case_id(case_id)}.json", os.F_OK):
-            t = self._legacy_tombstones().get(case_id)
-            return Shredded(case_id, t["case_key_id"], t["shredded_at"]) if t else None
-        path = self._tombstone_path(case_id)
-        if path.exists():
+        # checked on every use of a case key: a string path and os.access (no Path, no raise)
+        path = f"{self._tombstones_s}/{check_case_id(case_id)}.json"
+        if os.access(path, os.F_OK):
             try:
-                t = json.loads(read_private(path))
+                t = json.loads(read_private(Path(path)))
                 return Shredded(case_id, t["case_key_id"], t["shredded_at"])
             except (ValueError, KeyError, TypeError):
                 # fail closed: a tombstone is only ever written for a shredded case
