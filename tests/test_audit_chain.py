@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +27,7 @@ from referral_broker.audit_chain import (
 from referral_broker.audit_log import read_event_value
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
-from referral_broker.consumers.router import Router
+from referral_broker.consumers.router import SIGN_EVERY, Router
 from referral_broker.identity import load_identity
 from referral_broker.producers.intake import IntakeSender
 from referral_broker.schemas.synth import synthetic_referrals
@@ -95,7 +96,7 @@ def problems(report: Any) -> list[tuple[str, int, int | None, str | None]]:
 
 
 def test_router_chains_every_audit_record_and_verify_says_intact(county: Settings, kafka_bootstrap: str) -> None:
-    router = routed(county, kafka_bootstrap, 4)
+    router = routed(county, kafka_bootstrap, SIGN_EVERY + 5)  # a batch signed in two groups
     records = read_topic(county, kafka_bootstrap, "audit")
     decisions = [r for r in records if dict(r.headers).get("rb-kind") == b"audit.decision"]
     assert len(decisions) == router.stats.audited > 0
@@ -116,18 +117,21 @@ def test_router_chains_every_audit_record_and_verify_says_intact(county: Setting
     heads = read_heads(county, kafka_bootstrap, verify=hub.opener.verify)
     assert {p for (_c, p) in heads} == set(by_chain)
     assert all(h.seq == len(by_chain[p]) - 1 for (_c, p), h in heads.items())
-    # a batch's messages to one topic share one signature, each with its proof: the audit
-    # records, the archive, the ledger and every recipient's copies, each topic its own tree
-    signatures = {dict(r.headers)["rb-signature"] for r in records}
+    # the messages to one topic of a batch (of each SIGN_EVERY records of it) share one
+    # signature, each with its proof: the audit records, the archive, the ledger and every
+    # recipient's copies, each topic its own tree
+    signatures = Counter(dict(r.headers)["rb-signature"] for r in records)
     assert all("rb-batch-proof" in dict(r.headers) for r in records)
-    assert 1 <= len(signatures) <= router.stats.batches < len(records)
+    groups = router.stats.consumed // SIGN_EVERY + router.stats.batches  # the last of each with its checkpoint
+    assert 1 <= len(signatures) <= groups < len(records) and max(signatures.values()) > 1
+    assert len(signatures) * SIGN_EVERY > router.stats.consumed  # not one group a batch
     recipients = {read_event_value(r.value or b"")["recipient"] for r in decisions}
     copies = [r for party in sorted(recipients) for r in read_topic(county, kafka_bootstrap, "out", party=party)]
     assert len(copies) == router.stats.delivered > 0
     for rows in (read_topic(county, kafka_bootstrap, "archive"), read_topic(county, kafka_bootstrap, "deliveries"), copies):
         own = {dict(r.headers)["rb-signature"] for r in rows}
         assert rows and all("rb-batch-proof" in dict(r.headers) for r in rows)
-        assert own and not own & signatures  # a tree of its own topic
+        assert own and not own & set(signatures)  # a tree of its own topic
 
     result = cli(county, kafka_bootstrap, "audit", "verify", "--json")
     assert result.exit_code == 0, result.output

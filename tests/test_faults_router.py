@@ -172,8 +172,9 @@ class Watch:
 
     def transaction_open(self) -> bool:
         """True while a transaction holds uncommitted records on the team's out topic (its last
-        stable offset is behind its high watermark). The router sends each team copy as it
-        routes; the archive copy, signed with the batch, goes out only at the batch's end."""
+        stable offset is behind its high watermark). The router signs and sends what it has
+        routed every few records (``SIGN_EVERY``), so a batch's transaction is open on the
+        broker from its first few records to its commit."""
         high = self._ends(IsolationLevel.READ_UNCOMMITTED)
         stable = self._ends(IsolationLevel.READ_COMMITTED)
         return any(high[tp] > stable[tp] for tp in self.watched)
