@@ -16,7 +16,8 @@ from referral_broker.errors import SealingError, SignatureError
 from referral_broker.parties import HUB
 from referral_broker.sealing import merkle
 from referral_broker.sealing.envelope import sign_messages, sign_plain, verify_signed
-from referral_broker.sealing.signing import BATCH_PROOF_HEADER, SIGNATURE_HEADER, sign_message
+from referral_broker.sealing.framing import frame
+from referral_broker.sealing.signing import BATCH_PROOF_HEADER, SIGNATURE_HEADER, sign_message, signing_input
 
 TOPIC = "audit"
 
@@ -164,6 +165,27 @@ def test_a_batch_signature_cannot_pass_as_a_message_signature_or_back(world: Wor
         _check(world, replace(single, headers=forged))
     with pytest.raises(ValueError, match="no batch proof"):
         sign_message(pair.signing, TOPIC, b"k", [(BATCH_PROOF_HEADER, b"")], b"v")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("rb-kind", b"audit.decision"), ("rb-kind", b"")],  # a name twice, an empty value
+        [("ré-nom", b"\x00" * 300), (SIGNATURE_HEADER, b"s" * 64), ("x", b"1"), (BATCH_PROOF_HEADER, b"p")],
+    ],
+)
+def test_the_signing_input_is_the_framed_parts_it_is_defined_as(headers: list[tuple[str, bytes]]) -> None:
+    """Built in one pass with each header name's framing kept by name; it must still be exactly
+    ``frame(label, topic, key, count, name, value, ..., value)`` without the signature and proof."""
+    signed = [(n, v) for n, v in headers if n not in (SIGNATURE_HEADER, BATCH_PROOF_HEADER)]
+    for key, framed_key in ((b"k", b"\x01k"), (None, b"\x00")):
+        expected = frame(
+            b"referral-broker/message/v1", "tópic", framed_key, len(signed).to_bytes(4, "big"),
+            *[p for n, v in signed for p in (n, v)], b"value",
+        )
+        for _ in range(2):  # the second time from the names kept
+            assert signing_input("tópic", key, headers, b"value") == expected
 
 
 def test_a_message_awaiting_its_signature_is_never_sent_or_signed_twice(world: World) -> None:

@@ -38,13 +38,12 @@ with a sensitive field in the clear, and never put a value, a key or plaintext i
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from referral_broker.errors import ContractError, SealingError, SignatureError, TamperedError
 from referral_broker.parties import get_party
@@ -154,6 +153,16 @@ class OutgoingMessage:
     def check_signed(self) -> None:
         if self.awaiting_signature:
             raise SealingError("a message awaiting its batch signature may not be sent; refused")
+
+    def with_signature(self, headers: Headers) -> Self:
+        """This message signed: ``headers`` (its own and the signature's), no longer awaiting.
+        A copy of its fields, not ``dataclasses.replace`` (a quarter of the cost; it runs for
+        every message a batch signs, and no field but these two changes)."""
+        new = object.__new__(type(self))
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        fields["headers"], fields["awaiting_signature"] = headers, False
+        return new
 
 
 M = TypeVar("M", bound=OutgoingMessage)
@@ -384,7 +393,7 @@ def sign_messages(keystore: KeyStore, messages: Sequence[M]) -> list[M]:
         batch = [messages[i] for i in indexes]
         signed = sign_batch(signing, [(m.topic, m.key, m.headers, m.value) for m in batch])
         for i, m, headers in zip(indexes, batch, signed, strict=True):
-            out[i] = dataclasses.replace(m, headers=headers, awaiting_signature=False)
+            out[i] = m.with_signature(headers)
     return out
 
 

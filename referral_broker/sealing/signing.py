@@ -53,21 +53,38 @@ def signing_input(topic: str, key: bytes | None, headers: Headers, value: bytes)
     """The exact bytes a signature covers (the signature header itself left out): what
     ``frame(label, topic, key, count, name, value, ..., value)`` gives, built in one pass (it
     runs for every message signed or verified)."""
+    return _signing_input(topic, key, headers, value)[0]
+
+
+def _signing_input(topic: str, key: bytes | None, headers: Headers, value: bytes) -> tuple[bytes, bool]:
+    """:func:`signing_input`, and whether a signature or proof header was left out."""
     pack = _U32.pack
-    signed = [(name, val) for name, val in headers if name not in _UNSIGNED]
+    names = _FRAMED_NAMES
     raw_topic = topic.encode("utf-8")
     raw_key = b"\x00" if key is None else b"\x01" + key
-    out = [_FRAMED_LABEL, pack(len(raw_topic)), raw_topic, pack(len(raw_key)), raw_key, _FOUR, pack(len(signed))]
-    add = out.append
-    for name, val in signed:
-        raw_name = name.encode("utf-8")
-        add(pack(len(raw_name)))
-        add(raw_name)
-        add(pack(len(val)))
-        add(val)
-    add(pack(len(value)))
-    add(value)
-    return b"".join(out)
+    out = [_FRAMED_LABEL, pack(len(raw_topic)), raw_topic, pack(len(raw_key)), raw_key, _FOUR, b""]
+    add = out.extend
+    count = 0
+    for name, val in headers:
+        if name in _UNSIGNED:
+            continue
+        add((names.get(name) or _framed_name(name), pack(len(val)), val))
+        count += 1
+    out[6] = pack(count)
+    add((pack(len(value)), value))
+    return b"".join(out), count != len(headers)
+
+
+# A header name's framed bytes, by name: the same few dozen names head every message.
+_FRAMED_NAMES: dict[str, bytes] = {}
+
+
+def _framed_name(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    framed = _U32.pack(len(raw)) + raw
+    if len(_FRAMED_NAMES) < 1024:  # a sender's odd names do not grow it without bound
+        _FRAMED_NAMES[name] = framed
+    return framed
 
 
 def sign_message(
@@ -83,10 +100,12 @@ def sign_batch(
 ) -> list[list[tuple[str, bytes]]]:
     """The headers of each (topic, key, headers, value), in order, with its ``rb-batch-proof``
     and the batch's one signature appended: what :func:`verify_message` accepts for each."""
-    for _, _, headers, _ in messages:
-        if any(name in _UNSIGNED for name, _ in headers):
+    leaves = []
+    for topic, key, headers, value in messages:
+        data, left_out = _signing_input(topic, key, headers, value)
+        if left_out:
             raise ValueError("a message of a batch must not carry a signature or a proof yet")
-    leaves = [leaf_hash(signing_input(topic, key, headers, value)) for topic, key, headers, value in messages]
+        leaves.append(leaf_hash(data))
     root, paths = tree(leaves)
     signature = private_key.sign(frame(_BATCH_LABEL, root))
     return [
