@@ -4,6 +4,7 @@ every way a sealed value can be damaged refused with a precise reason and no pla
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -12,13 +13,16 @@ from hypothesis import strategies as st
 from referral_broker.errors import ContractError, TamperedError
 from referral_broker.sealing.fields import (
     FORMAT_VERSION,
+    NONCE_SIZE,
     Binding,
     DataKey,
     FieldCodec,
     FieldContext,
     MessageCipher,
+    _NoncePool,
     associated_data,
     message_aad_prefix,
+    nonces,
     open_value,
     seal_value,
 )
@@ -259,3 +263,27 @@ def test_the_fast_field_encoder_writes_fastavros_bytes(data: object) -> None:
     with pytest.raises(ContractError):
         FieldCodec("child.f5", "long").encode(2**64)
     assert FieldCodec("child.d", {"type": "int", "logicalType": "date"})._fast is None  # fastavro's
+
+
+def test_pooled_nonces_are_never_handed_out_twice_not_even_across_a_fork() -> None:
+    """Nonces come from the OS a block at a time: every take is new bytes, across blocks, and
+    a forked child does not go on with its parent's block (two sealers, one nonce)."""
+    pool = _NoncePool()
+    taken = [pool.take(3) for _ in range(_NoncePool.BLOCK)] + [pool.take(1) for _ in range(_NoncePool.BLOCK)]
+    assert [len(t) for t in taken[:1]] == [3 * NONCE_SIZE] and len(taken[-1]) == NONCE_SIZE
+    singles = [t[i : i + NONCE_SIZE] for t in taken for i in range(0, len(t), NONCE_SIZE)]
+    assert len(set(singles)) == len(singles) == 4 * _NoncePool.BLOCK  # three blocks drawn
+    assert len(pool.take(_NoncePool.BLOCK + 1)) == (_NoncePool.BLOCK + 1) * NONCE_SIZE
+
+    nonces.take()  # the module's pool has a block in hand before the fork
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, nonces.take(4))
+        os._exit(0)
+    os.close(write)
+    from_child = os.read(read, 4 * NONCE_SIZE)
+    os.close(read)
+    os.waitpid(child, 0)
+    assert len(from_child) == 4 * NONCE_SIZE
+    assert nonces.take(4) != from_child

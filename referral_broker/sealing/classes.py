@@ -35,7 +35,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,7 @@ from referral_broker.sealing.fields import (
     DataKey,
     FieldContext,
     _message_part,
+    nonces,
 )
 from referral_broker.sealing.framing import frame, short
 
@@ -266,7 +266,7 @@ class ClassLayout:
         ``reuse``: the same values as opened from another message; a class of the same shape
         is sealed from its bytes, not encoded again."""
         header = bytes([CLASS_FORMAT_VERSION, CIPHER_AES_256_GCM]) + short(key.key_id)
-        nonces = os.urandom(NONCE_SIZE * len(self.classes))
+        drawn = nonces.take(len(self.classes))
         prefix = _class_prefix(context, key.key_id)  # class_aad's, once for the message
         blobs: list[bytes] = []
         for i, c in enumerate(self.classes):
@@ -277,7 +277,7 @@ class ClassLayout:
                 schemaless_writer(buf, self._class_parsed[c], record)
                 encoded = buf.getvalue()
             plaintext = encoded + _PADDING[PAD_BLOCK - (len(encoded) % PAD_BLOCK)]
-            nonce = nonces[i * NONCE_SIZE : (i + 1) * NONCE_SIZE]
+            nonce = drawn[i * NONCE_SIZE : (i + 1) * NONCE_SIZE]
             aad = prefix + self._framed_class[c]
             blobs.append(header + nonce + key.aead.encrypt(nonce, plaintext, aad))
         return self.wire_header + projection + _array(blobs)

@@ -27,6 +27,7 @@ and ``from_json`` refuses any other field.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -130,6 +131,11 @@ class KeyEntry:
     revoked_at: float | None = None
 
     def signing_key(self) -> Ed25519PublicKey:
+        return self._signing_key
+
+    @functools.cached_property
+    def _signing_key(self) -> Ed25519PublicKey:
+        # built once per entry, not once per message verified (an entry never changes)
         return Ed25519PublicKey.from_public_bytes(self.signing_public)
 
     def encryption_key(self) -> X25519PublicKey:

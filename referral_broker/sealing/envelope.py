@@ -56,7 +56,7 @@ from referral_broker.sealing.fields import (
     FieldContext,
     clear_digest,
     open_binding,
-    seal_binding,
+    sealed_binding,
 )
 from referral_broker.sealing.keystore import KeyStore
 from referral_broker.sealing.records import SealingPlan, sealing_plan
@@ -286,7 +286,8 @@ class MessageSealer:
         binding = Binding(self.party, topic, kind, clear_digest(projection))
         context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint, binding)
         value = plan.seal_classes(record, projection, key, context, reuse)
-        sealed_binding = seal_binding(binding, projection, key, context.unbound())
+        # binding was made from this projection's digest just above: not digested again
+        binding_header = sealed_binding(binding, projection, key, context.unbound())
         headers: Headers = [
             (H_FORMAT, MESSAGE_FORMAT),
             (H_KIND, kind.encode()),
@@ -301,7 +302,7 @@ class MessageSealer:
         if case_id is not None:
             headers.append((H_CASE, case_id.encode()))
         headers.append((H_DEK, wrapped))
-        headers.append((H_BINDING, sealed_binding))
+        headers.append((H_BINDING, binding_header))
         headers.extend((n, bytes(v)) for n, v in extra_headers)
         msg_key = referral_id.encode("utf-8")
         if not sign:

@@ -37,11 +37,11 @@ exception message, and must never return partial plaintext.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,38 @@ _BINDING_LABEL = b"referral-broker/binding/v2"
 _CLEAR_LABEL = b"referral-broker/clear-fields/v2"
 DIGEST_SIZE = 32
 _U64 = struct.Struct(">Q")
+
+
+class _NoncePool:
+    """Fresh random AES-GCM nonces, drawn from the OS a block at a time: one ``getrandom``
+    for hundreds of messages instead of one or more each (the same CSPRNG bytes). Each nonce
+    is handed out once, under a lock; a forked child starts on a block of its own, so a parent
+    and its child never seal with the same nonce."""
+
+    BLOCK = 512  # nonces a draw
+
+    def __init__(self) -> None:
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._pos = 0
+
+    def take(self, count: int = 1) -> bytes:
+        """``count`` nonces, concatenated."""
+        size = NONCE_SIZE * count
+        with self._lock:
+            if self._pos + size > len(self._buf):
+                self._buf = os.urandom(NONCE_SIZE * max(self.BLOCK, count))
+                self._pos = 0
+            start = self._pos
+            self._pos = start + size
+            return self._buf[start : self._pos]
+
+
+nonces = _NoncePool()
+os.register_at_fork(after_in_child=nonces._fresh)
 
 
 class DataKey:
@@ -188,7 +220,6 @@ def message_aad_prefix(context: FieldContext, key: DataKey) -> bytes:
     return _message_part(context, context.version, CIPHER_AES_256_GCM, key.key_id)
 
 
-@functools.lru_cache(maxsize=1024)
 def _message_part(context: FieldContext, version: int, cipher: int, data_key_id: bytes) -> bytes:
     parts: list[bytes | str] = [
         _MESSAGE_LABELS[version],
@@ -351,7 +382,7 @@ class MessageCipher:
         self._draw(max(1, values))
 
     def _draw(self, count: int) -> None:
-        self._nonces = os.urandom(NONCE_SIZE * count)
+        self._nonces = nonces.take(count)
         self._pos = 0
 
     def seal(self, value: Any, codec: FieldCodec) -> bytes:
@@ -464,8 +495,14 @@ def seal_binding(binding: Binding, projection: bytes, key: DataKey, context: Fie
     """
     if clear_digest(projection) != binding.clear_digest:
         raise ValueError("the binding's digest is not the digest of these clear fields")
+    return sealed_binding(binding, projection, key, context)
+
+
+def sealed_binding(binding: Binding, projection: bytes, key: DataKey, context: FieldContext) -> bytes:
+    """:func:`seal_binding` for a caller that made ``binding`` from ``projection``'s digest
+    itself (the sealer: it has just computed it, so it is not computed again)."""
     plaintext = frame(binding.sender, binding.topic, binding.kind, binding.clear_digest, projection)
-    nonce = os.urandom(NONCE_SIZE)
+    nonce = nonces.take()
     aad = _binding_aad(context, CIPHER_AES_256_GCM, key.key_id)
     return key.sealed_header + nonce + key.aead.encrypt(nonce, plaintext, aad)
 
