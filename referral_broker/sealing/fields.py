@@ -366,7 +366,7 @@ class MessageCipher:
     """Seals (today's format) or opens the values of ONE message under one data key and
     context: what :func:`seal_value` and :func:`open_value` do per value, with the message's
     part of the associated data framed once (it is the same for every field of a message) and
-    the random nonces drawn from the OS in one call for the whole message. The bytes are the
+    the message's nonces taken from the pool in one call. The bytes are the
     same as :func:`seal_value`'s: ``prefix + frame(path) == associated_data(...)``."""
 
     __slots__ = ("_nonces", "_pos", "context", "key", "prefix")
