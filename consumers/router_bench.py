@@ -512,6 +512,21 @@ def _timed_router(settings: Settings, bootstrap: str, count: int, **kwargs: Any)
     return stats.consumed / (stats.last_commit_at - stats.first_record_at), cpu / stats.consumed * 1000
 
 
+def _fill_intake(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]], *, sealed: bool) -> None:
+    """The school's intake topic with ``referrals``: sealed and signed by its adapter, or
+    plain single-object Avro for the unsealed router (:class:`PlainSealer`)."""
+    if sealed:
+        with IntakeSender(settings, bootstrap, SENDER) as sender:
+            sender.send_referrals(referrals)
+        return
+    producer = build_producer(settings, bootstrap)
+    topic = topic_name(settings, "intake", SENDER)
+    for r in referrals:
+        producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
+    producer.flush()
+    producer.close()
+
+
 def _run_label(recipients: int, sealed: bool) -> str:
     return f"router_{recipients}_recipient{'s' if recipients > 1 else ''}{'' if sealed else '_unsealed'}"
 
@@ -550,9 +565,8 @@ def run(
                 try:
                     _county_keys(settings, bootstrap)
                     referrals = _shaped(count, recipients, seed=recipients)
+                    _fill_intake(settings, bootstrap, referrals, sealed=sealed)
                     if sealed:
-                        with IntakeSender(settings, bootstrap, SENDER) as sender:
-                            sender.send_referrals(referrals)
                         rate, cpu = _timed_router(settings, bootstrap, count)
                         if recipients == 3 and i == 0:
                             progress("floor")
@@ -571,12 +585,6 @@ def run(
                                 settings, bootstrap, intake, topic_name(settings, "dlq"), count
                             )
                     else:
-                        producer = build_producer(settings, bootstrap)
-                        topic = topic_name(settings, "intake", SENDER)
-                        for r in referrals:
-                            producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
-                        producer.flush()
-                        producer.close()
                         rate, cpu = _timed_router(settings, bootstrap, count, sealer=PlainSealer(SENDER))
                     rates[label].append(rate)
                     cpus[label].append(cpu)
@@ -669,6 +677,93 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
         "referrals_per_second_profiled": round(stats.consumed / (stats.last_commit_at - stats.first_record_at), 1),
         "cpu_ms_per_referral_profiled": round(cpu * 1000 / stats.consumed, 2),
         **by_component(profiler),
+    }
+
+
+# -- where sealing's cost lands (bench router --profile) --------------------------------------
+# The router's own methods timed, on its own thread, with no profiler (cProfile's cost per call
+# would swamp the differences): (label, method of the Router, or of its sealer).
+_STAGES = (
+    ("open: verify, unwrap, decrypt, decode", "_open_referral"),
+    ("copies: views encoded, sealed, headers", "_seal"),
+    ("audit records", "_audit"),
+    ("batch signatures", "sealer.sign_batch"),
+)
+_ROUTING = "_process_referral"
+
+
+def _timed_stages(router: Router) -> dict[str, int]:
+    """Wrap ``router``'s stage methods (on the instance: nothing else is touched) so each adds
+    its thread CPU ns to the returned totals; ``_process_referral`` is timed too."""
+    spent = dict.fromkeys([label for label, _ in _STAGES] + [_ROUTING], 0)
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        method = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time_ns()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[label] += time.thread_time_ns() - start
+
+        setattr(owner, name, wrapper)
+
+    for label, path in _STAGES:
+        owner, _, name = path.rpartition(".")
+        timed(router.sealer if owner else router, name, label)
+    timed(router, _ROUTING, _ROUTING)
+    return spent
+
+
+def stage_costs(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> dict[str, float]:
+    """µs a referral (3 recipients) the router spends in each stage, sealed or not: its main
+    thread by stage, the rest of routing (validation, policy, views, ledger), the Kafka client
+    and loop on its thread, and its other threads (kafka-python's I/O); they add up to its CPU."""
+    with tempfile.TemporaryDirectory(prefix="rb-bench-stages-") as tmp:
+        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
+        ensure_with_county(settings, bootstrap)
+        try:
+            _county_keys(settings, bootstrap)
+            _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
+            kwargs: dict[str, Any] = {} if sealed else {"sealer": PlainSealer(SENDER)}
+            router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6], **kwargs)
+            spent = _timed_stages(router)
+            freeze_startup_heap()  # as 'route' does before its loop
+            cpu, main = time.process_time_ns(), time.thread_time_ns()
+            router.run(max_records=count, stop_when_idle=30)
+            cpu, main = time.process_time_ns() - cpu, time.thread_time_ns() - main
+        finally:
+            delete_namespace(settings, bootstrap)
+    n = router.stats.consumed
+    if router.stats.dead_lettered or not n:
+        raise BrokerError(f"stage run dead-lettered or read nothing: {router.stats.by_reason}")
+    us = {label: spent[label] / n / 1000 for label, _ in _STAGES}
+    routing = spent.pop(_ROUTING)
+    us["the rest of routing: validation, policy, views, ledger"] = (
+        routing - sum(v for k, v in spent.items() if k != "batch signatures")
+    ) / n / 1000
+    us["Kafka client and loop, router thread"] = (main - routing - spent["batch signatures"]) / n / 1000
+    us["other threads: kafka-python's I/O"] = (cpu - main) / n / 1000
+    return {k: round(v, 1) for k, v in us.items()}
+
+
+def profile_stages(base: Settings, bootstrap: str, *, count: int, rounds: int = 3) -> dict[str, Any]:
+    """:func:`stage_costs` sealed and unsealed, alternating, each stage the median of
+    ``rounds`` (one run's stages drift by a fifth on a shared machine), and what goal 3
+    allows sealing to add."""
+    runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    for _ in range(rounds):
+        for sealed_run in (True, False):
+            runs[sealed_run].append(stage_costs(base, bootstrap, count=count, sealed=sealed_run))
+    sealed, plain = ({k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in (True, False))
+    total_sealed, total_plain = sum(sealed.values()), sum(plain.values())
+    return {
+        "rounds": rounds,
+        "stages_us_per_referral": {k: {"sealed": v, "unsealed": plain[k]} for k, v in sealed.items()},
+        "total_us": {"sealed": round(total_sealed, 1), "unsealed": round(total_plain, 1)},
+        "sealing_adds_us": round(total_sealed - total_plain, 1),
+        "goal_allows_us": round(total_plain * (1 / GOALS["sealed_over_unsealed_3"] - 1), 1),
     }
 
 

@@ -386,6 +386,19 @@ def test_bench_router_profile_splits_the_routers_time_by_component(
     assert close(sum(c["seconds"] for c in data["components"]), data["profiled_s"], 0.01)
     assert close(sum(c["share"] for c in data["components"]), 1.0, 0.01)
     assert len(data["top_functions"]) == 15
+    # by stage, sealed and unsealed, without the profiler (the unsealed router's "signing"
+    # only marks its ledger entries sendable)
+    stages = data["stages"]
+    by_stage = stages["stages_us_per_referral"]
+    assert by_stage["batch signatures"]["sealed"] > by_stage["batch signatures"]["unsealed"]
+    for label, v in by_stage.items():
+        assert v["sealed"] > 0 and v["unsealed"] > 0, label
+    # the stages are the router's whole CPU, split; what sealing adds and what the goal allows
+    for run in ("sealed", "unsealed"):
+        assert close(sum(v[run] for v in by_stage.values()), stages["total_us"][run], 0.01)
+    assert close(stages["sealing_adds_us"], stages["total_us"]["sealed"] - stages["total_us"]["unsealed"], 0.01)
+    assert close(stages["goal_allows_us"], stages["total_us"]["unsealed"] * (1 / 0.74 - 1), 0.01)
     bench_cmd._show_profile(data)
     shown = capsys.readouterr().out
     assert "component (own time)" in shown and "Ed25519 sign and verify" in shown
+    assert "sealing adds" in shown and "copies: views encoded, sealed, headers" in shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -71,12 +72,15 @@ def seal(obj: CliContext, iterations: int, as_json: bool) -> None:
     default=1,
     show_default=True,
     type=click.IntRange(1, 20),
-    help="Repeat the four router runs (sealed and unsealed alternating) and show the medians.",
+    help="Repeat the four router runs (with --profile: the two stage runs), sealed and unsealed alternating, and show the medians.",
 )
 @click.option(
     "--profile",
     is_flag=True,
-    help="Instead: route COUNT referrals to 3 recipients under cProfile and show where the time goes.",
+    help=(
+        "Instead: route COUNT referrals to 3 recipients under cProfile and show where the time goes, "
+        "then each stage's CPU sealed and unsealed (no profiler)."
+    ),
 )
 @json_option
 @pass_cli
@@ -85,14 +89,19 @@ def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bo
     must pay) beside the per-field floor, raw kafka-python pass-through, the router at 1 and 3
     recipients, and the same without sealing/signing; ratios and peak RSS. With --processes N,
     one router process against N in one consumer group, and why when N do not reach 1.6x.
-    With --profile, the router's time by component instead."""
+    With --profile, the router's time by component instead, and by stage sealed and unsealed
+    (what sealing and signing add to each, against what the 0.74 goal allows them)."""
     from referral_broker.cli.bench_orgs import broker_pid
-    from referral_broker.consumers.router_bench import profile_router, run
+    from referral_broker.consumers.router_bench import profile_router, profile_stages, run
 
-    progress = (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
+    progress: Callable[[str], None] = (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
     bootstrap = obj.bootstrap()
     if profile:
-        emit(profile_router(obj.settings, bootstrap, count=count), as_json, _show_profile)
+        progress("the router under cProfile")
+        profiled = profile_router(obj.settings, bootstrap, count=count)
+        progress("the router's stages, sealed and unsealed")
+        profiled["stages"] = profile_stages(obj.settings, bootstrap, count=count, rounds=rounds)
+        emit(profiled, as_json, _show_profile)
         return
     data = run(
         obj.settings,
@@ -112,6 +121,20 @@ def _show_profile(d: dict[str, Any]) -> None:
         f"{d['cpu_ms_per_referral_profiled']} ms CPU per referral (profiled; both worse than without the profiler)\n"
     )
     _show_components(d)
+    stages = d["stages"]
+    each = f", the median of {stages['rounds']} rounds" if stages["rounds"] > 1 else ""
+    click.echo(f"\nThe router's CPU by stage, µs a referral at 3 recipients (no profiler{each}):")
+    rows = [
+        [label, f"{v['sealed']:.0f}", f"{v['unsealed']:.0f}", f"{v['sealed'] - v['unsealed']:+.0f}"]
+        for label, v in stages["stages_us_per_referral"].items()
+    ]
+    total = stages["total_us"]
+    rows.append(["all", f"{total['sealed']:.0f}", f"{total['unsealed']:.0f}", f"{stages['sealing_adds_us']:+.0f}"])
+    click.echo(table(rows, ["stage", "sealed", "unsealed", "sealing adds"]))
+    click.echo(
+        f"Sealing and signing add {stages['sealing_adds_us']:.0f} µs a referral; sealed over unsealed >= 0.74 "
+        f"allows {stages['goal_allows_us']:.0f} µs."
+    )
 
 
 def _show_router(d: dict[str, Any]) -> None:

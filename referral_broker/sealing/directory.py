@@ -240,6 +240,8 @@ class KeyDirectory:
 
     def __init__(self, entries: Iterable[KeyEntry] = ()) -> None:
         self._entries: dict[str, KeyEntry] = {}
+        # the same entries by party: a seal looks up its recipient's key, not the whole county's
+        self._by_party: dict[str, dict[str, KeyEntry]] = {}
         self._proofs: dict[str, dict[str, Any]] = {}
         self.refused: list[Refusal] = []
         for e in entries:
@@ -254,6 +256,9 @@ class KeyDirectory:
             if _RANK[entry.status] < _RANK[old.status]:
                 return old
         self._entries[entry.key_id] = entry
+        if old is not None:
+            self._by_party[old.party].pop(old.key_id, None)
+        self._by_party.setdefault(entry.party, {})[entry.key_id] = entry
         if proof is not None:
             self._proofs[entry.key_id] = proof
         else:
@@ -318,7 +323,7 @@ class KeyDirectory:
         return self._proofs.get(key_id)
 
     def entries(self, party: str | None = None) -> list[KeyEntry]:
-        found = [e for e in self._entries.values() if party is None or e.party == party]
+        found = self._entries.values() if party is None else self._by_party.get(party, {}).values()
         return sorted(found, key=lambda e: (e.party, e.not_before, e.key_id))
 
     def get(self, key_id: str) -> KeyEntry:
