@@ -64,6 +64,7 @@ from referral_broker.sealing.envelope import (
     H_SENDER_KEY,
     H_SIGNATURE,
 )
+from referral_broker.sealing.fields import Binding, DataKey, FieldContext
 from referral_broker.sealing.key_admin import init_parties
 from referral_broker.sealing.signing import BATCH_PROOF_HEADER, sign_message
 from referral_broker.sealing.wrapping import MODE_RECIPIENT_AND_CASE, read_wrapped_header
@@ -547,6 +548,26 @@ def test_format_3_seals_each_data_class_once_and_binds_it_to_its_class(
         assert not any(secret in str(info.value) for secret in secrets_of(referral))
     # unchanged, both open (the data key was shared, the classes are each message's own)
     assert opener.open(base).record == referral
+
+
+def test_format_3_refuses_a_record_present_in_one_class_and_null_in_another() -> None:
+    """Only a holder of the data key could splice this: a nested record of two classes,
+    present in the clear fields and one class but null in the other, is refused with its path
+    (and no value), not put together from what happens to be there."""
+    plan = sealing_plan(referral_schema())
+    layout = plan.layout
+    present = next(school_referral(seed) for seed in range(50) if school_referral(seed)["health_and_development"])
+    absent = dict(present, health_and_development=None)
+    key = DataKey.generate()
+    context = FieldContext(str(present["referral_id"]), 1, HUB, plan.fingerprint, Binding(SCHOOL, "t", "referral", bytes(32)))
+    (clear, projection, blobs), (_, _, others) = (
+        layout.decode(layout.seal(r, layout.projection(r), key, context)) for r in (present, absent)
+    )
+    assert layout.open(clear, projection, blobs, key, context)[0] == present  # as sealed, it opens whole
+    special = layout.classes.index("special_category")
+    spliced = [*blobs[:special], others[special], *blobs[special + 1 :]]
+    with pytest.raises(TamperedError, match=r"^record health_and_development: present in some data classes and null"):
+        layout.open(clear, projection, spliced, key, context)
 
 
 def test_format_3_names_the_field_of_a_value_that_does_not_fit(parties: dict[str, KeyStore]) -> None:

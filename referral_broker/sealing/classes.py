@@ -218,9 +218,8 @@ class ClassLayout:
         self._clear = _parsed(clear, f"schema {schema_name}")
         self.classes: tuple[str, ...] = tuple(c for c in DATA_CLASSES if c != "operational" and self._has(fields, c))
         # the paths of the nested records holding a sealed field: the rest are read whole
-        self._sealing = frozenset(
-            p.path for p in _records(fields) if any(self._has(p.child, c) for c in self.classes)
-        )
+        sealing = frozenset(p.path for p in _records(fields) if any(self._has(p.child, c) for c in self.classes))
+        self._merge_steps = _merge_steps(fields, self.classes, sealing)
         self._framed_class = {c: frame(c) for c in self.classes}
         self._class_parsed: dict[str, Any] = {}
         self.shapes = {CLEAR: binary_shape(clear)}
@@ -320,7 +319,7 @@ class ClassLayout:
         encoded: dict[str, bytes] = {}
         for c, blob in zip(self.classes, blobs, strict=True):
             parts[c], encoded[c] = self._open_class(c, blob, key, prefix + self._framed_class[c])
-        record = _merge(self._fields, clear, parts, "", self._sealing)
+        record = _merge(self._merge_steps, clear, parts)
         return record, ClassBytes(self.shapes, projection, encoded)
 
     def _open_class(self, data_class: str, sealed: bytes, key: DataKey, aad: bytes) -> tuple[dict[str, Any], bytes]:
@@ -387,23 +386,39 @@ def _records(fields: tuple[_FieldPlan, ...]) -> Iterator[_FieldPlan]:
             yield from _records(p.child)
 
 
-def _merge(
-    fields: tuple[_FieldPlan, ...], clear: dict[str, Any], parts: dict[str, Any], path: str, sealing: frozenset[str]
-) -> dict[str, Any]:
+# How _merge takes a field: from the clear part, from its class's part, or put together.
+_FROM_CLEAR, _FROM_CLASS, _NESTED = 0, 1, 2
+_MergeStep = tuple[str, int, Any, Any, str]  # name, how, data class (or the classes holding it), steps, path
+
+
+def _merge_steps(fields: tuple[_FieldPlan, ...], classes: tuple[str, ...], sealing: frozenset[str]) -> tuple[_MergeStep, ...]:
+    """:func:`_merge`'s plan of ``fields``, made once per layout: where each field's value is
+    read, and for a nested record holding sealed fields, the classes whose parts hold it."""
+    steps: list[_MergeStep] = []
+    for p in fields:
+        if p.action == "clear" or (p.action == "record" and p.path not in sealing):
+            steps.append((p.name, _FROM_CLEAR, None, None, p.path))  # a record: the clear schema read it whole
+        elif p.action == "seal":
+            steps.append((p.name, _FROM_CLASS, p.data_class, None, p.path))
+        else:
+            holders = tuple(c for c in classes if ClassLayout._has(p.child, c))
+            steps.append((p.name, _NESTED, holders, _merge_steps(p.child, classes, sealing), p.path))
+    return tuple(steps)
+
+
+def _merge(steps: tuple[_MergeStep, ...], clear: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
     """The record put back together from its clear fields and its opened classes. A nested
     record is present in every part holding fields of it, or in none."""
     out: dict[str, Any] = {}
-    for p in fields:
-        if p.action == "clear":
-            out[p.name] = clear[p.name]
-        elif p.action == "seal":
-            out[p.name] = parts[p.data_class][p.name]
-        elif p.path not in sealing:
-            out[p.name] = clear[p.name]  # all clear: the clear schema read it whole
+    for name, how, where, child, path in steps:
+        if how == _FROM_CLEAR:
+            out[name] = clear[name]
+        elif how == _FROM_CLASS:
+            out[name] = parts[where][name]
         else:
-            sub = clear[p.name]
-            inner = {c: d[p.name] for c, d in parts.items() if p.name in d}
+            sub = clear[name]
+            inner = {c: parts[c][name] for c in where}
             if any((v is None) != (sub is None) for v in inner.values()):
-                raise TamperedError(f"record {path}{p.name}: present in some data classes and null in others")
-            out[p.name] = None if sub is None else _merge(p.child, sub, inner, f"{path}{p.name}.", sealing)
+                raise TamperedError(f"record {path}: present in some data classes and null in others")
+            out[name] = None if sub is None else _merge(child, sub, inner)
     return out
