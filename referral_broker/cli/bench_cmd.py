@@ -72,7 +72,10 @@ def seal(obj: CliContext, iterations: int, as_json: bool) -> None:
     default=1,
     show_default=True,
     type=click.IntRange(1, 20),
-    help="Repeat the four router runs (with --profile: the two stage runs), sealed and unsealed alternating, and show the medians.",
+    help=(
+        "Repeat the four router runs (with --profile: the two stage runs), sealed and unsealed "
+        "alternating, and show the medians."
+    ),
 )
 @click.option(
     "--profile",
@@ -94,7 +97,9 @@ def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bo
     from referral_broker.cli.bench_orgs import broker_pid
     from referral_broker.consumers.router_bench import profile_router, profile_stages, run
 
-    progress: Callable[[str], None] = (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
+    progress: Callable[[str], None] = (
+        (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
+    )
     bootstrap = obj.bootstrap()
     if profile:
         progress("the router under cProfile")
@@ -129,7 +134,8 @@ def _show_profile(d: dict[str, Any]) -> None:
         for label, v in stages["stages_us_per_referral"].items()
     ]
     total = stages["total_us"]
-    rows.append(["all", f"{total['sealed']:.0f}", f"{total['unsealed']:.0f}", f"{stages['sealing_adds_us']:+.0f}"])
+    adds = stages["sealing_adds_us"]
+    rows.append(["all", f"{total['sealed']:.0f}", f"{total['unsealed']:.0f}", f"{adds:+.0f}"])
     click.echo(table(rows, ["stage", "sealed", "unsealed", "sealing adds"]))
     click.echo(
         f"Sealing and signing add {stages['sealing_adds_us']:.0f} µs a referral; sealed over unsealed >= 0.74 "

@@ -391,13 +391,16 @@ _FROM_CLEAR, _FROM_CLASS, _NESTED = 0, 1, 2
 _MergeStep = tuple[str, int, Any, Any, str]  # name, how, data class (or the classes holding it), steps, path
 
 
-def _merge_steps(fields: tuple[_FieldPlan, ...], classes: tuple[str, ...], sealing: frozenset[str]) -> tuple[_MergeStep, ...]:
+def _merge_steps(
+    fields: tuple[_FieldPlan, ...], classes: tuple[str, ...], sealing: frozenset[str]
+) -> tuple[_MergeStep, ...]:
     """:func:`_merge`'s plan of ``fields``, made once per layout: where each field's value is
     read, and for a nested record holding sealed fields, the classes whose parts hold it."""
     steps: list[_MergeStep] = []
     for p in fields:
         if p.action == "clear" or (p.action == "record" and p.path not in sealing):
-            steps.append((p.name, _FROM_CLEAR, None, None, p.path))  # a record: the clear schema read it whole
+            # a record here holds no sealed field: the clear schema read it whole
+            steps.append((p.name, _FROM_CLEAR, None, None, p.path))
         elif p.action == "seal":
             steps.append((p.name, _FROM_CLASS, p.data_class, None, p.path))
         else:
