@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,24 @@ def test_revocation_is_final_and_named(tmp_path: Path) -> None:
         directory.encryption_key_for(POLICE, NOW + 10)
     with pytest.raises(RevokedKeyError, match=f"revoked key {active.key_id}"):
         directory.signer(active.key_id, POLICE, NOW + 1, NOW + 10)
+
+
+def test_a_used_directory_pickles_and_finds_keys_by_party(tmp_path: Path) -> None:
+    """A file-pool worker is sent the sender's directory (pickled) after the sender verified
+    with it, so an entry holds no key object; lookups by party follow every merge."""
+    stores = {p: KeyStore.create(tmp_path / "keys", p, now=NOW) for p in (POLICE, HEALTH)}
+    directory = KeyDirectory(_entry(s) for s in stores.values())
+    police = _entry(stores[POLICE])
+    directory.signer(police.key_id, POLICE, NOW + 1, NOW + 10)  # its public key object built
+    copied = pickle.loads(pickle.dumps(directory))
+    assert [e.to_json() for e in copied.entries()] == [e.to_json() for e in directory.entries()]
+    assert copied.encryption_key_for(POLICE, NOW + 10).key_id == police.key_id
+    assert [e.party for e in copied.entries(HEALTH)] == [HEALTH]
+    copied.merge(stores[POLICE].revoke(police.key_id, now=NOW + 5).public_entry())
+    assert [e.status for e in copied.entries(POLICE)] == [KeyStatus.REVOKED]
+    with pytest.raises(RevokedKeyError):
+        copied.encryption_key_for(POLICE, NOW + 10)
+    assert directory.get(police.key_id).status is KeyStatus.ACTIVE  # the original is its own
 
 
 def test_validity_window(tmp_path: Path) -> None:

@@ -117,6 +117,13 @@ def _unb64(text: Any, what: str) -> bytes:
     return raw
 
 
+@functools.lru_cache(maxsize=1024)
+def _ed25519_public(raw: bytes) -> Ed25519PublicKey:
+    """A public key object built once per key, not once per message verified; kept outside
+    :class:`KeyEntry` so an entry stays plain data (a worker process is sent its directory)."""
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 @dataclass(frozen=True)
 class KeyEntry:
     """One key id of one party: public halves only."""
@@ -131,12 +138,7 @@ class KeyEntry:
     revoked_at: float | None = None
 
     def signing_key(self) -> Ed25519PublicKey:
-        return self._signing_key
-
-    @functools.cached_property
-    def _signing_key(self) -> Ed25519PublicKey:
-        # built once per entry, not once per message verified (an entry never changes)
-        return Ed25519PublicKey.from_public_bytes(self.signing_public)
+        return _ed25519_public(self.signing_public)
 
     def encryption_key(self) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(self.encryption_public)
