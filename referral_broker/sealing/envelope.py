@@ -56,7 +56,7 @@ from referral_broker.sealing.fields import (
     FieldContext,
     clear_digest,
     open_binding,
-    sealed_binding,
+    seal_binding,
 )
 from referral_broker.sealing.keystore import KeyStore
 from referral_broker.sealing.records import SealingPlan, sealing_plan
@@ -286,8 +286,7 @@ class MessageSealer:
         binding = Binding(self.party, topic, kind, clear_digest(projection))
         context = FieldContext(referral_id, referral_version, recipient, plan.fingerprint, binding)
         value = plan.seal_classes(record, projection, key, context, reuse)
-        # binding was made from this projection's digest just above: not digested again
-        binding_header = sealed_binding(binding, projection, key, context.unbound())
+        binding_header = seal_binding(binding, projection, key, context.unbound())
         headers: Headers = [
             (H_FORMAT, MESSAGE_FORMAT),
             (H_KIND, kind.encode()),

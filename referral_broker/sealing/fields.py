@@ -492,15 +492,12 @@ def seal_binding(binding: Binding, projection: bytes, key: DataKey, context: Fie
 
     The plaintext is ``frame(sender, topic, kind, clear digest, clear projection)``. Its
     associated data has its own label and no binding (it is what the binding is read from).
+
+    ``binding`` must be made from ``projection``'s :func:`clear_digest`, as the sealer makes
+    it just before (it is not digested again here): the opener binds the message's sealed
+    values to the digest of the projection it reads, so values sealed under any other digest
+    fail to open.
     """
-    if clear_digest(projection) != binding.clear_digest:
-        raise ValueError("the binding's digest is not the digest of these clear fields")
-    return sealed_binding(binding, projection, key, context)
-
-
-def sealed_binding(binding: Binding, projection: bytes, key: DataKey, context: FieldContext) -> bytes:
-    """:func:`seal_binding` for a caller that made ``binding`` from ``projection``'s digest
-    itself (the sealer: it has just computed it, so it is not computed again)."""
     plaintext = frame(binding.sender, binding.topic, binding.kind, binding.clear_digest, projection)
     nonce = nonces.take()
     aad = _binding_aad(context, CIPHER_AES_256_GCM, key.key_id)
