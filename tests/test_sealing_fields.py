@@ -207,7 +207,7 @@ def test_keys_do_not_print() -> None:
 
 
 def test_a_message_cipher_seals_exactly_what_seal_value_does() -> None:
-    """The per-message fast path (associated data framed once, nonces drawn in one call) is the
+    """The per-message fast path (associated data framed once, nonces from the pool) is the
     same recipe: its values open with the per-value opener, its prefix plus the framed path is
     the associated data, every nonce differs, and a value moved to another path fails."""
     key = DataKey.generate()
@@ -215,8 +215,8 @@ def test_a_message_cipher_seals_exactly_what_seal_value_does() -> None:
     assert prefix + NAME.framed_path == associated_data(
         CTX, NAME.path, version=FORMAT_VERSION, cipher=1, data_key_id=key.key_id
     )
-    cipher = MessageCipher(key, CTX, values=2)
-    codecs = [FieldCodec(f"child.f{i}", "string") for i in range(20)]  # more than it drew nonces for
+    cipher = MessageCipher(key, CTX)
+    codecs = [FieldCodec(f"child.f{i}", "string") for i in range(20)]
     sealed = [cipher.seal(f"{SECRET} {i}", c) for i, c in enumerate(codecs)]
     nonces = {s[3 + len(key.key_id) : 3 + len(key.key_id) + 12] for s in sealed}
     assert len(nonces) == len(sealed)

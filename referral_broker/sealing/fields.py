@@ -366,32 +366,22 @@ class MessageCipher:
     """Seals (today's format) or opens the values of ONE message under one data key and
     context: what :func:`seal_value` and :func:`open_value` do per value, with the message's
     part of the associated data framed once (it is the same for every field of a message) and
-    the message's nonces taken from the pool in one call. The bytes are the
+    each nonce taken from the pool (:data:`nonces`). The bytes are the
     same as :func:`seal_value`'s: ``prefix + frame(path) == associated_data(...)``."""
 
-    __slots__ = ("_nonces", "_pos", "context", "key", "prefix")
+    __slots__ = ("context", "key", "prefix")
 
-    def __init__(self, key: DataKey, context: FieldContext, *, values: int = 1) -> None:
+    def __init__(self, key: DataKey, context: FieldContext) -> None:
         if context.binding is None:
             raise ValueError("sealing needs the message binding (sender, topic, kind, clear fields)")
         self.key = key
         self.context = context
         self.prefix = _message_part(context, FORMAT_VERSION, CIPHER_AES_256_GCM, key.key_id)
-        self._nonces = b""
-        self._pos = 0
-        self._draw(max(1, values))
-
-    def _draw(self, count: int) -> None:
-        self._nonces = nonces.take(count)
-        self._pos = 0
 
     def seal(self, value: Any, codec: FieldCodec) -> bytes:
         encoded = codec.encode(value)
         plaintext = encoded + _PADDING[PAD_BLOCK - (len(encoded) % PAD_BLOCK)]
-        if self._pos >= len(self._nonces):
-            self._draw(8)
-        nonce = self._nonces[self._pos : self._pos + NONCE_SIZE]
-        self._pos += NONCE_SIZE
+        nonce = nonces.take()
         key = self.key
         return key.sealed_header + nonce + key.aead.encrypt(nonce, plaintext, self.prefix + codec.framed_path)
 

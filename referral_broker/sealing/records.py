@@ -229,7 +229,7 @@ class SealingPlan:
     # -- records ------------------------------------------------------------------------------
     def seal(self, record: dict[str, Any], key: DataKey, context: FieldContext) -> dict[str, Any]:
         """The wire record: every sealing unit replaced by its sealed bytes for ``context``."""
-        return self._seal(self._fields, record, MessageCipher(key, context, values=len(self.units)))
+        return self._seal(self._fields, record, MessageCipher(key, context))
 
     def _seal(self, plans: tuple[_FieldPlan, ...], record: Any, cipher: MessageCipher) -> dict[str, Any]:
         if not isinstance(record, dict):
