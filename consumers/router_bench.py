@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -644,6 +644,20 @@ def run(
 
 
 # -- where the router's time goes (bench router --profile) ------------------------------------
+@contextlib.contextmanager
+def _county_namespace(base: Settings, bootstrap: str, what: str) -> Iterator[Settings]:
+    """``base`` under a fresh topic prefix and a temporary data dir, with the county's topics
+    and every party's keys; its topics are deleted on the way out."""
+    with tempfile.TemporaryDirectory(prefix=f"rb-bench-{what}-") as tmp:
+        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
+        ensure_with_county(settings, bootstrap)
+        try:
+            _county_keys(settings, bootstrap)
+            yield settings
+        finally:
+            delete_namespace(settings, bootstrap)
+
+
 def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[str, Any]:
     """The router at 3 recipients under cProfile on fresh topics: its own time grouped by
     component (shares of the profiled total), the top functions, and the rate (lower than
@@ -652,23 +666,16 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
 
     from referral_broker.bench_profile import by_component
 
-    with tempfile.TemporaryDirectory(prefix="rb-bench-profile-") as tmp:
-        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
-        ensure_with_county(settings, bootstrap)
-        try:
-            _county_keys(settings, bootstrap)
-            with IntakeSender(settings, bootstrap, SENDER) as sender:
-                sender.send_referrals(_shaped(count, 3, seed=7))
-            router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6])
-            freeze_startup_heap()  # as 'route' does before its loop
-            profiler = cProfile.Profile()
-            cpu = time.process_time()
-            profiler.enable()
-            router.run(max_records=count, stop_when_idle=30)
-            profiler.disable()
-            cpu = time.process_time() - cpu
-        finally:
-            delete_namespace(settings, bootstrap)
+    with _county_namespace(base, bootstrap, "profile") as settings:
+        _fill_intake(settings, bootstrap, _shaped(count, 3, seed=7), sealed=True)
+        router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6])
+        freeze_startup_heap()  # as 'route' does before its loop
+        profiler = cProfile.Profile()
+        cpu = time.process_time()
+        profiler.enable()
+        router.run(max_records=count, stop_when_idle=30)
+        profiler.disable()
+        cpu = time.process_time() - cpu
     stats = router.stats
     if stats.dead_lettered or stats.first_record_at is None or stats.last_commit_at is None:
         raise BrokerError(f"profiled run dead-lettered or read nothing: {stats.by_reason}")
@@ -720,21 +727,15 @@ def stage_costs(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> 
     """µs a referral (3 recipients) the router spends in each stage, sealed or not: its main
     thread by stage, the rest of routing (validation, policy, views, ledger), the Kafka client
     and loop on its thread, and its other threads (kafka-python's I/O); they add up to its CPU."""
-    with tempfile.TemporaryDirectory(prefix="rb-bench-stages-") as tmp:
-        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
-        ensure_with_county(settings, bootstrap)
-        try:
-            _county_keys(settings, bootstrap)
-            _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
-            kwargs: dict[str, Any] = {} if sealed else {"sealer": PlainSealer(SENDER)}
-            router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6], **kwargs)
-            spent = _timed_stages(router)
-            freeze_startup_heap()  # as 'route' does before its loop
-            cpu, main = time.process_time_ns(), time.thread_time_ns()
-            router.run(max_records=count, stop_when_idle=30)
-            cpu, main = time.process_time_ns() - cpu, time.thread_time_ns() - main
-        finally:
-            delete_namespace(settings, bootstrap)
+    with _county_namespace(base, bootstrap, "stages") as settings:
+        _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
+        kwargs: dict[str, Any] = {} if sealed else {"sealer": PlainSealer(SENDER)}
+        router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6], **kwargs)
+        spent = _timed_stages(router)
+        freeze_startup_heap()  # as 'route' does before its loop
+        cpu, main = time.process_time_ns(), time.thread_time_ns()
+        router.run(max_records=count, stop_when_idle=30)
+        cpu, main = time.process_time_ns() - cpu, time.thread_time_ns() - main
     n = router.stats.consumed
     if router.stats.dead_lettered or not n:
         raise BrokerError(f"stage run dead-lettered or read nothing: {router.stats.by_reason}")
