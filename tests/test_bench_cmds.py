@@ -126,6 +126,15 @@ def test_bench_router_reports_both_floors_ratios_and_scale_out(
         assert f"{cpu['router_3_recipients']} sealed" in why or f"used {cpu['router_3_recipients']} ms" in why
     if "router_over_job_floor_3" in data["why"]:
         assert f"the Kafka client alone spent {cpu['kafka_job_writes']} ms" in data["why"]["router_over_job_floor_3"]
+    # beside the rate: the same ratio by CPU, each run's transactions, and the broker's CPU (here)
+    assert close(
+        ratios["sealed_over_unsealed_3_by_cpu"], cpu["router_3_recipients_unsealed"] / cpu["router_3_recipients"]
+    )
+    per_batch = data["referrals_per_batch"]
+    assert set(per_batch) == routers and all(0 < v <= count for v in per_batch.values()), per_batch
+    broker = data["broker_cpu_ms_per_referral"]
+    assert set(broker) == (routers if data["scale_out"]["broker_pid"] is not None else set())
+    assert all(v > 0 for v in broker.values()), broker
 
     scale = data["scale_out"]
     one, two = scale["runs"]
@@ -209,6 +218,19 @@ def test_why_goals_missed_names_the_cpu_that_misses_each_goal() -> None:
     lean_ratios = {"router_over_job_floor_3": 0.1, "sealed_over_unsealed_3": 0.8}
     lean = router_bench.why_goals_missed({"cpu_ms_per_referral": lean_cpu, "job_floor": job, "ratios": lean_ratios})
     assert set(lean) == {"router_over_job_floor_3"} and "no sealing lever" not in lean["router_over_job_floor_3"]
+    # the rate's ratio under its goal while the CPU's is within it: the waits, with this run's figures
+    waits = {
+        "cpu_ms_per_referral": cpu | {"router_3_recipients_unsealed": 12.0},
+        "job_floor": job,
+        "ratios": {"router_over_job_floor_3": 0.1, "sealed_over_unsealed_3": 0.7, "sealed_over_unsealed_3_by_cpu": 0.75},
+        "referrals_per_batch": {"router_3_recipients": 80.0, "router_3_recipients_unsealed": 150.0},
+        "broker_cpu_ms_per_referral": {"router_3_recipients": 2.1, "router_3_recipients_unsealed": 1.4},
+    }
+    why = router_bench.why_goals_missed(waits)["sealed_over_unsealed_3"]
+    assert "by CPU a referral, sealed over unsealed is 0.750 (within the goal" in why
+    assert "transactions held 80.0 referrals against 150.0 unsealed" in why
+    assert "spent 2.1 ms of CPU a referral sealed against 1.4 unsealed" in why
+    assert "within the goal" not in missed["sealed_over_unsealed_3"]  # no CPU ratio given, none claimed
     met = {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74}
     assert router_bench.why_goals_missed({"cpu_ms_per_referral": cpu, "job_floor": job, "ratios": met}) == {}
 

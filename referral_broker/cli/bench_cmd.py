@@ -143,6 +143,10 @@ def _show_profile(d: dict[str, Any]) -> None:
     )
 
 
+def _by_run(figures: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('router_').replace('_', ' ')} {v}" for k, v in figures.items())
+
+
 def _show_router(d: dict[str, Any]) -> None:
     rounds = d.get("rounds", 1)
     each = f", the median of {rounds} rounds" if rounds > 1 else ""
@@ -153,11 +157,13 @@ def _show_router(d: dict[str, Any]) -> None:
             ["referrals/s", "rate"],
         )
     )
-    cpu = d["cpu_ms_per_referral"]
-    click.echo(
-        "CPU a referral (ms, this process, every thread): "
-        + ", ".join(f"{k.removeprefix('router_').replace('_', ' ')} {v}" for k, v in cpu.items())
-    )
+    for key, what in (
+        ("cpu_ms_per_referral", "CPU a referral (ms, this process, every thread)"),
+        ("referrals_per_batch", "Referrals a transaction"),
+        ("broker_cpu_ms_per_referral", "The broker's CPU a referral (ms, on this machine)"),
+    ):
+        if d.get(key):
+            click.echo(f"{what}: {_by_run(d[key])}")
     click.echo("")
     goals = d.get("goals", {})
     click.echo(
