@@ -92,7 +92,7 @@ from referral_broker.schemas.registry import (
 from referral_broker.schemas.validation import ensure_valid
 from referral_broker.schemas.views import view_schema
 from referral_broker.sealing import OutgoingMessage
-from referral_broker.sealing.envelope import sign_messages, sign_plain
+from referral_broker.sealing.envelope import sign_awaiting, sign_messages, sign_plain
 from referral_broker.structured_log import get_logger
 
 from .dead_letters import dead_letter
@@ -447,10 +447,7 @@ class Router:
     # -- one input record -> its outputs ------------------------------------------------------
     def process(self, record: Record) -> list[OutgoingMessage]:
         """Every output for one input, signed, or an exception (which dead-letters the input)."""
-        outputs = self._process(record)
-        unsigned = [m for m in outputs if m.awaiting_signature]
-        signed = dict(zip(map(id, unsigned), self.sealer.sign_batch(unsigned), strict=True))
-        return [signed.get(id(m), m) for m in outputs]
+        return sign_awaiting(self._process(record), self.sealer.sign_batch)
 
     def _process(self, record: Record) -> list[OutgoingMessage]:
         """Every output for one input; its copies and the hub's own records (audit, archive,

@@ -35,7 +35,7 @@ from referral_broker.errors import BrokerError, DeliveryPendingError
 from referral_broker.identity import Identity, load_directory, load_identity
 from referral_broker.parties import get_party, require_sender
 from referral_broker.sealing import KeyDirectory
-from referral_broker.sealing.envelope import OutgoingMessage
+from referral_broker.sealing.envelope import OutgoingMessage, sign_awaiting
 from referral_broker.structured_log import get_logger
 
 from .checked import CheckedFile, CheckedReferral, check_file, read_canonical_lines
@@ -113,9 +113,8 @@ def _message(checked: CheckedReferral | SealedReferral, sealer: HubSealer) -> Ou
 
 def _signed(entries: list[Entry], sealer: HubSealer) -> list[Entry]:
     """The batch's entries with the messages sealed here signed together, under one signature."""
-    waiting = [e for e in entries if e.message.awaiting_signature]
-    signed = dict(zip(map(id, waiting), sealer.sign_batch([e.message for e in waiting]), strict=True))
-    return [e if id(e) not in signed else replace(e, message=signed[id(e)]) for e in entries]
+    messages = sign_awaiting([e.message for e in entries], sealer.sign_batch)
+    return [e if m is e.message else replace(e, message=m) for e, m in zip(entries, messages, strict=True)]
 
 
 class PartnerSender:

@@ -15,7 +15,13 @@ from referral_broker.cluster.clients import Record
 from referral_broker.errors import SealingError, SignatureError
 from referral_broker.parties import HUB
 from referral_broker.sealing import merkle
-from referral_broker.sealing.envelope import sign_messages, sign_plain, verify_signed
+from referral_broker.sealing.envelope import (
+    OutgoingMessage,
+    sign_awaiting,
+    sign_messages,
+    sign_plain,
+    verify_signed,
+)
 from referral_broker.sealing.framing import frame
 from referral_broker.sealing.signing import BATCH_PROOF_HEADER, SIGNATURE_HEADER, sign_message, signing_input
 
@@ -196,6 +202,30 @@ def test_a_message_awaiting_its_signature_is_never_sent_or_signed_twice(world: W
     assert not signed.awaiting_signature
     with pytest.raises(SealingError, match="only a message awaiting"):
         sign_messages(world.stores[HUB], [signed])
+
+
+def test_sign_awaiting_signs_only_those_awaiting_under_one_signature_in_their_order(world: World) -> None:
+    store = world.stores[HUB]
+
+    def plain(i: int, sign: bool) -> OutgoingMessage:
+        return sign_plain(store, topic=TOPIC, key=f"k{i}".encode(), value=f"v{i}".encode(), kind="audit.decision", sign=sign)
+
+    messages = [plain(0, False), plain(1, True), plain(2, False), plain(3, False), plain(4, True)]
+    calls: list[int] = []
+
+    def sign_batch(batch: list[OutgoingMessage]) -> list[OutgoingMessage]:
+        calls.append(len(batch))
+        return sign_messages(store, batch)
+
+    out = sign_awaiting(messages, sign_batch)
+    assert calls == [3]  # the three awaiting, together
+    assert [m.key for m in out] == [m.key for m in messages]  # in their order
+    assert out[1] is messages[1] and out[4] is messages[4]  # signed already: as they were
+    assert not any(m.awaiting_signature for m in out)
+    assert len({dict(out[i].headers)[SIGNATURE_HEADER] for i in (0, 2, 3)}) == 1
+    for m in out:
+        _check(world, as_record(m))
+    assert sign_awaiting(out, sign_batch) == out and calls == [3]  # nothing awaiting: no batch
 
 
 def test_a_batch_across_a_key_rotation_gets_a_signature_per_key(world: World) -> None:

@@ -397,6 +397,14 @@ def sign_messages(keystore: KeyStore, messages: Sequence[M]) -> list[M]:
     return out
 
 
+def sign_awaiting(messages: Sequence[M], sign_batch: Callable[[list[M]], list[M]]) -> list[M]:
+    """``messages`` in their order, those awaiting a signature signed together by ``sign_batch``
+    (one signature for them all), the others as they are."""
+    waiting = [m for m in messages if m.awaiting_signature]
+    signed = iter(sign_batch(waiting) if waiting else ())
+    return [next(signed) if m.awaiting_signature else m for m in messages]
+
+
 def _header(headers: Headers, name: str) -> bytes:
     return next(val for n, val in headers if n == name)
 
