@@ -574,6 +574,20 @@ def _fill_intake(settings: Settings, bootstrap: str, referrals: list[dict[str, A
     producer.close()
 
 
+@contextlib.contextmanager
+def _county_namespace(base: Settings, bootstrap: str, what: str) -> Iterator[Settings]:
+    """``base`` under a fresh topic prefix and a temporary data dir, with the county's topics
+    and every party's keys; its topics are deleted on the way out."""
+    with tempfile.TemporaryDirectory(prefix=f"rb-bench-{what}-") as tmp:
+        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
+        ensure_with_county(settings, bootstrap)
+        try:
+            _county_keys(settings, bootstrap)
+            yield settings
+        finally:
+            delete_namespace(settings, bootstrap)
+
+
 def _run_label(recipients: int, sealed: bool) -> str:
     return f"router_{recipients}_recipient{'s' if recipients > 1 else ''}{'' if sealed else '_unsealed'}"
 
@@ -597,104 +611,96 @@ def run(
     job: dict[str, Any] = {}
     prefixes: list[str] = []
     labels = [(_run_label(n, sealed), n, sealed) for n in (1, 3) for sealed in (True, False)]
-    with tempfile.TemporaryDirectory(prefix="rb-bench-router-") as tmp:
-        figures: dict[str, float] = {}
-        runs: dict[str, list[RouterRun]] = {label: [] for label, _, _ in labels}
-        for i in range(rounds):
-            for label, recipients, sealed in labels:
-                progress(label if rounds == 1 else f"{label} (round {i + 1} of {rounds})")
-                settings = base.replace(
-                    kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / f"{label}-{i}"
-                )
+    figures: dict[str, float] = {}
+    runs: dict[str, list[RouterRun]] = {label: [] for label, _, _ in labels}
+    for i in range(rounds):
+        for label, recipients, sealed in labels:
+            progress(label if rounds == 1 else f"{label} (round {i + 1} of {rounds})")
+            with _county_namespace(base, bootstrap, "router") as settings:
                 prefixes.append(settings.kafka_topic_prefix)
-                ensure_with_county(settings, bootstrap)
-                try:
-                    _county_keys(settings, bootstrap)
-                    referrals = _shaped(count, recipients, seed=recipients)
-                    _fill_intake(settings, bootstrap, referrals, sealed=sealed)
-                    if sealed:
-                        timed = _timed_router(settings, bootstrap, count, broker=broker)
-                        if recipients == 3 and i == 0:
-                            progress("floor")
-                            figures["floor_us_per_referral"] = _floor_us(
-                                settings, bootstrap, referrals, min(count, 300)
-                            )
-                            progress("job floor")
-                            job = job_floor_us(referrals, min(count, 300))
-                            progress("raw")
-                            intake = topic_name(settings, "intake", SENDER)
-                            figures["raw_pass_through"] = _pass_through(
-                                settings, bootstrap, intake, topic_name(settings, "dlq"), count
-                            )
-                            progress("the Kafka client's cost of the job's writes")
-                            figures["kafka_job_writes"] = _kafka_job_writes(
-                                settings, bootstrap, intake, topic_name(settings, "dlq"), count
-                            )
-                    else:
-                        timed = _timed_router(settings, bootstrap, count, broker=broker, sealer=PlainSealer(SENDER))
-                    runs[label].append(timed)
-                finally:
-                    delete_namespace(settings, bootstrap)
-        rates = {label: [r.rate for r in v] for label, v in runs.items()}
-        figures.update({label: statistics.median(v) for label, v in rates.items()})
-        cpu_ms = {label: statistics.median(r.cpu_ms for r in v) for label, v in runs.items()}
-        broker_ms = {
-            label: statistics.median(r.broker_cpu_ms for r in v if r.broker_cpu_ms is not None)
-            for label, v in runs.items()
-            if all(r.broker_cpu_ms is not None for r in v)
+                referrals = _shaped(count, recipients, seed=recipients)
+                _fill_intake(settings, bootstrap, referrals, sealed=sealed)
+                if sealed:
+                    timed = _timed_router(settings, bootstrap, count, broker=broker)
+                    if recipients == 3 and i == 0:
+                        progress("floor")
+                        figures["floor_us_per_referral"] = _floor_us(
+                            settings, bootstrap, referrals, min(count, 300)
+                        )
+                        progress("job floor")
+                        job = job_floor_us(referrals, min(count, 300))
+                        progress("raw")
+                        intake = topic_name(settings, "intake", SENDER)
+                        figures["raw_pass_through"] = _pass_through(
+                            settings, bootstrap, intake, topic_name(settings, "dlq"), count
+                        )
+                        progress("the Kafka client's cost of the job's writes")
+                        figures["kafka_job_writes"] = _kafka_job_writes(
+                            settings, bootstrap, intake, topic_name(settings, "dlq"), count
+                        )
+                else:
+                    timed = _timed_router(settings, bootstrap, count, broker=broker, sealer=PlainSealer(SENDER))
+                runs[label].append(timed)
+    rates = {label: [r.rate for r in v] for label, v in runs.items()}
+    figures.update({label: statistics.median(v) for label, v in rates.items()})
+    cpu_ms = {label: statistics.median(r.cpu_ms for r in v) for label, v in runs.items()}
+    broker_ms = {
+        label: statistics.median(r.broker_cpu_ms for r in v if r.broker_cpu_ms is not None)
+        for label, v in runs.items()
+        if all(r.broker_cpu_ms is not None for r in v)
+    }
+    cpu_ms["kafka_job_writes"] = figures["kafka_job_writes"]
+    floor_rate = 1e6 / figures["floor_us_per_referral"]
+    job_rate = 1e6 / job["total_us"]
+    results.update(
+        {
+            "referrals_per_second": {
+                "job_floor_3_recipients": round(job_rate, 1),
+                "floor_3_recipients": round(floor_rate, 1),
+                "raw_pass_through": round(figures["raw_pass_through"], 1),
+                "router_1_recipient": round(figures["router_1_recipient"], 1),
+                "router_3_recipients": round(figures["router_3_recipients"], 1),
+                "router_1_recipient_unsealed": round(figures["router_1_recipient_unsealed"], 1),
+                "router_3_recipients_unsealed": round(figures["router_3_recipients_unsealed"], 1),
+            },
+            "floor_us_per_referral_3_recipients": round(figures["floor_us_per_referral"], 1),
+            "job_floor": job,
+            "ratios": {
+                "router_over_job_floor_3": round(figures["router_3_recipients"] / job_rate, 3),
+                "router_over_floor_3": round(figures["router_3_recipients"] / floor_rate, 3),
+                "router_over_raw_3": round(
+                    figures["router_3_recipients"] / figures["raw_pass_through"], 3
+                ),
+                "sealed_over_unsealed_1": round(
+                    figures["router_1_recipient"] / figures["router_1_recipient_unsealed"], 3
+                ),
+                "sealed_over_unsealed_3": round(
+                    figures["router_3_recipients"] / figures["router_3_recipients_unsealed"], 3
+                ),
+                # the same by CPU a referral (no goal: the goal is the rate's): what the rate
+                # would be with the router's waits left out
+                "sealed_over_unsealed_3_by_cpu": round(
+                    cpu_ms["router_3_recipients_unsealed"] / cpu_ms["router_3_recipients"], 3
+                ),
+            },
+            "referrals_per_second_by_round": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+            "ratios_by_round": {
+                f"sealed_over_unsealed_{n}": [
+                    round(sealed / plain, 3)
+                    for sealed, plain in zip(rates[_run_label(n, True)], rates[_run_label(n, False)], strict=True)
+                ]
+                for n in (1, 3)
+            },
+            "cpu_ms_per_referral": {k: round(v, 2) for k, v in cpu_ms.items()},
+            "referrals_per_batch": {k: round(statistics.median(r.per_batch for r in v), 1) for k, v in runs.items()},
+            # the broker's CPU a referral, when it runs on this machine (it shares the cores)
+            "broker_cpu_ms_per_referral": {k: round(v, 2) for k, v in broker_ms.items()},
+            "peak_rss_mb": _rss_mb(),
+            "goals": dict(GOALS),
+            "prefixes": prefixes,
         }
-        cpu_ms["kafka_job_writes"] = figures["kafka_job_writes"]
-        floor_rate = 1e6 / figures["floor_us_per_referral"]
-        job_rate = 1e6 / job["total_us"]
-        results.update(
-            {
-                "referrals_per_second": {
-                    "job_floor_3_recipients": round(job_rate, 1),
-                    "floor_3_recipients": round(floor_rate, 1),
-                    "raw_pass_through": round(figures["raw_pass_through"], 1),
-                    "router_1_recipient": round(figures["router_1_recipient"], 1),
-                    "router_3_recipients": round(figures["router_3_recipients"], 1),
-                    "router_1_recipient_unsealed": round(figures["router_1_recipient_unsealed"], 1),
-                    "router_3_recipients_unsealed": round(figures["router_3_recipients_unsealed"], 1),
-                },
-                "floor_us_per_referral_3_recipients": round(figures["floor_us_per_referral"], 1),
-                "job_floor": job,
-                "ratios": {
-                    "router_over_job_floor_3": round(figures["router_3_recipients"] / job_rate, 3),
-                    "router_over_floor_3": round(figures["router_3_recipients"] / floor_rate, 3),
-                    "router_over_raw_3": round(
-                        figures["router_3_recipients"] / figures["raw_pass_through"], 3
-                    ),
-                    "sealed_over_unsealed_1": round(
-                        figures["router_1_recipient"] / figures["router_1_recipient_unsealed"], 3
-                    ),
-                    "sealed_over_unsealed_3": round(
-                        figures["router_3_recipients"] / figures["router_3_recipients_unsealed"], 3
-                    ),
-                    # the same by CPU a referral (no goal: the goal is the rate's): what the rate
-                    # would be with the router's waits left out
-                    "sealed_over_unsealed_3_by_cpu": round(
-                        cpu_ms["router_3_recipients_unsealed"] / cpu_ms["router_3_recipients"], 3
-                    ),
-                },
-                "referrals_per_second_by_round": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-                "ratios_by_round": {
-                    f"sealed_over_unsealed_{n}": [
-                        round(sealed / plain, 3)
-                        for sealed, plain in zip(rates[_run_label(n, True)], rates[_run_label(n, False)], strict=True)
-                    ]
-                    for n in (1, 3)
-                },
-                "cpu_ms_per_referral": {k: round(v, 2) for k, v in cpu_ms.items()},
-                "referrals_per_batch": {k: round(statistics.median(r.per_batch for r in v), 1) for k, v in runs.items()},
-                # the broker's CPU a referral, when it runs on this machine (it shares the cores)
-                "broker_cpu_ms_per_referral": {k: round(v, 2) for k, v in broker_ms.items()},
-                "peak_rss_mb": _rss_mb(),
-                "goals": dict(GOALS),
-                "prefixes": prefixes,
-            }
-        )
-        results["why"] = why_goals_missed(results)
+    )
+    results["why"] = why_goals_missed(results)
     if processes > 1:
         results["scale_out"] = scale_out(
             base, bootstrap, count=count, processes=processes, broker=broker, progress=progress
@@ -703,20 +709,6 @@ def run(
 
 
 # -- where the router's time goes (bench router --profile) ------------------------------------
-@contextlib.contextmanager
-def _county_namespace(base: Settings, bootstrap: str, what: str) -> Iterator[Settings]:
-    """``base`` under a fresh topic prefix and a temporary data dir, with the county's topics
-    and every party's keys; its topics are deleted on the way out."""
-    with tempfile.TemporaryDirectory(prefix=f"rb-bench-{what}-") as tmp:
-        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp))
-        ensure_with_county(settings, bootstrap)
-        try:
-            _county_keys(settings, bootstrap)
-            yield settings
-        finally:
-            delete_namespace(settings, bootstrap)
-
-
 def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[str, Any]:
     """The router at 3 recipients under cProfile on fresh topics: its own time grouped by
     component (shares of the profiled total), the top functions, and the rate (lower than
@@ -1013,37 +1005,31 @@ def scale_out(
     pid = broker
     cores = os.cpu_count() or 1
     runs: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="rb-bench-scale-") as tmp:
-        settings = base.replace(kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", paths_data_dir=Path(tmp) / "data")
-        try:
-            progress("scale-out: topics and keys")
-            ensure_with_county(settings, bootstrap)
-            _county_keys(settings, bootstrap)
-            per_topic = next(s.partitions for s in plan(settings.kafka_topic_profile, "") if s.role == "intake")
-            partitions = per_topic * len(SCALE_SENDERS)
-            for n, seed in ((1, 101), (processes, 102)):
-                progress(f"scale-out: {count} referrals, {n} router process{'es' if n > 1 else ''}")
-                referrals = _shaped(count, 3, seed=seed)
-                messages = []
-                for i, school in enumerate(SCALE_SENDERS):
-                    with IntakeSender(settings, bootstrap, school) as sender:
-                        messages += [sender.sealer.referral(r) for r in referrals[i :: len(SCALE_SENDERS)]]
-                stats, sampler, held = _route_processes(
-                    settings, bootstrap, n, f"{n}p{uuid.uuid4().hex[:4]}", Path(tmp), messages, pid
-                )
-                start, end = _busy_window(stats)
-                consumed = sum(s["consumed"] for s in stats)
-                runs[str(n)] = {
-                    "processes": n,
-                    "referrals_per_second": round(consumed / (end - start), 1),
-                    "consumed": consumed,
-                    "consumed_per_process": [s["consumed"] for s in stats],
-                    "intake_partitions_per_process": held,
-                    "busy_s": round(end - start, 2),
-                    "cores_used": sampler.cores(start, end),
-                }
-        finally:
-            delete_namespace(settings, bootstrap)
+    progress("scale-out: topics and keys")
+    with _county_namespace(base, bootstrap, "scale") as settings:
+        per_topic = next(s.partitions for s in plan(settings.kafka_topic_profile, "") if s.role == "intake")
+        partitions = per_topic * len(SCALE_SENDERS)
+        for n, seed in ((1, 101), (processes, 102)):
+            progress(f"scale-out: {count} referrals, {n} router process{'es' if n > 1 else ''}")
+            referrals = _shaped(count, 3, seed=seed)
+            messages = []
+            for i, school in enumerate(SCALE_SENDERS):
+                with IntakeSender(settings, bootstrap, school) as sender:
+                    messages += [sender.sealer.referral(r) for r in referrals[i :: len(SCALE_SENDERS)]]
+            stats, sampler, held = _route_processes(
+                settings, bootstrap, n, f"{n}p{uuid.uuid4().hex[:4]}", settings.paths_data_dir, messages, pid
+            )
+            start, end = _busy_window(stats)
+            consumed = sum(s["consumed"] for s in stats)
+            runs[str(n)] = {
+                "processes": n,
+                "referrals_per_second": round(consumed / (end - start), 1),
+                "consumed": consumed,
+                "consumed_per_process": [s["consumed"] for s in stats],
+                "intake_partitions_per_process": held,
+                "busy_s": round(end - start, 2),
+                "cores_used": sampler.cores(start, end),
+            }
     one, many = runs["1"], runs[str(processes)]
     ratio = many["referrals_per_second"] / one["referrals_per_second"]
     result: dict[str, Any] = {
