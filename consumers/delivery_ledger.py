@@ -101,6 +101,11 @@ def _remove_orphans(folder: Path) -> None:
             pass  # another user's live process
 
 
+# How long after its commit an own entry is still watched for (and read back unverified): its
+# commit markers reach the partition within moments; one not read back by then never will be.
+OWN_GRACE_S = 60.0
+
+
 @dataclass
 class DeliveryLedger:
     settings: Settings
@@ -110,8 +115,9 @@ class DeliveryLedger:
     refused: int = 0
     verified: int = 0  # entries read from the topic whose signature was checked
     _pending: dict[str, Delivered] = field(default_factory=dict, init=False, repr=False)
-    # this router's committed entries not yet read back: (referral id, digest of the value)
-    _own: set[tuple[bytes, bytes]] = field(default_factory=set, init=False, repr=False)
+    # this router's committed entries not yet read back: (referral id, digest of the value) ->
+    # when committed (monotonic)
+    _own: dict[tuple[bytes, bytes], float] = field(default_factory=dict, init=False, repr=False)
     _sent: set[tuple[bytes, bytes]] = field(default_factory=set, init=False, repr=False)
     _store: _Entries | None = field(default=None, init=False, repr=False)
     _consumer: Any = field(default=None, init=False, repr=False)
@@ -149,7 +155,7 @@ class DeliveryLedger:
 
     def commit(self) -> None:
         self._entries.put(self._pending)
-        self._own.update(self._sent)
+        self._own.update(dict.fromkeys(self._sent, time.monotonic()))
         self._pending.clear()
         self._sent.clear()
 
@@ -184,7 +190,7 @@ class DeliveryLedger:
                     self._apply(record, changed)
                 self._entries.put(changed)
                 remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
-            self._own.clear()  # read to the end: anything not seen was not committed after all
+            self._forget_unseen()
         except KafkaError as exc:
             # a consumer that lost its partition leader (a node died) can keep timing out after
             # the cluster recovered: the next catch-up reads the ledger again with a new one
@@ -197,7 +203,7 @@ class DeliveryLedger:
         if self._own and record.value is not None:
             own = (record.key, hashlib.sha256(record.value).digest())
             if own in self._own:
-                self._own.discard(own)
+                del self._own[own]
                 return  # this router's own entry, byte for byte: made here, applied at commit
         try:
             headers = self.hub.opener.verify(record)
@@ -220,6 +226,17 @@ class DeliveryLedger:
             for version, recipients in entry.versions.items():
                 known.versions[version] = recipients
             changed[key] = known
+
+    def _forget_unseen(self) -> None:
+        """Stop watching for own entries committed over ``OWN_GRACE_S`` ago and still not read
+        back (compacted away by a later entry of the same referral). Not those just committed: a
+        commit returns before its markers reach the ledger's partitions, so the end a catch-up
+        reads to can still be short of them, and the next catch-up reads them."""
+        if not self._own:
+            return
+        cutoff = time.monotonic() - OWN_GRACE_S
+        for own in [own for own, at in self._own.items() if at < cutoff]:
+            del self._own[own]
 
     def close(self) -> None:
         if self._consumer is not None:

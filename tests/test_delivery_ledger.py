@@ -10,10 +10,12 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 from county import GP, POLICE, SCHOOL
 from test_sealing_support import send_all
 
 from referral_broker.config import Settings
+from referral_broker.consumers import delivery_ledger
 from referral_broker.consumers.delivery_ledger import DeliveryLedger
 from referral_broker.consumers.router import Router
 from referral_broker.identity import load_identity
@@ -55,6 +57,38 @@ def test_entries_live_in_a_private_file_and_come_back_verified_only_to_another_r
         mine.close()
         other.close()
     assert not list((county.paths_data_dir / "router").glob("delivery-ledger-*.sqlite"))
+
+
+def test_own_entries_that_land_after_a_catch_up_are_still_not_verified_again(
+    county: Settings, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit returns before its markers reach the ledger's partitions, so a catch-up can end
+    short of entries this router just committed; they come back at the next one, and are still
+    its own (not verified again; a router without signatures, as the bench's, would refuse them).
+    Only entries unseen for OWN_GRACE_S are given up on."""
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    mine = DeliveryLedger(county, kafka_bootstrap, hub)
+    try:
+        mine.catch_up()
+        ids = [str(uuid.uuid4()) for _ in range(12)]
+        messages = sign_messages(hub.keystore, [mine.record(rid, 1, POLICE, {SCHOOL}) for rid in ids])
+        mine.commit()
+        mine.catch_up()  # committed, not yet on the topic: this catch-up ends short of them
+        send_all(county, kafka_bootstrap, messages)
+        mine.catch_up()
+        assert (mine.verified, mine.refused) == (0, 0) and not mine._own
+        assert all(mine.lookup(rid) is not None for rid in ids)
+
+        late = sign_messages(hub.keystore, [mine.record(str(uuid.uuid4()), 1, POLICE, {SCHOOL})])
+        mine.commit()
+        monkeypatch.setattr(delivery_ledger, "OWN_GRACE_S", -1.0)  # as if committed long ago
+        mine.catch_up()
+        assert not mine._own  # given up on
+        send_all(county, kafka_bootstrap, late)
+        mine.catch_up()
+        assert (mine.verified, mine.refused) == (1, 0)  # read as anyone's entry: verified
+    finally:
+        mine.close()
 
 
 def test_a_starting_router_reads_the_ledger_before_its_first_batch(county: Settings, kafka_bootstrap: str) -> None:
