@@ -534,8 +534,15 @@ class RouterRun:
     broker_cpu_ms: float | None  # the broker's CPU a referral, when it runs on this machine
 
 
+def _bench_router(settings: Settings, bootstrap: str, *, sealed: bool) -> Router:
+    """A router under a fresh instance name: with the hub's keys, or (``sealed=False``) with
+    :class:`PlainSealer` for the school's plain intake."""
+    kwargs: dict[str, Any] = {} if sealed else {"sealer": PlainSealer(SENDER)}
+    return Router(settings, bootstrap, instance=uuid.uuid4().hex[:6], **kwargs)
+
+
 def _timed_router(
-    settings: Settings, bootstrap: str, count: int, *, broker: int | None = None, **kwargs: Any
+    settings: Settings, bootstrap: str, count: int, *, sealed: bool, broker: int | None = None
 ) -> RouterRun:
     """Referrals/s from the first record read to the last batch committed (group joining,
     a one-off cost of a few seconds, is left out), and the CPU a referral cost this process
@@ -543,7 +550,7 @@ def _timed_router(
     broker's over the same span (``broker``: its pid, when it runs here)."""
     freeze_startup_heap()  # as 'route' does before its loop
     cpu, broker_cpu = time.process_time(), process_cpu_s(broker)
-    router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6], **kwargs)
+    router = _bench_router(settings, bootstrap, sealed=sealed)
     router.run(max_records=count, stop_when_idle=30)
     cpu = time.process_time() - cpu
     broker_after = process_cpu_s(broker)
@@ -621,27 +628,22 @@ def run(
                 prefixes.append(settings.kafka_topic_prefix)
                 referrals = _shaped(count, recipients, seed=recipients)
                 _fill_intake(settings, bootstrap, referrals, sealed=sealed)
-                if sealed:
-                    timed = _timed_router(settings, bootstrap, count, broker=broker)
-                    if recipients == 3 and i == 0:
-                        progress("floor")
-                        figures["floor_us_per_referral"] = _floor_us(
-                            settings, bootstrap, referrals, min(count, 300)
-                        )
-                        progress("job floor")
-                        job = job_floor_us(referrals, min(count, 300))
-                        progress("raw")
-                        intake = topic_name(settings, "intake", SENDER)
-                        figures["raw_pass_through"] = _pass_through(
-                            settings, bootstrap, intake, topic_name(settings, "dlq"), count
-                        )
-                        progress("the Kafka client's cost of the job's writes")
-                        figures["kafka_job_writes"] = _kafka_job_writes(
-                            settings, bootstrap, intake, topic_name(settings, "dlq"), count
-                        )
-                else:
-                    timed = _timed_router(settings, bootstrap, count, broker=broker, sealer=PlainSealer(SENDER))
-                runs[label].append(timed)
+                runs[label].append(_timed_router(settings, bootstrap, count, sealed=sealed, broker=broker))
+                if sealed and recipients == 3 and i == 0:
+                    progress("floor")
+                    floor = _floor_us(settings, bootstrap, referrals, min(count, 300))
+                    figures["floor_us_per_referral"] = floor
+                    progress("job floor")
+                    job = job_floor_us(referrals, min(count, 300))
+                    progress("raw")
+                    intake = topic_name(settings, "intake", SENDER)
+                    figures["raw_pass_through"] = _pass_through(
+                        settings, bootstrap, intake, topic_name(settings, "dlq"), count
+                    )
+                    progress("the Kafka client's cost of the job's writes")
+                    figures["kafka_job_writes"] = _kafka_job_writes(
+                        settings, bootstrap, intake, topic_name(settings, "dlq"), count
+                    )
     rates = {label: [r.rate for r in v] for label, v in runs.items()}
     figures.update({label: statistics.median(v) for label, v in rates.items()})
     cpu_ms = {label: statistics.median(r.cpu_ms for r in v) for label, v in runs.items()}
@@ -720,7 +722,7 @@ def profile_router(base: Settings, bootstrap: str, *, count: int = 600) -> dict[
 
     with _county_namespace(base, bootstrap, "profile") as settings:
         _fill_intake(settings, bootstrap, _shaped(count, 3, seed=7), sealed=True)
-        router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6])
+        router = _bench_router(settings, bootstrap, sealed=True)
         freeze_startup_heap()  # as 'route' does before its loop
         profiler = cProfile.Profile()
         cpu = time.process_time()
@@ -781,8 +783,7 @@ def stage_costs(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> 
     and loop on its thread, and its other threads (kafka-python's I/O); they add up to its CPU."""
     with _county_namespace(base, bootstrap, "stages") as settings:
         _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
-        kwargs: dict[str, Any] = {} if sealed else {"sealer": PlainSealer(SENDER)}
-        router = Router(settings, bootstrap, instance=uuid.uuid4().hex[:6], **kwargs)
+        router = _bench_router(settings, bootstrap, sealed=sealed)
         spent = _timed_stages(router)
         freeze_startup_heap()  # as 'route' does before its loop
         cpu, main = time.process_time_ns(), time.thread_time_ns()
