@@ -518,14 +518,14 @@ class Router:
         decisions = decide(self.policy, referral, referrer_party=partner, at=now)
         unresolved = {d.recipient: d.unresolved for d in decisions if d.unresolved}
         outputs: list[OutgoingMessage] = []
-        encoded = codec.encode(referral, self.canonical)  # once; each view is resolved from it
         subjects = self._subject_keys(referral)
         for decision in decisions:
             decision_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{referral_id}/{version}/{decision.recipient}"))
             view_fp = None
             if decision.delivered:
+                # The minimisation: each copy is Avro-encoded with its view schema, which writes
+                # the view's fields and nothing else, so the whole referral is passed as it is.
                 view = _view(decision.shared)
-                share = codec.decode(encoded, view)  # Avro resolution does the minimisation
                 headers = [
                     (H_VIEW, _json(list(decision.shared))),
                     (H_WITHHELD, _json(_group_withheld(decision))),
@@ -537,7 +537,7 @@ class Router:
                     # the team works the case: it must know who else was not told, and why
                     headers.append((H_UNRESOLVED, _json(unresolved)))
                 outputs.append(
-                    self._seal(share, view, decision.recipient, referral_id, version, "referral", headers, reuse=opened)
+                    self._seal(referral, view, decision.recipient, referral_id, version, "referral", headers, reuse=opened)
                 )
                 view_fp = codec.prepare(view).fingerprint.hex()
                 self.stats.delivered += 1

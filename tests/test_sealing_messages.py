@@ -484,3 +484,21 @@ def test_a_binary_shape_ignores_names_and_docs_but_not_fields_types_or_order() -
     assert binary_shape(with_money) != binary_shape(
         {**SCHEMA, "fields": [*fields, {"name": "award", "type": {**money, "scale": 3}}]}
     )
+
+
+def test_a_view_sealed_from_the_whole_referral_opens_to_its_projection(world: World) -> None:
+    """The router seals each copy from the whole referral with the recipient's view schema,
+    not from a projection of it: the recipient opens exactly the projection, and nothing of
+    what the view withholds is in the copy, in the clear or sealed."""
+    from referral_broker.schemas import registry, views
+    from referral_broker.schemas.synth import synthetic_referral
+
+    referral = synthetic_referral(random.Random(11))
+    view = views.view_schema(["referral_id", "child.given_name", "child.date_of_birth", "concerns"])
+    copy = world.sealer().seal(
+        referral, view, topic="t", recipient=HEALTH, referral_id=str(referral["referral_id"]), referral_version=1
+    )
+    opened = world.opener(HEALTH, schemas=schema_book(view)).open(as_record(copy)).record
+    assert opened == views.project(referral, view, registry.referral_schema())
+    withheld = referral["child"]["family_name"].encode()
+    assert withheld not in (copy.value or b"") and "family_name" not in opened["child"]

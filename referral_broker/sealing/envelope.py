@@ -238,10 +238,11 @@ class MessageSealer:
         sign: bool = True,
         reuse: ClassBytes | None = None,
     ) -> OutgoingMessage:
-        """Seal every sealing unit of ``record`` (written with ``schema``, the recipient's view)
-        for ``recipient`` alone, bound to this sender, ``topic``, ``kind`` and the record's
-        clear fields, and sign the message for ``topic`` (``sign=False``: it awaits
-        :func:`sign_messages` with others; a reader from before batch proofs refuses it).
+        """Seal every sealing unit of ``record`` under ``schema`` (the recipient's view: only
+        its fields are written, so ``record`` may be the whole referral) for ``recipient``
+        alone, bound to this sender, ``topic``, ``kind`` and the record's clear fields, and sign
+        the message for ``topic`` (``sign=False``: it awaits :func:`sign_messages` with others;
+        a reader from before batch proofs refuses it).
 
         ``reuse``: the :attr:`OpenedMessage.class_bytes` ``record``'s values were opened from
         (the caller's promise: ``record`` holds the same values, as Avro schema resolution
