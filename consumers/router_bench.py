@@ -47,7 +47,7 @@ from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
 from referral_broker.producers.intake import IntakeSender
-from referral_broker.schemas import codec
+from referral_broker.schemas import codec, union_branches
 from referral_broker.schemas.registry import SINGLE_OBJECT_MAGIC, referral_schema
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing import OutgoingMessage
@@ -182,7 +182,7 @@ def _floor_us(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from fastavro import parse_schema, schemaless_reader, schemaless_writer
+    from fastavro import parse_schema, schemaless_reader
 
     from referral_broker.schemas.registry import field_schema, sealing_units
     from referral_broker.sealing import DataKey
@@ -208,14 +208,14 @@ def _floor_us(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]
                 value = value.get(part) if isinstance(value, dict) else None
             buf = io.BytesIO()
             with contextlib.suppress(Exception):
-                schemaless_writer(buf, unit_parsed[u], value)
+                union_branches.write(buf, unit_parsed[u], value)
             out.append(buf.getvalue())
         return out
 
     prepared = []
     for r in referrals[:n]:
         body = io.BytesIO()
-        schemaless_writer(body, parsed, r)
+        union_branches.write(body, parsed, r)
         shares = [d for d in decide(policy, r, referrer_party=SENDER, at=now) if d.delivered]
         fields = unit_bytes(r)
         sealed = [aead.encrypt(nonce, f, aad) for f in fields]
@@ -235,7 +235,7 @@ def _floor_us(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]
             aead.decrypt(nonce, c, aad)
         record = schemaless_reader(io.BytesIO(message), parsed, None)
         for _ in range(copies):  # each recipient's view (bounded above by the whole record) + archive
-            schemaless_writer(io.BytesIO(), parsed, record)
+            union_branches.write(io.BytesIO(), parsed, record)
             for f in fields:
                 aead.encrypt(nonce, f, aad)
             wrap_data_key(
@@ -283,7 +283,7 @@ def job_floor_us(referrals: list[dict[str, Any]], n: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from fastavro import parse_schema, schemaless_reader, schemaless_writer
+    from fastavro import parse_schema, schemaless_reader
 
     from referral_broker.schemas.registry import audit_decision_schema
     from referral_broker.schemas.views import project, view_schema
@@ -304,7 +304,7 @@ def job_floor_us(referrals: list[dict[str, Any]], n: int) -> dict[str, Any]:
     for r in referrals[:n]:
         now = r["created_at"]
         body = io.BytesIO()
-        schemaless_writer(body, parsed, r)
+        union_branches.write(body, parsed, r)
         key = DataKey.generate()
         wrapped = wrap_data_key(key, recipient=HUB, recipient_key_id="council.000000000000", recipient_public=hub_public)
         nonce = os.urandom(12)
@@ -355,7 +355,7 @@ def job_floor_us(referrals: list[dict[str, Any]], n: int) -> dict[str, Any]:
                 recipients += 1
                 t0 = clock()
                 out = io.BytesIO()
-                schemaless_writer(out, view_parsed, share)
+                union_branches.write(out, view_parsed, share)
                 t1 = clock()
                 secret, nonce_out = os.urandom(32), os.urandom(12)  # a fresh data key
                 ciphertext = AESGCM(secret).encrypt(nonce_out, out.getvalue(), None)
@@ -369,7 +369,7 @@ def job_floor_us(referrals: list[dict[str, Any]], n: int) -> dict[str, Any]:
                 t3 = clock()
                 signer.sign(wrapped_out + nonce_out + ciphertext)
                 t4 = clock()
-                schemaless_writer(io.BytesIO(), audit_parsed, audit)
+                union_branches.write(io.BytesIO(), audit_parsed, audit)
                 t5 = clock()
                 spent["avro_encode_views"] += t1 - t0
                 spent["aead_seal"] += t2 - t1

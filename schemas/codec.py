@@ -16,10 +16,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from fastavro import schemaless_reader, schemaless_writer
+from fastavro import schemaless_reader
 
 from referral_broker.errors import ContractError, ValidationError
 
+from . import union_branches
 from .registry import FINGERPRINT_SIZE, SINGLE_OBJECT_MAGIC, Schema, referral_schema, writer_schemas
 
 HEADER_SIZE = len(SINGLE_OBJECT_MAGIC) + FINGERPRINT_SIZE
@@ -81,7 +82,7 @@ def encode(record: dict[str, Any], schema: Schema | PreparedSchema | None = None
     out.write(SINGLE_OBJECT_MAGIC)
     out.write(prepared.fingerprint)
     try:
-        schemaless_writer(out, prepared.parsed, record)
+        union_branches.write(out, prepared.parsed, record)
     except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError/... by value
         from .validation import check_against_schema
 
@@ -139,7 +140,7 @@ def encode_body(value: Any, schema: Schema | PreparedSchema) -> bytes:
     prepared = prepare(schema)
     out = io.BytesIO()
     try:
-        schemaless_writer(out, prepared.parsed, value)
+        union_branches.write(out, prepared.parsed, value)
     except Exception as exc:
         raise ContractError(
             f"cannot encode value with schema {prepared.fingerprint.hex()} ({type(exc).__name__})"

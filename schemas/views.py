@@ -18,10 +18,11 @@ import io
 from collections.abc import Iterable
 from typing import Any, cast
 
-from fastavro import schemaless_reader, schemaless_writer
+from fastavro import schemaless_reader
 
 from referral_broker.errors import ContractError
 
+from . import union_branches
 from .codec import PreparedSchema, prepare
 from .registry import (
     DATA_CLASSES,
@@ -103,7 +104,7 @@ def project(
     reader = prepare(view)
     buffer = io.BytesIO()
     try:
-        schemaless_writer(buffer, writer.parsed, record)
+        union_branches.write(buffer, writer.parsed, record)
         buffer.seek(0)
         return cast(dict[str, Any], schemaless_reader(buffer, writer.parsed, reader.parsed))  # a record
     except Exception as exc:  # fastavro messages can quote values: only the kind is passed on

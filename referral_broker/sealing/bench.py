@@ -20,10 +20,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastavro import parse_schema, schemaless_writer
+from fastavro import parse_schema
 
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
+from referral_broker.schemas import union_branches
 from referral_broker.schemas.registry import referral_schema
 from referral_broker.schemas.synth import synthetic_referral
 from referral_broker.sealing.directory import KeyDirectory
@@ -141,7 +142,7 @@ def run(settings: Settings, *, iterations: int = 200) -> dict[str, Any]:
         def avro_encode() -> None:
             import io
 
-            schemaless_writer(io.BytesIO(), parsed, referral)
+            union_branches.write(io.BytesIO(), parsed, referral)
 
         primitives = {
             "aes_gcm_seal_64B": _best_us(lambda: aead.encrypt(nonce, field_plain, aad), iterations * 20),
@@ -179,7 +180,7 @@ def run(settings: Settings, *, iterations: int = 200) -> dict[str, Any]:
     import io
 
     plain = io.BytesIO()
-    schemaless_writer(plain, parse_schema(schema), referral)
+    union_branches.write(plain, parse_schema(schema), referral)
     seal3 = per_referral["seal_3_recipients"]["cache"]
     return {
         "schema": schema["name"],

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro import parse_schema, schemaless_reader
 
 from referral_broker.errors import ContractError, TamperedError
+from referral_broker.schemas import union_branches
 from referral_broker.schemas.registry import DATA_CLASSES, SINGLE_OBJECT_MAGIC, Schema, fingerprint
 from referral_broker.sealing.fields import (
     _PADDING,
@@ -250,7 +251,7 @@ class ClassLayout:
         if reuse is not None and reuse.shapes.get(CLEAR) == self.shapes[CLEAR]:
             return reuse.projection
         buf = io.BytesIO()
-        schemaless_writer(buf, self._clear, record)
+        union_branches.write(buf, self._clear, record)
         return buf.getvalue()
 
     def seal(
@@ -273,7 +274,7 @@ class ClassLayout:
                 encoded = reuse.classes[c]
             else:
                 buf = io.BytesIO()
-                schemaless_writer(buf, self._class_parsed[c], record)
+                union_branches.write(buf, self._class_parsed[c], record)
                 encoded = buf.getvalue()
             plaintext = encoded + _PADDING[PAD_BLOCK - (len(encoded) % PAD_BLOCK)]
             nonce = drawn[i * NONCE_SIZE : (i + 1) * NONCE_SIZE]

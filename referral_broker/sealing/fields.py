@@ -47,9 +47,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro import parse_schema, schemaless_reader
 
 from referral_broker.errors import ContractError, TamperedError
+from referral_broker.schemas import union_branches
 from referral_broker.sealing.framing import frame, short, unframe
 
 FORMAT_VERSION = 2  # what seal_value writes
@@ -260,7 +261,7 @@ class FieldCodec:
                 pass  # a value the fast path does not take: fastavro decides
         buf = io.BytesIO()
         try:
-            schemaless_writer(buf, self._parsed, value)
+            union_branches.write(buf, self._parsed, value)
         except Exception:
             # fastavro's messages can quote the value: drop them (from None), keep the path.
             raise ContractError(f"field {self.path}: value does not match its Avro type") from None

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NoReturn, cast
 
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import expand_schema
 
 from referral_broker.errors import ContractError, TamperedError
+from referral_broker.schemas import union_branches
 from referral_broker.schemas.registry import (
     DATA_CLASSES,
     SINGLE_OBJECT_MAGIC,
@@ -378,7 +379,7 @@ class SealingPlan:
         buf = io.BytesIO()
         buf.write(self.layout.wire_header if three else self._wire_header)
         try:
-            schemaless_writer(buf, self.layout.wire_parsed if three else self._wire_parsed, wire)
+            union_branches.write(buf, self.layout.wire_parsed if three else self._wire_parsed, wire)
         except Exception:
             raise ContractError(
                 f"record does not match schema {self.schema.get('name')} (an operational field has a wrong type)"
