@@ -426,3 +426,14 @@ def test_bench_router_profile_splits_the_routers_time_by_component(
     shown = capsys.readouterr().out
     assert "component (own time)" in shown and "Ed25519 sign and verify" in shown
     assert "sealing adds" in shown and "copies: views encoded, sealed, headers" in shown
+
+
+def test_the_profile_counts_avro_writes_to_avro_wherever_they_are_made() -> None:
+    """fastavro's Cython calls are timed to their caller: the codec's and the union-branch
+    writer's own time is Avro's, not "other"."""
+    from referral_broker.bench_profile import _component
+
+    avro = "Avro (fastavro, codec)"
+    assert _component("/work/x/schemas/union_branches.py", "write") == avro
+    assert _component("/work/x/schemas/codec.py", "encode") == avro
+    assert _component("/work/x/referral_broker/sealing/classes.py", "seal") == "sealing in Python (fields, framing, headers)"
