@@ -276,6 +276,26 @@ def subscribed_partitions(settings: Settings) -> int:
     return sum(s.partitions for s in plan(settings.kafka_topic_profile) if s.role in ("intake", "status"))
 
 
+def stop_inside_a_transaction(router: RouterProc, watch: Watch, target: float, tries: int = 20) -> None:
+    """Freeze ``router`` (SIGSTOP) once ``target`` of the stream is committed, with one of its
+    transactions open at the moment it froze. A transaction seen open can commit before a
+    signal lands (a batch is a few hundred ms, its commit and the next batch's first records
+    a few dozen), so the check is made again while the router stands still, and a router
+    caught between two transactions is let go (SIGCONT) to open the next one."""
+    for _ in range(tries):
+        watch.wait_for(
+            f"{target:.0%} committed with a transaction open",
+            lambda: watch.committed_inputs() >= target * COUNT and watch.transaction_open(),
+            timeout=120,
+            poll_s=0.05,
+        )
+        router.signal(signal.SIGSTOP)
+        if watch.transaction_open():
+            return
+        router.signal(signal.SIGCONT)
+    pytest.fail(f"the router was between two transactions at each of {tries} stops")
+
+
 @pytest.mark.timeout(300)
 def test_router_killed_mid_transaction_three_times(
     broker: Settings, kafka_bootstrap: str, tmp_path: Path
@@ -290,12 +310,7 @@ def test_router_killed_mid_transaction_three_times(
         router = RouterProc(broker, kafka_bootstrap, tmp_path, "0", "--stop-when-idle", IDLE)
         routers.append(router)
         for i, target in enumerate((0.25, 0.45, 0.65)):
-            watch.wait_for(
-                f"{target:.0%} committed with a transaction open",
-                lambda t=target: watch.committed_inputs() >= t * COUNT and watch.transaction_open(),
-                timeout=120,
-                poll_s=0.05,
-            )
+            stop_inside_a_transaction(router, watch, target)
             router.signal(signal.SIGKILL)
             router.proc.wait(timeout=30)
             # proven mid-work: the dead router's transaction is still open, and the committed
