@@ -210,8 +210,11 @@ class RouterSealer(Protocol):
         reuse: Any = None,
     ) -> OutgoingMessage:
         """The sealed message; ``sign=False`` (every copy the router routes): signed or
-        ``awaiting_signature``, for :meth:`sign_batch`. ``reuse``: the ``class_bytes`` of
-        what :meth:`open` returned, the values ``record`` holds, for parts not to encode again."""
+        ``awaiting_signature``, for :meth:`sign_batch`. ``record`` may hold more than
+        ``schema`` (the router passes the whole referral with a recipient's view): only the
+        fields of ``schema`` may be written, as an Avro write of it does. ``reuse``: the
+        ``class_bytes`` of what :meth:`open` returned, the values ``record`` holds, for parts
+        not to encode again."""
         ...
 
     def sign(
