@@ -51,7 +51,7 @@ class Sample:
     elapsed_s: float  # since the route process started
     routed: int  # the router group's committed offsets on the intake topic
     rss_mb: float  # VmRSS
-    peak_mb: float  # VmHWM
+    peak_mb: float  # the highest VmHWM read so far
 
 
 def proc_memory_mb(pid: int | str) -> tuple[float, float] | None:
@@ -99,7 +99,12 @@ class Sampler:
         if routed is None:  # the coordinator did not answer: keep the last figure
             routed = self.latest.routed if self.latest else 0
         now = time.monotonic()
-        s = Sample(round(now - self.started, 1), routed, *memory)
+        rss, peak = memory
+        if self.latest is not None:
+            # Linux 6.2+ counts RSS per CPU and VmHWM is max(the recorded peak, an approximate
+            # current RSS), so a read can come out a few hundred KB under the one before it
+            peak = max(peak, self.latest.peak_mb)
+        s = Sample(round(now - self.started, 1), routed, rss, peak)
         if self.latest is None or routed > self.latest.routed:
             self.last_progress = now
         if not routed:  # the busy time starts after the last sample with nothing routed
