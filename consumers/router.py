@@ -894,7 +894,7 @@ class Router:
         if case_keys is not None:
             case_keys.defer_durability()  # new case keys: one group of fsyncs before the commit
         try:
-            producer.begin()
+            producer.begin(offsets_for=self.group)
             self._in_transaction = True
             budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
             unsigned: list[OutgoingMessage] = []  # one signature per topic for SIGN_EVERY records

@@ -18,6 +18,7 @@ from referral_broker.cluster.clients import (
     build_producer,
     commit_batch,
     drain,
+    next_offsets,
 )
 from referral_broker.cluster.topics import ensure_topics, list_topics, plan, topic_name
 from referral_broker.config import Settings
@@ -230,3 +231,80 @@ def test_small_polls_commit_exactly_and_caught_up_groups_show_no_lag(
     lag = consumer_lag(topics, kafka_bootstrap, [group])
     assert [(r.topic, r.lag) for r in lag] == [(topic, 0)]
     assert lag[0].end > 20  # the markers are there, and counted as read
+
+
+def test_offsets_announced_ahead_commit_in_one_round_trip_and_abort_with_the_rest(
+    topics: Settings, kafka_bootstrap: str
+) -> None:
+    """``begin(offsets_for=group)`` sends the transaction's AddOffsetsToTxn at once, so the
+    commit sends only TxnOffsetCommit and EndTxn. Committed: the group's offsets and the output
+    land together; aborted: neither; a commit for another group than announced still commits
+    its offsets (kafka-python's own two steps)."""
+    source, target = topic_name(topics, "audit"), topic_name(topics, "dlq")
+    feed = build_producer(topics, kafka_bootstrap)
+    try:
+        for i in range(9):
+            feed.send(source, f"in-{i}".encode(), key=b"k")
+        feed.flush()
+    finally:
+        feed.close()
+    group = f"{topics.kafka_topic_prefix}g-{uuid.uuid4().hex[:6]}"
+    consumer = build_consumer(topics, kafka_bootstrap, [source], group_id=group, max_poll_records=3)
+    producer = build_producer(topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}")
+    manager = producer._producer._transaction_manager
+    sent: list[str] = []  # each transactional request once, however often it was retried
+    handlers: list[Any] = []  # kept, so that no id is reused
+    enqueue = manager._enqueue_request
+
+    def record(handler: Any) -> None:
+        if not any(handler is h for h in handlers):
+            handlers.append(handler)
+            sent.append(type(handler.request).__name__.removesuffix("Request"))
+        enqueue(handler)
+
+    manager._enqueue_request = record
+    requests: dict[str, list[str]] = {}
+    announced_early: list[bool] = []
+    try:
+        batches = iter(drain(consumer, idle_s=3))
+        for end in ("commit", "abort", "commit-other-group"):
+            batch = next(batches)
+            sent.clear()
+            producer.begin(offsets_for="another-group" if end == "commit-other-group" else group)
+            for r in batch:
+                producer.send(target, r.value.replace(b"in", end.encode()), key=b"k")
+            deadline = time.monotonic() + 5
+            while producer._offsets_ahead is not None and not producer._offsets_ahead[1].is_done:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            announced_early.append("AddOffsetsToTxn" in sent)  # before any commit was asked for
+            if end == "abort":
+                producer.abort()
+            else:
+                producer.commit(next_offsets(batch, consumer), consumer.group_metadata())
+            requests[end] = [name for name in sent if name not in ("AddPartitionsToTxn", "FindCoordinator")]
+            if end == "abort":
+                for tp in consumer.assignment():
+                    committed = consumer.committed(tp)
+                    consumer.seek(tp, committed or 0)
+    finally:
+        producer.close()
+    output = build_consumer(topics, kafka_bootstrap, [target], group_id=None)
+    try:
+        values = sorted(r.value for batch in drain(output, idle_s=2) for r in batch)
+        committed = consumer.committed(TopicPartition(batch[0].topic, batch[0].partition))
+    finally:
+        output.close()
+        consumer.close()
+    assert announced_early == [True, True, True]
+    assert requests == {
+        "commit": ["AddOffsetsToTxn", "TxnOffsetCommit", "EndTxn"],
+        "abort": ["AddOffsetsToTxn", "EndTxn"],
+        "commit-other-group": ["AddOffsetsToTxn", "AddOffsetsToTxn", "TxnOffsetCommit", "EndTxn"],
+    }
+    # the aborted batch was read again and committed under the third transaction
+    assert values == sorted(
+        [f"commit-{i}".encode() for i in range(3)] + [f"commit-other-group-{i}".encode() for i in range(3, 6)]
+    )
+    assert committed == 6

@@ -18,6 +18,11 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, UnknownTopicOrPartitionError
+from kafka.producer.transaction_manager import (
+    AddOffsetsToTxnHandler,
+    ConsumerGroupMetadata,
+    TxnOffsetCommitHandler,
+)
 
 from referral_broker.cluster.security import admin_with, authorisation_error, client_security, connecting
 from referral_broker.config import Settings
@@ -99,6 +104,18 @@ def publish_records(
         producer.close()
 
 
+class _AddOffsetsAhead(AddOffsetsToTxnHandler):  # type: ignore[misc]
+    """kafka-python's AddOffsetsToTxn without the TxnOffsetCommit it chains on success: the
+    offsets are not known yet (:meth:`Producer._add_offsets_ahead`)."""
+
+    def handle_response(self, response: Any) -> None:
+        if response.error_code == 0:
+            self.transaction_manager._transaction_started = True
+            self._result.done()
+        else:
+            super().handle_response(response)
+
+
 class Producer:
     """A thin wrapper whose sends either succeed durably or raise :class:`BrokerError`."""
 
@@ -110,6 +127,7 @@ class Producer:
         self._pending: list[tuple[str, Any]] = []
         self.transactional = transactional
         self.transaction_wait_s = transaction_wait_s
+        self._offsets_ahead: tuple[str, Any] | None = None  # (group, the AddOffsetsToTxn's result)
         if transactional:
             self._shorten_transactional_retry_backoff()
             try:
@@ -158,11 +176,43 @@ class Producer:
             raise _translate(exc, "delivering records", self._bootstrap, "write", topic) from exc
         return len(pending)
 
-    def begin(self) -> None:
+    def begin(self, offsets_for: str | None = None) -> None:
+        """Begin a transaction. With ``offsets_for`` (a consumer group), the transaction's
+        offsets are announced for that group at once (:meth:`_add_offsets_ahead`), so that
+        :meth:`commit` with that group's offsets is one round trip shorter."""
+        self._offsets_ahead = None
         try:
             self._producer.begin_transaction()
+            if offsets_for is not None:
+                self._offsets_ahead = (offsets_for, self._add_offsets_ahead(offsets_for))
         except KafkaError as exc:  # e.g. ProducerFencedError once the coordinator timed it out
             raise _translate(exc, "beginning a transaction", self._bootstrap) from exc
+
+    def _add_offsets_ahead(self, group_id: str) -> Any:
+        """Send the transaction's AddOffsetsToTxn for ``group_id`` now, in the background.
+
+        kafka-python's ``send_offsets_to_transaction`` sends AddOffsetsToTxn (the coordinator
+        adds the group's offsets partition to the transaction) and only on its answer the
+        TxnOffsetCommit: two round trips at the end of every batch, then EndTxn. The first
+        needs only the group's name, so it goes out while the batch is routed; it also opens
+        the transaction on the broker from the start of the batch. Errors are kafka-python's
+        own handler's (a refusal while the last transaction's markers are written is retried)."""
+        manager = self._producer._transaction_manager
+        handler = _AddOffsetsAhead(manager, ConsumerGroupMetadata(group_id=group_id), {})
+        with manager._lock:
+            manager._enqueue_request(handler)
+        self._producer._sender.wakeup()
+        return handler.result
+
+    def _txn_offset_commit(self, manager: Any, offsets: dict[TopicPartition, Any], group_metadata: Any) -> Any:
+        """The TxnOffsetCommit that kafka-python sends once AddOffsetsToTxn is answered, sent
+        now: :meth:`_add_offsets_ahead` has had its answer."""
+        with manager._lock:
+            manager._maybe_fail_with_error()
+            manager._pending_txn_offset_commits.update(offsets)
+            handler = TxnOffsetCommitHandler(manager, group_metadata, manager._pending_txn_offset_commits, None)
+            manager._enqueue_request(handler)
+        return handler.result
 
     def _finish(self, step: Callable[[Any], Any], what: str) -> None:
         """One transactional round trip, waited for at most ``transaction_wait_s``.
@@ -184,8 +234,15 @@ class Producer:
 
     def commit(self, offsets: dict[TopicPartition, Any] | None = None, group_metadata: Any = None) -> None:
         """Commit the open transaction, with the consumer offsets it covers when given."""
+        ahead, self._offsets_ahead = self._offsets_ahead, None
         try:
-            if offsets:
+            if offsets and ahead is not None and ahead[0] == getattr(group_metadata, "group_id", None):
+                self._finish(lambda m: ahead[1], "adding a consumer group to a transaction")
+                self._finish(
+                    lambda m: self._txn_offset_commit(m, offsets, group_metadata),
+                    "adding consumer offsets to a transaction",
+                )
+            elif offsets:
                 self._finish(
                     lambda m: m.send_offsets_to_transaction(offsets, group_metadata),
                     "adding consumer offsets to a transaction",
@@ -199,6 +256,7 @@ class Producer:
 
     def abort(self) -> None:
         self._pending.clear()
+        self._offsets_ahead = None
         try:
             self._finish(lambda m: m.begin_abort(), "aborting a transaction")
         except KafkaError as exc:
