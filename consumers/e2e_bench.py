@@ -304,8 +304,39 @@ def run(
             broker is not None,
             routers=routers,
         ),
+        "router_batches": [batch_profile(s.get("phases") or {}, rate / routers) for s in every],
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "prefix": prefix,
+    }
+
+
+# The phases of a router's batch (route --json's stats, consumers.router_metrics.PHASES) that
+# take about as long whatever the batch holds; routing and signing-and-sending grow with it.
+FIXED_PHASES = ("poll", "catch_up", "key_sync", "check", "commit")
+
+
+def batch_profile(phases: dict[str, Any], rate: float) -> dict[str, Any] | None:
+    """A router process's batches (its ``route --json`` stats' ``phases``): ms a batch by phase,
+    and what they make of a referral's wait at ``rate``/s (what this router was offered).
+
+    A referral arrives while a batch is routed, waits for it, then for its own, which holds
+    what arrived meanwhile. A batch takes ``fixed`` ms whatever it holds plus ``per`` ms a
+    referral, so at ``rate`` referrals a ms it settles at T = fixed / (1 - rate * per): the
+    share of the router's time the referrals themselves take (``busy``) stretches the fixed
+    part, and a referral's latency is about two batches plus the inbox's read."""
+    if not phases.get("batches"):
+        return None
+    ms = phases["ms_a_batch"]
+    n = phases["records_a_batch"]
+    fixed = sum(ms[p]["wall"] for p in FIXED_PHASES if p in ms)
+    per = sum(v["wall"] for p, v in ms.items() if p not in FIXED_PHASES) / n if n else 0.0
+    busy = rate / 1000 * per
+    return {
+        **phases,
+        "fixed_ms": round(fixed, 2),
+        "per_referral_ms": round(per, 3),
+        "busy": round(busy, 3),
+        "predicted_batch_ms": round(fixed / (1 - busy), 1) if busy < 1 else None,
     }
 
 

@@ -98,7 +98,7 @@ from referral_broker.structured_log import get_logger
 from .dead_letters import dead_letter
 from .delivery_ledger import DeliveryLedger
 from .receiving import Received, open_verified
-from .router_metrics import RouterMetrics
+from .router_metrics import BatchClock, BatchPhases, RouterMetrics
 
 log = get_logger(__name__)
 GROUP = "referral-router"
@@ -371,9 +371,10 @@ class RouterStats:
     first_record_at: float | None = None  # monotonic; the busy window excludes group joining
     last_commit_at: float | None = None
     by_reason: dict[str, int] = field(default_factory=dict)
+    phases: BatchPhases = field(default_factory=BatchPhases)  # where the batches' time went
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "phases": self.phases.summary()}
 
 
 def _group_withheld(decision: Decision) -> dict[str, list[str]]:
@@ -427,8 +428,8 @@ class Router:
         self._instance_option = instance
         self.instance = instance  # the name in use while run() runs (a free slot when not given)
         self.transaction_timeout_ms = transaction_timeout_ms
-        self.stats = RouterStats()
         self.metrics = RouterMetrics()
+        self.stats = RouterStats(phases=BatchPhases(self.metrics.phase_seconds))
         self.canonical = referral_schema()
         self.priorities = priority_symbols(self.canonical)
         self._canonical_fp = codec.prepare(self.canonical).fingerprint
@@ -778,6 +779,7 @@ class Router:
                     if producer is None:
                         producer = self._producer()  # fences (and settles) the one it replaces
                     assert idle is not None
+                    clock = BatchClock()
                     batch = poll_records(consumer, timeout_ms=500)
                     self._revoked.clear()  # what moved inside that poll is settled in its result
                     if not batch:
@@ -787,8 +789,10 @@ class Router:
                     idle.activity()
                     if self.stats.first_record_at is None:
                         self.stats.first_record_at = time.monotonic()
+                    clock.lap("poll")
                     for part in urgent_first(batch):
-                        self._route_batch(consumer, producer, part)
+                        self._route_batch(consumer, producer, part, clock)
+                        clock = BatchClock()  # a poll split in two: the second part polled nothing
                     failures = 0
                     if max_records is not None and self.stats.consumed >= max_records:
                         return self.stats
@@ -876,7 +880,7 @@ class Router:
             return False
         return True
 
-    def _route_batch(self, consumer: Any, producer: Producer, batch: list[Record]) -> None:
+    def _route_batch(self, consumer: Any, producer: Producer, batch: list[Record], clock: BatchClock) -> None:
         started = time.monotonic()
         member = consumer.group_metadata()  # the membership this batch was read under
         owned = consumer.assignment()
@@ -890,12 +894,14 @@ class Router:
             self._rewind(consumer, batch)
             return
         self.catch_up()  # a cluster failure here is handled like any other
+        clock.lap("catch_up")
         case_keys = self.hub.case_keys
         if case_keys is not None:
             case_keys.defer_durability()  # new case keys: one group of fsyncs before the commit
         try:
             producer.begin(offsets_for=self.group)
             self._in_transaction = True
+            clock.lap("commit")
             budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
             unsigned: list[OutgoingMessage] = []  # one signature per topic for SIGN_EVERY records
             for done, record in enumerate(batch):
@@ -905,7 +911,9 @@ class Router:
                     self._rewind(consumer, batch[done:])
                     batch = batch[:done]
                     break
-                for message in self._outputs(record):
+                outputs = self._outputs(record)
+                clock.lap("route")
+                for message in outputs:
                     if message.awaiting_signature:
                         unsigned.append(message)
                     else:
@@ -914,13 +922,18 @@ class Router:
                     for message in self.sealer.sign_batch(unsigned):
                         message.send(producer)
                     unsigned = []
+                clock.lap("sign_send")
             unsigned += self.audit_chain.checkpoint()  # chain heads, in this transaction
+            clock.lap("route")
             for message in self.sealer.sign_batch(unsigned):
                 message.send(producer)
+            clock.lap("sign_send")
             if case_keys is not None:
                 # before the commit: no committed message may name a key a power cut could lose
                 case_keys.sync()
+            clock.lap("key_sync")
             moved, checked = self._moved(consumer, batch, member)
+            clock.lap("check")
             if moved:
                 producer.abort()
                 self.ledger.abort()
@@ -937,6 +950,7 @@ class Router:
             self.ledger.commit()
             self.audit_chain.commit()
             self._in_transaction = False
+            clock.lap("commit")
         except (BrokerError, KafkaError, OSError) as exc:  # OSError: the case keys' fsync
             self.ledger.abort()  # if the commit landed after all, catch_up reads it back
             self.audit_chain.lost()  # the heads are read again (committed or not) before the next record
@@ -949,6 +963,7 @@ class Router:
         self.stats.last_commit_at = time.monotonic()
         self.metrics.consumed.inc(len(batch))
         self.metrics.batch_seconds.observe(self.stats.last_commit_at - started)
+        self.stats.phases.add(clock, len(batch))
 
     def _moved(self, consumer: Any, batch: list[Record], read_under: Any) -> tuple[str | None, Any]:
         """Why this batch may not be committed by this router now (or None), and the group

@@ -349,9 +349,42 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     assert cap["router_rate_one_core"] == pytest.approx(1000 / per["router"], rel=0.01)
     assert cap["cores"] >= 1 and cap["window_s"] >= seconds
     assert topics_left(kafka_bootstrap, [data["prefix"]]) == []
+    # each router process's batches by phase, from its own clocks: between them every referral
+    batches = data["router_batches"]
+    assert len(batches) == 2 and all(batches)
+    assert sum(b["records"] for b in batches) == router["consumed"]
+    for b in batches:
+        assert b["batches"] >= 1 and b["ms_a_batch"]["route"]["wall"] > 0 and b["ms_a_batch"]["commit"]["wall"] > 0
+        assert b["fixed_ms"] > 0 and b["per_referral_ms"] > 0 and b["predicted_batch_ms"] >= b["fixed_ms"]
     bench_cmd._show_e2e(data)
     out = capsys.readouterr().out
     assert "p99" in out and f"{cap['cores_needed_at_rate']} of {cap['cores']} cores" in out
+    assert "Where router 1's batches went" in out and "Where router 2's batches went" in out
+
+
+def test_e2e_batch_profile_splits_a_batch_into_fixed_and_per_referral_time() -> None:
+    phases = {
+        "batches": 10,
+        "records_a_batch": 20.0,
+        "ms_a_batch": {
+            "poll": {"wall": 5.0, "cpu": 4.0},
+            "catch_up": {"wall": 8.0, "cpu": 3.0},
+            "route": {"wall": 40.0, "cpu": 38.0},
+            "sign_send": {"wall": 8.0, "cpu": 7.0},
+            "key_sync": {"wall": 2.0, "cpu": 0.5},
+            "check": {"wall": 1.0, "cpu": 1.0},
+            "commit": {"wall": 9.0, "cpu": 2.0},
+        },
+        "batch_ms": {"p50": 70.0, "p99": 120.0, "max": 150.0},
+    }
+    # 25 ms fixed; 48 ms for 20 referrals, 2.4 ms each; at 200/s the referrals take 48% of the
+    # router, so a batch settles at 25 / 0.52 ms
+    b = e2e_bench.batch_profile(phases, 200.0)
+    assert b is not None and b["fixed_ms"] == 25.0 and b["per_referral_ms"] == 2.4 and b["busy"] == 0.48
+    assert b["predicted_batch_ms"] == 48.1 and b["batch_ms"] == phases["batch_ms"]
+    # a rate the router cannot keep up with: no batch size it settles at
+    assert e2e_bench.batch_profile(phases, 500.0)["predicted_batch_ms"] is None  # type: ignore[index]
+    assert e2e_bench.batch_profile({"batches": 0}, 200.0) is None
 
 
 def test_e2e_capacity_says_why_only_when_the_goal_is_missed_for_want_of_cores() -> None:

@@ -283,7 +283,9 @@ def test_inbox_metrics_count_requests_and_referrals_without_identifiers(topics: 
         assert missing not in exposed and "fen.worker" not in exposed and "no-such-page" not in exposed
 
 
-ALLOWED_LABELS = {"stage", "recipient", "reason", "route", "method", "status", "team", "state", "kind", "le", "format", "outcome"}
+ALLOWED_LABELS = {
+    "stage", "recipient", "reason", "route", "method", "status", "team", "state", "kind", "le", "format", "outcome", "phase",
+}
 
 
 def test_grafana_dashboard_reads_only_metrics_the_stages_expose(settings: Settings) -> None:
@@ -304,6 +306,7 @@ def test_grafana_dashboard_reads_only_metrics_the_stages_expose(settings: Settin
     router.deliveries.labels(recipient="school").inc()
     router.dead_letters.labels(stage="verify-open").inc()
     router.batch_seconds.observe(0.1)
+    router.phase_seconds.labels("commit").observe(0.01)
     store = make_store(settings)
     try:
         inbox = InboxMetrics(store, [TEAM])

@@ -18,6 +18,7 @@ from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import read_dead_letters
 from referral_broker.consumers.receiving import Received, receive
 from referral_broker.consumers.router import Router
+from referral_broker.consumers.router_metrics import PHASES
 from referral_broker.parties import all_parties
 from referral_broker.policy import load_policy
 from referral_broker.policy.review import explain
@@ -92,6 +93,19 @@ def test_every_recipient_gets_exactly_its_granted_fields(broker: Settings, kafka
     router = Router(broker, kafka_bootstrap)
     stats = router.run(stop_when_idle=3)
     assert stats.routed == len(sent) and stats.dead_lettered == 0
+    # every committed batch's time, phase by phase: in the stats route --json prints and on /metrics
+    phases = stats.as_dict()["phases"]
+    assert phases["batches"] == stats.batches >= 1
+    assert phases["records"] == stats.consumed
+    assert set(phases["ms_a_batch"]) == set(PHASES)
+    for phase in ("poll", "catch_up", "route", "sign_send", "commit"):
+        assert phases["ms_a_batch"][phase]["wall"] > 0, phase
+    assert phases["ms_a_batch"]["route"]["cpu"] > 0  # opening and sealing are this thread's work
+    assert 0 < phases["batch_ms"]["p50"] <= phases["batch_ms"]["p99"] <= phases["batch_ms"]["max"]
+    observed = router.metrics.registry.get_sample_value(
+        "referral_router_batch_phase_seconds_count", {"phase": "commit"}
+    )
+    assert observed == stats.batches
     # the case keys of these new cases were written deferred and synced before each commit
     assert router.hub.case_keys is not None and router.hub.case_keys.unsynced == 0
     assert all(router.hub.case_keys.has_key(case) for case in sent)

@@ -435,6 +435,33 @@ def _show_e2e(d: dict[str, Any]) -> None:
     )
     if cap["why"]:
         click.echo(f"Why the goal is out of reach here: {cap['why']}")
+    for i, b in enumerate(d.get("router_batches") or []):
+        if b:
+            _show_batches(b, "the router" if d["routers"] == 1 else f"router {i + 1}", d)
+
+
+def _show_batches(b: dict[str, Any], who: str, d: dict[str, Any]) -> None:
+    """A router process's batches by phase (its own clocks, the whole run), and the wait they
+    make: a referral waits for the batch in hand, then for its own."""
+    rows = [[p.replace("_", " "), f"{v['wall']:,.2f}", f"{v['cpu']:,.2f}"] for p, v in b["ms_a_batch"].items()]
+    click.echo(
+        f"\nWhere {who}'s batches went ({b['batches']:,} batches, {b['records_a_batch']} referrals each; "
+        f"a batch took p50 {b['batch_ms']['p50']} ms, p99 {b['batch_ms']['p99']} ms):"
+    )
+    click.echo(table(rows, ["phase", "ms a batch", "CPU ms"]))
+    rate = d["rate_target"] / d["routers"]
+    predicted = b["predicted_batch_ms"]
+    settles = (
+        f"so a batch settles at {b['fixed_ms']} / (1 - {b['busy']}) = {predicted} ms, and a referral waits "
+        f"about two of them (the one in hand, then its own): about {2 * predicted:,.0f} ms before the inbox reads it"
+        if predicted is not None
+        else "so the router cannot keep up: its batches grow without bound"
+    )
+    click.echo(
+        f"A batch costs {b['fixed_ms']} ms whatever it holds (poll, catch-up, key sync, check, commit) and "
+        f"{b['per_referral_ms']} ms a referral (routing, signing, sending); at {rate:g}/s the referrals take "
+        f"{b['busy']:.0%} of {who}'s time, {settles}."
+    )
 
 
 @bench.command()
