@@ -101,6 +101,16 @@ def _remove_orphans(folder: Path) -> None:
             pass  # another user's live process
 
 
+@dataclass
+class _Run:
+    """Entries of one of this router's committed transactions, written back to back to one
+    partition of the ledger: offsets ``first`` to ``last``, and what they were (key, digest)."""
+
+    first: int
+    last: int
+    owns: list[tuple[bytes, bytes]]
+
+
 # How long after its commit an own entry is still watched for (and read back unverified): its
 # commit markers reach the partition within moments; one not read back by then never will be.
 OWN_GRACE_S = 60.0
@@ -121,6 +131,11 @@ class DeliveryLedger:
     _sent: set[tuple[bytes, bytes]] = field(default_factory=set, init=False, repr=False)
     _store: _Entries | None = field(default=None, init=False, repr=False)
     _consumer: Any = field(default=None, init=False, repr=False)
+    # this transaction's entries as sent: where they will be written (a future) and what they are
+    _written: list[tuple[Any, tuple[bytes, bytes]]] = field(default_factory=list, init=False, repr=False)
+    # this router's committed entries not read back yet, by partition, a run per transaction
+    _runs: dict[int, list[_Run]] = field(default_factory=dict, init=False, repr=False)
+    skipped: int = 0  # own entries a catch-up passed over without reading them back
 
     @property
     def topic(self) -> str:
@@ -153,15 +168,70 @@ class DeliveryLedger:
         topic, key = self.topic, referral_id.encode()
         return sign_plain(self.hub.keystore, topic=topic, key=key, value=value, kind=KIND, sign=False)
 
+    def sent(self, message: OutgoingMessage, written: Any) -> None:
+        """Note where an entry of :meth:`record` went (``Producer.send``'s future), so once its
+        transaction is committed a catch-up can pass over it instead of reading it back."""
+        self._written.append((written, (message.key, hashlib.sha256(message.value).digest())))
+
     def commit(self) -> None:
         self._entries.put(self._pending)
         self._own.update(dict.fromkeys(self._sent, time.monotonic()))
+        self._note_runs()
         self._pending.clear()
         self._sent.clear()
 
     def abort(self) -> None:
         self._pending.clear()
         self._sent.clear()
+        self._written.clear()
+
+    def _note_runs(self) -> None:
+        """The committed transaction's entries as one run per partition, where they were
+        written back to back; where they were not (or where one went is unknown), that
+        partition's (every partition's) runs are dropped and its catch-ups read as before."""
+        written, self._written = self._written, []
+        by_partition: dict[int, list[tuple[int, tuple[bytes, bytes]]]] = {}
+        for future, own in written:
+            meta = future.value if future.is_done and future.succeeded() else None
+            if meta is None:
+                self._runs.clear()
+                return
+            by_partition.setdefault(meta.partition, []).append((meta.offset, own))
+        for partition, entries in by_partition.items():
+            entries.sort(key=lambda e: e[0])
+            first, last = entries[0][0], entries[-1][0]
+            if last - first + 1 != len(entries):  # another writer's records between them
+                self._runs.pop(partition, None)
+                continue
+            self._runs.setdefault(partition, []).append(_Run(first, last, [own for _, own in entries]))
+
+    def _pass_own(self, consumer: Any, tp: Any, end: int) -> None:
+        """Seek past this router's own committed entries when they are all that lies between
+        the position and ``end`` (the last stable offset): runs of its own records, each with
+        one offset after it, its transaction's commit marker. Every transaction of a run below
+        ``end`` is decided, so its marker is below ``end`` and is one of those offsets: with
+        one offset a run and nothing else left over, no other writer's record is there. Any
+        other shape, and the records are read as before (own ones recognised by digest)."""
+        runs = self._runs.get(tp.partition)
+        if not runs:
+            return
+        position = consumer.position(tp)
+        while runs and runs[0].last < position:
+            runs.pop(0)  # read back already
+        cursor, passed = position, 0
+        for run in runs:
+            if run.first != cursor or run.last + 2 > end:
+                break
+            cursor = run.last + 2
+            passed += 1
+        if passed == 0 or cursor != end:
+            return
+        for run in runs[:passed]:
+            for own in run.owns:
+                self._own.pop(own, None)
+            self.skipped += len(run.owns)
+        del runs[:passed]
+        consumer.seek(tp, end)
 
     def catch_up(self) -> None:
         """Apply entries committed since the last call (by this router or another)."""
@@ -180,6 +250,8 @@ class DeliveryLedger:
         try:
             partitions = list(consumer.assignment())
             end = consumer.end_offsets(partitions)
+            for tp in partitions:
+                self._pass_own(consumer, tp, end.get(tp, 0))
             remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
             deadline = time.monotonic() + self.timeout_s
             while remaining:
@@ -247,4 +319,5 @@ class DeliveryLedger:
             self._store = None
         # the next catch-up reads the whole topic into a new file, this router's entries too
         self._own.clear()
+        self._runs.clear()
         self.abort()

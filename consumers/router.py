@@ -904,6 +904,7 @@ class Router:
             clock.lap("commit")
             budget = self.transaction_timeout_ms / 1000 * BATCH_TIME_SHARE
             unsigned: list[OutgoingMessage] = []  # one signature per topic for SIGN_EVERY records
+            send = self._batch_send(producer)
             for done, record in enumerate(batch):
                 if done and time.monotonic() - started > budget:
                     # A slow machine must not let a batch outrun its transaction: commit what
@@ -917,16 +918,16 @@ class Router:
                     if message.awaiting_signature:
                         unsigned.append(message)
                     else:
-                        message.send(producer)
+                        send(message)
                 if (done + 1) % SIGN_EVERY == 0:
                     for message in self.sealer.sign_batch(unsigned):
-                        message.send(producer)
+                        send(message)
                     unsigned = []
                 clock.lap("sign_send")
             unsigned += self.audit_chain.checkpoint()  # chain heads, in this transaction
             clock.lap("route")
             for message in self.sealer.sign_batch(unsigned):
-                message.send(producer)
+                send(message)
             clock.lap("sign_send")
             if case_keys is not None:
                 # before the commit: no committed message may name a key a power cut could lose
@@ -964,6 +965,19 @@ class Router:
         self.metrics.consumed.inc(len(batch))
         self.metrics.batch_seconds.observe(self.stats.last_commit_at - started)
         self.stats.phases.add(clock, len(batch))
+
+    def _batch_send(self, producer: Producer) -> Callable[[OutgoingMessage], None]:
+        """How this batch sends a message: the delivery ledger's entries tell the ledger where
+        they were written, so its next catch-up need not read them back."""
+        ledger = self.ledger
+        topic = ledger.topic
+
+        def send(message: OutgoingMessage) -> None:
+            written = message.send(producer)
+            if message.topic == topic:
+                ledger.sent(message, written)
+
+        return send
 
     def _moved(self, consumer: Any, batch: list[Record], read_under: Any) -> tuple[str | None, Any]:
         """Why this batch may not be committed by this router now (or None), and the group

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -127,3 +128,96 @@ def test_a_file_left_by_a_dead_router_is_removed_and_a_live_ones_kept(county: Se
     finally:
         ledger.close()
         live.unlink()
+
+
+def _on_partition_0(count: int, partitions: int) -> list[str]:
+    """Referral ids whose entries the producer's default partitioner puts on partition 0."""
+    from kafka.partitioner.default import murmur2
+
+    ids: list[str] = []
+    while len(ids) < count:
+        rid = str(uuid.uuid4())
+        if (murmur2(rid.encode()) & 0x7FFFFFFF) % partitions == 0:  # kafka-python's keyed choice
+            ids.append(rid)
+    return ids
+
+
+def test_own_committed_entries_are_passed_over_unread_and_anothers_between_them_read(
+    county: Settings, kafka_bootstrap: str
+) -> None:
+    """A catch-up seeks past this router's own committed entries when they are all that lies
+    before the partition's end (its runs, each followed by one commit marker), instead of
+    fetching them back; another writer's entry among them, or an aborted transaction, and it
+    reads the partition as before: the other's entry is verified and applied."""
+    from referral_broker.cluster.clients import build_consumer, build_producer
+
+    hub = load_identity(county, kafka_bootstrap, HUB)
+    mine, other = DeliveryLedger(county, kafka_bootstrap, hub), DeliveryLedger(county, kafka_bootstrap, hub)
+    probe = build_consumer(county, kafka_bootstrap, [mine.topic], group_id=None)
+    partitions = len(probe.assignment())
+    probe.close()
+    ids = iter(_on_partition_0(40, partitions))
+    producers = [build_producer(county, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+
+    def transaction(ledger: DeliveryLedger, producer: int, n: int, *, commit: bool = True) -> list[str]:
+        written = [next(ids) for _ in range(n)]
+        p = producers[producer]
+        p.begin()
+        for m in sign_messages(hub.keystore, [ledger.record(rid, 1, POLICE, {SCHOOL}) for rid in written]):
+            ledger.sent(m, m.send(p))
+        if commit:
+            p.commit()
+            ledger.commit()
+        else:
+            p.flush()  # on the partition, then aborted: records and a marker the catch-up reads past
+            p.abort()
+            ledger.abort()
+        return written
+
+    def caught_up(ledger: DeliveryLedger) -> None:
+        # a commit returns before its markers are on the partition: once the last stable offset
+        # is the high watermark, every transaction is decided and marked, and one catch-up reads
+        # to there (an earlier one could end between two of them, which is as correct)
+        deadline = time.monotonic() + 10
+        while True:
+            stable = committed.end_offsets(list(committed.assignment()))
+            if stable == everything.end_offsets(list(everything.assignment())):
+                break
+            assert time.monotonic() < deadline, "transactions not marked within 10 s"
+            time.sleep(0.05)
+        ledger.catch_up()
+        assert not ledger._own
+
+    committed = build_consumer(county, kafka_bootstrap, [mine.topic], group_id=None)
+    everything = build_consumer(county, kafka_bootstrap, [mine.topic], group_id=None, isolation_level="read_uncommitted")
+    try:
+        mine.catch_up()
+        first = transaction(mine, 0, 5) + transaction(mine, 0, 3)  # two runs, each with its marker
+        caught_up(mine)
+        assert (mine.skipped, mine.verified) == (8, 0) and not mine._runs[0]
+        assert all(mine.lookup(rid) is not None for rid in first)
+
+        # another router's entries between two of mine: read, verified, applied
+        transaction(mine, 0, 4)
+        theirs = transaction(other, 1, 2)
+        transaction(mine, 0, 4)
+        caught_up(mine)
+        assert (mine.skipped, mine.verified) == (8, 2)
+        assert all(mine.lookup(rid) is not None for rid in theirs)
+        # an aborted transaction of mine before a committed one: read as before, nothing of it applied
+        aborted = transaction(mine, 0, 3, commit=False)
+        after = transaction(mine, 0, 2)
+        caught_up(mine)
+        assert (mine.skipped, mine.verified) == (8, 2)
+        assert all(mine.lookup(rid) is None for rid in aborted) and all(mine.lookup(rid) for rid in after)
+        # and alone again: passed over, to the partition's end
+        transaction(mine, 0, 3)
+        caught_up(mine)
+        assert (mine.skipped, mine.verified, mine.refused) == (11, 2, 0)
+        tp = next(tp for tp in mine._consumer.assignment() if tp.partition == 0)
+        assert mine._consumer.position(tp) == committed.end_offsets([tp])[tp]
+    finally:
+        for c in (committed, everything, *producers):
+            c.close()
+        mine.close()
+        other.close()

@@ -155,12 +155,15 @@ class Producer:
 
     def send(
         self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None
-    ) -> None:
-        """Queue one record; :meth:`flush` confirms it or raises."""
+    ) -> Any:
+        """Queue one record; :meth:`flush` (or a transaction's commit) confirms it or raises.
+        Returns kafka-python's future of its ``RecordMetadata`` (partition and offset)."""
         try:
-            self._pending.append((topic, self._producer.send(topic, value=value, key=key, headers=headers or [])))
+            future = self._producer.send(topic, value=value, key=key, headers=headers or [])
         except KafkaError as exc:
             raise _translate(exc, f"sending to {topic}", self._bootstrap, "write", topic) from exc
+        self._pending.append((topic, future))
+        return future
 
     def flush(self, timeout_s: float = 60.0) -> int:
         """Wait for every queued record; raise on the first delivery failure."""

@@ -145,10 +145,11 @@ class OutgoingMessage:
     headers: Headers = field(repr=False)
     awaiting_signature: bool = False
 
-    def send(self, producer: Producer) -> None:
-        """Queue on a ``cluster.clients.Producer``; its ``flush`` confirms or raises."""
+    def send(self, producer: Producer) -> Any:
+        """Queue on a ``cluster.clients.Producer``; its ``flush`` confirms or raises. Returns
+        the future of where it was written (``Producer.send``'s)."""
         self.check_signed()
-        producer.send(self.topic, value=self.value, key=self.key, headers=self.headers)
+        return producer.send(self.topic, value=self.value, key=self.key, headers=self.headers)
 
     def check_signed(self) -> None:
         if self.awaiting_signature:
