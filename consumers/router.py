@@ -498,8 +498,10 @@ class Router:
         """Apply organisation registry changes and deliveries committed since the last batch."""
         if self._registry_reader is None:
             self._registry_reader = RegistryReader(self.settings, self.bootstrap)
-        use_registry(self._registry_reader.catch_up())
-        self.ledger.catch_up()
+        # both topics' end offsets in one request (each is read by its own consumer)
+        end = self.ledger.end_offsets(also=self._registry_reader.partitions())
+        use_registry(self._registry_reader.catch_up(end))
+        self.ledger.catch_up(end)
         self.audit_chain.heads()  # read once (and again after a commit whose outcome was unknown)
 
     def _process_referral(self, record: Record, partner: str) -> list[OutgoingMessage]:

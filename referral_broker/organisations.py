@@ -725,19 +725,26 @@ class RegistryReader:
             raise BrokerError(f"reading the organisation registry failed: {type(exc).__name__}") from exc
         return consumer
 
-    def catch_up(self) -> Registry:
-        """Read the topic up to its end offsets as of this call; a new snapshot if anything changed."""
+    def partitions(self) -> list[Any]:
+        """The registry topic's partitions (what :meth:`catch_up`'s ``end`` must cover)."""
+        if self._consumer is None:
+            self._consumer = self._open()
+        return list(self._consumer.assignment())
+
+    def catch_up(self, end: dict[Any, int] | None = None) -> Registry:
+        """Read the topic up to its end offsets as of this call (``end``: as a caller asked the
+        cluster for them just now, with another topic's in the same request); a new snapshot if
+        anything changed."""
         from kafka.errors import KafkaError
 
         from referral_broker.cluster.clients import poll_records
 
-        if self._consumer is None:
-            self._consumer = self._open()
+        partitions = self.partitions()
         consumer = self._consumer
-        partitions = list(consumer.assignment())
         changed = False
         try:
-            end = consumer.end_offsets(partitions)
+            if end is None or any(tp not in end for tp in partitions):
+                end = consumer.end_offsets(partitions)
             remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
             deadline = time.monotonic() + self.timeout_s
             while remaining:

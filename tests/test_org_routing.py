@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -280,3 +281,48 @@ def test_a_status_only_from_a_recipient_and_only_to_the_referrer(county: Setting
     audits = [a for a in audit_decisions(county, kafka_bootstrap) if str(a["referral_id"]) == rid]
     relayed = [a for a in audits if a["purpose"] == "status-to-referrer"]
     assert [(a["recipient"], a["conditions_met"][0]) for a in relayed] == [(POLICE, f"received-by:{SCHOOL}")]
+
+
+def test_a_catch_up_asks_for_the_registry_and_the_ledger_ends_in_one_request(
+    county: Settings, kafka_bootstrap: str
+) -> None:
+    """Before every batch the router reads the registry and the delivery ledger to their ends:
+    one ListOffsets request for both topics (a round trip a batch fewer), and a registry change
+    committed before the catch-up is still in effect after it."""
+    from referral_broker.parties import all_parties
+
+    router = Router(county, kafka_bootstrap)
+    try:
+        router.catch_up()
+        reader, ledger = router._registry_reader, router._ledger
+        assert reader is not None and ledger is not None
+        requests: list[str] = []
+        for name, consumer in (("registry", reader._consumer), ("ledger", ledger._consumer)):
+            fetcher = consumer._fetcher
+            original = fetcher._send_list_offsets_request
+
+            async def counted(node_id: Any, timestamps: Any, _name: str = name, _original: Any = original) -> Any:
+                requests.append(_name)
+                return await _original(node_id, timestamps)
+
+            fetcher._send_list_offsets_request = counted
+        # the first catch-ups may ask apart, while the ledger's consumer learns where the
+        # registry's partitions are; from then on, one request
+        for _ in range(50):
+            requests.clear()
+            router.catch_up()
+            if requests == ["ledger"]:
+                break
+            time.sleep(0.1)
+        assert requests == ["ledger"]  # the registry's ends came with the ledger's
+        assert all_parties()[OTHER_SCHOOL].active
+        assert cli(county, kafka_bootstrap, "orgs", "disable", OTHER_SCHOOL).exit_code == 0
+        router.catch_up()
+        assert requests == ["ledger", "ledger"]
+        assert not all_parties()[OTHER_SCHOOL].active  # applied by this catch-up
+    finally:
+        assert cli(county, kafka_bootstrap, "orgs", "enable", OTHER_SCHOOL).exit_code == 0
+        if router._registry_reader is not None:
+            router._registry_reader.close()
+        if router._ledger is not None:
+            router._ledger.close()
