@@ -18,6 +18,7 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, UnknownTopicOrPartitionError
+from kafka.partitioner.default import DefaultPartitioner, murmur2
 from kafka.producer.transaction_manager import (
     AddOffsetsToTxnHandler,
     ConsumerGroupMetadata,
@@ -51,6 +52,29 @@ def _translate(exc: KafkaError, what: str, bootstrap: str, action: str = "use", 
     return BrokerError(f"{what} failed: {name}")
 
 
+class KeyedPartitioner(DefaultPartitioner):  # type: ignore[misc]  # kafka-python is untyped
+    """kafka-python's keyed choice of partition (murmur2 of the key, as Java's), remembering
+    the last keys' hashes: its murmur2 is pure Python (about 16 µs), and a router sends a
+    referral's 9 messages under the same key, to several topics."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._hashes: dict[bytes, int] = {}
+
+    def partition(
+        self, topic: str, key: Any, serialized_key: bytes | None, value: Any, serialized_value: Any, cluster: Any
+    ) -> int:
+        if serialized_key is None:
+            return int(super().partition(topic, key, serialized_key, value, serialized_value, cluster))
+        found = self._hashes.get(serialized_key)
+        if found is None:
+            if len(self._hashes) >= self.size:
+                self._hashes.clear()
+            found = self._hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
+        partitions = sorted(cluster.partitions_for_topic(topic))
+        return int(partitions[found % len(partitions)])
+
+
 def build_producer(
     settings: Settings, bootstrap: str, *, transactional_id: str | None = None, **overrides: Any
 ) -> Producer:
@@ -69,6 +93,7 @@ def build_producer(
         "linger_ms": 5,
         "batch_size": 256 * 1024,
         "allow_auto_create_topics": False,
+        "partitioner": KeyedPartitioner(),
     }
     if transactional_id:
         config["transactional_id"] = transactional_id
