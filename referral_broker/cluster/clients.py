@@ -55,9 +55,11 @@ def _translate(exc: KafkaError, what: str, bootstrap: str, action: str = "use", 
 class KeyedPartitioner(DefaultPartitioner):  # type: ignore[misc]  # kafka-python is untyped
     """kafka-python's keyed choice of partition (murmur2 of the key, as Java's), remembering
     the last keys' hashes: its murmur2 is pure Python (about 16 µs), and a router sends a
-    referral's 9 messages under the same key, to several topics."""
+    referral's 9 messages under the same key, to several topics, one after another. A few
+    keys are enough, and a long send's memory stays flat (``test_send_report``): a 4,096-key
+    cache held 150-200 bytes a row more for a 5,000-row file than for a 1,000-row one."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 64) -> None:
         self.size = size
         self._hashes: dict[bytes, int] = {}
 
