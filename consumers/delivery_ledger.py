@@ -277,13 +277,12 @@ class DeliveryLedger:
         end offsets as of this call (``end``: :meth:`end_offsets`' just now)."""
         from kafka.errors import KafkaError
 
-        from referral_broker.cluster.clients import poll_records
+        from referral_broker.cluster.clients import end_offsets, poll_records
 
         consumer = self._follow()
         try:
             partitions = list(consumer.assignment())
-            if end is None or any(tp not in end for tp in partitions):
-                end = consumer.end_offsets(partitions)
+            end = end_offsets(consumer, partitions, end)
             for tp in partitions:
                 self._pass_own(consumer, tp, end.get(tp, 0))
             remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}

@@ -72,15 +72,17 @@ class TimedStore(InboxStore):
         self.stored_at: dict[str, float] = {}
         self.routed_at: dict[str, float] = {}  # the router's produce time (record timestamp)
         self.read_at: dict[str, float] = {}  # when the ingest began storing it
-        self._wall_minus_monotonic = time.time() - time.monotonic()
 
     def ingest(self, team: str, summary: Any, record: Any) -> IngestResult:
-        begun = time.monotonic()
+        begun, wall = time.monotonic(), time.time()
         result = super().ingest(team, summary, record)
         if result.outcome == "new":
             self.stored_at[result.referral_id] = time.monotonic()
             self.read_at[result.referral_id] = begun
-            self.routed_at[result.referral_id] = record.timestamp_ms / 1000 - self._wall_minus_monotonic
+            # the record's age on the wall clock, read now: an offset between the two clocks
+            # taken once at the start went stale when the wall clock was slewed in a run (the
+            # split came out negative)
+            self.routed_at[result.referral_id] = begun - (wall - record.timestamp_ms / 1000)
         return result
 
 

@@ -737,14 +737,13 @@ class RegistryReader:
         anything changed."""
         from kafka.errors import KafkaError
 
-        from referral_broker.cluster.clients import poll_records
+        from referral_broker.cluster.clients import end_offsets, poll_records
 
         partitions = self.partitions()
         consumer = self._consumer
         changed = False
         try:
-            if end is None or any(tp not in end for tp in partitions):
-                end = consumer.end_offsets(partitions)
+            end = end_offsets(consumer, partitions, end)
             remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
             deadline = time.monotonic() + self.timeout_s
             while remaining:

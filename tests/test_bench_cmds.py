@@ -330,6 +330,9 @@ def test_bench_e2e_stores_every_offered_referral_and_reports_latency(
     for stage in data["stages_ms"].values():
         assert stage["p50"] <= stage["p95"] <= stage["p99"] <= stage["max"], stage
     assert data["stages_ms"]["store"]["p50"] > 0
+    # the split reads the router's record timestamp against the ingest's clock: never backwards
+    assert data["stages_ms"]["due_to_router_produced"]["p50"] > 0
+    assert data["stages_ms"]["produced_to_store_begun"]["p50"] >= 0
     assert data["offered_rate"] > 0 and data["achieved_rate"] > 0 and data["sealed_ahead_ms_per_referral"] > 0
     lag = data["sender"]["lag_ms"]
     assert lag["p50"] <= lag["p99"] <= lag["max"]

@@ -535,6 +535,14 @@ def commit_batch(consumer: KafkaConsumer, batch: list[Record]) -> None:
         raise refused or BrokerError(f"committing offsets failed: {type(exc).__name__}") from exc
 
 
+def end_offsets(consumer: KafkaConsumer, partitions: list[Any], known: dict[Any, int] | None = None) -> dict[Any, int]:
+    """The end offsets of ``partitions``: ``known`` when it has every one of them (asked for
+    just now with another topic's, in one request), else asked of the cluster now."""
+    if known is not None and all(tp in known for tp in partitions):
+        return known
+    return dict(consumer.end_offsets(partitions))
+
+
 def next_offsets(batch: list[Record], consumer: KafkaConsumer | None = None) -> dict[TopicPartition, Any]:
     """The offsets to commit after ``batch``. With the consumer, its position when that is
     further on: transaction markers after the last record are then counted as read, so a
