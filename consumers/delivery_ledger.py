@@ -277,7 +277,7 @@ class DeliveryLedger:
         end offsets as of this call (``end``: :meth:`end_offsets`' just now)."""
         from kafka.errors import KafkaError
 
-        from referral_broker.cluster.clients import end_offsets, poll_records
+        from referral_broker.cluster.clients import end_offsets, read_to_end
 
         consumer = self._follow()
         try:
@@ -285,16 +285,13 @@ class DeliveryLedger:
             end = end_offsets(consumer, partitions, end)
             for tp in partitions:
                 self._pass_own(consumer, tp, end.get(tp, 0))
-            remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
-            deadline = time.monotonic() + self.timeout_s
-            while remaining:
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"reading the delivery ledger timed out after {self.timeout_s:.0f}s")
+            what = "the delivery ledger"
+            reading = read_to_end(consumer, partitions, end, what=what, timeout_s=self.timeout_s)
+            for batch in reading:
                 changed: dict[str, Delivered] = {}
-                for record in poll_records(consumer, 500):
+                for record in batch:
                     self._apply(record, changed)
                 self._entries.put(changed)
-                remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
             self._forget_unseen()
         except KafkaError as exc:
             self._lost(consumer)

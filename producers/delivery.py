@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from kafka.errors import KafkaError
 
-from referral_broker.cluster.clients import Producer, build_consumer, build_producer, poll_records
+from referral_broker.cluster.clients import Producer, build_consumer, build_producer, read_to_end
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError
 from referral_broker.structured_log import get_logger
@@ -139,16 +139,13 @@ class Delivery:
                     consumer.seek(tp, max(marks.get(tp.partition, 0), start.get(tp, 0)))
             except KafkaError as exc:
                 raise BrokerError(f"reading {topic} back failed: {type(exc).__name__}") from None
-            remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
-            deadline = time.monotonic() + timeout_s
-            while remaining and wanted:
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"reading {topic} back timed out after {timeout_s:.0f}s")
-                for record in poll_records(consumer, 500):
+            for batch in read_to_end(consumer, partitions, end, what=f"{topic} back", timeout_s=timeout_s):
+                for record in batch:
                     row = wanted.pop(digest(record.value or b""), None)
                     if row is not None:
                         found.append(row)
-                remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+                if not wanted:
+                    break
         finally:
             consumer.close()
         return found

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -305,7 +304,7 @@ def read_topic(
     beginning, by partition and offset."""
     from kafka.errors import KafkaError
 
-    from referral_broker.cluster.clients import build_consumer, poll_records
+    from referral_broker.cluster.clients import build_consumer, read_to_end
     from referral_broker.cluster.topics import topic_name
 
     topic = topic_name(settings, role, party)
@@ -317,16 +316,9 @@ def read_topic(
             raise BrokerError(f"the topic {topic} does not exist; run 'referral-broker topics ensure'")
         consumer.seek_to_beginning(*partitions)
         end = consumer.end_offsets(partitions)
-        remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
-        deadline = time.monotonic() + max(30.0, idle_s)
-        while remaining:
-            batch = poll_records(consumer, 500)
-            if batch:
-                records.extend(batch)
-                deadline = time.monotonic() + max(30.0, idle_s)
-            elif time.monotonic() > deadline:
-                raise BrokerError(f"reading {topic} stalled before its end")
-            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+        stall_s = max(30.0, idle_s)
+        for batch in read_to_end(consumer, partitions, end, what=topic, timeout_s=stall_s, stall=True):
+            records.extend(batch)
     except KafkaError as exc:
         raise BrokerError(f"reading {topic} failed: {type(exc).__name__}") from exc
     finally:

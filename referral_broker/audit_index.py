@@ -296,7 +296,7 @@ def catch_up(
     IndexDamaged when a partition now ends before what the index read (a recreated topic)."""
     from kafka.errors import KafkaError
 
-    from referral_broker.cluster.clients import poll_records
+    from referral_broker.cluster.clients import read_to_end
 
     started = time.monotonic()
     result = CatchUp()
@@ -311,7 +311,6 @@ def catch_up(
             end = consumer.end_offsets(partitions)
             start = consumer.beginning_offsets(partitions)
             done = index.positions()
-            remaining = set()
             for tp in partitions:
                 had = done.get(tp.partition, 0)
                 if had > end.get(tp, 0):
@@ -320,27 +319,22 @@ def catch_up(
                         "(the topic was recreated)"
                     )
                 consumer.seek(tp, max(had, start.get(tp, 0)))
-                if had < end.get(tp, 0):
-                    remaining.add(tp)
-                else:
+                if had >= end.get(tp, 0):
                     consumer.pause(tp)
             pending: list[Record] = []
-            deadline = time.monotonic() + stall_s
-            while remaining:
-                batch = poll_records(consumer, 500)
-                if batch:
-                    pending.extend(batch)
-                    result.read += len(batch)
-                    deadline = time.monotonic() + stall_s
-                    if progress is not None:
-                        progress(len(batch))
-                elif time.monotonic() > deadline:
-                    raise BrokerError(f"reading the audit topic {index.topic} stalled before its end")
-                remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
-                if len(pending) >= CHUNK or not remaining:
+            what = f"the audit topic {index.topic}"
+            for batch in read_to_end(consumer, partitions, end, what=what, timeout_s=stall_s, stall=True):
+                pending.extend(batch)
+                result.read += len(batch)
+                if batch and progress is not None:
+                    progress(len(batch))
+                if len(pending) >= CHUNK:
                     result.indexed += index.add(pending, {tp.partition: consumer.position(tp) for tp in partitions})
                     pending = []
-            if not result.read:  # nothing new: still record where each partition ends
+            if result.read:
+                reached = {tp.partition: consumer.position(tp) for tp in partitions}
+                result.indexed += index.add(pending, reached)
+            else:  # nothing new: still record where each partition ends
                 index.add([], {tp.partition: max(done.get(tp.partition, 0), end.get(tp, 0)) for tp in partitions})
     except KafkaError as exc:
         raise BrokerError(f"reading the audit topic failed: {type(exc).__name__}") from exc

@@ -737,22 +737,18 @@ class RegistryReader:
         anything changed."""
         from kafka.errors import KafkaError
 
-        from referral_broker.cluster.clients import end_offsets, poll_records
+        from referral_broker.cluster.clients import end_offsets, read_to_end
 
         partitions = self.partitions()
         consumer = self._consumer
         changed = False
         try:
             end = end_offsets(consumer, partitions, end)
-            remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
-            deadline = time.monotonic() + self.timeout_s
-            while remaining:
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"reading the organisation registry timed out after {self.timeout_s:.0f}s")
-                for record in poll_records(consumer, 500):
+            what = "the organisation registry"
+            for batch in read_to_end(consumer, partitions, end, what=what, timeout_s=self.timeout_s):
+                for record in batch:
                     self._apply(record)
                     changed = True
-                remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
         except (KafkaError, BrokerError) as exc:
             # A consumer that failed (a node died under it) can keep failing: the next
             # catch-up starts a new one, from where the registry read up to (latest is kept).

@@ -19,9 +19,11 @@ from referral_broker.cluster.clients import (
     commit_batch,
     drain,
     next_offsets,
+    read_to_end,
 )
 from referral_broker.cluster.topics import ensure_topics, list_topics, plan, topic_name
 from referral_broker.config import Settings
+from referral_broker.errors import BrokerError
 
 
 def test_plan_carries_production_values_and_local_override() -> None:
@@ -118,6 +120,44 @@ def test_transactional_producer_hides_aborted_records(topics: Settings, kafka_bo
     finally:
         consumer.close()
     assert values == [b"committed"]
+
+
+def test_read_to_end_ends_at_the_end_offsets_past_markers_and_names_what_stalled(
+    topics: Settings, kafka_bootstrap: str
+) -> None:
+    """The one reader of "everything up to the end offsets as of now" (the registry, the ledger,
+    the key directory, the audit readers...): an aborted transaction and the commit markers
+    end the log with no record to show for them, so it must go by positions, not records; and a
+    partition that cannot reach its end must fail with what was being read, never hang."""
+    topic = topic_name(topics, "dlq")
+    producer = build_producer(topics, kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}")
+    try:
+        producer.begin()
+        producer.send(topic, b"kept", key=b"k")
+        producer.commit()
+        producer.begin()
+        producer.send(topic, b"aborted", key=b"a")
+        producer.flush()
+        producer.abort()
+    finally:
+        producer.close()
+    consumer = build_consumer(topics, kafka_bootstrap, [topic], group_id=None)
+    try:
+        partitions = list(consumer.assignment())
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        assert sum(end.values()) == 4  # a record and its marker, an aborted one and its marker
+        reading = read_to_end(consumer, partitions, end, what="the t topic", timeout_s=30)
+        assert [r.value for batch in reading for r in batch] == [b"kept"]
+        assert all(consumer.position(tp) == end[tp] for tp in partitions)
+        beyond = {tp: offset + 1 for tp, offset in end.items()}
+        for stall, said in ((False, "timed out after 1s"), (True, "stalled before its end")):
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=f"^reading the t topic {said}$"):
+                list(read_to_end(consumer, partitions, beyond, what="the t topic", timeout_s=1.0, stall=stall))
+            assert time.monotonic() - started < 10
+    finally:
+        consumer.close()
 
 
 def test_linger_holds_records_again_after_a_transaction_ends(topics: Settings, kafka_bootstrap: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from county import HEALTH_VISITING, POLICE, SCHOOL
 
-from referral_broker.cluster.clients import Record, build_consumer, poll_records
+from referral_broker.cluster.clients import Record, build_consumer, read_to_end
 from referral_broker.config import Settings
 from referral_broker.sealing import (
     CaseKeyStore,
@@ -158,14 +157,8 @@ def read_all(
         parts = list(consumer.assignment())
         consumer.seek_to_beginning(*parts)
         end = consumer.end_offsets(parts)
-        out: list[Record] = []
-        deadline = time.monotonic() + timeout_s
-        remaining = {tp for tp in parts if end[tp] > 0}
-        while remaining:
-            assert time.monotonic() < deadline, "timed out reading topics back"
-            out.extend(poll_records(consumer, 500))
-            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
-        return out
+        reading = read_to_end(consumer, parts, end, what=" ".join(topics), timeout_s=timeout_s)
+        return [r for batch in reading for r in batch]
     finally:
         consumer.close()
 

@@ -12,7 +12,6 @@ anybody wrote into a topic cannot come out through ``tail``.
 from __future__ import annotations
 
 import re
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -120,7 +119,7 @@ def tail(obj: CliContext, topic: str, last: int, from_beginning: bool, follow: b
 
     from kafka.errors import KafkaError
 
-    from referral_broker.cluster.clients import build_consumer, poll_records
+    from referral_broker.cluster.clients import build_consumer, poll_records, read_to_end
     from referral_broker.errors import BrokerError
 
     settings = obj.settings
@@ -154,12 +153,9 @@ def tail(obj: CliContext, topic: str, last: int, from_beginning: bool, follow: b
                 click.echo("\n".join(lines if not printed_header else lines[2:]))
                 printed_header = True
 
-        pending = {tp for tp in partitions if consumer.position(tp) < ends[tp]}
-        deadline = time.monotonic() + max(30.0, settings.kafka_request_timeout_ms / 1000)
-        while pending and time.monotonic() < deadline:
-            batch = poll_records(consumer, 500)
+        stall_s = max(30.0, settings.kafka_request_timeout_ms / 1000)
+        for batch in read_to_end(consumer, partitions, ends, what=name, timeout_s=stall_s, stall=True):
             flush(sorted((envelope(r) for r in batch), key=lambda e: (e["time"], e["partition"], e["offset"])))
-            pending = {tp for tp in pending if consumer.position(tp) < ends[tp]}
         if as_json and not follow:
             click.echo(json.dumps(shown, indent=2))
         elif not printed_header and not follow:

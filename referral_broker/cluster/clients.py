@@ -543,6 +543,35 @@ def end_offsets(consumer: KafkaConsumer, partitions: list[Any], known: dict[Any,
     return dict(consumer.end_offsets(partitions))
 
 
+def read_to_end(
+    consumer: KafkaConsumer,
+    partitions: Iterable[Any],
+    end: dict[Any, int],
+    *,
+    what: str,
+    timeout_s: float,
+    stall: bool = False,
+) -> Iterator[list[Record]]:
+    """Each poll's records until every one of ``partitions`` is read up to its offset in
+    ``end`` (a partition missing from it has nothing to read). Transaction markers and aborted
+    records move a position without a record, so the positions, not the records, say when.
+
+    Past ``timeout_s`` it raises a ``BrokerError`` naming ``what`` ("reading {what} ..."): from
+    the start, or with ``stall`` since the last poll that brought records, for a reader whose
+    topic may be long."""
+    remaining = {tp for tp in partitions if consumer.position(tp) < end.get(tp, 0)}
+    deadline = time.monotonic() + timeout_s
+    while remaining:
+        if time.monotonic() > deadline:
+            late = "stalled before its end" if stall else f"timed out after {timeout_s:.0f}s"
+            raise BrokerError(f"reading {what} {late}")
+        batch = poll_records(consumer, 500)
+        if batch and stall:
+            deadline = time.monotonic() + timeout_s
+        yield batch
+        remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+
+
 def next_offsets(batch: list[Record], consumer: KafkaConsumer | None = None) -> dict[TopicPartition, Any]:
     """The offsets to commit after ``batch``. With the consumer, its position when that is
     further on: transaction markers after the last record are then counted as read, so a

@@ -550,7 +550,7 @@ def load_topic(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0) -
     verifying every record against the pinned trust anchor (refusals in ``.refused``)."""
     from kafka.errors import KafkaError
 
-    from referral_broker.cluster.clients import build_consumer, poll_records
+    from referral_broker.cluster.clients import build_consumer, read_to_end
     from referral_broker.cluster.topics import topic_name
 
     anchor = load_anchor(settings)
@@ -567,12 +567,9 @@ def load_topic(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0) -
             end = consumer.end_offsets(partitions)
         except KafkaError as exc:
             raise BrokerError(f"reading the key directory failed: {type(exc).__name__}") from exc
-        deadline = time.monotonic() + timeout_s
-        remaining = {tp for tp in partitions if end.get(tp, 0) > 0}
-        while remaining:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"reading the key directory from {topic} timed out after {timeout_s:.0f}s")
-            for record in poll_records(consumer, 500):
+        named = f"the key directory from {topic}"
+        for batch in read_to_end(consumer, partitions, end, what=named, timeout_s=timeout_s):
+            for record in batch:
                 where = f"{topic}/{record.partition}@{record.offset}"
                 key = record.key.decode("ascii", "replace") if record.key else ""
                 if record.value is None:
@@ -595,7 +592,6 @@ def load_topic(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0) -
                 entry = directory.accept(doc, anchor, where=where, message_key=key)
                 if entry is not None and key == entry.key_id:
                     last[key] = (where, entry.status)
-            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
     finally:
         consumer.close()
     # A key whose newest record says less than the directory knows (an "active" record after

@@ -319,7 +319,7 @@ def _read_topic_from(
     positions reached (its end, as it was when the read began)."""
     from kafka.errors import KafkaError
 
-    from referral_broker.cluster.clients import build_consumer, poll_records
+    from referral_broker.cluster.clients import build_consumer, read_to_end
     from referral_broker.cluster.topics import topic_name
 
     topic = topic_name(settings, role)
@@ -336,16 +336,8 @@ def _read_topic_from(
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, min(int(start), end[tp]))
-        remaining = {tp for tp in partitions if consumer.position(tp) < end[tp]}
-        deadline = time.monotonic() + 30.0
-        while remaining:
-            batch = poll_records(consumer, 500)
-            if batch:
-                deadline = time.monotonic() + 30.0
-            elif time.monotonic() > deadline:
-                raise BrokerError(f"reading {topic} stalled before its end")
+        for batch in read_to_end(consumer, partitions, end, what=topic, timeout_s=30.0, stall=True):
             kept.extend(r for r in batch if r.value is not None and wanted(r))
-            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
         reached = {str(tp.partition): int(consumer.position(tp)) for tp in partitions}
     except KafkaError as exc:
         raise BrokerError(f"reading {topic} failed: {type(exc).__name__}") from exc
