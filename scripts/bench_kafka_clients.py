@@ -104,21 +104,8 @@ def librdkafka_job_writes(settings: Any, bootstrap: str, source: str, target: st
         consumer.close()
 
 
-def records_on(settings: Any, bootstrap: str, topic: str) -> int:
-    """Committed records on ``topic`` now (read_committed, so aborted ones do not count)."""
-    from referral_broker.cluster.clients import build_consumer, read_to_end
-
-    consumer = build_consumer(settings, bootstrap, [topic], group_id=None)
-    try:
-        partitions = list(consumer.assignment())
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        return sum(len(batch) for batch in read_to_end(consumer, partitions, end, what=topic, timeout_s=60))
-    finally:
-        consumer.close()
-
-
 def run(count: int, rounds: int) -> dict[str, Any]:
+    from referral_broker.audit_chain import read_topic
     from referral_broker.cli.context import CliContext
     from referral_broker.cluster.topics import topic_name
     from referral_broker.config import load_settings
@@ -137,19 +124,18 @@ def run(count: int, rounds: int) -> dict[str, Any]:
         with _county_namespace(base, bootstrap, "clients") as settings:
             _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=True)
             intake = topic_name(settings, "intake", SENDER)
-            targets = {
-                "kafka-python": topic_name(settings, "dlq"),
-                "librdkafka": topic_name(settings, "archive"),
-            }
+            roles = {"kafka-python": "dlq", "librdkafka": "archive"}  # each writes a topic of its own
+            targets = {client: topic_name(settings, role) for client, role in roles.items()}
             jobs = {"kafka-python": _kafka_job_writes, "librdkafka": librdkafka_job_writes}
             for client in sorted(jobs, reverse=i % 2 == 1):
                 print(f"  round {i + 1} of {rounds}: {client} ...", file=sys.stderr, flush=True)
                 spent = jobs[client](settings, bootstrap, intake, targets[client], count)
                 figures[client].append(round(spent, 4))
-            for client, topic in targets.items():
-                found = records_on(settings, bootstrap, topic)
-                if found != 2 * COPIES * count:
-                    raise SystemExit(f"{client} left {found} records on {topic}, not {2 * COPIES * count}")
+            for client, role in roles.items():
+                found = len(read_topic(settings, bootstrap, role))  # committed records only
+                wanted = 2 * COPIES * count
+                if found != wanted:
+                    raise SystemExit(f"{client} left {found} records on {targets[client]}, not {wanted}")
     medians = {client: statistics.median(v) for client, v in figures.items()}
     return {
         "count": count,
