@@ -377,11 +377,20 @@ class RouterStats:
         return {**self.__dict__, "phases": self.phases.summary()}
 
 
-def _group_withheld(decision: Decision) -> dict[str, list[str]]:
+# The headers of a copy that name fields, as JSON: the same few lists for every referral of a
+# kind, so each is written once (bounded, like the views).
+@lru_cache(maxsize=256)
+def _paths_header(paths: tuple[str, ...]) -> bytes:
+    return _json(list(paths))
+
+
+@lru_cache(maxsize=256)
+def _withheld_header(withheld: tuple[tuple[str, str], ...]) -> bytes:
+    """``rb-withheld``: {reason: [paths]} of a decision's withheld (path, reason) pairs."""
     grouped: dict[str, list[str]] = {}
-    for path, reason in decision.withheld.items():
+    for path, reason in withheld:
         grouped.setdefault(reason, []).append(path)
-    return grouped
+    return _json(grouped)
 
 
 def _json(value: Any) -> bytes:
@@ -434,6 +443,7 @@ class Router:
         self.priorities = priority_symbols(self.canonical)
         self._canonical_fp = codec.prepare(self.canonical).fingerprint
         self.audit_schema = audit_decision_schema()
+        self._audit_encoder = codec.RepeatedFieldsEncoder(self.audit_schema, ("fields_shared", "fields_withheld"))
         self.status_schema = status_schema()
         # The organisation registry, followed: caught up before every batch, so an ``orgs add``
         # or ``orgs disable`` holds from the next batch on, without a restart.
@@ -528,14 +538,15 @@ class Router:
         for decision in decisions:
             decision_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{referral_id}/{version}/{decision.recipient}"))
             view_fp = None
+            withheld = tuple(decision.withheld.items())
             if decision.delivered:
                 # The minimisation: each copy is Avro-encoded with its view schema, which writes
                 # the view's fields and nothing else, so the whole referral is passed as it is.
                 view = _view(decision.shared)
                 headers = [
-                    (H_VIEW, _json(list(decision.shared))),
-                    (H_WITHHELD, _json(_group_withheld(decision))),
-                    (H_NO_ONWARD, _json(list(decision.no_onward_sharing))),
+                    (H_VIEW, _paths_header(decision.shared)),
+                    (H_WITHHELD, _withheld_header(withheld)),
+                    (H_NO_ONWARD, _paths_header(decision.no_onward_sharing)),
                     (H_REFERRER, partner.encode()),
                     (H_DECISION, decision_id.encode()),
                 ]
@@ -685,7 +696,8 @@ class Router:
             referrer=referrer,
             subjects=subjects,
         )
-        value = codec.encode(audit, self.audit_schema)
+        # the field lists are the decision's: the same few for every referral of a kind
+        value = self._audit_encoder.encode(audit, (decision.shared, tuple(decision.withheld.items())))
         self.stats.audited += 1
         # the next record of this router's chain in the audit partition of the referral
         return self.audit_chain.append(referral_id.encode(), value, "audit.decision")

@@ -16,7 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from fastavro import schemaless_reader
+from fastavro import parse_schema, schemaless_reader
+from fastavro.schema import expand_schema
 
 from referral_broker.errors import ContractError, ValidationError
 
@@ -161,3 +162,58 @@ def decode_body(body: bytes, schema: Schema | PreparedSchema) -> Any:
     if buffer.tell() != len(body):
         raise ContractError(f"value for schema {prepared.fingerprint.hex()} has trailing bytes")
     return value
+
+
+class RepeatedFieldsEncoder:
+    """:func:`encode` for records of one schema in which a run of adjacent fields repeats from
+    record to record (an audit record's shared and withheld field lists: the same few views
+    for every referral of a kind). Avro writes a record as its fields one after the other, so
+    those fields' bytes are written once per distinct ``key`` and put between the bytes of
+    the fields before and after them: the same bytes as :func:`encode` (tested), for a
+    fraction of the writing.
+
+    The caller promises that records given the same ``key`` hold the same values in those
+    fields. At most ``size`` keys are kept (the oldest go first); thread-safe.
+    """
+
+    def __init__(self, schema: Schema, fields: tuple[str, ...], *, size: int = 256) -> None:
+        self.prepared = prepare(schema)
+        self.size = size
+        # named types inlined, so each part parses on its own
+        whole = cast(dict[str, Any], expand_schema(schema))
+        names = [f["name"] for f in whole["fields"]]
+        start = names.index(fields[0]) if fields and fields[0] in names else -1
+        end = start + len(fields)
+        if start < 0 or tuple(names[start:end]) != fields:
+            raise ContractError(f"fields {', '.join(fields)} are not a run of adjacent fields of {whole.get('name')}")
+
+        def part(subset: list[Any], tag: str) -> Any:
+            return parse_schema({**whole, "name": f"{whole['name']}{tag}", "fields": subset}, named_schemas={})
+
+        self._before = part(whole["fields"][:start], "Before")
+        self._repeated = part(whole["fields"][start:end], "Repeated")
+        self._after = part(whole["fields"][end:], "After")
+        self._header = SINGLE_OBJECT_MAGIC + self.prepared.fingerprint
+        self._kept: dict[Any, bytes] = {}
+        self._lock = threading.Lock()
+
+    def encode(self, record: dict[str, Any], key: Any) -> bytes:
+        """``encode(record, schema)``; ``key``: hashable, equal only for equal repeated fields."""
+        repeated = self._kept.get(key)
+        out = io.BytesIO()
+        out.write(self._header)
+        try:
+            union_branches.write(out, self._before, record)
+            if repeated is None:
+                part = io.BytesIO()
+                union_branches.write(part, self._repeated, record)
+                repeated = part.getvalue()
+                with self._lock:
+                    if len(self._kept) >= self.size:
+                        del self._kept[next(iter(self._kept))]
+                    self._kept[key] = repeated
+            out.write(repeated)
+            union_branches.write(out, self._after, record)
+        except Exception:
+            return encode(record, self.prepared)  # its precise error, or the bytes after all
+        return out.getvalue()

@@ -134,3 +134,76 @@ def test_field_bodies_round_trip_for_sealing() -> None:
         for part in path.split("."):
             value = value[part]
         assert codec.decode_body(codec.encode_body(value, prepared), prepared) == value
+
+
+# -- RepeatedFieldsEncoder: the audit record's field lists written once per distinct view --------
+REPEATED = ("fields_shared", "fields_withheld")
+
+
+def _lists_key(audit: dict[str, Any]) -> Any:
+    return (tuple(audit["fields_shared"]), tuple((w["path"], w["reason"]) for w in audit["fields_withheld"]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(avro_records(AUDIT), avro_records(AUDIT))
+def test_repeated_fields_encoder_writes_what_encode_writes(first: dict[str, Any], second: dict[str, Any]) -> None:
+    encoder = codec.RepeatedFieldsEncoder(AUDIT, REPEATED)
+    # the second record has the first's lists: its bytes come from the kept ones, the rest its own
+    second = {**second, "fields_shared": first["fields_shared"], "fields_withheld": first["fields_withheld"]}
+    for audit in (first, second, first):
+        assert encoder.encode(audit, _lists_key(audit)) == codec.encode(audit, AUDIT)
+    assert codec.decode(encoder.encode(second, _lists_key(second))) == second
+    assert list(encoder._kept) == [_lists_key(first)]  # written by parts, not by the fallback
+
+
+def test_repeated_fields_encoder_keeps_at_most_its_size() -> None:
+    encoder = codec.RepeatedFieldsEncoder(AUDIT, REPEATED, size=2)
+    base = _an_audit()
+    for n in range(5):
+        audit = {**base, "fields_shared": [f"child.path_{n}"]}
+        assert encoder.encode(audit, _lists_key(audit)) == codec.encode(audit, AUDIT)
+    assert len(encoder._kept) == 2
+
+
+def test_repeated_fields_encoder_refuses_fields_that_are_not_adjacent() -> None:
+    with pytest.raises(ContractError, match="not a run of adjacent fields"):
+        codec.RepeatedFieldsEncoder(AUDIT, ("fields_shared", "ground"))
+    with pytest.raises(ContractError, match="not a run of adjacent fields"):
+        codec.RepeatedFieldsEncoder(AUDIT, ("no_such_field",))
+
+
+def test_repeated_fields_encoder_names_paths_of_a_bad_record_as_encode_does() -> None:
+    encoder = codec.RepeatedFieldsEncoder(AUDIT, REPEATED)
+    audit = {**_an_audit(), "recipient": 12345}
+    with pytest.raises(ValidationError) as caught:
+        encoder.encode(audit, _lists_key(audit))
+    assert "recipient" in {p.path for p in caught.value.problems}
+
+
+def _an_audit() -> dict[str, Any]:
+    import datetime as dt
+
+    return {
+        "decision_id": "d-1",
+        "referral_id": "r-1",
+        "version": 1,
+        "recipient": "nhs-zsn01",
+        "purpose": "family_support",
+        "fields_shared": ["child.given_name", "district"],
+        "fields_withheld": [{"path": "child.ethnicity", "reason": "not needed"}],
+        "ground": "uk_gdpr_6_1_e",
+        "conditions_met": ["basis:consent"],
+        "override_reference": None,
+        "view_fingerprint": None,
+        "decided_at": dt.datetime(2026, 12, 4, 10, 0, tzinfo=dt.UTC),
+        "delivered": True,
+        "basis": "consent",
+        "special_category_conditions": [],
+        "no_onward_sharing": [],
+        "policy_version": 3,
+        "recipient_name": None,
+        "recipient_rules": [],
+        "unresolved_reason": None,
+        "referrer": None,
+        "subject_keys": [],
+    }
