@@ -38,11 +38,23 @@ from pathlib import Path
 from typing import Any
 
 from referral_broker.bench_profile import machine_cpu_ticks, process_cpu_s
-from referral_broker.cluster.clients import build_consumer, build_producer, next_offsets, poll_records
+from referral_broker.cluster.clients import (
+    build_consumer,
+    build_producer,
+    next_offsets,
+    poll_records,
+    read_to_end,
+)
 from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import Received
-from referral_broker.consumers.router import FETCH_PARTITION_BYTES, LINGER_MS, Router, audit_record
+from referral_broker.consumers.router import (
+    FETCH_PARTITION_BYTES,
+    LINGER_MS,
+    SIGN_EVERY,
+    Router,
+    audit_record,
+)
 from referral_broker.errors import BrokerError
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
@@ -818,6 +830,73 @@ def profile_stages(base: Settings, bootstrap: str, *, count: int, rounds: int = 
         "total_us": {"sealed": round(total_sealed, 1), "unsealed": round(total_plain, 1)},
         "sealing_adds_us": round(total_sealed - total_plain, 1),
         "goal_allows_us": round(total_plain * (1 / GOALS["sealed_over_unsealed_3"] - 1), 1),
+    }
+
+
+# -- the router's own work replayed with the machine to itself (bench router --profile) --------
+def replay_cost(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> float:
+    """µs of CPU a referral (3 recipients) of the router's own work, replayed in this process
+    with no Kafka client running and the broker idle: the intake read beforehand, then each
+    record routed (``Router._outputs``: open, validate, decide, seal the copies, audit records,
+    ledger entry) and the awaiting messages signed every ``SIGN_EVERY`` records and at the end,
+    with the chain checkpoint and the case keys' sync, as a batch does; nothing is sent.
+
+    Beside :func:`stage_costs` (the same code inside the running router, with kafka-python's
+    thread and the broker on the same two cores) it shows what sharing the machine costs the
+    router's code: a neighbour that keeps the memory busy slows it, one that only spins does
+    not (measured by hand: see ARCHITECTURE, the hot path)."""
+    with _county_namespace(base, bootstrap, "replay") as settings:
+        _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
+        records = _read_intake(settings, bootstrap, count)
+        router = _bench_router(settings, bootstrap, sealed=sealed)
+        router.catch_up()
+        case_keys = router.hub.case_keys if sealed else None
+        freeze_startup_heap()
+        start = time.thread_time_ns()
+        if case_keys is not None:
+            case_keys.defer_durability()
+        unsigned: list[OutgoingMessage] = []
+        for done, record in enumerate(records, 1):
+            unsigned += [m for m in router._outputs(record) if m.awaiting_signature]
+            if done % SIGN_EVERY == 0:
+                router.sealer.sign_batch(unsigned)
+                unsigned = []
+        router.sealer.sign_batch(unsigned + router.audit_chain.checkpoint())
+        if case_keys is not None:
+            case_keys.sync()
+        spent = time.thread_time_ns() - start
+        router.audit_chain.abort()
+        router.ledger.abort()
+    stats = router.stats
+    if stats.dead_lettered or stats.routed != len(records) or len(records) != count:
+        raise BrokerError(f"replay routed {stats.routed} of {count} referrals: {stats.by_reason}")
+    return round(spent / count / 1000, 1)
+
+
+def _read_intake(settings: Settings, bootstrap: str, count: int) -> list[Any]:
+    """The school's intake topic's records, as the router reads them."""
+    consumer = build_consumer(settings, bootstrap, [topic_name(settings, "intake", SENDER)], group_id=None)
+    try:
+        partitions = list(consumer.assignment())
+        end = consumer.end_offsets(partitions)
+        return [r for batch in read_to_end(consumer, partitions, end, what="the intake", timeout_s=60) for r in batch]
+    finally:
+        consumer.close()
+
+
+def profile_replay(base: Settings, bootstrap: str, *, count: int, rounds: int = 3) -> dict[str, Any]:
+    """:func:`replay_cost` sealed and unsealed, alternating, the median of ``rounds``; their
+    ratio (what goal 3's would be if the router's code had the machine to itself)."""
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for sealed_run in (True, False):
+            runs[sealed_run].append(replay_cost(base, bootstrap, count=count, sealed=sealed_run))
+    sealed, plain = statistics.median(runs[True]), statistics.median(runs[False])
+    return {
+        "rounds": rounds,
+        "us_per_referral": {"sealed": sealed, "unsealed": plain},
+        "sealing_adds_us": round(sealed - plain, 1),
+        "sealed_over_unsealed_by_cpu": round(plain / sealed, 3),
     }
 
 

@@ -458,9 +458,16 @@ def test_bench_router_profile_splits_the_routers_time_by_component(
         assert close(sum(v[run] for v in by_stage.values()), stages["total_us"][run], 0.01)
     assert close(stages["sealing_adds_us"], stages["total_us"]["sealed"] - stages["total_us"]["unsealed"], 0.01)
     assert close(stages["goal_allows_us"], stages["total_us"]["unsealed"] * (1 / 0.74 - 1), 0.01)
+    # the same work replayed with no Kafka (each run routed every referral, or it raised)
+    replay = data["replay"]
+    sealed, unsealed = replay["us_per_referral"]["sealed"], replay["us_per_referral"]["unsealed"]
+    assert sealed > unsealed > 0
+    assert close(replay["sealing_adds_us"], sealed - unsealed, 0.01)
+    assert close(replay["sealed_over_unsealed_by_cpu"], unsealed / sealed, 0.01)
     bench_cmd._show_profile(data)
     shown = capsys.readouterr().out
     assert "component (own time)" in shown and "Ed25519 sign and verify" in shown
+    assert "replayed in one process with no Kafka client" in shown
     assert "sealing adds" in shown and "copies: views encoded, sealed, headers" in shown
 
 

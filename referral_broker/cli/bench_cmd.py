@@ -95,7 +95,7 @@ def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bo
     With --profile, the router's time by component instead, and by stage sealed and unsealed
     (what sealing and signing add to each, against what the 0.74 goal allows them)."""
     from referral_broker.cli.bench_orgs import broker_pid
-    from referral_broker.consumers.router_bench import profile_router, profile_stages, run
+    from referral_broker.consumers.router_bench import profile_replay, profile_router, profile_stages, run
 
     progress: Callable[[str], None] = (
         (lambda s: None) if as_json else (lambda s: click.echo(f"  measuring {s} ...", err=True))
@@ -106,6 +106,8 @@ def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bo
         profiled = profile_router(obj.settings, bootstrap, count=count)
         progress("the router's stages, sealed and unsealed")
         profiled["stages"] = profile_stages(obj.settings, bootstrap, count=count, rounds=rounds)
+        progress("the router's own work replayed with no Kafka, sealed and unsealed")
+        profiled["replay"] = profile_replay(obj.settings, bootstrap, count=count, rounds=rounds)
         emit(profiled, as_json, _show_profile)
         return
     data = run(
@@ -118,6 +120,10 @@ def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bo
         progress=progress,
     )
     emit(data, as_json, _show_router)
+
+
+# the stages of bench router --profile that are the Kafka client's, not the router's own work
+_CLIENT_STAGES = ("Kafka client and loop, router thread", "other threads: kafka-python's I/O")
 
 
 def _show_profile(d: dict[str, Any]) -> None:
@@ -140,6 +146,19 @@ def _show_profile(d: dict[str, Any]) -> None:
     click.echo(
         f"Sealing and signing add {stages['sealing_adds_us']:.0f} µs a referral; sealed over unsealed >= 0.74 "
         f"allows {stages['goal_allows_us']:.0f} µs."
+    )
+    replay = d["replay"]
+    # the stages of the same work inside the running router: all but the Kafka client's
+    own = {
+        run: sum(v[run] for label, v in stages["stages_us_per_referral"].items() if label not in _CLIENT_STAGES)
+        for run in ("sealed", "unsealed")
+    }
+    click.echo(
+        "The same work replayed in one process with no Kafka client and the broker idle (the machine to "
+        f"itself): {replay['us_per_referral']['sealed']:.0f} µs sealed, {replay['us_per_referral']['unsealed']:.0f} "
+        f"unsealed; sealing adds {replay['sealing_adds_us']:.0f} µs; sealed over unsealed by CPU "
+        f"{replay['sealed_over_unsealed_by_cpu']:.3f}. Inside the running router the same stages took "
+        f"{own['sealed']:.0f} and {own['unsealed']:.0f} µs (sealed over unsealed {own['unsealed'] / own['sealed']:.3f})."
     )
 
 
