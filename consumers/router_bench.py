@@ -842,9 +842,8 @@ def replay_cost(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> 
     with the chain checkpoint and the case keys' sync, as a batch does; nothing is sent.
 
     Beside :func:`stage_costs` (the same code inside the running router, with kafka-python's
-    thread and the broker on the same two cores) it shows what sharing the machine costs the
-    router's code: a neighbour that keeps the memory busy slows it, one that only spins does
-    not (measured by hand: see ARCHITECTURE, the hot path)."""
+    thread and the broker on the same two cores) it tells the router's code from the machine
+    it shares: what sealing adds here is the code's own, whatever the neighbours do."""
     with _county_namespace(base, bootstrap, "replay") as settings:
         _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
         records = _read_intake(settings, bootstrap, count)
