@@ -37,14 +37,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from referral_broker.audit_chain import read_topic
 from referral_broker.bench_profile import machine_cpu_ticks, process_cpu_s
-from referral_broker.cluster.clients import (
-    build_consumer,
-    build_producer,
-    next_offsets,
-    poll_records,
-    read_to_end,
-)
+from referral_broker.cluster.clients import build_consumer, build_producer, next_offsets, poll_records
 from referral_broker.cluster.topics import admin_client, ensure_with_county, plan, topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.receiving import Received
@@ -846,7 +841,7 @@ def replay_cost(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> 
     it shares: what sealing adds here is the code's own, whatever the neighbours do."""
     with _county_namespace(base, bootstrap, "replay") as settings:
         _fill_intake(settings, bootstrap, _shaped(count, 3, seed=3), sealed=sealed)
-        records = _read_intake(settings, bootstrap, count)
+        records = read_topic(settings, bootstrap, "intake", party=SENDER)
         router = _bench_router(settings, bootstrap, sealed=sealed)
         router.catch_up()
         case_keys = router.hub.case_keys if sealed else None
@@ -870,17 +865,6 @@ def replay_cost(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> 
     if stats.dead_lettered or stats.routed != len(records) or len(records) != count:
         raise BrokerError(f"replay routed {stats.routed} of {count} referrals: {stats.by_reason}")
     return round(spent / count / 1000, 1)
-
-
-def _read_intake(settings: Settings, bootstrap: str, count: int) -> list[Any]:
-    """The school's intake topic's records, as the router reads them."""
-    consumer = build_consumer(settings, bootstrap, [topic_name(settings, "intake", SENDER)], group_id=None)
-    try:
-        partitions = list(consumer.assignment())
-        end = consumer.end_offsets(partitions)
-        return [r for batch in read_to_end(consumer, partitions, end, what="the intake", timeout_s=60) for r in batch]
-    finally:
-        consumer.close()
 
 
 def profile_replay(base: Settings, bootstrap: str, *, count: int, rounds: int = 3) -> dict[str, Any]:
