@@ -26,6 +26,7 @@ from typing import Any
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ReferralBrokerError
+from referral_broker.folders import private_folder
 from referral_broker.identity import Identity
 from referral_broker.parties import HUB
 from referral_broker.sealing import OutgoingMessage
@@ -57,7 +58,7 @@ class _Entries:
     ledger (a cache of the topic: no journal, no fsync; a crash loses nothing the topic lacks)."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        private_folder(folder)
         _remove_orphans(folder)
         fd, name = tempfile.mkstemp(prefix=f"delivery-ledger-{os.getpid()}-", suffix=".sqlite", dir=folder)  # 0600
         os.close(fd)

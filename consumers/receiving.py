@@ -34,6 +34,7 @@ from referral_broker.cluster.clients import Record, build_consumer, commit_batch
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, ContractError, ReferralBrokerError, SealingError, StoreError
+from referral_broker.folders import private_folder
 from referral_broker.identity import (
     H_DECISION,
     H_NO_ONWARD,
@@ -222,7 +223,7 @@ class ReceivedLedger:
     @classmethod
     def open(cls, settings: Settings, party: str) -> ReceivedLedger:
         path = ledger_path(settings, party)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         os.chmod(path.parent, 0o700)
         os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
         os.chmod(path, 0o600)

@@ -68,6 +68,7 @@ from referral_broker.errors import (
     ReferralBrokerError,
     SealingError,
 )
+from referral_broker.folders import private_folder
 from referral_broker.identity import (
     H_DECISION,
     H_NO_ONWARD,
@@ -290,8 +291,7 @@ def claim_instance(settings: Settings, instance: str | None) -> Iterator[str]:
     the slot its dead predecessor held, a second router beside a live one gets the next. Two
     live routers may never share a name (they would fence each other in turn), so a taken
     explicit name is refused."""
-    folder = settings.paths_data_dir / "router"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_folder(settings.paths_data_dir / "router")
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "host"
     names = [instance] if instance else [f"{host}-{n}" for n in range(64)]
     prefix = re.sub(r"[^A-Za-z0-9._-]", "-", settings.kafka_topic_prefix)

@@ -31,6 +31,7 @@ from typing import IO
 
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError
+from referral_broker.folders import private_folder
 from referral_broker.parties import get_party
 from referral_broker.sealing.envelope import OutgoingMessage
 
@@ -128,7 +129,7 @@ class Outbox:
     @classmethod
     def open(cls, settings: Settings, party: str) -> Outbox:
         path = outbox_path(settings, party)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         os.chmod(path.parent, 0o700)
         lock = open(path.with_suffix(".lock"), "ab")  # noqa: SIM115 - held until close()
         try:

@@ -41,6 +41,7 @@ from typing import Any
 from referral_broker.cluster.clients import Record
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, StoreError
+from referral_broker.folders import private_folder
 
 INDEX_FORMAT = "1"
 CHUNK = 20_000  # records indexed per SQLite transaction while catching up
@@ -125,7 +126,7 @@ class AuditIndex:
 
     @classmethod
     def _connect(cls, path: Path, secret: bytes, topic: str, *, fresh: bool = False) -> AuditIndex:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         os.chmod(path.parent, 0o700)
         os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
         os.chmod(path, 0o600)
@@ -262,7 +263,7 @@ def _locked(path: Path) -> Iterator[None]:
     another building it waits for it rather than take a half-made file for a damaged one)."""
     import fcntl
 
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_folder(path.parent)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from referral_broker.errors import StoreError
+from referral_broker.folders import private_folder
 from referral_broker.structured_log import get_logger
 
 log = get_logger(__name__)
@@ -73,7 +74,6 @@ SCHEMA_VERSION = 5  # 2: events.status_topic (the topic a status was signed for)
 # 5: shredded (a new table only)
 
 FILE_MODE = 0o600
-FOLDER_MODE = 0o700
 SIDE_FILES = ("-wal", "-shm")
 
 _V3_COLUMNS = (
@@ -172,8 +172,7 @@ def private_files(path: Path) -> None:
     others. An existing folder others can enter is logged, not changed (it may hold more)."""
     folder = path.parent
     if not folder.exists():
-        folder.mkdir(parents=True, mode=FOLDER_MODE, exist_ok=True)
-        folder.chmod(FOLDER_MODE)  # mkdir's mode is masked by the umask
+        private_folder(folder)
     elif folder.stat().st_mode & 0o077:
         log.warning("inbox database folder is open to others", mode=oct(stat.S_IMODE(folder.stat().st_mode)))
     for name in (path.name, *(path.name + side for side in SIDE_FILES)):

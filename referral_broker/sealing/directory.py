@@ -50,6 +50,7 @@ from referral_broker.errors import (
     SealingError,
     SignatureError,
 )
+from referral_broker.folders import private_folder
 from referral_broker.sealing.timefmt import from_iso, to_iso
 from referral_broker.sealing.trust import (
     COLLISION,
@@ -430,7 +431,7 @@ class KeyDirectory:
         """Write atomically (a reader never sees half a file). Public keys only: mode 0644."""
         # The folder is made 0700: the file is public, but it usually sits in the key store's
         # folder, which must not be created open to others before the first key store is.
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)

@@ -46,6 +46,7 @@ from referral_broker.errors import (
     RevokedKeyError,
     SealingError,
 )
+from referral_broker.folders import private_folder
 from referral_broker.parties import get_party
 from referral_broker.sealing.directory import KeyEntry, KeyStatus, check_key_id
 from referral_broker.sealing.timefmt import from_iso, to_iso
@@ -87,7 +88,7 @@ def check_private_stat(st: os.stat_result, path: Path, *, is_dir: bool) -> None:
 def make_private_dir(path: Path) -> None:
     """Create ``path`` (and missing parents) as 0700, or check an existing one."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
     check_private(path, is_dir=True)

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from referral_broker.config import Settings
 from referral_broker.errors import ConfigError, SealingError, SignatureError
+from referral_broker.folders import private_folder
 from referral_broker.sealing.timefmt import to_iso
 from referral_broker.structured_log import get_logger
 
@@ -151,7 +152,7 @@ def pin_anchor(settings: Settings, anchor: TrustAnchor) -> Path:
                 "remove it first if the council's root really changed"
             )
         return path
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_folder(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(anchor.to_pem())
     tmp.chmod(0o644)
