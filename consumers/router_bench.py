@@ -758,6 +758,9 @@ _STAGES = (
     ("batch signatures", "sealer.sign_batch"),
 )
 _ROUTING = "_process_referral"
+# the stages that are the Kafka client's, not the router's own work (the replay has none)
+CLIENT_THREAD = "Kafka client and loop, router thread"
+CLIENT_IO = "other threads: kafka-python's I/O"
 
 
 def _timed_stages(router: Router) -> dict[str, int]:
@@ -804,15 +807,16 @@ def stage_costs(base: Settings, bootstrap: str, *, count: int, sealed: bool) -> 
     us["the rest of routing: validation, policy, views, ledger"] = (
         routing - sum(v for k, v in spent.items() if k != "batch signatures")
     ) / n / 1000
-    us["Kafka client and loop, router thread"] = (main - routing - spent["batch signatures"]) / n / 1000
-    us["other threads: kafka-python's I/O"] = (cpu - main) / n / 1000
+    us[CLIENT_THREAD] = (main - routing - spent["batch signatures"]) / n / 1000
+    us[CLIENT_IO] = (cpu - main) / n / 1000
     return {k: round(v, 1) for k, v in us.items()}
 
 
 def profile_stages(base: Settings, bootstrap: str, *, count: int, rounds: int = 3) -> dict[str, Any]:
     """:func:`stage_costs` sealed and unsealed, alternating, each stage the median of
     ``rounds`` (one run's stages drift by a fifth on a shared machine), and what goal 3
-    allows sealing to add."""
+    allows sealing to add; ``own_us``: the stages that are the router's own work (all but the
+    Kafka client's), to set beside :func:`profile_replay`."""
     runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
     for _ in range(rounds):
         for sealed_run in (True, False):
@@ -825,6 +829,10 @@ def profile_stages(base: Settings, bootstrap: str, *, count: int, rounds: int = 
         "total_us": {"sealed": round(total_sealed, 1), "unsealed": round(total_plain, 1)},
         "sealing_adds_us": round(total_sealed - total_plain, 1),
         "goal_allows_us": round(total_plain * (1 / GOALS["sealed_over_unsealed_3"] - 1), 1),
+        "own_us": {
+            run: round(sum(v for k, v in stages.items() if k not in (CLIENT_THREAD, CLIENT_IO)), 1)
+            for run, stages in (("sealed", sealed), ("unsealed", plain))
+        },
     }
 
 

@@ -458,6 +458,10 @@ def test_bench_router_profile_splits_the_routers_time_by_component(
         assert close(sum(v[run] for v in by_stage.values()), stages["total_us"][run], 0.01)
     assert close(stages["sealing_adds_us"], stages["total_us"]["sealed"] - stages["total_us"]["unsealed"], 0.01)
     assert close(stages["goal_allows_us"], stages["total_us"]["unsealed"] * (1 / 0.74 - 1), 0.01)
+    for run in ("sealed", "unsealed"):  # the router's own stages: all but the Kafka client's two
+        client = by_stage[router_bench.CLIENT_THREAD][run] + by_stage[router_bench.CLIENT_IO][run]
+        assert 0 < stages["own_us"][run] < stages["total_us"][run]
+        assert close(stages["own_us"][run], stages["total_us"][run] - client, 0.01)
     # the same work replayed with no Kafka (each run routed every referral, or it raised)
     replay = data["replay"]
     sealed, unsealed = replay["us_per_referral"]["sealed"], replay["us_per_referral"]["unsealed"]

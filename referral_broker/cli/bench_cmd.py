@@ -122,10 +122,6 @@ def router(obj: CliContext, count: int, processes: int, rounds: int, profile: bo
     emit(data, as_json, _show_router)
 
 
-# the stages of bench router --profile that are the Kafka client's, not the router's own work
-_CLIENT_STAGES = ("Kafka client and loop, router thread", "other threads: kafka-python's I/O")
-
-
 def _show_profile(d: dict[str, Any]) -> None:
     click.echo(
         f"Router at 3 recipients under cProfile, {d['count']} referrals: {d['referrals_per_second_profiled']}/s, "
@@ -147,12 +143,7 @@ def _show_profile(d: dict[str, Any]) -> None:
         f"Sealing and signing add {stages['sealing_adds_us']:.0f} µs a referral; sealed over unsealed >= 0.74 "
         f"allows {stages['goal_allows_us']:.0f} µs."
     )
-    replay = d["replay"]
-    # the stages of the same work inside the running router: all but the Kafka client's
-    own = {
-        run: sum(v[run] for label, v in stages["stages_us_per_referral"].items() if label not in _CLIENT_STAGES)
-        for run in ("sealed", "unsealed")
-    }
+    replay, own = d["replay"], stages["own_us"]
     click.echo(
         "The same work replayed in one process with no Kafka client and the broker idle (the machine to "
         f"itself): {replay['us_per_referral']['sealed']:.0f} µs sealed, {replay['us_per_referral']['unsealed']:.0f} "
