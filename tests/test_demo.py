@@ -47,3 +47,13 @@ def test_readme_opens_with_the_two_commands_ci_runs() -> None:
     assert commands[:2] == ["scripts/demo.sh", "scripts/test.sh"]
     assert all((ROOT / c).is_file() for c in commands)
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_names_the_local_broker_it_leaves_running(settings: Settings) -> None:
+    from referral_broker.cli.demo_cmd import broker_left_running
+
+    local = settings.replace(kafka_bootstrap_servers="", local_port=19999)
+    note = broker_left_running(local)
+    assert note is not None and "127.0.0.1:19999" in note and "'referral-broker kafka stop'" in note
+    # a cluster the user configured is not the demo's to stop
+    assert broker_left_running(settings.replace(kafka_bootstrap_servers="kafka.example:9093")) is None

@@ -7,6 +7,7 @@ import time
 import click
 
 from referral_broker.cli.context import CliContext, pass_cli, table
+from referral_broker.config import Settings
 
 
 @click.command()
@@ -74,11 +75,27 @@ def demo(obj: CliContext, no_serve: bool, per_partner: int, port: int) -> None:
         "'referral-broker dlq list', 'referral-broker orgs unresolved', "
         "'referral-broker policy explain --recipient police:35'."
     )
-    if not no_serve:
-        from referral_broker.cli.main import COMMANDS
+    note = broker_left_running(obj.settings)
+    try:
+        if not no_serve:
+            from referral_broker.cli.main import COMMANDS
 
-        if "inbox" not in COMMANDS:
-            return
-        from referral_broker.consumers.inbox.demo_serve import serve_demo
+            if "inbox" in COMMANDS:
+                from referral_broker.consumers.inbox.demo_serve import serve_demo
 
-        serve_demo(obj.settings, obj.bootstrap(), port=port, say=say)
+                serve_demo(obj.settings, obj.bootstrap(), port=port, say=say)
+    finally:
+        if note:
+            say(note)
+
+
+def broker_left_running(settings: Settings) -> str | None:
+    """What the demo leaves behind: the local broker it started keeps running after it ends
+    (Ctrl-C included), so the commands it suggests can read what it sent; a newcomer should
+    not have to find a JVM by accident. ``None`` when the cluster is someone else's."""
+    if not settings.uses_local_broker:
+        return None
+    return (
+        f"The local Kafka broker ({settings.bootstrap_servers}) is still running for the commands above; "
+        "stop it with 'referral-broker kafka stop'."
+    )
