@@ -51,16 +51,29 @@ def _checked(record: dict[str, Any]) -> CheckedReferral:
     return CheckedReferral(record, str(record["referral_id"]), int(record["version"]), _READER)
 
 
-def check_referrals(records: Iterable[dict[str, Any]]) -> Iterator[CheckedReferral]:
-    """Validate each canonical referral (ValidationError on the first invalid one)."""
+def referral_checker() -> Callable[[dict[str, Any]], CheckedReferral]:
+    """A function validating one canonical referral at a time (ValidationError when invalid)
+    against the schema and the parties read once, here. The registry hands out a fresh copy
+    of the schema per call, and validation compiles a checker per schema object: asked again
+    for each record, that was some 2 ms a referral, and a cache of 1,024 compiled copies."""
     from referral_broker.schemas.registry import referral_schema
     from referral_broker.schemas.validation import ensure_valid
 
     schema = referral_schema()
     parties = all_parties()
-    for record in records:
+
+    def check(record: dict[str, Any]) -> CheckedReferral:
         ensure_valid(record, schema, known_parties=parties)
-        yield _checked(record)
+        return _checked(record)
+
+    return check
+
+
+def check_referrals(records: Iterable[dict[str, Any]]) -> Iterator[CheckedReferral]:
+    """Validate each canonical referral (ValidationError on the first invalid one)."""
+    check = referral_checker()
+    for record in records:
+        yield check(record)
 
 
 @dataclass

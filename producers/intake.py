@@ -22,7 +22,7 @@ from referral_broker.config import Settings
 from referral_broker.identity import Identity, load_identity
 from referral_broker.sealing.envelope import OutgoingMessage
 
-from .checked import CheckedReferral, check_referrals
+from .checked import CheckedReferral, referral_checker
 from .hub_seal import HubSealer
 
 
@@ -100,12 +100,15 @@ class SentList(Sequence[Sent]):
 
 
 def as_checked(records: Iterable[dict[str, Any] | CheckedReferral]) -> Iterator[CheckedReferral]:
-    """Checked referrals pass through; anything else is validated here (once)."""
+    """Checked referrals pass through; anything else is validated here (once), all against
+    one :func:`~.checked.referral_checker`."""
+    check: Callable[[dict[str, Any]], CheckedReferral] | None = None
     for record in records:
         if isinstance(record, CheckedReferral):
             yield record
         else:
-            yield from check_referrals([record])
+            check = check or referral_checker()
+            yield check(record)
 
 
 class IntakeSender:

@@ -165,6 +165,31 @@ def test_only_the_validating_readers_make_checked_referrals() -> None:
         list(as_checked([bad]))
 
 
+def test_raw_referrals_are_validated_against_one_compiled_schema() -> None:
+    """A sender handed plain dicts (a partner's own code, the benchmarks) validates them all
+    against one schema: each record used to load a fresh copy of it and compile a checker
+    for that copy (about 2 ms a referral, and up to 1,024 compiled copies kept)."""
+    import copy
+
+    from referral_broker.errors import ValidationError
+    from referral_broker.producers.intake import as_checked
+    from referral_broker.schemas import validation
+    from referral_broker.schemas.synth import synthetic_referrals
+
+    records = [copy.deepcopy(r) for r in synthetic_referrals(40, seed=5)]
+    validation._checkers_by_id.clear()
+    checked = list(as_checked(records))
+    assert [c.record for c in checked] == records
+    assert len(validation._checkers_by_id) == 1
+    # still each record on its own: the bad one is refused, and only when reached
+    bad = copy.deepcopy(records[1])
+    bad["identifiers"]["nhs_number"] = "9434765918"  # wrong check digit
+    stream = as_checked([records[0], bad])
+    assert next(stream).record is records[0]
+    with pytest.raises(ValidationError, match=r"identifiers\.nhs_number"):
+        next(stream)
+
+
 def test_a_file_sent_twice_is_sent_once(keyed: Settings, kafka_bootstrap: str) -> None:
     env = cli_env(keyed, kafka_bootstrap)
     first = run(env, "send", "--as", POLICE, "--file", str(example_file("police")), "--json")
