@@ -190,6 +190,34 @@ def test_raw_referrals_are_validated_against_one_compiled_schema() -> None:
         next(stream)
 
 
+def test_statuses_sealed_without_a_schema_share_one(keyed: Settings, kafka_bootstrap: str) -> None:
+    """The inbox seals its statuses with no schema of its own: each used to get a fresh copy
+    of the status schema, compiled again for validation (and kept, up to 1,024 copies)."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from referral_broker.producers.hub_seal import seal_status
+    from referral_broker.schemas import validation
+
+    sealer = load_identity(keyed, kafka_bootstrap, SCHOOL).sealer
+    validation._checkers_by_id.clear()
+    for _ in range(5):
+        status = {
+            "status_id": uuid.uuid4(),
+            "referral_id": uuid.uuid4(),
+            "version": 1,
+            "from_party": SCHOOL,
+            "to_party": POLICE,
+            "status": "accepted",
+            "reason": None,
+            "at": datetime.now(UTC).replace(microsecond=0),
+            "actor_role": "Synthetic role",
+        }
+        message = seal_status(sealer, keyed, status, party=SCHOOL)
+        assert message.topic == topic_name(keyed, "status", SCHOOL)
+    assert len(validation._checkers_by_id) == 1
+
+
 def test_a_file_sent_twice_is_sent_once(keyed: Settings, kafka_bootstrap: str) -> None:
     env = cli_env(keyed, kafka_bootstrap)
     first = run(env, "send", "--as", POLICE, "--file", str(example_file("police")), "--json")
