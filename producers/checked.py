@@ -53,13 +53,12 @@ def _checked(record: dict[str, Any]) -> CheckedReferral:
 
 def referral_checker() -> Callable[[dict[str, Any]], CheckedReferral]:
     """A function validating one canonical referral at a time (ValidationError when invalid)
-    against the schema and the parties read once, here. The registry hands out a fresh copy
-    of the schema per call, and validation compiles a checker per schema object: asked again
-    for each record, that was some 2 ms a referral, and a cache of 1,024 compiled copies."""
-    from referral_broker.schemas.registry import referral_schema
+    against the schema and the parties read once, here (a fresh schema per record was some
+    2 ms a referral: see ``registry.shared_schema``)."""
+    from referral_broker.schemas.registry import shared_schema
     from referral_broker.schemas.validation import ensure_valid
 
-    schema = referral_schema()
+    schema = shared_schema("referral")
     parties = all_parties()
 
     def check(record: dict[str, Any]) -> CheckedReferral:

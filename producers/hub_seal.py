@@ -10,7 +10,6 @@ and sealed the same way whoever sends it.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -96,16 +95,6 @@ class HubSealer:
         )
 
 
-@functools.cache
-def _status_schema() -> dict[str, Any]:
-    """One status schema for every :func:`seal_status` not given one (the inbox's): validation
-    and sealing cache their compiled forms by schema object, and the registry hands out a
-    fresh copy per call, so a copy per status compiled both again and kept up to 1,024 copies."""
-    from referral_broker.schemas.registry import status_schema
-
-    return status_schema()
-
-
 def seal_status(
     sealer: MessageSealer,
     settings: Settings,
@@ -119,9 +108,10 @@ def seal_status(
 ) -> OutgoingMessage:
     """Validate a ``status.v1`` record (ValidationError lists every problem), seal it for the hub
     (under ``case_id``'s key too when given) and sign it as ``party`` for ``referrals.status.<party>``."""
+    from referral_broker.schemas.registry import shared_schema
     from referral_broker.schemas.validation import validate
 
-    schema = schema if schema is not None else _status_schema()
+    schema = schema if schema is not None else shared_schema("status")  # the inbox's: one for all
     problems = validate(dict(status), schema, now=now, known_parties=all_parties())
     if problems:
         raise ValidationError(problems, "status message")

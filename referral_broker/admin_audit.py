@@ -57,7 +57,7 @@ def _details(event: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def encode_event(event: dict[str, Any], *, now: float) -> bytes:
     """``event`` (a ``type`` and its ids, counts and reasons) as an ``audit_admin`` record."""
     from referral_broker.schemas import codec
-    from referral_broker.schemas.registry import load_schema
+    from referral_broker.schemas.registry import shared_schema
 
     record = {
         "event_id": str(event.get("event_id") or uuid.uuid4()),
@@ -67,7 +67,7 @@ def encode_event(event: dict[str, Any], *, now: float) -> bytes:
         "party": event.get("party"),
         "details": _details({k: v for k, v in event.items() if k not in _COMMON}),
     }
-    return codec.encode(record, load_schema(FAMILY))
+    return codec.encode(record, shared_schema(FAMILY))
 
 
 def flatten(doc: dict[str, Any]) -> dict[str, Any]:

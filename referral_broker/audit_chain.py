@@ -202,7 +202,7 @@ class AuditChain:
         heads-topic entries; nothing when nothing was written. A one-record writer (retention)
         passes ``records=False``: its head entry is enough."""
         from referral_broker.schemas import codec
-        from referral_broker.schemas.registry import load_schema
+        from referral_broker.schemas.registry import shared_schema
 
         if not self._pending:
             return []
@@ -213,7 +213,7 @@ class AuditChain:
                 "written_at": self.clock(),
                 "heads": [{"partition": p, "seq": h.seq, "hash": h.hash} for p, h in written.items()],
             },
-            load_schema("audit_checkpoint"),
+            shared_schema("audit_checkpoint"),  # once a batch: a fresh copy was 0.38 ms
         )
         out: list[OutgoingMessage] = []
         into = list(written) if records else []

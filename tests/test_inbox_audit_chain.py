@@ -121,16 +121,21 @@ def test_a_team_cannot_write_into_the_hubs_chains(topics: Settings) -> None:
     assert found == [("bad-signature", "retention")]
 
 
-def test_access_events_are_encoded_with_one_prepared_schema() -> None:
-    """Every page view writes an access event: each used to encode with a fresh copy of the
-    schema from the registry, which the codec prepared again (0.38 ms) and kept."""
-    from referral_broker.consumers.inbox.outbound import access_event_value
+def test_access_events_and_checkpoints_prepare_each_schema_once(topics: Settings) -> None:
+    """Every page view writes an access event and its chain's checkpoint: each encoded with a
+    fresh copy of its schema from the registry, which the codec prepared again (0.38 ms each)
+    and kept. A router's batch checkpoints the same way."""
     from referral_broker.schemas import codec
 
-    codec._prepared_by_id.clear()
-    rid = "8a1f1f0e-6b1e-4f39-9d3f-0f5d0c1a2b3c"
-    for n in range(5):
-        event = AccessEvent(AccessKind.VIEWED, datetime.now(UTC), f"synthetic-worker-{n}", TEAM, rid, 1)
-        key, value = access_event_value(event)
-        assert key == rid.encode() and read_event_value(value)["member"] == f"synthetic-worker-{n}"
-    assert len(codec._prepared_by_id) == 1
+    pipeline = make_pipeline(topics)
+    outbound = Outbound(topics, pipeline.format([TEAM]))
+    try:
+        write_events(topics, outbound, TEAM, 1)  # the chain's heads are read, the producer made
+        codec._prepared_by_id.clear()
+        write_events(topics, outbound, TEAM, 4)
+    finally:
+        outbound.close()
+    prepared = [p.fingerprint for p in codec._prepared_by_id.values()]
+    assert len(prepared) == len(set(prepared)) == 2  # the access event's, the checkpoint's
+    events = [read_event_value(r.value or b"") for r in read_topic(topics, topics.bootstrap_servers, "audit")]
+    assert [e["kind"] for e in events] == ["referral_viewed"] * 5
