@@ -355,6 +355,11 @@ def test_paused_router_resumed_after_takeover_three_times(
     b: RouterProc | None = None
     try:
         for cycle, target in enumerate((0.15, 0.40, 0.65)):
+            if cycle and watch.committed_inputs() >= target * COUNT:
+                # The routers outran the watch (each look is three admin requests; a loaded
+                # machine answers slowly), so the last pause landed late and this one could find
+                # the stream already routed, with no transaction left to pause inside: more input.
+                sent |= send(broker, kafka_bootstrap, count=COUNT // 2, seed=10 + cycle)
             watch.wait_for(
                 f"{target:.0%} committed with a transaction open",
                 lambda t=target: watch.committed_inputs() >= t * COUNT and watch.transaction_open(),
@@ -388,7 +393,7 @@ def test_paused_router_resumed_after_takeover_three_times(
             paused.signal(signal.SIGCONT)
             watch.wait_for("both routers in the group again", lambda: len(watch.members()) == 2, 60)
         assert b is not None
-        watch.wait_for("every input committed", lambda: watch.committed_inputs() >= COUNT, 180, 0.5)
+        watch.wait_for("every input committed", lambda: watch.committed_inputs() >= len(sent), 180, 0.5)
         for r in (a, b):
             r.signal(signal.SIGTERM)
         stats = [assert_clean_exit(r, timeout=60) for r in (a, b)]
@@ -400,7 +405,7 @@ def test_paused_router_resumed_after_takeover_three_times(
         # every pause lands inside the paused router's own transaction. Exactly once (above) is
         # what proves no zombie committed; this proves the zombie case was met at least once.
         assert len(zombie_lines) >= 1, "no resumed zombie gave up a batch: the case was never met"
-        assert sum(s["routed"] for s in stats) >= COUNT
+        assert sum(s["routed"] for s in stats) >= len(sent)
     except BaseException:
         for r in (a, b):
             if r is not None:
