@@ -35,7 +35,7 @@ from typing import IO, Any, ClassVar
 from referral_broker.errors import ConfigError, PartnerInputError, Problem, ValidationError
 from referral_broker.parties import all_parties
 from referral_broker.schemas.json_form import from_json_form
-from referral_broker.schemas.registry import expand_references, referral_schema, status_schema, without_null
+from referral_broker.schemas.registry import expand_references, shared_schema, without_null
 from referral_broker.schemas.validation import validate
 
 from .field_map import (
@@ -147,25 +147,19 @@ def _finish_status(record: dict[str, Any]) -> None:
     record.setdefault("version", 1)
 
 
-@functools.cache
-def _schema(family: str) -> dict[str, Any]:
-    # Loaded once: the registry hands out a fresh deep copy per call, too slow per row.
-    return referral_schema() if family == "referral" else status_schema()
-
-
 def _validate(family: str) -> Callable[..., list[Problem]]:
     def check(record: dict[str, Any], *, now: dt.datetime, record_number: int) -> list[Problem]:
         return validate(
-            record, _schema(family), now=now, record_number=record_number, known_parties=all_parties()
+            record, shared_schema(family), now=now, record_number=record_number, known_parties=all_parties()
         )
 
     return check
 
 
 _REFERRAL = _Contract(
-    functools.partial(_schema, "referral"), _validate("referral"), "referrer.partner", _finish_referral
+    functools.partial(shared_schema, "referral"), _validate("referral"), "referrer.partner", _finish_referral
 )
-_STATUS = _Contract(functools.partial(_schema, "status"), _validate("status"), "from_party", _finish_status)
+_STATUS = _Contract(functools.partial(shared_schema, "status"), _validate("status"), "from_party", _finish_status)
 
 
 def _complete(value: Any, node: Any) -> None:
@@ -303,7 +297,7 @@ class PartnerAdapter(ABC):
         stream), in ``fmt`` (one of ``formats``; None: the kind's own). Fields missing from a
         view are left out, never filled in."""
         suffix = self._choose(fmt)
-        return self._render(records, out, name or f"referrals{suffix}", self.referral_map, _schema("referral"))
+        return self._render(records, out, name or f"referrals{suffix}", self.referral_map, shared_schema("referral"))
 
     def render_statuses(
         self,
@@ -314,18 +308,18 @@ class PartnerAdapter(ABC):
         fmt: str | None = None,
     ) -> Rendered:
         suffix = self._choose(fmt)
-        return self._render(statuses, out, name or f"statuses{suffix}", self.status_map, _schema("status"))
+        return self._render(statuses, out, name or f"statuses{suffix}", self.status_map, shared_schema("status"))
 
     def to_native(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """One canonical referral or view as this format's native record."""
-        typed = from_json_form(dict(record), _schema("referral"))
+        typed = from_json_form(dict(record), shared_schema("referral"))
         document = self.referral_map.to_native(typed)[0]
         self.finish_native(document, typed)
         return document
 
     def status_to_native(self, status: Mapping[str, Any]) -> dict[str, Any]:
         """One canonical status message as this format's native status record."""
-        return self.status_map.to_native(from_json_form(dict(status), _schema("status")))[0]
+        return self.status_map.to_native(from_json_form(dict(status), shared_schema("status")))[0]
 
     def status_from_native(
         self, native: Mapping[str, Any], *, party: str | None = None, now: dt.datetime | None = None

@@ -13,8 +13,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import IO, Any
 
+from referral_broker.schemas.registry import shared_schema
+
 from . import ctf
-from .base import CsvAdapter, NativeRecord, Rendered, _schema, register
+from .base import CsvAdapter, NativeRecord, Rendered, register
 from .field_map import (
     CHARITY_NUMBER,
     INT,
@@ -243,7 +245,7 @@ class SchoolsAdapter(CsvAdapter):
     ) -> Rendered:
         suffix = self._choose(fmt)
         field_map = ctf.ctf_map() if self.syntax == "ctf" else REFERRAL_MAP
-        return self._render(records, out, name or f"referrals{suffix}", field_map, _schema("referral"))
+        return self._render(records, out, name or f"referrals{suffix}", field_map, shared_schema("referral"))
 
     def read_native(self, source: Source, field_map: FieldMap) -> Iterator[NativeRecord]:
         if field_map is not ctf.ctf_map():
