@@ -519,7 +519,14 @@ def _why_rate_is_under_cpu(r: dict[str, Any]) -> str:
         text += (
             f"; the sealed router's transactions held {batches[sealed]} referrals against {batches[plain]} unsealed "
             f"(a fetch of {FETCH_PARTITION_BYTES // 1024} KiB a partition holds fewer of the larger sealed "
-            "referrals), and each transaction waits for its commit and the next fetch"
+            "referrals)"
+        )
+    off = r.get("routing_thread_off_cpu_ms_per_referral", {})
+    if sealed in off and plain in off:
+        text += (
+            f"; routing and committing, the routing thread was off the CPU {off[sealed]} ms a referral sealed "
+            f"against {off[plain]} unsealed (waiting on commits and the producer's locks, or for the GIL while "
+            "kafka-python's own threads ran)"
         )
     broker = r.get("broker_cpu_ms_per_referral", {})
     if sealed in broker and plain in broker:
@@ -539,6 +546,11 @@ class RouterRun:
     cpu_ms: float  # this process, every thread, a referral
     per_batch: float  # referrals a transaction: each waits for its commit and the next fetch
     broker_cpu_ms: float | None  # the broker's CPU a referral, when it runs on this machine
+    # the routing thread not running, a referral, while it routed and committed its batches
+    # (their phases' wall time less that thread's CPU, the polls left out: a poll's wall time
+    # also holds the wait for records to arrive, and the first, a group still forming): waits
+    # on the commit and the producer's locks, and for the GIL while kafka-python's threads run
+    off_cpu_ms: float = 0.0
 
 
 def _bench_router(settings: Settings, bootstrap: str, *, sealed: bool) -> Router:
@@ -564,6 +576,7 @@ def _timed_router(
     stats = router.stats
     if stats.dead_lettered or stats.first_record_at is None or stats.last_commit_at is None:
         raise BrokerError(f"benchmark run dead-lettered or read nothing: {stats.by_reason}")
+    phases = stats.phases
     return RouterRun(
         rate=stats.consumed / (stats.last_commit_at - stats.first_record_at),
         cpu_ms=cpu / stats.consumed * 1000,
@@ -571,6 +584,9 @@ def _timed_router(
         broker_cpu_ms=(
             None if broker_cpu is None or broker_after is None else (broker_after - broker_cpu) / stats.consumed * 1000
         ),
+        off_cpu_ms=sum(max(phases.wall[p] - phases.cpu[p], 0.0) for p in phases.wall if p != "poll")
+        / stats.consumed
+        * 1000,
     )
 
 
@@ -703,6 +719,9 @@ def run(
             },
             "cpu_ms_per_referral": {k: round(v, 2) for k, v in cpu_ms.items()},
             "referrals_per_batch": {k: round(statistics.median(r.per_batch for r in v), 1) for k, v in runs.items()},
+            "routing_thread_off_cpu_ms_per_referral": {
+                k: round(statistics.median(r.off_cpu_ms for r in v), 2) for k, v in runs.items()
+            },
             # the broker's CPU a referral, when it runs on this machine (it shares the cores)
             "broker_cpu_ms_per_referral": {k: round(v, 2) for k, v in broker_ms.items()},
             "peak_rss_mb": _rss_mb(),

@@ -170,6 +170,7 @@ def _show_router(d: dict[str, Any]) -> None:
     for key, what in (
         ("cpu_ms_per_referral", "CPU a referral (ms, this process, every thread)"),
         ("referrals_per_batch", "Referrals a transaction"),
+        ("routing_thread_off_cpu_ms_per_referral", "The routing thread off the CPU a referral, routing and committing (ms: waits, the GIL)"),
         ("broker_cpu_ms_per_referral", "The broker's CPU a referral (ms, on this machine)"),
     ):
         if d.get(key):
