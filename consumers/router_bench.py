@@ -514,27 +514,26 @@ def _why_rate_is_under_cpu(r: dict[str, Any]) -> str:
     text = f"; by CPU a referral, sealed over unsealed is {by_cpu:.3f}"
     if by_cpu >= GOALS["sealed_over_unsealed_3"]:
         text += " (within the goal: the rate is lower than the CPU explains, so the difference is waiting)"
-    batches = r.get("referrals_per_batch", {})
-    if sealed in batches and plain in batches:
+    def pair(key: str) -> tuple[Any, Any] | None:
+        """The sealed and unsealed 3-recipient figures under ``key``, when the run has both."""
+        figures = r.get(key, {})
+        return (figures[sealed], figures[plain]) if sealed in figures and plain in figures else None
+
+    if batches := pair("referrals_per_batch"):
         text += (
-            f"; the sealed router's transactions held {batches[sealed]} referrals against {batches[plain]} unsealed "
+            f"; the sealed router's transactions held {batches[0]} referrals against {batches[1]} unsealed "
             f"(a fetch of {FETCH_PARTITION_BYTES // 1024} KiB a partition holds fewer of the larger sealed "
             "referrals)"
         )
-    off = r.get("routing_thread_off_cpu_ms_per_referral", {})
-    if sealed in off and plain in off:
+    if off := pair("routing_thread_off_cpu_ms_per_referral"):
         text += (
-            f"; routing and committing, the routing thread was off the CPU {off[sealed]} ms a referral sealed "
-            f"against {off[plain]} unsealed (waiting on commits and the producer's locks, or for the GIL while "
+            f"; routing and committing, the routing thread was off the CPU {off[0]} ms a referral sealed "
+            f"against {off[1]} unsealed (waiting on commits and the producer's locks, or for the GIL while "
             "kafka-python's own threads ran)"
         )
-    broker = r.get("broker_cpu_ms_per_referral", {})
-    if sealed in broker and plain in broker:
-        text += (
-            f"; the broker, on the same cores, spent {broker[sealed]} ms of CPU a referral sealed against "
-            f"{broker[plain]} unsealed"
-        )
-        text += " (larger messages, more headers)" if broker[sealed] > 1.1 * broker[plain] else " (not where it goes)"
+    if broker := pair("broker_cpu_ms_per_referral"):
+        text += f"; the broker, on the same cores, spent {broker[0]} ms of CPU a referral sealed against {broker[1]} unsealed"
+        text += " (larger messages, more headers)" if broker[0] > 1.1 * broker[1] else " (not where it goes)"
     return text
 
 
