@@ -549,7 +549,7 @@ class RouterRun:
     # (their phases' wall time less that thread's CPU, the polls left out: a poll's wall time
     # also holds the wait for records to arrive, and the first, a group still forming): waits
     # on the commit and the producer's locks, and for the GIL while kafka-python's threads run
-    off_cpu_ms: float = 0.0
+    off_cpu_ms: float
 
 
 def _bench_router(settings: Settings, bootstrap: str, *, sealed: bool) -> Router:
