@@ -334,11 +334,19 @@ class _GiveUp(Exception):
         self.error = error
 
 
-def _within(seconds: float, action: Callable[[], Any]) -> None:
-    """Run a cleanup step that could wait on an unreachable cluster for at most ``seconds``."""
-    worker = threading.Thread(target=lambda: _quietly(action), daemon=True, name="router-cleanup")
+def _within(seconds: float, action: Callable[[], Any]) -> bool:
+    """Run a cleanup step that could wait on an unreachable cluster for at most ``seconds``;
+    True when it finished in time without an error."""
+    done: list[bool] = []
+
+    def step() -> None:
+        action()
+        done.append(True)
+
+    worker = threading.Thread(target=lambda: _quietly(step), daemon=True, name="router-cleanup")
     worker.start()
     worker.join(seconds)
+    return bool(done)
 
 
 def _drop(producer: Producer | None, consumer: Any) -> None:
@@ -457,6 +465,15 @@ class Router:
         # partitions the group took from this router since the current batch was read
         self._revoked: set[TopicPartition] = set()
         self._in_transaction = False
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Stop after the batch in hand: it is committed (or given up, as any batch can be),
+        then the router leaves the group and ``run`` returns. Safe from a signal handler or
+        another thread. A stop that interrupted a batch instead (KeyboardInterrupt) must settle
+        its transaction on the way out; one it left open held back every later record on the
+        partitions it wrote until the coordinator's timeout (read_committed readers stop at it)."""
+        self._stopping.set()
 
     # -- one input record -> its outputs ------------------------------------------------------
     def process(self, record: Record) -> list[OutgoingMessage]:
@@ -782,7 +799,7 @@ class Router:
         failures = 0
         read_ahead = False
         try:
-            while True:
+            while not self._stopping.is_set():
                 try:
                     if consumer is None:
                         if not read_ahead:  # once: after a rebuild the next catch-up is short
@@ -831,12 +848,13 @@ class Router:
                     _drop(producer, consumer)
                     producer = consumer = None
                     self._backoff(failures)
+            return self.stats
         except KeyboardInterrupt:
             return self.stats
         finally:
             if producer is not None:
                 if self._in_transaction:
-                    _within(5.0, producer.abort)
+                    self._settle_open_transaction(producer)
                 _within(10.0, producer.close)
             if consumer is not None:
                 _within(10.0, consumer.close)
@@ -864,10 +882,27 @@ class Router:
         self.metrics.rebuilds.inc()
         log.warning(event, error=type(exc).__name__, reason=str(exc)[:300], count=failures)
 
-    @staticmethod
-    def _backoff(failures: int) -> None:
+    def _backoff(self, failures: int) -> None:
         first, longest = BACKOFF_S
-        time.sleep(min(longest, first * 2 ** (failures - 1)))
+        self._stopping.wait(min(longest, first * 2 ** (failures - 1)))  # a stop ends the wait
+
+    def _settle_open_transaction(self, producer: Producer) -> None:
+        """Leave no transaction open on the way out of an interrupted batch: abort it, and when
+        the abort does not complete in time (kafka-python's close does not wait for an abort
+        still queued behind a slow produce), fence it with a new producer under the same
+        transactional id, whose start aborts whatever the old one left open."""
+        self._in_transaction = False
+        if _within(5.0, producer.abort):
+            log.info("stopped inside a batch: its transaction was aborted")
+            return
+        log.warning("the stop's abort did not complete; fencing the transaction instead")
+        _within(5.0, producer.abandon)
+
+        def fence() -> None:
+            self._producer().close(timeout_s=5.0)  # init_transactions aborts the open transaction
+
+        if not _within(15.0, fence):
+            log.warning("a transaction may be left open until its timeout", timeout_ms=self.transaction_timeout_ms)
 
     def _idle(self, consumer: Any, idle: IdleTimer) -> bool:
         """Idle means: nothing read for the idle time, and every assigned partition read to

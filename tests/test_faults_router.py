@@ -30,6 +30,7 @@ from referral_broker.cluster.runtime import LocalBroker
 from referral_broker.cluster.security import client_security
 from referral_broker.cluster.topics import ensure_topics, plan, topic_name
 from referral_broker.config import Settings, load_settings
+from referral_broker.consumers.router import Router
 from referral_broker.organisations import Registry, load_file
 from referral_broker.organisations import publish as publish_orgs
 from referral_broker.parties import HUB, all_parties, use_registry
@@ -272,6 +273,22 @@ def assert_clean_exit(router: RouterProc, timeout: float = 180) -> dict[str, Any
     return stats
 
 
+@contextlib.contextmanager
+def tended(routers: list[RouterProc], watch: Watch) -> Iterator[None]:
+    """Each router's last log lines when the test fails (routers added later included); no
+    router or admin client left behind either way."""
+    try:
+        yield
+    except BaseException:
+        for r in routers:
+            print(f"--- router {r.name}\n{r.tail(40)}")
+        raise
+    finally:
+        for r in routers:
+            r.stop()
+        watch.close()
+
+
 def subscribed_partitions(settings: Settings) -> int:
     return sum(s.partitions for s in plan(settings.kafka_topic_profile) if s.role in ("intake", "status"))
 
@@ -306,7 +323,7 @@ def test_router_killed_mid_transaction_three_times(
     sent = send(broker, kafka_bootstrap)
     watch = Watch(broker, kafka_bootstrap)
     routers: list[RouterProc] = []
-    try:
+    with tended(routers, watch):
         router = RouterProc(broker, kafka_bootstrap, tmp_path, "0", "--stop-when-idle", IDLE)
         routers.append(router)
         for i, target in enumerate((0.25, 0.45, 0.65)):
@@ -329,13 +346,78 @@ def test_router_killed_mid_transaction_three_times(
             assert took < 25, "the restarted router must get the partitions within seconds"
         assert_clean_exit(router)
         assert_exactly_once(broker, kafka_bootstrap, sent)
-    except BaseException:
-        for r in routers:
-            print(f"--- router {r.name}\n{r.tail(40)}")
-        raise
+
+
+@pytest.mark.timeout(300)
+def test_router_stopped_mid_transaction_leaves_none_open_three_times(
+    broker: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Stopped at about 25%, 45% and 65% of 2,000 referrals, each time while a transaction is
+    open: by one SIGTERM (what a service manager and a scale-in send), which lets the batch
+    commit first; then by a second signal as well (an impatient Ctrl-C), which aborts it.
+    Either way the router exits cleanly and leaves no transaction open. One left open holds
+    back every later record on the partitions it wrote (read_committed readers stop at it)
+    until the coordinator aborts it at the transaction timeout: a scale-in on three nodes
+    most likely delayed the other routers' deliveries that way. Nothing lost or doubled."""
+    sent = send(broker, kafka_bootstrap)
+    watch = Watch(broker, kafka_bootstrap)
+    routers: list[RouterProc] = []
+    with tended(routers, watch):
+        router = RouterProc(broker, kafka_bootstrap, tmp_path, "0", "--stop-when-idle", IDLE)
+        routers.append(router)
+        for i, (target, signals) in enumerate(
+            ((0.25, [signal.SIGTERM]), (0.45, [signal.SIGINT, signal.SIGTERM]), (0.65, [signal.SIGTERM]))
+        ):
+            stop_inside_a_transaction(router, watch, target)
+            at_stop = watch.committed_inputs()
+            for sig in signals:  # delivered when it wakes, inside the transaction it froze in
+                router.signal(sig)
+            router.signal(signal.SIGCONT)
+            assert_clean_exit(router, timeout=60)
+            # the markers of the transaction it settled on its way out take a moment to land
+            settled = watch.wait_for("no transaction left open", lambda: not watch.transaction_open(), 15, 0.05)
+            after = watch.committed_inputs()
+            aborted = any("its transaction was aborted" in line for line in router.log_lines())
+            print(f"stop {i + 1} ({len(signals)} signal(s)): committed {at_stop} -> {after}, aborted {aborted}, "
+                  f"none open after {settled:.2f}s")
+            assert settled < 3, "a router stopped cleanly must not leave its transaction to time out"
+            if len(signals) == 1:
+                assert after > at_stop and not aborted, "one signal lets the batch in hand commit"
+            else:
+                assert aborted, "a second signal interrupts the batch and aborts its transaction"
+            router = RouterProc(broker, kafka_bootstrap, tmp_path, str(i + 1), "--stop-when-idle", IDLE)
+            routers.append(router)
+        assert_clean_exit(router)
+        assert_exactly_once(broker, kafka_bootstrap, sent)
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_whose_abort_does_not_complete_fences_the_transaction(
+    broker: Settings, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The way out of an interrupted batch when its abort does not complete in time (queued
+    behind a slow produce, which kafka-python's close does not wait for): a new producer under
+    the router's transactional id fences the transaction at once, instead of leaving it open
+    for the coordinator's timeout."""
+    router = Router(broker, kafka_bootstrap, instance="fence-test")
+    watch = Watch(broker, kafka_bootstrap)
+    producer = router._producer()
+    try:
+        producer.begin()
+        producer.send(watch.watched[0].topic, b"not a referral", key=b"fence-test")
+        producer.flush()
+        assert watch.transaction_open(), "the record is on the broker inside an open transaction"
+        monkeypatch.setattr(producer, "abort", lambda: time.sleep(60))  # an abort that never completes
+        router._in_transaction = True
+        started = time.monotonic()
+        router._settle_open_transaction(producer)
+        took = time.monotonic() - started
+        settled = watch.wait_for("the transaction fenced", lambda: not watch.transaction_open(), 15, 0.05)
+        print(f"fenced {took:.1f}s after the stop began; none open {settled:.2f}s later")
+        assert settled < 3 and took < 20, (took, settled)
+        assert not router._in_transaction
     finally:
-        for r in routers:
-            r.stop()
+        producer.abandon()
         watch.close()
 
 

@@ -56,9 +56,10 @@ def route(
     """Route every intake and status message: verify, open, validate, decide, minimise, seal,
     sign, send; one audit decision per recipient; dead letters for anything that fails.
 
-    Runs until Ctrl-C or SIGTERM (or --stop-when-idle); either leaves the group at once so
-    the other routers take over. Start more processes to scale out. When Kafka is away, the
-    router logs one line per attempt and waits for it with backoff.
+    Runs until Ctrl-C or SIGTERM (or --stop-when-idle): the batch in hand is committed, then
+    the router leaves the group at once so the other routers take over; a second Ctrl-C stops
+    without waiting for that batch and aborts it. Start more processes to scale out. When
+    Kafka is away, the router logs one line per attempt and waits for it with backoff.
     """
     import signal
     from pathlib import Path
@@ -75,7 +76,18 @@ def route(
         instance=instance,
         transaction_timeout_ms=int(transaction_timeout * 1000),
     )
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a clean stop, like Ctrl-C
+
+    def stopping(signum: int, frame: object) -> None:
+        # The first Ctrl-C or SIGTERM lets the batch in hand commit; a second one interrupts it
+        # (its transaction is aborted on the way out).
+        if stop_asked:
+            raise KeyboardInterrupt
+        stop_asked.append(signum)
+        router.stop()
+
+    stop_asked: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopping)
     if metrics_port is not None:
         router.metrics.serve(metrics_port)
     freeze_startup_heap()
