@@ -126,9 +126,7 @@ class Watch:
         self.admin = self._admin()
         self.group = f"{settings.kafka_topic_prefix}referral-router"
         self.intake = topic_name(settings, "intake", PARTNER)
-        out = topic_name(settings, "out", TEAM)
-        parts = next(s.partitions for s in plan(settings.kafka_topic_profile) if s.role == "out")
-        self.watched = [TopicPartition(out, p) for p in range(parts)]
+        self.watched = role_partitions(settings, "out", TEAM)
 
     def _admin(self) -> KafkaAdminClient:
         return KafkaAdminClient(
@@ -167,18 +165,23 @@ class Watch:
                     raise
                 time.sleep(0.5)
 
-    def _ends(self, level: IsolationLevel) -> dict[TopicPartition, int]:
-        found = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in self.watched}, level)
-        return {tp: found[tp].offset for tp in self.watched}
+    def _ends(self, parts: list[TopicPartition], level: IsolationLevel) -> dict[TopicPartition, int]:
+        found = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in parts}, level)
+        return {tp: found[tp].offset for tp in parts}
+
+    def held_back(self, parts: list[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+        """Records a read_committed reader cannot reach yet, by partition (the team's out topic
+        unless ``parts``): high watermark minus last stable offset, while a transaction is open."""
+        parts = self.watched if parts is None else parts
+        high = self._ends(parts, IsolationLevel.READ_UNCOMMITTED)
+        stable = self._ends(parts, IsolationLevel.READ_COMMITTED)
+        return {tp: high[tp] - stable[tp] for tp in parts if high[tp] > stable[tp]}
 
     def transaction_open(self) -> bool:
-        """True while a transaction holds uncommitted records on the team's out topic (its last
-        stable offset is behind its high watermark). The router signs and sends what it has
-        routed every few records (``SIGN_EVERY``), so a batch's transaction is open on the
-        broker from its first few records to its commit."""
-        high = self._ends(IsolationLevel.READ_UNCOMMITTED)
-        stable = self._ends(IsolationLevel.READ_COMMITTED)
-        return any(high[tp] > stable[tp] for tp in self.watched)
+        """True while a transaction holds uncommitted records on the team's out topic. The
+        router signs and sends what it has routed every few records (``SIGN_EVERY``), so a
+        batch's transaction is open on the broker from its first few records to its commit."""
+        return bool(self.held_back())
 
     def members(self) -> dict[str, int]:
         """Partitions held by each member of the router group, by member id."""
@@ -267,24 +270,20 @@ def assert_exactly_once(settings: Settings, bootstrap: str, sent: set[str]) -> d
 
 
 def held_back(settings: Settings, bootstrap: str) -> dict[str, int]:
-    """Records a read_committed reader cannot reach yet on the archive and the team's out topic,
-    by partition: high watermark minus last stable offset (a transaction still open)."""
+    """What open transactions hold back from read_committed readers on the archive and the
+    team's out topic, by partition (:meth:`Watch.held_back`)."""
     watch = Watch(settings, bootstrap)
     try:
-        names = [topic_name(settings, "archive"), topic_name(settings, "out", TEAM)]
-        parts = [TopicPartition(t, p) for t in names for p in range(partitions_of(settings, t))]
-        ends = {
-            level: watch.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in parts}, level)
-            for level in (IsolationLevel.READ_UNCOMMITTED, IsolationLevel.READ_COMMITTED)
-        }
+        found = watch.held_back(role_partitions(settings, "archive") + watch.watched)
     finally:
         watch.close()
-    high, stable = ends[IsolationLevel.READ_UNCOMMITTED], ends[IsolationLevel.READ_COMMITTED]
-    return {f"{tp.topic}-{tp.partition}": high[tp].offset - stable[tp].offset for tp in parts if high[tp].offset > stable[tp].offset}
+    return {f"{tp.topic}-{tp.partition}": n for tp, n in found.items()}
 
 
-def partitions_of(settings: Settings, topic: str) -> int:
-    return next(s.partitions for s in plan(settings.kafka_topic_profile, settings.kafka_topic_prefix) if s.name == topic)
+def role_partitions(settings: Settings, role: str, party: str | None = None) -> list[TopicPartition]:
+    """The partitions of ``role``'s topic (``party``'s own, for a per-party role) in the plan."""
+    parts = next(s.partitions for s in plan(settings.kafka_topic_profile) if s.role == role)
+    return [TopicPartition(topic_name(settings, role, party), p) for p in range(parts)]
 
 
 def assert_clean_exit(router: RouterProc, timeout: float = 180) -> dict[str, Any]:
