@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import ssl
 import stat
@@ -588,3 +589,78 @@ def test_insecure_start_writes_a_plaintext_client_file(tmp_path: Path) -> None:
     broker._write_client_file(insecure=True)
     found = sec.client_security(load_settings(environ={}, paths_cache_dir=tmp_path), broker.bootstrap)
     assert found.protocol == "PLAINTEXT"
+
+
+def test_a_port_held_by_this_projects_broker_of_another_cache_folder_names_it_and_its_stop(
+    secured: LocalBroker, tmp_path: Path
+) -> None:
+    """A newcomer's second checkout (another HOME, another cache folder) meets the first one's
+    broker on the default port: the refusal names that broker and the command that stops it,
+    and that command's settings do address it (the broker is left running here)."""
+    mine = load_settings(
+        environ={},
+        local_port=secured.settings.local_port,
+        local_controller_port=secured.settings.local_controller_port,
+        paths_cache_dir=tmp_path / "cache",
+    )
+    with pytest.raises(BrokerError) as refused:
+        LocalBroker(mine).start()
+    text = str(refused.value)
+    pid = secured.status().pid
+    assert pid is not None
+    assert f"is taken by this project's local Kafka broker of another cache folder ({secured.run_dir}, pid {pid})" in text
+    command = text.split("stop it with '")[1].split("'")[0]
+    *assignments, program, group, verb = shlex.split(command)
+    assert (program, group, verb) == ("referral-broker", "kafka", "stop")
+    environ = dict(a.split("=", 1) for a in assignments)
+    addressed = LocalBroker(load_settings(environ=environ))
+    assert addressed.run_dir == secured.run_dir and addressed.status().pid == pid
+    assert not (tmp_path / "cache").exists(), "the refused start wrote into its cache folder"
+
+
+def _listener(port: int, *argv: str) -> subprocess.Popen[str]:
+    """A process listening on loopback ``port`` (it says so in a line) with ``argv`` on its
+    command line: what /proc shows of whatever holds a port."""
+    code = (
+        "import socket, sys, time\n"
+        f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\n"
+        "print('listening', flush=True); time.sleep(60)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("holder", ["program", "kafka", "cluster node", "this broker"])
+def test_a_taken_port_names_its_holder_when_it_can_be_told(holder: str, tmp_path: Path) -> None:
+    other_cache = tmp_path / "other cache"  # a space: the command must quote it
+    port = free_port()
+    broker = LocalBroker(
+        load_settings(environ={}, local_port=port, local_controller_port=free_port(), paths_cache_dir=tmp_path / "cache")
+    )
+    mine = broker.run_dir
+    argv = {
+        "program": [],
+        "kafka": ["kafka.Kafka", str(tmp_path / "opt" / "kafka" / "server.properties")],
+        "cluster node": ["kafka.Kafka", str(other_cache / "local-cluster" / "29500" / "node-2" / "server.properties")],
+        "this broker": ["kafka.Kafka", str(mine / "server.properties")],
+    }[holder]
+    proc = _listener(port, *argv)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "listening\n"
+        with pytest.raises(BrokerError) as refused:
+            broker.start()
+        text = str(refused.value)
+        assert text.startswith(f"port {port} on 127.0.0.1 is taken by ")
+        expected = {
+            "program": f"another program (pid {proc.pid}, {Path(sys.executable).name}); free it or choose other ports",
+            "kafka": f"a Kafka broker run from {tmp_path / 'opt' / 'kafka'} (pid {proc.pid}); stop it or choose",
+            "cluster node": (
+                f"({other_cache / 'local-cluster' / '29500' / 'node-2'}, pid {proc.pid}); stop it with "
+                f"'REFERRAL_BROKER_CACHE_DIR={shlex.quote(str(other_cache))} REFERRAL_BROKER_LOCAL_PORT=29500 "
+                "referral-broker kafka stop'"
+            ),
+            "this broker": f"this broker's own Kafka process (pid {proc.pid}), which has lost its pid file; stop it with 'kill {proc.pid}'",
+        }[holder]
+        assert expected in text
+    finally:
+        proc.kill()
+        proc.wait()

@@ -22,6 +22,7 @@ import base64
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -516,9 +517,11 @@ class LocalBroker:
         java = self._check_java()
         for port in (self.settings.local_port, self.settings.local_controller_port):
             if not self._port_free(port):
-                raise BrokerError(
-                    f"port {port} on 127.0.0.1 is taken by another program; free it or choose "
-                    "other ports with REFERRAL_BROKER_LOCAL_PORT / REFERRAL_BROKER_LOCAL_CONTROLLER_PORT"
+                raise port_taken(
+                    port,
+                    "",
+                    "choose other ports with REFERRAL_BROKER_LOCAL_PORT / REFERRAL_BROKER_LOCAL_CONTROLLER_PORT",
+                    mine=self.run_dir,
                 )
         if fresh:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -610,6 +613,104 @@ def _kafka_pid(pid_file: Path, run_dir: Path) -> int | None:
     if b"kafka.Kafka" not in cmdline or os.fsencode(run_dir) not in cmdline:
         return None
     return pid
+
+
+def port_taken(port: int, what: str, other_ports: str, *, mine: Path) -> BrokerError:
+    """The error for a local port something already listens on, naming the holder when it
+    can be told: most often it is one of this project's own brokers, started with another cache
+    folder (another ``HOME`` or ``REFERRAL_BROKER_CACHE_DIR``) or having lost its pid file, and
+    then the command that stops it is the useful answer. ``mine``: the folder the broker
+    being started runs from."""
+    pid = _listening_pid(port)
+    where = f"port {port} on 127.0.0.1{what}"
+    if pid is None:
+        return BrokerError(f"{where} is taken by another program; free it or {other_ports}")
+    folder = _kafka_folder(pid)
+    if folder is None:
+        name = _process_name(pid)
+        return BrokerError(f"{where} is taken by another program (pid {pid}{name}); free it or {other_ports}")
+    if folder == mine:
+        return BrokerError(
+            f"{where} is taken by this broker's own Kafka process (pid {pid}), which has lost its "
+            f"pid file; stop it with 'kill {pid}' and start again"
+        )
+    found = _project_broker(folder)
+    if found is None:
+        return BrokerError(
+            f"{where} is taken by a Kafka broker run from {folder} (pid {pid}); stop it or {other_ports}"
+        )
+    cache, base_port = found
+    command = (
+        f"REFERRAL_BROKER_CACHE_DIR={shlex.quote(str(cache))} REFERRAL_BROKER_LOCAL_PORT={base_port} "
+        "referral-broker kafka stop"
+    )
+    return BrokerError(
+        f"{where} is taken by this project's local Kafka broker of another cache folder ({folder}, "
+        f"pid {pid}); stop it with '{command}', or {other_ports}"
+    )
+
+
+def _listening_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP ``port`` (any local address), from ``/proc``;
+    None when it cannot be told (no ``/proc``, or another user's process whose descriptors
+    this user may not read)."""
+    sockets: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # local address "HEX_IP:HEX_PORT", state 0A = LISTEN, inode in column 10
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rpartition(":")[2], 16) == port:
+                sockets.add(f"socket:[{cols[9]}]")
+    if not sockets:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in sockets:
+                        return int(proc.name)
+        except OSError:  # gone, or not ours to look into
+            continue
+    return None
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
+
+
+def _process_name(pid: int) -> str:
+    args = _command_line(pid)
+    return f", {Path(args[0]).name}" if args else ""
+
+
+def _kafka_folder(pid: int) -> Path | None:
+    """The folder of the config a Kafka JVM (``kafka.Kafka <config>``) runs with."""
+    args = _command_line(pid)
+    if "kafka.Kafka" not in args[:-1]:
+        return None
+    return Path(args[args.index("kafka.Kafka") + 1]).parent
+
+
+def _project_broker(folder: Path) -> tuple[Path, str] | None:
+    """(cache folder, REFERRAL_BROKER_LOCAL_PORT) of a folder laid out as this project lays out
+    a local broker's (``<cache>/local-broker/<port>``) or a local cluster node's
+    (``<cache>/local-cluster/<first port>/node-<n>``)."""
+    if folder.parent.name == "local-broker" and folder.name.isdigit():
+        return folder.parent.parent, folder.name
+    cluster = folder.parent
+    if folder.name.startswith("node-") and cluster.parent.name == "local-cluster" and cluster.name.isdigit():
+        return cluster.parent.parent, cluster.name
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -898,9 +999,11 @@ class LocalCluster:
             return
         for port in cluster_ports(self.base_port, node):
             if not LocalBroker._port_free(port):
-                raise BrokerError(
-                    f"port {port} on 127.0.0.1 (node {node} of the local cluster) is taken by another "
-                    "program; free it or choose another first port with REFERRAL_BROKER_LOCAL_PORT"
+                raise port_taken(
+                    port,
+                    f" (node {node} of the local cluster)",
+                    "choose another first port with REFERRAL_BROKER_LOCAL_PORT",
+                    mine=self.node_dir(node),
                 )
         java = self._single._check_java()
         classpath = f"{self._single.ensure_jars()}/*"
