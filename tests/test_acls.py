@@ -23,12 +23,12 @@ import pytest
 from click.testing import CliRunner
 
 from referral_broker.cli.main import cli as cli_group
-from referral_broker.cluster import acls
+from referral_broker.cluster import acls, quotas
 from referral_broker.cluster import security as sec
 from referral_broker.cluster.clients import build_consumer, build_producer
 from referral_broker.cluster.topics import _ensure, ensure_party_topics, fixed_plan, topic_name
 from referral_broker.config import Settings, load_settings
-from referral_broker.errors import NotAuthorisedError
+from referral_broker.errors import ConfigError, NotAuthorisedError
 from referral_broker.organisations import OrgStatus, Registry, load_file
 from referral_broker.organisations import publish as publish_orgs
 
@@ -65,6 +65,7 @@ def clean_up(settings: Settings, bootstrap: str, users: list[str]) -> None:
     admin = sec.super_admin_client(settings, bootstrap)
     try:
         acls.delete(admin, acls.current(settings, admin))
+        quotas.alter(admin, [], quotas.current(settings, admin))
         sec.delete_scram_users(admin, users)
         names = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
         admin.delete_topics(names, raise_errors=False)
@@ -537,8 +538,8 @@ def test_acl_check_catches_a_binding_removed_and_one_added_by_hand(cluster: Clus
     done = json.loads(repaired.stdout)
     assert [acls.Binding(**x) for x in done["created"]] == [removed]
     assert [acls.Binding(**x) for x in done["deleted"]] == [added]
-    again = cli(s, b, "acl", "apply", "--json")  # idempotent
-    assert json.loads(again.stdout) == {"created": [], "deleted": [], "kept": len(cluster.plan)}
+    again = json.loads(cli(s, b, "acl", "apply", "--json").stdout)  # idempotent
+    assert {k: again[k] for k in ("created", "deleted", "kept")} == {"created": [], "deleted": [], "kept": len(cluster.plan)}
     assert cli(s, b, "acl", "check").exit_code == 0
 
 
@@ -559,3 +560,139 @@ def test_acl_commands_need_the_administrator(cluster: Cluster, tmp_path: Path) -
     result = cli(cluster.settings, cluster.bootstrap, "acl", "check", env=env)
     assert isinstance(result.exception, NotAuthorisedError), result.output  # main() exits 35
     assert str(result.exception) == "not authorised to describe the cluster"
+
+
+# -- client quotas ---------------------------------------------------------------------------------
+def test_quotas_come_from_the_data_by_kind_and_only_active_organisations_get_any(tmp_path: Path) -> None:
+    import tomllib
+
+    settings = load_settings(environ={}, kafka_topic_prefix="p.", paths_data_dir=tmp_path)
+    orgs = [o for o in load_file() if o.party in [*PARTIES, "dwp"]]
+    planned = quotas.plan(settings, Registry(orgs))
+    by_user: dict[str, dict[str, float]] = {}
+    for q in planned:
+        by_user.setdefault(q.user, {})[q.key] = q.value
+    shipped = tomllib.loads((Path(quotas.__file__).parent / "quotas.toml").read_text("utf-8"))
+    default, kinds = shipped["default"], shipped["kind"]
+    assert sorted(by_user) == sorted(f"p.{p}" for p in [*PARTIES, "dwp"])
+    assert by_user[f"p.{SCHOOL}"] == by_user[f"p.{OTHER_SCHOOL}"] == default
+    assert by_user["p.dwp"] == default | kinds["dwp"]
+    assert by_user[f"p.{TEAM}"] == default | kinds["district_team"]
+    # DWP's monthly batch and an inbox catching up need more than a school's day
+    assert by_user["p.dwp"]["producer_byte_rate"] > by_user[f"p.{SCHOOL}"]["producer_byte_rate"]
+    assert by_user[f"p.{TEAM}"]["consumer_byte_rate"] > by_user[f"p.{SCHOOL}"]["consumer_byte_rate"]
+    # nothing slows the services
+    assert not {acls.user_name(settings, name) for name in acls.SERVICES} & set(by_user)
+    disabled = quotas.plan(settings, Registry([_disabled(o) if o.party == SCHOOL else o for o in orgs]))
+    assert disabled == [q for q in planned if q.user != f"p.{SCHOOL}"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "problem"),
+    [
+        ({"defaults": {}}, "quotas.toml: unknown section 'defaults'"),
+        ({"default": {"producer_rate": 1}}, "quotas.toml [default]: unknown quota 'producer_rate'"),
+        ({"kind": {"schools": {"producer_byte_rate": 1}}}, "quotas.toml: [kind.schools] is not an organisation kind"),
+        ({"default": {"consumer_byte_rate": 0}}, "[default]: consumer_byte_rate must be a positive number"),
+        ({"kind": {"dwp": {"request_percentage": "50"}}}, "[kind.dwp]: request_percentage must be a positive number"),
+        ({"default": {"producer_byte_rate": float("inf")}}, "[default]: producer_byte_rate must be a positive number"),
+    ],
+)
+def test_a_quotas_file_with_a_mistake_is_refused_naming_it(doc: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        quotas.parse_rates(doc, "quotas.toml")
+    assert problem in str(refused.value)
+
+
+def _set_by_hand(c: Cluster, put: list[quotas.Quota], remove: list[quotas.Quota]) -> None:
+    """A change made around the plan, waited for until the cluster describes it."""
+    admin = sec.super_admin_client(c.settings, c.bootstrap)
+    try:
+        quotas.alter(admin, put, remove)
+        expected = lambda found: set(put) <= set(found) and not set(remove) & set(found)
+        acls.wait_until_applied(lambda: expected(quotas.current(c.settings, admin)))
+    finally:
+        admin.close()
+
+
+def test_acl_apply_holds_each_organisations_quotas_and_check_catches_any_drift(cluster: Cluster) -> None:
+    import json
+    from dataclasses import replace
+
+    s, b = cluster.settings, cluster.bootstrap
+    planned = quotas.plan(s, cluster.registry)
+    admin = sec.super_admin_client(s, b)
+    try:
+        assert quotas.current(s, admin) == planned  # the fixture's 'acl apply' set them
+    finally:
+        admin.close()
+    school, other = acls.user_name(s, SCHOOL), acls.user_name(s, OTHER_SCHOOL)
+    changed = next(q for q in planned if q.user == school and q.key == "producer_byte_rate")
+    removed = next(q for q in planned if q.user == other and q.key == "consumer_byte_rate")
+    extra = quotas.Quota(acls.user_name(s, acls.ROUTER), "producer_byte_rate", 1024.0)
+    _set_by_hand(cluster, [replace(changed, value=2048.0), extra], [removed])
+    try:
+        found = cli(s, b, "acl", "check", "--json")
+        assert found.exit_code == 1, found.output
+        data = json.loads(found.stdout)
+        assert data["clean"] is False and data["missing"] == data["extra"] == []  # the ACLs are fine
+        assert data["quotas"]["missing"] == [removed.as_dict()]
+        assert data["quotas"]["changed"] == [{"planned": changed.as_dict(), "found": replace(changed, value=2048.0).as_dict()}]
+        assert data["quotas"]["extra"] == [extra.as_dict()]
+        human = cli(s, b, "acl", "check")
+        assert human.exit_code == 1
+        assert f"missing  quota {removed.describe()}" in human.output
+        assert f"changed  quota {changed.describe()} (the cluster holds 2048)" in human.output
+        assert f"extra    quota {extra.describe()}" in human.output
+        assert "quotas: 1 missing, 1 changed, 1 extra" in human.output
+    finally:
+        repaired = cli(s, b, "acl", "apply", "--json")
+    assert repaired.exit_code == 0, repaired.output
+    done = json.loads(repaired.stdout)
+    assert done["quotas"]["set"] == [q.as_dict() for q in sorted([changed, removed])]
+    assert done["quotas"]["removed"] == [extra.as_dict()]
+    assert "audit" in done  # the change is on the record, as an ACL change is
+    again = json.loads(cli(s, b, "acl", "apply", "--json").stdout)  # in force on return, idempotent
+    assert again["quotas"] == {"set": [], "removed": [], "kept": len(planned)}
+    assert cli(s, b, "acl", "check").exit_code == 0
+
+
+def _throttled_ms(c: Cluster, user: str, kilobytes: int) -> float:
+    """Write ``kilobytes`` KB to ``user``'s own intake as fast as a client can, and return the
+    longest throttle the broker answered with (kafka-python's ``throttle-time-max``). Stops
+    waiting at the first throttle: what is still queued is abandoned."""
+    party = user[len(c.settings.kafka_topic_prefix) :]
+    producer = build_producer(as_user(c.settings, c.bootstrap, user, c.passwords[user]), c.bootstrap)
+
+    def throttle() -> float:
+        metrics = producer._producer.metrics().values()
+        return max((v for group in metrics for k, v in group.items() if k == "throttle-time-max"), default=0.0)
+
+    try:
+        futures = [producer.send(topic_name(c.settings, "intake", party), value=bytes(1000)) for _ in range(kilobytes)]
+        deadline = time.monotonic() + 60
+        while not all(f.is_done for f in futures) and throttle() <= 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert throttle() > 0 or all(f.is_done and f.succeeded() for f in futures), "writes neither done nor throttled"
+        return throttle()
+    finally:
+        producer.abandon()
+
+
+def test_the_broker_throttles_an_organisation_past_its_byte_rate_and_no_one_else(cluster: Cluster) -> None:
+    """A school's credentials writing its own intake as fast as they can (a runaway export, or
+    an attacker holding them): past its quota the broker throttles that identity alone, and the
+    other school writing as much at the same time is not slowed. (The school's rate is lowered
+    for the test so that 100 KB is over it: the broker averages over an 11 s window.)"""
+    s = cluster.settings
+    school, other = acls.user_name(s, SCHOOL), acls.user_name(s, OTHER_SCHOOL)
+    _set_by_hand(cluster, [quotas.Quota(school, "producer_byte_rate", 6144.0)], [])
+    try:
+        assert _throttled_ms(cluster, school, 100) > 0
+        assert _throttled_ms(cluster, other, 100) == 0
+    finally:
+        admin = sec.super_admin_client(s, cluster.bootstrap)
+        try:
+            quotas.apply(s, admin, quotas.plan(s, cluster.registry))
+        finally:
+            admin.close()

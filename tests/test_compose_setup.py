@@ -162,6 +162,7 @@ def test_the_setup_service_prepares_the_cluster_and_each_service_identity(deploy
     data = d.first_setup
     assert data is not None
     assert data["organisations"]["added"] > 20 and data["acl"]["created"] > 100
+    assert data["quotas"]["set"] >= 3 * data["organisations"]["added"]  # every organisation's three
     enrolled = {e["name"]: e for e in data["enrolled"]}
     assert sorted(enrolled) == sorted(identities())
     admin_password = (d.volume("pki") / "admin.password").read_text()
@@ -185,6 +186,7 @@ def test_the_setup_service_prepares_the_cluster_and_each_service_identity(deploy
     second = json.loads(again.stdout)
     assert second["organisations"]["added"] == 0
     assert (second["acl"]["created"], second["acl"]["deleted"]) == (0, 0)
+    assert (second["quotas"]["set"], second["quotas"]["removed"]) == (0, 0)
     assert {e["name"]: e["password"] for e in second["enrolled"]} == dict.fromkeys(enrolled, "kept")
     for name, entry in enrolled.items():
         assert (Path(entry["folder"]) / "kafka-password").read_text() == passwords[name]

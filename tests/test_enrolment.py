@@ -223,7 +223,7 @@ def test_disabling_an_organisation_deletes_its_credentials_and_bindings(hub: Hub
     done = cli(hub.settings, hub.bootstrap, "orgs", "disable", OTHER, "--json")
     assert done.exit_code == 0, done.output
     kafka = json.loads(done.stdout)["kafka"]
-    assert kafka["credentials_deleted"] and kafka["bindings_deleted"] > 0
+    assert kafka["credentials_deleted"] and kafka["bindings_deleted"] > 0 and kafka["quotas_removed"] > 0
     with pytest.raises(BrokerAuthenticationError, match=f"authentication failed for user {user}"):
         _producer_with(hub, user, password)
     tried = machine(folder, "receive", "--as", OTHER)
@@ -233,6 +233,7 @@ def test_disabling_an_organisation_deletes_its_credentials_and_bindings(hub: Hub
     assert checked.exit_code == 0, checked.output
     plan = cli(hub.settings, hub.bootstrap, "acl", "plan", "--json")
     assert not [b for b in json.loads(plan.output)["bindings"] if b["principal"] == user]
+    assert not [q for q in json.loads(plan.output)["quotas"] if q["user"] == user]
     # and it cannot be enrolled again while disabled
     again = cli(hub.settings, hub.bootstrap, "orgs", "enrol", OTHER, "--out", str(tmp_path / "again"))
     assert isinstance(again.exception, RegistryError) and "disabled" in str(again.exception)

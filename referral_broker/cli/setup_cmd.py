@@ -4,7 +4,8 @@ the administrator (docker-compose.yml's ``setup`` service), idempotent.
 1. the county, as the demo prepares it (``demo_run.prepare_county``): the topic plan, the
    shipped county's organisations and their topics, the root of trust and every organisation's
    key store (kept when they exist), published on the keys topic;
-2. ``acl apply``: the bindings of ``acl plan`` for the registry on the cluster, nothing else;
+2. ``acl apply``: the bindings and the organisations' client quotas of ``acl plan`` for the
+   registry on the cluster, nothing else;
 3. the services' own Kafka identities, as ``orgs enrol`` makes them: the router and each
    district team's inbox get a SCRAM user and a folder ``DIR/<name>/`` (client config, the
    password file 0600, the CA, the trust anchor). A password already in a folder is set again,
@@ -36,7 +37,7 @@ def run_setup(
 ) -> dict[str, Any]:
     """Everything ``setup`` does (see the module's note); returns what it did, as data."""
     from referral_broker.cli.demo_run import prepare_county
-    from referral_broker.cluster import acls, enrolment
+    from referral_broker.cluster import acls, enrolment, quotas
     from referral_broker.cluster.security import super_admin_client
     from referral_broker.errors import ConfigError
     from referral_broker.organisations import OrgKind, load_registry
@@ -47,10 +48,11 @@ def run_setup(
     unknown = sorted(set(teams) - set(known))
     if unknown:
         raise ConfigError(f"not an active district team: {', '.join(unknown)}; district teams: {', '.join(known)}")
-    say("Applying the ACL plan")
+    say("Applying the ACL plan and the organisations' quotas")
     admin = super_admin_client(settings, bootstrap)
     try:
         applied = acls.apply(settings, admin, acls.plan(settings, registry))
+        limited = quotas.apply(settings, admin, quotas.plan(settings, registry))
     finally:
         admin.close()
     enrolled = []
@@ -68,6 +70,7 @@ def run_setup(
         },
         "key_entries_published": county.keys,
         "acl": {"created": len(applied.created), "deleted": len(applied.deleted), "kept": applied.kept},
+        "quotas": {"set": len(limited.set), "removed": len(limited.removed), "kept": limited.kept},
         "enrolled": enrolled,
     }
 
@@ -103,11 +106,12 @@ def setup(obj: CliContext, out: Path, teams: tuple[str, ...], as_json: bool) -> 
     data = run_setup(obj.settings, obj.bootstrap(), out.expanduser().resolve(), teams, say=say)
 
     def human(d: dict[str, Any]) -> None:
-        o, a = d["organisations"], d["acl"]
+        o, a, q = d["organisations"], d["acl"], d["quotas"]
         click.echo(
             f"Organisations: {o['added']} added, {o['unchanged']} unchanged, {o['kept_disabled']} kept disabled; "
             f"{d['key_entries_published']} key entries published; ACLs: {a['created']} created, "
-            f"{a['deleted']} deleted, {a['kept']} already present"
+            f"{a['deleted']} deleted, {a['kept']} already present; quotas: {q['set']} set, "
+            f"{q['removed']} removed, {q['kept']} already present"
         )
         for e in d["enrolled"]:
             click.echo(f"{e['name']}: Kafka user {e['user']} in {e['folder']} (password {e['password']})")

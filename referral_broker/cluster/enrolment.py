@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from referral_broker.cluster import acls
+from referral_broker.cluster import acls, quotas
 from referral_broker.cluster import security as sec
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerAuthenticationError, BrokerError, ConfigError, RegistryError
@@ -180,19 +180,20 @@ def _wait_for_login(settings: Settings, bootstrap: str, user: str, password: str
 
 
 def revoke(settings: Settings, bootstrap: str, party: str) -> dict[str, Any]:
-    """Delete ``party``'s SCRAM user and its bindings (a disabled organisation). A cluster
-    without SASL (``kafka start --insecure``) has neither: nothing to do."""
+    """Delete ``party``'s SCRAM user, its bindings and its quotas (a disabled organisation). A
+    cluster without SASL (``kafka start --insecure``) has none of them: nothing to do."""
     try:
         security = _admin_security(settings, bootstrap)
     except BrokerError:  # no local client file: an unsecured broker
         security = sec.ClientSecurity(source="none")
     if not security.sasl:
-        return {"user": None, "credentials_deleted": False, "bindings_deleted": 0}
+        return {"user": None, "credentials_deleted": False, "bindings_deleted": 0, "quotas_removed": 0}
     user = acls.user_name(settings, party)
     admin = sec.super_admin_client(settings, bootstrap)
     try:
         sec.delete_scram_users(admin, [user])
         gone = acls.revoke_principal(settings, admin, user)
+        limits = quotas.remove_user(settings, admin, user)
     finally:
         admin.close()
-    return {"user": user, "credentials_deleted": True, "bindings_deleted": len(gone)}
+    return {"user": user, "credentials_deleted": True, "bindings_deleted": len(gone), "quotas_removed": len(limits)}
