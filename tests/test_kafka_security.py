@@ -608,7 +608,7 @@ def test_a_port_held_by_this_projects_broker_of_another_cache_folder_names_it_an
     text = str(refused.value)
     pid = secured.status().pid
     assert pid is not None
-    assert f"is taken by this project's local Kafka broker of another cache folder ({secured.run_dir}, pid {pid})" in text
+    assert f"is taken by this project's local Kafka broker run from {secured.run_dir} (pid {pid})" in text
     command = text.split("stop it with '")[1].split("'")[0]
     *assignments, program, group, verb = shlex.split(command)
     assert (program, group, verb) == ("referral-broker", "kafka", "stop")
@@ -654,7 +654,7 @@ def test_a_taken_port_names_its_holder_when_it_can_be_told(holder: str, tmp_path
             "program": f"another program (pid {proc.pid}, {Path(sys.executable).name}); free it or choose other ports",
             "kafka": f"a Kafka broker run from {tmp_path / 'opt' / 'kafka'} (pid {proc.pid}); stop it or choose",
             "cluster node": (
-                f"({other_cache / 'local-cluster' / '29500' / 'node-2'}, pid {proc.pid}); stop it with "
+                f"run from {other_cache / 'local-cluster' / '29500' / 'node-2'} (pid {proc.pid}); stop it with "
                 f"'REFERRAL_BROKER_CACHE_DIR={shlex.quote(str(other_cache))} REFERRAL_BROKER_LOCAL_PORT=29500 "
                 "referral-broker kafka stop'"
             ),

@@ -618,8 +618,8 @@ def _kafka_pid(pid_file: Path, run_dir: Path) -> int | None:
 def port_taken(port: int, what: str, other_ports: str, *, mine: Path) -> BrokerError:
     """The error for a local port something already listens on, naming the holder when it
     can be told: most often it is one of this project's own brokers, started with another cache
-    folder (another ``HOME`` or ``REFERRAL_BROKER_CACHE_DIR``) or having lost its pid file, and
-    then the command that stops it is the useful answer. ``mine``: the folder the broker
+    folder (another ``HOME`` or ``REFERRAL_BROKER_CACHE_DIR``), as a local cluster, or having
+    lost its pid file, and then the command that stops it is the useful answer. ``mine``: the folder the broker
     being started runs from."""
     pid = _listening_pid(port)
     where = f"port {port} on 127.0.0.1{what}"
@@ -645,8 +645,8 @@ def port_taken(port: int, what: str, other_ports: str, *, mine: Path) -> BrokerE
         "referral-broker kafka stop"
     )
     return BrokerError(
-        f"{where} is taken by this project's local Kafka broker of another cache folder ({folder}, "
-        f"pid {pid}); stop it with '{command}', or {other_ports}"
+        f"{where} is taken by this project's local Kafka broker run from {folder} (pid {pid}); "
+        f"stop it with '{command}', or {other_ports}"
     )
 
 
