@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
 import resource
 import shutil
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from referral_broker.cluster.runtime import kafka_folder, listening_pid
 from referral_broker.config import Settings
 from referral_broker.errors import BrokerError, TopicPlanError
 from referral_broker.organisations import Organisation, OrgKind, Registry, districts, load_file, organisation
@@ -128,39 +128,14 @@ def county_referrals(count: int, seed: int = 13) -> list[tuple[str, dict[str, An
 
 
 # -- the broker's memory ---------------------------------------------------------------------
-def _listening_inodes(port: int) -> set[str]:
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                cols = line.split()
-                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    return inodes
-
-
 def broker_pid(bootstrap: str) -> int | None:
     """The pid of the process listening on the bootstrap address's port, when that address is
     this machine's and the process is a Kafka broker; None otherwise (a remote cluster)."""
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     if host.strip("[]") not in ("127.0.0.1", "localhost", "::1", "0.0.0.0") or not port.isdigit():
         return None
-    wanted = {f"socket:[{i}]" for i in _listening_inodes(int(port))}
-    if not wanted:
-        return None
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"kafka.Kafka" not in (proc / "cmdline").read_bytes():
-                continue
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in wanted:
-                        return int(proc.name)
-        except OSError:
-            continue
-    return None
+    pid = listening_pid(int(port))
+    return pid if pid is not None and kafka_folder(pid) is not None else None
 
 
 def _jcmd(pid: int, *args: str) -> str | None:

@@ -621,11 +621,11 @@ def port_taken(port: int, what: str, other_ports: str, *, mine: Path) -> BrokerE
     folder (another ``HOME`` or ``REFERRAL_BROKER_CACHE_DIR``), as a local cluster, or having
     lost its pid file, and then the command that stops it is the useful answer. ``mine``: the folder the broker
     being started runs from."""
-    pid = _listening_pid(port)
+    pid = listening_pid(port)
     where = f"port {port} on 127.0.0.1{what}"
     if pid is None:
         return BrokerError(f"{where} is taken by another program; free it or {other_ports}")
-    folder = _kafka_folder(pid)
+    folder = kafka_folder(pid)
     if folder is None:
         name = _process_name(pid)
         return BrokerError(f"{where} is taken by another program (pid {pid}{name}); free it or {other_ports}")
@@ -650,7 +650,7 @@ def port_taken(port: int, what: str, other_ports: str, *, mine: Path) -> BrokerE
     )
 
 
-def _listening_pid(port: int) -> int | None:
+def listening_pid(port: int) -> int | None:
     """The pid of the process listening on TCP ``port`` (any local address), from ``/proc``;
     None when it cannot be told (no ``/proc``, or another user's process whose descriptors
     this user may not read)."""
@@ -693,7 +693,7 @@ def _process_name(pid: int) -> str:
     return f", {Path(args[0]).name}" if args else ""
 
 
-def _kafka_folder(pid: int) -> Path | None:
+def kafka_folder(pid: int) -> Path | None:
     """The folder of the config a Kafka JVM (``kafka.Kafka <config>``) runs with."""
     args = _command_line(pid)
     if "kafka.Kafka" not in args[:-1]:
