@@ -606,21 +606,18 @@ def _kafka_pid(pid_file: Path, run_dir: Path) -> int | None:
             return None
     except PermissionError:  # another user's process: cannot be checked further
         return pid
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    args = _command_line(pid)
+    if args is None:  # cannot be read: cannot be checked further
         return pid
-    if b"kafka.Kafka" not in cmdline or os.fsencode(run_dir) not in cmdline:
-        return None
-    return pid
+    return pid if _config_folder(args) == run_dir else None
 
 
 def port_taken(port: int, what: str, other_ports: str, *, mine: Path) -> BrokerError:
     """The error for a local port something already listens on, naming the holder when it
     can be told: most often it is one of this project's own brokers, started with another cache
     folder (another ``HOME`` or ``REFERRAL_BROKER_CACHE_DIR``), as a local cluster, or having
-    lost its pid file, and then the command that stops it is the useful answer. ``mine``: the folder the broker
-    being started runs from."""
+    lost its pid file, and then the command that stops it is the useful answer. ``mine``: the
+    folder the broker being started runs from."""
     pid = listening_pid(port)
     where = f"port {port} on 127.0.0.1{what}"
     if pid is None:
@@ -680,11 +677,12 @@ def listening_pid(port: int) -> int | None:
     return None
 
 
-def _command_line(pid: int) -> list[str]:
+def _command_line(pid: int) -> list[str] | None:
+    """The arguments ``pid`` runs with; None when ``/proc`` does not say (gone, not ours)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return []
+        return None
     return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
 
 
@@ -693,12 +691,17 @@ def _process_name(pid: int) -> str:
     return f", {Path(args[0]).name}" if args else ""
 
 
-def kafka_folder(pid: int) -> Path | None:
-    """The folder of the config a Kafka JVM (``kafka.Kafka <config>``) runs with."""
-    args = _command_line(pid)
+def _config_folder(args: list[str]) -> Path | None:
+    """The folder of the config a Kafka JVM's arguments (``... kafka.Kafka <config>``) name."""
     if "kafka.Kafka" not in args[:-1]:
         return None
     return Path(args[args.index("kafka.Kafka") + 1]).parent
+
+
+def kafka_folder(pid: int) -> Path | None:
+    """The folder of the config the Kafka JVM ``pid`` runs with; None for any other process."""
+    args = _command_line(pid)
+    return None if args is None else _config_folder(args)
 
 
 def _project_broker(folder: Path) -> tuple[Path, str] | None:
