@@ -585,6 +585,9 @@ def test_quotas_come_from_the_data_by_kind_and_only_active_organisations_get_any
     assert not {acls.user_name(settings, name) for name in acls.SERVICES} & set(by_user)
     disabled = quotas.plan(settings, Registry([_disabled(o) if o.party == SCHOOL else o for o in orgs]))
     assert disabled == [q for q in planned if q.user != f"p.{SCHOOL}"]
+    # what the audit record and 'acl plan' show is the value itself, every digit
+    dwp_rate = next(q for q in planned if q.user == "p.dwp" and q.key == "producer_byte_rate")
+    assert dwp_rate.describe() == f"p.dwp producer_byte_rate={kinds['dwp']['producer_byte_rate']}"
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def _rows(bindings: list[dict[str, str]]) -> str:
 
 
 def _quota_rows(planned: list[dict[str, Any]]) -> str:
-    return table([[q["user"], q["key"], f"{q['value']:g}"] for q in planned], ["user", "quota", "value"])
+    return table([[q["user"], q["key"], quotas.shown(q["value"])] for q in planned], ["user", "quota", "value"])
 
 
 @click.group()
@@ -139,8 +139,8 @@ def check(obj: CliContext, as_json: bool) -> None:
         for x in q["missing"]:
             click.echo(f"missing  quota {quotas.Quota(**x).describe()}")
         for x in q["changed"]:
-            found_value = quotas.Quota(**x["found"]).value
-            click.echo(f"changed  quota {quotas.Quota(**x['planned']).describe()} (the cluster holds {found_value:g})")
+            found_value = quotas.shown(x["found"]["value"])
+            click.echo(f"changed  quota {quotas.Quota(**x['planned']).describe()} (the cluster holds {found_value})")
         for x in q["extra"]:
             click.echo(f"extra    quota {quotas.Quota(**x).describe()}")
         click.echo(f"{len(d['missing'])} missing, {len(d['extra'])} extra ({len(wanted)} planned)")

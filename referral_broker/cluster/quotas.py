@@ -48,10 +48,16 @@ class Quota:
     value: float
 
     def describe(self) -> str:
-        return f"{self.user} {self.key}={self.value:g}"
+        return f"{self.user} {self.key}={shown(self.value)}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def shown(value: float) -> str:
+    """A quota value as written in quotas.toml: every digit of a byte rate (``:g`` alone would
+    print 16777216 as 1.67772e+07, in the audit record too)."""
+    return f"{value:.15g}"
 
 
 # -- the plan, from data ---------------------------------------------------------------------------
