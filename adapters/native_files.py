@@ -110,7 +110,7 @@ def read_csv(
             header = next(reader, None)
             if header is None:
                 raise EmptyInputError(f"{name}: the file is empty: no header row and no records")
-            header = [cell.strip() for cell in header]
+            header = _canonical_header(header, columns)
             extra = _check_header(header, columns, name, allow_extra=warnings is not None, optional=optional)
             if extra and warnings is not None:
                 warnings.append(
@@ -134,6 +134,18 @@ def read_csv(
 
 
 _OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+
+def _form(column: str) -> str:
+    return " ".join(column.replace("_", " ").split()).casefold()
+
+
+def _canonical_header(header: list[str], columns: list[str]) -> list[str]:
+    """The header with each cell named as the format names its column when they differ only in
+    capitals, spacing or underscores ("REFERRAL ID", "Referral_Id "): MIS exports and hand-kept
+    spreadsheets differ in just these, and they cannot name another column."""
+    by_form = {_form(c): c for c in columns}
+    return [by_form.get(_form(cell), cell.strip()) for cell in header]
 
 
 def _check_header(

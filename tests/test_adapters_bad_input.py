@@ -338,3 +338,27 @@ def test_streams_are_read_like_files() -> None:
     assert [r["referral_id"] for r in from_bytes] == [r["referral_id"] for r in from_text]
     with pytest.raises(PartnerInputError, match="<stream>: the file is UTF-16"):
         adapters.load_file("schools", io.BytesIO(b"\xff\xfeU\x00P\x00N\x00"))
+
+
+@pytest.mark.parametrize("kind", ["schools", "dwp"])
+def test_a_header_in_other_capitals_spacing_or_underscores_names_the_same_columns(kind: str, tmp_path: Path) -> None:
+    """An MIS export or a re-typed spreadsheet header ("REFERRAL ID", "Referral_Id ") is the
+    format's own header: the records read are the example's, field for field."""
+    text = example_text(kind)
+    header, rest = text.split("\n", 1)
+    columns = next(csv.reader([header]))
+    assert len(columns) > 20
+    restyled = [
+        (c.upper() if i % 3 == 0 else c.lower().replace(" ", "_") if i % 3 == 1 else f"  {c.title()} ")
+        for i, c in enumerate(columns)
+    ]
+    assert restyled != columns
+    path = tmp_path / f"{kind}.csv"
+    path.write_text(",".join(f'"{c}"' for c in restyled) + "\n" + rest, "utf-8")
+    expected = adapters.load_file(kind, adapters.example_file(kind), now=NOW).referrals
+    assert adapters.load_file(kind, path, now=NOW).referrals == expected
+    # the same column twice under two spellings is still a repeated column, by the format's name
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text(f'{header},"{columns[0].upper()}"\n' + "\n".join(r + ",x" for r in rest.splitlines()), "utf-8")
+    with pytest.raises(PartnerInputError, match=f'repeated column\\(s\\) "{columns[0]}"'):
+        adapters.load_file(kind, doubled, now=NOW)
