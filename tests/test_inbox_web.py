@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -29,7 +29,9 @@ from test_inbox_fixtures import (
 from referral_broker.audit_log import read_event_value
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
+from referral_broker.consumers.inbox import presentation
 from referral_broker.consumers.inbox.app import create_app
+from referral_broker.consumers.inbox.deadlines import local_date
 from referral_broker.consumers.inbox.outbound import Outbound
 from referral_broker.consumers.inbox.sealed_format import SealedReferralFormat
 from referral_broker.consumers.inbox.security import SESSION_COOKIE
@@ -355,6 +357,12 @@ def test_page_shows_exactly_the_granted_fields_and_names_the_withheld(inbox: Inb
     withheld = child_section.split('data-withheld="the-child"')[1]
     shared = child_section.split('data-withheld="the-child"')[0]
     assert record["child"]["given_name"] in shared and record["child"]["address"]["postcode"] in shared
+    # the date of birth with the age on the team's day, and the address lines as words
+    born = date.fromisoformat(str(record["child"]["date_of_birth"]))
+    today = local_date(inbox.clock())
+    age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+    assert f"{born.day} {born:%B %Y} (age {age})" in shared
+    assert "Address › Line 1" in shared and "Line1" not in shared
     assert (
         "NHS number" in withheld and "not granted to this recipient by any purpose (default deny)" in withheld
     )
@@ -481,3 +489,25 @@ def test_request_information_and_allocation(inbox: Inbox) -> None:
         "Allocated to fen.lead" in page.text
         and "Asked for more information: Consent to the service" in page.text
     )
+
+
+def test_ages_and_numbered_fields_read_as_words() -> None:
+    """Whole years, 18 on the 18th birthday (a leap-day birthday on 1 March in other years); a
+    date of birth still to come (a pre-birth referral) shows no age; ``line1`` is "Line 1"."""
+    assert presentation.years_old(date(2008, 12, 7), date(2026, 12, 6)) == 17
+    assert presentation.years_old(date(2008, 12, 7), date(2026, 12, 7)) == 18
+    assert presentation.years_old(date(2008, 2, 29), date(2026, 2, 28)) == 17
+    assert presentation.years_old(date(2008, 2, 29), date(2026, 3, 1)) == 18
+    assert presentation.field_label("address.line1") == "Address › Line 1"
+    assert presentation.humanise("nhs_number") == "NHS number"
+    granted = {
+        "child": {"given_name": "A", "date_of_birth": date(2027, 1, 2)},
+        "household": [{"given_name": "B", "date_of_birth": date(2009, 6, 1)}],
+    }
+    sections = presentation.reading_sections(granted, (), today=date(2026, 12, 5))
+    shown = {row.path: row.value for s in sections for row in s.rows}
+    assert shown["child.date_of_birth"] == "2 January 2027"
+    parent = {row.path: row.value for s in sections for g in s.groups for row in g.rows}
+    assert parent["household.date_of_birth"] == "1 June 2009 (age 17)"
+    plain = presentation.reading_sections(granted, ())
+    assert {row.path: row.value for s in plain for g in s.groups for row in g.rows}["household.date_of_birth"] == "1 June 2009"

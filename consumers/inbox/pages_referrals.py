@@ -419,7 +419,7 @@ async def referral_page(request: Request) -> Response:
             signed_in=member,
         )
     withheld = [(w.path, w.reason) for w in referral.withheld]
-    sections = presentation.reading_sections(opened.granted, referral.no_onward, withheld)
+    sections = presentation.reading_sections(opened.granted, referral.no_onward, withheld, today=local_date(now))
     summary = presentation.list_summary(opened.granted, referral.concern_types)
     events = await run_in_threadpool(app.store.events, team, referral_id)
     history = await run_in_threadpool(_history, app, referral, events)

@@ -6,6 +6,7 @@ Opened values are formatted for the response being rendered and go nowhere else.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -47,11 +48,15 @@ PRIORITY_TAG_CLASSES = {
 }
 
 
+_DIGITS = re.compile(r"(?<=[a-z])(?=[0-9])")
+
+
 def humanise(code: str | None) -> str:
-    """``east_cambs`` -> ``East Cambridgeshire``; ``nhs_number`` -> ``NHS number``."""
+    """``east_cambs`` -> ``East Cambridgeshire``; ``nhs_number`` -> ``NHS number``;
+    ``line1`` -> ``Line 1``."""
     if not code:
         return ""
-    words = code.replace("-", " ").replace("_", " ").split()
+    words = _DIGITS.sub(" ", code.replace("-", " ").replace("_", " ")).split()
     out = [_WORDS.get(w.lower(), w) for w in words]
     if out and out[0] == words[0]:
         out[0] = out[0][:1].upper() + out[0][1:]
@@ -76,6 +81,16 @@ def age(since: datetime, now: datetime) -> str:
     if hours >= 1:
         return "1 hour" if hours == 1 else f"{hours} hours"
     return "less than an hour"
+
+
+def years_old(born: date, on: date) -> int:
+    """Age in whole years on ``on``: 17 the day before the 18th birthday."""
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+# Dates of birth shown with the age: Early Help ends at 18, and a young parent in the household
+# is a concern of its own.
+AGE_PATHS = frozenset({"child.date_of_birth", "household.date_of_birth"})
 
 
 def when(at: datetime | None) -> str:
@@ -225,19 +240,28 @@ def _restricted(path: str, no_onward: Sequence[str]) -> bool:
     return any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in no_onward)
 
 
-def _rows_of(name: str, value: Any, no_onward: Sequence[str]) -> tuple[list[Row], list[Group]]:
+def _shown(leaf: Any, path: str, today: date | None) -> Any:
+    shown = display_value(leaf, path)
+    if today is not None and path in AGE_PATHS and isinstance(leaf, date) and leaf <= today:
+        return f"{shown} (age {years_old(leaf, today)})"
+    return shown
+
+
+def _rows_of(
+    name: str, value: Any, no_onward: Sequence[str], today: date | None = None
+) -> tuple[list[Row], list[Group]]:
     rows: list[Row] = []
     groups: list[Group] = []
     if isinstance(value, Mapping):
         for path, leaf in flatten(value, f"{name}.").items():
             label = field_label(path.removeprefix(f"{name}."))
-            rows.append(Row(label, display_value(leaf, path), path, _restricted(path, no_onward)))
+            rows.append(Row(label, _shown(leaf, path, today), path, _restricted(path, no_onward)))
     elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
         for i, item in enumerate(value, 1):
             item_rows = []
             for path, leaf in flatten(item, f"{name}.").items():
                 label = field_label(path.removeprefix(f"{name}."))
-                item_rows.append(Row(label, display_value(leaf, path), path, _restricted(path, no_onward)))
+                item_rows.append(Row(label, _shown(leaf, path, today), path, _restricted(path, no_onward)))
             title = _group_title(name, item, i)
             groups.append(Group(title, tuple(item_rows)))
     else:
@@ -256,10 +280,15 @@ def _group_title(name: str, item: Mapping[str, Any], index: int) -> str:
 
 
 def reading_sections(
-    granted: Mapping[str, Any], no_onward: Sequence[str], withheld: Sequence[tuple[str, str]] = ()
+    granted: Mapping[str, Any],
+    no_onward: Sequence[str],
+    withheld: Sequence[tuple[str, str]] = (),
+    *,
+    today: date | None = None,
 ) -> list[ReadingSection]:
     """The granted fields in :data:`READING_ORDER`, each field marked when it must not be passed
-    on; each withheld field listed (name and reason, never a value) in the section it belongs to."""
+    on; each withheld field listed (name and reason, never a value) in the section it belongs to;
+    with ``today``, a date of birth also shows the age on that day."""
     placed: set[str] = set(_ELSEWHERE)
     out: list[ReadingSection] = []
     order = list(READING_ORDER)
@@ -273,7 +302,7 @@ def reading_sections(
             placed.add(name)
             if name not in granted:
                 continue
-            r, g = _rows_of(name, granted[name], no_onward)
+            r, g = _rows_of(name, granted[name], no_onward, today)
             rows += r
             groups += g
         held = tuple(
