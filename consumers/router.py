@@ -100,6 +100,7 @@ from .dead_letters import dead_letter
 from .delivery_ledger import DeliveryLedger
 from .receiving import Received, open_verified
 from .router_metrics import BatchClock, BatchPhases, RouterMetrics
+from .router_stall import STALL_AFTER_S, StallWatch
 
 log = get_logger(__name__)
 GROUP = "referral-router"
@@ -376,6 +377,7 @@ class RouterStats:
     batches: int = 0
     aborted: int = 0
     rebuilds: int = 0
+    stalls: int = 0  # looks that found assigned partitions with records this router could not read
     first_record_at: float | None = None  # monotonic; the busy window excludes group joining
     last_commit_at: float | None = None
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -435,6 +437,7 @@ class Router:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         instance: str | None = None,
         transaction_timeout_ms: int = TRANSACTION_TIMEOUT_MS,
+        stall_after_s: float = STALL_AFTER_S,
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
@@ -445,6 +448,7 @@ class Router:
         self._instance_option = instance
         self.instance = instance  # the name in use while run() runs (a free slot when not given)
         self.transaction_timeout_ms = transaction_timeout_ms
+        self.stall = StallWatch(stall_after_s)
         self.metrics = RouterMetrics()
         self.stats = RouterStats(phases=BatchPhases(self.metrics.phase_seconds))
         self.canonical = referral_schema()
@@ -807,6 +811,7 @@ class Router:
                             self._read_ahead()
                         consumer = self._consumer()
                         idle = IdleTimer(consumer, stop_when_idle or 0.0)
+                        self.stall.restarted()
                     if producer is None:
                         producer = self._producer()  # fences (and settles) the one it replaces
                     assert idle is not None
@@ -816,8 +821,12 @@ class Router:
                     if not batch:
                         if stop_when_idle is not None and self._idle(consumer, idle):
                             return self.stats
+                        if self._stalled(consumer):
+                            _drop(producer, consumer)
+                            producer = consumer = None
                         continue
                     idle.activity()
+                    self.stall.progress()
                     if self.stats.first_record_at is None:
                         self.stats.first_record_at = time.monotonic()
                     clock.lap("poll")
@@ -877,6 +886,22 @@ class Router:
         except (BrokerError, KafkaError, OSError) as exc:
             log.warning("could not catch up before joining the group", error=type(exc).__name__)
 
+    def _stalled(self, consumer: Any) -> bool:
+        """Warn while assigned partitions hold records this router cannot read (see
+        :mod:`consumers.router_stall`); True when its clients should be rebuilt."""
+        stall = self.stall.check(consumer)
+        if stall is None:
+            return False
+        self.stats.stalls += 1
+        self.metrics.stalls.inc()
+        rebuild = self.stall.rebuild_due(stall, self.transaction_timeout_ms / 1000)
+        if rebuild:
+            self.stats.rebuilds += 1
+            self.metrics.rebuilds.inc()
+        event = "routing stalled; rebuilding the Kafka clients" if rebuild else "routing stalled"
+        log.warning(event, **stall.as_log())
+        return rebuild
+
     def _lost_clients(self, event: str, exc: BaseException, failures: int) -> None:
         self.stats.rebuilds += 1
         self.metrics.rebuilds.inc()
@@ -921,7 +946,9 @@ class Router:
             return False
         try:
             ends = consumer.end_offsets(owned, timeout_ms=5_000)
-            behind = [tp for tp in owned if (consumer.position(tp, timeout_ms=5_000) or 0) < ends[tp]]
+            # no wait for a position: poll has just looked for each, and a partition whose committed
+            # offset cannot be read yet (an open transaction holds it) would block here in turn
+            behind = [tp for tp in owned if (consumer.position(tp, timeout_ms=0) or 0) < ends[tp]]
         except KafkaError:
             behind = owned
         if behind:

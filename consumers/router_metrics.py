@@ -45,6 +45,12 @@ class RouterMetrics:
             "Kafka clients rebuilt after a failed transaction or an unreachable cluster.",
             registry=self.registry,
         )
+        self.stalls = Counter(
+            "referral_router_stalls",
+            "Looks (one every stall period) that found records waiting on this router's partitions "
+            "that it could not read: offsets held by an open transaction, or fetches that stopped.",
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "referral_router_batch_seconds", "Time to route and commit one batch.", registry=self.registry
         )

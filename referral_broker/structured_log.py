@@ -48,6 +48,12 @@ ALLOWED_CONTEXT = frozenset(
         "until",
         "mode",
         "workers",  # how many processes checked and sealed a file
+        # a router's stall (consumers/router_stall.py): counts of partitions and records, and how long
+        "seconds",
+        "partitions",
+        "unpositioned",
+        "behind",
+        "records",
     }
 )
 

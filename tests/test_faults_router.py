@@ -24,8 +24,9 @@ from county import FORMAT, HEALTH_VISITING
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.errors import KafkaError
 from kafka.protocol.consumer import IsolationLevel, OffsetSpec
+from kafka.structs import OffsetAndMetadata
 
-from referral_broker.cluster.clients import build_consumer, drain
+from referral_broker.cluster.clients import build_consumer, build_producer, drain
 from referral_broker.cluster.runtime import LocalBroker
 from referral_broker.cluster.security import client_security
 from referral_broker.cluster.topics import ensure_topics, plan, topic_name
@@ -522,6 +523,64 @@ def test_paused_router_resumed_after_takeover_three_times(
             if r is not None:
                 r.stop()
         watch.close()
+
+
+@pytest.mark.timeout(240)
+def test_router_held_by_an_open_transaction_on_its_offsets_says_why_and_resumes(
+    broker: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A transaction left open on the router group's offsets (a router stopped inside a batch,
+    or one left hanging by a broker restart) stops a read-committed consumer, and Kafka's client
+    retries without a word. The router notices within its stall period, says why, rebuilds its
+    clients once that has outlasted its transaction timeout, and routes everything exactly once
+    as soon as the transaction ends."""
+    settings = broker
+    sent = send(settings, kafka_bootstrap, count=300)
+    watch = Watch(settings, kafka_bootstrap)
+    intake = role_partitions(settings, "intake", PARTNER)
+    holder = build_producer(
+        settings,
+        kafka_bootstrap,
+        transactional_id=f"{settings.kafka_topic_prefix}referral-router-gone",
+        transaction_timeout_ms=180_000,
+    )
+    holder_client = holder._producer
+    holder_client.begin_transaction()
+    holder_client.send_offsets_to_transaction({tp: OffsetAndMetadata(0, "", -1) for tp in intake}, watch.group)
+    router = RouterProc(
+        settings, kafka_bootstrap, tmp_path, "held", "--stop-when-idle", IDLE,
+        "--transaction-timeout", "5", "--stall-after", "3",
+    )  # fmt: skip
+
+    def stalls() -> list[dict[str, Any]]:
+        return [json.loads(ln) for ln in router.log_lines() if '"routing stalled' in ln]
+
+    try:
+        watch.wait_for("the router's stall warning", lambda: bool(stalls()), 60, 0.5)
+        first = stalls()[0]
+        assert first["level"] == "warning" and first["event"] == "routing stalled", first
+        assert "cannot be read" in first["reason"] and "transaction" in first["reason"], first
+        waiting = [tp for tp, end in watch._ends(intake, IsolationLevel.READ_COMMITTED).items() if end > 0]
+        assert first["unpositioned"] == len(waiting) >= 1 and first["seconds"] >= 3, first
+        watch.wait_for(
+            "the router rebuilding its clients after its transaction timeout",
+            lambda: any(s["event"] == "routing stalled; rebuilding the Kafka clients" for s in stalls()),
+            60,
+            0.5,
+        )
+        assert watch.committed_inputs() == 0 and router.alive(), router.tail()
+        holder_client.abort_transaction()
+        stats = assert_clean_exit(router)
+        assert stats["stalls"] >= 2 and stats["rebuilds"] >= 1, stats
+        assert stats["routed"] == len(sent), stats
+        assert_exactly_once(settings, kafka_bootstrap, sent)
+    except BaseException:
+        print(f"--- router {router.name}\n{router.tail(40)}")
+        raise
+    finally:
+        router.stop()
+        watch.close()
+        holder.abandon()
 
 
 OUTAGE_PORT = int(os.environ.get("REFERRAL_BROKER_FAULTS_PORT", "19292"))

@@ -42,6 +42,16 @@ from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
     metavar="SECONDS",
     help="The coordinator aborts a transaction left open this long by a router that vanished.",
 )
+@click.option(
+    "--stall-after",
+    type=click.FloatRange(min=1.0, max=3600.0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Warn when the router has read nothing this long while its partitions hold records "
+    "(offsets held by an open transaction, or fetches that stopped); once that has lasted longer "
+    "than the transaction timeout too, rebuild its Kafka clients.",
+)
 @json_option
 @pass_cli
 def route(
@@ -51,6 +61,7 @@ def route(
     policy_path: str | None,
     instance: str | None,
     transaction_timeout: float,
+    stall_after: float,
     as_json: bool,
 ) -> None:
     """Route every intake and status message: verify, open, validate, decide, minimise, seal,
@@ -75,6 +86,7 @@ def route(
         policy=policy,
         instance=instance,
         transaction_timeout_ms=int(transaction_timeout * 1000),
+        stall_after_s=stall_after,
     )
 
     def stopping(signum: int, frame: object) -> None:
