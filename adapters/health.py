@@ -297,8 +297,28 @@ def _fhir_problems(resource: Any, type_name: str) -> list[MappingProblem]:
 
 
 def _reference(node: Any) -> str | None:
-    reference = node.get("reference") if isinstance(node, dict) else None
-    return reference if isinstance(reference, str) else None  # a list, say, names nothing
+    """What a Reference names: its ``reference``, or else its ``identifier`` (a logical reference:
+    NHS messages often name the patient only by NHS number), as a key of :class:`_Store`."""
+    if not isinstance(node, dict):
+        return None
+    reference = node.get("reference")
+    if reference is not None:
+        return reference if isinstance(reference, str) else None  # a list, say, names nothing
+    return _logical(node.get("identifier"))
+
+
+_LOGICAL = "identifier|"
+
+
+def _logical(identifier: Any) -> str | None:
+    """The store key of an Identifier: its system and its value without spaces (an NHS number is
+    often written 943 476 5919)."""
+    if not isinstance(identifier, dict):
+        return None
+    system, value = identifier.get("system"), identifier.get("value")
+    if not (isinstance(system, str) and isinstance(value, str) and value.strip()):
+        return None
+    return f"{_LOGICAL}{system}|{''.join(value.split())}"
 
 
 def _display(node: Any) -> str | None:
@@ -324,6 +344,11 @@ class _Store:
             self.kept[entry.full_url] = value
         if rid:
             self.kept[f"{kind}/{rid}"] = value
+        identifiers = resource.get("identifier") if isinstance(resource, dict) else None
+        for identifier in identifiers if isinstance(identifiers, list) else ():
+            key = _logical(identifier)
+            if key is not None:
+                self.kept.setdefault(key, value)  # the first resource to carry it, as in file order
 
     def has(self, reference: str | None) -> bool:
         return reference is not None and (reference in self.kept or self._tail(reference) in self.kept)
@@ -338,6 +363,8 @@ class _Store:
 
     @staticmethod
     def _tail(reference: str) -> str:
+        if reference.startswith(_LOGICAL):
+            return reference  # an identifier's system is a URL too, but names no resource
         return "/".join(reference.rstrip("/").split("/")[-2:])  # an absolute URL ending Type/id
 
 

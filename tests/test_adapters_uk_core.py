@@ -376,6 +376,26 @@ def test_a_referral_whose_patient_is_missing_is_refused_by_record(tmp_path: Path
 
 
 @pytest.mark.parametrize("syntax", ["json", "xml"])
+def test_a_patient_named_only_by_nhs_number_is_the_bundles_patient(syntax: str, tmp_path: Path) -> None:
+    """A logical reference (``subject.identifier``, the NHS number as NHS messages often give
+    it, here spaced) finds the Patient of the Bundle that carries it; one that no resource
+    carries is refused as an unknown patient, with the record and the field."""
+    bundle = message_bundle()
+    literal = adapters.load_file("health", write(tmp_path, bundle, "json"), now=NOW).referrals
+    request = bundle["entry"][1]["resource"]
+    assert request["resourceType"] == "ServiceRequest"
+    spaced = f"{NHS_NUMBER[:3]} {NHS_NUMBER[3:6]} {NHS_NUMBER[6:]}"
+    request["subject"] = {"identifier": {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": spaced}}
+    assert adapters.load_file("health", write(tmp_path, bundle, syntax), now=NOW).referrals == literal
+    request["subject"]["identifier"]["value"] = "9434765919"  # valid, but no Patient here has it
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("health", write(tmp_path, bundle, syntax), now=NOW)
+    assert 'record 2: "ServiceRequest.subject" (child): does not refer to a Patient in the file' in [
+        str(p) for p in raised.value.problems
+    ]
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
 def test_a_bundle_without_referrals_is_empty(syntax: str, tmp_path: Path) -> None:
     bundle = message_bundle()
     bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "ServiceRequest"]
