@@ -14,6 +14,8 @@ messages are FHIR Tasks. Elements and their canonical paths: ``FORMATS.md``.
 from __future__ import annotations
 
 import collections
+import contextlib
+import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -485,6 +487,14 @@ class HealthAdapter(JsonAdapter):
             if document[part] and "resourceType" in document[part]:
                 problems.extend(_fhir_problems(document[part], part))
         if patient is not None:
+            if not _read_current_details(patient, _authored_on(resource)):
+                problems.append(
+                    MappingProblem(
+                        f"{PT}address",
+                        "child.address",
+                        "no address in use the day the referral was made (each is use old or outside its period)",
+                    )
+                )
             _read_nhs_communication(patient)
             own = {f"#{r.get('id')}": r for r in patient.get("contained") or [] if isinstance(r, dict)}
             _read_general_practice(
@@ -612,6 +622,52 @@ def _read_general_practice(patient: dict[str, Any], resolve: Any) -> None:
             practice["display"] = name
         patient["generalPractitioner"] = [practice, *entries[:position], *entries[position + 1 :]]
         return
+
+
+# Which of a Patient's addresses and telecoms the referral reads first, by ``use``: the home.
+_ADDRESS_USES = {"home": 0, "temp": 1, None: 2, "work": 3, "billing": 4}
+_TELECOM_USES = {"home": 0, "mobile": 1, None: 2, "temp": 3, "work": 4}
+
+
+def _authored_on(request: dict[str, Any]) -> dt.date:
+    """The day the referral was made (``authoredOn``), else today: the day whose details count."""
+    authored = request.get("authoredOn")
+    with contextlib.suppress(TypeError, ValueError):
+        return dt.date.fromisoformat(str(authored)[:10])
+    return dt.datetime.now(dt.UTC).date()
+
+
+def _in_use(item: dict[str, Any], on: dt.date) -> bool:
+    """Not ``use`` old, and ``on`` within its ``period`` (a partial date counts as its first day
+    for a start and its last for an end: an address ended "2024-05" was in use in May)."""
+    if item.get("use") == "old":
+        return False
+    period = item.get("period") if isinstance(item.get("period"), dict) else {}
+    day = on.isoformat()
+    start, end = (str(period.get(k) or "")[:10] for k in ("start", "end"))
+    return (not start or day[: len(start)] >= start) and (not end or day[: len(end)] <= end)
+
+
+def _current(items: Any, on: dt.date, uses: Mapping[str | None, int]) -> Any:
+    if not isinstance(items, list):
+        return items
+    kept = [i for i in items if isinstance(i, dict) and _in_use(i, on)]
+    return sorted(kept, key=lambda i: uses.get(i.get("use"), len(uses)))
+
+
+def _read_current_details(patient: dict[str, Any], on: dt.date) -> bool:
+    """PDS and GP systems keep a child's past addresses and numbers beside the current ones
+    (``use`` old, or a ``period`` that has ended), in any order: the referral reads only those
+    in use the day it was made, the home first. The same for each contact's telecoms. False
+    when the Patient has addresses but none of them in use."""
+    had_address = bool(patient.get("address"))
+    for key, uses in (("address", _ADDRESS_USES), ("telecom", _TELECOM_USES)):
+        if key in patient:
+            patient[key] = _current(patient[key], on, uses)
+    for contact in patient.get("contact") or []:
+        if isinstance(contact, dict) and "telecom" in contact:
+            contact["telecom"] = _current(contact["telecom"], on, _TELECOM_USES)
+    return not had_address or bool(patient.get("address"))
 
 
 def _read_nhs_communication(patient: dict[str, Any]) -> None:

@@ -376,6 +376,44 @@ def test_a_referral_whose_patient_is_missing_is_refused_by_record(tmp_path: Path
 
 
 @pytest.mark.parametrize("syntax", ["json", "xml"])
+def test_past_and_future_addresses_and_numbers_are_not_the_childs(syntax: str, tmp_path: Path) -> None:
+    """PDS keeps old addresses and numbers beside the current ones, in any order: the referral
+    (authored 20 September 2025) reads those in use that day, the home first; with none in use,
+    none at all (a district team must not be sent a family's old address as its home: that is refused)."""
+    bundle = message_bundle()
+    child = bundle["entry"][2]["resource"]
+    assert child["resourceType"] == "Patient"
+    home = child["address"][0]
+    child["address"] = [
+        {"use": "old", "line": ["9 Former Street"], "city": "Ely", "postalCode": "CB7 4AA"},
+        {"line": ["2 Ended Lane"], "city": "Ely", "postalCode": "CB7 4AB", "period": {"end": "2025-08"}},
+        {"use": "home", "line": ["3 Next Road"], "city": "Ely", "postalCode": "CB7 4AC", "period": {"start": "2025-10-01"}},
+        {"use": "work", "line": ["4 Office Park"], "city": "Ely", "postalCode": "CB7 4AD"},
+        {**home, "period": {"start": "2019", "end": "2025-09"}},
+    ]
+    child["telecom"] = [
+        {"system": "phone", "value": "01632 960001", "use": "old"},
+        {"system": "phone", "value": "01632 960002", "use": "work"},
+        {"system": "phone", "value": "07700 900999", "use": "mobile"},
+    ]
+    guardian = child["contact"][0]
+    guardian["telecom"].insert(0, {"system": "phone", "value": "01632 960003", "period": {"end": "2024-01-31"}})
+    [referral] = adapters.load_file("health", write(tmp_path, bundle, syntax), now=NOW).referrals
+    address = referral["child"]["address"]
+    assert (address["line1"], address["postcode"]) == ("1 Example Road", "PE15 8AA")
+    assert referral["child"]["contact"]["phone"] == "07700 900999"
+    assert referral["household"][0]["contact"]["phone"] == "07700 900456"
+    child["address"] = child["address"][:3]  # none in use that day: refused, saying so
+    with pytest.raises(ValidationError) as raised:
+        adapters.load_file("health", write(tmp_path, bundle, syntax), now=NOW)
+    assert (
+        'record 2: "Patient.address" (child.address): no address in use the day the referral was made '
+        "(each is use old or outside its period)"
+    ) in [str(p) for p in raised.value.problems]
+    assert "Former Street" not in str(raised.value) and "CB7" not in str(raised.value)
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
 def test_a_patient_named_only_by_nhs_number_is_the_bundles_patient(syntax: str, tmp_path: Path) -> None:
     """A logical reference (``subject.identifier``, the NHS number as NHS messages often give
     it, here spaced) finds the Patient of the Bundle that carries it; one that no resource
