@@ -642,7 +642,9 @@ def _in_use(item: dict[str, Any], on: dt.date) -> bool:
     for a start and its last for an end: an address ended "2024-05" was in use in May)."""
     if item.get("use") == "old":
         return False
-    period = item.get("period") if isinstance(item.get("period"), dict) else {}
+    period = item.get("period")
+    if not isinstance(period, dict):
+        period = {}
     day = on.isoformat()
     start, end = (str(period.get(k) or "")[:10] for k in ("start", "end"))
     return (not start or day[: len(start)] >= start) and (not end or day[: len(end)] <= end)
