@@ -38,7 +38,8 @@ class Stall:
             return (
                 f"the committed offsets of {self.unpositioned} of {self.assigned} partition(s) cannot be read: "
                 "a transaction that wrote them is still open (a router stopped inside a batch holds them "
-                "until its transaction timeout; one open longer is left hanging on the broker)"
+                "until its transaction timeout; 'referral-broker kafka transactions' shows it, and ends "
+                "one left hanging)"
             )
         return f"{self.behind} partition(s) hold {self.records} record(s) this router has not been able to fetch"
 

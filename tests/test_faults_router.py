@@ -30,6 +30,7 @@ from referral_broker.cluster.clients import build_consumer, build_producer, drai
 from referral_broker.cluster.runtime import LocalBroker
 from referral_broker.cluster.security import client_security
 from referral_broker.cluster.topics import ensure_topics, plan, topic_name
+from referral_broker.cluster.transactions import offsets_partition
 from referral_broker.config import Settings, load_settings
 from referral_broker.consumers.router import Router
 from referral_broker.organisations import Registry, load_file
@@ -525,6 +526,22 @@ def test_paused_router_resumed_after_takeover_three_times(
         watch.close()
 
 
+def transactions_cli(settings: Settings, bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``referral-broker kafka transactions --json`` as an operator runs it, on this deployment."""
+    return subprocess.run(
+        [ROUTE, "kafka", "transactions", "--json", *args],
+        env=router_env(settings, bootstrap),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def offsets_partitions(watch: Watch) -> int:
+    [meta] = watch.admin.describe_topics(["__consumer_offsets"])
+    return len(meta["partitions"])
+
+
 @pytest.mark.timeout(240)
 def test_router_held_by_an_open_transaction_on_its_offsets_says_why_and_resumes(
     broker: Settings, kafka_bootstrap: str, tmp_path: Path
@@ -533,15 +550,16 @@ def test_router_held_by_an_open_transaction_on_its_offsets_says_why_and_resumes(
     or one left hanging by a broker restart) stops a read-committed consumer, and Kafka's client
     retries without a word. The router notices within its stall period, says why, rebuilds its
     clients once that has outlasted its transaction timeout, and routes everything exactly once
-    as soon as the transaction ends."""
+    as soon as an operator ends the transaction with ``kafka transactions --abort-hanging``."""
     settings = broker
     sent = send(settings, kafka_bootstrap, count=300)
     watch = Watch(settings, kafka_bootstrap)
     intake = role_partitions(settings, "intake", PARTNER)
+    holder_id = f"{settings.kafka_topic_prefix}referral-router-gone"
     holder = build_producer(
         settings,
         kafka_bootstrap,
-        transactional_id=f"{settings.kafka_topic_prefix}referral-router-gone",
+        transactional_id=holder_id,
         transaction_timeout_ms=180_000,
     )
     holder_client = holder._producer
@@ -569,7 +587,18 @@ def test_router_held_by_an_open_transaction_on_its_offsets_says_why_and_resumes(
             0.5,
         )
         assert watch.committed_inputs() == 0 and router.alive(), router.tail()
-        holder_client.abort_transaction()
+        # what an operator sees: the holder's transaction on the partition of the group's offsets,
+        # open but within its timeout (not hanging: exit 0); then ended by an abort marker
+        listed = transactions_cli(settings, kafka_bootstrap)
+        assert listed.returncode == 0, listed.stderr
+        held = [t for t in json.loads(listed.stdout)["open"] if t["transactional_id"] == holder_id]
+        assert [(t["topic"], t["hanging"]) for t in held] == [("__consumer_offsets", False)], listed.stdout
+        assert held[0]["partition"] == offsets_partition(watch.group, offsets_partitions(watch))
+        ended = transactions_cli(settings, kafka_bootstrap, "--older-than", "1", "--abort-hanging")
+        assert ended.returncode == 0, ended.stderr
+        report = json.loads(ended.stdout)
+        assert [t["transactional_id"] for t in report["aborted"]] == [holder_id], ended.stdout
+        assert report["audit"]["audited"] is True, report
         stats = assert_clean_exit(router)
         assert stats["stalls"] >= 2 and stats["rebuilds"] >= 1, stats
         assert stats["routed"] == len(sent), stats

@@ -1,12 +1,14 @@
-"""``referral-broker kafka start|stop|status``: the local broker, or the configured cluster."""
+"""``referral-broker kafka start|stop|status``: the local broker, or the configured cluster;
+``kafka transactions``: the open ones, and those that hang."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from referral_broker.cli.context import CliContext, emit, json_option, pass_cli
+from referral_broker.cli.context import CliContext, emit, json_option, pass_cli, table
 from referral_broker.cluster.runtime import (
     BrokerStatus,
     ClusterStatus,
@@ -168,3 +170,75 @@ def compose_files(
         out, host=host, port=port, controller_port=controller_port, data_dir=data_dir, owner=owner, nodes=nodes
     )
     emit([str(f) for f in files], as_json, lambda names: click.echo("\n".join(names)))
+
+
+@kafka.command()
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    metavar="SECONDS",
+    help="Also count as hanging any transaction open longer than this (default: only those no "
+    "coordinator will end: past their timeout, or unknown to it for 20 minutes).",
+)
+@click.option("--abort-hanging", is_flag=True, help="Write an abort marker for each hanging one (audited).")
+@json_option
+@pass_cli
+def transactions(obj: CliContext, older_than: float | None, abort_hanging: bool, as_json: bool) -> None:
+    """Open transactions on this deployment's partitions and the group offsets, and which hang.
+
+    A transaction left open holds back everything after it from read_committed readers, and a
+    router whose group offsets it holds routes nothing ("routing stalled" in its log). Exit 1
+    while any hanging transaction is left (after --abort-hanging: any it could not abort).
+    """
+    from referral_broker.cluster import transactions as txns
+
+    bootstrap = obj.bootstrap()
+    found = txns.open_transactions(obj.settings, bootstrap, older_than_s=older_than)
+    aborted = []
+    if abort_hanging:
+        for t in (t for t in found if t.hanging):
+            txns.abort(obj.settings, bootstrap, t)
+            aborted.append(t)
+    data: dict[str, Any] = {
+        "open": [t.as_dict() for t in found],
+        "hanging": sum(t.hanging for t in found),
+        "aborted": [t.as_dict() for t in aborted],
+    }
+    if aborted:
+        data["audit"] = obj.audit_change(
+            {
+                "type": "transactions.aborted",
+                "aborted": [
+                    f"{t.topic}-{t.partition} producer {t.producer_id} epoch {t.producer_epoch} "
+                    f"({t.transactional_id or 'unknown id'}): {t.why}"
+                    for t in aborted
+                ],
+            },
+            key="transactions",
+        )
+
+    def human(d: dict[str, Any]) -> None:
+        if not found:
+            click.echo("No open transactions.")
+            return
+        rows = [
+            (
+                f"{t.topic}-{t.partition}",
+                t.transactional_id or "(unknown)",
+                t.producer_id,
+                f"{t.open_s:.0f}s",
+                "HANGING" if t.hanging else "open",
+                t.why,
+            )
+            for t in found
+        ]
+        click.echo(table(rows, ["partition", "transactional id", "producer", "open", "", "why"]))
+        if aborted:
+            click.echo(f"Aborted {len(aborted)} hanging transaction(s).")
+        elif d["hanging"]:
+            click.echo(f"{d['hanging']} hanging: 'referral-broker kafka transactions --abort-hanging' ends them.")
+
+    emit(data, as_json, human)
+    if data["hanging"] > len(aborted):
+        raise click.exceptions.Exit(1)
