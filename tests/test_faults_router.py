@@ -573,7 +573,8 @@ def test_router_held_by_an_open_transaction_on_its_offsets_says_why_and_resumes(
     def stalls() -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in router.log_lines() if '"routing stalled' in ln]
 
-    try:
+    with tended([router], watch), contextlib.ExitStack() as cleanup:
+        cleanup.callback(holder.abandon)  # its transaction is ended below, or left to its timeout
         watch.wait_for("the router's stall warning", lambda: bool(stalls()), 60, 0.5)
         first = stalls()[0]
         assert first["level"] == "warning" and first["event"] == "routing stalled", first
@@ -603,13 +604,6 @@ def test_router_held_by_an_open_transaction_on_its_offsets_says_why_and_resumes(
         assert stats["stalls"] >= 2 and stats["rebuilds"] >= 1, stats
         assert stats["routed"] == len(sent), stats
         assert_exactly_once(settings, kafka_bootstrap, sent)
-    except BaseException:
-        print(f"--- router {router.name}\n{router.tail(40)}")
-        raise
-    finally:
-        router.stop()
-        watch.close()
-        holder.abandon()
 
 
 OUTAGE_PORT = int(os.environ.get("REFERRAL_BROKER_FAULTS_PORT", "19292"))
