@@ -3,9 +3,10 @@
 A read-committed consumer cannot start on a partition whose committed offset is held by a
 transaction still open (the broker answers UNSTABLE_OFFSET_COMMIT, which kafka-python retries
 without a word), and a consumer whose fetches stopped for any other reason looks the same from
-outside: ``poll`` returns nothing, nothing is logged, the referrals wait. Both happen after a
-router dies inside a batch (its transaction holds the group's offsets until its timeout) and,
-rarely, after a broker restart. :class:`StallWatch` tells that apart from idleness (the
+outside: ``poll`` returns nothing, nothing is logged, the referrals wait. The first happens
+whenever a router dies inside a batch (its transaction holds the group's offsets until its
+timeout); a CI run once saw a router sit like this for 120 s after a broker restart, cause not
+found. :class:`StallWatch` tells that apart from idleness (the
 partitions' ends, as the cluster says now) and says which of the two it is, so the router can
 warn, count it, and rebuild its clients once the wait is longer than any transaction may be open.
 """
@@ -99,7 +100,10 @@ class StallWatch:
         for tp in owned:
             # no wait: poll has just tried to find every position, and one that blocks here would
             # wait on each partition in turn
-            position = consumer.position(tp, timeout_ms=0)
+            try:
+                position = consumer.position(tp, timeout_ms=0)
+            except KafkaError:  # no longer assigned (a rebalance under way): not this router's now
+                continue
             if position is None:
                 unpositioned += ends[tp] > 0  # an empty partition has nothing waiting on it
             elif position < ends[tp]:
