@@ -32,6 +32,7 @@ from referral_broker.cluster.security import client_security
 from referral_broker.cluster.topics import ensure_topics, plan, topic_name
 from referral_broker.cluster.transactions import offsets_partition
 from referral_broker.config import Settings, load_settings
+from referral_broker.consumers.inbox.demo_serve import RouterLoop
 from referral_broker.consumers.router import Router
 from referral_broker.organisations import Registry, load_file
 from referral_broker.organisations import publish as publish_orgs
@@ -635,6 +636,33 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[Settings, LocalBroker]]:
     finally:
         local.stop()
         shutil.rmtree(local.run_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+def test_the_demos_router_stops_when_asked_after_its_broker_has_gone(
+    own_broker: tuple[Settings, LocalBroker],
+) -> None:
+    """Ctrl-C on ``referral-broker demo`` stops the router beside the inbox even when the broker
+    went first: its round never counts as idle with the cluster away, and the loop used to wait
+    for that round alone (the process then never exited)."""
+    settings, local = own_broker
+    loop = RouterLoop(settings, local.bootstrap, idle_s=2.0)
+    loop.start()
+    thread = loop._thread
+    assert thread is not None
+    deadline = time.monotonic() + 60
+    while loop._router is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert loop._router is not None, "the demo's router never started a round"
+    time.sleep(5)  # the round joins its group and polls
+    local.stop()
+    time.sleep(3)  # the round now polls a cluster that is not there: never idle
+    asked = time.monotonic()
+    loop.stop(timeout_s=90)
+    took = time.monotonic() - asked
+    assert not thread.is_alive(), "the demo's router thread is still running after stop()"
+    assert took < 45, f"stop() took {took:.0f}s"
+    print(f"the demo's router stopped {took:.1f}s after it was asked, its broker gone")
 
 
 @pytest.mark.timeout(360)

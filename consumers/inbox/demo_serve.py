@@ -14,6 +14,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from referral_broker.config import Settings
 from referral_broker.consumers.inbox.auth import add_user, district_teams, rehash_password
@@ -22,6 +23,9 @@ from referral_broker.consumers.inbox.server import build_inbox, serve_forever
 from referral_broker.consumers.inbox.store import InboxStore
 from referral_broker.errors import ReferralBrokerError
 from referral_broker.structured_log import get_logger
+
+if TYPE_CHECKING:
+    from referral_broker.consumers.router import Router
 
 log = get_logger(__name__)
 
@@ -70,13 +74,17 @@ class RouterLoop:
         self.statuses = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._router: Router | None = None  # the round's router, stopped with the loop
 
     def _run(self) -> None:
         from referral_broker.consumers.router import Router
 
         while not self._stop.is_set():
+            self._router = router = Router(self.settings, self.bootstrap)
+            if self._stop.is_set():
+                break  # stopped while that router was being made: stop() could not reach it
             try:
-                self.statuses += Router(self.settings, self.bootstrap).run(stop_when_idle=self.idle_s).statuses
+                self.statuses += router.run(stop_when_idle=self.idle_s).statuses
             except ReferralBrokerError as exc:  # the broker away for a moment: try again
                 log.warning("demo router round failed", error=type(exc).__name__)
                 self._stop.wait(2.0)
@@ -86,7 +94,11 @@ class RouterLoop:
         self._thread.start()
 
     def stop(self, timeout_s: float = 120.0) -> None:
+        """End the round in hand too: a router whose cluster has gone never counts as idle, so
+        waiting for its round alone kept Ctrl-C from ending the demo once the broker was down."""
         self._stop.set()
+        if self._router is not None:
+            self._router.stop()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
