@@ -8,6 +8,7 @@ the other kind, a consumer that fetches nothing while records wait."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from referral_broker.cluster.clients import build_consumer, build_producer, poll_records
 from referral_broker.cluster.topics import topic_name
@@ -15,6 +16,18 @@ from referral_broker.config import Settings
 from referral_broker.consumers.router_stall import StallWatch
 
 PARTY = "district-fenland"
+
+
+def read_all(consumer: Any, watch: StallWatch, expected: int) -> int:
+    """Poll until ``expected`` records are read (30 s at most), telling ``watch`` of each batch
+    read; how many were read."""
+    read, deadline = 0, time.monotonic() + 30
+    while read < expected and time.monotonic() < deadline:
+        got = poll_records(consumer, 500)
+        read += len(got)
+        if got:
+            watch.progress()
+    return read
 
 
 def test_a_consumer_that_fetches_nothing_while_records_wait_is_stalled(topics: Settings, kafka_bootstrap: str) -> None:
@@ -28,14 +41,7 @@ def test_a_consumer_that_fetches_nothing_while_records_wait_is_stalled(topics: S
     try:
         now = [1000.0]
         watch = StallWatch(after_s=5, clock=lambda: now[0])
-        read = 0
-        deadline = time.monotonic() + 30
-        while read < 40 and time.monotonic() < deadline:
-            got = poll_records(consumer, 500)
-            read += len(got)
-            if got:
-                watch.progress()
-        assert read == 40
+        assert read_all(consumer, watch, 40) == 40
         now[0] += 6
         assert watch.check(consumer) is None  # every partition read to its end: idle, not stalled
         producer = build_producer(topics, kafka_bootstrap)
@@ -61,13 +67,7 @@ def test_a_consumer_that_fetches_nothing_while_records_wait_is_stalled(topics: S
         again = watch.check(consumer)
         assert again is not None and not watch.rebuild_due(again, longest_transaction_s=20)  # once a stall
         consumer.resume(*consumer.assignment())
-        read, deadline = 0, time.monotonic() + 30
-        while read < 30 and time.monotonic() < deadline:
-            got = poll_records(consumer, 500)
-            read += len(got)
-            if got:
-                watch.progress()
-        assert read == 30
+        assert read_all(consumer, watch, 30) == 30
         now[0] += 6
         assert watch.check(consumer) is None
     finally:
