@@ -335,6 +335,13 @@ class _GiveUp(Exception):
         self.error = error
 
 
+_INTERRUPTED = {  # what a stop inside a batch did with its transaction (Producer.end_interrupted)
+    "aborted": "stopped inside a batch: its transaction was aborted",
+    "committed": "stopped inside a batch whose commit was already sent: it committed",
+    "ended": "stopped inside a batch that had just committed: no transaction was open",
+}
+
+
 def _within(seconds: float, action: Callable[[], Any]) -> bool:
     """Run a cleanup step that could wait on an unreachable cluster for at most ``seconds``;
     True when it finished in time without an error."""
@@ -911,15 +918,18 @@ class Router:
         first, longest = BACKOFF_S
         self._stopping.wait(min(longest, first * 2 ** (failures - 1)))  # a stop ends the wait
 
-    def _settle_open_transaction(self, producer: Producer) -> None:
-        """Leave no transaction open on the way out of an interrupted batch: abort it, and when
-        the abort does not complete in time (kafka-python's close does not wait for an abort
-        still queued behind a slow produce), fence it with a new producer under the same
-        transactional id, whose start aborts whatever the old one left open."""
+    def _settle_open_transaction(self, producer: Producer) -> str:
+        """Leave no transaction open on the way out of an interrupted batch: abort it, or wait
+        for its commit when the signal came after the commit was sent; when that does not
+        complete in time (kafka-python's close does not wait for an abort still queued behind
+        a slow produce), fence it with a new producer under the same transactional id, whose
+        start aborts whatever the old one left open (a commit already sent still lands).
+        Returns what became of it: aborted, committed, ended (it already had) or fenced."""
         self._in_transaction = False
-        if _within(5.0, producer.abort):
-            log.info("stopped inside a batch: its transaction was aborted")
-            return
+        ended: list[str] = []
+        if _within(5.0, lambda: ended.append(producer.end_interrupted())):
+            log.info(_INTERRUPTED[ended[0]])
+            return ended[0]
         log.warning("the stop's abort did not complete; fencing the transaction instead")
         _within(5.0, producer.abandon)
 
@@ -928,6 +938,7 @@ class Router:
 
         if not _within(15.0, fence):
             log.warning("a transaction may be left open until its timeout", timeout_ms=self.transaction_timeout_ms)
+        return "fenced"
 
     def _idle(self, consumer: Any, idle: IdleTimer) -> bool:
         """Idle means: nothing read for the idle time, and every assigned partition read to

@@ -22,6 +22,7 @@ from kafka.partitioner.default import DefaultPartitioner, murmur2
 from kafka.producer.transaction_manager import (
     AddOffsetsToTxnHandler,
     ConsumerGroupMetadata,
+    TransactionState,
     TxnOffsetCommitHandler,
 )
 
@@ -155,6 +156,7 @@ class Producer:
         self.transactional = transactional
         self.transaction_wait_s = transaction_wait_s
         self._offsets_ahead: tuple[str, Any] | None = None  # (group, the AddOffsetsToTxn's result)
+        self._committing: Any = None  # the EndTxn(commit)'s result, once sent
         if transactional:
             self._shorten_transactional_retry_backoff()
             try:
@@ -277,12 +279,35 @@ class Producer:
                     lambda m: m.send_offsets_to_transaction(offsets, group_metadata),
                     "adding consumer offsets to a transaction",
                 )
-            self._finish(lambda m: m.begin_commit(), "committing a transaction")
+            self._finish(self._begin_commit, "committing a transaction")
             self._pending.clear()
             self._end_completion_flush()
         except KafkaError as exc:
             group = getattr(group_metadata, "group_id", None)
             raise _translate(exc, "committing a transaction", self._bootstrap, "read", group) from exc
+
+    def _begin_commit(self, manager: Any) -> Any:
+        self._committing = manager.begin_commit()
+        return self._committing
+
+    def end_interrupted(self) -> str:
+        """End the transaction that a stop interrupted, as far as it had gone: ``"aborted"``
+        when it was still open; ``"committed"`` when its commit had been sent (the coordinator
+        has it: an abort is refused then, so this waits for the answer); ``"ended"`` when it
+        had already ended. Raises when the abort or the commit fails or gets no answer in
+        ``transaction_wait_s``; the caller then fences the transactional id."""
+        manager = self._producer._transaction_manager
+        with manager._lock:
+            state = manager._current_state
+        if state == TransactionState.READY:
+            return "ended"
+        if state == TransactionState.COMMITTING_TRANSACTION and self._committing is not None:
+            self._producer._sender.wakeup()
+            if not self._committing.wait(timeout_ms=int(self.transaction_wait_s * 1000)):
+                raise BrokerError(f"committing a transaction got no answer within {self.transaction_wait_s:.0f}s")
+            return "committed"
+        self.abort()
+        return "aborted"
 
     def abort(self) -> None:
         self._pending.clear()
