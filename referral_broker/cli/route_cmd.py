@@ -69,7 +69,8 @@ def route(
 
     Runs until Ctrl-C or SIGTERM (or --stop-when-idle): the batch in hand is committed, then
     the router leaves the group at once so the other routers take over; a second Ctrl-C stops
-    without waiting for that batch and aborts it. Start more processes to scale out. When
+    without waiting for that batch and aborts it (one whose commit was already sent
+    lands). Start more processes to scale out. When
     Kafka is away, the router logs one line per attempt and waits for it with backoff.
     """
     import signal
