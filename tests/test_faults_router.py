@@ -379,7 +379,8 @@ def test_router_stopped_mid_transaction_leaves_none_open_three_times(
 ) -> None:
     """Stopped at about 25%, 45% and 65% of 2,000 referrals, each time while a transaction is
     open: by one SIGTERM (what a service manager and a scale-in send), which lets the batch
-    commit first; then by a second signal as well (an impatient Ctrl-C), which aborts it.
+    commit first; then by a second signal as well (an impatient Ctrl-C), which aborts it (or,
+    landing after its commit was sent, lets that commit land; never fences it).
     Either way the router exits cleanly and leaves no transaction open. One left open holds
     back every later record on the partitions it wrote (read_committed readers stop at it)
     until the coordinator aborts it at the transaction timeout: a scale-in on three nodes
