@@ -323,7 +323,9 @@ def stop_inside_a_transaction(router: RouterProc, watch: Watch, target: float, t
     transactions open at the moment it froze. A transaction seen open can commit before a
     signal lands (a batch is a few hundred ms, its commit and the next batch's first records
     a few dozen), so the check is made again while the router stands still, and a router
-    caught between two transactions is let go (SIGCONT) to open the next one."""
+    caught between two transactions is let go (SIGCONT) to open the next one. The check waits
+    a moment first: a commit the coordinator already has completes while the router is frozen,
+    and its markers take a few ms to reach the partitions."""
     for _ in range(tries):
         watch.wait_for(
             f"{target:.0%} committed with a transaction open",
@@ -332,6 +334,7 @@ def stop_inside_a_transaction(router: RouterProc, watch: Watch, target: float, t
             poll_s=0.05,
         )
         router.signal(signal.SIGSTOP)
+        time.sleep(0.3)
         if watch.transaction_open():
             return
         router.signal(signal.SIGCONT)
