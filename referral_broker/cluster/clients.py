@@ -302,9 +302,8 @@ class Producer:
         if state == TransactionState.READY:
             return "ended"
         if state == TransactionState.COMMITTING_TRANSACTION and self._committing is not None:
-            self._producer._sender.wakeup()
-            if not self._committing.wait(timeout_ms=int(self.transaction_wait_s * 1000)):
-                raise BrokerError(f"committing a transaction got no answer within {self.transaction_wait_s:.0f}s")
+            sent = self._committing
+            self._finish(lambda m: sent, "committing a transaction")  # its answer, waited for as a commit's
             return "committed"
         self.abort()
         return "aborted"
