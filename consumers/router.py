@@ -137,6 +137,14 @@ LINGER_MS = 50
 # referrals, 30 s of routing) in front of an urgent referral from anyone else; 64 KiB keeps
 # that to a few dozen referrals a partition. Routing, not fetching, bounds the rate.
 FETCH_PARTITION_BYTES = 64 * 1024
+# A batch that one fetch left short of MAX_POLL_RECORDS while more waits on the broker is
+# topped up by further polls for at most this long: the small fetches above then still keep
+# an urgent referral near the head of the queue, and a backlog of larger (sealed) referrals is
+# still routed 200 to a transaction, not the 80 or so that 64 KiB holds. Each transaction
+# costs the broker markers on every partition it wrote (copies, archive, audit, ledger), so
+# halving their number takes about half a millisecond of the broker's CPU off every sealed
+# referral on this machine (`bench router`).
+TOP_UP_S = 0.05
 URGENT = b"urgent"
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between client rebuilds
 
@@ -837,6 +845,8 @@ class Router:
                     if self.stats.first_record_at is None:
                         self.stats.first_record_at = time.monotonic()
                     clock.lap("poll")
+                    batch = self._topped_up(consumer, batch)
+                    clock.lap("poll")
                     for part in urgent_first(batch):
                         self._route_batch(consumer, producer, part, clock)
                         clock = BatchClock()  # a poll split in two: the second part polled nothing
@@ -939,6 +949,31 @@ class Router:
         if not _within(15.0, fence):
             log.warning("a transaction may be left open until its timeout", timeout_ms=self.transaction_timeout_ms)
         return "fenced"
+
+    def _topped_up(self, consumer: Any, batch: list[Record]) -> list[Record]:
+        """``batch`` with what further polls bring within :data:`TOP_UP_S`, up to
+        :data:`MAX_POLL_RECORDS`, while an assigned partition has more waiting on the broker
+        (by its last known high watermark): a router keeping up adds no wait, and an urgent
+        referral waits 50 ms more at most (the batch is split urgent first after this). A
+        rebalance inside those polls drops the whole batch, rewound, to be read again from the
+        committed offsets: records read under the old membership are not mixed with the new
+        one's."""
+        member = consumer.group_metadata()
+        deadline = time.monotonic() + TOP_UP_S
+        while len(batch) < MAX_POLL_RECORDS and _waiting(consumer):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            more = poll_records(consumer, timeout_ms=left_ms, max_records=MAX_POLL_RECORDS - len(batch))
+            now = consumer.group_metadata()
+            if self._revoked or (now.generation_id, now.member_id) != (member.generation_id, member.member_id):
+                self._rewind(consumer, batch + more)
+                self._revoked.clear()
+                return []
+            if not more:
+                break
+            batch = batch + more
+        return batch
 
     def _idle(self, consumer: Any, idle: IdleTimer) -> bool:
         """Idle means: nothing read for the idle time, and every assigned partition read to
@@ -1142,6 +1177,16 @@ class Router:
             reason=stage,
         )
         return dead_letter(self.settings, record, exc, stage, signer=self.hub.keystore)
+
+
+def _waiting(consumer: Any) -> bool:
+    """Whether an assigned partition has more than one offset the consumer has not reached by
+    its last known high watermark (one may be a transaction marker, never a record)."""
+    for tp in consumer.assignment():
+        end = consumer.highwater(tp)
+        if end is not None and end - (consumer.position(tp, timeout_ms=0) or end) > 1:
+            return True
+    return False
 
 
 def urgent_first(batch: list[Record]) -> list[list[Record]]:

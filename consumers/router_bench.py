@@ -51,6 +51,7 @@ from referral_broker.consumers.router import (
     audit_record,
 )
 from referral_broker.errors import BrokerError
+from referral_broker.identity import H_PRIORITY
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
 from referral_broker.producers.intake import IntakeSender
@@ -591,7 +592,9 @@ def _timed_router(
 
 def _fill_intake(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]], *, sealed: bool) -> None:
     """The school's intake topic with ``referrals``: sealed and signed by its adapter, or
-    plain single-object Avro for the unsealed router (:class:`PlainSealer`)."""
+    plain single-object Avro for the unsealed router (:class:`PlainSealer`). Both carry the
+    priority header the adapter sends, so both routers split their batches into an urgent
+    and a routine transaction alike: the two runs differ in sealing and signing alone."""
     if sealed:
         with IntakeSender(settings, bootstrap, SENDER) as sender:
             sender.send_referrals(referrals)
@@ -599,7 +602,8 @@ def _fill_intake(settings: Settings, bootstrap: str, referrals: list[dict[str, A
     producer = build_producer(settings, bootstrap)
     topic = topic_name(settings, "intake", SENDER)
     for r in referrals:
-        producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
+        headers = [(H_PRIORITY, str(r["priority"]).encode())]
+        producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode(), headers=headers)
     producer.flush()
     producer.close()
 

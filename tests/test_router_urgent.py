@@ -8,14 +8,16 @@ import time
 
 import pytest
 from county import DWP, SCHOOL
+from kafka import TopicPartition
 from test_router import read_all, referrals_from
 
-from referral_broker.cluster.clients import Record, build_producer
+from referral_broker.cluster.clients import Record, build_producer, poll_records
 from referral_broker.cluster.topics import topic_name
 from referral_broker.config import Settings
 from referral_broker.consumers.dead_letters import read_dead_letters
 from referral_broker.consumers.router import (
     FETCH_PARTITION_BYTES,
+    MAX_POLL_RECORDS,
     URGENT,
     Router,
     RouterStats,
@@ -137,3 +139,55 @@ def test_a_priority_header_that_is_not_the_referrals_own_is_refused(broker: Sett
     assert stats.routed == 0 and stats.dead_lettered == 1
     [(_, dead)] = list(read_dead_letters(broker, kafka_bootstrap))
     assert "rb-priority header (urgent) is not the referral's priority (routine)" in dead.reason
+
+
+def _tp(key: tuple[str, int]) -> TopicPartition:
+    return TopicPartition(*key)
+
+
+def _queue_routine(settings: Settings, bootstrap: str, count: int, seed: int) -> int:
+    """DWP's queued batch of ``count`` routine referrals; the largest sealed value's size."""
+    with IntakeSender(settings, bootstrap, DWP) as dwp:
+        dwp.send_referrals(referrals_from(DWP, count, seed=seed, priority="routine"))
+    return max(len(r.value or b"") for r in read_all(settings, bootstrap, topic_name(settings, "intake", DWP)))
+
+
+def test_a_backlog_is_routed_in_full_transactions_though_one_fetch_holds_fewer(
+    broker: Settings, kafka_bootstrap: str
+) -> None:
+    """A fetch of DWP's 3 partitions brings fewer sealed referrals than a transaction takes;
+    the router tops each batch up while more waits on the broker, so a backlog is routed in
+    transactions of MAX_POLL_RECORDS, not of what one fetch brought (each transaction costs
+    the broker markers on every partition it wrote to)."""
+    sealed_size = _queue_routine(broker, kafka_bootstrap, BACKLOG, seed=34)
+    one_fetch = 3 * (FETCH_PARTITION_BYTES // sealed_size + 1)
+    assert one_fetch < MAX_POLL_RECORDS  # the small fetches alone would not fill a transaction
+    stats = Router(broker, kafka_bootstrap).run(stop_when_idle=3)
+    assert stats.routed == BACKLOG and stats.dead_lettered == 0
+    # BACKLOG / one_fetch (8 or more) without the top-up; 6 when each transaction holds 200
+    assert stats.batches <= BACKLOG // MAX_POLL_RECORDS + 1 < BACKLOG / one_fetch, stats.batches
+
+
+def test_a_rebalance_while_topping_up_drops_the_batch_to_be_read_again(broker: Settings, kafka_bootstrap: str) -> None:
+    """Partitions revoked while a batch is topped up (what the group's revocation callback
+    records): nothing read under the old membership is routed; the consumer is rewound to the
+    batch's first records, so the next poll reads them all again."""
+    _queue_routine(broker, kafka_bootstrap, 300, seed=35)
+    router = Router(broker, kafka_bootstrap)
+    consumer = router._consumer()
+    try:
+        batch: list[Record] = []
+        deadline = time.monotonic() + 60
+        while not batch and time.monotonic() < deadline:
+            batch = poll_records(consumer, timeout_ms=500, max_records=20)
+        assert batch, "nothing was read from DWP's intake"
+        first: dict[tuple[str, int], int] = {}
+        for r in batch:
+            first.setdefault((r.topic, r.partition), r.offset)
+        router._revoked.add(next(iter(consumer.assignment())))  # as _on_revoked does inside a poll
+        assert router._topped_up(consumer, batch) == []
+        assert not router._revoked
+        # every partition of the batch rewound to its first record there: the next poll reads it all again
+        assert {(tp.topic, tp.partition): consumer.position(tp) for tp in map(_tp, first)} == first
+    finally:
+        consumer.close()

@@ -492,9 +492,9 @@ class Record:
         return next((bytes(v) for n, v in self.headers if n == name), None)
 
 
-def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[Record]:
+def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500, max_records: int | None = None) -> list[Record]:
     try:
-        batch = consumer.poll(timeout_ms=timeout_ms)
+        batch = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
     except KafkaError as exc:
         refused = authorisation_error(exc, "read")
         raise refused or BrokerError(f"polling failed: {type(exc).__name__}") from exc
