@@ -113,7 +113,11 @@ def test_bench_router_reports_both_floors_ratios_and_scale_out(
     assert close(
         ratios["sealed_over_unsealed_3"], rates["router_3_recipients"] / rates["router_3_recipients_unsealed"]
     )
-    assert data["goals"] == {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74}
+    # goal 2 once more for the group of 2 processes (the lever "several processes")
+    group = "router_2_processes_over_job_floor_3"
+    assert data["goals"] == {"router_over_job_floor_3": 0.5, "sealed_over_unsealed_3": 0.74, group: 0.5}
+    two_rate = data["scale_out"]["runs"][1]["referrals_per_second"]
+    assert close(ratios[group], two_rate / rates["job_floor_3_recipients"])
     assert data["peak_rss_mb"] > 0
     # the CPU each of the four router runs cost a referral, and a "why" exactly for each missed goal
     cpu = data["cpu_ms_per_referral"]
@@ -126,6 +130,7 @@ def test_bench_router_reports_both_floors_ratios_and_scale_out(
         assert f"{cpu['router_3_recipients']} sealed" in why or f"used {cpu['router_3_recipients']} ms" in why
     if "router_over_job_floor_3" in data["why"]:
         assert f"the Kafka client alone spent {cpu['kafka_job_writes']} ms" in data["why"]["router_over_job_floor_3"]
+        assert f"2 router processes in one group routed {two_rate} referrals/s, {ratios[group]}x" in data["why"]["router_over_job_floor_3"]
     # beside the rate: the same ratio by CPU, each run's transactions, and the broker's CPU (here)
     assert close(
         ratios["sealed_over_unsealed_3_by_cpu"], cpu["router_3_recipients_unsealed"] / cpu["router_3_recipients"]
@@ -222,6 +227,21 @@ def test_why_goals_missed_names_the_cpu_that_misses_each_goal() -> None:
     lean_ratios = {"router_over_job_floor_3": 0.1, "sealed_over_unsealed_3": 0.8}
     lean = router_bench.why_goals_missed({"cpu_ms_per_referral": lean_cpu, "job_floor": job, "ratios": lean_ratios})
     assert set(lean) == {"router_over_job_floor_3"} and "no sealing lever" not in lean["router_over_job_floor_3"]
+    # goal 2 for a group of 2 router processes (the lever "several processes"): its own why when
+    # it misses (0.5x a 2 ms floor needs 250/s), and the one process's why names the group's rate
+    scaled = router_bench.why_goals_missed(
+        {
+            "cpu_ms_per_referral": cpu,
+            "job_floor": job,
+            "ratios": {"router_over_job_floor_3": 0.1, "sealed_over_unsealed_3": 0.8, "router_2_processes_over_job_floor_3": 0.3},
+            "scale_out": {
+                "processes": 2, "cores": 2, "why": "load average 2.0",
+                "runs": [{}, {"referrals_per_second": 150.0, "cores_used": {"routers": 1.5}}],
+            },
+        }
+    )  # fmt: skip
+    assert "2 router processes in one group routed 150.0 referrals/s, 0.3x the floor, using 1.5" in scaled["router_over_job_floor_3"]
+    assert "needs 250.0/s; they used 1.5 of 2 cores (load average 2.0)" in scaled["router_2_processes_over_job_floor_3"]
     # the rate's ratio under its goal while the CPU's is within it: the waits, with this run's figures
     waits = {
         "cpu_ms_per_referral": cpu | {"router_3_recipients_unsealed": 12.0},
