@@ -1183,8 +1183,8 @@ def _waiting(consumer: Any) -> bool:
     """Whether an assigned partition has more than one offset the consumer has not reached by
     its last known high watermark (one may be a transaction marker, never a record)."""
     for tp in consumer.assignment():
-        end = consumer.highwater(tp)
-        if end is not None and end - (consumer.position(tp, timeout_ms=0) or end) > 1:
+        end = consumer.highwater(tp)  # a look-up; the position only for a partition with records
+        if end is not None and end > 1 and end - (consumer.position(tp, timeout_ms=0) or end) > 1:
             return True
     return False
 
