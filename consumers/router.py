@@ -844,7 +844,6 @@ class Router:
                     self.stall.progress()
                     if self.stats.first_record_at is None:
                         self.stats.first_record_at = time.monotonic()
-                    clock.lap("poll")
                     batch = self._topped_up(consumer, batch)
                     clock.lap("poll")
                     for part in urgent_first(batch):
@@ -954,10 +953,10 @@ class Router:
         """``batch`` with what further polls bring within :data:`TOP_UP_S`, up to
         :data:`MAX_POLL_RECORDS`, while an assigned partition has more waiting on the broker
         (by its last known high watermark): a router keeping up adds no wait, and an urgent
-        referral waits 50 ms more at most (the batch is split urgent first after this). A
-        rebalance inside those polls drops the whole batch, rewound, to be read again from the
-        committed offsets: records read under the old membership are not mixed with the new
-        one's."""
+        referral waits TOP_UP_S more at most (the batch is split urgent first after this). A
+        batch that :meth:`_moved` would refuse after those polls (a rebalance, its partitions
+        revoked) is dropped whole, rewound, to be read again from the committed offsets:
+        records read under the old membership are not mixed with the new one's."""
         member = consumer.group_metadata()
         deadline = time.monotonic() + TOP_UP_S
         while len(batch) < MAX_POLL_RECORDS and _waiting(consumer):
@@ -965,8 +964,7 @@ class Router:
             if left_ms <= 0:
                 break
             more = poll_records(consumer, timeout_ms=left_ms, max_records=MAX_POLL_RECORDS - len(batch))
-            now = consumer.group_metadata()
-            if self._revoked or (now.generation_id, now.member_id) != (member.generation_id, member.member_id):
+            if self._moved(consumer, batch + more, member)[0]:
                 self._rewind(consumer, batch + more)
                 self._revoked.clear()
                 return []

@@ -47,6 +47,7 @@ from referral_broker.consumers.router import (
     FETCH_PARTITION_BYTES,
     LINGER_MS,
     SIGN_EVERY,
+    TOP_UP_S,
     Router,
     audit_record,
 )
@@ -470,6 +471,9 @@ def why_goals_missed(r: dict[str, Any]) -> dict[str, str]:
     crypto_ms = sum(job["us_per_referral"][k] for k in CRYPTO_PRIMITIVES) / 1000
     out: dict[str, str] = {}
     scale = r.get("scale_out")
+    if scale is not None:
+        n, run = scale["processes"], scale["runs"][1]
+        group = f"router_{n}_processes_over_job_floor_3"
     goal = GOALS["router_over_job_floor_3"]
     if ratios["router_over_job_floor_3"] < goal:
         budget = floor_ms / goal
@@ -492,23 +496,18 @@ def why_goals_missed(r: dict[str, Any]) -> dict[str, str]:
                 "the whole budget, so no sealing lever alone can meet this goal"
             )
         if scale is not None:
-            n = scale["processes"]
             text += (
-                f"; {n} router processes in one group routed {scale['runs'][1]['referrals_per_second']} referrals/s, "
-                f"{ratios[f'router_{n}_processes_over_job_floor_3']}x the floor, using {scale['runs'][1]['cores_used']['routers']} "
-                "cores (the floor is one core's work)"
+                f"; {n} router processes in one group routed {run['referrals_per_second']} referrals/s, "
+                f"{ratios[group]}x the floor, using {run['cores_used']['routers']} cores (the floor is one core's work)"
             )
         out["router_over_job_floor_3"] = text
-    if scale is not None:
-        n, run = scale["processes"], scale["runs"][1]
-        group = f"router_{n}_processes_over_job_floor_3"
-        if ratios[group] < goal:
-            out[group] = (
-                f"one router used {sealed} ms of CPU a referral to 3 recipients; {n} in one group routed "
-                f"{run['referrals_per_second']} referrals/s, {goal}x the floor of the job needs "
-                f"{goal * 1000 / floor_ms:.1f}/s; they used {run['cores_used']['routers']} of {scale['cores']} cores"
-                + (f" ({scale['why']})" if scale["why"] else "")
-            )
+    if scale is not None and ratios[group] < goal:
+        out[group] = (
+            f"one router used {sealed} ms of CPU a referral to 3 recipients; {n} in one group routed "
+            f"{run['referrals_per_second']} referrals/s, {goal}x the floor of the job needs "
+            f"{goal * 1000 / floor_ms:.1f}/s; they used {run['cores_used']['routers']} of {scale['cores']} cores"
+            + (f" ({scale['why']})" if scale["why"] else "")
+        )
     goal = GOALS["sealed_over_unsealed_3"]
     if ratios["sealed_over_unsealed_3"] < goal:
         allowed = plain / goal - plain
@@ -543,7 +542,7 @@ def _why_rate_is_under_cpu(r: dict[str, Any]) -> str:
         if batches[0] < 0.9 * batches[1]:
             text += (
                 f" (a fetch of {FETCH_PARTITION_BYTES // 1024} KiB a partition holds fewer of the larger sealed "
-                "referrals, and the batch is topped up for 50 ms at most)"
+                f"referrals, and the batch is topped up for {TOP_UP_S * 1000:.0f} ms at most)"
             )
     if off := pair("routing_thread_off_cpu_ms_per_referral"):
         text += (
