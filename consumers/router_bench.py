@@ -51,7 +51,7 @@ from referral_broker.consumers.router import (
     Router,
     audit_record,
 )
-from referral_broker.errors import BrokerError
+from referral_broker.errors import BrokerError, ContractError
 from referral_broker.identity import H_PRIORITY
 from referral_broker.parties import HUB, all_parties
 from referral_broker.policy import decide, load_policy
@@ -61,6 +61,7 @@ from referral_broker.schemas.registry import SINGLE_OBJECT_MAGIC, referral_schem
 from referral_broker.schemas.synth import synthetic_referrals
 from referral_broker.sealing import OutgoingMessage
 from referral_broker.sealing.classes import ClassBytes, binary_shape
+from referral_broker.sealing.envelope import H_CASE, H_KIND, H_RECIPIENT, H_SCHEMA, H_SENDER, H_VERSION
 from referral_broker.sealing.key_admin import init_parties
 from referral_broker.startup_heap import freeze_startup_heap
 
@@ -70,10 +71,19 @@ SENDER = "school-110123"  # a school of the shipped county
 SCALE_SENDERS = (SENDER, "school-110245")
 
 
+# The headers a router with sealing and signing off would still send (and its intake still
+# carry): what the message is, from whom, for whom, under which schema and version. Left out:
+# the sealed format, both key ids, the wrapped data key, the binding, the time of sealing and
+# the signature or batch proof, which exist only because the message is sealed and signed.
+PLAIN_HEADERS = (H_KIND, H_SENDER, H_RECIPIENT, H_SCHEMA, H_VERSION, H_CASE)
+
+
 class PlainSealer:
     """Benchmark only: the router's projection and encoding with no cryptography. Its input
-    is a plain single-object referral (as this module produces it, claimed to come from
-    ``sender``); what it "seals" and "signs" goes out as plain Avro without signatures."""
+    is a plain single-object referral with the routing headers of :data:`PLAIN_HEADERS` (as
+    this module produces it, claimed to come from ``sender``); what it "seals" and "signs"
+    goes out as plain Avro with the same routing headers the sealed router sends, and no
+    signatures."""
 
     def __init__(self, sender: str) -> None:
         self.sender = sender
@@ -87,13 +97,18 @@ class PlainSealer:
         return self._shapes[id(schema)]
 
     def open(self, record: Any, *, sender: str | None, kind: str) -> Received:
+        headers = dict(record.headers or ())
+        sender = self.sender if sender is None else sender
+        # what an unsealed reader checks: the message is the kind asked for, from its sender
+        if headers.get(H_KIND) != kind.encode() or headers.get(H_SENDER) != sender.encode():
+            raise ContractError(f"a plain {kind} from {sender} must say so in {H_KIND} and {H_SENDER}")
         value = record.value or b""
         referral = codec.decode(value, self.canonical)
         return Received(
             referral_id=str(referral["referral_id"]),
-            version=referral["version"],
+            version=int(headers[H_VERSION]),
             kind=kind,
-            sender=self.sender,
+            sender=sender,
             referrer=None,
             record=referral,
             schema_fingerprint=self.fingerprint,
@@ -117,18 +132,38 @@ class PlainSealer:
         sign: bool = True,
         reuse: ClassBytes | None = None,
     ) -> OutgoingMessage:
+        prepared = codec.prepare(schema)
         if reuse is not None and reuse.shapes.get("whole") == self._shape(schema):
-            value = SINGLE_OBJECT_MAGIC + codec.prepare(schema).fingerprint + reuse.projection
+            value = SINGLE_OBJECT_MAGIC + prepared.fingerprint + reuse.projection
         else:
             value = codec.encode(record, schema)
-        return OutgoingMessage(topic, referral_id.encode(), value, list(extra_headers))
+        headers = plain_headers(kind, HUB, recipient, prepared.fingerprint, referral_version, case_id)
+        return OutgoingMessage(topic, referral_id.encode(), value, [*headers, *extra_headers])
 
     def sign(self, *, topic: str, key: bytes, value: bytes, kind: str, extra_headers: Any = ()) -> OutgoingMessage:
-        return OutgoingMessage(topic, key, value, list(extra_headers))
+        # what sign_plain writes for an audit record or a ledger entry, less format, key id,
+        # time and signature
+        return OutgoingMessage(topic, key, value, [(H_KIND, kind.encode()), (H_SENDER, HUB.encode()), *extra_headers])
 
     def sign_batch(self, messages: list[OutgoingMessage]) -> list[OutgoingMessage]:
         # the delivery ledger's entries await the router's signature: they go out unsigned
         return [dataclasses.replace(m, awaiting_signature=False) for m in messages]
+
+
+def plain_headers(
+    kind: str, sender: str, recipient: str, fingerprint: bytes, version: int, case_id: str | None = None
+) -> list[tuple[str, bytes]]:
+    """The :data:`PLAIN_HEADERS` of one plain message, valued as the sealed router values them."""
+    out = [
+        (H_KIND, kind.encode()),
+        (H_SENDER, sender.encode()),
+        (H_RECIPIENT, recipient.encode()),
+        (H_SCHEMA, fingerprint.hex().encode()),
+        (H_VERSION, str(version).encode()),
+    ]
+    if case_id is not None:
+        out.append((H_CASE, case_id.encode()))
+    return out
 
 
 def _shaped(count: int, recipients: int, seed: int) -> list[dict[str, Any]]:
@@ -610,17 +645,22 @@ def _timed_router(
 
 def _fill_intake(settings: Settings, bootstrap: str, referrals: list[dict[str, Any]], *, sealed: bool) -> None:
     """The school's intake topic with ``referrals``: sealed and signed by its adapter, or
-    plain single-object Avro for the unsealed router (:class:`PlainSealer`). Both carry the
-    priority header the adapter sends, so both routers split their batches into an urgent
-    and a routine transaction alike: the two runs differ in sealing and signing alone."""
+    plain single-object Avro with the routing headers of :data:`PLAIN_HEADERS` for the
+    unsealed router (:class:`PlainSealer`). Both carry the priority header the adapter sends,
+    so both routers split their batches into an urgent and a routine transaction alike: the
+    two runs differ in sealing and signing alone."""
     if sealed:
         with IntakeSender(settings, bootstrap, SENDER) as sender:
             sender.send_referrals(referrals)
         return
     producer = build_producer(settings, bootstrap)
     topic = topic_name(settings, "intake", SENDER)
+    fingerprint = codec.prepare(referral_schema()).fingerprint
     for r in referrals:
-        headers = [(H_PRIORITY, str(r["priority"]).encode())]
+        headers = [
+            *plain_headers("referral", SENDER, HUB, fingerprint, r["version"]),
+            (H_PRIORITY, str(r["priority"]).encode()),
+        ]
         producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode(), headers=headers)
     producer.flush()
     producer.close()

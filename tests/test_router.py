@@ -340,23 +340,37 @@ def test_a_group_with_a_router_from_before_round_robin_agrees_on_range(
 
 def test_router_takes_its_sealer(broker: Settings, kafka_bootstrap: str) -> None:
     """The benchmark's PlainSealer goes in through the constructor: the same decisions and
-    projections, no crypto."""
-    from referral_broker.consumers.router_bench import PlainSealer
+    projections, no crypto, and the routing headers the sealed router sends (no key, binding
+    or signature); a plain message without them is refused to the dead letters."""
+    from referral_broker.consumers.router_bench import PLAIN_HEADERS, PlainSealer, plain_headers
+    from referral_broker.sealing.envelope import H_CASE, H_RECIPIENT, H_SENDER, RESERVED
 
     topic = topic_name(broker, "intake", SCHOOL)
-    records = referrals_from(SCHOOL, 5, seed=51, district="fenland")
+    records = referrals_from(SCHOOL, 6, seed=51, district="fenland")
+    fingerprint = codec.prepare(referral_schema()).fingerprint
     producer = build_producer(broker, kafka_bootstrap)
-    for r in records:
-        producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode())
+    for r in records[:5]:
+        headers = plain_headers("referral", SCHOOL, "council", fingerprint, r["version"])
+        producer.send(topic, codec.encode(r), key=str(r["referral_id"]).encode(), headers=headers)
+    producer.send(topic, codec.encode(records[5]), key=str(records[5]["referral_id"]).encode())
     producer.flush()
     producer.close()
     stats = Router(broker, kafka_bootstrap, sealer=PlainSealer(SCHOOL)).run(stop_when_idle=3)
-    assert stats.routed == 5 and stats.dead_lettered == 0
+    assert stats.routed == 5 and stats.dead_lettered == 1
+    [letter] = [d for _, d in read_dead_letters(broker, kafka_bootstrap)]
+    assert f"from {SCHOOL} must say so" in letter.reason
     archive = read_all(broker, kafka_bootstrap, topic_name(broker, "archive"))
     canonical = referral_schema()
     assert sorted(str(codec.decode(r.value, canonical)["referral_id"]) for r in archive) == sorted(
-        str(r["referral_id"]) for r in records
+        str(r["referral_id"]) for r in records[:5]
     )
+    copies = read_all(broker, kafka_bootstrap, topic_name(broker, "out", OTHER_TEAM))
+    assert len(copies) == 5
+    for copy_ in copies:
+        names = {n for n, _ in copy_.headers}
+        assert set(PLAIN_HEADERS) <= names and not (names & RESERVED) - set(PLAIN_HEADERS)
+        found = dict(copy_.headers)
+        assert found[H_SENDER] == b"council" and found[H_RECIPIENT] == OTHER_TEAM.encode() and found[H_CASE]
 
 
 def test_status_travels_back_to_the_referrer_sealed(broker: Settings, kafka_bootstrap: str) -> None:
