@@ -184,7 +184,8 @@ def test_bench_router_rounds_alternate_and_report_medians(
     kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--rounds N repeats the four router runs, sealed and unsealed alternating, and shows each
-    rate as the median of its rounds, with every round's own sealed-over-unsealed ratio."""
+    rate as the median of its rounds, with every round's own sealed-over-unsealed ratio and
+    their median as the goal's."""
     import statistics
 
     data = bench(kafka_bootstrap, tmp_path, "router", "--count", "50", "--rounds", "2")
@@ -198,6 +199,8 @@ def test_bench_router_rounds_alternate_and_report_medians(
                              (3, "router_3_recipients", "router_3_recipients_unsealed")):  # fmt: skip
         expected = [s / u for s, u in zip(by_round[sealed], by_round[plain], strict=True)]
         assert all(close(a, b) for a, b in zip(data["ratios_by_round"][f"sealed_over_unsealed_{n}"], expected, strict=True))
+        # the goal's ratio is the median of the same-run ratios, not a ratio of medians
+        assert close(data["ratios"][f"sealed_over_unsealed_{n}"], statistics.median(expected))
     assert len(data["prefixes"]) == 8 and topics_left(kafka_bootstrap, data["prefixes"]) == []
     bench_cmd._show_router(data)
     shown = capsys.readouterr().out
