@@ -99,14 +99,15 @@ class PlainSealer:
     def open(self, record: Any, *, sender: str | None, kind: str) -> Received:
         headers = dict(record.headers or ())
         sender = self.sender if sender is None else sender
+        version = headers.get(H_VERSION, b"")
         # what an unsealed reader checks: the message is the kind asked for, from its sender
-        if headers.get(H_KIND) != kind.encode() or headers.get(H_SENDER) != sender.encode():
-            raise ContractError(f"a plain {kind} from {sender} must say so in {H_KIND} and {H_SENDER}")
+        if headers.get(H_KIND) != kind.encode() or headers.get(H_SENDER) != sender.encode() or not version.isdigit():
+            raise ContractError(f"a plain {kind} from {sender} must say so in {H_KIND}, {H_SENDER} and {H_VERSION}")
         value = record.value or b""
         referral = codec.decode(value, self.canonical)
         return Received(
             referral_id=str(referral["referral_id"]),
-            version=int(headers[H_VERSION]),
+            version=int(version),
             kind=kind,
             sender=sender,
             referrer=None,
